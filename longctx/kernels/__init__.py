@@ -1,0 +1,21 @@
+"""Local attention on one device: one contract, several backends (see registry.py)."""
+
+from .mask import CAUSAL, NO_MASK, Mask
+from .merge import empty_state, merge, merge_, merge_many
+from .registry import (
+    Backend,
+    as_mask,
+    attention,
+    backend_status,
+    backends,
+    backward,
+    forward,
+    register,
+    resolve,
+    validate,
+)
+
+__all__ = [
+    "CAUSAL", "NO_MASK", "Mask", "empty_state", "merge", "merge_", "merge_many", "Backend", "as_mask",
+    "attention", "backend_status", "backends", "backward", "forward", "register", "resolve", "validate",
+]

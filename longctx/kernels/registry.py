@@ -1,0 +1,191 @@
+"""Backend registry, input validation and dispatch for the local attention kernel contract.
+
+Contract (layout (batch, seq, heads, head_dim), like flash-attn):
+    forward(q, k, v, *, scale, mask)                 -> (out, lse)    lse fp32 (B, H, Sq), natural log
+    backward(dout, q, k, v, out, lse, *, scale, mask) -> (dq, dk, dv)
+`out`/`lse` given to backward may be the global ones of a merged computation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import reference, sdpa
+from .mask import NO_MASK, Mask
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MASK_NAMES = {"none": Mask.none, "causal": Mask.causal, "shifted_causal": Mask.shifted_causal}
+
+
+@dataclass
+class Backend:
+    """A local attention implementation. `availability()` and `supports()` return None or a reason."""
+
+    name: str
+    forward: Callable
+    backward: Callable
+    priority: int = 0  # `auto` prefers higher
+    availability: Callable[[], str | None] = lambda: None
+    supports: Callable[..., str | None] = lambda q, k, v, mask: None
+    notes: list[str] = field(default_factory=list)
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register(backend: Backend, *, replace: bool = False) -> Backend:
+    if backend.name in _BACKENDS and not replace:
+        raise ValueError(f"kernel backend {backend.name!r} is already registered; pass replace=True to override")
+    if backend.name == "auto":
+        raise ValueError("'auto' is reserved for automatic backend selection")
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def backends() -> dict[str, Backend]:
+    return dict(_BACKENDS)
+
+
+def backend_status() -> dict[str, str | None]:
+    """name -> None if usable on this machine, else the reason why not."""
+    return {name: b.availability() for name, b in _BACKENDS.items()}
+
+
+def _unknown_backend(name) -> ValueError:
+    return ValueError(f"unknown kernel backend {name!r}; choose one of {['auto', *sorted(_BACKENDS)]}")
+
+
+def resolve(name: str, q, k, v, mask: Mask) -> Backend:
+    """Pick the backend for one call: a named one (checked) or the fastest that supports it."""
+    if not isinstance(name, str):
+        raise TypeError(f"kernel backend must be a name (str), got {type(name).__name__}")
+    if name != "auto":
+        if name not in _BACKENDS:
+            raise _unknown_backend(name)
+        b = _BACKENDS[name]
+        why = b.availability() or b.supports(q, k, v, mask)
+        if why:
+            raise ValueError(f"kernel backend {name!r} cannot run this call: {why}; use kernel='auto' or 'reference'")
+        return b
+    for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
+        if b.priority >= 0 and not b.availability() and not b.supports(q, k, v, mask):
+            return b
+    return _BACKENDS["reference"]
+
+
+def as_mask(mask) -> Mask:
+    if mask is None:
+        return NO_MASK
+    if isinstance(mask, Mask):
+        return mask
+    if isinstance(mask, str):
+        if mask not in MASK_NAMES:
+            raise ValueError(f"unknown mask {mask!r}; use one of {sorted(MASK_NAMES)} or a longctx.kernels.Mask")
+        return MASK_NAMES[mask]()
+    raise TypeError(f"mask must be a longctx.kernels.Mask (e.g. Mask.causal()) or a name, got {type(mask).__name__}")
+
+
+def _check_tensor(name: str, t, ndim: int = 4, what: str = "(batch, seq, heads, head_dim)"):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(
+            f"{name} must be {ndim}-D {what}, got shape {tuple(t.shape)}; "
+            "for (batch, heads, seq, head_dim) tensors pass x.transpose(1, 2)"
+        )
+
+
+def validate(q, k, v, scale, mask) -> tuple[float, Mask]:
+    """Check a kernel call; return the resolved (scale, mask). Errors name the argument and the fix."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q has dtype {q.dtype}; attention needs one of float16, bfloat16, float32, float64")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; cast with {name}.to(q.dtype)")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; move it with {name}.to(q.device)")
+    b, sq, h, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"batch mismatch: q has {b}, k has {k.shape[0]}, v has {v.shape[0]}; all must be equal")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"seq mismatch: k has {k.shape[1]} keys but v has {v.shape[1]}; they must be equal")
+    if k.shape[3] != d or v.shape[3] != d:
+        raise ValueError(
+            f"head_dim mismatch: q has {d}, k has {k.shape[3]}, v has {v.shape[3]}; all must be equal"
+        )
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k has {k.shape[2]} heads but v has {v.shape[2]}; they must have the same kv heads")
+    if k.shape[2] == 0 or h % k.shape[2] != 0:
+        raise ValueError(
+            f"heads not divisible: q has {h} heads, k/v have {k.shape[2]}; GQA needs the q heads to be a "
+            "multiple of the kv heads"
+        )
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite float (default head_dim**-0.5), got {scale!r}")
+    mask = as_mask(mask)
+    mask.validate_for(b, sq, k.shape[1], q.device)
+    return float(scale), mask
+
+
+def forward(q, k, v, *, scale=None, mask=None, backend: str = "auto", out_dtype=None):
+    """Local attention forward: returns (out, lse). See the module docstring for the contract."""
+    scale, mask = validate(q, k, v, scale, mask)
+    b = resolve(backend, q, k, v, mask)
+    return b.forward(q, k, v, scale=scale, mask=mask, out_dtype=out_dtype)
+
+
+def backward(dout, q, k, v, out, lse, *, scale=None, mask=None, backend: str = "auto", grad_dtype=None):
+    """Local attention backward given the (possibly global) out and lse: returns (dq, dk, dv)."""
+    scale, mask = validate(q, k, v, scale, mask)
+    _check_tensor("dout", dout)
+    _check_tensor("out", out)
+    if tuple(dout.shape) != tuple(q.shape) or tuple(out.shape) != tuple(q.shape):
+        raise ValueError(
+            f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}"
+        )
+    want = (q.shape[0], q.shape[2], q.shape[1])
+    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != want:
+        got = tuple(lse.shape) if isinstance(lse, torch.Tensor) else type(lse).__name__
+        raise ValueError(f"lse must have shape (batch, heads, seq_q) = {want}, got {got}")
+    b = resolve(backend, q, k, v, mask)
+    return b.backward(dout, q, k, v, out, lse, scale=scale, mask=mask, grad_dtype=grad_dtype)
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, mask, backend):
+        out, lse = forward(q, k, v, scale=scale, mask=mask, backend=backend)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (scale, mask, backend)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        scale, mask, backend = ctx.args
+        dq, dk, dv = backward(dout.contiguous(), q, k, v, out, lse, scale=scale, mask=mask, backend=backend)
+        return dq, dk, dv, None, None, None
+
+
+def attention(q, k, v, *, scale=None, mask=None, backend: str = "auto", return_lse: bool = False):
+    """Differentiable single-device attention through the contract (the lse output is not differentiable)."""
+    out, lse = _Attention.apply(q, k, v, scale, mask, backend)
+    return (out, lse) if return_lse else out
+
+
+def _sdpa_support(q, k, v, mask) -> str | None:
+    return None  # it always runs; calls it cannot express fall back to reference and are counted
+
+
+register(Backend("reference", reference.forward, reference.backward, priority=0,
+                 notes=["PyTorch math, fp32/fp64 accumulation: the oracle for tests"]))
+register(Backend("sdpa", sdpa.forward, sdpa.backward, priority=10, supports=_sdpa_support,
+                 notes=["falls back to reference for: " + "; ".join(sdpa.FALLBACK_RULES)]))

@@ -1,0 +1,184 @@
+"""PyTorch's fused flash-attention kernels behind the kernel contract.
+
+The aten ops that return the logsumexp take (batch, heads, seq, dim) and, unlike flash-attn, align
+`is_causal` top-left. So a causal mask with any diagonal offset is cut into pieces the op can express
+(an unmasked rectangle plus a top-left triangle), computed separately and merged exactly; empty rows are
+never handed to the op. GQA runs one call per query group against the un-repeated K/V heads.
+
+Masks the fused op cannot express are handled per call: on CPU a window or document mask goes in as an
+additive `attn_mask` (the op accepts any mask), while on CUDA, and for masks too large to materialise,
+the call falls back to the reference backend. `fallbacks` counts those calls so `longctx info` and the
+benchmarks can say so.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import torch
+
+from . import reference
+from .mask import Mask
+from .merge import empty_state, merge_
+
+_INF = float("inf")
+DENSE_MASK_LIMIT = 1 << 26  # elements of an additive mask we are willing to build (256 MiB fp32)
+fallbacks: collections.Counter = collections.Counter()
+
+FALLBACK_RULES = (
+    "sliding-window and document masks on CUDA",
+    "fp32/fp64 inputs on CUDA (the CUDA flash op takes fp16/bf16 only)",
+    f"window/document masks on CPU whose dense mask exceeds {DENSE_MASK_LIMIT} elements",
+)
+
+
+def pieces(mask: Mask, sq: int, sk: int):
+    """Cut a band mask with no left edge into (q0, q1, k0, k1, causal) pieces; None if impossible."""
+    if mask.left is not None or mask.has_documents:
+        return None
+    if mask.right is None:
+        return [(0, sq, 0, sk, False)]
+    o = mask.diag(sq, sk) + mask.right  # row i sees keys j <= i + o
+    if o >= sk - 1:
+        return [(0, sq, 0, sk, False)]
+    if o <= -sq:
+        return []
+    if o > 0:
+        return [(0, sq, 0, o, False), (0, sq, o, sk, True)]
+    return [(-o, sq, 0, sk, True)]
+
+
+def _fallback_reason(q: torch.Tensor, mask: Mask, sq: int, sk: int) -> str | None:
+    if q.is_cuda:
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            return "cuda-dtype"
+        if pieces(mask, sq, sk) is None:
+            return "cuda-mask"
+        return None
+    if pieces(mask, sq, sk) is None and q.shape[0] * sq * sk > DENSE_MASK_LIMIT:
+        return "cpu-mask-size"
+    return None
+
+
+def _groups(q, k):
+    """Yield (g, q_view) with q_view (B, Hkv, Sq, D) holding query head h*G+g of every kv head h."""
+    b, sq, h, d = q.shape
+    hkv = k.shape[2]
+    g = h // hkv
+    qv = q.view(b, sq, hkv, g, d)
+    for j in range(g):
+        yield j, qv[:, :, :, j].transpose(1, 2)
+
+
+def _bhsd(x):
+    return x.transpose(1, 2)
+
+
+def _op_forward(q, k, v, causal, scale, attn_mask):
+    if q.is_cuda:
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+        return res[0], res[1], res
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, causal, attn_mask=attn_mask, scale=scale
+    )
+    return out, lse, None
+
+
+def _op_backward(do, q, k, v, out, lse, causal, scale, attn_mask):
+    if q.is_cuda:
+        sq, sk = q.shape[2], k.shape[2]
+        empty = torch.empty(0, device=q.device, dtype=torch.long)
+        zero = torch.zeros((), device=q.device, dtype=torch.long)
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            do, q, k, v, out, lse.contiguous(), empty, empty, sq, sk, 0.0, causal, zero, zero, scale=scale
+        )
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        do, q, k, v, out, lse, 0.0, causal, attn_mask=attn_mask, scale=scale
+    )
+
+
+def _dense_bias(mask: Mask, sq: int, sk: int, dtype, device):
+    allowed = mask.dense(sq, sk, device=device)  # (B|1, Sq, Sk)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, -_INF)
+    return bias[:, None], allowed.any(-1)[:, None]  # (B|1, 1, Sq, Sk), row has a key: (B|1, 1, Sq)
+
+
+def forward(q, k, v, *, scale: float, mask: Mask, out_dtype=None):
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    why = _fallback_reason(q, mask, sq, sk)
+    if why:
+        fallbacks[why] += 1
+        return reference.forward(q, k, v, scale=scale, mask=mask, out_dtype=out_dtype)
+    out_dtype = out_dtype or q.dtype
+    pcs = pieces(mask, sq, sk)
+    if pcs is None:  # CPU: window / documents through an additive mask
+        bias, has_key = _dense_bias(mask, sq, sk, q.dtype, q.device)
+        return _run(q, k, v, [(0, sq, 0, sk, False)], scale, bias, has_key, out_dtype)
+    return _run(q, k, v, pcs, scale, None, None, out_dtype)
+
+
+def _run(q, k, v, pcs, scale, bias, has_key, out_dtype):
+    b, sq, h, _ = q.shape
+    hkv = k.shape[2]
+    g = h // hkv
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    single = len(pcs) == 1 and pcs[0][:2] == (0, sq)
+    if single:
+        out = torch.empty(b, sq, h, v.shape[-1], dtype=out_dtype, device=q.device)
+        lse = torch.empty(b, h, sq, dtype=lse_dtype, device=q.device)
+    else:
+        out, lse = empty_state(b, sq, h, v.shape[-1], device=q.device, dtype=lse_dtype)
+    ov, lv = out.view(b, sq, hkv, g, -1), lse.view(b, hkv, g, sq)
+    for j, qg in _groups(q, k):
+        for q0, q1, k0, k1, causal in pcs:
+            o, l, _ = _op_forward(qg[:, :, q0:q1], _bhsd(k[:, k0:k1]), _bhsd(v[:, k0:k1]), causal, scale, bias)
+            o = o.transpose(1, 2)  # (B, c, Hkv, D)
+            if single:
+                ov[:, :, :, j] = o
+                lv[:, :, j] = l
+            else:
+                merge_(ov[:, :, :, j], lv[:, :, j], o, l, rows=slice(q0, q1))  # writes through the views
+    if has_key is not None:  # the op reports lse = 0 for rows with no allowed key
+        lse.masked_fill_(~has_key, -_INF)
+    return out.to(out_dtype), lse
+
+
+def backward(dout, q, k, v, out, lse, *, scale: float, mask: Mask, grad_dtype=None):
+    b, sq, h, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    why = _fallback_reason(q, mask, sq, sk)
+    if why:
+        fallbacks[why] += 1
+        return reference.backward(dout, q, k, v, out, lse, scale=scale, mask=mask, grad_dtype=grad_dtype)
+    pcs = pieces(mask, sq, sk)
+    bias = None
+    if pcs is None:
+        bias, _ = _dense_bias(mask, sq, sk, q.dtype, q.device)
+        pcs = [(0, sq, 0, sk, False)]
+    g = h // hkv
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # The op computes P = exp(S - lse): an lse of +inf gives P = 0 for rows that saw no key anywhere.
+    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, _INF), lse).to(acc)
+    dq = torch.zeros(b, sq, hkv, g, d, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    out = out.to(q.dtype).view(b, sq, hkv, g, -1)
+    dout = dout.to(q.dtype).view(b, sq, hkv, g, -1)
+    lv = lse.view(b, hkv, g, sq)
+    for j, qg in _groups(q, k):
+        og = out[:, :, :, j].transpose(1, 2)
+        dog = dout[:, :, :, j].transpose(1, 2)
+        for q0, q1, k0, k1, causal in pcs:
+            gq, gk, gv = _op_backward(
+                dog[:, :, q0:q1], qg[:, :, q0:q1], _bhsd(k[:, k0:k1]), _bhsd(v[:, k0:k1]),
+                og[:, :, q0:q1], lv[:, :, j, q0:q1], causal, scale, bias,
+            )
+            dq[:, q0:q1, :, j] += gq.transpose(1, 2)
+            dk[:, k0:k1] += gk.transpose(1, 2)
+            dv[:, k0:k1] += gv.transpose(1, 2)
+    return (
+        dq.view(b, sq, h, d).to(grad_dtype or q.dtype),
+        dk.to(grad_dtype or k.dtype),
+        dv.to(grad_dtype or v.dtype),
+    )
