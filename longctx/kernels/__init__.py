@@ -12,10 +12,13 @@ from .registry import (
     forward,
     register,
     resolve,
+    unregister,
     validate,
 )
 
 __all__ = [
     "CAUSAL", "NO_MASK", "Mask", "empty_state", "merge", "merge_", "merge_many", "Backend", "as_mask",
-    "attention", "backend_status", "backends", "backward", "forward", "register", "resolve", "validate",
+    "attention", "backend_status", "backends", "backward", "forward", "register", "resolve", "unregister", "validate",
 ]
+
+from . import flash_backend  # noqa: E402,F401  (registers 'flash' when flash-attn is importable)

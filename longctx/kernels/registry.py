@@ -46,6 +46,10 @@ def register(backend: Backend, *, replace: bool = False) -> Backend:
     return backend
 
 
+def unregister(name: str) -> None:
+    _BACKENDS.pop(name, None)
+
+
 def backends() -> dict[str, Backend]:
     return dict(_BACKENDS)
 

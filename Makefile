@@ -1,0 +1,41 @@
+# The two commands of the README. Each does all of its own set-up and is idempotent:
+#   make demo   - a real run on a simulated 4-rank cluster (CPU processes over gloo)
+#   make test   - the whole test suite
+# On a CPU-only machine torch comes from the pinned CPU wheel (no multi-GB CUDA download). On a machine
+# that already has a CUDA torch, `make test SYSTEM_TORCH=1` builds the venv on top of it instead.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev,triton
+SYSTEM_TORCH ?=
+STAMP := $(VENV)/.longctx-installed
+PYTEST_ARGS ?=
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(if $(SYSTEM_TORCH),--system-site-packages) $(VENV)
+	@if [ -z "$(SYSTEM_TORCH)" ]; then \
+	  $(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"; \
+	else \
+	  $(BIN)/python -c "import torch; print('using existing torch', torch.__version__)"; \
+	fi
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/longctx demo
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check longctx tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .cache

@@ -1,0 +1,76 @@
+"""Shared output for benchmarks: a fixed-width table, a JSON list of records, an optional PNG plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+from .._optional import require
+
+
+def fmt(v) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if v == 0:
+            return "0"
+        a = abs(v)
+        return f"{v:.3e}" if a < 1e-3 or a >= 1e6 else f"{v:.4g}"
+    return str(v)
+
+
+def table(records: list[dict], columns: list[str]) -> str:
+    rows = [[fmt(r.get(c, "")) for c in columns] for r in records]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(columns)]
+    line = "  ".join(c.rjust(w) for c, w in zip(columns, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in rows]
+    return "\n".join(out)
+
+
+def write_json(path: str | None, records: list[dict], meta: dict | None = None) -> None:
+    """Write the records as a JSON list (meta, if given, goes into every record under 'meta')."""
+    if not path:
+        return
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    if meta:
+        records = [{**r, "meta": meta} for r in records]
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(records, f, indent=2, default=str)
+    os.replace(tmp, path)  # atomic: a crash never leaves half a file
+
+
+def plot_lines(path: str | None, series: dict[str, tuple[list, list]], *, xlabel: str, ylabel: str, title: str,
+               logx: bool = False) -> None:
+    if not path:
+        return
+    matplotlib = require("matplotlib", "benchmark plots")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def environment() -> dict:
+    import platform
+
+    import torch
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"torch": torch.__version__, "device": dev, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}

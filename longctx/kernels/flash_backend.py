@@ -1,0 +1,80 @@
+"""flash-attn (Dao-AILab) behind the kernel contract, when it is installed (CUDA, fp16/bf16).
+
+flash-attn's window_size=(left, right) is measured from the bottom-right diagonal, which is exactly the
+contract's band with offset Sk - Sq; other offsets and document masks are left to other backends.
+Its empty-row convention (lse = +inf) is mapped to the contract's -inf.
+It cannot be built on the CPU machines this project is developed on: this wrapper follows flash-attn
+2.x's documented interface and is exercised only where a GPU with flash-attn is present.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from .._optional import probe
+from .registry import Backend, register
+
+_INF = float("inf")
+
+
+def _availability() -> str | None:
+    ok, why = probe("flash_attn")
+    if not ok:
+        return f"flash-attn not installed ({why}); pip install 'longctx[flash]' on a CUDA machine"
+    if not torch.cuda.is_available():
+        return "flash-attn needs a CUDA device"
+    return None
+
+
+def _window(mask, sq, sk):
+    left = -1 if mask.left is None else mask.left
+    right = -1 if mask.right is None else mask.right
+    return left, right
+
+
+def _supports(q, k, v, mask) -> str | None:
+    if not q.is_cuda:
+        return "flash-attn runs on CUDA tensors only"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"flash-attn takes fp16/bf16, got {q.dtype}"
+    if mask.has_documents:
+        return "document masks need the varlen API (not wired)"
+    sq, sk = q.shape[1], k.shape[1]
+    if mask.offset is not None and mask.offset != sk - sq:
+        return "flash-attn aligns masks bottom-right only (mask.offset must be None)"
+    if (mask.left is not None and mask.left < 0) or (mask.right is not None and mask.right < 0):
+        return "flash-attn windows must be non-negative (no shifted-causal)"
+    if q.shape[-1] % 8 or q.shape[-1] > 256:
+        return "flash-attn needs head_dim a multiple of 8 and <= 256"
+    return None
+
+
+def forward(q, k, v, *, scale, mask, out_dtype=None):
+    from flash_attn.flash_attn_interface import flash_attn_func
+
+    left, right = _window(mask, q.shape[1], k.shape[1])
+    out, lse, _ = flash_attn_func(q, k, v, softmax_scale=scale, causal=False, window_size=(left, right),
+                                  return_attn_probs=True)
+    lse = torch.where(lse == _INF, torch.full_like(lse, -_INF), lse.float())
+    return out.to(out_dtype or q.dtype), lse
+
+
+def backward(dout, q, k, v, out, lse, *, scale, mask, grad_dtype=None):
+    from flash_attn import flash_attn_interface as fai
+
+    left, right = _window(mask, q.shape[1], k.shape[1])
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, _INF), lse).contiguous()
+    kwargs = dict(dout=dout.contiguous(), q=q, k=k, v=v, out=out.to(q.dtype).contiguous(), softmax_lse=lse,
+                  dq=dq, dk=dk, dv=dv, dropout_p=0.0, softmax_scale=scale, causal=False,
+                  window_size_left=left, window_size_right=right, window_size=(left, right), softcap=0.0,
+                  alibi_slopes=None, deterministic=False, rng_state=None)
+    params = inspect.signature(fai._flash_attn_backward).parameters
+    fai._flash_attn_backward(**{n: kwargs[n] for n in params if n in kwargs})
+    return tuple(t.to(grad_dtype or t.dtype) for t in (dq, dk, dv))
+
+
+register(Backend("flash", forward, backward, priority=30, availability=_availability, supports=_supports,
+                 notes=["flash-attn 2.x; bottom-right band masks, fp16/bf16, CUDA only"]))
