@@ -1,0 +1,351 @@
+"""Simulated cluster: run a function on W ranks as local processes, each inside a process group.
+
+Every multi-rank test goes through :func:`run`, so it favours fast start-up (a forkserver that has
+already imported torch), loud failures (the remote traceback of the rank that actually broke) and
+never leaving processes behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import time
+import traceback
+from datetime import timedelta
+from multiprocessing.connection import wait
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["RankError", "rank_info", "run"]
+
+_HOST = "127.0.0.1"
+_BACKENDS = ("auto", "gloo", "nccl")
+_START_METHODS = ("fork", "forkserver", "spawn")
+# After the first failure the other ranks get this long to report theirs, so that the root cause can
+# be preferred over the connection errors it sets off in its peers.
+_FAILURE_GRACE_S = 1.0
+_EXIT_GRACE_S = 5.0  # for ranks that returned to tear down on their own before SIGTERM
+_KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL
+# Failures that are usually a symptom of another rank going away or never arriving. The exception
+# lives in another process, so it can only be recognised by type name and message.
+_SECONDARY_TYPES = {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError"}
+_SECONDARY_MARKERS = ("connection closed by peer", "connection reset by peer", "broken pipe",
+                      "timed out", "socket timeout", "communicator was aborted")
+
+_contexts: dict[str, mp.context.BaseContext] = {}
+
+
+class RankError(RuntimeError):
+    """A rank raised (``remote_type``/``remote_traceback`` set) or died (``exitcode`` set)."""
+
+    def __init__(self, message, rank, remote_type=None, remote_traceback=None, exitcode=None):
+        super().__init__(message)
+        self.rank = rank
+        self.remote_type = remote_type
+        self.remote_traceback = remote_traceback
+        self.exitcode = exitcode
+
+    def __reduce__(self):
+        # The default reduce would call __init__ with the message only.
+        args = (self.args[0], self.rank, self.remote_type, self.remote_traceback, self.exitcode)
+        return type(self), args
+
+
+def rank_info() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group of the calling process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("rank_info() needs an initialised default process group; call it from a "
+                           "function started by longctx.launch.local.run()")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def run(fn, world_size, *, args=(), kwargs=None, backend="auto", timeout=120.0, pg_timeout=None,
+        start_method="forkserver", num_threads=1, env=None) -> list:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks and return their results, index = rank.
+
+    Each rank is a separate process in which ``torch.distributed`` is already initialised (gloo on
+    CPU; ``backend="auto"`` picks nccl when there is one CUDA device per rank). ``fn``, ``args`` and
+    ``kwargs`` must be picklable, so ``fn`` has to be defined at module level. Tensors in the result
+    (inside lists, tuples and dicts) come back detached and on the CPU.
+
+    ``timeout`` is a hard wall-clock limit on the whole call: past it every rank is killed and
+    ``TimeoutError`` is raised. ``pg_timeout`` (default ``min(60, timeout / 2)``) is the process
+    group's collective timeout, so that a collective some rank never joins raises in the others
+    before the hard limit. A rank that raises or dies makes ``run`` raise :class:`RankError`.
+
+    ``env`` entries are set in every rank on top of the caller's current environment. With the
+    forkserver, torch is imported before they are set, so variables torch reads at import time
+    have no effect there. Ranks are daemonic processes and cannot start processes of their own.
+    """
+    kwargs = {} if kwargs is None else dict(kwargs)
+    _check_args(fn, world_size, backend, timeout, pg_timeout, start_method, num_threads, env)
+    backend = _resolve_backend(backend, world_size, start_method)
+    pg_timeout = min(60.0, timeout / 2) if pg_timeout is None else float(pg_timeout)
+    payload = _pickle_payload(fn, args, kwargs)
+    ctx = _context(start_method)
+
+    start = time.monotonic()
+    # The parent owns the rendezvous, so the port is picked by the OS and nothing is hard-coded.
+    store = dist.TCPStore(_HOST, 0, None, True, timeout=timedelta(seconds=timeout),
+                          wait_for_workers=False)
+    child_env = _child_env(backend, world_size, store.port, env)
+    procs, conns = [], []
+    try:
+        for rank in range(world_size):
+            reader, writer = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_worker, name=f"longctx-rank{rank}", daemon=True,
+                               args=(rank, world_size, backend, store.port, pg_timeout, num_threads,
+                                     child_env, payload, writer))
+            conns.append(reader)
+            try:
+                proc.start()
+                procs.append(proc)
+            finally:
+                # Only the child may hold the write end, or its death would not close the pipe.
+                writer.close()
+        results = _collect(procs, conns, start + timeout, timeout)
+        _join(procs, _EXIT_GRACE_S)
+        return results
+    finally:
+        _reap(procs)
+        for conn in conns:
+            conn.close()
+        del store
+
+
+def _check_args(fn, world_size, backend, timeout, pg_timeout, start_method, num_threads, env):
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {fn!r}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if not _is_seconds(timeout):
+        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+    if pg_timeout is not None and not _is_seconds(pg_timeout):
+        raise ValueError(f"pg_timeout must be None or a finite number of seconds > 0, got {pg_timeout!r}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if start_method not in _START_METHODS:
+        raise ValueError(f"start_method must be one of {_START_METHODS}, got {start_method!r}")
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"num_threads must be an int >= 1, got {num_threads!r}")
+    if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise TypeError("env must map str to str")
+
+
+def _is_seconds(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+
+
+def _resolve_backend(backend, world_size, start_method):
+    # Probing CUDA in the parent initialises the driver, which a forked child cannot use; with
+    # fork, "auto" therefore stays on gloo without asking.
+    if backend == "auto":
+        if start_method != "fork" and dist.is_nccl_available() and torch.cuda.device_count() >= world_size:
+            return "nccl"
+        return "gloo"
+    if backend == "nccl":
+        if start_method == "fork":
+            raise ValueError("backend='nccl' cannot use start_method='fork' (CUDA does not survive "
+                             "fork); use 'forkserver' or 'spawn'")
+        if not dist.is_nccl_available():
+            raise RuntimeError("backend='nccl' requested but this torch build has no NCCL; use "
+                               "backend='gloo' or 'auto'")
+        count = torch.cuda.device_count()
+        if count < world_size:
+            raise RuntimeError(f"backend='nccl' needs one CUDA device per rank: world_size={world_size} "
+                               f"but torch.cuda.device_count()={count}; use backend='gloo' or 'auto'")
+    return backend
+
+
+def _pickle_payload(fn, args, kwargs):
+    # Checked here because in a child an unpicklable fn only shows up as an obscure error.
+    try:
+        pickle.dumps(fn)
+    except Exception as exc:
+        raise TypeError(
+            f"fn={fn!r} cannot be pickled ({exc}); run() sends fn to other processes, so define it "
+            "at module level (not a lambda, closure or nested function)"
+        ) from exc
+    try:
+        # Plain pickle copies tensor data; multiprocessing's pickler would share it instead.
+        return pickle.dumps((fn, tuple(args), kwargs))
+    except Exception as exc:
+        raise TypeError(f"args/kwargs for run() cannot be pickled: {exc}") from exc
+
+
+def _context(start_method):
+    ctx = _contexts.get(start_method)
+    if ctx is None:
+        ctx = mp.get_context(start_method)
+        if start_method == "forkserver":
+            # The server imports torch once and forks every rank from there: milliseconds per rank
+            # instead of seconds of re-importing torch.
+            ctx.set_forkserver_preload(["torch", "torch.distributed", __name__])
+        _contexts[start_method] = ctx
+    return ctx
+
+
+def _child_env(backend, world_size, port, env):
+    # A forkserver child inherits the server's environment from when it started, not the caller's
+    # current one, so the whole environment is shipped to keep all start methods alike.
+    child = dict(os.environ)
+    if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in child and os.path.exists("/sys/class/net/lo"):
+        # Otherwise gloo binds whatever the hostname resolves to, which may not be reachable.
+        child["GLOO_SOCKET_IFNAME"] = "lo"
+    child.update(WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR=_HOST,
+                 MASTER_PORT=str(port))
+    child.update(env or {})
+    return child
+
+
+def _worker(rank, world_size, backend, port, pg_timeout, num_threads, env, payload, conn):
+    torch.set_num_threads(num_threads)
+    os.environ.clear()
+    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
+    try:
+        try:
+            fn, args, kwargs = pickle.loads(payload)
+            if backend == "nccl":
+                torch.cuda.set_device(rank)
+            store = dist.TCPStore(_HOST, port, None, False, timeout=timedelta(seconds=pg_timeout))
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                    timeout=timedelta(seconds=pg_timeout))
+            # Plain pickle: multiprocessing's pickler would hand tensors over as file descriptors
+            # that close when this process exits.
+            message = pickle.dumps(("ok", rank, _to_cpu(fn(*args, **kwargs))))
+        except BaseException as exc:
+            message = pickle.dumps(("error", rank, type(exc).__name__, str(exc), traceback.format_exc()))
+        conn.send_bytes(message)
+    finally:
+        conn.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        out = copy.copy(obj)  # keeps the mapping type (OrderedDict, defaultdict, ...)
+        for key, value in obj.items():
+            out[key] = _to_cpu(value)
+        return out
+    if isinstance(obj, tuple):
+        items = [_to_cpu(x) for x in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    if isinstance(obj, list):
+        return type(obj)(_to_cpu(x) for x in obj)
+    return obj
+
+
+def _collect(procs, conns, deadline, timeout):
+    """Wait for one message per rank; stop early on failure, raise on failure or timeout."""
+    world_size = len(procs)
+    results = [None] * world_size
+    pending = set(range(world_size))
+    failures = []  # (rank, remote_type, message, traceback, exitcode) in order of arrival
+    open_conns = {conn: rank for rank, conn in enumerate(conns)}
+    sentinels = {proc.sentinel: rank for rank, proc in enumerate(procs)}
+    stop = deadline
+
+    def read(conn):
+        rank = open_conns.pop(conn)
+        try:
+            message = pickle.loads(conn.recv_bytes())
+        except EOFError:
+            return  # closed without a word; the sentinel reports how the process ended
+        except Exception as exc:
+            failures.append((rank, type(exc).__name__, f"result could not be unpickled in the caller: "
+                             f"{exc}", traceback.format_exc(), None))
+        else:
+            if message[0] == "ok":
+                results[rank] = message[2]
+            else:
+                failures.append((rank, *message[2:], None))
+        pending.discard(rank)
+
+    while pending and time.monotonic() < stop:
+        ready = wait([*open_conns, *sentinels], timeout=stop - time.monotonic())
+        # Messages first: a rank that reported and then exited has not died early.
+        for conn in [obj for obj in ready if obj in open_conns]:
+            read(conn)
+        for sentinel in [obj for obj in ready if obj in sentinels]:
+            rank = sentinels.pop(sentinel)
+            if conns[rank] in open_conns and conns[rank].poll():
+                read(conns[rank])
+            if rank in pending:
+                pending.discard(rank)
+                failures.append((rank, None, None, None, procs[rank].exitcode))
+        if failures and stop == deadline:
+            stop = min(deadline, time.monotonic() + _FAILURE_GRACE_S)
+
+    if failures:
+        raise _rank_error(failures, pending)
+    if pending:
+        raise TimeoutError(
+            f"run() timed out after {timeout} s: rank(s) {sorted(pending)} of {world_size} had not "
+            "finished and every rank was killed. Pass a larger timeout= if the work needs longer; if "
+            "ranks are stuck in a collective, a smaller pg_timeout= makes them raise instead."
+        )
+    return results
+
+
+def _is_secondary(failure):
+    _, remote_type, message, _, exitcode = failure
+    if exitcode is not None:
+        return False
+    return remote_type in _SECONDARY_TYPES or any(m in message.lower() for m in _SECONDARY_MARKERS)
+
+
+def _describe(failure):
+    rank, remote_type, message, _, exitcode = failure
+    if exitcode is None:
+        return f"rank {rank} failed with {remote_type}: {message}"
+    how = f"exit code {exitcode}"
+    if exitcode < 0:
+        try:
+            how += f" ({signal.Signals(-exitcode).name})"
+        except ValueError:
+            pass
+    return f"rank {rank} died with {how} before returning"
+
+
+def _rank_error(failures, pending):
+    primary = [f for f in failures if not _is_secondary(f)]
+    chosen = min(primary, key=lambda f: f[0]) if primary else failures[0]
+    rank, remote_type, _, remote_tb, exitcode = chosen
+    text = _describe(chosen)
+    others = [f for f in failures if f is not chosen]
+    if others:
+        text += "\nother failures: " + "; ".join(_describe(f).splitlines()[0][:200] for f in others)
+    if pending:
+        text += f"\nstill running when this was reported (then killed): rank(s) {sorted(pending)}"
+        if not primary:
+            text += (" -- a rank that never reaches a collective makes its peers' collectives fail "
+                     "after pg_timeout")
+    if remote_tb:
+        text += f"\n\n--- traceback from rank {rank} ---\n{remote_tb.rstrip()}"
+    return RankError(text, rank, remote_type, remote_tb, exitcode)
+
+
+def _join(procs, grace):
+    end = time.monotonic() + grace
+    for proc in procs:
+        proc.join(max(0.0, end - time.monotonic()))
+
+
+def _reap(procs):
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    _join(procs, _KILL_GRACE_S)
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(_KILL_GRACE_S)
+        if not proc.is_alive():
+            proc.close()  # frees the sentinel fd now rather than at garbage collection

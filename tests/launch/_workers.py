@@ -1,0 +1,75 @@
+"""Module-level rank functions for tests/launch (run() pickles fn, so they cannot live in the test)."""
+
+import collections
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from longctx.launch import rank_info
+
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+            "GLOO_SOCKET_IFNAME", "LONGCTX_TEST_VAR")
+
+
+def noop():
+    return None
+
+
+def report(scale=1.0, *, tag=None):
+    """Identity of this rank plus an all_reduce, so the parent can check the group really formed."""
+    rank, world_size = rank_info()
+    total = torch.tensor([float(rank + 1)]) * scale
+    dist.all_reduce(total)
+    return {
+        "rank": rank,
+        "world_size": world_size,
+        "sum": total,
+        "pid": os.getpid(),
+        "tag": tag,
+        "threads": torch.get_num_threads(),
+        "env": {key: os.environ.get(key) for key in ENV_KEYS},
+    }
+
+
+def fail_on_rank(bad_rank):
+    rank, _ = rank_info()
+    if rank == bad_rank:
+        raise ValueError("boom")
+    dist.barrier()  # the healthy ranks block here until the harness kills them
+    return rank
+
+
+def skip_collective_on_rank0():
+    rank, _ = rank_info()
+    if rank == 0:
+        time.sleep(3600)
+    dist.all_reduce(torch.ones(4))
+    return rank
+
+
+def exit_on_rank(bad_rank, code):
+    rank, _ = rank_info()
+    if rank == bad_rank:
+        os._exit(code)
+    dist.all_reduce(torch.ones(4))
+    return rank
+
+
+def sleep_forever():
+    time.sleep(3600)
+
+
+def nested_tensors():
+    rank, _ = rank_info()
+    base = torch.arange(6, dtype=torch.float32).reshape(2, 3) + rank
+    return {
+        "rank": rank,
+        "outer": {
+            "list": [base, (base * 2, "text", 3)],
+            "ordered": collections.OrderedDict(a=torch.tensor(rank), b=None),
+            "grad": (base.requires_grad_() * 1.0),  # non-leaf: must come back detached
+            "half": base.to(torch.float16),
+        },
+    }
