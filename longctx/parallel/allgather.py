@@ -1,0 +1,83 @@
+"""All-gather K/V attention (as in Llama 3 context parallelism).
+
+Every rank gathers the whole K/V once (the transfer is posted first and the rank's own shard is computed
+while it is in flight), then runs its queries against each gathered shard with the same block tables as
+the ring schedules: the planner does not care whether a shard arrived by ring or by all-gather. With the
+zigzag layout the causal work is balanced. Backward gathers K/V again instead of keeping the N-long copy
+alive between passes, and reduce-scatters the fp32 dK/dV to their owners.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import kernels
+from .plan import step_blocks
+from .ring import RingSpec, acc_dtype, blocks_backward, blocks_forward
+
+
+def _order(rank: int, world: int):
+    """Own shard first (computed while the gather is in flight), then the rest."""
+    return [rank] + [s for s in range(world) if s != rank]
+
+
+def allgather_forward(q, k, v, spec: RingSpec):
+    comm = spec.comm
+    b, c, h, _ = q.shape
+    n = c * comm.world
+    out, lse = kernels.empty_state(b, c, h, v.shape[-1], device=q.device, dtype=acc_dtype(q.dtype))
+    kv = torch.stack([k, v])
+    pending, parts = comm.all_gather(kv, phase="fwd", async_op=True)
+    pairs = 0
+    for i, src in enumerate(_order(comm.rank, comm.world)):
+        if i == 1:
+            pending.wait()
+        held = kv if src == comm.rank else parts[src]
+        blocks = step_blocks(spec.layout, n, comm.world, comm.rank, src, spec.causal, spec.window)
+        pairs += blocks_forward(q, held[0], held[1], blocks, out, lse, spec)
+    pending.wait()
+    comm.stats.record_work("fwd", 0, pairs)
+    return out.to(q.dtype), lse
+
+
+def allgather_backward(dout, q, k, v, out, lse, spec: RingSpec):
+    comm = spec.comm
+    c = q.shape[1]
+    n = c * comm.world
+    acc = acc_dtype(q.dtype)
+    kv = torch.stack([k, v])
+    pending, parts = comm.all_gather(kv, phase="bwd", async_op=True)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dkv = torch.zeros((comm.world, *kv.shape), dtype=acc, device=q.device)
+    pairs = 0
+    for i, src in enumerate(_order(comm.rank, comm.world)):
+        if i == 1:
+            pending.wait()
+        held = kv if src == comm.rank else parts[src]
+        blocks = step_blocks(spec.layout, n, comm.world, comm.rank, src, spec.causal, spec.window)
+        blocks_backward(dout, q, held[0], held[1], out, lse, blocks, dq, dkv[src, 0], dkv[src, 1], spec)
+        pairs += sum(bl.pairs for bl in blocks) * q.shape[0] * q.shape[2]
+    pending.wait()
+    comm.stats.record_work("bwd", 0, pairs)
+    mine = comm.reduce_scatter(dkv, phase="bwd")[0]
+    return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
+
+
+class AllGatherAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, spec: RingSpec):
+        out, lse = allgather_forward(q, k, v, spec)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.spec = spec
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = allgather_backward(dout.contiguous(), q, k, v, out, lse, ctx.spec)
+        return dq, dk, dv, None
+
+
+def allgather_attention(q, k, v, spec: RingSpec):
+    return AllGatherAttention.apply(q, k, v, spec)

@@ -1,0 +1,117 @@
+"""Token layouts for sequence parallelism: which global positions each rank holds.
+
+  contiguous  rank r holds [r*c, (r+1)*c)
+  zigzag      2W chunks of h = N/(2W); rank r holds chunk r then chunk 2W-1-r (balanced causal work)
+  striped     rank r holds positions r, r+W, r+2W, ... (token t on rank t mod W)
+
+Every layout lists a rank's positions in increasing order, which is what lets the block planner describe
+any (query shard, key shard) pair with band masks. One implementation serves the data path (shard the
+batch, its labels and position ids), the model (RoPE must see true positions) and the tests.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.distributed as dist
+
+LAYOUTS = ("contiguous", "zigzag", "striped")
+
+
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+    return layout
+
+
+def divisor(layout: str, world: int) -> int:
+    """The sequence length must be a multiple of this for the layout to split evenly."""
+    return 2 * world if check_layout(layout) == "zigzag" else world
+
+
+def check_seq(layout: str, n: int, world: int, what: str = "sequence length") -> int:
+    """Validate n for the layout; return tokens per rank."""
+    m = divisor(layout, world)
+    if n % m != 0:
+        pad = (-n) % m
+        raise ValueError(
+            f"{what} {n} is not divisible by {m} (the {layout} layout over {world} ranks needs a multiple "
+            f"of {m}); pad it by {pad} tokens to {n + pad}"
+        )
+    return n // world
+
+
+@lru_cache(maxsize=512)
+def _positions(layout: str, n: int, world: int, rank: int) -> torch.Tensor:
+    c = check_seq(layout, n, world)
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside a world of {world} ranks")
+    if layout == "contiguous":
+        return torch.arange(rank * c, (rank + 1) * c)
+    if layout == "striped":
+        return torch.arange(rank, n, world)
+    h = c // 2
+    first = torch.arange(rank * h, (rank + 1) * h)
+    second = torch.arange((2 * world - 1 - rank) * h, (2 * world - rank) * h)
+    return torch.cat([first, second])
+
+
+def positions(layout: str, n: int, world: int, rank: int) -> torch.Tensor:
+    """Global positions held by `rank`, increasing. These are also the RoPE position ids."""
+    return _positions(check_layout(layout), n, world, rank)
+
+
+def permutation(layout: str, n: int, world: int) -> torch.Tensor:
+    """perm with x_layout = x_natural[perm]: all ranks' shards concatenated in rank order."""
+    return torch.cat([positions(layout, n, world, r) for r in range(world)])
+
+
+def _rank_world(group, rank, world):
+    if rank is not None and world is not None:
+        return rank, world
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "no process group: call torch.distributed.init_process_group (or run inside longctx.launch.run), "
+            "or pass rank= and world= explicitly"
+        )
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def shard(x: torch.Tensor, layout: str = "contiguous", *, group=None, rank=None, world=None, dim: int = 1):
+    """This rank's part of a full-sequence tensor (sequence along `dim`)."""
+    rank, world = _rank_world(group, rank, world)
+    n = x.shape[dim]
+    check_seq(layout, n, world, what=f"sequence length (x.shape[{dim}])")
+    if layout == "contiguous":
+        c = n // world
+        return x.narrow(dim, rank * c, c)
+    return x.index_select(dim, positions(layout, n, world, rank).to(x.device))
+
+
+def unshard(local: torch.Tensor, layout: str = "contiguous", *, group=None, dim: int = 1):
+    """Gather every rank's shard and restore natural order (through the comm layer's all-gather)."""
+    from .comm import Comm
+
+    comm = Comm.get(group)
+    parts = comm.all_gather(local.contiguous(), phase="data")
+    x = torch.cat(parts, dim=dim)
+    if layout == "contiguous":
+        return x
+    perm = permutation(layout, x.shape[dim], comm.world)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel())
+    return x.index_select(dim, inv.to(x.device))
+
+
+def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, layout: str = "contiguous", *,
+                group=None, rank=None, world=None) -> dict:
+    """Shard a (batch, seq) token batch: input ids, labels (already shifted in natural order) and the
+    position ids RoPE needs. Labels are shifted before sharding: a shard's last token's target lives on
+    another rank in every layout but contiguous."""
+    rank, world = _rank_world(group, rank, world)
+    out = {"input_ids": shard(input_ids, layout, rank=rank, world=world),
+           "position_ids": positions(layout, input_ids.shape[1], world, rank).to(input_ids.device)}
+    if labels is not None:
+        out["labels"] = shard(labels, layout, rank=rank, world=world)
+    return out

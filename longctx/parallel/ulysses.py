@@ -1,0 +1,105 @@
+"""Ulysses attention: all-to-all from sequence shards to head shards, full-sequence attention on W/H of
+the heads, all-to-all back (DeepSpeed-Ulysses). When there are fewer KV heads than ranks, each KV head is
+replicated to the ranks whose query heads use it; autograd sums the copies' gradients back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import kernels
+from .comm import Comm
+from .layouts import permutation
+
+
+def seq_to_heads(x: torch.Tensor, comm: Comm, phase: str) -> torch.Tensor:
+    """(B, c, H, D) sequence shard -> (B, W*c, H/W, D): every rank's chunk (in rank order), my heads."""
+    b, c, h, d = x.shape
+    w = comm.world
+    send = x.reshape(b, c, w, h // w, d).permute(2, 0, 1, 3, 4)
+    recv = comm.all_to_all(send, phase=phase)
+    return recv.permute(1, 0, 2, 3, 4).reshape(b, w * c, h // w, d)
+
+
+def heads_to_seq(y: torch.Tensor, comm: Comm, phase: str) -> torch.Tensor:
+    """Inverse of seq_to_heads: (B, W*c, H/W, D) -> (B, c, H, D)."""
+    b, n, hl, d = y.shape
+    w = comm.world
+    send = y.reshape(b, w, n // w, hl, d).permute(1, 0, 2, 3, 4)
+    recv = comm.all_to_all(send, phase=phase)
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, n // w, w * hl, d)
+
+
+class SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, comm):
+        ctx.comm = comm
+        return seq_to_heads(x, comm, "fwd")
+
+    @staticmethod
+    def backward(ctx, g):
+        return heads_to_seq(g.contiguous(), ctx.comm, "bwd"), None
+
+
+class HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, comm):
+        ctx.comm = comm
+        return heads_to_seq(y, comm, "fwd")
+
+    @staticmethod
+    def backward(ctx, g):
+        return seq_to_heads(g.contiguous(), ctx.comm, "bwd"), None
+
+
+def check_heads(heads: int, kv_heads: int, world: int, what: str = "ulysses") -> int:
+    """Validate head counts for a degree-`world` head split; return the KV replication factor."""
+    if heads % world:
+        raise ValueError(
+            f"{what}: {heads} query heads do not divide over {world} ranks; use a {what} degree that divides "
+            f"the heads (e.g. {max(d for d in range(1, world + 1) if heads % d == 0)}) or the ring/zigzag strategy"
+        )
+    if kv_heads % world == 0:
+        return 1
+    if world % kv_heads == 0:
+        return world // kv_heads
+    raise ValueError(
+        f"{what}: {kv_heads} kv heads neither divide over {world} ranks nor replicate evenly onto them; "
+        "the degree must divide the kv heads or be a multiple of them"
+    )
+
+
+def replicate_kv(k, v, rep: int):
+    if rep == 1:
+        return k, v
+    return k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+
+
+def local_mask(causal: bool, window: int | None) -> kernels.Mask:
+    if window is not None:
+        return kernels.Mask.sliding_window(window, causal=causal)
+    return kernels.Mask.causal() if causal else kernels.Mask.none()
+
+
+def _record(comm: Comm, t: torch.Tensor, pairs: int) -> None:
+    comm.stats.record_work("fwd", 0, pairs)
+    if t.requires_grad:
+        t.register_hook(lambda g: comm.stats.record_work("bwd", 0, pairs))
+
+
+def ulysses_attention(q, k, v, *, comm: Comm, layout: str, causal: bool, window, scale, kernel):
+    rep = check_heads(q.shape[2], k.shape[2], comm.world)
+    k, v = replicate_kv(k, v, rep)
+    qh, kh, vh = (SeqToHeads.apply(t, comm) for t in (q, k, v))
+    n = qh.shape[1]
+    if layout != "contiguous":  # the gathered sequence is in layout order: attend in natural order
+        perm = permutation(layout, n, comm.world).to(q.device)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(n, device=q.device)
+        qh, kh, vh = (t.index_select(1, inv) for t in (qh, kh, vh))
+    mask = local_mask(causal, window)
+    out = kernels.attention(qh, kh, vh, scale=scale, mask=mask, backend=kernel)
+    _record(comm, out, mask.band_pairs(n, n) * q.shape[0] * qh.shape[2])
+    if layout != "contiguous":
+        out = out.index_select(1, perm)
+    return HeadsToSeq.apply(out, comm)

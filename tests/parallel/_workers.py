@@ -1,0 +1,97 @@
+"""Rank-side code for the sequence-parallel tests (module level so the harness can pickle it)."""
+
+from __future__ import annotations
+
+import torch
+
+from longctx import kernels
+from longctx.parallel import Comm, attention, comm_model, context_mesh, positions, strategy_layout
+from longctx.parallel.hybrid import hybrid_positions
+from longctx.parallel.mesh import hybrid_groups
+
+_MESHES: dict = {}
+
+
+def problem(b, n, h, hkv, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, n, h, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, n, hkv, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, n, hkv, d, generator=g, dtype=torch.float64)
+    do = torch.randn(b, n, h, d, generator=g, dtype=torch.float64)
+    return q, k, v, do
+
+
+def reference(q, k, v, do, causal, window):
+    """float64 single-device attention over the full sequence, with gradients."""
+    mask = kernels.Mask.sliding_window(window, causal=causal) if window else (
+        kernels.Mask.causal() if causal else kernels.Mask.none())
+    out, lse = kernels.forward(q, k, v, mask=mask, backend="reference")
+    return out, kernels.backward(do, q, k, v, out, lse, mask=mask, backend="reference")
+
+
+def _group_and_positions(case, n, world, rank):
+    strategy = case["strategy"]
+    if strategy == "hybrid":
+        ring, uly = case["mesh"]
+        key = (ring, uly)
+        if key not in _MESHES:
+            _MESHES[key] = context_mesh(ring, uly)
+        mesh = _MESHES[key]
+        ug, rg = hybrid_groups(mesh)
+        uc, rc = Comm.get(ug), Comm.get(rg)
+        layout = strategy_layout("hybrid", case.get("layout"))
+        return mesh, [uc, rc], hybrid_positions(layout, n, rc.world, uc.world, rc.rank, uc.rank)
+    comm = Comm.get(None)
+    layout = strategy_layout(strategy, case.get("layout"))
+    return None, [comm], positions(layout, n, world, rank)
+
+
+def run_case(case: dict) -> dict:
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    b, n, h, hkv, d = case["b"], case["n"], case["h"], case["hkv"], case["d"]
+    dtype = case.get("dtype", torch.float32)
+    causal, window = case["causal"], case.get("window")
+    q, k, v, do = problem(b, n, h, hkv, d, dtype, case.get("seed", 0))
+    ref_out, ref_grads = reference(q, k, v, do, causal, window)
+    group, comms, pos = _group_and_positions(case, n, world, rank)
+    for c in comms:
+        c.stats.reset()
+    local = [t[:, pos].to(dtype).requires_grad_(i < 3) for i, t in enumerate((q, k, v, do))]
+    ql, kl, vl, dol = local
+    out = attention(ql, kl, vl, causal=causal, strategy=case["strategy"], group=group,
+                    kernel=case.get("kernel", "auto"), window=window, layout=case.get("layout"),
+                    position_ids=pos)
+    fwd_bytes = sum(c.stats.bytes("fwd") for c in comms)
+    fwd_calls = sum(c.stats.calls("fwd") for c in comms)
+    out.backward(dol)
+    res = {
+        "err_out": (out.double() - ref_out[:, pos]).abs().max().item(),
+        "err_dq": (ql.grad.double() - ref_grads[0][:, pos]).abs().max().item(),
+        "err_dk": (kl.grad.double() - ref_grads[1][:, pos]).abs().max().item(),
+        "err_dv": (vl.grad.double() - ref_grads[2][:, pos]).abs().max().item(),
+        "fwd_bytes": fwd_bytes, "fwd_calls": fwd_calls,
+        "bwd_bytes": sum(c.stats.bytes("bwd") for c in comms),
+        "bwd_calls": sum(c.stats.calls("bwd") for c in comms),
+        "work": [w for c in comms for w in c.stats.work],
+        "out_dtype": str(out.dtype), "grad_dtype": str(ql.grad.dtype),
+    }
+    if case.get("bf16_baseline"):
+        # the single-device kernel's own bf16 error on the same problem: the bar for bf16 schedules
+        full = [t.to(dtype).requires_grad_(i < 3) for i, t in enumerate((q, k, v))]
+        mask = kernels.Mask.sliding_window(window, causal=causal) if window else (
+            kernels.Mask.causal() if causal else kernels.Mask.none())
+        o = kernels.attention(*full, mask=mask)
+        o.backward(do.to(dtype))
+        res["base_out"] = (o.double() - ref_out).abs().max().item()
+        res["base_grad"] = max((t.grad.double() - r).abs().max().item() for t, r in zip(full, ref_grads))
+    model = comm_model(case["strategy"], world=world, batch=b, seq_len=n, heads=h, kv_heads=hkv, head_dim=d,
+                       dtype_bytes=torch.tensor([], dtype=dtype).element_size(), layout=case.get("layout"),
+                       ulysses=case["mesh"][1] if case["strategy"] == "hybrid" else None)
+    res["model"] = model
+    return res
+
+
+def run_cases(cases: list[dict]) -> list[dict]:
+    return [run_case(c) for c in cases]
