@@ -40,7 +40,8 @@ def _group_and_positions(case, n, world, rank):
         ug, rg = hybrid_groups(mesh)
         uc, rc = Comm.get(ug), Comm.get(rg)
         layout = strategy_layout("hybrid", case.get("layout"))
-        return mesh, [uc, rc], hybrid_positions(layout, n, rc.world, uc.world, rc.rank, uc.rank)
+        comms = [uc] if uc is rc else [uc, rc]  # size-1 meshes may hand back one group twice
+        return mesh, comms, hybrid_positions(layout, n, rc.world, uc.world, rc.rank, uc.rank)
     comm = Comm.get(None)
     layout = strategy_layout(strategy, case.get("layout"))
     return None, [comm], positions(layout, n, world, rank)
@@ -95,3 +96,24 @@ def run_case(case: dict) -> dict:
 
 def run_cases(cases: list[dict]) -> list[dict]:
     return [run_case(c) for c in cases]
+
+
+def expect_errors(cases: list[dict]) -> list[str]:
+    """Run bad calls on the ranks; return each one's (type, message) so the parent can assert on it."""
+    out = []
+    for c in cases:
+        try:
+            run_case(c) if "strategy" in c and not c.get("raw") else _raw_call(c)
+            out.append(("no error", ""))
+        except (ValueError, TypeError, RuntimeError) as e:
+            out.append((type(e).__name__, str(e)))
+    return out
+
+
+def _raw_call(c):
+    b, c_local, h, hkv, d = c["b"], c["c"], c["h"], c["hkv"], c["d"]
+    dev = c.get("device", "cpu")
+    q = torch.randn(b, c_local, h, d, device=dev)
+    k = torch.randn(b, c_local, hkv, d, device=dev)
+    attention(q, k, k.clone(), causal=c.get("causal", True), strategy=c["strategy"], layout=c.get("layout"),
+              position_ids=c.get("position_ids"), group=c.get("group"), window=c.get("window"))

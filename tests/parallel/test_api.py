@@ -1,0 +1,87 @@
+"""The public entry point: bad input gets a clear error; many random calls in one group never hang."""
+
+import random
+import re
+
+import pytest
+import torch
+
+from longctx.launch import run
+from longctx.parallel import ContextParallelAttention, attention, strategy_layout
+
+from ._cases import check, launch
+from ._workers import expect_errors
+
+
+def _raw(strategy, c, h=4, hkv=2, **kw):
+    return dict(raw=True, strategy=strategy, b=1, c=c, h=h, hkv=hkv, d=8, **kw)
+
+
+BAD = [
+    (_raw("zigzag", 3), "ValueError", r"not divisible by 8 .*pad it by 4 tokens"),
+    (_raw("ulysses", 4, h=6, hkv=6), "ValueError", r"6 query heads do not divide over 4 ranks"),
+    (_raw("ulysses", 4, h=4, hkv=3), "ValueError", "heads not divisible"),
+    (_raw("ulysses", 4, h=8, hkv=8, group=None) | {"h": 12, "hkv": 6}, "ValueError", "kv heads neither divide"),
+    (_raw("zigzag", 4, layout="striped"), "ValueError", "layout mismatch: strategy 'zigzag' runs on the 'zigzag'"),
+    (_raw("striped", 4, position_ids=torch.arange(4)), "ValueError", "layout mismatch: the position ids"),
+    (_raw("ring", 4, device="meta"), "ValueError", r"q is on meta but the process group communicates cpu"),
+    (_raw("hybrid", 4), "ValueError", "strategy 'hybrid' needs group=context_mesh"),
+    (_raw("spiral", 4), "ValueError", "unknown strategy 'spiral'"),
+    (_raw("ring", 4, window=0), "ValueError", "window must be None or a positive int"),
+]
+
+
+def test_bad_input_errors():
+    results = run(expect_errors, 4, args=([c for c, _, _ in BAD],), timeout=120)
+    for (case, typ, pattern), (got_type, msg) in zip(BAD, results[0]):
+        assert got_type == typ, (case, got_type, msg)
+        assert re.search(pattern, msg), (pattern, msg)
+
+
+def test_no_process_group():
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(RuntimeError, match="no process group"):
+        attention(q, q, q, strategy="ring", causal=True)
+
+
+def test_local_shape_errors_come_from_the_kernel_contract():
+    with pytest.raises(ValueError, match="heads not divisible"):
+        attention(torch.randn(1, 4, 3, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), strategy="ring")
+
+
+def test_strategy_layouts():
+    assert strategy_layout("ring") == "contiguous"
+    assert strategy_layout("zigzag") == "zigzag"
+    assert strategy_layout("allgather") == "zigzag"
+    assert strategy_layout("allgather", "striped") == "striped"
+    assert strategy_layout("ulysses") == "contiguous"
+    with pytest.raises(ValueError, match="unknown layout"):
+        strategy_layout("ulysses", "spiral")
+    m = ContextParallelAttention("striped", causal=True)
+    assert m.layout == "striped" and "striped" in repr(m)
+
+
+def _random_cases(world, count, rng):
+    cases = []
+    for _ in range(count):
+        strategy = rng.choice(["ring", "zigzag", "striped", "allgather", "ulysses", "hybrid"])
+        h = rng.choice([world, 2 * world])
+        hkv = rng.choice([h, max(1, h // 2), 1])
+        per_rank = 2 * rng.randint(1, 4)
+        case = dict(strategy=strategy, b=rng.randint(1, 2), n=per_rank * world, h=h, hkv=hkv, d=rng.choice([4, 8]),
+                    causal=rng.random() < 0.6, window=rng.choice([None, None, rng.randint(1, 3 * per_rank)]),
+                    seed=rng.randint(0, 1000))
+        if strategy == "hybrid":
+            case["mesh"] = (world, 1) if world == 3 else (2, world // 2)
+            case["layout"] = rng.choice(["contiguous", "zigzag", "striped"])
+            case["window"] = None
+        if strategy == "ulysses" and h % world:
+            case["h"] = world
+        cases.append(case)
+    return cases
+
+
+@pytest.mark.parametrize("world,count", [(2, 70), (3, 60), (4, 70)])
+def test_200_random_calls_no_hang(world, count):
+    cases = _random_cases(world, count, random.Random(world))
+    check(cases, launch(cases, world, timeout=600), world)
