@@ -74,3 +74,24 @@ def environment() -> dict:
 
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
     return {"torch": torch.__version__, "device": dev, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def plot_bars(path: str | None, labels: list[str], series: dict[str, list[float]], *, title: str) -> None:
+    """One panel per series, one bar per label."""
+    if not path:
+        return
+    matplotlib = require("matplotlib", "benchmark plots")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 4))
+    axes = [axes] if len(series) == 1 else list(axes)
+    for ax, (name, values) in zip(axes, series.items()):
+        ax.bar(labels, values)
+        ax.set_title(name)
+        ax.tick_params(axis="x", rotation=30)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
