@@ -6,7 +6,7 @@ from longctx.launch import run
 from longctx.model import apply_context_parallel, build_model
 from longctx.model.llama import rope
 
-from ._workers import cp_vs_single
+from longctx.demo import cp_equivalence
 
 
 def test_forward_shapes_and_causality():
@@ -29,7 +29,7 @@ def test_rope_uses_true_positions():
 
 @pytest.mark.parametrize("strategy", ["zigzag", "striped", "ulysses", "allgather"])
 def test_context_parallel_model_matches_single_device(strategy):
-    res = run(cp_vs_single, 4, args=(strategy,), timeout=120)
+    res = run(cp_equivalence, 4, args=(strategy,), timeout=120)
     for err_logits, err_grad, _ in res:
         assert err_logits <= 1e-10 and err_grad <= 1e-10, (strategy, err_logits, err_grad)
 
