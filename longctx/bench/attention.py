@@ -118,7 +118,7 @@ def _rank_main(cfg, strategies):
         nbytes = fwd_bytes + sum(c.stats.bytes("bwd") for c in comms)
         pairs = [w for c in comms for w in c.stats.work]
         (ql2, kl2, vl2, o2), fwd_ms = _timed(step, cfg, sync)
-        _, bwd_ms = _timed(lambda o2=o2: o2.backward(local[3], retain_graph=True), cfg, sync)
+        _, bwd_ms = _timed(lambda o2=o2, g=local[3]: o2.backward(g, retain_graph=True), cfg, sync)
         out.append({"strategy": s, "layout": layout, "positions": pos, "out": o.detach().cpu(),
                     "grads": [t.grad.cpu() for t in (ql, kl, vl)], "bytes": nbytes, "fwd_bytes": fwd_bytes,
                     "work": pairs, "fwd_ms": fwd_ms, "bwd_ms": bwd_ms})

@@ -9,8 +9,8 @@ Contract (layout (batch, seq, heads, head_dim), like flash-attn):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

@@ -120,7 +120,7 @@ class Transformer(nn.Module):
 
 
 def _dilated_core(cfg: ModelConfig, group=None) -> nn.Module:
-    from ..parallel.dilated import DilatedAttention, dilated_config
+    from ..parallel.dilated import DilatedAttention
 
     a = cfg.attention
     if not a.segment_lengths:

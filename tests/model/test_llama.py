@@ -2,11 +2,10 @@ import pytest
 import torch
 
 from longctx.config import load, validate_model
+from longctx.demo import cp_equivalence
 from longctx.launch import run
 from longctx.model import apply_context_parallel, build_model
 from longctx.model.llama import rope
-
-from longctx.demo import cp_equivalence
 
 
 def test_forward_shapes_and_causality():

@@ -55,5 +55,5 @@ def test_shard_unshard_roundtrip(layout):
     res = run(_roundtrip, 3, args=(layout,), timeout=60)
     assert all(ok for ok, _, _ in res)
     x = torch.arange(2 * 24 * 3).view(2, 24, 3).float()
-    for ok, local, rank in res:
+    for _, local, rank in res:
         assert torch.equal(local, x[:, positions(layout, 24, 3, rank)])
