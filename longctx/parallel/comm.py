@@ -96,7 +96,10 @@ class Comm:
 
     @classmethod
     def get(cls, group=None) -> Comm:
-        key = group if group is not None else "WORLD"
+        if not dist.is_initialized():
+            return Comm(group)  # raises the "no process group" error
+        # keyed by the group object itself, so a re-initialised world gets fresh counters and ranks
+        key = group if group is not None else dist.group.WORLD
         if key not in cls._instances:
             cls._instances[key] = Comm(group)
         return cls._instances[key]
