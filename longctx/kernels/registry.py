@@ -143,6 +143,10 @@ def forward(q, k, v, *, scale=None, mask=None, backend: str = "auto", out_dtype=
     """Local attention forward: returns (out, lse). See the module docstring for the contract."""
     scale, mask = validate(q, k, v, scale, mask)
     b = resolve(backend, q, k, v, mask)
+    if q.numel() == 0 or k.numel() == 0:  # no queries or no keys: every row is empty (fused ops crash here)
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), -math.inf, dtype=lse_dtype, device=q.device)
+        return q.new_zeros(q.shape, dtype=out_dtype or q.dtype), lse
     return b.forward(q, k, v, scale=scale, mask=mask, out_dtype=out_dtype)
 
 
@@ -160,6 +164,8 @@ def backward(dout, q, k, v, out, lse, *, scale=None, mask=None, backend: str = "
         got = tuple(lse.shape) if isinstance(lse, torch.Tensor) else type(lse).__name__
         raise ValueError(f"lse must have shape (batch, heads, seq_q) = {want}, got {got}")
     b = resolve(backend, q, k, v, mask)
+    if q.numel() == 0 or k.numel() == 0:
+        return tuple(t.new_zeros(t.shape, dtype=grad_dtype or t.dtype) for t in (q, k, v))
     return b.backward(dout, q, k, v, out, lse, scale=scale, mask=mask, grad_dtype=grad_dtype)
 
 

@@ -119,17 +119,20 @@ class Transformer(nn.Module):
         return self.output(self.norm(h))
 
 
-def _dilated_core(cfg: ModelConfig, group=None) -> nn.Module:
-    from ..parallel.dilated import DilatedAttention
+def _dilated_core(cfg: ModelConfig, seq_len: int | None, group=None) -> nn.Module:
+    from ..parallel.dilated import DilatedAttention, dilated_config
 
     a = cfg.attention
-    if not a.segment_lengths:
+    if a.segment_lengths:
+        ws, rs = list(a.segment_lengths), list(a.dilation_rates)
+    elif seq_len is not None:
+        ws, rs = dilated_config(seq_len, w0=a.dilated_w0, alpha=a.dilated_alpha)
+    else:
         raise ValueError(
             "model.attention.impl=dilated needs segment_lengths/dilation_rates, or call "
             "build_model(cfg, seq_len=N) so a geometric pattern can be derived from dilated_w0/dilated_alpha"
         )
-    return DilatedAttention(list(a.segment_lengths), list(a.dilation_rates), causal=True, kernel=a.kernel,
-                            group=group)
+    return DilatedAttention(ws, rs, causal=True, kernel=a.kernel, group=group)
 
 
 def build_model(cfg: ModelConfig, *, seq_len: int | None = None, group=None) -> Transformer:
@@ -138,14 +141,8 @@ def build_model(cfg: ModelConfig, *, seq_len: int | None = None, group=None) -> 
     a = cfg.attention
     cores = []
     for i in range(cfg.n_layers):
-        dilated = a.impl == "dilated" and (a.dilated_layers is None or i in a.dilated_layers)
-        if dilated:
-            if not a.segment_lengths and seq_len is not None:
-                from ..parallel.dilated import dilated_config
-
-                a.segment_lengths, a.dilation_rates = (list(x) for x in dilated_config(
-                    seq_len, w0=a.dilated_w0, alpha=a.dilated_alpha))
-            cores.append(_dilated_core(cfg, group))
+        if a.impl == "dilated" and (a.dilated_layers is None or i in a.dilated_layers):
+            cores.append(_dilated_core(cfg, seq_len, group))
         else:
             cores.append(LocalAttention(window=a.window, kernel=a.kernel))
     return Transformer(cfg, cores)

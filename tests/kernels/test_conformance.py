@@ -122,3 +122,14 @@ def test_backward_with_global_out_lse(backend, kind):
     assert _err(g1[0] + g2[0], ref[0]) <= 1e-5
     assert _err(torch.cat([g1[1], g2[1]], 1), ref[1]) <= 1e-5
     assert _err(torch.cat([g1[2], g2[2]], 1), ref[2]) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sq,sk", [(0, 5), (5, 0), (0, 0)])
+def test_empty_blocks(backend, sq, sk):
+    d = HEAD_DIMS.get(backend, [16])[0]
+    q, k, v, do = _tensors(2, sq, sk, 2, 2, d, torch.float32)
+    out, lse = forward(q, k, v, mask=Mask.causal(), backend=backend)
+    assert out.shape == q.shape and lse.shape == (2, 4, sq) and torch.isneginf(lse).all()
+    dq, dk, dv = backward(do, q, k, v, out, lse, mask=Mask.causal(), backend=backend)
+    assert dq.shape == q.shape and dk.shape == k.shape and not dk.any() and not dq.any()

@@ -44,3 +44,28 @@ def test_config_errors():
     apply_context_parallel(model, "ring")
     with pytest.raises(ValueError, match="already applied"):
         apply_context_parallel(model, "ring")
+
+
+def test_dilated_layers_from_config():
+    from longctx.parallel import DilatedAttention
+
+    cfg = load(path=str(__import__("pathlib").Path(__file__).parents[2] / "configs" / "model_dilated.yaml"))
+    model = build_model(cfg, seq_len=256)
+    kinds = [type(layer.attention.core).__name__ for layer in model.layers]
+    assert kinds == ["LocalAttention", "DilatedAttention", "LocalAttention", "DilatedAttention"]
+    core = model.layers[1].attention.core
+    assert isinstance(core, DilatedAttention) and core.segment_lengths == [64, 128, 256]
+    assert core.dilation_rates == [1, 2, 4]
+    x = torch.randint(0, 256, (1, 256))
+    model(x).sum().backward()
+    with pytest.raises(ValueError, match="segment_lengths"):
+        build_model(load(overrides=["attention.impl=dilated"]))
+
+
+def test_dilated_model_context_parallel_matches_single_device():
+    from longctx.demo import dilated_model_equivalence
+
+    res = run(dilated_model_equivalence, 4, timeout=120)
+    for err_logits, err_grad, core in res:
+        assert "segment_lengths=[8, 16, 32, 64]" in core
+        assert err_logits <= 1e-10 and err_grad <= 1e-10, (err_logits, err_grad)

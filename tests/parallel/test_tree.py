@@ -1,0 +1,90 @@
+"""Tree decoding (and the ring baseline) over a sharded KV cache against single-device float64 attention."""
+
+import pytest
+import torch
+
+from longctx.launch import run
+from longctx.parallel.tree import ShardedKVCache, ring_decode_comm_model, tree_comm_model
+
+from ._tree_workers import run_cases
+
+TOL = 1e-5
+
+
+def _cases(world):
+    short = max(1, world - 1)  # shorter than the world: some ranks hold nothing
+    base = dict(sq=1, h=4, d=8)
+    return [
+        dict(base, b=1, t=37, hkv=4, chunks=[20, 1, 1, 5, 10]),
+        dict(base, b=3, t=37, hkv=2, chunks=[37]),
+        dict(base, b=3, t=short, hkv=1, chunks=[1] * short),
+        dict(base, b=1, t=2, hkv=2),
+        dict(base, b=2, t=29, hkv=2, sq=3, causal_new=True, chunks=[26, 3]),
+        dict(base, b=3, t=37, hkv=2, collectives=1),
+        dict(base, b=2, t=40, hkv=2, seed=5),
+        dict(base, b=2, t=400, hkv=2, seed=6),
+        dict(base, b=2, t=23, hkv=2, dtype=torch.float64),
+        dict(kind="ragged", b=3, s=6, sq=2, h=4, hkv=2, d=8),
+        dict(kind="empty"),
+    ]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+def test_tree_decode_exact(world):
+    cases = _cases(world)
+    results = run(run_cases, world, args=(cases,), timeout=240.0)
+    for rank, per_rank in enumerate(results):
+        for case, r in zip(cases, per_rank):
+            label = (world, rank, case)
+            kind = case.get("kind", "decode")
+            if kind == "ragged":
+                assert r["err"] <= TOL, (label, r)
+                continue
+            if kind == "empty":
+                assert r["ok"], label
+                continue
+            tol = 1e-12 if case.get("dtype") == torch.float64 else TOL
+            assert r["positions_ok"], label
+            assert r["tree_err"] <= tol and r["lse_err"] <= tol and r["lse_inf_ok"], (label, r)
+            assert r["out_dtype"] == str(case.get("dtype", torch.float32))
+            assert r["tree_bytes"] == r["tree_model"]["fwd_bytes"], (label, r)
+            assert r["tree_calls"] == r["tree_model"]["fwd_calls"], (label, r)
+            if not case.get("causal_new"):
+                assert r["ring_err"] <= tol and r["ring_err_auto"] <= tol, (label, r)
+                assert r["ring_bytes"] == r["ring_model"]["fwd_bytes"] == r["ring_auto_bytes"], (label, r)
+                assert r["ring_calls"] == r["ring_model"]["fwd_calls"], (label, r)
+    # the tree moves the same bytes for a 40- and a 400-token context; the ring grows with it
+    r40, r400 = results[0][6], results[0][7]
+    assert r40["tree_bytes"] == r400["tree_bytes"]
+    if world > 1:
+        assert r40["tree_bytes"] > 0 and r400["ring_bytes"] > 5 * r40["ring_bytes"]
+
+
+def test_cache_round_robin_without_process_group():
+    caches = [ShardedKVCache(rank=r, world=3) for r in range(3)]
+    k = torch.arange(2 * 11 * 1 * 1, dtype=torch.float32).view(2, 11, 1, 1)
+    for c in caches:
+        c.prefill(k[:, :4], k[:, :4])
+        c.append(k[:, 4:5], k[:, 4:5])
+        c.append(k[:, 5:11], k[:, 5:11])
+    for r, c in enumerate(caches):
+        pos = c.global_positions()
+        assert pos.tolist() == list(range(r, 11, 3))
+        assert torch.equal(c.k, k[:, pos]) and torch.equal(c.v, k[:, pos])
+        assert c.shard_lengths() == [4, 4, 3]
+    with pytest.raises(ValueError, match="kv_heads"):
+        caches[0].append(torch.zeros(2, 1, 2, 1), torch.zeros(2, 1, 2, 1))
+    c = ShardedKVCache(rank=1, world=3)
+    with pytest.raises(ValueError, match="striped"):
+        c.prefill_local(k[:, :2], k[:, :2], total=11)
+    c.prefill_local(k[:, 1:11:3], k[:, 1:11:3], total=11)
+    assert c.global_positions().tolist() == [1, 4, 7, 10]
+
+
+def test_models():
+    # all-reduce max of (B, Sq, H) fp32 lse + all-reduce sum of (B, Sq, H, D+1) fp32
+    assert tree_comm_model(4, 2, 1, 8, 64, 2) == {"fwd_bytes": 2 * 3 * 16 * 4 // 4 + 2 * 3 * 16 * 65 * 4 // 4,
+                                                  "fwd_calls": 2}
+    assert tree_comm_model(1, 2, 1, 8, 64, 2)["fwd_bytes"] == 0
+    assert ring_decode_comm_model(4, 2, 100, 2, 64, 2) == {"fwd_bytes": 3 * 2 * 2 * 100 * 2 * 64 * 2,
+                                                           "fwd_calls": 3}
