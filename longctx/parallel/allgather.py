@@ -13,12 +13,16 @@ import torch
 
 from .. import kernels
 from .plan import step_blocks
-from .ring import RingSpec, acc_dtype, blocks_backward, blocks_forward
+from .ring import RingSpec, ScheduleFunction, acc_dtype, blocks_backward, blocks_forward
 
 
-def _order(rank: int, world: int):
-    """Own shard first (computed while the gather is in flight), then the rest."""
-    return [rank] + [s for s in range(world) if s != rank]
+def _shards(comm, kv, pending, parts):
+    """(src, K/V of src): the own shard first, computed while the gather is still in flight."""
+    yield comm.rank, kv
+    pending.wait()
+    for src in range(comm.world):
+        if src != comm.rank:
+            yield src, parts[src]
 
 
 def allgather_forward(q, k, v, spec: RingSpec):
@@ -29,13 +33,9 @@ def allgather_forward(q, k, v, spec: RingSpec):
     kv = torch.stack([k, v])
     pending, parts = comm.all_gather(kv, phase="fwd", async_op=True)
     pairs = 0
-    for i, src in enumerate(_order(comm.rank, comm.world)):
-        if i == 1:
-            pending.wait()
-        held = kv if src == comm.rank else parts[src]
+    for src, held in _shards(comm, kv, pending, parts):
         blocks = step_blocks(spec.layout, n, comm.world, comm.rank, src, spec.causal, spec.window)
         pairs += blocks_forward(q, held[0], held[1], blocks, out, lse, spec)
-    pending.wait()
     comm.stats.record_work("fwd", 0, pairs)
     return out.to(q.dtype), lse
 
@@ -50,34 +50,13 @@ def allgather_backward(dout, q, k, v, out, lse, spec: RingSpec):
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dkv = torch.zeros((comm.world, *kv.shape), dtype=acc, device=q.device)
     pairs = 0
-    for i, src in enumerate(_order(comm.rank, comm.world)):
-        if i == 1:
-            pending.wait()
-        held = kv if src == comm.rank else parts[src]
+    for src, held in _shards(comm, kv, pending, parts):
         blocks = step_blocks(spec.layout, n, comm.world, comm.rank, src, spec.causal, spec.window)
-        blocks_backward(dout, q, held[0], held[1], out, lse, blocks, dq, dkv[src, 0], dkv[src, 1], spec)
-        pairs += sum(bl.pairs for bl in blocks) * q.shape[0] * q.shape[2]
-    pending.wait()
+        pairs += blocks_backward(dout, q, held[0], held[1], out, lse, blocks, dq, dkv[src, 0], dkv[src, 1], spec)
     comm.stats.record_work("bwd", 0, pairs)
     mine = comm.reduce_scatter(dkv, phase="bwd")[0]
     return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
 
 
-class AllGatherAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, spec: RingSpec):
-        out, lse = allgather_forward(q, k, v, spec)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.spec = spec
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = allgather_backward(dout.contiguous(), q, k, v, out, lse, ctx.spec)
-        return dq, dk, dv, None
-
-
 def allgather_attention(q, k, v, spec: RingSpec):
-    return AllGatherAttention.apply(q, k, v, spec)
+    return ScheduleFunction.apply(q, k, v, spec, allgather_forward, allgather_backward)

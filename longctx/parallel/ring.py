@@ -44,8 +44,9 @@ def blocks_forward(q, k, v, blocks: tuple[Block, ...], out, lse, spec: RingSpec)
     return pairs * q.shape[0] * q.shape[2]
 
 
-def blocks_backward(dout, q, k, v, out, lse, blocks, dq, dk, dv, spec: RingSpec) -> None:
-    """Block gradients with the global out/lse: dq += locally, dk/dv += into the travelling accumulator."""
+def blocks_backward(dout, q, k, v, out, lse, blocks, dq, dk, dv, spec: RingSpec) -> int:
+    """Block gradients with the global out/lse: dq += locally, dk/dv += into the travelling accumulator.
+    Returns the pairs done."""
     for b in blocks:
         rows = slice(b.q0, b.q1)
         gq, gk, gv = kernels.backward(dout[:, rows], q[:, rows], k[:, b.k0:b.k1], v[:, b.k0:b.k1], out[:, rows],
@@ -54,6 +55,7 @@ def blocks_backward(dout, q, k, v, out, lse, blocks, dq, dk, dv, spec: RingSpec)
         dq[:, rows] += gq
         dk[:, b.k0:b.k1] += gk
         dv[:, b.k0:b.k1] += gv
+    return sum(b.pairs for b in blocks) * q.shape[0] * q.shape[2]
 
 
 def _blocks(spec: RingSpec, n: int, src: int):
@@ -89,8 +91,8 @@ def ring_backward(dout, q, k, v, out, lse, spec: RingSpec):
         blocks = _blocks(spec, n, ring_src(comm.rank, s, comm.world))
         # the accumulator for this K/V block: fresh at step 0, else the one that arrived with it
         dkv = torch.zeros(kv.shape, dtype=acc, device=q.device) if s == 0 else pending_dkv.wait()
-        blocks_backward(dout, q, kv[0], kv[1], out, lse, blocks, dq, dkv[0], dkv[1], spec)
-        comm.stats.record_work("bwd", s, sum(bl.pairs for bl in blocks) * q.shape[0] * q.shape[2])
+        comm.stats.record_work("bwd", s, blocks_backward(dout, q, kv[0], kv[1], out, lse, blocks, dq, dkv[0], dkv[1],
+                                                         spec))
         pending_dkv = comm.ring_exchange(dkv, phase="bwd")
         if pending_kv is not None:
             kv = pending_kv.wait()
@@ -98,22 +100,25 @@ def ring_backward(dout, q, k, v, out, lse, spec: RingSpec):
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
-class RingAttention(torch.autograd.Function):
+class ScheduleFunction(torch.autograd.Function):
+    """Autograd for any schedule given as (forward(q, k, v, spec) -> (out, lse),
+    backward(dout, q, k, v, out, lse, spec) -> (dq, dk, dv)): saves only q, k, v and the global out/lse."""
+
     @staticmethod
-    def forward(ctx, q, k, v, spec: RingSpec):
-        out, lse = ring_forward(q, k, v, spec)
+    def forward(ctx, q, k, v, spec, fwd, bwd):
+        out, lse = fwd(q, k, v, spec)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.spec = spec
+        ctx.spec, ctx.bwd = spec, bwd
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.spec)
-        return dq, dk, dv, None
+        dq, dk, dv = ctx.bwd(dout.contiguous(), q, k, v, out, lse, ctx.spec)
+        return dq, dk, dv, None, None, None
 
 
 def ring_attention(q, k, v, spec: RingSpec):
     """Exact attention over ring-sharded q, k, v (local shards in spec.layout); returns (out, lse)."""
-    return RingAttention.apply(q, k, v, spec)
+    return ScheduleFunction.apply(q, k, v, spec, ring_forward, ring_backward)
