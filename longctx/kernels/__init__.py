@@ -21,4 +21,7 @@ __all__ = [
     "attention", "backend_status", "backends", "backward", "forward", "register", "resolve", "unregister", "validate",
 ]
 
-from . import flash_backend  # noqa: E402,F401  (registers 'flash' when flash-attn is importable)
+from . import (
+    flash_backend,  # noqa: E402,F401  (registers 'flash' when flash-attn is importable)
+    triton_backend,  # noqa: F401,E402  (registers the 'triton' backend)
+)

@@ -9,7 +9,7 @@ from longctx.kernels import Mask, backend_status, backends, backward, forward, m
 
 BACKENDS = [n for n in sorted(backends()) if backend_status()[n] is None]
 # The Triton interpreter is slow on CPU: fewer, smaller examples, same assertions.
-EXAMPLES = {"triton": 8}
+EXAMPLES = {"triton": 25}
 HEAD_DIMS = {"triton": [16, 32]}
 
 
@@ -82,12 +82,15 @@ def _check(backend, case):
     errs = [_err(out, r_out), _err(lse, r_lse)] + [_err(x, y) for x, y in zip(grads, r_grads)]
     if dtype == torch.float32:
         assert max(errs) <= 1e-5, (mask, errs)
-    else:  # bf16: no worse than twice the reference backend's own bf16 error (plus a rounding step)
+    else:
+        # bf16: twice the reference backend's own bf16 error, plus 2^-6 of the largest exact value. The slack
+        # is what FlashAttention-style kernels lose by rounding P and dS to bf16 (2^-8 relative per element,
+        # summed over keys); a wrong mask, offset or scale is off by O(1) and still fails.
         ref = _run("reference", q, k, v, do, mask)
         ref_errs = [_err(ref[0], r_out), _err(ref[1], r_lse)] + [_err(x, y) for x, y in zip(ref[2], r_grads)]
         scale = [r_out.abs().max().item()] + [1.0] + [t.abs().max().item() for t in r_grads]
         for e, re, s in zip(errs, ref_errs, scale):
-            assert e <= 2 * re + 2**-8 * max(s, 1e-3), (mask, errs, ref_errs)
+            assert e <= 2 * re + 2**-6 * max(s, 1e-3), (mask, errs, ref_errs)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

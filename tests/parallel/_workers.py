@@ -83,7 +83,7 @@ def run_case(case: dict) -> dict:
         full = [t.to(dtype).requires_grad_(i < 3) for i, t in enumerate((q, k, v))]
         mask = kernels.Mask.sliding_window(window, causal=causal) if window else (
             kernels.Mask.causal() if causal else kernels.Mask.none())
-        o = kernels.attention(*full, mask=mask)
+        o = kernels.attention(*full, mask=mask, backend=case.get("kernel", "auto"))
         o.backward(do.to(dtype))
         res["base_out"] = (o.double() - ref_out).abs().max().item()
         res["base_grad"] = max((t.grad.double() - r).abs().max().item() for t, r in zip(full, ref_grads))

@@ -32,3 +32,16 @@ def test_error_does_not_grow_with_world_size():
         errs[world] = max(max(r[0][k] for k in ("err_out", "err_dq", "err_dk", "err_dv")) for r in res)
     assert max(errs.values()) <= 1e-5
     assert max(errs.values()) <= 4 * errs[1] + 2e-7, errs
+
+
+@pytest.mark.parametrize("world", [3, 4])
+def test_ring_family_with_triton_kernel(world):
+    """Our Triton kernel under every ring-family schedule (the interpreter on CPU: tiny shapes)."""
+    pytest.importorskip("triton")
+    base = dict(b=1, n=8 * world, h=2, hkv=1, d=16, kernel="triton")
+    cases = [dict(base, strategy=s, causal=c, window=w)
+             for s in RING_FAMILY for c, w in ((True, None), (False, None), (True, 5))]
+    cases += [dict(base, strategy=s, causal=True, window=None, dtype=torch.bfloat16, bf16_baseline=True)
+              for s in RING_FAMILY]
+    cases += [dict(base, strategy="allgather", causal=True, window=None)]
+    check(cases, launch(cases, world), world)

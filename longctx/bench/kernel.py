@@ -1,0 +1,272 @@
+"""`longctx bench kernel`: local kernel backends side by side, fwd / bwd / fwd+bwd time and TFLOP/s.
+
+FLOPs count only the pairs the mask allows (Mask.count_pairs): fwd = 4*H*D*pairs (two matmuls),
+bwd = 2.5x fwd (five matmuls, as FlashAttention-2 counts it), so a causal kernel that skips masked tiles
+is not credited for work it never did. Backends that are missing or cannot run the call are reported as
+skipped with the reason. Timings use CUDA events on GPU and perf_counter (after warmup) on CPU.
+
+`--virtual-ranks P --schedule zigzag` also runs, on this one device, every kernel call the P ranks of a
+ring schedule would make (longctx.parallel.plan's block tables, partials merged exactly), and reports its
+time against one full-sequence call of the same backend: the price of cutting attention into blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from ..kernels import Mask, backends, empty_state, merge_
+from ..kernels import sdpa as sdpa_mod
+from . import report
+
+COLUMNS = ["backend", "seq_len", "fwd_ms", "bwd_ms", "fwdbwd_ms", "fwd_tflops", "bwd_tflops", "fwdbwd_tflops",
+           "peak_mem_mb", "max_abs_err_out", "status"]
+VR_COLUMNS = ["backend", "seq_len", "virtual_ranks", "schedule", "virtual_calls", "fwdbwd_ms",
+              "virtual_fwdbwd_ms", "virtual_ratio", "virtual_max_abs_err_out"]
+SCHEDULES = {"ring": "contiguous", "contiguous": "contiguous", "zigzag": "zigzag", "striped": "striped"}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+          "float64": torch.float64}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backends", default="triton,sdpa,flash,reference", help="comma-separated backend names")
+    p.add_argument("--seq-lens", type=_ints, default=[1024, 4096, 16384], help="comma-separated lengths")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=None, help="GQA: K/V heads (default: --heads)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--window", type=int, default=None, help="sliding window of this many keys")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--warmup", type=int, default=None, help="default: 3 on CUDA, 1 on CPU")
+    p.add_argument("--iters", type=int, default=None, help="default: 10 on CUDA, 3 on CPU")
+    p.add_argument("--check-len", type=int, default=512,
+                   help="length of the accuracy check against 'reference' (0: skip)")
+    p.add_argument("--virtual-ranks", type=int, default=0,
+                   help="also run a P-rank schedule's block calls on this device and compare to one call")
+    p.add_argument("--schedule", choices=sorted(SCHEDULES), default="zigzag")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the records here")
+    p.add_argument("--plot", default=None, help="PNG of fwd+bwd TFLOP/s vs sequence length")
+
+
+def _mask(args) -> Mask:
+    if args.window is not None:
+        return Mask.sliding_window(args.window, causal=args.causal)
+    return Mask.causal() if args.causal else Mask.none()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_ms(fn, device: torch.device, warmup: int, iters: int, min_s: float = 0.2) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / iters
+    n, t0 = 0, time.perf_counter()
+    # CPU clocks are coarse next to short calls: keep going until the total is long enough to trust.
+    while n < iters or (time.perf_counter() - t0 < min_s and n < 100 * iters):
+        fn()
+        n += 1
+    return (time.perf_counter() - t0) * 1e3 / n
+
+
+def _tensors(b, s, h, hkv, d, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
+    return mk(b, s, h, d), mk(b, s, hkv, d), mk(b, s, hkv, d), mk(b, s, h, d)
+
+
+def _why_not(name: str, q, k, v, mask) -> str | None:
+    be = backends().get(name)
+    if be is None:
+        return f"unknown backend (registered: {', '.join(sorted(backends()))})"
+    return be.availability() or be.supports(q, k, v, mask)
+
+
+def _tflops(flops: float, ms: float | None) -> float | None:
+    return None if not ms else flops / (ms * 1e-3) / 1e12
+
+
+def _check_error(name, args, dtype, device, mask) -> float | None:
+    """Max |out - reference(out in fp32 math)| at a short length: catches a fast but wrong backend."""
+    s = min(args.check_len, max(args.seq_lens))
+    if s <= 0:
+        return None
+    q, k, v, _ = _tensors(args.batch, s, args.heads, args.kv_heads, args.head_dim, dtype, device,
+                          args.seed + 1)
+    if _why_not(name, q, k, v, mask):
+        return None
+    scale = args.head_dim ** -0.5
+    out, _ = backends()[name].forward(q, k, v, scale=scale, mask=mask)
+    up = torch.float64 if dtype == torch.float64 else torch.float32
+    ref, _ = backends()["reference"].forward(q.to(up), k.to(up), v.to(up), scale=scale, mask=mask)
+    return (out.to(up) - ref).abs().max().item()
+
+
+def _bench_one(name, args, s, dtype, device, mask, warmup, iters) -> dict:
+    b, h, hkv, d = args.batch, args.heads, args.kv_heads, args.head_dim
+    rec = dict(backend=name, seq_len=s, head_dim=d, heads=h, kv_heads=hkv, batch=b, causal=bool(args.causal),
+               window=args.window, dtype=args.dtype, device=str(device), fwd_ms=None, bwd_ms=None,
+               fwdbwd_ms=None, fwd_tflops=None, bwd_tflops=None, fwdbwd_tflops=None, peak_mem_mb=None,
+               max_abs_err_out=None)
+    q, k, v, do = _tensors(b, s, h, hkv, d, dtype, device, args.seed)
+    why = _why_not(name, q, k, v, mask)
+    if why:
+        return dict(rec, status=f"skipped: {why}")
+    be, scale = backends()[name], d ** -0.5
+    fallbacks = dict(sdpa_mod.fallbacks)
+    try:
+        out, lse = be.forward(q, k, v, scale=scale, mask=mask)
+
+        def fwd():
+            return be.forward(q, k, v, scale=scale, mask=mask)
+
+        def bwd():
+            return be.backward(do, q, k, v, out, lse, scale=scale, mask=mask)
+
+        def fwdbwd():
+            o, lse_ = be.forward(q, k, v, scale=scale, mask=mask)
+            return be.backward(do, q, k, v, o, lse_, scale=scale, mask=mask)
+
+        rec["fwd_ms"] = _time_ms(fwd, device, warmup, iters)
+        rec["bwd_ms"] = _time_ms(bwd, device, warmup, iters)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        rec["fwdbwd_ms"] = _time_ms(fwdbwd, device, warmup, iters)
+        if device.type == "cuda":
+            rec["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        rec["max_abs_err_out"] = _check_error(name, args, dtype, device, mask)
+        if args.virtual_ranks:
+            rec.update(run_virtual_ranks(name, args, s, dtype, device, mask, warmup, iters, rec["fwdbwd_ms"]))
+    except Exception as e:  # noqa: BLE001 - one failing backend (OOM, compile error) must not end the run
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        return dict(rec, status=f"error: {type(e).__name__}: {first}")
+    flops = 4.0 * h * d * mask.count_pairs(s, s, batch=b)
+    rec.update(fwd_tflops=_tflops(flops, rec["fwd_ms"]), bwd_tflops=_tflops(2.5 * flops, rec["bwd_ms"]),
+               fwdbwd_tflops=_tflops(3.5 * flops, rec["fwdbwd_ms"]))
+    new = {k: n - fallbacks.get(k, 0) for k, n in sdpa_mod.fallbacks.items() if n > fallbacks.get(k, 0)}
+    rec["status"] = f"ok (fell back to reference: {new})" if name == "sdpa" and new else "ok"
+    return rec
+
+
+def run_virtual_ranks(name, args, s, dtype, device, mask, warmup, iters, full_ms) -> dict:
+    """All kernel calls of a P-rank ring schedule (plan.step_blocks), run on one device, vs one full call."""
+    from ..parallel import layouts, plan
+
+    p, layout = args.virtual_ranks, SCHEDULES[args.schedule]
+    if mask.has_documents or (mask.left is not None and mask.right not in (0, mask.left)):
+        raise ValueError("virtual ranks support full, causal and sliding-window masks (what plan.py plans)")
+    causal = mask.right == 0
+    window = None if mask.left is None else mask.left + 1
+    layouts.check_seq(layout, s, p)
+    b, h, d = args.batch, args.heads, args.head_dim
+    q, k, v, do = _tensors(b, s, h, args.kv_heads, d, dtype, device, args.seed)
+    be, scale = backends()[name], d ** -0.5
+    pos = [layouts.positions(layout, s, p, r).to(device) for r in range(p)]
+    qs, ks, vs, dos = ([x.index_select(1, i) for i in pos] for x in (q, k, v, do))
+    srcs = [[plan.ring_src(r, st, p) for st in range(p)] for r in range(p)]
+    table = [[(src, plan.step_blocks(layout, s, p, r, src, causal, window)) for src in srcs[r]]
+             for r in range(p)]
+    c = s // p
+
+    def forward_all():
+        outs = []
+        for r in range(p):
+            acc_o, acc_l = empty_state(b, c, h, d, device=device)
+            for src, blocks in table[r]:
+                for blk in blocks:
+                    o, lse_ = be.forward(qs[r][:, blk.q0:blk.q1], ks[src][:, blk.k0:blk.k1],
+                                         vs[src][:, blk.k0:blk.k1], scale=scale, mask=blk.mask)
+                    merge_(acc_o, acc_l, o, lse_, rows=slice(blk.q0, blk.q1))
+            outs.append((acc_o.to(dtype), acc_l))
+        return outs
+
+    def backward_all(outs):
+        dq = [torch.zeros(x.shape, dtype=torch.float32, device=device) for x in qs]
+        dk = [torch.zeros(x.shape, dtype=torch.float32, device=device) for x in ks]
+        dv = [torch.zeros(x.shape, dtype=torch.float32, device=device) for x in vs]
+        for r in range(p):
+            o, lse_ = outs[r]
+            for src, blocks in table[r]:
+                for blk in blocks:
+                    rows, keys = slice(blk.q0, blk.q1), slice(blk.k0, blk.k1)
+                    g = be.backward(dos[r][:, rows], qs[r][:, rows], ks[src][:, keys], vs[src][:, keys],
+                                    o[:, rows], lse_[:, :, rows], scale=scale, mask=blk.mask,
+                                    grad_dtype=torch.float32)
+                    dq[r][:, rows] += g[0]
+                    dk[src][:, keys] += g[1]
+                    dv[src][:, keys] += g[2]
+        return dq, dk, dv
+
+    full_out, _ = be.forward(q, k, v, scale=scale, mask=mask)
+    outs = forward_all()
+    err = max((outs[r][0].float() - full_out.index_select(1, pos[r]).float()).abs().max().item()
+              for r in range(p))
+    ms = _time_ms(lambda: backward_all(forward_all()), device, warmup, iters)
+    calls = sum(len(blocks) for row in table for _, blocks in row)
+    return dict(virtual_ranks=p, schedule=args.schedule, virtual_calls=calls, virtual_fwdbwd_ms=ms,
+                virtual_ratio=ms / full_ms if full_ms else None, virtual_max_abs_err_out=err)
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype]
+    if args.kv_heads is None:
+        args.kv_heads = args.heads
+    if args.heads % args.kv_heads:
+        raise SystemExit(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
+    warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
+    iters = args.iters if args.iters is not None else (10 if device.type == "cuda" else 3)
+    mask = _mask(args)
+    names = [n.strip() for n in args.backends.split(",") if n.strip()]
+    records = [_bench_one(n, args, s, dtype, device, mask, warmup, iters)
+               for n in names for s in args.seq_lens]
+    print(f"kernel benchmark: {mask.kind}, batch {args.batch}, heads {args.heads}/{args.kv_heads}, head_dim "
+          f"{args.head_dim}, {args.dtype} on {device} (TFLOP/s count allowed pairs only)")
+    print(report.table(records, COLUMNS))
+    if args.virtual_ranks:
+        print(f"\nvirtual ranks: {args.virtual_ranks} x {args.schedule}: all ranks' block calls vs one call")
+        print(report.table([r for r in records if "virtual_ratio" in r], VR_COLUMNS))
+    report.write_json(args.json, records, meta=report.environment())
+    series = {}
+    for n in names:
+        pts = [(r["seq_len"], r["fwdbwd_tflops"]) for r in records
+               if r["backend"] == n and r["fwdbwd_tflops"]]
+        if pts:
+            series[n] = ([x for x, _ in pts], [y for _, y in pts])
+    if series:
+        report.plot_lines(args.plot, series, xlabel="sequence length", ylabel="fwd+bwd TFLOP/s",
+                          title=f"attention kernels, {mask.kind}, d={args.head_dim}, {args.dtype}",
+                          logx=max(args.seq_lens) >= 4 * min(args.seq_lens))
+    return records
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m longctx.bench.kernel", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    run(p.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
