@@ -9,6 +9,7 @@ It cannot be built on the CPU machines this project is developed on: this wrappe
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -19,6 +20,7 @@ from .registry import Backend, register
 _INF = float("inf")
 
 
+@functools.lru_cache(maxsize=1)
 def _availability() -> str | None:
     ok, why = probe("flash_attn")
     if not ok:
@@ -28,7 +30,7 @@ def _availability() -> str | None:
     return None
 
 
-def _window(mask, sq, sk):
+def _window(mask):
     left = -1 if mask.left is None else mask.left
     right = -1 if mask.right is None else mask.right
     return left, right
@@ -54,7 +56,7 @@ def _supports(q, k, v, mask) -> str | None:
 def forward(q, k, v, *, scale, mask, out_dtype=None):
     from flash_attn.flash_attn_interface import flash_attn_func
 
-    left, right = _window(mask, q.shape[1], k.shape[1])
+    left, right = _window(mask)
     out, lse, _ = flash_attn_func(q, k, v, softmax_scale=scale, causal=False, window_size=(left, right),
                                   return_attn_probs=True)
     lse = torch.where(lse == _INF, torch.full_like(lse, -_INF), lse.float())
@@ -64,14 +66,16 @@ def forward(q, k, v, *, scale, mask, out_dtype=None):
 def backward(dout, q, k, v, out, lse, *, scale, mask, grad_dtype=None):
     from flash_attn import flash_attn_interface as fai
 
-    left, right = _window(mask, q.shape[1], k.shape[1])
+    left, right = _window(mask)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     lse = torch.where(torch.isneginf(lse), torch.full_like(lse, _INF), lse).contiguous()
     kwargs = dict(dout=dout.contiguous(), q=q, k=k, v=v, out=out.to(q.dtype).contiguous(), softmax_lse=lse,
                   dq=dq, dk=dk, dv=dv, dropout_p=0.0, softmax_scale=scale, causal=False,
                   window_size_left=left, window_size_right=right, window_size=(left, right), softcap=0.0,
                   alibi_slopes=None, deterministic=False, rng_state=None)
-    params = inspect.signature(fai._flash_attn_backward).parameters
+    # flash-attn >= 2.6 wraps it in torch.library.custom_op, whose own signature is (*args, **kwargs)
+    fn = fai._flash_attn_backward
+    params = inspect.signature(getattr(fn, "_init_fn", fn)).parameters
     fai._flash_attn_backward(**{n: kwargs[n] for n in params if n in kwargs})
     return tuple(t.to(grad_dtype or t.dtype) for t in (dq, dk, dv))
 

@@ -12,8 +12,9 @@ import torch
 _INF = float("inf")
 
 
-def _state_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / LSE dtype for inputs of `dtype`: fp32, or fp64 for fp64 (the test oracle)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _clean(lse: torch.Tensor) -> torch.Tensor:
@@ -40,7 +41,7 @@ def merge_many(outs, lses):
             raise ValueError("merge_many needs at least one partial")
         outs = torch.stack(outs)
         lses = torch.stack(list(lses))
-    dt = _state_dtype(outs)
+    dt = acc_dtype(outs.dtype)
     w, lse = _weights(lses.to(dt))
     out = (outs.to(dt) * w.transpose(2, 3).unsqueeze(-1)).sum(0)
     return out, lse

@@ -9,13 +9,10 @@ from __future__ import annotations
 import torch
 
 from .mask import Mask
+from .merge import acc_dtype
 
 _INF = float("inf")
 _CHUNK_ELEMS = 1 << 24  # score elements per chunk (64 MiB in fp32)
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _chunks(b: int, sq: int, sk: int, h: int):
@@ -35,7 +32,7 @@ def forward(q, k, v, *, scale: float, mask: Mask, out_dtype=None):
     b, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     g = h // hkv
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     kf, vf = k.to(acc), v.to(acc)
     qf = q.to(acc).view(b, sq, hkv, g, d)
     out = torch.empty(b, sq, hkv, g, v.shape[-1], dtype=acc, device=q.device)
@@ -47,15 +44,14 @@ def forward(q, k, v, *, scale: float, mask: Mask, out_dtype=None):
         p = torch.exp(s - l_safe[..., None])  # masked entries: exp(-inf) = 0, empty rows stay all 0
         out[:, q0:q1] = torch.einsum("bhgqk,bkhd->bqhgd", p, vf)
         lse[..., q0:q1] = l_c
-    lse_dtype = torch.float64 if acc == torch.float64 else torch.float32
-    return out.view(b, sq, h, -1).to(out_dtype or q.dtype), lse.reshape(b, h, sq).to(lse_dtype)
+    return out.view(b, sq, h, -1).to(out_dtype or q.dtype), lse.reshape(b, h, sq)
 
 
 def backward(dout, q, k, v, out, lse, *, scale: float, mask: Mask, grad_dtype=None):
     b, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     g = h // hkv
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     qf = q.to(acc).view(b, sq, hkv, g, d)
     kf, vf = k.to(acc), v.to(acc)
     do = dout.to(acc).view(b, sq, hkv, g, -1)

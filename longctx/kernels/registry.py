@@ -16,6 +16,7 @@ import torch
 
 from . import reference, sdpa
 from .mask import NO_MASK, Mask
+from .merge import acc_dtype
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MASK_NAMES = {"none": Mask.none, "causal": Mask.causal, "shifted_causal": Mask.shifted_causal}
@@ -144,8 +145,7 @@ def forward(q, k, v, *, scale=None, mask=None, backend: str = "auto", out_dtype=
     scale, mask = validate(q, k, v, scale, mask)
     b = resolve(backend, q, k, v, mask)
     if q.numel() == 0 or k.numel() == 0:  # no queries or no keys: every row is empty (fused ops crash here)
-        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), -math.inf, dtype=lse_dtype, device=q.device)
+        lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), -math.inf, dtype=acc_dtype(q.dtype), device=q.device)
         return q.new_zeros(q.shape, dtype=out_dtype or q.dtype), lse
     return b.forward(q, k, v, scale=scale, mask=mask, out_dtype=out_dtype)
 

@@ -19,7 +19,7 @@ import torch
 
 from . import reference
 from .mask import Mask
-from .merge import empty_state, merge_
+from .merge import acc_dtype, empty_state, merge_
 
 _INF = float("inf")
 DENSE_MASK_LIMIT = 1 << 26  # elements of an additive mask we are willing to build (256 MiB fp32)
@@ -28,24 +28,31 @@ fallbacks: collections.Counter = collections.Counter()
 FALLBACK_RULES = (
     "sliding-window and document masks on CUDA",
     "fp32/fp64 inputs on CUDA (the CUDA flash op takes fp16/bf16 only)",
+    "head_dim not a multiple of 8 or above 256, or a GPU before sm80 (CUDA)",
     f"window/document masks on CPU whose dense mask exceeds {DENSE_MASK_LIMIT} elements",
 )
 
 
 def pieces(mask: Mask, sq: int, sk: int):
-    """Cut a band mask with no left edge into (q0, q1, k0, k1, causal) pieces; None if impossible."""
+    """Cut a band mask with no left edge into (q0, q1, k0, k1, causal) pieces; None if impossible.
+
+    Every causal piece is square, so it means the same under top-left alignment (the CPU op) and
+    bottom-right alignment (the CUDA op, which runs flash-attn's kernel)."""
     if mask.left is not None or mask.has_documents:
         return None
     if mask.right is None:
         return [(0, sq, 0, sk, False)]
     o = mask.diag(sq, sk) + mask.right  # row i sees keys j <= i + o
-    if o >= sk - 1:
-        return [(0, sq, 0, sk, False)]
-    if o <= -sq:
-        return []
-    if o > 0:
-        return [(0, sq, 0, o, False), (0, sq, o, sk, True)]
-    return [(-o, sq, 0, sk, True)]
+    r0 = min(sq, max(0, -o))  # rows before r0 see nothing
+    r1 = max(r0, min(sq, sk - 1 - o))  # rows from r1 on see every key
+    out = []
+    if r1 > r0:
+        if r0 + o > 0:
+            out.append((r0, r1, 0, r0 + o, False))  # keys every middle row sees
+        out.append((r0, r1, r0 + o, r1 + o, True))  # the square triangle
+    if r1 < sq:
+        out.append((r1, sq, 0, sk, False))
+    return out
 
 
 def _fallback_reason(q: torch.Tensor, mask: Mask, sq: int, sk: int) -> str | None:
@@ -54,6 +61,8 @@ def _fallback_reason(q: torch.Tensor, mask: Mask, sq: int, sk: int) -> str | Non
             return "cuda-dtype"
         if pieces(mask, sq, sk) is None:
             return "cuda-mask"
+        if q.shape[-1] % 8 or q.shape[-1] > 256 or torch.cuda.get_device_capability(q.device)[0] < 8:
+            return "cuda-shape"  # the fused op neither pads head_dim nor runs before sm80
         return None
     if pieces(mask, sq, sk) is None and q.shape[0] * sq * sk > DENSE_MASK_LIMIT:
         return "cpu-mask-size"
@@ -77,20 +86,19 @@ def _bhsd(x):
 def _op_forward(q, k, v, causal, scale, attn_mask):
     if q.is_cuda:
         res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
-        return res[0], res[1], res
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        return res[0], res[1]
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, causal, attn_mask=attn_mask, scale=scale
     )
-    return out, lse, None
 
 
 def _op_backward(do, q, k, v, out, lse, causal, scale, attn_mask):
     if q.is_cuda:
         sq, sk = q.shape[2], k.shape[2]
-        empty = torch.empty(0, device=q.device, dtype=torch.long)
         zero = torch.zeros((), device=q.device, dtype=torch.long)
+        # cum_seq_q/k must be undefined (None), not empty: a defined tensor selects the varlen kernel
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            do, q, k, v, out, lse.contiguous(), empty, empty, sq, sk, 0.0, causal, zero, zero, scale=scale
+            do, q, k, v, out, lse.contiguous(), None, None, sq, sk, 0.0, causal, zero, zero, scale=scale
         )
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         do, q, k, v, out, lse, 0.0, causal, attn_mask=attn_mask, scale=scale
@@ -122,7 +130,7 @@ def _run(q, k, v, pcs, scale, bias, has_key, out_dtype):
     b, sq, h, _ = q.shape
     hkv = k.shape[2]
     g = h // hkv
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse_dtype = acc_dtype(q.dtype)
     single = len(pcs) == 1 and pcs[0][:2] == (0, sq)
     if single:
         out = torch.empty(b, sq, h, v.shape[-1], dtype=out_dtype, device=q.device)
@@ -132,7 +140,7 @@ def _run(q, k, v, pcs, scale, bias, has_key, out_dtype):
     ov, lv = out.view(b, sq, hkv, g, -1), lse.view(b, hkv, g, sq)
     for j, qg in _groups(q, k):
         for q0, q1, k0, k1, causal in pcs:
-            o, l, _ = _op_forward(qg[:, :, q0:q1], _bhsd(k[:, k0:k1]), _bhsd(v[:, k0:k1]), causal, scale, bias)
+            o, l = _op_forward(qg[:, :, q0:q1], _bhsd(k[:, k0:k1]), _bhsd(v[:, k0:k1]), causal, scale, bias)
             o = o.transpose(1, 2)  # (B, c, Hkv, D)
             if single:
                 ov[:, :, :, j] = o
@@ -157,7 +165,7 @@ def backward(dout, q, k, v, out, lse, *, scale: float, mask: Mask, grad_dtype=No
         bias, _ = _dense_bias(mask, sq, sk, q.dtype, q.device)
         pcs = [(0, sq, 0, sk, False)]
     g = h // hkv
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q.dtype)
     # The op computes P = exp(S - lse): an lse of +inf gives P = 0 for rows that saw no key anywhere.
     lse = torch.where(torch.isneginf(lse), torch.full_like(lse, _INF), lse).to(acc)
     dq = torch.zeros(b, sq, hkv, g, d, dtype=acc, device=q.device)

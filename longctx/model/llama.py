@@ -136,7 +136,8 @@ def _dilated_core(cfg: ModelConfig, seq_len: int | None, group=None) -> nn.Modul
 
 
 def build_model(cfg: ModelConfig, *, seq_len: int | None = None, group=None) -> Transformer:
-    """Build from config; dilated layers (LongNet) are chosen per layer by `attention.dilated_layers`."""
+    """Build from config. impl=context_parallel swaps every core for attention.strategy over `group`;
+    impl=dilated puts LongNet cores on the layers in attention.dilated_layers (all when None)."""
     validate_model(cfg)
     a = cfg.attention
     cores = []
@@ -145,4 +146,9 @@ def build_model(cfg: ModelConfig, *, seq_len: int | None = None, group=None) -> 
             cores.append(_dilated_core(cfg, seq_len, group))
         else:
             cores.append(LocalAttention(window=a.window, kernel=a.kernel))
-    return Transformer(cfg, cores)
+    model = Transformer(cfg, cores)
+    if a.impl == "context_parallel":
+        from .parallelize import apply_context_parallel
+
+        apply_context_parallel(model, a.strategy, group, kernel=a.kernel)
+    return model

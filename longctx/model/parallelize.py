@@ -11,7 +11,8 @@ from .llama import LocalAttention
 def apply_context_parallel(model: nn.Module, strategy: str = "zigzag", group=None, *, kernel: str | None = None,
                            layout: str | None = None) -> str:
     """Swap every LocalAttention core for the sequence-parallel one. Returns the token layout the data
-    path must shard batches with (and take position ids from)."""
+    path must shard batches with (shard_batch) and take position ids from. For 'hybrid' it is the layout of
+    the ring part: shard with longctx.parallel.shard_hybrid / hybrid_positions instead."""
     swapped, layout_used = 0, None
     for module in model.modules():
         core = getattr(module, "core", None)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
+from ..kernels import acc_dtype
 from .plan import step_blocks
-from .ring import RingSpec, ScheduleFunction, acc_dtype, blocks_backward, blocks_forward
+from .ring import RingSpec, ScheduleFunction, blocks_backward, blocks_forward
 
 
 def _shards(comm, kv, pending, parts):

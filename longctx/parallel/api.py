@@ -47,10 +47,12 @@ def _check_device(q: torch.Tensor, comm: Comm) -> None:
 
 
 def _check_positions(given, expected: torch.Tensor) -> None:
+    """Position ids (c,) or (B, c), every row the layout's positions for this rank."""
     if given is None:
         return
-    given = torch.as_tensor(given).reshape(-1).cpu()
-    if given.numel() != expected.numel() or not torch.equal(given, expected.cpu()):
+    given = torch.as_tensor(given)
+    rows = given.reshape(-1, given.shape[-1]) if given.dim() else given.reshape(1, 1)
+    if rows.shape[-1] != expected.numel() or not torch.equal(rows.cpu(), expected.expand_as(rows)):
         raise ValueError(
             "layout mismatch: the position ids given for this shard are not the ones the strategy's layout "
             f"assigns this rank (expected {expected[:6].tolist()}..., got {given[:6].tolist()}...); shard "
@@ -111,8 +113,14 @@ class ContextParallelAttention(nn.Module):
         self.layout = strategy_layout(strategy, layout)
         _check_window(window)
         self.strategy, self.group, self.causal, self.kernel, self.window = strategy, group, causal, kernel, window
+        self._checked = None
 
     def forward(self, q, k, v, position_ids=None, scale=None):
+        # every layer of a model gets the same position ids: check them once, not once per layer
+        if position_ids is not None and position_ids is self._checked:
+            position_ids = None
+        else:
+            self._checked = position_ids
         return attention(q, k, v, causal=self.causal, strategy=self.strategy, group=self.group,
                          kernel=self.kernel, window=self.window, scale=scale, layout=self.layout,
                          position_ids=position_ids)

@@ -146,10 +146,6 @@ class _Spec:
     kernel: str
 
 
-def _acc(dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _mask(causal: bool) -> kernels.Mask:
     return kernels.Mask.causal() if causal else kernels.Mask.none()
 
@@ -191,7 +187,7 @@ def _gathered_kv(buf, c: _Class):
 # ------------------------------------------------------------------------------------------ forward
 def _forward(q, k, v, spec: _Spec):
     b, l, h, _ = q.shape
-    acc = _acc(q.dtype)
+    acc = kernels.acc_dtype(q.dtype)
     out = torch.zeros(b, l, h, v.shape[-1], dtype=acc, device=q.device)
     lse = torch.full((b, l, h), -math.inf, dtype=acc, device=q.device)
     saved = []
@@ -222,7 +218,7 @@ def _forward(q, k, v, spec: _Spec):
 # ------------------------------------------------------------------------------------------ backward
 def _backward(dout, q, k, v, out, lse, saved, spec: _Spec):
     b, l, h, d = q.shape
-    acc = _acc(q.dtype)
+    acc = kernels.acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)

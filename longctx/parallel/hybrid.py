@@ -8,10 +8,12 @@ group on those heads, and a second all-to-all turns heads back into sequence.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .comm import Comm
-from .layouts import check_seq, positions
+from .layouts import check_seq, divisor, positions
 from .ring import RingSpec, ring_attention
 from .ulysses import HeadsToSeq, SeqToHeads, check_heads, replicate_kv
 
@@ -28,10 +30,10 @@ def hybrid_positions(ring_layout: str, n: int, ring_world: int, ulysses_world: i
 def check_hybrid_seq(ring_layout: str, n: int, ring_world: int, ulysses_world: int) -> None:
     cr = check_seq(ring_layout, n, ring_world)
     if cr % ulysses_world:
-        m = ring_world * ulysses_world
+        m = math.lcm(divisor(ring_layout, ring_world), ring_world * ulysses_world)
         raise ValueError(
             f"sequence length {n} gives {cr} tokens per ring rank, not divisible by ulysses degree "
-            f"{ulysses_world}; the sequence must be a multiple of {m if ring_layout != 'zigzag' else 2 * m}"
+            f"{ulysses_world}; the sequence must be a multiple of {m}"
         )
 
 

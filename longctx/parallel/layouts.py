@@ -59,7 +59,7 @@ def _positions(layout: str, n: int, world: int, rank: int) -> torch.Tensor:
 
 def positions(layout: str, n: int, world: int, rank: int) -> torch.Tensor:
     """Global positions held by `rank`, increasing. These are also the RoPE position ids."""
-    return _positions(check_layout(layout), n, world, rank)
+    return _positions(check_layout(layout), n, world, rank).clone()  # callers may edit; the cache must not change
 
 
 def permutation(layout: str, n: int, world: int) -> torch.Tensor:

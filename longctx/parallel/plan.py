@@ -3,8 +3,8 @@
 Schedules of the ring family differ only in their token layout; the table of kernel calls for every
 (rank, step) is derived here from the global positions the two shards hold. For a query shard with
 positions qp and a key shard with positions kp (both increasing), each query row sees an interval of
-keys [lo_i, hi_i); the rows are then cut into as few rectangular blocks as possible, each described by
-one band Mask. This reproduces the hand-written tables of algorithms.md section 10 (contiguous: diag /
+keys [lo_i, hi_i); the rows are then cut greedily into few rectangular blocks (one for every table below),
+each described by one band Mask. This reproduces the hand-written tables of algorithms.md section 10 (contiguous: diag /
 full / skip; striped: causal / shifted causal; zigzag: one causal block, then `q x k[:h]` or
 `q[h:] x k`) and extends them to sliding windows, where blocks outside the window are skipped.
 """
@@ -82,7 +82,7 @@ def _band(lo, hi, a: int, k0: int, k1: int):
 
 
 def blocks_from_intervals(lo: torch.Tensor, hi: torch.Tensor) -> list[Block]:
-    """Cut rows into maximal band blocks (greedy, rows in order)."""
+    """Cut rows into band blocks: greedy, rows in order; a run that is not one band is halved until it is."""
     out: list[Block] = []
     n = lo.numel()
     nonempty = hi > lo

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
+from ..kernels import acc_dtype
 from .comm import Comm
 from .plan import Block, ring_src, step_blocks
 
@@ -27,10 +28,6 @@ class RingSpec:
     window: int | None
     scale: float
     kernel: str
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def blocks_forward(q, k, v, blocks: tuple[Block, ...], out, lse, spec: RingSpec) -> int:
@@ -89,10 +86,17 @@ def ring_backward(dout, q, k, v, out, lse, spec: RingSpec):
     for s in range(comm.world):
         pending_kv = comm.ring_exchange(kv, phase="bwd") if s < comm.world - 1 else None
         blocks = _blocks(spec, n, ring_src(comm.rank, s, comm.world))
-        # the accumulator for this K/V block: fresh at step 0, else the one that arrived with it
-        dkv = torch.zeros(kv.shape, dtype=acc, device=q.device) if s == 0 else pending_dkv.wait()
-        comm.stats.record_work("bwd", s, blocks_backward(dout, q, kv[0], kv[1], out, lse, blocks, dq, dkv[0], dkv[1],
-                                                         spec))
+        # this step's dK/dV go into a local buffer first, so the accumulator arriving with this K/V block
+        # (fresh at step 0) is waited for only after the compute it travelled during
+        local = torch.zeros(kv.shape, dtype=acc, device=q.device)
+        pairs = blocks_backward(dout, q, kv[0], kv[1], out, lse, blocks, dq, local[0], local[1], spec)
+        comm.stats.record_work("bwd", s, pairs)
+        if s == 0:
+            dkv = local
+        else:
+            dkv = pending_dkv.wait()
+            if blocks:  # a skipped block passes the accumulator through untouched
+                dkv += local
         pending_dkv = comm.ring_exchange(dkv, phase="bwd")
         if pending_kv is not None:
             kv = pending_kv.wait()

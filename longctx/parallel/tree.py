@@ -25,10 +25,6 @@ _INF = float("inf")
 PHASE = "decode"
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _doc_mask(lengths, batch: int, sq: int, sk: int, device) -> kernels.Mask | None:
     """Ragged caches: key j of batch row b is valid iff j < lengths[b] (one document per row)."""
     if lengths is None:
@@ -48,7 +44,7 @@ def local_partial(q, k, v, *, scale, kernel="auto", lengths=None, q_positions=No
     local keys whose global position is <= its own (causal over the new tokens); else every key."""
     b, sq, h, _ = q.shape
     sk = k.shape[1]
-    acc = _acc(q.dtype)
+    acc = kernels.acc_dtype(q.dtype)
     out, lse = kernels.empty_state(b, sq, h, v.shape[-1], device=q.device, dtype=acc)
     if lengths is not None:
         _doc_mask(lengths, b, sq, sk, q.device)  # validates
@@ -152,7 +148,7 @@ def ring_decode(q, k_local, v_local, group=None, *, scale=None, kernel="auto", s
         raise ValueError(f"shard_lens must list all {comm.world} ranks' shard lengths with this rank's = "
                          f"{n_local}, got {shard_lens}")
     s_max = max(shard_lens)
-    acc = _acc(q.dtype)
+    acc = kernels.acc_dtype(q.dtype)
     out, lse = kernels.empty_state(b, sq, h, v_local.shape[-1], device=q.device, dtype=acc)
     kv = torch.zeros((2, b, s_max, *k_local.shape[2:]), dtype=k_local.dtype, device=k_local.device)
     kv[0, :, :n_local], kv[1, :, :n_local] = k_local, v_local

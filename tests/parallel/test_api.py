@@ -85,3 +85,13 @@ def _random_cases(world, count, rng):
 def test_200_random_calls_no_hang(world, count):
     cases = _random_cases(world, count, random.Random(world))
     check(cases, launch(cases, world, timeout=600), world)
+
+
+def test_batched_position_ids_are_accepted():
+    from longctx.parallel.api import _check_positions
+
+    expected = torch.tensor([2, 3, 12, 13])
+    _check_positions(expected, expected)
+    _check_positions(expected.expand(3, 4), expected)
+    with pytest.raises(ValueError, match="layout mismatch"):
+        _check_positions(torch.stack([expected, expected + 1]), expected)
