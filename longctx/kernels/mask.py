@@ -112,10 +112,6 @@ class Mask:
     def has_documents(self) -> bool:
         return self.q_doc is not None
 
-    @property
-    def is_band_only(self) -> bool:
-        return self.q_doc is None
-
     def diag(self, sq: int, sk: int) -> int:
         """The resolved diagonal offset: query i is aligned with key i + diag."""
         return sk - sq if self.offset is None else self.offset
