@@ -55,9 +55,7 @@ def _problem(cfg):
 def _mask(cfg):
     from ..kernels import Mask
 
-    if cfg["window"]:
-        return Mask.sliding_window(cfg["window"], causal=cfg["causal"])
-    return Mask.causal() if cfg["causal"] else Mask.none()
+    return Mask.from_flags(cfg["causal"], cfg["window"])
 
 
 def _timed(fn, cfg, sync):

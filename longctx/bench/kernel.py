@@ -58,9 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _mask(args) -> Mask:
-    if args.window is not None:
-        return Mask.sliding_window(args.window, causal=args.causal)
-    return Mask.causal() if args.causal else Mask.none()
+    return Mask.from_flags(args.causal, args.window)
 
 
 def _sync(device: torch.device) -> None:

@@ -85,6 +85,13 @@ class Mask:
         """Packed sequences: a query sees only keys of its own document (and, if causal, not the future)."""
         return Mask(right=0 if causal else None, q_doc=q_doc, k_doc=q_doc if k_doc is None else k_doc)
 
+    @staticmethod
+    def from_flags(causal: bool, window: int | None = None) -> Mask:
+        """The mask a whole-sequence attention call means by (causal, window): what every schedule computes."""
+        if window is not None:
+            return Mask.sliding_window(window, causal=causal)
+        return Mask.causal() if causal else Mask.none()
+
     def with_documents(self, q_doc: torch.Tensor, k_doc: torch.Tensor | None = None) -> Mask:
         return Mask(self.left, self.right, self.offset, q_doc, q_doc if k_doc is None else k_doc)
 

@@ -46,10 +46,7 @@ class LocalAttention(nn.Module):
         self.causal, self.window, self.kernel = causal, window, kernel
 
     def forward(self, q, k, v, position_ids=None):
-        if self.window:
-            mask = kernels.Mask.sliding_window(self.window, causal=self.causal)
-        else:
-            mask = kernels.Mask.causal() if self.causal else kernels.Mask.none()
+        mask = kernels.Mask.from_flags(self.causal, self.window)
         return kernels.attention(q, k, v, mask=mask, backend=self.kernel)
 
 

@@ -6,6 +6,7 @@ amount, so this is also the most any rank sent. Tests assert exact equality with
 
 from __future__ import annotations
 
+from ..kernels import Mask
 from .layouts import check_seq
 from .plan import imbalance, work_table
 from .ulysses import check_heads
@@ -76,9 +77,7 @@ def work_model(strategy: str, *, world: int, seq_len: int, causal: bool, window:
 
     layout = strategy_layout(strategy, layout)
     if strategy == "ulysses":
-        from .ulysses import local_mask
-
-        pairs = local_mask(causal, window).band_pairs(seq_len, seq_len)
+        pairs = Mask.from_flags(causal, window).band_pairs(seq_len, seq_len)
         table = [[pairs] * world]
     elif strategy == "hybrid":
         table = work_table(layout, seq_len, world // (ulysses or 1), causal, window)

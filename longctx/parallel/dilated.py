@@ -145,9 +145,9 @@ class _Spec:
     scale: float
     kernel: str
 
-
-def _mask(causal: bool) -> kernels.Mask:
-    return kernels.Mask.causal() if causal else kernels.Mask.none()
+    @property
+    def mask(self) -> kernels.Mask:
+        return kernels.Mask.from_flags(self.causal)
 
 
 def _merge_into(acc_o, acc_l, o, l) -> None:
@@ -197,7 +197,7 @@ def _forward(q, k, v, spec: _Spec):
             qs, ks, vs, os_, ls = (_segments(x, p.w) for x in (q, k, v, out, lse))
             for c in classes:
                 o, lc = kernels.forward(qs[:, c.o::p.r, c.o::p.r], _sparse_kv(ks, c, p.r),
-                                        _sparse_kv(vs, c, p.r), scale=spec.scale, mask=_mask(spec.causal),
+                                        _sparse_kv(vs, c, p.r), scale=spec.scale, mask=spec.mask,
                                         backend=spec.kernel, out_dtype=acc)
                 _merge_into(os_[:, c.o::p.r, c.o::p.r], ls[:, c.o::p.r, c.o::p.r], o, lc)
             saved.append(None)
@@ -209,7 +209,7 @@ def _forward(q, k, v, spec: _Spec):
             kc, vc = _gathered_kv(buf, c)
             # bottom-right causal alignment: local sparse query i sits at gathered key m * L/r + i
             o, lc = kernels.forward(q[:, c.o::p.r, c.o::p.r], kc, vc, scale=spec.scale,
-                                    mask=_mask(spec.causal), backend=spec.kernel, out_dtype=acc)
+                                    mask=spec.mask, backend=spec.kernel, out_dtype=acc)
             _merge_into(out[:, c.o::p.r, c.o::p.r], lse[:, c.o::p.r, c.o::p.r], o, lc)
         saved.append(buf)
     return out, lse, saved
@@ -238,7 +238,7 @@ def _backward(dout, q, k, v, out, lse, saved, spec: _Spec):
                 kc, vc = _gathered_kv(buf, c)
             gq, gk, gv = kernels.backward(dos[sl].contiguous(), qs[sl].contiguous(), kc, vc,
                                           os_[sl].contiguous(), ls[sl].transpose(1, 2).contiguous(),
-                                          scale=spec.scale, mask=_mask(spec.causal), backend=spec.kernel,
+                                          scale=spec.scale, mask=spec.mask, backend=spec.kernel,
                                           grad_dtype=acc)
             dqs[sl] += gq
             if p.g == 1:

@@ -75,12 +75,6 @@ def replicate_kv(k, v, rep: int):
     return k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
 
 
-def local_mask(causal: bool, window: int | None) -> kernels.Mask:
-    if window is not None:
-        return kernels.Mask.sliding_window(window, causal=causal)
-    return kernels.Mask.causal() if causal else kernels.Mask.none()
-
-
 def _record(comm: Comm, t: torch.Tensor, pairs: int) -> None:
     comm.stats.record_work("fwd", 0, pairs)
     if t.requires_grad:
@@ -97,7 +91,7 @@ def ulysses_attention(q, k, v, *, comm: Comm, layout: str, causal: bool, window,
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(n, device=q.device)
         qh, kh, vh = (t.index_select(1, inv) for t in (qh, kh, vh))
-    mask = local_mask(causal, window)
+    mask = kernels.Mask.from_flags(causal, window)
     out = kernels.attention(qh, kh, vh, scale=scale, mask=mask, backend=kernel)
     _record(comm, out, mask.band_pairs(n, n) * q.shape[0] * qh.shape[2])
     if layout != "contiguous":

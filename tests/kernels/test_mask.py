@@ -79,3 +79,9 @@ def test_bad_mask_arguments(kwargs, err, match):
 def test_bad_window():
     with pytest.raises(ValueError, match="window"):
         Mask.sliding_window(0)
+
+
+def test_from_flags():
+    assert Mask.from_flags(False).kind == "none" and Mask.from_flags(True).kind == "causal"
+    assert Mask.from_flags(True, 3).kind == "window(left=2,right=0)"
+    assert Mask.from_flags(False, 3).kind == "window(left=2,right=2)"

@@ -23,8 +23,7 @@ def problem(b, n, h, hkv, d, dtype, seed):
 
 def reference(q, k, v, do, causal, window):
     """float64 single-device attention over the full sequence, with gradients."""
-    mask = kernels.Mask.sliding_window(window, causal=causal) if window else (
-        kernels.Mask.causal() if causal else kernels.Mask.none())
+    mask = kernels.Mask.from_flags(causal, window)
     out, lse = kernels.forward(q, k, v, mask=mask, backend="reference")
     return out, kernels.backward(do, q, k, v, out, lse, mask=mask, backend="reference")
 
@@ -81,8 +80,7 @@ def run_case(case: dict) -> dict:
     if case.get("bf16_baseline"):
         # the single-device kernel's own bf16 error on the same problem: the bar for bf16 schedules
         full = [t.to(dtype).requires_grad_(i < 3) for i, t in enumerate((q, k, v))]
-        mask = kernels.Mask.sliding_window(window, causal=causal) if window else (
-            kernels.Mask.causal() if causal else kernels.Mask.none())
+        mask = kernels.Mask.from_flags(causal, window)
         o = kernels.attention(*full, mask=mask, backend=case.get("kernel", "auto"))
         o.backward(do.to(dtype))
         res["base_out"] = (o.double() - ref_out).abs().max().item()
