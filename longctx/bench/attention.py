@@ -17,7 +17,6 @@ from . import report
 
 COLUMNS = ["strategy", "layout", "world_size", "max_abs_err_out", "max_abs_err_grad", "comm_bytes_measured",
            "comm_bytes_model", "imbalance", "fwd_ms", "bwd_ms", "single_device_fwd_ms", "single_device_bwd_ms"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def add_arguments(p) -> None:
@@ -29,7 +28,7 @@ def add_arguments(p) -> None:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--causal", action="store_true")
     p.add_argument("--window", type=int, default=None, help="sliding window (keys each query sees)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=sorted(report.DTYPES), default="float32")
     p.add_argument("--strategies", default="ring,zigzag,striped,allgather,ulysses,hybrid")
     p.add_argument("--kernel", default="auto", help="local kernel backend (auto, sdpa, reference, triton, flash)")
     p.add_argument("--ulysses", type=int, default=None, help="hybrid: ulysses degree (default 2 when it divides)")
@@ -77,15 +76,9 @@ def _rank_main(cfg, strategies):
     from ..parallel import Comm, attention, context_mesh, hybrid_positions, positions, strategy_layout
     from ..parallel.mesh import hybrid_groups
 
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    dev, sync = report.rank_device()
     world, rank = dist.get_world_size(), dist.get_rank()
     q, k, v, do = (t.to(dev) for t in _problem(cfg))
-    barrier = dist.barrier if world > 1 else (lambda: None)
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        barrier()
 
     out = []
     for s in strategies:
@@ -125,17 +118,11 @@ def _rank_main(cfg, strategies):
 
 def _single_device(cfg):
     """The same problem on one rank with the local kernel: the baseline the strategies are judged by."""
-    import torch.distributed as dist
-
     from ..kernels import attention as local_attention
 
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    dev, sync = report.rank_device(barrier=False)
     q, k, v, do = (t.to(dev) for t in _problem(cfg))
     mask = _mask(cfg)
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
 
     def fwd():
         ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))
@@ -163,7 +150,7 @@ def run(args) -> list[dict]:
     w = args.world_size
     uly = args.ulysses or (2 if w % 2 == 0 and args.heads % 2 == 0 else 1)
     cfg = dict(seq_len=args.seq_len, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads or args.heads,
-               head_dim=args.head_dim, causal=args.causal, window=args.window, dtype=DTYPES[args.dtype],
+               head_dim=args.head_dim, causal=args.causal, window=args.window, dtype=report.DTYPES[args.dtype],
                kernel=args.kernel, ulysses=uly, hybrid_layout=args.hybrid_layout, iters=args.iters,
                warmup=args.warmup, seed=0)
     print(f"bench attention: {strategies} on {w} simulated ranks, seq {args.seq_len}, heads {args.heads}/"

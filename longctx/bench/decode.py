@@ -18,7 +18,6 @@ from . import report
 
 COLUMNS = ["strategy", "world_size", "context", "batch", "max_abs_err", "comm_bytes_measured", "comm_bytes_model",
            "comm_calls", "latency_ms"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 STRATEGIES = ("tree", "ring")
 
 
@@ -35,7 +34,7 @@ def add_arguments(p) -> None:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=None, help="default: --heads (MHA)")
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=sorted(report.DTYPES), default="float32")
     p.add_argument("--kernel", default="auto", help="local kernel backend")
     p.add_argument("--collectives", type=int, choices=(1, 2), default=2,
                    help="tree combine: 2 = all-reduce max + fused all-reduce sum, 1 = all-gather + local merge")
@@ -67,13 +66,8 @@ def _rank_main(cfg):
     from ..parallel.tree import ShardedKVCache, ring_decode_comm_model, tree_comm_model
 
     comm = Comm.get(None)
-    dev = torch.device("cuda", torch.cuda.current_device()) if comm.device.type == "cuda" else torch.device("cpu")
+    dev, sync = report.rank_device()
     dtype = cfg["dtype"]
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        comm.barrier()
 
     out = []
     for context in cfg["contexts"]:
@@ -94,8 +88,7 @@ def _rank_main(cfg):
                 sync()
                 t0 = time.perf_counter()
                 cache.decode(q, strategy=s, kernel=cfg["kernel"], **kw)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
+                report.sync_device(dev)
                 if i >= cfg["warmup"]:
                     times.append(1e3 * (time.perf_counter() - t0))
             e = torch.tensor([], dtype=dtype).element_size()
@@ -123,8 +116,8 @@ def run(args) -> list[dict]:
     if args.heads % kv:
         raise SystemExit(f"--heads {args.heads} must be a multiple of --kv-heads {kv}")
     cfg = dict(contexts=list(args.context), strategies=strategies, batch=args.batch, new_tokens=args.new_tokens,
-               heads=args.heads, kv_heads=kv, head_dim=args.head_dim, dtype=DTYPES[args.dtype], kernel=args.kernel,
-               collectives=args.collectives, iters=args.iters, warmup=args.warmup, seed=args.seed)
+               heads=args.heads, kv_heads=kv, head_dim=args.head_dim, dtype=report.DTYPES[args.dtype],
+               kernel=args.kernel, collectives=args.collectives, iters=args.iters, warmup=args.warmup, seed=args.seed)
     per_rank = launch(_rank_main, args.world_size, args=(cfg,), backend=args.backend, timeout=args.timeout)
     records = []
     for i, first in enumerate(per_rank[0]):

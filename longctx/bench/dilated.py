@@ -21,7 +21,6 @@ from . import report
 
 COLUMNS = ["world_size", "seq_len", "causal", "max_abs_err_out", "max_abs_err_grad", "comm_bytes_measured",
            "comm_bytes_model", "peak_mem_bytes", "fwd_ms", "bwd_ms"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def _ints(text: str) -> list[int]:
@@ -38,7 +37,7 @@ def add_arguments(p) -> None:
     p.add_argument("--segment-lengths", type=_ints, default=[1024, 4096, 16384])
     p.add_argument("--dilation-rates", type=_ints, default=[1, 4, 16])
     p.add_argument("--causal", action="store_true")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=sorted(report.DTYPES), default="float32")
     p.add_argument("--kernel", default="auto", help="local kernel backend")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -71,14 +70,9 @@ def _rank_main(cfg):
     from ..parallel.dilated_dist import dilated_comms
 
     rank = dist.get_rank()
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    dev, sync = report.rank_device()
     dtype = cfg["dtype"]
     q, k, v, do = (t.to(dev, dtype) for t in _chunk(cfg, rank))
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        dist.barrier()
 
     fwd_t, bwd_t, nbytes = [], [], None
     for i in range(cfg["warmup"] + cfg["iters"]):
@@ -137,13 +131,13 @@ def run(args) -> list[dict]:
     check = not args.no_check and args.seq_len <= args.check_max_len
     cfg = dict(world=args.world_size, seq_len=args.seq_len, batch=args.batch, heads=args.heads, kv_heads=kv,
                head_dim=args.head_dim, ws=list(args.segment_lengths), rs=list(args.dilation_rates),
-               causal=bool(args.causal), dtype=DTYPES[args.dtype], kernel=args.kernel, iters=max(1, args.iters),
+               causal=bool(args.causal), dtype=report.DTYPES[args.dtype], kernel=args.kernel, iters=max(1, args.iters),
                warmup=args.warmup, seed=args.seed, check=check)
     t0 = time.perf_counter()
     per_rank = launch(_rank_main, args.world_size, args=(cfg,), backend=args.backend, timeout=args.timeout)
     wall = time.perf_counter() - t0
     err_out, err_grad = _check(cfg, per_rank) if check else (None, None)
-    e = torch.tensor([], dtype=DTYPES[args.dtype]).element_size()
+    e = torch.tensor([], dtype=report.DTYPES[args.dtype]).element_size()
     model = dilated_comm_model(args.world_size, args.batch, args.seq_len, args.heads, args.head_dim, e,
                                args.segment_lengths, args.dilation_rates, kv_heads=kv)
     rec = dict(world_size=args.world_size, seq_len=args.seq_len, batch=args.batch, heads=args.heads, kv_heads=kv,

@@ -26,8 +26,6 @@ COLUMNS = ["backend", "seq_len", "fwd_ms", "bwd_ms", "fwdbwd_ms", "fwd_tflops", 
 VR_COLUMNS = ["backend", "seq_len", "virtual_ranks", "schedule", "virtual_calls", "fwdbwd_ms",
               "virtual_fwdbwd_ms", "virtual_ratio", "virtual_max_abs_err_out"]
 SCHEDULES = {"ring": "contiguous", "contiguous": "contiguous", "zigzag": "zigzag", "striped": "striped"}
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-          "float64": torch.float64}
 
 
 def _ints(text: str) -> list[int]:
@@ -43,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--causal", action="store_true")
     p.add_argument("--window", type=int, default=None, help="sliding window of this many keys")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--dtype", choices=sorted(report.DTYPES), default="bfloat16")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--warmup", type=int, default=None, help="default: 3 on CUDA, 1 on CPU")
     p.add_argument("--iters", type=int, default=None, help="default: 10 on CUDA, 3 on CPU")
@@ -61,15 +59,10 @@ def _mask(args) -> Mask:
     return Mask.from_flags(args.causal, args.window)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time_ms(fn, device: torch.device, warmup: int, iters: int, min_s: float = 0.2) -> float:
     for _ in range(warmup):
         fn()
-    _sync(device)
+    report.sync_device(device)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -228,7 +221,7 @@ def run_virtual_ranks(name, args, s, dtype, device, mask, warmup, iters, full_ms
 
 def run(args) -> list[dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype]
+    dtype = report.DTYPES[args.dtype]
     if args.kv_heads is None:
         args.kv_heads = args.heads
     if args.heads % args.kv_heads:

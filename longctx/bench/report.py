@@ -7,7 +7,33 @@ import math
 import os
 import time
 
+import torch
+
 from .._optional import require
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def sync_device(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer measures it (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rank_device(barrier: bool = True):
+    """(device, sync) for timing on a rank of the world group: the group's device (CUDA under NCCL), and a
+    sync that waits for that device and then, with barrier=True, for every rank."""
+    from ..parallel.comm import Comm
+
+    comm = Comm.get(None)
+    dev = comm.device
+
+    def sync():
+        sync_device(dev)
+        if barrier:
+            comm.barrier()
+
+    return dev, sync
 
 
 def fmt(v) -> str:
@@ -69,8 +95,6 @@ def plot_lines(path: str | None, series: dict[str, tuple[list, list]], *, xlabel
 
 def environment() -> dict:
     import platform
-
-    import torch
 
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
     return {"torch": torch.__version__, "device": dev, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
