@@ -12,35 +12,40 @@ import time
 
 import torch
 
+SMALL_MODEL = ["dim=64", "n_heads=4", "n_kv_heads=2", "ffn_dim=96", "n_layers=2"]
 
-def cp_equivalence(strategy: str, n: int = 32, dtype=torch.float64):
-    """On each rank: the same model on one device and context-parallel; (logit err, param-grad err)."""
+
+def model_equivalence(strategy: str, overrides=(), n: int = 32, dtype=torch.float64):
+    """On each rank: one model on one device and its twin context-parallel over the world, same weights and
+    batch. Returns (max logit err, max param-grad err, layout, repr of the parallel model)."""
     import torch.distributed as dist
     import torch.nn.functional as F
 
     from .config import load
     from .model import apply_context_parallel, build_model
-    from .parallel import shard_batch
+    from .parallel import LOCAL, shard_batch
 
-    torch.manual_seed(0)
-    cfg = load(overrides=["dim=64", "n_heads=4", "n_kv_heads=2", "ffn_dim=96", "n_layers=2"])
-    model = build_model(cfg).to(dtype)
+    cfg = load(overrides=[*SMALL_MODEL, *overrides])
+
+    def make(group):
+        torch.manual_seed(0)
+        return build_model(cfg, seq_len=n, group=group).to(dtype)
+
+    single, model = make(LOCAL), make(None)
     tokens = torch.randint(0, cfg.vocab_size, (2, n + 1))
     inp, labels = tokens[:, :-1], tokens[:, 1:]
-    ref_logits = model(inp)
+    ref_logits = single(inp)
     F.cross_entropy(ref_logits.flatten(0, 1), labels.flatten(), reduction="sum").backward()
-    ref_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
-    model.zero_grad()
     layout = apply_context_parallel(model, strategy)
     batch = shard_batch(inp, labels, layout)
     logits = model(batch["input_ids"], batch["position_ids"])
     F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum").backward()
     err_logits = (logits - ref_logits[:, batch["position_ids"]]).abs().max().item()
     err_grad = 0.0
-    for k, p in model.named_parameters():
+    for p, p1 in zip(model.parameters(), single.parameters()):
         dist.all_reduce(p.grad)  # each rank's loss covers its tokens: the full gradient is the sum
-        err_grad = max(err_grad, (p.grad - ref_grads[k]).abs().max().item())
-    return err_logits, err_grad, layout
+        err_grad = max(err_grad, (p.grad - p1.grad).abs().max().item())
+    return err_logits, err_grad, layout, repr(model)
 
 
 def _kernels():
@@ -78,7 +83,7 @@ def main(argv=None) -> int:
           "   model; imbalance = counted critical-path pairs / ideal; times are per rank on a 2-core CPU)")
     print("\n== 3. Llama-style model, context parallel on 4 ranks vs one device (float64) ==")
     for strategy in ("zigzag", "ulysses"):
-        res = run(cp_equivalence, 4, args=(strategy,), timeout=300)
+        res = run(model_equivalence, 4, args=(strategy,), timeout=300)
         el = max(r[0] for r in res)
         eg = max(r[1] for r in res)
         print(f"  {strategy:<8} layout={res[0][2]:<10} max |logits - single| = {el:.2e}   "
@@ -86,30 +91,3 @@ def main(argv=None) -> int:
     print(f"\ndemo finished in {time.time() - t0:.1f}s; JSON records in out/demo_attention.json")
     return 0
 
-
-def dilated_model_equivalence(n: int = 64, dtype=torch.float64):
-    """A model with LongNet layers (configs/model_dilated.yaml), context parallel (contiguous) vs one device."""
-    import torch.distributed as dist
-
-    from .config import load
-    from .model import apply_context_parallel, build_model
-    from .parallel import LOCAL, shard_batch
-
-    torch.manual_seed(0)
-    overrides = ["n_layers=2", "dim=64", "ffn_dim=96", "attention.impl=dilated", "attention.dilated_w0=8",
-                 "attention.dilated_layers=[1]"]
-    single = build_model(load(overrides=overrides), seq_len=n, group=LOCAL).to(dtype)
-    torch.manual_seed(0)
-    model = build_model(load(overrides=overrides), seq_len=n).to(dtype)
-    tokens = torch.randint(0, 256, (2, n))
-    ref = single(tokens)
-    ref.square().sum().backward()
-    layout = apply_context_parallel(model, "ring")  # dilated layers need the contiguous split
-    batch = shard_batch(tokens, None, layout)
-    logits = model(batch["input_ids"], batch["position_ids"])
-    logits.square().sum().backward()
-    err_grad = 0.0
-    for (_, p), (_, p1) in zip(model.named_parameters(), single.named_parameters()):
-        dist.all_reduce(p.grad)
-        err_grad = max(err_grad, (p.grad - p1.grad).abs().max().item())
-    return (logits - ref[:, batch["position_ids"]]).abs().max().item(), err_grad, repr(model.layers[1].attention.core)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from longctx.config import load, validate_model
-from longctx.demo import cp_equivalence
+from longctx.demo import model_equivalence
 from longctx.launch import run
 from longctx.model import apply_context_parallel, build_model
 from longctx.model.llama import rope
@@ -28,8 +28,8 @@ def test_rope_uses_true_positions():
 
 @pytest.mark.parametrize("strategy", ["zigzag", "striped", "ulysses", "allgather"])
 def test_context_parallel_model_matches_single_device(strategy):
-    res = run(cp_equivalence, 4, args=(strategy,), timeout=120)
-    for err_logits, err_grad, _ in res:
+    res = run(model_equivalence, 4, args=(strategy,), timeout=120)
+    for err_logits, err_grad, _, _ in res:
         assert err_logits <= 1e-10 and err_grad <= 1e-10, (strategy, err_logits, err_grad)
 
 
@@ -63,9 +63,9 @@ def test_dilated_layers_from_config():
 
 
 def test_dilated_model_context_parallel_matches_single_device():
-    from longctx.demo import dilated_model_equivalence
-
-    res = run(dilated_model_equivalence, 4, timeout=120)
-    for err_logits, err_grad, core in res:
-        assert "segment_lengths=[8, 16, 32, 64]" in core
+    # dilated layers need the contiguous split, so the other layers run the ring schedule
+    dilated = ["attention.impl=dilated", "attention.dilated_w0=8", "attention.dilated_layers=[1]"]
+    res = run(model_equivalence, 4, args=("ring", dilated, 64), timeout=120)
+    for err_logits, err_grad, _, model in res:
+        assert "segment_lengths=[8, 16, 32, 64]" in model and "ContextParallelAttention" in model
         assert err_logits <= 1e-10 and err_grad <= 1e-10, (err_logits, err_grad)
