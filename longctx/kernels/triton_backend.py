@@ -58,7 +58,9 @@ def _interpreted() -> bool:
 
 
 def availability() -> str | None:
-    if importlib.util.find_spec("triton") is None:
+    if "installed" not in _state:  # resolve("auto") asks on every kernel call: look the package up once
+        _state["installed"] = importlib.util.find_spec("triton") is not None
+    if not _state["installed"]:
         return "triton not installed: pip install 'longctx[triton]'"
     if not torch.cuda.is_available() and not _env("TRITON_INTERPRET"):
         return "no CUDA GPU; the triton kernels run on CPU only under TRITON_INTERPRET=1 (tests)"
