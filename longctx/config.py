@@ -1,24 +1,36 @@
-"""Structured configs (OmegaConf): typed defaults, YAML files, dotted command-line overrides."""
+"""Structured configs (OmegaConf): typed defaults, YAML files, dotted `key=value` overrides.
+
+One section per concern: `model` (architecture only), `parallel` (how the job is split over ranks),
+`train` (the optimisation), `data`, `logging`, and `run_dir`. Loading checks what a schema can: unknown
+keys (with a did-you-mean), types, and a missing file; the choices that depend on registries (strategies,
+kernels) and on the world size are checked by longctx.train.setup.validate_job. This module imports
+nothing else of longctx (it sits at the bottom of the import graph), and never evaluates code: only
+OmegaConf's plain interpolation is available, no custom resolvers.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+import os
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override: the message names the key and the fix."""
 
 
 @dataclass
-class AttentionConfig:
-    impl: str = "local"  # local | context_parallel | dilated
-    strategy: str = "zigzag"  # context_parallel: ring, zigzag, striped, allgather, ulysses, hybrid
-    kernel: str = "auto"
-    window: int | None = None
-    # dilated (LongNet): explicit lists, or empty to derive a geometric pattern from w0/alpha
-    segment_lengths: list[int] = field(default_factory=list)
+class DilatedConfig:
+    """LongNet dilated attention on some layers (a model choice; it distributes itself over the cp ranks)."""
+
+    layers: list[int] = field(default_factory=list)  # which layers are dilated; empty: none
+    segment_lengths: list[int] = field(default_factory=list)  # empty: derived from w0/alpha and the seq len
     dilation_rates: list[int] = field(default_factory=list)
-    dilated_w0: int = 64
-    dilated_alpha: int = 2
-    dilated_layers: list[int] | None = None  # None: every layer when impl == dilated
+    w0: int = 64
+    alpha: int = 2
 
 
 @dataclass
@@ -31,27 +43,171 @@ class ModelConfig:
     ffn_dim: int = 352
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
-    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    window: int | None = None  # sliding-window attention: keys each query sees (None: full causal)
+    dilated: DilatedConfig = field(default_factory=DilatedConfig)
 
 
-def load(cls=ModelConfig, path: str | None = None, overrides: list[str] | tuple = ()):
-    """Defaults of `cls`, merged with a YAML file and `key=value` overrides; unknown keys are errors."""
+@dataclass
+class ParallelConfig:
+    # degrees (ParallelDims); -1 = the rest of the world, at most one
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    cp: int = 1
+    tp: int = 1
+    pp: int = 1
+    strategy: str = "zigzag"  # ring | zigzag | striped | allgather | ulysses | hybrid
+    ulysses: int = 1  # hybrid: the Ulysses factor of cp (cp = ring x ulysses)
+    layout: str | None = None  # token layout for strategies that accept several; None: the strategy's
+    kernel: str = "auto"  # local attention kernel backend
+    engine: str = "auto"  # data-parallel engine: auto (fsdp when dp_shard > 1, else ddp) | fsdp | ddp
+    reshard_after_forward: bool = True  # FSDP2: free gathered parameters after forward (more comm, less memory)
+    activation_checkpoint: str = "none"  # none | full | selective (every `ac_every`-th layer)
+    ac_every: int = 2
+    timeout_s: float = 600.0  # process-group timeout: a collective some rank never joins fails after this
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20
+    batch_size: int = 4  # global sequences per optimizer step, split over data-parallel ranks
+    seq_len: int = 1024
+    accumulation: int = 1  # micro-batches per optimizer step on each data-parallel rank
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 2
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    seed: int = 0
+    loss_chunk: int = 1024  # tokens per chunk of output layer + cross-entropy; 0: all logits at once
+    mlp_chunks: int = 1  # >1: the MLP runs over this many sequence chunks, each recomputed in backward
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # token files arrive with the data issue
+    task: str = "induction"  # induction | copy | random
+    alphabet: int = 16  # synthetic tasks draw from this many token ids
+    period: int = 32  # induction: length of the repeated pattern
+    mask_prompt: bool = True  # copy: labels of the prompt half are ignored (prompt-masked SFT)
+
+
+@dataclass
+class LoggingConfig:
+    quiet: bool = False  # no progress bar, no config print (CI)
+    tensorboard: bool = True  # events into run_dir (needs the tensorboard package)
+    print_config: bool = True
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run_dir: str | None = None  # None: runs/<config name>-<time>
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def _schema_keys(cls) -> dict:
+    """Nested dict of the schema's keys (dataclass fields), leaves None."""
+    out = {}
+    for f in fields(cls):
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        out[f.name] = _schema_keys(type(default)) if is_dataclass(default) else None
+    return out
+
+
+def _check_keys(data, schema: dict, prefix: str, source: str) -> None:
+    if not isinstance(data, dict):
+        return
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in schema:
+            names = [f"{prefix}{k}" for k in schema]
+            close = difflib.get_close_matches(full, names, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys here: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {full!r} (in {source}){hint}")
+        if schema[key] is not None:
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"config key {full!r} (in {source}) is a section; give its keys, e.g. "
+                                  f"{full}.{next(iter(schema[key]))}=...")
+            _check_keys(value, schema[key], f"{full}.", source)
+
+
+def _parse_overrides(overrides) -> DictConfig:
+    for o in overrides:
+        if "=" not in o or o.startswith("="):
+            raise ConfigError(f"override {o!r} is not key=value (e.g. train.steps=10)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"could not parse overrides {list(overrides)}: {e}") from None
+
+
+def _merge(cfg, other, source: str):
+    try:
+        return OmegaConf.merge(cfg, other)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"config key {key!r} (in {source}): {first}") from None
+
+
+def load(cls=JobConfig, path: str | None = None, overrides: list[str] | tuple = ()):
+    """Defaults of `cls`, merged with a YAML file and `key=value` overrides; returns a DictConfig that
+    rejects unknown keys and wrong types. Errors are ConfigError naming the key."""
+    schema = _schema_keys(cls)
     cfg = OmegaConf.structured(cls)
-    if path:
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} not found; pass a YAML file (e.g. configs/tiny.yaml)")
+        try:
+            data = OmegaConf.load(path)
+        except Exception as e:  # noqa: BLE001 - any YAML parse failure is a user error in that file
+            raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, DictConfig):
+            raise ConfigError(f"config file {path!r} must hold a mapping of sections (model:, parallel:, ...)")
+        _check_keys(OmegaConf.to_container(data), schema, "", path)
+        cfg = _merge(cfg, data, path)
     if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        dot = _parse_overrides(overrides)
+        _check_keys(OmegaConf.to_container(dot), schema, "", "overrides")
+        cfg = _merge(cfg, dot, "overrides")
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config does not resolve: {str(e).splitlines()[0]}") from None
     return cfg
 
 
+def to_yaml(cfg) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
 def validate_model(cfg) -> None:
+    """Arithmetic constraints of the architecture (what the model alone can check)."""
+    for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
+        if cfg[key] < 1:
+            raise ConfigError(f"model.{key} must be a positive int, got {cfg[key]}")
     if cfg.dim % cfg.n_heads:
-        raise ValueError(f"model.dim {cfg.dim} must be divisible by model.n_heads {cfg.n_heads}")
+        raise ConfigError(f"model.dim {cfg.dim} must be divisible by model.n_heads {cfg.n_heads}")
     if cfg.n_heads % cfg.n_kv_heads:
-        raise ValueError(
+        raise ConfigError(
             f"model.n_heads {cfg.n_heads} must be a multiple of model.n_kv_heads {cfg.n_kv_heads} (GQA groups)"
         )
     if (cfg.dim // cfg.n_heads) % 2:
-        raise ValueError(f"head_dim {cfg.dim // cfg.n_heads} must be even for RoPE; change model.dim or n_heads")
-    if cfg.attention.impl not in ("local", "context_parallel", "dilated"):
-        raise ValueError(f"model.attention.impl {cfg.attention.impl!r}: choose local, context_parallel or dilated")
+        raise ConfigError(f"head_dim {cfg.dim // cfg.n_heads} must be even for RoPE; change model.dim or n_heads")
+    if cfg.window is not None and cfg.window < 1:
+        raise ConfigError(f"model.window must be null or a positive int (keys each query sees), got {cfg.window}")
+    bad = [i for i in cfg.dilated.layers if not 0 <= i < cfg.n_layers]
+    if bad:
+        raise ConfigError(f"model.dilated.layers {list(cfg.dilated.layers)} names layers {bad} outside "
+                          f"0..{cfg.n_layers - 1}")
+    if len(cfg.dilated.segment_lengths) != len(cfg.dilated.dilation_rates):
+        raise ConfigError("model.dilated.segment_lengths and dilation_rates must have the same length (one rate "
+                          "per segment length), or both be empty to derive them from w0/alpha")

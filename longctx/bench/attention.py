@@ -74,7 +74,7 @@ def _rank_main(cfg, strategies):
     import torch.distributed as dist
 
     from ..parallel import Comm, attention, context_mesh, hybrid_positions, positions, strategy_layout
-    from ..parallel.mesh import hybrid_groups
+    from ..parallel.sequence.mesh import hybrid_groups
 
     dev, sync = report.rank_device()
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -86,7 +86,7 @@ def _rank_main(cfg, strategies):
         if s == "hybrid":
             u = cfg["ulysses"]
             group = context_mesh(world // u, u)
-            ug, rg = hybrid_groups(group)
+            ug, rg, _ = hybrid_groups(group)
             comms = list({id(c): c for c in (Comm.get(ug), Comm.get(rg))}.values())
             layout = cfg["hybrid_layout"]
             pos = hybrid_positions(layout, cfg["seq_len"], world // u, u, Comm.get(rg).rank, Comm.get(ug).rank)
@@ -107,7 +107,7 @@ def _rank_main(cfg, strategies):
         fwd_bytes = sum(c.stats.bytes("fwd") for c in comms)
         o.backward(local[3])
         nbytes = fwd_bytes + sum(c.stats.bytes("bwd") for c in comms)
-        pairs = [w for c in comms for w in c.stats.work]
+        pairs = [(ph, st, p) for c in comms for (ph, st), p in sorted(c.stats.work.items())]
         (ql2, kl2, vl2, o2), fwd_ms = _timed(step, cfg, sync)
         _, bwd_ms = _timed(lambda o2=o2, g=local[3]: o2.backward(g, retain_graph=True), cfg, sync)
         out.append({"strategy": s, "layout": layout, "positions": pos, "out": o.detach().cpu(),

@@ -63,7 +63,7 @@ def _rank_main(cfg):
 
     from ..kernels import forward
     from ..parallel.comm import Comm
-    from ..parallel.tree import ShardedKVCache, ring_decode_comm_model, tree_comm_model
+    from ..parallel.sequence.tree import ShardedKVCache, ring_decode_comm_model, tree_comm_model
 
     comm = Comm.get(None)
     dev, sync = report.rank_device()

@@ -66,8 +66,8 @@ def _peak_mem(dev) -> int:
 def _rank_main(cfg):
     import torch.distributed as dist
 
-    from ..parallel.dilated import dilated_attention
-    from ..parallel.dilated_dist import dilated_comms
+    from ..parallel.sequence.dilated import dilated_attention
+    from ..parallel.sequence.dilated_dist import dilated_comms
 
     rank = dist.get_rank()
     dev, sync = report.rank_device()
@@ -103,7 +103,7 @@ def _rank_main(cfg):
 
 def _check(cfg, per_rank):
     """Max |distributed - single-device float64| over outputs and gradients (whole sequence)."""
-    from ..parallel.dilated import LOCAL, dilated_attention
+    from ..parallel.sequence.dilated import LOCAL, dilated_attention
 
     chunks = [_chunk(cfg, r) for r in range(cfg["world"])]
     q, k, v, do = (torch.cat([c[i] for c in chunks], dim=1).double() for i in range(4))
@@ -119,7 +119,7 @@ def _check(cfg, per_rank):
 
 def run(args) -> list[dict]:
     from ..launch import run as launch
-    from ..parallel.dilated import check_pattern, dilated_comm_model
+    from ..parallel.sequence.dilated import check_pattern, dilated_comm_model
 
     kv = args.kv_heads or args.heads
     if args.heads % kv:

@@ -6,7 +6,7 @@ is not credited for work it never did. Backends that are missing or cannot run t
 skipped with the reason. Timings use CUDA events on GPU and perf_counter (after warmup) on CPU.
 
 `--virtual-ranks P --schedule zigzag` also runs, on this one device, every kernel call the P ranks of a
-ring schedule would make (longctx.parallel.plan's block tables, partials merged exactly), and reports its
+ring schedule would make (longctx.parallel.sequence.plan's block tables, partials merged exactly), and reports its
 time against one full-sequence call of the same backend: the price of cutting attention into blocks.
 """
 
@@ -162,7 +162,7 @@ def _bench_one(name, args, s, dtype, device, mask, warmup, iters) -> dict:
 
 def run_virtual_ranks(name, args, s, dtype, device, mask, warmup, iters, full_ms) -> dict:
     """All kernel calls of a P-rank ring schedule (plan.step_blocks), run on one device, vs one full call."""
-    from ..parallel import layouts, plan
+    from ..parallel.sequence import layouts, plan
 
     p, layout = args.virtual_ranks, SCHEDULES[args.schedule]
     if mask.has_documents or (mask.left is not None and mask.right not in (0, mask.left)):

@@ -1,8 +1,11 @@
-"""Llama-style decoder: RMSNorm, RoPE on true positions, SwiGLU, GQA.
+"""Llama-style decoder: RMSNorm, RoPE on true positions, SwiGLU, GQA. No distributed code.
 
-Nothing here knows which attention schedule runs: each layer's `attention.core` is a module called as
-core(q, k, v, position_ids=...) on (batch, seq, heads, head_dim) tensors, swapped by parallelize.py.
-Position ids come from the data layout, so a sharded sequence gets the RoPE phases of its true positions.
+Each layer's `attention.core` is a module called as core(q, k, v, position_ids=...) on (batch, seq, heads,
+head_dim) tensors; longctx.model.parallelize swaps it for a sequence-parallel one. Position ids come from
+the data layout, so a sharded sequence gets the RoPE phases of its true positions. With `labels`, the
+forward hands the final hidden states and the output weight to a loss function (the trainer's chunked
+cross-entropy), so the (tokens x vocab) logits never have to exist at once, and the output weight is used
+inside the forward, where data-parallel wrappers expect parameters to be used.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .. import kernels
 from ..config import ModelConfig, validate_model
@@ -39,7 +43,7 @@ def rope(x: torch.Tensor, position_ids: torch.Tensor, theta: float) -> torch.Ten
 
 
 class LocalAttention(nn.Module):
-    """Single-device causal attention through the kernel contract."""
+    """Single-device causal (optionally sliding-window) attention through the kernel contract."""
 
     def __init__(self, causal: bool = True, window: int | None = None, kernel: str = "auto"):
         super().__init__()
@@ -48,6 +52,9 @@ class LocalAttention(nn.Module):
     def forward(self, q, k, v, position_ids=None):
         mask = kernels.Mask.from_flags(self.causal, self.window)
         return kernels.attention(q, k, v, mask=mask, backend=self.kernel)
+
+    def extra_repr(self) -> str:
+        return f"causal={self.causal}, window={self.window}, kernel={self.kernel}"
 
 
 class Attention(nn.Module):
@@ -72,23 +79,33 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    """SwiGLU. With chunks > 1 (and gradients on) the sequence is cut into chunks, each recomputed in the
+    backward, so the (tokens x ffn_dim) intermediates of only one chunk exist at a time."""
+
+    def __init__(self, dim: int, hidden: int, chunks: int = 1):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.chunks = chunks
+
+    def _ffn(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.chunks <= 1 or not torch.is_grad_enabled() or x.shape[1] < self.chunks:
+            return self._ffn(x)
+        return torch.cat([checkpoint(self._ffn, part, use_reentrant=False)
+                          for part in x.chunk(self.chunks, dim=1)], dim=1)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, core: nn.Module):
+    def __init__(self, cfg: ModelConfig, core: nn.Module, mlp_chunks: int = 1):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg, core)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim, mlp_chunks)
 
     def forward(self, x, position_ids):
         x = x + self.attention(self.attention_norm(x), position_ids)
@@ -96,56 +113,55 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, cores: list[nn.Module] | None = None):
+    def __init__(self, cfg: ModelConfig, cores: list[nn.Module] | None = None, mlp_chunks: int = 1):
         super().__init__()
         validate_model(cfg)
         self.cfg = cfg
-        cores = cores or [LocalAttention(window=cfg.attention.window, kernel=cfg.attention.kernel)
-                          for _ in range(cfg.n_layers)]
+        cores = cores or [LocalAttention(window=cfg.window) for _ in range(cfg.n_layers)]
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, core) for core in cores)
+        self.layers = nn.ModuleList(Block(cfg, core, mlp_chunks) for core in cores)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
-    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None, labels=None, loss_fn=None):
+        """Logits (B, S, V); or, with labels and loss_fn, loss_fn(hidden (B*S, D), output weight, labels)."""
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=tokens.device)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, position_ids)
-        return self.output(self.norm(h))
+        h = self.norm(h)
+        if labels is None:
+            return self.output(h)
+        if loss_fn is None:
+            return F.cross_entropy(self.output(h).flatten(0, 1).float(), labels.flatten(), reduction="sum")
+        return loss_fn(h.flatten(0, 1), self.output.weight, labels.flatten())
 
 
-def _dilated_core(cfg: ModelConfig, seq_len: int | None, group=None) -> nn.Module:
-    from ..parallel.dilated import DilatedAttention, dilated_config
+def dilated_pattern(cfg: ModelConfig, seq_len: int | None) -> tuple[list[int], list[int]]:
+    """The LongNet (segment_lengths, dilation_rates) of the dilated layers for a global sequence length."""
+    from ..parallel.sequence.dilated import dilated_config
 
-    a = cfg.attention
-    if a.segment_lengths:
-        ws, rs = list(a.segment_lengths), list(a.dilation_rates)
-    elif seq_len is not None:
-        ws, rs = dilated_config(seq_len, w0=a.dilated_w0, alpha=a.dilated_alpha)
-    else:
-        raise ValueError(
-            "model.attention.impl=dilated needs segment_lengths/dilation_rates, or call "
-            "build_model(cfg, seq_len=N) so a geometric pattern can be derived from dilated_w0/dilated_alpha"
-        )
-    return DilatedAttention(ws, rs, causal=True, kernel=a.kernel, group=group)
+    d = cfg.dilated
+    if d.segment_lengths:
+        return list(d.segment_lengths), list(d.dilation_rates)
+    if seq_len is None:
+        raise ValueError("model.dilated.layers needs model.dilated.segment_lengths/dilation_rates, or "
+                         "build_model(cfg, seq_len=N) so a geometric pattern can be derived from w0/alpha")
+    return dilated_config(seq_len, w0=d.w0, alpha=d.alpha)
 
 
-def build_model(cfg: ModelConfig, *, seq_len: int | None = None, group=None) -> Transformer:
-    """Build from config. impl=context_parallel swaps every core for attention.strategy over `group`;
-    impl=dilated puts LongNet cores on the layers in attention.dilated_layers (all when None)."""
+def build_model(cfg: ModelConfig, *, seq_len: int | None = None, mlp_chunks: int = 1) -> Transformer:
+    """Build from config on one device. Layers in model.dilated.layers get LongNet dilated cores (single
+    device until longctx.model.parallelize distributes them over the context ranks)."""
+    from ..parallel.sequence.dilated import LOCAL, DilatedAttention
+
     validate_model(cfg)
-    a = cfg.attention
     cores = []
     for i in range(cfg.n_layers):
-        if a.impl == "dilated" and (a.dilated_layers is None or i in a.dilated_layers):
-            cores.append(_dilated_core(cfg, seq_len, group))
+        if i in cfg.dilated.layers:
+            ws, rs = dilated_pattern(cfg, seq_len)
+            cores.append(DilatedAttention(ws, rs, causal=True, group=LOCAL))
         else:
-            cores.append(LocalAttention(window=a.window, kernel=a.kernel))
-    model = Transformer(cfg, cores)
-    if a.impl == "context_parallel":
-        from .parallelize import apply_context_parallel
-
-        apply_context_parallel(model, a.strategy, group, kernel=a.kernel)
-    return model
+            cores.append(LocalAttention(window=cfg.window))
+    return Transformer(cfg, cores, mlp_chunks)

@@ -1,27 +1,208 @@
-"""Apply context parallelism to a built model (torchtitan style: the model stays unaware)."""
+"""Apply the parallel axes to a built model, torchtitan style: the model itself stays unaware.
+
+`parallelize(model, dims, cfg)` applies, in this order (each step assumes the ones before it):
+
+  1. tensor parallel        (arrives with the TP/PP issue; tp > 1 is refused with a message until then)
+  2. pipeline split         (same)
+  3. context parallel       attention cores -> the strategy's sequence-parallel core over the cp ranks;
+                            LongNet dilated cores -> distributed over the same cp ranks
+  4. activation checkpoint  none | full (every block) | selective (every n-th block)
+  5. data parallel          FSDP2 over dp_shard x cp, DDP over dp_replicate x cp, or HSDP (both)
+
+and returns a Plan. The plan is the only source of the token layout: `plan.shard_batch` cuts a batch for
+this rank and the installed cores run on that same layout, so data and attention cannot disagree.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 from torch import nn
 
-from ..parallel import ContextParallelAttention
-from .llama import LocalAttention
+from ..parallel.data_parallel import apply_data_parallel, resolve_engine, set_gradient_sync
+from ..parallel.dims import ParallelDims, ParallelMesh
+from ..parallel.sequence.api import ContextParallelAttention, check_positions
+from ..parallel.sequence.dilated import DilatedAttention
+from ..parallel.sequence.registry import get_strategy
+from .llama import Block, LocalAttention
+
+AC_MODES = ("none", "full", "selective")
+
+
+@dataclass
+class Plan:
+    """What a parallelized model needs from the data path, and what the trainer needs from the mesh."""
+
+    model: nn.Module
+    dims: ParallelDims
+    mesh: ParallelMesh
+    engine: str  # none | ddp | fsdp | hsdp
+
+    @property
+    def strategy(self) -> str:
+        return self.dims.strategy
+
+    @property
+    def layout(self) -> str:
+        return self.dims.layout
+
+    @property
+    def cp_rank(self) -> int:
+        return self.mesh.rank("cp")
+
+    @property
+    def dp_rank(self) -> int:
+        """Which slice of the global batch this rank reads (context ranks of one sequence share it)."""
+        return self.mesh.rank("dp")
+
+    @property
+    def loss_group(self):
+        """Where real-label counts are summed and gradients reduced: data x context ranks (None if 1)."""
+        return self.mesh.group("dp_cp")
+
+    def positions(self, seq_len: int) -> torch.Tensor:
+        """Global positions (= RoPE position ids) of this rank's tokens of a seq_len-token sequence."""
+        if self.dims.cp == 1:
+            return torch.arange(seq_len)
+        return get_strategy(self.strategy).rank_positions(self.layout, seq_len, self.dims.cp, self.cp_rank,
+                                                          self.dims.ulysses)
+
+    def shard_batch(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        """This rank's part of a (batch, seq) token batch: input ids, labels (shifted in natural order before
+        sharding: a shard's last target lives on another rank in most layouts) and position ids."""
+        n = input_ids.shape[1]
+        self.dims.check_seq_len(n, what="sequence length (input_ids.shape[1])")
+        pos = self.positions(n).to(input_ids.device)
+        out = {"input_ids": input_ids.index_select(1, pos), "position_ids": pos}
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids "
+                                 f"{tuple(input_ids.shape)} (shift them before sharding)")
+            out["labels"] = labels.index_select(1, pos)
+        return out
+
+    def set_gradient_sync(self, enabled: bool) -> None:
+        set_gradient_sync(self.model, self.engine, enabled)
+
+
+def _swap_cores(model: nn.Module, mesh: ParallelMesh, kernel: str) -> None:
+    dims = mesh.dims
+    dilated, swapped = [], 0
+    for module in model.modules():
+        core = getattr(module, "core", None)
+        if isinstance(core, LocalAttention):
+            core.kernel = kernel
+            if dims.cp > 1:
+                module.core = ContextParallelAttention(dims.strategy, mesh.cp_group(), causal=core.causal,
+                                                       kernel=kernel, window=core.window, layout=dims.layout,
+                                                       check_positions=False)
+                swapped += 1
+        elif isinstance(core, DilatedAttention):
+            core.kernel = kernel
+            dilated.append(core)
+        elif isinstance(core, ContextParallelAttention):
+            raise ValueError("this model is already parallelized; parallelize a freshly built model")
+    if dilated and dims.cp > 1:
+        if dims.layout != "contiguous":
+            raise ValueError(
+                f"the model's LongNet dilated layers need the contiguous token layout, but parallel.strategy="
+                f"{dims.strategy} runs on {dims.layout!r}; use parallel.strategy=ring, or allgather/ulysses/hybrid "
+                "with parallel.layout=contiguous")
+        for core in dilated:
+            core.group = mesh.cp.get_group()
+
+
+def _check_positions_hook(positions_of, cp: int):
+    """One position check per forward (not per layer); `positions_of(n)` gives this rank's positions of an
+    n-token sequence. The plan made the ids, so this catches a caller that passes its own."""
+
+    def hook(module, args, kwargs):
+        tokens = args[0] if args else kwargs.get("tokens")
+        pos = args[1] if len(args) > 1 else kwargs.get("position_ids")
+        if pos is None:
+            raise ValueError("a context-parallel model needs position_ids: take input_ids and position_ids from "
+                             "plan.shard_batch(...)")
+        check_positions(pos, positions_of(tokens.shape[1] * cp))
+
+    return hook
 
 
 def apply_context_parallel(model: nn.Module, strategy: str = "zigzag", group=None, *, kernel: str | None = None,
                            layout: str | None = None) -> str:
-    """Swap every LocalAttention core for the sequence-parallel one. Returns the token layout the data
-    path must shard batches with (shard_batch) and take position ids from. For 'hybrid' it is the layout of
-    the ring part: shard with longctx.parallel.shard_hybrid / hybrid_positions instead."""
-    swapped, layout_used = 0, None
+    """Swap every LocalAttention core for `strategy` over `group` (a process group, None = world, or a
+    ("ring", "ulysses") mesh for hybrid) without a mesh or data parallelism; returns the token layout the
+    batch must be sharded with (longctx.parallel.shard_batch). Training goes through `parallelize`."""
+    from ..parallel.comm import Comm
+    from ..parallel.sequence.mesh import hybrid_groups
+
+    strat = get_strategy(strategy)
+    layout = strat.layout(layout)
+    if strategy == "hybrid":
+        ug, rg, _ = hybrid_groups(group)
+        uc, rc = Comm.get(ug), Comm.get(rg)
+        world, rank, ulysses = uc.world * rc.world, rc.rank * uc.world + uc.rank, uc.world
+    else:
+        comm = Comm.get(group)
+        world, rank, ulysses = comm.world, comm.rank, 1
+    swapped = 0
     for module in model.modules():
         core = getattr(module, "core", None)
         if isinstance(core, LocalAttention):
-            cp = ContextParallelAttention(strategy, group, causal=core.causal, kernel=kernel or core.kernel,
-                                          window=core.window, layout=layout)
-            module.core = cp
-            layout_used = cp.layout
+            module.core = ContextParallelAttention(strategy, group, causal=core.causal, kernel=kernel or core.kernel,
+                                                   window=core.window, layout=layout, check_positions=False)
             swapped += 1
+        elif isinstance(core, DilatedAttention):
+            if strategy == "hybrid" or layout != "contiguous":
+                raise ValueError("dilated layers need a contiguous split over one group: use strategy='ring' "
+                                 "here, or longctx.model.parallelize with a contiguous layout")
+            core.group = group
     if not swapped:
         raise ValueError("apply_context_parallel found no LocalAttention cores to replace (already applied?)")
-    return layout_used
+    model.register_forward_pre_hook(_check_positions_hook(
+        lambda n: strat.rank_positions(layout, n, world, rank, ulysses), world), with_kwargs=True)
+    return layout
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) -> int:
+    """Recompute blocks in backward instead of saving their activations; returns how many blocks."""
+    from torch.distributed._composable import checkpoint
+
+    if mode not in AC_MODES:
+        raise ValueError(f"parallel.activation_checkpoint={mode!r}: choose one of {', '.join(AC_MODES)}")
+    if mode == "selective" and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"parallel.ac_every must be a positive int (checkpoint every n-th block), got {every!r}")
+    done = 0
+    for i, block in enumerate(b for b in model.modules() if isinstance(b, Block)):
+        if mode == "full" or (mode == "selective" and i % every == 0):
+            checkpoint(block)
+            done += 1
+    return done
+
+
+def _get(cfg, key, default):
+    return getattr(cfg, key, default) if cfg is not None else default
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: ParallelMesh | None = None,
+                param_dtype=None) -> Plan:
+    """Apply context parallelism, activation checkpointing and data parallelism (in that order) to `model`
+    over the mesh of `dims`; `cfg` is the `parallel` config section (or a job config holding one)."""
+    cfg = getattr(cfg, "parallel", cfg)
+    if dims.tp > 1 or dims.pp > 1:
+        axis = "tp" if dims.tp > 1 else "pp"
+        raise NotImplementedError(f"parallel.{axis}={getattr(dims, axis)}: tensor and pipeline parallelism are not "
+                                  f"built yet; set parallel.{axis}=1 (context and data parallelism compose here)")
+    cfg_model = getattr(model, "cfg", None)
+    if cfg_model is not None:
+        dims.check_heads(cfg_model.n_heads, cfg_model.n_kv_heads)
+    mesh = mesh or dims.build_mesh()
+    engine = resolve_engine(_get(cfg, "engine", "auto"), dims)
+    _swap_cores(model, mesh, _get(cfg, "kernel", "auto"))
+    apply_activation_checkpointing(model, _get(cfg, "activation_checkpoint", "none"), _get(cfg, "ac_every", 2))
+    apply_data_parallel(model, mesh, engine, reshard_after_forward=_get(cfg, "reshard_after_forward", True),
+                        param_dtype=param_dtype)
+    plan = Plan(model, dims, mesh, engine)
+    if dims.cp > 1:
+        model.register_forward_pre_hook(_check_positions_hook(plan.positions, dims.cp), with_kwargs=True)
+    return plan

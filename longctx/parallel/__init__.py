@@ -1,20 +1,14 @@
-"""Everything that crosses devices: layouts, the counted comm layer, and the attention schedules."""
+"""Everything that crosses devices.
 
-from .api import STRATEGIES, ContextParallelAttention, attention, strategy_layout
+  dims            ParallelDims -> one named DeviceMesh and the flattened sub-meshes the rest needs
+  comm            the counted comm layer (the only mover of attention data)
+  sequence/       sequence-parallel attention: layouts, block planner, schedules, registry, tree, dilated
+  data_parallel   FSDP2 / DDP / HSDP over the mesh
+"""
+
 from .comm import Comm, CommStats
-from .cost import comm_model, work_model
-from .dilated import LOCAL, DilatedAttention, check_pattern, dilated_attention, dilated_comm_model, dilated_config
-from .dilated_dist import dilated_comms
-from .hybrid import hybrid_positions, shard_hybrid
-from .layouts import LAYOUTS, permutation, positions, shard, shard_batch, unshard
-from .mesh import context_mesh
-from .plan import Block, step_blocks, work_table
-from .tree import ShardedKVCache, ring_decode, ring_decode_comm_model, tree_comm_model, tree_decode
+from .dims import DIM_NAMES, ParallelDims, ParallelMesh
+from .sequence import *  # noqa: F403 - the sequence-parallel API is the package's public API
+from .sequence import __all__ as _sequence_all
 
-__all__ = [
-    "STRATEGIES", "ContextParallelAttention", "attention", "strategy_layout", "Comm", "CommStats", "comm_model",
-    "work_model", "hybrid_positions", "shard_hybrid", "LAYOUTS", "permutation", "positions", "shard",
-    "shard_batch", "unshard", "context_mesh", "Block", "step_blocks", "work_table", "LOCAL", "DilatedAttention",
-    "check_pattern", "dilated_attention", "dilated_comm_model", "dilated_config", "dilated_comms", "ShardedKVCache",
-    "ring_decode", "ring_decode_comm_model", "tree_comm_model", "tree_decode",
-]
+__all__ = ["Comm", "CommStats", "DIM_NAMES", "ParallelDims", "ParallelMesh", *_sequence_all]

@@ -24,6 +24,15 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+def group_device_type(group=None) -> str:
+    """The device type a group's collectives take, read from its backend: "cuda" when it has an NCCL
+    backend for CUDA ("nccl", or a mixed "cpu:gloo,cuda:nccl" group) and a GPU is present, else "cpu"."""
+    backend = str(dist.get_backend(group)).lower()
+    if ("nccl" in backend or "cuda" in backend) and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
 def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -39,7 +48,9 @@ class CommStats:
 
     def __init__(self):
         self.ops: dict[tuple[str, str], OpCount] = defaultdict(OpCount)
-        self.work: list[tuple[str, int, int]] = []
+        # (phase, step) -> pairs summed over calls: bounded by the schedule's step count, so a training
+        # run of any length keeps a fixed-size record
+        self.work: dict[tuple[str, int], int] = defaultdict(int)
 
     def record(self, op: str, phase: str, n: int) -> None:
         c = self.ops[(phase, op)]
@@ -54,7 +65,11 @@ class CommStats:
 
     def record_work(self, phase: str, step: int, pairs: int) -> None:
         """(query, key) pairs this rank computed at one schedule step: balance is counted, not timed."""
-        self.work.append((phase, step, int(pairs)))
+        self.work[(phase, step)] += int(pairs)
+
+    def work_per_step(self, phase: str) -> list[int]:
+        """Pairs per schedule step of one phase (summed over the calls since the last reset)."""
+        return [p for (ph, _), p in sorted(self.work.items()) if ph == phase]
 
     def reset(self) -> None:
         self.ops.clear()
@@ -82,7 +97,7 @@ class Comm:
 
     _instances: dict = {}
 
-    def __init__(self, group=None):
+    def __init__(self, group=None, device_type: str | None = None):
         if not dist.is_initialized():
             raise RuntimeError(
                 "no process group: sequence-parallel attention needs torch.distributed to be initialised "
@@ -92,16 +107,26 @@ class Comm:
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.stats = CommStats()
+        self.device_type = device_type or group_device_type(group)
         self._global = [dist.get_global_rank(group, r) if group is not None else r for r in range(self.world)]
 
     @classmethod
-    def get(cls, group=None) -> Comm:
+    def get(cls, group=None, device_type: str | None = None) -> Comm:
+        """The Comm of a group (one per group, so its counters add up). `device_type`: the device the group
+        moves tensors of ("cpu", "cuda"); a DeviceMesh knows it, pass mesh.device_type."""
         if not dist.is_initialized():
             return Comm(group)  # raises the "no process group" error
+        if hasattr(group, "get_group"):  # a 1-D DeviceMesh: its group, and the device type it was built for
+            if group.ndim != 1:
+                raise ValueError(f"a {group.ndim}-D DeviceMesh {group.mesh_dim_names} was given where one group is "
+                                 "needed; slice one dimension, e.g. mesh['cp']")
+            group, device_type = group.get_group(), device_type or group.device_type
         # keyed by the group object itself, so a re-initialised world gets fresh counters and ranks
         key = group if group is not None else dist.group.WORLD
         if key not in cls._instances:
-            cls._instances[key] = Comm(group)
+            cls._instances[key] = Comm(group, device_type)
+        elif device_type is not None:
+            cls._instances[key].device_type = device_type
         return cls._instances[key]
 
     @classmethod
@@ -111,10 +136,9 @@ class Comm:
 
     @property
     def device(self) -> torch.device:
-        backend = dist.get_backend(self.group)
-        if backend == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        if self.device_type == "cpu":
+            return torch.device("cpu")
+        return torch.device(self.device_type, torch.accelerator.current_device_index())
 
     # ---------------------------------------------------------------- point to point
     def ring_exchange(self, send: torch.Tensor, *, phase: str, shift: int = 1) -> Pending:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .comm import Comm
+from ..comm import Comm
 
 LOCAL = "local"  # pass as group= to run single-device inside a distributed job
 

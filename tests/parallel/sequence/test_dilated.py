@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from longctx.launch import run
-from longctx.parallel.dilated import (
+from longctx.parallel.sequence.dilated import (
     DilatedAttention,
     check_pattern,
     dilated_attention,

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import kernels
-from ..kernels import acc_dtype
+from ... import kernels
+from ...kernels import acc_dtype
 from .plan import step_blocks
-from .ring import RingSpec, ScheduleFunction, blocks_backward, blocks_forward
+from .schedule import ScheduleFunction, ScheduleSpec, blocks_backward, blocks_forward
 
 
 def _shards(comm, kv, pending, parts):
@@ -26,7 +26,7 @@ def _shards(comm, kv, pending, parts):
             yield src, parts[src]
 
 
-def allgather_forward(q, k, v, spec: RingSpec):
+def allgather_forward(q, k, v, spec: ScheduleSpec):
     comm = spec.comm
     b, c, h, _ = q.shape
     n = c * comm.world
@@ -41,7 +41,7 @@ def allgather_forward(q, k, v, spec: RingSpec):
     return out.to(q.dtype), lse
 
 
-def allgather_backward(dout, q, k, v, out, lse, spec: RingSpec):
+def allgather_backward(dout, q, k, v, out, lse, spec: ScheduleSpec):
     comm = spec.comm
     c = q.shape[1]
     n = c * comm.world
@@ -59,5 +59,5 @@ def allgather_backward(dout, q, k, v, out, lse, spec: RingSpec):
     return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
 
 
-def allgather_attention(q, k, v, spec: RingSpec):
+def allgather_attention(q, k, v, spec: ScheduleSpec):
     return ScheduleFunction.apply(q, k, v, spec, allgather_forward, allgather_backward)

@@ -1,12 +1,18 @@
-"""Named device meshes for context parallelism (a 2D ring x ulysses mesh for the hybrid strategy)."""
+"""A standalone ("ring", "ulysses") DeviceMesh for the hybrid strategy, and reading one back.
+
+Inside a training job the mesh comes from ParallelDims (longctx.parallel.dims), whose context axis is
+split into the same two named dimensions; `context_mesh` is for the bare API over the whole world.
+"""
 
 from __future__ import annotations
 
 import torch.distributed as dist
 
+from ..comm import group_device_type
+
 
 def context_mesh(ring: int, ulysses: int, device_type: str | None = None):
-    """A DeviceMesh of shape (ring, ulysses) named ("ring", "ulysses").
+    """A DeviceMesh of shape (ring, ulysses) named ("ring", "ulysses") over the whole world.
 
     Ulysses is the inner dimension, so its all-to-alls stay between neighbouring ranks (one node), and
     the ring spans nodes, where its transfers overlap with compute.
@@ -24,18 +30,17 @@ def context_mesh(ring: int, ulysses: int, device_type: str | None = None):
             f"world size {world} does not factor as ring {ring} x ulysses {ulysses}; choose degrees whose "
             f"product is {world}"
         )
-    if device_type is None:
-        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    return init_device_mesh(device_type, (ring, ulysses), mesh_dim_names=("ring", "ulysses"))
+    return init_device_mesh(device_type or group_device_type(), (ring, ulysses), mesh_dim_names=("ring", "ulysses"))
 
 
 def hybrid_groups(group):
-    """(ulysses_group, ring_group) from a ("ring", "ulysses") DeviceMesh or a (ulysses, ring) pair."""
+    """(ulysses_group, ring_group, device_type) from a ("ring", "ulysses") DeviceMesh, or from a
+    (ulysses_group, ring_group) pair (device type then read from the groups' backend: None)."""
     if isinstance(group, (tuple, list)) and len(group) == 2:
-        return group[0], group[1]
+        return group[0], group[1], None
     names = getattr(group, "mesh_dim_names", None)
     if names is not None and "ring" in names and "ulysses" in names:
-        return group.get_group("ulysses"), group.get_group("ring")
+        return group.get_group("ulysses"), group.get_group("ring"), group.device_type
     raise ValueError(
         "strategy 'hybrid' needs group=context_mesh(ring, ulysses) (a DeviceMesh named ('ring', 'ulysses')) "
         "or a (ulysses_group, ring_group) pair"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from longctx import kernels
-from longctx.parallel import Comm, attention, comm_model, context_mesh, positions, strategy_layout
-from longctx.parallel.hybrid import hybrid_positions
-from longctx.parallel.mesh import hybrid_groups
+from longctx.parallel import STRATEGIES, Comm, attention, comm_model, context_mesh, positions, strategy_layout
+from longctx.parallel.sequence.hybrid import hybrid_positions
+from longctx.parallel.sequence.mesh import hybrid_groups
 
 _MESHES: dict = {}
 
@@ -36,7 +36,7 @@ def _group_and_positions(case, n, world, rank):
         if key not in _MESHES:
             _MESHES[key] = context_mesh(ring, uly)
         mesh = _MESHES[key]
-        ug, rg = hybrid_groups(mesh)
+        ug, rg, _ = hybrid_groups(mesh)
         uc, rc = Comm.get(ug), Comm.get(rg)
         layout = strategy_layout("hybrid", case.get("layout"))
         comms = [uc] if uc is rc else [uc, rc]  # size-1 meshes may hand back one group twice
@@ -61,8 +61,8 @@ def run_case(case: dict) -> dict:
     local = [t[:, pos].to(dtype).requires_grad_(i < 3) for i, t in enumerate((q, k, v, do))]
     ql, kl, vl, dol = local
     out = attention(ql, kl, vl, causal=causal, strategy=case["strategy"], group=group,
-                    kernel=case.get("kernel", "auto"), window=window, layout=case.get("layout"),
-                    position_ids=pos)
+                    kernel=case.get("kernel", "auto"), window=window,
+                    layout=case.get("layout") if case.get("pass_layout", True) else None, position_ids=pos)
     fwd_bytes = sum(c.stats.bytes("fwd") for c in comms)
     fwd_calls = sum(c.stats.calls("fwd") for c in comms)
     out.backward(dol)
@@ -74,7 +74,7 @@ def run_case(case: dict) -> dict:
         "fwd_bytes": fwd_bytes, "fwd_calls": fwd_calls,
         "bwd_bytes": sum(c.stats.bytes("bwd") for c in comms),
         "bwd_calls": sum(c.stats.calls("bwd") for c in comms),
-        "work": [w for c in comms for w in c.stats.work],
+        "work": [(ph, st, p) for c in comms for (ph, st), p in sorted(c.stats.work.items())],
         "out_dtype": str(out.dtype), "grad_dtype": str(ql.grad.dtype),
     }
     if case.get("bf16_baseline"):
@@ -113,5 +113,8 @@ def _raw_call(c):
     dev = c.get("device", "cpu")
     q = torch.randn(b, c_local, h, d, device=dev)
     k = torch.randn(b, c_local, hkv, d, device=dev)
-    attention(q, k, k.clone(), causal=c.get("causal", True), strategy=c["strategy"], layout=c.get("layout"),
+    # the strategy's own layout unless the case states one (None included: "not said")
+    layout = c["layout"] if "layout" in c else strategy_layout(c["strategy"]) if c["strategy"] in STRATEGIES else None
+    attention(q, k, k.clone(), causal=c.get("causal", True), strategy=c["strategy"], layout=layout,
               position_ids=c.get("position_ids"), group=c.get("group"), window=c.get("window"))
+

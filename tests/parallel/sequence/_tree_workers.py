@@ -6,7 +6,7 @@ import torch
 
 from longctx import kernels
 from longctx.parallel.comm import Comm
-from longctx.parallel.tree import (
+from longctx.parallel.sequence.tree import (
     ShardedKVCache,
     ring_decode,
     ring_decode_comm_model,

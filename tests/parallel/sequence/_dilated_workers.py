@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from longctx.parallel.dilated import dilated_attention, dilated_comm_model
-from longctx.parallel.dilated_dist import dilated_comms
+from longctx.parallel.sequence.dilated import dilated_attention, dilated_comm_model
+from longctx.parallel.sequence.dilated_dist import dilated_comms
 
 
 def dense_reference(q, k, v, segment_lengths, dilation_rates, causal):

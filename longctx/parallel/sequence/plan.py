@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import torch
 
-from ..kernels import Mask
+from ...kernels import Mask
 from .layouts import check_seq, positions
 
 

@@ -91,7 +91,7 @@ def shard(x: torch.Tensor, layout: str = "contiguous", *, group=None, rank=None,
 
 def unshard(local: torch.Tensor, layout: str = "contiguous", *, group=None, dim: int = 1):
     """Gather every rank's shard and restore natural order (through the comm layer's all-gather)."""
-    from .comm import Comm
+    from ..comm import Comm
 
     comm = Comm.get(group)
     parts = comm.all_gather(local.contiguous(), phase="data")

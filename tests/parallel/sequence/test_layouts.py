@@ -3,7 +3,7 @@ import torch
 
 from longctx.launch import run
 from longctx.parallel import permutation, positions, shard, shard_batch, unshard
-from longctx.parallel.layouts import check_seq
+from longctx.parallel.sequence.layouts import check_seq
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])

@@ -28,6 +28,12 @@ BAD = [
     (_raw("hybrid", 4), "ValueError", "strategy 'hybrid' needs group=context_mesh"),
     (_raw("spiral", 4), "ValueError", "unknown strategy 'spiral'"),
     (_raw("ring", 4, window=0), "ValueError", "window must be None or a positive int"),
+    # the layout is never guessed: unstated is an error, and positions that fit no layout are named
+    (_raw("allgather", 4, layout=None), "ValueError", "needs to know how q, k, v were sharded: pass layout="),
+    (_raw("ring", 4, layout=None, position_ids=torch.arange(4) + 1), "ValueError",
+     "follow none of the layouts strategy 'ring' runs on"),
+    (_raw("zigzag", 4, layout=None, position_ids=torch.arange(4)), "ValueError",
+     r"follow none of the layouts strategy 'zigzag' runs on \(zigzag\)"),
 ]
 
 
@@ -41,12 +47,13 @@ def test_bad_input_errors():
 def test_no_process_group():
     q = torch.randn(1, 4, 2, 8)
     with pytest.raises(RuntimeError, match="no process group"):
-        attention(q, q, q, strategy="ring", causal=True)
+        attention(q, q, q, strategy="ring", causal=True, layout="contiguous")
 
 
 def test_local_shape_errors_come_from_the_kernel_contract():
     with pytest.raises(ValueError, match="heads not divisible"):
-        attention(torch.randn(1, 4, 3, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), strategy="ring")
+        attention(torch.randn(1, 4, 3, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), strategy="ring",
+                  layout="contiguous")
 
 
 def test_strategy_layouts():
@@ -88,10 +95,20 @@ def test_200_random_calls_no_hang(world, count):
 
 
 def test_batched_position_ids_are_accepted():
-    from longctx.parallel.api import _check_positions
+    from longctx.parallel.sequence.api import check_positions as _check_positions
 
     expected = torch.tensor([2, 3, 12, 13])
     _check_positions(expected, expected)
     _check_positions(expected.expand(3, 4), expected)
     with pytest.raises(ValueError, match="layout mismatch"):
         _check_positions(torch.stack([expected, expected + 1]), expected)
+
+
+def test_shards_cut_by_torch_chunk_are_recognised_from_their_positions():
+    # the silent-mismatch case of a new user: contiguous (torch.chunk) shards, allgather/ulysses/hybrid
+    # called without layout=; the positions name the layout, and the result is exact
+    cases = [dict(strategy=s, b=1, n=32, h=4, hkv=2, d=8, causal=True, layout="contiguous", pass_layout=False)
+             for s in ("allgather", "ulysses")]
+    cases.append(dict(strategy="hybrid", mesh=(2, 2), b=1, n=32, h=4, hkv=2, d=8, causal=True, layout="striped",
+                      pass_layout=False))
+    check(cases, launch(cases, 4), 4)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from longctx.parallel import positions, step_blocks, work_model
-from longctx.parallel.plan import imbalance, work_table
+from longctx.parallel.sequence.plan import imbalance, work_table
 
 
 def _truth(layout, n, world, r, src, causal, window):

@@ -8,33 +8,21 @@ group on those heads, and a second all-to-all turns heads back into sequence.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .comm import Comm
-from .layouts import check_seq, divisor, positions
-from .ring import RingSpec, ring_attention
+from ..comm import Comm
+from .registry import REGISTRY
+from .ring import ring_attention
+from .schedule import ScheduleSpec
 from .ulysses import HeadsToSeq, SeqToHeads, check_heads, replicate_kv
 
 
 def hybrid_positions(ring_layout: str, n: int, ring_world: int, ulysses_world: int, ring_rank: int,
                      ulysses_rank: int) -> torch.Tensor:
     """Global positions held by the rank at (ring_rank, ulysses_rank)."""
-    check_hybrid_seq(ring_layout, n, ring_world, ulysses_world)
-    pos = positions(ring_layout, n, ring_world, ring_rank)
-    cu = pos.numel() // ulysses_world
-    return pos[ulysses_rank * cu:(ulysses_rank + 1) * cu]
-
-
-def check_hybrid_seq(ring_layout: str, n: int, ring_world: int, ulysses_world: int) -> None:
-    cr = check_seq(ring_layout, n, ring_world)
-    if cr % ulysses_world:
-        m = math.lcm(divisor(ring_layout, ring_world), ring_world * ulysses_world)
-        raise ValueError(
-            f"sequence length {n} gives {cr} tokens per ring rank, not divisible by ulysses degree "
-            f"{ulysses_world}; the sequence must be a multiple of {m}"
-        )
+    strat, world = REGISTRY["hybrid"], ring_world * ulysses_world
+    strat.check(seq_len=n, world=world, layout=strat.layout(ring_layout), ulysses=ulysses_world)
+    return strat.rank_positions(ring_layout, n, world, ring_rank * ulysses_world + ulysses_rank, ulysses_world)
 
 
 def shard_hybrid(x: torch.Tensor, ring_layout: str, ulysses_comm: Comm, ring_comm: Comm, dim: int = 1):
@@ -43,7 +31,7 @@ def shard_hybrid(x: torch.Tensor, ring_layout: str, ulysses_comm: Comm, ring_com
     return x.index_select(dim, pos.to(x.device))
 
 
-def hybrid_attention(q, k, v, *, ulysses_comm: Comm, spec: RingSpec):
+def hybrid_attention(q, k, v, *, ulysses_comm: Comm, spec: ScheduleSpec):
     """q, k, v: this rank's hybrid shard (B, c, H, D); spec: the ring part (its comm is the ring group)."""
     rep = check_heads(q.shape[2], k.shape[2], ulysses_comm.world, what="hybrid ulysses")
     k, v = replicate_kv(k, v, rep)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import kernels
-from .comm import Comm
+from ... import kernels
+from ..comm import Comm
 from .layouts import permutation
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from longctx.launch import run
-from longctx.parallel.tree import ShardedKVCache, ring_decode_comm_model, tree_comm_model
+from longctx.parallel.sequence.tree import ShardedKVCache, ring_decode_comm_model, tree_comm_model
 
 from ._tree_workers import run_cases
 

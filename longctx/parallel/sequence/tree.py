@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import kernels
-from .comm import Comm
+from ... import kernels
+from ..comm import Comm
 
 _INF = float("inf")
 PHASE = "decode"

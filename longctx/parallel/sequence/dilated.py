@@ -32,7 +32,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from .. import kernels
+from ... import kernels
 from .dilated_dist import LOCAL, context_comm, gather_sparse, reduce_scatter_sparse, segment_comm
 
 __all__ = ["LOCAL", "DilatedAttention", "check_pattern", "dilated_attention", "dilated_comm_model",

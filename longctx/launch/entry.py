@@ -1,0 +1,18 @@
+"""The one training entry every launcher runs: config in, summary out."""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from ..config import JobConfig
+from .env import process_group
+
+
+def train_main(config: dict, config_path: str | None = None) -> dict:
+    """Run a resolved job config (a plain dict, so it pickles to harness ranks) in the process group this
+    process finds; returns the training summary."""
+    from ..train import Trainer
+
+    cfg = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.create(config))
+    with process_group(cfg.parallel.timeout_s):
+        return Trainer(cfg, config_path=config_path).fit()

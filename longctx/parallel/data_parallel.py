@@ -1,0 +1,83 @@
+"""Data parallelism over the mesh: FSDP2, DDP, or both (HSDP), with the field's own implementations.
+
+Context ranks hold different tokens of the same sequences, so their gradients must be summed exactly as
+data ranks' are: every engine here reduces over data x context ranks.
+
+  engine  mesh                           what it is
+  fsdp    fsdp = dp_shard x cp           fully_shard per block, then the root (FSDP2)
+  hsdp    (dp_replicate, dp_shard x cp)  FSDP2 on a 2-D mesh: shard inside, replicate across
+  ddp     ddp = dp_replicate x cp        torch's DDP (the composable `replicate`, which keeps parameter names)
+  none    -                              one rank per sequence and no data parallel: nothing to reduce
+
+Both reduce by averaging over their group; the trainer scales the loss by the group size (dp x cp) so that
+the average becomes the sum a globally normalised loss needs (docs/algorithms.md §11).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .dims import ParallelDims, ParallelMesh
+
+ENGINES = ("auto", "fsdp", "ddp")
+
+
+def resolve_engine(engine: str, dims: ParallelDims) -> str:
+    """The engine a config asks for, made concrete: none | ddp | fsdp | hsdp."""
+    if engine not in ENGINES:
+        raise ValueError(f"parallel.engine={engine!r} is not one of {', '.join(ENGINES)} (DeepSpeed arrives "
+                         "with the tensor/pipeline issue)")
+    if dims.dp_cp == 1:
+        return "none"
+    if engine == "auto":
+        engine = "fsdp" if dims.dp_shard > 1 else "ddp"
+    if engine == "ddp":
+        if dims.dp_shard > 1:
+            raise ValueError(f"parallel.engine=ddp replicates parameters, so it cannot shard them over "
+                             f"parallel.dp_shard={dims.dp_shard}; use parallel.engine=fsdp (or auto), or move those "
+                             f"ranks to parallel.dp_replicate")
+        return "ddp"
+    if dims.dp_shard * dims.cp == 1:  # nothing to shard over: plain replication
+        return "ddp"
+    return "hsdp" if dims.dp_replicate > 1 else "fsdp"
+
+
+def apply_fsdp(model: nn.Module, mesh, *, reshard_after_forward: bool = True, param_dtype=None,
+               reduce_dtype=torch.float32) -> None:
+    """fully_shard each transformer block, then the root (so the embedding and output share one unit)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype) if param_dtype else None
+    kw = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if mp is not None:
+        kw["mp_policy"] = mp
+    for block in model.layers:
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
+
+
+def apply_ddp(model: nn.Module, mesh) -> None:
+    from torch.distributed._composable.replicate import replicate
+
+    replicate(model, device_mesh=mesh)
+
+
+def apply_data_parallel(model: nn.Module, mesh: ParallelMesh, engine: str, *, reshard_after_forward: bool = True,
+                        param_dtype=None) -> str:
+    """Wrap `model` for the resolved engine; returns it."""
+    engine = resolve_engine(engine, mesh.dims) if engine in ENGINES else engine
+    if engine == "fsdp":
+        apply_fsdp(model, mesh.fsdp, reshard_after_forward=reshard_after_forward, param_dtype=param_dtype)
+    elif engine == "hsdp":
+        apply_fsdp(model, mesh.hsdp, reshard_after_forward=reshard_after_forward, param_dtype=param_dtype)
+    elif engine == "ddp":
+        apply_ddp(model, mesh.ddp)
+    return engine
+
+
+def set_gradient_sync(model: nn.Module, engine: str, enabled: bool) -> None:
+    """Skip (False) or do (True) the gradient reduction of the next backward: accumulation micro-batches
+    reduce once, on the last one."""
+    if engine != "none":
+        model.set_requires_gradient_sync(enabled)

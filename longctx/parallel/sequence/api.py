@@ -1,0 +1,145 @@
+"""The public entry point: exact attention over sequence-sharded q, k, v by a named strategy.
+
+A shard's layout cannot be read off its values, so `attention` never guesses it: the caller says how the
+shards were cut, by `layout=` or by the shards' `position_ids` (from which the layout is recognised and
+checked). A model gets both from one plan object (longctx.model.parallelize), which also shards the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ... import kernels
+from ..comm import Comm
+from .allgather import allgather_attention
+from .hybrid import hybrid_attention
+from .mesh import hybrid_groups
+from .registry import STRATEGIES, get_strategy
+from .ring import ring_attention
+from .schedule import ScheduleSpec
+from .ulysses import ulysses_attention
+
+__all__ = ["STRATEGIES", "ContextParallelAttention", "attention", "check_positions"]
+
+
+def _check_device(q: torch.Tensor, comm: Comm) -> None:
+    want = comm.device
+    if q.device.type != want.type:
+        raise ValueError(
+            f"q is on {q.device} but the process group communicates {want.type} tensors; move q, k, v to "
+            f"{want} (gloo groups take CPU tensors, nccl groups CUDA tensors)"
+        )
+
+
+def _rows(given) -> torch.Tensor:
+    given = torch.as_tensor(given)
+    return given.reshape(-1, given.shape[-1]) if given.dim() else given.reshape(1, 1)
+
+
+def check_positions(given, expected: torch.Tensor) -> None:
+    """Position ids (c,) or (B, c), every row the layout's positions for this rank."""
+    if given is None:
+        return
+    rows = _rows(given)
+    if rows.shape[-1] != expected.numel() or not torch.equal(rows.cpu(), expected.expand_as(rows)):
+        raise ValueError(
+            "layout mismatch: the position ids given for this shard are not the ones the strategy's layout "
+            f"assigns this rank (expected {expected[:6].tolist()}..., got {_rows(given)[0, :6].tolist()}...); "
+            "shard inputs with longctx.parallel.shard(x, layout) for the strategy's layout"
+        )
+
+
+def _detect_layout(strategy, position_ids, n, world, rank, ulysses) -> str:
+    """The layout (among those the strategy runs on) whose positions for this rank are `position_ids`."""
+    rows = _rows(position_ids).cpu()
+    for layout in strategy.layouts:
+        try:
+            expected = strategy.rank_positions(layout, n, world, rank, ulysses)
+        except ValueError:
+            continue
+        if rows.shape[-1] == expected.numel() and torch.equal(rows, expected.expand_as(rows)):
+            return layout
+    raise ValueError(
+        f"layout mismatch: the position ids of this shard (starting {rows[0, :6].tolist()}) follow none of the "
+        f"layouts strategy {strategy.name!r} runs on ({', '.join(strategy.layouts)}); shard q, k, v with "
+        f"longctx.parallel.shard(x, layout) for one of them"
+    )
+
+
+def _check_window(window) -> None:
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be None or a positive int (keys each query sees), got {window!r}")
+
+
+def attention(q, k, v, *, causal: bool = False, strategy: str = "zigzag", group=None, kernel: str = "auto",
+              window: int | None = None, scale: float | None = None, layout: str | None = None,
+              position_ids=None, check: bool = True):
+    """Exact attention on this rank's shards q (B, c, H, D), k, v (B, c, H_kv, D).
+
+    Say how the shards were cut: `layout=` (what longctx.parallel.shard used) and/or `position_ids=` (the
+    global positions of this shard's tokens; checked against the layout, or used to recognise it). `group`:
+    a process group (None = world), or for 'hybrid' a ("ring", "ulysses") DeviceMesh. `check=False` skips
+    the position check (a caller that made the positions from the same plan). Returns this rank's output
+    shard, same layout, dtype of q.
+    """
+    strat = get_strategy(strategy)
+    if layout is None and position_ids is None:
+        raise ValueError(
+            f"attention() needs to know how q, k, v were sharded: pass layout= (the one given to "
+            f"longctx.parallel.shard; strategy {strategy!r} runs on {', '.join(strat.layouts)}) or position_ids= "
+            "of this shard; a model gets both from the plan of longctx.model.parallelize"
+        )
+    if layout is not None:
+        layout = strat.layout(layout)
+    scale, _ = kernels.validate(q, k, v, scale, None)
+    _check_window(window)
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"q has {q.shape[1]} tokens but k/v have {k.shape[1]}: shards must be equally long")
+    if strategy == "hybrid":
+        ug, rg, device_type = hybrid_groups(group)
+        ucomm, comm = Comm.get(ug, device_type), Comm.get(rg, device_type)
+        ulysses, world, rank = ucomm.world, ucomm.world * comm.world, comm.rank * ucomm.world + ucomm.rank
+    else:
+        comm = Comm.get(group)
+        ulysses, world, rank = 1, comm.world, comm.rank
+    _check_device(q, comm)
+    n = q.shape[1] * world
+    if layout is None:
+        layout = _detect_layout(strat, position_ids, n, world, rank, ulysses)
+    strat.check(seq_len=n, world=world, layout=layout, heads=q.shape[2], kv_heads=k.shape[2], ulysses=ulysses,
+                what=f"global sequence length ({q.shape[1]} per rank x {world} ranks)")
+    if check and position_ids is not None:
+        check_positions(position_ids, strat.rank_positions(layout, n, world, rank, ulysses))
+    if strategy == "ulysses":
+        return ulysses_attention(q, k, v, comm=comm, layout=layout, causal=causal, window=window, scale=scale,
+                                 kernel=kernel)
+    spec = ScheduleSpec(comm, layout, causal, window, scale, kernel)
+    if strategy == "hybrid":
+        return hybrid_attention(q, k, v, ulysses_comm=ucomm, spec=spec)
+    if strategy == "allgather":
+        return allgather_attention(q, k, v, spec)[0]
+    return ring_attention(q, k, v, spec)[0]
+
+
+class ContextParallelAttention(nn.Module):
+    """Holds a strategy, its layout and its group so a model can call `attn(q, k, v)` without knowing them.
+
+    `check_positions=False` is for cores installed by a plan: the plan made the position ids from the same
+    layout and checks them once per forward (not once per layer)."""
+
+    def __init__(self, strategy: str = "zigzag", group=None, *, causal: bool = True, kernel: str = "auto",
+                 window: int | None = None, layout: str | None = None, check_positions: bool = True):
+        super().__init__()
+        self.layout = get_strategy(strategy).layout(layout)
+        _check_window(window)
+        self.strategy, self.group, self.causal, self.kernel, self.window = strategy, group, causal, kernel, window
+        self.check_positions = check_positions
+
+    def forward(self, q, k, v, position_ids=None, scale=None):
+        return attention(q, k, v, causal=self.causal, strategy=self.strategy, group=self.group,
+                         kernel=self.kernel, window=self.window, scale=scale, layout=self.layout,
+                         position_ids=position_ids, check=self.check_positions)
+
+    def extra_repr(self) -> str:
+        return f"strategy={self.strategy}, layout={self.layout}, causal={self.causal}, window={self.window}"

@@ -1,0 +1,92 @@
+"""Blockwise (chunked) cross-entropy: the output projection and the loss, one chunk of tokens at a time.
+
+The (tokens x vocab) logits are the largest activation of a long-context step (at 128k tokens and a 128k
+vocabulary, 64 GiB in fp32). Here they exist one chunk at a time, as in the Blockwise Parallel
+Transformer: the forward computes each chunk's logits, its loss and at once its gradients with respect to
+the hidden states and the output weight (softmax - one-hot), keeps those two (tokens x dim and vocab x dim,
+the sizes of the inputs) and drops the logits. The backward only scales them by the incoming gradient.
+
+Returns the *sum* of the per-token losses over labels that are not `ignore_index`; the trainer divides by
+the global count of real labels, so every layout gives the single-process mean (docs/algorithms.md §11).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..data.labels import IGNORE_INDEX
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk: int, ignore_index: int):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc = _acc(hidden.dtype)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk]
+            y = labels[start:start + chunk]
+            valid = y != ignore_index
+            target = torch.where(valid, y, torch.zeros_like(y))
+            logits = (h @ weight.t()).to(acc)  # (chunk, vocab): the only vocab-sized tensor, one chunk at a time
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, target[:, None])[:, 0]
+            total += torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
+            if want_h or want_w:
+                # d(sum loss)/d logits = softmax - one_hot, zero on ignored rows (in place: no second copy)
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(probs.shape[0], device=probs.device), target] -= 1.0
+                probs.mul_(valid[:, None].to(probs.dtype))
+                g = probs.to(hidden.dtype)
+                if want_h:
+                    grad_h[start:start + chunk] = g @ weight
+                if want_w:
+                    grad_w += (g.t() @ h).to(acc)
+            del logits
+        ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
+        ctx.want = (want_h, want_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        saved = iter(ctx.saved_tensors)
+        want_h, want_w = ctx.want
+        grad_h = grad_w = None
+        if want_h:
+            grad_h = next(saved)
+            grad_h = grad_h * grad_total.to(grad_h.dtype)
+        if want_w:
+            grad_w = (next(saved) * grad_total).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk: int = 1024,
+                          ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Sum over real labels of cross_entropy(hidden @ weight.T, labels); hidden (T, D), weight (V, D),
+    labels (T,). chunk <= 0 computes all logits at once (the plain path, for comparison)."""
+    if hidden.dim() != 2 or labels.dim() != 1 or hidden.shape[0] != labels.shape[0]:
+        raise ValueError(f"hidden must be (tokens, dim) and labels (tokens,), got {tuple(hidden.shape)} and "
+                         f"{tuple(labels.shape)}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int):
+        raise ValueError(f"train.loss_chunk must be an int (tokens per chunk; 0 = no chunking), got {chunk!r}")
+    if chunk <= 0:
+        logits = (hidden @ weight.t()).to(_acc(hidden.dtype))
+        return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    return _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk, ignore_index)
+
+
+def loss_fn(chunk: int):
+    """The model's loss_fn argument: (hidden, weight, labels) -> summed loss."""
+
+    def fn(hidden, weight, labels):
+        return chunked_cross_entropy(hidden, weight, labels, chunk=chunk)
+
+    return fn

@@ -1,0 +1,192 @@
+"""What a training step reports: model FLOPs (attention counted for the mask actually used), achieved
+FLOP/s and MFU, peak memory, and the bytes of activations saved for backward (counted, not timed).
+Rank 0 writes metrics.jsonl and TensorBoard events and shows a progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+
+from ..kernels import Mask
+
+# dense peak FLOP/s per GPU (no sparsity), by a substring of the device name
+PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp32": 494.5e12},
+    "H100": {"bf16": 989e12, "fp32": 494.5e12},
+    "A100": {"bf16": 312e12, "fp32": 156e12},
+    "L40S": {"bf16": 362e12, "fp32": 183e12},
+}
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """The device's dense peak for the precision (fp32 means TF32 tensor cores), or None (CPU, unknown GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_FLOPS.items():
+        if key in name:
+            return peaks["bf16" if precision == "bf16" else "fp32"]
+    return None
+
+
+def attention_pairs(model_cfg, seq_len: int) -> int:
+    """(query, key) pairs per sequence per head, summed over layers, for the masks the model uses:
+    causal (with the sliding window, if any) on ordinary layers; each LongNet pattern's causal pairs
+    inside its sparsified segments on dilated layers."""
+    from ..model.llama import dilated_pattern
+
+    dense = Mask.from_flags(True, model_cfg.window).band_pairs(seq_len, seq_len)
+    total = 0
+    for layer in range(model_cfg.n_layers):
+        if layer not in model_cfg.dilated.layers:
+            total += dense
+            continue
+        for w, r in zip(*dilated_pattern(model_cfg, seq_len)):
+            w = min(w, seq_len)
+            m = w // r
+            total += (seq_len // w) * m * (m + 1) // 2
+    return total
+
+
+def model_flops_per_step(model_cfg, seq_len: int, sequences: int) -> dict:
+    """Training FLOPs of one optimizer step: 6 per parameter per token for every matmul (the embedding
+    lookup is not a matmul), plus attention: 4 per pair per head dim forward (QK^T and PV), x3 with the
+    backward."""
+    c = model_cfg
+    hd = c.dim // c.n_heads
+    per_layer = c.dim * c.n_heads * hd * 2 + c.dim * c.n_kv_heads * hd * 2 + 3 * c.dim * c.ffn_dim
+    matmul_params = c.n_layers * per_layer + c.dim * c.vocab_size
+    tokens = seq_len * sequences
+    dense = 6 * matmul_params * tokens
+    attn = 12 * c.n_heads * hd * attention_pairs(c, seq_len) * sequences
+    return {"dense": dense, "attention": attn, "total": dense + attn}
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated GPU memory on CUDA; the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+class SavedTensorCounter:
+    """Counts the bytes of tensors autograd saves for backward inside the `with` block (each storage once,
+    parameters excluded: they are not activations). `by_shape` keeps bytes per shape, for assertions on
+    what kind of tensor was kept."""
+
+    def __init__(self, model: torch.nn.Module | None = None):
+        self.model = model
+        self.bytes = 0
+        self.by_shape: dict[tuple, int] = {}
+        self._seen: set = set()
+        self._ctx = None
+
+    def _pack(self, t: torch.Tensor):
+        from torch.distributed.tensor import DTensor
+
+        local = t.to_local() if isinstance(t, DTensor) else t
+        try:
+            storage = local.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes())
+        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. fake/meta)
+            return t
+        if key not in self._seen and key[0] not in self._param_ptrs():
+            self._seen.add(key)
+            self.bytes += key[1]
+            shape = tuple(local.shape)
+            self.by_shape[shape] = self.by_shape.get(shape, 0) + key[1]
+        return t
+
+    def _param_ptrs(self) -> set:
+        if self.model is None:
+            return set()
+        ptrs = set()
+        for p in self.model.parameters():
+            from torch.distributed.tensor import DTensor
+
+            local = p.to_local() if isinstance(p, DTensor) else p
+            ptrs.add(local.untyped_storage().data_ptr())
+        return ptrs
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+        return False
+
+
+class MetricsLogger:
+    """metrics.jsonl (one object per optimizer step), TensorBoard events and a tqdm bar, on rank 0 only."""
+
+    def __init__(self, run_dir: str, *, enabled: bool, total_steps: int, quiet: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.bar = self.writer = self.file = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("longctx: tensorboard is not installed (pip install 'longctx[dev]'); metrics.jsonl is still "
+                      "written", file=sys.stderr)
+            else:
+                self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+        if not quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, file=sys.stdout)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step" and value is not None:
+                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+        if self.bar is not None:
+            post = {"loss": f"{record['loss']:.4f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+            if record.get("mfu") is not None:
+                post["mfu"] = f"{100 * record['mfu']:.1f}%"
+            else:
+                post["FLOP/s"] = f"{record['flops_per_s']:.2e}"
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.file is not None:
+            self.file.close()
+
+
+class StepTimer:
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds = time.perf_counter() - self.t0
+        return False

@@ -1,0 +1,63 @@
+"""AdamW, warmup + cosine learning rate, and gradient clipping by the global norm.
+
+Clipping must see the norm of the whole gradient, not of this rank's shard: under FSDP2 a gradient is a
+DTensor sharded over the data x context ranks, and its norm is a partial value until reduced. The total
+norm is therefore taken with torch's own `get_total_norm` and, when it is a DTensor, made whole with
+`full_tensor()` (one all-reduce) before every rank scales its shard by the same factor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (linear and embedding weights), not vectors (norm weights)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
+    """AdamW; the fused kernel on GPU, the multi-tensor (foreach) one on CPU."""
+    kw = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps, **kw)
+
+
+def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup over `warmup` steps
+    (the first step already moves), then cosine from 1 down to min_ratio at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    decay_steps = max(1, total - warmup - 1)
+    progress = min(1.0, (step - warmup) / decay_steps)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        return lr_factor(step, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """Global gradient norm (over every shard and rank); grads scaled to max_norm when above it and
+    max_norm > 0. Returns the norm before clipping."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0, foreach=True)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return total

@@ -1,0 +1,116 @@
+"""Everything a job config must satisfy, checked once before any rank builds anything.
+
+Each message names the key and what to change. The world size is the only fact from outside the config.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from ..config import ConfigError, validate_model
+from ..parallel.data_parallel import resolve_engine
+from ..parallel.dims import ParallelDims
+
+PRECISIONS = ("auto", "fp32", "bf16")
+AC_MODES = ("none", "full", "selective")
+
+
+def _positive(section: str, cfg, *keys, allow_zero: bool = False) -> None:
+    for key in keys:
+        value = cfg[key]
+        if value < 0 or (value == 0 and not allow_zero):
+            raise ConfigError(f"{section}.{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def dims_from_config(cfg, world_size: int) -> ParallelDims:
+    p = cfg.parallel
+    try:
+        return ParallelDims(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, cp=p.cp, tp=p.tp, pp=p.pp,
+                            world_size=world_size, strategy=p.strategy, ulysses=p.ulysses, layout=p.layout)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def validate_job(cfg, world_size: int) -> ParallelDims:
+    """All checks of a job config for `world_size` ranks; returns the validated ParallelDims."""
+    from ..data.synthetic import TASKS
+    from ..kernels import backends
+
+    try:
+        validate_model(cfg.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    dims = dims_from_config(cfg, world_size)
+    p, t, d = cfg.parallel, cfg.train, cfg.data
+    kernels = ("auto", *sorted(backends()))
+    if p.kernel not in kernels:
+        raise ConfigError(f"parallel.kernel={p.kernel!r} is not a kernel backend; choose one of {', '.join(kernels)}")
+    try:
+        resolve_engine(p.engine, dims)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if p.activation_checkpoint not in AC_MODES:
+        raise ConfigError(f"parallel.activation_checkpoint={p.activation_checkpoint!r}: choose one of "
+                          f"{', '.join(AC_MODES)}")
+    _positive("parallel", p, "ac_every", "timeout_s")
+    if dims.tp > 1 or dims.pp > 1:
+        axis = "tp" if dims.tp > 1 else "pp"
+        raise ConfigError(f"parallel.{axis}={getattr(dims, axis)}: tensor and pipeline parallelism are not built "
+                          f"yet; set parallel.{axis}=1 (context and data parallelism compose today)")
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision={t.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    _positive("train", t, "steps", "batch_size", "seq_len", "accumulation", "lr", "mlp_chunks", "beta1", "beta2",
+              "eps")
+    _positive("train", t, "warmup_steps", "weight_decay", "grad_clip", "loss_chunk", "min_lr_ratio",
+              allow_zero=True)
+    per = dims.dp * t.accumulation
+    if t.batch_size % per:
+        lo, hi = t.batch_size - t.batch_size % per, t.batch_size + per - t.batch_size % per
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} sequences cannot be split over {dims.dp} data-parallel ranks x "
+            f"{t.accumulation} accumulation steps (needs a multiple of {per}); use train.batch_size="
+            f"{hi}{f' or {lo}' if lo else ''}, or change parallel.dp_* / train.accumulation")
+    try:
+        dims.check_seq_len(t.seq_len)
+        dims.check_heads(cfg.model.n_heads, cfg.model.n_kv_heads)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.model.dilated.layers:
+        _check_dilated(cfg, dims)
+    if d.source != "synthetic":
+        raise ConfigError(f"data.source={d.source!r}: only 'synthetic' exists until token datasets arrive")
+    if d.task not in TASKS:
+        raise ConfigError(f"data.task={d.task!r}: choose one of {', '.join(TASKS)}")
+    if not 2 <= d.alphabet <= cfg.model.vocab_size:
+        raise ConfigError(f"data.alphabet={d.alphabet} must be between 2 and model.vocab_size={cfg.model.vocab_size}")
+    if d.task == "induction" and not 1 <= d.period <= t.seq_len:
+        raise ConfigError(f"data.period={d.period} must be between 1 and train.seq_len={t.seq_len}")
+    return dims
+
+
+def _check_dilated(cfg, dims: ParallelDims) -> None:
+    from ..model.llama import dilated_pattern
+    from ..parallel.sequence.dilated import check_pattern
+
+    if dims.cp > 1 and dims.layout != "contiguous":
+        raise ConfigError(
+            f"model.dilated.layers need the contiguous token layout, but parallel.strategy={dims.strategy} runs on "
+            f"{dims.layout!r}; use parallel.strategy=ring, or allgather/ulysses/hybrid with parallel.layout=contiguous")
+    try:
+        ws, rs = dilated_pattern(cfg.model, cfg.train.seq_len)
+        check_pattern(ws, rs, cfg.train.seq_len, dims.cp)
+    except ValueError as e:
+        raise ConfigError(f"model.dilated: {e}") from None
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """auto: bf16 autocast on GPU, fp32 on CPU."""
+    if precision == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    return precision
+
+
+def default_run_dir(config_path: str | None) -> str:
+    name = os.path.splitext(os.path.basename(config_path))[0] if config_path else "run"
+    return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")

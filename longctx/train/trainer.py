@@ -1,0 +1,172 @@
+"""The training loop: one loop for every launcher and every layout.
+
+Per optimizer step, on every rank:
+  1. read this data rank's sequences (each micro-batch), shard them with the plan (context layout);
+  2. sum the real (not ignored) labels of all micro-batches over data x context ranks: the global count;
+  3. per micro-batch: forward to the summed loss of this rank's tokens, backward on
+     loss_sum * (dp x cp) / global_count; the data-parallel engine averages over dp x cp, so the gradient
+     is exactly that of the global mean (docs/algorithms.md §11), whatever the layout, whichever ranks
+     hold no real label; gradients are reduced once, on the last micro-batch;
+  4. clip by the global norm, AdamW, LR schedule; metrics on rank 0.
+The process group must exist already (longctx.launch sets it up); the trainer never creates one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..config import to_yaml
+from ..data.labels import IGNORE_INDEX
+from ..data.synthetic import SyntheticSource, step_indices
+from ..model import build_model, parallelize
+from ..parallel.dims import device_type_from_env
+from .loss import loss_fn
+from .metrics import MetricsLogger, StepTimer, model_flops_per_step, peak_flops, peak_memory_bytes
+from .optim import build_optimizer, build_scheduler, clip_grad_norm
+from .setup import default_run_dir, resolve_precision, validate_job
+
+
+class Trainer:
+    def __init__(self, cfg, *, config_path: str | None = None):
+        if not dist.is_initialized():
+            raise RuntimeError("Trainer needs a process group: run it through `longctx train` / `longctx launch "
+                               "local` (or longctx.launch.process_group())")
+        self.cfg = cfg
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.dims = validate_job(cfg, self.world)
+        self.device_type = device_type_from_env()
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if self.device_type == "cuda"
+                       else torch.device("cpu"))
+        self.precision = resolve_precision(cfg.train.precision, self.device_type)
+        t = cfg.train
+        torch.manual_seed(t.seed)  # the same initial weights on every rank, whatever the layout
+        model = build_model(cfg.model, seq_len=t.seq_len, mlp_chunks=t.mlp_chunks).to(self.device)
+        bf16 = self.precision == "bf16"
+        self.plan = parallelize(model, self.dims, cfg.parallel, mesh=self.dims.build_mesh(self.device_type),
+                                param_dtype=torch.bfloat16 if bf16 else None)
+        self.model = model
+        torch.manual_seed(t.seed + 1 + self.rank)  # per-rank streams from here on (sampling, dropout)
+        self.optimizer = build_optimizer(model, t, self.device_type)
+        self.scheduler = build_scheduler(self.optimizer, t)
+        self.data = SyntheticSource(task=cfg.data.task, seq_len=t.seq_len, vocab_size=cfg.model.vocab_size,
+                                    seed=t.seed, alphabet=cfg.data.alphabet, period=cfg.data.period,
+                                    mask_prompt=cfg.data.mask_prompt)
+        self.loss_fn = loss_fn(t.loss_chunk)
+        self.step_flops = model_flops_per_step(cfg.model, t.seq_len, t.batch_size)["total"]
+        self.peak_flops = peak_flops(self.device, self.precision)
+        self.step = 0
+        self.history: list[dict] = []
+        self.run_dir = self._agree_run_dir(config_path)
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _agree_run_dir(self, config_path) -> str:
+        """Rank 0 names the run directory (a timestamp may differ between ranks) and tells the others."""
+        box = [self.cfg.run_dir or default_run_dir(config_path)]
+        if self.world > 1:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device_type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _all_reduce(self, values: list[float], op=dist.ReduceOp.SUM, group=None, whole_world=False) -> list[float]:
+        """Reduce a few scalars (float64) over `group` (None: nothing to reduce unless whole_world)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if group is not None or (whole_world and self.world > 1):
+            dist.all_reduce(t, op=op, group=group)
+        return t.tolist()
+
+    # ------------------------------------------------------------------ the step
+    def micro_batches(self, step: int) -> list[dict]:
+        """This rank's shards of every micro-batch of optimizer step `step`."""
+        t, plan = self.cfg.train, self.plan
+        out = []
+        for micro in range(t.accumulation):
+            idx = step_indices(step, batch_size=t.batch_size, dp_rank=plan.dp_rank, dp_size=self.dims.dp,
+                               accumulation=t.accumulation, micro=micro)
+            inputs, labels = self.data.batch(idx)
+            out.append(plan.shard_batch(inputs.to(self.device), labels.to(self.device)))
+        return out
+
+    def train_step(self) -> dict:
+        t, plan, model = self.cfg.train, self.plan, self.model
+        with StepTimer(self.device) as timer:
+            shards = self.micro_batches(self.step)
+            local_count = float(sum(int((s["labels"] != IGNORE_INDEX).sum()) for s in shards))
+            (count,) = self._all_reduce([local_count], group=plan.loss_group)
+            scale = self.dims.dp_cp / max(count, 1.0)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+            for micro, s in enumerate(shards):
+                plan.set_gradient_sync(micro == len(shards) - 1)
+                with self._autocast():
+                    part = model(s["input_ids"], s["position_ids"], labels=s["labels"], loss_fn=self.loss_fn)
+                (part * scale).backward()
+                loss_sum += part.detach().double()
+            grad_norm = float(clip_grad_norm(model.parameters(), t.grad_clip))
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            (total,) = self._all_reduce([float(loss_sum)], group=plan.loss_group)
+        (peak,) = self._all_reduce([float(peak_memory_bytes(self.device))], op=dist.ReduceOp.MAX, whole_world=True)
+        self.step += 1
+        tokens = t.batch_size * t.seq_len
+        flops_per_s = self.step_flops / timer.seconds
+        record = {
+            "step": self.step, "loss": total / count if count else 0.0, "lr": lr, "grad_norm": grad_norm,
+            "tokens": tokens, "loss_tokens": int(count), "step_time_s": timer.seconds,
+            "tokens_per_s": tokens / timer.seconds, "flops_per_s": flops_per_s,
+            "mfu": flops_per_s / self.world / self.peak_flops if self.peak_flops else None,
+            "peak_mem_bytes": int(peak),
+        }
+        self.history.append(record)
+        return record
+
+    # ------------------------------------------------------------------ the run
+    def fit(self, steps: int | None = None) -> dict:
+        """Train to train.steps (or `steps` more); rank 0 logs. Returns a summary (the same on every rank)."""
+        steps = self.cfg.train.steps - self.step if steps is None else steps
+        lcfg, main = self.cfg.logging, self.rank == 0
+        if main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+                f.write(to_yaml(self.cfg))
+            if lcfg.print_config and not lcfg.quiet:
+                print(f"longctx train: {self.world} rank(s), {self.dims}, engine={self.plan.engine}, "
+                      f"device={self.device_type}, precision={self.precision}\n{to_yaml(self.cfg)}", flush=True)
+        logger = MetricsLogger(self.run_dir, enabled=main, total_steps=steps, quiet=lcfg.quiet,
+                               tensorboard=lcfg.tensorboard)
+        start = time.perf_counter()
+        try:
+            for _ in range(steps):
+                logger.log(self.train_step())
+        finally:
+            logger.close()
+        return self.summary(time.perf_counter() - start)
+
+    def summary(self, seconds: float) -> dict:
+        h = self.history
+        timed = h[1:] or h  # the first step pays for warm-up
+        return {
+            "steps": self.step, "first_loss": h[0]["loss"] if h else None, "final_loss": h[-1]["loss"] if h else None,
+            "losses": [r["loss"] for r in h], "seconds": seconds,
+            "tokens_per_s": sum(r["tokens"] for r in timed) / sum(r["step_time_s"] for r in timed) if h else None,
+            "flops_per_s": sum(r["flops_per_s"] for r in timed) / len(timed) if h else None,
+            "mfu": timed[-1]["mfu"] if h else None, "peak_mem_bytes": max((r["peak_mem_bytes"] for r in h), default=0),
+            "run_dir": self.run_dir, "world_size": self.world, "engine": self.plan.engine,
+            "layout": self.dims.layout if self.dims.cp > 1 else None,
+        }
+
+    def full_state_dict(self) -> dict:
+        """Every parameter, unsharded, on every rank (collective)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        return {k: v.detach().cpu() for k, v in sd.items()}
