@@ -1,19 +1,36 @@
-"""The `longctx` command: info, bench, demo."""
+"""The `longctx` command: train, launch, config, bench, info, demo.
+
+A user error (bad config, bad argument, impossible layout) is one line on stderr, `longctx: error: ...`,
+exit status 2; a failure inside a rank shows that rank's traceback, exit status 1. LONGCTX_DEBUG=1 shows
+the Python traceback of user errors too.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
 import sys
 
-# bench name -> module with add_arguments(parser) and run(args) -> list[dict]
+# bench name -> module with add_arguments(parser) and run(args) -> list[dict] (and optionally validate(args))
 BENCHES = {
     "attention": ("longctx.bench.attention", "sequence-parallel attention strategies on a simulated cluster"),
     "kernel": ("longctx.bench.kernel", "local kernel backends: TFLOP/s for fwd, bwd, fwd+bwd"),
     "decode": ("longctx.bench.decode", "tree vs ring decoding over a sharded KV cache"),
     "dilated": ("longctx.bench.dilated", "LongNet dilated attention, local and distributed"),
+    "train": ("longctx.bench.train", "training layouts side by side: tokens/s, FLOP/s, saved activations, loss"),
 }
+USER_ERRORS = ("ValueError", "ConfigError", "MissingDependency", "NotImplementedError")
+
+
+class UserError(Exception):
+    """Raised by command code for a problem the user can fix; printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + message
+        raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
 def info() -> str:
@@ -40,7 +57,7 @@ def info() -> str:
     )
     lines.append("optional packages:")
     for mod, extra in (("triton", "triton"), ("flash_attn", "flash"), ("ray", "ray"), ("deepspeed", "deepspeed"),
-                       ("transformers", "hf"), ("omegaconf", "required")):
+                       ("transformers", "hf"), ("tensorboard", "dev"), ("omegaconf", "required")):
         ok, what = probe(mod)
         lines.append(f"  {mod:<13} {what if ok else 'missing (extra: ' + extra + ')'}")
     lines.append("kernel backends (auto picks the highest priority that supports a call):")
@@ -55,27 +72,107 @@ def info() -> str:
     return "\n".join(lines)
 
 
+def _add_config_args(p) -> None:
+    p.add_argument("config", help="YAML job config (e.g. configs/tiny.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. parallel.cp=4")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="longctx", description="Exact sequence-parallel attention for long contexts")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="longctx", description="Exact sequence-parallel attention and long-context training")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("info", help="versions, devices, kernel backends and why any is unavailable")
-    sub.add_parser("demo", help="a short real run on a simulated 4-rank CPU cluster (what `make demo` runs)")
+    sub.add_parser("demo", help="a real training run on a simulated 4-rank CPU cluster (what `make demo` runs)")
+    tr = sub.add_parser("train", help="train in the process group found (torchrun, Ray, harness, or one process)")
+    _add_config_args(tr)
+    launch = sub.add_parser("launch", help="start ranks, each running `longctx train`")
+    lsub = launch.add_subparsers(dest="launcher", required=True, parser_class=_Parser)
+    local = lsub.add_parser("local", help="N ranks on this machine (gloo on CPU, NCCL when N GPUs are present)")
+    local.add_argument("--nproc", type=_positive_int, required=True, help="number of ranks")
+    local.add_argument("--timeout", type=float, default=None,
+                       help="wall-clock limit in seconds for the whole run (default: none)")
+    _add_config_args(local)
+    config = sub.add_parser("config", help="inspect configs")
+    csub = config.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
+    show = csub.add_parser("show", help="print the resolved config (defaults + file + overrides)")
+    show.add_argument("--world-size", type=_positive_int, default=None,
+                      help="also validate the job for this many ranks")
+    _add_config_args(show)
     bench = sub.add_parser("bench", help="benchmarks: tables, JSON, plots")
-    bsub = bench.add_subparsers(dest="bench", required=True)
+    bsub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     for name, (module, helptext) in BENCHES.items():
         bp = bsub.add_parser(name, help=helptext, description=helptext)
         bp.set_defaults(_module=module)
-        try:
-            importlib.import_module(module).add_arguments(bp)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            bp.set_defaults(_missing=f"`longctx bench {name}` is not available in this build")
+        importlib.import_module(module).add_arguments(bp)
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _load(args):
+    from .config import load
+
+    return load(path=args.config, overrides=args.overrides)
+
+
+def _print_summary(summary: dict) -> None:
+    print(f"done: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}, "
+          f"{summary['tokens_per_s']:.0f} tokens/s, {summary['seconds']:.1f} s; metrics in "
+          f"{summary['run_dir']}/metrics.jsonl", flush=True)
+
+
+def cmd_train(args) -> int:
+    from omegaconf import OmegaConf
+
+    from .launch import train_main, world_size_from_env
+    from .train import validate_job
+
+    cfg = _load(args)
+    validate_job(cfg, world_size_from_env())  # one-line errors before any rank builds anything
+    summary = train_main(OmegaConf.to_container(cfg), config_path=args.config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_summary(summary)
+    return 0
+
+
+def cmd_launch_local(args) -> int:
+    from omegaconf import OmegaConf
+
+    from .launch import run, train_main
+    from .train import validate_job
+    from .train.setup import default_run_dir
+
+    cfg = _load(args)
+    validate_job(cfg, args.nproc)
+    if cfg.run_dir is None:  # one name for every rank, chosen here
+        cfg.run_dir = default_run_dir(args.config)
+    timeout = args.timeout if args.timeout else 7 * 24 * 3600.0  # poll() takes at most ~24 days
+    results = run(train_main, args.nproc, args=(OmegaConf.to_container(cfg), args.config), timeout=timeout,
+                  pg_timeout=cfg.parallel.timeout_s)
+    _print_summary(results[0])
+    return 0
+
+
+def cmd_config_show(args) -> int:
+    from .config import to_yaml
+    from .train import validate_job
+
+    cfg = _load(args)
+    if args.world_size:
+        dims = validate_job(cfg, args.world_size)
+        print(f"# valid for {args.world_size} rank(s): {dims}")
+    print(to_yaml(cfg), end="")
+    return 0
+
+
+def _dispatch(args) -> int:
     if args.command == "info":
         print(info())
         return 0
@@ -83,11 +180,42 @@ def main(argv=None) -> int:
         from .demo import main as demo_main
 
         return demo_main()
-    if getattr(args, "_missing", None):
-        print(args._missing, file=sys.stderr)
-        return 2
-    importlib.import_module(args._module).run(args)
+    if args.command == "train":
+        return cmd_train(args)
+    if args.command == "launch":
+        return cmd_launch_local(args)
+    if args.command == "config":
+        return cmd_config_show(args)
+    module = importlib.import_module(args._module)
+    if hasattr(module, "validate"):
+        module.validate(args)  # in this process: a bad argument never reaches the ranks
+    module.run(args)
     return 0
+
+
+def main(argv=None) -> int:
+    from ._optional import MissingDependency
+    from .launch import RankError
+
+    try:
+        return _dispatch(build_parser().parse_args(argv))
+    except UserError as e:
+        return _user_error(str(e))
+    except RankError as e:
+        if e.remote_type in USER_ERRORS and e.remote_message:
+            return _user_error(f"rank {e.rank}: {e.remote_message}")
+        print(f"longctx: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, MissingDependency, NotImplementedError) as e:
+        if os.environ.get("LONGCTX_DEBUG"):
+            raise
+        return _user_error(str(e))
+
+
+def _user_error(message: str) -> int:
+    first = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    print(f"longctx: error: {first}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

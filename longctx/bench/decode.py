@@ -1,4 +1,4 @@
-"""`longctx bench decode`: tree vs ring decoding over a sequence-sharded KV cache (algorithms.md 6).
+"""`longctx bench decode`: tree vs ring decoding over a sequence-sharded KV cache (docs/algorithms.md §9).
 
 For each context length, every rank fills a round-robin ShardedKVCache with the same prompt K/V and decodes
 the same new query with each strategy. Bytes come from the comm counters (max over ranks) next to the

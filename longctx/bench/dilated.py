@@ -1,4 +1,4 @@
-"""`longctx bench dilated`: LongNet dilated attention over a contiguous sequence split (algorithms.md 7).
+"""`longctx bench dilated`: LongNet dilated attention over a contiguous sequence split (docs/algorithms.md §10).
 
 Each rank draws its own chunk of q, k, v, dout (seeded by rank, so no rank ever holds the whole sequence)
 and runs forward + backward. Bytes come from the comm counters of the context group and its segment

@@ -9,7 +9,7 @@ optionally intersected with document boundaries:
 `left`/`right` of None mean unbounded on that side. With this one rule:
   - none:            left=None, right=None
   - causal:          right=0                (offset None = bottom-right alignment, offset = Sk - Sq)
-  - striped shifted: right=-1               (diagonal excluded, algorithms.md section 3.2)
+  - striped shifted: right=-1               (diagonal excluded, docs/algorithms.md §1)
   - sliding window:  left=w-1, right=0      (causal window of w keys, diagonal included)
   - documents:       q_doc/k_doc int tensors of shape (batch, Sq) / (batch, Sk)
 

@@ -1,4 +1,4 @@
-"""Exact merging of attention partials through their log-sum-exp (algorithms.md sections 1.2 and 8).
+"""Exact merging of attention partials through their log-sum-exp (docs/algorithms.md §2).
 
 Layouts follow the kernel contract: out (B, S, H, D), lse (B, H, S). State is fp32 (fp64 stays fp64).
 Guards: an lse of +inf (flash-attn's empty-row convention) counts as -inf; rows where every partial is

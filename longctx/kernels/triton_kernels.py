@@ -3,7 +3,7 @@
 Imported lazily by triton_backend, after TRITON_INTERPRET is decided: `triton.jit` reads it when a
 kernel is decorated, so importing this module fixes interpreted vs compiled for the whole process.
 
-Math (algorithms.md 1.2 / 1.3). Scores live in the log2 domain (s * scale * log2 e) so exp2 is used
+Math (docs/algorithms.md §1, §2). Scores live in the log2 domain (s * scale * log2 e) so exp2 is used
 throughout; lse is stored in natural log. Masks arrive as one band (off, left, right) plus optional
 document ids: key j is allowed for query i iff -left <= j - i - off <= right and q_doc[i] == k_doc[j].
 Each program walks only the tiles that intersect its band, in three ranges: partial tiles before the

@@ -40,18 +40,19 @@ _contexts: dict[str, mp.context.BaseContext] = {}
 
 
 class RankError(RuntimeError):
-    """A rank raised (``remote_type``/``remote_traceback`` set) or died (``exitcode`` set)."""
+    """A rank raised (``remote_type``/``remote_message``/``remote_traceback`` set) or died (``exitcode``)."""
 
-    def __init__(self, message, rank, remote_type=None, remote_traceback=None, exitcode=None):
+    def __init__(self, message, rank, remote_type=None, remote_traceback=None, exitcode=None, remote_message=None):
         super().__init__(message)
         self.rank = rank
         self.remote_type = remote_type
+        self.remote_message = remote_message
         self.remote_traceback = remote_traceback
         self.exitcode = exitcode
 
     def __reduce__(self):
         # The default reduce would call __init__ with the message only.
-        args = (self.args[0], self.rank, self.remote_type, self.remote_traceback, self.exitcode)
+        args = (self.args[0], self.rank, self.remote_type, self.remote_traceback, self.exitcode, self.remote_message)
         return type(self), args
 
 
@@ -317,7 +318,7 @@ def _describe(failure):
 def _rank_error(failures, pending):
     primary = [f for f in failures if not _is_secondary(f)]
     chosen = min(primary, key=lambda f: f[0]) if primary else failures[0]
-    rank, remote_type, _, remote_tb, exitcode = chosen
+    rank, remote_type, remote_message, remote_tb, exitcode = chosen
     text = _describe(chosen)
     others = [f for f in failures if f is not chosen]
     if others:
@@ -329,7 +330,7 @@ def _rank_error(failures, pending):
                      "after pg_timeout")
     if remote_tb:
         text += f"\n\n--- traceback from rank {rank} ---\n{remote_tb.rstrip()}"
-    return RankError(text, rank, remote_type, remote_tb, exitcode)
+    return RankError(text, rank, remote_type, remote_tb, exitcode, remote_message)
 
 
 def _join(procs, grace):

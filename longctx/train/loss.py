@@ -22,6 +22,23 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _chunk_loss(h, weight, y, ignore_index: int, acc, with_grad: bool):
+    """(summed loss, d loss / d logits in h's dtype or None) of one chunk; the logits die on return."""
+    valid = y != ignore_index
+    target = torch.where(valid, y, torch.zeros_like(y))
+    logits = (h @ weight.t()).to(acc)  # (chunk, vocab): the only vocab-sized tensor, one chunk at a time
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(1, target[:, None])[:, 0]
+    loss = torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
+    if not with_grad:
+        return loss, None
+    # d(sum loss)/d logits = softmax - one_hot, zero on ignored rows; in place, so no second copy
+    probs = logits.sub_(lse[:, None]).exp_()
+    probs[torch.arange(probs.shape[0], device=probs.device), target] -= 1.0
+    probs.mul_(valid[:, None].to(probs.dtype))
+    return loss, probs.to(h.dtype)
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk: int, ignore_index: int):
@@ -31,25 +48,14 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
         for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start:start + chunk]
-            y = labels[start:start + chunk]
-            valid = y != ignore_index
-            target = torch.where(valid, y, torch.zeros_like(y))
-            logits = (h @ weight.t()).to(acc)  # (chunk, vocab): the only vocab-sized tensor, one chunk at a time
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, target[:, None])[:, 0]
-            total += torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
-            if want_h or want_w:
-                # d(sum loss)/d logits = softmax - one_hot, zero on ignored rows (in place: no second copy)
-                probs = logits.sub_(lse[:, None]).exp_()
-                probs[torch.arange(probs.shape[0], device=probs.device), target] -= 1.0
-                probs.mul_(valid[:, None].to(probs.dtype))
-                g = probs.to(hidden.dtype)
-                if want_h:
-                    grad_h[start:start + chunk] = g @ weight
-                if want_w:
-                    grad_w += (g.t() @ h).to(acc)
-            del logits
+            part = _chunk_loss(hidden[start:start + chunk], weight, labels[start:start + chunk], ignore_index, acc,
+                               want_h or want_w)
+            total += part[0]
+            if want_h:
+                grad_h[start:start + chunk] = part[1] @ weight
+            if want_w:
+                grad_w += (part[1].t() @ hidden[start:start + chunk]).to(acc)
+            del part  # this chunk's (chunk x vocab) gradient goes before the next chunk's logits exist
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
         ctx.want = (want_h, want_w)
         ctx.weight_dtype = weight.dtype

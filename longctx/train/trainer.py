@@ -26,7 +26,7 @@ from ..data.synthetic import SyntheticSource, step_indices
 from ..model import build_model, parallelize
 from ..parallel.dims import device_type_from_env
 from .loss import loss_fn
-from .metrics import MetricsLogger, StepTimer, model_flops_per_step, peak_flops, peak_memory_bytes
+from .metrics import MetricsLogger, SavedTensorCounter, StepTimer, model_flops_per_step, peak_flops, peak_memory_bytes
 from .optim import build_optimizer, build_scheduler, clip_grad_norm
 from .setup import default_run_dir, resolve_precision, validate_job
 
@@ -128,6 +128,16 @@ class Trainer:
         }
         self.history.append(record)
         return record
+
+    def saved_activation_bytes(self) -> int:
+        """Bytes of tensors saved for backward by one micro-batch's forward on this rank (parameters
+        excluded), counted with saved_tensors_hooks; the backward then runs and the gradients are dropped."""
+        s = self.micro_batches(self.step)[0]
+        with SavedTensorCounter(self.model) as counter, self._autocast():
+            part = self.model(s["input_ids"], s["position_ids"], labels=s["labels"], loss_fn=self.loss_fn)
+        part.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        return counter.bytes
 
     # ------------------------------------------------------------------ the run
     def fit(self, steps: int | None = None) -> dict:

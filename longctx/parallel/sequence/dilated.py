@@ -1,4 +1,4 @@
-"""LongNet dilated attention, single-device and distributed over a contiguous split (algorithms.md 7).
+"""LongNet dilated attention, single-device and distributed over a contiguous split (docs/algorithms.md §10).
 
 One pattern (w, r): cut the sequence into segments of w tokens, keep every r-th row of each segment, head j
 starting at offset j mod r (the paper's per-head offsets, not torchscale's contiguous head groups), and
@@ -7,7 +7,7 @@ exact LSE merge: the result is one softmax over the multiset union of every patt
 
 Heads are handled one residue class at a time: the heads j with j mod r == o all select rows o, o+r, ...,
 so `x[:, o::r, o::r]` (rows, heads) is one strided view and every kernel call stays dense. A row takes part
-in a pattern only through that view: coverage is structural, there is no `lse == 0` sentinel (8.11), and
+in a pattern only through that view: coverage is structural, there is no `lse == 0` sentinel (§10), and
 rows no pattern covers stay out = 0, lse = -inf.
 
 GQA: query head j reads kv head j // (H / H_kv) with query head j's offset. Per class the needed kv heads
@@ -19,7 +19,7 @@ Distributed: each rank holds l = N / W contiguous tokens. Patterns with w <= l r
 w > l all-gather the sparsified K/V inside the segment's g = w / l ranks only (a sub-group per segment)
 and reduce-scatter dK/dV there in backward (dilated_dist.py).
 
-Backward is exact (7.7): only q, k, v, the global out and the global lse (and the small gathered sparse
+Backward is exact (§10): only q, k, v, the global out and the global lse (and the small gathered sparse
 K/V) are kept; every pattern's blocks are differentiated with the global out/lse.
 """
 
@@ -203,7 +203,7 @@ def _forward(q, k, v, spec: _Spec):
             saved.append(None)
             continue
         packed = torch.stack([torch.cat([_sparse_kv(x, c, p.r) for c in classes], dim=2) for x in (k, v)])
-        # causal: segment rank m needs the keys of segment ranks 0..m only (inclusive, 7.6)
+        # causal: segment rank m needs the keys of segment ranks 0..m only (inclusive, §10)
         buf = gather_sparse(packed, p.comm, keep=p.m + 1 if spec.causal else p.g)
         for c in classes:
             kc, vc = _gathered_kv(buf, c)

@@ -2,7 +2,7 @@
 
 A pattern whose segment w spans g = w / l ranks only needs the sparsified K/V of those g ranks. Gathering
 inside a sub-group per segment moves (g-1)/(W-1) of what a whole-group gather would (torchscale gathers
-over the whole group and slices, algorithms.md 7.5), and keeps the bytes per rank constant under weak
+over the whole group and slices, docs/algorithms.md §10), and keeps the bytes per rank constant under weak
 scaling (N and W doubled together).
 
 Sub-groups: with the default group every rank creates every segment group of every g, in the same order

@@ -4,7 +4,7 @@ Schedules of the ring family differ only in their token layout; the table of ker
 (rank, step) is derived here from the global positions the two shards hold. For a query shard with
 positions qp and a key shard with positions kp (both increasing), each query row sees an interval of
 keys [lo_i, hi_i); the rows are then cut greedily into few rectangular blocks (one for every table below),
-each described by one band Mask. This reproduces the hand-written tables of algorithms.md section 10 (contiguous: diag /
+each described by one band Mask. This reproduces the hand-written tables of docs/algorithms.md §4 (contiguous: diag /
 full / skip; striped: causal / shifted causal; zigzag: one causal block, then `q x k[:h]` or
 `q[h:] x k`) and extends them to sliding windows, where blocks outside the window are skipped.
 """

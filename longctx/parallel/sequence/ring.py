@@ -2,7 +2,7 @@
 
 They differ only in the token layout, and through it in the per-step block table (plan.py). Forward:
 K and V travel together in one buffer, the transfer for step s+1 is posted before step s computes, and
-partials merge into fp32 (out, lse) state. Backward (docs/algorithms.md, "Ring backward"): only q, k, v
+partials merge into fp32 (out, lse) state. Backward (docs/algorithms.md §5): only q, k, v
 and the global out/lse are saved; every step recomputes its blocks with the global out/lse, dQ
 accumulates in fp32 locally, and fp32 dK/dV accumulators ride a second ring with the K/V block they
 belong to, arriving home after W hops.

@@ -5,7 +5,7 @@ A schedule is a pair of functions `fwd(q, k, v, spec) -> (out, lse)` and `bwd(do
 spec) -> (dq, dk, dv)`. The ring family and all-gather differ only in how K/V shards arrive (ring hops or
 one gather); the kernel calls a rank makes on a held shard come from the block planner (plan.py) in both.
 Only q, k, v and the global out/lse are saved: the backward recomputes every block with the global
-out/lse, which is what makes the distributed backward exact (docs/algorithms.md, "Exact backward").
+out/lse, which is what makes the distributed backward exact (docs/algorithms.md §2).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tree attention decoding over a sequence-sharded KV cache (algorithms.md section 6).
+"""Tree attention decoding over a sequence-sharded KV cache (docs/algorithms.md §9).
 
 The new query tokens are replicated on every rank; the KV cache is split along the sequence. Each rank
 attends its own shard with the local kernel, and the partials combine exactly through their log-sum-exp.
@@ -6,7 +6,7 @@ Two collectives suffice: an all-reduce MAX of the lse, then one all-reduce SUM o
 [o * exp(lse - m), exp(lse - m)] (numerator and denominator side by side). Nothing in it depends on the
 context length, which is why tree beats ring at decode time, where ring has to move the whole cache.
 
-LSE layout (algorithms.md 8.6): the kernel's lse is (B, H, Sq); it is transposed to (B, Sq, H, 1) before it
+LSE layout (docs/algorithms.md §9): the kernel's lse is (B, H, Sq); it is transposed to (B, Sq, H, 1) before it
 meets an output (B, Sq, H, D), so any batch size broadcasts correctly.
 Empty shards (context shorter than the world) contribute lse = -inf, hence weight 0; a row that is empty on
 every rank keeps out = 0 and lse = -inf instead of 0/0.

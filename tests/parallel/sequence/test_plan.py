@@ -1,4 +1,4 @@
-"""Block tables against global positions, exhaustively; counted imbalance against algorithms.md."""
+"""Block tables against global positions, exhaustively; counted imbalance against docs/algorithms.md §4."""
 
 import pytest
 import torch
@@ -73,7 +73,7 @@ def test_counted_imbalance_at_w8():
     assert zig == 1.0
     assert stripe <= 1 + 1 / c + 1e-3
     assert stripe == pytest.approx(world * (c + 1) / (world * c + 1))
-    # contiguous ring: ((c+1) + 2(P-1)c) / (Pc+1), algorithms.md 2.5 (1.873 at P=8)
+    # contiguous ring: ((c+1) + 2(P-1)c) / (Pc+1), docs/algorithms.md §4 (1.873 at P=8)
     assert ring == pytest.approx(((c + 1) + 2 * (world - 1) * c) / (world * c + 1))
     assert round(ring, 3) == 1.873
     assert work_model("ulysses", world=world, seq_len=n, causal=True)["imbalance"] == 1.0

@@ -1,0 +1,115 @@
+"""`longctx bench train`: training layouts of one config side by side.
+
+Each layout is a comma-separated list of `parallel.*` keys without the prefix, e.g. `cp=4,strategy=zigzag` or
+`dp_shard=2,cp=2`; keys a layout leaves out keep the config's values. Every layout runs in its own launch of
+the simulated cluster (peak RSS is a per-process high-water mark), first counting the bytes of activations
+saved for backward in one micro-batch on every rank, then training --steps steps. Reported: tokens/s and
+achieved FLOP/s (median over the steps after the first; MFU on a GPU), saved-activation bytes and peak memory
+(the largest over ranks), and the loss of each step, with its largest relative difference from the first
+layout's (the same config computes the same steps in every layout).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+
+from . import report
+
+COLUMNS = ["layout", "engine", "world_size", "tokens_per_s", "flops_per_s", "mfu", "saved_act_bytes_per_rank",
+           "peak_mem_bytes", "loss_first", "loss_final", "max_rel_loss_diff"]
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", required=True, help="YAML job config (e.g. configs/tiny.yaml)")
+    p.add_argument("--world-size", type=int, default=4)
+    p.add_argument("--layouts", nargs="+", default=["cp=4,strategy=zigzag"],
+                   help="layouts, each `key=value,...` over parallel.* keys (e.g. cp=4,strategy=ring dp_shard=2,cp=2)")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--overrides", nargs="*", default=[], metavar="key=value", help="config overrides for all layouts")
+    p.add_argument("--timeout", type=float, default=3600.0)
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="PNG: tokens/s, saved activation bytes and final loss per layout")
+
+
+def _layout_overrides(layout: str) -> list[str]:
+    items = [x.strip() for x in layout.split(",") if x.strip()]
+    bad = [x for x in items if "=" not in x]
+    if bad or not items:
+        raise ValueError(f"layout {layout!r} must be key=value pairs over parallel.* keys separated by commas, "
+                         f"e.g. cp=4,strategy=zigzag")
+    return [f"parallel.{x}" for x in items]
+
+
+def _configs(args):
+    from ..config import load
+    from ..train import validate_job
+
+    out = []
+    for layout in args.layouts:
+        overrides = [*args.overrides, *_layout_overrides(layout), f"train.steps={args.steps}", "logging.quiet=true",
+                     "logging.tensorboard=false"]
+        cfg = load(path=args.config, overrides=overrides)
+        validate_job(cfg, args.world_size)
+        out.append((layout, cfg))
+    return out
+
+
+def validate(args) -> None:
+    """Everything checkable before launching: arguments, the config, and every layout at this world size."""
+    for name in ("world_size", "steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    _configs(args)
+
+
+def _rank_main(config: dict) -> dict:
+    from omegaconf import OmegaConf
+
+    from ..config import JobConfig
+    from ..train import Trainer
+
+    cfg = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.create(config))
+    trainer = Trainer(cfg)
+    saved = trainer.saved_activation_bytes()
+    summary = trainer.fit()
+    return {"saved": saved, "summary": summary, "history": trainer.history}
+
+
+def run(args) -> list[dict]:
+    from omegaconf import OmegaConf
+
+    from ..launch import run as launch
+
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (layout, cfg) in enumerate(_configs(args)):
+            cfg.run_dir = f"{tmp}/layout{i}"
+            res = launch(_rank_main, args.world_size, args=(OmegaConf.to_container(cfg),), timeout=args.timeout,
+                         pg_timeout=cfg.parallel.timeout_s)
+            hist = res[0]["history"]
+            timed = hist[1:] or hist
+            records.append({
+                "layout": layout, "engine": res[0]["summary"]["engine"], "world_size": args.world_size,
+                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
+                "flops_per_s": statistics.median(r["flops_per_s"] for r in timed),
+                "mfu": timed[-1]["mfu"] if timed[-1]["mfu"] is not None else "n/a (cpu)",
+                "saved_act_bytes_per_rank": max(r["saved"] for r in res),
+                "saved_act_bytes_by_rank": [r["saved"] for r in res],
+                "peak_mem_bytes": max(r["peak_mem_bytes"] for r in hist),
+                "losses": [r["loss"] for r in hist], "loss_first": hist[0]["loss"], "loss_final": hist[-1]["loss"],
+            })
+    base = records[0]["losses"]
+    for r in records:
+        r["max_rel_loss_diff"] = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(r["losses"], base))
+    print(report.table(records, COLUMNS))
+    print("(tokens/s and FLOP/s: whole job, median over steps after the first; saved_act_bytes_per_rank: tensors "
+          "saved for backward in one micro-batch, largest rank; peak_mem: peak RSS on CPU / allocated on GPU)")
+    report.write_json(args.json, records, meta={**report.environment(), "config": args.config,
+                                                "overrides": args.overrides, "steps": args.steps})
+    report.plot_bars(args.plot, [r["layout"] for r in records], {
+        "tokens/s": [r["tokens_per_s"] for r in records],
+        "saved activations per rank (MiB)": [r["saved_act_bytes_per_rank"] / 2**20 for r in records],
+        "final loss": [r["loss_final"] for r in records],
+    }, title=f"longctx bench train: {args.config} on {args.world_size} ranks")
+    return records

@@ -1,0 +1,48 @@
+"""Rank-side code for the training tests (module level, so the harness can pickle it)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from longctx.config import load
+
+# a model and batch small enough for many layouts in one launch; clipping and warmup active, the copy task
+# with its prompt labels ignored (so some context shards hold no real label at all)
+BASE = ["model.dim=32", "model.ffn_dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.n_layers=2",
+        "train.steps=5", "train.seq_len=64", "train.batch_size=4", "train.grad_clip=0.5", "train.warmup_steps=2",
+        "train.loss_chunk=48", "data.task=copy", "logging.quiet=true", "logging.tensorboard=false"]
+
+
+def config(*overrides, run_dir="/tmp/longctx-test-run") -> dict:
+    return OmegaConf.to_container(load(overrides=[*BASE, f"run_dir={run_dir}", *overrides]))
+
+
+def train_and_collect(configs: list[dict]) -> list[dict]:
+    """Train each config in this process group; rank 0 returns losses, grad norms and the full final
+    parameters, the other ranks what they held (saved bytes, label counts)."""
+    from longctx.config import JobConfig
+    from longctx.train import Trainer
+
+    out = []
+    for c in configs:
+        cfg = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.create(c))
+        trainer = Trainer(cfg)
+        shards = trainer.micro_batches(0)
+        local_labels = sum(int((s["labels"] != -100).sum()) for s in shards)
+        trainer.fit()
+        params = trainer.full_state_dict()
+        finite = all(bool(torch.isfinite(p).all()) for p in params.values())
+        out.append({"losses": [r["loss"] for r in trainer.history], "grad_norms": [r["grad_norm"] for r in
+                    trainer.history], "params": params if dist.get_rank() == 0 else None, "finite": finite,
+                    "engine": trainer.plan.engine, "local_labels": local_labels})
+    return out
+
+
+def saved_bytes(config: dict) -> int:
+    from longctx.config import JobConfig
+    from longctx.train import Trainer
+
+    cfg = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.create(config))
+    return Trainer(cfg).saved_activation_bytes()

@@ -1,0 +1,26 @@
+"""Activation memory, counted (bytes of tensors saved for backward, parameters excluded), not timed."""
+
+from longctx.launch import run
+
+from ._workers import config, saved_bytes
+
+MEM = ["model.dim=64", "model.ffn_dim=128", "train.seq_len=2048", "train.batch_size=1", "train.loss_chunk=256",
+       "data.task=induction"]
+
+
+def test_cp4_saves_under_a_third_of_cp1_per_rank():
+    single = run(saved_bytes, 1, args=(config(*MEM),), timeout=120)[0]
+    per_rank = run(saved_bytes, 4, args=(config(*MEM, "parallel.cp=4", "parallel.strategy=zigzag"),), timeout=120)
+    assert single > 0
+    ratios = [b / single for b in per_rank]
+    assert max(ratios) <= 0.3, ratios
+    # and the split is even: zigzag gives every rank the same number of tokens
+    assert max(per_rank) == min(per_rank), per_rank
+
+
+def test_activation_checkpointing_and_chunked_mlp_save_less():
+    base = run(saved_bytes, 1, args=(config(*MEM),), timeout=120)[0]
+    full_ac = run(saved_bytes, 1, args=(config(*MEM, "parallel.activation_checkpoint=full"),), timeout=120)[0]
+    mlp = run(saved_bytes, 1, args=(config(*MEM, "train.mlp_chunks=4"),), timeout=120)[0]
+    assert full_ac < 0.5 * base, (full_ac, base)
+    assert mlp < base, (mlp, base)
