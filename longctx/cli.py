@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="longctx", description="Exact sequence-parallel attention and long-context training")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("info", help="versions, devices, kernel backends and why any is unavailable")
-    sub.add_parser("demo", help="a real training run on a simulated 4-rank CPU cluster (what `make demo` runs)")
+    demo = sub.add_parser("demo", help="a real training run on a simulated 4-rank CPU cluster (`make demo`)")
+    demo.add_argument("--steps", type=_positive_int, default=20, help="training steps of part 3")
     tr = sub.add_parser("train", help="train in the process group found (torchrun, Ray, harness, or one process)")
     _add_config_args(tr)
     launch = sub.add_parser("launch", help="start ranks, each running `longctx train`")
@@ -172,6 +173,18 @@ def cmd_config_show(args) -> int:
     return 0
 
 
+def _parse(argv):
+    """parse_args, but key=value overrides may also come after options (`CONFIG a=1 --flag b=2`)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def _dispatch(args) -> int:
     if args.command == "info":
         print(info())
@@ -179,7 +192,7 @@ def _dispatch(args) -> int:
     if args.command == "demo":
         from .demo import main as demo_main
 
-        return demo_main()
+        return demo_main(["--steps", str(args.steps)])
     if args.command == "train":
         return cmd_train(args)
     if args.command == "launch":
@@ -198,7 +211,7 @@ def main(argv=None) -> int:
     from .launch import RankError
 
     try:
-        return _dispatch(build_parser().parse_args(argv))
+        return _dispatch(_parse(argv))
     except UserError as e:
         return _user_error(str(e))
     except RankError as e:

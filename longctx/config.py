@@ -169,7 +169,9 @@ def load(cls=JobConfig, path: str | None = None, overrides: list[str] | tuple = 
         try:
             data = OmegaConf.load(path)
         except Exception as e:  # noqa: BLE001 - any YAML parse failure is a user error in that file
-            raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+            if "Invalid loaded object type" not in str(e):
+                raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+            data = None
         if not isinstance(data, DictConfig):
             raise ConfigError(f"config file {path!r} must hold a mapping of sections (model:, parallel:, ...)")
         _check_keys(OmegaConf.to_container(data), schema, "", path)

@@ -1,7 +1,17 @@
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from longctx._optional import MissingDependency, require
 from longctx.cli import build_parser, info, main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+FAST = ["train.steps=3", "train.seq_len=256", "train.batch_size=2", "model.dim=32", "model.ffn_dim=64",
+        "logging.tensorboard=false"]
 
 
 def test_info_lists_backends_and_reasons():
@@ -17,9 +27,10 @@ def test_main_info(capsys):
     assert "longctx" in capsys.readouterr().out
 
 
-def test_help_lists_benchmarks():
+def test_help_lists_commands():
     text = build_parser().format_help()
-    assert "bench" in text and "demo" in text and "info" in text
+    for word in ("train", "launch", "config", "bench", "demo", "info"):
+        assert word in text
 
 
 def test_missing_optional_dependency_names_the_extra():
@@ -27,3 +38,93 @@ def test_missing_optional_dependency_names_the_extra():
         require("flash_attn", "flash-attn kernels")
     with pytest.raises(MissingDependency, match="pip install no_such_pkg_xyz"):
         require("no_such_pkg_xyz")
+
+
+@pytest.mark.parametrize("argv,pattern", [
+    (["bench", "attention", "--seq-len", "100", "--world-size", "3"], r"--seq-len \(ring\) 100 is not divisible by 3"),
+    (["bench", "attention", "--head-dim", "0"], r"--head-dim must be a positive integer, got 0"),
+    (["bench", "attention", "--strategies", "zigzag,spiral"], r"unknown strategy 'spiral'"),
+    (["bench", "kernel", "--heads", "6", "--kv-heads", "4"], r"--heads 6 must be a multiple of --kv-heads 4"),
+    (["bench", "dilated", "--segment-lengths", "1000", "--seq-len", "4096"], r"bad dilated pattern"),
+    (["bench", "decode", "--strategies", "spiral"], r"unknown decode strategies \['spiral'\]"),
+    (["bench", "train", "--config", TINY, "--layouts", "cp"], r"layout 'cp' must be key=value pairs"),
+    (["bench", "train", "--config", TINY, "--layouts", "cp=3"], r"multiply to 3 .* world size is 4"),
+    (["bench", "nope"], r"invalid choice: 'nope'"),
+    (["train", TINY, "train.stepz=3"], r"unknown config key 'train.stepz' \(in overrides\); did you mean "
+                                       r"'train.steps'"),
+    (["train", "no/such.yaml"], r"config file 'no/such.yaml' not found"),
+    (["train", TINY, "train.steps=x"], r"'train.steps' \(in overrides\): Value 'x'"),
+    (["launch", "local", "--nproc", "3", TINY], r"train.seq_len 4096 is not divisible by 6"),
+    (["launch", "local", "--nproc", "0", TINY], r"argument --nproc: must be a positive integer, got 0"),
+    (["launch", "local", "--nproc", "4", TINY, "parallel.cp=2", "parallel.dp_shard=-1", "parallel.dp_replicate=-1"],
+     r"at most one parallel degree may be -1"),
+    (["config", "show", TINY, "parallel.strategy=ulysses", "--world-size", "4", "model.n_heads=2", "model.dim=32",
+      "model.n_kv_heads=2"], r"2 query heads do not divide over 4 ranks"),
+])
+def test_user_errors_are_one_line_with_exit_2(argv, pattern, capsys):
+    import re
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("longctx: error: "), err
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_config_show_prints_the_resolved_config(capsys):
+    assert main(["config", "show", TINY, "parallel.cp=2", "parallel.dp_shard=2", "--world-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "# valid for 4 rank(s)" in out and "cp: 2" in out and "dp_shard: 2" in out and "strategy: zigzag" in out
+
+
+def test_a_failing_rank_shows_its_traceback(monkeypatch, capsys):
+    from longctx import launch
+    from longctx.launch import RankError
+
+    def boom(*args, **kwargs):
+        raise RankError("rank 1 failed with RuntimeError: boom\n\n--- traceback from rank 1 ---\nTraceback ...",
+                        1, "RuntimeError", "Traceback ...", None, "boom")
+
+    monkeypatch.setattr(launch, "run", boom)
+    assert main(["launch", "local", "--nproc", "4", TINY, *FAST]) == 1
+    err = capsys.readouterr().err
+    assert "rank 1 failed with RuntimeError: boom" in err and "--- traceback from rank 1 ---" in err
+
+
+def _cli(*args, env=None, timeout=300):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "longctx", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout, env=full_env)
+
+
+def _metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_in_one_process_writes_metrics_and_config(tmp_path):
+    run_dir = tmp_path / "run"
+    res = _cli("train", TINY, *FAST, "parallel.cp=1", f"run_dir={run_dir}", "logging.quiet=true")
+    assert res.returncode == 0, res.stderr
+    records = _metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 and r["flops_per_s"] > 0 for r in records)
+    assert records[0]["tokens"] == 2 * 256 and records[0]["mfu"] is None  # CPU: achieved FLOP/s, no MFU
+    saved = (run_dir / "config.yaml").read_text()
+    assert "seq_len: 256" in saved and f"run_dir: {run_dir}" in saved
+    assert "done: 3 steps" in res.stdout
+
+
+def test_launch_local_runs_every_rank_and_matches_one_process(tmp_path):
+    one, four = tmp_path / "one", tmp_path / "four"
+    a = _cli("train", TINY, *FAST, "parallel.cp=1", f"run_dir={one}", "logging.quiet=true")
+    b = _cli("launch", "local", "--nproc", "4", TINY, *FAST, "parallel.strategy=striped", f"run_dir={four}",
+             "logging.tensorboard=true")
+    assert a.returncode == 0 and b.returncode == 0, (a.stderr, b.stderr)
+    la, lb = [r["loss"] for r in _metrics(one)], [r["loss"] for r in _metrics(four)]
+    assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(la, lb)), (la, lb)
+    assert "train: 100%" in b.stdout or "train: 100%" in b.stderr  # rank 0's progress bar
+    assert "strategy: striped" in b.stdout  # the resolved config, printed once
+    assert b.stdout.count("strategy: striped") == 1
+    events = list((four / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0  # rank 0 only

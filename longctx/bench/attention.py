@@ -142,13 +142,34 @@ def _reference(cfg):
     return o, kernels.backward(do, q, k, v, o, lse, mask=mask, backend="reference")
 
 
+def _ulysses(args) -> int:
+    return args.ulysses or (2 if args.world_size % 2 == 0 and args.heads % 2 == 0 else 1)
+
+
+def validate(args) -> None:
+    """Every strategy's constraints for these arguments, checked before any rank starts."""
+    from ..parallel import get_strategy
+
+    report.check_args(args)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    if not strategies:
+        raise ValueError("--strategies is empty; give a comma-separated list, e.g. zigzag,ulysses")
+    for name in strategies:
+        strat = get_strategy(name)
+        hybrid = name == "hybrid"
+        layout = strat.layout(args.hybrid_layout if hybrid else None)
+        strat.check(seq_len=args.seq_len, world=args.world_size, layout=layout, heads=args.heads,
+                    kv_heads=args.kv_heads or args.heads, ulysses=_ulysses(args) if hybrid else 1,
+                    what=f"--seq-len ({name})")
+
+
 def run(args) -> list[dict]:
     from ..launch import run as launch
     from ..parallel import comm_model, work_model
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     w = args.world_size
-    uly = args.ulysses or (2 if w % 2 == 0 and args.heads % 2 == 0 else 1)
+    uly = _ulysses(args)
     cfg = dict(seq_len=args.seq_len, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads or args.heads,
                head_dim=args.head_dim, causal=args.causal, window=args.window, dtype=report.DTYPES[args.dtype],
                kernel=args.kernel, ulysses=uly, hybrid_layout=args.hybrid_layout, iters=args.iters,

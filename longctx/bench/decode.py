@@ -105,16 +105,20 @@ def _rank_main(cfg):
     return out
 
 
+def validate(args) -> None:
+    report.check_args(args)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    bad = [s for s in strategies if s not in STRATEGIES]
+    if bad or not strategies:
+        raise ValueError(f"unknown decode strategies {bad or strategies}; choose from {list(STRATEGIES)}")
+
+
 def run(args) -> list[dict]:
     from ..launch import run as launch
 
+    validate(args)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    bad = [s for s in strategies if s not in STRATEGIES]
-    if bad:
-        raise SystemExit(f"unknown decode strategies {bad}; choose from {list(STRATEGIES)}")
     kv = args.kv_heads or args.heads
-    if args.heads % kv:
-        raise SystemExit(f"--heads {args.heads} must be a multiple of --kv-heads {kv}")
     cfg = dict(contexts=list(args.context), strategies=strategies, batch=args.batch, new_tokens=args.new_tokens,
                heads=args.heads, kv_heads=kv, head_dim=args.head_dim, dtype=report.DTYPES[args.dtype],
                kernel=args.kernel, collectives=args.collectives, iters=args.iters, warmup=args.warmup, seed=args.seed)

@@ -117,17 +117,22 @@ def _check(cfg, per_rank):
     return err_out, err_grad
 
 
-def run(args) -> list[dict]:
-    from ..launch import run as launch
-    from ..parallel.sequence.dilated import check_pattern, dilated_comm_model
+def validate(args) -> None:
+    from ..parallel.sequence.dilated import check_pattern
 
-    kv = args.kv_heads or args.heads
-    if args.heads % kv:
-        raise SystemExit(f"--heads {args.heads} must be a multiple of --kv-heads {kv}")
+    report.check_args(args)
     try:
         check_pattern(args.segment_lengths, args.dilation_rates, args.seq_len, args.world_size)
     except ValueError as e:
-        raise SystemExit(f"bad dilated pattern: {e}") from None
+        raise ValueError(f"bad dilated pattern: {e}") from None
+
+
+def run(args) -> list[dict]:
+    from ..launch import run as launch
+    from ..parallel.sequence.dilated import dilated_comm_model
+
+    validate(args)
+    kv = args.kv_heads or args.heads
     check = not args.no_check and args.seq_len <= args.check_max_len
     cfg = dict(world=args.world_size, seq_len=args.seq_len, batch=args.batch, heads=args.heads, kv_heads=kv,
                head_dim=args.head_dim, ws=list(args.segment_lengths), rs=list(args.dilation_rates),

@@ -219,13 +219,16 @@ def run_virtual_ranks(name, args, s, dtype, device, mask, warmup, iters, full_ms
                 virtual_ratio=ms / full_ms if full_ms else None, virtual_max_abs_err_out=err)
 
 
+def validate(args) -> None:
+    report.check_args(args)
+
+
 def run(args) -> list[dict]:
+    validate(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = report.DTYPES[args.dtype]
     if args.kv_heads is None:
         args.kv_heads = args.heads
-    if args.heads % args.kv_heads:
-        raise SystemExit(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
     warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
     iters = args.iters if args.iters is not None else (10 if device.type == "cuda" else 3)
     mask = _mask(args)

@@ -119,3 +119,26 @@ def plot_bars(path: str | None, labels: list[str], series: dict[str, list[float]
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+POSITIVE = ("world_size", "seq_len", "batch", "heads", "kv_heads", "head_dim", "iters", "steps", "new_tokens",
+            "check_len", "ulysses")
+NON_NEGATIVE = ("warmup", "virtual_ranks")
+
+
+def check_args(args) -> None:
+    """Shared argument checks of the benchmarks, run before anything is launched: positive sizes, and query
+    heads a multiple of the K/V heads. Errors name the flag."""
+    for name in POSITIVE + NON_NEGATIVE:
+        value = getattr(args, name, None)
+        low = 1 if name in POSITIVE else 0
+        if value is not None and not isinstance(value, bool) and isinstance(value, int) and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be {'a positive' if low else 'a non-negative'} "
+                             f"integer, got {value}")
+    for name in ("seq_lens", "context", "segment_lengths", "dilation_rates"):
+        values = getattr(args, name, None)
+        if values is not None and any(v < 1 for v in values):
+            raise ValueError(f"--{name.replace('_', '-')} must list positive integers, got {values}")
+    heads, kv = getattr(args, "heads", None), getattr(args, "kv_heads", None)
+    if heads and kv and heads % kv:
+        raise ValueError(f"--heads {heads} must be a multiple of --kv-heads {kv} (GQA groups)")

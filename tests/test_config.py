@@ -1,0 +1,103 @@
+"""Job configs: every shipped config validates; bad input gets one clear error naming the key and the fix."""
+
+import pathlib
+
+import pytest
+
+from longctx.config import ConfigError, load, to_yaml
+from longctx.train import validate_job
+
+ROOT = pathlib.Path(__file__).parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+WORLD = {"llama3_8b_128k.yaml": 64}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load_and_validate(path):
+    cfg = load(path=str(path))
+    validate_job(cfg, WORLD.get(path.name, 4))
+    assert "parallel:" in to_yaml(cfg)
+
+
+def test_the_real_cluster_example_is_8b_at_128k_on_64_gpus():
+    cfg = load(path=str(ROOT / "configs" / "llama3_8b_128k.yaml"))
+    dims = validate_job(cfg, 64)
+    assert (dims.cp, dims.dp_shard, cfg.train.seq_len, cfg.model.dim, cfg.model.n_layers) == (8, 8, 131072, 4096, 32)
+    from longctx.model.llama import Transformer
+    from longctx.train.metrics import model_flops_per_step
+
+    params = 32 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336) + 2 * 128256 * 4096 + 32 * 2 * 4096 + 4096
+    assert 7.9e9 < params < 8.1e9  # Llama-3-8B: 8.03B parameters
+    assert model_flops_per_step(cfg.model, 131072, 8)["total"] > 0 and Transformer  # the shapes build
+
+
+def _tiny(*overrides):
+    return load(path=str(ROOT / "configs" / "tiny.yaml"), overrides=list(overrides))
+
+
+@pytest.mark.parametrize("overrides,world,pattern", [
+    (["train.stpes=3"], 4, r"unknown config key 'train.stpes' \(in overrides\); did you mean 'train.steps'\?"),
+    (["paralel.cp=2"], 4, r"unknown config key 'paralel' \(in overrides\); did you mean 'parallel'\?"),
+    (["zzz=2"], 4, r"unknown config key 'zzz' \(in overrides\); valid keys here: model, parallel, train, data"),
+    (["train.steps=many"], 4, r"config key 'train.steps' \(in overrides\): Value 'many' of type 'str' could not be "
+                              r"converted to Integer"),
+    (["parallel.cp=2.5"], 4, r"'parallel.cp'"),
+    (["steps=3"], 4, r"unknown config key 'steps'"),
+    (["parallel=2"], 4, r"'parallel' \(in overrides\) is a section"),
+    (["nonsense"], 4, r"override 'nonsense' is not key=value"),
+    (["parallel.strategy=spiral"], 4, r"unknown strategy 'spiral'; choose one of ring, zigzag, striped, allgather"),
+    (["parallel.kernel=cuda"], 4, r"parallel.kernel='cuda' is not a kernel backend; choose one of auto, "),
+    (["parallel.engine=zero"], 4, r"parallel.engine='zero' is not one of auto, fsdp, ddp"),
+    (["parallel.engine=ddp", "parallel.dp_shard=2", "parallel.cp=2"], 4, r"engine=ddp replicates parameters"),
+    (["parallel.activation_checkpoint=some"], 4, r"choose one of none, full, selective"),
+    (["train.precision=fp8"], 4, r"train.precision='fp8': choose one of auto, fp32, bf16"),
+    (["parallel.dp_shard=2", "parallel.cp=2"], 3, r"multiply to 4 .* but the world size is 3"),
+    (["parallel.dp_shard=2"], 3, r"world size 3 is not divisible by the product of the other degrees \(2"),
+    ([], 3, r"train.seq_len 4096 is not divisible by 6 .*pad it by 2 tokens to 4098"),
+    (["parallel.cp=2"], 4, r"multiply to 2 .* but the world size is 4"),
+    (["parallel.dp_shard=-1"], 4, r"at most one parallel degree may be -1"),
+    (["train.seq_len=4100"], 4, r"train.seq_len 4100 is not divisible by 8 \(strategy 'zigzag' with the zigzag layout "
+                                r"over 4 context ranks needs a multiple of 8\); pad it by 4 tokens to 4104"),
+    (["parallel.strategy=ulysses", "model.n_heads=2", "model.n_kv_heads=2", "model.dim=32"], 4,
+     r"ulysses: 2 query heads do not divide over 4 ranks"),
+    (["parallel.strategy=hybrid", "parallel.ulysses=4", "model.n_heads=2", "model.n_kv_heads=2",
+      "model.dim=32"], 4, r"hybrid ulysses: 2 query heads do not divide over 4 ranks"),
+    (["train.batch_size=3", "parallel.dp_shard=2", "parallel.cp=2"], 4,
+     r"train.batch_size=3 sequences cannot be split over 2 data-parallel ranks x 1 accumulation steps.*"
+     r"train.batch_size=4 or 2"),
+    (["parallel.tp=2", "parallel.cp=2"], 4, r"parallel.tp=2: tensor and pipeline parallelism are not built yet"),
+    (["model.dilated.layers=[1]", "model.dilated.w0=64"], 4, r"model.dilated.layers need the contiguous token layout"),
+    (["data.task=poetry"], 4, r"data.task='poetry': choose one of induction, copy, random"),
+    (["train.lr=0"], 4, r"train.lr must be > 0"),
+    (["model.n_kv_heads=3"], 4, r"model.n_heads 4 must be a multiple of model.n_kv_heads 3"),
+])
+def test_bad_configs(overrides, world, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        validate_job(_tiny(*overrides), world)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file 'no/such.yaml' not found"):
+        load(path="no/such.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load(path=str(bad))
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="must hold a mapping of sections"):
+        load(path=str(scalar))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("train:\n  batchsize: 4\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.batchsize' \(in .*typo.yaml\); did you mean "
+                                          r"'train.batch_size'"):
+        load(path=str(typo))
+
+
+def test_no_code_runs_from_a_config(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("run_dir: ${oc.env:HOME}\n")  # plain interpolation resolves; it cannot execute anything
+    assert load(path=str(evil)).run_dir
+    evil.write_text("run_dir: ${eval:'__import__(\"os\").getcwd()'}\n")
+    with pytest.raises(ConfigError, match="does not resolve"):
+        load(path=str(evil))

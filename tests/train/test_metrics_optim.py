@@ -1,0 +1,75 @@
+"""FLOP counting against brute force and the built model; the LR schedule; AdamW parameter groups."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from longctx.config import load
+from longctx.model import build_model
+from longctx.train import attention_pairs, build_optimizer, build_scheduler, lr_factor, model_flops_per_step
+
+
+def _brute_pairs(n, window=None):
+    return sum(1 for i in range(n) for j in range(i + 1) if window is None or i - j < window)
+
+
+def _brute_dilated(n, ws, rs):
+    """Causal pairs of head 0 (row/key offset 0) inside every sparsified segment of every pattern."""
+    total = 0
+    for w, r in zip(ws, rs):
+        w = min(w, n)
+        for i in range(n):
+            for j in range(i + 1):
+                if i // w == j // w and (i % w) % r == 0 and (j % w) % r == 0:
+                    total += 1
+    return total
+
+
+def test_attention_pairs_match_brute_force():
+    cfg = load(overrides=["model.n_layers=3"]).model
+    assert attention_pairs(cfg, 40) == 3 * _brute_pairs(40)
+    cfg = load(overrides=["model.n_layers=2", "model.window=7"]).model
+    assert attention_pairs(cfg, 40) == 2 * _brute_pairs(40, 7)
+    cfg = load(overrides=["model.n_layers=2", "model.dilated.layers=[1]", "model.dilated.segment_lengths=[8,16,32]",
+                          "model.dilated.dilation_rates=[1,2,4]"]).model
+    assert attention_pairs(cfg, 32) == _brute_pairs(32) + _brute_dilated(32, [8, 16, 32], [1, 2, 4])
+
+
+def test_dense_flops_are_six_per_matmul_parameter_per_token():
+    cfg = load(overrides=["model.n_kv_heads=1"]).model
+    model = build_model(cfg)
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    f = model_flops_per_step(cfg, 64, 3)
+    assert f["dense"] == 6 * matmul * 64 * 3
+    head_dim = cfg.dim // cfg.n_heads
+    assert f["attention"] == 12 * cfg.n_heads * head_dim * cfg.n_layers * _brute_pairs(64) * 3
+    assert f["total"] == f["dense"] + f["attention"]
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = [lr_factor(s, warmup=3, total=10, min_ratio=0.1) for s in range(10)]
+    assert f[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert f[3] == pytest.approx(1.0) and f[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[2:], f[3:]))  # non-increasing after warmup
+    mid = lr_factor(3 + 3, warmup=3, total=10, min_ratio=0.1)  # halfway through the 6 decay steps
+    assert mid == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(0, warmup=0, total=5, min_ratio=0.0) == pytest.approx(1.0)
+
+
+def test_optimizer_and_scheduler_from_config():
+    cfg = load(overrides=["train.lr=0.01", "train.warmup_steps=2", "train.steps=4", "train.weight_decay=0.2"])
+    model = build_model(cfg.model)
+    opt = build_optimizer(model, cfg.train, "cpu")
+    sched = build_scheduler(opt, cfg.train)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.005, 0.01, 0.01, 0.001])
+    assert torch.optim.AdamW is type(opt)
