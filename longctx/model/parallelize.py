@@ -15,7 +15,7 @@ this rank and the installed cores run on that same layout, so data and attention
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ class Plan:
     dims: ParallelDims
     mesh: ParallelMesh
     engine: str  # none | ddp | fsdp | hsdp
+    _positions: dict = field(default_factory=dict, repr=False)
 
     @property
     def strategy(self) -> str:
@@ -61,8 +62,16 @@ class Plan:
         """Where real-label counts are summed and gradients reduced: data x context ranks (None if 1)."""
         return self.mesh.group("dp_cp")
 
-    def positions(self, seq_len: int) -> torch.Tensor:
-        """Global positions (= RoPE position ids) of this rank's tokens of a seq_len-token sequence."""
+    def positions(self, seq_len: int, device=None) -> torch.Tensor:
+        """Global positions (= RoPE position ids) of this rank's tokens of a seq_len-token sequence. One
+        tensor per (length, device), reused: the model's position check then runs once, not every step."""
+        key = (seq_len, str(torch.device(device or "cpu")))
+        if key not in self._positions:
+            self._positions[key] = self.expected_positions(seq_len).to(device or "cpu")
+        return self._positions[key]
+
+    def expected_positions(self, seq_len: int) -> torch.Tensor:
+        """A fresh copy of this rank's positions (what handed-out ids are checked against)."""
         if self.dims.cp == 1:
             return torch.arange(seq_len)
         return get_strategy(self.strategy).rank_positions(self.layout, seq_len, self.dims.cp, self.cp_rank,
@@ -73,7 +82,7 @@ class Plan:
         sharding: a shard's last target lives on another rank in most layouts) and position ids."""
         n = input_ids.shape[1]
         self.dims.check_seq_len(n, what="sequence length (input_ids.shape[1])")
-        pos = self.positions(n).to(input_ids.device)
+        pos = self.positions(n, input_ids.device)
         out = {"input_ids": input_ids.index_select(1, pos), "position_ids": pos}
         if labels is not None:
             if labels.shape != input_ids.shape:
@@ -114,8 +123,11 @@ def _swap_cores(model: nn.Module, mesh: ParallelMesh, kernel: str) -> None:
 
 
 def _check_positions_hook(positions_of, cp: int):
-    """One position check per forward (not per layer); `positions_of(n)` gives this rank's positions of an
-    n-token sequence. The plan made the ids, so this catches a caller that passes its own."""
+    """One position check per forward, not per layer; `positions_of(n)` gives this rank's positions of an
+    n-token sequence. The plan hands out one tensor per length, so once that tensor has been checked (and
+    not modified since) later forwards skip the check: no host sync per step. A caller that passes ids of
+    its own is checked every time."""
+    checked = {}
 
     def hook(module, args, kwargs):
         tokens = args[0] if args else kwargs.get("tokens")
@@ -123,7 +135,11 @@ def _check_positions_hook(positions_of, cp: int):
         if pos is None:
             raise ValueError("a context-parallel model needs position_ids: take input_ids and position_ids from "
                              "plan.shard_batch(...)")
-        check_positions(pos, positions_of(tokens.shape[1] * cp))
+        n = tokens.shape[1] * cp
+        if checked.get(n) == (id(pos), pos._version):
+            return
+        check_positions(pos, positions_of(n))
+        checked[n] = (id(pos), pos._version)
 
     return hook
 
@@ -204,5 +220,5 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: Paralle
                         param_dtype=param_dtype)
     plan = Plan(model, dims, mesh, engine)
     if dims.cp > 1:
-        model.register_forward_pre_hook(_check_positions_hook(plan.positions, dims.cp), with_kwargs=True)
+        model.register_forward_pre_hook(_check_positions_hook(plan.expected_positions, dims.cp), with_kwargs=True)
     return plan

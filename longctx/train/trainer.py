@@ -85,21 +85,26 @@ class Trainer:
 
     # ------------------------------------------------------------------ the step
     def micro_batches(self, step: int) -> list[dict]:
-        """This rank's shards of every micro-batch of optimizer step `step`."""
+        """This rank's shards of every micro-batch of optimizer step `step` (cut on the host, then only
+        the shard moves to the device), each with its count of real labels (a host number: no sync)."""
         t, plan = self.cfg.train, self.plan
         out = []
         for micro in range(t.accumulation):
             idx = step_indices(step, batch_size=t.batch_size, dp_rank=plan.dp_rank, dp_size=self.dims.dp,
                                accumulation=t.accumulation, micro=micro)
-            inputs, labels = self.data.batch(idx)
-            out.append(plan.shard_batch(inputs.to(self.device), labels.to(self.device)))
+            shard = plan.shard_batch(*self.data.batch(idx))
+            count = int((shard["labels"] != IGNORE_INDEX).sum())
+            shard = {k: v.to(self.device, non_blocking=True) for k, v in shard.items()}
+            if self.device.type != "cpu":  # the position tensor the plan hands out for this device
+                shard["position_ids"] = plan.positions(t.seq_len, self.device)
+            out.append({**shard, "real_labels": count})
         return out
 
     def train_step(self) -> dict:
         t, plan, model = self.cfg.train, self.plan, self.model
         with StepTimer(self.device) as timer:
             shards = self.micro_batches(self.step)
-            local_count = float(sum(int((s["labels"] != IGNORE_INDEX).sum()) for s in shards))
+            local_count = float(sum(s["real_labels"] for s in shards))
             (count,) = self._all_reduce([local_count], group=plan.loss_group)
             scale = self.dims.dp_cp / max(count, 1.0)
             loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)

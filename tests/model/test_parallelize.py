@@ -44,3 +44,11 @@ def test_parallelize_errors():
     results = run(expect_errors, 4, args=([("parallelize_with", kw) for kw, _, _ in BAD],), timeout=120)
     for (kw, typ, pattern), (got_type, msg) in zip(BAD, results[0]):
         assert got_type == typ and re.search(pattern, msg), (kw, got_type, msg)
+
+
+def test_positions_are_checked_once_not_per_layer_or_step():
+    from ._workers import position_checks
+
+    for once, errors in run(position_checks, 4, timeout=120):
+        assert once == 1
+        assert len(errors) == 2 and all("layout mismatch" in e for e in errors), errors
