@@ -8,6 +8,7 @@ the Python traceback of user errors too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import platform
@@ -21,11 +22,21 @@ BENCHES = {
     "dilated": ("longctx.bench.dilated", "LongNet dilated attention, local and distributed"),
     "train": ("longctx.bench.train", "training layouts side by side: tokens/s, FLOP/s, saved activations, loss"),
 }
-USER_ERRORS = ("ValueError", "ConfigError", "MissingDependency", "NotImplementedError")
+USER_ERRORS = ("ConfigError", "MissingDependency", "UserError")  # exception types printed as one line
 
 
 class UserError(Exception):
     """Raised by command code for a problem the user can fix; printed as one line."""
+
+
+@contextlib.contextmanager
+def _checking():
+    """Checks of user input (config, arguments, layouts) run inside this: their ValueErrors are the user's.
+    The run itself is outside it, so a ValueError there is a bug and keeps its traceback."""
+    try:
+        yield
+    except (ValueError, NotImplementedError) as e:
+        raise UserError(str(e)) from e
 
 
 class _Parser(argparse.ArgumentParser):
@@ -135,8 +146,9 @@ def cmd_train(args) -> int:
     from .launch import train_main, world_size_from_env
     from .train import validate_job
 
-    cfg = _load(args)
-    validate_job(cfg, world_size_from_env())  # one-line errors before any rank builds anything
+    with _checking():  # one-line errors before anything is built
+        cfg = _load(args)
+        validate_job(cfg, world_size_from_env())
     summary = train_main(OmegaConf.to_container(cfg), config_path=args.config)
     if int(os.environ.get("RANK", "0")) == 0:
         _print_summary(summary)
@@ -150,8 +162,9 @@ def cmd_launch_local(args) -> int:
     from .train import validate_job
     from .train.setup import default_run_dir
 
-    cfg = _load(args)
-    validate_job(cfg, args.nproc)
+    with _checking():
+        cfg = _load(args)
+        validate_job(cfg, args.nproc)
     if cfg.run_dir is None:  # one name for every rank, chosen here
         cfg.run_dir = default_run_dir(args.config)
     timeout = args.timeout if args.timeout else 7 * 24 * 3600.0  # poll() takes at most ~24 days
@@ -165,9 +178,10 @@ def cmd_config_show(args) -> int:
     from .config import to_yaml
     from .train import validate_job
 
-    cfg = _load(args)
-    if args.world_size:
-        dims = validate_job(cfg, args.world_size)
+    with _checking():
+        cfg = _load(args)
+        dims = validate_job(cfg, args.world_size) if args.world_size else None
+    if dims is not None:
         print(f"# valid for {args.world_size} rank(s): {dims}")
     print(to_yaml(cfg), end="")
     return 0
@@ -200,32 +214,33 @@ def _dispatch(args) -> int:
     if args.command == "config":
         return cmd_config_show(args)
     module = importlib.import_module(args._module)
-    if hasattr(module, "validate"):
-        module.validate(args)  # in this process: a bad argument never reaches the ranks
+    with _checking():  # in this process: a bad argument never reaches the ranks
+        module.validate(args)
     module.run(args)
     return 0
 
 
 def main(argv=None) -> int:
     from ._optional import MissingDependency
+    from .config import ConfigError
     from .launch import RankError
 
     try:
         return _dispatch(_parse(argv))
-    except UserError as e:
+    except (UserError, ConfigError, MissingDependency) as e:
         return _user_error(str(e))
     except RankError as e:
-        if e.remote_type in USER_ERRORS and e.remote_message:
+        if e.remote_type in USER_ERRORS and e.remote_message and not os.environ.get("LONGCTX_DEBUG"):
             return _user_error(f"rank {e.rank}: {e.remote_message}")
-        print(f"longctx: {e}", file=sys.stderr)
+        print(f"longctx: {e}", file=sys.stderr)  # the failing rank's traceback
         return 1
-    except (ValueError, MissingDependency, NotImplementedError) as e:
-        if os.environ.get("LONGCTX_DEBUG"):
-            raise
-        return _user_error(str(e))
 
 
 def _user_error(message: str) -> int:
+    if os.environ.get("LONGCTX_DEBUG"):
+        import traceback
+
+        traceback.print_exc()
     first = message.strip().splitlines()[0] if message.strip() else "unknown error"
     print(f"longctx: error: {first}", file=sys.stderr)
     return 2

@@ -64,6 +64,7 @@ class ParallelConfig:
     activation_checkpoint: str = "none"  # none | full | selective (every `ac_every`-th layer)
     ac_every: int = 2
     timeout_s: float = 600.0  # process-group timeout: a collective some rank never joins fails after this
+    meta_init: bool = False  # build on the meta device, shard (FSDP2), then initialise only the local shards
 
 
 @dataclass
@@ -194,8 +195,11 @@ def to_yaml(cfg) -> str:
 def validate_model(cfg) -> None:
     """Arithmetic constraints of the architecture (what the model alone can check)."""
     for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
-        if cfg[key] < 1:
-            raise ConfigError(f"model.{key} must be a positive int, got {cfg[key]}")
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"model.{key} must be a positive int, got {getattr(cfg, key)}")
+    for key in ("rope_theta", "norm_eps"):
+        if not getattr(cfg, key) > 0:
+            raise ConfigError(f"model.{key} must be > 0, got {getattr(cfg, key)}")
     if cfg.dim % cfg.n_heads:
         raise ConfigError(f"model.dim {cfg.dim} must be divisible by model.n_heads {cfg.n_heads}")
     if cfg.n_heads % cfg.n_kv_heads:

@@ -77,18 +77,23 @@ def test_config_show_prints_the_resolved_config(capsys):
     assert "# valid for 4 rank(s)" in out and "cp: 2" in out and "dp_shard: 2" in out and "strategy: zigzag" in out
 
 
-def test_a_failing_rank_shows_its_traceback(monkeypatch, capsys):
+@pytest.mark.parametrize("remote_type,rc", [("RuntimeError", 1), ("ValueError", 1), ("ConfigError", 2)])
+def test_a_failing_rank_shows_its_traceback(remote_type, rc, monkeypatch, capsys):
+    # a rank's ValueError during training is a bug (its traceback is shown); only user-error types are one line
     from longctx import launch
     from longctx.launch import RankError
 
     def boom(*args, **kwargs):
-        raise RankError("rank 1 failed with RuntimeError: boom\n\n--- traceback from rank 1 ---\nTraceback ...",
-                        1, "RuntimeError", "Traceback ...", None, "boom")
+        raise RankError(f"rank 1 failed with {remote_type}: boom\n\n--- traceback from rank 1 ---\nTraceback ...",
+                        1, remote_type, "Traceback ...", None, "boom")
 
     monkeypatch.setattr(launch, "run", boom)
-    assert main(["launch", "local", "--nproc", "4", TINY, *FAST]) == 1
+    assert main(["launch", "local", "--nproc", "4", TINY, *FAST]) == rc
     err = capsys.readouterr().err
-    assert "rank 1 failed with RuntimeError: boom" in err and "--- traceback from rank 1 ---" in err
+    if rc == 1:
+        assert f"rank 1 failed with {remote_type}: boom" in err and "--- traceback from rank 1 ---" in err
+    else:
+        assert err.strip() == "longctx: error: rank 1: boom"
 
 
 def _cli(*args, env=None, timeout=300):

@@ -67,6 +67,10 @@ def _tiny(*overrides):
      r"train.batch_size=4 or 2"),
     (["parallel.tp=2", "parallel.cp=2"], 4, r"parallel.tp=2: tensor and pipeline parallelism are not built yet"),
     (["model.dilated.layers=[1]", "model.dilated.w0=64"], 4, r"model.dilated.layers need the contiguous token layout"),
+    (["parallel.meta_init=true"], 4, r"parallel.meta_init=true initialises FSDP2 shards, but this layout runs "
+                                     r"engine=ddp"),
+    (["model.rope_theta=0"], 4, r"model.rope_theta must be > 0"),
+    (["run_dir=" + __file__], 4, r"is an existing file, not a directory"),
     (["data.task=poetry"], 4, r"data.task='poetry': choose one of induction, copy, random"),
     (["train.lr=0"], 4, r"train.lr must be > 0"),
     (["model.n_kv_heads=3"], 4, r"model.n_heads 4 must be a multiple of model.n_kv_heads 3"),

@@ -101,20 +101,23 @@ def environment() -> dict:
 
 
 def plot_bars(path: str | None, labels: list[str], series: dict[str, list[float]], *, title: str) -> None:
-    """One panel per series, one bar per label."""
+    """One panel per series, one horizontal bar per label (long labels stay readable)."""
     if not path:
         return
     matplotlib = require("matplotlib", "benchmark plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 4))
+    width = 4.0 * len(series) + 0.09 * max(len(x) for x in labels)
+    fig, axes = plt.subplots(1, len(series), figsize=(width, 1.2 + 0.38 * len(labels)), sharey=True)
     axes = [axes] if len(series) == 1 else list(axes)
+    ys = list(range(len(labels)))
     for ax, (name, values) in zip(axes, series.items()):
-        ax.bar(labels, values)
+        ax.barh(ys, values)
+        ax.set_yticks(ys, labels)
+        ax.invert_yaxis()  # first label on top, in table order
         ax.set_title(name)
-        ax.tick_params(axis="x", rotation=30)
-        ax.grid(True, axis="y", alpha=0.3)
+        ax.grid(True, axis="x", alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

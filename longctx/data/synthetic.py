@@ -6,8 +6,10 @@ data ranks and accumulation steps sees the same sequences in the same optimizer 
 
   induction  a random pattern of `period` tokens, repeated: after the first period every next token is
              predictable by looking `period` tokens back (what induction heads learn)
-  copy       a random prompt, then the prompt again; with mask_prompt the prompt's labels are ignored
-             (prompt-masked SFT: whole context shards can end up with no real label)
+  copy       a random prompt (its length drawn per sequence, between a quarter and three quarters of the
+             sequence), then the prompt again, repeated; with mask_prompt the prompt's labels are ignored
+             (prompt-masked SFT: sequences differ in how many labels count, and whole context shards
+             can hold no real label)
   random     independent uniform tokens (nothing to learn beyond the alphabet)
 Tokens are drawn from the first `alphabet` ids of the vocabulary, so even before any long-range structure
 is learnt the loss falls from ln(vocab) towards ln(alphabet).
@@ -44,15 +46,14 @@ class SyntheticSource:
             pattern = rng.integers(0, self.alphabet, self.period)
             tokens = np.resize(pattern, n)
         elif self.task == "copy":
-            half = (n + 1) // 2
-            prompt = rng.integers(0, self.alphabet, half)
-            tokens = np.concatenate([prompt, prompt])[:n]
+            prompt_len = int(rng.integers(n // 4 + 1, max(n // 4 + 2, 3 * n // 4 + 1)))
+            tokens = np.resize(rng.integers(0, self.alphabet, prompt_len), n)
         else:
             tokens = rng.integers(0, self.alphabet, n)
         tokens = torch.from_numpy(tokens.astype(np.int64))
         inputs, labels = tokens[:-1].clone(), tokens[1:].clone()
         if self.task == "copy" and self.mask_prompt:
-            labels[: (n + 1) // 2 - 1] = IGNORE_INDEX  # targets inside the prompt cannot be predicted
+            labels[: prompt_len - 1] = IGNORE_INDEX  # targets inside the prompt cannot be predicted
         return inputs, labels
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:

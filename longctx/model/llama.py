@@ -123,6 +123,16 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter in place: what a model built on the meta device needs once its
+        (possibly sharded) storage exists. Linear and embedding weights as torch initialises them, norms 1."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.reset_parameters()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None, labels=None, loss_fn=None):
         """Logits (B, S, V); or, with labels and loss_fn, loss_fn(hidden (B*S, D), output weight, labels)."""
         if position_ids is None:

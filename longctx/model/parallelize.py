@@ -27,7 +27,7 @@ from ..parallel.sequence.dilated import DilatedAttention
 from ..parallel.sequence.registry import get_strategy
 from .llama import Block, LocalAttention
 
-AC_MODES = ("none", "full", "selective")
+AC_MODES = ("none", "full", "selective")  # activation checkpointing: nothing, every block, every n-th block
 
 
 @dataclass
@@ -124,10 +124,10 @@ def _swap_cores(model: nn.Module, mesh: ParallelMesh, kernel: str) -> None:
 
 def _check_positions_hook(positions_of, cp: int):
     """One position check per forward, not per layer; `positions_of(n)` gives this rank's positions of an
-    n-token sequence. The plan hands out one tensor per length, so once that tensor has been checked (and
-    not modified since) later forwards skip the check: no host sync per step. A caller that passes ids of
-    its own is checked every time."""
-    checked = {}
+    n-token sequence. The plan hands out one tensor per length: once that very tensor (held here, so its
+    identity cannot be reused by another) has been checked and not modified since, later forwards skip the
+    check, so there is no host sync per step. Any other tensor is checked every time."""
+    checked = {}  # n -> (the checked tensor itself, its version counter then)
 
     def hook(module, args, kwargs):
         tokens = args[0] if args else kwargs.get("tokens")
@@ -136,10 +136,11 @@ def _check_positions_hook(positions_of, cp: int):
             raise ValueError("a context-parallel model needs position_ids: take input_ids and position_ids from "
                              "plan.shard_batch(...)")
         n = tokens.shape[1] * cp
-        if checked.get(n) == (id(pos), pos._version):
+        seen = checked.get(n)
+        if seen is not None and seen[0] is pos and seen[1] == pos._version:
             return
         check_positions(pos, positions_of(n))
-        checked[n] = (id(pos), pos._version)
+        checked[n] = (pos, pos._version)
 
     return hook
 

@@ -67,10 +67,6 @@ class CommStats:
         """(query, key) pairs this rank computed at one schedule step: balance is counted, not timed."""
         self.work[(phase, step)] += int(pairs)
 
-    def work_per_step(self, phase: str) -> list[int]:
-        """Pairs per schedule step of one phase (summed over the calls since the last reset)."""
-        return [p for (ph, _), p in sorted(self.work.items()) if ph == phase]
-
     def reset(self) -> None:
         self.ops.clear()
         self.work.clear()

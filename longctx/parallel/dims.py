@@ -14,7 +14,7 @@ Flattened meshes the rest of the system needs (all built once, in the same order
                                                context ranks hold different tokens of the same sequences
     dp          dp_replicate x dp_shard        which sequences a rank reads
     fsdp        dp_shard x cp                  FSDP2 shards parameters over it
-    hsdp        (dp_replicate, dp_shard x cp)  2-D mesh for HSDP (replicate outer, shard inner)
+    hsdp        (dp_replicate, dp_shard x cp)  2-D mesh for HSDP (replicate outer, shard inner); when both > 1
     ddp         dp_replicate x cp              DDP all-reduces over it (when dp_shard == 1)
     cp_hybrid   (ring, ulysses)                hybrid strategy only
 
@@ -170,14 +170,21 @@ class ParallelMesh:
         self.dp = w["dp_replicate", "dp_shard"]._flatten("dp")
         self.fsdp = w["dp_shard", "cp"]._flatten("fsdp")
         self.ddp = w["dp_replicate", "cp"]._flatten("ddp")
-        self.hsdp = self.dp_cp._unflatten(0, (dims.dp_replicate, dims.dp_shard * dims.cp),
-                                          ("dp_replicate", "dp_shard_cp"))
         self.cp = w["cp"]
-        self.cp_hybrid = (self.cp._unflatten(0, (dims.ring, dims.ulysses), ("ring", "ulysses"))
-                          if dims.strategy == "hybrid" else None)
-
-    def size(self, name: str) -> int:
-        return getattr(self, name).size() if name not in DIM_NAMES else self.world[name].size()
+        # The two 2-D meshes regroup a dimension, which slicing cannot do; each comes from a second mesh over
+        # the same ranks with that dimension split or merged (public API, same rank order), built only when
+        # the job needs it.
+        pp, rep, shard, cp, tp = shape
+        self.hsdp = None
+        if rep > 1 and shard * cp > 1:
+            names = ("pp", "dp_replicate", "dp_shard_cp", "tp")
+            self.hsdp = init_device_mesh(self.device_type, (pp, rep, shard * cp, tp),
+                                         mesh_dim_names=names)["dp_replicate", "dp_shard_cp"]
+        self.cp_hybrid = None
+        if dims.strategy == "hybrid":
+            names = ("pp", "dp_replicate", "dp_shard", "ring", "ulysses", "tp")
+            self.cp_hybrid = init_device_mesh(self.device_type, (pp, rep, shard, dims.ring, dims.ulysses, tp),
+                                              mesh_dim_names=names)["ring", "ulysses"]
 
     def rank(self, name: str) -> int:
         """This rank's coordinate along a world dimension or a flattened mesh."""

@@ -86,6 +86,11 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     if chunk <= 0:
         logits = (hidden @ weight.t()).to(_acc(hidden.dtype))
         return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        # evaluation: the loss alone (inside the Function, needs_input_grad would still ask for gradients)
+        acc = _acc(hidden.dtype)
+        return sum((_chunk_loss(hidden[s:s + chunk], weight, labels[s:s + chunk], ignore_index, acc, False)[0]
+                    for s in range(0, hidden.shape[0], chunk)), torch.zeros((), dtype=acc, device=hidden.device))
     return _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk, ignore_index)
 
 

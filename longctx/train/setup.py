@@ -9,11 +9,11 @@ import os
 import time
 
 from ..config import ConfigError, validate_model
+from ..model.parallelize import AC_MODES
 from ..parallel.data_parallel import resolve_engine
 from ..parallel.dims import ParallelDims
 
 PRECISIONS = ("auto", "fp32", "bf16")
-AC_MODES = ("none", "full", "selective")
 
 
 def _positive(section: str, cfg, *keys, allow_zero: bool = False) -> None:
@@ -47,9 +47,12 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
     if p.kernel not in kernels:
         raise ConfigError(f"parallel.kernel={p.kernel!r} is not a kernel backend; choose one of {', '.join(kernels)}")
     try:
-        resolve_engine(p.engine, dims)
+        engine = resolve_engine(p.engine, dims)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if p.meta_init and engine not in ("fsdp", "hsdp"):
+        raise ConfigError(f"parallel.meta_init=true initialises FSDP2 shards, but this layout runs engine={engine}; "
+                          "use parallel.engine=fsdp (with data or context ranks to shard over) or meta_init=false")
     if p.activation_checkpoint not in AC_MODES:
         raise ConfigError(f"parallel.activation_checkpoint={p.activation_checkpoint!r}: choose one of "
                           f"{', '.join(AC_MODES)}")
@@ -78,6 +81,8 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
         raise ConfigError(str(e)) from None
     if cfg.model.dilated.layers:
         _check_dilated(cfg, dims)
+    if cfg.run_dir is not None and os.path.exists(cfg.run_dir) and not os.path.isdir(cfg.run_dir):
+        raise ConfigError(f"run_dir={cfg.run_dir!r} is an existing file, not a directory; choose another run_dir")
     if d.source != "synthetic":
         raise ConfigError(f"data.source={d.source!r}: only 'synthetic' exists until token datasets arrive")
     if d.task not in TASKS:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -45,10 +46,20 @@ class Trainer:
         self.precision = resolve_precision(cfg.train.precision, self.device_type)
         t = cfg.train
         torch.manual_seed(t.seed)  # the same initial weights on every rank, whatever the layout
-        model = build_model(cfg.model, seq_len=t.seq_len, mlp_chunks=t.mlp_chunks).to(self.device)
+        meta = cfg.parallel.meta_init
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = build_model(cfg.model, seq_len=t.seq_len, mlp_chunks=t.mlp_chunks)
+        if not meta:
+            model.to(self.device)
         bf16 = self.precision == "bf16"
         self.plan = parallelize(model, self.dims, cfg.parallel, mesh=self.dims.build_mesh(self.device_type),
                                 param_dtype=torch.bfloat16 if bf16 else None)
+        if meta:  # storage for this rank's shards only, then their values (seeded: every run the same)
+            model.to_empty(device=self.device)
+            torch.manual_seed(t.seed)
+            with warnings.catch_warnings():  # CPU meshes: DTensor draws each shard from the local generator
+                warnings.filterwarnings("ignore", "DTensor random operators may not have complete support")
+                model.init_weights()
         self.model = model
         torch.manual_seed(t.seed + 1 + self.rank)  # per-rank streams from here on (sampling, dropout)
         self.optimizer = build_optimizer(model, t, self.device_type)

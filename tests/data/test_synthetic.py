@@ -24,10 +24,15 @@ def test_sequences_depend_only_on_seed_and_index():
 def test_tasks():
     x, y = _src("induction", period=4, alphabet=5).sequence(0)
     assert torch.equal(x[4:], x[:-4]) and torch.equal(y[:-1], x[1:]) and int(x.max()) < 5
-    x, y = _src("copy", seq_len=15).sequence(0)  # 16 tokens: an 8-token prompt, then the prompt again
-    full = torch.cat([x, y[-1:]])
-    assert torch.equal(full[:8], full[8:])
-    assert (y[:7] == -100).all() and (y[7:] != -100).all()  # targets inside the prompt are ignored
+    prompt_lens = set()
+    for index in range(20):  # 64 tokens: a prompt of 17..48 tokens, then the prompt again (repeated)
+        x, y = _src("copy", seq_len=63).sequence(index)
+        full = torch.cat([x, y[-1:]])
+        p = int((y == -100).sum()) + 1  # targets inside the prompt are ignored: the first p - 1 labels
+        assert 17 <= p <= 48 and (y[: p - 1] == -100).all() and (y[p - 1:] != -100).all()
+        assert torch.equal(full[p:], full[: 64 - p]) and not torch.equal(full[p - 1:], full[: 65 - p])
+        prompt_lens.add(p)
+    assert len(prompt_lens) > 5  # sequences differ in how many labels count
     assert (_src("copy", seq_len=15, mask_prompt=False).sequence(0)[1] != -100).all()
     x, _ = _src("random", alphabet=3).sequence(0)
     assert set(x.tolist()) <= {0, 1, 2}

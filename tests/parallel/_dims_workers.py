@@ -17,8 +17,9 @@ def mesh_groups(dim_sets: list[dict]) -> list[dict]:
         for name in ("cp", "dp_cp", "dp", "fsdp", "ddp"):
             m = mesh.world[name] if name == "cp" else getattr(mesh, name)
             groups[name] = dist.get_process_group_ranks(m.get_group())
-        for name in ("dp_replicate", "dp_shard_cp"):
-            groups[f"hsdp.{name}"] = dist.get_process_group_ranks(mesh.hsdp.get_group(name))
+        if mesh.hsdp is not None:
+            for name in ("dp_replicate", "dp_shard_cp"):
+                groups[f"hsdp.{name}"] = dist.get_process_group_ranks(mesh.hsdp.get_group(name))
         if mesh.cp_hybrid is not None:
             for name in ("ring", "ulysses"):
                 groups[f"hybrid.{name}"] = dist.get_process_group_ranks(mesh.cp_hybrid.get_group(name))

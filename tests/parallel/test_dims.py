@@ -57,26 +57,34 @@ def test_sequence_and_heads_checks_give_the_divisor():
     ParallelDims(cp=4, world_size=4, strategy="zigzag").check_heads(6, 3)  # the ring family splits no heads
 
 
-def _expected(shape, rank, keep):
-    """Global ranks sharing `rank`'s coordinates on every dim not in `keep` (row-major over DIM_NAMES)."""
+def _expected(shape, rank, keep, names=DIM_NAMES):
+    """Global ranks sharing `rank`'s coordinates on every dim not in `keep` (row-major over `names`)."""
     coords = list(itertools.product(*(range(s) for s in shape)))
     mine = coords[rank]
-    fixed = [i for i, n in enumerate(DIM_NAMES) if n not in keep]
+    fixed = [i for i, n in enumerate(names) if n not in keep]
     return [r for r, c in enumerate(coords) if all(c[i] == mine[i] for i in fixed)]
 
 
 CASES = [
     dict(dp_replicate=2, dp_shard=2, cp=1),
+    dict(dp_replicate=2, dp_shard=1, cp=2, strategy="hybrid", ulysses=2),
     dict(dp_replicate=1, dp_shard=2, cp=2),
     dict(dp_replicate=2, dp_shard=1, cp=2),
     dict(dp_replicate=1, dp_shard=1, cp=4, strategy="hybrid", ulysses=2),
 ]
 
 
-def test_mesh_groups_match_row_major_coordinates():
-    results = run(mesh_groups, 4, args=(CASES,), timeout=120)
+CASES_8 = [
+    dict(dp_replicate=2, dp_shard=2, cp=2),
+    dict(dp_replicate=2, dp_shard=1, cp=4, strategy="hybrid", ulysses=2),
+]
+
+
+@pytest.mark.parametrize("world,cases", [(4, CASES), (8, CASES_8)], ids=["W4", "W8"])
+def test_mesh_groups_match_row_major_coordinates(world, cases):
+    results = run(mesh_groups, world, args=(cases,), timeout=120)
     for rank, per_rank in enumerate(results):
-        for case, groups in zip(CASES, per_rank):
+        for case, groups in zip(cases, per_rank):
             shape = (1, case["dp_replicate"], case["dp_shard"], case["cp"], 1)
             want = {
                 "cp": _expected(shape, rank, {"cp"}),
@@ -84,13 +92,18 @@ def test_mesh_groups_match_row_major_coordinates():
                 "dp": _expected(shape, rank, {"dp_replicate", "dp_shard"}),
                 "fsdp": _expected(shape, rank, {"dp_shard", "cp"}),
                 "ddp": _expected(shape, rank, {"dp_replicate", "cp"}),
-                "hsdp.dp_replicate": _expected(shape, rank, {"dp_replicate"}),
-                "hsdp.dp_shard_cp": _expected(shape, rank, {"dp_shard", "cp"}),
             }
+            hsdp = case["dp_replicate"] > 1 and case["dp_shard"] * case["cp"] > 1
+            assert ("hsdp.dp_replicate" in groups) == hsdp  # built only when HSDP can run
+            if hsdp:
+                want["hsdp.dp_replicate"] = _expected(shape, rank, {"dp_replicate"})
+                want["hsdp.dp_shard_cp"] = _expected(shape, rank, {"dp_shard", "cp"})
             if case.get("strategy") == "hybrid":  # cp = ring x ulysses, ulysses inner
                 u = case["ulysses"]
-                want["hybrid.ulysses"] = [r for r in range(4) if r // u == rank // u]
-                want["hybrid.ring"] = [r for r in range(4) if r % u == rank % u]
+                shape6 = (1, case["dp_replicate"], case["dp_shard"], case["cp"] // u, u, 1)
+                names6 = ("pp", "dp_replicate", "dp_shard", "ring", "ulysses", "tp")
+                want["hybrid.ulysses"] = _expected(shape6, rank, {"ulysses"}, names6)
+                want["hybrid.ring"] = _expected(shape6, rank, {"ring"}, names6)
             for name, ranks in want.items():
                 assert groups[name] == ranks, (case, rank, name, groups[name], ranks)
             sizes = [case["dp_replicate"] * case["dp_shard"] * case["cp"], case["cp"],

@@ -101,3 +101,13 @@ def test_chunked_loss_keeps_at_most_one_chunk_of_logits_alive():
     # the plain path holds all (tokens x vocab) logits, and keeps them for backward
     peak_plain, _, saved_plain = _loss_memory(0, tokens, vocab=vocab)
     assert peak_plain >= tokens * vocab * 4 and saved_plain.by_shape.get((tokens, vocab), 0) >= tokens * vocab * 4
+
+
+def test_no_grad_computes_the_loss_only():
+    vocab, tokens = 1000, 256
+    h, w, y = _problem(t=tokens, d=16, v=vocab, dtype=torch.float32, ignored=3)
+    ref = chunked_cross_entropy(h, w, y, chunk=64).item()
+    with torch.no_grad(), LiveVocabTensors(vocab) as live:
+        loss = chunked_cross_entropy(h, w, y, chunk=64)
+    assert not loss.requires_grad and abs(loss.item() - ref) <= 1e-6 * abs(ref)
+    assert live.peak <= 64 * vocab * 4  # no gradient work, still one chunk at a time
