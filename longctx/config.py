@@ -188,6 +188,11 @@ def load(cls=JobConfig, path: str | None = None, overrides: list[str] | tuple = 
     return cfg
 
 
+def from_dict(data: dict):
+    """A resolved config shipped as a plain dict (to harness ranks, Ray workers) back into a typed JobConfig."""
+    return OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.create(data))
+
+
 def to_yaml(cfg) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 

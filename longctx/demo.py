@@ -42,14 +42,12 @@ def _job(overrides, run_dir) -> dict:
 
 def _train_configs(configs: list[dict]) -> list[tuple]:
     """On every rank: train each config; returns (losses, full final parameters) per config."""
-    from omegaconf import OmegaConf
-
-    from .config import JobConfig
+    from .config import from_dict
     from .train import Trainer
 
     out = []
     for c in configs:
-        trainer = Trainer(OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.create(c)))
+        trainer = Trainer(from_dict(c))
         trainer.fit()
         out.append(([r["loss"] for r in trainer.history], trainer.full_state_dict()))
     return out

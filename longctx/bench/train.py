@@ -64,13 +64,10 @@ def validate(args) -> None:
 
 
 def _rank_main(config: dict) -> dict:
-    from omegaconf import OmegaConf
-
-    from ..config import JobConfig
+    from ..config import from_dict
     from ..train import Trainer
 
-    cfg = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.create(config))
-    trainer = Trainer(cfg)
+    trainer = Trainer(from_dict(config))
     saved = trainer.saved_activation_bytes()
     summary = trainer.fit()
     return {"saved": saved, "summary": summary, "history": trainer.history}

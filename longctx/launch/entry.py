@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from omegaconf import OmegaConf
-
-from ..config import JobConfig
+from ..config import from_dict
 from .env import process_group
 
 
@@ -13,6 +11,6 @@ def train_main(config: dict, config_path: str | None = None) -> dict:
     process finds; returns the training summary."""
     from ..train import Trainer
 
-    cfg = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.create(config))
+    cfg = from_dict(config)
     with process_group(cfg.parallel.timeout_s):
         return Trainer(cfg, config_path=config_path).fit()

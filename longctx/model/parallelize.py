@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..config import ParallelConfig
 from ..parallel.data_parallel import apply_data_parallel, resolve_engine, set_gradient_sync
 from ..parallel.dims import ParallelDims, ParallelMesh
 from ..parallel.sequence.api import ContextParallelAttention, check_positions
@@ -113,11 +114,9 @@ def _swap_cores(model: nn.Module, mesh: ParallelMesh, kernel: str) -> None:
         elif isinstance(core, ContextParallelAttention):
             raise ValueError("this model is already parallelized; parallelize a freshly built model")
     if dilated and dims.cp > 1:
-        if dims.layout != "contiguous":
-            raise ValueError(
-                f"the model's LongNet dilated layers need the contiguous token layout, but parallel.strategy="
-                f"{dims.strategy} runs on {dims.layout!r}; use parallel.strategy=ring, or allgather/ulysses/hybrid "
-                "with parallel.layout=contiguous")
+        problem = dilated_layout_problem(dims)
+        if problem:
+            raise ValueError(f"the model's LongNet dilated layers {problem}")
         for core in dilated:
             core.group = mesh.cp.get_group()
 
@@ -197,27 +196,37 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) 
     return done
 
 
-def _get(cfg, key, default):
-    return getattr(cfg, key, default) if cfg is not None else default
+def check_supported(dims: ParallelDims) -> None:
+    """Refuse the axes that are not built yet, naming the key."""
+    if dims.tp > 1 or dims.pp > 1:
+        axis = "tp" if dims.tp > 1 else "pp"
+        raise NotImplementedError(f"parallel.{axis}={getattr(dims, axis)}: tensor and pipeline parallelism are not "
+                                  f"built yet; set parallel.{axis}=1 (context and data parallelism compose here)")
+
+
+def dilated_layout_problem(dims: ParallelDims) -> str | None:
+    """LongNet layers split the sequence contiguously over the cp ranks, so the layout must be contiguous:
+    what is wrong (to follow the name of the layers) or None."""
+    if dims.cp > 1 and dims.layout != "contiguous":
+        return (f"need the contiguous token layout, but parallel.strategy={dims.strategy} runs on {dims.layout!r}; "
+                "use parallel.strategy=ring, or allgather/ulysses/hybrid with parallel.layout=contiguous")
+    return None
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: ParallelMesh | None = None,
                 param_dtype=None) -> Plan:
     """Apply context parallelism, activation checkpointing and data parallelism (in that order) to `model`
     over the mesh of `dims`; `cfg` is the `parallel` config section (or a job config holding one)."""
-    cfg = getattr(cfg, "parallel", cfg)
-    if dims.tp > 1 or dims.pp > 1:
-        axis = "tp" if dims.tp > 1 else "pp"
-        raise NotImplementedError(f"parallel.{axis}={getattr(dims, axis)}: tensor and pipeline parallelism are not "
-                                  f"built yet; set parallel.{axis}=1 (context and data parallelism compose here)")
+    cfg = getattr(cfg, "parallel", cfg) or ParallelConfig()
+    check_supported(dims)
     cfg_model = getattr(model, "cfg", None)
     if cfg_model is not None:
         dims.check_heads(cfg_model.n_heads, cfg_model.n_kv_heads)
     mesh = mesh or dims.build_mesh()
-    engine = resolve_engine(_get(cfg, "engine", "auto"), dims)
-    _swap_cores(model, mesh, _get(cfg, "kernel", "auto"))
-    apply_activation_checkpointing(model, _get(cfg, "activation_checkpoint", "none"), _get(cfg, "ac_every", 2))
-    apply_data_parallel(model, mesh, engine, reshard_after_forward=_get(cfg, "reshard_after_forward", True),
+    engine = resolve_engine(cfg.engine, dims)
+    _swap_cores(model, mesh, cfg.kernel)
+    apply_activation_checkpointing(model, cfg.activation_checkpoint, cfg.ac_every)
+    apply_data_parallel(model, mesh, engine, reshard_after_forward=cfg.reshard_after_forward,
                         param_dtype=param_dtype)
     plan = Plan(model, dims, mesh, engine)
     if dims.cp > 1:

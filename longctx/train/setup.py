@@ -9,7 +9,7 @@ import os
 import time
 
 from ..config import ConfigError, validate_model
-from ..model.parallelize import AC_MODES
+from ..model.parallelize import AC_MODES, check_supported, dilated_layout_problem
 from ..parallel.data_parallel import resolve_engine
 from ..parallel.dims import ParallelDims
 
@@ -57,10 +57,10 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
         raise ConfigError(f"parallel.activation_checkpoint={p.activation_checkpoint!r}: choose one of "
                           f"{', '.join(AC_MODES)}")
     _positive("parallel", p, "ac_every", "timeout_s")
-    if dims.tp > 1 or dims.pp > 1:
-        axis = "tp" if dims.tp > 1 else "pp"
-        raise ConfigError(f"parallel.{axis}={getattr(dims, axis)}: tensor and pipeline parallelism are not built "
-                          f"yet; set parallel.{axis}=1 (context and data parallelism compose today)")
+    try:
+        check_supported(dims)
+    except NotImplementedError as e:
+        raise ConfigError(str(e)) from None
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={t.precision!r}: choose one of {', '.join(PRECISIONS)}")
     _positive("train", t, "steps", "batch_size", "seq_len", "accumulation", "lr", "mlp_chunks", "beta1", "beta2",
@@ -98,10 +98,9 @@ def _check_dilated(cfg, dims: ParallelDims) -> None:
     from ..model.llama import dilated_pattern
     from ..parallel.sequence.dilated import check_pattern
 
-    if dims.cp > 1 and dims.layout != "contiguous":
-        raise ConfigError(
-            f"model.dilated.layers need the contiguous token layout, but parallel.strategy={dims.strategy} runs on "
-            f"{dims.layout!r}; use parallel.strategy=ring, or allgather/ulysses/hybrid with parallel.layout=contiguous")
+    problem = dilated_layout_problem(dims)
+    if problem:
+        raise ConfigError(f"model.dilated.layers {problem}")
     try:
         ws, rs = dilated_pattern(cfg.model, cfg.train.seq_len)
         check_pattern(ws, rs, cfg.train.seq_len, dims.cp)

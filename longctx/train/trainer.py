@@ -104,12 +104,18 @@ class Trainer:
             idx = step_indices(step, batch_size=t.batch_size, dp_rank=plan.dp_rank, dp_size=self.dims.dp,
                                accumulation=t.accumulation, micro=micro)
             shard = plan.shard_batch(*self.data.batch(idx))
-            count = int((shard["labels"] != IGNORE_INDEX).sum())
-            shard = {k: v.to(self.device, non_blocking=True) for k, v in shard.items()}
-            if self.device.type != "cpu":  # the position tensor the plan hands out for this device
-                shard["position_ids"] = plan.positions(t.seq_len, self.device)
-            out.append({**shard, "real_labels": count})
+            out.append({"input_ids": shard["input_ids"].to(self.device, non_blocking=True),
+                        "labels": shard["labels"].to(self.device, non_blocking=True),
+                        # the one position tensor the plan hands out per device: checked once, then reused
+                        "position_ids": plan.positions(t.seq_len, self.device),
+                        "real_labels": int((shard["labels"] != IGNORE_INDEX).sum())})
         return out
+
+    def _loss(self, shard: dict) -> torch.Tensor:
+        """The summed loss of one micro-batch shard on this rank."""
+        with self._autocast():
+            return self.model(shard["input_ids"], shard["position_ids"], labels=shard["labels"],
+                              loss_fn=self.loss_fn)
 
     def train_step(self) -> dict:
         t, plan, model = self.cfg.train, self.plan, self.model
@@ -121,8 +127,7 @@ class Trainer:
             loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
             for micro, s in enumerate(shards):
                 plan.set_gradient_sync(micro == len(shards) - 1)
-                with self._autocast():
-                    part = model(s["input_ids"], s["position_ids"], labels=s["labels"], loss_fn=self.loss_fn)
+                part = self._loss(s)
                 (part * scale).backward()
                 loss_sum += part.detach().double()
             grad_norm = float(clip_grad_norm(model.parameters(), t.grad_clip))
@@ -148,9 +153,8 @@ class Trainer:
     def saved_activation_bytes(self) -> int:
         """Bytes of tensors saved for backward by one micro-batch's forward on this rank (parameters
         excluded), counted with saved_tensors_hooks; the backward then runs and the gradients are dropped."""
-        s = self.micro_batches(self.step)[0]
-        with SavedTensorCounter(self.model) as counter, self._autocast():
-            part = self.model(s["input_ids"], s["position_ids"], labels=s["labels"], loss_fn=self.loss_fn)
+        with SavedTensorCounter(self.model) as counter:
+            part = self._loss(self.micro_batches(self.step)[0])
         part.backward()
         self.optimizer.zero_grad(set_to_none=True)
         return counter.bytes

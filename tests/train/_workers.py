@@ -22,13 +22,12 @@ def config(*overrides, run_dir="/tmp/longctx-test-run") -> dict:
 def train_and_collect(configs: list[dict]) -> list[dict]:
     """Train each config in this process group; rank 0 returns losses, grad norms and the full final
     parameters, the other ranks what they held (saved bytes, label counts)."""
-    from longctx.config import JobConfig
+    from longctx.config import from_dict
     from longctx.train import Trainer
 
     out = []
     for c in configs:
-        cfg = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.create(c))
-        trainer = Trainer(cfg)
+        trainer = Trainer(from_dict(c))
         shards = trainer.micro_batches(0)
         local_labels = sum(s["real_labels"] for s in shards)
         assert local_labels == sum(int((s["labels"] != -100).sum()) for s in shards)
@@ -42,8 +41,7 @@ def train_and_collect(configs: list[dict]) -> list[dict]:
 
 
 def saved_bytes(config: dict) -> int:
-    from longctx.config import JobConfig
+    from longctx.config import from_dict
     from longctx.train import Trainer
 
-    cfg = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.create(config))
-    return Trainer(cfg).saved_activation_bytes()
+    return Trainer(from_dict(config)).saved_activation_bytes()

@@ -37,12 +37,16 @@ def _rows(given) -> torch.Tensor:
     return given.reshape(-1, given.shape[-1]) if given.dim() else given.reshape(1, 1)
 
 
+def _same(rows: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Every row of (host) position ids equals `expected`."""
+    return rows.shape[-1] == expected.numel() and torch.equal(rows, expected.expand_as(rows))
+
+
 def check_positions(given, expected: torch.Tensor) -> None:
     """Position ids (c,) or (B, c), every row the layout's positions for this rank."""
     if given is None:
         return
-    rows = _rows(given)
-    if rows.shape[-1] != expected.numel() or not torch.equal(rows.cpu(), expected.expand_as(rows)):
+    if not _same(_rows(given).cpu(), expected):
         raise ValueError(
             "layout mismatch: the position ids given for this shard are not the ones the strategy's layout "
             f"assigns this rank (expected {expected[:6].tolist()}..., got {_rows(given)[0, :6].tolist()}...); "
@@ -58,7 +62,7 @@ def _detect_layout(strategy, position_ids, n, world, rank, ulysses) -> str:
             expected = strategy.rank_positions(layout, n, world, rank, ulysses)
         except ValueError:
             continue
-        if rows.shape[-1] == expected.numel() and torch.equal(rows, expected.expand_as(rows)):
+        if _same(rows, expected):
             return layout
     raise ValueError(
         f"layout mismatch: the position ids of this shard (starting {rows[0, :6].tolist()}) follow none of the "
@@ -105,11 +109,12 @@ def attention(q, k, v, *, causal: bool = False, strategy: str = "zigzag", group=
         ulysses, world, rank = 1, comm.world, comm.rank
     _check_device(q, comm)
     n = q.shape[1] * world
-    if layout is None:
+    recognised = layout is None  # recognising the layout compares the positions already
+    if recognised:
         layout = _detect_layout(strat, position_ids, n, world, rank, ulysses)
     strat.check(seq_len=n, world=world, layout=layout, heads=q.shape[2], kv_heads=k.shape[2], ulysses=ulysses,
                 what=f"global sequence length ({q.shape[1]} per rank x {world} ranks)")
-    if check and position_ids is not None:
+    if check and position_ids is not None and not recognised:
         check_positions(position_ids, strat.rank_positions(layout, n, world, rank, ulysses))
     if strategy == "ulysses":
         return ulysses_attention(q, k, v, comm=comm, layout=layout, causal=causal, window=window, scale=scale,
