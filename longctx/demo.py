@@ -63,7 +63,8 @@ def _attention() -> None:
                          "--json", "out/demo_attention.json"])
     bench_attention.run(args)
     print("  (errors vs a float64 single-device reference; bytes counted by the comm layer vs the closed-form\n"
-          "   model; imbalance = counted critical-path pairs / ideal; times are per rank on a 2-core CPU)")
+          "   model; imbalance_counted = critical-path pairs the ranks recorded as they ran / an even split;\n"
+          "   times are per rank on a 2-core CPU)")
 
 
 def _exact_training(tmp: str) -> None:

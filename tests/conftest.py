@@ -3,13 +3,25 @@ import os
 import pytest
 import torch
 
-# Triton kernels run on CPU tensors only under the interpreter; the flag is read when kernels are
-# decorated, so it has to be set before any longctx module imports triton.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    os.environ.setdefault("LONGCTX_TRITON_ON_CPU", "1")
+from tests.support.backends import HAS_TRITON, TRITON_CPU_ENV
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def triton_env(monkeypatch):
+    """Call it to opt this test (and, through the returned dict passed as `env=`, its rank processes) into
+    the Triton kernels; on a machine without CUDA that means the interpreter. The rest of the suite never
+    sees these variables, so `auto` picks the same backend there on every torch build."""
+
+    def enable() -> dict:
+        if not HAS_TRITON:
+            pytest.skip("triton is not installed (pip install 'longctx[triton]')")
+        for name, value in TRITON_CPU_ENV.items():
+            monkeypatch.setenv(name, value)
+        return dict(TRITON_CPU_ENV)
+
+    return enable
 
 
 def pytest_collection_modifyitems(config, items):

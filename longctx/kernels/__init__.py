@@ -8,9 +8,11 @@ from .registry import (
     attention,
     backend_status,
     backends,
+    backends_ran,
     backward,
     forward,
     register,
+    reset_calls,
     resolve,
     unregister,
     validate,
@@ -18,7 +20,8 @@ from .registry import (
 
 __all__ = [
     "CAUSAL", "NO_MASK", "Mask", "acc_dtype", "empty_state", "merge", "merge_", "merge_many", "Backend", "as_mask",
-    "attention", "backend_status", "backends", "backward", "forward", "register", "resolve", "unregister", "validate",
+    "attention", "backend_status", "backends", "backends_ran", "backward", "forward", "register", "reset_calls",
+    "resolve", "unregister", "validate",
 ]
 
 from . import (

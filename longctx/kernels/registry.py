@@ -9,6 +9,7 @@ Contract (layout (batch, seq, heads, head_dim), like flash-attn):
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,6 +37,9 @@ class Backend:
 
 
 _BACKENDS: dict[str, Backend] = {}
+# (backend name, "fwd" | "bwd") -> kernel calls it ran in this process. Tests assert on it so that a call
+# silently served by another backend is seen (with sdpa.fallbacks for the calls sdpa hands to reference).
+calls: Counter = Counter()
 
 
 def register(backend: Backend, *, replace: bool = False) -> Backend:
@@ -53,6 +57,20 @@ def unregister(name: str) -> None:
 
 def backends() -> dict[str, Backend]:
     return dict(_BACKENDS)
+
+
+def backends_ran() -> dict[str, int]:
+    """name -> kernel calls (forward and backward) each backend ran in this process since the last reset;
+    sdpa's calls it handed to reference are in `sdpa.fallbacks` (by reason) as well."""
+    out: Counter = Counter()
+    for (name, _), n in calls.items():
+        out[name] += n
+    return dict(out)
+
+
+def reset_calls() -> None:
+    calls.clear()
+    sdpa.fallbacks.clear()
 
 
 def backend_status() -> dict[str, str | None]:
@@ -147,6 +165,7 @@ def forward(q, k, v, *, scale=None, mask=None, backend: str = "auto", out_dtype=
     if q.numel() == 0 or k.numel() == 0:  # no queries or no keys: every row is empty (fused ops crash here)
         lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), -math.inf, dtype=acc_dtype(q.dtype), device=q.device)
         return q.new_zeros(q.shape, dtype=out_dtype or q.dtype), lse
+    calls[(b.name, "fwd")] += 1
     return b.forward(q, k, v, scale=scale, mask=mask, out_dtype=out_dtype)
 
 
@@ -166,6 +185,7 @@ def backward(dout, q, k, v, out, lse, *, scale=None, mask=None, backend: str = "
     b = resolve(backend, q, k, v, mask)
     if q.numel() == 0 or k.numel() == 0:
         return tuple(t.new_zeros(t.shape, dtype=grad_dtype or t.dtype) for t in (q, k, v))
+    calls[(b.name, "bwd")] += 1
     return b.backward(dout, q, k, v, out, lse, scale=scale, mask=mask, grad_dtype=grad_dtype)
 
 

@@ -155,7 +155,8 @@ class Comm:
     def all_to_all(self, x: torch.Tensor, *, phase: str) -> torch.Tensor:
         """Split dim 0 into W chunks; chunk j goes to rank j; returns the received chunks stacked on dim 0."""
         if x.shape[0] % self.world:
-            raise ValueError(f"all_to_all needs dim 0 ({x.shape[0]}) divisible by the group size {self.world}")
+            raise ValueError(f"all_to_all needs dim 0 ({x.shape[0]}) divisible by the group size {self.world}; "
+                             f"pad or reshape x so dim 0 is a multiple of {self.world} (one equal chunk per rank)")
         x = x.contiguous()
         if self.world == 1:
             return x.clone()
@@ -183,7 +184,8 @@ class Comm:
     def reduce_scatter(self, x: torch.Tensor, *, phase: str) -> torch.Tensor:
         """x has W equal chunks on dim 0; returns the sum over ranks of chunk `rank`."""
         if x.shape[0] % self.world:
-            raise ValueError(f"reduce_scatter needs dim 0 ({x.shape[0]}) divisible by the group size {self.world}")
+            raise ValueError(f"reduce_scatter needs dim 0 ({x.shape[0]}) divisible by the group size {self.world}; "
+                             f"pad or reshape x so dim 0 is a multiple of {self.world} (one equal chunk per rank)")
         x = x.contiguous()
         if self.world == 1:
             return x.clone()
@@ -196,6 +198,8 @@ class Comm:
 
     def all_reduce(self, x: torch.Tensor, *, phase: str, op: str = "sum") -> torch.Tensor:
         """In-place all-reduce (sum or max)."""
+        if op not in ("sum", "max"):
+            raise ValueError(f"all_reduce op must be 'sum' or 'max', got {op!r}")
         if self.world == 1:
             return x
         rop = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]

@@ -4,41 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from longctx.config import load
 from longctx.model import build_model, parallelize
 from longctx.parallel import ParallelDims
-
-SMALL = ["model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=96", "model.n_layers=2"]
-
-
-def model_equivalence(overrides, n: int = 32):
-    """One model on one device and its twin parallelized over the world, same weights and batch, float64.
-    Returns (max |logits - single|, max |param grad - single|, layout, repr of the parallel model)."""
-    cfg = load(overrides=[*SMALL, *overrides])
-    p = cfg.parallel
-    dims = ParallelDims(dp_shard=1, cp=dist.get_world_size(), world_size=dist.get_world_size(), strategy=p.strategy,
-                        ulysses=p.ulysses, layout=p.layout)
-
-    def make():
-        torch.manual_seed(0)
-        return build_model(cfg.model, seq_len=n).double()
-
-    single, model = make(), make()
-    tokens = torch.randint(0, cfg.model.vocab_size, (2, n + 1))
-    inp, labels = tokens[:, :-1], tokens[:, 1:]
-    ref_logits = single(inp)
-    F.cross_entropy(ref_logits.flatten(0, 1), labels.flatten(), reduction="sum").backward()
-    plan = parallelize(model, dims, cfg.parallel)
-    batch = plan.shard_batch(inp, labels)
-    logits = model(batch["input_ids"], batch["position_ids"])
-    # the data-parallel engine averages over the cp ranks: scale so that the average is the sum
-    loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum") * dims.dp_cp
-    loss.backward()
-    err_logits = (logits - ref_logits[:, batch["position_ids"]]).abs().max().item()
-    err_grad = max((p.grad - p1.grad).abs().max().item() for p, p1 in zip(model.parameters(), single.parameters()))
-    return err_logits, err_grad, plan.layout, repr(model)
+from tests.support.equivalence import SMALL
 
 
 def expect_errors(calls):

@@ -5,8 +5,10 @@ import re
 import pytest
 
 from longctx.launch import run
+from tests.support.backends import check_ran
+from tests.support.equivalence import model_equivalence
 
-from ._workers import expect_errors, model_equivalence
+from ._workers import expect_errors
 
 
 @pytest.mark.parametrize("overrides", [
@@ -16,17 +18,20 @@ from ._workers import expect_errors, model_equivalence
 ], ids=lambda o: "-".join(x.split("=")[1] for x in o))
 def test_context_parallel_model_matches_single_device(overrides):
     res = run(model_equivalence, 4, args=(overrides,), timeout=120)
-    for err_logits, err_grad, _, _ in res:
-        assert err_logits <= 1e-10 and err_grad <= 1e-10, (overrides, err_logits, err_grad)
+    for err_logits, err_grads, _, _, ran in res:
+        assert len(err_grads) == 3 + 2 * 9 and max(err_grads.values()) <= 1e-10, (overrides, err_grads)
+        assert err_logits <= 1e-10, (overrides, err_logits)
+        check_ran(ran, "auto")
 
 
 def test_dilated_model_context_parallel_matches_single_device():
     # dilated layers need the contiguous split, so the other layers run the ring schedule
     dilated = ["parallel.strategy=ring", "model.dilated.layers=[1]", "model.dilated.w0=8"]
     res = run(model_equivalence, 4, args=(dilated, 64), timeout=120)
-    for err_logits, err_grad, _, model in res:
+    for err_logits, err_grads, _, model, ran in res:
         assert "segment_lengths=[8, 16, 32, 64]" in model and "ContextParallelAttention" in model
-        assert err_logits <= 1e-10 and err_grad <= 1e-10, (err_logits, err_grad)
+        assert err_logits <= 1e-10 and max(err_grads.values()) <= 1e-10, (err_logits, err_grads)
+        check_ran(ran, "auto")
 
 
 BAD = [

@@ -1,5 +1,7 @@
 """Every comm op counts its bytes and calls in the documented convention."""
 
+import re
+
 import torch
 
 from longctx.launch import run
@@ -40,9 +42,58 @@ def _single():
     comm.stats.reset()
     y = comm.ring_exchange(torch.ones(3), phase="fwd").wait()
     comm.all_gather(torch.ones(2), phase="fwd")
-    return y.tolist(), comm.stats.bytes()
+    errors = _errors({"op": lambda: comm.all_reduce(torch.ones(1), phase="fwd", op="mean")})
+    return y.tolist(), comm.stats.bytes(), errors
 
 
 def test_world_one_moves_nothing():
-    (vals, nbytes), = run(_single, 1, timeout=60)
+    (vals, nbytes, errors), = run(_single, 1, timeout=60)
     assert vals == [1.0, 1.0, 1.0] and nbytes == 0
+    assert errors["op"] == ("ValueError", "all_reduce op must be 'sum' or 'max', got 'mean'")  # a world of one too
+
+
+def _errors(calls: dict) -> dict:
+    out = {}
+    for name, call in calls.items():
+        try:
+            call()
+            out[name] = ("no error", "")
+        except (ValueError, TypeError, RuntimeError, KeyError) as e:
+            out[name] = (type(e).__name__, str(e))
+    return out
+
+
+def _bad_calls():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    comm = Comm.get()
+    mesh = init_device_mesh("cpu", (comm.world, 1), mesh_dim_names=("ring", "ulysses"))
+    out = _errors({
+        "all_to_all": lambda: comm.all_to_all(torch.zeros(4, 2), phase="fwd"),
+        "reduce_scatter": lambda: comm.reduce_scatter(torch.zeros(5, 2), phase="bwd"),
+        "all_reduce": lambda: comm.all_reduce(torch.ones(1), phase="bwd", op="mean"),
+        "2-D mesh": lambda: Comm.get(mesh),
+    })
+    out["after"] = comm.all_reduce(torch.ones(1), phase="check").item()  # no rank was left inside a collective
+    return out
+
+
+BAD = {
+    "all_to_all": r"all_to_all needs dim 0 \(4\) divisible by the group size 3; pad or reshape x so dim 0 is a "
+                  r"multiple of 3",
+    "reduce_scatter": r"reduce_scatter needs dim 0 \(5\) divisible by the group size 3; pad or reshape x so dim 0 is "
+                      r"a multiple of 3",
+    "all_reduce": r"all_reduce op must be 'sum' or 'max', got 'mean'",
+    "2-D mesh": r"a 2-D DeviceMesh \('ring', 'ulysses'\) was given where one group is needed; slice one dimension",
+}
+
+
+def test_bad_sizes_and_arguments_w3():
+    res = run(_bad_calls, 3, timeout=60)
+    assert len(res) == 3
+    for rank, got in enumerate(res):
+        assert got.pop("after") == 3.0, rank
+        assert got.keys() == BAD.keys(), (rank, got)
+        for name, pattern in BAD.items():
+            typ, msg = got[name]
+            assert typ == "ValueError" and re.search(pattern, msg), (rank, name, typ, msg)

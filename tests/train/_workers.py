@@ -6,7 +6,9 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from longctx import kernels
 from longctx.config import load
+from tests.support.backends import report
 
 # a model and batch small enough for many layouts in one launch; clipping and warmup active, the copy task
 # with its prompt labels ignored (so some context shards hold no real label at all)
@@ -31,12 +33,13 @@ def train_and_collect(configs: list[dict]) -> list[dict]:
         shards = trainer.micro_batches(0)
         local_labels = sum(s["real_labels"] for s in shards)
         assert local_labels == sum(int((s["labels"] != -100).sum()) for s in shards)
+        kernels.reset_calls()
         trainer.fit()
         params = trainer.full_state_dict()
         finite = all(bool(torch.isfinite(p).all()) for p in params.values())
         out.append({"losses": [r["loss"] for r in trainer.history], "grad_norms": [r["grad_norm"] for r in
                     trainer.history], "params": params if dist.get_rank() == 0 else None, "finite": finite,
-                    "engine": trainer.plan.engine, "local_labels": local_labels})
+                    "engine": trainer.plan.engine, "local_labels": local_labels, "backends": report()})
     return out
 
 

@@ -11,6 +11,7 @@ global count and stays exact and finite.
 import pytest
 
 from longctx.launch import run
+from tests.support.backends import check_ran
 
 from ._workers import config, train_and_collect
 
@@ -33,6 +34,13 @@ LAYOUTS_2 = [
 ]
 DILATED = ["model.n_layers=4", "model.n_kv_heads=4", "model.dilated.layers=[1,3]", "model.dilated.w0=8",
            "data.task=induction"]
+
+
+def _ran_auto(results):
+    """Every rank of every run trained on the backend `auto` must pick here, with no fallback."""
+    for rank, per_rank in enumerate(results):
+        for r in per_rank:
+            check_ran(r["backends"], "auto", label=rank)
 
 
 def _compare(name, got, ref):
@@ -60,6 +68,7 @@ def test_reference_learns_and_clips(reference):
 @pytest.mark.slow
 def test_four_rank_layouts_match_one_process(reference):
     res = run(train_and_collect, 4, args=([config(*o) for _, o in LAYOUTS_4],), timeout=600)
+    _ran_auto(res)
     for (name, _), got in zip(LAYOUTS_4, res[0]):
         _compare(name, got, reference)
     engines = [r["engine"] for r in res[0]]
@@ -74,14 +83,17 @@ def test_four_rank_layouts_match_one_process(reference):
 
 def test_two_rank_layouts_match_one_process(reference):
     res = run(train_and_collect, 2, args=([config(*o) for _, o in LAYOUTS_2],), timeout=300)
+    _ran_auto(res)
     for (name, _), got in zip(LAYOUTS_2, res[0]):
         _compare(name, got, reference)
 
 
 def test_dilated_model_at_cp4_matches_one_process():
     ref = run(train_and_collect, 1, args=([config(*DILATED)],), timeout=120)[0][0]
-    got = run(train_and_collect, 4, args=([config(*DILATED, "parallel.cp=4", "parallel.strategy=ring")],),
-              timeout=300)[0][0]
+    res = run(train_and_collect, 4, args=([config(*DILATED, "parallel.cp=4", "parallel.strategy=ring")],),
+              timeout=300)
+    _ran_auto(res)
+    got = res[0][0]
     _compare("dilated cp=4", got, ref)
 
 

@@ -99,7 +99,9 @@ def attention(q, k, v, *, causal: bool = False, strategy: str = "zigzag", group=
     scale, _ = kernels.validate(q, k, v, scale, None)
     _check_window(window)
     if q.shape[1] != k.shape[1]:
-        raise ValueError(f"q has {q.shape[1]} tokens but k/v have {k.shape[1]}: shards must be equally long")
+        raise ValueError(f"q has {q.shape[1]} tokens but k/v have {k.shape[1]}: shards must be equally long; "
+                         "shard q, k and v of the same sequence with the same layout (for decoding against a longer "
+                         "cache use longctx.parallel.sequence.tree.tree_decode)")
     if strategy == "hybrid":
         ug, rg, device_type = hybrid_groups(group)
         ucomm, comm = Comm.get(ug, device_type), Comm.get(rg, device_type)

@@ -10,9 +10,11 @@ so `x[:, o::r, o::r]` (rows, heads) is one strided view and every kernel call st
 in a pattern only through that view: coverage is structural, there is no `lse == 0` sentinel (§10), and
 rows no pattern covers stay out = 0, lse = -inf.
 
-GQA: query head j reads kv head j // (H / H_kv) with query head j's offset. Per class the needed kv heads
-are selected explicitly (deduplicated when they form a regular GQA grouping), so no configuration is
-refused; dK/dV flow back with index_add.
+GQA: query head j reads kv head j // (H / H_kv) with query head j's offset. Per class only the distinct kv
+heads it needs are packed and (for gathered patterns) sent; when the kernel's own GQA mapping cannot read
+that short list (e.g. H=6, H_kv=2, r=2: class 0 wants kv heads [0, 0, 1]) it is expanded locally to one
+entry per query head, after the collective, so no configuration is refused and no copy goes on the wire;
+dK/dV of the copies are summed back with index_add.
 
 Segments longer than the sequence are cut to it (w = min(w, N), as the paper and torchscale do).
 Distributed: each rank holds l = N / W contiguous tokens. Patterns with w <= l run locally; patterns with
@@ -101,10 +103,14 @@ def check_pattern(segment_lengths, dilation_rates, seq_len: int, world: int = 1)
 # ------------------------------------------------------------------------------------------ head classes
 @dataclass(frozen=True)
 class _Class:
-    o: int            # row offset = residue of the heads o, o+r, o+2r, ...
-    kv: tuple         # kv heads handed to the kernel for these query heads (regular GQA grouping)
-    h0: int           # where this class's kv heads start in the packed sparse K/V of a pattern
+    o: int             # row offset = residue of the heads o, o+r, o+2r, ...
+    kv: tuple          # the distinct kv heads these query heads read: what is packed and gathered
+    h0: int            # where this class's kv heads start in the packed sparse K/V of a pattern
     idx: torch.Tensor  # kv as a tensor, for index_select / index_add
+    # per query head, the position of its kv head in kv; None when the kernel's own GQA mapping (query i
+    # reads kv[i // rep]) already reads kv as it is
+    expand: torch.Tensor | None
+    kern: torch.Tensor  # the kv heads handed to the kernel: kv, or kv expanded (local patterns select these)
 
 
 @lru_cache(maxsize=256)
@@ -113,17 +119,19 @@ def _classes(h: int, hkv: int, r: int) -> tuple[_Class, ...]:
     out, h0 = [], 0
     for o in range(min(r, h)):  # residues >= h have no head: those rows are not covered by this pattern
         want = [j // group for j in range(o, h, r)]
-        uniq = sorted(set(want))
-        rep = len(want) // len(uniq)
-        # the kernel maps query head i to kv head i // rep; keep the short list only if that is exact
-        kv = uniq if all(want[i] == uniq[i // rep] for i in range(len(want))) else want
-        out.append(_Class(o, tuple(kv), h0, torch.tensor(kv)))
+        kv = sorted(set(want))
+        rep = len(want) // len(kv)
+        # want is non-decreasing, so the kernel's mapping is exact iff every kv head serves rep query heads
+        direct = len(want) % len(kv) == 0 and all(want[i] == kv[i // rep] for i in range(len(want)))
+        expand = None if direct else torch.tensor([kv.index(x) for x in want])
+        out.append(_Class(o, tuple(kv), h0, torch.tensor(kv), expand, torch.tensor(kv if direct else want)))
         h0 += len(kv)
     return tuple(out)
 
 
 def sparse_kv_heads(heads: int, kv_heads: int | None, rate: int) -> int:
-    """Heads of the packed sparse K (or V) of one pattern: what a gathered pattern moves per row."""
+    """Heads of the packed sparse K (or V) of one pattern: what a gathered pattern moves per row, one per
+    distinct (class, kv head) pair."""
     kv_heads = heads if kv_heads is None else kv_heads
     return sum(len(c.kv) for c in _classes(heads, kv_heads, rate))
 
@@ -172,16 +180,27 @@ def _segments(x, w):
     return x.view(x.shape[0] * (x.shape[1] // w), w, *x.shape[2:])
 
 
-def _sparse_kv(k, c: _Class, r: int):
-    return k[:, c.o::r].index_select(2, c.idx.to(k.device))
+def _sparse_kv(k, c: _Class, r: int, heads: torch.Tensor):
+    return k[:, c.o::r].index_select(2, heads.to(k.device))
 
 
 def _gathered_kv(buf, c: _Class):
-    """Packed gathered K/V (n, 2, B, L/r, Hs, D) -> this class's (B, n * L/r, h_kv, D) K and V."""
+    """Packed gathered K/V (n, 2, B, L/r, Hs, D) -> this class's (B, n * L/r, h_kv, D) K and V, expanded
+    to the kernel's heads after the gather (only distinct heads travel)."""
     n, _, b, lr, _, d = buf.shape
     part = buf[:, :, :, :, c.h0:c.h0 + len(c.kv)]
     kv = part.permute(1, 2, 0, 3, 4, 5).reshape(2, b, n * lr, len(c.kv), d)
+    if c.expand is not None:
+        kv = kv.index_select(3, c.expand.to(kv.device))
     return kv[0], kv[1]
+
+
+def _fold(g, c: _Class):
+    """Gradient w.r.t. the kernel's kv heads -> w.r.t. the distinct packed heads (copies summed)."""
+    if c.expand is None:
+        return g
+    out = g.new_zeros((*g.shape[:2], len(c.kv), g.shape[3]))
+    return out.index_add_(2, c.expand.to(g.device), g)
 
 
 # ------------------------------------------------------------------------------------------ forward
@@ -196,13 +215,14 @@ def _forward(q, k, v, spec: _Spec):
         if p.g == 1:
             qs, ks, vs, os_, ls = (_segments(x, p.w) for x in (q, k, v, out, lse))
             for c in classes:
-                o, lc = kernels.forward(qs[:, c.o::p.r, c.o::p.r], _sparse_kv(ks, c, p.r),
-                                        _sparse_kv(vs, c, p.r), scale=spec.scale, mask=spec.mask,
+                o, lc = kernels.forward(qs[:, c.o::p.r, c.o::p.r], _sparse_kv(ks, c, p.r, c.kern),
+                                        _sparse_kv(vs, c, p.r, c.kern), scale=spec.scale, mask=spec.mask,
                                         backend=spec.kernel, out_dtype=acc)
                 _merge_into(os_[:, c.o::p.r, c.o::p.r], ls[:, c.o::p.r, c.o::p.r], o, lc)
             saved.append(None)
             continue
-        packed = torch.stack([torch.cat([_sparse_kv(x, c, p.r) for c in classes], dim=2) for x in (k, v)])
+        # distinct kv heads only: the expansion to one entry per query head happens after the gather
+        packed = torch.stack([torch.cat([_sparse_kv(x, c, p.r, c.idx) for c in classes], dim=2) for x in (k, v)])
         # causal: segment rank m needs the keys of segment ranks 0..m only (inclusive, §10)
         buf = gather_sparse(packed, p.comm, keep=p.m + 1 if spec.causal else p.g)
         for c in classes:
@@ -233,7 +253,7 @@ def _backward(dout, q, k, v, out, lse, saved, spec: _Spec):
         for c in classes:
             sl = (slice(None), slice(c.o, None, p.r), slice(c.o, None, p.r))
             if p.g == 1:
-                kc, vc = _sparse_kv(ks, c, p.r), _sparse_kv(vs, c, p.r)
+                kc, vc = _sparse_kv(ks, c, p.r, c.kern), _sparse_kv(vs, c, p.r, c.kern)
             else:
                 kc, vc = _gathered_kv(buf, c)
             gq, gk, gv = kernels.backward(dos[sl].contiguous(), qs[sl].contiguous(), kc, vc,
@@ -242,12 +262,12 @@ def _backward(dout, q, k, v, out, lse, saved, spec: _Spec):
                                           grad_dtype=acc)
             dqs[sl] += gq
             if p.g == 1:
-                idx = c.idx.to(q.device)
+                idx = c.kern.to(q.device)
                 dks[:, c.o::p.r].index_add_(2, idx, gk)
                 dvs[:, c.o::p.r].index_add_(2, idx, gv)
             else:
                 n, lr, hk = buf.shape[0], buf.shape[3], len(c.kv)
-                g2 = torch.stack([gk, gv]).view(2, b, n, lr, hk, d).permute(2, 0, 1, 3, 4, 5)
+                g2 = torch.stack([_fold(gk, c), _fold(gv, c)]).view(2, b, n, lr, hk, d).permute(2, 0, 1, 3, 4, 5)
                 dbuf[:n, :, :, :, c.h0:c.h0 + hk] += g2
         if p.g > 1:
             mine = reduce_scatter_sparse(dbuf, p.comm)  # (2, B, L/r, Hs, D): the grads of this rank's rows

@@ -100,6 +100,7 @@ class Strategy:
     def work_table(self, *, world, seq_len, causal, window=None, layout=None, ulysses=None) -> list[list[int]]:
         """pairs[step][rank] per batch element and head, as the planner schedules them."""
         layout = self.layout(layout)
+        self.check(seq_len=seq_len, world=world, layout=layout, ulysses=(ulysses or 1) if self.name == "hybrid" else 1)
         if self.name == "ulysses":
             return [[Mask.from_flags(causal, window).band_pairs(seq_len, seq_len)] * world]
         if self.name == "hybrid":

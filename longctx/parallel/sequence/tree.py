@@ -60,8 +60,9 @@ def local_partial(q, k, v, *, scale, kernel="auto", lengths=None, q_positions=No
     qpos = torch.as_tensor(q_positions).reshape(-1).cpu()
     kpos = torch.as_tensor(k_positions).reshape(-1).cpu()
     if qpos.numel() != sq or kpos.numel() != sk:
-        raise ValueError(f"q_positions needs {sq} entries and k_positions {sk} (one per local key), got "
-                         f"{qpos.numel()} and {kpos.numel()}")
+        raise ValueError(f"q_positions needs {sq} entries (one per new token) and k_positions {sk} (one per key "
+                         f"of this shard), got {qpos.numel()} and {kpos.numel()}; pass the global positions of "
+                         "the new tokens and of this shard's keys (ShardedKVCache.decode passes both)")
     prefix = torch.searchsorted(kpos, qpos, right=True).tolist()
     for n in sorted(set(prefix)):
         if n == 0:
@@ -78,6 +79,9 @@ def local_partial(q, k, v, *, scale, kernel="auto", lengths=None, q_positions=No
 
 def tree_combine(out, lse, comm: Comm, *, collectives: int = 2):
     """Exact combine of every rank's partial (out (B,Sq,H,D), lse (B,H,Sq)) into the global (out, lse)."""
+    if collectives not in (1, 2):  # checked before the world-of-one shortcut, so a typo fails at any world size
+        raise ValueError(f"collectives must be 1 (all-gather + local merge) or 2 (max + fused sum), "
+                         f"got {collectives!r}")
     lse = torch.where(lse == _INF, torch.full_like(lse, -_INF), lse)  # flash's empty-row +inf is "no keys"
     if comm.world == 1:
         return out, lse
@@ -86,9 +90,6 @@ def tree_combine(out, lse, comm: Comm, *, collectives: int = 2):
         packed = torch.cat([out, lse.transpose(1, 2).unsqueeze(-1)], dim=-1)
         parts = torch.stack(comm.all_gather(packed, phase=PHASE))
         return kernels.merge_many(parts[..., :-1], parts[..., -1].transpose(2, 3))
-    if collectives != 2:
-        raise ValueError(f"collectives must be 1 (all-gather + local merge) or 2 (max + fused sum), "
-                         f"got {collectives}")
     m = comm.all_reduce(lse.clone(), phase=PHASE, op="max")
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     w = torch.exp(lse - m_safe).transpose(1, 2).unsqueeze(-1)  # (B, Sq, H, 1): broadcasts for any batch
@@ -146,7 +147,7 @@ def ring_decode(q, k_local, v_local, group=None, *, scale=None, kernel="auto", s
     shard_lens = [int(s) for s in shard_lens]
     if len(shard_lens) != comm.world or shard_lens[comm.rank] != n_local:
         raise ValueError(f"shard_lens must list all {comm.world} ranks' shard lengths with this rank's = "
-                         f"{n_local}, got {shard_lens}")
+                         f"{n_local}, got {shard_lens}; pass ShardedKVCache.shard_lengths(), or None to gather them")
     s_max = max(shard_lens)
     acc = kernels.acc_dtype(q.dtype)
     out, lse = kernels.empty_state(b, sq, h, v_local.shape[-1], device=q.device, dtype=acc)
@@ -180,7 +181,8 @@ class ShardedKVCache:
             comm = Comm.get(group)
             rank, world = comm.rank, comm.world
         if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} is outside a world of {world} ranks")
+            raise ValueError(f"rank {rank} is outside a world of {world} ranks; pass 0 <= rank < world, or "
+                             "neither to read both from the group")
         self.group, self.rank, self.world = group, rank, world
         self.total = 0  # global number of cached tokens
         self._k = self._v = None
@@ -218,7 +220,8 @@ class ShardedKVCache:
         want = self.shard_len(total, self.rank, self.world)
         if k_local.shape[1] != want or v_local.shape[1] != want:
             raise ValueError(f"a {total}-token prompt puts {want} tokens on rank {self.rank} of {self.world} "
-                             f"(striped layout), got k/v with {k_local.shape[1]}/{v_local.shape[1]}")
+                             f"(striped layout), got k/v with {k_local.shape[1]}/{v_local.shape[1]}; pass this "
+                             f"rank's tokens {self.rank}, {self.rank + self.world}, ... of the prompt (or fix total)")
         self.reset()
         self._store(k_local, v_local)
         self.total = total
@@ -282,6 +285,9 @@ def tree_comm_model(world: int, batch: int, q_len: int, heads: int, head_dim: in
                     collectives: int = 2) -> dict:
     """Bytes and calls one rank sends per tree_decode: independent of the context length. The combine runs
     in the accumulation dtype (fp32, fp64 for fp64 inputs) whatever the input dtype."""
+    if collectives not in (1, 2):
+        raise ValueError(f"collectives must be 1 (all-gather + local merge) or 2 (max + fused sum), "
+                         f"got {collectives!r}")
     if world == 1:
         return {"fwd_bytes": 0, "fwd_calls": 0}
     acc = 8 if dtype_bytes == 8 else 4

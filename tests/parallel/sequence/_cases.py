@@ -6,7 +6,9 @@ import torch
 
 from longctx.launch import run
 from longctx.parallel import work_model
+from tests.support.backends import check_ran
 
+from ._hand_bytes import expected
 from ._workers import run_cases
 
 TOL_FP32 = 1e-5
@@ -28,12 +30,16 @@ def grid(strategies, world, *, causals=(False, True), n_per_rank=8, window=None,
     return cases
 
 
-def launch(cases, world, timeout=300.0):
-    return run(run_cases, world, args=(cases,), timeout=timeout)
+def _esize(case) -> int:
+    return torch.tensor([], dtype=case.get("dtype", torch.float32)).element_size()
+
+
+def launch(cases, world, timeout=300.0, env=None):
+    return run(run_cases, world, args=(cases,), timeout=timeout, env=env)
 
 
 def check(cases, results, world):
-    """Exactness, comm bytes and calls against the closed-form model, and counted work per step."""
+    """Exactness, comm bytes and calls against the hand-derived tables, the backend that ran, and work per step."""
     for rank, per_rank in enumerate(results):
         for case, r in zip(cases, per_rank):
             label = f"W={world} rank={rank} {case}"
@@ -43,8 +49,14 @@ def check(cases, results, world):
             else:
                 assert r["err_out"] <= 2 * r["base_out"] + 1e-6, (label, errs, r["base_out"])
                 assert max(r["err_dq"], r["err_dk"], r["err_dv"]) <= 2 * r["base_grad"] + 1e-6, (label, errs)
+            # the counters against the formulas written out by hand (no product code), then the product's model
+            hand = expected(case["strategy"], world=world, batch=case["b"], seq_len=case["n"], heads=case["h"],
+                            kv_heads=case["hkv"], head_dim=case["d"], dtype_bytes=_esize(case),
+                            ulysses=case["mesh"][1] if case["strategy"] == "hybrid" else None)
             for key in ("fwd_bytes", "fwd_calls", "bwd_bytes", "bwd_calls"):
-                assert r[key] == r["model"][key], (label, key, r[key], r["model"][key])
+                assert r[key] == hand[key] == r["model"][key], (label, key, r[key], hand[key], r["model"][key])
+            check_ran(r["backends"], case.get("kernel", "auto"), label=label)
+            assert r["out_dtype"] == r["grad_dtype"] == str(case.get("dtype", torch.float32)), label
             _check_work(case, r, world, rank, label)
 
 
@@ -59,3 +71,5 @@ def _check_work(case, r, world, rank, label):
         got = [p for ph, _, p in r["work"] if ph == phase]
         want = [row[0 if s == "ulysses" else ring_rank] * per_head for row in table]
         assert got == want, (label, phase, got, want)
+        if case.get("kernel") == "counting":  # what the kernels were really asked to compute
+            assert r["counted"][phase] == sum(got), (label, phase, r["counted"], sum(got))

@@ -112,3 +112,33 @@ def empty_case(case: dict) -> dict:
 def run_cases(cases: list[dict]) -> list[dict]:
     fns = {"decode": run_case, "ragged": ragged_case, "empty": empty_case}
     return [fns[c.get("kind", "decode")](c) for c in cases]
+
+
+def expect_decode_errors(calls: list[dict]) -> list[tuple[str, str]]:
+    """Run bad tree_decode / ring_decode calls on every rank (the same bad input everywhere, so each rank
+    refuses before any collective); return each call's (type, message) for the parent to assert on.
+
+    Each rank holds S=4 cache slots of a striped 4*W-token cache, batch 2, Sq=2 new tokens. In a call,
+    k_positions="own" stands for this rank's true positions and group="self" for a one-rank subgroup."""
+    comm = Comm.get(None)
+    w, rank = comm.world, comm.rank
+    q, k, v = (t.float() for t in problem(2, 4 * w, 2, 4, 2, 8, seed=0))
+    own = torch.arange(rank, 4 * w, w)
+    k, v = k[:, own], v[:, own]
+    self_group, _ = torch.distributed.new_subgroups(group_size=1)  # collective: every rank makes them
+    out = []
+    for call in calls:
+        kw = dict(call)
+        fn = {"tree": tree_decode, "ring": ring_decode}[kw.pop("fn")]
+        if kw.get("k_positions") == "own":
+            kw["k_positions"] = own
+        if kw.get("group") == "self":
+            kw["group"] = self_group
+        try:
+            fn(q, k, v, **kw)
+            out.append(("no error", ""))
+        except (ValueError, TypeError, RuntimeError) as e:
+            out.append((type(e).__name__, str(e)))
+    # the group still works afterwards: no rank was left inside a collective
+    out.append(("after", str(comm.all_reduce(torch.ones(1), phase="check").item())))
+    return out

@@ -8,6 +8,8 @@ from longctx import kernels
 from longctx.parallel import STRATEGIES, Comm, attention, comm_model, context_mesh, positions, strategy_layout
 from longctx.parallel.sequence.hybrid import hybrid_positions
 from longctx.parallel.sequence.mesh import hybrid_groups
+from tests.support import counting, oracle
+from tests.support.backends import report
 
 _MESHES: dict = {}
 
@@ -22,10 +24,9 @@ def problem(b, n, h, hkv, d, dtype, seed):
 
 
 def reference(q, k, v, do, causal, window):
-    """float64 single-device attention over the full sequence, with gradients."""
-    mask = kernels.Mask.from_flags(causal, window)
-    out, lse = kernels.forward(q, k, v, mask=mask, backend="reference")
-    return out, kernels.backward(do, q, k, v, out, lse, mask=mask, backend="reference")
+    """float64 single-device attention over the full sequence, with gradients: the independent oracle."""
+    out, _, grads = oracle.attention(q, k, v, do=do, **oracle.flags(causal, window))
+    return out, grads
 
 
 def _group_and_positions(case, n, world, rank):
@@ -58,6 +59,9 @@ def run_case(case: dict) -> dict:
     group, comms, pos = _group_and_positions(case, n, world, rank)
     for c in comms:
         c.stats.reset()
+    if case.get("kernel") == counting.NAME:
+        counting.install()
+    kernels.reset_calls()
     local = [t[:, pos].to(dtype).requires_grad_(i < 3) for i, t in enumerate((q, k, v, do))]
     ql, kl, vl, dol = local
     out = attention(ql, kl, vl, causal=causal, strategy=case["strategy"], group=group,
@@ -76,6 +80,7 @@ def run_case(case: dict) -> dict:
         "bwd_calls": sum(c.stats.calls("bwd") for c in comms),
         "work": [(ph, st, p) for c in comms for (ph, st), p in sorted(c.stats.work.items())],
         "out_dtype": str(out.dtype), "grad_dtype": str(ql.grad.dtype),
+        "backends": report(), "counted": dict(counting.counted),
     }
     if case.get("bf16_baseline"):
         # the single-device kernel's own bf16 error on the same problem: the bar for bf16 schedules

@@ -9,6 +9,7 @@ import torch
 from longctx.launch import run
 from longctx.parallel import ContextParallelAttention, attention, strategy_layout
 
+from . import _error_workers
 from ._cases import check, launch
 from ._workers import expect_errors
 
@@ -39,9 +40,35 @@ BAD = [
 
 def test_bad_input_errors():
     results = run(expect_errors, 4, args=([c for c, _, _ in BAD],), timeout=120)
-    for (case, typ, pattern), (got_type, msg) in zip(BAD, results[0]):
-        assert got_type == typ, (case, got_type, msg)
-        assert re.search(pattern, msg), (pattern, msg)
+    assert len(results) == 4
+    for rank, per_rank in enumerate(results):  # every rank refuses, with the same message
+        for (case, typ, pattern), (got_type, msg) in zip(BAD, per_rank, strict=True):
+            assert got_type == typ, (rank, case, got_type, msg)
+            assert re.search(pattern, msg), (rank, pattern, msg)
+
+
+def _unequal(strategy, q_len, kv_len, **kw):
+    return ("unequal_shards", dict(strategy=strategy, q_len=q_len, kv_len=kv_len, **kw)), (q_len, kv_len)
+
+
+UNEQUAL = [
+    _unequal("ring", 4, 3),
+    _unequal("ulysses", 2, 4),
+    _unequal("allgather", 4, 2, layout="zigzag"),
+    _unequal("hybrid", 4, 2, layout="striped", mesh=(1, 2)),
+]
+
+
+def test_unequal_shards_are_refused():
+    results = run(_error_workers.expect_errors, 2, args=([c for c, _ in UNEQUAL],), timeout=60)
+    assert len(results) == 2
+    for rank, per_rank in enumerate(results):
+        *errors, after = per_rank
+        assert after == ("after", "2.0"), (rank, after)
+        for (call, (nq, nkv)), (got_type, msg) in zip(UNEQUAL, errors, strict=True):
+            assert got_type == "ValueError", (rank, call, got_type, msg)
+            assert msg.startswith(f"q has {nq} tokens but k/v have {nkv}: shards must be equally long; shard q, k "
+                                  "and v of the same sequence with the same layout"), (rank, call, msg)
 
 
 def test_no_process_group():

@@ -1,5 +1,6 @@
 """LongNet dilated attention: single device against an independent dense multiset-softmax reference,
-distributed against the same reference, byte counters against the model, and bad input."""
+distributed against the same reference, byte counters against the hand-derived formula (_hand_bytes; the
+product's dilated_comm_model is pinned to the same formula in test_hand_bytes), and bad input."""
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from longctx.parallel.sequence.dilated import (
 )
 
 from ._dilated_workers import problem, reference_with_grads, run_cases
+from ._hand_bytes import expected_dilated
 
 PATTERNS = [
     ([4, 8, 16, 64], [1, 1, 2, 4]),  # local (w < l, w = l) and gathered (w > l), last one cut to N
@@ -23,7 +25,7 @@ PATTERNS = [
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 3), (4, 1), (2, 2)])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 3), (6, 2), (4, 1), (2, 2)])
 def test_single_device_matches_dense_reference(causal, heads):
     h, hkv = heads
     for pi, (ws, rs) in enumerate(PATTERNS):
@@ -61,6 +63,12 @@ def _dist_cases(world):
         cases.append(dict(b=1, l=8, h=2, hkv=1, d=8, ws=PATTERNS[1][0], rs=PATTERNS[1][1], causal=causal))
     cases.append(dict(b=1, l=8, h=4, hkv=2, d=8, ws=[4, 16, 32], rs=[1, 2, 4], causal=True, dtype=torch.float64))
     cases.append(dict(b=2, l=8, h=4, hkv=4, d=8, ws=[4, 16], rs=[1, 2], causal=True, weak=True))
+    # GQA de-duplication on the wire: a gathered rate-1 pattern (4 query heads read 2 kv heads: 2 sent,
+    # not 4), and H=6, H_kv=2, r=2, where class 0 reads kv heads [0, 0, 1]: 2 sent and expanded after the
+    # gather, because the kernel's GQA mapping cannot read [0, 1] for 3 query heads
+    cases.append(dict(b=2, l=8, h=4, hkv=2, d=8, ws=[4, 16], rs=[1, 1], causal=False))
+    for causal in (False, True):
+        cases.append(dict(b=2, l=8, h=6, hkv=2, d=8, ws=[4, 16, 64], rs=[1, 2, 4], causal=causal))
     if world == 8:  # two context groups of 4 in a world of 8: segment sub-groups of a sub-group
         cases.append(dict(b=1, l=8, h=4, hkv=2, d=8, ws=[4, 16, 32], rs=[1, 2, 4], causal=True, context=4))
         cases.append(dict(b=1, l=8, h=4, hkv=2, d=8, ws=[4, 16, 32], rs=[1, 2, 4], causal=False, context=4))
@@ -74,15 +82,23 @@ def test_distributed_matches_reference(world):
     for rank, per_rank in enumerate(results):
         for case, r in zip(cases, per_rank):
             label = (world, rank, case, r)
-            tol = 1e-12 if case.get("dtype") == torch.float64 else 1e-5
+            dtype = case.get("dtype", torch.float32)
+            tol = 1e-12 if dtype == torch.float64 else 1e-5
             assert r["err_out"] <= tol and r["err_grad"] <= tol, label
+            assert r["dtypes"] == [str(dtype)] * 4, label  # out, dq, dk, dv in the input dtype, every rank
+            want = _hand(case, r["world"], r["n"], dtype)
             for key in ("fwd_bytes", "fwd_calls", "bwd_bytes", "bwd_calls"):
-                assert r[key] == r["model"][key], (key, label)
+                assert r[key] == want[key], (key, want, label)
             if case.get("weak"):
                 # N and W doubled together: the same bytes per rank as at W=2 (and some are moved at all)
-                at2 = dilated_comm_model(2, case["b"], 2 * case["l"], case["h"], case["d"], 4, case["ws"],
-                                         case["rs"], kv_heads=case["hkv"])
+                at2 = _hand(case, 2, 2 * case["l"], dtype)
                 assert r["fwd_bytes"] == at2["fwd_bytes"] > 0 and r["bwd_bytes"] == at2["bwd_bytes"], label
+
+
+def _hand(case, world, n, dtype):
+    return expected_dilated(world=world, batch=case["b"], seq_len=n, heads=case["h"], kv_heads=case["hkv"],
+                            head_dim=case["d"], dtype_bytes=torch.tensor([], dtype=dtype).element_size(),
+                            segment_lengths=case["ws"], dilation_rates=case["rs"])
 
 
 def test_comm_model_is_weak_scaling_and_gathers_only_segments():

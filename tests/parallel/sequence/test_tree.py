@@ -1,12 +1,14 @@
 """Tree decoding (and the ring baseline) over a sharded KV cache against single-device float64 attention."""
 
+import re
+
 import pytest
 import torch
 
 from longctx.launch import run
 from longctx.parallel.sequence.tree import ShardedKVCache, ring_decode_comm_model, tree_comm_model
 
-from ._tree_workers import run_cases
+from ._tree_workers import expect_decode_errors, run_cases
 
 TOL = 1e-5
 
@@ -88,3 +90,69 @@ def test_models():
     assert tree_comm_model(1, 2, 1, 8, 64, 2)["fwd_bytes"] == 0
     assert ring_decode_comm_model(4, 2, 100, 2, 64, 2) == {"fwd_bytes": 3 * 2 * 2 * 100 * 2 * 64 * 2,
                                                            "fwd_calls": 3}
+
+
+# Bad decode calls at W=3: batch 2, 2 new tokens, 4 cache slots per rank (a striped 12-token cache). Every
+# pattern holds the argument's name and the fix the message offers.
+_LENGTHS = r"lengths must hold one valid-token count in \[0, 4\] per batch row \(2 rows\), got {}; pass the number " \
+    r"of filled cache slots of each row of this shard"
+_POSITIONS = r"q_positions needs 2 entries \(one per new token\) and k_positions 4 \(one per key of this shard\), " \
+    r"got {} and {}; pass the global positions .*ShardedKVCache.decode passes both"
+_NEEDS_POSITIONS = r"causal_new=True needs q_positions .* and k_positions .*; ShardedKVCache.decode passes both"
+_COLLECTIVES = r"collectives must be 1 \(all-gather \+ local merge\) or 2 \(max \+ fused sum\), got 3"
+_SHARD_LENS = r"shard_lens must list all 3 ranks' shard lengths with this rank's = 4, got {}; " \
+    r"pass ShardedKVCache.shard_lengths\(\), or None to gather them"
+DECODE_ERRORS = [
+    (dict(fn="tree", lengths=[1, 2, 3]), _LENGTHS.format(r"\[1, 2, 3\]")),  # one count per row
+    (dict(fn="tree", lengths=[1, -1]), _LENGTHS.format(r"\[1, -1\]")),  # >= 0
+    (dict(fn="tree", lengths=[1, 5]), _LENGTHS.format(r"\[1, 5\]")),  # <= the shard's slots
+    (dict(fn="tree", causal_new=True, k_positions="own"), _NEEDS_POSITIONS),
+    (dict(fn="tree", causal_new=True, q_positions=[10, 11]), _NEEDS_POSITIONS),
+    (dict(fn="tree", causal_new=True, q_positions=[9, 10, 11], k_positions="own"), _POSITIONS.format(3, 4)),
+    (dict(fn="tree", causal_new=True, q_positions=[10, 11], k_positions=[0, 3]), _POSITIONS.format(2, 2)),
+    (dict(fn="tree", collectives=3), _COLLECTIVES),
+    (dict(fn="tree", collectives=3, group="self"), _COLLECTIVES),  # a world of one checks it too
+    (dict(fn="ring", shard_lens=[4, 4]), _SHARD_LENS.format(r"\[4, 4\]")),  # one length per rank
+    (dict(fn="ring", shard_lens=[5, 5, 5]), _SHARD_LENS.format(r"\[5, 5, 5\]")),  # this rank's must match
+]
+
+
+def test_decode_errors():
+    results = run(expect_decode_errors, 3, args=([c for c, _ in DECODE_ERRORS],), timeout=60.0)
+    assert len(results) == 3
+    for rank, per_rank in enumerate(results):
+        *errors, after = per_rank
+        assert after == ("after", "3.0"), (rank, after)
+        for (call, pattern), (got_type, msg) in zip(DECODE_ERRORS, errors, strict=True):
+            assert got_type == "ValueError", (rank, call, got_type, msg)
+            assert re.search(pattern, msg), (rank, call, pattern, msg)
+
+
+def test_cache_errors():
+    """ShardedKVCache refusals that need no process group (decode refuses before it communicates)."""
+    with pytest.raises(ValueError, match=r"rank 3 is outside a world of 3 ranks; pass 0 <= rank < world"):
+        ShardedKVCache(rank=3, world=3)
+    with pytest.raises(ValueError, match=r"rank -1 is outside a world of 2 ranks; pass 0 <= rank < world"):
+        ShardedKVCache(rank=-1, world=2)
+    c = ShardedKVCache(rank=1, world=2)
+    q = torch.randn(1, 1, 2, 4)
+    with pytest.raises(ValueError, match=r"the cache is empty on every rank; prefill\(\) or append\(\) before decode"):
+        c.decode(q)
+    shape = r"k_new and v_new must both be \(batch, n, kv_heads, head_dim\), got {}"
+    with pytest.raises(ValueError, match=shape.format(r"\(1, 3, 2\) and \(1, 3, 2\)")):
+        c.append(torch.zeros(1, 3, 2), torch.zeros(1, 3, 2))
+    with pytest.raises(ValueError, match=shape.format(r"\(1, 3, 2, 4\) and \(1, 2, 2, 4\)")):
+        c.append(torch.zeros(1, 3, 2, 4), torch.zeros(1, 2, 2, 4))
+    c.prefill(torch.zeros(1, 5, 2, 4), torch.zeros(1, 5, 2, 4))
+    assert c.total == 5 and c.k.shape == (1, 2, 2, 4)  # the refused appends stored nothing
+    mismatch = r"do not match the cache's \(batch, \*, kv_heads, head_dim\) = .*; call reset\(\) for a new batch"
+    for k_new in (torch.zeros(2, 1, 2, 4), torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 2, 4, dtype=torch.float64)):
+        with pytest.raises(ValueError, match=mismatch):  # batch, kv heads, dtype
+            c.append(k_new, k_new)
+    with pytest.raises(ValueError, match="ring_decode has no causal_new; use strategy='tree'"):
+        c.decode(q, strategy="ring", causal_new=True)
+    with pytest.raises(ValueError, match=r"unknown decode strategy 'spiral'; choose 'tree' or 'ring'"):
+        c.decode(q, strategy="spiral")
+    with pytest.raises(ValueError, match=r"a 5-token prompt puts 2 tokens on rank 1 of 2 \(striped layout\), got "
+                       r"k/v with 3/3; pass this rank's tokens 1, 3, \.\.\. of the prompt"):
+        c.prefill_local(torch.zeros(1, 3, 2, 4), torch.zeros(1, 3, 2, 4), total=5)

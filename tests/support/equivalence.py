@@ -1,0 +1,59 @@
+"""A parallelized model against its single-device twin: outputs, and every parameter gradient by name."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from longctx import kernels
+from longctx.config import load
+from longctx.model import build_model, parallelize
+from longctx.parallel import ParallelDims
+
+from .backends import report
+
+SMALL = ["model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=96", "model.n_layers=2"]
+
+
+def grad_errors(model: torch.nn.Module, single: torch.nn.Module) -> dict[str, float]:
+    """name -> max |grad - single grad|. Fails on any difference in names or shapes, or a missing grad: a
+    parameter that one side lacks must never be skipped silently."""
+    mine, ref = dict(model.named_parameters()), dict(single.named_parameters())
+    assert mine.keys() == ref.keys(), (sorted(mine.keys() ^ ref.keys()), "parameter names differ")
+    errs = {}
+    for name, p in mine.items():
+        p1 = ref[name]
+        assert p.shape == p1.shape, (name, tuple(p.shape), tuple(p1.shape))
+        assert p.grad is not None and p1.grad is not None, (name, "has no gradient")
+        errs[name] = (p.grad - p1.grad).abs().max().item()
+    return errs
+
+
+def model_equivalence(overrides, n: int = 32):
+    """One model on one device and its twin parallelized over the world, same weights and batch, float64.
+    Returns (max |logits - single|, {param: max |grad - single|}, layout, repr, backends that ran)."""
+    cfg = load(overrides=[*SMALL, *overrides])
+    p = cfg.parallel
+    dims = ParallelDims(dp_shard=1, cp=dist.get_world_size(), world_size=dist.get_world_size(), strategy=p.strategy,
+                        ulysses=p.ulysses, layout=p.layout)
+
+    def make():
+        torch.manual_seed(0)
+        return build_model(cfg.model, seq_len=n).double()
+
+    single, model = make(), make()
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, n + 1))
+    inp, labels = tokens[:, :-1], tokens[:, 1:]
+    ref_logits = single(inp)
+    F.cross_entropy(ref_logits.flatten(0, 1), labels.flatten(), reduction="sum").backward()
+    plan = parallelize(model, dims, cfg.parallel)
+    batch = plan.shard_batch(inp, labels)
+    kernels.reset_calls()
+    logits = model(batch["input_ids"], batch["position_ids"])
+    # the data-parallel engine averages over the cp ranks: scale so that the average is the sum
+    loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum") * dims.dp_cp
+    loss.backward()
+    ran = report()
+    err_logits = (logits - ref_logits[:, batch["position_ids"]]).abs().max().item()
+    return err_logits, grad_errors(model, single), plan.layout, repr(model), ran
