@@ -14,7 +14,7 @@ STAMP := $(VENV)/.longctx-installed
 PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint mutants clean
 
 setup: $(STAMP)
 
@@ -34,8 +34,12 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# not part of `make test`: deliberate bugs, one at a time, each of which some test must catch (~10 min)
+mutants: setup
+	$(BIN)/python tools/mutants.py
+
 lint: setup
-	$(BIN)/ruff check longctx tests
+	$(BIN)/ruff check longctx tests tools
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .cache

@@ -38,7 +38,7 @@ def bands(draw, sq, sk):
     """(left, right, offset) of any band the planner emits, or a random one."""
     off = draw(st.one_of(st.none(), st.integers(-sq - 2, sk + 2)))
     kind = draw(st.sampled_from(["none", "causal", "shifted", "window", "window_both", "left_only", "right_only",
-                                 "random"]))
+                                 "crossed", "random"]))
     w = draw(st.integers(1, max(sq, sk) + 2))
     if kind == "none":
         return None, None, off
@@ -54,8 +54,11 @@ def bands(draw, sq, sk):
         return draw(st.integers(0, sk + 1)), None, off
     if kind == "right_only":
         return None, draw(st.integers(-sq - 1, sk + 1)), off
-    left = draw(st.integers(-sk - 2, sk + 2))
-    return left, draw(st.integers(-left if left < 0 else -sk - 2, sk + 2)), off
+    if kind == "crossed":  # left + right < -1: edges crossed, no pair at all (and hi < lo in closed forms)
+        right = draw(st.integers(-sk - 2, sk + 2))
+        return draw(st.integers(-right - sk - 4, -right - 2)), right, off
+    # any two edges
+    return draw(st.integers(-sk - 2, sk + 2)), draw(st.integers(-sk - 2, sk + 2)), off
 
 
 @st.composite

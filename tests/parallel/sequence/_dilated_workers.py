@@ -6,8 +6,10 @@ import math
 
 import torch
 
+from longctx import kernels
 from longctx.parallel.sequence.dilated import dilated_attention
 from longctx.parallel.sequence.dilated_dist import dilated_comms
+from tests.support.backends import report
 
 
 def dense_reference(q, k, v, segment_lengths, dilation_rates, causal):
@@ -83,6 +85,7 @@ def run_case(case: dict) -> dict:
     ql, kl, vl = (t[:, rows].to(dtype).clone().requires_grad_() for t in (q, k, v))
     for c in dilated_comms(group):
         c.stats.reset()
+    kernels.reset_calls()
     out = dilated_attention(ql, kl, vl, segment_lengths=ws, dilation_rates=rs, causal=causal, group=group)
     fwd = sum(c.stats.bytes("fwd") for c in dilated_comms(group))
     fwd_calls = sum(c.stats.calls("fwd") for c in dilated_comms(group))
@@ -97,6 +100,7 @@ def run_case(case: dict) -> dict:
         "bwd_calls": sum(c.stats.calls("bwd") for c in comms),
         "world": world, "n": n,  # of the context group the counters belong to
         "dtypes": [str(t.dtype) for t in (out, ql.grad, kl.grad, vl.grad)],
+        "backends": report(),
     }
 
 

@@ -13,6 +13,8 @@ from longctx.parallel.sequence.tree import (
     tree_comm_model,
     tree_decode,
 )
+from tests.support import oracle
+from tests.support.backends import report
 
 
 def problem(b, t, sq, h, hkv, d, seed):
@@ -50,11 +52,12 @@ def run_case(case: dict) -> dict:
            and torch.equal(cache.k.double(), k.to(dtype).double()[:, pos])
            and cache.shard_lengths() == [len(range(r, t, w)) for r in range(w)]}
     causal_new = case.get("causal_new", False)
-    mask = kernels.Mask.causal() if causal_new else None  # bottom-right: the new tokens are the last sq
-    ref_out, ref_lse = kernels.forward(q, k, v, mask=mask, backend="reference")
+    # the independent oracle; causal new tokens: bottom-right causal, they are the last sq of the sequence
+    ref_out, ref_lse = oracle.attention(q, k, v, **({"right": 0} if causal_new else {}))
     qd = q.to(dtype)
     coll = case.get("collectives", 2)
     comm.stats.reset()
+    kernels.reset_calls()
     out, lse = cache.decode(qd, strategy="tree", causal_new=causal_new, collectives=coll, return_lse=True)
     res["tree_bytes"], res["tree_calls"] = comm.stats.bytes("decode"), comm.stats.calls("decode")
     res["tree_model"] = tree_comm_model(w, b, sq, h, d, qd.element_size(), collectives=coll)
@@ -63,6 +66,7 @@ def run_case(case: dict) -> dict:
     res["lse_err"] = _err(lse[fin], ref_lse[fin])
     res["lse_inf_ok"] = bool(torch.isneginf(lse[~fin]).all())
     res["out_dtype"] = str(out.dtype)
+    res["backends"] = report()
     if not causal_new:
         comm.stats.reset()
         out_r = cache.decode(qd, strategy="ring")
@@ -94,7 +98,7 @@ def ragged_case(case: dict) -> dict:
         if keep.numel() == 0:
             errs.append(_err(out[bi], torch.zeros_like(out[bi])) + float(not torch.isneginf(lse[bi]).all()))
             continue
-        ro, _ = kernels.forward(q[bi:bi + 1], k[bi:bi + 1, keep], v[bi:bi + 1, keep], backend="reference")
+        ro, _ = oracle.attention(q[bi:bi + 1], k[bi:bi + 1, keep], v[bi:bi + 1, keep])
         errs.append(_err(out[bi:bi + 1], ro))
     return {"err": max(errs)}
 

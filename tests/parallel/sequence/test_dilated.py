@@ -13,6 +13,7 @@ from longctx.parallel.sequence.dilated import (
     dilated_comm_model,
     dilated_config,
 )
+from tests.support.backends import check_ran
 
 from ._dilated_workers import problem, reference_with_grads, run_cases
 from ._hand_bytes import expected_dilated
@@ -86,6 +87,7 @@ def test_distributed_matches_reference(world):
             tol = 1e-12 if dtype == torch.float64 else 1e-5
             assert r["err_out"] <= tol and r["err_grad"] <= tol, label
             assert r["dtypes"] == [str(dtype)] * 4, label  # out, dq, dk, dv in the input dtype, every rank
+            check_ran(r["backends"], "auto", label=label)
             want = _hand(case, r["world"], r["n"], dtype)
             for key in ("fwd_bytes", "fwd_calls", "bwd_bytes", "bwd_calls"):
                 assert r[key] == want[key], (key, want, label)

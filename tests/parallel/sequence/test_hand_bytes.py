@@ -4,7 +4,7 @@ Three links, so a bug in a helper shared by the schedules and their models (chec
 packing) cannot hide: literal tables pin the hand formulas of _hand_bytes (which imports nothing from
 longctx); the product's closed-form models must equal those formulas over a wide grid; and the Comm
 counters of real distributed runs must equal them too (here for every strategy and for decoding, dilated
-in test_dilated; _cases.check can hold the exactness grid's counters to `expected` the same way).
+in test_dilated, and every exactness case of the ring/allgather/ulysses/hybrid tests through _cases.check).
 """
 
 import itertools

@@ -7,6 +7,7 @@ import torch
 
 from longctx.launch import run
 from longctx.parallel.sequence.tree import ShardedKVCache, ring_decode_comm_model, tree_comm_model
+from tests.support.backends import check_ran
 
 from ._tree_workers import expect_decode_errors, run_cases
 
@@ -49,6 +50,7 @@ def test_tree_decode_exact(world):
             assert r["positions_ok"], label
             assert r["tree_err"] <= tol and r["lse_err"] <= tol and r["lse_inf_ok"], (label, r)
             assert r["out_dtype"] == str(case.get("dtype", torch.float32))
+            check_ran(r["backends"], "auto", label=label, must_run=rank < case["t"])  # rank < t: a key to attend
             assert r["tree_bytes"] == r["tree_model"]["fwd_bytes"], (label, r)
             assert r["tree_calls"] == r["tree_model"]["fwd_calls"], (label, r)
             if not case.get("causal_new"):

@@ -1,0 +1,204 @@
+"""`make mutants`: apply small deliberate bugs one at a time to a scratch copy and run the tests that must
+catch each. A surviving mutant means a test that cannot fail. Not part of `make test` (about 10 minutes).
+
+    python tools/mutants.py [--only NAME ...] [--list] [--keep]
+
+Each mutant replaces one exact snippet (it must occur exactly once, so a refactor that moves the code makes
+the mutant stale and the run fails loudly rather than testing nothing) and names the pytest selection that
+must go red. The copy is imported through PYTHONPATH ahead of the editable install, and its own rank
+processes inherit that path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import py_compile
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEQ = "tests/parallel/sequence/"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    why: str
+
+
+MUTANTS = [
+    # ------------------------------------------------------------------ the three the review found
+    Mutant("sdpa-cpu-falls-back-always", "longctx/kernels/sdpa.py",
+           "    if pieces(mask, sq, sk) is None and q.shape[0] * sq * sk > DENSE_MASK_LIMIT:",
+           "    if True:",
+           ("tests/kernels/test_sdpa.py", "tests/kernels/test_conformance.py::test_backward_with_global_out_lse"),
+           "every CPU call served by reference: the kernel under test would be the oracle"),
+    Mutant("ulysses-replicates-kv-needlessly", "longctx/parallel/sequence/ulysses.py",
+           "    if kv_heads % world == 0:\n        return 1",
+           "    if kv_heads % world == 0:\n        return heads // kv_heads",
+           (SEQ + "test_hand_bytes.py",), "K/V heads replicated when they already divide: bytes 3072 -> 4096"),
+    Mutant("dilated-sends-every-wanted-head", "longctx/parallel/sequence/dilated.py",
+           "        kv = sorted(set(want))", "        kv = list(want)",
+           (SEQ + "test_hand_bytes.py",), "GQA sparse K/V not de-duplicated: bytes 2048 -> 3072"),
+    # ------------------------------------------------------------------ kernels
+    Mutant("sdpa-silently-serves-reference", "longctx/kernels/sdpa.py",
+           "    if why:\n        fallbacks[why] += 1\n        return reference.forward(",
+           "    if True:\n        return reference.forward(",
+           ("tests/kernels/test_sdpa.py",), "sdpa returns reference's result without counting a fallback"),
+    Mutant("reference-wrong-gqa-head-map", "longctx/kernels/reference.py",
+           "    kf, vf = k.to(acc), v.to(acc)\n    qf = q.to(acc).view(b, sq, hkv, g, d)\n    out = torch.empty",
+           "    kf, vf = k.to(acc), v.to(acc)\n    qf = q.to(acc).view(b, sq, g, hkv, d).transpose(2, 3)\n"
+           "    out = torch.empty",
+           ("tests/kernels/test_conformance.py::test_every_backend_matches_the_oracle",),
+           "query head j reads kv head j % hkv instead of j // group"),
+    Mutant("mask-dense-drops-the-diagonal", "longctx/kernels/mask.py",
+           "            ok &= d <= self.right", "            ok &= d < self.right",
+           ("tests/kernels/test_conformance.py::test_mask_dense_and_pair_counts_match_the_elementwise_definition",),
+           "the dense mask (sdpa's additive mask, reference's scores) loses the band's right edge"),
+    Mutant("causal-offset-off-by-one", "longctx/kernels/mask.py",
+           "        return sk - sq if self.offset is None else self.offset",
+           "        return sk - sq + 1 if self.offset is None else self.offset",
+           ("tests/kernels/test_conformance.py::test_every_backend_matches_the_oracle",),
+           "bottom-right causal alignment shifted by one key"),
+    Mutant("band-pairs-unclamped", "longctx/kernels/mask.py",
+           "        return int((hi - lo).clamp(min=0).sum())", "        return int((hi - lo).sum())",
+           ("tests/kernels/test_conformance.py::test_mask_dense_and_pair_counts_match_the_elementwise_definition",),
+           "rows with no key counted as negative work"),
+    Mutant("triton-band-offset-off-by-one", "longctx/kernels/triton_backend.py",
+           "    return off, clamp(mask.left), clamp(mask.right)",
+           "    return off + 1, clamp(mask.left), clamp(mask.right)",
+           ("tests/kernels/test_triton.py::test_fp32_matches_float64_reference",),
+           "the Triton kernels' diagonal one key to the right"),
+    Mutant("merge-swaps-weights", "longctx/kernels/merge.py",
+           "    return e / s_safe, lse", "    return e.flip(0) / s_safe, lse",
+           ("tests/kernels/test_merge.py",), "each partial weighted by the other's softmax mass"),
+    # ------------------------------------------------------------------ planner, schedules, accounting
+    Mutant("schedule-drops-a-block", "longctx/parallel/sequence/schedule.py",
+           "    pairs = 0\n    for b in blocks:",
+           "    pairs = 0\n    for b in blocks[1:] if len(blocks) > 1 else blocks:",
+           (SEQ + "test_ring.py::test_ring_family_exact[4]",), "the forward skips one block of a multi-block step"),
+    Mutant("planner-counts-the-rectangle", "longctx/parallel/sequence/plan.py",
+           "        return self.mask.band_pairs(self.q1 - self.q0, self.k1 - self.k0)",
+           "        return (self.q1 - self.q0) * (self.k1 - self.k0)",
+           (SEQ + "test_work_counted.py::test_recorded_and_modelled_work_equal_the_counted_kernel_work[3]",),
+           "recorded work and the work model agree with each other but not with the kernels"),
+    Mutant("planner-window-one-key-wider", "longctx/parallel/sequence/plan.py",
+           "        left = None if A is None else B - 1 - A", "        left = None if A is None else B - A",
+           (SEQ + "test_plan.py", SEQ + "test_ring.py::test_ring_family_exact[3]"),
+           "a windowed block's band reaches one key further back than the rows it was cut from"),
+    Mutant("allgather-bytes-miscounted", "longctx/parallel/comm.py",
+           'self.stats.record("all_gather", phase, nbytes(x) * (self.world - 1))',
+           'self.stats.record("all_gather", phase, nbytes(x) * self.world)',
+           (SEQ + "test_hand_bytes.py",), "the all-gather counts the chunk this rank keeps"),
+    Mutant("ulysses-skips-inverse-permutation", "longctx/parallel/sequence/ulysses.py",
+           "        qh, kh, vh = (t.index_select(1, inv) for t in (qh, kh, vh))", "        pass",
+           (SEQ + "test_ulysses.py::test_ulysses_exact[4]",), "zigzag shards attended in layout order, not natural"),
+    Mutant("zigzag-second-chunk-wrong", "longctx/parallel/sequence/layouts.py",
+           "    second = torch.arange((2 * world - 1 - rank) * h, (2 * world - rank) * h)",
+           "    second = torch.arange((world + rank) * h, (world + rank + 1) * h)",
+           (SEQ + "test_layouts.py", SEQ + "test_plan.py"), "rank r's second chunk is not chunk 2W-1-r"),
+    # ------------------------------------------------------------------ tree, dilated
+    Mutant("tree-wrong-global-lse", "longctx/parallel/sequence/tree.py",
+           "    glse = torch.where(ok_bhs, m_safe + torch.log(",
+           "    glse = torch.where(ok_bhs, m_safe + 0.5 * torch.log(",
+           (SEQ + "test_tree.py::test_tree_decode_exact",), "the combined log-sum-exp is wrong (out still right)"),
+    Mutant("dilated-causal-gathers-one-rank-too-few", "longctx/parallel/sequence/dilated.py",
+           "keep=p.m + 1 if spec.causal else p.g", "keep=max(p.m, 1) if spec.causal else p.g",
+           (SEQ + "test_dilated.py::test_distributed_matches_reference[4]",),
+           "a causal gathered pattern drops the keys of its own rank"),
+    # ------------------------------------------------------------------ model, training
+    Mutant("rope-ignores-true-positions", "longctx/model/llama.py",
+           "    ang = position_ids.to(device=x.device, dtype=torch.float32)[..., None] * inv",
+           "    ang = torch.arange(x.shape[1], device=x.device, dtype=torch.float32)[..., None] * inv",
+           ("tests/model/test_parallelize.py::test_context_parallel_model_matches_single_device[zigzag]",),
+           "a zigzag shard rotated by its local, not global, positions"),
+    Mutant("loss-not-scaled-by-dp-cp", "longctx/train/trainer.py",
+           "            scale = self.dims.dp_cp / max(count, 1.0)", "            scale = 1.0 / max(count, 1.0)",
+           ("tests/train/test_equivalence.py::test_two_rank_layouts_match_one_process",),
+           "gradients divided by the engine's dp x cp average once too often"),
+]
+
+
+def _copy_tree(dst: str) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for rel in files:
+        src = os.path.join(ROOT, rel)
+        if os.path.isfile(src):
+            os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
+            shutil.copy2(src, os.path.join(dst, rel))
+
+
+def _run_one(m: Mutant, work: str, timeout: float) -> tuple[str, float, str]:
+    path = os.path.join(work, m.path)
+    with open(path) as f:
+        original = f.read()
+    if original.count(m.old) != 1:
+        return "STALE", 0.0, f"snippet occurs {original.count(m.old)} times in {m.path}; update the mutant"
+    try:
+        with open(path, "w") as f:
+            f.write(original.replace(m.old, m.new))
+        py_compile.compile(path, doraise=True)
+        env = dict(os.environ, PYTHONPATH=work + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   PYTHONDONTWRITEBYTECODE="1")
+        t0 = time.monotonic()
+        try:
+            p = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests],
+                               cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "killed (timeout)", time.monotonic() - t0, ""
+        took = time.monotonic() - t0
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("FAILED") or ln.startswith("ERROR")]
+        if p.returncode == 0:
+            return "SURVIVED", took, ""
+        if p.returncode in (4, 5):  # usage error / nothing collected: the selection is wrong, not the code
+            return "BAD SELECTION", took, p.stdout[-500:]
+        return "killed", took, lines[0][:110] if lines else f"pytest exit {p.returncode}"
+    finally:
+        with open(path, "w") as f:
+            f.write(original)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", help="run only these mutants (by name)")
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant")
+    args = ap.parse_args(argv)
+    chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
+    if args.only and len(chosen) != len(set(args.only)):
+        known = {m.name for m in MUTANTS}
+        ap.error(f"unknown mutant(s) {sorted(set(args.only) - known)}; --list shows them")
+    if args.list:
+        for m in MUTANTS:
+            print(f"{m.name:42s} {m.path}: {m.why}")
+        return 0
+    bad = 0
+    with tempfile.TemporaryDirectory(prefix="longctx-mutants-") as work:
+        _copy_tree(work)
+        env = dict(os.environ, PYTHONPATH=work)
+        where = subprocess.run([sys.executable, "-c", "import longctx; print(longctx.__file__)"], cwd=work, env=env,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        if not where.startswith(work):  # the mutants would be applied to code no test imports
+            print(f"the scratch copy is not what gets imported ({where}); aborting", file=sys.stderr)
+            return 2
+        print(f"{len(chosen)} mutants, scratch copy in {work}", flush=True)
+        for m in chosen:
+            status, took, detail = _run_one(m, work, args.timeout)
+            bad += not status.startswith("killed")
+            print(f"  {status:16s} {took:6.1f}s  {m.name:42s} {detail}", flush=True)
+    print(f"{len(chosen) - bad}/{len(chosen)} mutants killed" + ("" if not bad else f"; {bad} NOT killed"))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
