@@ -14,7 +14,7 @@ STAMP := $(VENV)/.longctx-installed
 PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup demo test lint mutants clean
+.PHONY: setup demo test lint mutants gpu-check clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,11 @@ test: setup
 # not part of `make test`: deliberate bugs, one at a time, each of which some test must catch (~10 min)
 mutants: setup
 	$(BIN)/python tools/mutants.py
+
+# the one prepared script for a lent GPU (about 8 minutes; see tools/gpu_check.py). It installs nothing from
+# an index, so it does not depend on `setup`: on the GPU machine it runs with that machine's python3.
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) tools/gpu_check.py
 
 lint: setup
 	$(BIN)/ruff check longctx tests tools

@@ -19,7 +19,7 @@ import torch
 
 from ..kernels import Mask, backends, empty_state, merge_
 from ..kernels import sdpa as sdpa_mod
-from . import report
+from . import report, sdpa_baselines
 
 COLUMNS = ["backend", "seq_len", "fwd_ms", "bwd_ms", "fwdbwd_ms", "fwd_tflops", "bwd_tflops", "fwdbwd_tflops",
            "peak_mem_mb", "max_abs_err_out", "status"]
@@ -86,10 +86,28 @@ def _tensors(b, s, h, hkv, d, dtype, device, seed):
 
 
 def _why_not(name: str, q, k, v, mask) -> str | None:
+    if name in sdpa_baselines.NAMES:
+        return sdpa_baselines.why_not(name, q, mask)
     be = backends().get(name)
     if be is None:
-        return f"unknown backend (registered: {', '.join(sorted(backends()))})"
+        return (f"unknown backend (registered: {', '.join(sorted(backends()))}; torch baselines: "
+                f"{', '.join(sdpa_baselines.NAMES)})")
     return be.availability() or be.supports(q, k, v, mask)
+
+
+def _closures(name, q, k, v, do, mask):
+    """(fwd, bwd, fwdbwd, out) of a longctx backend or a torch baseline, for the timing loop."""
+    if name in sdpa_baselines.NAMES:
+        return sdpa_baselines.closures(name, q, k, v, do, mask)
+    be, scale = backends()[name], q.shape[-1] ** -0.5
+    out, lse = be.forward(q, k, v, scale=scale, mask=mask)
+
+    def fwdbwd():
+        o, lse_ = be.forward(q, k, v, scale=scale, mask=mask)
+        return be.backward(do, q, k, v, o, lse_, scale=scale, mask=mask)
+
+    return (lambda: be.forward(q, k, v, scale=scale, mask=mask),
+            lambda: be.backward(do, q, k, v, out, lse, scale=scale, mask=mask), fwdbwd, out)
 
 
 def _tflops(flops: float, ms: float | None) -> float | None:
@@ -106,7 +124,7 @@ def _check_error(name, args, dtype, device, mask) -> float | None:
     if _why_not(name, q, k, v, mask):
         return None
     scale = args.head_dim ** -0.5
-    out, _ = backends()[name].forward(q, k, v, scale=scale, mask=mask)
+    out = _closures(name, q, k, v, q, mask)[3]
     up = torch.float64 if dtype == torch.float64 else torch.float32
     ref, _ = backends()["reference"].forward(q.to(up), k.to(up), v.to(up), scale=scale, mask=mask)
     return (out.to(up) - ref).abs().max().item()
@@ -122,21 +140,9 @@ def _bench_one(name, args, s, dtype, device, mask, warmup, iters) -> dict:
     why = _why_not(name, q, k, v, mask)
     if why:
         return dict(rec, status=f"skipped: {why}")
-    be, scale = backends()[name], d ** -0.5
     fallbacks = dict(sdpa_mod.fallbacks)
     try:
-        out, lse = be.forward(q, k, v, scale=scale, mask=mask)
-
-        def fwd():
-            return be.forward(q, k, v, scale=scale, mask=mask)
-
-        def bwd():
-            return be.backward(do, q, k, v, out, lse, scale=scale, mask=mask)
-
-        def fwdbwd():
-            o, lse_ = be.forward(q, k, v, scale=scale, mask=mask)
-            return be.backward(do, q, k, v, o, lse_, scale=scale, mask=mask)
-
+        fwd, bwd, fwdbwd, _ = _closures(name, q, k, v, do, mask)
         rec["fwd_ms"] = _time_ms(fwd, device, warmup, iters)
         rec["bwd_ms"] = _time_ms(bwd, device, warmup, iters)
         if device.type == "cuda":
@@ -147,7 +153,7 @@ def _bench_one(name, args, s, dtype, device, mask, warmup, iters) -> dict:
         if device.type == "cuda":
             rec["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         rec["max_abs_err_out"] = _check_error(name, args, dtype, device, mask)
-        if args.virtual_ranks:
+        if args.virtual_ranks and name not in sdpa_baselines.NAMES:  # baselines give no lse to merge
             rec.update(run_virtual_ranks(name, args, s, dtype, device, mask, warmup, iters, rec["fwdbwd_ms"]))
     except Exception as e:  # noqa: BLE001 - one failing backend (OOM, compile error) must not end the run
         first = str(e).splitlines()[0][:200] if str(e) else ""

@@ -14,7 +14,10 @@ from hypothesis import strategies as st
 from longctx import kernels
 from longctx.kernels import Mask, backends, backward, forward, merge
 from tests.support import oracle
-from tests.support.backends import HAS_TRITON, check_ran, report
+from tests.support.backends import CUDA, HAS_TRITON, check_ran, expected_fallbacks, report
+
+# On a GPU machine (make gpu-check) the backends run on CUDA tensors; the oracle always runs on the CPU.
+DEV = "cuda" if CUDA else "cpu"
 
 # Every backend this machine can run; triton runs under its interpreter with the opt-in of `triton_env`.
 BACKENDS = ["reference", "sdpa"] + (["triton"] if HAS_TRITON else []) + \
@@ -95,8 +98,15 @@ def _tensors(b, sq, sk, hkv, g, d, dtype):
     return q, k, v, do
 
 
+def _on_dev(mask, *tensors):
+    """The tensors and the mask's document ids on the device under test."""
+    if mask.q_doc is not None and DEV != "cpu":
+        mask = Mask(mask.left, mask.right, mask.offset, mask.q_doc.to(DEV), mask.k_doc.to(DEV))
+    return (mask, *(t.to(DEV) for t in tensors))
+
+
 def _err(a, b):
-    a, b = a.double(), b.double()
+    a, b = a.double().cpu(), b.double().cpu()
     same_inf = torch.isinf(a) & torch.isinf(b) & (a.sign() == b.sign())
     diff = torch.where(same_inf, torch.zeros_like(a), (a - b).abs())
     return diff.max().item() if diff.numel() else 0.0
@@ -112,8 +122,10 @@ def _check(backend, case):
     b, sq, sk, hkv, g, d, mask, dtype = case
     q, k, v, do = _tensors(b, sq, sk, hkv, g, d, dtype)
     kernels.reset_calls()
-    out, lse, grads = _run(backend, q, k, v, do, mask)
-    check_ran(report(), backend, label=mask)
+    dmask, *dev = _on_dev(mask, q, k, v, do)
+    out, lse, grads = _run(backend, *dev, dmask)
+    out, lse, grads = out.cpu(), lse.cpu(), tuple(x.cpu() for x in grads)
+    check_ran(report(), backend, DEV, fallbacks=expected_fallbacks(backend, DEV, dtype, mask, d, 2), label=mask)
     assert out.dtype == dtype and lse.shape == (b, hkv * g, sq)
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert all(x.dtype == dtype for x in grads)
@@ -160,6 +172,7 @@ def test_backward_with_global_out_lse(backend_env, kind):
     q, k, v, do = _tensors(2, 12, 12, 2, 2, d, torch.float32)
     full = {"none": Mask.none(), "causal": Mask.causal(), "window": Mask.sliding_window(4, causal=False)}[kind]
     x_out, x_lse, x_grads = oracle.attention(q, k, v, do=do, **oracle.band(full))
+    full, q, k, v, do = _on_dev(full, q, k, v, do)
     kernels.reset_calls()
     # two key blocks [0, 5) and [5, 12) with the same global rule re-expressed on each block
     m1, m2 = full.sub(0, 12, 0, 5, 12, 12), full.sub(0, 12, 5, 12, 12, 12)
@@ -169,7 +182,7 @@ def test_backward_with_global_out_lse(backend_env, kind):
     assert _err(mo, x_out) <= 1e-5 and _err(ml, x_lse) <= 1e-5
     g1 = backward(do, q, k[:, :5], v[:, :5], mo.float(), ml, mask=m1, backend=backend)
     g2 = backward(do, q, k[:, 5:], v[:, 5:], mo.float(), ml, mask=m2, backend=backend)
-    check_ran(report(), backend)
+    check_ran(report(), backend, DEV, fallbacks=expected_fallbacks(backend, DEV, torch.float32, full, d, 4))
     assert _err(g1[0] + g2[0], x_grads[0]) <= 1e-5
     assert _err(torch.cat([g1[1], g2[1]], 1), x_grads[1]) <= 1e-5
     assert _err(torch.cat([g1[2], g2[2]], 1), x_grads[2]) <= 1e-5
@@ -179,7 +192,7 @@ def test_backward_with_global_out_lse(backend_env, kind):
 @pytest.mark.parametrize("sq,sk", [(0, 5), (5, 0), (0, 0)])
 def test_empty_blocks(backend_env, sq, sk):
     d = HEAD_DIMS.get(backend_env, [16])[0]
-    q, k, v, do = _tensors(2, sq, sk, 2, 2, d, torch.float32)
+    q, k, v, do = (t.to(DEV) for t in _tensors(2, sq, sk, 2, 2, d, torch.float32))
     out, lse = forward(q, k, v, mask=Mask.causal(), backend=backend_env)
     assert out.shape == q.shape and lse.shape == (2, 4, sq) and torch.isneginf(lse).all()
     dq, dk, dv = backward(do, q, k, v, out, lse, mask=Mask.causal(), backend=backend_env)

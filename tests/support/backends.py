@@ -29,6 +29,21 @@ def expected(kernel: str, device: str = "cpu") -> str | None:
     return AUTO_ON_CPU if device == "cpu" else None
 
 
+def expected_fallbacks(backend: str, device: str, dtype, mask, head_dim: int, calls: int) -> dict:
+    """sdpa's documented fallbacks to reference (longctx.kernels.sdpa.FALLBACK_RULES, restated here) for
+    `calls` kernel calls of one kind: on CUDA the fused op takes fp16/bf16 only, band masks without a left
+    edge only, head_dim a multiple of 8 up to 256. On CPU nothing falls back at test sizes."""
+    if backend != "sdpa" or device == "cpu":
+        return {}
+    if dtype not in (torch.float16, torch.bfloat16):
+        return {"cuda-dtype": calls}
+    if mask.left is not None or mask.q_doc is not None:
+        return {"cuda-mask": calls}
+    if head_dim % 8 or head_dim > 256:
+        return {"cuda-shape": calls}
+    return {}
+
+
 def report() -> dict:
     """What ran in this process since kernels.reset_calls(): picklable, for rank processes to return."""
     return {"ran": kernels.backends_ran(), "fallbacks": dict(sdpa.fallbacks)}
