@@ -70,9 +70,10 @@ class Attention(nn.Module):
 
     def forward(self, x, position_ids):
         b, s, _ = x.shape
-        q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
-        k = self.wk(x).view(b, s, self.n_kv, self.head_dim)
-        v = self.wv(x).view(b, s, self.n_kv, self.head_dim)
+        # -1 heads: under tensor parallelism the projections hold this rank's share of the heads
+        q = self.wq(x).view(b, s, -1, self.head_dim)
+        k = self.wk(x).view(b, s, -1, self.head_dim)
+        v = self.wv(x).view(b, s, -1, self.head_dim)
         q, k = rope(q, position_ids, self.theta), rope(k, position_ids, self.theta)
         o = self.core(q, k, v, position_ids=position_ids)
         return self.wo(o.reshape(b, s, -1))
@@ -134,7 +135,7 @@ class Transformer(nn.Module):
                 module.weight.fill_(1.0)
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None, labels=None, loss_fn=None):
-        """Logits (B, S, V); or, with labels and loss_fn, loss_fn(hidden (B*S, D), output weight, labels)."""
+        """Logits (B, S, V); or, with labels and loss_fn, loss_fn(hidden (B, S, D), output weight, labels (B, S))."""
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=tokens.device)
         h = self.tok_embeddings(tokens)
@@ -145,7 +146,7 @@ class Transformer(nn.Module):
             return self.output(h)
         if loss_fn is None:
             return F.cross_entropy(self.output(h).flatten(0, 1).float(), labels.flatten(), reduction="sum")
-        return loss_fn(h.flatten(0, 1), self.output.weight, labels.flatten())
+        return loss_fn(h, self.output.weight, labels)
 
 
 def dilated_pattern(cfg: ModelConfig, seq_len: int | None) -> tuple[list[int], list[int]]:

@@ -2,8 +2,8 @@
 
 `parallelize(model, dims, cfg)` applies, in this order (each step assumes the ones before it):
 
-  1. tensor parallel        (arrives with the TP/PP issue; tp > 1 is refused with a message until then)
-  2. pipeline split         (same)
+  1. tensor parallel        DTensor plans over the tp ranks (longctx.parallel.tensor)
+  2. pipeline split         (arrives with the pipeline stage; pp > 1 is refused until then)
   3. context parallel       attention cores -> the strategy's sequence-parallel core over the cp ranks;
                             LongNet dilated cores -> distributed over the same cp ranks
   4. activation checkpoint  none | full (every block) | selective (every n-th block)
@@ -26,6 +26,7 @@ from ..parallel.dims import ParallelDims, ParallelMesh
 from ..parallel.sequence.api import ContextParallelAttention, check_positions
 from ..parallel.sequence.dilated import DilatedAttention
 from ..parallel.sequence.registry import get_strategy
+from ..parallel.tensor import apply_tensor_parallel, check_tp
 from .llama import Block, LocalAttention
 
 AC_MODES = ("none", "full", "selective")  # activation checkpointing: nothing, every block, every n-th block
@@ -198,10 +199,8 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) 
 
 def check_supported(dims: ParallelDims) -> None:
     """Refuse the axes that are not built yet, naming the key."""
-    if dims.tp > 1 or dims.pp > 1:
-        axis = "tp" if dims.tp > 1 else "pp"
-        raise NotImplementedError(f"parallel.{axis}={getattr(dims, axis)}: tensor and pipeline parallelism are not "
-                                  f"built yet; set parallel.{axis}=1 (context and data parallelism compose here)")
+    if dims.pp > 1:
+        raise NotImplementedError(f"parallel.pp={dims.pp}: pipeline parallelism is not built yet; set parallel.pp=1")
 
 
 def dilated_layout_problem(dims: ParallelDims) -> str | None:
@@ -224,6 +223,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: Paralle
         dims.check_heads(cfg_model.n_heads, cfg_model.n_kv_heads)
     mesh = mesh or dims.build_mesh()
     engine = resolve_engine(cfg.engine, dims)
+    if dims.tp > 1:
+        if cfg_model is not None:
+            check_tp(cfg_model.n_heads, cfg_model.n_kv_heads, cfg_model.vocab_size, dims.tp)
+        apply_tensor_parallel(model, mesh.world["tp"])
     _swap_cores(model, mesh, cfg.kernel)
     apply_activation_checkpointing(model, cfg.activation_checkpoint, cfg.ac_every)
     apply_data_parallel(model, mesh, engine, reshard_after_forward=cfg.reshard_after_forward,

@@ -20,17 +20,29 @@ from torch import nn
 
 from .dims import ParallelDims, ParallelMesh
 
-ENGINES = ("auto", "fsdp", "ddp")
+ENGINES = ("auto", "torch", "fsdp", "ddp", "deepspeed")  # torch = auto: FSDP2 for dp_shard, DDP for dp_replicate
 
 
 def resolve_engine(engine: str, dims: ParallelDims) -> str:
-    """The engine a config asks for, made concrete: none | ddp | fsdp | hsdp."""
+    """The engine a config asks for, made concrete: none | ddp | fsdp | hsdp | deepspeed."""
     if engine not in ENGINES:
-        raise ValueError(f"parallel.engine={engine!r} is not one of {', '.join(ENGINES)} (DeepSpeed arrives "
-                         "with the tensor/pipeline issue)")
+        raise ValueError(f"parallel.engine={engine!r} is not one of {', '.join(ENGINES)}")
+    if engine == "deepspeed":
+        return "deepspeed"  # its own checks: longctx.parallel.deepspeed_engine.check_deepspeed
     if dims.dp_cp == 1:
         return "none"
-    if engine == "auto":
+    if dims.tp > 1:  # tensor-parallel parameters are DTensors: FSDP2 composes with them (2-D), DDP does not
+        if engine == "ddp" or (dims.dp_replicate > 1 and engine != "fsdp"):
+            raise ValueError(f"parallel.tp={dims.tp} needs FSDP2 for data parallelism (DDP does not take tensor-"
+                             f"parallel parameters): set parallel.engine=fsdp and use parallel.dp_shard instead of "
+                             f"parallel.dp_replicate={dims.dp_replicate}" if dims.dp_replicate > 1 else
+                             f"parallel.tp={dims.tp} needs FSDP2 for data/context parallelism: set "
+                             f"parallel.engine=fsdp (or auto)")
+        if dims.dp_replicate > 1:
+            raise ValueError(f"parallel.tp={dims.tp} with parallel.dp_replicate={dims.dp_replicate} (HSDP) is not "
+                             f"supported: use parallel.dp_shard for the data-parallel ranks")
+        return "fsdp"
+    if engine in ("auto", "torch"):
         engine = "fsdp" if dims.dp_shard > 1 else "ddp"
     if engine == "ddp":
         if dims.dp_shard > 1:
@@ -52,7 +64,7 @@ def apply_fsdp(model: nn.Module, mesh, *, reshard_after_forward: bool = True, pa
     kw = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mp is not None:
         kw["mp_policy"] = mp
-    for block in model.layers:
+    for block in (model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers):
         fully_shard(block, **kw)
     fully_shard(model, **kw)
 

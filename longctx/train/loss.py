@@ -95,9 +95,13 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 
 
 def loss_fn(chunk: int):
-    """The model's loss_fn argument: (hidden, weight, labels) -> summed loss."""
+    """The model's loss_fn argument: (hidden (B, S, D), output weight, labels (B, S)) -> summed loss. A weight
+    split over tensor-parallel ranks (a DTensor) takes the vocabulary-parallel path."""
+    from ..parallel.tensor import vocab_parallel_cross_entropy
 
     def fn(hidden, weight, labels):
-        return chunked_cross_entropy(hidden, weight, labels, chunk=chunk)
+        if hasattr(weight, "device_mesh"):
+            return vocab_parallel_cross_entropy(hidden, weight, labels, chunk=chunk)
+        return chunked_cross_entropy(hidden.flatten(0, 1), weight, labels.flatten(), chunk=chunk)
 
     return fn

@@ -1,0 +1,150 @@
+"""Tensor parallelism for the Llama blocks, with DTensor's `parallelize_module`, and the vocabulary-parallel
+loss that goes with it.
+
+Per block (Megatron-style with sequence parallelism; activations between blocks are sharded on the
+sequence over the tp ranks, so norms and residuals cost 1/tp):
+
+  attention_norm, ffn_norm   SequenceParallel            (B, S/tp, D) in and out
+  attention, feed_forward    input Shard(1) -> Replicate  one all-gather of the normed activations
+  wq, wk, wv, w1, w3         ColwiseParallel              this rank's heads / hidden units
+  wo, w2                     RowwiseParallel -> Shard(1)  one reduce-scatter back to the sequence shards
+  tok_embeddings             RowwiseParallel (vocab rows) -> Shard(1)
+  norm                       SequenceParallel
+  output                     ColwiseParallel (vocab rows), logits Shard(-1) for the logits path
+
+Attention then sees this rank's n_heads/tp query and n_kv_heads/tp K/V heads for the context-parallel
+rank's whole shard, and the sequence-parallel schedule runs over the cp ranks on those heads. The loss
+never materialises full logits: `vocab_parallel_cross_entropy` computes each chunk's logits for this
+rank's vocabulary rows only and combines the log-sum-exp over tp ranks with two small all-reduces (counted
+by the Comm of the tp group, phase "tp").
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..data.labels import IGNORE_INDEX
+from .comm import Comm
+
+PHASE = "tp"
+
+
+def check_tp(n_heads: int, n_kv_heads: int, vocab_size: int, tp: int) -> None:
+    """Every constraint of splitting the model over tp ranks; messages name the key and the fix."""
+    if tp == 1:
+        return
+    if n_heads % tp:
+        raise ValueError(f"model.n_heads={n_heads} is not divisible by parallel.tp={tp}: each tensor-parallel rank "
+                         f"takes n_heads/tp query heads; choose a tp degree that divides {n_heads}")
+    if n_kv_heads % tp:
+        raise ValueError(f"model.n_kv_heads={n_kv_heads} is not divisible by parallel.tp={tp}: each tensor-parallel "
+                         f"rank takes n_kv_heads/tp K/V heads (replicating K/V heads for tp > n_kv_heads is not "
+                         f"built); use parallel.tp <= {n_kv_heads} dividing it, and put the other ranks on cp or dp")
+    if vocab_size % tp:
+        raise ValueError(f"model.vocab_size={vocab_size} is not divisible by parallel.tp={tp} (the embedding and "
+                         f"output rows are split over tp); pad the vocabulary to a multiple of {tp}")
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
+    """Shard `model` (a longctx Transformer, or a pipeline stage of one) over the 1-D `tp_mesh` in place."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    top = {}
+    if getattr(model, "tok_embeddings", None) is not None:
+        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    if getattr(model, "norm", None) is not None:
+        top["norm"] = SequenceParallel()
+        top["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
+    if top:
+        parallelize_module(model, tp_mesh, top)
+    for block in model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers:
+        parallelize_module(block, tp_mesh, {
+            "attention_norm": SequenceParallel(),
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        })
+
+
+# ------------------------------------------------------------------------------------ vocab-parallel loss
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    """Summed cross-entropy over real labels with the output rows split over tp ranks, one token chunk at a
+    time: per chunk an all-reduce MAX of the row maxima and one all-reduce SUM of (sum of exp, target logit);
+    the gradient w.r.t. the hidden states (partial per rank) is summed with one all-reduce at the end."""
+
+    @staticmethod
+    def forward(ctx, hidden, w_local, labels, vocab_start: int, comm: Comm, chunk: int, ignore_index: int):
+        acc = _acc(hidden.dtype)
+        n, rows = hidden.shape[0], w_local.shape[0]
+        want = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if want else None
+        grad_w = torch.zeros(w_local.shape, dtype=acc, device=w_local.device) if want else None
+        step = chunk if chunk > 0 else max(n, 1)
+        for s0 in range(0, n, step):
+            h, y = hidden[s0:s0 + step], labels[s0:s0 + step]
+            valid = y != ignore_index
+            local_t = y - vocab_start
+            own = valid & (local_t >= 0) & (local_t < rows)
+            idx = torch.where(own, local_t, torch.zeros_like(local_t))
+            logits = (h @ w_local.t()).to(acc)  # (chunk, vocab / tp): the only vocab-sized tensor
+            m = comm.all_reduce(logits.amax(dim=-1), phase=PHASE, op="max")
+            e = torch.exp(logits - m[:, None])
+            picked = torch.where(own, logits.gather(1, idx[:, None])[:, 0], torch.zeros_like(m))
+            sums = comm.all_reduce(torch.stack([e.sum(-1), picked]), phase=PHASE)
+            lse = m + sums[0].log()
+            total += torch.where(valid, lse - sums[1], torch.zeros_like(lse)).sum()
+            if want:
+                probs = e.div_(sums[0][:, None])  # softmax over the whole vocabulary, this rank's columns
+                probs[own.nonzero()[:, 0], idx[own]] -= 1.0
+                probs.mul_(valid[:, None].to(probs.dtype))
+                grad_h[s0:s0 + step] = probs @ w_local.to(acc)
+                grad_w += probs.t() @ h.to(acc)
+        if want:
+            comm.all_reduce(grad_h, phase=PHASE)  # every rank's vocabulary columns contribute to dL/dh
+            ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (hidden.dtype, w_local.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        return ((grad_h * grad_total).to(ctx.dtypes[0]), (grad_w * grad_total).to(ctx.dtypes[1]),
+                None, None, None, None, None)
+
+
+def vocab_parallel_cross_entropy(hidden, weight, labels, *, chunk: int = 1024,
+                                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Sum over real labels of cross_entropy(hidden @ weight.T, labels) where `weight` is the output
+    projection as a DTensor sharded by rows (vocabulary) over a 1-D tp mesh and `hidden` a DTensor
+    (sequence-sharded or replicated) on the same mesh, shape (B, S, D); labels (B, S). Every tp rank
+    returns the same value."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = weight.device_mesh
+    if weight.placements != (Shard(0),):
+        raise ValueError(f"the output weight must be sharded by rows over tp (Shard(0)), got {weight.placements}")
+    comm = Comm.get(mesh)
+    rows = weight.to_local().shape[0]
+    h = hidden.redistribute(mesh, [Replicate()]).to_local() if hasattr(hidden, "redistribute") else hidden
+    return _VocabParallelCE.apply(h.flatten(0, 1), weight.to_local(), labels.flatten(), comm.rank * rows, comm,
+                                  chunk, ignore_index)
