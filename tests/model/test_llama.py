@@ -50,7 +50,8 @@ def test_loss_path_equals_cross_entropy_of_logits():
     y = torch.randint(0, 256, (2, 10))
     y[0, :3] = -100
     ref = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum")
-    got = model(x, labels=y, loss_fn=lambda h, w, lab: chunked_cross_entropy(h.flatten(0, 1), w, lab.flatten(), chunk=7))
+    got = model(x, labels=y,
+                loss_fn=lambda h, w, lab: chunked_cross_entropy(h.flatten(0, 1), w, lab.flatten(), chunk=7))
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
