@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..data.labels import IGNORE_INDEX
 from .comm import Comm
 
 PHASE = "tp"
@@ -132,8 +131,7 @@ class _VocabParallelCE(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-def vocab_parallel_cross_entropy(hidden, weight, labels, *, chunk: int = 1024,
-                                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def vocab_parallel_cross_entropy(hidden, weight, labels, *, ignore_index: int, chunk: int = 1024) -> torch.Tensor:
     """Sum over real labels of cross_entropy(hidden @ weight.T, labels) where `weight` is the output
     projection as a DTensor sharded by rows (vocabulary) over a 1-D tp mesh and `hidden` a DTensor
     (sequence-sharded or replicated) on the same mesh, shape (B, S, D); labels (B, S). Every tp rank

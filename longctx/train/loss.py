@@ -101,7 +101,7 @@ def loss_fn(chunk: int):
 
     def fn(hidden, weight, labels):
         if hasattr(weight, "device_mesh"):
-            return vocab_parallel_cross_entropy(hidden, weight, labels, chunk=chunk)
+            return vocab_parallel_cross_entropy(hidden, weight, labels, chunk=chunk, ignore_index=IGNORE_INDEX)
         return chunked_cross_entropy(hidden.flatten(0, 1), weight, labels.flatten(), chunk=chunk)
 
     return fn
