@@ -59,7 +59,13 @@ class ParallelConfig:
     ulysses: int = 1  # hybrid: the Ulysses factor of cp (cp = ring x ulysses)
     layout: str | None = None  # token layout for strategies that accept several; None: the strategy's
     kernel: str = "auto"  # local attention kernel backend
-    engine: str = "auto"  # data-parallel engine: auto (fsdp when dp_shard > 1, else ddp) | fsdp | ddp
+    engine: str = "auto"  # auto = torch (FSDP2 for dp_shard, DDP for dp_replicate) | fsdp | ddp | deepspeed
+    zero_stage: int = 1  # engine=deepspeed: ZeRO stage 1, 2 or 3
+    deepspeed_config: str | None = None  # engine=deepspeed: a JSON file whose keys override the generated config
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | looped_bfs | interleaved_zb | zbv | dualpipev
+    pp_virtual: int = 0  # pipeline stages per rank: 0 = the schedule's default (1, or 2 for interleaved/V)
+    microbatches: int = 0  # pipeline microbatches per data-parallel batch: 0 = parallel.pp
+    pp_split: list[int] = field(default_factory=list)  # first layer of stages 1..; empty = even split
     reshard_after_forward: bool = True  # FSDP2: free gathered parameters after forward (more comm, less memory)
     activation_checkpoint: str = "none"  # none | full | selective (every `ac_every`-th layer)
     ac_every: int = 2

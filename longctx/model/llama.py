@@ -134,14 +134,23 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
 
-    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None, labels=None, loss_fn=None):
-        """Logits (B, S, V); or, with labels and loss_fn, loss_fn(hidden (B, S, D), output weight, labels (B, S))."""
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None, labels=None, loss_fn=None,
+                return_hidden: bool = False):
+        """Logits (B, S, V); or, with labels and loss_fn, loss_fn(hidden (B, S, D), output weight, labels (B, S)).
+
+        A pipeline stage is this module with parts removed: without tok_embeddings `tokens` are the previous
+        stage's hidden states, without a head (norm/output) the hidden states are returned; so is the normed
+        hidden state with return_hidden (the last stage, whose loss the pipeline schedule computes)."""
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=tokens.device)
-        h = self.tok_embeddings(tokens)
-        for layer in self.layers:
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        for layer in self.layers.values() if isinstance(self.layers, nn.ModuleDict) else self.layers:
             h = layer(h, position_ids)
+        if self.norm is None:
+            return h
         h = self.norm(h)
+        if return_hidden:
+            return h
         if labels is None:
             return self.output(h)
         if loss_fn is None:

@@ -2,15 +2,20 @@
 
 `parallelize(model, dims, cfg)` applies, in this order (each step assumes the ones before it):
 
-  1. tensor parallel        DTensor plans over the tp ranks (longctx.parallel.tensor)
-  2. pipeline split         (arrives with the pipeline stage; pp > 1 is refused until then)
+  1. pipeline split         the layers of this rank's stages (longctx.parallel.pipeline), each stage a copy
+                            of the model with the other layers removed
+  2. tensor parallel        DTensor plans over the tp ranks, per stage (longctx.parallel.tensor)
   3. context parallel       attention cores -> the strategy's sequence-parallel core over the cp ranks;
                             LongNet dilated cores -> distributed over the same cp ranks
   4. activation checkpoint  none | full (every block) | selective (every n-th block)
-  5. data parallel          FSDP2 over dp_shard x cp, DDP over dp_replicate x cp, or HSDP (both)
+  5. data parallel          FSDP2 over dp_shard x cp, DDP over dp_replicate x cp, or HSDP (both), per stage;
+                            DeepSpeed is applied by the trainer (it owns the optimizer)
 
-and returns a Plan. The plan is the only source of the token layout: `plan.shard_batch` cuts a batch for
-this rank and the installed cores run on that same layout, so data and attention cannot disagree.
+and returns a Plan. The split comes before tensor parallelism (torchtitan applies TP first): a stage is a
+deep copy of the model, and copying plain modules is cheaper and safer than copying DTensor parameters
+with their redistribution hooks; the result is the same, since TP acts on each block alone. The plan is the
+only source of the token layout: `plan.shard_batch` cuts a batch for this rank and the installed cores run
+on that same layout, so data and attention cannot disagree.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from torch import nn
 from ..config import ParallelConfig
 from ..parallel.data_parallel import apply_data_parallel, resolve_engine, set_gradient_sync
 from ..parallel.dims import ParallelDims, ParallelMesh
+from ..parallel.pipeline import split_model, stage_ids, stage_layers, stages_per_rank
 from ..parallel.sequence.api import ContextParallelAttention, check_positions
 from ..parallel.sequence.dilated import DilatedAttention
 from ..parallel.sequence.registry import get_strategy
@@ -36,10 +42,13 @@ AC_MODES = ("none", "full", "selective")  # activation checkpointing: nothing, e
 class Plan:
     """What a parallelized model needs from the data path, and what the trainer needs from the mesh."""
 
-    model: nn.Module
+    model: nn.Module  # the parallelized model; under pp > 1 a ModuleList of this rank's stages
     dims: ParallelDims
     mesh: ParallelMesh
-    engine: str  # none | ddp | fsdp | hsdp
+    engine: str  # none | ddp | fsdp | hsdp | deepspeed
+    stages: list = field(default_factory=list)  # pp > 1: this rank's stage modules, in stage order
+    stage_ids: list = field(default_factory=list)
+    n_stages: int = 1
     _positions: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -94,7 +103,12 @@ class Plan:
         return out
 
     def set_gradient_sync(self, enabled: bool) -> None:
-        set_gradient_sync(self.model, self.engine, enabled)
+        for module in self.stages or [self.model]:
+            set_gradient_sync(module, self.engine, enabled)
+
+    @property
+    def pp_group(self):
+        return self.mesh.group("pp")
 
 
 def _swap_cores(model: nn.Module, mesh: ParallelMesh, kernel: str) -> None:
@@ -197,12 +211,6 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) 
     return done
 
 
-def check_supported(dims: ParallelDims) -> None:
-    """Refuse the axes that are not built yet, naming the key."""
-    if dims.pp > 1:
-        raise NotImplementedError(f"parallel.pp={dims.pp}: pipeline parallelism is not built yet; set parallel.pp=1")
-
-
 def dilated_layout_problem(dims: ParallelDims) -> str | None:
     """LongNet layers split the sequence contiguously over the cp ranks, so the layout must be contiguous:
     what is wrong (to follow the name of the layers) or None."""
@@ -214,24 +222,36 @@ def dilated_layout_problem(dims: ParallelDims) -> str | None:
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: ParallelMesh | None = None,
                 param_dtype=None) -> Plan:
-    """Apply context parallelism, activation checkpointing and data parallelism (in that order) to `model`
-    over the mesh of `dims`; `cfg` is the `parallel` config section (or a job config holding one)."""
+    """Apply the pipeline split, tensor, context and data parallelism and activation checkpointing (in the
+    order of the module docstring) to `model` over the mesh of `dims`; `cfg` is the `parallel` config section
+    (or a job config holding one). Under pp > 1 the trainer builds the schedule from the plan's stages."""
     cfg = getattr(cfg, "parallel", cfg) or ParallelConfig()
-    check_supported(dims)
     cfg_model = getattr(model, "cfg", None)
     if cfg_model is not None:
         dims.check_heads(cfg_model.n_heads, cfg_model.n_kv_heads)
+        check_tp(cfg_model.n_heads, cfg_model.n_kv_heads, cfg_model.vocab_size, dims.tp)
     mesh = mesh or dims.build_mesh()
     engine = resolve_engine(cfg.engine, dims)
-    if dims.tp > 1:
-        if cfg_model is not None:
-            check_tp(cfg_model.n_heads, cfg_model.n_kv_heads, cfg_model.vocab_size, dims.tp)
-        apply_tensor_parallel(model, mesh.world["tp"])
-    _swap_cores(model, mesh, cfg.kernel)
-    apply_activation_checkpointing(model, cfg.activation_checkpoint, cfg.ac_every)
-    apply_data_parallel(model, mesh, engine, reshard_after_forward=cfg.reshard_after_forward,
-                        param_dtype=param_dtype)
-    plan = Plan(model, dims, mesh, engine)
+    modules, ids, n_stages = [model], [], 1
+    if dims.pp > 1:
+        per_rank = stages_per_rank(cfg.pp_schedule, cfg.pp_virtual)
+        n_stages = dims.pp * per_rank
+        ids = stage_ids(mesh.rank("pp"), dims.pp, per_rank, cfg.pp_schedule)
+        ranges = stage_layers(len(model.layers), n_stages, cfg.pp_split)
+        modules = [split_model(model, ranges[i], first=i == 0, last=i == n_stages - 1) for i in ids]
+    for module in modules:
+        if dims.tp > 1:
+            apply_tensor_parallel(module, mesh.world["tp"])
+        _swap_cores(module, mesh, cfg.kernel)
+        apply_activation_checkpointing(module, cfg.activation_checkpoint, cfg.ac_every)
+        if engine != "deepspeed":
+            apply_data_parallel(module, mesh, engine, reshard_after_forward=cfg.reshard_after_forward,
+                                param_dtype=param_dtype, keep_root_unsharded=dims.pp > 1 and module.output is not None)
+    container = nn.ModuleList(modules) if dims.pp > 1 else model
+    plan = Plan(container, dims, mesh, engine, modules if dims.pp > 1 else [], ids, n_stages)
     if dims.cp > 1:
-        model.register_forward_pre_hook(_check_positions_hook(plan.expected_positions, dims.cp), with_kwargs=True)
+        first = modules[ids.index(0)] if 0 in ids else (model if dims.pp == 1 else None)
+        if first is not None:  # the stage that sees token ids checks their positions
+            first.register_forward_pre_hook(_check_positions_hook(plan.expected_positions, dims.cp),
+                                            with_kwargs=True)
     return plan

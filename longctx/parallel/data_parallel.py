@@ -31,16 +31,16 @@ def resolve_engine(engine: str, dims: ParallelDims) -> str:
         return "deepspeed"  # its own checks: longctx.parallel.deepspeed_engine.check_deepspeed
     if dims.dp_cp == 1:
         return "none"
-    if dims.tp > 1:  # tensor-parallel parameters are DTensors: FSDP2 composes with them (2-D), DDP does not
-        if engine == "ddp" or (dims.dp_replicate > 1 and engine != "fsdp"):
-            raise ValueError(f"parallel.tp={dims.tp} needs FSDP2 for data parallelism (DDP does not take tensor-"
-                             f"parallel parameters): set parallel.engine=fsdp and use parallel.dp_shard instead of "
-                             f"parallel.dp_replicate={dims.dp_replicate}" if dims.dp_replicate > 1 else
-                             f"parallel.tp={dims.tp} needs FSDP2 for data/context parallelism: set "
+    if dims.tp > 1 or dims.pp > 1:
+        # tensor-parallel parameters are DTensors, and pipeline schedules run several forwards before their
+        # backwards: FSDP2 composes with both, torch's DDP with neither
+        axes = " and ".join(f"parallel.{a}={getattr(dims, a)}" for a in ("tp", "pp") if getattr(dims, a) > 1)
+        if engine == "ddp":
+            raise ValueError(f"{axes} needs FSDP2 for data/context parallelism (DDP does not compose with it): set "
                              f"parallel.engine=fsdp (or auto)")
         if dims.dp_replicate > 1:
-            raise ValueError(f"parallel.tp={dims.tp} with parallel.dp_replicate={dims.dp_replicate} (HSDP) is not "
-                             f"supported: use parallel.dp_shard for the data-parallel ranks")
+            raise ValueError(f"{axes} with parallel.dp_replicate={dims.dp_replicate} is not supported: use "
+                             f"parallel.dp_shard for the data-parallel ranks")
         return "fsdp"
     if engine in ("auto", "torch"):
         engine = "fsdp" if dims.dp_shard > 1 else "ddp"
@@ -56,8 +56,10 @@ def resolve_engine(engine: str, dims: ParallelDims) -> str:
 
 
 def apply_fsdp(model: nn.Module, mesh, *, reshard_after_forward: bool = True, param_dtype=None,
-               reduce_dtype=torch.float32) -> None:
-    """fully_shard each transformer block, then the root (so the embedding and output share one unit)."""
+               reduce_dtype=torch.float32, keep_root_unsharded: bool = False) -> None:
+    """fully_shard each transformer block, then the root (so the embedding and output share one unit).
+    keep_root_unsharded: the root's parameters stay gathered after forward (a pipeline's last stage, whose
+    loss uses the output weight after the stage's forward has returned)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype) if param_dtype else None
@@ -66,7 +68,7 @@ def apply_fsdp(model: nn.Module, mesh, *, reshard_after_forward: bool = True, pa
         kw["mp_policy"] = mp
     for block in (model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers):
         fully_shard(block, **kw)
-    fully_shard(model, **kw)
+    fully_shard(model, **{**kw, "reshard_after_forward": reshard_after_forward and not keep_root_unsharded})
 
 
 def apply_ddp(model: nn.Module, mesh) -> None:
@@ -76,13 +78,12 @@ def apply_ddp(model: nn.Module, mesh) -> None:
 
 
 def apply_data_parallel(model: nn.Module, mesh: ParallelMesh, engine: str, *, reshard_after_forward: bool = True,
-                        param_dtype=None) -> str:
+                        param_dtype=None, keep_root_unsharded: bool = False) -> str:
     """Wrap `model` for the resolved engine; returns it."""
     engine = resolve_engine(engine, mesh.dims) if engine in ENGINES else engine
-    if engine == "fsdp":
-        apply_fsdp(model, mesh.fsdp, reshard_after_forward=reshard_after_forward, param_dtype=param_dtype)
-    elif engine == "hsdp":
-        apply_fsdp(model, mesh.hsdp, reshard_after_forward=reshard_after_forward, param_dtype=param_dtype)
+    if engine in ("fsdp", "hsdp"):
+        apply_fsdp(model, mesh.fsdp if engine == "fsdp" else mesh.hsdp, reshard_after_forward=reshard_after_forward,
+                   param_dtype=param_dtype, keep_root_unsharded=keep_root_unsharded)
     elif engine == "ddp":
         apply_ddp(model, mesh.ddp)
     return engine

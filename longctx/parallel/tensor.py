@@ -60,7 +60,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     if getattr(model, "tok_embeddings", None) is not None:
         top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
     if getattr(model, "norm", None) is not None:
-        top["norm"] = SequenceParallel()
+        top["norm"] = SequenceParallel(use_local_output=True)  # a plain tensor: what a pipeline stage can send
         top["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
     if top:
         parallelize_module(model, tp_mesh, top)
@@ -133,16 +133,20 @@ class _VocabParallelCE(torch.autograd.Function):
 
 def vocab_parallel_cross_entropy(hidden, weight, labels, *, ignore_index: int, chunk: int = 1024) -> torch.Tensor:
     """Sum over real labels of cross_entropy(hidden @ weight.T, labels) where `weight` is the output
-    projection as a DTensor sharded by rows (vocabulary) over a 1-D tp mesh and `hidden` a DTensor
-    (sequence-sharded or replicated) on the same mesh, shape (B, S, D); labels (B, S). Every tp rank
-    returns the same value."""
-    from torch.distributed.tensor import Replicate, Shard
+    projection as a DTensor sharded by rows (vocabulary) over a 1-D tp mesh and `hidden` (B, S, D) either a
+    DTensor on that mesh or this rank's sequence shard (what the sequence-parallel final norm returns);
+    labels (B, S_full) of the whole (context-parallel) shard. Every tp rank returns the same value."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
     mesh = weight.device_mesh
-    if weight.placements != (Shard(0),):
-        raise ValueError(f"the output weight must be sharded by rows over tp (Shard(0)), got {weight.placements}")
+    if mesh.ndim != 1 or mesh.mesh_dim_names != ("tp",) or weight.placements != (Shard(0),):
+        raise ValueError(f"the output weight must be a tensor-parallel shard (rows over the 'tp' mesh), got "
+                         f"{weight.placements} over {mesh.mesh_dim_names}: an FSDP shard read outside its module's "
+                         "forward? (keep that FSDP unit unsharded after forward)")
     comm = Comm.get(mesh)
     rows = weight.to_local().shape[0]
-    h = hidden.redistribute(mesh, [Replicate()]).to_local() if hasattr(hidden, "redistribute") else hidden
+    if not isinstance(hidden, DTensor):
+        hidden = DTensor.from_local(hidden, mesh, [Shard(1)], run_check=False)
+    h = hidden.redistribute(mesh, [Replicate()]).to_local()  # one all-gather of the hidden states, not logits
     return _VocabParallelCE.apply(h.flatten(0, 1), weight.to_local(), labels.flatten(), comm.rank * rows, comm,
                                   chunk, ignore_index)

@@ -47,17 +47,23 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_sch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
-    """Global gradient norm (over every shard and rank); grads scaled to max_norm when above it and
-    max_norm > 0. Returns the norm before clipping."""
+def clip_grad_norm(parameters, max_norm: float, pp_group=None) -> torch.Tensor:
+    """Global gradient norm (over every shard and rank; with `pp_group`, over every pipeline stage too);
+    grads scaled to max_norm when above it and max_norm > 0. Returns the norm before clipping."""
+    import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     params = [p for p in parameters if p.grad is not None]
-    if not params:
-        return torch.zeros(())
-    total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0, foreach=True)
+    total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0, foreach=True) if params \
+        else torch.zeros(())
     if isinstance(total, DTensor):
         total = total.full_tensor()
+    if pp_group is not None:  # each stage holds different parameters: sum the squares over the stages
+        sq = total.double().square().reshape(1)
+        dist.all_reduce(sq, group=pp_group)
+        total = sq.sqrt()[0].to(total.dtype)
+    if not params:
+        return total
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
     return total

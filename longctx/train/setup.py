@@ -9,7 +9,7 @@ import os
 import time
 
 from ..config import ConfigError, validate_model
-from ..model.parallelize import AC_MODES, check_supported, dilated_layout_problem
+from ..model.parallelize import AC_MODES, dilated_layout_problem
 from ..parallel.data_parallel import resolve_engine
 from ..parallel.dims import ParallelDims
 
@@ -57,10 +57,6 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
         raise ConfigError(f"parallel.activation_checkpoint={p.activation_checkpoint!r}: choose one of "
                           f"{', '.join(AC_MODES)}")
     _positive("parallel", p, "ac_every", "timeout_s")
-    try:
-        check_supported(dims)
-    except NotImplementedError as e:
-        raise ConfigError(str(e)) from None
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={t.precision!r}: choose one of {', '.join(PRECISIONS)}")
     _positive("train", t, "steps", "batch_size", "seq_len", "accumulation", "lr", "mlp_chunks", "beta1", "beta2",
@@ -77,6 +73,7 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
     try:
         dims.check_seq_len(t.seq_len)
         dims.check_heads(cfg.model.n_heads, cfg.model.n_kv_heads)
+        _check_model_axes(cfg, dims, engine)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.model.dilated.layers:
@@ -92,6 +89,27 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
     if d.task == "induction" and not 1 <= d.period <= t.seq_len:
         raise ConfigError(f"data.period={d.period} must be between 1 and train.seq_len={t.seq_len}")
     return dims
+
+
+def _check_model_axes(cfg, dims: ParallelDims, engine: str) -> None:
+    """Tensor, pipeline and DeepSpeed constraints (ValueError naming the key)."""
+    from ..parallel.deepspeed_engine import check_deepspeed
+    from ..parallel.pipeline import check_pipeline
+    from ..parallel.tensor import check_tp
+
+    p, t, m = cfg.parallel, cfg.train, cfg.model
+    check_tp(m.n_heads, m.n_kv_heads, m.vocab_size, dims.tp)
+    if dims.tp > 1 and (t.seq_len // dims.cp) % dims.tp:
+        raise ValueError(f"train.seq_len={t.seq_len} over parallel.cp={dims.cp} gives {t.seq_len // dims.cp} tokens "
+                         f"per context rank, not divisible by parallel.tp={dims.tp} (sequence parallelism shards "
+                         f"them over tp); use a seq_len that is a multiple of {dims.cp * dims.tp}")
+    if dims.pp > 1:
+        check_pipeline(pp=dims.pp, schedule=p.pp_schedule, virtual=p.pp_virtual, microbatches=p.microbatches,
+                       n_layers=m.n_layers, local_batch=t.batch_size // (dims.dp * t.accumulation), split=p.pp_split)
+        if m.dilated.layers:
+            raise ValueError("model.dilated.layers with parallel.pp > 1 is not supported; use parallel.pp=1")
+    if engine == "deepspeed":
+        check_deepspeed(dims, p)
 
 
 def _check_dilated(cfg, dims: ParallelDims) -> None:

@@ -25,7 +25,9 @@ from ..config import to_yaml
 from ..data.labels import IGNORE_INDEX
 from ..data.synthetic import SyntheticSource, step_indices
 from ..model import build_model, parallelize
+from ..parallel import deepspeed_engine
 from ..parallel.dims import device_type_from_env
+from ..parallel.pipeline import build_pipeline, check_pipeline
 from .loss import loss_fn
 from .metrics import MetricsLogger, SavedTensorCounter, StepTimer, model_flops_per_step, peak_flops, peak_memory_bytes
 from .optim import build_optimizer, build_scheduler, clip_grad_norm
@@ -60,10 +62,22 @@ class Trainer:
             with warnings.catch_warnings():  # CPU meshes: DTensor draws each shard from the local generator
                 warnings.filterwarnings("ignore", "DTensor random operators may not have complete support")
                 model.init_weights()
-        self.model = model
+        self.model = self.plan.model  # under pp > 1: a ModuleList of this rank's stages
         torch.manual_seed(t.seed + 1 + self.rank)  # per-rank streams from here on (sampling, dropout)
-        self.optimizer = build_optimizer(model, t, self.device_type)
+        self.optimizer = build_optimizer(self.model, t, self.device_type)
         self.scheduler = build_scheduler(self.optimizer, t)
+        self.engine = None
+        if self.plan.engine == "deepspeed":  # it wraps the optimizer: reduction, ZeRO, clipping, the step
+            self.engine = deepspeed_engine.initialize(self.model, self.optimizer, cfg, self.plan)
+        self.pipeline = None
+        if self.plan.stages:
+            _, mb = check_pipeline(pp=self.dims.pp, schedule=cfg.parallel.pp_schedule, virtual=cfg.parallel.pp_virtual,
+                                   microbatches=cfg.parallel.microbatches, n_layers=cfg.model.n_layers,
+                                   local_batch=t.batch_size // (self.dims.dp * t.accumulation))
+            self.pipeline = build_pipeline(self.plan.stages, self.plan.stage_ids, self.plan.n_stages,
+                                           schedule=cfg.parallel.pp_schedule, microbatches=mb,
+                                           loss_fn=self._pipeline_loss, group=self.plan.pp_group, device=self.device)
+            self._pp_scale = 1.0
         self.data = SyntheticSource(task=cfg.data.task, seq_len=t.seq_len, vocab_size=cfg.model.vocab_size,
                                     seed=t.seed, alphabet=cfg.data.alphabet, period=cfg.data.period,
                                     mask_prompt=cfg.data.mask_prompt)
@@ -117,6 +131,25 @@ class Trainer:
             return self.model(shard["input_ids"], shard["position_ids"], labels=shard["labels"],
                               loss_fn=self.loss_fn)
 
+    def _pipeline_loss(self, hidden, labels):
+        """The pipeline schedule's loss_fn on the last stage, per pipeline microbatch: the summed loss scaled
+        as the trainer's (dp x cp / global count). (torch also calls it once on placeholder tensors to infer
+        gradient shapes, so the metrics read the schedule's returned losses, not a side sum.)"""
+        return self.loss_fn(hidden, self.pipeline.last_stage.output.weight, labels) * self._pp_scale
+
+    def _pipeline_step(self, shard: dict, scale: float) -> float:
+        """Forward and backward of one micro-batch through the pipeline schedule (all its microbatches);
+        returns the summed loss on the last stage's ranks, 0 elsewhere."""
+        pipe = self.pipeline
+        pipe.set_positions(shard["position_ids"])
+        self._pp_scale = scale
+        args = (shard["input_ids"],) if pipe.has_first else ()
+        losses: list = []
+        kwargs = {"target": shard["labels"], "losses": losses} if pipe.has_last else {}
+        with self._autocast():
+            pipe.schedule.step(*args, **kwargs)
+        return sum(float(x.detach()) for x in losses) / scale
+
     def train_step(self) -> dict:
         t, plan, model = self.cfg.train, self.plan, self.model
         with StepTimer(self.device) as timer:
@@ -127,14 +160,27 @@ class Trainer:
             loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
             for micro, s in enumerate(shards):
                 plan.set_gradient_sync(micro == len(shards) - 1)
+                if self.pipeline is not None:
+                    loss_sum += self._pipeline_step(s, scale)
+                    continue
                 part = self._loss(s)
-                (part * scale).backward()
+                if self.engine is not None:  # DeepSpeed reduces (and, at the last micro-batch, steps)
+                    self.engine.backward(part * scale, scale_wrt_gas=False)
+                    self.engine.step()
+                else:
+                    (part * scale).backward()
                 loss_sum += part.detach().double()
-            grad_norm = float(clip_grad_norm(model.parameters(), t.grad_clip))
+            if self.pipeline is not None:  # only the last stage's ranks hold the loss
+                (pp_sum,) = self._all_reduce([float(loss_sum)], group=plan.pp_group)
+                loss_sum.fill_(pp_sum)
             lr = self.optimizer.param_groups[0]["lr"]
-            self.optimizer.step()
+            if self.engine is not None:
+                grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
+            else:
+                grad_norm = float(clip_grad_norm(model.parameters(), t.grad_clip, pp_group=plan.pp_group))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
             (total,) = self._all_reduce([float(loss_sum)], group=plan.loss_group)
         (peak,) = self._all_reduce([float(peak_memory_bytes(self.device))], op=dist.ReduceOp.MAX, whole_world=True)
         self.step += 1
@@ -195,8 +241,17 @@ class Trainer:
         }
 
     def full_state_dict(self) -> dict:
-        """Every parameter, unsharded, on every rank (collective)."""
+        """Every parameter, unsharded, on every rank (collective); pipeline stages are gathered over pp."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
-        return {k: v.detach().cpu() for k, v in sd.items()}
+        if self.engine is not None:
+            return deepspeed_engine.full_state_dict(self.engine)
+        full = {}
+        for module in self.plan.stages or [self.model]:
+            sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+            full.update({k: v.detach().cpu() for k, v in sd.items()})
+        if self.plan.stages and self.plan.pp_group is not None:
+            parts = [None] * self.dims.pp
+            dist.all_gather_object(parts, full, group=self.plan.pp_group)
+            full = {k: v for part in parts for k, v in part.items()}
+        return full

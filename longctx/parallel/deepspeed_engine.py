@@ -1,0 +1,115 @@
+"""DeepSpeed ZeRO (stages 1-3) as the data-parallel engine (`parallel.engine=deepspeed`).
+
+Its data-parallel group is the data x context group (`dp_cp`): context ranks hold different tokens of the
+same sequences, so their gradients are summed with the data ranks' exactly as under FSDP2. DeepSpeed learns
+that group through `mpu=` (an object that answers for the data- and model-parallel groups). Our trainer keeps
+its loop, loss normalisation and metrics; DeepSpeed owns the reduction, ZeRO partitioning, clipping and the
+optimizer step. Its config is generated from ours (`ds_config`) and can be overridden key by key by a JSON
+file (`parallel.deepspeed_config`).
+
+Supported here: ZeRO 1, 2, 3 with any context-parallel strategy and data parallelism. Not with tp or pp:
+DeepSpeed's tensor/pipeline parallelism are separate engines with their own model wrappers; use
+`parallel.engine=torch` (FSDP2) for those. Defaults that would silently change results are set explicitly:
+DeepSpeed clips gradients at 1.0 unless told otherwise, so `gradient_clipping` is always train.grad_clip.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+STAGES = (1, 2, 3)
+
+
+def check_deepspeed(dims, p) -> None:
+    """Every constraint of parallel.engine=deepspeed (ValueError naming the key and the fix)."""
+    if dims.tp > 1 or dims.pp > 1:
+        axis = "tp" if dims.tp > 1 else "pp"
+        raise ValueError(f"parallel.engine=deepspeed with parallel.{axis}={getattr(dims, axis)} is not supported: "
+                         f"ZeRO runs here over the data x context ranks only (DeepSpeed's own tensor/pipeline "
+                         f"engines are separate); use parallel.engine=torch for tp/pp, or set parallel.{axis}=1")
+    if p.zero_stage not in STAGES:
+        raise ValueError(f"parallel.zero_stage={p.zero_stage!r}: choose 1, 2 or 3")
+    if p.meta_init:
+        raise ValueError("parallel.meta_init=true is an FSDP2 feature; with parallel.engine=deepspeed use ZeRO-3 "
+                         "(parallel.zero_stage=3) and meta_init=false")
+    if p.deepspeed_config is not None and not os.path.isfile(p.deepspeed_config):
+        raise ValueError(f"parallel.deepspeed_config={p.deepspeed_config!r} is not a file; give a JSON file of "
+                         "DeepSpeed config keys, or leave it unset")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ValueError("parallel.engine=deepspeed needs DeepSpeed: pip install 'longctx[deepspeed]'")
+
+
+def ds_config(cfg, dims) -> dict:
+    """DeepSpeed's config for our job: batch bookkeeping over its data-parallel group (dp x cp ranks),
+    ZeRO stage, clipping, precision; then the JSON file's keys on top (nested dicts merged)."""
+    t, p = cfg.train, cfg.parallel
+    micro = t.batch_size // (dims.dp * t.accumulation)
+    conf = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": t.accumulation,
+        "train_batch_size": micro * t.accumulation * dims.dp_cp,  # DeepSpeed counts its group, cp ranks included
+        "gradient_clipping": float(t.grad_clip),
+        "zero_optimization": {"stage": int(p.zero_stage)},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,  # torch's AdamW, built by longctx.train.optim
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if p.deepspeed_config:
+        with open(p.deepspeed_config) as f:
+            _merge(conf, json.load(f))
+    return conf
+
+
+def _merge(base: dict, extra: dict) -> None:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+class _MPU:
+    """What DeepSpeed asks of a model-parallel unit: the data-parallel group is dp x cp, no model parallelism."""
+
+    def __init__(self, mesh):
+        self._dp = mesh.dp_cp
+        self._mp = mesh.world["tp"]  # size 1 here (tp is refused): every rank its own model-parallel group
+
+    def get_data_parallel_group(self):
+        return self._dp.get_group()
+
+    def get_data_parallel_world_size(self):
+        return self._dp.size()
+
+    def get_data_parallel_rank(self):
+        return self._dp.get_local_rank()
+
+    def get_model_parallel_group(self):
+        return self._mp.get_group()
+
+    def get_model_parallel_world_size(self):
+        return 1
+
+    def get_model_parallel_rank(self):
+        return 0
+
+
+def initialize(model, optimizer, cfg, plan):
+    """deepspeed.initialize over the plan's dp x cp group; returns the engine."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg, plan.dims),
+                                           mpu=_MPU(plan.mesh), dist_init_required=False)
+    return engine
+
+
+def full_state_dict(engine) -> dict:
+    """Every parameter, unsharded (ZeRO-3 gathers them), on every rank."""
+    import deepspeed
+
+    params = dict(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+        return {k: v.detach().cpu().clone() for k, v in params.items()}

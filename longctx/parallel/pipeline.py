@@ -1,0 +1,163 @@
+"""Pipeline parallelism with `torch.distributed.pipelining`: the model cut into stages by layer, one
+schedule from torch per config name.
+
+  pp_schedule        torch schedule                   stages per rank   stage ids of pp rank r
+  gpipe              ScheduleGPipe                    1                 r
+  1f1b               Schedule1F1B                     1                 r
+  interleaved_1f1b   ScheduleInterleaved1F1B          v (default 2)     r, r + pp, ...  (loop)
+  looped_bfs         ScheduleLoopedBFS                v (default 2)     loop
+  interleaved_zb     ScheduleInterleavedZeroBubble    v (default 2)     loop
+  zbv                ScheduleZBVZeroBubble            2                 r, 2 pp - 1 - r  (V)
+  dualpipev          ScheduleDualPipeV                2                 V
+
+A stage is the Transformer itself with the layers it does not own removed (layers kept in a ModuleDict under
+their global index, so parameter names equal the single-device model's), the embedding only on the first
+stage and the final norm and output only on the last. Position ids are not sent between stages: the plan
+sets them on every stage before a step (they are the same for every microbatch), and the last stage returns
+its hidden states so the loss (chunked, or vocab-parallel under tp) runs in the schedule's loss_fn.
+Schedules are built with scale_grads=False: the trainer normalises by the global count of real labels
+(docs/algorithms.md §11), which already accounts for every microbatch.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SCHEDULES = {  # name -> (torch class, stage placement, stages per rank: None = configurable)
+    "gpipe": ("ScheduleGPipe", "loop", 1),
+    "1f1b": ("Schedule1F1B", "loop", 1),
+    "interleaved_1f1b": ("ScheduleInterleaved1F1B", "loop", None),
+    "looped_bfs": ("ScheduleLoopedBFS", "loop", None),
+    "interleaved_zb": ("ScheduleInterleavedZeroBubble", "loop", None),
+    "zbv": ("ScheduleZBVZeroBubble", "v", 2),
+    "dualpipev": ("ScheduleDualPipeV", "v", 2),
+}
+
+
+def stages_per_rank(schedule: str, virtual: int) -> int:
+    if schedule not in SCHEDULES:
+        import difflib
+
+        close = difflib.get_close_matches(str(schedule), SCHEDULES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"parallel.pp_schedule={schedule!r} is not a schedule{hint}; choose one of "
+                         f"{', '.join(SCHEDULES)}")
+    fixed = SCHEDULES[schedule][2]
+    if fixed is not None:
+        if virtual not in (0, fixed):
+            raise ValueError(f"parallel.pp_schedule={schedule} runs {fixed} stage(s) per rank, got parallel.pp_virtual="
+                             f"{virtual}; set parallel.pp_virtual=0 (auto) or {fixed}")
+        return fixed
+    return virtual or 2
+
+
+def check_pipeline(*, pp: int, schedule: str, virtual: int, microbatches: int, n_layers: int, local_batch: int,
+                   split=()) -> tuple[int, int]:
+    """Every constraint of a pipeline config; returns (stages per rank, microbatches). Messages name the key."""
+    per_rank = stages_per_rank(schedule, virtual)
+    n_stages = pp * per_rank
+    if n_stages > n_layers:
+        raise ValueError(f"parallel.pp={pp} x {per_rank} stage(s) per rank = {n_stages} pipeline stages, but the model "
+                         f"has only model.n_layers={n_layers}; every stage needs at least one layer: lower parallel.pp"
+                         f" (or parallel.pp_virtual)")
+    mb = microbatches or pp
+    if local_batch % mb:
+        raise ValueError(f"each data-parallel rank's batch ({local_batch} sequences = train.batch_size / dp) is not "
+                         f"divisible by parallel.microbatches={mb}; make train.batch_size a multiple of dp x "
+                         f"microbatches")
+    if schedule != "gpipe" and mb < pp:
+        raise ValueError(f"parallel.pp_schedule={schedule} needs at least as many microbatches as pipeline ranks: "
+                         f"parallel.microbatches={mb} < parallel.pp={pp}; raise parallel.microbatches to {pp} (and "
+                         f"train.batch_size with it) or use pp_schedule=gpipe")
+    if schedule == "dualpipev" and mb < n_stages:
+        raise ValueError(f"parallel.pp_schedule=dualpipev needs at least as many microbatches as stages ({n_stages}), "
+                         f"got parallel.microbatches={mb}; raise it (and train.batch_size with it)")
+    if split:
+        stage_layers(n_layers, n_stages, split)  # validates
+    return per_rank, mb
+
+
+def stage_layers(n_layers: int, n_stages: int, split=()) -> list[range]:
+    """Layers of each stage: `split` lists the first layer of stages 1.. (n_stages - 1 increasing indices);
+    empty = as even as possible, earlier stages one layer more when it does not divide."""
+    if split:
+        split = list(split)
+        if len(split) != n_stages - 1 or split != sorted(set(split)) or split[0] < 1 or split[-1] >= n_layers:
+            raise ValueError(f"parallel.pp_split={split} must list {n_stages - 1} increasing layer indices in "
+                             f"[1, {n_layers - 1}] (where stages 1.. begin)")
+        bounds = [0, *split, n_layers]
+    else:
+        base, extra = divmod(n_layers, n_stages)
+        bounds = [0]
+        for s in range(n_stages):
+            bounds.append(bounds[-1] + base + (1 if s < extra else 0))
+    return [range(bounds[s], bounds[s + 1]) for s in range(n_stages)]
+
+
+def stage_ids(pp_rank: int, pp: int, per_rank: int, schedule: str) -> list[int]:
+    if SCHEDULES[schedule][1] == "v":
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + i * pp for i in range(per_rank)]
+
+
+def split_model(model: nn.Module, layers: range, *, first: bool, last: bool) -> nn.Module:
+    """A copy of `model` keeping only `layers` (and the embedding / head when first / last)."""
+    stage = copy.deepcopy(model)
+    stage.layers = nn.ModuleDict({str(i): stage.layers[i] for i in layers})
+    if not first:
+        stage.tok_embeddings = None
+    if not last:
+        stage.norm = None
+        stage.output = None
+    return stage
+
+
+@dataclass
+class Pipeline:
+    """This rank's stages and the schedule that runs them."""
+
+    stages: list[nn.Module]  # this rank's stage modules, in stage order
+    stage_ids: list[int]
+    n_stages: int
+    schedule: object
+    microbatches: int
+    has_first: bool
+    has_last: bool
+
+    def set_positions(self, position_ids: torch.Tensor) -> None:
+        for m in self.stages:
+            m._pp_position_ids = position_ids
+
+    @property
+    def last_stage(self) -> nn.Module:
+        return self.stages[self.stage_ids.index(self.n_stages - 1)]
+
+
+def _stage_hook(module, args, kwargs):
+    """Hand every stage the step's position ids, and make the last stage return hidden states."""
+    kwargs.setdefault("position_ids", module._pp_position_ids)
+    if module.output is not None:
+        kwargs["return_hidden"] = True
+    return args, kwargs
+
+
+def build_pipeline(stage_modules: list[nn.Module], ids: list[int], n_stages: int, *, schedule: str,
+                   microbatches: int, loss_fn, group, device) -> Pipeline:
+    """PipelineStages over the pp group and the schedule; `loss_fn(hidden, labels)` runs on the last stage."""
+    import torch.distributed.pipelining as pipelining
+
+    stages = []
+    for module, idx in zip(stage_modules, ids):
+        module._pp_position_ids = None
+        module.register_forward_pre_hook(_stage_hook, with_kwargs=True, prepend=True)  # before the position check
+        stages.append(pipelining.PipelineStage(module, idx, n_stages, device, group=group))
+    cls = getattr(pipelining, SCHEDULES[schedule][0])
+    if SCHEDULES[schedule][2] == 1:
+        sched = cls(stages[0], n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+    else:
+        sched = cls(stages, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+    return Pipeline(stage_modules, ids, n_stages, sched, microbatches, 0 in ids, n_stages - 1 in ids)
