@@ -47,7 +47,7 @@ def _tiny(*overrides):
     (["nonsense"], 4, r"override 'nonsense' is not key=value"),
     (["parallel.strategy=spiral"], 4, r"unknown strategy 'spiral'; choose one of ring, zigzag, striped, allgather"),
     (["parallel.kernel=cuda"], 4, r"parallel.kernel='cuda' is not a kernel backend; choose one of auto, "),
-    (["parallel.engine=zero"], 4, r"parallel.engine='zero' is not one of auto, fsdp, ddp"),
+    (["parallel.engine=zero"], 4, r"parallel.engine='zero' is not one of auto, torch, fsdp, ddp, deepspeed"),
     (["parallel.engine=ddp", "parallel.dp_shard=2", "parallel.cp=2"], 4, r"engine=ddp replicates parameters"),
     (["parallel.activation_checkpoint=some"], 4, r"choose one of none, full, selective"),
     (["train.precision=fp8"], 4, r"train.precision='fp8': choose one of auto, fp32, bf16"),
@@ -65,7 +65,32 @@ def _tiny(*overrides):
     (["train.batch_size=3", "parallel.dp_shard=2", "parallel.cp=2"], 4,
      r"train.batch_size=3 sequences cannot be split over 2 data-parallel ranks x 1 accumulation steps.*"
      r"train.batch_size=4 or 2"),
-    (["parallel.tp=2", "parallel.cp=2"], 4, r"parallel.tp=2: tensor and pipeline parallelism are not built yet"),
+    # tensor / pipeline / DeepSpeed (tiny.yaml: 4 heads, 2 kv heads, 2 layers, batch 2)
+    (["parallel.tp=4", "parallel.cp=1", "model.n_heads=6", "model.n_kv_heads=6", "model.dim=48"], 4,
+     r"model.n_heads=6 is not divisible by parallel.tp=4; choose a tp degree that divides the heads"),
+    (["parallel.tp=4", "parallel.cp=1"], 4, r"model.n_kv_heads=2 is not divisible by parallel.tp=4"),
+    (["parallel.tp=2", "parallel.cp=2", "parallel.strategy=ulysses", "model.n_heads=2", "model.n_kv_heads=2",
+      "model.dim=32"], 4, r"model.n_heads=2 / parallel.tp=2 = 1 heads per tensor-parallel rank: ulysses: 1 query "
+                          r"heads do not divide over 2 ranks"),
+    (["parallel.tp=2", "parallel.cp=2", "parallel.engine=ddp"], 4, r"parallel.tp=2 needs FSDP2 .*parallel.engine=fsdp"),
+    (["parallel.tp=2", "parallel.cp=2", "model.vocab_size=255"], 4, r"model.vocab_size=255 is not divisible by "
+                                                                     r"parallel.tp=2"),
+    (["parallel.pp=4", "parallel.cp=1"], 4, r"parallel.pp=4 x 1 stage\(s\) per rank = 4 pipeline stages, but the "
+                                            r"model has only model.n_layers=2"),
+    (["parallel.pp=2", "parallel.cp=2", "parallel.pp_schedule=interleaved_1f1b"], 4,
+     r"4 pipeline stages, but the model has only model.n_layers=2.*parallel.pp_virtual"),
+    (["parallel.pp=2", "parallel.cp=2", "parallel.microbatches=1"], 4,
+     r"pp_schedule=1f1b needs at least as many microbatches as pipeline ranks: parallel.microbatches=1 < "
+     r"parallel.pp=2"),
+    (["parallel.pp=2", "parallel.cp=2", "parallel.microbatches=4"], 4,
+     r"batch \(2 sequences = train.batch_size / dp\) is not divisible by parallel.microbatches=4"),
+    (["parallel.pp=2", "parallel.cp=2", "parallel.pp_schedule=1fb1"], 4,
+     r"parallel.pp_schedule='1fb1' is not a schedule \(did you mean '1f1b'\?\)"),
+    (["parallel.pp=2", "parallel.cp=2", "parallel.pp_schedule=zbv", "parallel.pp_virtual=3"], 4,
+     r"pp_schedule=zbv runs 2 stage\(s\) per rank, got parallel.pp_virtual=3"),
+    (["parallel.engine=deepspeed", "parallel.tp=2", "parallel.cp=2"], 4,
+     r"parallel.engine=deepspeed with parallel.tp=2 is not supported.*parallel.engine=torch"),
+    (["parallel.engine=deepspeed", "parallel.zero_stage=4"], 4, r"parallel.zero_stage=4: choose 1, 2 or 3"),
     (["model.dilated.layers=[1]", "model.dilated.w0=64"], 4, r"model.dilated.layers need the contiguous token layout"),
     (["parallel.meta_init=true"], 4, r"parallel.meta_init=true initialises FSDP2 shards, but this layout runs "
                                      r"engine=ddp"),

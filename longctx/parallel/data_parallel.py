@@ -92,5 +92,5 @@ def apply_data_parallel(model: nn.Module, mesh: ParallelMesh, engine: str, *, re
 def set_gradient_sync(model: nn.Module, engine: str, enabled: bool) -> None:
     """Skip (False) or do (True) the gradient reduction of the next backward: accumulation micro-batches
     reduce once, on the last one."""
-    if engine != "none":
+    if engine not in ("none", "deepspeed"):  # DeepSpeed knows its accumulation boundary from its own config
         model.set_requires_gradient_sync(enabled)

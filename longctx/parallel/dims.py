@@ -130,9 +130,15 @@ class ParallelDims:
             raise ValueError(f"model.n_heads={heads} is not divisible by parallel.tp={self.tp}; choose a tp degree "
                              f"that divides the heads")
         if self.cp > 1:
-            get_strategy(self.strategy).check(seq_len=None, world=self.cp, layout=self.layout,
-                                              heads=heads // self.tp, kv_heads=max(1, kv_heads // self.tp),
-                                              ulysses=self.ulysses)
+            try:
+                get_strategy(self.strategy).check(seq_len=None, world=self.cp, layout=self.layout,
+                                                  heads=heads // self.tp, kv_heads=max(1, kv_heads // self.tp),
+                                                  ulysses=self.ulysses)
+            except ValueError as e:
+                if self.tp == 1:
+                    raise
+                raise ValueError(f"model.n_heads={heads} / parallel.tp={self.tp} = {heads // self.tp} heads per "
+                                 f"tensor-parallel rank: {e}") from None
 
     def build_mesh(self, device_type: str | None = None) -> ParallelMesh:
         """The world DeviceMesh and its flattened sub-meshes (collective: every rank calls it, same order)."""

@@ -11,7 +11,7 @@ from longctx.config import load
 from longctx.model import build_model, parallelize
 from longctx.parallel import ParallelDims
 
-from .backends import report
+from .backends import check_ran, report
 
 SMALL = ["model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=96", "model.n_layers=2"]
 
@@ -57,3 +57,26 @@ def model_equivalence(overrides, n: int = 32):
     ran = report()
     err_logits = (logits - ref_logits[:, batch["position_ids"]]).abs().max().item()
     return err_logits, grad_errors(model, single), plan.layout, repr(model), ran
+
+
+def ran_auto_everywhere(results) -> None:
+    """Every rank of every run (results[rank][run]) trained on the backend `auto` must pick, no fallback."""
+    for rank, per_rank in enumerate(results):
+        for r in per_rank:
+            check_ran(r["backends"], "auto", label=rank)
+
+
+def compare_runs(name: str, got: dict, ref: dict, steps: int = 5, tol: float = 1e-5) -> None:
+    """A parallel training run against the single-process one: every step's loss and gradient norm within
+    `tol` relative, every final parameter (gathered to full tensors, compared by name) within `tol`."""
+    assert got["finite"], name
+    assert len(got["losses"]) == len(ref["losses"]) == steps, (name, len(got["losses"]))
+    for step, (a, b) in enumerate(zip(got["losses"], ref["losses"])):
+        assert abs(a - b) <= tol * abs(b), (name, step, a, b)
+    for step, (a, b) in enumerate(zip(got["grad_norms"], ref["grad_norms"])):
+        assert abs(a - b) <= tol * abs(b), (name, "grad norm", step, a, b)
+    assert set(got["params"]) == set(ref["params"]), (name, sorted(set(got["params"]) ^ set(ref["params"])))
+    for k, v in ref["params"].items():
+        assert got["params"][k].shape == v.shape, (name, k)
+    worst = max((got["params"][k] - ref["params"][k]).abs().max().item() for k in ref["params"])
+    assert worst <= tol, (name, worst)

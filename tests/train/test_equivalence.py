@@ -11,7 +11,8 @@ global count and stays exact and finite.
 import pytest
 
 from longctx.launch import run
-from tests.support.backends import check_ran
+from tests.support.equivalence import compare_runs as _compare
+from tests.support.equivalence import ran_auto_everywhere as _ran_auto
 
 from ._workers import config, train_and_collect
 
@@ -34,25 +35,6 @@ LAYOUTS_2 = [
 ]
 DILATED = ["model.n_layers=4", "model.n_kv_heads=4", "model.dilated.layers=[1,3]", "model.dilated.w0=8",
            "data.task=induction"]
-
-
-def _ran_auto(results):
-    """Every rank of every run trained on the backend `auto` must pick here, with no fallback."""
-    for rank, per_rank in enumerate(results):
-        for r in per_rank:
-            check_ran(r["backends"], "auto", label=rank)
-
-
-def _compare(name, got, ref):
-    assert got["finite"], name
-    for step, (a, b) in enumerate(zip(got["losses"], ref["losses"])):
-        assert abs(a - b) <= 1e-5 * abs(b), (name, step, a, b)
-    for step, (a, b) in enumerate(zip(got["grad_norms"], ref["grad_norms"])):
-        assert abs(a - b) <= 1e-5 * abs(b), (name, "grad norm", step, a, b)
-    assert len(got["losses"]) == len(ref["losses"]) == 5
-    worst = max((got["params"][k] - ref["params"][k]).abs().max().item() for k in ref["params"])
-    assert worst <= 1e-5, (name, worst)
-    assert set(got["params"]) == set(ref["params"])
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,78 @@
+"""Tensor, pipeline and DeepSpeed data parallelism composed with context parallelism: each layout trains
+like one process (fp32, 5 AdamW steps with clipping active and warmup; every step's loss and gradient norm
+within 1e-5 relative, every final parameter within 1e-5, gathered to full tensors and compared by name).
+A 4-layer model, so an interleaved pipeline has two stages per rank; one launch per world size."""
+
+import pytest
+
+from longctx.launch import run
+from tests.support.equivalence import compare_runs, ran_auto_everywhere
+
+from ._workers import config, train_and_collect
+
+BASE = ["model.n_layers=4"]
+W2 = [
+    ("tp=2", ["parallel.tp=2", "parallel.dp_shard=1"]),
+    ("pp=2 gpipe", ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=gpipe"]),
+    ("pp=2 interleaved 1f1b, 2 stages per rank", ["parallel.pp=2", "parallel.dp_shard=1",
+                                                  "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual=2"]),
+    ("pp=2 interleaved zero bubble", ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=interleaved_zb"]),
+    ("pp=2 zbv (V, zero bubble)", ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=zbv"]),
+    ("pp=2 dualpipev, 4 microbatches", ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=dualpipev",
+                                        "parallel.microbatches=4"]),
+    ("pp=2 looped bfs, uneven split", ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=looped_bfs",
+                                       "parallel.pp_split=[1,2,3]"]),
+]
+W4 = [
+    ("tp=2 x cp=2", ["parallel.tp=2", "parallel.cp=2", "parallel.dp_shard=1"]),
+    ("tp=2 x cp=2 ulysses", ["parallel.tp=2", "parallel.cp=2", "parallel.dp_shard=1", "parallel.strategy=ulysses"]),
+    ("pp=2 1f1b x cp=2, 4 microbatches", ["parallel.pp=2", "parallel.cp=2", "parallel.dp_shard=1",
+                                          "parallel.pp_schedule=1f1b", "parallel.microbatches=4"]),
+    ("tp=2 x pp=2", ["parallel.tp=2", "parallel.pp=2", "parallel.dp_shard=1"]),
+    ("pp=2 x dp_shard=2 (FSDP2 per stage)", ["parallel.pp=2", "parallel.dp_shard=2", "parallel.microbatches=2"]),
+]
+DEEPSPEED = [
+    ("DeepSpeed ZeRO-1 x dp=2", ["parallel.engine=deepspeed", "parallel.zero_stage=1", "parallel.dp_shard=2"]),
+    ("DeepSpeed ZeRO-2 x cp=2", ["parallel.engine=deepspeed", "parallel.zero_stage=2", "parallel.cp=2",
+                                 "parallel.dp_shard=1"]),
+    ("DeepSpeed ZeRO-3 x cp=2", ["parallel.engine=deepspeed", "parallel.zero_stage=3", "parallel.cp=2",
+                                 "parallel.dp_shard=1"]),
+]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return run(train_and_collect, 1, args=([config(*BASE)],), timeout=120)[0][0]
+
+
+def _check(layouts, world, reference, timeout=600):
+    res = run(train_and_collect, world, args=([config(*BASE, *o) for _, o in layouts],), timeout=timeout)
+    ran_auto_everywhere(res)
+    for (name, _), got in zip(layouts, res[0], strict=True):
+        compare_runs(name, got, reference)
+    return res
+
+
+def test_two_rank_tensor_and_pipeline_layouts(reference):
+    res = _check(W2, 2, reference)
+    assert [r["engine"] for r in res[0]] == ["none"] * len(W2)
+
+
+def test_four_rank_compositions_with_context_parallelism(reference):
+    res = _check(W4, 4, reference)
+    assert [r["engine"] for r in res[0]] == ["fsdp", "fsdp", "fsdp", "none", "fsdp"]
+
+
+@pytest.mark.slow
+def test_eight_ranks_dp_shard_x_tp_x_cp(reference):
+    res = _check([("dp_shard=2 x tp=2 x cp=2", ["parallel.dp_shard=2", "parallel.tp=2", "parallel.cp=2"])], 8,
+                 reference)
+    assert res[0][0]["engine"] == "fsdp"
+
+
+@pytest.mark.slow
+def test_deepspeed_zero_stages(reference):
+    pytest.importorskip("deepspeed", reason="pip install 'longctx[deepspeed]' (make test installs it)")
+    res = _check(DEEPSPEED[:1], 2, reference)
+    res += _check(DEEPSPEED[1:], 2, reference)
+    assert all(r["engine"] == "deepspeed" for per_rank in res for r in per_rank)
