@@ -3,8 +3,9 @@
 Each layout is a comma-separated list of `parallel.*` keys without the prefix, e.g. `cp=4,strategy=zigzag` or
 `dp_shard=2,cp=2`; keys a layout leaves out keep the config's values. Every layout runs in its own launch of
 the simulated cluster (peak RSS is a per-process high-water mark), first counting the bytes of activations
-saved for backward in one micro-batch on every rank, then training --steps steps. Reported: tokens/s and
-achieved FLOP/s (median over the steps after the first; MFU on a GPU), saved-activation bytes and peak memory
+saved for backward in one micro-batch on every rank and the bytes each mesh axis (tp, cp, dp, pp) moved in
+one micro-batch's forward and backward, then training --steps steps. Reported: tokens/s and achieved FLOP/s
+(median over the steps after the first; MFU on a GPU), saved-activation bytes, bytes per axis and peak memory
 (the largest over ranks), and the loss of each step, with its largest relative difference from the first
 layout's (the same config computes the same steps in every layout).
 """
@@ -17,7 +18,9 @@ import tempfile
 from . import report
 
 COLUMNS = ["layout", "engine", "world_size", "tokens_per_s", "flops_per_s", "mfu", "saved_act_bytes_per_rank",
-           "peak_mem_bytes", "loss_first", "loss_final", "max_rel_loss_diff"]
+           "tp_bytes", "cp_bytes", "dp_bytes", "pp_bytes", "peak_mem_bytes", "loss_first", "loss_final",
+           "max_rel_loss_diff"]
+AXES = ("tp", "cp", "dp", "pp")
 
 
 def add_arguments(p) -> None:
@@ -69,8 +72,9 @@ def _rank_main(config: dict) -> dict:
 
     trainer = Trainer(from_dict(config))
     saved = trainer.saved_activation_bytes()
+    axes = None if trainer.engine is not None else trainer.axis_bytes()  # DeepSpeed reduces on its own
     summary = trainer.fit()
-    return {"saved": saved, "summary": summary, "history": trainer.history}
+    return {"saved": saved, "axes": axes, "summary": summary, "history": trainer.history}
 
 
 def run(args) -> list[dict]:
@@ -93,6 +97,7 @@ def run(args) -> list[dict]:
                 "mfu": timed[-1]["mfu"] if timed[-1]["mfu"] is not None else "n/a (cpu)",
                 "saved_act_bytes_per_rank": max(r["saved"] for r in res),
                 "saved_act_bytes_by_rank": [r["saved"] for r in res],
+                **{f"{a}_bytes": (max(r["axes"][a] for r in res) if res[0]["axes"] else "n/a") for a in AXES},
                 "peak_mem_bytes": max(r["peak_mem_bytes"] for r in hist),
                 "losses": [r["loss"] for r in hist], "loss_first": hist[0]["loss"], "loss_final": hist[-1]["loss"],
             })
@@ -101,12 +106,16 @@ def run(args) -> list[dict]:
         r["max_rel_loss_diff"] = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(r["losses"], base))
     print(report.table(records, COLUMNS))
     print("(tokens/s and FLOP/s: whole job, median over steps after the first; saved_act_bytes_per_rank: tensors "
-          "saved for backward in one micro-batch, largest rank; peak_mem: peak RSS on CPU / allocated on GPU)")
+          "saved for backward in one micro-batch, largest rank; {tp,cp,dp,pp}_bytes: sent by the busiest rank on "
+          "each axis in one micro-batch's forward + backward, counted at every collective; peak_mem: peak RSS on "
+          "CPU / allocated on GPU)")
     report.write_json(args.json, records, meta={**report.environment(), "config": args.config,
                                                 "overrides": args.overrides, "steps": args.steps})
     report.plot_bars(args.plot, [r["layout"] for r in records], {
         "tokens/s": [r["tokens_per_s"] for r in records],
         "saved activations per rank (MiB)": [r["saved_act_bytes_per_rank"] / 2**20 for r in records],
+        "bytes sent per rank, all axes (MiB)": [sum(r[f"{a}_bytes"] for a in AXES if r[f"{a}_bytes"] != "n/a") / 2**20
+                                                for r in records],
         "final loss": [r["loss_final"] for r in records],
     }, title=f"longctx bench train: {args.config} on {args.world_size} ranks")
     return records

@@ -48,3 +48,17 @@ def saved_bytes(config: dict) -> int:
     from longctx.train import Trainer
 
     return Trainer(from_dict(config)).saved_activation_bytes()
+
+
+def axis_bytes(configs: list[dict]) -> list[dict]:
+    """Counted bytes per mesh axis of one micro-batch (Trainer.axis_bytes) next to the closed-form model."""
+    from longctx.config import from_dict
+    from longctx.train import Trainer
+    from longctx.train.axis_bytes import step_axis_bytes
+
+    out = []
+    for c in configs:
+        trainer = Trainer(from_dict(c))
+        out.append({"counted": trainer.axis_bytes(), "model": step_axis_bytes(trainer.cfg, trainer.dims,
+                                                                              trainer.plan.engine)})
+    return out
