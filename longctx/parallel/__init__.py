@@ -4,6 +4,10 @@
   comm            the counted comm layer (the only mover of attention data)
   sequence/       sequence-parallel attention: layouts, block planner, schedules, registry, tree, dilated
   data_parallel   FSDP2 / DDP / HSDP over the mesh
+  tensor          tensor parallelism (DTensor plans, sequence-parallel norms) and the vocab-parallel loss
+  pipeline        pipeline stages and schedules (torch.distributed.pipelining)
+  deepspeed_engine  DeepSpeed ZeRO 1-3 over the data x context group
+  collectives     bytes of every torch collective, per process group (a TorchDispatchMode)
 """
 
 from .comm import Comm, CommStats

@@ -14,6 +14,7 @@ The process group must exist already (longctx.launch sets it up); the trainer ne
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 import warnings
@@ -63,6 +64,8 @@ class Trainer:
                 warnings.filterwarnings("ignore", "DTensor random operators may not have complete support")
                 model.init_weights()
         self.model = self.plan.model  # under pp > 1: a ModuleList of this rank's stages
+        if self.dims.tp > 1:  # torch logs a GPU tuning hint on every 2-D norm reduction (FSDP x TP clipping)
+            logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
         torch.manual_seed(t.seed + 1 + self.rank)  # per-rank streams from here on (sampling, dropout)
         self.optimizer = build_optimizer(self.model, t, self.device_type)
         self.scheduler = build_scheduler(self.optimizer, t)
