@@ -91,6 +91,14 @@ class TrainConfig:
     loss_chunk: int = 1024  # tokens per chunk of output layer + cross-entropy; 0: all logits at once
     mlp_chunks: int = 1  # >1: the MLP runs over this many sequence chunks, each recomputed in backward
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    resume: str = "none"  # auto (the newest complete checkpoint in checkpoint.dir, if any) | none | a path
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # save every this many optimizer steps, and at the end of the run; 0 = off
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted after a new one is complete
+    dir: str | None = None  # default: run_dir/checkpoints
 
 
 @dataclass
@@ -116,6 +124,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run_dir: str | None = None  # None: runs/<config name>-<time>
 
 

@@ -91,6 +91,21 @@ def _tiny(*overrides):
     (["parallel.engine=deepspeed", "parallel.tp=2", "parallel.cp=2"], 4,
      r"parallel.engine=deepspeed with parallel.tp=2 is not supported.*parallel.engine=torch"),
     (["parallel.engine=deepspeed", "parallel.zero_stage=4"], 4, r"parallel.zero_stage=4: choose 1, 2 or 3"),
+    (["parallel.zero_stage=3"], 4, r"parallel.zero_stage / parallel.deepspeed_config only apply to "
+                                   r"parallel.engine=deepspeed"),
+    (["parallel.pp_split=[1]"], 4, r"parallel.pp_split only apply to a pipeline \(parallel.pp > 1\)"),
+    (["parallel.pp=2", "parallel.cp=2", "parallel.pp_virtual=-1"], 4, r"parallel.pp_virtual=-1 must be >= 0"),
+    (["parallel.pp=2", "parallel.cp=2", "model.n_layers=4", "parallel.pp_schedule=interleaved_1f1b",
+      "parallel.microbatches=5", "train.batch_size=5"], 4, r"microbatches to be a multiple of max\(1, "
+                                                           r"microbatches // pp\)"),
+    (["parallel.tp=2", "parallel.cp=2", "train.mlp_chunks=2"], 4, r"train.mlp_chunks=2 with parallel.tp=2 is not "
+                                                                  r"supported"),
+    (["parallel.tp=2", "parallel.cp=2", "parallel.strategy=ring", "model.dilated.layers=[1]",
+      "model.dilated.w0=64"], 4, r"model.dilated.layers with parallel.tp=2 is not supported"),
+    (["parallel.tp=2", "parallel.cp=2", "parallel.meta_init=true"], 4, r"parallel.meta_init=true with "
+                                                                       r"parallel.tp/pp > 1 is not supported"),
+    (["parallel.pp=2", "parallel.cp=2", "parallel.meta_init=true"], 4, r"parallel.meta_init=true with "
+                                                                       r"parallel.tp/pp > 1 is not supported"),
     (["model.dilated.layers=[1]", "model.dilated.w0=64"], 4, r"model.dilated.layers need the contiguous token layout"),
     (["parallel.meta_init=true"], 4, r"parallel.meta_init=true initialises FSDP2 shards, but this layout runs "
                                      r"engine=ddp"),
@@ -130,3 +145,21 @@ def test_no_code_runs_from_a_config(tmp_path):
     evil.write_text("run_dir: ${eval:'__import__(\"os\").getcwd()'}\n")
     with pytest.raises(ConfigError, match="does not resolve"):
         load(path=str(evil))
+
+
+def test_deepspeed_config_file_cannot_override_what_longctx_derives(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"gradient_accumulation_steps": 4, "scheduler": {"type": "WarmupLR"}, "zero_optimization": {}}')
+    with pytest.raises(ConfigError, match=r"sets gradient_accumulation_steps, scheduler, which longctx derives from "
+                                          r"train.accumulation; train.warmup_steps"):
+        validate_job(_tiny("parallel.engine=deepspeed", f"parallel.deepspeed_config={bad}"), 4)
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match=r"is not valid JSON"):
+        validate_job(_tiny("parallel.engine=deepspeed", f"parallel.deepspeed_config={bad}"), 4)
+    good = tmp_path / "ok.json"
+    good.write_text('{"zero_optimization": {"overlap_comm": false}}')
+    from longctx.parallel.deepspeed_engine import ds_config
+
+    cfg = _tiny("parallel.engine=deepspeed", "parallel.zero_stage=2", f"parallel.deepspeed_config={good}")
+    conf = ds_config(cfg, validate_job(cfg, 4))
+    assert conf["zero_optimization"] == {"stage": 2, "overlap_comm": False} and conf["gradient_clipping"] == 1.0

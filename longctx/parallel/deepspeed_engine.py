@@ -34,14 +34,39 @@ def check_deepspeed(dims, p) -> None:
     if p.meta_init:
         raise ValueError("parallel.meta_init=true is an FSDP2 feature; with parallel.engine=deepspeed use ZeRO-3 "
                          "(parallel.zero_stage=3) and meta_init=false")
-    if p.deepspeed_config is not None and not os.path.isfile(p.deepspeed_config):
-        raise ValueError(f"parallel.deepspeed_config={p.deepspeed_config!r} is not a file; give a JSON file of "
-                         "DeepSpeed config keys, or leave it unset")
+    if p.deepspeed_config is not None:
+        _read_overrides(p.deepspeed_config)
     if importlib.util.find_spec("deepspeed") is None:
         raise ValueError("parallel.engine=deepspeed needs DeepSpeed: pip install 'longctx[deepspeed]'")
 
 
-def ds_config(cfg, dims) -> dict:
+# Keys longctx derives from its own config: overriding them would desynchronise DeepSpeed's step boundaries,
+# loss scaling, clipping, optimizer or LR schedule from the trainer's.
+OWNED = {"train_micro_batch_size_per_gpu": "train.batch_size", "gradient_accumulation_steps": "train.accumulation",
+         "train_batch_size": "train.batch_size", "gradient_clipping": "train.grad_clip",
+         "optimizer": "train.lr / weight_decay / beta1 / beta2", "scheduler": "train.warmup_steps / min_lr_ratio",
+         "bf16": "train.precision", "fp16": "train.precision"}
+
+
+def _read_overrides(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ValueError(f"parallel.deepspeed_config={path!r} is not a file; give a JSON file of DeepSpeed config "
+                         "keys, or leave it unset")
+    try:
+        with open(path) as f:
+            extra = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"parallel.deepspeed_config={path!r} is not valid JSON: {e}") from None
+    if not isinstance(extra, dict):
+        raise ValueError(f"parallel.deepspeed_config={path!r} must hold a JSON object of DeepSpeed keys")
+    owned = sorted(k for k in extra if k in OWNED)
+    if owned:
+        raise ValueError(f"parallel.deepspeed_config={path!r} sets {', '.join(owned)}, which longctx derives from "
+                         f"{'; '.join(OWNED[k] for k in owned)}: set those keys instead")
+    return extra
+
+
+def ds_config(cfg, dims, precision: str = "fp32") -> dict:
     """DeepSpeed's config for our job: batch bookkeeping over its data-parallel group (dp x cp ranks),
     ZeRO stage, clipping, precision; then the JSON file's keys on top (nested dicts merged)."""
     t, p = cfg.train, cfg.parallel
@@ -52,14 +77,13 @@ def ds_config(cfg, dims) -> dict:
         "train_batch_size": micro * t.accumulation * dims.dp_cp,  # DeepSpeed counts its group, cp ranks included
         "gradient_clipping": float(t.grad_clip),
         "zero_optimization": {"stage": int(p.zero_stage)},
-        "bf16": {"enabled": t.precision == "bf16"},
+        "bf16": {"enabled": precision == "bf16"},  # the resolved precision (train.precision=auto: by device)
         "zero_allow_untested_optimizer": True,  # torch's AdamW, built by longctx.train.optim
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
     if p.deepspeed_config:
-        with open(p.deepspeed_config) as f:
-            _merge(conf, json.load(f))
+        _merge(conf, _read_overrides(p.deepspeed_config))
     return conf
 
 
@@ -97,11 +121,12 @@ class _MPU:
         return 0
 
 
-def initialize(model, optimizer, cfg, plan):
+def initialize(model, optimizer, cfg, plan, precision: str):
     """deepspeed.initialize over the plan's dp x cp group; returns the engine."""
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg, plan.dims),
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=ds_config(cfg, plan.dims, precision),
                                            mpu=_MPU(plan.mesh), dist_init_required=False)
     return engine
 

@@ -73,6 +73,10 @@ def check_pipeline(*, pp: int, schedule: str, virtual: int, microbatches: int, n
         raise ValueError(f"parallel.pp_schedule={schedule} needs at least as many microbatches as pipeline ranks: "
                          f"parallel.microbatches={mb} < parallel.pp={pp}; raise parallel.microbatches to {pp} (and "
                          f"train.batch_size with it) or use pp_schedule=gpipe")
+    if schedule in ("interleaved_1f1b", "interleaved_zb") and mb % max(1, mb // pp):
+        raise ValueError(f"parallel.pp_schedule={schedule} needs parallel.microbatches to be a multiple of "
+                         f"max(1, microbatches // pp) (torch's interleaving rounds); {mb} is not: use a multiple "
+                         f"of parallel.pp={pp}")
     if schedule == "dualpipev" and mb < n_stages:
         raise ValueError(f"parallel.pp_schedule=dualpipev needs at least as many microbatches as stages ({n_stages}), "
                          f"got parallel.microbatches={mb}; raise it (and train.batch_size with it)")

@@ -16,7 +16,7 @@ Attention then sees this rank's n_heads/tp query and n_kv_heads/tp K/V heads for
 rank's whole shard, and the sequence-parallel schedule runs over the cp ranks on those heads. The loss
 never materialises full logits: `vocab_parallel_cross_entropy` computes each chunk's logits for this
 rank's vocabulary rows only and combines the log-sum-exp over tp ranks with two small all-reduces (counted
-by the Comm of the tp group, phase "tp").
+by the Comm of the tp group, phase "tp"); the hidden-state gradient is reduce-scattered back to the shards.
 """
 
 from __future__ import annotations
@@ -87,14 +87,15 @@ def _acc(dtype):
 
 class _VocabParallelCE(torch.autograd.Function):
     """Summed cross-entropy over real labels with the output rows split over tp ranks, one token chunk at a
-    time: per chunk an all-reduce MAX of the row maxima and one all-reduce SUM of (sum of exp, target logit);
-    the gradient w.r.t. the hidden states (partial per rank) is summed with one all-reduce at the end."""
+    time: per chunk an all-reduce MAX of the row maxima and one all-reduce SUM of (sum of exp, target logit).
+    The gradient w.r.t. the hidden states is this rank's partial sum; the caller marks it Partial, so DTensor
+    reduce-scatters it back to the sequence shards (half the bytes of an all-reduce)."""
 
     @staticmethod
-    def forward(ctx, hidden, w_local, labels, vocab_start: int, comm: Comm, chunk: int, ignore_index: int):
+    def forward(ctx, hidden, w_local, labels, vocab_start: int, comm: Comm, chunk: int, ignore_index: int,
+                want: bool):
         acc = _acc(hidden.dtype)
         n, rows = hidden.shape[0], w_local.shape[0]
-        want = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if want else None
         grad_w = torch.zeros(w_local.shape, dtype=acc, device=w_local.device) if want else None
@@ -104,22 +105,21 @@ class _VocabParallelCE(torch.autograd.Function):
             valid = y != ignore_index
             local_t = y - vocab_start
             own = valid & (local_t >= 0) & (local_t < rows)
-            idx = torch.where(own, local_t, torch.zeros_like(local_t))
+            idx = torch.where(own, local_t, torch.zeros_like(local_t))[:, None]
             logits = (h @ w_local.t()).to(acc)  # (chunk, vocab / tp): the only vocab-sized tensor
             m = comm.all_reduce(logits.amax(dim=-1), phase=PHASE, op="max")
             e = torch.exp(logits - m[:, None])
-            picked = torch.where(own, logits.gather(1, idx[:, None])[:, 0], torch.zeros_like(m))
+            picked = torch.where(own, logits.gather(1, idx)[:, 0], torch.zeros_like(m))
             sums = comm.all_reduce(torch.stack([e.sum(-1), picked]), phase=PHASE)
             lse = m + sums[0].log()
             total += torch.where(valid, lse - sums[1], torch.zeros_like(lse)).sum()
             if want:
                 probs = e.div_(sums[0][:, None])  # softmax over the whole vocabulary, this rank's columns
-                probs[own.nonzero()[:, 0], idx[own]] -= 1.0
-                probs.mul_(valid[:, None].to(probs.dtype))
+                probs.scatter_add_(1, idx, -own.to(acc)[:, None])  # minus one-hot where this rank owns the target
+                probs.mul_(valid[:, None].to(acc))
                 grad_h[s0:s0 + step] = probs @ w_local.to(acc)
                 grad_w += probs.t() @ h.to(acc)
         if want:
-            comm.all_reduce(grad_h, phase=PHASE)  # every rank's vocabulary columns contribute to dL/dh
             ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, w_local.dtype)
         return total
@@ -128,7 +128,7 @@ class _VocabParallelCE(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_h, grad_w = ctx.saved_tensors
         return ((grad_h * grad_total).to(ctx.dtypes[0]), (grad_w * grad_total).to(ctx.dtypes[1]),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def vocab_parallel_cross_entropy(hidden, weight, labels, *, ignore_index: int, chunk: int = 1024) -> torch.Tensor:
@@ -136,7 +136,7 @@ def vocab_parallel_cross_entropy(hidden, weight, labels, *, ignore_index: int, c
     projection as a DTensor sharded by rows (vocabulary) over a 1-D tp mesh and `hidden` (B, S, D) either a
     DTensor on that mesh or this rank's sequence shard (what the sequence-parallel final norm returns);
     labels (B, S_full) of the whole (context-parallel) shard. Every tp rank returns the same value."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
     mesh = weight.device_mesh
     if mesh.ndim != 1 or mesh.mesh_dim_names != ("tp",) or weight.placements != (Shard(0),):
@@ -147,6 +147,8 @@ def vocab_parallel_cross_entropy(hidden, weight, labels, *, ignore_index: int, c
     rows = weight.to_local().shape[0]
     if not isinstance(hidden, DTensor):
         hidden = DTensor.from_local(hidden, mesh, [Shard(1)], run_check=False)
-    h = hidden.redistribute(mesh, [Replicate()]).to_local()  # one all-gather of the hidden states, not logits
+    # one all-gather of the hidden states (not of logits); the gradient comes back as a partial sum
+    h = hidden.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+    want = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     return _VocabParallelCE.apply(h.flatten(0, 1), weight.to_local(), labels.flatten(), comm.rank * rows, comm,
-                                  chunk, ignore_index)
+                                  chunk, ignore_index, want)

@@ -11,7 +11,8 @@ partial sum reduce-scattered:
                reduce-scatter after w2 is not repeated: + 3 X
   embedding    fwd reduce-scatter X, bwd all-gather X (the vocab-sharded weight needs every token's grad)
   loss         the final hidden states gathered once (X); per loss chunk of r tokens an all-reduce MAX of r
-               floats and an all-reduce SUM of 2r; the hidden-state gradient all-reduced once (B c D floats)
+               floats and an all-reduce SUM of 2r; the hidden-state gradient (a partial sum per rank)
+               reduce-scattered back to the sequence shards once (X in fp32)
   norms        under FSDP2 the 2 L + 1 RMSNorm weight gradients (Partial sums over tp) are all-reduced in the
                backward, before FSDP's reduce-scatter (without FSDP they stay Partial until the optimizer)
 Context parallel: the strategy's attention bytes (comm_model) per layer with this rank's n_heads/tp query
@@ -40,7 +41,7 @@ def tp_bytes(*, tp: int, batch: int, tokens: int, dim: int, n_layers: int, vocab
     for start in range(0, rows, step):
         r = min(step, rows - start)
         total += _allreduce(r * acc_bytes, tp) + _allreduce(2 * r * acc_bytes, tp)
-    total += _allreduce(rows * dim * acc_bytes, tp)
+    total += (tp - 1) * rows * dim * acc_bytes // tp  # the partial hidden-state gradient, reduce-scattered
     return total + ((2 * n_layers + 1) * _allreduce(dim * acc_bytes, tp) if fsdp else 0)
 
 

@@ -78,6 +78,14 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
         raise ConfigError(str(e)) from None
     if cfg.model.dilated.layers:
         _check_dilated(cfg, dims)
+    c = cfg.checkpoint
+    _positive("checkpoint", c, "interval", "keep_last", allow_zero=True)
+    if t.resume not in ("auto", "none") and not os.path.exists(t.resume):
+        raise ConfigError(f"train.resume={t.resume!r} does not exist; give a checkpoint directory (step_...), a "
+                          "checkpoint root, train.resume=auto or none")
+    if engine == "deepspeed" and (c.interval or t.resume != "none"):
+        raise ConfigError("checkpoint.interval / train.resume with parallel.engine=deepspeed are not supported yet "
+                          "(DeepSpeed keeps its own partitioned state); use parallel.engine=torch, or turn them off")
     if cfg.run_dir is not None and os.path.exists(cfg.run_dir) and not os.path.isdir(cfg.run_dir):
         raise ConfigError(f"run_dir={cfg.run_dir!r} is an existing file, not a directory; choose another run_dir")
     if d.source != "synthetic":
@@ -103,13 +111,34 @@ def _check_model_axes(cfg, dims: ParallelDims, engine: str) -> None:
         raise ValueError(f"train.seq_len={t.seq_len} over parallel.cp={dims.cp} gives {t.seq_len // dims.cp} tokens "
                          f"per context rank, not divisible by parallel.tp={dims.tp} (sequence parallelism shards "
                          f"them over tp); use a seq_len that is a multiple of {dims.cp * dims.tp}")
+    if dims.tp > 1 and t.mlp_chunks > 1:
+        raise ValueError(f"train.mlp_chunks={t.mlp_chunks} with parallel.tp={dims.tp} is not supported (each chunk's "
+                         "w2 reduce-scatter would interleave the sequence shards); set train.mlp_chunks=1")
+    if dims.tp > 1 and m.dilated.layers:
+        raise ValueError(f"model.dilated.layers with parallel.tp={dims.tp} is not supported (LongNet's per-head row "
+                         "offsets are global head indices); set parallel.tp=1 or drop the dilated layers")
+    if p.meta_init and (dims.tp > 1 or dims.pp > 1):
+        raise ValueError("parallel.meta_init=true with parallel.tp/pp > 1 is not supported (on CPU meshes every "
+                         "tensor-parallel shard would draw the same values; pipeline stages are copies made before "
+                         "materialisation); set parallel.meta_init=false")
+    for key in ("pp_virtual", "microbatches"):
+        if p[key] < 0:
+            raise ValueError(f"parallel.{key}={p[key]} must be >= 0 (0 = the default)")
     if dims.pp > 1:
         check_pipeline(pp=dims.pp, schedule=p.pp_schedule, virtual=p.pp_virtual, microbatches=p.microbatches,
                        n_layers=m.n_layers, local_batch=t.batch_size // (dims.dp * t.accumulation), split=p.pp_split)
         if m.dilated.layers:
             raise ValueError("model.dilated.layers with parallel.pp > 1 is not supported; use parallel.pp=1")
+    else:
+        given = [f"parallel.{k}" for k in ("pp_split", "microbatches", "pp_virtual") if p[k]]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply to a pipeline (parallel.pp > 1); remove them or set "
+                             f"parallel.pp")
     if engine == "deepspeed":
         check_deepspeed(dims, p)
+    elif p.deepspeed_config is not None or p.zero_stage != 1:
+        raise ValueError("parallel.zero_stage / parallel.deepspeed_config only apply to parallel.engine=deepspeed; "
+                         "set the engine or remove them")
 
 
 def _check_dilated(cfg, dims: ParallelDims) -> None:

@@ -6,7 +6,8 @@ Per optimizer step, on every rank:
   3. per micro-batch: forward to the summed loss of this rank's tokens, backward on
      loss_sum * (dp x cp) / global_count; the data-parallel engine averages over dp x cp, so the gradient
      is exactly that of the global mean (docs/algorithms.md §11), whatever the layout, whichever ranks
-     hold no real label; gradients are reduced once, on the last micro-batch;
+     hold no real label; gradients are reduced once, on the last micro-batch (under a pipeline torch's
+     stages reduce at the end of every schedule step: the same result, more traffic with accumulation);
   4. clip by the global norm, AdamW, LR schedule; metrics on rank 0.
 The process group must exist already (longctx.launch sets it up); the trainer never creates one.
 """
@@ -22,13 +23,14 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from ..config import to_yaml
+from ..config import ConfigError, to_yaml
 from ..data.labels import IGNORE_INDEX
 from ..data.synthetic import SyntheticSource, step_indices
 from ..model import build_model, parallelize
 from ..parallel import deepspeed_engine
 from ..parallel.dims import device_type_from_env
 from ..parallel.pipeline import build_pipeline, check_pipeline
+from . import checkpoint
 from .loss import loss_fn
 from .metrics import MetricsLogger, SavedTensorCounter, StepTimer, model_flops_per_step, peak_flops, peak_memory_bytes
 from .optim import build_optimizer, build_scheduler, clip_grad_norm
@@ -71,7 +73,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, t)
         self.engine = None
         if self.plan.engine == "deepspeed":  # it wraps the optimizer: reduction, ZeRO, clipping, the step
-            self.engine = deepspeed_engine.initialize(self.model, self.optimizer, cfg, self.plan)
+            self.engine = deepspeed_engine.initialize(self.model, self.optimizer, cfg, self.plan, self.precision)
         self.pipeline = None
         if self.plan.stages:
             _, mb = check_pipeline(pp=self.dims.pp, schedule=cfg.parallel.pp_schedule, virtual=cfg.parallel.pp_virtual,
@@ -90,14 +92,46 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.run_dir = self._agree_run_dir(config_path)
+        self.checkpoint_dir = cfg.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
+        self.last_checkpoint = None
+        self.resumed_from = self._resume_path(t.resume)
+        if self.resumed_from is not None:
+            self.step = checkpoint.load(self, self.resumed_from)
+            self._say(f"longctx: resumed from {self.resumed_from} at step {self.step}")
 
     # ------------------------------------------------------------------ set-up helpers
     def _agree_run_dir(self, config_path) -> str:
         """Rank 0 names the run directory (a timestamp may differ between ranks) and tells the others."""
-        box = [self.cfg.run_dir or default_run_dir(config_path)]
+        return self._agree([self.cfg.run_dir or default_run_dir(config_path)])[0]
+
+    def _agree(self, box: list) -> list:
+        """Rank 0's values, on every rank."""
         if self.world > 1:
             dist.broadcast_object_list(box, src=0)
-        return box[0]
+        return box
+
+    def _resume_path(self, resume: str) -> str | None:
+        """Rank 0 picks the checkpoint to resume from (or finds the problem) and every rank gets its answer, so
+        a bad path fails everywhere at once instead of leaving the others waiting."""
+        answer = None
+        if self.rank == 0:
+            try:
+                answer = ("ok", checkpoint.resolve_resume(resume, self.checkpoint_dir, log=self._say))
+            except (OSError, ValueError) as e:
+                answer = ("error", str(e))
+        kind, value = self._agree([answer])[0]
+        if kind == "error":
+            raise ConfigError(value)
+        return value
+
+    def _say(self, text: str) -> None:
+        if self.rank == 0:
+            print(text, flush=True)
+
+    def save_checkpoint(self) -> str:
+        """A complete checkpoint of the current step in checkpoint_dir (collective); returns its path."""
+        self.last_checkpoint = checkpoint.save(self, self.checkpoint_dir, self.cfg.checkpoint.keep_last)
+        return self.last_checkpoint
 
     def _autocast(self):
         if self.precision == "bf16":
@@ -130,9 +164,11 @@ class Trainer:
 
     def _loss(self, shard: dict) -> torch.Tensor:
         """The summed loss of one micro-batch shard on this rank."""
+        # DeepSpeed's forward must go through its engine: ZeRO-3 counts micro-steps there, and without that
+        # every accumulation micro-batch's gradient would replace the previous one instead of adding to it
+        model = self.engine if self.engine is not None else self.model
         with self._autocast():
-            return self.model(shard["input_ids"], shard["position_ids"], labels=shard["labels"],
-                              loss_fn=self.loss_fn)
+            return model(shard["input_ids"], shard["position_ids"], labels=shard["labels"], loss_fn=self.loss_fn)
 
     def _pipeline_loss(self, hidden, labels):
         """The pipeline schedule's loss_fn on the last stage, per pipeline microbatch: the summed loss scaled
@@ -228,6 +264,9 @@ class Trainer:
         from ..parallel.collectives import CollectiveCounter
         from ..parallel.comm import Comm
 
+        if self.engine is not None:
+            raise ValueError("axis_bytes is not available with parallel.engine=deepspeed (DeepSpeed owns the "
+                             "gradient reduction); use parallel.engine=torch to count bytes per axis")
         mesh = self.plan.mesh
         cp_meshes = [mesh.cp_hybrid[d] for d in ("ring", "ulysses")] if mesh.cp_hybrid is not None else [mesh.cp]
         cp_comms = [Comm.get(m) for m in cp_meshes if m.size() > 1]
@@ -281,9 +320,14 @@ class Trainer:
         logger = MetricsLogger(self.run_dir, enabled=main, total_steps=steps, quiet=lcfg.quiet,
                                tensorboard=lcfg.tensorboard)
         start = time.perf_counter()
+        interval = self.cfg.checkpoint.interval
         try:
             for _ in range(steps):
                 logger.log(self.train_step())
+                if interval and self.step % interval == 0:
+                    self.save_checkpoint()
+            if interval and steps and self.step % interval:  # the end of the run is always kept
+                self.save_checkpoint()
         finally:
             logger.close()
         return self.summary(time.perf_counter() - start)
@@ -298,6 +342,7 @@ class Trainer:
             "flops_per_s": sum(r["flops_per_s"] for r in timed) / len(timed) if h else None,
             "mfu": timed[-1]["mfu"] if h else None, "peak_mem_bytes": max((r["peak_mem_bytes"] for r in h), default=0),
             "run_dir": self.run_dir, "world_size": self.world, "engine": self.plan.engine,
+            "checkpoint": self.last_checkpoint, "resumed_from": self.resumed_from,
             "layout": self.dims.layout if self.dims.cp > 1 else None,
         }
 

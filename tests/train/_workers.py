@@ -21,7 +21,7 @@ def config(*overrides, run_dir="/tmp/longctx-test-run") -> dict:
     return OmegaConf.to_container(load(overrides=[*BASE, f"run_dir={run_dir}", *overrides]))
 
 
-def train_and_collect(configs: list[dict]) -> list[dict]:
+def train_and_collect(configs: list[dict], stop_after: int | None = None) -> list[dict]:
     """Train each config in this process group; rank 0 returns losses, grad norms and the full final
     parameters, the other ranks what they held (saved bytes, label counts)."""
     from longctx.config import from_dict
@@ -34,12 +34,14 @@ def train_and_collect(configs: list[dict]) -> list[dict]:
         local_labels = sum(s["real_labels"] for s in shards)
         assert local_labels == sum(int((s["labels"] != -100).sum()) for s in shards)
         kernels.reset_calls()
-        trainer.fit()
+        trainer.fit(stop_after)  # None: to train.steps; k: k steps and stop (as if the job were killed)
         params = trainer.full_state_dict()
         finite = all(bool(torch.isfinite(p).all()) for p in params.values())
         out.append({"losses": [r["loss"] for r in trainer.history], "grad_norms": [r["grad_norm"] for r in
                     trainer.history], "params": params if dist.get_rank() == 0 else None, "finite": finite,
-                    "engine": trainer.plan.engine, "local_labels": local_labels, "backends": report()})
+                    "engine": trainer.plan.engine, "local_labels": local_labels, "backends": report(),
+                    "steps": [r["step"] for r in trainer.history], "resumed_from": trainer.resumed_from,
+                    "checkpoint": trainer.last_checkpoint})
     return out
 
 

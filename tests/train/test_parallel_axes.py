@@ -20,8 +20,10 @@ W2 = [
     ("pp=2 zbv (V, zero bubble)", ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=zbv"]),
     ("pp=2 dualpipev, 4 microbatches", ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=dualpipev",
                                         "parallel.microbatches=4"]),
-    ("pp=2 looped bfs, uneven split", ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=looped_bfs",
-                                       "parallel.pp_split=[1,2,3]"]),
+    ("pp=2 looped bfs", ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=looped_bfs"]),
+    ("pp=2 1f1b, uneven split (1 + 3 layers), accumulation 2",
+     ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_split=[1]", "train.accumulation=2"]),
+    ("tp=2 x accumulation 2", ["parallel.tp=2", "parallel.dp_shard=1", "train.accumulation=2"]),
 ]
 W4 = [
     ("tp=2 x cp=2", ["parallel.tp=2", "parallel.cp=2", "parallel.dp_shard=1"]),
@@ -37,6 +39,8 @@ DEEPSPEED = [
                                  "parallel.dp_shard=1"]),
     ("DeepSpeed ZeRO-3 x cp=2", ["parallel.engine=deepspeed", "parallel.zero_stage=3", "parallel.cp=2",
                                  "parallel.dp_shard=1"]),
+    ("DeepSpeed ZeRO-3 x dp=2, accumulation 2", ["parallel.engine=deepspeed", "parallel.zero_stage=3",
+                                                 "parallel.dp_shard=2", "train.accumulation=2"]),
 ]
 
 
@@ -73,6 +77,6 @@ def test_eight_ranks_dp_shard_x_tp_x_cp(reference):
 @pytest.mark.slow
 def test_deepspeed_zero_stages(reference):
     pytest.importorskip("deepspeed", reason="pip install 'longctx[deepspeed]' (make test installs it)")
-    res = _check(DEEPSPEED[:1], 2, reference)
-    res += _check(DEEPSPEED[1:], 2, reference)
+    res = _check([DEEPSPEED[0], DEEPSPEED[3]], 2, reference)
+    res += _check(DEEPSPEED[1:3], 2, reference)
     assert all(r["engine"] == "deepspeed" for per_rank in res for r in per_rank)

@@ -1,0 +1,190 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP): sharded, reshardable, and never half-written.
+
+A checkpoint is a directory `step_00000012/` holding DCP's files (model and optimizer state, each rank
+writing its own shards), `trainer.pt` (LR schedule, step, the dims it was written with), `rng_rank{r}.pt`
+(every rank's generator) and `config.yaml` (the resolved config). It is written into `step_...tmp/`; once
+every rank has finished, rank 0 lists the files with their sizes into a `COMPLETE` marker and renames the
+directory into place, so a reader sees a complete checkpoint or none. Loading checks the marker's file list
+against the disk (a missing or truncated file means the checkpoint is skipped, with a message) and falls back
+to the previous complete one. DCP reshards: a checkpoint written at cp=4 loads at dp_shard=2 x cp=2 or on
+another world size. The data position is the step itself (the synthetic data are a function of the step).
+Everything is read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import torch
+import torch.distributed as dist
+
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step_{step:08d}")
+
+
+def problem(path: str) -> str | None:
+    """None if `path` is a complete checkpoint, else what is wrong with it."""
+    marker = os.path.join(path, MARKER)
+    if not os.path.isfile(marker):
+        return "no completion marker (the write was interrupted)"
+    try:
+        with open(marker) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"unreadable completion marker ({type(e).__name__})"
+    for name, size in files.items():
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            return f"missing file {name}"
+        if os.path.getsize(full) != size:
+            return f"file {name} has {os.path.getsize(full)} bytes, {size} were written"
+    return None
+
+
+def complete_checkpoints(root: str, log=print) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint under `root`, oldest first; incomplete ones are reported."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in sorted(os.listdir(root)):
+        m = _STEP_DIR.match(name)
+        if not m:
+            continue
+        path = os.path.join(root, name)
+        why = problem(path)
+        if why:
+            log(f"longctx: skipping checkpoint {path}: {why}")
+        else:
+            out.append((int(m.group(1)), path))
+    return out
+
+
+def resolve_resume(resume: str, root: str, log=print) -> str | None:
+    """The checkpoint directory to load for train.resume (auto | none | a path), or None."""
+    if resume in (None, "", "none"):
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(root, log)
+        return found[-1][1] if found else None
+    if not os.path.exists(resume):
+        raise FileNotFoundError(f"train.resume={resume!r} does not exist; give a checkpoint directory (step_...), "
+                                f"a checkpoint root, train.resume=auto or none")
+    if _STEP_DIR.match(os.path.basename(os.path.normpath(resume))):
+        why = problem(resume)
+        if why:
+            raise ValueError(f"train.resume={resume!r} is not a complete checkpoint: {why}; pass an older one or "
+                             f"its parent directory (the newest complete checkpoint there is taken)")
+        return resume
+    found = complete_checkpoints(resume, log)
+    if not found:
+        raise ValueError(f"train.resume={resume!r} holds no complete checkpoint (step_NNNNNNNN directories with a "
+                         f"{MARKER} marker); use train.resume=none to start fresh")
+    return found[-1][1]
+
+
+def _barrier():
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _state(trainer):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, optim = get_state_dict(trainer.model, trainer.optimizer)
+    return {"model": model, "optim": optim}
+
+
+def save(trainer, root: str, keep_last: int) -> str:
+    """Write a checkpoint of the trainer's current step (collective); returns its directory."""
+    import torch.distributed.checkpoint as dcp
+
+    from ..config import to_yaml
+
+    final = step_dir(root, trainer.step)
+    tmp = final + ".tmp"
+    if trainer.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save of this step
+        os.makedirs(tmp)
+    _barrier()
+    dcp.save(_state(trainer), checkpoint_id=tmp)
+    torch.save({"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if trainer.device_type == "cuda" else None},
+               os.path.join(tmp, f"rng_rank{trainer.rank}.pt"))
+    if trainer.rank == 0:
+        torch.save({"scheduler": trainer.scheduler.state_dict(), "step": trainer.step, "world_size": trainer.world,
+                    "dims": repr(trainer.dims)}, os.path.join(tmp, "trainer.pt"))
+        with open(os.path.join(tmp, "config.yaml"), "w") as f:
+            f.write(to_yaml(trainer.cfg))
+    _barrier()  # every rank's files are on disk before the marker says so
+    if trainer.rank == 0:
+        files = {n: os.path.getsize(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            json.dump({"step": trainer.step, "files": files}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for _, old in complete_checkpoints(root, log=lambda _: None)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load(trainer, path: str) -> int:
+    """Load a checkpoint into the trainer (collective, any layout); returns its step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = _state(trainer)
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except (CheckpointException, RuntimeError, ValueError, KeyError) as e:  # CheckpointException: a BaseException
+        # DCP gathers every rank's traceback; the planner's own line names the key and both shapes
+        lines = [ln for ln in str(e).splitlines() if "Error:" in ln] or str(e).splitlines()[:1]
+        raise ValueError(f"checkpoint {path} does not fit this model: {lines[0].strip()[:300]} (a different model "
+                         f"shape or pipeline layout?); resume with the config it was written with "
+                         f"({os.path.join(path, 'config.yaml')})") from None
+    set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+    meta = torch.load(os.path.join(path, "trainer.pt"), weights_only=True)
+    trainer.scheduler.load_state_dict(meta["scheduler"])
+    rng = os.path.join(path, f"rng_rank{trainer.rank}.pt")
+    if meta["world_size"] == trainer.world and os.path.exists(rng):  # another world: fresh per-rank streams
+        r = torch.load(rng, weights_only=True)
+        torch.set_rng_state(r["cpu"])
+        if r["cuda"] is not None and trainer.device_type == "cuda":
+            torch.cuda.set_rng_state(r["cuda"])
+    return int(meta["step"])
+
+
+def export(path: str, out: str) -> dict:
+    """A checkpoint's model weights as one plain state dict file (no process group needed) that loads into
+    the unparallelised model; pipeline stage prefixes are dropped. Returns the state dict."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    if os.path.isdir(path) and not _STEP_DIR.match(os.path.basename(os.path.normpath(path))):
+        found = complete_checkpoints(path)
+        if not found:
+            raise ValueError(f"{path} holds no complete checkpoint (step_NNNNNNNN directories with a {MARKER} marker)")
+        path = found[-1][1]
+    why = problem(path) if os.path.isdir(path) else f"{path} is not a directory"
+    if why:
+        raise ValueError(f"cannot export {path}: {why}")
+    with tempfile.TemporaryDirectory() as tmp:
+        full = os.path.join(tmp, "full.pt")
+        dcp_to_torch_save(path, full)
+        state = torch.load(full, weights_only=True)["model"]
+    state = {re.sub(r"^\d+\.", "", k): v for k, v in state.items()}  # "0.layers.3..." (a pipeline stage)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    torch.save(state, out)
+    return state

@@ -1,0 +1,104 @@
+"""Checkpoint and resume with DCP: a stopped and resumed run is the uninterrupted run bit for bit (same
+layout) or within 1e-5 (another layout or world size); a checkpoint whose write did not finish is never
+loaded; export gives a plain state dict the unparallelised model loads."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from longctx.config import ConfigError, from_dict, load
+from longctx.launch import run
+from longctx.launch.local import RankError
+from longctx.model import build_model
+from longctx.train import checkpoint, validate_job
+
+from ._workers import config, train_and_collect
+
+CP2 = ["parallel.cp=2", "parallel.dp_shard=1"]
+
+
+def _run(world, *configs, stop_after=None):
+    return run(train_and_collect, world, args=(list(configs), stop_after), timeout=300)
+
+
+def _same(a, b):
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stop_and_resume_is_bit_for_bit(tmp_path):
+    full = _run(2, config(*CP2, run_dir=str(tmp_path / "full")))[0][0]
+    run_dir = str(tmp_path / "stopped")
+    first = _run(2, config(*CP2, "checkpoint.interval=2", run_dir=run_dir), stop_after=3)[0][0]
+    # interval 2 saves step 2, and the end of the run (step 3) is always kept
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["step_00000002", "step_00000003"]
+    assert first["checkpoint"].endswith("step_00000003") and first["losses"] == full["losses"][:3]
+    resumed = _run(2, config(*CP2, "train.resume=auto", run_dir=run_dir))[0][0]
+    assert resumed["resumed_from"].endswith("step_00000003") and resumed["steps"] == [4, 5]
+    assert resumed["losses"] == full["losses"][3:]  # bit for bit
+    assert _same(resumed["params"], full["params"])
+    # the resumed run appended to the same metrics.jsonl with the true step numbers
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        assert [int(line.split('"step": ')[1].split(",")[0]) for line in f] == [1, 2, 3, 4, 5]
+
+
+def test_resume_on_another_layout_and_world_size(tmp_path):
+    run_dir = str(tmp_path / "cp4")
+    full = _run(4, config("parallel.cp=4", "parallel.dp_shard=1", run_dir=run_dir))[0][0]
+    _run(4, config("parallel.cp=4", "parallel.dp_shard=1", "checkpoint.interval=3", run_dir=str(tmp_path / "part")),
+         stop_after=3)
+    ckpt = str(tmp_path / "part" / "checkpoints" / "step_00000003")
+    for world, layout in ((4, ["parallel.dp_shard=2", "parallel.cp=2"]), (2, CP2)):
+        got = _run(world, config(*layout, f"train.resume={ckpt}", run_dir=str(tmp_path / f"w{world}")))[0][0]
+        assert got["steps"] == [4, 5]
+        for a, b in zip(got["losses"], full["losses"][3:]):
+            assert abs(a - b) <= 1e-5 * abs(b), (world, layout, a, b)
+        worst = max((got["params"][k] - full["params"][k]).abs().max().item() for k in full["params"])
+        assert worst <= 1e-5, (world, layout, worst)
+
+
+def test_interrupted_checkpoints_are_never_loaded(tmp_path):
+    run_dir = str(tmp_path / "run")
+    _run(2, config(*CP2, "checkpoint.interval=1", "checkpoint.keep_last=0", run_dir=run_dir), stop_after=3)
+    root = os.path.join(run_dir, "checkpoints")
+    assert sorted(os.listdir(root)) == [f"step_0000000{i}" for i in (1, 2, 3)]
+    # a truncated shard in the newest, a missing marker in the next, a half-written .tmp: all skipped
+    shard = next(f for f in os.listdir(os.path.join(root, "step_00000003")) if f.endswith(".distcp"))
+    with open(os.path.join(root, "step_00000003", shard), "r+b") as f:
+        f.truncate(10)
+    os.remove(os.path.join(root, "step_00000002", checkpoint.MARKER))
+    shutil.copytree(os.path.join(root, "step_00000001"), os.path.join(root, "step_00000004.tmp"))
+    said = []
+    assert [s for s, _ in checkpoint.complete_checkpoints(root, log=said.append)] == [1]
+    assert any("step_00000003" in m and "has 10 bytes" in m for m in said), said
+    assert any("step_00000002" in m and "no completion marker" in m for m in said), said
+    resumed = _run(2, config(*CP2, "train.resume=auto", run_dir=run_dir))[0][0]
+    assert resumed["resumed_from"].endswith("step_00000001") and resumed["steps"] == [2, 3, 4, 5]
+
+
+def test_bad_resume_and_shape_mismatch(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.resume='/nonexistent/ckpt' does not exist"):
+        validate_job(load(overrides=["train.resume=/nonexistent/ckpt"]), 1)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RankError, match=r"holds no complete checkpoint"):
+        _run(2, config(*CP2, f"train.resume={empty}", run_dir=str(tmp_path / "r")))
+    run_dir = str(tmp_path / "small")
+    _run(2, config(*CP2, "train.steps=1", "checkpoint.interval=1", run_dir=run_dir))
+    with pytest.raises(RankError, match=r"does not fit this model: ValueError: Size mismatch between saved "
+                                        r"torch.Size\(\[256, 32\]\) and current: torch.Size\(\[256, 64\]\) for "
+                                        r"model.tok_embeddings.weight"):
+        _run(2, config(*CP2, "model.dim=64", "train.resume=auto", run_dir=run_dir))
+
+
+def test_export_loads_into_the_plain_model(tmp_path):
+    run_dir = str(tmp_path / "run")
+    cfg = config(*CP2, "train.steps=2", "checkpoint.interval=2", run_dir=run_dir)
+    res = _run(2, cfg)[0][0]
+    state = checkpoint.export(os.path.join(run_dir, "checkpoints"), str(tmp_path / "model.pt"))
+    model = build_model(from_dict(cfg).model)
+    model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    assert _same(state, res["params"])
+    tokens = torch.randint(0, 64, (1, 16))
+    assert model(tokens).shape == (1, 16, from_dict(cfg).model.vocab_size)
