@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--world-size", type=_positive_int, default=None,
                       help="also validate the job for this many ranks")
     _add_config_args(show)
+    ckpt = sub.add_parser("checkpoint", help="convert checkpoints written by `longctx train` (checkpoint.interval)")
+    cksub = ckpt.add_subparsers(dest="checkpoint_command", required=True, parser_class=_Parser)
+    export = cksub.add_parser("export", help="a checkpoint's model weights as one plain state-dict file that "
+                                             "torch.load(weights_only=True) reads and the unparallelised model loads")
+    export.add_argument("dir", help="a checkpoint (step_NNNNNNNN) or a checkpoint root (its newest complete one)")
+    export.add_argument("out", help="output file, e.g. model.pt")
+    export.add_argument("--format", choices=["torch"], default="torch", help="output format (default: torch)")
     bench = sub.add_parser("bench", help="benchmarks: tables, JSON, plots")
     bsub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     for name, (module, helptext) in BENCHES.items():
@@ -132,6 +139,16 @@ def _load(args):
     from .config import load
 
     return load(path=args.config, overrides=args.overrides)
+
+
+def cmd_checkpoint_export(args) -> int:
+    from .train.checkpoint import export
+
+    with _checking():
+        state = export(args.dir, args.out)
+    n = sum(t.numel() for t in state.values())
+    print(f"exported {len(state)} tensors ({n:,} parameters) to {args.out}")
+    return 0
 
 
 def _print_summary(summary: dict) -> None:
@@ -213,6 +230,8 @@ def _dispatch(args) -> int:
         return cmd_launch_local(args)
     if args.command == "config":
         return cmd_config_show(args)
+    if args.command == "checkpoint":
+        return cmd_checkpoint_export(args)
     module = importlib.import_module(args._module)
     with _checking():  # in this process: a bad argument never reaches the ranks
         module.validate(args)

@@ -21,6 +21,8 @@ import shutil
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
+
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -149,7 +151,7 @@ def load(trainer, path: str) -> int:
     except (CheckpointException, RuntimeError, ValueError, KeyError) as e:  # CheckpointException: a BaseException
         # DCP gathers every rank's traceback; the planner's own line names the key and both shapes
         lines = [ln for ln in str(e).splitlines() if "Error:" in ln] or str(e).splitlines()[:1]
-        raise ValueError(f"checkpoint {path} does not fit this model: {lines[0].strip()[:300]} (a different model "
+        raise ConfigError(f"checkpoint {path} does not fit this model: {lines[0].strip()[:300]} (a different model "
                          f"shape or pipeline layout?); resume with the config it was written with "
                          f"({os.path.join(path, 'config.yaml')})") from None
     set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"],
@@ -172,6 +174,8 @@ def export(path: str, out: str) -> dict:
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+    if not os.path.exists(path):
+        raise ValueError(f"{path} does not exist; give a checkpoint directory (step_NNNNNNNN) or a checkpoint root")
     if os.path.isdir(path) and not _STEP_DIR.match(os.path.basename(os.path.normpath(path))):
         found = complete_checkpoints(path)
         if not found:

@@ -102,3 +102,19 @@ def test_export_loads_into_the_plain_model(tmp_path):
     assert _same(state, res["params"])
     tokens = torch.randint(0, 64, (1, 16))
     assert model(tokens).shape == (1, 16, from_dict(cfg).model.vocab_size)
+
+
+def test_cli_export_and_its_errors(tmp_path, capsys):
+    from longctx.cli import main
+
+    run_dir = str(tmp_path / "run")
+    _run(2, config(*CP2, "train.steps=1", "checkpoint.interval=1", run_dir=run_dir))
+    out = tmp_path / "model.pt"
+    assert main(["checkpoint", "export", os.path.join(run_dir, "checkpoints"), str(out)]) == 0
+    assert "exported 21 tensors" in capsys.readouterr().out and out.exists()
+    assert main(["checkpoint", "export", str(tmp_path / "nope"), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("longctx: error:") and "does not exist" in err
+    os.remove(os.path.join(run_dir, "checkpoints", "step_00000001", checkpoint.MARKER))
+    assert main(["checkpoint", "export", os.path.join(run_dir, "checkpoints", "step_00000001"), str(out)]) == 2
+    assert "no completion marker" in capsys.readouterr().err
