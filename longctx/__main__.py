@@ -1,7 +1,12 @@
-"""`python -m longctx ...` (what torchrun runs: `torchrun ... -m longctx train CONFIG`)."""
+"""`python -m longctx ...` (what torchrun runs: `torchrun ... -m longctx train CONFIG`).
+
+`record` writes a failing rank's traceback to torch elastic's error file, so torchrun's summary shows the
+exception and where it happened, not just an exit code."""
 
 import sys
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from .cli import main
 
-sys.exit(main())
+sys.exit(record(main)())
