@@ -84,33 +84,66 @@ def _exact_training(tmp: str) -> None:
           "   under ring two of the four ranks hold no real label: the loss is normalised by the global count)")
 
 
-def _train(tmp: str, steps: int) -> dict:
+RUN_DIR = "out/demo_run"
+RESUME_STEPS = 3
+
+
+def _train(steps: int, *, resume: bool) -> dict:
+    """One job of steps + RESUME_STEPS steps, stopped after `steps` (part 3, a checkpoint then), and resumed from
+    that checkpoint by a new job (part 4), as after a failure."""
     from .launch import run, train_main
 
-    cfg = _job([f"train.seq_len={DEMO_SEQ_LEN}", "train.batch_size=1", f"train.steps={steps}", "train.lr=1e-2",
-                "train.warmup_steps=2", "parallel.cp=4", "parallel.strategy=zigzag", "logging.print_config=false"],
-               f"{tmp}/train")
-    return run(train_main, 4, args=(cfg,), timeout=1800)[0]
+    cfg = _job([f"train.seq_len={DEMO_SEQ_LEN}", "train.batch_size=1", f"train.steps={steps + RESUME_STEPS}",
+                "train.lr=1e-2", "train.warmup_steps=2", "parallel.cp=4", "parallel.strategy=zigzag",
+                "logging.print_config=false", f"checkpoint.interval={steps}",
+                f"train.resume={'auto' if resume else 'none'}"], RUN_DIR)
+    return run(train_main, 4, args=(cfg,), kwargs={"steps": None if resume else steps}, timeout=1800)[0]
+
+
+def _loss_plot(run_dir: str, resumed_at: int) -> str:
+    import json
+
+    from .bench.report import plot_lines
+
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    first = [(r["step"], r["loss"]) for r in rows if r["step"] <= resumed_at]
+    after = [(r["step"], r["loss"]) for r in rows if r["step"] >= resumed_at]
+    path = os.path.join(run_dir, "loss.png")
+    plot_lines(path, {"trained": ([x for x, _ in first], [y for _, y in first]),
+                      "resumed from the checkpoint": ([x for x, _ in after], [y for _, y in after])},
+               xlabel="step", ylabel="loss", title=f"longctx demo: zigzag cp=4, {DEMO_SEQ_LEN:,}-token sequences")
+    return path
 
 
 def main(argv=None) -> int:
+    import shutil
     import tempfile
 
     p = argparse.ArgumentParser(prog="longctx demo")
     p.add_argument("--steps", type=int, default=20)
     args = p.parse_args(argv)
     t0 = time.time()
+    shutil.rmtree(RUN_DIR, ignore_errors=True)  # the demo's own run directory: every demo starts fresh
     with tempfile.TemporaryDirectory() as tmp:
         print("== 1. exact attention: every strategy on 4 simulated ranks (seq 1024, 8 query / 2 kv heads) ==")
         _attention()
         print("\n== 2. exact training: 3 steps in one process, and the same config on 4 ranks in five layouts ==")
         _exact_training(tmp)
-        print(f"\n== 3. training: tiny model, zigzag context parallel over 4 ranks, {DEMO_SEQ_LEN:,}-token "
-              f"sequences ==")
-        s = _train(tmp, args.steps)
+    print(f"\n== 3. training: tiny model, zigzag context parallel over 4 ranks, {DEMO_SEQ_LEN:,}-token "
+          f"sequences, a checkpoint at the end ==")
+    s = _train(args.steps, resume=False)
     print(f"  loss {s['first_loss']:.3f} -> {s['final_loss']:.3f} over {s['steps']} steps "
           f"(ln 256 = 5.545: a uniform guess; ln 16 = 2.773: the alphabet alone; lower: the repeats are found)\n"
           f"  {s['tokens_per_s']:.0f} tokens/s on 4 ranks sharing 2 CPU cores, {s['flops_per_s']:.2e} FLOP/s achieved, "
-          f"peak RSS {s['peak_mem_bytes'] / 2**20:.0f} MiB per rank")
-    print(f"\ndemo finished in {time.time() - t0:.1f}s; attention records in out/demo_attention.json")
+          f"peak RSS {s['peak_mem_bytes'] / 2**20:.0f} MiB per rank\n  checkpoint: {s['checkpoint']}")
+    print(f"\n== 4. resume: a new job finds that checkpoint (train.resume=auto) and trains the last {RESUME_STEPS} "
+          "steps ==")
+    r = _train(args.steps, resume=True)
+    print(f"  resumed from {r['resumed_from']}: steps {args.steps + 1}-{r['steps']}, loss {r['first_loss']:.3f} -> "
+          f"{r['final_loss']:.3f}; checkpoint: {r['checkpoint']}")
+    plot = _loss_plot(RUN_DIR, args.steps)
+    print(f"\ndemo finished in {time.time() - t0:.1f}s\n  run directory: {os.path.abspath(RUN_DIR)}\n"
+          f"  metrics: {RUN_DIR}/metrics.jsonl (steps 1-{r['steps']}, appended by the resumed job)\n"
+          f"  loss plot: {plot}\n  attention records: out/demo_attention.json")
     return 0
