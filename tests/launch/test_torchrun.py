@@ -3,6 +3,7 @@ train` and compute the same losses as the simulated cluster; a rank that fails s
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,12 +20,12 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(overrides, timeout=240):
+def _torchrun(overrides, timeout=240, restarts=0):
     port = _port()
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-           f"127.0.0.1:{port}", "--local-addr", "127.0.0.1", "--max-restarts", "0", "-m", "longctx", "train", TINY,
-           *overrides]
+           f"127.0.0.1:{port}", "--local-addr", "127.0.0.1", "--max-restarts", str(restarts), "-m", "longctx",
+           "train", TINY, *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     agents = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
               for _ in range(2)]
@@ -64,3 +65,44 @@ def test_a_failing_rank_shows_its_traceback(tmp_path):
     assert codes != [0, 0]
     assert "NotADirectoryError" in out or "FileExistsError" in out, out[-3000:]
     assert "checkpoint.py" in out, out[-3000:]  # where it happened, not only an exit code
+
+
+def _kill_a_rank_once(run_dir, after_step: int, timeout: float = 200.0):
+    """Watch for the checkpoint of `after_step`, then SIGKILL one training rank (first attempt only)."""
+    import threading
+    import time
+
+    import psutil
+
+    done = {}
+
+    def watch():
+        target = os.path.join(run_dir, "checkpoints", f"step_{after_step:08d}")
+        t0 = time.time()
+        while time.time() - t0 < timeout and not os.path.isdir(target):
+            time.sleep(0.2)
+        time.sleep(1.0)  # into the next step
+        for p in psutil.process_iter(["cmdline", "environ"]):
+            try:
+                env = p.info["environ"] or {}
+                if env.get("RANK") == "1" and env.get("TORCHELASTIC_RESTART_COUNT") == "0" and \
+                        "longctx" in " ".join(p.info["cmdline"] or []):
+                    p.kill()
+                    done["pid"] = p.pid
+                    return
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread, done
+
+
+def test_without_restarts_a_killed_rank_ends_the_job_naming_it(tmp_path):
+    run_dir = str(tmp_path / "killed")
+    thread, done = _kill_a_rank_once(run_dir, after_step=1)
+    codes, out = _torchrun([*SMALL, "train.steps=50", "checkpoint.interval=1", f"run_dir={run_dir}"])
+    thread.join(timeout=5)
+    assert "pid" in done and codes != [0, 0]
+    # torchrun's summary names the lost rank and its signal (the survivors are stopped by their agents)
+    assert re.search(r"rank\s*:\s*1 \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*-9", out), out[-3000:]
