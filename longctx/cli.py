@@ -103,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--timeout", type=float, default=None,
                        help="wall-clock limit in seconds for the whole run (default: none)")
     _add_config_args(local)
+    ray = lsub.add_parser("ray", help="N Ray Train workers on a Ray cluster (each runs `longctx train`)")
+    ray.add_argument("--address", default="auto",
+                     help="Ray cluster: auto (the running one), ray://HOST:10001, or local (start one in-process)")
+    ray.add_argument("--num-workers", type=_positive_int, required=True, help="number of ranks")
+    ray.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (0: CPU workers, gloo)")
+    ray.add_argument("--max-failures", type=int, default=0,
+                     help="Ray FailureConfig: restarts of a failed worker group (resume with train.resume=auto)")
+    ray.add_argument("--storage-path", default=None, help="Ray Train's storage (default: run_dir/ray)")
+    _add_config_args(ray)
     config = sub.add_parser("config", help="inspect configs")
     csub = config.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
     show = csub.add_parser("show", help="print the resolved config (defaults + file + overrides)")
@@ -191,6 +200,28 @@ def cmd_launch_local(args) -> int:
     return 0
 
 
+def cmd_launch_ray(args) -> int:
+    from omegaconf import OmegaConf
+
+    from .launch.ray_launcher import launch_ray
+    from .train import validate_job
+    from .train.setup import default_run_dir
+
+    with _checking():
+        cfg = _load(args)
+        validate_job(cfg, args.num_workers)
+        if args.gpus_per_worker < 0 or args.max_failures < 0:
+            raise ValueError("--gpus-per-worker and --max-failures must be >= 0")
+    if cfg.run_dir is None:
+        cfg.run_dir = default_run_dir(args.config)
+    cfg.run_dir = os.path.abspath(cfg.run_dir)  # Ray workers do not run in this directory
+    summary = launch_ray(OmegaConf.to_container(cfg), args.config, address=args.address,
+                         num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
+                         max_failures=args.max_failures, storage_path=args.storage_path or f"{cfg.run_dir}/ray")
+    _print_summary(summary)
+    return 0
+
+
 def cmd_config_show(args) -> int:
     from .config import to_yaml
     from .train import validate_job
@@ -227,7 +258,7 @@ def _dispatch(args) -> int:
     if args.command == "train":
         return cmd_train(args)
     if args.command == "launch":
-        return cmd_launch_local(args)
+        return cmd_launch_ray(args) if args.launcher == "ray" else cmd_launch_local(args)
     if args.command == "config":
         return cmd_config_show(args)
     if args.command == "checkpoint":
