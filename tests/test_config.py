@@ -163,3 +163,18 @@ def test_deepspeed_config_file_cannot_override_what_longctx_derives(tmp_path):
     cfg = _tiny("parallel.engine=deepspeed", "parallel.zero_stage=2", f"parallel.deepspeed_config={good}")
     conf = ds_config(cfg, validate_job(cfg, 4))
     assert conf["zero_optimization"] == {"stage": 2, "overlap_comm": False} and conf["gradient_clipping"] == 1.0
+
+
+def test_a_config_never_executes_code(tmp_path):
+    """No resolver that evaluates expressions is registered: `${eval:...}` is an error, not a computation."""
+    from omegaconf import OmegaConf
+
+    import longctx.train  # noqa: F401 - everything a training job imports is loaded
+
+    assert not any(OmegaConf.has_resolver(name) for name in ("eval", "python", "exec"))
+    bad = tmp_path / "evil.yaml"
+    bad.write_text("run_dir: ${eval:'__import__(\"os\").getcwd()'}\n")
+    with pytest.raises(Exception) as info:
+        cfg = load(path=str(bad))
+        str(cfg.run_dir)
+    assert "eval" in str(info.value)
