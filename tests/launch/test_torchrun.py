@@ -106,3 +106,16 @@ def test_without_restarts_a_killed_rank_ends_the_job_naming_it(tmp_path):
     assert "pid" in done and codes != [0, 0]
     # torchrun's summary names the lost rank and its signal (the survivors are stopped by their agents)
     assert re.search(r"rank\s*:\s*1 \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*-9", out), out[-3000:]
+
+
+def test_an_unreachable_rendezvous_fails_within_its_timeout(tmp_path):
+    import time
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+           f"127.0.0.1:{_port()}", "--rdzv-conf", "is_host=false,timeout=10,read_timeout=10", "-m", "longctx",
+           "train", TINY, *SMALL, f"run_dir={tmp_path}"]
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and time.monotonic() - t0 < 90
+    assert "Rendezvous" in p.stdout + p.stderr, (p.stdout + p.stderr)[-2000:]
