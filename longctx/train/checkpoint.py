@@ -103,8 +103,24 @@ def _state(trainer):
     return {"model": model, "optim": optim}
 
 
-def save(trainer, root: str, keep_last: int) -> str:
-    """Write a checkpoint of the trainer's current step (collective); returns its directory."""
+class Pending:
+    """An asynchronous save in flight: DCP has staged the state in host memory and writes it in the background;
+    `finish()` (collective) waits for the files, then marks and renames the checkpoint."""
+
+    def __init__(self, future, trainer, tmp: str, final: str, root: str, keep_last: int):
+        self.future, self.trainer, self.tmp, self.final = future, trainer, tmp, final
+        self.root, self.keep_last = root, keep_last
+
+    def finish(self) -> str:
+        self.future.result()
+        _commit(self.trainer, self.tmp, self.final, self.root, self.keep_last)
+        return self.final
+
+
+def save(trainer, root: str, keep_last: int, *, async_save: bool = False, group=None):
+    """Write a checkpoint of the trainer's current step (collective); returns its directory, or with
+    async_save a Pending whose finish() completes it (training may go on meanwhile). An asynchronous save
+    coordinates over its own `group`: its background collectives must not interleave with training's."""
     import torch.distributed.checkpoint as dcp
 
     from ..config import to_yaml
@@ -115,7 +131,6 @@ def save(trainer, root: str, keep_last: int) -> str:
         shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save of this step
         os.makedirs(tmp)
     _barrier()
-    dcp.save(_state(trainer), checkpoint_id=tmp)
     torch.save({"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if trainer.device_type == "cuda" else None},
                os.path.join(tmp, f"rng_rank{trainer.rank}.pt"))
@@ -124,11 +139,20 @@ def save(trainer, root: str, keep_last: int) -> str:
                     "dims": repr(trainer.dims)}, os.path.join(tmp, "trainer.pt"))
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
             f.write(to_yaml(trainer.cfg))
+    if async_save:  # the state is copied to host memory before this returns: later steps cannot change it
+        future = dcp.async_save(_state(trainer), checkpoint_id=tmp, process_group=group)
+        return Pending(future, trainer, tmp, final, root, keep_last)
+    dcp.save(_state(trainer), checkpoint_id=tmp)
+    _commit(trainer, tmp, final, root, keep_last)
+    return final
+
+
+def _commit(trainer, tmp: str, final: str, root: str, keep_last: int) -> None:
     _barrier()  # every rank's files are on disk before the marker says so
     if trainer.rank == 0:
         files = {n: os.path.getsize(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, MARKER), "w") as f:
-            json.dump({"step": trainer.step, "files": files}, f)
+            json.dump({"step": int(os.path.basename(final)[5:]), "files": files}, f)
             f.flush()
             os.fsync(f.fileno())
         shutil.rmtree(final, ignore_errors=True)
@@ -136,7 +160,6 @@ def save(trainer, root: str, keep_last: int) -> str:
         for _, old in complete_checkpoints(root, log=lambda _: None)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
-    return final
 
 
 def load(trainer, path: str) -> int:

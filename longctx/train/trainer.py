@@ -129,9 +129,26 @@ class Trainer:
             print(text, flush=True)
 
     def save_checkpoint(self) -> str:
-        """A complete checkpoint of the current step in checkpoint_dir (collective); returns its path."""
-        self.last_checkpoint = checkpoint.save(self, self.checkpoint_dir, self.cfg.checkpoint.keep_last)
-        return self.last_checkpoint
+        """A checkpoint of the current step in checkpoint_dir (collective); returns its path. With
+        checkpoint.async_save it is written in the background and completed before the next save or at the
+        end of fit (finish_checkpoint)."""
+        self.finish_checkpoint()
+        c = self.cfg.checkpoint
+        if c.async_save and getattr(self, "_checkpoint_group", None) is None:
+            self._checkpoint_group = dist.new_group(backend="gloo")  # collective: every rank, same order
+        result = checkpoint.save(self, self.checkpoint_dir, c.keep_last, async_save=c.async_save,
+                                 group=getattr(self, "_checkpoint_group", None))
+        if c.async_save:
+            self._pending = result
+            return result.final
+        self.last_checkpoint = result
+        return result
+
+    def finish_checkpoint(self) -> None:
+        """Complete an asynchronous save in flight, if any (collective)."""
+        if getattr(self, "_pending", None) is not None:
+            self.last_checkpoint = self._pending.finish()
+            self._pending = None
 
     def _autocast(self):
         if self.precision == "bf16":
@@ -328,6 +345,7 @@ class Trainer:
                     self.save_checkpoint()
             if interval and steps and self.step % interval:  # the end of the run is always kept
                 self.save_checkpoint()
+            self.finish_checkpoint()
         finally:
             logger.close()
         return self.summary(time.perf_counter() - start)

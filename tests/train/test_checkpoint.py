@@ -43,6 +43,18 @@ def test_stop_and_resume_is_bit_for_bit(tmp_path):
         assert [int(line.split('"step": ')[1].split(",")[0]) for line in f] == [1, 2, 3, 4, 5]
 
 
+def test_async_save_gives_the_same_checkpoint(tmp_path):
+    sync = _run(2, config(*CP2, "checkpoint.interval=2", run_dir=str(tmp_path / "sync")), stop_after=4)[0][0]
+    run_dir = str(tmp_path / "async")
+    asyn = _run(2, config(*CP2, "checkpoint.interval=2", "checkpoint.async_save=true", run_dir=run_dir),
+                stop_after=4)[0][0]
+    assert asyn["losses"] == sync["losses"] and asyn["checkpoint"].endswith("step_00000004")
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["step_00000002", "step_00000004"]
+    a = checkpoint.export(os.path.join(run_dir, "checkpoints"), str(tmp_path / "a.pt"))
+    b = checkpoint.export(os.path.join(str(tmp_path / "sync"), "checkpoints"), str(tmp_path / "b.pt"))
+    assert _same(a, b)
+
+
 def test_resume_on_another_layout_and_world_size(tmp_path):
     run_dir = str(tmp_path / "cp4")
     full = _run(4, config("parallel.cp=4", "parallel.dp_shard=1", run_dir=run_dir))[0][0]
