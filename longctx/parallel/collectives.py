@@ -9,7 +9,7 @@ wire under the bandwidth-optimal algorithm):
 
   all-gather      (W-1) x the local chunk          reduce-scatter   (W-1)/W x the input
   all-reduce      2 (W-1)/W x the tensor           all-to-all       (W-1)/W x the input
-  send            the tensor                       recv             0        broadcast   the tensor, on the root
+  send            the tensor                       broadcast        the tensor, on the root (a recv sends nothing)
 """
 
 from __future__ import annotations
@@ -54,44 +54,35 @@ class CollectiveCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        ns, name = func.namespace, func.__name__.split(".")[0]
-        if ns == "_c10d_functional":
-            self._functional(name, args)
-        elif ns == "c10d":
-            self._inplace(name, args)
+        rule = _RULES.get((func.namespace, func.__name__.split(".")[0]))
+        if rule is not None:
+            group_at, sent = rule
+            if func.namespace == "_c10d_functional":  # the group comes by name
+                name = args[group_at]
+                pg = torch.distributed.distributed_c10d._resolve_process_group(name)
+            else:  # in-place c10d ops carry the ProcessGroup itself
+                pg = _pg(args[group_at])
+                name = pg.group_name
+            self._add(name, sent(args, pg.size(), pg))
         return out
 
-    def _functional(self, name, args):
-        if name == "all_gather_into_tensor":
-            x, w, g = args[:3]
-            self._add(g, (w - 1) * _nbytes(x))
-        elif name == "reduce_scatter_tensor":
-            x, _, w, g = args[:4]
-            self._add(g, _nbytes(x) * (w - 1) // w)
-        elif name == "all_reduce":
-            x, _, g = args[:3]
-            w = torch.distributed.distributed_c10d._resolve_process_group(g).size()
-            self._add(g, 2 * _nbytes(x) * (w - 1) // w)
-        elif name == "all_to_all_single":
-            x, g = args[0], args[3]
-            w = torch.distributed.distributed_c10d._resolve_process_group(g).size()
-            self._add(g, _nbytes(x) * (w - 1) // w)
 
-    def _inplace(self, name, args):
-        if name in ("allreduce_", "allgather_", "_allgather_base_", "reduce_scatter_", "_reduce_scatter_base_",
-                    "alltoall_base_", "send", "recv_", "broadcast_"):
-            pg = _pg(args[2] if name in ("allgather_", "_allgather_base_", "reduce_scatter_",
-                                         "_reduce_scatter_base_", "alltoall_base_") else args[1])
-            w, g = pg.size(), pg.group_name
-            if name == "allreduce_":
-                self._add(g, 2 * _nbytes(args[0]) * (w - 1) // w)
-            elif name in ("allgather_", "_allgather_base_"):
-                self._add(g, (w - 1) * _nbytes(args[1]))
-            elif name in ("reduce_scatter_", "_reduce_scatter_base_"):
-                self._add(g, (w - 1) * _nbytes(args[0]))
-            elif name == "alltoall_base_":
-                self._add(g, _nbytes(args[1]) * (w - 1) // w)
-            elif name == "send":
-                self._add(g, _nbytes(args[0]))
-            elif name == "broadcast_":
-                self._add(g, _nbytes(args[0]) if pg.rank() == args[2] else 0)
+def _share(nbytes: int, w: int, factor: int = 1) -> int:
+    return factor * nbytes * (w - 1) // w
+
+
+# (namespace, op) -> (index of the group argument, bytes this rank sends given (args, W, ProcessGroup))
+_RULES = {
+    ("_c10d_functional", "all_gather_into_tensor"): (2, lambda a, w, pg: (w - 1) * _nbytes(a[0])),
+    ("_c10d_functional", "reduce_scatter_tensor"): (3, lambda a, w, pg: _share(_nbytes(a[0]), w)),
+    ("_c10d_functional", "all_reduce"): (2, lambda a, w, pg: _share(_nbytes(a[0]), w, 2)),
+    ("_c10d_functional", "all_to_all_single"): (3, lambda a, w, pg: _share(_nbytes(a[0]), w)),
+    ("c10d", "allreduce_"): (1, lambda a, w, pg: _share(_nbytes(a[0]), w, 2)),
+    ("c10d", "allgather_"): (2, lambda a, w, pg: (w - 1) * _nbytes(a[1])),
+    ("c10d", "_allgather_base_"): (2, lambda a, w, pg: (w - 1) * _nbytes(a[1])),
+    ("c10d", "reduce_scatter_"): (2, lambda a, w, pg: (w - 1) * _nbytes(a[0])),
+    ("c10d", "_reduce_scatter_base_"): (2, lambda a, w, pg: (w - 1) * _nbytes(a[0])),
+    ("c10d", "alltoall_base_"): (2, lambda a, w, pg: _share(_nbytes(a[1]), w)),
+    ("c10d", "send"): (1, lambda a, w, pg: _nbytes(a[0])),
+    ("c10d", "broadcast_"): (1, lambda a, w, pg: _nbytes(a[0]) if pg.rank() == a[2] else 0),
+}

@@ -55,6 +55,11 @@ def stages_per_rank(schedule: str, virtual: int) -> int:
     return virtual or 2
 
 
+def n_microbatches(pp: int, microbatches: int) -> int:
+    """parallel.microbatches, where 0 means one per pipeline rank."""
+    return microbatches or pp
+
+
 def check_pipeline(*, pp: int, schedule: str, virtual: int, microbatches: int, n_layers: int, local_batch: int,
                    split=()) -> tuple[int, int]:
     """Every constraint of a pipeline config; returns (stages per rank, microbatches). Messages name the key."""
@@ -64,7 +69,7 @@ def check_pipeline(*, pp: int, schedule: str, virtual: int, microbatches: int, n
         raise ValueError(f"parallel.pp={pp} x {per_rank} stage(s) per rank = {n_stages} pipeline stages, but the model "
                          f"has only model.n_layers={n_layers}; every stage needs at least one layer: lower parallel.pp"
                          f" (or parallel.pp_virtual)")
-    mb = microbatches or pp
+    mb = n_microbatches(pp, microbatches)
     if local_batch % mb:
         raise ValueError(f"each data-parallel rank's batch ({local_batch} sequences = train.batch_size / dp) is not "
                          f"divisible by parallel.microbatches={mb}; make train.batch_size a multiple of dp x "

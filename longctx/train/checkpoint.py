@@ -75,19 +75,23 @@ def resolve_resume(resume: str, root: str, log=print) -> str | None:
     if resume == "auto":
         found = complete_checkpoints(root, log)
         return found[-1][1] if found else None
-    if not os.path.exists(resume):
-        raise FileNotFoundError(f"train.resume={resume!r} does not exist; give a checkpoint directory (step_...), "
-                                f"a checkpoint root, train.resume=auto or none")
-    if _STEP_DIR.match(os.path.basename(os.path.normpath(resume))):
-        why = problem(resume)
+    return locate(resume, f"train.resume={resume!r}", log)
+
+
+def locate(path: str, what: str, log=print) -> str:
+    """The complete checkpoint `path` names: itself (a step_NNNNNNNN directory) or the newest complete one
+    under it (a checkpoint root). `what` names the argument in the errors."""
+    if not os.path.exists(path):
+        raise ValueError(f"{what} does not exist; give a checkpoint directory (step_NNNNNNNN) or a checkpoint root")
+    if _STEP_DIR.match(os.path.basename(os.path.normpath(path))):
+        why = problem(path)
         if why:
-            raise ValueError(f"train.resume={resume!r} is not a complete checkpoint: {why}; pass an older one or "
-                             f"its parent directory (the newest complete checkpoint there is taken)")
-        return resume
-    found = complete_checkpoints(resume, log)
+            raise ValueError(f"{what} is not a complete checkpoint: {why}; pass an older one or its parent "
+                             f"directory (the newest complete checkpoint there is taken)")
+        return path
+    found = complete_checkpoints(path, log)
     if not found:
-        raise ValueError(f"train.resume={resume!r} holds no complete checkpoint (step_NNNNNNNN directories with a "
-                         f"{MARKER} marker); use train.resume=none to start fresh")
+        raise ValueError(f"{what} holds no complete checkpoint (step_NNNNNNNN directories with a {MARKER} marker)")
     return found[-1][1]
 
 
@@ -107,13 +111,13 @@ class Pending:
     """An asynchronous save in flight: DCP has staged the state in host memory and writes it in the background;
     `finish()` (collective) waits for the files, then marks and renames the checkpoint."""
 
-    def __init__(self, future, trainer, tmp: str, final: str, root: str, keep_last: int):
-        self.future, self.trainer, self.tmp, self.final = future, trainer, tmp, final
+    def __init__(self, future, rank: int, step: int, tmp: str, final: str, root: str, keep_last: int):
+        self.future, self.rank, self.step, self.tmp, self.final = future, rank, step, tmp, final
         self.root, self.keep_last = root, keep_last
 
     def finish(self) -> str:
         self.future.result()
-        _commit(self.trainer, self.tmp, self.final, self.root, self.keep_last)
+        _commit(self.rank, self.step, self.tmp, self.final, self.root, self.keep_last)
         return self.final
 
 
@@ -141,18 +145,18 @@ def save(trainer, root: str, keep_last: int, *, async_save: bool = False, group=
             f.write(to_yaml(trainer.cfg))
     if async_save:  # the state is copied to host memory before this returns: later steps cannot change it
         future = dcp.async_save(_state(trainer), checkpoint_id=tmp, process_group=group)
-        return Pending(future, trainer, tmp, final, root, keep_last)
+        return Pending(future, trainer.rank, trainer.step, tmp, final, root, keep_last)
     dcp.save(_state(trainer), checkpoint_id=tmp)
-    _commit(trainer, tmp, final, root, keep_last)
+    _commit(trainer.rank, trainer.step, tmp, final, root, keep_last)
     return final
 
 
-def _commit(trainer, tmp: str, final: str, root: str, keep_last: int) -> None:
+def _commit(rank: int, step: int, tmp: str, final: str, root: str, keep_last: int) -> None:
     _barrier()  # every rank's files are on disk before the marker says so
-    if trainer.rank == 0:
+    if rank == 0:
         files = {n: os.path.getsize(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, MARKER), "w") as f:
-            json.dump({"step": int(os.path.basename(final)[5:]), "files": files}, f)
+            json.dump({"step": step, "files": files}, f)
             f.flush()
             os.fsync(f.fileno())
         shutil.rmtree(final, ignore_errors=True)
@@ -197,16 +201,7 @@ def export(path: str, out: str) -> dict:
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    if not os.path.exists(path):
-        raise ValueError(f"{path} does not exist; give a checkpoint directory (step_NNNNNNNN) or a checkpoint root")
-    if os.path.isdir(path) and not _STEP_DIR.match(os.path.basename(os.path.normpath(path))):
-        found = complete_checkpoints(path)
-        if not found:
-            raise ValueError(f"{path} holds no complete checkpoint (step_NNNNNNNN directories with a {MARKER} marker)")
-        path = found[-1][1]
-    why = problem(path) if os.path.isdir(path) else f"{path} is not a directory"
-    if why:
-        raise ValueError(f"cannot export {path}: {why}")
+    path = locate(path, path)
     with tempfile.TemporaryDirectory() as tmp:
         full = os.path.join(tmp, "full.pt")
         dcp_to_torch_save(path, full)

@@ -29,7 +29,7 @@ from ..data.synthetic import SyntheticSource, step_indices
 from ..model import build_model, parallelize
 from ..parallel import deepspeed_engine
 from ..parallel.dims import device_type_from_env
-from ..parallel.pipeline import build_pipeline, check_pipeline
+from ..parallel.pipeline import build_pipeline, n_microbatches
 from . import checkpoint
 from .loss import loss_fn
 from .metrics import MetricsLogger, SavedTensorCounter, StepTimer, model_flops_per_step, peak_flops, peak_memory_bytes
@@ -76,11 +76,10 @@ class Trainer:
             self.engine = deepspeed_engine.initialize(self.model, self.optimizer, cfg, self.plan, self.precision)
         self.pipeline = None
         if self.plan.stages:
-            _, mb = check_pipeline(pp=self.dims.pp, schedule=cfg.parallel.pp_schedule, virtual=cfg.parallel.pp_virtual,
-                                   microbatches=cfg.parallel.microbatches, n_layers=cfg.model.n_layers,
-                                   local_batch=t.batch_size // (self.dims.dp * t.accumulation))
+            # validate_job checked the pipeline already; here only its microbatch count is needed
             self.pipeline = build_pipeline(self.plan.stages, self.plan.stage_ids, self.plan.n_stages,
-                                           schedule=cfg.parallel.pp_schedule, microbatches=mb,
+                                           schedule=cfg.parallel.pp_schedule,
+                                           microbatches=n_microbatches(self.dims.pp, cfg.parallel.microbatches),
                                            loss_fn=self._pipeline_loss, group=self.plan.pp_group, device=self.device)
             self._pp_scale = 1.0
         self.data = SyntheticSource(task=cfg.data.task, seq_len=t.seq_len, vocab_size=cfg.model.vocab_size,
@@ -94,6 +93,8 @@ class Trainer:
         self.run_dir = self._agree_run_dir(config_path)
         self.checkpoint_dir = cfg.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
         self.last_checkpoint = None
+        self._pending = None  # an asynchronous save in flight (checkpoint.async_save)
+        self._checkpoint_group = None  # async saves coordinate over a group of their own, made on first use
         self.resumed_from = self._resume_path(t.resume)
         if self.resumed_from is not None:
             self.step = checkpoint.load(self, self.resumed_from)
@@ -134,10 +135,10 @@ class Trainer:
         end of fit (finish_checkpoint)."""
         self.finish_checkpoint()
         c = self.cfg.checkpoint
-        if c.async_save and getattr(self, "_checkpoint_group", None) is None:
+        if c.async_save and self._checkpoint_group is None:
             self._checkpoint_group = dist.new_group(backend="gloo")  # collective: every rank, same order
         result = checkpoint.save(self, self.checkpoint_dir, c.keep_last, async_save=c.async_save,
-                                 group=getattr(self, "_checkpoint_group", None))
+                                 group=self._checkpoint_group)
         if c.async_save:
             self._pending = result
             return result.final
@@ -146,7 +147,7 @@ class Trainer:
 
     def finish_checkpoint(self) -> None:
         """Complete an asynchronous save in flight, if any (collective)."""
-        if getattr(self, "_pending", None) is not None:
+        if self._pending is not None:
             self.last_checkpoint = self._pending.finish()
             self._pending = None
 
