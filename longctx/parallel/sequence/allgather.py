@@ -13,8 +13,7 @@ import torch
 
 from ... import kernels
 from ...kernels import acc_dtype
-from .plan import step_blocks
-from .schedule import ScheduleFunction, ScheduleSpec, blocks_backward, blocks_forward
+from .schedule import ScheduleFunction, ScheduleSpec, blocks_backward, blocks_forward, held
 
 
 def _shards(comm, kv, pending, parts):
@@ -34,16 +33,16 @@ def allgather_forward(q, k, v, spec: ScheduleSpec):
     kv = torch.stack([k, v])
     pending, parts = comm.all_gather(kv, phase="fwd", async_op=True)
     pairs = 0
-    for src, held in _shards(comm, kv, pending, parts):
-        blocks = step_blocks(spec.layout, n, comm.world, comm.rank, src, spec.causal, spec.window)
-        pairs += blocks_forward(q, held[0], held[1], blocks, out, lse, spec)
+    for src, kv_src in _shards(comm, kv, pending, parts):
+        blocks = held(spec, n, comm.world, comm.rank, src, b)
+        pairs += blocks_forward(q, kv_src[0], kv_src[1], blocks, out, lse, spec)
     comm.stats.record_work("fwd", 0, pairs)
     return out.to(q.dtype), lse
 
 
 def allgather_backward(dout, q, k, v, out, lse, spec: ScheduleSpec):
     comm = spec.comm
-    c = q.shape[1]
+    b, c = q.shape[:2]
     n = c * comm.world
     acc = acc_dtype(q.dtype)
     kv = torch.stack([k, v])
@@ -51,9 +50,9 @@ def allgather_backward(dout, q, k, v, out, lse, spec: ScheduleSpec):
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dkv = torch.zeros((comm.world, *kv.shape), dtype=acc, device=q.device)
     pairs = 0
-    for src, held in _shards(comm, kv, pending, parts):
-        blocks = step_blocks(spec.layout, n, comm.world, comm.rank, src, spec.causal, spec.window)
-        pairs += blocks_backward(dout, q, held[0], held[1], out, lse, blocks, dq, dkv[src, 0], dkv[src, 1], spec)
+    for src, kv_src in _shards(comm, kv, pending, parts):
+        blocks = held(spec, n, comm.world, comm.rank, src, b)
+        pairs += blocks_backward(dout, q, kv_src[0], kv_src[1], out, lse, blocks, dq, dkv[src, 0], dkv[src, 1], spec)
     comm.stats.record_work("bwd", 0, pairs)
     mine = comm.reduce_scatter(dkv, phase="bwd")[0]
     return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)

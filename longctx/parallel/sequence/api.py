@@ -13,6 +13,7 @@ from torch import nn
 from ... import kernels
 from ..comm import Comm
 from .allgather import allgather_attention
+from .documents import Documents
 from .hybrid import hybrid_attention
 from .mesh import hybrid_groups
 from .registry import STRATEGIES, get_strategy
@@ -71,6 +72,16 @@ def _detect_layout(strategy, position_ids, n, world, rank, ulysses) -> str:
     )
 
 
+def _check_documents(documents, n: int, batch: int) -> None:
+    if documents is None:
+        return
+    if not isinstance(documents, Documents):
+        raise TypeError(f"documents must be a longctx.parallel.Documents (Documents.from_ids(doc_ids) of the "
+                        f"full batch), got {type(documents).__name__}")
+    documents.check_seq_len(n)
+    documents.groups(batch)
+
+
 def _check_window(window) -> None:
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be None or a positive int (keys each query sees), got {window!r}")
@@ -78,13 +89,15 @@ def _check_window(window) -> None:
 
 def attention(q, k, v, *, causal: bool = False, strategy: str = "zigzag", group=None, kernel: str = "auto",
               window: int | None = None, scale: float | None = None, layout: str | None = None,
-              position_ids=None, check: bool = True):
+              position_ids=None, check: bool = True, documents: Documents | None = None):
     """Exact attention on this rank's shards q (B, c, H, D), k, v (B, c, H_kv, D).
 
     Say how the shards were cut: `layout=` (what longctx.parallel.shard used) and/or `position_ids=` (the
     global positions of this shard's tokens; checked against the layout, or used to recognise it). `group`:
     a process group (None = world), or for 'hybrid' a ("ring", "ulysses") DeviceMesh. `check=False` skips
-    the position check (a caller that made the positions from the same plan). Returns this rank's output
+    the position check (a caller that made the positions from the same plan). `documents`: where packed
+    documents start (longctx.parallel.Documents, the same on every rank); attention then stays inside each
+    document and blocks no document spans are skipped. Returns this rank's output
     shard, same layout, dtype of q.
     """
     strat = get_strategy(strategy)
@@ -111,6 +124,7 @@ def attention(q, k, v, *, causal: bool = False, strategy: str = "zigzag", group=
         ulysses, world, rank = 1, comm.world, comm.rank
     _check_device(q, comm)
     n = q.shape[1] * world
+    _check_documents(documents, n, q.shape[0])
     recognised = layout is None  # recognising the layout compares the positions already
     if recognised:
         layout = _detect_layout(strat, position_ids, n, world, rank, ulysses)
@@ -120,8 +134,8 @@ def attention(q, k, v, *, causal: bool = False, strategy: str = "zigzag", group=
         check_positions(position_ids, strat.rank_positions(layout, n, world, rank, ulysses))
     if strategy == "ulysses":
         return ulysses_attention(q, k, v, comm=comm, layout=layout, causal=causal, window=window, scale=scale,
-                                 kernel=kernel)
-    spec = ScheduleSpec(comm, layout, causal, window, scale, kernel)
+                                 kernel=kernel, documents=documents)
+    spec = ScheduleSpec(comm, layout, causal, window, scale, kernel, documents)
     if strategy == "hybrid":
         return hybrid_attention(q, k, v, ulysses_comm=ucomm, spec=spec)
     if strategy == "allgather":
@@ -143,10 +157,10 @@ class ContextParallelAttention(nn.Module):
         self.strategy, self.group, self.causal, self.kernel, self.window = strategy, group, causal, kernel, window
         self.check_positions = check_positions
 
-    def forward(self, q, k, v, position_ids=None, scale=None):
+    def forward(self, q, k, v, position_ids=None, scale=None, documents=None):
         return attention(q, k, v, causal=self.causal, strategy=self.strategy, group=self.group,
                          kernel=self.kernel, window=self.window, scale=scale, layout=self.layout,
-                         position_ids=position_ids, check=self.check_positions)
+                         position_ids=position_ids, check=self.check_positions, documents=documents)
 
     def extra_repr(self) -> str:
         return f"strategy={self.strategy}, layout={self.layout}, causal={self.causal}, window={self.window}"

@@ -114,14 +114,46 @@ def plan_blocks(qp: torch.Tensor, kp: torch.Tensor, causal: bool, window: int | 
     return blocks_from_intervals(lo, hi)
 
 
+def document_blocks(qp: torch.Tensor, kp: torch.Tensor, causal: bool, window: int | None, starts: tuple[int, ...],
+                    n: int) -> list[Block]:
+    """Band blocks of each document's rectangle alone (its rows of the query shard x its keys of the key
+    shard, both contiguous local ranges): no call crosses a boundary, so the kernels need no document mask,
+    and a document absent from either shard costs nothing."""
+    bounds = torch.tensor((*starts, n))
+    rows = torch.searchsorted(qp, bounds).tolist()
+    keys = torch.searchsorted(kp, bounds).tolist()
+    out: list[Block] = []
+    for d in range(len(starts)):
+        r0, r1, k0, k1 = rows[d], rows[d + 1], keys[d], keys[d + 1]
+        if r0 == r1 or k0 == k1:
+            continue
+        for b in plan_blocks(qp[r0:r1], kp[k0:k1], causal, window):
+            out.append(Block(b.q0 + r0, b.q1 + r0, b.k0 + k0, b.k1 + k0, b.mask))
+    return out
+
+
 @lru_cache(maxsize=4096)
 def step_blocks(layout: str, n: int, world: int, rank: int, src: int, causal: bool,
-                window: int | None = None) -> tuple[Block, ...]:
-    """Kernel calls rank `rank` makes on the K/V shard of rank `src` (cached: tables are static)."""
+                window: int | None = None, starts: tuple[int, ...] | None = None) -> tuple[Block, ...]:
+    """Kernel calls rank `rank` makes on the K/V shard of rank `src` (cached: tables are static per
+    packing). `starts`: where packed documents begin (natural order), None = one document."""
     check_seq(layout, n, world)
     qp = positions(layout, n, world, rank)
     kp = positions(layout, n, world, src)
+    if starts is not None:
+        return tuple(document_blocks(qp, kp, causal, window, starts, n))
     return tuple(plan_blocks(qp, kp, causal, window))
+
+
+def held_blocks(layout: str, n: int, world: int, rank: int, src: int, causal: bool, window: int | None,
+                documents, batch: int) -> list[tuple[slice, tuple[Block, ...]]]:
+    """(batch rows, blocks) for a held K/V shard: one entry for the whole batch, or one per run of sequences
+    packed alike (`documents`: a Documents, or None)."""
+    if documents is None:
+        return [(slice(0, batch), step_blocks(layout, n, world, rank, src, causal, window))]
+    documents.check_seq_len(n)
+    return [(rows, step_blocks(layout, n, world, rank, src, causal, window, starts))
+            for rows, starts in documents.groups(batch)]
 
 
 def ring_src(rank: int, step: int, world: int) -> int:
@@ -129,9 +161,11 @@ def ring_src(rank: int, step: int, world: int) -> int:
     return (rank - step) % world
 
 
-def work_table(layout: str, n: int, world: int, causal: bool, window: int | None = None) -> list[list[int]]:
-    """pairs[s][r]: (query, key) pairs rank r computes at ring step s (per batch element and head)."""
-    return [[sum(b.pairs for b in step_blocks(layout, n, world, r, ring_src(r, s, world), causal, window))
+def work_table(layout: str, n: int, world: int, causal: bool, window: int | None = None,
+               starts: tuple[int, ...] | None = None) -> list[list[int]]:
+    """pairs[s][r]: (query, key) pairs rank r computes at ring step s (per batch element and head); with
+    `starts`, for a sequence packed with documents beginning there."""
+    return [[sum(b.pairs for b in step_blocks(layout, n, world, r, ring_src(r, s, world), causal, window, starts))
              for r in range(world)] for s in range(world)]
 
 

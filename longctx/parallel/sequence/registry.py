@@ -17,10 +17,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ...kernels import Mask
 from . import cost
 from .layouts import LAYOUTS, check_layout, divisor, positions
-from .plan import imbalance, work_table
+from .plan import imbalance, step_blocks, work_table
 from .ulysses import check_heads
 
 
@@ -97,15 +96,17 @@ class Strategy:
                    ulysses=u if self.name == "hybrid" else 1)
         return self.comm(world, u, batch, seq_len, heads, kv_heads, head_dim, dtype_bytes, acc)
 
-    def work_table(self, *, world, seq_len, causal, window=None, layout=None, ulysses=None) -> list[list[int]]:
-        """pairs[step][rank] per batch element and head, as the planner schedules them."""
+    def work_table(self, *, world, seq_len, causal, window=None, layout=None, ulysses=None,
+                   starts=None) -> list[list[int]]:
+        """pairs[step][rank] per batch element and head, as the planner schedules them (`starts`: where
+        packed documents begin, None = one document)."""
         layout = self.layout(layout)
         self.check(seq_len=seq_len, world=world, layout=layout, ulysses=(ulysses or 1) if self.name == "hybrid" else 1)
         if self.name == "ulysses":
-            return [[Mask.from_flags(causal, window).band_pairs(seq_len, seq_len)] * world]
+            return [[sum(b.pairs for b in step_blocks("contiguous", seq_len, 1, 0, 0, causal, window, starts))] * world]
         if self.name == "hybrid":
-            return work_table(layout, seq_len, world // (ulysses or 1), causal, window)
-        table = work_table(layout, seq_len, world, causal, window)
+            return work_table(layout, seq_len, world // (ulysses or 1), causal, window, starts)
+        table = work_table(layout, seq_len, world, causal, window, starts)
         if self.name == "allgather":  # no steps: each rank's total is its critical path
             table = [[sum(row[r] for row in table) for r in range(world)]]
         return table
@@ -172,9 +173,10 @@ def comm_model(strategy: str, *, world: int, batch: int, seq_len: int, heads: in
 
 
 def work_model(strategy: str, *, world: int, seq_len: int, causal: bool, window: int | None = None,
-               layout: str | None = None, ulysses: int | None = None) -> dict:
+               layout: str | None = None, ulysses: int | None = None, starts: tuple[int, ...] | None = None) -> dict:
     """Counted balance: per-step pairs per rank (per batch element and head) and the imbalance ratio
-    (critical path, with ranks waiting for the slowest at every step, over an even split)."""
+    (critical path, with ranks waiting for the slowest at every step, over an even split); `starts`: a
+    sequence packed with documents beginning there."""
     table = get_strategy(strategy).work_table(world=world, seq_len=seq_len, causal=causal, window=window,
-                                              layout=layout, ulysses=ulysses)
+                                              layout=layout, ulysses=ulysses, starts=starts)
     return {"table": table, "imbalance": imbalance(table)}

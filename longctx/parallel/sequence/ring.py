@@ -14,13 +14,12 @@ import torch
 
 from ... import kernels
 from ...kernels import acc_dtype
-from .plan import ring_src, step_blocks
-from .schedule import ScheduleFunction, ScheduleSpec, blocks_backward, blocks_forward
+from .plan import ring_src
+from .schedule import ScheduleFunction, ScheduleSpec, blocks_backward, blocks_forward, held
 
 
-def _blocks(spec: ScheduleSpec, n: int, src: int):
-    c = spec.comm
-    return step_blocks(spec.layout, n, c.world, c.rank, src, spec.causal, spec.window)
+def _blocks(spec: ScheduleSpec, n: int, src: int, batch: int):
+    return held(spec, n, spec.comm.world, spec.comm.rank, src, batch)
 
 
 def ring_forward(q, k, v, spec: ScheduleSpec):
@@ -31,7 +30,7 @@ def ring_forward(q, k, v, spec: ScheduleSpec):
     kv = torch.stack([k, v])
     for s in range(comm.world):
         pending = comm.ring_exchange(kv, phase="fwd") if s < comm.world - 1 else None
-        blocks = _blocks(spec, n, ring_src(comm.rank, s, comm.world))
+        blocks = _blocks(spec, n, ring_src(comm.rank, s, comm.world), q.shape[0])
         comm.stats.record_work("fwd", s, blocks_forward(q, kv[0], kv[1], blocks, out, lse, spec))
         if pending is not None:
             kv = pending.wait()
@@ -48,7 +47,7 @@ def ring_backward(dout, q, k, v, out, lse, spec: ScheduleSpec):
     pending_dkv = None
     for s in range(comm.world):
         pending_kv = comm.ring_exchange(kv, phase="bwd") if s < comm.world - 1 else None
-        blocks = _blocks(spec, n, ring_src(comm.rank, s, comm.world))
+        blocks = _blocks(spec, n, ring_src(comm.rank, s, comm.world), q.shape[0])
         # this step's dK/dV go into a local buffer first, so the accumulator arriving with this K/V block
         # (fresh at step 0) is waited for only after the compute it travelled during
         local = torch.zeros(kv.shape, dtype=acc, device=q.device)
@@ -58,7 +57,7 @@ def ring_backward(dout, q, k, v, out, lse, spec: ScheduleSpec):
             dkv = local
         else:
             dkv = pending_dkv.wait()
-            if blocks:  # a skipped block passes the accumulator through untouched
+            if any(b for _, b in blocks):  # a skipped block passes the accumulator through untouched
                 dkv += local
         pending_dkv = comm.ring_exchange(dkv, phase="bwd")
         if pending_kv is not None:

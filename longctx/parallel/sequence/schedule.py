@@ -5,7 +5,8 @@ A schedule is a pair of functions `fwd(q, k, v, spec) -> (out, lse)` and `bwd(do
 spec) -> (dq, dk, dv)`. The ring family and all-gather differ only in how K/V shards arrive (ring hops or
 one gather); the kernel calls a rank makes on a held shard come from the block planner (plan.py) in both.
 Only q, k, v and the global out/lse are saved: the backward recomputes every block with the global
-out/lse, which is what makes the distributed backward exact (docs/algorithms.md §2).
+out/lse, which is what makes the distributed backward exact (docs/algorithms.md §2). With packed
+documents the calls of a held shard come per run of sequences packed alike (`held`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from ... import kernels
+from ...kernels import acc_dtype
 from ..comm import Comm
-from .plan import Block
+from .documents import Documents
+from .plan import held_blocks
 
 
 @dataclass(frozen=True, eq=False)
@@ -27,31 +30,57 @@ class ScheduleSpec:
     window: int | None
     scale: float
     kernel: str
+    documents: Documents | None = None  # packed documents (natural order); None = one per sequence
 
 
-def blocks_forward(q, k, v, blocks: tuple[Block, ...], out, lse, spec: ScheduleSpec) -> int:
+def held(spec: ScheduleSpec, n: int, world: int, rank: int, src: int, batch: int):
+    """(batch rows, blocks) of the kernel calls `rank` makes on the K/V shard of `src`."""
+    return held_blocks(spec.layout, n, world, rank, src, spec.causal, spec.window, spec.documents, batch)
+
+
+def blocks_forward(q, k, v, groups, out, lse, spec: ScheduleSpec) -> int:
     """Run one held K/V shard's kernel calls and merge them into (out, lse); returns the pairs done."""
     pairs = 0
-    for b in blocks:
-        o, l = kernels.forward(q[:, b.q0:b.q1], k[:, b.k0:b.k1], v[:, b.k0:b.k1], scale=spec.scale,
-                               mask=b.mask, backend=spec.kernel, out_dtype=out.dtype)
-        kernels.merge_(out, lse, o, l, rows=slice(b.q0, b.q1))
-        pairs += b.pairs
-    return pairs * q.shape[0] * q.shape[2]
+    for bs, blocks in groups:
+        for b in blocks:
+            o, l = kernels.forward(q[bs, b.q0:b.q1], k[bs, b.k0:b.k1], v[bs, b.k0:b.k1], scale=spec.scale,
+                                   mask=b.mask, backend=spec.kernel, out_dtype=out.dtype)
+            kernels.merge_(out[bs], lse[bs], o, l, rows=slice(b.q0, b.q1))
+            pairs += b.pairs * (bs.stop - bs.start)
+    return pairs * q.shape[2]
 
 
-def blocks_backward(dout, q, k, v, out, lse, blocks, dq, dk, dv, spec: ScheduleSpec) -> int:
+def blocks_backward(dout, q, k, v, out, lse, groups, dq, dk, dv, spec: ScheduleSpec) -> int:
     """Block gradients with the global out/lse: dq += locally, dk/dv += into the travelling accumulator.
     Returns the pairs done."""
-    for b in blocks:
-        rows = slice(b.q0, b.q1)
-        gq, gk, gv = kernels.backward(dout[:, rows], q[:, rows], k[:, b.k0:b.k1], v[:, b.k0:b.k1], out[:, rows],
-                                      lse[:, :, rows], scale=spec.scale, mask=b.mask, backend=spec.kernel,
-                                      grad_dtype=dq.dtype)
-        dq[:, rows] += gq
-        dk[:, b.k0:b.k1] += gk
-        dv[:, b.k0:b.k1] += gv
-    return sum(b.pairs for b in blocks) * q.shape[0] * q.shape[2]
+    pairs = 0
+    for bs, blocks in groups:
+        for b in blocks:
+            rows = slice(b.q0, b.q1)
+            gq, gk, gv = kernels.backward(dout[bs, rows], q[bs, rows], k[bs, b.k0:b.k1], v[bs, b.k0:b.k1],
+                                          out[bs, rows], lse[bs, :, rows], scale=spec.scale, mask=b.mask,
+                                          backend=spec.kernel, grad_dtype=dq.dtype)
+            dq[bs, rows] += gq
+            dk[bs, b.k0:b.k1] += gk
+            dv[bs, b.k0:b.k1] += gv
+            pairs += b.pairs * (bs.stop - bs.start)
+    return pairs * q.shape[2]
+
+
+def local_forward(q, k, v, spec: ScheduleSpec):
+    """The whole (gathered) sequence on one rank, natural order: the planner's blocks of one shard."""
+    out, lse = kernels.empty_state(*q.shape[:3], v.shape[-1], device=q.device, dtype=acc_dtype(q.dtype))
+    groups = held(spec, q.shape[1], 1, 0, 0, q.shape[0])
+    spec.comm.stats.record_work("fwd", 0, blocks_forward(q, k, v, groups, out, lse, spec))
+    return out.to(q.dtype), lse
+
+
+def local_backward(dout, q, k, v, out, lse, spec: ScheduleSpec):
+    acc = acc_dtype(q.dtype)
+    dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
+    groups = held(spec, q.shape[1], 1, 0, 0, q.shape[0])
+    spec.comm.stats.record_work("bwd", 0, blocks_backward(dout, q, k, v, out, lse, groups, dq, dk, dv, spec))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class ScheduleFunction(torch.autograd.Function):

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from ... import kernels
 from ..comm import Comm
 from .layouts import permutation
+from .schedule import ScheduleFunction, ScheduleSpec, local_backward, local_forward
 
 
 def seq_to_heads(x: torch.Tensor, comm: Comm, phase: str) -> torch.Tensor:
@@ -75,13 +75,7 @@ def replicate_kv(k, v, rep: int):
     return k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
 
 
-def _record(comm: Comm, t: torch.Tensor, pairs: int) -> None:
-    comm.stats.record_work("fwd", 0, pairs)
-    if t.requires_grad:
-        t.register_hook(lambda g: comm.stats.record_work("bwd", 0, pairs))
-
-
-def ulysses_attention(q, k, v, *, comm: Comm, layout: str, causal: bool, window, scale, kernel):
+def ulysses_attention(q, k, v, *, comm: Comm, layout: str, causal: bool, window, scale, kernel, documents=None):
     rep = check_heads(q.shape[2], k.shape[2], comm.world)
     k, v = replicate_kv(k, v, rep)
     qh, kh, vh = (SeqToHeads.apply(t, comm) for t in (q, k, v))
@@ -91,9 +85,9 @@ def ulysses_attention(q, k, v, *, comm: Comm, layout: str, causal: bool, window,
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(n, device=q.device)
         qh, kh, vh = (t.index_select(1, inv) for t in (qh, kh, vh))
-    mask = kernels.Mask.from_flags(causal, window)
-    out = kernels.attention(qh, kh, vh, scale=scale, mask=mask, backend=kernel)
-    _record(comm, out, mask.band_pairs(n, n) * q.shape[0] * qh.shape[2])
+    # the whole sequence on my heads: the planner's blocks of one shard (one call, or one per document)
+    spec = ScheduleSpec(comm, "contiguous", causal, window, scale, kernel, documents)
+    out = ScheduleFunction.apply(qh, kh, vh, spec, local_forward, local_backward)[0]
     if layout != "contiguous":
         out = out.index_select(1, perm)
     return HeadsToSeq.apply(out, comm)
