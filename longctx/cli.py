@@ -1,4 +1,4 @@
-"""The `longctx` command: train, launch, config, bench, info, demo.
+"""The `longctx` command: train, launch, config, checkpoint, data, eval, bench, info, demo.
 
 A user error (bad config, bad argument, impossible layout) is one line on stderr, `longctx: error: ...`,
 exit status 2; a failure inside a rank shows that rank's traceback, exit status 1. LONGCTX_DEBUG=1 shows
@@ -125,6 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("dir", help="a checkpoint (step_NNNNNNNN) or a checkpoint root (its newest complete one)")
     export.add_argument("out", help="output file, e.g. model.pt")
     export.add_argument("--format", choices=["torch"], default="torch", help="output format (default: torch)")
+    data = sub.add_parser("data", help="token datasets")
+    dsub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    prep = dsub.add_parser("prepare", help="tokenize local text / JSONL / Parquet files into a memory-mapped "
+                                           "dataset (data.source=tokens data.path=DIR)")
+    prep.add_argument("--input", required=True, nargs="+", help="files, directories or globs ('data/*.jsonl')")
+    prep.add_argument("--output", required=True, help="output directory (replaced safely when re-run)")
+    prep.add_argument("--tokenizer", default="byte", help="byte (default) or a local tokenizer.json / directory")
+    prep.add_argument("--text-key", default="text", help="JSONL key / Parquet column holding the text")
+    prep.add_argument("--workers", type=_positive_int, default=max(1, min(8, os.cpu_count() or 1)),
+                      help="tokenizer processes (default: CPU count, at most 8)")
+    prep.add_argument("--strict", action="store_true", help="reject malformed input instead of skipping it")
+    prep.add_argument("--no-eos", action="store_true", help="do not end each document with the eos token")
+    prep.add_argument("--quiet", action="store_true", help="no progress bar")
     bench = sub.add_parser("bench", help="benchmarks: tables, JSON, plots")
     bsub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     for name, (module, helptext) in BENCHES.items():
@@ -157,6 +170,17 @@ def cmd_checkpoint_export(args) -> int:
         state = export(args.dir, args.out)
     n = sum(t.numel() for t in state.values())
     print(f"exported {len(state)} tensors ({n:,} parameters) to {args.out}")
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    from .data.prepare import format_summary, prepare
+
+    with _checking():
+        summary = prepare(args.input, args.output, tokenizer=args.tokenizer, text_key=args.text_key,
+                          workers=args.workers, strict=args.strict, add_eos=not args.no_eos,
+                          progress=not args.quiet)
+    print(format_summary(summary, args.output))
     return 0
 
 
@@ -263,6 +287,8 @@ def _dispatch(args) -> int:
         return cmd_config_show(args)
     if args.command == "checkpoint":
         return cmd_checkpoint_export(args)
+    if args.command == "data":
+        return cmd_data_prepare(args)
     module = importlib.import_module(args._module)
     with _checking():  # in this process: a bad argument never reaches the ranks
         module.validate(args)

@@ -104,11 +104,17 @@ class CheckpointConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # token files arrive with the data issue
-    task: str = "induction"  # induction | copy | random
-    alphabet: int = 16  # synthetic tasks draw from this many token ids
+    source: str = "synthetic"  # synthetic | tokens | passkey | needle | recall
+    path: str | None = None  # tokens: a directory made by `longctx data prepare`
+    shuffle: bool = True  # tokens: each epoch reads the packed windows in a seeded permutation
+    workers: int = 0  # DataLoader worker processes per rank preparing the next steps' batches (0: inline)
+    task: str = "induction"  # synthetic: induction | copy | random
+    alphabet: int = 16  # synthetic and retrieval tasks draw from this many token ids
     period: int = 32  # induction: length of the repeated pattern
     mask_prompt: bool = True  # copy: labels of the prompt half are ignored (prompt-masked SFT)
+    digits: int = 4  # retrieval: digits of each value (the answer)
+    depth: float | None = None  # needle: fraction of the haystack before the needle (null: random)
+    pairs: int = 4  # recall: key-value facts in each sequence
 
 
 @dataclass

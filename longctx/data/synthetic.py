@@ -56,10 +56,10 @@ class SyntheticSource:
             labels[: prompt_len - 1] = IGNORE_INDEX  # targets inside the prompt cannot be predicted
         return inputs, labels
 
-    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, labels), each (len(indices), seq_len)."""
+    def batch(self, indices) -> dict:
+        """{input_ids, labels}, each (len(indices), seq_len)."""
         pairs = [self.sequence(int(i)) for i in indices]
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        return {"input_ids": torch.stack([p[0] for p in pairs]), "labels": torch.stack([p[1] for p in pairs])}
 
 
 def step_indices(step: int, *, batch_size: int, dp_rank: int, dp_size: int, accumulation: int, micro: int) -> range:

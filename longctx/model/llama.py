@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import kernels
 from ..config import ModelConfig, validate_model
+from ..parallel.sequence.schedule import local_attention
 
 
 class RMSNorm(nn.Module):
@@ -49,7 +50,10 @@ class LocalAttention(nn.Module):
         super().__init__()
         self.causal, self.window, self.kernel = causal, window, kernel
 
-    def forward(self, q, k, v, position_ids=None):
+    def forward(self, q, k, v, position_ids=None, documents=None):
+        if documents is not None:  # packed documents: the planner's per-document blocks, nothing crosses
+            return local_attention(q, k, v, causal=self.causal, window=self.window, kernel=self.kernel,
+                                   documents=documents)
         mask = kernels.Mask.from_flags(self.causal, self.window)
         return kernels.attention(q, k, v, mask=mask, backend=self.kernel)
 
@@ -68,14 +72,18 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
         self.core = core
 
-    def forward(self, x, position_ids):
+    def forward(self, x, position_ids, documents=None, rope_ids=None):
+        """rope_ids: RoPE positions when they differ from the layout's positions (packed documents restart
+        at 0); documents: where packed documents start, handed to the core."""
         b, s, _ = x.shape
         # -1 heads: under tensor parallelism the projections hold this rank's share of the heads
         q = self.wq(x).view(b, s, -1, self.head_dim)
         k = self.wk(x).view(b, s, -1, self.head_dim)
         v = self.wv(x).view(b, s, -1, self.head_dim)
-        q, k = rope(q, position_ids, self.theta), rope(k, position_ids, self.theta)
-        o = self.core(q, k, v, position_ids=position_ids)
+        angles = position_ids if rope_ids is None else rope_ids
+        q, k = rope(q, angles, self.theta), rope(k, angles, self.theta)
+        extra = {} if documents is None else {"documents": documents}
+        o = self.core(q, k, v, position_ids=position_ids, **extra)
         return self.wo(o.reshape(b, s, -1))
 
 
@@ -108,8 +116,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim, mlp_chunks)
 
-    def forward(self, x, position_ids):
-        x = x + self.attention(self.attention_norm(x), position_ids)
+    def forward(self, x, position_ids, documents=None, rope_ids=None):
+        x = x + self.attention(self.attention_norm(x), position_ids, documents=documents, rope_ids=rope_ids)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -135,17 +143,26 @@ class Transformer(nn.Module):
                 module.weight.fill_(1.0)
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None, labels=None, loss_fn=None,
-                return_hidden: bool = False):
+                return_hidden: bool = False, documents=None):
         """Logits (B, S, V); or, with labels and loss_fn, loss_fn(hidden (B, S, D), output weight, labels (B, S)).
+
+        documents (longctx.parallel.Documents of the full sequences): packed documents; attention stays inside
+        each, and RoPE positions restart at every document start.
 
         A pipeline stage is this module with parts removed: without tok_embeddings `tokens` are the previous
         stage's hidden states, without a head (norm/output) the hidden states are returned; so is the normed
         hidden state with return_hidden (the last stage, whose loss the pipeline schedule computes)."""
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=tokens.device)
+        rope_ids = None
+        if documents is not None:
+            if position_ids.dim() != 1:
+                raise ValueError("with documents, position_ids must be this shard's positions (seq,), as "
+                                 "plan.shard_batch gives them")
+            rope_ids = documents.rope_positions(position_ids)
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values() if isinstance(self.layers, nn.ModuleDict) else self.layers:
-            h = layer(h, position_ids)
+            h = layer(h, position_ids, documents=documents, rope_ids=rope_ids)
         if self.norm is None:
             return h
         h = self.norm(h)

@@ -31,6 +31,7 @@ from ..parallel.dims import ParallelDims, ParallelMesh
 from ..parallel.pipeline import split_model, stage_ids, stage_layers, stages_per_rank
 from ..parallel.sequence.api import ContextParallelAttention, check_positions
 from ..parallel.sequence.dilated import DilatedAttention
+from ..parallel.sequence.documents import Documents
 from ..parallel.sequence.registry import get_strategy
 from ..parallel.tensor import apply_tensor_parallel, check_tp
 from .llama import Block, LocalAttention
@@ -88,9 +89,12 @@ class Plan:
         return get_strategy(self.strategy).rank_positions(self.layout, seq_len, self.dims.cp, self.cp_rank,
                                                           self.dims.ulysses)
 
-    def shard_batch(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+    def shard_batch(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                    doc_ids: torch.Tensor | None = None) -> dict:
         """This rank's part of a (batch, seq) token batch: input ids, labels (shifted in natural order before
-        sharding: a shard's last target lives on another rank in most layouts) and position ids."""
+        sharding: a shard's last target lives on another rank in most layouts) and position ids; with
+        `doc_ids` (batch, seq) of packed documents, also `documents` (the same on every rank, for the model:
+        attention stays inside each document and RoPE restarts at each)."""
         n = input_ids.shape[1]
         self.dims.check_seq_len(n, what="sequence length (input_ids.shape[1])")
         pos = self.positions(n, input_ids.device)
@@ -100,6 +104,11 @@ class Plan:
                 raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids "
                                  f"{tuple(input_ids.shape)} (shift them before sharding)")
             out["labels"] = labels.index_select(1, pos)
+        if doc_ids is not None:
+            if doc_ids.shape != input_ids.shape:
+                raise ValueError(f"doc_ids {tuple(doc_ids.shape)} must have the shape of input_ids "
+                                 f"{tuple(input_ids.shape)}: one document id per token, unsharded")
+            out["documents"] = Documents.from_ids(doc_ids)
         return out
 
     def set_gradient_sync(self, enabled: bool) -> None:

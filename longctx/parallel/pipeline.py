@@ -137,9 +137,10 @@ class Pipeline:
     has_first: bool
     has_last: bool
 
-    def set_positions(self, position_ids: torch.Tensor) -> None:
+    def set_positions(self, position_ids: torch.Tensor, documents=None) -> None:
         for m in self.stages:
             m._pp_position_ids = position_ids
+            m._pp_documents = documents
 
     @property
     def last_stage(self) -> nn.Module:
@@ -147,8 +148,11 @@ class Pipeline:
 
 
 def _stage_hook(module, args, kwargs):
-    """Hand every stage the step's position ids, and make the last stage return hidden states."""
+    """Hand every stage the step's position ids (and packed documents), and make the last stage return
+    hidden states."""
     kwargs.setdefault("position_ids", module._pp_position_ids)
+    if getattr(module, "_pp_documents", None) is not None:
+        kwargs.setdefault("documents", module._pp_documents)
     if module.output is not None:
         kwargs["return_hidden"] = True
     return args, kwargs

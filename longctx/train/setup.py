@@ -34,7 +34,6 @@ def dims_from_config(cfg, world_size: int) -> ParallelDims:
 
 def validate_job(cfg, world_size: int) -> ParallelDims:
     """All checks of a job config for `world_size` ranks; returns the validated ParallelDims."""
-    from ..data.synthetic import TASKS
     from ..kernels import backends
 
     try:
@@ -42,7 +41,7 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     dims = dims_from_config(cfg, world_size)
-    p, t, d = cfg.parallel, cfg.train, cfg.data
+    p, t = cfg.parallel, cfg.train
     kernels = ("auto", *sorted(backends()))
     if p.kernel not in kernels:
         raise ConfigError(f"parallel.kernel={p.kernel!r} is not a kernel backend; choose one of {', '.join(kernels)}")
@@ -88,15 +87,28 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
                           "(DeepSpeed keeps its own partitioned state); use parallel.engine=torch, or turn them off")
     if cfg.run_dir is not None and os.path.exists(cfg.run_dir) and not os.path.isdir(cfg.run_dir):
         raise ConfigError(f"run_dir={cfg.run_dir!r} is an existing file, not a directory; choose another run_dir")
-    if d.source != "synthetic":
-        raise ConfigError(f"data.source={d.source!r}: only 'synthetic' exists until token datasets arrive")
-    if d.task not in TASKS:
-        raise ConfigError(f"data.task={d.task!r}: choose one of {', '.join(TASKS)}")
-    if not 2 <= d.alphabet <= cfg.model.vocab_size:
-        raise ConfigError(f"data.alphabet={d.alphabet} must be between 2 and model.vocab_size={cfg.model.vocab_size}")
-    if d.task == "induction" and not 1 <= d.period <= t.seq_len:
-        raise ConfigError(f"data.period={d.period} must be between 1 and train.seq_len={t.seq_len}")
+    _check_data(cfg)
     return dims
+
+
+def _check_data(cfg) -> None:
+    from ..data import build_source
+    from ..data.synthetic import TASKS
+
+    d = cfg.data
+    if isinstance(d.workers, bool) or not isinstance(d.workers, int) or d.workers < 0:
+        raise ConfigError(f"data.workers={d.workers!r} must be an int >= 0 (0: batches are made inline)")
+    if d.source == "synthetic" and d.task not in TASKS:
+        raise ConfigError(f"data.task={d.task!r}: choose one of {', '.join(TASKS)}")
+    if d.source == "synthetic" and not 2 <= d.alphabet <= cfg.model.vocab_size:
+        raise ConfigError(f"data.alphabet={d.alphabet} must be between 2 and model.vocab_size={cfg.model.vocab_size}")
+    if d.source == "tokens" and cfg.model.dilated.layers:
+        raise ConfigError("data.source=tokens packs documents, and LongNet dilated layers do not take document "
+                          "boundaries yet; drop model.dilated.layers or use another data.source")
+    try:
+        build_source(d, seq_len=cfg.train.seq_len, vocab_size=cfg.model.vocab_size, seed=cfg.train.seed)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_model_axes(cfg, dims: ParallelDims, engine: str) -> None:

@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, to_yaml
+from ..data import build_source
 from ..data.labels import IGNORE_INDEX
-from ..data.synthetic import SyntheticSource, step_indices
+from ..data.loader import StepBatches, StepLoader
 from ..model import build_model, parallelize
 from ..parallel import deepspeed_engine
 from ..parallel.dims import device_type_from_env
@@ -82,9 +83,9 @@ class Trainer:
                                            microbatches=n_microbatches(self.dims.pp, cfg.parallel.microbatches),
                                            loss_fn=self._pipeline_loss, group=self.plan.pp_group, device=self.device)
             self._pp_scale = 1.0
-        self.data = SyntheticSource(task=cfg.data.task, seq_len=t.seq_len, vocab_size=cfg.model.vocab_size,
-                                    seed=t.seed, alphabet=cfg.data.alphabet, period=cfg.data.period,
-                                    mask_prompt=cfg.data.mask_prompt)
+        self.data = build_source(cfg.data, seq_len=t.seq_len, vocab_size=cfg.model.vocab_size, seed=t.seed)
+        self.loader = StepLoader(StepBatches(self.data, batch_size=t.batch_size, dp_rank=self.plan.dp_rank,
+                                             dp_size=self.dims.dp, accumulation=t.accumulation), cfg.data.workers)
         self.loss_fn = loss_fn(t.loss_chunk)
         self.step_flops = model_flops_per_step(cfg.model, t.seq_len, t.batch_size)["total"]
         self.peak_flops = peak_flops(self.device, self.precision)
@@ -169,14 +170,13 @@ class Trainer:
         the shard moves to the device), each with its count of real labels (a host number: no sync)."""
         t, plan = self.cfg.train, self.plan
         out = []
-        for micro in range(t.accumulation):
-            idx = step_indices(step, batch_size=t.batch_size, dp_rank=plan.dp_rank, dp_size=self.dims.dp,
-                               accumulation=t.accumulation, micro=micro)
-            shard = plan.shard_batch(*self.data.batch(idx))
+        for batch in self.loader.get(step):
+            shard = plan.shard_batch(**batch)
             out.append({"input_ids": shard["input_ids"].to(self.device, non_blocking=True),
                         "labels": shard["labels"].to(self.device, non_blocking=True),
                         # the one position tensor the plan hands out per device: checked once, then reused
                         "position_ids": plan.positions(t.seq_len, self.device),
+                        "documents": shard.get("documents"),
                         "real_labels": int((shard["labels"] != IGNORE_INDEX).sum())})
         return out
 
@@ -186,7 +186,8 @@ class Trainer:
         # every accumulation micro-batch's gradient would replace the previous one instead of adding to it
         model = self.engine if self.engine is not None else self.model
         with self._autocast():
-            return model(shard["input_ids"], shard["position_ids"], labels=shard["labels"], loss_fn=self.loss_fn)
+            return model(shard["input_ids"], shard["position_ids"], labels=shard["labels"], loss_fn=self.loss_fn,
+                         **_documents(shard))
 
     def _pipeline_loss(self, hidden, labels):
         """The pipeline schedule's loss_fn on the last stage, per pipeline microbatch: the summed loss scaled
@@ -198,7 +199,7 @@ class Trainer:
         """Forward and backward of one micro-batch through the pipeline schedule (all its microbatches);
         returns the summed loss on the last stage's ranks, 0 elsewhere."""
         pipe = self.pipeline
-        pipe.set_positions(shard["position_ids"])
+        pipe.set_positions(shard["position_ids"], shard.get("documents"))
         self._pp_scale = scale
         args = (shard["input_ids"],) if pipe.has_first else ()
         losses: list = []
@@ -380,3 +381,8 @@ class Trainer:
             dist.all_gather_object(parts, full, group=self.plan.pp_group)
             full = {k: v for part in parts for k, v in part.items()}
         return full
+
+
+def _documents(shard: dict) -> dict:
+    """The documents keyword only when the batch is packed (DeepSpeed's engine forwards kwargs as given)."""
+    return {} if shard.get("documents") is None else {"documents": shard["documents"]}

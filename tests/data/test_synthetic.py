@@ -17,7 +17,7 @@ def test_sequences_depend_only_on_seed_and_index():
     assert torch.equal(a.sequence(5)[0], b.sequence(5)[0])
     assert not torch.equal(a.sequence(5)[0], a.sequence(6)[0])
     assert not torch.equal(a.sequence(5)[0], _src(seed=1).sequence(5)[0])
-    x, y = a.batch([3, 4])
+    x, y = a.batch([3, 4]).values()
     assert x.shape == y.shape == (2, 16) and torch.equal(x[1], a.sequence(4)[0])
 
 

@@ -80,3 +80,42 @@ def compare_runs(name: str, got: dict, ref: dict, steps: int = 5, tol: float = 1
         assert got["params"][k].shape == v.shape, (name, k)
     worst = max((got["params"][k] - ref["params"][k]).abs().max().item() for k in ref["params"])
     assert worst <= tol, (name, worst)
+
+
+def packed_equivalence(overrides, lengths, n: int = 32):
+    """Packed documents through a parallelized model (float64) against the plain single-device model run on
+    each document alone as its own sequence (positions from 0; nothing of Documents involved): logits of
+    every token, and every parameter gradient of the summed per-document loss. `lengths`: per-row document
+    lengths. Returns (max |logits - per-document|, {param: max |grad - per-document|})."""
+    cfg = load(overrides=[*SMALL, *overrides])
+    p = cfg.parallel
+    dims = ParallelDims(dp_shard=1, cp=dist.get_world_size(), world_size=dist.get_world_size(), strategy=p.strategy,
+                        ulysses=p.ulysses, layout=p.layout)
+
+    def make():
+        torch.manual_seed(0)
+        return build_model(cfg.model, seq_len=n).double()
+
+    single, model = make(), make()
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, cfg.model.vocab_size, (len(lengths), n + 1), generator=g)
+    inp, labels = tokens[:, :-1], tokens[:, 1:].clone()
+    doc_ids = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in lengths])
+    labels[:, :-1][doc_ids[:, 1:] != doc_ids[:, :-1]] = -100  # a document's last token predicts nothing
+    ref_logits = torch.zeros(len(lengths), n, cfg.model.vocab_size, dtype=torch.float64)
+    for b, row in enumerate(lengths):
+        start = 0
+        for length in row:
+            sl = slice(start, start + length)
+            out = single(inp[b:b + 1, sl])
+            ref_logits[b, sl] = out[0].detach()
+            F.cross_entropy(out.flatten(0, 1), labels[b, sl], reduction="sum", ignore_index=-100).backward()
+            start += length
+    plan = parallelize(model, dims, cfg.parallel)
+    batch = plan.shard_batch(inp, labels, doc_ids)
+    logits = model(batch["input_ids"], batch["position_ids"], documents=batch["documents"])
+    loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum",
+                           ignore_index=-100) * dims.dp_cp
+    loss.backward()
+    err_logits = (logits.detach() - ref_logits[:, batch["position_ids"]]).abs().max().item()
+    return err_logits, grad_errors(model, single)

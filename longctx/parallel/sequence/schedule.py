@@ -24,7 +24,7 @@ from .plan import held_blocks
 
 @dataclass(frozen=True, eq=False)
 class ScheduleSpec:
-    comm: Comm
+    comm: Comm | None  # None: one device, nothing recorded
     layout: str
     causal: bool
     window: int | None
@@ -71,7 +71,9 @@ def local_forward(q, k, v, spec: ScheduleSpec):
     """The whole (gathered) sequence on one rank, natural order: the planner's blocks of one shard."""
     out, lse = kernels.empty_state(*q.shape[:3], v.shape[-1], device=q.device, dtype=acc_dtype(q.dtype))
     groups = held(spec, q.shape[1], 1, 0, 0, q.shape[0])
-    spec.comm.stats.record_work("fwd", 0, blocks_forward(q, k, v, groups, out, lse, spec))
+    pairs = blocks_forward(q, k, v, groups, out, lse, spec)
+    if spec.comm is not None:
+        spec.comm.stats.record_work("fwd", 0, pairs)
     return out.to(q.dtype), lse
 
 
@@ -79,8 +81,17 @@ def local_backward(dout, q, k, v, out, lse, spec: ScheduleSpec):
     acc = acc_dtype(q.dtype)
     dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
     groups = held(spec, q.shape[1], 1, 0, 0, q.shape[0])
-    spec.comm.stats.record_work("bwd", 0, blocks_backward(dout, q, k, v, out, lse, groups, dq, dk, dv, spec))
+    pairs = blocks_backward(dout, q, k, v, out, lse, groups, dq, dk, dv, spec)
+    if spec.comm is not None:
+        spec.comm.stats.record_work("bwd", 0, pairs)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def local_attention(q, k, v, *, causal: bool, window, kernel: str, documents, scale: float | None = None):
+    """Single-device attention over packed documents through the same per-document blocks (no comm)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    spec = ScheduleSpec(None, "contiguous", causal, window, scale, kernel, documents)
+    return ScheduleFunction.apply(q, k, v, spec, local_forward, local_backward)[0]
 
 
 class ScheduleFunction(torch.autograd.Function):

@@ -1,0 +1,59 @@
+"""Batches per optimizer step for one data-parallel rank, made inline or by DataLoader worker processes.
+
+The unit is the step: `StepBatches[step]` is this rank's micro-batches of that step (full sequences, not
+yet context-sharded: the plan shards them on the rank). Since a source maps global sequence indices to
+sequences, the position to resume from is the step alone; workers only prepare steps ahead (memmapped
+token files are reopened in each worker, see tokens.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .synthetic import step_indices
+
+
+class StepBatches(Dataset):
+    def __init__(self, source, *, batch_size: int, dp_rank: int, dp_size: int, accumulation: int):
+        self.source, self.batch_size, self.accumulation = source, batch_size, accumulation
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+
+    def __len__(self) -> int:
+        return 2**62  # steps are unbounded: an epoch is the source's business
+
+    def __getitem__(self, step: int) -> tuple[int, list[dict]]:
+        micro = [self.source.batch(step_indices(step, batch_size=self.batch_size, dp_rank=self.dp_rank,
+                                                dp_size=self.dp_size, accumulation=self.accumulation, micro=m))
+                 for m in range(self.accumulation)]
+        return step, micro
+
+
+class StepLoader:
+    """`get(step)`: the micro-batches of `step`. With workers, steps from the first asked onwards are made
+    ahead in `workers` processes; asking out of order (a resume) restarts them at the step asked."""
+
+    def __init__(self, batches: StepBatches, workers: int = 0, prefetch: int = 2):
+        self.batches, self.workers, self.prefetch = batches, workers, prefetch
+        self._it, self._next = None, None
+
+    def get(self, step: int) -> list[dict]:
+        if self.workers == 0:
+            return self.batches[step][1]
+        if self._it is None or self._next != step:
+            loader = DataLoader(self.batches, batch_size=None, sampler=range(step, step + 2**40),
+                                num_workers=self.workers, prefetch_factor=self.prefetch,
+                                worker_init_fn=_one_thread)
+            self._it = iter(loader)
+        got, micro = next(self._it)
+        if got != step:
+            raise RuntimeError(f"data loader returned step {got} for step {step} (a bug)")
+        self._next = step + 1
+        return micro
+
+    def close(self) -> None:
+        self._it = None
+
+
+def _one_thread(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # workers make batches; the rank's threads do the math

@@ -1,0 +1,212 @@
+"""`longctx data prepare`: local text / JSONL / Parquet files -> a memory-mapped token dataset.
+
+Files are tokenized in parallel worker processes (one file per task, results kept in input order) and
+written as tokens.bin + offsets.npy + meta.json (the format tokens.py reads). Input problems never stop a
+run half-way: each is reported with its file (and line) and skipped, and counted in the summary; with
+`strict` the first problems are reported and nothing is written. The output is assembled in a temporary
+directory next to the target and swapped in at the end, so re-running over the same output is safe and an
+interrupted run leaves the previous dataset intact.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+
+from .tokenizer import load_tokenizer
+from .tokens import FILES
+
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+class PrepareError(ValueError):
+    """Bad input for `data prepare` (printed as one line by the command)."""
+
+
+def expand_inputs(patterns) -> list[str]:
+    """Paths, globs and directories (recursively) -> sorted unique files; an empty match is an error."""
+    files = []
+    for pat in [patterns] if isinstance(patterns, str) else patterns:
+        matches = sorted(glob.glob(pat, recursive=True)) if any(c in pat for c in "*?[") else [pat]
+        if not matches or not all(os.path.exists(m) for m in matches):
+            raise PrepareError(f"--input {pat!r} matches no file; give a file, a directory or a glob like "
+                               "'data/*.jsonl'")
+        for m in matches:
+            if os.path.isdir(m):
+                files += sorted(os.path.join(r, f) for r, _, fs in os.walk(m) for f in fs)
+            else:
+                files.append(m)
+    return list(dict.fromkeys(files))
+
+
+def _documents(path: str, text_key: str):
+    """Yield (line or None, text) per document, or (line, Problem message) for a skipped part."""
+    if os.path.getsize(path) == 0:
+        yield None, Problem("empty file")
+        return
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            yield None, Problem("Parquet needs pyarrow: pip install 'longctx[data]'")
+            return
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not raised
+            yield None, Problem(f"not a readable Parquet file ({type(e).__name__})")
+            return
+        if text_key not in table.column_names:
+            yield None, Problem(f"no column {text_key!r} (columns: {', '.join(table.column_names)}); "
+                                "choose one with --text-key")
+            return
+        for i, text in enumerate(table.column(text_key).to_pylist()):
+            yield i + 1, text if isinstance(text, str) else Problem(f"row {i + 1}: {text_key!r} is not a string")
+        return
+    with open(path, "rb") as f:
+        raw = f.read()
+    if b"\x00" in raw[:65536]:
+        yield None, Problem("binary file (NUL bytes), not text")
+        return
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        yield None, Problem(f"not UTF-8 text (byte {e.start})")
+        return
+    if not path.endswith(JSONL_SUFFIXES):
+        yield None, text  # a plain text file is one document
+        return
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield n, Problem(f"not valid JSON ({e.msg})")
+            continue
+        if not isinstance(record, dict) or text_key not in record:
+            keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+            yield n, Problem(f"no key {text_key!r} (has: {keys}); choose the text field with --text-key")
+            continue
+        if not isinstance(record[text_key], str):
+            yield n, Problem(f"{text_key!r} is not a string")
+            continue
+        yield n, record[text_key]
+
+
+class Problem(str):
+    """A skipped part of the input, with its reason."""
+
+
+def tokenize_file(path: str, tokenizer_spec: str, text_key: str, add_eos: bool):
+    """-> (tokens, document lengths, [(path, line, reason), ...]). Runs in a worker process."""
+    tok = load_tokenizer(tokenizer_spec)
+    ids, lengths, problems = [], [], []
+    for line, doc in _documents(path, text_key):
+        if isinstance(doc, Problem):
+            problems.append((path, line, str(doc)))
+            continue
+        if not doc:
+            problems.append((path, line, "empty document"))
+            continue
+        toks = tok.encode(doc)
+        if add_eos and tok.eos_id is not None:
+            toks.append(tok.eos_id)
+        ids.extend(toks)
+        lengths.append(len(toks))
+    return np.asarray(ids, dtype=np.int64), lengths, problems
+
+
+def _histogram(lengths) -> dict:
+    """Documents per power-of-two length bucket: {'<=16': n, ...}."""
+    hist = Counter(1 << max(0, int(np.ceil(np.log2(max(1, n))))) for n in lengths)
+    return {f"<={k}": hist[k] for k in sorted(hist)}
+
+
+def _swap_in(tmp: str, output: str) -> None:
+    if os.path.exists(output):
+        if not os.path.isdir(output) or (os.listdir(output) and not os.path.exists(os.path.join(output, "meta.json"))):
+            raise PrepareError(f"--output {output!r} exists and is not a prepared dataset; refusing to replace it: "
+                               "choose a new directory or remove it")
+        old = output.rstrip("/") + f".old-{os.getpid()}"
+        os.replace(output, old)
+        os.replace(tmp, output)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, output)
+
+
+def prepare(inputs, output: str, *, tokenizer: str = "byte", text_key: str = "text", workers: int = 1,
+            strict: bool = False, add_eos: bool = True, progress: bool = True) -> dict:
+    """Tokenize `inputs` into `output`; returns the summary written to meta.json."""
+    from tqdm import tqdm
+
+    if workers < 1:
+        raise PrepareError(f"--workers must be >= 1, got {workers}")
+    tok = load_tokenizer(tokenizer)  # a bad tokenizer fails here, before any worker starts
+    files = expand_inputs(inputs)
+    out_abs = os.path.abspath(output)
+    files = [f for f in files if not os.path.abspath(f).startswith(out_abs + os.sep)]  # never read our own output
+    parent = os.path.dirname(out_abs) or "."
+    os.makedirs(parent, exist_ok=True)
+    if os.path.exists(output) and os.path.isdir(output) and os.listdir(output) and \
+            not os.path.exists(os.path.join(output, "meta.json")):
+        raise PrepareError(f"--output {output!r} exists and is not a prepared dataset; refusing to replace it: "
+                           "choose a new directory or remove it")
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    tmp = tempfile.mkdtemp(prefix=".prepare-", dir=parent)
+    try:
+        problems, lengths, n_tokens = [], [], 0
+        with open(os.path.join(tmp, "tokens.bin"), "wb") as sink, \
+                ProcessPoolExecutor(max_workers=workers) as pool:
+            results = pool.map(tokenize_file, files, [tokenizer] * len(files), [text_key] * len(files),
+                               [add_eos] * len(files))
+            for ids, lens, probs in tqdm(results, total=len(files), desc="tokenizing", unit="file",
+                                         disable=not progress):
+                problems += probs
+                if strict and problems:
+                    break
+                sink.write(ids.astype(dtype).tobytes())
+                lengths += lens
+                n_tokens += int(ids.size)
+        if strict and problems:
+            path, line, why = problems[0]
+            where = f"{path}:{line}" if line else path
+            raise PrepareError(f"{where}: {why} (--strict: nothing written; without --strict such input is skipped)")
+        if not lengths:
+            raise PrepareError("no document could be read from the input (see the problems above); nothing written")
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        np.save(os.path.join(tmp, "offsets.npy"), offsets)
+        reasons = Counter(why.split(" (")[0] for _, _, why in problems)
+        summary = {"files": len(files), "documents": len(lengths), "tokens": n_tokens, "dtype": np.dtype(dtype).name,
+                   "tokenizer": tok.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+                   "skipped": len(problems), "skipped_by_reason": dict(reasons),
+                   "problems": [{"file": p, "line": ln, "reason": r} for p, ln, r in problems[:1000]],
+                   "length_histogram": _histogram(lengths), "text_key": text_key}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        assert all(os.path.exists(os.path.join(tmp, name)) for name in FILES)
+        _swap_in(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return summary
+
+
+def format_summary(summary: dict, output: str) -> str:
+    lines = [f"prepared {output}: {summary['documents']:,} documents, {summary['tokens']:,} tokens from "
+             f"{summary['files']} file(s) ({summary['tokenizer']}, vocab {summary['vocab_size']}, {summary['dtype']})"]
+    if summary["skipped"]:
+        lines.append(f"skipped {summary['skipped']}: " + ", ".join(f"{k} x{v}" for k, v in
+                                                                    summary["skipped_by_reason"].items()))
+        for p in summary["problems"][:10]:
+            lines.append(f"  {p['file']}{':' + str(p['line']) if p['line'] else ''}: {p['reason']}")
+    lines.append("document lengths (tokens): " + ", ".join(f"{k}: {v}" for k, v in summary["length_histogram"].items()))
+    return "\n".join(lines)

@@ -1,0 +1,59 @@
+"""Tokenizers: bytes (the default, nothing to download) or a Hugging Face `tokenizers` file on local disk.
+
+`load_tokenizer(spec)`: "byte" -> ByteTokenizer; a path to tokenizer.json (or a directory holding one) ->
+HFTokenizer (the `hf` extra). Nothing is fetched from the network, ever: a spec that is neither is an error.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are ids 0-255; 256 is end-of-document, 257 padding."""
+
+    name = "byte"
+    eos_id, pad_id = 256, 257
+    vocab_size = 258
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A `tokenizers` tokenizer.json; end-of-document is its eos token when it names one."""
+
+    def __init__(self, path: str):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ImportError("a tokenizer.json needs the Hugging Face `tokenizers` package: "
+                              "pip install 'longctx[hf]'") from None
+        self.name = os.path.abspath(path)
+        self._tok = Tokenizer.from_file(path)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        eos = next((t for t in ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>") if t in vocab), None)
+        self.eos_id = vocab[eos] if eos is not None else None
+        pad = next((t for t in ("<pad>", "<|pad|>", "[PAD]") if t in vocab), None)
+        self.pad_id = vocab[pad] if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(list(ids))
+
+
+def load_tokenizer(spec: str | None = "byte"):
+    """`byte`, a tokenizer.json, or a directory holding one (e.g. a Hugging Face checkpoint directory)."""
+    if spec in (None, "", "byte"):
+        return ByteTokenizer()
+    path = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
+    if not os.path.isfile(path):
+        raise ValueError(f"--tokenizer {spec!r}: not 'byte' and no tokenizer.json there; give 'byte', a local "
+                         "tokenizer.json or a directory holding one (nothing is downloaded)")
+    return HFTokenizer(path)
