@@ -132,6 +132,13 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
+    def generate(self, prompts, **kwargs):
+        """Continue prompts (list of 1-D token tensors): see longctx.model.generate.generate (context-parallel
+        prefill, tree-attention decoding over the same ranks)."""
+        from .generate import generate
+
+        return generate(self, prompts, **kwargs)
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """(Re)initialise every parameter in place: what a model built on the meta device needs once its

@@ -39,13 +39,34 @@ def _doc_mask(lengths, batch: int, sq: int, sk: int, device) -> kernels.Mask | N
     return kernels.Mask.documents(torch.zeros(batch, sq, dtype=torch.long, device=device), k_doc)
 
 
-def local_partial(q, k, v, *, scale, kernel="auto", lengths=None, q_positions=None, k_positions=None):
+def _start_mask(key_start, k_positions, batch: int, sq: int, device) -> kernels.Mask:
+    """Rows of a batch whose keys begin later (left-padded prompts): key j of row b is valid iff its global
+    position k_positions[j] >= key_start[b]."""
+    starts = torch.as_tensor(key_start, device=device).reshape(-1).long()
+    if starts.numel() != batch:
+        raise ValueError(f"key_start must hold one first-valid position per batch row ({batch}), got "
+                         f"{starts.numel()}")
+    kpos = torch.as_tensor(k_positions, device=device).reshape(1, -1)
+    valid = (kpos >= starts[:, None]).long()
+    return kernels.Mask.documents(torch.ones(batch, sq, dtype=torch.long, device=device), valid)
+
+
+def local_partial(q, k, v, *, scale, kernel="auto", lengths=None, q_positions=None, k_positions=None,
+                  key_start=None):
     """This rank's (out, lse) in the accumulation dtype. With positions given, query i sees only the
-    local keys whose global position is <= its own (causal over the new tokens); else every key."""
+    local keys whose global position is <= its own (causal over the new tokens); else every key. With
+    key_start (B,) and k_positions, keys before key_start[b] are invisible to row b."""
     b, sq, h, _ = q.shape
     sk = k.shape[1]
     acc = kernels.acc_dtype(q.dtype)
     out, lse = kernels.empty_state(b, sq, h, v.shape[-1], device=q.device, dtype=acc)
+    if key_start is not None:
+        if q_positions is not None or lengths is not None:
+            raise ValueError("key_start cannot be combined with causal_new or lengths")
+        if sq == 0 or sk == 0:
+            return out, lse
+        return kernels.forward(q, k, v, scale=scale, mask=_start_mask(key_start, k_positions, b, sq, q.device),
+                               backend=kernel, out_dtype=acc)
     if lengths is not None:
         _doc_mask(lengths, b, sq, sk, q.device)  # validates
         lengths = torch.as_tensor(lengths, device=q.device).reshape(-1).long()
@@ -106,14 +127,16 @@ def tree_combine(out, lse, comm: Comm, *, collectives: int = 2):
 
 @torch.no_grad()
 def tree_decode(q, k_local, v_local, group=None, *, scale=None, kernel="auto", lengths=None,
-                causal_new=False, q_positions=None, k_positions=None, collectives=2, return_lse=False):
+                causal_new=False, q_positions=None, k_positions=None, collectives=2, return_lse=False,
+                key_start=None):
     """Attention of replicated new queries q (B, Sq, H, D) over a sequence-sharded cache (B, S_r, H_kv, D).
 
     Default semantics: every query sees every cached key (of every rank). `causal_new=True` is for
     Sq > 1 new tokens that are already in the cache: query i sees only keys at global positions <=
     q_positions[i]; give q_positions (Sq,) and this shard's increasing k_positions (S_r,)
     (ShardedKVCache.decode fills both). `lengths` (B,) marks how many slots of each batch row of this shard
-    are filled (ragged caches). Returns out in q's dtype (and the global lse (B, H, Sq) if return_lse).
+    are filled (ragged caches); `key_start` (B,) with k_positions hides keys before key_start[b] from row b
+    (left-padded prompts). Returns out in q's dtype (and the global lse (B, H, Sq) if return_lse).
     """
     scale, _ = kernels.validate(q, k_local, v_local, scale, None)
     if causal_new and (q_positions is None or k_positions is None):
@@ -122,7 +145,8 @@ def tree_decode(q, k_local, v_local, group=None, *, scale=None, kernel="auto", l
     comm = Comm.get(group)
     o, l = local_partial(q, k_local, v_local, scale=scale, kernel=kernel, lengths=lengths,
                          q_positions=q_positions if causal_new else None,
-                         k_positions=k_positions if causal_new else None)
+                         k_positions=k_positions if causal_new or key_start is not None else None,
+                         key_start=key_start)
     out, lse = tree_combine(o, l, comm, collectives=collectives)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
@@ -130,12 +154,14 @@ def tree_decode(q, k_local, v_local, group=None, *, scale=None, kernel="auto", l
 
 @torch.no_grad()
 def ring_decode(q, k_local, v_local, group=None, *, scale=None, kernel="auto", shard_lens=None,
-                return_lse=False):
+                return_lse=False, key_start=None):
     """Baseline: the KV shards travel W-1 hops around the ring (K and V packed in one buffer, padded to the
     longest shard) and every rank merges the partials locally. Same result as tree_decode.
 
     `shard_lens` lists every rank's shard length (ShardedKVCache.shard_lengths()); if None it is
-    all-gathered first (counted under the 'decode_meta' phase, not 'decode').
+    all-gathered first (counted under the 'decode_meta' phase, not 'decode'). `key_start` (B,): keys at
+    global positions before key_start[b] are invisible to row b (shards follow the cache's round-robin
+    positions: rank r holds r, r+W, ...).
     """
     scale, _ = kernels.validate(q, k_local, v_local, scale, None)
     comm = Comm.get(group)
@@ -158,7 +184,11 @@ def ring_decode(q, k_local, v_local, group=None, *, scale=None, kernel="auto", s
         pending = comm.ring_exchange(kv, phase=PHASE) if s < hops else None
         n = shard_lens[(comm.rank - s) % comm.world]
         if n > 0 and sq > 0:
-            o, l = kernels.forward(q, kv[0, :, :n], kv[1, :, :n], scale=scale, backend=kernel, out_dtype=acc)
+            src = (comm.rank - s) % comm.world
+            mask = None if key_start is None else _start_mask(key_start, src + comm.world * torch.arange(n), b, sq,
+                                                              q.device)
+            o, l = kernels.forward(q, kv[0, :, :n], kv[1, :, :n], scale=scale, mask=mask, backend=kernel,
+                                   out_dtype=acc)
             kernels.merge_(out, lse, o, l)
         if pending is not None:
             kv = pending.wait()
@@ -256,15 +286,18 @@ class ShardedKVCache:
         self._v[:, self._n:need] = v
         self._n = need
 
-    def decode(self, q, *, strategy: str = "tree", causal_new: bool = False, **kwargs):
+    def decode(self, q, *, strategy: str = "tree", causal_new: bool = False, key_start=None, **kwargs):
         """Attention of new queries q (B, Sq, H, D) over the whole cache (see tree_decode / ring_decode).
 
         With causal_new, the Sq queries are the last Sq cached tokens and each sees positions <= its own.
+        key_start (B,): row b sees only cached positions >= key_start[b] (its prompt was left-padded).
         """
         if self._k is None:
             raise ValueError("the cache is empty on every rank; prefill() or append() before decode()")
+        if key_start is not None:
+            kwargs["key_start"] = key_start
         if strategy == "tree":
-            pos = {}
+            pos = {"k_positions": self.global_positions()} if key_start is not None else {}
             if causal_new:
                 pos = dict(q_positions=torch.arange(self.total - q.shape[1], self.total),
                            k_positions=self.global_positions())

@@ -1,0 +1,126 @@
+"""`longctx data prepare`: counts checked against the input written here, malformed input skipped and
+reported (or rejected with --strict), safe re-runs, Parquet and tokenizer.json inputs."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from longctx.cli import main
+from longctx.data.prepare import PrepareError, prepare
+from longctx.data.tokens import TokenSource
+
+
+def _corpus(tmp_path, n_docs=3000):
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "délta", "long", "context", "ring", "zigzag"]
+    docs = [" ".join(rng.choice(words, size=int(rng.integers(5, 300)))) for _ in range(n_docs)]
+    with open(tmp_path / "a.jsonl", "w") as f:
+        for d in docs[: n_docs // 2]:
+            f.write(json.dumps({"text": d, "id": 1}) + "\n")
+    with open(tmp_path / "b.jsonl", "w") as f:
+        for d in docs[n_docs // 2:]:
+            f.write(json.dumps({"text": d}) + "\n")
+    (tmp_path / "c.txt").write_text("a plain text file is one document\n" * 100)
+    return docs + ["a plain text file is one document\n" * 100]
+
+
+def test_prepare_megabytes_of_text_counts_every_document(tmp_path):
+    docs = _corpus(tmp_path)
+    out = tmp_path / "ds"
+    summary = prepare(str(tmp_path / "*"), str(out), workers=2, progress=False)
+    sizes = [len(d.encode()) + 1 for d in docs]  # byte tokens and one eos each
+    assert summary["tokens"] > 1_000_000 and summary["documents"] == len(docs) and summary["skipped"] == 0
+    assert summary["tokens"] == sum(sizes)
+    assert sum(summary["length_histogram"].values()) == len(docs)
+    tokens = np.memmap(out / "tokens.bin", dtype=summary["dtype"], mode="r")
+    offsets = np.load(out / "offsets.npy")
+    assert offsets.tolist() == np.concatenate([[0], np.cumsum(sizes)]).tolist()
+    first = bytes(tokens[: sizes[0] - 1].tolist()).decode()
+    assert first == docs[0] and tokens[sizes[0] - 1] == 256  # eos closes each document
+    # file order is kept: the text file's document comes last
+    last = bytes(tokens[offsets[-2]: offsets[-1] - 1].tolist()).decode()
+    assert last == docs[-1]
+
+
+def test_malformed_input_is_reported_with_file_and_line_and_skipped(tmp_path):
+    (tmp_path / "good.jsonl").write_text(json.dumps({"text": "fine"}) + "\n{not json\n" +
+                                         json.dumps({"body": "wrong key"}) + "\n" + json.dumps({"text": 3}) + "\n")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blob.txt").write_bytes(b"\x00\x01\x02binary")
+    (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
+    summary = prepare(str(tmp_path / "*"), str(tmp_path / "ds"), workers=1, progress=False)
+    assert summary["documents"] == 1 and summary["skipped"] == 6
+    where = {(os.path.basename(p["file"]), p["line"]): p["reason"] for p in summary["problems"]}
+    assert "not valid JSON" in where[("good.jsonl", 2)]
+    assert "no key 'text'" in where[("good.jsonl", 3)] and "--text-key" in where[("good.jsonl", 3)]
+    assert "not a string" in where[("good.jsonl", 4)]
+    assert where[("empty.txt", None)] == "empty file"
+    assert "binary" in where[("blob.txt", None)] and "UTF-8" in where[("latin.txt", None)]
+
+
+def test_strict_rejects_and_leaves_the_previous_dataset_intact(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text(json.dumps({"text": "one"}) + "\n")
+    out = tmp_path / "ds"
+    first = prepare(str(tmp_path / "in"), str(out), progress=False)
+    (tmp_path / "in" / "b.jsonl").write_text("{broken\n")
+    with pytest.raises(PrepareError, match=r"b.jsonl:1: not valid JSON.*--strict: nothing written"):
+        prepare(str(tmp_path / "in"), str(out), strict=True, progress=False)
+    assert json.loads((out / "meta.json").read_text())["tokens"] == first["tokens"]
+    again = prepare(str(tmp_path / "in"), str(out), progress=False)  # re-run over the same output
+    assert again["tokens"] == first["tokens"] and again["skipped"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["ds", "in"]  # no temporary directory left behind
+
+
+def test_bad_arguments_name_the_fix(tmp_path, capsys):
+    with pytest.raises(PrepareError, match="matches no file"):
+        prepare(str(tmp_path / "nothing*.jsonl"), str(tmp_path / "ds"), progress=False)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    (tmp_path / "x.txt").write_text("text")
+    with pytest.raises(PrepareError, match="not a prepared dataset; refusing"):
+        prepare(str(tmp_path / "x.txt"), str(tmp_path / "mine"), progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ValueError, match="no tokenizer.json there"):
+        prepare(str(tmp_path / "x.txt"), str(tmp_path / "ds"), tokenizer=str(tmp_path / "nope"), progress=False)
+    assert main(["data", "prepare", "--input", str(tmp_path / "x.txt"), "--output", str(tmp_path / "mine")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_cli_prepares_and_reports(tmp_path, capsys):
+    _corpus(tmp_path, n_docs=40)
+    assert main(["data", "prepare", "--input", str(tmp_path / "*.jsonl"), "--output", str(tmp_path / "ds"),
+                 "--workers", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "40 documents" in out and "document lengths (tokens)" in out
+
+
+def test_parquet_input(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="Parquet input needs pyarrow (extra: data)")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["first doc", "second"], "n": [1, 2]}), tmp_path / "t.parquet")
+    summary = prepare(str(tmp_path / "t.parquet"), str(tmp_path / "ds"), text_key="body", progress=False)
+    assert summary["documents"] == 2 and summary["tokens"] == len("first doc") + len("second") + 2
+    with pytest.raises(PrepareError, match="no document could be read"):
+        prepare(str(tmp_path / "t.parquet"), str(tmp_path / "ds2"), progress=False)
+
+
+def test_tokenizer_json_from_a_local_file(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers", reason="tokenizer.json needs `tokenizers` (extra: hf)")
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "</s>": 1, "hello": 2, "world": 3, "long": 4}
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "hello long world"}) + "\n" +
+                                      json.dumps({"text": "world unknown"}) + "\n")
+    summary = prepare(str(tmp_path / "d.jsonl"), str(tmp_path / "ds"), tokenizer=str(tmp_path), progress=False)
+    assert summary["vocab_size"] == 5 and summary["eos_id"] == 1
+    tokens = np.memmap(tmp_path / "ds" / "tokens.bin", dtype=summary["dtype"], mode="r").tolist()
+    assert tokens == [2, 4, 3, 1, 3, 0, 1]
+    src = TokenSource(str(tmp_path / "ds"), seq_len=3, seed=0, vocab_size=8, shuffle=False)
+    assert src.sequence(0)[0].tolist() == [2, 4, 3]

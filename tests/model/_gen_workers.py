@@ -1,0 +1,49 @@
+"""Rank side of the generation tests."""
+
+from __future__ import annotations
+
+import torch
+
+from longctx.config import load
+from longctx.model import build_model
+from longctx.parallel import Comm
+
+SMALL = ["model.dim=32", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=64", "model.n_layers=2",
+         "model.vocab_size=48"]
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return build_model(load(overrides=SMALL).model).float()
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 48, (n,), generator=g) for n in lengths]
+
+
+def greedy_reference(model, prompt, steps):
+    """No cache, no padding, one row at a time: the whole sequence through the model every step."""
+    seq, logits = prompt.clone(), []
+    with torch.no_grad():
+        for _ in range(steps):
+            out = model(seq[None])[0, -1].float()
+            logits.append(out)
+            seq = torch.cat([seq, out.argmax()[None]])
+    return seq[prompt.numel():], torch.stack(logits)
+
+
+def generate_case(case):
+    model = tiny_model()
+    ps = prompts(case["lengths"])
+    comm = Comm.get(None)
+    comm.stats.reset()
+    res = model.generate(ps, max_new_tokens=case["steps"], strategy=case["strategy"], decode=case["decode"],
+                         return_logits=True, **case.get("kw", {}))
+    decode_bytes = comm.stats.bytes("decode")
+    return {"tokens": [t.tolist() for t in res.tokens], "logits": torch.stack(res.logits),
+            "decode_bytes_per_token": decode_bytes / len(res.logits), "prompt_len": res.prompt_len}
+
+
+def run_cases(cases):
+    return [generate_case(c) for c in cases]
