@@ -138,6 +138,27 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--strict", action="store_true", help="reject malformed input instead of skipping it")
     prep.add_argument("--no-eos", action="store_true", help="do not end each document with the eos token")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev = sub.add_parser("eval", help="evaluate a checkpoint: needle-in-a-haystack, perplexity by position")
+    esub = ev.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)
+    needle = esub.add_parser("needle", help="accuracy by context length and needle depth (heatmap PNG + JSON)")
+    needle.add_argument("--lengths", type=_int_list, required=True, help="context lengths, e.g. 128,256,512")
+    needle.add_argument("--depths", type=_float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                        help="needle depths (fraction of the haystack before it), default 0,0.25,0.5,0.75,1")
+    needle.add_argument("--samples", type=_positive_int, default=20, help="examples per cell (default 20)")
+    needle.add_argument("--decode", choices=["tree", "ring"], default="tree", help="decoding over the ranks")
+    needle.add_argument("--json", default=None, help="write the records here")
+    needle.add_argument("--plot", default=None, help="write the heatmap here (PNG)")
+    ppl = esub.add_parser("ppl", help="perplexity by position (inside documents) on a prepared dataset")
+    ppl.add_argument("--data", default=None, help="prepared dataset (default: the checkpoint's data.path)")
+    ppl.add_argument("--seq-len", type=_positive_int, default=None, help="default: the checkpoint's train.seq_len")
+    ppl.add_argument("--sequences", type=_positive_int, default=8, help="windows evaluated (default 8)")
+    ppl.add_argument("--buckets", type=_positive_int, default=8, help="position buckets (default 8)")
+    ppl.add_argument("--json", default=None, help="write the buckets here")
+    for e in (needle, ppl):
+        e.add_argument("--checkpoint", required=True, help="a checkpoint (step_NNNNNNNN) or a checkpoint root")
+        e.add_argument("--nproc", type=_positive_int, default=1, help="context-parallel ranks (simulated cluster); "
+                                                                      "under torchrun the world is used")
+        e.add_argument("--strategy", default="zigzag", help="sequence-parallel strategy for the prompt / sequence")
     bench = sub.add_parser("bench", help="benchmarks: tables, JSON, plots")
     bsub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     for name, (module, helptext) in BENCHES.items():
@@ -155,6 +176,55 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from .eval.needle import check_grid, format_table, write_needle
+    from .launch import run
+    from .launch.entry import eval_main
+    from .parallel.sequence.registry import get_strategy
+
+    kind = args.eval_command
+    params = {k: getattr(args, k, None) for k in ("checkpoint", "lengths", "depths", "samples", "decode", "strategy",
+                                                   "data", "seq_len", "sequences", "buckets")}
+    with _checking():
+        get_strategy(args.strategy)
+        if kind == "needle":
+            check_grid(args.lengths, args.depths, args.samples)
+        if not os.path.exists(args.checkpoint):
+            raise ValueError(f"--checkpoint {args.checkpoint!r} does not exist; give a checkpoint directory "
+                             "(step_NNNNNNNN) or a checkpoint root (run_dir/checkpoints)")
+        if args.nproc > 1:
+            records = run(eval_main, args.nproc, args=(kind, params), timeout=24 * 3600.0)[0]
+        else:
+            records = eval_main(kind, params)
+    if kind == "needle":
+        print(format_table(records))
+        write_needle(records, args.json, args.plot)
+    else:
+        for r in records:
+            print(f"positions {r['bucket_start']:>7}-{r['bucket_end']:<7} tokens {r['tokens']:>9}  loss "
+                  f"{r['loss']:.4f}  ppl {r['ppl']:.3f}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(records, f, indent=1)
+    return 0
 
 
 def _load(args):
@@ -289,6 +359,8 @@ def _dispatch(args) -> int:
         return cmd_checkpoint_export(args)
     if args.command == "data":
         return cmd_data_prepare(args)
+    if args.command == "eval":
+        return cmd_eval(args)
     module = importlib.import_module(args._module)
     with _checking():  # in this process: a bad argument never reaches the ranks
         module.validate(args)

@@ -80,7 +80,8 @@ def run(fn, world_size, *, args=(), kwargs=None, backend="auto", timeout=120.0, 
 
     ``env`` entries are set in every rank on top of the caller's current environment. With the
     forkserver, torch is imported before they are set, so variables torch reads at import time
-    have no effect there. Ranks are daemonic processes and cannot start processes of their own.
+    have no effect there. Ranks may start processes of their own (DataLoader workers); the ranks are
+    not daemonic, so this call's own cleanup (terminate, then kill) is what ends them on any exit.
     """
     kwargs = {} if kwargs is None else dict(kwargs)
     _check_args(fn, world_size, backend, timeout, pg_timeout, start_method, num_threads, env)
@@ -98,7 +99,7 @@ def run(fn, world_size, *, args=(), kwargs=None, backend="auto", timeout=120.0, 
     try:
         for rank in range(world_size):
             reader, writer = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_worker, name=f"longctx-rank{rank}", daemon=True,
+            proc = ctx.Process(target=_worker, name=f"longctx-rank{rank}", daemon=False,
                                args=(rank, world_size, backend, store.port, pg_timeout, num_threads,
                                      child_env, payload, writer))
             conns.append(reader)

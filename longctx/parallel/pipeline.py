@@ -148,11 +148,15 @@ class Pipeline:
 
 
 def _stage_hook(module, args, kwargs):
-    """Hand every stage the step's position ids (and packed documents), and make the last stage return
-    hidden states."""
+    """Hand every stage the step's position ids (and its microbatch's rows of the packed documents), and
+    make the last stage return hidden states."""
     kwargs.setdefault("position_ids", module._pp_position_ids)
-    if getattr(module, "_pp_documents", None) is not None:
-        kwargs.setdefault("documents", module._pp_documents)
+    docs = getattr(module, "_pp_documents", None)
+    if docs is not None:
+        if docs.batch > 1:  # the schedule cut the batch like torch.tensor_split; take this chunk's rows
+            rows = torch.tensor_split(torch.arange(docs.batch), module._pp_microbatches)[module._pp_chunk]
+            docs = docs.rows(int(rows[0]), int(rows[-1]) + 1)
+        kwargs.setdefault("documents", docs)
     if module.output is not None:
         kwargs["return_hidden"] = True
     return args, kwargs
@@ -163,11 +167,17 @@ def build_pipeline(stage_modules: list[nn.Module], ids: list[int], n_stages: int
     """PipelineStages over the pp group and the schedule; `loss_fn(hidden, labels)` runs on the last stage."""
     import torch.distributed.pipelining as pipelining
 
+    class Stage(pipelining.PipelineStage):
+        def forward_one_chunk(self, fwd_chunk_id, *args, **kwargs):
+            self.submod._pp_chunk = fwd_chunk_id  # which microbatch's documents the stage hook hands on
+            return super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+
     stages = []
     for module, idx in zip(stage_modules, ids):
-        module._pp_position_ids = None
+        module._pp_position_ids, module._pp_documents, module._pp_chunk = None, None, 0
+        module._pp_microbatches = microbatches
         module.register_forward_pre_hook(_stage_hook, with_kwargs=True, prepend=True)  # before the position check
-        stages.append(pipelining.PipelineStage(module, idx, n_stages, device, group=group))
+        stages.append(Stage(module, idx, n_stages, device, group=group))
     cls = getattr(pipelining, SCHEDULES[schedule][0])
     if SCHEDULES[schedule][2] == 1:
         sched = cls(stages[0], n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)

@@ -194,19 +194,25 @@ def load(trainer, path: str) -> int:
     return int(meta["step"])
 
 
-def export(path: str, out: str) -> dict:
-    """A checkpoint's model weights as one plain state dict file (no process group needed) that loads into
-    the unparallelised model; pipeline stage prefixes are dropped. Returns the state dict."""
+def model_weights(path: str, log=print) -> tuple[dict, str]:
+    """(state dict of the unparallelised model, the checkpoint directory used) from a checkpoint or a
+    checkpoint root (its newest complete one); no process group needed. Pipeline stage prefixes are dropped."""
     import tempfile
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    path = locate(path, path)
+    path = locate(path, path, log=log)
     with tempfile.TemporaryDirectory() as tmp:
         full = os.path.join(tmp, "full.pt")
         dcp_to_torch_save(path, full)
         state = torch.load(full, weights_only=True)["model"]
-    state = {re.sub(r"^\d+\.", "", k): v for k, v in state.items()}  # "0.layers.3..." (a pipeline stage)
+    return {re.sub(r"^\d+\.", "", k): v for k, v in state.items()}, path  # "0.layers.3..." (a pipeline stage)
+
+
+def export(path: str, out: str) -> dict:
+    """A checkpoint's model weights as one plain state dict file that loads into the unparallelised model.
+    Returns the state dict."""
+    state, _ = model_weights(path)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     torch.save(state, out)
     return state

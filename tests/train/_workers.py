@@ -64,3 +64,25 @@ def axis_bytes(configs: list[dict]) -> list[dict]:
         out.append({"counted": trainer.axis_bytes(), "model": step_axis_bytes(trainer.cfg, trainer.dims,
                                                                               trainer.plan.engine)})
     return out
+
+
+def packed_batches(config_dict: dict, steps: int) -> dict:
+    """Every rank's view of the packed token data for `steps` steps: the context shards unsharded over the
+    cp group, and the documents each rank was handed; rank 0 of each cp group reports its data rank's."""
+    from longctx.config import from_dict
+    from longctx.parallel import unshard
+    from longctx.train import Trainer
+
+    trainer = Trainer(from_dict(config_dict))
+    plan = trainer.plan
+    cp_group = plan.mesh.group("cp") if plan.dims.cp > 1 else None
+    got = []
+    for step in range(steps):
+        for shard in trainer.micro_batches(step):
+            full = {}
+            for key in ("input_ids", "labels"):
+                full[key] = unshard(shard[key], plan.layout, group=cp_group) if cp_group is not None else shard[key]
+            full["documents"] = shard["documents"].starts
+            got.append(full)
+    trainer.loader.close()
+    return {"dp_rank": plan.dp_rank, "cp_rank": plan.cp_rank, "batches": got}

@@ -68,6 +68,10 @@ class Documents:
     def batch(self) -> int:
         return len(self.starts)
 
+    def rows(self, start: int, stop: int) -> Documents:
+        """The documents of sequences start..stop-1 (a microbatch of the batch)."""
+        return Documents(self.seq_len, self.starts[start:stop])
+
     def lengths(self, b: int = 0) -> list[int]:
         s = self.starts[b]
         return [e - a for a, e in zip(s, s[1:] + (self.seq_len,))]

@@ -1,0 +1,61 @@
+"""`longctx eval needle` and `eval ppl` on a checkpoint trained here: one process and two ranks agree."""
+
+import json
+import os
+
+import pytest
+
+from longctx.cli import main
+
+PASSKEY = ["model.vocab_size=64", "model.dim=32", "model.n_heads=2", "model.n_kv_heads=2", "model.ffn_dim=64",
+           "data.source=passkey", "data.digits=2", "train.seq_len=64", "train.batch_size=2", "train.steps=2",
+           "checkpoint.interval=2", "logging.quiet=true", "logging.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def passkey_checkpoint(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("passkey")
+    assert main(["train", "configs/tiny.yaml", *PASSKEY, "parallel.cp=1", f"run_dir={run_dir}"]) == 0
+    return str(run_dir / "checkpoints")
+
+
+def test_needle_eval_writes_json_and_heatmap_and_ranks_agree(passkey_checkpoint, tmp_path, capsys):
+    outs = {}
+    for nproc in (1, 2):
+        js, png = tmp_path / f"n{nproc}.json", tmp_path / f"n{nproc}.png"
+        assert main(["eval", "needle", "--checkpoint", passkey_checkpoint, "--lengths", "48,64", "--depths", "0,1",
+                     "--samples", "3", "--nproc", str(nproc), "--json", str(js), "--plot", str(png)]) == 0
+        outs[nproc] = json.loads(js.read_text())
+        assert os.path.getsize(png) > 1000
+    assert "depth \\ length" in capsys.readouterr().out
+    assert [(r["length"], r["depth"]) for r in outs[1]] == [(48, 0.0), (48, 1.0), (64, 0.0), (64, 1.0)]
+    assert all(set(r) >= {"length", "depth", "accuracy"} and 0 <= r["accuracy"] <= 1 for r in outs[1])
+    assert [r["correct"] for r in outs[1]] == [r["correct"] for r in outs[2]]  # the same greedy answers
+
+
+def test_needle_eval_bad_input_is_one_line(passkey_checkpoint, capsys):
+    assert main(["eval", "needle", "--checkpoint", passkey_checkpoint, "--lengths", "8", "--depths", "0"]) == 2
+    assert "too short" in capsys.readouterr().err
+    assert main(["eval", "needle", "--checkpoint", "/nonexistent", "--lengths", "64"]) == 2
+    assert main(["eval", "needle", "--checkpoint", passkey_checkpoint, "--lengths", "64", "--depths", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("longctx: error:") == 2 and "between 0 and 1" in err
+
+
+def test_perplexity_by_position_agrees_across_ranks(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": "abcdefghij" * (i + 3)}) + "\n" for i in range(40)))
+    assert main(["data", "prepare", "--input", str(corpus), "--output", str(tmp_path / "ds"), "--quiet"]) == 0
+    run_dir = tmp_path / "run"
+    assert main(["train", "configs/tiny.yaml", "parallel.cp=1", "model.vocab_size=258", "data.source=tokens",
+                 f"data.path={tmp_path / 'ds'}", "train.seq_len=64", "train.batch_size=2", "train.steps=2",
+                 "checkpoint.interval=2", "logging.quiet=true", "logging.tensorboard=false", f"run_dir={run_dir}"]) == 0
+    got = {}
+    for nproc in (1, 2):
+        js = tmp_path / f"p{nproc}.json"
+        assert main(["eval", "ppl", "--checkpoint", str(run_dir / "checkpoints"), "--buckets", "4", "--sequences", "6",
+                     "--nproc", str(nproc), "--json", str(js)]) == 0
+        got[nproc] = json.loads(js.read_text())
+    assert [r["tokens"] for r in got[1]] == [r["tokens"] for r in got[2]] and got[1][0]["tokens"] > 0
+    for a, b in zip(got[1], got[2]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
