@@ -20,6 +20,7 @@ BENCHES = {
     "kernel": ("longctx.bench.kernel", "local kernel backends: TFLOP/s for fwd, bwd, fwd+bwd"),
     "decode": ("longctx.bench.decode", "tree vs ring decoding over a sharded KV cache"),
     "dilated": ("longctx.bench.dilated", "LongNet dilated attention, local and distributed"),
+    "packing": ("longctx.bench.packing", "counted work imbalance of packed documents per layout, and balancing"),
     "train": ("longctx.bench.train", "training layouts side by side: tokens/s, FLOP/s, saved activations, loss"),
 }
 USER_ERRORS = ("ConfigError", "MissingDependency", "UserError")  # exception types printed as one line

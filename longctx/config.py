@@ -59,6 +59,7 @@ class ParallelConfig:
     ulysses: int = 1  # hybrid: the Ulysses factor of cp (cp = ring x ulysses)
     layout: str | None = None  # token layout for strategies that accept several; None: the strategy's
     kernel: str = "auto"  # local attention kernel backend
+    balance_documents: bool = False  # packed data: reorder each sequence's documents to even out the cp ranks' work
     engine: str = "auto"  # auto = torch (FSDP2 for dp_shard, DDP for dp_replicate) | fsdp | ddp | deepspeed
     zero_stage: int = 1  # engine=deepspeed: ZeRO stage 1, 2 or 3
     deepspeed_config: str | None = None  # engine=deepspeed: a JSON file whose keys override the generated config

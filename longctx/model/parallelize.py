@@ -30,6 +30,7 @@ from ..parallel.data_parallel import apply_data_parallel, resolve_engine, set_gr
 from ..parallel.dims import ParallelDims, ParallelMesh
 from ..parallel.pipeline import split_model, stage_ids, stage_layers, stages_per_rank
 from ..parallel.sequence.api import ContextParallelAttention, check_positions
+from ..parallel.sequence.balance import reorder_documents
 from ..parallel.sequence.dilated import DilatedAttention
 from ..parallel.sequence.documents import Documents
 from ..parallel.sequence.registry import get_strategy
@@ -50,6 +51,7 @@ class Plan:
     stages: list = field(default_factory=list)  # pp > 1: this rank's stage modules, in stage order
     stage_ids: list = field(default_factory=list)
     n_stages: int = 1
+    balance_documents: bool = False  # packed batches: reorder each sequence's documents for the cp ranks
     _positions: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -97,6 +99,12 @@ class Plan:
         attention stays inside each document and RoPE restarts at each)."""
         n = input_ids.shape[1]
         self.dims.check_seq_len(n, what="sequence length (input_ids.shape[1])")
+        if doc_ids is not None and self.balance_documents and self.dims.cp > 1 and self.strategy != "ulysses":
+            # whole documents move, labels with their tokens: no output, loss or gradient changes
+            ring = self.dims.cp // (self.dims.ulysses if self.strategy == "hybrid" else 1)
+            doc_ids, input_ids, *rest = reorder_documents(doc_ids, self.layout, ring, input_ids,
+                                                          *([labels] if labels is not None else []))
+            labels = rest[0] if rest else None
         pos = self.positions(n, input_ids.device)
         out = {"input_ids": input_ids.index_select(1, pos), "position_ids": pos}
         if labels is not None:
@@ -257,7 +265,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: Paralle
             apply_data_parallel(module, mesh, engine, reshard_after_forward=cfg.reshard_after_forward,
                                 param_dtype=param_dtype, keep_root_unsharded=dims.pp > 1 and module.output is not None)
     container = nn.ModuleList(modules) if dims.pp > 1 else model
-    plan = Plan(container, dims, mesh, engine, modules if dims.pp > 1 else [], ids, n_stages)
+    plan = Plan(container, dims, mesh, engine, modules if dims.pp > 1 else [], ids, n_stages,
+                balance_documents=cfg.balance_documents)
     if dims.cp > 1:
         first = modules[ids.index(0)] if 0 in ids else (model if dims.pp == 1 else None)
         if first is not None:  # the stage that sees token ids checks their positions

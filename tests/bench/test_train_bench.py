@@ -35,3 +35,19 @@ def test_bench_train_compares_layouts(tmp_path, capsys):
     # activations scale with the tokens a rank holds: 1 sequence / 4, 2 sequences / 2... per micro-batch
     assert cp4 < cp2 < cp1
     assert png.stat().st_size > 0
+
+
+def test_packing_bench_counts_and_balances(tmp_path, capsys):
+    import json
+
+    from longctx.cli import main
+
+    js, png = tmp_path / "p.json", tmp_path / "p.png"
+    assert main(["bench", "packing", "--seq-len", "512", "--world-size", "4", "--batch", "2", "--mean-doc", "32",
+                 "--json", str(js), "--plot", str(png)]) == 0
+    rows = {r["layout"]: r for r in json.loads(js.read_text())}
+    assert rows["striped"]["ring_imbalance"] < 1.05 < rows["contiguous"]["ring_imbalance"]
+    assert all(r["rank_imbalance_balanced"] <= r["rank_imbalance"] for r in rows.values())
+    assert all(r["work_vs_one_document"] < 1 for r in rows.values()) and png.stat().st_size > 1000
+    assert main(["bench", "packing", "--seq-len", "510", "--world-size", "4"]) == 2
+    assert "pad it by" in capsys.readouterr().err

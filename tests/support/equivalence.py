@@ -86,7 +86,8 @@ def packed_equivalence(overrides, lengths, n: int = 32):
     """Packed documents through a parallelized model (float64) against the plain single-device model run on
     each document alone as its own sequence (positions from 0; nothing of Documents involved): logits of
     every token, and every parameter gradient of the summed per-document loss. `lengths`: per-row document
-    lengths. Returns (max |logits - per-document|, {param: max |grad - per-document|})."""
+    lengths. Returns (max |logits - per-document|, {param: max |grad - per-document|}, the document starts
+    the model was given)."""
     cfg = load(overrides=[*SMALL, *overrides])
     p = cfg.parallel
     dims = ParallelDims(dp_shard=1, cp=dist.get_world_size(), world_size=dist.get_world_size(), strategy=p.strategy,
@@ -118,4 +119,4 @@ def packed_equivalence(overrides, lengths, n: int = 32):
                            ignore_index=-100) * dims.dp_cp
     loss.backward()
     err_logits = (logits.detach() - ref_logits[:, batch["position_ids"]]).abs().max().item()
-    return err_logits, grad_errors(model, single)
+    return err_logits, grad_errors(model, single), batch["documents"].starts
