@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,triton,deepspeed,ray
+EXTRAS ?= dev,triton,deepspeed,ray,data,hf
 SYSTEM_TORCH ?=
 STAMP := $(VENV)/.longctx-installed
 PYTEST_ARGS ?=

@@ -69,7 +69,8 @@ def info() -> str:
     )
     lines.append("optional packages:")
     for mod, extra in (("triton", "triton"), ("flash_attn", "flash"), ("ray", "ray"), ("deepspeed", "deepspeed"),
-                       ("transformers", "hf"), ("tensorboard", "dev"), ("omegaconf", "required")):
+                       ("transformers", "hf"), ("tokenizers", "hf"), ("pyarrow", "data"), ("tensorboard", "dev"),
+                       ("omegaconf", "required")):
         ok, what = probe(mod)
         lines.append(f"  {mod:<13} {what if ok else 'missing (extra: ' + extra + ')'}")
     lines.append("kernel backends (auto picks the highest priority that supports a call):")

@@ -116,6 +116,7 @@ class DataConfig:
     digits: int = 4  # retrieval: digits of each value (the answer)
     depth: float | None = None  # needle: fraction of the haystack before the needle (null: random)
     pairs: int = 4  # recall: key-value facts in each sequence
+    pack_min: int = 0  # retrieval: >0 packs examples of random lengths in [pack_min, seq_len] as documents
 
 
 @dataclass

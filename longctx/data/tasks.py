@@ -31,7 +31,8 @@ def min_vocab(alphabet: int) -> int:
 
 class RetrievalTask:
     def __init__(self, *, kind: str, seq_len: int, vocab_size: int, seed: int, alphabet: int = 16, digits: int = 4,
-                 depth: float | None = None, pairs: int = 4, period: int | None = None, mask_prompt: bool = True):
+                 depth: float | None = None, pairs: int = 4, period: int | None = None, mask_prompt: bool = True,
+                 pack_min: int = 0):
         if kind not in RETRIEVAL:
             raise ValueError(f"data.source={kind!r}: retrieval tasks are {', '.join(RETRIEVAL)}")
         if vocab_size < min_vocab(alphabet):
@@ -47,16 +48,19 @@ class RetrievalTask:
             raise ValueError(f"data.pairs={pairs} must be between 1 and {N_KEYS} (distinct key symbols)")
         self.kind, self.seq_len, self.seed, self.alphabet = kind, seq_len, seed, alphabet
         self.digits, self.depth, self.n_facts = digits, depth, n_facts
-        self.period, self.mask_prompt = period, mask_prompt
+        self.period, self.mask_prompt, self.pack_min = period, mask_prompt, pack_min
         need = (3 + digits) * (n_facts + 1) + 1
         if seq_len + 1 < need:
             raise ValueError(f"train.seq_len={seq_len} is too short for data.source={kind}: it needs at least "
                              f"{need - 1} tokens for its facts and question")
+        if pack_min and not need - 1 <= pack_min <= seq_len:
+            raise ValueError(f"data.pack_min={pack_min} must be between {need - 1} (the shortest example) and "
+                             f"train.seq_len={seq_len}, or 0 (one example per sequence)")
 
-    def example(self, index: int, length: int | None = None, depth: float | None = None) -> tuple[np.ndarray, int]:
-        """(tokens of length+1, answer start): the answer is tokens[start:]."""
+    def example(self, index, length: int | None = None, depth: float | None = None) -> tuple[np.ndarray, int]:
+        """(tokens of length+1, answer start): the answer is tokens[start:]. `index`: an int or a tuple."""
         n = (length or self.seq_len) + 1
-        rng = np.random.default_rng([self.seed, index])
+        rng = np.random.default_rng([self.seed, *(index if isinstance(index, tuple) else (index,))])
         fact_len = 3 + self.digits
         keys = rng.choice(N_KEYS, size=self.n_facts, replace=False) + KEYS_BASE
         values = rng.integers(0, 10, size=(self.n_facts, self.digits))
@@ -81,9 +85,26 @@ class RetrievalTask:
         return tokens.astype(np.int64), n - self.digits
 
     def sequence(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens, start = self.example(index)
+        return self._labelled(index, self.seq_len)
+
+    def packed(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Examples of random lengths in [pack_min, seq_len] packed as documents into one sequence (short
+        ones are learnt first; every example's answer carries labels): (inputs, labels, doc ids)."""
+        rng = np.random.default_rng([self.seed, index, 1])
+        lengths, left = [], self.seq_len
+        while left:
+            n = int(rng.integers(self.pack_min, self.seq_len + 1))
+            n = left if left - n < self.pack_min else min(n, left)
+            lengths.append(n)
+            left -= n
+        parts = [self._labelled((index, j), n) for j, n in enumerate(lengths)]
+        doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), doc
+
+    def _labelled(self, index, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, start = self.example(index, length)
         tokens = torch.from_numpy(tokens)
-        labels = torch.full((self.seq_len,), IGNORE_INDEX, dtype=torch.long)
+        labels = torch.full((length,), IGNORE_INDEX, dtype=torch.long)
         if not self.mask_prompt and self.period:  # also learn the haystack's repeats (not the facts in it)
             hay = tokens[1:] >= FILLER_BASE
             hay[: 2 * self.period] = False  # the longest period's first occurrence is not predictable
@@ -92,6 +113,10 @@ class RetrievalTask:
         return tokens[:-1].clone(), labels
 
     def batch(self, indices) -> dict:
+        if self.pack_min:
+            parts = [self.packed(int(i)) for i in indices]
+            return {"input_ids": torch.stack([p[0] for p in parts]), "labels": torch.stack([p[1] for p in parts]),
+                    "doc_ids": torch.stack([p[2] for p in parts])}
         pairs = [self.sequence(int(i)) for i in indices]
         return {"input_ids": torch.stack([p[0] for p in pairs]), "labels": torch.stack([p[1] for p in pairs])}
 
