@@ -70,10 +70,10 @@ def _cases(world):
             for layout in ("zigzag", "contiguous", "striped"):
                 cases.append(dict(strategy="allgather", layout=layout, lengths=lengths, h=h, hkv=1, causal=causal,
                                   window=window))
-            if world in (2, 4):
-                for mesh in {(world // 2, 2), (world, 1)}:
-                    cases.append(dict(strategy="hybrid", mesh=mesh, layout="zigzag" if causal else "striped",
-                                      lengths=lengths, h=2 * mesh[1], hkv=mesh[1], causal=causal, window=window))
+            meshes = [(world // 2, 2), (world, 1)] if world % 2 == 0 else [(world, 1), (1, world)]  # (ring, ulysses)
+            for mesh in meshes:
+                cases.append(dict(strategy="hybrid", mesh=mesh, layout="zigzag" if causal else "striped",
+                                  lengths=lengths, h=2 * mesh[1], hkv=mesh[1], causal=causal, window=window))
     return cases
 
 
