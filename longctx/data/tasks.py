@@ -31,8 +31,7 @@ def min_vocab(alphabet: int) -> int:
 
 class RetrievalTask:
     def __init__(self, *, kind: str, seq_len: int, vocab_size: int, seed: int, alphabet: int = 16, digits: int = 4,
-                 depth: float | None = None, pairs: int = 4, period: int | None = None, mask_prompt: bool = True,
-                 pack_min: int = 0):
+                 depth: float | None = None, pairs: int = 4, pack_min: int = 0):
         if kind not in RETRIEVAL:
             raise ValueError(f"data.source={kind!r}: retrieval tasks are {', '.join(RETRIEVAL)}")
         if vocab_size < min_vocab(alphabet):
@@ -48,7 +47,7 @@ class RetrievalTask:
             raise ValueError(f"data.pairs={pairs} must be between 1 and {N_KEYS} (distinct key symbols)")
         self.kind, self.seq_len, self.seed, self.alphabet = kind, seq_len, seed, alphabet
         self.digits, self.depth, self.n_facts = digits, depth, n_facts
-        self.period, self.mask_prompt, self.pack_min = period, mask_prompt, pack_min
+        self.pack_min = pack_min
         need = (3 + digits) * (n_facts + 1) + 1
         if seq_len + 1 < need:
             raise ValueError(f"train.seq_len={seq_len} is too short for data.source={kind}: it needs at least "
@@ -65,12 +64,7 @@ class RetrievalTask:
         keys = rng.choice(N_KEYS, size=self.n_facts, replace=False) + KEYS_BASE
         values = rng.integers(0, 10, size=(self.n_facts, self.digits))
         asked = int(rng.integers(self.n_facts))
-        if self.period:  # a repeated random pattern, its period drawn per example so that only an induction
-            # head (find the previous occurrence, copy what followed), not a fixed offset, predicts the repeats
-            period = int(rng.integers(max(2, self.period // 2), 2 * self.period + 1))
-            tokens = FILLER_BASE + np.resize(rng.integers(0, self.alphabet, size=period), n)
-        else:
-            tokens = FILLER_BASE + rng.integers(0, self.alphabet, size=n)
+        tokens = FILLER_BASE + rng.integers(0, self.alphabet, size=n)
         hay = n - fact_len  # the question and its answer close the sequence
         if self.n_facts == 1:
             d = depth if depth is not None else self.depth if self.depth is not None else float(rng.random())
@@ -105,11 +99,7 @@ class RetrievalTask:
         tokens, start = self.example(index, length)
         tokens = torch.from_numpy(tokens)
         labels = torch.full((length,), IGNORE_INDEX, dtype=torch.long)
-        if not self.mask_prompt and self.period:  # also learn the haystack's repeats (not the facts in it)
-            hay = tokens[1:] >= FILLER_BASE
-            hay[: 2 * self.period] = False  # the longest period's first occurrence is not predictable
-            labels[hay] = tokens[1:][hay]
-        labels[start - 1:] = tokens[start:]  # labels[t] is the token after t: the answer always counts
+        labels[start - 1:] = tokens[start:]  # labels[t] is the token after t: only the answer counts
         return tokens[:-1].clone(), labels
 
     def batch(self, indices) -> dict:

@@ -3,7 +3,7 @@
 Each cell generates the answer of `samples` held-out examples (indices far from any training index) with
 greedy decoding over the ranks of the process group (context-parallel prefill, tree decoding) and counts
 exact matches of all the answer's digits. The task is the checkpoint's retrieval task (its data section:
-digits, alphabet, haystack); a model trained on something else is evaluated on `needle`.
+digits, alphabet, pairs); a model trained on something else is evaluated on `needle`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ def _task(cfg, length: int) -> RetrievalTask:
     d = cfg.data
     kind = d.source if d.source in RETRIEVAL else "needle"
     return RetrievalTask(kind=kind, seq_len=length, vocab_size=cfg.model.vocab_size, seed=cfg.train.seed + 1,
-                         alphabet=d.alphabet, digits=d.digits, pairs=d.pairs,
-                         period=d.period if d.source in RETRIEVAL and not d.mask_prompt else None)
+                         alphabet=d.alphabet, digits=d.digits, pairs=d.pairs)
 
 
 def check_grid(lengths, depths, samples) -> None:

@@ -7,7 +7,8 @@ every rank has finished, rank 0 lists the files with their sizes into a `COMPLET
 directory into place, so a reader sees a complete checkpoint or none. Loading checks the marker's file list
 against the disk (a missing or truncated file means the checkpoint is skipped, with a message) and falls back
 to the previous complete one. DCP reshards: a checkpoint written at cp=4 loads at dp_shard=2 x cp=2 or on
-another world size. The data position is the step itself (the synthetic data are a function of the step).
+another world size. The data position is the step itself (every data source is a function of the sequence
+index; trainer.pt also records the source and the sequences consumed).
 Everything is read with `torch.load(weights_only=True)`.
 """
 
@@ -139,8 +140,11 @@ def save(trainer, root: str, keep_last: int, *, async_save: bool = False, group=
                 "cuda": torch.cuda.get_rng_state() if trainer.device_type == "cuda" else None},
                os.path.join(tmp, f"rng_rank{trainer.rank}.pt"))
     if trainer.rank == 0:
+        # the data position is the step (every source maps sequence indices to sequences); recorded for people
+        data = {"source": trainer.cfg.data.source, "path": trainer.cfg.data.path,
+                "sequences_consumed": trainer.step * trainer.cfg.train.batch_size}
         torch.save({"scheduler": trainer.scheduler.state_dict(), "step": trainer.step, "world_size": trainer.world,
-                    "dims": repr(trainer.dims)}, os.path.join(tmp, "trainer.pt"))
+                    "dims": repr(trainer.dims), "data": data}, os.path.join(tmp, "trainer.pt"))
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
             f.write(to_yaml(trainer.cfg))
     if async_save:  # the state is copied to host memory before this returns: later steps cannot change it

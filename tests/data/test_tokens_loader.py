@@ -106,3 +106,19 @@ def test_retrieval_tasks_label_only_the_answer():
         RetrievalTask(kind="passkey", seq_len=64, vocab_size=20, seed=0)
     with pytest.raises(ValueError, match="too short"):
         RetrievalTask(kind="recall", seq_len=16, vocab_size=64, seed=0, pairs=4)
+
+
+def test_packed_retrieval_examples_are_documents_with_their_own_answers():
+    task = RetrievalTask(kind="passkey", seq_len=256, vocab_size=64, seed=0, pack_min=32)
+    batch = task.batch(range(6))
+    for row, labels, doc in zip(batch["input_ids"], batch["labels"], batch["doc_ids"]):
+        lengths = doc.unique_consecutive(return_counts=True)[1].tolist()
+        assert sum(lengths) == 256 and all(n >= 32 for n in lengths)
+        assert int((labels != IGNORE_INDEX).sum()) == 4 * len(lengths)  # every example's answer is labelled
+        start = 0
+        for n in lengths:  # each document ends with its own question and answer
+            assert row[start + n - 6] == QUERY and row[start + n - 4] == SEP  # inputs stop before the last digit
+            start += n
+    assert any(len(d.unique()) > 1 for d in batch["doc_ids"])
+    with pytest.raises(ValueError, match="data.pack_min=8 must be between 14"):
+        RetrievalTask(kind="passkey", seq_len=256, vocab_size=64, seed=0, pack_min=8)
