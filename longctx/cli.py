@@ -14,6 +14,8 @@ import os
 import platform
 import sys
 
+from .cli_data import _float_list, _int_list, cmd_data_prepare, cmd_eval
+
 # bench name -> module with add_arguments(parser) and run(args) -> list[dict] (and optionally validate(args))
 BENCHES = {
     "attention": ("longctx.bench.attention", "sequence-parallel attention strategies on a simulated cluster"),
@@ -126,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "torch.load(weights_only=True) reads and the unparallelised model loads")
     export.add_argument("dir", help="a checkpoint (step_NNNNNNNN) or a checkpoint root (its newest complete one)")
     export.add_argument("out", help="output file, e.g. model.pt")
-    export.add_argument("--format", choices=["torch"], default="torch", help="output format (default: torch)")
+    export.add_argument("--format", choices=["torch", "hf"], default="torch",
+                        help="torch: one state-dict file; hf: a directory transformers loads (default: torch)")
     data = sub.add_parser("data", help="token datasets")
     dsub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     prep = dsub.add_parser("prepare", help="tokenize local text / JSONL / Parquet files into a memory-mapped "
@@ -180,55 +183,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-
-
-def cmd_eval(args) -> int:
-    import json
-
-    from .eval.needle import check_grid, format_table, write_needle
-    from .launch import run
-    from .launch.entry import eval_main
-    from .parallel.sequence.registry import get_strategy
-
-    kind = args.eval_command
-    params = {k: getattr(args, k, None) for k in ("checkpoint", "lengths", "depths", "samples", "decode", "strategy",
-                                                   "data", "seq_len", "sequences", "buckets")}
-    with _checking():
-        get_strategy(args.strategy)
-        if kind == "needle":
-            check_grid(args.lengths, args.depths, args.samples)
-        if not os.path.exists(args.checkpoint):
-            raise ValueError(f"--checkpoint {args.checkpoint!r} does not exist; give a checkpoint directory "
-                             "(step_NNNNNNNN) or a checkpoint root (run_dir/checkpoints)")
-        if args.nproc > 1:
-            records = run(eval_main, args.nproc, args=(kind, params), timeout=24 * 3600.0)[0]
-        else:
-            records = eval_main(kind, params)
-    if kind == "needle":
-        print(format_table(records))
-        write_needle(records, args.json, args.plot)
-    else:
-        for r in records:
-            print(f"positions {r['bucket_start']:>7}-{r['bucket_end']:<7} tokens {r['tokens']:>9}  loss "
-                  f"{r['loss']:.4f}  ppl {r['ppl']:.3f}")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(records, f, indent=1)
-    return 0
-
-
 def _load(args):
     from .config import load
 
@@ -239,20 +193,10 @@ def cmd_checkpoint_export(args) -> int:
     from .train.checkpoint import export
 
     with _checking():
-        state = export(args.dir, args.out)
+        state = export(args.dir, args.out, args.format)
     n = sum(t.numel() for t in state.values())
-    print(f"exported {len(state)} tensors ({n:,} parameters) to {args.out}")
-    return 0
-
-
-def cmd_data_prepare(args) -> int:
-    from .data.prepare import format_summary, prepare
-
-    with _checking():
-        summary = prepare(args.input, args.output, tokenizer=args.tokenizer, text_key=args.text_key,
-                          workers=args.workers, strict=args.strict, add_eos=not args.no_eos,
-                          progress=not args.quiet)
-    print(format_summary(summary, args.output))
+    print(f"exported {len(state)} tensors ({n:,} parameters) to {args.out}" + (" (Hugging Face)" if
+                                                                             args.format == "hf" else ""))
     return 0
 
 
@@ -359,10 +303,9 @@ def _dispatch(args) -> int:
         return cmd_config_show(args)
     if args.command == "checkpoint":
         return cmd_checkpoint_export(args)
-    if args.command == "data":
-        return cmd_data_prepare(args)
-    if args.command == "eval":
-        return cmd_eval(args)
+    if args.command in ("data", "eval"):
+        with _checking():  # their ValueErrors are about the user's files and arguments
+            return cmd_data_prepare(args) if args.command == "data" else cmd_eval(args)
     module = importlib.import_module(args._module)
     with _checking():  # in this process: a bad argument never reaches the ranks
         module.validate(args)

@@ -45,6 +45,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     window: int | None = None  # sliding-window attention: keys each query sees (None: full causal)
     dilated: DilatedConfig = field(default_factory=DilatedConfig)
+    hf_path: str | None = None  # a local Hugging Face checkpoint directory: train it as it is (sizes read from it)
 
 
 @dataclass
@@ -117,6 +118,7 @@ class DataConfig:
     depth: float | None = None  # needle: fraction of the haystack before the needle (null: random)
     pairs: int = 4  # recall: key-value facts in each sequence
     pack_min: int = 0  # retrieval: >0 packs examples of random lengths in [pack_min, seq_len] as documents
+    haystack: str = "random"  # retrieval filler: random | repeat (a random 16-64 token pattern, repeated)
 
 
 @dataclass

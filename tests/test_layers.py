@@ -6,7 +6,7 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).parent.parent / "longctx"
 LEVEL = {"config": 0, "_optional": 0, "kernels": 1, "parallel": 2, "model": 3, "data": 3, "train": 4, "eval": 5,
-         "launch": 6, "bench": 7, "demo": 8, "cli": 9, "__main__": 10, "__init__": 10}
+         "launch": 6, "bench": 7, "demo": 8, "cli": 9, "cli_data": 9, "__main__": 10, "__init__": 10}
 
 
 def _layer(parts):

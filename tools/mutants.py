@@ -162,6 +162,16 @@ MUTANTS = [
     Mutant("token-labels-cross-documents", "longctx/data/tokens.py",
            "        labels[doc[1:] != doc[:-1]] = IGNORE_INDEX", "        pass",
            ("tests/data/test_tokens_loader.py",), "a document's last token is trained to predict the next one"),
+    # ------------------------------------------------------------------ Hugging Face models
+    Mutant("hf-sliding-window-dropped", "longctx/model/hf.py",
+           "    window = int(sliding_window) if sliding_window else None", "    window = None",
+           ("tests/model/test_hf.py::test_every_strategy_equals_the_eager_model",),
+           "Mistral/Qwen2 sliding-window layers attend the full causal context"),
+    Mutant("hf-rope-by-local-positions", "longctx/model/hf.py",
+           "        rope = documents.rope_positions(pos) if documents is not None else pos.reshape(1, -1)",
+           "        rope = torch.arange(s, device=tokens.device).reshape(1, -1)",
+           ("tests/model/test_hf.py::test_every_strategy_equals_the_eager_model",),
+           "HF RoPE rotates a shard by its local positions instead of the layout's"),
 ]
 
 

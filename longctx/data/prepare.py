@@ -47,6 +47,10 @@ def expand_inputs(patterns) -> list[str]:
     return list(dict.fromkeys(files))
 
 
+class Problem(str):
+    """A skipped part of the input, with its reason."""
+
+
 def _documents(path: str, text_key: str):
     """Yield (line or None, text) per document, or (line, Problem message) for a skipped part."""
     if os.path.getsize(path) == 0:
@@ -101,10 +105,6 @@ def _documents(path: str, text_key: str):
         yield n, record[text_key]
 
 
-class Problem(str):
-    """A skipped part of the input, with its reason."""
-
-
 def tokenize_file(path: str, tokenizer_spec: str, text_key: str, add_eos: bool):
     """-> (tokens, document lengths, [(path, line, reason), ...]). Runs in a worker process."""
     tok = load_tokenizer(tokenizer_spec)
@@ -130,11 +130,17 @@ def _histogram(lengths) -> dict:
     return {f"<={k}": hist[k] for k in sorted(hist)}
 
 
+def _check_output(output: str) -> None:
+    """An existing output may only be a prepared dataset (replaced) or an empty directory."""
+    if os.path.exists(output) and (not os.path.isdir(output) or (
+            os.listdir(output) and not os.path.exists(os.path.join(output, "meta.json")))):
+        raise PrepareError(f"--output {output!r} exists and is not a prepared dataset; refusing to replace it: "
+                           "choose a new directory or remove it")
+
+
 def _swap_in(tmp: str, output: str) -> None:
+    _check_output(output)  # again: it may have changed while tokenizing
     if os.path.exists(output):
-        if not os.path.isdir(output) or (os.listdir(output) and not os.path.exists(os.path.join(output, "meta.json"))):
-            raise PrepareError(f"--output {output!r} exists and is not a prepared dataset; refusing to replace it: "
-                               "choose a new directory or remove it")
         old = output.rstrip("/") + f".old-{os.getpid()}"
         os.replace(output, old)
         os.replace(tmp, output)
@@ -156,10 +162,7 @@ def prepare(inputs, output: str, *, tokenizer: str = "byte", text_key: str = "te
     files = [f for f in files if not os.path.abspath(f).startswith(out_abs + os.sep)]  # never read our own output
     parent = os.path.dirname(out_abs) or "."
     os.makedirs(parent, exist_ok=True)
-    if os.path.exists(output) and os.path.isdir(output) and os.listdir(output) and \
-            not os.path.exists(os.path.join(output, "meta.json")):
-        raise PrepareError(f"--output {output!r} exists and is not a prepared dataset; refusing to replace it: "
-                           "choose a new directory or remove it")
+    _check_output(output)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     tmp = tempfile.mkdtemp(prefix=".prepare-", dir=parent)
     try:

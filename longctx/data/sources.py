@@ -26,4 +26,5 @@ def build_source(data, *, seq_len: int, vocab_size: int, seed: int):
             raise ValueError("data.source=tokens needs data.path=DIR (a directory made by longctx data prepare)")
         return TokenSource(data.path, seq_len=seq_len, seed=seed, vocab_size=vocab_size, shuffle=data.shuffle)
     return RetrievalTask(kind=data.source, seq_len=seq_len, vocab_size=vocab_size, seed=seed, alphabet=data.alphabet,
-                         digits=data.digits, depth=data.depth, pairs=data.pairs, pack_min=data.pack_min)
+                         digits=data.digits, depth=data.depth, pairs=data.pairs, pack_min=data.pack_min,
+                         haystack=data.haystack)

@@ -9,7 +9,9 @@ small symbol table at the bottom of the vocabulary, so a tiny model can learn it
 A fact is `KEY k SEP d1 .. dn`; the sequence ends with the question `QUERY k SEP` and its answer
 `d1 .. dn`, and only the answer's digits carry labels. passkey: one fact at a random depth; needle: one
 fact at depth `depth` (fraction of the haystack before it; None = random); recall: `pairs` facts with
-distinct keys at random places, one of them asked. Accuracy is exact match of the answer's digits.
+distinct keys at random places, one of them asked. Accuracy is exact match of the answer's digits. The
+haystack is random filler, or (haystack="repeat") a random pattern of 16-64 tokens repeated, whose many
+look-alike n-grams train retrieval to match the fact exactly (it generalises to random filler).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from .labels import IGNORE_INDEX
 
 RETRIEVAL = ("passkey", "needle", "recall")
+HAYSTACKS = ("random", "repeat")
 KEY, QUERY, SEP = 10, 11, 12
 KEYS_BASE, N_KEYS = 13, 16
 FILLER_BASE = 32
@@ -31,7 +34,7 @@ def min_vocab(alphabet: int) -> int:
 
 class RetrievalTask:
     def __init__(self, *, kind: str, seq_len: int, vocab_size: int, seed: int, alphabet: int = 16, digits: int = 4,
-                 depth: float | None = None, pairs: int = 4, pack_min: int = 0):
+                 depth: float | None = None, pairs: int = 4, pack_min: int = 0, haystack: str = "random"):
         if kind not in RETRIEVAL:
             raise ValueError(f"data.source={kind!r}: retrieval tasks are {', '.join(RETRIEVAL)}")
         if vocab_size < min_vocab(alphabet):
@@ -40,6 +43,8 @@ class RetrievalTask:
         if depth is not None and not 0.0 <= depth <= 1.0:
             raise ValueError(f"data.depth={depth} must be between 0 and 1 (fraction of the haystack before the "
                              "needle), or null for random depths")
+        if haystack not in HAYSTACKS:
+            raise ValueError(f"data.haystack={haystack!r}: choose one of {', '.join(HAYSTACKS)}")
         if not 1 <= digits <= 32:
             raise ValueError(f"data.digits={digits} must be between 1 and 32")
         n_facts = pairs if kind == "recall" else 1
@@ -47,7 +52,7 @@ class RetrievalTask:
             raise ValueError(f"data.pairs={pairs} must be between 1 and {N_KEYS} (distinct key symbols)")
         self.kind, self.seq_len, self.seed, self.alphabet = kind, seq_len, seed, alphabet
         self.digits, self.depth, self.n_facts = digits, depth, n_facts
-        self.pack_min = pack_min
+        self.pack_min, self.haystack = pack_min, haystack
         need = (3 + digits) * (n_facts + 1) + 1
         if seq_len + 1 < need:
             raise ValueError(f"train.seq_len={seq_len} is too short for data.source={kind}: it needs at least "
@@ -64,7 +69,10 @@ class RetrievalTask:
         keys = rng.choice(N_KEYS, size=self.n_facts, replace=False) + KEYS_BASE
         values = rng.integers(0, 10, size=(self.n_facts, self.digits))
         asked = int(rng.integers(self.n_facts))
-        tokens = FILLER_BASE + rng.integers(0, self.alphabet, size=n)
+        if self.haystack == "repeat":  # a random pattern of 16-64 tokens repeated: a haystack full of look-alikes
+            tokens = FILLER_BASE + np.resize(rng.integers(0, self.alphabet, size=int(rng.integers(16, 65))), n)
+        else:
+            tokens = FILLER_BASE + rng.integers(0, self.alphabet, size=n)
         hay = n - fact_len  # the question and its answer close the sequence
         if self.n_facts == 1:
             d = depth if depth is not None else self.depth if self.depth is not None else float(rng.random())

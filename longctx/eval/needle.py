@@ -3,7 +3,8 @@
 Each cell generates the answer of `samples` held-out examples (indices far from any training index) with
 greedy decoding over the ranks of the process group (context-parallel prefill, tree decoding) and counts
 exact matches of all the answer's digits. The task is the checkpoint's retrieval task (its data section:
-digits, alphabet, pairs); a model trained on something else is evaluated on `needle`.
+digits, alphabet, pairs; the haystack is random filler unless asked otherwise); a model trained on
+something else is evaluated on `needle`.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from ..data.tasks import RETRIEVAL, RetrievalTask
 HELD_OUT = 10**9  # example indices for evaluation start here: training reads indices from 0 upwards
 
 
-def _task(cfg, length: int) -> RetrievalTask:
+def _task(cfg, length: int, haystack: str | None = None) -> RetrievalTask:
     d = cfg.data
     kind = d.source if d.source in RETRIEVAL else "needle"
     return RetrievalTask(kind=kind, seq_len=length, vocab_size=cfg.model.vocab_size, seed=cfg.train.seed + 1,
-                         alphabet=d.alphabet, digits=d.digits, pairs=d.pairs)
+                         alphabet=d.alphabet, digits=d.digits, pairs=d.pairs, haystack=haystack or d.haystack)
 
 
 def check_grid(lengths, depths, samples) -> None:
@@ -35,15 +36,16 @@ def check_grid(lengths, depths, samples) -> None:
 
 
 def needle_grid(model, cfg, lengths, depths, *, samples: int = 20, batch: int = 8, strategy: str = "zigzag",
-                decode: str = "tree", kernel: str = "auto", log=None) -> list[dict]:
+                decode: str = "tree", kernel: str = "auto", haystack: str | None = "random", log=None) -> list[dict]:
     """[{length, depth, accuracy, correct, samples}] for every (length, depth), in the current process group
-    (or one process)."""
+    (or one process). haystack: random filler (default, whatever the model trained on) or None (the
+    checkpoint's data.haystack)."""
     check_grid(lengths, depths, samples)
     for n in lengths:
-        _task(cfg, n)  # a length too short for the task fails before any generation
+        _task(cfg, n, haystack)  # a length too short for the task fails before any generation
     records = []
     for length in lengths:
-        task = _task(cfg, length)
+        task = _task(cfg, length, haystack)
         for depth in depths:
             correct = 0
             for first in range(0, samples, batch):

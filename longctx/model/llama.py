@@ -43,6 +43,9 @@ def rope(x: torch.Tensor, position_ids: torch.Tensor, theta: float) -> torch.Ten
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
+DENSE_DOCUMENTS_LIMIT = 1 << 22  # batch x seq^2 up to which one document-masked call serves a packed batch
+
+
 class LocalAttention(nn.Module):
     """Single-device causal (optionally sliding-window) attention through the kernel contract."""
 
@@ -51,10 +54,15 @@ class LocalAttention(nn.Module):
         self.causal, self.window, self.kernel = causal, window, kernel
 
     def forward(self, q, k, v, position_ids=None, documents=None):
-        if documents is not None:  # packed documents: the planner's per-document blocks, nothing crosses
-            return local_attention(q, k, v, causal=self.causal, window=self.window, kernel=self.kernel,
-                                   documents=documents)
         mask = kernels.Mask.from_flags(self.causal, self.window)
+        if documents is not None:
+            b, s = q.shape[:2]
+            if b * s * s > DENSE_DOCUMENTS_LIMIT:  # long: the planner's per-document blocks skip the rest
+                return local_attention(q, k, v, causal=self.causal, window=self.window, kernel=self.kernel,
+                                       documents=documents)
+            # short: one call with a document mask beats many small per-document calls
+            seg = documents.segment_ids().to(q.device)
+            mask = mask.with_documents(seg.expand(b, -1) if seg.shape[0] == 1 else seg)
         return kernels.attention(q, k, v, mask=mask, backend=self.kernel)
 
     def extra_repr(self) -> str:

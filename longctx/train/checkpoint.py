@@ -213,10 +213,39 @@ def model_weights(path: str, log=print) -> tuple[dict, str]:
     return {re.sub(r"^\d+\.", "", k): v for k, v in state.items()}, path  # "0.layers.3..." (a pipeline stage)
 
 
-def export(path: str, out: str) -> dict:
-    """A checkpoint's model weights as one plain state dict file that loads into the unparallelised model.
-    Returns the state dict."""
-    state, _ = model_weights(path)
+def export(path: str, out: str, fmt: str = "torch") -> dict:
+    """A checkpoint's model weights as one plain state dict file that loads into the unparallelised model
+    (fmt "torch"), or as a Hugging Face directory (config.json + safetensors) that transformers loads
+    (fmt "hf"). Returns the state dict."""
+    if fmt not in ("torch", "hf"):
+        raise ValueError(f"--format {fmt!r}: choose torch or hf")
+    state, found = model_weights(path)
+    if fmt == "hf":
+        _export_hf(state, found, out)
+        return state
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     torch.save(state, out)
     return state
+
+
+def _export_hf(state: dict, found: str, out: str) -> None:
+    from ..config import load as load_config
+    from ..model.hf_weights import save_hf_llama
+
+    cfg = load_config(path=os.path.join(found, "config.yaml"))
+    if cfg.model.hf_path:  # an HF model trained as it is: its own class and config, our weights
+        from .._optional import require
+        from ..model.hf import read_hf_config
+
+        transformers = require("transformers", "Hugging Face export")
+        hf_cfg = read_hf_config(cfg.model.hf_path)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+        model.load_state_dict({k.removeprefix("hf."): v for k, v in state.items()}, assign=True, strict=True)
+        model.save_pretrained(out, safe_serialization=True)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+            src = os.path.join(cfg.model.hf_path, name)
+            if os.path.exists(src) and not os.path.exists(os.path.join(out, name)):
+                shutil.copy(src, out)
+        return
+    save_hf_llama(state, cfg.model, out, max_positions=max(cfg.train.seq_len, 2048))

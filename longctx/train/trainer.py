@@ -27,7 +27,8 @@ from ..config import ConfigError, to_yaml
 from ..data import build_source
 from ..data.labels import IGNORE_INDEX
 from ..data.loader import StepBatches, StepLoader
-from ..model import build_model, parallelize
+from ..model import build_model, parallelize, parallelize_hf
+from ..model.hf import load_hf_model
 from ..parallel import deepspeed_engine
 from ..parallel.dims import device_type_from_env
 from ..parallel.pipeline import build_pipeline, n_microbatches
@@ -53,13 +54,18 @@ class Trainer:
         t = cfg.train
         torch.manual_seed(t.seed)  # the same initial weights on every rank, whatever the layout
         meta = cfg.parallel.meta_init
-        with torch.device("meta") if meta else contextlib.nullcontext():
-            model = build_model(cfg.model, seq_len=t.seq_len, mlp_chunks=t.mlp_chunks)
-        if not meta:
-            model.to(self.device)
         bf16 = self.precision == "bf16"
-        self.plan = parallelize(model, self.dims, cfg.parallel, mesh=self.dims.build_mesh(self.device_type),
-                                param_dtype=torch.bfloat16 if bf16 else None)
+        if cfg.model.hf_path:  # a Hugging Face model as it is (its own weights: the seed does not matter)
+            model = load_hf_model(cfg.model.hf_path).to(self.device)
+            self.plan = parallelize_hf(model, self.dims, cfg.parallel, mesh=self.dims.build_mesh(self.device_type),
+                                       param_dtype=torch.bfloat16 if bf16 else None)
+        else:
+            with torch.device("meta") if meta else contextlib.nullcontext():
+                model = build_model(cfg.model, seq_len=t.seq_len, mlp_chunks=t.mlp_chunks)
+            if not meta:
+                model.to(self.device)
+            self.plan = parallelize(model, self.dims, cfg.parallel, mesh=self.dims.build_mesh(self.device_type),
+                                    param_dtype=torch.bfloat16 if bf16 else None)
         if meta:  # storage for this rank's shards only, then their values (seeded: every run the same)
             model.to_empty(device=self.device)
             torch.manual_seed(t.seed)

@@ -94,10 +94,14 @@ class Documents:
     def _start_tensor(self) -> list[torch.Tensor]:
         return [torch.tensor(s) for s in self.starts]
 
-    def segment_ids(self) -> torch.Tensor:
-        """(rows, seq) document index of every position (what a kernel's document mask takes)."""
+    @cached_property
+    def _segments(self) -> torch.Tensor:
         ar = torch.arange(self.seq_len)
         return torch.stack([torch.searchsorted(s, ar, right=True) - 1 for s in self._start_tensor])
+
+    def segment_ids(self) -> torch.Tensor:
+        """(rows, seq) document index of every position (what a kernel's document mask takes)."""
+        return self._segments
 
     def rope_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """Position inside its document of each global position (c,) -> (rows, c): RoPE restarts per document."""

@@ -1,0 +1,229 @@
+"""Hugging Face transformers causal LMs (Llama, Qwen2, Mistral, ...) under longctx's sequence parallelism.
+
+The model stays unmodified: longctx registers an attention implementation, "longctx", through transformers'
+AttentionInterface, and `parallelize_hf` points every attention module at this rank's context-parallel
+core (the plan's strategy, layout and group), then applies activation checkpointing and data parallelism
+as `parallelize` does for our Llama. What would break silently is handled here:
+
+  tensors      HF hands (B, H, S, D); longctx works on (B, S, H, D): transposed in and out
+  positions    RoPE must rotate by the layout's true positions (inside documents when packed): the adapter
+               passes them as HF's position_ids
+  masks        HF builds no mask for a registered implementation (masking_utils skips unknown ones), so a
+               causal mask of the local shard can never be taken for the global one; the core applies the
+               global causal rule itself
+  windows      sliding-window layers (Mistral, Qwen2's `layer_types`) pass `sliding_window` per call: the
+               core for that window is used, under every strategy
+  labels       HF's own loss would shift labels inside a shard: the adapter calls the decoder and computes
+               the loss from labels shifted before sharding (the trainer's chunked loss)
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels
+from .._optional import require
+from ..config import ParallelConfig
+from ..parallel.data_parallel import apply_data_parallel, resolve_engine
+from ..parallel.dims import ParallelDims, ParallelMesh
+from ..parallel.sequence.api import ContextParallelAttention
+from ..parallel.sequence.schedule import local_attention
+
+ATTN_IMPLEMENTATION = "longctx"
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+class _Cores:
+    """The cores one attention module uses, one per sliding window it is called with."""
+
+    def __init__(self, strategy: str, group, layout: str, kernel: str, cp: int):
+        self.strategy, self.group, self.layout, self.kernel, self.cp = strategy, group, layout, kernel, cp
+        self._by_window: dict = {}
+
+    def __call__(self, q, k, v, *, scale, window, documents):
+        if self.cp == 1:
+            if documents is not None:
+                return local_attention(q, k, v, causal=True, window=window, kernel=self.kernel, documents=documents,
+                                       scale=scale)
+            return kernels.attention(q, k, v, scale=scale, mask=kernels.Mask.from_flags(True, window),
+                                     backend=self.kernel)
+        if window not in self._by_window:
+            self._by_window[window] = ContextParallelAttention(self.strategy, self.group, causal=True,
+                                                               kernel=self.kernel, window=window, layout=self.layout,
+                                                               check_positions=False)
+        return self._by_window[window](q, k, v, scale=scale, documents=documents)
+
+
+def longctx_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                      **kwargs):
+    """transformers' attention-function signature: (B, H, S, D) in, ((B, S, H, D) out, no weights)."""
+    cores = getattr(module, "_longctx_cores", None)
+    if cores is None:
+        raise RuntimeError(f"{type(module).__name__} runs attn_implementation='longctx' but was not prepared for it; "
+                           "call longctx.model.hf.parallelize_hf(model, dims, cfg) first")
+    if dropout:
+        raise ValueError("attention dropout is not supported by the longctx attention; set the model config's "
+                         "attention_dropout to 0")
+    q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
+    window = int(sliding_window) if sliding_window else None
+    out = cores(q, k, v, scale=scaling if scaling is not None else q.shape[-1] ** -0.5, window=window,
+                documents=kwargs.get("longctx_documents"))
+    return out, None
+
+
+def register_attention() -> None:
+    """Make attn_implementation="longctx" known to transformers (idempotent)."""
+    transformers = require("transformers", "Hugging Face models")
+    transformers.AttentionInterface.register(ATTN_IMPLEMENTATION, longctx_attention)
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules that dispatch through transformers' attention interface (their forward looks it up)."""
+    found = []
+    for m in model.modules():
+        fwd = getattr(type(m), "forward", None)
+        if hasattr(m, "layer_idx") and fwd is not None and "ALL_ATTENTION_FUNCTIONS" in _source(fwd):
+            found.append(m)
+    return found
+
+
+def _source(fn) -> str:
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return ""
+
+
+def check_hf_model(model: nn.Module) -> None:
+    if not getattr(model, "_supports_attention_backend", False) or not attention_modules(model):
+        raise ValueError(f"{type(model).__name__} does not route its attention through transformers' "
+                         "AttentionInterface, so attn_implementation='longctx' cannot take it over; use an "
+                         "architecture that does (Llama, Qwen2, Mistral, ...)")
+    if not hasattr(model, "lm_head") or not hasattr(model, "model"):
+        raise ValueError(f"{type(model).__name__} is not a causal LM with .model (the decoder) and .lm_head")
+
+
+class HFCausalLM(nn.Module):
+    """The trainer's view of a transformers causal LM: forward(tokens, position_ids, labels=, loss_fn=,
+    documents=) like longctx's Transformer. `cfg` is the longctx ModelConfig read from the HF config."""
+
+    def __init__(self, hf_model: nn.Module, cfg=None):
+        super().__init__()
+        self.hf = hf_model
+        self.cfg = cfg if cfg is not None else model_config(hf_model.config)
+
+    @property
+    def layers(self):
+        return self.hf.model.layers
+
+    def forward(self, tokens, position_ids=None, labels=None, loss_fn=None, documents=None):
+        b, s = tokens.shape
+        pos = torch.arange(s, device=tokens.device) if position_ids is None else position_ids
+        rope = documents.rope_positions(pos) if documents is not None else pos.reshape(1, -1)
+        extra = {} if documents is None else {"longctx_documents": documents}
+        out = self.hf.model(input_ids=tokens, position_ids=rope.expand(b, -1).to(tokens.device), use_cache=False,
+                            **extra)
+        h = out.last_hidden_state
+        if labels is None:
+            return self.hf.lm_head(h)
+        if loss_fn is None:
+            return F.cross_entropy(self.hf.lm_head(h).flatten(0, 1).float(), labels.flatten(), reduction="sum")
+        return loss_fn(h, self.hf.lm_head.weight, labels)
+
+
+def model_config(hf_config):
+    """longctx's ModelConfig with the sizes of an HF config (heads, FLOPs and checks read these)."""
+    from ..config import ModelConfig
+
+    heads = hf_config.num_attention_heads
+    return ModelConfig(vocab_size=hf_config.vocab_size, dim=hf_config.hidden_size,
+                       n_layers=hf_config.num_hidden_layers, n_heads=heads,
+                       n_kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
+                       ffn_dim=hf_config.intermediate_size,
+                       rope_theta=float(getattr(hf_config, "rope_theta", None) or 10000.0),
+                       norm_eps=float(getattr(hf_config, "rms_norm_eps", 1e-5)))
+
+
+def check_hf_dir(path: str) -> None:
+    """A local checkpoint directory: config.json and weights (nothing is downloaded)."""
+    if not os.path.isdir(path):
+        raise ValueError(f"model.hf_path={path!r} is not a directory; give a local Hugging Face checkpoint directory "
+                         "(config.json + safetensors); nothing is downloaded")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ValueError(f"model.hf_path={path!r} has no config.json; give the directory save_pretrained wrote")
+    if not any(os.path.exists(os.path.join(path, w)) for w in _WEIGHTS):
+        raise ValueError(f"model.hf_path={path!r} has config.json but no weights ({', '.join(_WEIGHTS[:2])}); "
+                         "save the model with save_pretrained")
+
+
+def read_hf_config(path: str):
+    check_hf_dir(path)
+    transformers = require("transformers", "Hugging Face models")
+    return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def load_hf_model(path: str, dtype=torch.float32):
+    """The causal LM saved in a local directory, with attn_implementation='longctx'."""
+    check_hf_dir(path)
+    transformers = require("transformers", "Hugging Face models")
+    register_attention()
+    with open(os.path.join(path, "config.json")) as f:
+        arch = json.load(f).get("architectures") or ["?"]
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
+                                                                 attn_implementation=ATTN_IMPLEMENTATION)
+    except ValueError as e:
+        raise ValueError(f"model.hf_path={path!r} ({arch[0]}): {e}") from None
+
+
+def _checkpoint_layers(adapter: HFCausalLM, mode: str, every: int) -> None:
+    from torch.distributed._composable import checkpoint
+
+    from .parallelize import AC_MODES
+
+    if mode not in AC_MODES:
+        raise ValueError(f"parallel.activation_checkpoint={mode!r}: choose one of {', '.join(AC_MODES)}")
+    for i, layer in enumerate(adapter.layers):
+        if mode == "full" or (mode == "selective" and i % every == 0):
+            checkpoint(layer)
+
+
+def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: ParallelMesh | None = None,
+                   param_dtype=None):
+    """Context parallelism (any strategy), activation checkpointing and data parallelism (FSDP2/DDP) for a
+    transformers causal LM; returns a Plan whose model is an HFCausalLM adapter around it."""
+    from .parallelize import Plan, _check_positions_hook
+
+    cfg = getattr(cfg, "parallel", cfg) or ParallelConfig()
+    register_attention()
+    check_hf_model(model)
+    if dims.tp > 1 or dims.pp > 1:
+        raise ValueError("Hugging Face models run with context and data parallelism; set parallel.tp=1 and "
+                         "parallel.pp=1 (tensor and pipeline parallelism apply to longctx's own Llama)")
+    c = model.config
+    dims.check_heads(c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
+    if getattr(c, "attention_dropout", 0.0):
+        raise ValueError(f"{type(model).__name__} has attention_dropout={c.attention_dropout}; longctx attention "
+                         "needs 0")
+    mesh = mesh or dims.build_mesh()
+    engine = resolve_engine(cfg.engine, dims)
+    if engine == "deepspeed":
+        raise ValueError("parallel.engine=deepspeed with model.hf_path is not supported yet; use the torch engines")
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    group = mesh.cp_group() if dims.cp > 1 else None
+    for m in attention_modules(model):
+        m._longctx_cores = _Cores(dims.strategy, group, dims.layout, cfg.kernel, dims.cp)
+    adapter = HFCausalLM(model)
+    _checkpoint_layers(adapter, cfg.activation_checkpoint, cfg.ac_every)
+    apply_data_parallel(adapter, mesh, engine, reshard_after_forward=cfg.reshard_after_forward,
+                        param_dtype=param_dtype)
+    plan = Plan(adapter, dims, mesh, engine, balance_documents=cfg.balance_documents)
+    if dims.cp > 1:
+        adapter.register_forward_pre_hook(_check_positions_hook(plan.expected_positions, dims.cp), with_kwargs=True)
+    return plan

@@ -1,0 +1,66 @@
+"""Rank side of the Hugging Face tests: an HF model under parallelize_hf against its own eager run."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+N = 32  # tokens per sequence
+BATCH = 2
+
+
+def batch(vocab: int):
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, vocab, (BATCH, N + 1), generator=g)
+    return tokens[:, :-1], tokens[:, 1:]  # labels shifted before any sharding
+
+
+def eager_reference(path: str):
+    """The unmodified model, eager attention, one process: summed loss and every gradient by name."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
+    inp, labels = batch(model.config.vocab_size)
+    logits = model(input_ids=inp).logits
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+    loss.backward()
+    return float(loss), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def parallel_run(path: str, layout: dict) -> dict:
+    """parallelize_hf over the world with `layout` (ParallelDims keywords); loss summed over ranks and every
+    gradient (full tensors), in the HF model's own parameter names."""
+    from longctx.model.hf import load_hf_model, parallelize_hf
+    from longctx.parallel import ParallelDims
+
+    world = dist.get_world_size()
+    model = load_hf_model(path)
+    dims = ParallelDims(world_size=world, **{"dp_shard": 1, **layout})
+    plan = parallelize_hf(model, dims)
+    inp, labels = batch(model.config.vocab_size)
+    rows = slice(plan.dp_rank * BATCH // dims.dp, (plan.dp_rank + 1) * BATCH // dims.dp)
+    shard = plan.shard_batch(inp[rows], labels[rows])
+    loss = plan.model(shard["input_ids"], shard["position_ids"], labels=shard["labels"])
+    (loss * dims.dp_cp).backward()  # the engines average over data x context ranks
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    grads = {n.removeprefix("hf."): _full(p.grad).detach().clone() for n, p in plan.model.named_parameters()}
+    return {"loss": float(total), "grads": grads, "engine": plan.engine}
+
+
+def compare(path: str, layouts: list[dict]) -> list[dict]:
+    ref_loss, ref_grads = eager_reference(path)
+    out = []
+    for layout in layouts:
+        got = parallel_run(path, layout)
+        assert set(got["grads"]) == set(ref_grads), sorted(set(got["grads"]) ^ set(ref_grads))
+        errs = {n: ((g - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp(min=1e-12)).item()
+                for n, g in got["grads"].items()}
+        out.append({"layout": layout, "loss": got["loss"], "ref_loss": ref_loss, "grad_rel_err": errs,
+                    "engine": got["engine"]})
+    return out

@@ -1,0 +1,89 @@
+"""`model.hf_path` in a training config: layouts train the same steps as one process; export --format hf
+gives a directory transformers loads with the trained weights; bad configs are one-line errors."""
+
+import pytest
+import torch
+
+from longctx.config import ConfigError, load
+from longctx.launch import run
+from longctx.train import validate_job
+from tests.support.equivalence import compare_runs
+
+from ._workers import config, train_and_collect
+
+transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need the `hf` extra")
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hfq") / "qwen2"
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, use_sliding_window=True, sliding_window=12, max_window_layers=1,
+        layer_types=["full_attention", "sliding_attention"], tie_word_embeddings=True)).save_pretrained(path)
+    return str(path)
+
+
+def _cfg(path, *extra, run_dir):
+    return config(f"model.hf_path={path}", "train.steps=3", *extra, run_dir=run_dir)
+
+
+def test_hf_model_layouts_train_like_one_process(qwen_dir, tmp_path):
+    ref = run(train_and_collect, 1, args=([_cfg(qwen_dir, run_dir=str(tmp_path / "one"))],), timeout=180)[0][0]
+    layouts = [("cp=4 zigzag", ["parallel.cp=4"]), ("dp_shard=2 x cp=2", ["parallel.dp_shard=2", "parallel.cp=2"]),
+               ("cp=4 hybrid", ["parallel.cp=4", "parallel.strategy=hybrid", "parallel.ulysses=2"])]
+    configs = [_cfg(qwen_dir, *o, run_dir=str(tmp_path / n.replace(" ", ""))) for n, o in layouts]
+    for (name, _), got in zip(layouts, run(train_and_collect, 4, args=(configs,), timeout=300)[0]):
+        compare_runs(name, got, ref, steps=3)
+
+
+def test_export_hf_of_a_trained_hf_model(qwen_dir, tmp_path):
+    from longctx.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "configs/tiny.yaml", f"model.hf_path={qwen_dir}", "parallel.cp=1", "train.seq_len=64",
+                 "train.batch_size=2", "train.steps=2", "checkpoint.interval=2", "logging.quiet=true",
+                 "logging.tensorboard=false", f"run_dir={run_dir}"]) == 0
+    out = tmp_path / "exported"
+    assert main(["checkpoint", "export", str(run_dir / "checkpoints"), str(out), "--format", "hf"]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    original = transformers.AutoModelForCausalLM.from_pretrained(qwen_dir)
+    assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.sliding_window == 12
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, dict(original.named_parameters())[n])]
+    assert moved  # the exported weights are the trained ones, not the checkpoint directory's
+
+
+def test_hf_path_errors_are_one_line(tmp_path, qwen_dir):
+    with pytest.raises(ConfigError, match="no config.json"):
+        validate_job(load(overrides=[f"model.hf_path={tmp_path}"]), 1)
+    with pytest.raises(ConfigError, match="parallel.tp=1"):
+        validate_job(load(overrides=[f"model.hf_path={qwen_dir}", "parallel.tp=2", "parallel.dp_shard=1"]), 2)
+    with pytest.raises(ConfigError, match="ulysses"):  # 4 heads over 3 Ulysses ranks
+        validate_job(load(overrides=[f"model.hf_path={qwen_dir}", "parallel.cp=3", "parallel.strategy=ulysses",
+                                     "train.seq_len=96", "parallel.dp_shard=1"]), 3)
+    cfg = load(overrides=[f"model.hf_path={qwen_dir}"])
+    validate_job(cfg, 1)
+    assert (cfg.model.dim, cfg.model.n_layers, cfg.model.vocab_size) == (32, 2, 256)  # sizes from config.json
+
+
+def test_needle_run_from_an_hf_checkpoint_under_cp4(tmp_path):
+    import json
+
+    from longctx.cli import main
+
+    path = tmp_path / "llama"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2)).save_pretrained(path)
+    run_dir = tmp_path / "run"
+    assert main(["launch", "local", "--nproc", "4", "configs/needle_cpu.yaml", f"model.hf_path={path}",
+                 "parallel.cp=4", "parallel.dp_shard=1", "parallel.strategy=zigzag", "train.seq_len=64",
+                 "train.batch_size=2", "train.steps=2", "data.pack_min=0", "checkpoint.interval=2",
+                 "logging.quiet=true", f"run_dir={run_dir}"]) == 0
+    js = tmp_path / "needle.json"
+    assert main(["eval", "needle", "--checkpoint", str(run_dir / "checkpoints"), "--lengths", "64", "--depths", "0,1",
+                 "--samples", "2", "--nproc", "4", "--json", str(js)]) == 0
+    records = json.loads(js.read_text())
+    assert [(r["length"], r["depth"]) for r in records] == [(64, 0.0), (64, 1.0)]
