@@ -189,7 +189,8 @@ def prepare(inputs, output: str, *, tokenizer: str = "byte", text_key: str = "te
         np.save(os.path.join(tmp, "offsets.npy"), offsets)
         reasons = Counter(why.split(" (")[0] for _, _, why in problems)
         summary = {"files": len(files), "documents": len(lengths), "tokens": n_tokens, "dtype": np.dtype(dtype).name,
-                   "tokenizer": tok.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+                   "tokenizer": tok.name, "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size,
+                   "eos_id": tok.eos_id, "pad_id": tok.pad_id,
                    "skipped": len(problems), "skipped_by_reason": dict(reasons),
                    "problems": [{"file": p, "line": ln, "reason": r} for p, ln, r in problems[:1000]],
                    "length_histogram": _histogram(lengths), "text_key": text_key}

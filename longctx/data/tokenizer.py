@@ -13,6 +13,7 @@ class ByteTokenizer:
     """UTF-8 bytes are ids 0-255; 256 is end-of-document, 257 padding."""
 
     name = "byte"
+    sha256 = None
     eos_id, pad_id = 256, 257
     vocab_size = 258
 
@@ -33,6 +34,7 @@ class HFTokenizer:
             raise ImportError("a tokenizer.json needs the Hugging Face `tokenizers` package: "
                               "pip install 'longctx[hf]'") from None
         self.name = os.path.abspath(path)
+        self.sha256 = file_sha256(path)
         self._tok = Tokenizer.from_file(path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         vocab = self._tok.get_vocab(with_added_tokens=True)
@@ -46,6 +48,13 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self._tok.decode(list(ids))
+
+
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def load_tokenizer(spec: str | None = "byte"):

@@ -118,6 +118,7 @@ def _adopt_hf_sizes(cfg) -> None:
 def _check_data(cfg) -> None:
     from ..data import build_source
     from ..data.synthetic import TASKS
+    from ..data.tokens import read_meta
 
     d = cfg.data
     if isinstance(d.workers, bool) or not isinstance(d.workers, int) or d.workers < 0:
@@ -130,9 +131,22 @@ def _check_data(cfg) -> None:
         raise ConfigError("data.source=tokens packs documents, and LongNet dilated layers do not take document "
                           "boundaries yet; drop model.dilated.layers or use another data.source")
     try:
+        if d.source == "tokens" and cfg.model.hf_path and d.path:
+            _check_tokenizer(read_meta(d.path), cfg.model.hf_path, d.path)
         build_source(d, seq_len=cfg.train.seq_len, vocab_size=cfg.model.vocab_size, seed=cfg.train.seed)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
+
+
+def _check_tokenizer(meta: dict, hf_path: str, data_path: str) -> None:
+    """A Hugging Face model's data must come from its own tokenizer.json, when the checkpoint has one."""
+    from ..data.tokenizer import file_sha256
+
+    tok = os.path.join(hf_path, "tokenizer.json")
+    if os.path.exists(tok) and meta.get("tokenizer_sha256") != file_sha256(tok):
+        raise ConfigError(f"data.path={data_path!r} was tokenized with {meta.get('tokenizer')!r}, not with "
+                          f"model.hf_path's tokenizer.json; prepare it with: longctx data prepare --tokenizer "
+                          f"{hf_path} --input ... --output ...")
 
 
 def _check_model_axes(cfg, dims: ParallelDims, engine: str) -> None:

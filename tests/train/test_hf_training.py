@@ -38,9 +38,18 @@ def test_hf_model_layouts_train_like_one_process(qwen_dir, tmp_path):
         compare_runs(name, got, ref, steps=3)
 
 
-def test_export_hf_of_a_trained_hf_model(qwen_dir, tmp_path):
-    from longctx.cli import main
+def _main_here(argv):
+    from longctx.cli import main as cli_main
 
+    return cli_main(argv)
+
+
+def main(argv):
+    """The CLI in a child process (training imports triton through torch._dynamo; see tests/eval)."""
+    return run(_main_here, 1, args=(argv,), timeout=300)[0]
+
+
+def test_export_hf_of_a_trained_hf_model(qwen_dir, tmp_path):
     run_dir = tmp_path / "run"
     assert main(["train", "configs/tiny.yaml", f"model.hf_path={qwen_dir}", "parallel.cp=1", "train.seq_len=64",
                  "train.batch_size=2", "train.steps=2", "checkpoint.interval=2", "logging.quiet=true",
@@ -70,8 +79,6 @@ def test_hf_path_errors_are_one_line(tmp_path, qwen_dir):
 def test_needle_run_from_an_hf_checkpoint_under_cp4(tmp_path):
     import json
 
-    from longctx.cli import main
-
     path = tmp_path / "llama"
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -87,3 +94,26 @@ def test_needle_run_from_an_hf_checkpoint_under_cp4(tmp_path):
                  "--samples", "2", "--nproc", "4", "--json", str(js)]) == 0
     records = json.loads(js.read_text())
     assert [(r["length"], r["depth"]) for r in records] == [(64, 0.0), (64, 1.0)]
+
+
+def test_the_checkpoint_tokenizer_goes_through_the_data_pipeline(qwen_dir, tmp_path):
+    import json
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from longctx.data.prepare import prepare
+
+    hf = tmp_path / "hf"
+    shutil.copytree(qwen_dir, hf)
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "</s>": 1, "long": 2, "context": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(hf / "tokenizer.json"))
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": "long context " * (i + 20)}) + "\n"
+                                              for i in range(20)))
+    prepare(str(tmp_path / "d.jsonl"), str(tmp_path / "bytes"), progress=False)
+    prepare(str(tmp_path / "d.jsonl"), str(tmp_path / "own"), tokenizer=str(hf), progress=False)
+    base = [f"model.hf_path={hf}", "data.source=tokens", "train.seq_len=64"]
+    with pytest.raises(ConfigError, match="not with model.hf_path's tokenizer.json; prepare it with"):
+        validate_job(load(overrides=[*base, f"data.path={tmp_path / 'bytes'}"]), 1)
+    validate_job(load(overrides=[*base, f"data.path={tmp_path / 'own'}"]), 1)
