@@ -64,3 +64,8 @@ def compare(path: str, layouts: list[dict]) -> list[dict]:
         out.append({"layout": layout, "loss": got["loss"], "ref_loss": ref_loss, "grad_rel_err": errs,
                     "engine": got["engine"]})
     return out
+
+
+def compare_all(jobs: list[tuple[str, str, list[dict]]]) -> list[tuple[str, list[dict]]]:
+    """compare() for several (name, path, layouts) in one process group."""
+    return [(name, compare(path, layouts)) for name, path, layouts in jobs]

@@ -9,7 +9,7 @@ from longctx.launch import run
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need the `hf` extra")
 
-from ._hf_workers import compare  # noqa: E402
+from ._hf_workers import compare_all  # noqa: E402
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)
@@ -40,13 +40,16 @@ LAYOUTS_4 = [dict(cp=4, strategy="zigzag"), dict(cp=4, strategy="striped"), dict
              dict(dp_shard=2, cp=2, strategy="zigzag")]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-def test_every_strategy_equals_the_eager_model(hf_dirs, arch):
+def test_every_strategy_equals_the_eager_model(hf_dirs):
     for world, layouts in ((4, LAYOUTS_4), (2, [dict(cp=2, strategy="ulysses")])):
-        for r in run(compare, world, args=(hf_dirs[arch], layouts), timeout=300)[0]:
-            label = (arch, r["layout"])
-            assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"]), (label, r["loss"], r["ref_loss"])
-            assert max(r["grad_rel_err"].values()) <= 1e-5, (label, r["grad_rel_err"])
+        jobs = [(arch, path, layouts) for arch, path in hf_dirs.items()]
+        results = run(compare_all, world, args=(jobs,), timeout=600)[0]
+        assert [name for name, _ in results] == ["llama", "qwen2", "mistral"]
+        for arch, per_layout in results:
+            for r in per_layout:
+                label = (arch, r["layout"])
+                assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"]), (label, r["loss"], r["ref_loss"])
+                assert max(r["grad_rel_err"].values()) <= 1e-5, (label, r["grad_rel_err"])
 
 
 def test_sliding_windows_are_applied(hf_dirs):

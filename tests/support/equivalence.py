@@ -30,9 +30,8 @@ def grad_errors(model: torch.nn.Module, single: torch.nn.Module) -> dict[str, fl
     return errs
 
 
-def model_equivalence(overrides, n: int = 32):
-    """One model on one device and its twin parallelized over the world, same weights and batch, float64.
-    Returns (max |logits - single|, {param: max |grad - single|}, layout, repr, backends that ran)."""
+def _twins(overrides, n: int):
+    """(config, cp-over-the-world dims, the single-device model, its identical twin to parallelize), float64."""
     cfg = load(overrides=[*SMALL, *overrides])
     p = cfg.parallel
     dims = ParallelDims(dp_shard=1, cp=dist.get_world_size(), world_size=dist.get_world_size(), strategy=p.strategy,
@@ -42,7 +41,13 @@ def model_equivalence(overrides, n: int = 32):
         torch.manual_seed(0)
         return build_model(cfg.model, seq_len=n).double()
 
-    single, model = make(), make()
+    return cfg, dims, make(), make()
+
+
+def model_equivalence(overrides, n: int = 32):
+    """One model on one device and its twin parallelized over the world, same weights and batch, float64.
+    Returns (max |logits - single|, {param: max |grad - single|}, layout, repr, backends that ran)."""
+    cfg, dims, single, model = _twins(overrides, n)
     tokens = torch.randint(0, cfg.model.vocab_size, (2, n + 1))
     inp, labels = tokens[:, :-1], tokens[:, 1:]
     ref_logits = single(inp)
@@ -88,16 +93,7 @@ def packed_equivalence(overrides, lengths, n: int = 32):
     every token, and every parameter gradient of the summed per-document loss. `lengths`: per-row document
     lengths. Returns (max |logits - per-document|, {param: max |grad - per-document|}, the document starts
     the model was given)."""
-    cfg = load(overrides=[*SMALL, *overrides])
-    p = cfg.parallel
-    dims = ParallelDims(dp_shard=1, cp=dist.get_world_size(), world_size=dist.get_world_size(), strategy=p.strategy,
-                        ulysses=p.ulysses, layout=p.layout)
-
-    def make():
-        torch.manual_seed(0)
-        return build_model(cfg.model, seq_len=n).double()
-
-    single, model = make(), make()
+    cfg, dims, single, model = _twins(overrides, n)
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, cfg.model.vocab_size, (len(lengths), n + 1), generator=g)
     inp, labels = tokens[:, :-1], tokens[:, 1:].clone()
@@ -120,3 +116,8 @@ def packed_equivalence(overrides, lengths, n: int = 32):
     loss.backward()
     err_logits = (logits.detach() - ref_logits[:, batch["position_ids"]]).abs().max().item()
     return err_logits, grad_errors(model, single), batch["documents"].starts
+
+
+def packed_equivalence_many(overrides_list, lengths, n: int = 32):
+    """packed_equivalence for several configs in one process group (one launch)."""
+    return [packed_equivalence(o, lengths, n) for o in overrides_list]
