@@ -22,7 +22,7 @@ from torch import nn
 from ..parallel.comm import Comm
 from ..parallel.sequence.api import ContextParallelAttention
 from ..parallel.sequence.documents import Documents
-from ..parallel.sequence.layouts import divisor
+from ..parallel.sequence.layouts import divisor, positions, unshard
 from ..parallel.sequence.registry import get_strategy
 from ..parallel.sequence.tree import ShardedKVCache, local_partial
 from .llama import LocalAttention, rope
@@ -71,7 +71,9 @@ def _check(model, prompts, max_new_tokens, decode, temperature, top_k, strategy)
     if model.cfg.window is not None or model.cfg.dilated.layers:
         raise ValueError("generate() supports full causal attention layers only (model.window / dilated layers: "
                          "the decode step would need their masks)")
-    get_strategy(strategy)
+    if get_strategy(strategy).name == "hybrid":
+        raise ValueError("generate() takes a process group, and strategy='hybrid' needs a (ring, ulysses) mesh; use "
+                         "ulysses, allgather or a ring-family strategy for the prefill")
 
 
 @torch.no_grad()
@@ -105,7 +107,7 @@ def generate(model, prompts, *, max_new_tokens: int, group=None, strategy: str =
     done = torch.zeros(b, dtype=torch.bool)
     out_tokens, out_logits = [[] for _ in range(b)], []
     for step in range(max_new_tokens):
-        logits = _decode_step(model, x, n_pre + step, pad.to(device), caches, decode, kernel).float()
+        logits = _decode_step(model, x, n_pre + step, pad.to(device), caches, decode, kernel, comm).float()
         nxt = _pick(logits.cpu(), temperature, top_k, gen)
         if comm is not None and world > 1:  # one choice for all ranks, whatever rounding did to the logits
             nxt = comm.broadcast(nxt.to(comm.device), src=0, phase="sample").cpu()
@@ -126,8 +128,7 @@ def _prefill(model, tokens, pad, caches, comm, strategy, layout, kernel):
     n = tokens.shape[1]
     world = comm.world if comm is not None else 1
     docs = Documents(n, tuple((0, int(p)) if 0 < p < n else (0,) for p in pad.tolist()))
-    strat = get_strategy(strategy)
-    pos = strat.rank_positions(layout, n, world, comm.rank, 1) if world > 1 else torch.arange(n)
+    pos = positions(layout, n, world, comm.rank) if world > 1 else torch.arange(n)
     cores = [layer.attention.core for layer in model.layers]
     try:
         for layer in model.layers:
@@ -138,18 +139,14 @@ def _prefill(model, tokens, pad, caches, comm, strategy, layout, kernel):
         for layer, cache in zip(model.layers, caches):
             k, v = layer.attention.core.kv
             if world > 1:  # layout shards -> the whole prompt in natural order -> each rank keeps its share
-                parts = comm.all_gather(torch.stack([k, v]).contiguous(), phase="prefill")
-                order = torch.cat([strat.rank_positions(layout, n, world, r, 1) for r in range(world)])
-                full = torch.empty_like(torch.cat(parts, dim=2))
-                full[:, :, order.to(full.device)] = torch.cat(parts, dim=2)
-                k, v = full[0], full[1]
+                k, v = unshard(torch.stack([k, v]), layout, group=comm.group, dim=2)
             cache.prefill(k, v)
     finally:
         for layer, core in zip(model.layers, cores):
             layer.attention.core = core
 
 
-def _decode_step(model, x, position: int, pad, caches, decode, kernel):
+def _decode_step(model, x, position: int, pad, caches, decode, kernel, comm):
     """Logits (B, vocab) of one new token per row at global `position` (RoPE: position - pad)."""
     h = model.tok_embeddings(x[:, None])
     rope_pos = (position - pad)[:, None]
@@ -161,7 +158,7 @@ def _decode_step(model, x, position: int, pad, caches, decode, kernel):
         v = att.wv(hn).view(h.shape[0], 1, -1, att.head_dim)
         q, k = rope(q, rope_pos, att.theta), rope(k, rope_pos, att.theta)
         cache.append(k, v)
-        if cache.group is None and cache.world == 1 and not _initialized():  # one process: no combine needed
+        if comm is None:  # one process, no process group: nothing to combine
             o = local_partial(q, cache.k, cache.v, scale=att.head_dim ** -0.5, kernel=kernel, key_start=pad,
                               k_positions=cache.global_positions())[0].to(q.dtype)
         else:
@@ -170,8 +167,3 @@ def _decode_step(model, x, position: int, pad, caches, decode, kernel):
         h = h + layer.feed_forward(layer.ffn_norm(h))
     return model.output(model.norm(h))[:, 0]
 
-
-def _initialized() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_initialized()

@@ -182,23 +182,11 @@ def load_hf_model(path: str, dtype=torch.float32):
         raise ValueError(f"model.hf_path={path!r} ({arch[0]}): {e}") from None
 
 
-def _checkpoint_layers(adapter: HFCausalLM, mode: str, every: int) -> None:
-    from torch.distributed._composable import checkpoint
-
-    from .parallelize import AC_MODES
-
-    if mode not in AC_MODES:
-        raise ValueError(f"parallel.activation_checkpoint={mode!r}: choose one of {', '.join(AC_MODES)}")
-    for i, layer in enumerate(adapter.layers):
-        if mode == "full" or (mode == "selective" and i % every == 0):
-            checkpoint(layer)
-
-
 def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: ParallelMesh | None = None,
                    param_dtype=None):
     """Context parallelism (any strategy), activation checkpointing and data parallelism (FSDP2/DDP) for a
     transformers causal LM; returns a Plan whose model is an HFCausalLM adapter around it."""
-    from .parallelize import Plan, _check_positions_hook
+    from .parallelize import Plan, _check_positions_hook, apply_activation_checkpointing
 
     cfg = getattr(cfg, "parallel", cfg) or ParallelConfig()
     register_attention()
@@ -220,7 +208,7 @@ def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: Para
     for m in attention_modules(model):
         m._longctx_cores = _Cores(dims.strategy, group, dims.layout, cfg.kernel, dims.cp)
     adapter = HFCausalLM(model)
-    _checkpoint_layers(adapter, cfg.activation_checkpoint, cfg.ac_every)
+    apply_activation_checkpointing(adapter, cfg.activation_checkpoint, cfg.ac_every, blocks=list(adapter.layers))
     apply_data_parallel(adapter, mesh, engine, reshard_after_forward=cfg.reshard_after_forward,
                         param_dtype=param_dtype)
     plan = Plan(adapter, dims, mesh, engine, balance_documents=cfg.balance_documents)

@@ -99,6 +99,9 @@ class Plan:
         attention stays inside each document and RoPE restarts at each)."""
         n = input_ids.shape[1]
         self.dims.check_seq_len(n, what="sequence length (input_ids.shape[1])")
+        if doc_ids is not None and doc_ids.shape != input_ids.shape:
+            raise ValueError(f"doc_ids {tuple(doc_ids.shape)} must have the shape of input_ids "
+                             f"{tuple(input_ids.shape)}: one document id per token, unsharded")
         if doc_ids is not None and self.balance_documents and self.dims.cp > 1 and self.strategy != "ulysses":
             # whole documents move, labels with their tokens: no output, loss or gradient changes
             ring = self.dims.cp // (self.dims.ulysses if self.strategy == "hybrid" else 1)
@@ -113,9 +116,6 @@ class Plan:
                                  f"{tuple(input_ids.shape)} (shift them before sharding)")
             out["labels"] = labels.index_select(1, pos)
         if doc_ids is not None:
-            if doc_ids.shape != input_ids.shape:
-                raise ValueError(f"doc_ids {tuple(doc_ids.shape)} must have the shape of input_ids "
-                                 f"{tuple(input_ids.shape)}: one document id per token, unsharded")
             out["documents"] = Documents.from_ids(doc_ids)
         return out
 
@@ -212,8 +212,9 @@ def apply_context_parallel(model: nn.Module, strategy: str = "zigzag", group=Non
     return layout
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) -> int:
-    """Recompute blocks in backward instead of saving their activations; returns how many blocks."""
+def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2, blocks=None) -> int:
+    """Recompute blocks in backward instead of saving their activations; returns how many blocks.
+    `blocks`: the modules to checkpoint (default: the model's longctx Blocks)."""
     from torch.distributed._composable import checkpoint
 
     if mode not in AC_MODES:
@@ -221,7 +222,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) 
     if mode == "selective" and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise ValueError(f"parallel.ac_every must be a positive int (checkpoint every n-th block), got {every!r}")
     done = 0
-    for i, block in enumerate(b for b in model.modules() if isinstance(b, Block)):
+    if blocks is None:
+        blocks = [b for b in model.modules() if isinstance(b, Block)]
+    for i, block in enumerate(blocks):
         if mode == "full" or (mode == "selective" and i % every == 0):
             checkpoint(block)
             done += 1

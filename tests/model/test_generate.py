@@ -53,5 +53,7 @@ def test_one_process_and_sampling():
         model.generate(ps, max_new_tokens=0)
     with pytest.raises(ValueError, match="decode='beam'"):
         model.generate(ps, max_new_tokens=1, decode="beam")
+    with pytest.raises(ValueError, match="strategy='hybrid' needs a \\(ring, ulysses\\) mesh"):
+        model.generate(ps, max_new_tokens=1, strategy="hybrid")
     with pytest.raises(ValueError, match="non-empty 1-D"):
         model.generate([torch.tensor([], dtype=torch.long)], max_new_tokens=1)

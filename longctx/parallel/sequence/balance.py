@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .documents import Documents
 from .layouts import positions
 
 
@@ -70,13 +71,10 @@ def reorder_documents(doc_ids: torch.Tensor, layout: str, world: int, *tensors, 
     """Reorder each row's documents (maximal runs of doc_ids) for balance; the same column permutation
     is applied to every tensor given (input ids, labels, ...). Returns (doc_ids, *tensors) reordered."""
     out = [doc_ids.clone(), *(t.clone() for t in tensors)]
+    docs = Documents.from_ids(doc_ids)
     for b in range(doc_ids.shape[0]):
-        row = doc_ids[b]
-        change = torch.ones_like(row, dtype=torch.bool)
-        change[1:] = row[1:] != row[:-1]
-        starts = torch.nonzero(change).flatten().tolist()
-        ends = starts[1:] + [row.numel()]
-        lengths = [e - s for s, e in zip(starts, ends)]
+        starts, lengths = docs.starts[b], docs.lengths(b)
+        ends = [s + n for s, n in zip(starts, lengths)]
         order, _, _ = balanced_order(lengths, layout, world, causal=causal, window=window, seed=seed + b)
         if order == list(range(len(lengths))):
             continue

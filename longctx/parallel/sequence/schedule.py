@@ -87,10 +87,12 @@ def local_backward(dout, q, k, v, out, lse, spec: ScheduleSpec):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def local_attention(q, k, v, *, causal: bool, window, kernel: str, documents, scale: float | None = None):
-    """Single-device attention over packed documents through the same per-document blocks (no comm)."""
+def local_attention(q, k, v, *, causal: bool, window, kernel: str, documents, scale: float | None = None,
+                    comm: Comm | None = None):
+    """A whole sequence on one rank through the planner's blocks of one shard (one call, or one per packed
+    document); `comm`: where the work is recorded (None: nowhere)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    spec = ScheduleSpec(None, "contiguous", causal, window, scale, kernel, documents)
+    spec = ScheduleSpec(comm, "contiguous", causal, window, scale, kernel, documents)
     return ScheduleFunction.apply(q, k, v, spec, local_forward, local_backward)[0]
 
 

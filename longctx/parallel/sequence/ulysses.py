@@ -9,7 +9,7 @@ import torch
 
 from ..comm import Comm
 from .layouts import permutation
-from .schedule import ScheduleFunction, ScheduleSpec, local_backward, local_forward
+from .schedule import local_attention
 
 
 def seq_to_heads(x: torch.Tensor, comm: Comm, phase: str) -> torch.Tensor:
@@ -86,8 +86,8 @@ def ulysses_attention(q, k, v, *, comm: Comm, layout: str, causal: bool, window,
         inv[perm] = torch.arange(n, device=q.device)
         qh, kh, vh = (t.index_select(1, inv) for t in (qh, kh, vh))
     # the whole sequence on my heads: the planner's blocks of one shard (one call, or one per document)
-    spec = ScheduleSpec(comm, "contiguous", causal, window, scale, kernel, documents)
-    out = ScheduleFunction.apply(qh, kh, vh, spec, local_forward, local_backward)[0]
+    out = local_attention(qh, kh, vh, causal=causal, window=window, kernel=kernel, documents=documents, scale=scale,
+                          comm=comm)
     if layout != "contiguous":
         out = out.index_select(1, perm)
     return HeadsToSeq.apply(out, comm)
