@@ -49,6 +49,7 @@ class TokenSource:
         # windows of seq_len inputs; their labels reach one token further (the last window is padded)
         self.n_sequences = -(-(self.n_tokens - 1) // seq_len)
         self._tokens = self._offsets = None  # opened lazily: memmaps do not travel to DataLoader workers
+        self._perm = None  # (epoch, its window permutation)
 
     def _open(self):
         if self._tokens is None:
@@ -66,7 +67,9 @@ class TokenSource:
         epoch, i = divmod(int(index), self.n_sequences)
         if not self.shuffle:
             return i
-        return int(np.random.default_rng([self.seed, epoch]).permutation(self.n_sequences)[i])
+        if self._perm is None or self._perm[0] != epoch:  # one permutation per epoch, not one per sequence
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_sequences))
+        return int(self._perm[1][i])
 
     def sequence(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tokens, offsets = self._open()
