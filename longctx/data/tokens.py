@@ -59,7 +59,7 @@ class TokenSource:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_tokens"] = state["_offsets"] = None
+        state["_tokens"] = state["_offsets"] = state["_perm"] = None
         return state
 
     def window(self, index: int) -> int:
