@@ -3,12 +3,21 @@
   already initialised   the simulated-cluster harness (longctx.launch.run) or a Ray Train worker: use it
   RANK / WORLD_SIZE set torchrun (or any env:// launcher): initialise from the environment, tear down after
   neither               one process: a world of one over an in-memory store (no port is opened)
+
+Under torchrun every attempt of the job gets its own key prefix in the rendezvous store (`fresh_epoch`).
+torch elastic keeps the agent's store across `--max-restarts` attempts while the env:// rendezvous assumes a
+fresh one, so without it a restarted group reads the dead attempt's gloo/NCCL addresses and fails
+(`connectFullMesh ... Connection refused`) or hangs. TORCHELASTIC_RESTART_COUNT cannot be the prefix: it
+counts one agent's own failures, and an agent that restarts because another node failed does not count it,
+so two nodes can disagree on it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import time
 from datetime import timedelta
 
 import torch
@@ -30,7 +39,10 @@ def process_group(timeout_s: float = 600.0):
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(_backend(), timeout=timeout)
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        epoch = fresh_epoch(store, rank, world_size, timeout_s)
+        store = dist.PrefixStore(f"longctx/epoch_{epoch}", store)
+        dist.init_process_group(_backend(), store=store, rank=rank, world_size=world_size, timeout=timeout)
     else:
         if torch.cuda.is_available():
             torch.cuda.set_device(0)
@@ -42,6 +54,46 @@ def process_group(timeout_s: float = 600.0):
 
         dist.destroy_process_group()
         Comm.forget()
+
+
+def fresh_epoch(store, rank: int, world_size: int, timeout_s: float, poll_s: float = 0.02) -> int:
+    """A number every rank of this attempt agrees on and no earlier attempt used, agreed through `store`,
+    which may hold any part of this handshake from attempts whose processes have all exited (torch elastic
+    stops every worker before the next attempt starts).
+
+    Rank 0 draws a new epoch (an atomic counter) and publishes it as current; every other rank draws a
+    start number of its own (also a counter, so never seen before), posts it under the current epoch it reads
+    (perhaps a dead attempt's) and waits until rank 0 answers with the start numbers of that epoch. An answer
+    that lists its own start number can only come from this attempt's rank 0; anything else is stale, and
+    the rank reads the current epoch again."""
+    deadline = time.monotonic() + timeout_s
+    if rank == 0:
+        epoch = store.add("longctx/epoch", 1)
+        store.set("longctx/current", str(epoch))
+        while store.add(f"longctx/{epoch}/arrived", 0) < world_size - 1:
+            _wait(deadline, poll_s, f"rank 0: the other {world_size - 1} rank(s) did not reach the rendezvous store")
+        starts = {r: store.get(f"longctx/{epoch}/start/{r}").decode() for r in range(1, world_size)}
+        store.set(f"longctx/{epoch}/go", json.dumps(starts))
+        return epoch
+    start = str(store.add(f"longctx/starts/{rank}", 1))
+    posted = set()
+    while True:
+        if store.check(["longctx/current"]):
+            epoch = int(store.get("longctx/current"))
+            if epoch not in posted:
+                store.set(f"longctx/{epoch}/start/{rank}", start)
+                store.add(f"longctx/{epoch}/arrived", 1)
+                posted.add(epoch)
+            if store.check([f"longctx/{epoch}/go"]) and \
+                    json.loads(store.get(f"longctx/{epoch}/go")).get(str(rank)) == start:
+                return epoch
+        _wait(deadline, poll_s, f"rank {rank}: rank 0 did not open this attempt's epoch in the rendezvous store")
+
+
+def _wait(deadline: float, poll_s: float, what: str) -> None:
+    if time.monotonic() > deadline:
+        raise TimeoutError(f"{what} within parallel.timeout_s; is every rank running?")
+    time.sleep(poll_s)
 
 
 def world_size_from_env() -> int:

@@ -128,13 +128,17 @@ class SavedTensorCounter:
 class MetricsLogger:
     """metrics.jsonl (one object per optimizer step), TensorBoard events and a tqdm bar, on rank 0 only."""
 
-    def __init__(self, run_dir: str, *, enabled: bool, total_steps: int, quiet: bool, tensorboard: bool):
+    def __init__(self, run_dir: str, *, enabled: bool, total_steps: int, quiet: bool, tensorboard: bool,
+                 resumed_step: int | None = None):
         self.enabled = enabled
         self.bar = self.writer = self.file = None
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        path = os.path.join(run_dir, "metrics.jsonl")
+        if resumed_step is not None:
+            _drop_steps_after(path, resumed_step)
+        self.file = open(path, "a")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -173,6 +177,30 @@ class MetricsLogger:
             self.writer.close()
         if self.file is not None:
             self.file.close()
+
+
+def _drop_steps_after(path: str, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint: the lost attempt's records of them go, so every
+    step appears once (rewritten through a temporary file and a rename: a crash here loses nothing)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+    if len(kept) == len(lines):
+        return
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    print(f"longctx: metrics.jsonl: dropped {len(lines) - len(kept)} record(s) after step {step} "
+          "(written by the attempt this run resumes from)", file=sys.stderr)
+
+
+def _step_of(line: str) -> int | None:
+    try:  # a line cut short by a killed writer does not parse
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class StepTimer:

@@ -343,7 +343,8 @@ class Trainer:
                 print(f"longctx train: {self.world} rank(s), {self.dims}, engine={self.plan.engine}, "
                       f"device={self.device_type}, precision={self.precision}\n{to_yaml(self.cfg)}", flush=True)
         logger = MetricsLogger(self.run_dir, enabled=main, total_steps=steps, quiet=lcfg.quiet,
-                               tensorboard=lcfg.tensorboard)
+                               tensorboard=lcfg.tensorboard,
+                               resumed_step=self.step if self.resumed_from is not None else None)
         start = time.perf_counter()
         interval = self.cfg.checkpoint.interval
         try:

@@ -1,12 +1,16 @@
 """torchrun, as on a real cluster: two agents ("two nodes", 2 ranks each) on loopback run `python -m longctx
 train` and compute the same losses as the simulated cluster; a rank that fails shows its traceback."""
 
+import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -27,15 +31,17 @@ def _torchrun(overrides, timeout=240, restarts=0):
            f"127.0.0.1:{port}", "--local-addr", "127.0.0.1", "--max-restarts", str(restarts), "-m", "longctx",
            "train", TINY, *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    agents = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-              for _ in range(2)]
+    # each agent leads a session of its own, so a timed-out test takes the agent's workers down with it
+    agents = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True) for _ in range(2)]
     out = []
     try:
         for a in agents:
             out.append(a.communicate(timeout=timeout)[0])
     finally:
         for a in agents:
-            a.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(a.pid, signal.SIGKILL)
     return [a.returncode for a in agents], "\n".join(out)
 
 
@@ -67,7 +73,7 @@ def test_a_failing_rank_shows_its_traceback(tmp_path):
     assert "checkpoint.py" in out, out[-3000:]  # where it happened, not only an exit code
 
 
-def _kill_a_rank_once(run_dir, after_step: int, timeout: float = 200.0):
+def _kill_a_rank_once(run_dir, after_step: int, timeout: float = 200.0, delay: float = 1.0):
     """Watch for the checkpoint of `after_step`, then SIGKILL one training rank (first attempt only)."""
     import threading
     import time
@@ -81,7 +87,7 @@ def _kill_a_rank_once(run_dir, after_step: int, timeout: float = 200.0):
         t0 = time.time()
         while time.time() - t0 < timeout and not os.path.isdir(target):
             time.sleep(0.2)
-        time.sleep(1.0)  # into the next step
+        time.sleep(delay)  # into the next step
         for p in psutil.process_iter(["cmdline", "environ"]):
             try:
                 env = p.info["environ"] or {}
@@ -106,6 +112,28 @@ def test_without_restarts_a_killed_rank_ends_the_job_naming_it(tmp_path):
     assert "pid" in done and codes != [0, 0]
     # torchrun's summary names the lost rank and its signal (the survivors are stopped by their agents)
     assert re.search(r"rank\s*:\s*1 \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*-9", out), out[-3000:]
+
+
+def test_a_killed_rank_restarts_and_resumes_to_the_uninterrupted_result(tmp_path):
+    from longctx.cli import main
+    from longctx.train import checkpoint
+
+    steps = ["train.steps=10", "checkpoint.interval=1", "checkpoint.keep_last=2", "train.resume=auto"]
+    assert main(["launch", "local", "--nproc", "4", TINY, *SMALL, *steps, f"run_dir={tmp_path / 'whole'}"]) == 0
+    run_dir = str(tmp_path / "restarted")
+    thread, done = _kill_a_rank_once(run_dir, after_step=3, delay=0.0)
+    codes, out = _torchrun([*SMALL, *steps, f"run_dir={run_dir}"], restarts=2)
+    thread.join(timeout=5)
+    assert "pid" in done, out[-3000:]
+    assert codes == [0, 0], out[-3000:]
+    assert re.search(r"resumed from \S+step_0000000[3-9] at step [3-9]", out), out[-3000:]
+    whole = checkpoint.export(str(tmp_path / "whole" / "checkpoints"), str(tmp_path / "whole.pt"))
+    restarted = checkpoint.export(os.path.join(run_dir, "checkpoints"), str(tmp_path / "restarted.pt"))
+    assert set(whole) == set(restarted) and all(torch.equal(whole[k], restarted[k]) for k in whole)
+    # every step once in metrics.jsonl, the repeated ones replaced by the resumed attempt's
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == list(range(1, 11))
+    assert _losses(run_dir) == _losses(tmp_path / "whole")
 
 
 def test_an_unreachable_rendezvous_fails_within_its_timeout(tmp_path):
