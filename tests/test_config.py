@@ -91,6 +91,8 @@ def _tiny(*overrides):
     (["parallel.engine=deepspeed", "parallel.tp=2", "parallel.cp=2"], 4,
      r"parallel.engine=deepspeed with parallel.tp=2 is not supported.*parallel.engine=torch"),
     (["parallel.engine=deepspeed", "parallel.zero_stage=4"], 4, r"parallel.zero_stage=4: choose 1, 2 or 3"),
+    (["parallel.engine=deepspeed", "checkpoint.interval=2", "checkpoint.async_save=true"], 4,
+     r"checkpoint.async_save=true is a DCP feature.*set checkpoint.async_save=false"),
     (["parallel.zero_stage=3"], 4, r"parallel.zero_stage / parallel.deepspeed_config only apply to "
                                    r"parallel.engine=deepspeed"),
     (["parallel.pp_split=[1]"], 4, r"parallel.pp_split only apply to a pipeline \(parallel.pp > 1\)"),

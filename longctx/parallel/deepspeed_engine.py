@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 
 STAGES = (1, 2, 3)
 
@@ -122,13 +123,75 @@ class _MPU:
 
 
 def initialize(model, optimizer, cfg, plan, precision: str):
-    """deepspeed.initialize over the plan's dp x cp group; returns the engine."""
+    """deepspeed.initialize over the plan's dp x cp group; returns the engine (its checkpoints read weights-only)."""
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=ds_config(cfg, plan.dims, precision),
                                            mpu=_MPU(plan.mesh), dist_init_required=False)
+    engine.checkpoint_engine = _weights_only_engine(engine.checkpoint_engine)
     return engine
+
+
+# The non-tensor types DeepSpeed pickles into its ZeRO optimizer files (fp32 and bf16, stages 1-3): plain
+# records, allowlisted so that loading needs no arbitrary unpickling.
+_SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                 "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                 "deepspeed.runtime.zero.config.ZeroStageEnum",
+                 "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+def _weights_only_engine(current):
+    """DeepSpeed's torch checkpoint engine, except that it loads with torch.load(weights_only=True) (DeepSpeed's
+    own passes weights_only=False, which would run any code a tampered checkpoint carries)."""
+    import importlib
+
+    import torch
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if type(current) is not TorchCheckpointEngine:  # a user-configured engine (nebula, fast, ...) stays
+        return current
+    allowed = []
+    for name in _SAFE_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        try:
+            allowed.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):  # another DeepSpeed version: torch names what is missing
+            pass
+
+    class WeightsOnly(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError (or RuntimeError) here
+                if "Weights only load failed" not in str(e):
+                    raise
+                found = re.search(r"GLOBAL ([\w.]+)", str(e))
+                raise ValueError(f"{path}: refused to unpickle {found.group(1) if found else 'a non-tensor object'}; "
+                                 "longctx loads checkpoints weights-only (a newer DeepSpeed may pickle a type "
+                                 "not in deepspeed_engine._SAFE_GLOBALS: add it there if it is plain data)") from None
+
+    engine = WeightsOnly.__new__(WeightsOnly)
+    engine.__dict__.update(current.__dict__)  # same settings (serialization format), no second log line
+    return engine
+
+
+TAG = "deepspeed"  # the sub-directory of a longctx checkpoint that holds DeepSpeed's files
+
+
+def save(engine, directory: str) -> None:
+    """DeepSpeed's own checkpoint of the engine (module, ZeRO-partitioned optimizer) under directory/TAG
+    (collective: every rank writes its partition)."""
+    engine.save_checkpoint(directory, tag=TAG, client_state={}, save_latest=False)
+
+
+def load(engine, directory: str) -> None:
+    """Load directory/TAG into the engine: module, optimizer partitions (the LR schedule is longctx's)."""
+    path, _ = engine.load_checkpoint(directory, tag=TAG, load_optimizer_states=True,
+                                     load_lr_scheduler_states=False)
+    if path is None:
+        raise ValueError(f"{directory}/{TAG} holds no DeepSpeed checkpoint")
 
 
 def full_state_dict(engine) -> dict:

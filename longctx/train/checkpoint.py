@@ -10,6 +10,11 @@ to the previous complete one. DCP reshards: a checkpoint written at cp=4 loads a
 another world size. The data position is the step itself (every data source is a function of the sequence
 index; trainer.pt also records the source and the sequences consumed).
 Everything is read with `torch.load(weights_only=True)`.
+
+With parallel.engine=deepspeed the model and optimizer state are DeepSpeed's own checkpoint (`deepspeed/`,
+ZeRO-partitioned, read back weights-only through `deepspeed_engine`) plus `model.pt`, the full weights for
+export and evaluation; the rest (marker, rename, trainer.pt, RNG, config) is the same. DeepSpeed's files are
+tied to its data-parallel size and ZeRO stage, so such a checkpoint resumes only on the layout that wrote it.
 """
 
 from __future__ import annotations
@@ -101,6 +106,16 @@ def _barrier():
         dist.barrier()
 
 
+def _files(tmp: str) -> dict:
+    """Every file under `tmp` (relative path -> bytes): DCP writes flat, DeepSpeed into a sub-directory."""
+    out = {}
+    for root, _, names in os.walk(tmp):
+        for n in names:
+            full = os.path.join(root, n)
+            out[os.path.relpath(full, tmp)] = os.path.getsize(full)
+    return dict(sorted(out.items()))
+
+
 def _state(trainer):
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -144,9 +159,19 @@ def save(trainer, root: str, keep_last: int, *, async_save: bool = False, group=
         data = {"source": trainer.cfg.data.source, "path": trainer.cfg.data.path,
                 "sequences_consumed": trainer.step * trainer.cfg.train.batch_size}
         torch.save({"scheduler": trainer.scheduler.state_dict(), "step": trainer.step, "world_size": trainer.world,
-                    "dims": repr(trainer.dims), "data": data}, os.path.join(tmp, "trainer.pt"))
+                    "dims": repr(trainer.dims), "data": data, "format": _format(trainer)},
+                   os.path.join(tmp, "trainer.pt"))
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
             f.write(to_yaml(trainer.cfg))
+    if trainer.engine is not None:
+        from ..parallel import deepspeed_engine
+
+        deepspeed_engine.save(trainer.engine, tmp)
+        weights = trainer.full_state_dict()  # collective (ZeRO-3 gathers); rank 0 keeps the full copy
+        if trainer.rank == 0:
+            torch.save(weights, os.path.join(tmp, "model.pt"))
+        _commit(trainer.rank, trainer.step, tmp, final, root, keep_last)
+        return final
     if async_save:  # the state is copied to host memory before this returns: later steps cannot change it
         future = dcp.async_save(_state(trainer), checkpoint_id=tmp, process_group=group)
         return Pending(future, trainer.rank, trainer.step, tmp, final, root, keep_last)
@@ -158,7 +183,7 @@ def save(trainer, root: str, keep_last: int, *, async_save: bool = False, group=
 def _commit(rank: int, step: int, tmp: str, final: str, root: str, keep_last: int) -> None:
     _barrier()  # every rank's files are on disk before the marker says so
     if rank == 0:
-        files = {n: os.path.getsize(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
+        files = _files(tmp)
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump({"step": step, "files": files}, f)
             f.flush()
@@ -172,22 +197,17 @@ def _commit(rank: int, step: int, tmp: str, final: str, root: str, keep_last: in
 
 def load(trainer, path: str) -> int:
     """Load a checkpoint into the trainer (collective, any layout); returns its step."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    state = _state(trainer)
-    try:
-        dcp.load(state, checkpoint_id=path)
-    except (CheckpointException, RuntimeError, ValueError, KeyError) as e:  # CheckpointException: a BaseException
-        # DCP gathers every rank's traceback; the planner's own line names the key and both shapes
-        lines = [ln for ln in str(e).splitlines() if "Error:" in ln] or str(e).splitlines()[:1]
-        raise ConfigError(f"checkpoint {path} does not fit this model: {lines[0].strip()[:300]} (a different model "
-                         f"shape or pipeline layout?); resume with the config it was written with "
-                         f"({os.path.join(path, 'config.yaml')})") from None
-    set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
     meta = torch.load(os.path.join(path, "trainer.pt"), weights_only=True)
+    _check_format(meta, trainer, path)
+    if trainer.engine is not None:
+        _load_deepspeed(trainer, path)
+    else:
+        state = _state(trainer)
+        _dcp_load(state, path)
+        set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
     trainer.scheduler.load_state_dict(meta["scheduler"])
     rng = os.path.join(path, f"rng_rank{trainer.rank}.pt")
     if meta["world_size"] == trainer.world and os.path.exists(rng):  # another world: fresh per-rank streams
@@ -198,6 +218,66 @@ def load(trainer, path: str) -> int:
     return int(meta["step"])
 
 
+def _format(trainer) -> dict:
+    if trainer.engine is None:
+        return {"kind": "dcp"}
+    return {"kind": "deepspeed", "zero_stage": int(trainer.cfg.parallel.zero_stage), "dims": repr(trainer.dims)}
+
+
+def _check_format(meta: dict, trainer, path: str) -> None:
+    """A DeepSpeed checkpoint resumes only under DeepSpeed with the layout and ZeRO stage that wrote it (its
+    files are partitioned for them); a DCP checkpoint only without DeepSpeed. Errors say what to set."""
+    saved, here = meta.get("format", {"kind": "dcp"}), _format(trainer)
+    config = os.path.join(path, "config.yaml")
+    if saved["kind"] != here["kind"]:
+        if saved["kind"] == "deepspeed":
+            raise ConfigError(f"checkpoint {path} was written by parallel.engine=deepspeed; resume it with "
+                              f"parallel.engine=deepspeed and the layout in {config}, or start from its weights "
+                              f"(`longctx checkpoint export {path} OUT`)")
+        raise ConfigError(f"checkpoint {path} was written by parallel.engine={_engine_of(config)} (DCP); "
+                          "parallel.engine=deepspeed resumes only DeepSpeed checkpoints: resume with the engine "
+                          "it was written with, or start from its weights (`longctx checkpoint export`)")
+    if saved["kind"] == "deepspeed" and (saved["zero_stage"], saved["dims"]) != (here["zero_stage"], here["dims"]):
+        raise ConfigError(f"checkpoint {path} was written by DeepSpeed ZeRO-{saved['zero_stage']} on {saved['dims']}; "
+                          f"this run is ZeRO-{here['zero_stage']} on {here['dims']}: DeepSpeed's partitioned "
+                          f"files resume only on the same layout and stage (see {config})")
+
+
+def _engine_of(config_path: str) -> str:
+    from ..config import load as load_config
+
+    try:
+        return load_config(path=config_path).parallel.engine
+    except Exception:  # noqa: BLE001 - only for the message
+        return "torch"
+
+
+def _load_deepspeed(trainer, path: str) -> None:
+    from ..parallel import deepspeed_engine
+
+    try:
+        deepspeed_engine.load(trainer.engine, path)
+    except RuntimeError as e:  # load_state_dict's strict check names the parameters and shapes
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln or "Missing" in ln
+                      or "Unexpected" in ln), str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise ConfigError(f"checkpoint {path} does not fit this model: {first[:300]} (a different model shape?); "
+                          f"resume with the config it was written with ({os.path.join(path, 'config.yaml')})") from None
+
+
+def _dcp_load(state: dict, path: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except (CheckpointException, RuntimeError, ValueError, KeyError) as e:  # CheckpointException: a BaseException
+        # DCP gathers every rank's traceback; the planner's own line names the key and both shapes
+        lines = [ln for ln in str(e).splitlines() if "Error:" in ln] or str(e).splitlines()[:1]
+        raise ConfigError(f"checkpoint {path} does not fit this model: {lines[0].strip()[:300]} (a different model "
+                         f"shape or pipeline layout?); resume with the config it was written with "
+                         f"({os.path.join(path, 'config.yaml')})") from None
+
+
 def model_weights(path: str, log=print) -> tuple[dict, str]:
     """(state dict of the unparallelised model, the checkpoint directory used) from a checkpoint or a
     checkpoint root (its newest complete one); no process group needed. Pipeline stage prefixes are dropped."""
@@ -206,6 +286,8 @@ def model_weights(path: str, log=print) -> tuple[dict, str]:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     path = locate(path, path, log=log)
+    if os.path.isfile(os.path.join(path, "model.pt")):  # a DeepSpeed checkpoint: its full weights
+        return torch.load(os.path.join(path, "model.pt"), weights_only=True), path
     with tempfile.TemporaryDirectory() as tmp:
         full = os.path.join(tmp, "full.pt")
         dcp_to_torch_save(path, full)

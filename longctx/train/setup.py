@@ -84,9 +84,9 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
     if t.resume not in ("auto", "none") and not os.path.exists(t.resume):
         raise ConfigError(f"train.resume={t.resume!r} does not exist; give a checkpoint directory (step_...), a "
                           "checkpoint root, train.resume=auto or none")
-    if engine == "deepspeed" and (c.interval or t.resume != "none"):
-        raise ConfigError("checkpoint.interval / train.resume with parallel.engine=deepspeed are not supported yet "
-                          "(DeepSpeed keeps its own partitioned state); use parallel.engine=torch, or turn them off")
+    if engine == "deepspeed" and c.async_save:
+        raise ConfigError("checkpoint.async_save=true is a DCP feature; with parallel.engine=deepspeed checkpoints "
+                          "are DeepSpeed's own and written synchronously: set checkpoint.async_save=false")
     if cfg.run_dir is not None and os.path.exists(cfg.run_dir) and not os.path.isdir(cfg.run_dir):
         raise ConfigError(f"run_dir={cfg.run_dir!r} is an existing file, not a directory; choose another run_dir")
     _check_data(cfg)

@@ -21,14 +21,16 @@ def config(*overrides, run_dir="/tmp/longctx-test-run") -> dict:
     return OmegaConf.to_container(load(overrides=[*BASE, f"run_dir={run_dir}", *overrides]))
 
 
-def train_and_collect(configs: list[dict], stop_after: int | None = None) -> list[dict]:
+def train_and_collect(configs: list[dict], stop_after: int | None | list = None) -> list[dict]:
     """Train each config in this process group; rank 0 returns losses, grad norms and the full final
-    parameters, the other ranks what they held (saved bytes, label counts)."""
+    parameters, the other ranks what they held (saved bytes, label counts). `stop_after`: one value for
+    every config, or a list with one per config."""
     from longctx.config import from_dict
     from longctx.train import Trainer
 
     out = []
-    for c in configs:
+    stops = stop_after if isinstance(stop_after, list) else [stop_after] * len(configs)
+    for c, stop_after in zip(configs, stops, strict=True):
         trainer = Trainer(from_dict(c))
         shards = trainer.micro_batches(0)
         local_labels = sum(s["real_labels"] for s in shards)
@@ -86,3 +88,18 @@ def packed_batches(config_dict: dict, steps: int) -> dict:
             got.append(full)
     trainer.loader.close()
     return {"dp_rank": plan.dp_rank, "cp_rank": plan.cp_rank, "batches": got}
+
+
+def resume_errors(configs: list[dict]) -> list[str]:
+    """The ConfigError each config's Trainer raises while resuming (every rank raises the same)."""
+    from longctx.config import ConfigError, from_dict
+    from longctx.train import Trainer
+
+    out = []
+    for c in configs:
+        try:
+            Trainer(from_dict(c))
+            out.append("no error")
+        except ConfigError as e:
+            out.append(str(e))
+    return out

@@ -14,7 +14,7 @@ from longctx.launch.local import RankError
 from longctx.model import build_model
 from longctx.train import checkpoint, validate_job
 
-from ._workers import config, train_and_collect
+from ._workers import config, resume_errors, train_and_collect
 
 CP2 = ["parallel.cp=2", "parallel.dp_shard=1"]
 
@@ -130,3 +130,38 @@ def test_cli_export_and_its_errors(tmp_path, capsys):
     os.remove(os.path.join(run_dir, "checkpoints", "step_00000001", checkpoint.MARKER))
     assert main(["checkpoint", "export", os.path.join(run_dir, "checkpoints", "step_00000001"), str(out)]) == 2
     assert "no completion marker" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_deepspeed_checkpoints_resume_bit_for_bit(tmp_path):
+    """DeepSpeed's own (ZeRO-partitioned) checkpoints inside longctx's: stopped and resumed equals the
+    uninterrupted run bit for bit at ZeRO-1 and ZeRO-3, read back weights-only; export gives the weights; a
+    checkpoint resumed under another stage or engine is refused by name."""
+    pytest.importorskip("deepspeed", reason="pip install 'longctx[deepspeed]' (make test installs it)")
+    configs, stops = [], []
+    for stage in (1, 3):
+        ds = ["parallel.engine=deepspeed", f"parallel.zero_stage={stage}", *CP2]
+        run_dir = str(tmp_path / f"zero{stage}")
+        configs += [config(*ds, run_dir=str(tmp_path / f"full{stage}")),
+                    config(*ds, "checkpoint.interval=2", run_dir=run_dir),
+                    config(*ds, "train.resume=auto", run_dir=run_dir)]
+        stops += [None, 3, None]
+    res = run(train_and_collect, 2, args=(configs, stops), timeout=600)[0]
+    for stage, (full, first, resumed) in zip((1, 3), (res[0:3], res[3:6])):
+        assert first["checkpoint"].endswith("step_00000003") and first["losses"] == full["losses"][:3], stage
+        assert resumed["resumed_from"].endswith("step_00000003") and resumed["steps"] == [4, 5], stage
+        assert resumed["losses"] == full["losses"][3:], stage  # bit for bit
+        assert _same(resumed["params"], full["params"]), stage
+        root = str(tmp_path / f"zero{stage}" / "checkpoints")
+        assert os.path.isdir(os.path.join(root, "step_00000003", "deepspeed"))
+        assert _same(checkpoint.export(root, str(tmp_path / f"zero{stage}.pt")), first["params"])
+    ckpt = str(tmp_path / "zero3" / "checkpoints" / "step_00000003")
+    dcp_dir = str(tmp_path / "dcp")
+    _run(2, config(*CP2, "train.steps=1", "checkpoint.interval=1", run_dir=dcp_dir))
+    errors = run(resume_errors, 2, args=([
+        config("parallel.engine=deepspeed", "parallel.zero_stage=1", *CP2, f"train.resume={ckpt}"),
+        config(*CP2, f"train.resume={ckpt}"),
+        config("parallel.engine=deepspeed", *CP2, "train.resume=auto", run_dir=dcp_dir)],), timeout=300)[0]
+    assert "written by DeepSpeed ZeRO-3" in errors[0] and "this run is ZeRO-1" in errors[0], errors
+    assert "written by parallel.engine=deepspeed; resume it with parallel.engine=deepspeed" in errors[1], errors
+    assert "parallel.engine=deepspeed resumes only DeepSpeed checkpoints" in errors[2], errors
