@@ -172,6 +172,22 @@ MUTANTS = [
            "        rope = torch.arange(s, device=tokens.device).reshape(1, -1)",
            ("tests/model/test_hf.py::test_every_strategy_equals_the_eager_model",),
            "HF RoPE rotates a shard by its local positions instead of the layout's"),
+    # ------------------------------------------------------------------ restarts
+    Mutant("restart-takes-a-stale-epoch", "longctx/launch/env.py",
+           'json.loads(store.get(f"longctx/{epoch}/go")).get(str(rank)) == start:',
+           "True:",
+           ("tests/launch/test_env.py",),
+           "a restarted rank accepts the dead attempt's answer (and would read its addresses)"),
+    Mutant("resume-keeps-the-lost-attempts-metrics", "longctx/train/metrics.py",
+           "            _drop_steps_after(path, resumed_step)",
+           "            pass",
+           ("tests/train/test_metrics_optim.py::test_a_resumed_run_drops_the_lost_attempts_records",),
+           "metrics.jsonl repeats the steps a restarted job computes again"),
+    Mutant("deepspeed-resumes-on-another-stage", "longctx/train/checkpoint.py",
+           '(saved["zero_stage"], saved["dims"]) != (here["zero_stage"], here["dims"])',
+           "False",
+           ("tests/train/test_checkpoint.py::test_deepspeed_checkpoints_resume_bit_for_bit",),
+           "a ZeRO-3 checkpoint is handed to a ZeRO-1 engine instead of refused by name"),
 ]
 
 

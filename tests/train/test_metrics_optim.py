@@ -73,3 +73,22 @@ def test_optimizer_and_scheduler_from_config():
         sched.step()
     assert lrs == pytest.approx([0.005, 0.01, 0.01, 0.001])
     assert torch.optim.AdamW is type(opt)
+
+
+def test_a_resumed_run_drops_the_lost_attempts_records(tmp_path, capsys):
+    import json
+
+    from longctx.train.metrics import MetricsLogger
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 6)]
+    path.write_text("\n".join(lines) + '\n{"step": 6, "lo')  # the last line cut short by a killed writer
+    logger = MetricsLogger(str(tmp_path), enabled=True, total_steps=2, quiet=True, tensorboard=False,
+                           resumed_step=3)
+    logger.log({"step": 4, "loss": 0.5, "lr": 0.0, "tokens_per_s": 1.0, "flops_per_s": 1.0})
+    logger.close()
+    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1, 2, 3, 4]
+    assert "dropped 3 record(s) after step 3" in capsys.readouterr().err
+    # a fresh run (no resume) appends, as before
+    MetricsLogger(str(tmp_path), enabled=True, total_steps=1, quiet=True, tensorboard=False).close()
+    assert len(path.read_text().splitlines()) == 4
