@@ -194,10 +194,17 @@ def load(engine, directory: str) -> None:
         raise ValueError(f"{directory}/{TAG} holds no DeepSpeed checkpoint")
 
 
-def full_state_dict(engine) -> dict:
-    """Every parameter, unsharded (ZeRO-3 gathers them), on every rank."""
+def full_state_dict(engine, rank0_only: bool = False) -> dict:
+    """Every parameter, unsharded, on every rank (or on rank 0 only: the others return {}). ZeRO-3 gathers one
+    parameter at a time, so no rank ever holds more than one full parameter beyond its shard, and with
+    rank0_only only rank 0 keeps a host copy (a checkpoint's model.pt, not a full model per rank)."""
     import deepspeed
+    import torch.distributed as dist
 
-    params = dict(engine.module.named_parameters())
-    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
-        return {k: v.detach().cpu().clone() for k, v in params.items()}
+    keep = not rank0_only or dist.get_rank() == 0
+    out = {}
+    for name, param in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if keep:
+                out[name] = param.detach().cpu().clone()
+    return out

@@ -167,7 +167,7 @@ def save(trainer, root: str, keep_last: int, *, async_save: bool = False, group=
         from ..parallel import deepspeed_engine
 
         deepspeed_engine.save(trainer.engine, tmp)
-        weights = trainer.full_state_dict()  # collective (ZeRO-3 gathers); rank 0 keeps the full copy
+        weights = deepspeed_engine.full_state_dict(trainer.engine, rank0_only=True)  # collective under ZeRO-3
         if trainer.rank == 0:
             torch.save(weights, os.path.join(tmp, "model.pt"))
         _commit(trainer.rank, trainer.step, tmp, final, root, keep_last)
