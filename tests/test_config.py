@@ -155,6 +155,10 @@ def test_deepspeed_config_file_cannot_override_what_longctx_derives(tmp_path):
     with pytest.raises(ConfigError, match=r"sets gradient_accumulation_steps, scheduler, which longctx derives from "
                                           r"train.accumulation; train.warmup_steps"):
         validate_job(_tiny("parallel.engine=deepspeed", f"parallel.deepspeed_config={bad}"), 4)
+    bad.write_text('{"checkpoint": {"writer": {"type": "decoupled"}}}')
+    with pytest.raises(ConfigError, match=r"sets checkpoint, which longctx derives from checkpoint.\* \(longctx "
+                                          r"writes DeepSpeed's checkpoints synchronously"):
+        validate_job(_tiny("parallel.engine=deepspeed", f"parallel.deepspeed_config={bad}"), 4)
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match=r"is not valid JSON"):
         validate_job(_tiny("parallel.engine=deepspeed", f"parallel.deepspeed_config={bad}"), 4)

@@ -56,52 +56,49 @@ def process_group(timeout_s: float = 600.0):
         Comm.forget()
 
 
-def fresh_epoch(store, rank: int, world_size: int, timeout_s: float, recheck_s: float = 1.0) -> int:
+def fresh_epoch(store, rank: int, world_size: int, timeout_s: float, max_delay_s: float = 0.5) -> int:
     """A number every rank of this attempt agrees on and no earlier attempt used, agreed through `store`,
     which may hold any part of this handshake from attempts whose processes have all exited (torch elastic
     stops every worker before the next attempt starts).
 
     Rank 0 draws a new epoch (an atomic counter), publishes it as current and waits for every other rank's
     start number under it. Every other rank draws a start number of its own (also a counter, so never seen
-    before), posts it under the current epoch it reads (perhaps a dead attempt's) and waits for rank 0's
+    before), posts it under the current epoch it reads (perhaps a dead attempt's) and looks for rank 0's
     answer, the start numbers of that epoch. An answer that lists its own start number can only come from
-    this attempt's rank 0; no answer within `recheck_s`, or another's, means a stale epoch: read it again.
-    Every wait blocks in the store (no polling), bounded by `timeout_s`."""
+    this attempt's rank 0; none yet, or another's, means the epoch may be stale: read it again. Rank 0 blocks
+    in the store; the others check with a backoff up to `max_delay_s` (a timed-out store wait logs a warning
+    each time). Everything is bounded by `timeout_s`."""
     deadline = time.monotonic() + timeout_s
 
-    def wait(keys: list[str], seconds: float, what: str) -> None:
-        try:
-            store.wait(keys, timedelta(seconds=max(seconds, 0.001)))
-        except dist.DistStoreError:
-            raise TimeoutError(f"{what} within parallel.timeout_s={timeout_s:g}; is every rank running?") from None
+    def fail(what: str):
+        return TimeoutError(f"{what} within parallel.timeout_s={timeout_s:g}; is every rank running?")
 
     if rank == 0:
         epoch = store.add("longctx/epoch", 1)
         store.set("longctx/current", str(epoch))
         keys = [f"longctx/{epoch}/start/{r}" for r in range(1, world_size)]
         if keys:
-            wait(keys, timeout_s, f"rank 0: the other {world_size - 1} rank(s) did not reach the rendezvous store")
+            try:
+                store.wait(keys, timedelta(seconds=timeout_s))
+            except dist.DistStoreError:
+                raise fail(f"rank 0: the other {world_size - 1} rank(s) did not reach the rendezvous store") from None
         store.set(f"longctx/{epoch}/go", json.dumps({k.rsplit("/", 1)[1]: store.get(k).decode() for k in keys}))
         return epoch
     start = str(store.add(f"longctx/starts/{rank}", 1))
-    posted = set()
-    missing = f"rank {rank}: rank 0 did not open this attempt's epoch in the rendezvous store"
+    posted, delay = set(), 0.005
     while True:
-        wait(["longctx/current"], deadline - time.monotonic(), missing)
-        epoch = int(store.get("longctx/current"))
-        if epoch not in posted:
-            store.set(f"longctx/{epoch}/start/{rank}", start)
-            posted.add(epoch)
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"{missing} within parallel.timeout_s={timeout_s:g}; is every rank running?")
-        try:
-            wait([f"longctx/{epoch}/go"], min(recheck_s, left), missing)
-        except TimeoutError:
-            continue  # not answered yet, or a dead attempt's epoch: read the current one again
-        if json.loads(store.get(f"longctx/{epoch}/go")).get(str(rank)) == start:
-            return epoch
-        time.sleep(min(0.05, recheck_s))  # a dead attempt's answer: this attempt's rank 0 has not published yet
+        if store.check(["longctx/current"]):
+            epoch = int(store.get("longctx/current"))
+            if epoch not in posted:
+                store.set(f"longctx/{epoch}/start/{rank}", start)
+                posted.add(epoch)
+            go = f"longctx/{epoch}/go"
+            if store.check([go]) and json.loads(store.get(go)).get(str(rank)) == start:
+                return epoch
+        if time.monotonic() > deadline:
+            raise fail(f"rank {rank}: rank 0 did not open this attempt's epoch in the rendezvous store")
+        time.sleep(delay)
+        delay = min(2 * delay, max_delay_s)
 
 
 def world_size_from_env() -> int:

@@ -46,7 +46,9 @@ def check_deepspeed(dims, p) -> None:
 OWNED = {"train_micro_batch_size_per_gpu": "train.batch_size", "gradient_accumulation_steps": "train.accumulation",
          "train_batch_size": "train.batch_size", "gradient_clipping": "train.grad_clip",
          "optimizer": "train.lr / weight_decay / beta1 / beta2", "scheduler": "train.warmup_steps / min_lr_ratio",
-         "bf16": "train.precision", "fp16": "train.precision"}
+         "bf16": "train.precision", "fp16": "train.precision",
+         "checkpoint": "checkpoint.* (longctx writes DeepSpeed's checkpoints synchronously with its torch engine and "
+                       "commits them atomically; an asynchronous writer would be committed half-written)"}
 
 
 def _read_overrides(path: str) -> dict:
@@ -195,15 +197,22 @@ def load(engine, directory: str) -> None:
 
 
 def full_state_dict(engine, rank0_only: bool = False) -> dict:
-    """Every parameter, unsharded, on every rank (or on rank 0 only: the others return {}). ZeRO-3 gathers one
+    """Every parameter in fp32, unsharded, on every rank (or on rank 0 only: the others return {}). ZeRO-3 gathers one
     parameter at a time, so no rank ever holds more than one full parameter beyond its shard, and with
     rank0_only only rank 0 keeps a host copy (a checkpoint's model.pt, not a full model per rank)."""
     import deepspeed
     import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param
 
     keep = not rank0_only or dist.get_rank() == 0
     out = {}
     for name, param in engine.module.named_parameters():
+        # the optimizer's fp32 master copy where DeepSpeed keeps one (bf16 training casts the module itself)
+        master = safe_get_full_fp32_param(param)  # collective under ZeRO-3, like the gather below
+        if master is not None:
+            if keep:
+                out[name] = master.detach().cpu().clone()
+            continue
         with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
             if keep:
                 out[name] = param.detach().cpu().clone()

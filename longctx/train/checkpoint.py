@@ -221,7 +221,8 @@ def load(trainer, path: str) -> int:
 def _format(trainer) -> dict:
     if trainer.engine is None:
         return {"kind": "dcp"}
-    return {"kind": "deepspeed", "zero_stage": int(trainer.cfg.parallel.zero_stage), "dims": repr(trainer.dims)}
+    return {"kind": "deepspeed", "zero_stage": int(trainer.cfg.parallel.zero_stage), "dims": repr(trainer.dims),
+            "precision": trainer.precision}
 
 
 def _check_format(meta: dict, trainer, path: str) -> None:
@@ -241,6 +242,10 @@ def _check_format(meta: dict, trainer, path: str) -> None:
         raise ConfigError(f"checkpoint {path} was written by DeepSpeed ZeRO-{saved['zero_stage']} on {saved['dims']}; "
                           f"this run is ZeRO-{here['zero_stage']} on {here['dims']}: DeepSpeed's partitioned "
                           f"files resume only on the same layout and stage (see {config})")
+    if saved["kind"] == "deepspeed" and saved.get("precision", here["precision"]) != here["precision"]:
+        raise ConfigError(f"checkpoint {path} was written by DeepSpeed with train.precision={saved['precision']}; this "
+                          f"run resolves to {here['precision']}: DeepSpeed's optimizer files differ by precision, set "
+                          f"train.precision={saved['precision']} (or start from `longctx checkpoint export`'s weights)")
 
 
 def _engine_of(config_path: str) -> str:
@@ -257,7 +262,7 @@ def _load_deepspeed(trainer, path: str) -> None:
 
     try:
         deepspeed_engine.load(trainer.engine, path)
-    except RuntimeError as e:  # load_state_dict's strict check names the parameters and shapes
+    except (RuntimeError, KeyError) as e:  # load_state_dict's strict check names the parameters and shapes
         first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln or "Missing" in ln
                       or "Unexpected" in ln), str(e).splitlines()[0] if str(e) else type(e).__name__)
         raise ConfigError(f"checkpoint {path} does not fit this model: {first[:300]} (a different model shape?); "

@@ -136,8 +136,7 @@ class MetricsLogger:
             return
         os.makedirs(run_dir, exist_ok=True)
         path = os.path.join(run_dir, "metrics.jsonl")
-        if resumed_step is not None:
-            _drop_steps_after(path, resumed_step)
+        _tidy(path, resumed_step)
         self.file = open(path, "a")
         if tensorboard:
             try:
@@ -146,7 +145,9 @@ class MetricsLogger:
                 print("longctx: tensorboard is not installed (pip install 'longctx[dev]'); metrics.jsonl is still "
                       "written", file=sys.stderr)
             else:
-                self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+                # a resumed run discards the lost attempt's points after its step, as in metrics.jsonl
+                self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"),
+                                            purge_step=None if resumed_step is None else resumed_step + 1)
         if not quiet:
             from tqdm import tqdm
 
@@ -179,21 +180,27 @@ class MetricsLogger:
             self.file.close()
 
 
-def _drop_steps_after(path: str, step: int) -> None:
-    """A resumed run repeats the steps after its checkpoint: the lost attempt's records of them go, so every
-    step appears once (rewritten through a temporary file and a rename: a crash here loses nothing)."""
+def _tidy(path: str, resumed_step: int | None) -> None:
+    """Before appending: drop a last line cut short by a killed writer, and for a run that continues
+    (train.resume: from a checkpoint's step, or from 0 when none was complete yet) the lost attempt's records
+    of the steps it computes again, so every step appears once. Rewritten through a temporary file and a
+    rename: a crash here loses nothing."""
     if not os.path.exists(path):
         return
     with open(path) as f:
         lines = f.readlines()
-    kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
-    if len(kept) == len(lines):
+    kept = [line if line.endswith("\n") else line + "\n" for line in lines
+            if _step_of(line) is not None and (resumed_step is None or _step_of(line) <= resumed_step)]
+    if kept == lines:
         return
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
-    print(f"longctx: metrics.jsonl: dropped {len(lines) - len(kept)} record(s) after step {step} "
-          "(written by the attempt this run resumes from)", file=sys.stderr)
+    after = "" if resumed_step is None else f" after step {resumed_step}"
+    print(f"longctx: metrics.jsonl: dropped {len(lines) - len(kept)} record(s){after} (cut short, or written by "
+          "the attempt this run continues)", file=sys.stderr)
 
 
 def _step_of(line: str) -> int | None:

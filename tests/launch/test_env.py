@@ -16,7 +16,7 @@ def _attempt(store, world, order, timeout_s=10.0):
 
     def rank_main(rank):
         try:
-            epochs[rank] = fresh_epoch(store, rank, world, timeout_s, recheck_s=0.05)
+            epochs[rank] = fresh_epoch(store, rank, world, timeout_s, max_delay_s=0.02)
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -55,9 +55,9 @@ def test_leftovers_of_a_dead_attempt_are_not_taken_for_this_one():
 def test_a_missing_rank_times_out_with_a_message():
     store = dist.HashStore()
     with pytest.raises(TimeoutError, match=r"rank 1: rank 0 did not open.*parallel.timeout_s=0.2"):
-        fresh_epoch(store, 1, 2, 0.2, recheck_s=0.05)  # no rank 0 ever
+        fresh_epoch(store, 1, 2, 0.2, max_delay_s=0.02)  # no rank 0 ever
     with pytest.raises(TimeoutError, match=r"rank 0: the other 1 rank\(s\).*parallel.timeout_s=0.2"):
         fresh_epoch(dist.HashStore(), 0, 2, 0.2)
     store.set("longctx/current", "7")  # a rank 0 that opened an epoch and never answered
     with pytest.raises(TimeoutError, match="rank 1: rank 0 did not open"):
-        fresh_epoch(store, 1, 2, 0.3, recheck_s=0.05)
+        fresh_epoch(store, 1, 2, 0.3, max_delay_s=0.02)

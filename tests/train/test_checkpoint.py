@@ -146,7 +146,13 @@ def test_deepspeed_checkpoints_resume_bit_for_bit(tmp_path):
                     config(*ds, "checkpoint.interval=2", run_dir=run_dir),
                     config(*ds, "train.resume=auto", run_dir=run_dir)]
         stops += [None, 3, None]
+    bf16_dir = str(tmp_path / "bf16")  # DeepSpeed casts the module to bf16: the checkpoint keeps fp32 masters
+    configs.append(config("parallel.engine=deepspeed", "parallel.zero_stage=2", *CP2, "train.precision=bf16",
+                          "train.steps=1", "checkpoint.interval=1", run_dir=bf16_dir))
+    stops.append(None)
     res = run(train_and_collect, 2, args=(configs, stops), timeout=600)[0]
+    bf16 = checkpoint.export(os.path.join(bf16_dir, "checkpoints"), str(tmp_path / "bf16.pt"))
+    assert {v.dtype for v in bf16.values()} == {torch.float32} and _same(bf16, res[6]["params"])
     for stage, (full, first, resumed) in zip((1, 3), (res[0:3], res[3:6])):
         assert first["checkpoint"].endswith("step_00000003") and first["losses"] == full["losses"][:3], stage
         assert resumed["resumed_from"].endswith("step_00000003") and resumed["steps"] == [4, 5], stage
@@ -161,7 +167,10 @@ def test_deepspeed_checkpoints_resume_bit_for_bit(tmp_path):
     errors = run(resume_errors, 2, args=([
         config("parallel.engine=deepspeed", "parallel.zero_stage=1", *CP2, f"train.resume={ckpt}"),
         config(*CP2, f"train.resume={ckpt}"),
-        config("parallel.engine=deepspeed", *CP2, "train.resume=auto", run_dir=dcp_dir)],), timeout=300)[0]
+        config("parallel.engine=deepspeed", *CP2, "train.resume=auto", run_dir=dcp_dir),
+        config("parallel.engine=deepspeed", "parallel.zero_stage=3", *CP2, "train.precision=bf16",
+               f"train.resume={ckpt}")],), timeout=300)[0]
     assert "written by DeepSpeed ZeRO-3" in errors[0] and "this run is ZeRO-1" in errors[0], errors
     assert "written by parallel.engine=deepspeed; resume it with parallel.engine=deepspeed" in errors[1], errors
     assert "parallel.engine=deepspeed resumes only DeepSpeed checkpoints" in errors[2], errors
+    assert "with train.precision=fp32; this run resolves to bf16" in errors[3], errors

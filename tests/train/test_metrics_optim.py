@@ -89,6 +89,11 @@ def test_a_resumed_run_drops_the_lost_attempts_records(tmp_path, capsys):
     logger.close()
     assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1, 2, 3, 4]
     assert "dropped 3 record(s) after step 3" in capsys.readouterr().err
-    # a fresh run (no resume) appends, as before
+    # a fresh run (no resume) appends after the complete records; a cut-short last line goes
+    with open(path, "a") as f:
+        f.write('{"step": 5, "lo')
     MetricsLogger(str(tmp_path), enabled=True, total_steps=1, quiet=True, tensorboard=False).close()
-    assert len(path.read_text().splitlines()) == 4
+    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1, 2, 3, 4]
+    # a restart before any checkpoint was complete continues from step 0: the lost attempt's records go
+    MetricsLogger(str(tmp_path), enabled=True, total_steps=1, quiet=True, tensorboard=False, resumed_step=0).close()
+    assert path.read_text() == ""
