@@ -179,7 +179,7 @@ MUTANTS = [
            ("tests/launch/test_env.py",),
            "a restarted rank accepts the dead attempt's answer (and would read its addresses)"),
     Mutant("resume-keeps-the-lost-attempts-metrics", "longctx/train/metrics.py",
-           "(resumed_step is None or _step_of(line) <= resumed_step)",
+           "(resumed_step is None or step <= resumed_step)",
            "True",
            ("tests/train/test_metrics_optim.py::test_a_resumed_run_drops_the_lost_attempts_records",),
            "metrics.jsonl repeats the steps a restarted job computes again"),

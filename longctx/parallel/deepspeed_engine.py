@@ -151,7 +151,7 @@ def _weights_only_engine(current):
     import torch
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    if type(current) is not TorchCheckpointEngine:  # a user-configured engine (nebula, fast, ...) stays
+    if type(current) is not TorchCheckpointEngine:  # only by DeepSpeed's own choice (`checkpoint` is OWNED)
         return current
     allowed = []
     for name in _SAFE_GLOBALS:

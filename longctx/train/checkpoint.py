@@ -74,9 +74,14 @@ def complete_checkpoints(root: str, log=print) -> list[tuple[int, str]]:
     return out
 
 
+def continues(resume: str | None) -> bool:
+    """Whether train.resume continues a run (auto, or a path) rather than starting a fresh one (none)."""
+    return resume not in (None, "", "none")
+
+
 def resolve_resume(resume: str, root: str, log=print) -> str | None:
     """The checkpoint directory to load for train.resume (auto | none | a path), or None."""
-    if resume in (None, "", "none"):
+    if not continues(resume):
         return None
     if resume == "auto":
         found = complete_checkpoints(root, log)

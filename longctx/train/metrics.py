@@ -189,8 +189,8 @@ def _tidy(path: str, resumed_step: int | None) -> None:
         return
     with open(path) as f:
         lines = f.readlines()
-    kept = [line if line.endswith("\n") else line + "\n" for line in lines
-            if _step_of(line) is not None and (resumed_step is None or _step_of(line) <= resumed_step)]
+    kept = [line if line.endswith("\n") else line + "\n" for line, step in zip(lines, map(_step_of, lines))
+            if step is not None and (resumed_step is None or step <= resumed_step)]
     if kept == lines:
         return
     with open(path + ".tmp", "w") as f:

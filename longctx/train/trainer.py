@@ -344,7 +344,7 @@ class Trainer:
                       f"device={self.device_type}, precision={self.precision}\n{to_yaml(self.cfg)}", flush=True)
         logger = MetricsLogger(self.run_dir, enabled=main, total_steps=steps, quiet=lcfg.quiet,
                                tensorboard=lcfg.tensorboard,
-                               resumed_step=None if self.cfg.train.resume in (None, "", "none") else self.step)
+                               resumed_step=self.step if checkpoint.continues(self.cfg.train.resume) else None)
         start = time.perf_counter()
         interval = self.cfg.checkpoint.interval
         try:

@@ -6,26 +6,17 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 
-import torch
+from ._jobs import ROOT, TINY, free_port, kill_after_checkpoint, losses, same_final_weights
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 SMALL = ["train.seq_len=256", "train.steps=3", "train.batch_size=4", "model.dim=32", "model.ffn_dim=64",
          "logging.quiet=true", "logging.tensorboard=false", "parallel.dp_shard=2", "parallel.cp=2"]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(overrides, timeout=240, restarts=0):
-    port = _port()
+    port = free_port()
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
            f"127.0.0.1:{port}", "--local-addr", "127.0.0.1", "--max-restarts", str(restarts), "-m", "longctx",
@@ -45,11 +36,6 @@ def _torchrun(overrides, timeout=240, restarts=0):
     return [a.returncode for a in agents], "\n".join(out)
 
 
-def _losses(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f]
-
-
 def test_two_node_torchrun_equals_the_simulated_cluster_and_a_failing_rank_shows_its_traceback(tmp_path):
     from longctx.cli import main
 
@@ -59,7 +45,7 @@ def test_two_node_torchrun_equals_the_simulated_cluster_and_a_failing_rank_shows
     blocker.write_text("not a directory")
     codes, out = _torchrun([*SMALL, "checkpoint.interval=3", f"checkpoint.dir={blocker}/ckpt",
                             f"run_dir={tmp_path / 'torchrun'}"])
-    local, multi = _losses(tmp_path / "local"), _losses(tmp_path / "torchrun")
+    local, multi = losses(tmp_path / "local"), losses(tmp_path / "torchrun")
     assert len(local) == len(multi) == 3, out[-3000:]
     for a, b in zip(multi, local):
         assert abs(a - b) <= 1e-6 * abs(b), (multi, local)
@@ -68,40 +54,15 @@ def test_two_node_torchrun_equals_the_simulated_cluster_and_a_failing_rank_shows
     assert "checkpoint.py" in out, out[-3000:]  # where it happened, not only an exit code
 
 
-def _kill_a_rank_once(run_dir, after_step: int, timeout: float = 200.0, delay: float = 1.0):
-    """Watch for the checkpoint of `after_step`, then SIGKILL one training rank (first attempt only)."""
-    import threading
-    import time
-
-    import psutil
-
-    done = {}
-
-    def watch():
-        target = os.path.join(run_dir, "checkpoints", f"step_{after_step:08d}")
-        t0 = time.time()
-        while time.time() - t0 < timeout and not os.path.isdir(target):
-            time.sleep(0.2)
-        time.sleep(delay)  # into the next step
-        for p in psutil.process_iter(["cmdline", "environ"]):
-            try:
-                env = p.info["environ"] or {}
-                if env.get("RANK") == "1" and env.get("TORCHELASTIC_RESTART_COUNT") == "0" and \
-                        "longctx" in " ".join(p.info["cmdline"] or []):
-                    p.kill()
-                    done["pid"] = p.pid
-                    return
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread, done
+def _first_attempts_rank_1(p) -> bool:
+    env = p.environ()
+    return env.get("RANK") == "1" and env.get("TORCHELASTIC_RESTART_COUNT") == "0" and "longctx" in " ".join(
+        p.cmdline())
 
 
 def test_without_restarts_a_killed_rank_ends_the_job_naming_it(tmp_path):
     run_dir = str(tmp_path / "killed")
-    thread, done = _kill_a_rank_once(run_dir, after_step=1)
+    thread, done = kill_after_checkpoint(run_dir, 1, _first_attempts_rank_1, delay=1.0)  # into step 2
     codes, out = _torchrun([*SMALL, "train.steps=50", "checkpoint.interval=1", f"run_dir={run_dir}"])
     thread.join(timeout=5)
     assert "pid" in done and codes != [0, 0]
@@ -111,26 +72,23 @@ def test_without_restarts_a_killed_rank_ends_the_job_naming_it(tmp_path):
 
 def test_a_killed_rank_restarts_and_resumes_to_the_uninterrupted_result(tmp_path):
     from longctx.cli import main
-    from longctx.train import checkpoint
 
     steps = ["train.steps=14", "checkpoint.interval=1", "checkpoint.keep_last=2", "train.resume=auto"]
     # the uninterrupted run needs only its final checkpoint (for its parameters)
     assert main(["launch", "local", "--nproc", "4", TINY, *SMALL, *steps, "checkpoint.interval=14",
                  f"run_dir={tmp_path / 'whole'}"]) == 0
     run_dir = str(tmp_path / "restarted")
-    thread, done = _kill_a_rank_once(run_dir, after_step=3, delay=0.0)
+    thread, done = kill_after_checkpoint(run_dir, 3, _first_attempts_rank_1)
     codes, out = _torchrun([*SMALL, *steps, f"run_dir={run_dir}"], restarts=2)
     thread.join(timeout=5)
     assert "pid" in done, out[-3000:]
     assert codes == [0, 0], out[-3000:]
     assert re.search(r"resumed from \S+step_0000000[3-9] at step [3-9]", out), out[-3000:]
-    whole = checkpoint.export(str(tmp_path / "whole" / "checkpoints"), str(tmp_path / "whole.pt"))
-    restarted = checkpoint.export(os.path.join(run_dir, "checkpoints"), str(tmp_path / "restarted.pt"))
-    assert set(whole) == set(restarted) and all(torch.equal(whole[k], restarted[k]) for k in whole)
+    assert same_final_weights(str(tmp_path / "whole"), run_dir, tmp_path)
     # every step once in metrics.jsonl, the repeated ones replaced by the resumed attempt's
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == list(range(1, 15))
-    assert _losses(run_dir) == _losses(tmp_path / "whole")
+    assert losses(run_dir) == losses(tmp_path / "whole")
 
 
 def test_an_unreachable_rendezvous_fails_within_its_timeout(tmp_path):
@@ -138,7 +96,7 @@ def test_an_unreachable_rendezvous_fails_within_its_timeout(tmp_path):
 
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-           f"127.0.0.1:{_port()}", "--rdzv-conf", "is_host=false,timeout=4,read_timeout=4", "-m", "longctx",
+           f"127.0.0.1:{free_port()}", "--rdzv-conf", "is_host=false,timeout=4,read_timeout=4", "-m", "longctx",
            "train", TINY, *SMALL, f"run_dir={tmp_path}"]
     t0 = time.monotonic()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
