@@ -30,6 +30,22 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
 
 
+def _check_ppl_args(args) -> None:
+    from .config import load
+    from .eval.ppl import check_ppl
+    from .train.checkpoint import locate
+
+    found = locate(args.checkpoint, f"--checkpoint {args.checkpoint!r}", log=lambda *a, **k: None)
+    cfg = load(path=os.path.join(found, "config.yaml"))
+    vocab = cfg.model.vocab_size
+    if cfg.model.hf_path:
+        from .model.hf import read_hf_config
+
+        vocab = read_hf_config(cfg.model.hf_path).vocab_size
+    check_ppl(args.data or cfg.data.path, seq_len=args.seq_len or cfg.train.seq_len, sequences=args.sequences,
+              buckets=args.buckets, strategy=args.strategy, world=args.nproc, vocab_size=vocab)
+
+
 def cmd_eval(args) -> int:
     import json
 
@@ -47,6 +63,8 @@ def cmd_eval(args) -> int:
     if not os.path.exists(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint!r} does not exist; give a checkpoint directory "
                          "(step_NNNNNNNN) or a checkpoint root (run_dir/checkpoints)")
+    if kind == "ppl":
+        _check_ppl_args(args)
     if args.nproc > 1:
         records = run(eval_main, args.nproc, args=(kind, params), timeout=24 * 3600.0)[0]
     else:

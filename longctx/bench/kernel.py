@@ -88,10 +88,7 @@ def _tensors(b, s, h, hkv, d, dtype, device, seed):
 def _why_not(name: str, q, k, v, mask) -> str | None:
     if name in sdpa_baselines.NAMES:
         return sdpa_baselines.why_not(name, q, mask)
-    be = backends().get(name)
-    if be is None:
-        return (f"unknown backend (registered: {', '.join(sorted(backends()))}; torch baselines: "
-                f"{', '.join(sdpa_baselines.NAMES)})")
+    be = backends()[name]  # validate() refused names that are no backend
     return be.availability() or be.supports(q, k, v, mask)
 
 
@@ -225,8 +222,27 @@ def run_virtual_ranks(name, args, s, dtype, device, mask, warmup, iters, full_ms
                 virtual_ratio=ms / full_ms if full_ms else None, virtual_max_abs_err_out=err)
 
 
+def _names(args) -> list[str]:
+    return [n.strip() for n in args.backends.split(",") if n.strip()]
+
+
 def validate(args) -> None:
+    """Arguments checked before any kernel runs. A backend that exists but cannot run here (flash without
+    flash-attn, triton without a GPU) is a row marked skipped with the reason; a name that is no backend
+    at all is a typo and an error."""
+    from ..parallel.sequence import layouts
+
     report.check_args(args)
+    names = _names(args)
+    known = [*sorted(backends()), *sdpa_baselines.NAMES]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ValueError(f"--backends {args.backends!r}: {'unknown ' + ', '.join(unknown) if unknown else 'empty'}; "
+                         f"choose from {', '.join(known)}")
+    if args.virtual_ranks:
+        for s in args.seq_lens:
+            layouts.check_seq(SCHEDULES[args.schedule], s, args.virtual_ranks,
+                              what=f"--seq-lens ({args.virtual_ranks} virtual ranks, {args.schedule})")
 
 
 def run(args) -> list[dict]:
@@ -238,7 +254,7 @@ def run(args) -> list[dict]:
     warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
     iters = args.iters if args.iters is not None else (10 if device.type == "cuda" else 3)
     mask = _mask(args)
-    names = [n.strip() for n in args.backends.split(",") if n.strip()]
+    names = _names(args)
     records = [_bench_one(n, args, s, dtype, device, mask, warmup, iters)
                for n in names for s in args.seq_lens]
     print(f"kernel benchmark: {mask.kind}, batch {args.batch}, heads {args.heads}/{args.kv_heads}, head_dim "

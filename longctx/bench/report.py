@@ -145,3 +145,43 @@ def check_args(args) -> None:
     heads, kv = getattr(args, "heads", None), getattr(args, "kv_heads", None)
     if heads and kv and heads % kv:
         raise ValueError(f"--heads {heads} must be a multiple of --kv-heads {kv} (GQA groups)")
+    window = getattr(args, "window", None)
+    if window is not None and window < 1:
+        raise ValueError(f"--window must be a positive integer (keys each query sees), got {window}; "
+                         f"leave it out for no window")
+    _check_kernel(getattr(args, "kernel", None))
+    _check_devices(getattr(args, "backend", None), getattr(args, "device", None))
+
+
+def _check_kernel(name: str | None) -> None:
+    """--kernel of the distributed benches: a registered backend that can run on this machine (or auto)."""
+    from ..kernels import backends
+
+    if name is None or name == "auto":
+        return
+    registered = backends()
+    if name not in registered:
+        raise ValueError(f"--kernel {name!r} is not a kernel backend; choose one of "
+                         f"{', '.join(['auto', *sorted(registered)])}")
+    why = registered[name].availability()
+    if why:
+        raise ValueError(f"--kernel {name} cannot run here: {why}; use --kernel auto")
+
+
+def _check_devices(backend: str | None, device: str | None) -> None:
+    """--backend (process group) and --device: known names, and CUDA only where there is a GPU."""
+    if backend is not None:
+        if backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"--backend {backend!r} is not a process group backend; choose auto, gloo or nccl")
+        if backend == "nccl" and not torch.cuda.is_available():
+            raise ValueError("--backend nccl needs CUDA GPUs and there are none here; use --backend gloo (or auto)")
+    if device is not None:
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:
+            raise ValueError(f"--device {device!r} is not a device; use cpu or cuda (cuda:N)") from None
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"--device {device!r}: the benchmarks run on cpu or cuda")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {device} asked for but torch sees no CUDA GPU here; use --device cpu "
+                             f"(or leave it out)")

@@ -25,26 +25,28 @@ from .labels import IGNORE_INDEX
 FILES = ("tokens.bin", "offsets.npy", "meta.json")
 
 
-def read_meta(path: str) -> dict:
+def read_meta(path: str, what: str = "data.path") -> dict:
+    """`what` names the argument that gave `path` in the errors (data.path, --data)."""
     missing = [f for f in FILES if not os.path.exists(os.path.join(path, f))]
     if missing:
-        raise FileNotFoundError(f"data.path={path!r} is not a prepared dataset (missing {', '.join(missing)}); "
+        raise FileNotFoundError(f"{what}={path!r} is not a prepared dataset (missing {', '.join(missing)}); "
                                 "make one with: longctx data prepare --input FILES --output DIR")
     with open(os.path.join(path, "meta.json")) as f:
         return json.load(f)
 
 
 class TokenSource:
-    def __init__(self, path: str, *, seq_len: int, seed: int, vocab_size: int, shuffle: bool = True):
+    def __init__(self, path: str, *, seq_len: int, seed: int, vocab_size: int, shuffle: bool = True,
+                 what: str = "data.path"):
         self.path, self.seq_len, self.seed, self.shuffle = path, seq_len, seed, shuffle
-        self.meta = read_meta(path)
+        self.meta = read_meta(path, what)
         if self.meta["vocab_size"] > vocab_size:
-            raise ValueError(f"data.path={path!r} was tokenized with a vocabulary of {self.meta['vocab_size']} ids, "
+            raise ValueError(f"{what}={path!r} was tokenized with a vocabulary of {self.meta['vocab_size']} ids, "
                              f"more than model.vocab_size={vocab_size}; raise model.vocab_size to at least "
                              f"{self.meta['vocab_size']}")
         self.n_tokens = int(self.meta["tokens"])
         if self.n_tokens < 2:
-            raise ValueError(f"data.path={path!r} holds {self.n_tokens} tokens: nothing to train on")
+            raise ValueError(f"{what}={path!r} holds {self.n_tokens} tokens: nothing to train on")
         self.pad_id = int(self.meta.get("pad_id", 0))
         # windows of seq_len inputs; their labels reach one token further (the last window is padded)
         self.n_sequences = -(-(self.n_tokens - 1) // seq_len)

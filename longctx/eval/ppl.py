@@ -26,22 +26,18 @@ def perplexity_by_position(model, data_path: str, *, seq_len: int, sequences: in
                            strategy: str = "zigzag", batch: int = 2, first: int = 0) -> list[dict]:
     """[{bucket_start, bucket_end, tokens, loss, ppl}], positions inside documents, over `sequences` windows
     read in order from window `first` (no shuffling: held-out data is read as it lies)."""
-    if buckets < 1 or sequences < 1 or seq_len < buckets:
-        raise ValueError("--buckets and --sequences must be >= 1, and --seq-len at least the bucket count")
-    src = TokenSource(data_path, seq_len=seq_len, seed=0, vocab_size=model.cfg.vocab_size, shuffle=False)
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
+    src = check_ppl(data_path, seq_len=seq_len, sequences=sequences, buckets=buckets, strategy=strategy, world=world,
+                    vocab_size=model.cfg.vocab_size, first=first)
     layout = get_strategy(strategy).layout()
     if world > 1:
-        get_strategy(strategy).check(seq_len=seq_len, world=world, layout=layout)
         apply_context_parallel(model, strategy)
     pos = get_strategy(strategy).rank_positions(layout, seq_len, world, rank) if world > 1 else torch.arange(seq_len)
     width = math.ceil(seq_len / buckets)
     sums = torch.zeros(buckets, dtype=torch.float64)
     counts = torch.zeros(buckets, dtype=torch.float64)
     n = min(sequences, src.n_sequences - first)
-    if n < 1:
-        raise ValueError(f"the dataset has {src.n_sequences} windows of {seq_len} tokens; nothing from window {first}")
     for start in range(first, first + n, batch):
         b = src.batch(range(start, min(first + n, start + batch)))
         docs = Documents.from_ids(b["doc_ids"])
@@ -63,3 +59,24 @@ def perplexity_by_position(model, data_path: str, *, seq_len: int, sequences: in
         out.append({"bucket_start": i * width, "bucket_end": min(seq_len, (i + 1) * width), "tokens": int(counts[i]),
                     "loss": mean, "ppl": math.exp(mean) if counts[i] else float("nan")})
     return out
+
+
+def check_ppl(data_path: str | None, *, seq_len: int, sequences: int, buckets: int, strategy: str, world: int,
+              vocab_size: int, first: int = 0) -> TokenSource:
+    """Every argument of perplexity_by_position that can be wrong, checked without a model (the launching
+    process calls it, so a bad --data is one line rather than a traceback from every rank)."""
+    if not data_path:
+        raise ValueError("--data is needed: the checkpoint's config has no data.path (it trained on synthetic "
+                         "data); pass a dataset made by `longctx data prepare`")
+    if buckets < 1 or sequences < 1 or seq_len < buckets:
+        raise ValueError("--buckets and --sequences must be >= 1, and --seq-len at least the bucket count")
+    try:
+        src = TokenSource(data_path, seq_len=seq_len, seed=0, vocab_size=vocab_size, shuffle=False, what="--data")
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
+    if world > 1:
+        get_strategy(strategy).check(seq_len=seq_len, world=world, layout=get_strategy(strategy).layout(),
+                                     what="--seq-len")
+    if src.n_sequences - first < 1:
+        raise ValueError(f"the dataset has {src.n_sequences} windows of {seq_len} tokens; nothing from window {first}")
+    return src

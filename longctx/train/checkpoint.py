@@ -311,6 +311,12 @@ def export(path: str, out: str, fmt: str = "torch") -> dict:
     (fmt "hf"). Returns the state dict."""
     if fmt not in ("torch", "hf"):
         raise ValueError(f"--format {fmt!r}: choose torch or hf")
+    if fmt == "torch" and os.path.isdir(out):
+        raise ValueError(f"{out} is a directory; the torch format writes one file: give its path, e.g. "
+                         f"{os.path.join(out, 'model.pt')}")
+    if fmt == "hf" and os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"{out} is a file; the hf format writes a directory (config.json + safetensors): "
+                         f"give a directory path")
     state, found = model_weights(path)
     if fmt == "hf":
         _export_hf(state, found, out)

@@ -59,7 +59,7 @@ def test_needle_eval_bad_input_is_one_line(passkey_checkpoint):
     assert r.returncode == 2 and "between 0 and 1" in r.stderr and r.stderr.startswith("longctx: error:")
 
 
-def test_perplexity_by_position_agrees_across_ranks(tmp_path):
+def test_perplexity_by_position_agrees_across_ranks(tmp_path, capsys):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": "abcdefghij" * (i + 3)}) + "\n" for i in range(40)))
     assert main(["data", "prepare", "--input", str(corpus), "--output", str(tmp_path / "ds"), "--quiet"]) == 0
@@ -76,3 +76,13 @@ def test_perplexity_by_position_agrees_across_ranks(tmp_path):
     assert [r["tokens"] for r in got[1]] == [r["tokens"] for r in got[2]] and got[1][0]["tokens"] > 0
     for a, b in zip(got[1], got[2]):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
+    # bad input is one line, found in this process before any rank starts (nothing here imports the optimizer)
+    ck = str(run_dir / "checkpoints")
+    for argv, message in [
+        (["--data", str(tmp_path / "nope"), "--nproc", "2"], f"--data='{tmp_path / 'nope'}' is not a prepared dataset"),
+        (["--nproc", "3", "--seq-len", "100"], "--seq-len 100 is not divisible by 6"),
+        (["--seq-len", "4", "--buckets", "8"], "--seq-len at least the bucket count"),
+    ]:
+        assert _main_here(["eval", "ppl", "--checkpoint", ck, *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("longctx: error:") and message in err and err.count("\n") == 1, err

@@ -127,6 +127,10 @@ def test_cli_export_and_its_errors(tmp_path, capsys):
     assert main(["checkpoint", "export", str(tmp_path / "nope"), str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("longctx: error:") and "does not exist" in err
+    assert main(["checkpoint", "export", os.path.join(run_dir, "checkpoints"), str(tmp_path)]) == 2
+    assert f"{tmp_path} is a directory; the torch format writes one file" in capsys.readouterr().err
+    assert main(["checkpoint", "export", os.path.join(run_dir, "checkpoints"), str(out), "--format", "hf"]) == 2
+    assert "is a file; the hf format writes a directory" in capsys.readouterr().err
     os.remove(os.path.join(run_dir, "checkpoints", "step_00000001", checkpoint.MARKER))
     assert main(["checkpoint", "export", os.path.join(run_dir, "checkpoints", "step_00000001"), str(out)]) == 2
     assert "no completion marker" in capsys.readouterr().err
