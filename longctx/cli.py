@@ -211,10 +211,12 @@ def cmd_train(args) -> int:
 
     from .launch import train_main, world_size_from_env
     from .train import validate_job
+    from .train.setup import check_machine
 
     with _checking():  # one-line errors before anything is built
         cfg = _load(args)
         validate_job(cfg, world_size_from_env())
+        check_machine(cfg)
     summary = train_main(OmegaConf.to_container(cfg), config_path=args.config)
     if int(os.environ.get("RANK", "0")) == 0:
         _print_summary(summary)
@@ -226,11 +228,12 @@ def cmd_launch_local(args) -> int:
 
     from .launch import run, train_main
     from .train import validate_job
-    from .train.setup import default_run_dir
+    from .train.setup import check_machine, default_run_dir
 
     with _checking():
         cfg = _load(args)
         validate_job(cfg, args.nproc)
+        check_machine(cfg)  # the ranks run on this machine
     if cfg.run_dir is None:  # one name for every rank, chosen here
         cfg.run_dir = default_run_dir(args.config)
     timeout = args.timeout if args.timeout else 7 * 24 * 3600.0  # poll() takes at most ~24 days

@@ -99,7 +99,7 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     interval: int = 0  # save every this many optimizer steps, and at the end of the run; 0 = off
-    keep_last: int = 3  # complete checkpoints kept; older ones are deleted after a new one is complete
+    keep_last: int = 3  # complete checkpoints kept (0: all); older ones are deleted after a new one is complete
     dir: str | None = None  # default: run_dir/checkpoints
     async_save: bool = False  # write in the background (DCP async_save); completed before the next save / at the end
 

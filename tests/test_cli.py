@@ -71,6 +71,7 @@ def test_missing_optional_dependency_names_the_extra():
     (["launch", "local", "--nproc", "0", TINY], r"argument --nproc: must be a positive integer, got 0"),
     (["launch", "local", "--nproc", "4", TINY, "parallel.cp=2", "parallel.dp_shard=-1", "parallel.dp_replicate=-1"],
      r"at most one parallel degree may be -1"),
+    (["train", TINY, "train.seed=-1"], r"train.seed must be >= 0, got -1"),
     (["config", "show", TINY, "parallel.strategy=ulysses", "--world-size", "4", "model.n_heads=2", "model.dim=32",
       "model.n_kv_heads=2"], r"2 query heads do not divide over 4 ranks"),
 ])
@@ -146,3 +147,27 @@ def test_launch_local_runs_every_rank_and_matches_one_process(tmp_path):
     assert b.stdout.count("strategy: striped") == 1
     events = list((four / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1 and events[0].stat().st_size > 0  # rank 0 only
+
+
+def test_a_kernel_this_machine_cannot_run_is_refused_before_and_inside_the_ranks(capsys):
+    """validate_job accepts parallel.kernel=flash (the job may be meant for a GPU cluster); the commands that
+    run here refuse it in one line, and so does every rank (torchrun and Ray workers check on their own)."""
+    from omegaconf import OmegaConf
+
+    from longctx.config import load
+    from longctx.kernels import backends
+    from longctx.launch import RankError, run, train_main
+
+    missing = [name for name, b in sorted(backends().items()) if b.availability()]
+    if not missing:
+        pytest.skip("every kernel backend can run on this machine")
+    name = missing[0]
+    for argv in (["train", TINY], ["launch", "local", "--nproc", "2", TINY]):
+        assert main([*argv, f"parallel.kernel={name}", "parallel.cp=1", "parallel.dp_shard=-1"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"longctx: error: parallel.kernel={name} cannot run on this machine: "), err
+        assert "use parallel.kernel=auto" in err and err.count("\n") == 1
+    cfg = load(path=TINY, overrides=[f"parallel.kernel={name}", "train.steps=1", "logging.quiet=true"])
+    with pytest.raises(RankError) as info:
+        run(train_main, 1, args=(OmegaConf.to_container(cfg),), timeout=120)
+    assert info.value.remote_type == "ConfigError" and "cannot run on this machine" in info.value.remote_message

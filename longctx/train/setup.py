@@ -62,7 +62,7 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
         raise ConfigError(f"train.precision={t.precision!r}: choose one of {', '.join(PRECISIONS)}")
     _positive("train", t, "steps", "batch_size", "seq_len", "accumulation", "lr", "mlp_chunks", "beta1", "beta2",
               "eps")
-    _positive("train", t, "warmup_steps", "weight_decay", "grad_clip", "loss_chunk", "min_lr_ratio",
+    _positive("train", t, "warmup_steps", "weight_decay", "grad_clip", "loss_chunk", "min_lr_ratio", "seed",
               allow_zero=True)
     per = dims.dp * t.accumulation
     if t.batch_size % per:
@@ -91,6 +91,19 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
         raise ConfigError(f"run_dir={cfg.run_dir!r} is an existing file, not a directory; choose another run_dir")
     _check_data(cfg)
     return dims
+
+
+def check_machine(cfg) -> None:
+    """What only the machine that runs the job can answer: a named kernel backend is usable here. Not part
+    of validate_job, which also checks configs for other machines (`config show` on a login node, the
+    driver of a Ray job)."""
+    from ..kernels import backends
+
+    name = cfg.parallel.kernel
+    why = None if name == "auto" else backends()[name].availability()
+    if why:
+        raise ConfigError(f"parallel.kernel={name} cannot run on this machine: {why}; use parallel.kernel=auto "
+                          f"(the fastest backend that can run each call)")
 
 
 def _adopt_hf_sizes(cfg) -> None:

@@ -36,7 +36,7 @@ from . import checkpoint
 from .loss import loss_fn
 from .metrics import MetricsLogger, SavedTensorCounter, StepTimer, model_flops_per_step, peak_flops, peak_memory_bytes
 from .optim import build_optimizer, build_scheduler, clip_grad_norm
-from .setup import default_run_dir, resolve_precision, validate_job
+from .setup import check_machine, default_run_dir, resolve_precision, validate_job
 
 
 class Trainer:
@@ -47,6 +47,7 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.dims = validate_job(cfg, self.world)
+        check_machine(cfg)
         self.device_type = device_type_from_env()
         self.device = (torch.device("cuda", torch.cuda.current_device()) if self.device_type == "cuda"
                        else torch.device("cpu"))
