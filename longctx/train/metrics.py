@@ -54,17 +54,29 @@ def attention_pairs(model_cfg, seq_len: int) -> int:
     return total
 
 
-def model_flops_per_step(model_cfg, seq_len: int, sequences: int) -> dict:
+def document_attention_pairs(model_cfg, documents) -> int:
+    """attention_pairs for packed sequences: the causal (windowed) pairs inside each document of each row
+    of `documents`, summed over layers. The pairs across a boundary are masked and never computed, so a
+    full-sequence count would credit the step with work it did not do. (Packing refuses dilated layers.)"""
+    band = Mask.from_flags(True, model_cfg.window)
+    per_layer = sum(band.band_pairs(n, n) for row in range(documents.batch) for n in documents.lengths(row))
+    return model_cfg.n_layers * per_layer
+
+
+def model_flops_per_step(model_cfg, seq_len: int, sequences: int, pairs: int | None = None) -> dict:
     """Training FLOPs of one optimizer step: 6 per parameter per token for every matmul (the embedding
     lookup is not a matmul), plus attention: 4 per pair per head dim forward (QK^T and PV), x3 with the
-    backward."""
+    backward. `pairs`: the step's attention pairs over all its sequences and layers when they are not
+    `sequences` x attention_pairs (packed documents: document_attention_pairs summed over the batch)."""
     c = model_cfg
     hd = c.dim // c.n_heads
     per_layer = c.dim * c.n_heads * hd * 2 + c.dim * c.n_kv_heads * hd * 2 + 3 * c.dim * c.ffn_dim
     matmul_params = c.n_layers * per_layer + c.dim * c.vocab_size
     tokens = seq_len * sequences
     dense = 6 * matmul_params * tokens
-    attn = 12 * c.n_heads * hd * attention_pairs(c, seq_len) * sequences
+    if pairs is None:
+        pairs = attention_pairs(c, seq_len) * sequences
+    attn = 12 * c.n_heads * hd * pairs
     return {"dense": dense, "attention": attn, "total": dense + attn}
 
 

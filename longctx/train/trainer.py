@@ -34,7 +34,15 @@ from ..parallel.dims import device_type_from_env
 from ..parallel.pipeline import build_pipeline, n_microbatches
 from . import checkpoint
 from .loss import loss_fn
-from .metrics import MetricsLogger, SavedTensorCounter, StepTimer, model_flops_per_step, peak_flops, peak_memory_bytes
+from .metrics import (
+    MetricsLogger,
+    SavedTensorCounter,
+    StepTimer,
+    document_attention_pairs,
+    model_flops_per_step,
+    peak_flops,
+    peak_memory_bytes,
+)
 from .optim import build_optimizer, build_scheduler, clip_grad_norm
 from .setup import check_machine, default_run_dir, resolve_precision, validate_job
 
@@ -94,7 +102,7 @@ class Trainer:
         self.loader = StepLoader(StepBatches(self.data, batch_size=t.batch_size, dp_rank=self.plan.dp_rank,
                                              dp_size=self.dims.dp, accumulation=t.accumulation), cfg.data.workers)
         self.loss_fn = loss_fn(t.loss_chunk)
-        self.step_flops = model_flops_per_step(cfg.model, t.seq_len, t.batch_size)["total"]
+        self.step_flops = model_flops_per_step(cfg.model, t.seq_len, t.batch_size)["total"]  # unless packed
         self.peak_flops = peak_flops(self.device, self.precision)
         self.step = 0
         self.history: list[dict] = []
@@ -220,7 +228,12 @@ class Trainer:
         with StepTimer(self.device) as timer:
             shards = self.micro_batches(self.step)
             local_count = float(sum(s["real_labels"] for s in shards))
-            (count,) = self._all_reduce([local_count], group=plan.loss_group)
+            # packed batches: the attention pairs this data slice's documents allow, summed with the label
+            # count (one collective); every context rank of a slice holds the same documents
+            packed = shards[0].get("documents") is not None
+            local_pairs = sum(document_attention_pairs(self.cfg.model, s["documents"]) for s in shards) if packed else 0
+            local_pairs /= self.dims.cp
+            count, pairs = self._all_reduce([local_count, local_pairs], group=plan.loss_group)
             scale = self.dims.dp_cp / max(count, 1.0)
             loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
             for micro, s in enumerate(shards):
@@ -250,11 +263,14 @@ class Trainer:
         (peak,) = self._all_reduce([float(peak_memory_bytes(self.device))], op=dist.ReduceOp.MAX, whole_world=True)
         self.step += 1
         tokens = t.batch_size * t.seq_len
-        flops_per_s = self.step_flops / timer.seconds
+        step_flops = self.step_flops
+        if packed:
+            step_flops = model_flops_per_step(self.cfg.model, t.seq_len, t.batch_size, pairs=round(pairs))["total"]
+        flops_per_s = step_flops / timer.seconds
         record = {
             "step": self.step, "loss": total / count if count else 0.0, "lr": lr, "grad_norm": grad_norm,
             "tokens": tokens, "loss_tokens": int(count), "step_time_s": timer.seconds,
-            "tokens_per_s": tokens / timer.seconds, "flops_per_s": flops_per_s,
+            "tokens_per_s": tokens / timer.seconds, "flops": step_flops, "flops_per_s": flops_per_s,
             "mfu": flops_per_s / self.world / self.peak_flops if self.peak_flops else None,
             "peak_mem_bytes": int(peak),
         }

@@ -42,7 +42,8 @@ def train_and_collect(configs: list[dict], stop_after: int | None | list = None)
         out.append({"losses": [r["loss"] for r in trainer.history], "grad_norms": [r["grad_norm"] for r in
                     trainer.history], "params": params if dist.get_rank() == 0 else None, "finite": finite,
                     "engine": trainer.plan.engine, "local_labels": local_labels, "backends": report(),
-                    "steps": [r["step"] for r in trainer.history], "resumed_from": trainer.resumed_from,
+                    "steps": [r["step"] for r in trainer.history], "flops": [r["flops"] for r in trainer.history],
+                    "resumed_from": trainer.resumed_from,
                     "checkpoint": trainer.last_checkpoint})
     return out
 

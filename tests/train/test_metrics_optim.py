@@ -48,6 +48,22 @@ def test_dense_flops_are_six_per_matmul_parameter_per_token():
     assert f["total"] == f["dense"] + f["attention"]
 
 
+@pytest.mark.parametrize("window", [None, 5])
+def test_packed_attention_pairs_stay_inside_documents(window):
+    from longctx.parallel import Documents
+    from longctx.train.metrics import document_attention_pairs
+
+    cfg = load(overrides=["model.n_layers=3", *([f"model.window={window}"] if window else [])]).model
+    lengths = [[1, 7, 20, 4], [32]]
+    docs = Documents.from_lengths(lengths)
+    want = sum(_brute_pairs(n, window) for row in lengths for n in row)
+    assert document_attention_pairs(cfg, docs) == 3 * want
+    f = model_flops_per_step(cfg, 32, 2, pairs=document_attention_pairs(cfg, docs))
+    head_dim = cfg.dim // cfg.n_heads
+    assert f["attention"] == 12 * cfg.n_heads * head_dim * 3 * want
+    assert f["dense"] == model_flops_per_step(cfg, 32, 2)["dense"]
+
+
 def test_lr_schedule_warmup_then_cosine():
     f = [lr_factor(s, warmup=3, total=10, min_ratio=0.1) for s in range(10)]
     assert f[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])

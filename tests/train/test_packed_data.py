@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from longctx.config import from_dict
 from longctx.data import TokenSource
 from longctx.data.prepare import prepare
 from longctx.data.synthetic import step_indices
 from longctx.launch import run
 from longctx.parallel import Documents
+from longctx.train import model_flops_per_step
 from tests.support.equivalence import compare_runs
 
 from ._workers import config, packed_batches, train_and_collect
@@ -43,6 +45,19 @@ def test_packed_training_layouts_match_one_process(dataset, tmp_path):
     results = run(train_and_collect, 4, args=(configs,), timeout=300)[0]
     for (name, _), got in zip(layouts, results):
         compare_runs(name, got, ref)
+        assert got["flops"] == ref["flops"], name  # the step's documents, counted once whatever the layout
+    # FLOPs count the causal pairs inside each document (brute force here), not the full causal square
+    cfg = from_dict(_tokens(dataset, run_dir="x"))
+    m, t = cfg.model, cfg.train
+    src = TokenSource(dataset, seq_len=t.seq_len, seed=t.seed, vocab_size=m.vocab_size)
+    dense = model_flops_per_step(m, t.seq_len, t.batch_size)["dense"]
+    full = model_flops_per_step(m, t.seq_len, t.batch_size)["total"]
+    for step, flops in enumerate(ref["flops"]):
+        doc_ids = src.batch(step_indices(step, batch_size=t.batch_size, dp_rank=0, dp_size=1, accumulation=1,
+                                         micro=0))["doc_ids"]
+        pairs = sum(1 for row in doc_ids for i in range(t.seq_len) for j in range(i + 1)
+                    if bool((row[j:i + 1] == row[i]).all()))
+        assert flops == dense + 12 * m.dim * m.n_layers * pairs < full, (step, flops, dense, pairs)
 
 
 def test_shards_reassemble_and_each_data_rank_reads_its_own(dataset, tmp_path):
