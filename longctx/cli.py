@@ -200,10 +200,17 @@ def cmd_checkpoint_export(args) -> int:
     return 0
 
 
-def _print_summary(summary: dict) -> None:
-    print(f"done: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}, "
+def _finish(summary: dict) -> int:
+    """Print the run's summary; the exit status: 0, or 128 + the signal that stopped it (the job did not
+    finish; its last step is checkpointed and train.resume=auto continues it)."""
+    if not summary["steps"] or summary["first_loss"] is None:
+        print(f"done: no steps run (already at step {summary['steps']})", flush=True)
+        return 128 + summary["stop_signal"] if summary.get("stop_signal") else 0
+    how = f"stopped by {summary['stopped_by']} after" if summary.get("stop_signal") else "done:"
+    print(f"{how} {summary['steps']} steps, loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}, "
           f"{summary['tokens_per_s']:.0f} tokens/s, {summary['seconds']:.1f} s; metrics in "
           f"{summary['run_dir']}/metrics.jsonl", flush=True)
+    return 128 + summary["stop_signal"] if summary.get("stop_signal") else 0
 
 
 def cmd_train(args) -> int:
@@ -219,8 +226,8 @@ def cmd_train(args) -> int:
         check_machine(cfg)
     summary = train_main(OmegaConf.to_container(cfg), config_path=args.config)
     if int(os.environ.get("RANK", "0")) == 0:
-        _print_summary(summary)
-    return 0
+        return _finish(summary)
+    return 128 + summary["stop_signal"] if summary.get("stop_signal") else 0
 
 
 def cmd_launch_local(args) -> int:
@@ -239,8 +246,7 @@ def cmd_launch_local(args) -> int:
     timeout = args.timeout if args.timeout else 7 * 24 * 3600.0  # poll() takes at most ~24 days
     results = run(train_main, args.nproc, args=(OmegaConf.to_container(cfg), args.config), timeout=timeout,
                   pg_timeout=cfg.parallel.timeout_s)
-    _print_summary(results[0])
-    return 0
+    return _finish(results[0])
 
 
 def cmd_launch_ray(args) -> int:
@@ -261,8 +267,7 @@ def cmd_launch_ray(args) -> int:
     summary = launch_ray(OmegaConf.to_container(cfg), args.config, address=args.address,
                          num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
                          max_failures=args.max_failures, storage_path=args.storage_path or f"{cfg.run_dir}/ray")
-    _print_summary(summary)
-    return 0
+    return _finish(summary)
 
 
 def cmd_config_show(args) -> int:

@@ -102,6 +102,7 @@ class CheckpointConfig:
     keep_last: int = 3  # complete checkpoints kept (0: all); older ones are deleted after a new one is complete
     dir: str | None = None  # default: run_dir/checkpoints
     async_save: bool = False  # write in the background (DCP async_save); completed before the next save / at the end
+    on_signal: bool = True  # SIGTERM / SIGUSR1: finish the step, save a checkpoint, stop (exit 128 + signal)
 
 
 @dataclass

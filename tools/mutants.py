@@ -188,6 +188,19 @@ MUTANTS = [
            "False",
            ("tests/train/test_checkpoint.py::test_deepspeed_checkpoints_resume_bit_for_bit",),
            "a ZeRO-3 checkpoint is handed to a ZeRO-1 engine instead of refused by name"),
+    # ------------------------------------------------------------------ stopping on a signal, FLOPs
+    Mutant("stop-signal-kept-to-one-rank", "longctx/train/trainer.py",
+           "float(self.stop.received)]", "0.0]",
+           ("tests/train/test_stop.py::test_one_rank_signalled_stops_all_after_that_step_and_resume_is_exact",),
+           "a SIGTERM is never acted on (or, kept local, would leave the other ranks in a collective)"),
+    Mutant("launcher-death-goes-unnoticed", "longctx/launch/local.py",
+           "    os.kill(os.getpid(), signal.SIGTERM)", "    pass",
+           ("tests/train/test_stop.py::test_launch_local_passes_sigterm_on_and_outliving_ranks_stop",),
+           "ranks of a killed launcher train on to the end"),
+    Mutant("packed-flops-count-the-full-square", "longctx/train/metrics.py",
+           "for n in documents.lengths(row))", "for n in [documents.seq_len])",
+           ("tests/train/test_metrics_optim.py::test_packed_attention_pairs_stay_inside_documents",),
+           "MFU of packed batches credits the masked pairs across documents"),
 ]
 
 

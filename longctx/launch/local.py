@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import threading
 import time
 import traceback
 from datetime import timedelta
@@ -95,27 +96,35 @@ def run(fn, world_size, *, args=(), kwargs=None, backend="auto", timeout=120.0, 
     store = dist.TCPStore(_HOST, 0, None, True, timeout=timedelta(seconds=timeout),
                           wait_for_workers=False)
     child_env = _child_env(backend, world_size, store.port, env)
-    procs, conns = [], []
+    procs, conns, lifelines = [], [], []
     try:
-        for rank in range(world_size):
-            reader, writer = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_worker, name=f"longctx-rank{rank}", daemon=False,
-                               args=(rank, world_size, backend, store.port, pg_timeout, num_threads,
-                                     child_env, payload, writer))
-            conns.append(reader)
-            try:
-                proc.start()
-                procs.append(proc)
-            finally:
-                # Only the child may hold the write end, or its death would not close the pipe.
-                writer.close()
-        results = _collect(procs, conns, start + timeout, timeout)
-        _join(procs, _EXIT_GRACE_S)
+        with _ForwardSignals(procs):
+            for rank in range(world_size):
+                reader, writer = ctx.Pipe(duplex=False)
+                # a forked child would inherit its siblings' lifelines and never see one close
+                life_r, life_w = ctx.Pipe(duplex=False) if start_method != "fork" else (None, None)
+                proc = ctx.Process(target=_worker, name=f"longctx-rank{rank}", daemon=False,
+                                   args=(rank, world_size, backend, store.port, pg_timeout, num_threads,
+                                         child_env, payload, writer, life_r))
+                conns.append(reader)
+                lifelines.append(life_w)
+                try:
+                    proc.start()
+                    procs.append(proc)
+                finally:
+                    # Only the child may hold the write end, or its death would not close the pipe;
+                    # only this process may hold a lifeline's write end, or its death would not show.
+                    writer.close()
+                    if life_r is not None:
+                        life_r.close()
+            results = _collect(procs, conns, start + timeout, timeout)
+            _join(procs, _EXIT_GRACE_S)
         return results
     finally:
         _reap(procs)
-        for conn in conns:
-            conn.close()
+        for conn in [*conns, *lifelines]:
+            if conn is not None:
+                conn.close()
         del store
 
 
@@ -204,10 +213,52 @@ def _child_env(backend, world_size, port, env):
     return child
 
 
-def _worker(rank, world_size, backend, port, pg_timeout, num_threads, env, payload, conn):
+class _ForwardSignals:
+    """While the ranks run, SIGTERM and SIGUSR1 sent to this process (a scheduler stopping the job) are
+    passed on to every rank, and the ranks are still waited for: a Trainer finishes its step, saves a
+    checkpoint and returns (see longctx.train.stop). A second signal stops waiting: the ranks are killed.
+    Only from the main thread (signal handlers live there); elsewhere nothing is forwarded."""
+
+    def __init__(self, procs):
+        self.procs, self.received, self._previous = procs, [], {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                self._previous[sig] = signal.signal(sig, self._forward)
+        return self
+
+    def _forward(self, signum, frame):
+        if self.received:
+            raise SystemExit(128 + signum)  # run()'s cleanup kills the ranks
+        self.received.append(signum)
+        for proc in self.procs:
+            if proc.is_alive():
+                os.kill(proc.pid, signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _watch_launcher(lifeline):
+    """A rank's daemon thread: the launcher holds the only write end of `lifeline`, so end-of-file means it
+    is gone, however it died (SIGKILL included). The rank then gets SIGTERM, as if a scheduler had sent
+    it: a Trainer checkpoints and stops, anything else ends. Without this, ranks outlive their launcher
+    and go on training (their collectives no longer need it)."""
+    try:
+        lifeline.recv_bytes()
+    except (EOFError, OSError):
+        pass
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker(rank, world_size, backend, port, pg_timeout, num_threads, env, payload, conn, lifeline=None):
     torch.set_num_threads(num_threads)
     os.environ.clear()
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
+    if lifeline is not None:
+        threading.Thread(target=_watch_launcher, args=(lifeline,), name="longctx-lifeline", daemon=True).start()
     try:
         try:
             fn, args, kwargs = pickle.loads(payload)
@@ -221,7 +272,10 @@ def _worker(rank, world_size, backend, port, pg_timeout, num_threads, env, paylo
             message = pickle.dumps(("ok", rank, _to_cpu(fn(*args, **kwargs))))
         except BaseException as exc:
             message = pickle.dumps(("error", rank, type(exc).__name__, str(exc), traceback.format_exc()))
-        conn.send_bytes(message)
+        try:
+            conn.send_bytes(message)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the launcher is gone (see _watch_launcher); nobody is left to tell
     finally:
         conn.close()
         if dist.is_initialized():

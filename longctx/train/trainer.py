@@ -32,11 +32,10 @@ from ..model.hf import load_hf_model
 from ..parallel import deepspeed_engine
 from ..parallel.dims import device_type_from_env
 from ..parallel.pipeline import build_pipeline, n_microbatches
-from . import checkpoint
+from . import checkpoint, measure
 from .loss import loss_fn
 from .metrics import (
     MetricsLogger,
-    SavedTensorCounter,
     StepTimer,
     document_attention_pairs,
     model_flops_per_step,
@@ -45,6 +44,7 @@ from .metrics import (
 )
 from .optim import build_optimizer, build_scheduler, clip_grad_norm
 from .setup import check_machine, default_run_dir, resolve_precision, validate_job
+from .stop import StopSignals, signal_name
 
 
 class Trainer:
@@ -109,6 +109,8 @@ class Trainer:
         self.run_dir = self._agree_run_dir(config_path)
         self.checkpoint_dir = cfg.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
         self.last_checkpoint = None
+        self.stop = StopSignals(cfg.checkpoint.on_signal)
+        self.stop_signal = 0  # a SIGTERM / SIGUSR1 some rank received, agreed at the end of a step
         self._pending = None  # an asynchronous save in flight (checkpoint.async_save)
         self._checkpoint_group = None  # async saves coordinate over a group of their own, made on first use
         self.resumed_from = self._resume_path(t.resume)
@@ -260,7 +262,10 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             (total,) = self._all_reduce([float(loss_sum)], group=plan.loss_group)
-        (peak,) = self._all_reduce([float(peak_memory_bytes(self.device))], op=dist.ReduceOp.MAX, whole_world=True)
+        # the largest peak memory, and whether any rank was told to stop: one collective for both
+        peak, stop = self._all_reduce([float(peak_memory_bytes(self.device)), float(self.stop.received)],
+                                      op=dist.ReduceOp.MAX, whole_world=True)
+        self.stop_signal = int(stop)
         self.step += 1
         tokens = t.batch_size * t.seq_len
         step_flops = self.step_flops
@@ -278,74 +283,12 @@ class Trainer:
         return record
 
     def saved_activation_bytes(self) -> int:
-        """Bytes of tensors saved for backward by one micro-batch's forward on this rank (parameters
-        excluded), counted with saved_tensors_hooks; the backward then runs and the gradients are dropped.
-        Under a pipeline the count covers the schedule's whole step: every pipeline microbatch's stages."""
-        shard = self.micro_batches(self.step)[0]
-        if self.pipeline is not None:
-            with SavedTensorCounter(self.model) as counter:
-                self._pipeline_step(shard, 1.0)
-        else:
-            with SavedTensorCounter(self.model) as counter:
-                part = self._loss(shard)
-            if self.engine is not None:
-                self.engine.backward(part, scale_wrt_gas=False)
-            else:
-                part.backward()
-        if self.engine is not None:
-            self.engine.zero_grad()
-        self.optimizer.zero_grad(set_to_none=True)
-        return counter.bytes
+        """Bytes saved for backward by one micro-batch on this rank (measure.saved_activation_bytes)."""
+        return measure.saved_activation_bytes(self)
 
     def axis_bytes(self) -> dict:
-        """Bytes this rank sent per mesh axis in one micro-batch's forward and backward, counted at every
-        collective torch issues (CollectiveCounter): tp, cp (attention), dp (the data x context gradient and
-        parameter traffic of FSDP2/DDP) and pp (stage sends). When the data-parallel reduction runs on the cp
-        ranks' own group (no data ranks), the attention's share of that group is what its Comm counted, and
-        the rest is dp. Gradients are dropped afterwards. Not with DeepSpeed (its engine owns the reduction)."""
-        from ..parallel.collectives import CollectiveCounter
-        from ..parallel.comm import Comm
-
-        if self.engine is not None:
-            raise ValueError("axis_bytes is not available with parallel.engine=deepspeed (DeepSpeed owns the "
-                             "gradient reduction); use parallel.engine=torch to count bytes per axis")
-        mesh = self.plan.mesh
-        cp_meshes = [mesh.cp_hybrid[d] for d in ("ring", "ulysses")] if mesh.cp_hybrid is not None else [mesh.cp]
-        cp_comms = [Comm.get(m) for m in cp_meshes if m.size() > 1]
-        before = sum(c.stats.bytes() for c in cp_comms)
-        shard = self.micro_batches(self.step)[0]
-        with CollectiveCounter() as counter:
-            if self.pipeline is not None:
-                self._pipeline_step(shard, 1.0)
-            else:
-                self._loss(shard).backward()
-        self.optimizer.zero_grad(set_to_none=True)
-        cp = sum(c.stats.bytes() for c in cp_comms) - before
-        cp_names = {m.get_group().group_name for m in cp_meshes if m.size() > 1}
-        dp_mesh = {"fsdp": mesh.fsdp, "ddp": mesh.ddp}.get(self.plan.engine)
-        dp = counter.on(dp_mesh)
-        if self.plan.engine == "hsdp":  # sharded inside, replicated across: both dimensions are data traffic
-            dp = counter.on(mesh.hsdp["dp_replicate"]) + counter.on(mesh.hsdp["dp_shard_cp"])
-        shared = dp_mesh is not None and dp_mesh.size() > 1 and dp_mesh.get_group().group_name in cp_names
-        if shared:
-            dp -= cp
-        return {"tp": sum(counter.bytes.get(n, 0) for n in self._tp_group_names()), "cp": cp, "dp": dp,
-                "pp": counter.on(mesh.world["pp"]),
-                # a cross-check: what the dispatcher saw on the cp groups (attention, plus dp when it shares them)
-                "on_cp_groups": sum(counter.bytes.get(n, 0) for n in cp_names), "dp_on_cp_group": shared}
-
-    def _tp_group_names(self) -> set:
-        """The groups the tensor-parallel parameters communicate on, read from the parameters themselves
-        (torch can hand a 2-D FSDP x TP parameter a cached mesh equal in ranks to the plan's)."""
-        from torch.distributed.tensor import DTensor
-
-        names = set()
-        if self.dims.tp > 1:
-            for p in self.model.parameters():
-                mesh = p.device_mesh if isinstance(p, DTensor) else None
-                if mesh is not None and "tp" in (mesh.mesh_dim_names or ()):
-                    names.add(mesh.get_group("tp").group_name)
-        return names
+        """Bytes this rank sent per mesh axis in one micro-batch (measure.axis_bytes)."""
+        return measure.axis_bytes(self)
 
     # ------------------------------------------------------------------ the run
     def fit(self, steps: int | None = None) -> dict:
@@ -364,16 +307,24 @@ class Trainer:
                                resumed_step=self.step if checkpoint.continues(self.cfg.train.resume) else None)
         start = time.perf_counter()
         interval = self.cfg.checkpoint.interval
+        self.stop.received = self.stop_signal = 0
         try:
-            for _ in range(steps):
-                logger.log(self.train_step())
-                if interval and self.step % interval == 0:
+            with self.stop:
+                for _ in range(steps):
+                    logger.log(self.train_step())
+                    if self.stop_signal:  # every rank saw it in the step's all-reduce: all leave here
+                        break
+                    if interval and self.step % interval == 0:
+                        self.save_checkpoint()
+                # the end of the run is always kept, and so is the step a signal stopped at
+                if (interval and steps and self.step % interval) or self.stop_signal:
                     self.save_checkpoint()
-            if interval and steps and self.step % interval:  # the end of the run is always kept
-                self.save_checkpoint()
-            self.finish_checkpoint()
+                self.finish_checkpoint()
         finally:
             logger.close()
+        if self.stop_signal:
+            self._say(f"longctx: {signal_name(self.stop_signal)} received: stopped after step {self.step}, "
+                      f"checkpoint {self.last_checkpoint}; continue with train.resume=auto")
         return self.summary(time.perf_counter() - start)
 
     def summary(self, seconds: float) -> dict:
@@ -388,6 +339,7 @@ class Trainer:
             "run_dir": self.run_dir, "world_size": self.world, "engine": self.plan.engine,
             "checkpoint": self.last_checkpoint, "resumed_from": self.resumed_from,
             "layout": self.dims.layout if self.dims.cp > 1 else None,
+            "stop_signal": self.stop_signal, "stopped_by": signal_name(self.stop_signal) if self.stop_signal else None,
         }
 
     def full_state_dict(self) -> dict:

@@ -11,7 +11,7 @@ def test_bench_train_compares_layouts(tmp_path, capsys):
     out, png = tmp_path / "train.json", tmp_path / "train.png"
     argv = ["bench", "train", "--config", TINY, "--world-size", "4", "--steps", "2",
             "--layouts", "cp=4,strategy=zigzag", "dp_shard=2,cp=2", "dp_replicate=2,dp_shard=2,cp=1",
-            "tp=2,cp=2,dp_shard=1", "pp=2,cp=2,dp_shard=1",
+            "tp=2,pp=2,cp=1,dp_shard=1",
             "--overrides", "train.seq_len=512", "train.batch_size=4", "model.dim=32", "model.ffn_dim=64",
             "--json", str(out), "--plot", str(png)]
     assert main(argv) == 0
@@ -19,17 +19,16 @@ def test_bench_train_compares_layouts(tmp_path, capsys):
     assert "tokens_per_s" in text and "saved_act_bytes_per_rank" in text
     records = json.loads(out.read_text())
     assert [r["layout"] for r in records] == ["cp=4,strategy=zigzag", "dp_shard=2,cp=2",
-                                              "dp_replicate=2,dp_shard=2,cp=1", "tp=2,cp=2,dp_shard=1",
-                                              "pp=2,cp=2,dp_shard=1"]
-    assert [r["engine"] for r in records] == ["ddp", "fsdp", "hsdp", "fsdp", "fsdp"]
+                                              "dp_replicate=2,dp_shard=2,cp=1", "tp=2,pp=2,cp=1,dp_shard=1"]
+    assert [r["engine"] for r in records] == ["ddp", "fsdp", "hsdp", "none"]
     assert "tp_bytes" in text and "pp_bytes" in text
     # bytes per axis: each layout moves data exactly on the axes it has
-    for r, axes in zip(records, [{"cp", "dp"}, {"cp", "dp"}, {"dp"}, {"tp", "cp", "dp"}, {"cp", "dp", "pp"}]):
+    for r, axes in zip(records, [{"cp", "dp"}, {"cp", "dp"}, {"dp"}, {"tp", "pp"}]):
         assert {a for a in ("tp", "cp", "dp", "pp") if r[f"{a}_bytes"] > 0} == axes, (r["layout"], r)
     for r in records:
         assert r["tokens_per_s"] > 0 and r["flops_per_s"] > 0 and r["mfu"] == "n/a (cpu)"
         assert r["max_rel_loss_diff"] <= 1e-5  # one config computes the same steps in every layout
-        if not r["layout"].startswith("pp"):  # pipeline stages differ; the others are balanced
+        if "pp=2" not in r["layout"]:  # pipeline stages differ; the others are balanced
             assert len(set(r["saved_act_bytes_by_rank"])) == 1, r["layout"]
     cp4, cp2, cp1 = (r["saved_act_bytes_per_rank"] for r in records[:3])
     # activations scale with the tokens a rank holds: 1 sequence / 4, 2 sequences / 2... per micro-batch

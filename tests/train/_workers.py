@@ -104,3 +104,25 @@ def resume_errors(configs: list[dict]) -> list[str]:
         except ConfigError as e:
             out.append(str(e))
     return out
+
+
+def stopped_by_signal(config: dict, signal_rank: int, at_step: int) -> dict:
+    """Train while one rank sends itself SIGTERM during step `at_step`, as a scheduler would: every rank
+    returns its summary and the steps it logged."""
+    import os
+    import signal
+
+    from longctx.config import from_dict
+    from longctx.train import Trainer
+
+    trainer = Trainer(from_dict(config))
+    step = trainer.train_step
+
+    def train_step():
+        if dist.get_rank() == signal_rank and trainer.step + 1 == at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step()
+
+    trainer.train_step = train_step
+    summary = trainer.fit()
+    return {"summary": summary, "steps": [r["step"] for r in trainer.history]}

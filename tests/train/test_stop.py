@@ -1,0 +1,89 @@
+"""Stopping on a scheduler's signal: every rank stops after the same step with a checkpoint of it, and the
+resumed run ends bit for bit where the uninterrupted one does; `longctx launch local` passes SIGTERM on to
+its ranks and exits 143, and ranks whose launcher was killed outright checkpoint and exit instead of
+training on."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from longctx.launch import run
+from longctx.train.stop import StopSignals
+
+from ._workers import config, stopped_by_signal, train_and_collect
+
+
+def test_one_rank_signalled_stops_all_after_that_step_and_resume_is_exact(tmp_path):
+    full = run(train_and_collect, 2, args=([config("parallel.cp=2", run_dir=str(tmp_path / "full"))],),
+               timeout=180)[0][0]
+    stop_dir = str(tmp_path / "stop")
+    stopped = run(stopped_by_signal, 2, args=(config("parallel.cp=2", run_dir=stop_dir), 1, 3), timeout=180)
+    for rank in stopped:  # checkpoint.interval is 0: the signal alone asked for this checkpoint
+        assert rank["steps"] == [1, 2, 3] and rank["summary"]["stopped_by"] == "SIGTERM"
+        assert rank["summary"]["checkpoint"] == os.path.join(stop_dir, "checkpoints", "step_00000003")
+    assert os.listdir(os.path.join(stop_dir, "checkpoints")) == ["step_00000003"]
+    resumed = run(train_and_collect, 2, args=([config("parallel.cp=2", "train.resume=auto", run_dir=stop_dir)],),
+                  timeout=180)[0][0]
+    assert resumed["steps"] == [4, 5] and resumed["losses"] == full["losses"][3:]
+    assert all(bool((resumed["params"][k] == v).all()) for k, v in full["params"].items())
+
+
+def test_signals_are_recorded_only_inside_and_only_when_enabled():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals(enabled=False) as off:
+        assert signal.getsignal(signal.SIGTERM) is before and off.received == 0
+    with StopSignals() as on:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.01)
+        assert on.received == signal.SIGUSR1
+    assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+
+
+def _launch(run_dir):
+    cmd = [sys.executable, "-m", "longctx", "launch", "local", "--nproc", "2", "configs/tiny.yaml",
+           "train.steps=100000", "train.seq_len=256", "logging.quiet=true", "logging.tensorboard=false",
+           f"run_dir={run_dir}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:  # a few steps in, then the signal
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:
+            return proc
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"training did not start: {proc.communicate()}")
+
+
+def _last_step(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return json.loads(f.readlines()[-1])["step"]
+
+
+@pytest.mark.slow
+def test_launch_local_passes_sigterm_on_and_outliving_ranks_stop(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    run_dir = str(tmp_path / "term")
+    proc = _launch(run_dir)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, (out, err)
+    step = _last_step(run_dir)
+    assert f"stopped by SIGTERM after {step} steps" in out
+    assert os.listdir(os.path.join(run_dir, "checkpoints")) == [f"step_{step:08d}"]
+
+    run_dir = str(tmp_path / "kill")
+    proc = _launch(run_dir)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    ranks = [c for c in children if c.ppid() != proc.pid]  # forked by the forkserver, not the launcher
+    assert len(ranks) == 2, [c.cmdline() for c in children]
+    proc.kill()  # no handler runs: the ranks find out through their lifeline
+    proc.communicate(timeout=30)
+    gone, alive = psutil.wait_procs(ranks, timeout=120)
+    assert not alive, f"ranks outlived their launcher: {alive}"
+    step = _last_step(run_dir)
+    assert os.listdir(os.path.join(run_dir, "checkpoints")) == [f"step_{step:08d}"]
