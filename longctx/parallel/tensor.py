@@ -13,15 +13,17 @@ sequence over the tp ranks, so norms and residuals cost 1/tp):
   output                     ColwiseParallel (vocab rows), logits Shard(-1) for the logits path
 
 Attention then sees this rank's n_heads/tp query and n_kv_heads/tp K/V heads for the context-parallel
-rank's whole shard, and the sequence-parallel schedule runs over the cp ranks on those heads. The loss
-never materialises full logits: `vocab_parallel_cross_entropy` computes each chunk's logits for this
-rank's vocabulary rows only and combines the log-sum-exp over tp ranks with two small all-reduces (counted
-by the Comm of the tp group, phase "tp"); the hidden-state gradient is reduce-scattered back to the shards.
+rank's whole shard (with tp > n_kv_heads, one K/V head shared by tp/n_kv_heads ranks: `KVHeadLinear`),
+and the sequence-parallel schedule runs over the cp ranks on those heads. The loss never materialises
+full logits: `vocab_parallel_cross_entropy` computes each chunk's logits for this rank's vocabulary rows
+only and combines the log-sum-exp over tp ranks with two small all-reduces (counted by the Comm of the tp
+group, phase "tp"); the hidden-state gradient is reduce-scattered back to the shards.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .comm import Comm
@@ -36,10 +38,11 @@ def check_tp(n_heads: int, n_kv_heads: int, vocab_size: int, tp: int) -> None:
     if n_heads % tp:
         raise ValueError(f"model.n_heads={n_heads} is not divisible by parallel.tp={tp}: each tensor-parallel rank "
                          f"takes n_heads/tp query heads; choose a tp degree that divides {n_heads}")
-    if n_kv_heads % tp:
-        raise ValueError(f"model.n_kv_heads={n_kv_heads} is not divisible by parallel.tp={tp}: each tensor-parallel "
-                         f"rank takes n_kv_heads/tp K/V heads (replicating K/V heads for tp > n_kv_heads is not "
-                         f"built); use parallel.tp <= {n_kv_heads} dividing it, and put the other ranks on cp or dp")
+    if n_kv_heads % tp and tp % n_kv_heads:
+        raise ValueError(f"model.n_kv_heads={n_kv_heads} and parallel.tp={tp}: each tensor-parallel rank takes "
+                         f"n_kv_heads/tp K/V heads, or with tp > n_kv_heads shares one with tp/n_kv_heads ranks, so "
+                         f"one must divide the other; choose a tp degree that divides {n_kv_heads} or is a multiple "
+                         f"of it (and divides model.n_heads={n_heads})")
     if vocab_size % tp:
         raise ValueError(f"model.vocab_size={vocab_size} is not divisible by parallel.tp={tp} (the embedding and "
                          f"output rows are split over tp); pad the vocabulary to a multiple of {tp}")
@@ -64,13 +67,21 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
         top["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
     if top:
         parallelize_module(model, tp_mesh, top)
+    tp = tp_mesh.size()
     for block in model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers:
+        attention = block.attention
+        shared_kv = attention.n_kv < tp  # check_tp: then tp is a multiple of n_kv
+        if shared_kv:
+            head = tp_mesh.get_local_rank() // (tp // attention.n_kv)  # the K/V head of this rank's query heads
+            rows = slice(head * attention.head_dim, (head + 1) * attention.head_dim)
+            attention.wk = KVHeadLinear(attention.wk, tp_mesh, rows)
+            attention.wv = KVHeadLinear(attention.wv, tp_mesh, rows)
+        kv = {} if shared_kv else {"attention.wk": ColwiseParallel(), "attention.wv": ColwiseParallel()}
         parallelize_module(block, tp_mesh, {
             "attention_norm": SequenceParallel(),
             "attention": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
             "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
+            **kv,
             "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
             "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
@@ -78,6 +89,37 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
             "feed_forward.w3": ColwiseParallel(),
             "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
         })
+
+
+class KVHeadLinear(nn.Linear):
+    """wk / wv when parallel.tp > model.n_kv_heads: each K/V head then serves the tp/n_kv_heads ranks that
+    hold its query heads (Megatron's replicated K/V heads). The weight is replicated over tp and each rank
+    projects onto its one head, rows `rows` of the weight, so no rank computes heads it does not use. A
+    rank's weight gradient covers only those rows and its input gradient only that head's share: both
+    are Partial over tp, summed where DTensor reduces them (in the optimizer's norm, or before FSDP2's
+    reduce-scatter), as for the norm weights under sequence parallelism. Still an nn.Linear, so
+    init_weights and the state dict see `weight` where they expect it."""
+
+    def __init__(self, linear: nn.Linear, tp_mesh, rows: slice):
+        from torch.distributed.tensor import Replicate, distribute_tensor
+
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(distribute_tensor(linear.weight.detach(), tp_mesh, [Replicate()]),
+                                   requires_grad=linear.weight.requires_grad)
+        self.register_parameter("bias", None)
+        self.rows = rows
+
+    def forward(self, x):
+        from torch.distributed.tensor import DTensor, Partial
+
+        weight = self.weight.to_local(grad_placements=[Partial()])[self.rows]
+        if isinstance(x, DTensor):  # the attention input, all-gathered (Replicate)
+            x = x.to_local(grad_placements=[Partial()])
+        return F.linear(x, weight)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rows={self.rows.start}:{self.rows.stop} on this tp rank"
 
 
 # ------------------------------------------------------------------------------------ vocab-parallel loss

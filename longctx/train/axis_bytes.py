@@ -14,9 +14,10 @@ partial sum reduce-scattered:
                floats and an all-reduce SUM of 2r; the hidden-state gradient (a partial sum per rank)
                reduce-scattered back to the sequence shards once (X in fp32)
   norms        under FSDP2 the 2 L + 1 RMSNorm weight gradients (Partial sums over tp) are all-reduced in the
-               backward, before FSDP's reduce-scatter (without FSDP they stay Partial until the optimizer)
+               backward, before FSDP's reduce-scatter (without FSDP they stay Partial until the optimizer);
+               so are wk and wv when tp > n_kv_heads (replicated K/V heads: 2 L more)
 Context parallel: the strategy's attention bytes (comm_model) per layer with this rank's n_heads/tp query
-and n_kv_heads/tp K/V heads, forward again for each recomputed layer.
+and max(1, n_kv_heads/tp) K/V heads, forward again for each recomputed layer.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ def _allreduce(nbytes: int, w: int) -> int:
 
 
 def tp_bytes(*, tp: int, batch: int, tokens: int, dim: int, n_layers: int, vocab_chunk: int, act_bytes: int = 4,
-             acc_bytes: int = 4, recomputed_layers: int = 0, fsdp: bool = False) -> int:
-    """Tensor-parallel bytes of one forward + backward; `tokens` per context rank (seq_len / cp)."""
+             acc_bytes: int = 4, recomputed_layers: int = 0, fsdp: bool = False, shared_kv_dim: int = 0) -> int:
+    """Tensor-parallel bytes of one forward + backward; `tokens` per context rank (seq_len / cp).
+    `shared_kv_dim`: n_kv_heads x head_dim when tp > n_kv_heads (wk and wv replicated over tp, their
+    gradients Partial sums: all-reduced under FSDP2 like the norms')."""
     if tp == 1:
         return 0
     x = (tp - 1) * batch * (tokens // tp) * dim * act_bytes
@@ -42,7 +45,10 @@ def tp_bytes(*, tp: int, batch: int, tokens: int, dim: int, n_layers: int, vocab
         r = min(step, rows - start)
         total += _allreduce(r * acc_bytes, tp) + _allreduce(2 * r * acc_bytes, tp)
     total += (tp - 1) * rows * dim * acc_bytes // tp  # the partial hidden-state gradient, reduce-scattered
-    return total + ((2 * n_layers + 1) * _allreduce(dim * acc_bytes, tp) if fsdp else 0)
+    if fsdp:
+        total += (2 * n_layers + 1) * _allreduce(dim * acc_bytes, tp)
+        total += 2 * n_layers * _allreduce(shared_kv_dim * dim * acc_bytes, tp)
+    return total
 
 
 def cp_bytes(*, cp: int, strategy: str, layout: str | None, ulysses: int, batch: int, seq_len: int, heads: int,
@@ -64,8 +70,9 @@ def step_axis_bytes(cfg, dims, engine: str) -> dict:
                                                      len(range(0, m.n_layers, p.ac_every)))
     return {
         "tp": tp_bytes(tp=dims.tp, batch=batch, tokens=t.seq_len // dims.cp, dim=m.dim, n_layers=m.n_layers,
-                       vocab_chunk=t.loss_chunk, recomputed_layers=recomputed, fsdp=engine == "fsdp"),
+                       vocab_chunk=t.loss_chunk, recomputed_layers=recomputed, fsdp=engine == "fsdp",
+                       shared_kv_dim=m.n_kv_heads * (m.dim // m.n_heads) if dims.tp > m.n_kv_heads else 0),
         "cp": cp_bytes(cp=dims.cp, strategy=dims.strategy, layout=dims.layout, ulysses=dims.ulysses, batch=batch,
-                       seq_len=t.seq_len, heads=m.n_heads // dims.tp, kv_heads=m.n_kv_heads // dims.tp,
+                       seq_len=t.seq_len, heads=m.n_heads // dims.tp, kv_heads=max(1, m.n_kv_heads // dims.tp),
                        head_dim=m.dim // m.n_heads, n_layers=m.n_layers, recomputed_layers=recomputed),
     }

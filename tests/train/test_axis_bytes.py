@@ -18,6 +18,9 @@ W4 = [
     ["parallel.cp=4", "parallel.strategy=hybrid", "parallel.ulysses=2"],
     ["parallel.dp_shard=2", "parallel.cp=2"],
     ["parallel.pp=2", "parallel.cp=2", "parallel.dp_shard=1", "model.n_layers=4"],
+    # tp > n_kv_heads: replicated K/V heads, without and with FSDP2 (over the cp ranks)
+    ["parallel.tp=4", "parallel.dp_shard=1"],
+    ["parallel.tp=2", "parallel.cp=2", "parallel.dp_shard=1", "model.n_kv_heads=1"],
 ]
 
 
@@ -33,7 +36,7 @@ def _check(layouts, world):
                 assert got["pp"] > 0 and got["cp"] > 0, label
                 continue
             assert got["tp"] == model["tp"] and got["cp"] == model["cp"], label
-            tp = "parallel.tp=2" in o
+            tp = any(x.startswith("parallel.tp=") for x in o)
             assert (got["tp"] > 0) == tp and (got["cp"] > 0) == any(x.startswith("parallel.cp=") for x in o), label
     return res
 

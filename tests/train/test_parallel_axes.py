@@ -33,6 +33,13 @@ W4 = [
     ("tp=2 x pp=2", ["parallel.tp=2", "parallel.pp=2", "parallel.dp_shard=1"]),
     ("pp=2 x dp_shard=2 (FSDP2 per stage)", ["parallel.pp=2", "parallel.dp_shard=2", "parallel.microbatches=2"]),
 ]
+# tp > n_kv_heads: each K/V head shared by tp / n_kv_heads ranks (KVHeadLinear), alone and with FSDP2, cp, pp
+SHARED_KV = [
+    ("tp=4, 2 K/V heads", ["parallel.tp=4", "parallel.dp_shard=1"]),
+    ("dp_shard=2 x tp=2, 1 K/V head", ["parallel.tp=2", "parallel.dp_shard=2", "model.n_kv_heads=1"]),
+    ("tp=2 x cp=2, 1 K/V head", ["parallel.tp=2", "parallel.cp=2", "parallel.dp_shard=1", "model.n_kv_heads=1"]),
+    ("tp=2 x pp=2, 1 K/V head", ["parallel.tp=2", "parallel.pp=2", "parallel.dp_shard=1", "model.n_kv_heads=1"]),
+]
 DEEPSPEED = [
     ("DeepSpeed ZeRO-1 x dp=2", ["parallel.engine=deepspeed", "parallel.zero_stage=1", "parallel.dp_shard=2"]),
     ("DeepSpeed ZeRO-2 x cp=2", ["parallel.engine=deepspeed", "parallel.zero_stage=2", "parallel.cp=2",
@@ -80,3 +87,10 @@ def test_deepspeed_zero_stages(reference):
     res = _check([DEEPSPEED[0], DEEPSPEED[3]], 2, reference)
     res += _check(DEEPSPEED[1:3], 2, reference)
     assert all(r["engine"] == "deepspeed" for per_rank in res for r in per_rank)
+
+
+def test_tensor_parallel_beyond_the_kv_heads(reference):
+    mqa = run(train_and_collect, 1, args=([config(*BASE, "model.n_kv_heads=1")],), timeout=120)[0][0]
+    res = run(train_and_collect, 4, args=([config(*BASE, *o) for _, o in SHARED_KV],), timeout=600)
+    for (name, o), got in zip(SHARED_KV, res[0], strict=True):
+        compare_runs(name, got, mqa if "model.n_kv_heads=1" in o else reference)
