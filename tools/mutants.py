@@ -201,6 +201,10 @@ MUTANTS = [
            "for n in documents.lengths(row))", "for n in [documents.seq_len])",
            ("tests/train/test_metrics_optim.py::test_packed_attention_pairs_stay_inside_documents",),
            "MFU of packed batches credits the masked pairs across documents"),
+    Mutant("shared-kv-head-of-rank-zero", "longctx/parallel/tensor.py",
+           "            head = tp_mesh.get_local_rank() // (tp // attention.n_kv)", "            head = 0",
+           ("tests/train/test_parallel_axes.py::test_tensor_parallel_beyond_the_kv_heads",),
+           "with tp > n_kv_heads every rank attends with the first K/V head"),
 ]
 
 
