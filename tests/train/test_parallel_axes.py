@@ -33,12 +33,11 @@ W4 = [
     ("tp=2 x pp=2", ["parallel.tp=2", "parallel.pp=2", "parallel.dp_shard=1"]),
     ("pp=2 x dp_shard=2 (FSDP2 per stage)", ["parallel.pp=2", "parallel.dp_shard=2", "parallel.microbatches=2"]),
 ]
-# tp > n_kv_heads: each K/V head shared by tp / n_kv_heads ranks (KVHeadLinear), alone and with FSDP2, cp, pp
+# tp > n_kv_heads: each K/V head shared by tp / n_kv_heads ranks (KVHeadLinear), alone and with FSDP2 and cp
 SHARED_KV = [
     ("tp=4, 2 K/V heads", ["parallel.tp=4", "parallel.dp_shard=1"]),
     ("dp_shard=2 x tp=2, 1 K/V head", ["parallel.tp=2", "parallel.dp_shard=2", "model.n_kv_heads=1"]),
     ("tp=2 x cp=2, 1 K/V head", ["parallel.tp=2", "parallel.cp=2", "parallel.dp_shard=1", "model.n_kv_heads=1"]),
-    ("tp=2 x pp=2, 1 K/V head", ["parallel.tp=2", "parallel.pp=2", "parallel.dp_shard=1", "model.n_kv_heads=1"]),
 ]
 DEEPSPEED = [
     ("DeepSpeed ZeRO-1 x dp=2", ["parallel.engine=deepspeed", "parallel.zero_stage=1", "parallel.dp_shard=2"]),
