@@ -8,6 +8,8 @@ token files are reopened in each worker, see tokens.py).
 
 from __future__ import annotations
 
+import signal
+
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -57,3 +59,8 @@ class StepLoader:
 
 def _one_thread(_worker_id: int) -> None:
     torch.set_num_threads(1)  # workers make batches; the rank's threads do the math
+    # A scheduler signals every process of the job. A worker dying of it would make torch's SIGCHLD
+    # handler raise in the rank mid-step, before the checkpoint a stop signal asks for (train/stop.py);
+    # the rank ends its workers itself, and a worker whose rank is gone exits on its own.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)

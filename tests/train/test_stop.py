@@ -44,10 +44,10 @@ def test_signals_are_recorded_only_inside_and_only_when_enabled():
     assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
 
 
-def _launch(run_dir, capture=True):
+def _launch(run_dir, *extra, capture=True):
     cmd = [sys.executable, "-m", "longctx", "launch", "local", "--nproc", "2", "configs/tiny.yaml",
            "train.steps=100000", "train.seq_len=256", "logging.quiet=true", "logging.tensorboard=false",
-           f"run_dir={run_dir}"]
+           f"run_dir={run_dir}", *extra]
     out = subprocess.PIPE if capture else subprocess.DEVNULL  # ranks outliving the launcher would hold a pipe
     proc = subprocess.Popen(cmd, stdout=out, stderr=out, text=True)
     metrics = os.path.join(run_dir, "metrics.jsonl")
@@ -60,6 +60,13 @@ def _launch(run_dir, capture=True):
     pytest.fail(f"training did not start: {proc.communicate()}")
 
 
+def _ranks(psutil, launcher_pid):
+    """The rank processes: forked by the forkserver, a child of the launcher."""
+    launcher = psutil.Process(launcher_pid)
+    direct = {c.pid for c in launcher.children()}
+    return [c for c in launcher.children(recursive=True) if c.ppid() in direct]
+
+
 def _last_step(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return json.loads(f.readlines()[-1])["step"]
@@ -69,8 +76,12 @@ def _last_step(run_dir):
 def test_launch_local_passes_sigterm_on_and_outliving_ranks_stop(tmp_path):
     psutil = pytest.importorskip("psutil")
     run_dir = str(tmp_path / "term")
-    proc = _launch(run_dir)
-    proc.send_signal(signal.SIGTERM)
+    proc = _launch(run_dir, "data.workers=1")
+    workers = [w for r in _ranks(psutil, proc.pid) for w in r.children()]  # DataLoader workers
+    assert len(workers) == 2, workers
+    for w in workers:  # as a scheduler signalling every process would: they must not die of it mid-step
+        w.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # the ranks hear it from the launcher alone
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, (out, err)
     step = _last_step(run_dir)
@@ -79,9 +90,8 @@ def test_launch_local_passes_sigterm_on_and_outliving_ranks_stop(tmp_path):
 
     run_dir = str(tmp_path / "kill")
     proc = _launch(run_dir, capture=False)
-    children = psutil.Process(proc.pid).children(recursive=True)
-    ranks = [c for c in children if c.ppid() != proc.pid]  # forked by the forkserver, not the launcher
-    assert len(ranks) == 2, [c.cmdline() for c in children]
+    ranks = _ranks(psutil, proc.pid)
+    assert len(ranks) == 2, ranks
     proc.kill()  # no handler runs: the ranks find out through their lifeline
     proc.wait(timeout=30)
     gone, alive = psutil.wait_procs(ranks, timeout=60)
