@@ -135,10 +135,14 @@ def test_train_in_one_process_writes_metrics_and_config(tmp_path):
 
 
 def test_launch_local_runs_every_rank_and_matches_one_process(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
     one, four = tmp_path / "one", tmp_path / "four"
-    a = _cli("train", TINY, *FAST, "parallel.cp=1", f"run_dir={one}", "logging.quiet=true")
-    b = _cli("launch", "local", "--nproc", "4", TINY, *FAST, "parallel.strategy=striped", f"run_dir={four}",
-             "logging.tensorboard=true")
+    with ThreadPoolExecutor(2) as pool:  # two independent jobs: their start-up overlaps
+        a = pool.submit(_cli, "train", TINY, *FAST, "parallel.cp=1", f"run_dir={one}", "logging.quiet=true")
+        b = pool.submit(_cli, "launch", "local", "--nproc", "4", TINY, *FAST, "parallel.strategy=striped",
+                        f"run_dir={four}", "logging.tensorboard=true")
+        a, b = a.result(), b.result()
     assert a.returncode == 0 and b.returncode == 0, (a.stderr, b.stderr)
     la, lb = [r["loss"] for r in _metrics(one)], [r["loss"] for r in _metrics(four)]
     assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(la, lb)), (la, lb)

@@ -49,12 +49,15 @@ def _launch(run_dir, *extra, capture=True):
            "train.steps=100000", "train.seq_len=256", "logging.quiet=true", "logging.tensorboard=false",
            f"run_dir={run_dir}", *extra]
     out = subprocess.PIPE if capture else subprocess.DEVNULL  # ranks outliving the launcher would hold a pipe
-    proc = subprocess.Popen(cmd, stdout=out, stderr=out, text=True)
+    return subprocess.Popen(cmd, stdout=out, stderr=out, text=True)
+
+
+def _wait_for_steps(proc, run_dir, steps=3):
     metrics = os.path.join(run_dir, "metrics.jsonl")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:  # a few steps in, then the signal
-        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:
-            return proc
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= steps:
+            return
         time.sleep(0.2)
     proc.kill()
     pytest.fail(f"training did not start: {proc.communicate()}")
@@ -75,34 +78,40 @@ def _last_step(run_dir):
 @pytest.mark.slow
 def test_launch_local_passes_sigterm_on_and_outliving_ranks_stop(tmp_path):
     psutil = pytest.importorskip("psutil")
-    run_dir = str(tmp_path / "term")
-    proc = _launch(run_dir, "data.workers=1")
-    workers = [w for r in _ranks(psutil, proc.pid) for w in r.children()]  # DataLoader workers
-    assert len(workers) == 2, workers
-    for w in workers:  # as a scheduler signalling every process would: they must not die of it mid-step
-        w.send_signal(signal.SIGTERM)
-    proc.send_signal(signal.SIGTERM)  # the ranks hear it from the launcher alone
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, (out, err)
-    step = _last_step(run_dir)
-    assert f"stopped by SIGTERM after {step} steps" in out
-    assert os.listdir(os.path.join(run_dir, "checkpoints")) == [f"step_{step:08d}"]
+    run_dir, kill_dir = str(tmp_path / "term"), str(tmp_path / "kill")
+    proc, victim = _launch(run_dir, "data.workers=1"), _launch(kill_dir, capture=False)  # start-ups overlap
+    try:
+        _wait_for_steps(proc, run_dir)
+        workers = [w for r in _ranks(psutil, proc.pid) for w in r.children()]  # DataLoader workers
+        assert len(workers) == 2, workers
+        for w in workers:  # as a scheduler signalling every process would: they must not die of it mid-step
+            w.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # the ranks hear it from the launcher alone
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signal.SIGTERM, (out, err)
+        step = _last_step(run_dir)
+        assert f"stopped by SIGTERM after {step} steps" in out
+        assert os.listdir(os.path.join(run_dir, "checkpoints")) == [f"step_{step:08d}"]
 
-    run_dir = str(tmp_path / "kill")
-    proc = _launch(run_dir, capture=False)
-    ranks = _ranks(psutil, proc.pid)
-    assert len(ranks) == 2, ranks
-    proc.kill()  # no handler runs: the ranks find out through their lifeline
-    proc.wait(timeout=30)
-    gone, alive = psutil.wait_procs(ranks, timeout=60)
-    running = []
-    for p in alive:  # an exited rank nobody has reaped yet (a zombie) has stopped all the same
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE:
-                running.append(p)
+        run_dir, proc = kill_dir, victim
+        _wait_for_steps(proc, run_dir)
+        ranks = _ranks(psutil, proc.pid)
+        assert len(ranks) == 2, ranks
+        proc.kill()  # no handler runs: the ranks find out through their lifeline
+        proc.wait(timeout=30)
+        gone, alive = psutil.wait_procs(ranks, timeout=60)
+        running = []
+        for p in alive:  # an exited rank nobody has reaped yet (a zombie) has stopped all the same
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    running.append(p)
+                    p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        assert not running, "ranks outlived their launcher and went on training"
+        step = _last_step(run_dir)
+        assert os.listdir(os.path.join(run_dir, "checkpoints")) == [f"step_{step:08d}"]
+    finally:  # whatever failed, nothing is left running (the victim's ranks follow it)
+        for p in (proc, victim):
+            if p.poll() is None:
                 p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    assert not running, "ranks outlived their launcher and went on training"
-    step = _last_step(run_dir)
-    assert os.listdir(os.path.join(run_dir, "checkpoints")) == [f"step_{step:08d}"]
