@@ -47,6 +47,7 @@ def _layout_overrides(layout: str) -> list[str]:
 def _configs(args):
     from ..config import load
     from ..train import validate_job
+    from ..train.setup import check_machine
 
     out = []
     for layout in args.layouts:
@@ -54,6 +55,7 @@ def _configs(args):
                      "logging.tensorboard=false"]
         cfg = load(path=args.config, overrides=overrides)
         validate_job(cfg, args.world_size)
+        check_machine(cfg)  # the layouts run here
         out.append((layout, cfg))
     return out
 
