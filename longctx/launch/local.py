@@ -21,6 +21,8 @@ from multiprocessing.connection import wait
 import torch
 import torch.distributed as dist
 
+from .._signals import SignalScope
+
 __all__ = ["RankError", "rank_info", "run"]
 
 _HOST = "127.0.0.1"
@@ -213,32 +215,23 @@ def _child_env(backend, world_size, port, env):
     return child
 
 
-class _ForwardSignals:
+class _ForwardSignals(SignalScope):
     """While the ranks run, SIGTERM and SIGUSR1 sent to this process (a scheduler stopping the job) are
     passed on to every rank, and the ranks are still waited for: a Trainer finishes its step, saves a
     checkpoint and returns (see longctx.train.stop). A second signal stops waiting: the ranks are killed.
     Only from the main thread (signal handlers live there); elsewhere nothing is forwarded."""
 
     def __init__(self, procs):
-        self.procs, self.received, self._previous = procs, [], {}
+        super().__init__()
+        self.procs, self.received = procs, []
 
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                self._previous[sig] = signal.signal(sig, self._forward)
-        return self
-
-    def _forward(self, signum, frame):
+    def handle(self, signum: int) -> None:
         if self.received:
             raise SystemExit(128 + signum)  # run()'s cleanup kills the ranks
         self.received.append(signum)
         for proc in self.procs:
             if proc.is_alive():
                 os.kill(proc.pid, signum)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _watch_launcher(lifeline):

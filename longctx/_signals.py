@@ -1,0 +1,38 @@
+"""The signals a scheduler sends before it kills a job, handled for the length of a `with` block.
+
+SIGTERM is what preemption, `scancel`, Kubernetes and torchrun's agent send; SIGUSR1 is SLURM's warning
+before the time limit (`sbatch --signal=USR1@120`). Two users: the training loop records a stop request
+(train/stop.py) and the simulated-cluster launcher passes the signal on to its ranks (launch/local.py).
+Dependency-free, so the launcher (preloaded into every rank's forkserver) can import it cheaply.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class SignalScope:
+    """`with scope:` calls `scope.handle(signum)` on each of `scope.signals` and restores the previous
+    handlers afterwards. Handlers live in the main thread only; elsewhere nothing is installed."""
+
+    signals: tuple = STOP_SIGNALS
+
+    def __init__(self):
+        self._previous: dict = {}
+
+    def handle(self, signum: int) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, lambda signum, frame: self.handle(signum))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
