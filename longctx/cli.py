@@ -200,17 +200,22 @@ def cmd_checkpoint_export(args) -> int:
     return 0
 
 
+def _exit_status(summary: dict) -> int:
+    """0, or 128 + the signal that stopped the run (the job did not finish; its last step is checkpointed
+    and train.resume=auto continues it)."""
+    return 128 + summary["stop_signal"] if summary.get("stop_signal") else 0
+
+
 def _finish(summary: dict) -> int:
-    """Print the run's summary; the exit status: 0, or 128 + the signal that stopped it (the job did not
-    finish; its last step is checkpointed and train.resume=auto continues it)."""
-    if not summary["steps"] or summary["first_loss"] is None:
+    """Print the run's summary; returns the exit status."""
+    if summary["first_loss"] is None:
         print(f"done: no steps run (already at step {summary['steps']})", flush=True)
-        return 128 + summary["stop_signal"] if summary.get("stop_signal") else 0
+        return _exit_status(summary)
     how = f"stopped by {summary['stopped_by']} after" if summary.get("stop_signal") else "done:"
     print(f"{how} {summary['steps']} steps, loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}, "
           f"{summary['tokens_per_s']:.0f} tokens/s, {summary['seconds']:.1f} s; metrics in "
           f"{summary['run_dir']}/metrics.jsonl", flush=True)
-    return 128 + summary["stop_signal"] if summary.get("stop_signal") else 0
+    return _exit_status(summary)
 
 
 def cmd_train(args) -> int:
@@ -227,7 +232,7 @@ def cmd_train(args) -> int:
     summary = train_main(OmegaConf.to_container(cfg), config_path=args.config)
     if int(os.environ.get("RANK", "0")) == 0:
         return _finish(summary)
-    return 128 + summary["stop_signal"] if summary.get("stop_signal") else 0
+    return _exit_status(summary)
 
 
 def cmd_launch_local(args) -> int:

@@ -36,14 +36,9 @@ def _check_ppl_args(args) -> None:
     from .train.checkpoint import locate
 
     found = locate(args.checkpoint, f"--checkpoint {args.checkpoint!r}", log=lambda *a, **k: None)
-    cfg = load(path=os.path.join(found, "config.yaml"))
-    vocab = cfg.model.vocab_size
-    if cfg.model.hf_path:
-        from .model.hf import read_hf_config
-
-        vocab = read_hf_config(cfg.model.hf_path).vocab_size
+    cfg = load(path=os.path.join(found, "config.yaml"))  # written resolved: an HF model's sizes are in it
     check_ppl(args.data or cfg.data.path, seq_len=args.seq_len or cfg.train.seq_len, sequences=args.sequences,
-              buckets=args.buckets, strategy=args.strategy, world=args.nproc, vocab_size=vocab)
+              buckets=args.buckets, strategy=args.strategy, world=args.nproc, vocab_size=cfg.model.vocab_size)
 
 
 def cmd_eval(args) -> int:

@@ -155,15 +155,12 @@ def check_args(args) -> None:
 
 def _check_kernel(name: str | None) -> None:
     """--kernel of the distributed benches: a registered backend that can run on this machine (or auto)."""
-    from ..kernels import backends
+    from ..kernels import backends, check_name
 
     if name is None or name == "auto":
         return
-    registered = backends()
-    if name not in registered:
-        raise ValueError(f"--kernel {name!r} is not a kernel backend; choose one of "
-                         f"{', '.join(['auto', *sorted(registered)])}")
-    why = registered[name].availability()
+    check_name(name, "--kernel ")
+    why = backends()[name].availability()
     if why:
         raise ValueError(f"--kernel {name} cannot run here: {why}; use --kernel auto")
 

@@ -10,6 +10,7 @@ from .registry import (
     backends,
     backends_ran,
     backward,
+    check_name,
     forward,
     register,
     reset_calls,
@@ -20,8 +21,8 @@ from .registry import (
 
 __all__ = [
     "CAUSAL", "NO_MASK", "Mask", "acc_dtype", "empty_state", "merge", "merge_", "merge_many", "Backend", "as_mask",
-    "attention", "backend_status", "backends", "backends_ran", "backward", "forward", "register", "reset_calls",
-    "resolve", "unregister", "validate",
+    "attention", "backend_status", "backends", "backends_ran", "backward", "check_name", "forward", "register",
+    "reset_calls", "resolve", "unregister", "validate",
 ]
 
 from . import (

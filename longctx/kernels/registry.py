@@ -78,6 +78,13 @@ def backend_status() -> dict[str, str | None]:
     return {name: b.availability() for name, b in _BACKENDS.items()}
 
 
+def check_name(name: str, what: str) -> None:
+    """`name` is `auto` or a registered backend; `what` ("parallel.kernel=", "--kernel ") starts the error."""
+    if name != "auto" and name not in _BACKENDS:
+        raise ValueError(f"{what}{name!r} is not a kernel backend; choose one of "
+                         f"{', '.join(['auto', *sorted(_BACKENDS)])}")
+
+
 def _unknown_backend(name) -> ValueError:
     return ValueError(f"unknown kernel backend {name!r}; choose one of {['auto', *sorted(_BACKENDS)]}")
 

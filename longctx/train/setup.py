@@ -34,7 +34,7 @@ def dims_from_config(cfg, world_size: int) -> ParallelDims:
 
 def validate_job(cfg, world_size: int) -> ParallelDims:
     """All checks of a job config for `world_size` ranks; returns the validated ParallelDims."""
-    from ..kernels import backends
+    from ..kernels import check_name
 
     if cfg.model.hf_path:
         _adopt_hf_sizes(cfg)
@@ -44,9 +44,10 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
         raise ConfigError(str(e)) from None
     dims = dims_from_config(cfg, world_size)
     p, t = cfg.parallel, cfg.train
-    kernels = ("auto", *sorted(backends()))
-    if p.kernel not in kernels:
-        raise ConfigError(f"parallel.kernel={p.kernel!r} is not a kernel backend; choose one of {', '.join(kernels)}")
+    try:
+        check_name(p.kernel, "parallel.kernel=")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     try:
         engine = resolve_engine(p.engine, dims)
     except ValueError as e:
