@@ -98,11 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, devices, kernel backends and why any is unavailable")
     demo = sub.add_parser("demo", help="a real training run on a simulated 4-rank CPU cluster (`make demo`)")
     demo.add_argument("--steps", type=_positive_int, default=20, help="training steps of part 3")
-    tr = sub.add_parser("train", help="train in the process group found (torchrun, Ray, harness, or one process)")
+    stopping = ("On SIGTERM or SIGUSR1 every rank finishes its step, a checkpoint of it is written and the command "
+                "exits with 128 + the signal (143 for SIGTERM); train.resume=auto continues the run "
+                "(checkpoint.on_signal=false: no such handling).")
+    tr = sub.add_parser("train", help="train in the process group found (torchrun, Ray, harness, or one process)",
+                        epilog=stopping)
     _add_config_args(tr)
     launch = sub.add_parser("launch", help="start ranks, each running `longctx train`")
     lsub = launch.add_subparsers(dest="launcher", required=True, parser_class=_Parser)
-    local = lsub.add_parser("local", help="N ranks on this machine (gloo on CPU, NCCL when N GPUs are present)")
+    local = lsub.add_parser("local", help="N ranks on this machine (gloo on CPU, NCCL when N GPUs are present)",
+                            epilog=stopping + " The signal is passed on to the ranks; if this launcher is killed "
+                            "outright, its ranks checkpoint and exit.")
     local.add_argument("--nproc", type=_positive_int, required=True, help="number of ranks")
     local.add_argument("--timeout", type=float, default=None,
                        help="wall-clock limit in seconds for the whole run (default: none)")
