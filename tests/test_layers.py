@@ -5,8 +5,9 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).parent.parent / "longctx"
-LEVEL = {"config": 0, "_optional": 0, "_signals": 0, "kernels": 1, "parallel": 2, "model": 3, "data": 3, "train": 4, "eval": 5,
-         "launch": 6, "bench": 7, "demo": 8, "cli": 9, "cli_data": 9, "__main__": 10, "__init__": 10}
+LEVEL = {"config": 0, "_optional": 0, "_signals": 0, "kernels": 1, "parallel": 2, "model": 3, "data": 3,
+         "train": 4, "eval": 5, "launch": 6, "bench": 7, "demo": 8,
+         "cli": 9, "cli_data": 9, "__main__": 10, "__init__": 10}
 
 
 def _layer(parts):

@@ -67,12 +67,15 @@ def axis_bytes(trainer) -> dict:
 
 
 def _tp_group_names(trainer) -> set:
-    """The groups the tensor-parallel parameters communicate on, read from the parameters themselves
-    (torch can hand a 2-D FSDP x TP parameter a cached mesh equal in ranks to the plan's)."""
+    """The groups tensor parallelism communicates on: the plan's tp group (activations) and the groups
+    of the tensor-parallel parameters themselves. They can differ: torch can hand a 2-D FSDP x TP
+    parameter a mesh cached from an earlier Trainer in this process, equal in ranks to the plan's, so
+    its gradient traffic runs on that mesh's group while the activations' runs on the plan's."""
     from torch.distributed.tensor import DTensor
 
     names = set()
     if trainer.dims.tp > 1:
+        names.add(trainer.plan.mesh.world["tp"].get_group().group_name)
         for p in trainer.model.parameters():
             mesh = p.device_mesh if isinstance(p, DTensor) else None
             if mesh is not None and "tp" in (mesh.mesh_dim_names or ()):

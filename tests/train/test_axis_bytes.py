@@ -21,6 +21,9 @@ W4 = [
     # tp > n_kv_heads: replicated K/V heads, without and with FSDP2 (over the cp ranks)
     ["parallel.tp=4", "parallel.dp_shard=1"],
     ["parallel.tp=2", "parallel.cp=2", "parallel.dp_shard=1", "model.n_kv_heads=1"],
+    # FSDP2 x TP after other tp layouts in this process: torch hands the 2-D parameters a cached mesh
+    # whose group differs from the plan's tp group (both carry tp bytes)
+    ["parallel.tp=2", "parallel.dp_shard=2"],
 ]
 
 
