@@ -72,7 +72,7 @@ class ParallelConfig:
     activation_checkpoint: str = "none"  # none | full | selective (every `ac_every`-th layer)
     ac_every: int = 2
     timeout_s: float = 600.0  # process-group timeout: a collective some rank never joins fails after this
-    meta_init: bool = False  # build on the meta device, shard (FSDP2), then initialise only the local shards
+    meta_init: bool = False  # build on the meta device, split, then initialise only this rank's pieces
 
 
 @dataclass

@@ -105,13 +105,11 @@ def _tiny(*overrides):
                                                                   r"supported"),
     (["parallel.tp=2", "parallel.cp=2", "parallel.strategy=ring", "model.dilated.layers=[1]",
       "model.dilated.w0=64"], 4, r"model.dilated.layers with parallel.tp=2 is not supported"),
-    (["parallel.tp=2", "parallel.cp=2", "parallel.meta_init=true"], 4, r"parallel.meta_init=true with "
-                                                                       r"parallel.tp/pp > 1 is not supported"),
-    (["parallel.pp=2", "parallel.cp=2", "parallel.meta_init=true"], 4, r"parallel.meta_init=true with "
-                                                                       r"parallel.tp/pp > 1 is not supported"),
+    (["parallel.meta_init=true", "parallel.engine=deepspeed"], 4, r"parallel.meta_init=true is not "
+                                                                    r"available with parallel.engine=deepspeed"),
     (["model.dilated.layers=[1]", "model.dilated.w0=64"], 4, r"model.dilated.layers need the contiguous token layout"),
-    (["parallel.meta_init=true"], 4, r"parallel.meta_init=true initialises FSDP2 shards, but this layout runs "
-                                     r"engine=ddp"),
+    (["parallel.meta_init=true"], 4, r"parallel.meta_init=true builds the model on the meta device .* but "
+                                     r"engine=ddp broadcasts"),
     (["model.rope_theta=0"], 4, r"model.rope_theta must be > 0"),
     (["run_dir=" + __file__], 4, r"is an existing file, not a directory"),
     (["data.task=poetry"], 4, r"data.task='poetry': choose one of induction, copy, random"),

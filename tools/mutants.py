@@ -205,6 +205,15 @@ MUTANTS = [
            "            head = tp_mesh.get_local_rank() // (tp // attention.n_kv)", "            head = 0",
            ("tests/train/test_parallel_axes.py::test_tensor_parallel_beyond_the_kv_heads",),
            "with tp > n_kv_heads every rank attends with the first K/V head"),
+    Mutant("init-seeded-by-the-short-name", "longctx/model/llama.py",
+           'f"{seed}/{name}"', 'f"{seed}/{param_name}"',
+           ("tests/model/test_llama.py::test_init_weights_draws_each_parameter_from_its_own_seeded_stream",),
+           "every layer starts from the same weights"),
+    Mutant("meta-stages-drawn-apart", "longctx/model/parallelize.py",
+           "            module.init_weights(seed, write=_write_local_piece)",
+           "            module.init_weights(seed + len(self.stage_ids), write=_write_local_piece)",
+           ("tests/train/test_equivalence.py::test_initial_weights_do_not_depend_on_the_layout_or_the_meta_device",),
+           "a pipelined meta-init model starts from other weights than the unsplit one"),
 ]
 
 

@@ -10,6 +10,9 @@ inside the forward, where data-parallel wrappers expect parameters to be used.
 
 from __future__ import annotations
 
+import hashlib
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -148,14 +151,18 @@ class Transformer(nn.Module):
         return generate(self, prompts, **kwargs)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialise every parameter in place: what a model built on the meta device needs once its
-        (possibly sharded) storage exists. Linear and embedding weights as torch initialises them, norms 1."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.reset_parameters()
-            elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
+    def init_weights(self, seed: int, write=None) -> None:
+        """Initialise every parameter from its own generator, seeded by (seed, the parameter's name in the
+        unsplit model), drawing the full-size value on CPU: the result depends neither on how the model was
+        split (FSDP shards, tensor-parallel rows, pipeline stages keep their layers' names) nor on the
+        device. Linear weights U(+-1/sqrt(fan_in)) and embeddings N(0, 1) as torch draws them, norms 1.
+        `write(param, full)` stores the value (default: a copy); a sharded model passes one that keeps
+        only this rank's piece (longctx.model.parallelize.Plan.materialize)."""
+        write = write or _copy_into
+        for module_name, module in self.named_modules():
+            for param_name, param in module.named_parameters(recurse=False):
+                name = f"{module_name}.{param_name}" if module_name else param_name
+                write(param, initial_value(module, param_name, tuple(param.shape), seed, name))
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None, labels=None, loss_fn=None,
                 return_hidden: bool = False, documents=None):
@@ -201,6 +208,26 @@ def dilated_pattern(cfg: ModelConfig, seq_len: int | None) -> tuple[list[int], l
         raise ValueError("model.dilated.layers needs model.dilated.segment_lengths/dilation_rates, or "
                          "build_model(cfg, seq_len=N) so a geometric pattern can be derived from w0/alpha")
     return dilated_config(seq_len, w0=d.w0, alpha=d.alpha)
+
+
+def initial_value(module: nn.Module, param_name: str, shape: tuple, seed: int, name: str) -> torch.Tensor:
+    """The full float32 initial value of parameter `name` (of `module`), from a generator of its own."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    value = torch.empty(shape)
+    if isinstance(module, nn.Linear) and param_name == "weight":
+        bound = 1 / math.sqrt(shape[1])
+        return value.uniform_(-bound, bound, generator=generator)
+    if isinstance(module, nn.Embedding):
+        return value.normal_(generator=generator)
+    if isinstance(module, RMSNorm):
+        return value.fill_(1.0)
+    raise TypeError(f"no initialisation rule for parameter {name} of {type(module).__name__}: add one to "
+                    "longctx.model.llama.initial_value")
+
+
+def _copy_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    param.copy_(full.to(param.device, param.dtype))
 
 
 def build_model(cfg: ModelConfig, *, seq_len: int | None = None, mlp_chunks: int = 1) -> Transformer:

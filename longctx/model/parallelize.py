@@ -76,6 +76,16 @@ class Plan:
         """Where real-label counts are summed and gradients reduced: data x context ranks (None if 1)."""
         return self.mesh.group("dp_cp")
 
+    def materialize(self, device, seed: int) -> None:
+        """Storage, then values, for a model parallelized on the meta device: each stage's parameters get
+        this rank's pieces only (FSDP2 shards, tensor-parallel rows), so no rank ever holds the whole model.
+        The values are the unsplit model's `init_weights(seed)`, whatever the layout: each parameter is
+        drawn full-size on CPU, one at a time, and this rank keeps its piece (DTensor's own split, the one
+        its placements describe, without communication: every rank drew the same value)."""
+        for module in self.stages or [self.model]:
+            module.to_empty(device=device)
+            module.init_weights(seed, write=_write_local_piece)
+
     def positions(self, seq_len: int, device=None) -> torch.Tensor:
         """Global positions (= RoPE position ids) of this rank's tokens of a seq_len-token sequence. One
         tensor per (length, device), reused: the model's position check then runs once, not every step."""
@@ -238,6 +248,15 @@ def dilated_layout_problem(dims: ParallelDims) -> str | None:
         return (f"need the contiguous token layout, but parallel.strategy={dims.strategy} runs on {dims.layout!r}; "
                 "use parallel.strategy=ring, or allgather/ulysses/hybrid with parallel.layout=contiguous")
     return None
+
+
+def _write_local_piece(param: torch.Tensor, full: torch.Tensor) -> None:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = full.to(param.device, param.dtype)
+    if isinstance(param, DTensor):
+        full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(full)
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: ParallelMesh | None = None,

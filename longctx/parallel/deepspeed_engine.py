@@ -33,8 +33,9 @@ def check_deepspeed(dims, p) -> None:
     if p.zero_stage not in STAGES:
         raise ValueError(f"parallel.zero_stage={p.zero_stage!r}: choose 1, 2 or 3")
     if p.meta_init:
-        raise ValueError("parallel.meta_init=true is an FSDP2 feature; with parallel.engine=deepspeed use ZeRO-3 "
-                         "(parallel.zero_stage=3) and meta_init=false")
+        raise ValueError("parallel.meta_init=true is not available with parallel.engine=deepspeed (DeepSpeed "
+                         "takes full weights); for large models use ZeRO-3 (parallel.zero_stage=3) and "
+                         "meta_init=false, or parallel.engine=fsdp with meta_init")
     if p.deepspeed_config is not None:
         _read_overrides(p.deepspeed_config)
     if importlib.util.find_spec("deepspeed") is None:

@@ -105,7 +105,9 @@ class KVHeadLinear(nn.Linear):
 
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = nn.Parameter(distribute_tensor(linear.weight.detach(), tp_mesh, [Replicate()]),
+        # every rank holds the same weight (seeded init, or the meta device): nothing to broadcast
+        self.weight = nn.Parameter(distribute_tensor(linear.weight.detach(), tp_mesh, [Replicate()],
+                                                     src_data_rank=None),
                                    requires_grad=linear.weight.requires_grad)
         self.register_parameter("bias", None)
         self.rows = rows

@@ -52,9 +52,10 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
         engine = resolve_engine(p.engine, dims)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if p.meta_init and engine not in ("fsdp", "hsdp"):
-        raise ConfigError(f"parallel.meta_init=true initialises FSDP2 shards, but this layout runs engine={engine}; "
-                          "use parallel.engine=fsdp (with data or context ranks to shard over) or meta_init=false")
+    if p.meta_init and engine == "ddp":
+        raise ConfigError("parallel.meta_init=true builds the model on the meta device and initialises only this "
+                          "rank's pieces, but engine=ddp broadcasts every rank's full weights when it wraps the "
+                          "model; use parallel.engine=fsdp (FSDP2, or HSDP with dp_replicate > 1) or meta_init=false")
     if p.activation_checkpoint not in AC_MODES:
         raise ConfigError(f"parallel.activation_checkpoint={p.activation_checkpoint!r}: choose one of "
                           f"{', '.join(AC_MODES)}")
@@ -181,10 +182,6 @@ def _check_model_axes(cfg, dims: ParallelDims, engine: str) -> None:
     if dims.tp > 1 and m.dilated.layers:
         raise ValueError(f"model.dilated.layers with parallel.tp={dims.tp} is not supported (LongNet's per-head row "
                          "offsets are global head indices); set parallel.tp=1 or drop the dilated layers")
-    if p.meta_init and (dims.tp > 1 or dims.pp > 1):
-        raise ValueError("parallel.meta_init=true with parallel.tp/pp > 1 is not supported (on CPU meshes every "
-                         "tensor-parallel shard would draw the same values; pipeline stages are copies made before "
-                         "materialisation); set parallel.meta_init=false")
     for key in ("pp_virtual", "microbatches"):
         if p[key] < 0:
             raise ValueError(f"parallel.{key}={p[key]} must be >= 0 (0 = the default)")

@@ -18,7 +18,6 @@ import contextlib
 import logging
 import os
 import time
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -61,26 +60,23 @@ class Trainer:
                        else torch.device("cpu"))
         self.precision = resolve_precision(cfg.train.precision, self.device_type)
         t = cfg.train
-        torch.manual_seed(t.seed)  # the same initial weights on every rank, whatever the layout
+        torch.manual_seed(t.seed)
         meta = cfg.parallel.meta_init
         bf16 = self.precision == "bf16"
         if cfg.model.hf_path:  # a Hugging Face model as it is (its own weights: the seed does not matter)
             model = load_hf_model(cfg.model.hf_path).to(self.device)
             self.plan = parallelize_hf(model, self.dims, cfg.parallel, mesh=self.dims.build_mesh(self.device_type),
                                        param_dtype=torch.bfloat16 if bf16 else None)
-        else:
-            with torch.device("meta") if meta else contextlib.nullcontext():
+        else:  # the same initial weights on every rank, whatever the layout: init_weights(seed)
+            with torch.device("meta"):
                 model = build_model(cfg.model, seq_len=t.seq_len, mlp_chunks=t.mlp_chunks)
-            if not meta:
-                model.to(self.device)
+            if not meta:  # the whole model here, then split
+                model.to_empty(device=self.device)
+                model.init_weights(t.seed)
             self.plan = parallelize(model, self.dims, cfg.parallel, mesh=self.dims.build_mesh(self.device_type),
                                     param_dtype=torch.bfloat16 if bf16 else None)
-        if meta:  # storage for this rank's shards only, then their values (seeded: every run the same)
-            model.to_empty(device=self.device)
-            torch.manual_seed(t.seed)
-            with warnings.catch_warnings():  # CPU meshes: DTensor draws each shard from the local generator
-                warnings.filterwarnings("ignore", "DTensor random operators may not have complete support")
-                model.init_weights()
+            if meta:  # split on the meta device, then storage and values for this rank's pieces only
+                self.plan.materialize(self.device, t.seed)
         self.model = self.plan.model  # under pp > 1: a ModuleList of this rank's stages
         if self.dims.tp > 1:  # torch logs a GPU tuning hint on every 2-D norm reduction (FSDP x TP clipping)
             logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)

@@ -90,3 +90,29 @@ def test_dilated_layers_from_config():
     assert isinstance(core, DilatedAttention) and core.segment_lengths == [64, 128, 256]
     assert core.dilation_rates == [1, 2, 4]
     model(torch.randint(0, 256, (1, 256))).sum().backward()
+
+
+def test_init_weights_draws_each_parameter_from_its_own_seeded_stream():
+    def initialised(seed):
+        with torch.device("meta"):
+            model = build_model(_model_cfg())
+        model.to_empty(device="cpu")
+        model.init_weights(seed)
+        return dict(model.named_parameters())
+
+    a, again, other = initialised(5), initialised(5), initialised(6)
+    assert all(torch.equal(a[k], again[k]) for k in a)
+    assert all(not torch.equal(a[k], other[k]) for k in a if "norm" not in k)
+    wq, w2 = a["layers.0.attention.wq.weight"], a["layers.0.feed_forward.w2.weight"]
+    for w in (wq, w2):  # U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as nn.Linear draws it, mean ~0
+        bound = 1 / w.shape[1] ** 0.5
+        assert 0.98 * bound < w.abs().max() <= bound and abs(w.mean()) < 0.02 * bound
+    emb = a["tok_embeddings.weight"]  # N(0, 1)
+    assert abs(emb.std() - 1) < 0.03 and abs(emb.mean()) < 0.03
+    assert all(bool((a[k] == 1).all()) for k in a if "norm" in k)
+    assert not torch.equal(wq, a["layers.1.attention.wq.weight"])  # each name its own stream
+
+    model = build_model(_model_cfg())
+    model.extra = torch.nn.Linear(2, 2, bias=True)  # a parameter without a rule is an error, not skipped
+    with pytest.raises(TypeError, match="no initialisation rule for parameter extra.bias of Linear"):
+        model.init_weights(0)

@@ -48,6 +48,18 @@ def train_and_collect(configs: list[dict], stop_after: int | None | list = None)
     return out
 
 
+def initial_params(configs: list[dict]) -> list[dict | None]:
+    """Every config's parameters as its Trainer initialised them, unsharded (rank 0; None elsewhere)."""
+    from longctx.config import from_dict
+    from longctx.train import Trainer
+
+    out = []
+    for c in configs:
+        params = Trainer(from_dict(c)).full_state_dict()
+        out.append(params if dist.get_rank() == 0 else None)
+    return out
+
+
 def saved_bytes(config: dict) -> int:
     from longctx.config import from_dict
     from longctx.train import Trainer

@@ -9,12 +9,13 @@ global count and stays exact and finite.
 """
 
 import pytest
+import torch
 
 from longctx.launch import run
 from tests.support.equivalence import compare_runs as _compare
 from tests.support.equivalence import ran_auto_everywhere as _ran_auto
 
-from ._workers import config, train_and_collect
+from ._workers import config, initial_params, train_and_collect
 
 LAYOUTS_4 = [
     ("cp=4 zigzag", ["parallel.cp=4", "parallel.strategy=zigzag"]),
@@ -79,12 +80,45 @@ def test_dilated_model_at_cp4_matches_one_process():
     _compare("dilated cp=4", got, ref)
 
 
-def test_meta_init_shards_then_initialises_deterministically():
-    # built on the meta device, sharded by FSDP2, then only local shards initialised: a run is repeatable,
-    # and two layouts with the same FSDP shards (dp_shard=4, and dp_shard=2 x cp=2) train identically
+# built on the meta device and split there, then only this rank's pieces initialised: FSDP2 shards (1-D
+# and 2-D with tp, strided), tensor-parallel rows, replicated K/V heads (tp > n_kv_heads), pipeline stages
+META_LAYOUTS = [
+    ["parallel.dp_shard=4"],
+    ["parallel.tp=2", "parallel.dp_shard=2"],
+    ["parallel.pp=2", "parallel.dp_shard=2", "model.n_layers=4"],
+    ["parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=1", "model.n_layers=4"],
+    ["parallel.tp=4", "parallel.dp_shard=1"],
+    ["parallel.engine=fsdp", "parallel.dp_replicate=2", "parallel.dp_shard=2"],
+]
+
+
+def test_initial_weights_do_not_depend_on_the_layout_or_the_meta_device(tmp_path):
+    # each parameter is drawn whole from its own (seed, name) generator and each rank keeps its piece: every
+    # layout, meta or not, starts from exactly the weights of one process (bitwise), and a new seed changes
+    # every parameter
+    def cfg(*o):
+        return config(*o, run_dir=str(tmp_path / "run"))
+
+    ref, other_seed = run(initial_params, 1, args=([cfg(), cfg("train.seed=1")],), timeout=120)[0]
+    ref4 = run(initial_params, 1, args=([cfg("model.n_layers=4")],), timeout=120)[0][0]
+    configs = [cfg("parallel.meta_init=true", *o) for o in META_LAYOUTS] + [cfg("parallel.tp=2", "parallel.cp=2",
+                                                                                "parallel.dp_shard=1")]
+    got = run(initial_params, 4, args=(configs,), timeout=300)[0]
+    for o, params in zip([*META_LAYOUTS, ["tp=2 cp=2 (not meta)"]], got, strict=True):
+        want = ref4 if "model.n_layers=4" in o else ref
+        assert params.keys() == want.keys(), (o, sorted(params.keys() ^ want.keys()))
+        for name, value in want.items():
+            assert torch.equal(params[name], value), (o, name, (params[name] - value).abs().max().item())
+    assert all(not torch.equal(other_seed[k], v) for k, v in ref.items() if "norm" not in k)
+    assert not torch.equal(ref["layers.0.attention.wq.weight"], ref["layers.1.attention.wq.weight"])
+
+
+def test_meta_init_trains_like_the_whole_model():
+    # the same layout with and without meta_init runs the same steps bit for bit; another layout with the
+    # same weights agrees to rounding
     meta = ["parallel.meta_init=true", "parallel.engine=fsdp"]
-    configs = [config(*meta, "parallel.dp_shard=4", "parallel.cp=1"), config(*meta, "parallel.dp_shard=4",
-               "parallel.cp=1"), config(*meta, "parallel.dp_shard=2", "parallel.cp=2")]
+    configs = [config(*meta, "parallel.dp_shard=4", "parallel.cp=1"), config("parallel.engine=fsdp",
+               "parallel.dp_shard=4", "parallel.cp=1"), config(*meta, "parallel.dp_shard=2", "parallel.cp=2")]
     a, b, c = run(train_and_collect, 4, args=(configs,), timeout=300)[0]
     assert a["finite"] and a["losses"] == b["losses"]
     for step, (x, y) in enumerate(zip(c["losses"], a["losses"])):
