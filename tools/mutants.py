@@ -214,6 +214,14 @@ MUTANTS = [
            "            module.init_weights(seed + len(self.stage_ids), write=_write_local_piece)",
            ("tests/train/test_equivalence.py::test_initial_weights_do_not_depend_on_the_layout_or_the_meta_device",),
            "a pipelined meta-init model starts from other weights than the unsplit one"),
+    Mutant("saved-counter-lets-addresses-be-reused", "longctx/train/metrics.py",
+           "            self._held.append(storage)\n", "",
+           ("tests/train/test_loss.py::test_saved_tensor_counter_counts_a_freed_and_reused_address_again",),
+           "a pipeline's saved activations undercounted, by a different amount every run"),
+    Mutant("ray-stop-kept-in-the-driver", "longctx/launch/ray_launcher.py",
+           "        self.flag.set.remote(signum)\n", "",
+           ("tests/launch/test_ray.py::test_ray_job_stop_checkpoints_the_step_in_flight",),
+           "`ray job stop` kills the workers mid-step, losing the work since the last checkpoint"),
 ]
 
 

@@ -6,22 +6,83 @@ and its metrics are the same as under torchrun or the simulated cluster. `--max-
 FailureConfig: a failed worker group is restarted, and with `train.resume=auto` it continues from the
 newest complete checkpoint. `--address local` starts a Ray instance inside this process (CPU workers on this
 machine); `auto` or `ray://HOST:10001` joins a running cluster, whose token authentication stays on.
+
+Stopping: `ray job stop` (or a scheduler) sends SIGTERM to this driver only; the workers are Ray actors,
+out of reach of signals, and would die with the driver, losing the steps since the last checkpoint. So the
+driver turns SIGTERM / SIGUSR1 into a flag on a small named actor, every worker polls it once a second
+and passes it to its training loop (longctx.train.stop.request_stop: Ray Train runs the loop off the
+main thread, where no signal handler can be), and the loop stops as on a signal: after the step in
+flight, with a checkpoint; the driver waits for that and exits 128 + the signal. `ray job stop` gives
+the driver RAY_JOB_STOP_WAIT_TIME_S (3 s by default) before SIGKILL: raise it at submission
+(`--runtime-env-json '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "120"}}'`). A second signal stops
+waiting.
 """
 
 from __future__ import annotations
 
+import threading
+import uuid
+
 from .._optional import require
+from .._signals import SignalScope
+
+POLL_S = 1.0  # how often a worker asks whether the driver was told to stop
+
+
+class _StopFlag:
+    """The driver's stop request, readable by every worker (a named Ray actor, no CPU of its own)."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def set(self, signum: int) -> None:
+        self.signum = self.signum or signum
+
+    def get(self) -> int:
+        return self.signum
+
+
+def _watch_stop_flag(ray, name: str, done: threading.Event) -> None:
+    """A worker's daemon thread: once the flag is up, ask the training loop to stop, again every poll
+    (a request made before the loop opened its scope is not kept)."""
+    from ..train.stop import request_stop
+
+    flag = ray.get_actor(name)
+    while not done.wait(POLL_S):
+        signum = ray.get(flag.get.remote())
+        if signum:
+            request_stop(signum)
 
 
 def _worker(loop_config: dict) -> None:
     """Runs in every Ray Train worker: the one training entry, then the summary as the run's result (every
     worker reports: Ray Train's report is collective; the summary is the same on every rank)."""
+    import ray
     import ray.train
 
     from .entry import train_main
 
-    summary = train_main(loop_config["config"], loop_config["config_path"])
+    done = threading.Event()
+    threading.Thread(target=_watch_stop_flag, args=(ray, loop_config["stop_flag"], done), daemon=True).start()
+    try:
+        summary = train_main(loop_config["config"], loop_config["config_path"])
+    finally:
+        done.set()
     ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float, str)) or v is None})
+
+
+class _ForwardToWorkers(SignalScope):
+    """In the driver: a stop signal raises the workers' flag; a second one stops waiting (SystemExit)."""
+
+    def __init__(self, flag):
+        super().__init__()
+        self.flag, self.received = flag, 0
+
+    def handle(self, signum: int) -> None:
+        if self.received:
+            raise SystemExit(128 + signum)
+        self.received = signum
+        self.flag.set.remote(signum)
 
 
 def launch_ray(config: dict, config_path: str | None, *, address: str, num_workers: int, gpus_per_worker: float,
@@ -36,17 +97,28 @@ def launch_ray(config: dict, config_path: str | None, *, address: str, num_worke
         ray.init(address=None if address == "local" else address, num_cpus=num_workers if address == "local"
                  else None, include_dashboard=False, log_to_driver=True)
     gpus = gpus_per_worker > 0
+    flag_name = f"longctx-stop-{uuid.uuid4().hex}"
+    flag = ray.remote(_StopFlag).options(name=flag_name, num_cpus=0).remote()
     trainer = TorchTrainer(
-        _worker, train_loop_config={"config": config, "config_path": config_path},
+        _worker, train_loop_config={"config": config, "config_path": config_path, "stop_flag": flag_name},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpus,
                                      resources_per_worker={"CPU": 1, **({"GPU": gpus_per_worker} if gpus else {})}),
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo", timeout_s=int(config["parallel"]["timeout_s"])),
         run_config=RunConfig(storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures)),
     )
-    result = trainer.fit()
+    with _ForwardToWorkers(flag) as forward:
+        result = trainer.fit()
+    ray.kill(flag)
     if result.error is not None:
         raise result.error
-    return _summary(config["run_dir"])
+    summary = _summary(config["run_dir"])
+    # a signal that came after the last step stopped nothing (Ray's result keeps no report without a
+    # checkpoint, so the workers' own summary is not at hand: the metrics say where the run ended)
+    if forward.received and summary["steps"] < config["train"]["steps"]:
+        from ..train.stop import signal_name
+
+        summary.update(stop_signal=forward.received, stopped_by=signal_name(forward.received))
+    return summary
 
 
 def _summary(run_dir: str) -> dict:

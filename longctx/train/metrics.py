@@ -91,13 +91,17 @@ def peak_memory_bytes(device: torch.device) -> int:
 class SavedTensorCounter:
     """Counts the bytes of tensors autograd saves for backward inside the `with` block (each storage once,
     parameters excluded: they are not activations). `by_shape` keeps bytes per shape, for assertions on
-    what kind of tensor was kept."""
+    what kind of tensor was kept. Every counted storage is held until the block ends: a storage is known
+    by its address, and when backward runs inside the block (a pipeline schedule) a freed address would
+    otherwise be reused by a later microbatch's tensor and that tensor missed (seen: counts that varied
+    from run to run)."""
 
     def __init__(self, model: torch.nn.Module | None = None):
         self.model = model
         self.bytes = 0
         self.by_shape: dict[tuple, int] = {}
         self._seen: set = set()
+        self._held: list = []
         self._ctx = None
 
     def _pack(self, t: torch.Tensor):
@@ -111,6 +115,7 @@ class SavedTensorCounter:
             return t
         if key not in self._seen and key[0] not in self._param_ptrs():
             self._seen.add(key)
+            self._held.append(storage)
             self.bytes += key[1]
             shape = tuple(local.shape)
             self.by_shape[shape] = self.by_shape.get(shape, 0) + key[1]
@@ -134,6 +139,7 @@ class SavedTensorCounter:
 
     def __exit__(self, *exc):
         self._ctx.__exit__(*exc)
+        self._held.clear()
         return False
 
 

@@ -4,12 +4,15 @@ FailureConfig a worker killed mid-run is restarted and resumes to the uninterrup
 Without Ray the error names the extra."""
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -32,7 +35,7 @@ def _session_processes(sid):
     return found
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
     """A Ray head node on this machine, as an operator starts one (its processes in a session of their own, so
     the test stops this cluster and no other: `ray stop` would stop every Ray on the machine)."""
@@ -88,6 +91,38 @@ def test_ray_job_equals_the_simulated_cluster_and_survives_a_killed_worker(tmp_p
     for a, b in zip(on_ray, local):
         assert abs(a - b) <= 1e-6 * abs(b), (on_ray, local)
     assert same_final_weights(str(tmp_path / "local"), run_dir, tmp_path)
+
+
+@pytest.mark.slow
+def test_ray_job_stop_checkpoints_the_step_in_flight(tmp_path, ray_head):
+    # `ray job stop` signals only the driver; the workers must still finish their step and checkpoint it
+    # (no periodic checkpoints here, so the one found is the stop's), and the driver exits 128 + SIGTERM
+    address, _ = ray_head
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    env = dict(os.environ, RAY_AUTH_MODE="token")
+    run_dir = str(tmp_path / "stopped")
+    submitted = subprocess.run(
+        [ray, "job", "submit", "--address", address, "--no-wait",
+         "--runtime-env-json", json.dumps({"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "120"}}), "--",
+         sys.executable, "-m", "longctx", "launch", "ray", "--address", "auto", "--num-workers", "2", TINY, *SMALL,
+         "train.steps=100000", "checkpoint.interval=0", f"run_dir={run_dir}"],
+        env=env, capture_output=True, text=True, timeout=120)
+    found = re.search(r"Job '(\S+)' submitted successfully", submitted.stdout + submitted.stderr)
+    assert submitted.returncode == 0 and found, submitted.stdout + submitted.stderr
+    job_id = found.group(1)
+    metrics, deadline = os.path.join(run_dir, "metrics.jsonl"), time.time() + 240
+    while time.time() < deadline and not (os.path.exists(metrics) and len(losses(run_dir)) >= 2):
+        time.sleep(0.5)
+    stop = subprocess.run([ray, "job", "stop", "--address", address, job_id], env=env, capture_output=True,
+                          text=True, timeout=200)
+    logs = subprocess.run([ray, "job", "logs", "--address", address, job_id], env=env, capture_output=True,
+                          text=True, timeout=60).stdout
+    assert stop.returncode == 0, stop.stdout + stop.stderr + logs[-3000:]
+    steps = len(losses(run_dir))
+    assert 2 <= steps < 100000, logs[-3000:]
+    assert f"stopped by SIGTERM after {steps} steps" in logs, logs[-3000:]
+    saved = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
+    assert saved[-1] == f"step_{steps:08d}", (saved, steps)
 
 
 def test_launch_ray_errors(tmp_path, capsys, monkeypatch):

@@ -111,3 +111,20 @@ def test_no_grad_computes_the_loss_only():
         loss = chunked_cross_entropy(h, w, y, chunk=64)
     assert not loss.requires_grad and abs(loss.item() - ref) <= 1e-6 * abs(ref)
     assert live.peak <= 64 * vocab * 4  # no gradient work, still one chunk at a time
+
+
+def test_saved_tensor_counter_counts_a_freed_and_reused_address_again():
+    # a pipeline runs backward inside the counted block: microbatch 1's saved tensors are freed before
+    # microbatch 2's forward, whose tensors may get the same addresses; both must be counted
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(256, 256)
+
+    def step():  # a fresh input per microbatch, as a pipeline stage receives it
+        torch.tanh(layer(torch.randn(64, 256)) * 2).sum().backward()
+
+    with SavedTensorCounter(layer) as once:
+        step()
+    with SavedTensorCounter(layer) as twice:
+        for _ in range(4):
+            step()
+    assert once.bytes > 0 and twice.bytes == 4 * once.bytes, (once.bytes, twice.bytes)
