@@ -8,12 +8,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 from longctx.launch import run
-from longctx.train.stop import StopSignals
+from longctx.train.stop import StopSignals, request_stop
 
 from ._workers import config, stopped_by_signal, train_and_collect
 
@@ -42,6 +43,19 @@ def test_signals_are_recorded_only_inside_and_only_when_enabled():
         time.sleep(0.01)
         assert on.received == signal.SIGUSR1
     assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+
+
+def test_a_stop_can_be_requested_from_another_thread():
+    # what the Ray launcher's workers do: their training loop runs off the main thread, out of signals' reach
+    assert not request_stop(signal.SIGTERM)  # no loop listening
+    with StopSignals(enabled=False) as off:  # checkpoint.on_signal=false
+        assert not request_stop(signal.SIGTERM) and off.received == 0
+    with StopSignals() as on:
+        asker = threading.Thread(target=request_stop, args=(signal.SIGUSR1,))
+        asker.start()
+        asker.join()
+        assert on.received == signal.SIGUSR1
+    assert not request_stop(signal.SIGTERM)
 
 
 def _launch(run_dir, *extra, capture=True):
