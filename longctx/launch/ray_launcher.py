@@ -49,7 +49,10 @@ def _watch_stop_flag(ray, name: str, done: threading.Event) -> None:
 
     flag = ray.get_actor(name)
     while not done.wait(POLL_S):
-        signum = ray.get(flag.get.remote())
+        try:
+            signum = ray.get(flag.get.remote())
+        except ray.exceptions.RayError:  # the flag is gone with its driver, and this job with it
+            return
         if signum:
             request_stop(signum)
 
