@@ -222,6 +222,14 @@ MUTANTS = [
            "        self.flag.set.remote(signum)\n", "",
            ("tests/launch/test_ray.py::test_ray_job_stop_checkpoints_the_step_in_flight",),
            "`ray job stop` kills the workers mid-step, losing the work since the last checkpoint"),
+    Mutant("hf-tp-unties-the-head", "longctx/model/hf.py",
+           "        model.lm_head.weight = model.model.embed_tokens.weight\n", "        pass\n",
+           ("tests/train/test_hf_training.py::test_hf_model_layouts_train_like_one_process",),
+           "a tied HF model under tp trains its embedding and output head apart"),
+    Mutant("hf-tp-norms-left-plain", "longctx/model/hf.py",
+           "            _replicate(names[n], tp_mesh)\n", "            pass\n",
+           ("tests/train/test_hf_training.py::test_hf_model_layouts_train_like_one_process",),
+           "HF norms under tp stay plain tensors (mixed with DTensors in the optimizer and clipping)"),
 ]
 
 

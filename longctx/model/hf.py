@@ -15,6 +15,9 @@ as `parallelize` does for our Llama. What would break silently is handled here:
                core for that window is used, under every strategy
   labels       HF's own loss would shift labels inside a shard: the adapter calls the decoder and computes
                the loss from labels shifted before sharding (the trainer's chunked loss)
+  tp           Llama/Qwen2/Mistral layers split as Megatron does, by their module names; the embedding and
+               output head by vocabulary rows (one parameter again when tied), norms replicated; any
+               parameter left unplaced is an error (apply_hf_tensor_parallel)
 """
 
 from __future__ import annotations
@@ -134,7 +137,12 @@ class HFCausalLM(nn.Module):
             return self.hf.lm_head(h)
         if loss_fn is None:
             return F.cross_entropy(self.hf.lm_head(h).flatten(0, 1).float(), labels.flatten(), reduction="sum")
-        return loss_fn(h, self.hf.lm_head.weight, labels)
+        weight = self.hf.lm_head.weight
+        if hasattr(weight, "device_mesh"):  # tensor parallel: the decoder's output is whole on every tp rank
+            from torch.distributed.tensor import DTensor, Replicate
+
+            h = DTensor.from_local(h, weight.device_mesh, [Replicate()], run_check=False)
+        return loss_fn(h, weight, labels)
 
 
 def model_config(hf_config):
@@ -148,6 +156,19 @@ def model_config(hf_config):
                        ffn_dim=hf_config.intermediate_size,
                        rope_theta=float(getattr(hf_config, "rope_theta", None) or 10000.0),
                        norm_eps=float(getattr(hf_config, "rms_norm_eps", 1e-5)))
+
+
+def check_hf_tp(cfg, tp: int) -> None:
+    """What tensor parallelism needs of an HF model's sizes (`cfg`: its longctx ModelConfig)."""
+    from ..parallel.tensor import check_tp
+
+    if tp == 1:
+        return
+    check_tp(cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size, tp)
+    if cfg.n_kv_heads % tp:
+        raise ValueError(f"parallel.tp={tp} with model.hf_path: the model's {cfg.n_kv_heads} K/V heads must split "
+                         f"evenly over the tp ranks (sharing K/V heads across ranks is longctx's own Llama's); "
+                         f"use a tp that divides {cfg.n_kv_heads}")
 
 
 def check_hf_dir(path: str) -> None:
@@ -182,19 +203,87 @@ def load_hf_model(path: str, dtype=torch.float32):
         raise ValueError(f"model.hf_path={path!r} ({arch[0]}): {e}") from None
 
 
+# ------------------------------------------------------------------------------------------ tensor parallel
+# Megatron's split of a Llama-style decoder layer, by the module names Llama, Qwen2 and Mistral share
+_LAYER_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
+               "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
+               "mlp.down_proj": "rowwise"}
+_REPLICATED = ("input_layernorm", "post_attention_layernorm")  # norms of the whole residual stream
+
+
+def apply_hf_tensor_parallel(model: nn.Module, tp_mesh) -> None:
+    """Tensor parallelism for a transformers causal LM, without sequence parallelism: q/k/v and the MLP's
+    gate/up split by columns (heads, hidden units), o/down by rows (their outputs all-reduced), the
+    embedding and the output projection by vocabulary rows (the loss is vocabulary-parallel). The norms
+    of the residual stream, whole on every tp rank, become Replicate DTensors, so every parameter lives
+    on the tp mesh (what FSDP2, the optimizer's multi-tensor step and the global-norm clipping expect).
+    A parameter this plan does not place is refused by name: silently replicating, say, a per-head norm
+    would leave its gradient unsummed over tp."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    placed = set()
+    for i, layer in enumerate(model.model.layers):
+        names = dict(layer.named_modules())
+        missing = [n for n in (*_LAYER_PLAN, *_REPLICATED) if n not in names]
+        if missing:
+            raise ValueError(f"parallel.tp>1 with {type(model).__name__}: its decoder layers have no "
+                             f"{', '.join(missing)} (the Llama/Qwen2/Mistral layout); use parallel.tp=1")
+        parallelize_module(layer, tp_mesh, {n: styles[s]() for n, s in _LAYER_PLAN.items()})
+        for n in _REPLICATED:
+            _replicate(names[n], tp_mesh)
+        placed.update(f"model.layers.{i}.{n}.{p}" for n in (*_LAYER_PLAN, *_REPLICATED)
+                      for p, _ in names[n].named_parameters())
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    parallelize_module(model, tp_mesh, {
+        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "lm_head": ColwiseParallel(output_layouts=Replicate())})
+    if tied:  # both split by vocabulary rows: one parameter again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    _replicate(model.model.norm, tp_mesh)
+    placed.update(("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"))
+    left = [n for n, _ in model.named_parameters() if n not in placed]
+    if left:
+        raise ValueError(f"parallel.tp>1 with {type(model).__name__}: no tensor-parallel placement for "
+                         f"{', '.join(left[:4])}{' ...' if len(left) > 4 else ''}; use parallel.tp=1")
+
+
+def _replicate(module: nn.Module, tp_mesh) -> None:
+    """A module whose input is whole on every tp rank: its parameters become Replicate DTensors, its input
+    enters as one and its output leaves as a plain tensor."""
+    from torch.distributed.tensor import DTensor, Replicate, distribute_module, distribute_tensor
+
+    def params(name, mod, mesh):
+        for key, p in list(mod.named_parameters(recurse=False)):
+            mod.register_parameter(key, nn.Parameter(distribute_tensor(p.detach(), mesh, [Replicate()],
+                                                                       src_data_rank=None), p.requires_grad))
+
+    def inputs(mod, args, mesh):
+        return tuple(DTensor.from_local(a, mesh, [Replicate()], run_check=False) if isinstance(a, torch.Tensor)
+                     and not isinstance(a, DTensor) else a for a in args)
+
+    def output(mod, out, mesh):
+        return out.to_local() if isinstance(out, DTensor) else out
+
+    distribute_module(module, tp_mesh, params, input_fn=inputs, output_fn=output)
+
+
 def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: ParallelMesh | None = None,
                    param_dtype=None):
-    """Context parallelism (any strategy), activation checkpointing and data parallelism (FSDP2/DDP) for a
-    transformers causal LM; returns a Plan whose model is an HFCausalLM adapter around it."""
+    """Tensor parallelism, context parallelism (any strategy), activation checkpointing and data parallelism
+    (FSDP2/DDP), in that order, for a transformers causal LM; returns a Plan whose model is an HFCausalLM
+    adapter around it."""
     from .parallelize import Plan, _check_positions_hook, apply_activation_checkpointing
 
     cfg = getattr(cfg, "parallel", cfg) or ParallelConfig()
     register_attention()
     check_hf_model(model)
-    if dims.tp > 1 or dims.pp > 1:
-        raise ValueError("Hugging Face models run with context and data parallelism; set parallel.tp=1 and "
-                         "parallel.pp=1 (tensor and pipeline parallelism apply to longctx's own Llama)")
+    if dims.pp > 1:
+        raise ValueError("Hugging Face models run with tensor, context and data parallelism; set parallel.pp=1 "
+                         "(pipeline parallelism applies to longctx's own Llama)")
     c = model.config
+    check_hf_tp(model_config(c), dims.tp)
     dims.check_heads(c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
     if getattr(c, "attention_dropout", 0.0):
         raise ValueError(f"{type(model).__name__} has attention_dropout={c.attention_dropout}; longctx attention "
@@ -204,6 +293,8 @@ def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: Para
     if engine == "deepspeed":
         raise ValueError("parallel.engine=deepspeed with model.hf_path is not supported yet; use the torch engines")
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if dims.tp > 1:
+        apply_hf_tensor_parallel(model, mesh.world["tp"])
     group = mesh.cp_group() if dims.cp > 1 else None
     for m in attention_modules(model):
         m._longctx_cores = _Cores(dims.strategy, group, dims.layout, cfg.kernel, dims.cp)

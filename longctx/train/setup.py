@@ -111,14 +111,14 @@ def check_machine(cfg) -> None:
 def _adopt_hf_sizes(cfg) -> None:
     """model.hf_path: the model's sizes come from its config.json (the model section's are replaced), and what
     only longctx's own Llama supports is refused."""
-    from ..model.hf import model_config, read_hf_config
+    from ..model.hf import check_hf_tp, model_config, read_hf_config
 
     m, p = cfg.model, cfg.parallel
     if m.window is not None or m.dilated.layers:
         raise ConfigError("model.hf_path takes the architecture from the checkpoint: drop model.window and "
                           "model.dilated.layers (sliding windows come from its config)")
-    if p.tp > 1 or p.pp > 1 or p.meta_init or p.engine == "deepspeed":
-        raise ConfigError("model.hf_path runs with context and data parallelism (FSDP2/DDP): set parallel.tp=1, "
+    if p.pp > 1 or p.meta_init or p.engine == "deepspeed":
+        raise ConfigError("model.hf_path runs with tensor, context and data parallelism (FSDP2/DDP): set "
                           "parallel.pp=1, parallel.meta_init=false and a torch engine")
     if cfg.train.mlp_chunks > 1:
         raise ConfigError("train.mlp_chunks applies to longctx's own Llama; set it to 1 with model.hf_path")
@@ -128,6 +128,10 @@ def _adopt_hf_sizes(cfg) -> None:
         raise ConfigError(str(e)) from None
     for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "rope_theta", "norm_eps"):
         setattr(m, key, getattr(hf, key))
+    try:
+        check_hf_tp(hf, p.tp)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_data(cfg) -> None:

@@ -49,8 +49,18 @@ def parallel_run(path: str, layout: dict) -> dict:
     (loss * dims.dp_cp).backward()  # the engines average over data x context ranks
     total = loss.detach().clone()
     dist.all_reduce(total)
+    total /= dims.tp  # every tensor-parallel rank holds the same loss
     grads = {n.removeprefix("hf."): _full(p.grad).detach().clone() for n, p in plan.model.named_parameters()}
-    return {"loss": float(total), "grads": grads, "engine": plan.engine}
+    return {"loss": float(total), "grads": grads, "engine": plan.engine,
+            "tp_sharded": sorted(n.removeprefix("hf.") for n, p in plan.model.named_parameters() if _tp_shard(p))}
+
+
+def _tp_shard(p) -> bool:
+    """Whether this rank holds only a tensor-parallel piece of `p`."""
+    from torch.distributed.tensor import Shard
+
+    names = getattr(getattr(p, "device_mesh", None), "mesh_dim_names", None) or ()
+    return "tp" in names and isinstance(p.placements[names.index("tp")], Shard)
 
 
 def compare(path: str, layouts: list[dict]) -> list[dict]:
@@ -62,10 +72,23 @@ def compare(path: str, layouts: list[dict]) -> list[dict]:
         errs = {n: ((g - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp(min=1e-12)).item()
                 for n, g in got["grads"].items()}
         out.append({"layout": layout, "loss": got["loss"], "ref_loss": ref_loss, "grad_rel_err": errs,
-                    "engine": got["engine"]})
+                    "engine": got["engine"], "tp_sharded": got["tp_sharded"]})
     return out
 
 
 def compare_all(jobs: list[tuple[str, str, list[dict]]]) -> list[tuple[str, list[dict]]]:
     """compare() for several (name, path, layouts) in one process group."""
     return [(name, compare(path, layouts)) for name, path, layouts in jobs]
+
+
+def tp_error(path: str) -> str:
+    """The error parallelize_hf raises for this model under tp = the world (or "no error")."""
+    from longctx.model.hf import load_hf_model, parallelize_hf
+    from longctx.parallel import ParallelDims
+
+    try:
+        parallelize_hf(load_hf_model(path), ParallelDims(world_size=dist.get_world_size(), dp_shard=1,
+                                                         tp=dist.get_world_size()))
+        return "no error"
+    except ValueError as e:
+        return str(e)

@@ -37,7 +37,7 @@ def hf_dirs(tmp_path_factory):
 
 
 LAYOUTS_4 = [dict(cp=4, strategy="zigzag"), dict(cp=4, strategy="striped"), dict(cp=4, strategy="hybrid", ulysses=2),
-             dict(dp_shard=2, cp=2, strategy="zigzag")]
+             dict(dp_shard=2, cp=2, strategy="zigzag"), dict(tp=2, cp=2, strategy="zigzag")]
 
 
 def test_every_strategy_equals_the_eager_model(hf_dirs):
@@ -50,6 +50,12 @@ def test_every_strategy_equals_the_eager_model(hf_dirs):
                 label = (arch, r["layout"])
                 assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"]), (label, r["loss"], r["ref_loss"])
                 assert max(r["grad_rel_err"].values()) <= 1e-5, (label, r["grad_rel_err"])
+                # under tp every projection (Qwen2's q/k/v biases too), the embedding and the output head
+                # hold a piece; norms and o_proj's bias-free rows stay whole
+                split = {n for n in r["grad_rel_err"] if n.endswith(("proj.weight", "q_proj.bias", "k_proj.bias",
+                                                                     "v_proj.bias"))
+                         or n in ("model.embed_tokens.weight", "lm_head.weight")}
+                assert set(r["tp_sharded"]) == (split if r["layout"].get("tp", 1) > 1 else set()), label
 
 
 def test_sliding_windows_are_applied(hf_dirs):
@@ -117,3 +123,13 @@ def test_bad_input_names_the_fix(hf_dirs, tmp_path):
         check_hf_dir(str(tmp_path / "cfg_only"))
     with pytest.raises(ValueError, match="not a directory"):
         check_hf_dir(str(tmp_path / "missing"))
+
+
+def test_tensor_parallel_refuses_a_parameter_it_cannot_place(tmp_path):
+    # Qwen3's per-head q/k norms: replicating them would leave their gradients unsummed over tp
+    from tests.model._hf_workers import tp_error
+
+    config = transformers.Qwen3Config(**SMALL, head_dim=8)
+    path = _save(transformers.Qwen3ForCausalLM, config, tmp_path / "qwen3")
+    message = run(tp_error, 2, args=(path,), timeout=120)[0]
+    assert "Qwen3ForCausalLM: no tensor-parallel placement for model.layers.0.self_attn.q_norm.weight" in message
