@@ -2,7 +2,7 @@
 
 SIGTERM is what preemption, `scancel`, Kubernetes and torchrun's agent send; SIGUSR1 is SLURM's warning
 before the time limit (`sbatch --signal=USR1@120`). Two users: the training loop records a stop request
-(train/stop.py) and the simulated-cluster launcher passes the signal on to its ranks (launch/local.py).
+(train/stop.py) and the launchers pass the signal on to their ranks (launch/local.py, launch/ray_launcher.py).
 Dependency-free, so the launcher (preloaded into every rank's forkserver) can import it cheaply.
 """
 
@@ -36,3 +36,22 @@ class SignalScope:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+class ForwardingScope(SignalScope):
+    """For a launcher: the first stop signal is passed on to its ranks (`forward`) and the launcher keeps
+    waiting for them to checkpoint and return; a second one stops waiting (SystemExit(128 + signal), and
+    the launcher's cleanup ends the ranks). `received`: the first signal, 0 if none."""
+
+    def __init__(self):
+        super().__init__()
+        self.received = 0
+
+    def forward(self, signum: int) -> None:
+        raise NotImplementedError
+
+    def handle(self, signum: int) -> None:
+        if self.received:
+            raise SystemExit(128 + signum)
+        self.received = signum
+        self.forward(signum)

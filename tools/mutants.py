@@ -219,7 +219,7 @@ MUTANTS = [
            ("tests/train/test_loss.py::test_saved_tensor_counter_counts_a_freed_and_reused_address_again",),
            "a pipeline's saved activations undercounted, by a different amount every run"),
     Mutant("ray-stop-kept-in-the-driver", "longctx/launch/ray_launcher.py",
-           "        self.flag.set.remote(signum)\n", "",
+           "        self.flag.set.remote(signum)\n", "        pass\n",
            ("tests/launch/test_ray.py::test_ray_job_stop_checkpoints_the_step_in_flight",),
            "`ray job stop` kills the workers mid-step, losing the work since the last checkpoint"),
     Mutant("hf-tp-unties-the-head", "longctx/model/hf.py",

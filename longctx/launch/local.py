@@ -21,7 +21,7 @@ from multiprocessing.connection import wait
 import torch
 import torch.distributed as dist
 
-from .._signals import SignalScope
+from .._signals import ForwardingScope
 
 __all__ = ["RankError", "rank_info", "run"]
 
@@ -215,20 +215,17 @@ def _child_env(backend, world_size, port, env):
     return child
 
 
-class _ForwardSignals(SignalScope):
+class _ForwardSignals(ForwardingScope):
     """While the ranks run, SIGTERM and SIGUSR1 sent to this process (a scheduler stopping the job) are
     passed on to every rank, and the ranks are still waited for: a Trainer finishes its step, saves a
-    checkpoint and returns (see longctx.train.stop). A second signal stops waiting: the ranks are killed.
-    Only from the main thread (signal handlers live there); elsewhere nothing is forwarded."""
+    checkpoint and returns (see longctx.train.stop). A second signal stops waiting: run()'s cleanup kills
+    the ranks. Only from the main thread (signal handlers live there); elsewhere nothing is forwarded."""
 
     def __init__(self, procs):
         super().__init__()
-        self.procs, self.received = procs, []
+        self.procs = procs
 
-    def handle(self, signum: int) -> None:
-        if self.received:
-            raise SystemExit(128 + signum)  # run()'s cleanup kills the ranks
-        self.received.append(signum)
+    def forward(self, signum: int) -> None:
         for proc in self.procs:
             if proc.is_alive():
                 os.kill(proc.pid, signum)

@@ -24,7 +24,7 @@ import threading
 import uuid
 
 from .._optional import require
-from .._signals import SignalScope
+from .._signals import ForwardingScope
 
 POLL_S = 1.0  # how often a worker asks whether the driver was told to stop
 
@@ -74,17 +74,14 @@ def _worker(loop_config: dict) -> None:
     ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float, str)) or v is None})
 
 
-class _ForwardToWorkers(SignalScope):
+class _ForwardToWorkers(ForwardingScope):
     """In the driver: a stop signal raises the workers' flag; a second one stops waiting (SystemExit)."""
 
     def __init__(self, flag):
         super().__init__()
-        self.flag, self.received = flag, 0
+        self.flag = flag
 
-    def handle(self, signum: int) -> None:
-        if self.received:
-            raise SystemExit(128 + signum)
-        self.received = signum
+    def forward(self, signum: int) -> None:
         self.flag.set.remote(signum)
 
 

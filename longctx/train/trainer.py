@@ -60,7 +60,7 @@ class Trainer:
                        else torch.device("cpu"))
         self.precision = resolve_precision(cfg.train.precision, self.device_type)
         t = cfg.train
-        torch.manual_seed(t.seed)
+        torch.manual_seed(t.seed)  # anything transformers draws while loading an HF model is the same on every rank
         meta = cfg.parallel.meta_init
         bf16 = self.precision == "bf16"
         if cfg.model.hf_path:  # a Hugging Face model as it is (its own weights: the seed does not matter)
