@@ -113,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--timeout", type=float, default=None,
                        help="wall-clock limit in seconds for the whole run (default: none)")
     _add_config_args(local)
-    ray = lsub.add_parser("ray", help="N Ray Train workers on a Ray cluster (each runs `longctx train`)")
+    ray = lsub.add_parser("ray", help="N Ray Train workers on a Ray cluster (each runs `longctx train`)",
+                          epilog=stopping + " A signal to this driver (`ray job stop`) is passed on to the workers; "
+                          "submit with a runtime env setting RAY_JOB_STOP_WAIT_TIME_S above Ray's default 3 s so "
+                          "the checkpoint can finish.")
     ray.add_argument("--address", default="auto",
                      help="Ray cluster: auto (the running one), ray://HOST:10001, or local (start one in-process)")
     ray.add_argument("--num-workers", type=_positive_int, required=True, help="number of ranks")
