@@ -294,7 +294,7 @@ def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: Para
         raise ValueError("parallel.engine=deepspeed with model.hf_path is not supported yet; use the torch engines")
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     if dims.tp > 1:
-        apply_hf_tensor_parallel(model, mesh.world["tp"])
+        apply_hf_tensor_parallel(model, mesh.tp)
     group = mesh.cp_group() if dims.cp > 1 else None
     for m in attention_modules(model):
         m._longctx_cores = _Cores(dims.strategy, group, dims.layout, cfg.kernel, dims.cp)

@@ -280,7 +280,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: Paralle
         modules = [split_model(model, ranges[i], first=i == 0, last=i == n_stages - 1) for i in ids]
     for module in modules:
         if dims.tp > 1:
-            apply_tensor_parallel(module, mesh.world["tp"])
+            apply_tensor_parallel(module, mesh.tp)
         _swap_cores(module, mesh, cfg.kernel)
         apply_activation_checkpointing(module, cfg.activation_checkpoint, cfg.ac_every)
         if engine != "deepspeed":

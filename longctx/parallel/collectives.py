@@ -41,6 +41,7 @@ class CollectiveCounter(TorchDispatchMode):
         super().__init__()
         self.bytes: Counter = Counter()
         self.calls: Counter = Counter()
+        self.ranks: dict[str, tuple[int, ...]] = {}  # group name -> its global ranks
 
     def on(self, mesh) -> int:
         """Bytes counted on the group of a 1-D DeviceMesh (0 for None or a single rank)."""
@@ -48,9 +49,18 @@ class CollectiveCounter(TorchDispatchMode):
             return 0
         return self.bytes.get(mesh.get_group().group_name, 0)
 
-    def _add(self, group_name: str, n: int) -> None:
+    def on_ranks(self, ranks) -> int:
+        """Bytes counted on every group of exactly these global ranks. torch may run an axis's traffic on
+        several groups of the same ranks (a DTensor keeps the mesh, and so the group, of an earlier,
+        equal mesh it found cached), so an axis whose rank set no other axis shares is counted this way."""
+        ranks = tuple(sorted(ranks))
+        return sum(n for name, n in self.bytes.items() if self.ranks.get(name) == ranks)
+
+    def _add(self, group_name: str, n: int, pg) -> None:
         self.bytes[group_name] += int(n)
         self.calls[group_name] += 1
+        if group_name not in self.ranks:
+            self.ranks[group_name] = tuple(sorted(torch.distributed.get_process_group_ranks(pg)))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -63,7 +73,7 @@ class CollectiveCounter(TorchDispatchMode):
             else:  # in-place c10d ops carry the ProcessGroup itself
                 pg = _pg(args[group_at])
                 name = pg.group_name
-            self._add(name, sent(args, pg.size(), pg))
+            self._add(name, sent(args, pg.size(), pg), pg)
         return out
 
 

@@ -37,11 +37,10 @@ def resolve_engine(engine: str, dims: ParallelDims) -> str:
         axes = " and ".join(f"parallel.{a}={getattr(dims, a)}" for a in ("tp", "pp") if getattr(dims, a) > 1)
         if engine == "ddp":
             raise ValueError(f"{axes} needs FSDP2 for data/context parallelism (DDP does not compose with it): set "
-                             f"parallel.engine=fsdp (or auto)")
-        if dims.dp_replicate > 1:
-            raise ValueError(f"{axes} with parallel.dp_replicate={dims.dp_replicate} is not supported: use "
-                             f"parallel.dp_shard for the data-parallel ranks")
-        return "fsdp"
+                             f"parallel.engine=fsdp (or auto); with parallel.dp_replicate > 1 that is HSDP")
+        # replicas of a tp/pp model: FSDP2 on the 2-D (dp_replicate, dp_shard x cp) mesh, whose shard
+        # dimension may have size 1 (plain replication, reduced by FSDP2's all-reduce)
+        return "hsdp" if dims.dp_replicate > 1 else "fsdp"
     if engine in ("auto", "torch"):
         engine = "fsdp" if dims.dp_shard > 1 else "ddp"
     if engine == "ddp":

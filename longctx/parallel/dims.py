@@ -14,7 +14,12 @@ Flattened meshes the rest of the system needs (all built once, in the same order
                                                context ranks hold different tokens of the same sequences
     dp          dp_replicate x dp_shard        which sequences a rank reads
     fsdp        dp_shard x cp                  FSDP2 shards parameters over it
-    hsdp        (dp_replicate, dp_shard x cp)  2-D mesh for HSDP (replicate outer, shard inner); when both > 1
+    hsdp        (dp_replicate, dp_shard x cp)  2-D mesh for HSDP (replicate outer, shard inner): when both > 1,
+                                               or dp_replicate > 1 with tp or pp (FSDP2 then replicates over a
+                                               shard dimension of size 1, since DDP composes with neither)
+    tp          tp                             the tensor-parallel mesh; taken from the HSDP mesh's root when
+                                               there is one, since FSDP2 requires its mesh and a DTensor
+                                               parameter's to share a root
     ddp         dp_replicate x cp              DDP all-reduces over it (when dp_shard == 1)
     cp_hybrid   (ring, ulysses)                hybrid strategy only
 
@@ -182,10 +187,12 @@ class ParallelMesh:
         # the job needs it.
         pp, rep, shard, cp, tp = shape
         self.hsdp = None
-        if rep > 1 and shard * cp > 1:
+        self.tp = w["tp"]
+        if rep > 1 and (shard * cp > 1 or tp > 1 or pp > 1):
             names = ("pp", "dp_replicate", "dp_shard_cp", "tp")
-            self.hsdp = init_device_mesh(self.device_type, (pp, rep, shard * cp, tp),
-                                         mesh_dim_names=names)["dp_replicate", "dp_shard_cp"]
+            hsdp_root = init_device_mesh(self.device_type, (pp, rep, shard * cp, tp), mesh_dim_names=names)
+            self.hsdp = hsdp_root["dp_replicate", "dp_shard_cp"]
+            self.tp = hsdp_root["tp"]  # same ranks as w["tp"]; FSDP2 checks that dp and tp share a root
         self.cp_hybrid = None
         if dims.strategy == "hybrid":
             names = ("pp", "dp_replicate", "dp_shard", "ring", "ulysses", "tp")

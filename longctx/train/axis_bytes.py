@@ -70,7 +70,7 @@ def step_axis_bytes(cfg, dims, engine: str) -> dict:
                                                      len(range(0, m.n_layers, p.ac_every)))
     return {
         "tp": tp_bytes(tp=dims.tp, batch=batch, tokens=t.seq_len // dims.cp, dim=m.dim, n_layers=m.n_layers,
-                       vocab_chunk=t.loss_chunk, recomputed_layers=recomputed, fsdp=engine == "fsdp",
+                       vocab_chunk=t.loss_chunk, recomputed_layers=recomputed, fsdp=engine in ("fsdp", "hsdp"),
                        shared_kv_dim=m.n_kv_heads * (m.dim // m.n_heads) if dims.tp > m.n_kv_heads else 0),
         "cp": cp_bytes(cp=dims.cp, strategy=dims.strategy, layout=dims.layout, ulysses=dims.ulysses, batch=batch,
                        seq_len=t.seq_len, heads=m.n_heads // dims.tp, kv_heads=max(1, m.n_kv_heads // dims.tp),

@@ -4,6 +4,8 @@ backward of the current step's first micro-batch and drop the gradients, so trai
 
 from __future__ import annotations
 
+import torch.distributed as dist
+
 from .metrics import SavedTensorCounter
 
 
@@ -60,24 +62,9 @@ def axis_bytes(trainer) -> dict:
     shared = dp_mesh is not None and dp_mesh.size() > 1 and dp_mesh.get_group().group_name in cp_names
     if shared:
         dp -= cp
-    return {"tp": sum(counter.bytes.get(n, 0) for n in _tp_group_names(trainer)), "cp": cp, "dp": dp,
+    # tp's ranks are no other axis's (every other mesh leaves tp out), so its bytes are those of its rank set
+    tp = counter.on_ranks(dist.get_process_group_ranks(mesh.tp.get_group())) if mesh.tp.size() > 1 else 0
+    return {"tp": tp, "cp": cp, "dp": dp,
             "pp": counter.on(mesh.world["pp"]),
             # a cross-check: what the dispatcher saw on the cp groups (attention, plus dp when it shares them)
             "on_cp_groups": sum(counter.bytes.get(n, 0) for n in cp_names), "dp_on_cp_group": shared}
-
-
-def _tp_group_names(trainer) -> set:
-    """The groups tensor parallelism communicates on: the plan's tp group (activations) and the groups
-    of the tensor-parallel parameters themselves. They can differ: torch can hand a 2-D FSDP x TP
-    parameter a mesh cached from an earlier Trainer in this process, equal in ranks to the plan's, so
-    its gradient traffic runs on that mesh's group while the activations' runs on the plan's."""
-    from torch.distributed.tensor import DTensor
-
-    names = set()
-    if trainer.dims.tp > 1:
-        names.add(trainer.plan.mesh.world["tp"].get_group().group_name)
-        for p in trainer.model.parameters():
-            mesh = p.device_mesh if isinstance(p, DTensor) else None
-            if mesh is not None and "tp" in (mesh.mesh_dim_names or ()):
-                names.add(mesh.get_group("tp").group_name)
-    return names

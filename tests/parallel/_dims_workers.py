@@ -14,12 +14,14 @@ def mesh_groups(dim_sets: list[dict]) -> list[dict]:
         dims = ParallelDims(world_size=dist.get_world_size(), **kwargs)
         mesh = dims.build_mesh("cpu")
         groups = {}
-        for name in ("cp", "dp_cp", "dp", "fsdp", "ddp"):
+        for name in ("cp", "dp_cp", "dp", "fsdp", "ddp", "tp"):
             m = mesh.world[name] if name == "cp" else getattr(mesh, name)
             groups[name] = dist.get_process_group_ranks(m.get_group())
         if mesh.hsdp is not None:
             for name in ("dp_replicate", "dp_shard_cp"):
                 groups[f"hsdp.{name}"] = dist.get_process_group_ranks(mesh.hsdp.get_group(name))
+            # FSDP2 refuses a DTensor parameter whose mesh has another root than its own
+            groups["tp_shares_hsdp_root"] = mesh.tp._get_root_mesh() is mesh.hsdp._get_root_mesh()
         if mesh.cp_hybrid is not None:
             for name in ("ring", "ulysses"):
                 groups[f"hybrid.{name}"] = dist.get_process_group_ranks(mesh.cp_hybrid.get_group(name))

@@ -71,12 +71,15 @@ CASES = [
     dict(dp_replicate=1, dp_shard=2, cp=2),
     dict(dp_replicate=2, dp_shard=1, cp=2),
     dict(dp_replicate=1, dp_shard=1, cp=4, strategy="hybrid", ulysses=2),
+    dict(dp_replicate=2, dp_shard=1, cp=1, tp=2),  # replicas of a tp model: HSDP with a shard dimension of 1
+    dict(pp=2, dp_replicate=2, dp_shard=1, cp=1),
 ]
 
 
 CASES_8 = [
     dict(dp_replicate=2, dp_shard=2, cp=2),
     dict(dp_replicate=2, dp_shard=1, cp=4, strategy="hybrid", ulysses=2),
+    dict(dp_replicate=2, dp_shard=2, cp=1, tp=2),
 ]
 
 
@@ -85,22 +88,25 @@ def test_mesh_groups_match_row_major_coordinates(world, cases):
     results = run(mesh_groups, world, args=(cases,), timeout=120)
     for rank, per_rank in enumerate(results):
         for case, groups in zip(cases, per_rank):
-            shape = (1, case["dp_replicate"], case["dp_shard"], case["cp"], 1)
+            pp, tp = case.get("pp", 1), case.get("tp", 1)
+            shape = (pp, case["dp_replicate"], case["dp_shard"], case["cp"], tp)
             want = {
+                "tp": _expected(shape, rank, {"tp"}),
                 "cp": _expected(shape, rank, {"cp"}),
                 "dp_cp": _expected(shape, rank, {"dp_replicate", "dp_shard", "cp"}),
                 "dp": _expected(shape, rank, {"dp_replicate", "dp_shard"}),
                 "fsdp": _expected(shape, rank, {"dp_shard", "cp"}),
                 "ddp": _expected(shape, rank, {"dp_replicate", "cp"}),
             }
-            hsdp = case["dp_replicate"] > 1 and case["dp_shard"] * case["cp"] > 1
+            hsdp = case["dp_replicate"] > 1 and (case["dp_shard"] * case["cp"] > 1 or tp > 1 or pp > 1)
             assert ("hsdp.dp_replicate" in groups) == hsdp  # built only when HSDP can run
             if hsdp:
+                assert groups["tp_shares_hsdp_root"], (case, rank)
                 want["hsdp.dp_replicate"] = _expected(shape, rank, {"dp_replicate"})
                 want["hsdp.dp_shard_cp"] = _expected(shape, rank, {"dp_shard", "cp"})
             if case.get("strategy") == "hybrid":  # cp = ring x ulysses, ulysses inner
                 u = case["ulysses"]
-                shape6 = (1, case["dp_replicate"], case["dp_shard"], case["cp"] // u, u, 1)
+                shape6 = (pp, case["dp_replicate"], case["dp_shard"], case["cp"] // u, u, tp)
                 names6 = ("pp", "dp_replicate", "dp_shard", "ring", "ulysses", "tp")
                 want["hybrid.ulysses"] = _expected(shape6, rank, {"ulysses"}, names6)
                 want["hybrid.ring"] = _expected(shape6, rank, {"ring"}, names6)

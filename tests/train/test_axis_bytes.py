@@ -24,6 +24,9 @@ W4 = [
     # FSDP2 x TP after other tp layouts in this process: torch hands the 2-D parameters a cached mesh
     # whose group differs from the plan's tp group (both carry tp bytes)
     ["parallel.tp=2", "parallel.dp_shard=2"],
+    # replicas of a tp model (HSDP, shard dimension 1): the norms' Partial gradients are all-reduced over tp
+    # as under FSDP2, and the replicas all-reduce the gradients
+    ["parallel.tp=2", "parallel.dp_replicate=2", "parallel.dp_shard=1"],
 ]
 
 
@@ -52,3 +55,4 @@ def test_two_ranks():
 def test_four_ranks():
     res = _check(W4, 4)
     assert res[0][3]["counted"]["dp"] > 0  # FSDP2 parameter gathers and gradient reduce-scatters
+    assert res[0][-1]["counted"]["dp"] > 0

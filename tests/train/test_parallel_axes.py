@@ -32,6 +32,18 @@ W4 = [
                                           "parallel.pp_schedule=1f1b", "parallel.microbatches=4"]),
     ("tp=2 x pp=2", ["parallel.tp=2", "parallel.pp=2", "parallel.dp_shard=1"]),
     ("pp=2 x dp_shard=2 (FSDP2 per stage)", ["parallel.pp=2", "parallel.dp_shard=2", "parallel.microbatches=2"]),
+    # replicas of a tp/pp model: FSDP2 on the 2-D (dp_replicate, dp_shard x cp) mesh with a shard dimension of 1
+    ("tp=2 x dp_replicate=2 (HSDP, replicas only)", ["parallel.tp=2", "parallel.dp_replicate=2",
+                                                     "parallel.dp_shard=1"]),
+    ("pp=2 x dp_replicate=2 (HSDP per stage)", ["parallel.pp=2", "parallel.dp_replicate=2", "parallel.dp_shard=1",
+                                                "parallel.microbatches=2"]),
+]
+W8 = [
+    ("dp_shard=2 x tp=2 x cp=2", ["parallel.dp_shard=2", "parallel.tp=2", "parallel.cp=2"]),
+    ("dp_replicate=2 x dp_shard=2 x tp=2 (HSDP x TP)", ["parallel.dp_replicate=2", "parallel.dp_shard=2",
+                                                         "parallel.tp=2", "parallel.cp=1"]),
+    ("dp_replicate=2 x pp=2 x tp=2", ["parallel.dp_replicate=2", "parallel.pp=2", "parallel.tp=2",
+                                      "parallel.dp_shard=1", "parallel.cp=1"]),
 ]
 # tp > n_kv_heads: each K/V head shared by tp / n_kv_heads ranks (KVHeadLinear), alone and with FSDP2 and cp
 SHARED_KV = [
@@ -70,14 +82,13 @@ def test_two_rank_tensor_and_pipeline_layouts(reference):
 
 def test_four_rank_compositions_with_context_parallelism(reference):
     res = _check(W4, 4, reference)
-    assert [r["engine"] for r in res[0]] == ["fsdp", "fsdp", "fsdp", "none", "fsdp"]
+    assert [r["engine"] for r in res[0]] == ["fsdp", "fsdp", "fsdp", "none", "fsdp", "hsdp", "hsdp"]
 
 
 @pytest.mark.slow
-def test_eight_ranks_dp_shard_x_tp_x_cp(reference):
-    res = _check([("dp_shard=2 x tp=2 x cp=2", ["parallel.dp_shard=2", "parallel.tp=2", "parallel.cp=2"])], 8,
-                 reference)
-    assert res[0][0]["engine"] == "fsdp"
+def test_eight_ranks_tp_with_sharded_and_replicated_data(reference):
+    res = _check(W8, 8, reference)
+    assert [r["engine"] for r in res[0]] == ["fsdp", "hsdp", "hsdp"]
 
 
 @pytest.mark.slow
