@@ -40,6 +40,7 @@ class ModelConfig:
     n_layers: int = 2
     n_heads: int = 4
     n_kv_heads: int = 2
+    head_dim: int | None = None  # width of each attention head; None: dim / n_heads (Qwen3, Gemma decouple them)
     ffn_dim: int = 352
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -224,6 +225,11 @@ def to_yaml(cfg) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
+def head_dim_of(model_cfg) -> int:
+    """The width of one attention head: model.head_dim, or dim / n_heads when it is not set."""
+    return model_cfg.head_dim if model_cfg.head_dim is not None else model_cfg.dim // model_cfg.n_heads
+
+
 def validate_model(cfg) -> None:
     """Arithmetic constraints of the architecture (what the model alone can check)."""
     for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
@@ -232,14 +238,18 @@ def validate_model(cfg) -> None:
     for key in ("rope_theta", "norm_eps"):
         if not getattr(cfg, key) > 0:
             raise ConfigError(f"model.{key} must be > 0, got {getattr(cfg, key)}")
-    if cfg.dim % cfg.n_heads:
-        raise ConfigError(f"model.dim {cfg.dim} must be divisible by model.n_heads {cfg.n_heads}")
+    if cfg.head_dim is None and cfg.dim % cfg.n_heads:
+        raise ConfigError(f"model.dim {cfg.dim} must be divisible by model.n_heads {cfg.n_heads} (or set "
+                          f"model.head_dim)")
+    if cfg.head_dim is not None and cfg.head_dim < 1:
+        raise ConfigError(f"model.head_dim must be null (dim / n_heads) or a positive int, got {cfg.head_dim}")
     if cfg.n_heads % cfg.n_kv_heads:
         raise ConfigError(
             f"model.n_heads {cfg.n_heads} must be a multiple of model.n_kv_heads {cfg.n_kv_heads} (GQA groups)"
         )
-    if (cfg.dim // cfg.n_heads) % 2:
-        raise ConfigError(f"head_dim {cfg.dim // cfg.n_heads} must be even for RoPE; change model.dim or n_heads")
+    if head_dim_of(cfg) % 2:
+        raise ConfigError(f"head_dim {head_dim_of(cfg)} must be even for RoPE; change model.head_dim, or model.dim "
+                          f"or n_heads")
     if cfg.window is not None and cfg.window < 1:
         raise ConfigError(f"model.window must be null or a positive int (keys each query sees), got {cfg.window}")
     bad = [i for i in cfg.dilated.layers if not 0 <= i < cfg.n_layers]

@@ -111,6 +111,9 @@ def _tiny(*overrides):
     (["parallel.meta_init=true"], 4, r"parallel.meta_init=true builds the model on the meta device .* but "
                                      r"engine=ddp broadcasts"),
     (["model.rope_theta=0"], 4, r"model.rope_theta must be > 0"),
+    (["model.head_dim=0"], 4, r"model.head_dim must be null \(dim / n_heads\) or a positive int, got 0"),
+    (["model.head_dim=15"], 4, r"head_dim 15 must be even for RoPE; change model.head_dim"),
+    (["model.dim=130"], 4, r"model.dim 130 must be divisible by model.n_heads 4 \(or set model.head_dim\)"),
     (["run_dir=" + __file__], 4, r"is an existing file, not a directory"),
     (["data.task=poetry"], 4, r"data.task='poetry': choose one of induction, copy, random"),
     (["train.lr=0"], 4, r"train.lr must be > 0"),

@@ -230,6 +230,18 @@ MUTANTS = [
            "            _replicate(names[n], tp_mesh)\n", "            pass\n",
            ("tests/train/test_hf_training.py::test_hf_model_layouts_train_like_one_process",),
            "HF norms under tp stay plain tensors (mixed with DTensors in the optimizer and clipping)"),
+    Mutant("hf-tp-per-head-norm-unsummed", "longctx/model/hf.py",
+           "[Shard(a.dim() - 2) if heads else Replicate()]", "[Replicate()]",
+           ("tests/model/test_hf.py::test_every_strategy_equals_the_eager_model",),
+           "Qwen3's per-head q/k norm gradients stay this rank's heads' share under tp"),
+    Mutant("hsdp-tp-mesh-from-the-world", "longctx/parallel/dims.py",
+           '            self.tp = hsdp_root["tp"]', "            pass",
+           ("tests/parallel/test_dims.py",),
+           "replicas of a tp model put TP and HSDP on meshes of different roots (FSDP2 refuses them)"),
+    Mutant("flops-ignore-head-dim", "longctx/train/metrics.py",
+           "    hd = head_dim_of(c)\n", "    hd = c.dim // c.n_heads\n",
+           ("tests/train/test_metrics_optim.py",),
+           "MFU counts dim / n_heads wide heads for a model whose heads are wider (Qwen3)"),
 ]
 
 

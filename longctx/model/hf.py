@@ -13,11 +13,14 @@ as `parallelize` does for our Llama. What would break silently is handled here:
                global causal rule itself
   windows      sliding-window layers (Mistral, Qwen2's `layer_types`) pass `sliding_window` per call: the
                core for that window is used, under every strategy
+  semantics    what the kernels do not compute is refused, never dropped: logit soft-capping (Gemma2),
+               attention sinks (gpt-oss), additive position biases, bidirectional attention, dropout
   labels       HF's own loss would shift labels inside a shard: the adapter calls the decoder and computes
                the loss from labels shifted before sharding (the trainer's chunked loss)
-  tp           Llama/Qwen2/Mistral layers split as Megatron does, by their module names; the embedding and
-               output head by vocabulary rows (one parameter again when tied), norms replicated; any
-               parameter left unplaced is an error (apply_hf_tensor_parallel)
+  tp           Llama/Qwen2/Qwen3/Mistral layers split as Megatron does, by their module names; the embedding
+               and output head by vocabulary rows (one parameter again when tied), norms replicated (Qwen3's
+               per-head q/k norms see this rank's heads); any parameter left unplaced is an error
+               (apply_hf_tensor_parallel)
 """
 
 from __future__ import annotations
@@ -73,11 +76,36 @@ def longctx_attention(module, query, key, value, attention_mask, scaling=None, d
     if dropout:
         raise ValueError("attention dropout is not supported by the longctx attention; set the model config's "
                          "attention_dropout to 0")
+    _check_semantics(module, kwargs)
     q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
     window = int(sliding_window) if sliding_window else None
     out = cores(q, k, v, scale=scaling if scaling is not None else q.shape[-1] ** -0.5, window=window,
                 documents=kwargs.get("longctx_documents"))
     return out, None
+
+
+# config keys whose effect longctx would skip: the attention kernels compute plain softmax attention, and the
+# adapter computes the loss from lm_head(hidden) itself, so a CausalLM forward's logit transform never runs
+_CONFIG_UNSUPPORTED = (("attn_logit_softcapping", None, "attention logit soft-capping"),
+                       ("final_logit_softcapping", None, "output logit soft-capping"),
+                       ("logit_scale", 1.0, "a scale on the output logits"),
+                       ("logits_scaling", 1.0, "a scale on the output logits"))
+
+# what an attention module can ask of the interface beyond softmax(q k^T * scale) v under a causal/window mask
+_UNSUPPORTED = {"softcap": "attention logit soft-capping (Gemma2's attn_logit_softcapping)",
+                "s_aux": "attention sinks (gpt-oss)", "sinks": "attention sinks",
+                "position_bias": "an additive position bias", "head_mask": "a head mask"}
+
+
+def _check_semantics(module, kwargs) -> None:
+    for key, what in _UNSUPPORTED.items():
+        if kwargs.get(key) is not None:
+            raise ValueError(f"{type(module).__name__} asks for {what} ({key}=...), which the longctx kernels do not "
+                             "compute; train this architecture with another attn_implementation, or disable it "
+                             "in the model config")
+    if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
+        raise ValueError(f"{type(module).__name__} attends bidirectionally (is_causal=False); longctx trains causal "
+                         "language models")
 
 
 def register_attention() -> None:
@@ -110,6 +138,17 @@ def check_hf_model(model: nn.Module) -> None:
                          "architecture that does (Llama, Qwen2, Mistral, ...)")
     if not hasattr(model, "lm_head") or not hasattr(model, "model"):
         raise ValueError(f"{type(model).__name__} is not a causal LM with .model (the decoder) and .lm_head")
+    check_hf_config(model.config)
+
+
+def check_hf_config(hf_config) -> None:
+    """Refuse a config whose architecture asks for what longctx would silently skip."""
+    arch = (getattr(hf_config, "architectures", None) or [type(hf_config).__name__])[0]
+    for key, neutral, what in _CONFIG_UNSUPPORTED:
+        value = getattr(hf_config, key, None)
+        if value is not None and value != neutral:
+            raise ValueError(f"{arch} has {key}={value}: {what}, which longctx does not compute (it would be "
+                             f"dropped silently); set {key}=null in its config.json to train without it")
 
 
 class HFCausalLM(nn.Module):
@@ -148,11 +187,13 @@ class HFCausalLM(nn.Module):
 def model_config(hf_config):
     """longctx's ModelConfig with the sizes of an HF config (heads, FLOPs and checks read these)."""
     from ..config import ModelConfig
+    from .hf_weights import explicit_head_dim
 
     heads = hf_config.num_attention_heads
     return ModelConfig(vocab_size=hf_config.vocab_size, dim=hf_config.hidden_size,
                        n_layers=hf_config.num_hidden_layers, n_heads=heads,
                        n_kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
+                       head_dim=explicit_head_dim(hf_config),
                        ffn_dim=hf_config.intermediate_size,
                        rope_theta=float(getattr(hf_config, "rope_theta", None) or 10000.0),
                        norm_eps=float(getattr(hf_config, "rms_norm_eps", 1e-5)))
@@ -209,6 +250,7 @@ _LAYER_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "se
                "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
                "mlp.down_proj": "rowwise"}
 _REPLICATED = ("input_layernorm", "post_attention_layernorm")  # norms of the whole residual stream
+_PER_HEAD = ("self_attn.q_norm", "self_attn.k_norm")  # Qwen3: one (head_dim,) weight shared by every head
 
 
 def apply_hf_tensor_parallel(model: nn.Module, tp_mesh) -> None:
@@ -217,8 +259,11 @@ def apply_hf_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     embedding and the output projection by vocabulary rows (the loss is vocabulary-parallel). The norms
     of the residual stream, whole on every tp rank, become Replicate DTensors, so every parameter lives
     on the tp mesh (what FSDP2, the optimizer's multi-tensor step and the global-norm clipping expect).
-    A parameter this plan does not place is refused by name: silently replicating, say, a per-head norm
-    would leave its gradient unsummed over tp."""
+    Per-head q/k norms (Qwen3: a (head_dim,) weight applied to every head) are Replicate DTensors that
+    take this rank's heads as a Shard of the heads dimension, so their gradient (this rank's heads'
+    share) is a Partial sum that DTensor all-reduces over tp. A parameter this plan does not place is
+    refused by name: silently replicating it could leave its gradient unsummed over tp (OLMo2's q/k
+    norms span all heads' features, a reduction over the split dimension: refused)."""
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -233,7 +278,10 @@ def apply_hf_tensor_parallel(model: nn.Module, tp_mesh) -> None:
         parallelize_module(layer, tp_mesh, {n: styles[s]() for n, s in _LAYER_PLAN.items()})
         for n in _REPLICATED:
             _replicate(names[n], tp_mesh)
-        placed.update(f"model.layers.{i}.{n}.{p}" for n in (*_LAYER_PLAN, *_REPLICATED)
+        per_head = [n for n in _PER_HEAD if n in names and _is_per_head(names[n], names["self_attn"])]
+        for n in per_head:
+            _replicate(names[n], tp_mesh, heads=True)
+        placed.update(f"model.layers.{i}.{n}.{p}" for n in (*_LAYER_PLAN, *_REPLICATED, *per_head)
                       for p, _ in names[n].named_parameters())
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     parallelize_module(model, tp_mesh, {
@@ -249,10 +297,18 @@ def apply_hf_tensor_parallel(model: nn.Module, tp_mesh) -> None:
                          f"{', '.join(left[:4])}{' ...' if len(left) > 4 else ''}; use parallel.tp=1")
 
 
-def _replicate(module: nn.Module, tp_mesh) -> None:
-    """A module whose input is whole on every tp rank: its parameters become Replicate DTensors, its input
-    enters as one and its output leaves as a plain tensor."""
-    from torch.distributed.tensor import DTensor, Replicate, distribute_module, distribute_tensor
+def _is_per_head(norm: nn.Module, attention: nn.Module) -> bool:
+    """A norm over one head's features (its only parameter has head_dim entries)."""
+    params = list(norm.parameters())
+    head_dim = getattr(attention, "head_dim", None)
+    return head_dim is not None and len(params) == 1 and tuple(params[0].shape) == (head_dim,)
+
+
+def _replicate(module: nn.Module, tp_mesh, heads: bool = False) -> None:
+    """A module with the same parameters on every tp rank: they become Replicate DTensors and its output
+    leaves as a plain tensor. Its input enters as a Replicate DTensor (whole on every rank), or with
+    heads=True as a Shard of the heads dimension (.., heads, head_dim): this rank's heads."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 
     def params(name, mod, mesh):
         for key, p in list(mod.named_parameters(recurse=False)):
@@ -260,8 +316,8 @@ def _replicate(module: nn.Module, tp_mesh) -> None:
                                                                        src_data_rank=None), p.requires_grad))
 
     def inputs(mod, args, mesh):
-        return tuple(DTensor.from_local(a, mesh, [Replicate()], run_check=False) if isinstance(a, torch.Tensor)
-                     and not isinstance(a, DTensor) else a for a in args)
+        return tuple(DTensor.from_local(a, mesh, [Shard(a.dim() - 2) if heads else Replicate()], run_check=False)
+                     if isinstance(a, torch.Tensor) and not isinstance(a, DTensor) else a for a in args)
 
     def output(mod, out, mesh):
         return out.to_local() if isinstance(out, DTensor) else out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .._optional import require
+from ..config import head_dim_of
 
 _NAMES = {  # longctx name (per layer: {i}) -> HF LlamaForCausalLM name
     "tok_embeddings.weight": "model.embed_tokens.weight",
@@ -45,7 +46,7 @@ def hf_llama_config(cfg, max_positions: int = 8192):
     return transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.dim // cfg.n_heads, rms_norm_eps=cfg.norm_eps, max_position_embeddings=max_positions,
+        head_dim=head_dim_of(cfg), rms_norm_eps=cfg.norm_eps, max_position_embeddings=max_positions,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, tie_word_embeddings=False,
         attention_bias=False, mlp_bias=False, architectures=["LlamaForCausalLM"])
 
@@ -90,17 +91,20 @@ def llama_config(c, where: str):
                          "other architectures as they are with model.hf_path)")
     if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
         raise ValueError(f"{where}: a Llama with biases has no longctx equivalent (train it with model.hf_path)")
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    if head_dim * c.num_attention_heads != c.hidden_size:
-        raise ValueError(f"{where}: head_dim {head_dim} x {c.num_attention_heads} heads != hidden_size "
-                         f"{c.hidden_size}; longctx's Llama needs them equal (train it with model.hf_path)")
     rope = getattr(c, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"{where}: rope_type {rope.get('rope_type')!r} is not longctx's plain RoPE")
     theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
     return ModelConfig(vocab_size=c.vocab_size, dim=c.hidden_size, n_layers=c.num_hidden_layers,
                        n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads, ffn_dim=c.intermediate_size,
+                       head_dim=explicit_head_dim(c),
                        rope_theta=float(theta), norm_eps=float(c.rms_norm_eps))
+
+
+def explicit_head_dim(c) -> int | None:
+    """An HF config's head_dim when it is not hidden_size / heads (transformers always fills it in)."""
+    hd = getattr(c, "head_dim", None)
+    return None if hd is None or hd * c.num_attention_heads == c.hidden_size else int(hd)
 
 
 def llama_from_hf_state(state: dict, hf_config, where: str):

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import kernels
-from ..config import ModelConfig, validate_model
+from ..config import ModelConfig, head_dim_of, validate_model
 from ..parallel.sequence.schedule import local_attention
 
 
@@ -75,7 +75,7 @@ class LocalAttention(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, core: nn.Module):
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.dim // cfg.n_heads
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, head_dim_of(cfg)
         self.theta = cfg.rope_theta
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)

@@ -22,6 +22,7 @@ and max(1, n_kv_heads/tp) K/V heads, forward again for each recomputed layer.
 
 from __future__ import annotations
 
+from ..config import head_dim_of
 from ..parallel.sequence.registry import comm_model
 
 
@@ -71,8 +72,8 @@ def step_axis_bytes(cfg, dims, engine: str) -> dict:
     return {
         "tp": tp_bytes(tp=dims.tp, batch=batch, tokens=t.seq_len // dims.cp, dim=m.dim, n_layers=m.n_layers,
                        vocab_chunk=t.loss_chunk, recomputed_layers=recomputed, fsdp=engine in ("fsdp", "hsdp"),
-                       shared_kv_dim=m.n_kv_heads * (m.dim // m.n_heads) if dims.tp > m.n_kv_heads else 0),
+                       shared_kv_dim=m.n_kv_heads * head_dim_of(m) if dims.tp > m.n_kv_heads else 0),
         "cp": cp_bytes(cp=dims.cp, strategy=dims.strategy, layout=dims.layout, ulysses=dims.ulysses, batch=batch,
                        seq_len=t.seq_len, heads=m.n_heads // dims.tp, kv_heads=max(1, m.n_kv_heads // dims.tp),
-                       head_dim=m.dim // m.n_heads, n_layers=m.n_layers, recomputed_layers=recomputed),
+                       head_dim=head_dim_of(m), n_layers=m.n_layers, recomputed_layers=recomputed),
     }

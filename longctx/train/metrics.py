@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from ..config import head_dim_of
 from ..kernels import Mask
 
 # dense peak FLOP/s per GPU (no sparsity), by a substring of the device name
@@ -69,7 +70,7 @@ def model_flops_per_step(model_cfg, seq_len: int, sequences: int, pairs: int | N
     backward. `pairs`: the step's attention pairs over all its sequences and layers when they are not
     `sequences` x attention_pairs (packed documents: document_attention_pairs summed over the batch)."""
     c = model_cfg
-    hd = c.dim // c.n_heads
+    hd = head_dim_of(c)
     per_layer = c.dim * c.n_heads * hd * 2 + c.dim * c.n_kv_heads * hd * 2 + 3 * c.dim * c.ffn_dim
     matmul_params = c.n_layers * per_layer + c.dim * c.vocab_size
     tokens = seq_len * sequences

@@ -111,7 +111,7 @@ def check_machine(cfg) -> None:
 def _adopt_hf_sizes(cfg) -> None:
     """model.hf_path: the model's sizes come from its config.json (the model section's are replaced), and what
     only longctx's own Llama supports is refused."""
-    from ..model.hf import check_hf_tp, model_config, read_hf_config
+    from ..model.hf import check_hf_config, check_hf_tp, model_config, read_hf_config
 
     m, p = cfg.model, cfg.parallel
     if m.window is not None or m.dilated.layers:
@@ -123,10 +123,13 @@ def _adopt_hf_sizes(cfg) -> None:
     if cfg.train.mlp_chunks > 1:
         raise ConfigError("train.mlp_chunks applies to longctx's own Llama; set it to 1 with model.hf_path")
     try:
-        hf = model_config(read_hf_config(m.hf_path))
+        hf_config = read_hf_config(m.hf_path)
+        check_hf_config(hf_config)
+        hf = model_config(hf_config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "rope_theta", "norm_eps"):
+    for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "rope_theta",
+                "norm_eps"):
         setattr(m, key, getattr(hf, key))
     try:
         check_hf_tp(hf, p.tp)

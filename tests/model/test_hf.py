@@ -33,6 +33,8 @@ def hf_dirs(tmp_path_factory):
             layer_types=["full_attention", "sliding_attention"]), root / "qwen2"),
         "mistral": _save(transformers.MistralForCausalLM, transformers.MistralConfig(**SMALL, sliding_window=6),
                          root / "mistral"),
+        # per-head q/k norms, and heads wider than hidden_size / heads (16 > 8)
+        "qwen3": _save(transformers.Qwen3ForCausalLM, transformers.Qwen3Config(**SMALL, head_dim=16), root / "qwen3"),
     }
 
 
@@ -44,14 +46,14 @@ def test_every_strategy_equals_the_eager_model(hf_dirs):
     for world, layouts in ((4, LAYOUTS_4), (2, [dict(cp=2, strategy="ulysses")])):
         jobs = [(arch, path, layouts) for arch, path in hf_dirs.items()]
         results = run(compare_all, world, args=(jobs,), timeout=600)[0]
-        assert [name for name, _ in results] == ["llama", "qwen2", "mistral"]
+        assert [name for name, _ in results] == ["llama", "qwen2", "mistral", "qwen3"]
         for arch, per_layout in results:
             for r in per_layout:
                 label = (arch, r["layout"])
                 assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"]), (label, r["loss"], r["ref_loss"])
                 assert max(r["grad_rel_err"].values()) <= 1e-5, (label, r["grad_rel_err"])
                 # under tp every projection (Qwen2's q/k/v biases too), the embedding and the output head
-                # hold a piece; norms and o_proj's bias-free rows stay whole
+                # hold a piece; norms (Qwen3's per-head ones too) and o_proj's bias-free rows stay whole
                 split = {n for n in r["grad_rel_err"] if n.endswith(("proj.weight", "q_proj.bias", "k_proj.bias",
                                                                      "v_proj.bias"))
                          or n in ("model.embed_tokens.weight", "lm_head.weight")}
@@ -69,13 +71,15 @@ def test_sliding_windows_are_applied(hf_dirs):
     assert (windowed(input_ids=inp).logits - full(input_ids=inp).logits).abs().max() > 1e-3
 
 
-def test_longctx_llama_and_hf_llama_weights_round_trip(tmp_path):
+@pytest.mark.parametrize("head_dim", [None, 16], ids=["dim/heads", "head_dim 16"])
+def test_longctx_llama_and_hf_llama_weights_round_trip(tmp_path, head_dim):
     from longctx.config import load
     from longctx.model import build_model
     from longctx.model.hf_weights import load_hf_llama, save_hf_llama
 
     cfg = load(overrides=["model.vocab_size=64", "model.dim=32", "model.n_heads=4", "model.n_kv_heads=2",
-                          "model.ffn_dim=64", "model.rope_theta=500000.0"]).model
+                          "model.ffn_dim=64", "model.rope_theta=500000.0",
+                          f"model.head_dim={head_dim or 'null'}"]).model
     torch.manual_seed(1)
     ours = build_model(cfg)
     tokens = torch.randint(0, 64, (2, 40))
@@ -86,9 +90,10 @@ def test_longctx_llama_and_hf_llama_weights_round_trip(tmp_path):
         assert (hf(input_ids=tokens).logits - want).abs().max() <= 1e-5  # longctx -> HF
         back, back_cfg = load_hf_llama(str(tmp_path / "out"))
         assert (back(tokens) - want).abs().max() == 0 and back_cfg.rope_theta == 500000.0
+        assert back_cfg.head_dim == head_dim and hf.config.head_dim == (head_dim or 8)
     # HF -> longctx, from a model transformers initialised
     torch.manual_seed(2)
-    theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL))
+    theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL, head_dim=head_dim or 8))
     theirs.save_pretrained(tmp_path / "theirs")
     mine, _ = load_hf_llama(str(tmp_path / "theirs"))
     with torch.no_grad():
@@ -125,11 +130,38 @@ def test_bad_input_names_the_fix(hf_dirs, tmp_path):
         check_hf_dir(str(tmp_path / "missing"))
 
 
-def test_tensor_parallel_refuses_a_parameter_it_cannot_place(tmp_path):
-    # Qwen3's per-head q/k norms: replicating them would leave their gradients unsummed over tp
+def test_what_longctx_would_skip_is_refused(tmp_path):
+    # Gemma2 soft-caps attention and output logits: refused by name before anything runs; without them its
+    # extra feed-forward norms have no tensor-parallel placement and are refused under tp
+    from longctx.model.hf import check_hf_config
     from tests.model._hf_workers import tp_error
 
-    config = transformers.Qwen3Config(**SMALL, head_dim=8)
-    path = _save(transformers.Qwen3ForCausalLM, config, tmp_path / "qwen3")
+    gemma = dict(SMALL, head_dim=8)
+    with pytest.raises(ValueError, match=r"Gemma2ForCausalLM has attn_logit_softcapping=50.0: attention logit "
+                                         r"soft-capping.*set attn_logit_softcapping=null"):
+        check_hf_config(transformers.Gemma2Config(**gemma, architectures=["Gemma2ForCausalLM"]))
+    with pytest.raises(ValueError, match=r"final_logit_softcapping=30.0: output logit soft-capping"):
+        check_hf_config(transformers.Gemma2Config(**gemma, attn_logit_softcapping=None))
+    with pytest.raises(ValueError, match=r"logit_scale=0.0625: a scale on the output logits"):
+        check_hf_config(transformers.CohereConfig(**SMALL))
+    config = transformers.Gemma2Config(**gemma, attn_logit_softcapping=None, final_logit_softcapping=None)
+    path = _save(transformers.Gemma2ForCausalLM, config, tmp_path / "gemma2")
     message = run(tp_error, 2, args=(path,), timeout=120)[0]
-    assert "Qwen3ForCausalLM: no tensor-parallel placement for model.layers.0.self_attn.q_norm.weight" in message
+    assert "Gemma2ForCausalLM: no tensor-parallel placement for model.layers.0.pre_feedforward_layernorm" in message
+
+
+def test_attention_the_kernels_do_not_compute_is_refused_at_the_call():
+    # a model whose config hides it still cannot slip soft-capping, sinks or bidirectional attention through
+    from longctx.model.hf import longctx_attention
+
+    class Prepared(torch.nn.Module):
+        is_causal = True
+
+        def _longctx_cores(self, *a, **k):
+            raise AssertionError("must be refused before the kernels run")
+
+    q = torch.zeros(1, 2, 4, 8)
+    for kwargs, pattern in (({"softcap": 30.0}, "soft-capping"), ({"s_aux": torch.zeros(2)}, "attention sinks"),
+                            ({"is_causal": False}, "bidirectionally")):
+        with pytest.raises(ValueError, match=pattern):
+            longctx_attention(Prepared(), q, q, q, None, **kwargs)

@@ -83,6 +83,16 @@ def test_hf_path_errors_are_one_line(tmp_path, qwen_dir):
     cfg = load(overrides=[f"model.hf_path={qwen_dir}"])
     validate_job(cfg, 1)
     assert (cfg.model.dim, cfg.model.n_layers, cfg.model.vocab_size) == (32, 2, 256)  # sizes from config.json
+    assert cfg.model.head_dim is None  # hidden / heads: nothing to record
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16)
+    transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**small)).save_pretrained(tmp_path / "qwen3")
+    cfg = load(overrides=[f"model.hf_path={tmp_path / 'qwen3'}"])
+    validate_job(cfg, 1)
+    assert cfg.model.head_dim == 16  # wider than hidden / heads: FLOPs and checks use the real width
+    transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**small)).save_pretrained(tmp_path / "gemma2")
+    with pytest.raises(ConfigError, match="Gemma2ForCausalLM has attn_logit_softcapping=50.0"):
+        validate_job(load(overrides=[f"model.hf_path={tmp_path / 'gemma2'}"]), 1)
 
 
 def test_needle_run_from_an_hf_checkpoint_under_cp4(tmp_path):

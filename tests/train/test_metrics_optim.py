@@ -37,14 +37,17 @@ def test_attention_pairs_match_brute_force():
     assert attention_pairs(cfg, 32) == _brute_pairs(32) + _brute_dilated(32, [8, 16, 32], [1, 2, 4])
 
 
-def test_dense_flops_are_six_per_matmul_parameter_per_token():
-    cfg = load(overrides=["model.n_kv_heads=1"]).model
+@pytest.mark.parametrize("head_dim", [None, 48])
+def test_dense_flops_are_six_per_matmul_parameter_per_token(head_dim):
+    # head_dim 48 != dim / n_heads = 32 (as Qwen3 and Gemma decouple them): q/k/v/o and attention widen
+    cfg = load(overrides=["model.n_kv_heads=1", f"model.head_dim={head_dim or 'null'}"]).model
     model = build_model(cfg)
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    assert model.layers[0].attention.wq.weight.shape == (cfg.n_heads * (head_dim or 32), cfg.dim)
     f = model_flops_per_step(cfg, 64, 3)
     assert f["dense"] == 6 * matmul * 64 * 3
-    head_dim = cfg.dim // cfg.n_heads
-    assert f["attention"] == 12 * cfg.n_heads * head_dim * cfg.n_layers * _brute_pairs(64) * 3
+    width = model.layers[0].attention.wo.weight.shape[1]  # n_heads x head_dim, read from the built model
+    assert f["attention"] == 12 * width * cfg.n_layers * _brute_pairs(64) * 3
     assert f["total"] == f["dense"] + f["attention"]
 
 
