@@ -1,4 +1,4 @@
-"""Hugging Face transformers causal LMs (Llama, Qwen2, Mistral, ...) under longctx's sequence parallelism.
+"""Hugging Face transformers causal LMs (Llama, Qwen2/3, Mistral, Gemma3, ...) under longctx's sequence parallelism.
 
 The model stays unmodified: longctx registers an attention implementation, "longctx", through transformers'
 AttentionInterface, and `parallelize_hf` points every attention module at this rank's context-parallel
@@ -17,7 +17,7 @@ as `parallelize` does for our Llama. What would break silently is handled here:
                attention sinks (gpt-oss), additive position biases, bidirectional attention, dropout
   labels       HF's own loss would shift labels inside a shard: the adapter calls the decoder and computes
                the loss from labels shifted before sharding (the trainer's chunked loss)
-  tp           Llama/Qwen2/Qwen3/Mistral layers split as Megatron does, by their module names; the embedding
+  tp           Llama/Qwen2/Qwen3/Mistral/Gemma layers split as Megatron does, by their module names; the embedding
                and output head by vocabulary rows (one parameter again when tied), norms replicated (Qwen3's
                per-head q/k norms see this rank's heads); any parameter left unplaced is an error
                (apply_hf_tensor_parallel)
@@ -245,11 +245,14 @@ def load_hf_model(path: str, dtype=torch.float32):
 
 
 # ------------------------------------------------------------------------------------------ tensor parallel
-# Megatron's split of a Llama-style decoder layer, by the module names Llama, Qwen2 and Mistral share
+# Megatron's split of a Llama-style decoder layer, by the module names Llama, Qwen2/3, Mistral and Gemma share
 _LAYER_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
                "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
                "mlp.down_proj": "rowwise"}
 _REPLICATED = ("input_layernorm", "post_attention_layernorm")  # norms of the whole residual stream
+# Gemma2/3's norms around the MLP: of its input (the residual stream) and of its output (after down_proj's
+# all-reduce), so whole on every tp rank too
+_REPLICATED_IF_PRESENT = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
 _PER_HEAD = ("self_attn.q_norm", "self_attn.k_norm")  # Qwen3: one (head_dim,) weight shared by every head
 
 
@@ -276,12 +279,13 @@ def apply_hf_tensor_parallel(model: nn.Module, tp_mesh) -> None:
             raise ValueError(f"parallel.tp>1 with {type(model).__name__}: its decoder layers have no "
                              f"{', '.join(missing)} (the Llama/Qwen2/Mistral layout); use parallel.tp=1")
         parallelize_module(layer, tp_mesh, {n: styles[s]() for n, s in _LAYER_PLAN.items()})
-        for n in _REPLICATED:
+        whole = [*_REPLICATED, *(n for n in _REPLICATED_IF_PRESENT if n in names)]
+        for n in whole:
             _replicate(names[n], tp_mesh)
         per_head = [n for n in _PER_HEAD if n in names and _is_per_head(names[n], names["self_attn"])]
         for n in per_head:
             _replicate(names[n], tp_mesh, heads=True)
-        placed.update(f"model.layers.{i}.{n}.{p}" for n in (*_LAYER_PLAN, *_REPLICATED, *per_head)
+        placed.update(f"model.layers.{i}.{n}.{p}" for n in (*_LAYER_PLAN, *whole, *per_head)
                       for p, _ in names[n].named_parameters())
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     parallelize_module(model, tp_mesh, {

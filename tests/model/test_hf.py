@@ -35,6 +35,11 @@ def hf_dirs(tmp_path_factory):
                          root / "mistral"),
         # per-head q/k norms, and heads wider than hidden_size / heads (16 > 8)
         "qwen3": _save(transformers.Qwen3ForCausalLM, transformers.Qwen3Config(**SMALL, head_dim=16), root / "qwen3"),
+        # per-head norms, norms around the MLP, a tied head, scaled embeddings, a sliding and a full layer, and
+        # a softmax scale that is not head_dim ** -0.5 (query_pre_attn_scalar 8, head_dim 16)
+        "gemma3": _save(transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig(
+            **SMALL, head_dim=16, sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=8), root / "gemma3"),
     }
 
 
@@ -46,14 +51,15 @@ def test_every_strategy_equals_the_eager_model(hf_dirs):
     for world, layouts in ((4, LAYOUTS_4), (2, [dict(cp=2, strategy="ulysses")])):
         jobs = [(arch, path, layouts) for arch, path in hf_dirs.items()]
         results = run(compare_all, world, args=(jobs,), timeout=600)[0]
-        assert [name for name, _ in results] == ["llama", "qwen2", "mistral", "qwen3"]
+        assert [name for name, _ in results] == ["llama", "qwen2", "mistral", "qwen3", "gemma3"]
         for arch, per_layout in results:
             for r in per_layout:
                 label = (arch, r["layout"])
                 assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"]), (label, r["loss"], r["ref_loss"])
                 assert max(r["grad_rel_err"].values()) <= 1e-5, (label, r["grad_rel_err"])
                 # under tp every projection (Qwen2's q/k/v biases too), the embedding and the output head
-                # hold a piece; norms (Qwen3's per-head ones too) and o_proj's bias-free rows stay whole
+                # hold a piece; norms (per-head and Gemma's around the MLP too) and o_proj's bias-free rows
+                # stay whole
                 split = {n for n in r["grad_rel_err"] if n.endswith(("proj.weight", "q_proj.bias", "k_proj.bias",
                                                                      "v_proj.bias"))
                          or n in ("model.embed_tokens.weight", "lm_head.weight")}
@@ -131,8 +137,9 @@ def test_bad_input_names_the_fix(hf_dirs, tmp_path):
 
 
 def test_what_longctx_would_skip_is_refused(tmp_path):
-    # Gemma2 soft-caps attention and output logits: refused by name before anything runs; without them its
-    # extra feed-forward norms have no tensor-parallel placement and are refused under tp
+    # Gemma2 soft-caps attention and output logits, Cohere scales its logits: refused by name before anything
+    # runs. BitNet normalises the attention output over all heads' features before o_proj, a reduction over
+    # the dimension tp splits: no placement, refused under tp
     from longctx.model.hf import check_hf_config
     from tests.model._hf_workers import tp_error
 
@@ -144,10 +151,9 @@ def test_what_longctx_would_skip_is_refused(tmp_path):
         check_hf_config(transformers.Gemma2Config(**gemma, attn_logit_softcapping=None))
     with pytest.raises(ValueError, match=r"logit_scale=0.0625: a scale on the output logits"):
         check_hf_config(transformers.CohereConfig(**SMALL))
-    config = transformers.Gemma2Config(**gemma, attn_logit_softcapping=None, final_logit_softcapping=None)
-    path = _save(transformers.Gemma2ForCausalLM, config, tmp_path / "gemma2")
+    path = _save(transformers.BitNetForCausalLM, transformers.BitNetConfig(**SMALL), tmp_path / "bitnet")
     message = run(tp_error, 2, args=(path,), timeout=120)[0]
-    assert "Gemma2ForCausalLM: no tensor-parallel placement for model.layers.0.pre_feedforward_layernorm" in message
+    assert "BitNetForCausalLM: no tensor-parallel placement for model.layers.0.self_attn.attn_sub_norm" in message
 
 
 def test_attention_the_kernels_do_not_compute_is_refused_at_the_call():
