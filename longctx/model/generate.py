@@ -1,15 +1,18 @@
 """Generation over context-parallel ranks: prefill the prompt with any sequence-parallel strategy into a
 ShardedKVCache, then decode with tree attention (or ring decoding, the comparison) across the same ranks.
 
-The model stays a plain single-device Transformer with its weights on every rank; only attention is
-distributed. Prefill swaps each layer's core for the strategy's context-parallel core for one forward over
-this rank's shard of the prompt, capturing K/V (after RoPE); the shards are gathered once and every rank
-keeps its round-robin share of the cache. Each decode step runs the new tokens (replicated, one per row)
-through the layers by hand: projections and RoPE locally, attention over the sharded cache (two small
-all-reduces for tree: bytes independent of the context length), the MLP locally.
+The model stays a plain single-device model with its weights on every rank (longctx's Transformer, or a
+Hugging Face causal LM through HFCausalLM: model/hf_generate.py); only attention is distributed. The
+driver here is shared; each model kind supplies a prefill and a decode step (`_LlamaSteps`, `HFSteps`).
+Prefill runs one forward over this rank's shard of the prompt with the strategy's context-parallel
+attention, capturing K/V (after RoPE); the shards are gathered once and every rank keeps its round-robin
+share of the cache. Each decode step runs the new tokens (replicated, one per row) through the layers:
+projections and RoPE locally, attention over the sharded cache (two small all-reduces for tree: bytes
+independent of the context length), the MLP locally.
 
 Prompts of unequal length are left-padded: the padding is its own document during prefill (attention and
-RoPE of the real tokens never see it) and hidden from decoding by a per-row first valid position.
+RoPE of the real tokens never see it) and hidden from decoding by a per-row first valid position. A
+sliding window is the same rule: the new token at position p sees cached keys from max(pad, p - window + 1).
 """
 
 from __future__ import annotations
@@ -57,9 +60,7 @@ def _pick(logits, temperature: float, top_k: int | None, gen: torch.Generator):
     return torch.multinomial(scores.softmax(-1), 1, generator=gen).squeeze(-1)
 
 
-def _check(model, prompts, max_new_tokens, decode, temperature, top_k, strategy):
-    if not hasattr(model, "layers") or not hasattr(model, "tok_embeddings"):
-        raise TypeError("generate() takes a longctx Transformer (build_model), unparallelized, weights on every rank")
+def _check(prompts, max_new_tokens, decode, temperature, top_k, strategy):
     if not prompts or any(p.dim() != 1 or p.numel() == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty 1-D token tensors (one per row)")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -68,9 +69,6 @@ def _check(model, prompts, max_new_tokens, decode, temperature, top_k, strategy)
         raise ValueError(f"decode={decode!r}: choose 'tree' or 'ring' (the comparison)")
     if temperature < 0 or (top_k is not None and top_k < 1):
         raise ValueError("temperature must be >= 0 (0: greedy) and top_k None or >= 1")
-    if model.cfg.window is not None or model.cfg.dilated.layers:
-        raise ValueError("generate() supports full causal attention layers only (model.window / dilated layers: "
-                         "the decode step would need their masks)")
     if get_strategy(strategy).name == "hybrid":
         raise ValueError("generate() takes a process group, and strategy='hybrid' needs a (ring, ulysses) mesh; use "
                          "ulysses, allgather or a ring-family strategy for the prefill")
@@ -83,12 +81,13 @@ def generate(model, prompts, *, max_new_tokens: int, group=None, strategy: str =
     """Continue every prompt (1-D token tensors, any lengths) by up to max_new_tokens tokens, greedy
     (temperature 0) or sampled (temperature, top_k; the same seeded draws on every rank), stopping a row at
     eos_id. `group`: the context-parallel ranks (None: the world if initialised, else this process)."""
-    _check(model, prompts, max_new_tokens, decode, temperature, top_k, strategy)
+    steps = _steps_for(model)
+    _check(prompts, max_new_tokens, decode, temperature, top_k, strategy)
     import torch.distributed as dist
 
     comm = Comm.get(group) if dist.is_initialized() else None
     world = comm.world if comm is not None else 1
-    device = model.tok_embeddings.weight.device
+    device = steps.device
     layout = get_strategy(strategy).layout()
     lens = [int(p.numel()) for p in prompts]
     b = len(prompts)
@@ -99,15 +98,16 @@ def generate(model, prompts, *, max_new_tokens: int, group=None, strategy: str =
     for i, p in enumerate(prompts):
         tokens[i, total - lens[i]:] = p.cpu()
     pad = torch.tensor([total - n for n in lens])  # first real position of each row
-    caches = [ShardedKVCache(group) if comm is not None else ShardedKVCache(rank=0, world=1) for _ in model.layers]
+    caches = [ShardedKVCache(group) if comm is not None else ShardedKVCache(rank=0, world=1)
+              for _ in range(steps.n_caches)]
     if n_pre:
-        _prefill(model, tokens[:, :n_pre].to(device), pad, caches, comm, strategy, layout, kernel)
+        steps.prefill(tokens[:, :n_pre].to(device), pad, caches, comm, strategy, layout, kernel)
     gen = torch.Generator().manual_seed(seed)
     x = tokens[:, -1].to(device)
     done = torch.zeros(b, dtype=torch.bool)
     out_tokens, out_logits = [[] for _ in range(b)], []
     for step in range(max_new_tokens):
-        logits = _decode_step(model, x, n_pre + step, pad.to(device), caches, decode, kernel, comm).float()
+        logits = steps.decode(x, n_pre + step, pad.to(device), caches, decode, kernel, comm).float()
         nxt = _pick(logits.cpu(), temperature, top_k, gen)
         if comm is not None and world > 1:  # one choice for all ranks, whatever rounding did to the logits
             nxt = comm.broadcast(nxt.to(comm.device), src=0, phase="sample").cpu()
@@ -124,46 +124,87 @@ def generate(model, prompts, *, max_new_tokens: int, group=None, strategy: str =
                       total)
 
 
-def _prefill(model, tokens, pad, caches, comm, strategy, layout, kernel):
-    n = tokens.shape[1]
-    world = comm.world if comm is not None else 1
-    docs = Documents(n, tuple((0, int(p)) if 0 < p < n else (0,) for p in pad.tolist()))
-    pos = positions(layout, n, world, comm.rank) if world > 1 else torch.arange(n)
-    cores = [layer.attention.core for layer in model.layers]
-    try:
-        for layer in model.layers:
-            inner = ContextParallelAttention(strategy, comm.group, causal=True, kernel=kernel, layout=layout,
-                                             check_positions=False) if world > 1 else LocalAttention(kernel=kernel)
-            layer.attention.core = _Capture(inner)
-        model(tokens[:, pos.to(tokens.device)], pos.to(tokens.device), documents=docs)
+def _steps_for(model):
+    if hasattr(model, "hf"):  # HFCausalLM
+        from .hf_generate import HFSteps
+
+        return HFSteps(model)
+    if not hasattr(model, "layers") or not hasattr(model, "tok_embeddings"):
+        raise TypeError("generate() takes a longctx Transformer (build_model) or an HFCausalLM, unparallelized, "
+                        "weights on every rank")
+    return _LlamaSteps(model)
+
+
+def padding_documents(n: int, pad) -> Documents:
+    """The left padding of each row as its own document (never seen by the real tokens)."""
+    return Documents(n, tuple((0, int(p)) if 0 < p < n else (0,) for p in pad.tolist()))
+
+
+def first_visible(pad, position: int, window: int | None):
+    """Per row, the first cached position the token at `position` sees: after the padding, inside the window."""
+    return pad if window is None else torch.clamp(pad, min=position - window + 1)
+
+
+def decode_attention(q, cache: ShardedKVCache, *, key_start, scale: float, decode: str, kernel: str, comm):
+    """One new query per row against the sharded cache (tree or ring across ranks, or this process alone)."""
+    if comm is None:  # one process, no process group: nothing to combine
+        return local_partial(q, cache.k, cache.v, scale=scale, kernel=kernel, key_start=key_start,
+                             k_positions=cache.global_positions())[0].to(q.dtype)
+    return cache.decode(q, strategy=decode, key_start=key_start, kernel=kernel, scale=scale)
+
+
+class _LlamaSteps:
+    """Prefill and decode step of longctx's Transformer."""
+
+    def __init__(self, model):
+        if model.cfg.dilated.layers:
+            raise ValueError("generate() supports causal and sliding-window attention layers (dilated layers: the "
+                             "decode step would need their sparsity pattern)")
+        self.model, self.window = model, model.cfg.window
+        self.device = model.tok_embeddings.weight.device
+        self.n_caches = len(model.layers)
+
+    def prefill(self, tokens, pad, caches, comm, strategy, layout, kernel):
+        model, n = self.model, tokens.shape[1]
+        world = comm.world if comm is not None else 1
+        pos = positions(layout, n, world, comm.rank) if world > 1 else torch.arange(n)
+        cores = [layer.attention.core for layer in model.layers]
+        try:
+            for layer in model.layers:
+                inner = ContextParallelAttention(strategy, comm.group, causal=True, kernel=kernel, layout=layout,
+                                                 window=self.window, check_positions=False) if world > 1 \
+                    else LocalAttention(kernel=kernel, window=self.window)
+                layer.attention.core = _Capture(inner)
+            model(tokens[:, pos.to(tokens.device)], pos.to(tokens.device), documents=padding_documents(n, pad))
+            for layer, cache in zip(model.layers, caches):
+                cache_prefill(cache, *layer.attention.core.kv, layout, comm)
+        finally:
+            for layer, core in zip(model.layers, cores):
+                layer.attention.core = core
+
+    def decode(self, x, position: int, pad, caches, decode, kernel, comm):
+        """Logits (B, vocab) of one new token per row at global `position` (RoPE: position - pad)."""
+        model = self.model
+        h = model.tok_embeddings(x[:, None])
+        rope_pos = (position - pad)[:, None]
+        key_start = first_visible(pad, position, self.window)
         for layer, cache in zip(model.layers, caches):
-            k, v = layer.attention.core.kv
-            if world > 1:  # layout shards -> the whole prompt in natural order -> each rank keeps its share
-                k, v = unshard(torch.stack([k, v]), layout, group=comm.group, dim=2)
-            cache.prefill(k, v)
-    finally:
-        for layer, core in zip(model.layers, cores):
-            layer.attention.core = core
+            att = layer.attention
+            hn = layer.attention_norm(h)
+            q = att.wq(hn).view(h.shape[0], 1, -1, att.head_dim)
+            k = att.wk(hn).view(h.shape[0], 1, -1, att.head_dim)
+            v = att.wv(hn).view(h.shape[0], 1, -1, att.head_dim)
+            q, k = rope(q, rope_pos, att.theta), rope(k, rope_pos, att.theta)
+            cache.append(k, v)
+            o = decode_attention(q, cache, key_start=key_start, scale=att.head_dim ** -0.5, decode=decode,
+                                 kernel=kernel, comm=comm)
+            h = h + att.wo(o.reshape(h.shape[0], 1, -1))
+            h = h + layer.feed_forward(layer.ffn_norm(h))
+        return model.output(model.norm(h))[:, 0]
 
 
-def _decode_step(model, x, position: int, pad, caches, decode, kernel, comm):
-    """Logits (B, vocab) of one new token per row at global `position` (RoPE: position - pad)."""
-    h = model.tok_embeddings(x[:, None])
-    rope_pos = (position - pad)[:, None]
-    for layer, cache in zip(model.layers, caches):
-        att = layer.attention
-        hn = layer.attention_norm(h)
-        q = att.wq(hn).view(h.shape[0], 1, -1, att.head_dim)
-        k = att.wk(hn).view(h.shape[0], 1, -1, att.head_dim)
-        v = att.wv(hn).view(h.shape[0], 1, -1, att.head_dim)
-        q, k = rope(q, rope_pos, att.theta), rope(k, rope_pos, att.theta)
-        cache.append(k, v)
-        if comm is None:  # one process, no process group: nothing to combine
-            o = local_partial(q, cache.k, cache.v, scale=att.head_dim ** -0.5, kernel=kernel, key_start=pad,
-                              k_positions=cache.global_positions())[0].to(q.dtype)
-        else:
-            o = cache.decode(q, strategy=decode, key_start=pad, kernel=kernel)
-        h = h + att.wo(o.reshape(h.shape[0], 1, -1))
-        h = h + layer.feed_forward(layer.ffn_norm(h))
-    return model.output(model.norm(h))[:, 0]
-
+def cache_prefill(cache: ShardedKVCache, k, v, layout: str, comm) -> None:
+    """This rank's prefill K/V (layout shard, after RoPE) -> the whole prompt in natural order -> its share."""
+    if comm is not None and comm.world > 1:
+        k, v = unshard(torch.stack([k, v]), layout, group=comm.group, dim=2)
+    cache.prefill(k, v)

@@ -45,7 +45,7 @@ ATTN_IMPLEMENTATION = "longctx"
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-class _Cores:
+class AttentionCores:
     """The cores one attention module uses, one per sliding window it is called with."""
 
     def __init__(self, strategy: str, group, layout: str, kernel: str, cp: int):
@@ -164,14 +164,17 @@ class HFCausalLM(nn.Module):
     def layers(self):
         return self.hf.model.layers
 
+    def hidden(self, tokens, rope_ids, documents=None):
+        """The decoder's final hidden states; rope_ids (B, S): each token's RoPE position."""
+        extra = {} if documents is None else {"longctx_documents": documents}
+        return self.hf.model(input_ids=tokens, position_ids=rope_ids.to(tokens.device), use_cache=False,
+                             **extra).last_hidden_state
+
     def forward(self, tokens, position_ids=None, labels=None, loss_fn=None, documents=None):
         b, s = tokens.shape
         pos = torch.arange(s, device=tokens.device) if position_ids is None else position_ids
         rope = documents.rope_positions(pos) if documents is not None else pos.reshape(1, -1)
-        extra = {} if documents is None else {"longctx_documents": documents}
-        out = self.hf.model(input_ids=tokens, position_ids=rope.expand(b, -1).to(tokens.device), use_cache=False,
-                            **extra)
-        h = out.last_hidden_state
+        h = self.hidden(tokens, rope.expand(b, -1), documents)
         if labels is None:
             return self.hf.lm_head(h)
         if loss_fn is None:
@@ -182,6 +185,25 @@ class HFCausalLM(nn.Module):
 
             h = DTensor.from_local(h, weight.device_mesh, [Replicate()], run_check=False)
         return loss_fn(h, weight, labels)
+
+    def generate(self, prompts, **kwargs):
+        """Continue prompts (list of 1-D token tensors): longctx.model.generate.generate with this model's
+        layers (context-parallel prefill, tree-attention decoding over the same ranks)."""
+        from .generate import generate
+
+        return generate(self, prompts, **kwargs)
+
+
+def prepare_attention(model: nn.Module, strategy: str, group, layout: str | None, kernel: str, cp: int) -> None:
+    """Point every attention module of a transformers model at longctx attention: `strategy` over `group`
+    (cp ranks; cp=1: this process alone)."""
+    from ..parallel.sequence.registry import get_strategy
+
+    register_attention()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    layout = get_strategy(strategy).layout(layout)
+    for m in attention_modules(model):
+        m._longctx_cores = AttentionCores(strategy, group, layout, kernel, cp)
 
 
 def model_config(hf_config):
@@ -352,12 +374,9 @@ def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: Para
     engine = resolve_engine(cfg.engine, dims)
     if engine == "deepspeed":
         raise ValueError("parallel.engine=deepspeed with model.hf_path is not supported yet; use the torch engines")
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
     if dims.tp > 1:
         apply_hf_tensor_parallel(model, mesh.tp)
-    group = mesh.cp_group() if dims.cp > 1 else None
-    for m in attention_modules(model):
-        m._longctx_cores = _Cores(dims.strategy, group, dims.layout, cfg.kernel, dims.cp)
+    prepare_attention(model, dims.strategy, mesh.cp_group() if dims.cp > 1 else None, dims.layout, cfg.kernel, dims.cp)
     adapter = HFCausalLM(model)
     apply_activation_checkpointing(adapter, cfg.activation_checkpoint, cfg.ac_every, blocks=list(adapter.layers))
     apply_data_parallel(adapter, mesh, engine, reshard_after_forward=cfg.reshard_after_forward,

@@ -196,6 +196,14 @@ def apply_context_parallel(model: nn.Module, strategy: str = "zigzag", group=Non
 
     strat = get_strategy(strategy)
     layout = strat.layout(layout)
+    if hasattr(model, "hf"):  # an HFCausalLM: its attention modules call longctx through the AttentionInterface
+        from .hf import prepare_attention
+
+        if strategy == "hybrid":
+            raise ValueError("a Hugging Face model takes a process group here, and strategy='hybrid' needs a (ring, "
+                             "ulysses) mesh; use ulysses, allgather or a ring-family strategy")
+        prepare_attention(model.hf, strategy, group, layout, kernel or "auto", Comm.get(group).world)
+        return layout
     if strategy == "hybrid":
         ug, rg, _ = hybrid_groups(group)
         uc, rc = Comm.get(ug), Comm.get(rg)

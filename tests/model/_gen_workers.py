@@ -12,9 +12,15 @@ SMALL = ["model.dim=32", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim
          "model.vocab_size=48"]
 
 
-def tiny_model():
+def tiny_model(*extra):
     torch.manual_seed(0)
-    return build_model(load(overrides=SMALL).model).float()
+    return build_model(load(overrides=[*SMALL, *extra]).model).float()
+
+
+def hf_model(path):
+    from longctx.model.hf import HFCausalLM, load_hf_model
+
+    return HFCausalLM(load_hf_model(path))
 
 
 def prompts(lengths, seed=0):
@@ -23,18 +29,20 @@ def prompts(lengths, seed=0):
 
 
 def greedy_reference(model, prompt, steps):
-    """No cache, no padding, one row at a time: the whole sequence through the model every step."""
+    """No cache, no padding, one row at a time: the whole sequence through the model every step (a longctx
+    Transformer, or a transformers model with its eager attention)."""
     seq, logits = prompt.clone(), []
     with torch.no_grad():
         for _ in range(steps):
-            out = model(seq[None])[0, -1].float()
+            out = model(seq[None]) if hasattr(model, "tok_embeddings") else model(input_ids=seq[None]).logits
+            out = out[0, -1].float()
             logits.append(out)
             seq = torch.cat([seq, out.argmax()[None]])
     return seq[prompt.numel():], torch.stack(logits)
 
 
 def generate_case(case):
-    model = tiny_model()
+    model = hf_model(case["hf"]) if "hf" in case else tiny_model(*case.get("model", ()))
     ps = prompts(case["lengths"])
     comm = Comm.get(None)
     comm.stats.reset()

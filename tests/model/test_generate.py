@@ -1,4 +1,5 @@
-"""Generation: context-parallel prefill + tree decoding equals single-device greedy generation."""
+"""Generation: context-parallel prefill + tree decoding equals single-device greedy generation, for longctx's
+Transformer (full causal and sliding-window layers) and for Hugging Face models through their own layers."""
 
 import pytest
 import torch
@@ -10,9 +11,16 @@ from ._gen_workers import greedy_reference, prompts, run_cases, tiny_model
 LENGTHS = [13, 6]  # unequal prompts, batch 2
 
 
-def _reference(lengths, steps):
-    model = tiny_model()
+def _reference(lengths, steps, *extra):
+    model = tiny_model(*extra)
     return [greedy_reference(model, p, steps) for p in prompts(lengths)]
+
+
+def _same(ref, r, label):
+    for row, (tokens, logits) in enumerate(ref):
+        assert r["tokens"][row] == tokens.tolist(), (label, row)
+        err = (r["logits"][:, row] - logits).abs().max().item()
+        assert err <= 1e-5, (label, row, err)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -57,3 +65,21 @@ def test_one_process_and_sampling():
         model.generate(ps, max_new_tokens=1, strategy="hybrid")
     with pytest.raises(ValueError, match="non-empty 1-D"):
         model.generate([torch.tensor([], dtype=torch.long)], max_new_tokens=1)
+    with pytest.raises(ValueError, match="dilated layers"):
+        tiny_model("model.dilated.layers=[1]", "model.dilated.segment_lengths=[8]",
+                   "model.dilated.dilation_rates=[2]").generate(ps, max_new_tokens=1)
+
+
+WINDOW = ["model.window=5"]  # prompts of 13 and 6 tokens + 6 new: the window cuts in prefill and in decoding
+
+
+def test_sliding_window_layers_decode_inside_their_window():
+    ref = _reference(LENGTHS, 6, *WINDOW)
+    assert (ref[0][1] - _reference(LENGTHS, 6)[0][1]).abs().max() > 1e-2  # the window changes the logits
+    one = tiny_model(*WINDOW).generate(prompts(LENGTHS), max_new_tokens=6, return_logits=True)
+    _same(ref, {"tokens": [t.tolist() for t in one.tokens], "logits": torch.stack(one.logits)}, "one process")
+    cases = [dict(strategy="zigzag", decode="tree", lengths=LENGTHS, steps=6, model=WINDOW),
+             dict(strategy="striped", decode="ring", lengths=LENGTHS, steps=6, model=WINDOW)]
+    for rank, per_rank in enumerate(run(run_cases, 2, args=(cases,), timeout=180)):
+        for case, r in zip(cases, per_rank):
+            _same(ref, r, (rank, case["strategy"]))

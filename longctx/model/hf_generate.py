@@ -1,0 +1,82 @@
+"""Generation for Hugging Face causal LMs (HFCausalLM): the prefill and decode step of model/generate.py's
+driver, through the model's own layers.
+
+Nothing of the HF model is reimplemented: its attention modules already call longctx through the
+AttentionInterface (`_longctx_cores`), so generation only swaps what those calls do. During the prefill
+each module's cores run the strategy's context-parallel attention and keep the K/V they were handed
+(this rank's shard, after the model's own RoPE, norms and scaling); during a decode step they append the
+new token's K/V to that module's ShardedKVCache and attend over the cache with tree (or ring) decoding,
+with the softmax scale and sliding window the module passes (Gemma's query_pre_attn_scalar, Mistral and
+Qwen2/Gemma3 sliding layers). The cores the model had before are put back afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..parallel.sequence.layouts import positions
+from .generate import cache_prefill, decode_attention, first_visible, padding_documents
+from .hf import AttentionCores, attention_modules, register_attention
+
+
+class _Capture:
+    """Prefill: this rank's strategy, and the K/V it was given kept for the cache."""
+
+    def __init__(self, cores: AttentionCores):
+        self.cores, self.kv = cores, None
+
+    def __call__(self, q, k, v, *, scale, window, documents):
+        self.kv = (k, v)
+        return self.cores(q, k, v, scale=scale, window=window, documents=documents)
+
+
+class _Decode:
+    """A decode step: the new token's K/V into the cache, its query against the cache."""
+
+    def __init__(self, cache, position: int, pad, decode: str, kernel: str, comm):
+        self.cache, self.position, self.pad, self.decode, self.kernel, self.comm = (
+            cache, position, pad, decode, kernel, comm)
+
+    def __call__(self, q, k, v, *, scale, window, documents):
+        self.cache.append(k, v)
+        return decode_attention(q, self.cache, key_start=first_visible(self.pad, self.position, window), scale=scale,
+                                decode=self.decode, kernel=self.kernel, comm=self.comm)
+
+
+class HFSteps:
+    """Prefill and decode step of an HFCausalLM (unparallelized, weights on every rank)."""
+
+    def __init__(self, adapter):
+        register_attention()
+        adapter.hf.set_attn_implementation("longctx")
+        self.adapter, self.modules = adapter, attention_modules(adapter.hf)
+        self.device = adapter.hf.lm_head.weight.device
+        self.n_caches = len(self.modules)
+
+    def _with(self, handlers, fn):
+        saved = [getattr(m, "_longctx_cores", None) for m in self.modules]
+        try:
+            for m, h in zip(self.modules, handlers):
+                m._longctx_cores = h
+            return fn()
+        finally:
+            for m, old in zip(self.modules, saved):
+                m._longctx_cores = old
+
+    def prefill(self, tokens, pad, caches, comm, strategy, layout, kernel):
+        n = tokens.shape[1]
+        world = comm.world if comm is not None else 1
+        pos = (positions(layout, n, world, comm.rank) if world > 1 else torch.arange(n)).to(tokens.device)
+        captures = [_Capture(AttentionCores(strategy, comm.group if world > 1 else None, layout, kernel, world))
+                    for _ in self.modules]
+        docs = padding_documents(n, pad)
+        rope = docs.rope_positions(pos).expand(tokens.shape[0], -1)
+        self._with(captures, lambda: self.adapter.hidden(tokens[:, pos], rope, docs))
+        for capture, cache in zip(captures, caches):
+            cache_prefill(cache, *capture.kv, layout, comm)
+
+    def decode(self, x, position: int, pad, caches, decode, kernel, comm):
+        """Logits (B, vocab) of one new token per row at global `position` (RoPE: position - pad)."""
+        handlers = [_Decode(cache, position, pad, decode, kernel, comm) for cache in caches]
+        h = self._with(handlers, lambda: self.adapter.hidden(x[:, None], (position - pad)[:, None]))
+        return self.adapter.hf.lm_head(h)[:, 0]

@@ -1,0 +1,61 @@
+"""Generation from Hugging Face models through their own layers (model/hf_generate.py): context-parallel
+prefill and tree/ring decoding over 1 and 2 ranks give the tokens of the unmodified model's eager greedy
+generation without a cache, logits within 1e-5: sliding-window layers (Qwen2, Gemma3), per-head norms and
+wide heads (Qwen3), a softmax scale that is not head_dim ** -0.5 (Gemma3)."""
+
+import pytest
+import torch
+
+from longctx.launch import run
+
+from ._gen_workers import greedy_reference, hf_model, prompts, run_cases
+
+transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need the `hf` extra")
+
+SMALL = dict(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256)
+LENGTHS, STEPS = [13, 6], 6  # unequal prompts; 13 + 6 tokens outgrow the window of 5
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf_gen")
+    made = {
+        "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
+            **SMALL, use_sliding_window=True, sliding_window=5, max_window_layers=1,
+            layer_types=["full_attention", "sliding_attention"])),
+        "gemma3": (transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig(
+            **SMALL, head_dim=16, sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=8)),
+        "qwen3": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config(**SMALL, head_dim=16)),
+    }
+    out = {}
+    for name, (cls, cfg) in made.items():
+        torch.manual_seed(0)
+        cls(cfg).save_pretrained(root / name)
+        eager = transformers.AutoModelForCausalLM.from_pretrained(root / name, attn_implementation="eager")
+        out[name] = (str(root / name), [greedy_reference(eager, p, STEPS) for p in prompts(LENGTHS)])
+    return out
+
+
+def _same(ref, tokens, logits, label):
+    for row, (want_tokens, want_logits) in enumerate(ref):
+        assert tokens[row] == want_tokens.tolist(), (label, row)
+        err = (logits[:, row] - want_logits).abs().max().item()
+        assert err <= 1e-5, (label, row, err)
+
+
+def test_one_process(models):
+    for name, (path, ref) in models.items():
+        res = hf_model(path).generate(prompts(LENGTHS), max_new_tokens=STEPS, return_logits=True)
+        _same(ref, [t.tolist() for t in res.tokens], torch.stack(res.logits), name)
+
+
+def test_context_parallel_prefill_and_decoding(models):
+    jobs = [(name, strategy, decode) for name in models for strategy, decode in (("zigzag", "tree"),
+                                                                                ("striped", "ring"))]
+    cases = [dict(hf=models[n][0], strategy=s, decode=d, lengths=LENGTHS, steps=STEPS) for n, s, d in jobs]
+    for rank, per_rank in enumerate(run(run_cases, 2, args=(cases,), timeout=300)):
+        for (name, strategy, decode), r in zip(jobs, per_rank, strict=True):
+            _same(models[name][1], r["tokens"], r["logits"], (strategy, decode, rank, name))
+            assert r["decode_bytes_per_token"] > 0  # attention over the cache crossed the ranks
