@@ -17,10 +17,10 @@ as `parallelize` does for our Llama. What would break silently is handled here:
                attention sinks (gpt-oss), additive position biases, bidirectional attention, dropout
   labels       HF's own loss would shift labels inside a shard: the adapter calls the decoder and computes
                the loss from labels shifted before sharding (the trainer's chunked loss)
-  tp           Llama/Qwen2/Qwen3/Mistral/Gemma layers split as Megatron does, by their module names; the embedding
-               and output head by vocabulary rows (one parameter again when tied), norms replicated (Qwen3's
-               per-head q/k norms see this rank's heads); any parameter left unplaced is an error
-               (apply_hf_tensor_parallel)
+  tp           Llama/Qwen2/Qwen3/Mistral/Gemma layers split as Megatron does, by their module names, with
+               sequence parallelism between them; the embedding and output head by vocabulary rows (one
+               parameter again when tied); norms replicated over tp (Qwen3's per-head q/k norms see this
+               rank's heads); any parameter left unplaced is an error (apply_hf_tensor_parallel)
 """
 
 from __future__ import annotations
@@ -179,12 +179,8 @@ class HFCausalLM(nn.Module):
             return self.hf.lm_head(h)
         if loss_fn is None:
             return F.cross_entropy(self.hf.lm_head(h).flatten(0, 1).float(), labels.flatten(), reduction="sum")
-        weight = self.hf.lm_head.weight
-        if hasattr(weight, "device_mesh"):  # tensor parallel: the decoder's output is whole on every tp rank
-            from torch.distributed.tensor import DTensor, Replicate
-
-            h = DTensor.from_local(h, weight.device_mesh, [Replicate()], run_check=False)
-        return loss_fn(h, weight, labels)
+        # under tp, h is this rank's sequence shard, which the vocabulary-parallel loss gathers once
+        return loss_fn(h, self.hf.lm_head.weight, labels)
 
     def generate(self, prompts, **kwargs):
         """Continue prompts (list of 1-D token tensors): longctx.model.generate.generate with this model's
@@ -271,28 +267,41 @@ def load_hf_model(path: str, dtype=torch.float32):
 _LAYER_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
                "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
                "mlp.down_proj": "rowwise"}
-_REPLICATED = ("input_layernorm", "post_attention_layernorm")  # norms of the whole residual stream
-# Gemma2/3's norms around the MLP: of its input (the residual stream) and of its output (after down_proj's
-# all-reduce), so whole on every tp rank too
+_REPLICATED = ("input_layernorm", "post_attention_layernorm")  # norms of the residual stream's sequence shards
+# Gemma2/3's norms around the MLP: of its input (the residual stream) and of its output (down_proj's
+# reduce-scattered sequence shards), so on sequence shards too
 _REPLICATED_IF_PRESENT = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
 _PER_HEAD = ("self_attn.q_norm", "self_attn.k_norm")  # Qwen3: one (head_dim,) weight shared by every head
 
 
 def apply_hf_tensor_parallel(model: nn.Module, tp_mesh) -> None:
-    """Tensor parallelism for a transformers causal LM, without sequence parallelism: q/k/v and the MLP's
-    gate/up split by columns (heads, hidden units), o/down by rows (their outputs all-reduced), the
-    embedding and the output projection by vocabulary rows (the loss is vocabulary-parallel). The norms
-    of the residual stream, whole on every tp rank, become Replicate DTensors, so every parameter lives
-    on the tp mesh (what FSDP2, the optimizer's multi-tensor step and the global-norm clipping expect).
+    """Tensor parallelism for a transformers causal LM, with sequence parallelism as Megatron and our Llama
+    (parallel/tensor.py) do: between the blocks every tp rank holds 1/tp of the sequence (the residual
+    stream, the norms and their saved activations); the attention and MLP inputs are all-gathered, q/k/v
+    and the MLP's gate/up split by columns (heads, hidden units), o/down by rows with their outputs
+    reduce-scattered back to the sequence shards; the embedding and the output projection split by
+    vocabulary rows (the loss is vocabulary-parallel, gathering the final hidden states once). The norms
+    become Replicate DTensors that take their input as a Shard of the sequence, so every parameter lives on
+    the tp mesh (what FSDP2, the optimizer's multi-tensor step and the global-norm clipping expect) and
+    their gradients, partial sums over the shards, are all-reduced by DTensor.
     Per-head q/k norms (Qwen3: a (head_dim,) weight applied to every head) are Replicate DTensors that
     take this rank's heads as a Shard of the heads dimension, so their gradient (this rank's heads'
     share) is a Partial sum that DTensor all-reduces over tp. A parameter this plan does not place is
     refused by name: silently replicating it could leave its gradient unsummed over tp (OLMo2's q/k
     norms span all heads' features, a reduction over the split dimension: refused)."""
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        parallelize_module,
+    )
 
-    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    styles = {"colwise": ColwiseParallel, "rowwise": lambda: RowwiseParallel(output_layouts=Shard(1))}
+    gather = {  # the decoder layers call self_attn(hidden_states=...) and mlp(hidden_states)
+        "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
+                                        desired_input_kwarg_layouts={"hidden_states": Replicate()}),
+        "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))}
     placed = set()
     for i, layer in enumerate(model.model.layers):
         names = dict(layer.named_modules())
@@ -300,22 +309,22 @@ def apply_hf_tensor_parallel(model: nn.Module, tp_mesh) -> None:
         if missing:
             raise ValueError(f"parallel.tp>1 with {type(model).__name__}: its decoder layers have no "
                              f"{', '.join(missing)} (the Llama/Qwen2/Mistral layout); use parallel.tp=1")
-        parallelize_module(layer, tp_mesh, {n: styles[s]() for n, s in _LAYER_PLAN.items()})
+        parallelize_module(layer, tp_mesh, {**gather, **{n: styles[s]() for n, s in _LAYER_PLAN.items()}})
         whole = [*_REPLICATED, *(n for n in _REPLICATED_IF_PRESENT if n in names)]
         for n in whole:
-            _replicate(names[n], tp_mesh)
+            _replicate(names[n], tp_mesh, shard_dim=1)
         per_head = [n for n in _PER_HEAD if n in names and _is_per_head(names[n], names["self_attn"])]
         for n in per_head:
-            _replicate(names[n], tp_mesh, heads=True)
+            _replicate(names[n], tp_mesh, shard_dim=-2)
         placed.update(f"model.layers.{i}.{n}.{p}" for n in (*_LAYER_PLAN, *whole, *per_head)
                       for p, _ in names[n].named_parameters())
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     parallelize_module(model, tp_mesh, {
-        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-        "lm_head": ColwiseParallel(output_layouts=Replicate())})
+        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())})
     if tied:  # both split by vocabulary rows: one parameter again
         model.lm_head.weight = model.model.embed_tokens.weight
-    _replicate(model.model.norm, tp_mesh)
+    _replicate(model.model.norm, tp_mesh, shard_dim=1)
     placed.update(("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"))
     left = [n for n, _ in model.named_parameters() if n not in placed]
     if left:
@@ -330,10 +339,10 @@ def _is_per_head(norm: nn.Module, attention: nn.Module) -> bool:
     return head_dim is not None and len(params) == 1 and tuple(params[0].shape) == (head_dim,)
 
 
-def _replicate(module: nn.Module, tp_mesh, heads: bool = False) -> None:
-    """A module with the same parameters on every tp rank: they become Replicate DTensors and its output
-    leaves as a plain tensor. Its input enters as a Replicate DTensor (whole on every rank), or with
-    heads=True as a Shard of the heads dimension (.., heads, head_dim): this rank's heads."""
+def _replicate(module: nn.Module, tp_mesh, shard_dim: int) -> None:
+    """A module with the same parameters on every tp rank (a norm): they become Replicate DTensors, its
+    input enters as a Shard of `shard_dim` (1: the sequence, -2: the heads of (.., heads, head_dim)), its
+    output leaves as this rank's plain tensor."""
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 
     def params(name, mod, mesh):
@@ -342,7 +351,7 @@ def _replicate(module: nn.Module, tp_mesh, heads: bool = False) -> None:
                                                                        src_data_rank=None), p.requires_grad))
 
     def inputs(mod, args, mesh):
-        return tuple(DTensor.from_local(a, mesh, [Shard(a.dim() - 2) if heads else Replicate()], run_check=False)
+        return tuple(DTensor.from_local(a, mesh, [Shard(shard_dim % a.dim())], run_check=False)
                      if isinstance(a, torch.Tensor) and not isinstance(a, DTensor) else a for a in args)
 
     def output(mod, out, mesh):
