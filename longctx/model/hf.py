@@ -17,10 +17,7 @@ as `parallelize` does for our Llama. What would break silently is handled here:
                attention sinks (gpt-oss), additive position biases, bidirectional attention, dropout
   labels       HF's own loss would shift labels inside a shard: the adapter calls the decoder and computes
                the loss from labels shifted before sharding (the trainer's chunked loss)
-  tp           Llama/Qwen2/Qwen3/Mistral/Gemma layers split as Megatron does, by their module names, with
-               sequence parallelism between them; the embedding and output head by vocabulary rows (one
-               parameter again when tied); norms replicated over tp (Qwen3's per-head q/k norms see this
-               rank's heads); any parameter left unplaced is an error (apply_hf_tensor_parallel)
+  tp           model/hf_tensor.py: Megatron's split with sequence parallelism, by module names
 """
 
 from __future__ import annotations
@@ -40,6 +37,7 @@ from ..parallel.data_parallel import apply_data_parallel, resolve_engine
 from ..parallel.dims import ParallelDims, ParallelMesh
 from ..parallel.sequence.api import ContextParallelAttention
 from ..parallel.sequence.schedule import local_attention
+from .hf_tensor import apply_hf_tensor_parallel, check_hf_tp
 
 ATTN_IMPLEMENTATION = "longctx"
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -217,19 +215,6 @@ def model_config(hf_config):
                        norm_eps=float(getattr(hf_config, "rms_norm_eps", 1e-5)))
 
 
-def check_hf_tp(cfg, tp: int) -> None:
-    """What tensor parallelism needs of an HF model's sizes (`cfg`: its longctx ModelConfig)."""
-    from ..parallel.tensor import check_tp
-
-    if tp == 1:
-        return
-    check_tp(cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size, tp)
-    if cfg.n_kv_heads % tp:
-        raise ValueError(f"parallel.tp={tp} with model.hf_path: the model's {cfg.n_kv_heads} K/V heads must split "
-                         f"evenly over the tp ranks (sharing K/V heads across ranks is longctx's own Llama's); "
-                         f"use a tp that divides {cfg.n_kv_heads}")
-
-
 def check_hf_dir(path: str) -> None:
     """A local checkpoint directory: config.json and weights (nothing is downloaded)."""
     if not os.path.isdir(path):
@@ -260,104 +245,6 @@ def load_hf_model(path: str, dtype=torch.float32):
                                                                  attn_implementation=ATTN_IMPLEMENTATION)
     except ValueError as e:
         raise ValueError(f"model.hf_path={path!r} ({arch[0]}): {e}") from None
-
-
-# ------------------------------------------------------------------------------------------ tensor parallel
-# Megatron's split of a Llama-style decoder layer, by the module names Llama, Qwen2/3, Mistral and Gemma share
-_LAYER_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
-               "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
-               "mlp.down_proj": "rowwise"}
-_REPLICATED = ("input_layernorm", "post_attention_layernorm")  # norms of the residual stream's sequence shards
-# Gemma2/3's norms around the MLP: of its input (the residual stream) and of its output (down_proj's
-# reduce-scattered sequence shards), so on sequence shards too
-_REPLICATED_IF_PRESENT = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
-_PER_HEAD = ("self_attn.q_norm", "self_attn.k_norm")  # Qwen3: one (head_dim,) weight shared by every head
-
-
-def apply_hf_tensor_parallel(model: nn.Module, tp_mesh) -> None:
-    """Tensor parallelism for a transformers causal LM, with sequence parallelism as Megatron and our Llama
-    (parallel/tensor.py) do: between the blocks every tp rank holds 1/tp of the sequence (the residual
-    stream, the norms and their saved activations); the attention and MLP inputs are all-gathered, q/k/v
-    and the MLP's gate/up split by columns (heads, hidden units), o/down by rows with their outputs
-    reduce-scattered back to the sequence shards; the embedding and the output projection split by
-    vocabulary rows (the loss is vocabulary-parallel, gathering the final hidden states once). The norms
-    become Replicate DTensors that take their input as a Shard of the sequence, so every parameter lives on
-    the tp mesh (what FSDP2, the optimizer's multi-tensor step and the global-norm clipping expect) and
-    their gradients, partial sums over the shards, are all-reduced by DTensor.
-    Per-head q/k norms (Qwen3: a (head_dim,) weight applied to every head) are Replicate DTensors that
-    take this rank's heads as a Shard of the heads dimension, so their gradient (this rank's heads'
-    share) is a Partial sum that DTensor all-reduces over tp. A parameter this plan does not place is
-    refused by name: silently replicating it could leave its gradient unsummed over tp (OLMo2's q/k
-    norms span all heads' features, a reduction over the split dimension: refused)."""
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        PrepareModuleInput,
-        RowwiseParallel,
-        parallelize_module,
-    )
-
-    styles = {"colwise": ColwiseParallel, "rowwise": lambda: RowwiseParallel(output_layouts=Shard(1))}
-    gather = {  # the decoder layers call self_attn(hidden_states=...) and mlp(hidden_states)
-        "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
-                                        desired_input_kwarg_layouts={"hidden_states": Replicate()}),
-        "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))}
-    placed = set()
-    for i, layer in enumerate(model.model.layers):
-        names = dict(layer.named_modules())
-        missing = [n for n in (*_LAYER_PLAN, *_REPLICATED) if n not in names]
-        if missing:
-            raise ValueError(f"parallel.tp>1 with {type(model).__name__}: its decoder layers have no "
-                             f"{', '.join(missing)} (the Llama/Qwen2/Mistral layout); use parallel.tp=1")
-        parallelize_module(layer, tp_mesh, {**gather, **{n: styles[s]() for n, s in _LAYER_PLAN.items()}})
-        whole = [*_REPLICATED, *(n for n in _REPLICATED_IF_PRESENT if n in names)]
-        for n in whole:
-            _replicate(names[n], tp_mesh, shard_dim=1)
-        per_head = [n for n in _PER_HEAD if n in names and _is_per_head(names[n], names["self_attn"])]
-        for n in per_head:
-            _replicate(names[n], tp_mesh, shard_dim=-2)
-        placed.update(f"model.layers.{i}.{n}.{p}" for n in (*_LAYER_PLAN, *whole, *per_head)
-                      for p, _ in names[n].named_parameters())
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
-    parallelize_module(model, tp_mesh, {
-        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-        "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())})
-    if tied:  # both split by vocabulary rows: one parameter again
-        model.lm_head.weight = model.model.embed_tokens.weight
-    _replicate(model.model.norm, tp_mesh, shard_dim=1)
-    placed.update(("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"))
-    left = [n for n, _ in model.named_parameters() if n not in placed]
-    if left:
-        raise ValueError(f"parallel.tp>1 with {type(model).__name__}: no tensor-parallel placement for "
-                         f"{', '.join(left[:4])}{' ...' if len(left) > 4 else ''}; use parallel.tp=1")
-
-
-def _is_per_head(norm: nn.Module, attention: nn.Module) -> bool:
-    """A norm over one head's features (its only parameter has head_dim entries)."""
-    params = list(norm.parameters())
-    head_dim = getattr(attention, "head_dim", None)
-    return head_dim is not None and len(params) == 1 and tuple(params[0].shape) == (head_dim,)
-
-
-def _replicate(module: nn.Module, tp_mesh, shard_dim: int) -> None:
-    """A module with the same parameters on every tp rank (a norm): they become Replicate DTensors, its
-    input enters as a Shard of `shard_dim` (1: the sequence, -2: the heads of (.., heads, head_dim)), its
-    output leaves as this rank's plain tensor."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
-
-    def params(name, mod, mesh):
-        for key, p in list(mod.named_parameters(recurse=False)):
-            mod.register_parameter(key, nn.Parameter(distribute_tensor(p.detach(), mesh, [Replicate()],
-                                                                       src_data_rank=None), p.requires_grad))
-
-    def inputs(mod, args, mesh):
-        return tuple(DTensor.from_local(a, mesh, [Shard(shard_dim % a.dim())], run_check=False)
-                     if isinstance(a, torch.Tensor) and not isinstance(a, DTensor) else a for a in args)
-
-    def output(mod, out, mesh):
-        return out.to_local() if isinstance(out, DTensor) else out
-
-    distribute_module(module, tp_mesh, params, input_fn=inputs, output_fn=output)
 
 
 def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: ParallelMesh | None = None,

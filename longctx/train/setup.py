@@ -111,7 +111,8 @@ def check_machine(cfg) -> None:
 def _adopt_hf_sizes(cfg) -> None:
     """model.hf_path: the model's sizes come from its config.json (the model section's are replaced), and what
     only longctx's own Llama supports is refused."""
-    from ..model.hf import check_hf_config, check_hf_tp, model_config, read_hf_config
+    from ..model.hf import check_hf_config, model_config, read_hf_config
+    from ..model.hf_tensor import check_hf_tp
 
     m, p = cfg.model, cfg.parallel
     if m.window is not None or m.dilated.layers:
