@@ -28,6 +28,7 @@ from ..data.labels import IGNORE_INDEX
 from ..data.loader import StepBatches, StepLoader
 from ..model import build_model, parallelize, parallelize_hf
 from ..model.hf import load_hf_model
+from ..model.hf_load import build_hf_on_meta, load_hf_pieces
 from ..parallel import deepspeed_engine
 from ..parallel.dims import device_type_from_env
 from ..parallel.pipeline import build_pipeline, n_microbatches
@@ -64,9 +65,12 @@ class Trainer:
         meta = cfg.parallel.meta_init
         bf16 = self.precision == "bf16"
         if cfg.model.hf_path:  # a Hugging Face model as it is (its own weights: the seed does not matter)
-            model = load_hf_model(cfg.model.hf_path).to(self.device)
+            # meta: split on the meta device, then each rank reads only its pieces from the safetensors
+            model = build_hf_on_meta(cfg.model.hf_path) if meta else load_hf_model(cfg.model.hf_path).to(self.device)
             self.plan = parallelize_hf(model, self.dims, cfg.parallel, mesh=self.dims.build_mesh(self.device_type),
                                        param_dtype=torch.bfloat16 if bf16 else None)
+            if meta:
+                load_hf_pieces(self.plan.model.hf, cfg.model.hf_path, self.device)
         else:  # the same initial weights on every rank, whatever the layout: init_weights(seed)
             with torch.device("meta"):
                 model = build_model(cfg.model, seq_len=t.seq_len, mlp_chunks=t.mlp_chunks)

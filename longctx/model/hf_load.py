@@ -1,0 +1,82 @@
+"""A Hugging Face checkpoint loaded piece by piece (`parallel.meta_init=true` with `model.hf_path`).
+
+`from_pretrained` gives every rank the whole model before it is split: for a 70B model, 280 GB of fp32 per
+rank in host memory. Here the architecture is built with its parameters on the meta device (no storage,
+no initialisation) and its non-persistent buffers real (RoPE frequencies, embedding scales: values
+`from_config` computes and a checkpoint does not hold); `parallelize_hf` splits it on the meta device;
+then each rank allocates only its pieces (FSDP2 shards, tensor-parallel rows) and DCP's
+HuggingFaceStorageReader reads exactly those slices from the safetensors files.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .._optional import require
+from .hf import ATTN_IMPLEMENTATION, check_hf_dir, read_hf_config, register_attention
+
+
+@contextmanager
+def _parameters_on_meta():
+    """Every parameter registered inside is moved to the meta device (its CPU storage is dropped at once)."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def build_hf_on_meta(path: str, dtype=torch.float32) -> nn.Module:
+    """The causal LM of a local checkpoint directory: parameters on meta, buffers computed on CPU."""
+    check_hf_dir(path)
+    transformers = require("transformers", "Hugging Face models")
+    from transformers.initialization import no_init_weights
+
+    register_attention()
+    config = read_hf_config(path)
+    with no_init_weights(), _parameters_on_meta():
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                              attn_implementation=ATTN_IMPLEMENTATION)
+    model.tie_weights()  # part of the init_weights that no_init_weights skipped (a tied head is one parameter)
+    return model
+
+
+def load_hf_pieces(model: nn.Module, path: str, device) -> None:
+    """Storage for this rank's pieces of a model built by build_hf_on_meta and parallelized, then their values
+    from the checkpoint's safetensors (each rank reads its slices). Collective: every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}  # to_empty would drop their values
+    model.to_empty(device=device)
+    for name, value in buffers.items():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = value.to(device)
+    state = model.state_dict()
+    reader = HuggingFaceStorageReader(path)
+    stored = set(reader.read_metadata().state_dict_metadata)
+    tied = [k for k in state if k not in stored and _is_tied(model, k)]  # saved once, under the other name
+    missing = [k for k in state if k not in stored and k not in tied]
+    if missing:
+        raise ValueError(f"model.hf_path={path!r} has no weights for {', '.join(missing[:4])}; its safetensors do "
+                         f"not match its config.json")
+    dcp.load({k: v for k, v in state.items() if k not in tied}, storage_reader=reader)
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    """A parameter registered under several names (a tied output head)."""
+    try:
+        param = model.get_parameter(key)
+    except AttributeError:
+        return False
+    return sum(p is param for _, p in model.named_parameters(remove_duplicate=False)) > 1
