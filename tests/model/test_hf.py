@@ -47,11 +47,17 @@ LAYOUTS_4 = [dict(cp=4, strategy="zigzag"), dict(cp=4, strategy="striped"), dict
              dict(dp_shard=2, cp=2, strategy="zigzag"), dict(tp=2, cp=2, strategy="zigzag")]
 
 
+# what Qwen3 and Gemma3 add is the architecture's (per-head norms, scale, MLP norms, tp placements), not a
+# strategy's: one context-parallel layout and tensor parallelism (suite time)
+NEWER = ("qwen3", "gemma3")
+
+
 def test_every_strategy_equals_the_eager_model(hf_dirs):
     for world, layouts in ((4, LAYOUTS_4), (2, [dict(cp=2, strategy="ulysses")])):
-        jobs = [(arch, path, layouts) for arch, path in hf_dirs.items()]
+        jobs = [(arch, path, [layouts[0], layouts[-1]] if arch in NEWER else layouts)
+                for arch, path in hf_dirs.items() if world == 4 or arch not in NEWER]
         results = run(compare_all, world, args=(jobs,), timeout=600)[0]
-        assert [name for name, _ in results] == ["llama", "qwen2", "mistral", "qwen3", "gemma3"]
+        assert [name for name, _ in results] == [arch for arch, *_ in jobs]
         for arch, per_layout in results:
             for r in per_layout:
                 label = (arch, r["layout"])
