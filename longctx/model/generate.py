@@ -140,6 +140,11 @@ def padding_documents(n: int, pad) -> Documents:
     return Documents(n, tuple((0, int(p)) if 0 < p < n else (0,) for p in pad.tolist()))
 
 
+def prefill_positions(layout: str, n: int, comm) -> torch.Tensor:
+    """Global positions of this rank's shard of an n-token prefill (all of them without a process group)."""
+    return positions(layout, n, comm.world, comm.rank) if comm is not None and comm.world > 1 else torch.arange(n)
+
+
 def first_visible(pad, position: int, window: int | None):
     """Per row, the first cached position the token at `position` sees: after the padding, inside the window."""
     return pad if window is None else torch.clamp(pad, min=position - window + 1)
@@ -167,7 +172,7 @@ class _LlamaSteps:
     def prefill(self, tokens, pad, caches, comm, strategy, layout, kernel):
         model, n = self.model, tokens.shape[1]
         world = comm.world if comm is not None else 1
-        pos = positions(layout, n, world, comm.rank) if world > 1 else torch.arange(n)
+        pos = prefill_positions(layout, n, comm)
         cores = [layer.attention.core for layer in model.layers]
         try:
             for layer in model.layers:

@@ -188,13 +188,19 @@ class HFCausalLM(nn.Module):
         return generate(self, prompts, **kwargs)
 
 
+def use_longctx_attention(model: nn.Module) -> None:
+    """Make a transformers model dispatch its attention to longctx (what each module then runs is its
+    `_longctx_cores`)."""
+    register_attention()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+
 def prepare_attention(model: nn.Module, strategy: str, group, layout: str | None, kernel: str, cp: int) -> None:
     """Point every attention module of a transformers model at longctx attention: `strategy` over `group`
     (cp ranks; cp=1: this process alone)."""
     from ..parallel.sequence.registry import get_strategy
 
-    register_attention()
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    use_longctx_attention(model)
     layout = get_strategy(strategy).layout(layout)
     for m in attention_modules(model):
         m._longctx_cores = AttentionCores(strategy, group, layout, kernel, cp)

@@ -12,11 +12,8 @@ Qwen2/Gemma3 sliding layers). The cores the model had before are put back afterw
 
 from __future__ import annotations
 
-import torch
-
-from ..parallel.sequence.layouts import positions
-from .generate import cache_prefill, decode_attention, first_visible, padding_documents
-from .hf import AttentionCores, attention_modules, register_attention
+from .generate import cache_prefill, decode_attention, first_visible, padding_documents, prefill_positions
+from .hf import AttentionCores, attention_modules, use_longctx_attention
 
 
 class _Capture:
@@ -47,8 +44,7 @@ class HFSteps:
     """Prefill and decode step of an HFCausalLM (unparallelized, weights on every rank)."""
 
     def __init__(self, adapter):
-        register_attention()
-        adapter.hf.set_attn_implementation("longctx")
+        use_longctx_attention(adapter.hf)
         self.adapter, self.modules = adapter, attention_modules(adapter.hf)
         self.device = adapter.hf.lm_head.weight.device
         self.n_caches = len(self.modules)
@@ -66,7 +62,7 @@ class HFSteps:
     def prefill(self, tokens, pad, caches, comm, strategy, layout, kernel):
         n = tokens.shape[1]
         world = comm.world if comm is not None else 1
-        pos = (positions(layout, n, world, comm.rank) if world > 1 else torch.arange(n)).to(tokens.device)
+        pos = prefill_positions(layout, n, comm).to(tokens.device)
         captures = [_Capture(AttentionCores(strategy, comm.group if world > 1 else None, layout, kernel, world))
                     for _ in self.modules]
         docs = padding_documents(n, pad)

@@ -69,7 +69,7 @@ def apply_hf_tensor_parallel(model: nn.Module, tp_mesh) -> None:
         missing = [n for n in (*_LAYER_PLAN, *_REPLICATED) if n not in names]
         if missing:
             raise ValueError(f"parallel.tp>1 with {type(model).__name__}: its decoder layers have no "
-                             f"{', '.join(missing)} (the Llama/Qwen2/Mistral layout); use parallel.tp=1")
+                             f"{', '.join(missing)} (the Llama/Qwen/Mistral/Gemma layout); use parallel.tp=1")
         parallelize_module(layer, tp_mesh, {**gather, **{n: styles[s]() for n, s in _LAYER_PLAN.items()}})
         whole = [*_REPLICATED, *(n for n in _REPLICATED_IF_PRESENT if n in names)]
         for n in whole:
