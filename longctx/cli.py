@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--nproc", type=_positive_int, default=1, help="context-parallel ranks (simulated cluster); "
                                                                       "under torchrun the world is used")
         e.add_argument("--strategy", default="zigzag", help="sequence-parallel strategy for the prompt / sequence")
+        e.add_argument("--tp", type=_positive_int, default=1,
+                       help="split the model over this many tensor-parallel ranks (a divisor of the ranks; the "
+                            "rest are context-parallel), for a model too big for one device (default 1)")
     bench = sub.add_parser("bench", help="benchmarks: tables, JSON, plots")
     bsub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     for name, (module, helptext) in BENCHES.items():

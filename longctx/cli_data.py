@@ -30,36 +30,47 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
 
 
-def _check_ppl_args(args) -> None:
+def _checkpoint_config(args):
     from .config import load
-    from .eval.ppl import check_ppl
     from .train.checkpoint import locate
 
     found = locate(args.checkpoint, f"--checkpoint {args.checkpoint!r}", log=lambda *a, **k: None)
-    cfg = load(path=os.path.join(found, "config.yaml"))  # written resolved: an HF model's sizes are in it
+    return load(path=os.path.join(found, "config.yaml"))  # written resolved: an HF model's sizes are in it
+
+
+def _check_ppl_args(args, cfg) -> None:
+    from .eval.ppl import check_ppl
+
     check_ppl(args.data or cfg.data.path, seq_len=args.seq_len or cfg.train.seq_len, sequences=args.sequences,
-              buckets=args.buckets, strategy=args.strategy, world=args.nproc, vocab_size=cfg.model.vocab_size)
+              buckets=args.buckets, strategy=args.strategy, world=args.nproc // args.tp,
+              vocab_size=cfg.model.vocab_size, tp=args.tp)
 
 
 def cmd_eval(args) -> int:
     import json
 
     from .eval.needle import check_grid, format_table, write_needle
+    from .eval.weights import check_eval_tp
     from .launch import run
     from .launch.entry import eval_main
     from .parallel.sequence.registry import get_strategy
 
     kind = args.eval_command
     params = {k: getattr(args, k, None) for k in ("checkpoint", "lengths", "depths", "samples", "decode", "strategy",
-                                                   "data", "seq_len", "sequences", "buckets")}
+                                                   "data", "seq_len", "sequences", "buckets", "tp")}
     get_strategy(args.strategy)
     if kind == "needle":
         check_grid(args.lengths, args.depths, args.samples)
     if not os.path.exists(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint!r} does not exist; give a checkpoint directory "
                          "(step_NNNNNNNN) or a checkpoint root (run_dir/checkpoints)")
+    if args.nproc % args.tp:
+        raise ValueError(f"--tp {args.tp} does not divide --nproc {args.nproc}: the ranks are --nproc/--tp "
+                         f"context-parallel groups of --tp tensor-parallel ranks; choose a divisor of {args.nproc}")
+    cfg = _checkpoint_config(args)
+    check_eval_tp(cfg, args.tp)
     if kind == "ppl":
-        _check_ppl_args(args)
+        _check_ppl_args(args, cfg)
     if args.nproc > 1:
         records = run(eval_main, args.nproc, args=(kind, params), timeout=24 * 3600.0)[0]
     else:

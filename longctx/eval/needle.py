@@ -36,10 +36,12 @@ def check_grid(lengths, depths, samples) -> None:
 
 
 def needle_grid(model, cfg, lengths, depths, *, samples: int = 20, batch: int = 8, strategy: str = "zigzag",
-                decode: str = "tree", kernel: str = "auto", haystack: str | None = "random", log=None) -> list[dict]:
-    """[{length, depth, accuracy, correct, samples}] for every (length, depth), in the current process group
-    (or one process). haystack: random filler (default, whatever the model trained on) or None (the
-    checkpoint's data.haystack)."""
+                decode: str = "tree", kernel: str = "auto", haystack: str | None = "random", log=None,
+                group=None) -> list[dict]:
+    """[{length, depth, accuracy, correct, samples}] for every (length, depth), over the context-parallel
+    ranks `group` (None: the current process group, or one process; a tensor-parallel model: its mesh's cp
+    group). haystack: random filler (default, whatever the model trained on) or None (the checkpoint's
+    data.haystack)."""
     check_grid(lengths, depths, samples)
     for n in lengths:
         _task(cfg, n, haystack)  # a length too short for the task fails before any generation
@@ -52,7 +54,7 @@ def needle_grid(model, cfg, lengths, depths, *, samples: int = 20, batch: int = 
                 idx = range(HELD_OUT + first, HELD_OUT + min(samples, first + batch))
                 pairs = [task.prompt(i, length, depth) for i in idx]
                 out = model.generate([p for p, _ in pairs], max_new_tokens=task.digits, strategy=strategy,
-                                     decode=decode, kernel=kernel)
+                                     decode=decode, kernel=kernel, group=group)
                 correct += sum(int(torch.equal(got, want)) for got, (_, want) in zip(out.tokens, pairs))
             records.append({"length": length, "depth": depth, "accuracy": correct / samples, "correct": correct,
                             "samples": samples})

@@ -3,7 +3,9 @@
 Sequences are packed windows of a prepared dataset (document boundaries kept, so a position is the
 token's position inside its document). Every rank of the process group holds a context shard of each
 sequence (the strategy's layout); per-token losses are summed into equal-width position buckets and
-all-reduced, so the numbers do not depend on how many ranks ran it.
+all-reduced, so the numbers do not depend on how many ranks ran it. A model split over tensor-parallel
+ranks (longctx.eval.load_checkpoint_model with a mesh) returns its logits split by vocabulary; each token's
+loss then comes from two small all-reduces over tp, and `group` is the mesh's cp group.
 """
 
 from __future__ import annotations
@@ -13,27 +15,32 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from ..data.labels import IGNORE_INDEX
 from ..data.tokens import TokenSource
 from ..model.parallelize import apply_context_parallel
 from ..parallel.sequence.documents import Documents
 from ..parallel.sequence.registry import get_strategy
+from ..parallel.tensor import local_tensor, tp_comm, vocab_parallel_token_losses
 
 
 @torch.no_grad()
 def perplexity_by_position(model, data_path: str, *, seq_len: int, sequences: int = 8, buckets: int = 8,
-                           strategy: str = "zigzag", batch: int = 2, first: int = 0) -> list[dict]:
+                           strategy: str = "zigzag", batch: int = 2, first: int = 0, group=None) -> list[dict]:
     """[{bucket_start, bucket_end, tokens, loss, ppl}], positions inside documents, over `sequences` windows
-    read in order from window `first` (no shuffling: held-out data is read as it lies)."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    read in order from window `first` (no shuffling: held-out data is read as it lies). `group`: the
+    context-parallel ranks (None: the world); with a tensor-parallel model, the cp group of its mesh."""
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    rank = dist.get_rank(group) if dist.is_initialized() else 0
+    tp = tp_comm(model) if hasattr(model, "layers") else None
     src = check_ppl(data_path, seq_len=seq_len, sequences=sequences, buckets=buckets, strategy=strategy, world=world,
-                    vocab_size=model.cfg.vocab_size, first=first)
+                    vocab_size=model.cfg.vocab_size, first=first, tp=tp.world if tp is not None else 1)
     layout = get_strategy(strategy).layout()
     if world > 1:
-        apply_context_parallel(model, strategy)
+        apply_context_parallel(model, strategy, group)
     pos = get_strategy(strategy).rank_positions(layout, seq_len, world, rank) if world > 1 else torch.arange(seq_len)
+    device = local_tensor(next(model.parameters())).device
     width = math.ceil(seq_len / buckets)
     sums = torch.zeros(buckets, dtype=torch.float64)
     counts = torch.zeros(buckets, dtype=torch.float64)
@@ -41,18 +48,21 @@ def perplexity_by_position(model, data_path: str, *, seq_len: int, sequences: in
     for start in range(first, first + n, batch):
         b = src.batch(range(start, min(first + n, start + batch)))
         docs = Documents.from_ids(b["doc_ids"])
-        logits = model(b["input_ids"][:, pos], pos, documents=docs)
+        logits = model(b["input_ids"][:, pos].to(device), pos.to(device), documents=docs)
         labels = b["labels"][:, pos]
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none",
-                               ignore_index=IGNORE_INDEX).view_as(labels).double()
+        if isinstance(logits, DTensor):  # split by vocabulary over tp
+            loss = vocab_parallel_token_losses(logits, labels.to(device), ignore_index=IGNORE_INDEX).cpu().double()
+        else:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten().to(device), reduction="none",
+                                   ignore_index=IGNORE_INDEX).view_as(labels).cpu().double()
         where = (docs.rope_positions(pos) // width).clamp(max=buckets - 1).expand_as(labels)
         ok = labels != IGNORE_INDEX
         sums.index_add_(0, where[ok], loss[ok])
         counts.index_add_(0, where[ok], torch.ones_like(loss[ok]))
-    if world > 1:
-        both = torch.stack([sums, counts])
-        dist.all_reduce(both)
-        sums, counts = both
+    if world > 1:  # over the cp ranks (tp ranks hold the same tokens' losses already)
+        both = torch.stack([sums, counts]).to(device)
+        dist.all_reduce(both, group=group)
+        sums, counts = both.cpu()
     out = []
     for i in range(buckets):
         mean = float(sums[i] / counts[i]) if counts[i] else float("nan")
@@ -62,7 +72,7 @@ def perplexity_by_position(model, data_path: str, *, seq_len: int, sequences: in
 
 
 def check_ppl(data_path: str | None, *, seq_len: int, sequences: int, buckets: int, strategy: str, world: int,
-              vocab_size: int, first: int = 0) -> TokenSource:
+              vocab_size: int, first: int = 0, tp: int = 1) -> TokenSource:
     """Every argument of perplexity_by_position that can be wrong, checked without a model (the launching
     process calls it, so a bad --data is one line rather than a traceback from every rank)."""
     if not data_path:
@@ -77,6 +87,9 @@ def check_ppl(data_path: str | None, *, seq_len: int, sequences: int, buckets: i
     if world > 1:
         get_strategy(strategy).check(seq_len=seq_len, world=world, layout=get_strategy(strategy).layout(),
                                      what="--seq-len")
+    if tp > 1 and seq_len % (world * tp):
+        raise ValueError(f"--seq-len {seq_len}: each of the {world} context-parallel shards is split over the {tp} "
+                         f"tensor-parallel ranks (sequence parallelism); use a multiple of {world * tp}")
     if src.n_sequences - first < 1:
         raise ValueError(f"the dataset has {src.n_sequences} windows of {seq_len} tokens; nothing from window {first}")
     return src

@@ -1,19 +1,37 @@
-"""A trained checkpoint as a plain model: its resolved config and its weights, on every rank."""
+"""A trained checkpoint as a model to evaluate: its resolved config and its weights, on every rank, whole or
+split over the tensor-parallel ranks of a mesh."""
 
 from __future__ import annotations
 
 import os
 
+import torch
+
 from ..config import load
 from ..model import build_model
-from ..train.checkpoint import model_weights
+from ..parallel.tensor import apply_tensor_parallel, check_tp
+from ..train.checkpoint import load_model_pieces, locate, model_weights
 
 
-def load_checkpoint_model(path: str, log=print):
-    """(model, config) from a checkpoint or checkpoint root (its newest complete checkpoint). A checkpoint of
-    a Hugging Face model (model.hf_path) is that architecture (from the directory it was trained from) with
-    the checkpoint's weights, as an HFCausalLM whose attention runs on this process until a strategy is
-    applied (generation and perplexity go through its own layers)."""
+def eval_device(device_type: str) -> torch.device:
+    """This rank's GPU when the process group moves CUDA tensors, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+
+
+def load_checkpoint_model(path: str, log=print, *, mesh=None, device=None):
+    """(model, config) from a checkpoint or checkpoint root (its newest complete checkpoint), on `device`
+    (default: the CPU). A checkpoint of a Hugging Face model (model.hf_path) is that architecture (from the
+    directory it was trained from) with the checkpoint's weights, as an HFCausalLM whose attention runs on
+    this process until a strategy is applied (generation and perplexity go through its own layers).
+
+    `mesh`: a ParallelMesh with tp > 1 (e.g. ParallelDims(cp=world // tp, tp=tp, ...)): the model is built
+    on the meta device, split over mesh.tp and each rank reads only its pieces of the weights (collective),
+    so a model that needs tensor parallelism to fit can be evaluated; generate() and perplexity take
+    mesh.cp as their group."""
+    device = torch.device(device or "cpu")
+    tp = mesh.dims.tp if mesh is not None else 1
+    if tp > 1:
+        return _load_split(path, log, mesh, device)
     state, found = model_weights(path, log=log)
     cfg = load(path=os.path.join(found, "config.yaml"))
     if cfg.model.hf_path:
@@ -22,7 +40,33 @@ def load_checkpoint_model(path: str, log=print):
         hf = load_hf_model(cfg.model.hf_path)
         hf.load_state_dict({k.removeprefix("hf."): v for k, v in state.items()})
         prepare_attention(hf, "zigzag", None, None, cfg.parallel.kernel, cp=1)
-        return HFCausalLM(hf).eval(), cfg
+        return HFCausalLM(hf).to(device).eval(), cfg
     model = build_model(cfg.model, seq_len=cfg.train.seq_len)
     model.load_state_dict(state)
+    return model.to(device).eval(), cfg
+
+
+def check_eval_tp(cfg, tp: int) -> None:
+    """Whether a checkpoint's model (its resolved config) splits over `tp` tensor-parallel ranks."""
+    if tp == 1:
+        return
+    if cfg.model.hf_path:
+        raise ValueError(f"--tp {tp}: evaluating a Hugging Face model split over tensor-parallel ranks is not built; "
+                         "evaluate it with --tp 1 (context parallelism only)")
+    try:
+        check_tp(cfg.model.n_heads, cfg.model.n_kv_heads, cfg.model.vocab_size, tp)
+    except ValueError as e:
+        raise ValueError(f"--tp {tp} does not fit this checkpoint's model: {e}") from None
+
+
+def _load_split(path: str, log, mesh, device: torch.device):
+
+    found = locate(path, path, log=log)
+    cfg = load(path=os.path.join(found, "config.yaml"))
+    check_eval_tp(cfg, mesh.dims.tp)
+    with torch.device("meta"):
+        model = build_model(cfg.model, seq_len=cfg.train.seq_len)
+    apply_tensor_parallel(model, mesh.tp)
+    model.to_empty(device=device)
+    load_model_pieces(model, found, log=log)
     return model.eval(), cfg

@@ -18,18 +18,30 @@ def train_main(config: dict, config_path: str | None = None, steps: int | None =
 
 def eval_main(kind: str, params: dict, timeout_s: float = 600.0):
     """`longctx eval needle|ppl` in the process group this process finds (harness, torchrun, one process):
-    every rank loads the checkpoint and takes part; rank 0's log lines are printed."""
+    every rank loads the checkpoint (whole, or with --tp its pieces over a (cp, tp) mesh) and takes part;
+    rank 0's log lines are printed."""
     import torch.distributed as dist
 
     from ..eval import load_checkpoint_model, needle_grid, perplexity_by_position
+    from ..eval.weights import eval_device
+    from ..parallel.dims import ParallelDims, device_type_from_env
 
     with process_group(timeout_s):
         rank0 = dist.get_rank() == 0
         log = print if rank0 else (lambda *a, **k: None)
-        model, cfg = load_checkpoint_model(params["checkpoint"], log=log)
+        world, tp = dist.get_world_size(), int(params.get("tp") or 1)
+        if world % tp:
+            raise ValueError(f"--tp {tp} does not divide the {world} ranks; choose a tp degree that divides "
+                             f"the number of processes")
+        mesh, group = None, None
+        if tp > 1:
+            mesh = ParallelDims(cp=world // tp, tp=tp, world_size=world, strategy=params["strategy"]).build_mesh()
+            group = mesh.cp.get_group()
+        model, cfg = load_checkpoint_model(params["checkpoint"], log=log, mesh=mesh,
+                                           device=eval_device(device_type_from_env()))
         if kind == "needle":
             return needle_grid(model, cfg, params["lengths"], params["depths"], samples=params["samples"],
-                               strategy=params["strategy"], decode=params["decode"], log=log)
+                               strategy=params["strategy"], decode=params["decode"], log=log, group=group)
         return perplexity_by_position(model, params["data"] or cfg.data.path, seq_len=params["seq_len"] or
                                       cfg.train.seq_len, sequences=params["sequences"], buckets=params["buckets"],
-                                      strategy=params["strategy"])
+                                      strategy=params["strategy"], group=group)

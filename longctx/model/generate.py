@@ -1,14 +1,18 @@
 """Generation over context-parallel ranks: prefill the prompt with any sequence-parallel strategy into a
 ShardedKVCache, then decode with tree attention (or ring decoding, the comparison) across the same ranks.
 
-The model stays a plain single-device model with its weights on every rank (longctx's Transformer, or a
-Hugging Face causal LM through HFCausalLM: model/hf_generate.py); only attention is distributed. The
-driver here is shared; each model kind supplies a prefill and a decode step (`_LlamaSteps`, `HFSteps`).
+The model is a plain model with its weights on every rank (longctx's Transformer, or a Hugging Face causal
+LM through HFCausalLM: model/hf_generate.py), or a longctx Transformer split over a tp mesh by
+apply_tensor_parallel, with `group` its context-parallel ranks (one per tp group). The driver here is
+shared; each model kind supplies a prefill and a decode step (`_LlamaSteps`, `HFSteps`).
 Prefill runs one forward over this rank's shard of the prompt with the strategy's context-parallel
 attention, capturing K/V (after RoPE); the shards are gathered once and every rank keeps its round-robin
 share of the cache. Each decode step runs the new tokens (replicated, one per row) through the layers:
 projections and RoPE locally, attention over the sharded cache (two small all-reduces for tree: bytes
-independent of the context length), the MLP locally.
+independent of the context length), the MLP locally. Under tensor parallelism the prefill is the model's
+own sequence-parallel forward (each rank caches its heads), and a decode step uses this rank's pieces of
+the weights: its heads and hidden units, one all-reduce of (B, 1, dim) after each of wo and w2, one after
+the vocabulary-split embedding and one all-gather of the logits (longctx.parallel.tensor).
 
 Prompts of unequal length are left-padded: the padding is its own document during prefill (attention and
 RoPE of the real tokens never see it) and hidden from decoding by a per-row first valid position. A
@@ -20,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..parallel.comm import Comm
@@ -28,7 +33,8 @@ from ..parallel.sequence.documents import Documents
 from ..parallel.sequence.layouts import divisor, positions, unshard
 from ..parallel.sequence.registry import get_strategy
 from ..parallel.sequence.tree import ShardedKVCache, local_partial
-from .llama import LocalAttention, rope
+from ..parallel.tensor import local_linear, local_tensor, tp_comm, vocab_parallel_embedding, vocab_parallel_logits
+from .llama import LocalAttention, rms_norm, rope
 
 
 @dataclass
@@ -80,18 +86,23 @@ def generate(model, prompts, *, max_new_tokens: int, group=None, strategy: str =
              seed: int = 0, kernel: str = "auto", return_logits: bool = False) -> Generation:
     """Continue every prompt (1-D token tensors, any lengths) by up to max_new_tokens tokens, greedy
     (temperature 0) or sampled (temperature, top_k; the same seeded draws on every rank), stopping a row at
-    eos_id. `group`: the context-parallel ranks (None: the world if initialised, else this process)."""
+    eos_id. `group`: the context-parallel ranks (None: the world if initialised, else this process); with a
+    tensor-parallel model, the cp group of a (cp, tp) mesh, e.g. ParallelMesh.cp."""
     steps = _steps_for(model)
     _check(prompts, max_new_tokens, decode, temperature, top_k, strategy)
     import torch.distributed as dist
 
     comm = Comm.get(group) if dist.is_initialized() else None
+    tp = getattr(steps, "tp", None)
+    if tp is not None:
+        _check_orthogonal(comm, tp)
     world = comm.world if comm is not None else 1
     device = steps.device
     layout = get_strategy(strategy).layout()
     lens = [int(p.numel()) for p in prompts]
     b = len(prompts)
-    need = divisor(layout, world) if world > 1 else 1
+    # each cp shard of the prefill is split once more over the tp ranks (sequence parallelism)
+    need = (divisor(layout, world) if world > 1 else 1) * (tp.world if tp is not None else 1)
     n_pre = -(-(max(lens) - 1) // need) * need  # prefill all but each row's last token, padded to split evenly
     total = n_pre + 1
     tokens = torch.full((b, total), pad_id, dtype=torch.long)
@@ -109,8 +120,9 @@ def generate(model, prompts, *, max_new_tokens: int, group=None, strategy: str =
     for step in range(max_new_tokens):
         logits = steps.decode(x, n_pre + step, pad.to(device), caches, decode, kernel, comm).float()
         nxt = _pick(logits.cpu(), temperature, top_k, gen)
-        if comm is not None and world > 1:  # one choice for all ranks, whatever rounding did to the logits
-            nxt = comm.broadcast(nxt.to(comm.device), src=0, phase="sample").cpu()
+        for ranks in (comm, tp):  # one choice for all ranks, whatever rounding did to the logits
+            if ranks is not None and ranks.world > 1:
+                nxt = ranks.broadcast(nxt.to(ranks.device), src=0, phase="sample").cpu()
         if return_logits:
             out_logits.append(logits.cpu())
         for i in range(b):
@@ -124,14 +136,26 @@ def generate(model, prompts, *, max_new_tokens: int, group=None, strategy: str =
                       total)
 
 
+def _check_orthogonal(comm, tp) -> None:
+    """The cp group must hold one rank of each tp group (this one): the ranks that share this rank's heads."""
+    import torch.distributed as dist
+
+    cp_ranks = set(dist.get_process_group_ranks(comm.group or dist.group.WORLD))
+    tp_ranks = set(dist.get_process_group_ranks(tp.group or dist.group.WORLD))
+    if cp_ranks & tp_ranks != {dist.get_rank()}:
+        raise ValueError(f"generate(group=...) got ranks {sorted(cp_ranks)}, which overlap the model's tensor-parallel "
+                         f"ranks {sorted(tp_ranks)}: pass the context-parallel group of the (cp, tp) mesh the model "
+                         "was split on (ParallelMesh.cp, or mesh['cp'] of init_device_mesh)")
+
+
 def _steps_for(model):
     if hasattr(model, "hf"):  # HFCausalLM
         from .hf_generate import HFSteps
 
         return HFSteps(model)
     if not hasattr(model, "layers") or not hasattr(model, "tok_embeddings"):
-        raise TypeError("generate() takes a longctx Transformer (build_model) or an HFCausalLM, unparallelized, "
-                        "weights on every rank")
+        raise TypeError("generate() takes a longctx Transformer (build_model; whole, or split by "
+                        "apply_tensor_parallel) or an HFCausalLM with its weights on every rank")
     return _LlamaSteps(model)
 
 
@@ -166,7 +190,8 @@ class _LlamaSteps:
             raise ValueError("generate() supports causal and sliding-window attention layers (dilated layers: the "
                              "decode step would need their sparsity pattern)")
         self.model, self.window = model, model.cfg.window
-        self.device = model.tok_embeddings.weight.device
+        self.tp = tp_comm(model)
+        self.device = local_tensor(model.tok_embeddings.weight).device
         self.n_caches = len(model.layers)
 
     def prefill(self, tokens, pad, caches, comm, strategy, layout, kernel):
@@ -180,7 +205,8 @@ class _LlamaSteps:
                                                  window=self.window, check_positions=False) if world > 1 \
                     else LocalAttention(kernel=kernel, window=self.window)
                 layer.attention.core = _Capture(inner)
-            model(tokens[:, pos.to(tokens.device)], pos.to(tokens.device), documents=padding_documents(n, pad))
+            model(tokens[:, pos.to(tokens.device)], pos.to(tokens.device), documents=padding_documents(n, pad),
+                  return_hidden=True)  # no logits: decoding starts from the prompt's last token
             for layer, cache in zip(model.layers, caches):
                 cache_prefill(cache, *layer.attention.core.kv, layout, comm)
         finally:
@@ -189,23 +215,35 @@ class _LlamaSteps:
 
     def decode(self, x, position: int, pad, caches, decode, kernel, comm):
         """Logits (B, vocab) of one new token per row at global `position` (RoPE: position - pad)."""
-        model = self.model
-        h = model.tok_embeddings(x[:, None])
+        model, tp = self.model, self.tp
+        b = x.shape[0]
+
+        def norm(module, t):
+            return rms_norm(t, local_tensor(module.weight), module.eps)
+
+        def rowwise(linear, t):  # a partial sum per tp rank until reduced
+            out = local_linear(linear, t)
+            return tp.all_reduce(out, phase="tp") if tp is not None else out
+
+        h = model.tok_embeddings(x[:, None]) if tp is None else vocab_parallel_embedding(model.tok_embeddings,
+                                                                                          x[:, None], tp)
         rope_pos = (position - pad)[:, None]
         key_start = first_visible(pad, position, self.window)
         for layer, cache in zip(model.layers, caches):
-            att = layer.attention
-            hn = layer.attention_norm(h)
-            q = att.wq(hn).view(h.shape[0], 1, -1, att.head_dim)
-            k = att.wk(hn).view(h.shape[0], 1, -1, att.head_dim)
-            v = att.wv(hn).view(h.shape[0], 1, -1, att.head_dim)
+            att, ffn = layer.attention, layer.feed_forward
+            hn = norm(layer.attention_norm, h)
+            q = local_linear(att.wq, hn).view(b, 1, -1, att.head_dim)
+            k = local_linear(att.wk, hn).view(b, 1, -1, att.head_dim)
+            v = local_linear(att.wv, hn).view(b, 1, -1, att.head_dim)
             q, k = rope(q, rope_pos, att.theta), rope(k, rope_pos, att.theta)
             cache.append(k, v)
             o = decode_attention(q, cache, key_start=key_start, scale=att.head_dim ** -0.5, decode=decode,
                                  kernel=kernel, comm=comm)
-            h = h + att.wo(o.reshape(h.shape[0], 1, -1))
-            h = h + layer.feed_forward(layer.ffn_norm(h))
-        return model.output(model.norm(h))[:, 0]
+            h = h + rowwise(att.wo, o.reshape(b, 1, -1))
+            hn = norm(layer.ffn_norm, h)
+            h = h + rowwise(ffn.w2, F.silu(local_linear(ffn.w1, hn)) * local_linear(ffn.w3, hn))
+        hn = norm(model.norm, h)[:, 0]
+        return local_linear(model.output, hn) if tp is None else vocab_parallel_logits(model.output, hn, tp)
 
 
 def cache_prefill(cache: ShardedKVCache, k, v, layout: str, comm) -> None:

@@ -84,7 +84,7 @@ class Plan:
         its placements describe, without communication: every rank drew the same value)."""
         for module in self.stages or [self.model]:
             module.to_empty(device=device)
-            module.init_weights(seed, write=_write_local_piece)
+            module.init_weights(seed, write=write_local_piece)
 
     def positions(self, seq_len: int, device=None) -> torch.Tensor:
         """Global positions (= RoPE position ids) of this rank's tokens of a seq_len-token sequence. One
@@ -258,7 +258,8 @@ def dilated_layout_problem(dims: ParallelDims) -> str | None:
     return None
 
 
-def _write_local_piece(param: torch.Tensor, full: torch.Tensor) -> None:
+def write_local_piece(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Store this rank's piece of `full` into `param` (a DTensor: its local shard; a plain tensor: all)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     full = full.to(param.device, param.dtype)

@@ -124,9 +124,90 @@ class KVHeadLinear(nn.Linear):
         return f"{super().extra_repr()}, rows={self.rows.start}:{self.rows.stop} on this tp rank"
 
 
+# ------------------------------------------------------------------ inference on this rank's pieces
+# A decode step runs one token per row: too short to shard over tp ranks, so generation computes with the
+# local pieces directly (Megatron's inference split): colwise projections give this rank's heads / hidden
+# units, rowwise ones a partial sum that one all-reduce of (B, 1, dim) completes, and the vocabulary rows
+# of the embedding and the output are combined by an all-reduce and an all-gather.
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def local_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """x times this rank's piece of a Linear split by apply_tensor_parallel (or a whole Linear)."""
+    weight = local_tensor(linear.weight)
+    return F.linear(x, weight[linear.rows] if isinstance(linear, KVHeadLinear) else weight)
+
+
+def tp_comm(model: nn.Module) -> Comm | None:
+    """The Comm of the tp mesh `model` was split over by apply_tensor_parallel; None for a whole model.
+    A model split any other way (FSDP shards) is refused: its pieces are not what a forward can use."""
+    from torch.distributed.tensor import DTensor
+
+    weight = model.layers[0].attention.wq.weight
+    if not isinstance(weight, DTensor):
+        return None
+    mesh = weight.device_mesh
+    if mesh.mesh_dim_names != ("tp",):
+        raise ValueError(f"this model's weights are DTensors over the {mesh.mesh_dim_names} mesh: generation takes "
+                         "whole weights or a tensor-parallel split (apply_tensor_parallel over a 'tp' mesh), not "
+                         "FSDP/HSDP shards; load the weights unsharded (longctx.eval.load_checkpoint_model)")
+    return Comm.get(mesh)
+
+
+def vocab_parallel_embedding(embedding: nn.Embedding, ids: torch.Tensor, comm: Comm) -> torch.Tensor:
+    """Embedding rows split by vocabulary over tp: each rank looks up the ids it holds, one all-reduce."""
+    weight = local_tensor(embedding.weight)
+    rows = weight.shape[0]
+    local_ids = ids - comm.rank * rows
+    own = (local_ids >= 0) & (local_ids < rows)
+    out = F.embedding(torch.where(own, local_ids, torch.zeros_like(local_ids)), weight)
+    return comm.all_reduce(out.masked_fill(~own[..., None], 0), phase=PHASE)
+
+
+def vocab_parallel_logits(output: nn.Linear, hidden: torch.Tensor, comm: Comm) -> torch.Tensor:
+    """Logits over the whole vocabulary from output rows split over tp: one all-gather of (B, vocab/tp)."""
+    return torch.cat(comm.all_gather(local_linear(output, hidden), phase=PHASE), dim=-1)
+
+
 # ------------------------------------------------------------------------------------ vocab-parallel loss
 def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _split_vocab_terms(logits, labels, vocab_start: int, comm: Comm, ignore_index: int):
+    """Cross-entropy of (tokens, vocab / tp) logits, this rank's columns starting at vocab_start, against
+    labels over the whole vocabulary: an all-reduce MAX of the row maxima and one all-reduce SUM of (sum of
+    exp, target logit). Returns per-token losses (0 where ignored) and the pieces the gradient needs."""
+    valid = labels != ignore_index
+    local_t = labels - vocab_start
+    own = valid & (local_t >= 0) & (local_t < logits.shape[-1])
+    idx = torch.where(own, local_t, torch.zeros_like(local_t))[:, None]
+    m = comm.all_reduce(logits.amax(dim=-1), phase=PHASE, op="max")
+    e = torch.exp(logits - m[:, None])
+    picked = torch.where(own, logits.gather(1, idx)[:, 0], torch.zeros_like(m))
+    sums = comm.all_reduce(torch.stack([e.sum(-1), picked]), phase=PHASE)
+    losses = torch.where(valid, m + sums[0].log() - sums[1], torch.zeros_like(m))
+    return losses, e, sums[0], own, idx, valid
+
+
+def vocab_parallel_token_losses(logits, labels, *, ignore_index: int) -> torch.Tensor:
+    """Per-token cross-entropy (float32 or float64, 0 at ignored labels) of logits that are a DTensor split by
+    vocabulary over a 'tp' mesh (Shard(-1): what the tensor-parallel model returns without labels)."""
+    from torch.distributed.tensor import Shard
+
+    mesh = logits.device_mesh
+    if mesh.mesh_dim_names != ("tp",) or logits.placements != (Shard(logits.dim() - 1),):
+        raise ValueError(f"expected logits split by vocabulary over the 'tp' mesh, got {logits.placements} over "
+                         f"{mesh.mesh_dim_names}")
+    comm = Comm.get(mesh)
+    local = logits.to_local()
+    rows = local.shape[-1]
+    flat = local.reshape(-1, rows).to(_acc(local.dtype))
+    losses = _split_vocab_terms(flat, labels.reshape(-1), comm.rank * rows, comm, ignore_index)[0]
+    return losses.view(labels.shape)
 
 
 class _VocabParallelCE(torch.autograd.Function):
@@ -139,26 +220,18 @@ class _VocabParallelCE(torch.autograd.Function):
     def forward(ctx, hidden, w_local, labels, vocab_start: int, comm: Comm, chunk: int, ignore_index: int,
                 want: bool):
         acc = _acc(hidden.dtype)
-        n, rows = hidden.shape[0], w_local.shape[0]
+        n = hidden.shape[0]
         total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if want else None
         grad_w = torch.zeros(w_local.shape, dtype=acc, device=w_local.device) if want else None
         step = chunk if chunk > 0 else max(n, 1)
         for s0 in range(0, n, step):
             h, y = hidden[s0:s0 + step], labels[s0:s0 + step]
-            valid = y != ignore_index
-            local_t = y - vocab_start
-            own = valid & (local_t >= 0) & (local_t < rows)
-            idx = torch.where(own, local_t, torch.zeros_like(local_t))[:, None]
             logits = (h @ w_local.t()).to(acc)  # (chunk, vocab / tp): the only vocab-sized tensor
-            m = comm.all_reduce(logits.amax(dim=-1), phase=PHASE, op="max")
-            e = torch.exp(logits - m[:, None])
-            picked = torch.where(own, logits.gather(1, idx)[:, 0], torch.zeros_like(m))
-            sums = comm.all_reduce(torch.stack([e.sum(-1), picked]), phase=PHASE)
-            lse = m + sums[0].log()
-            total += torch.where(valid, lse - sums[1], torch.zeros_like(lse)).sum()
+            losses, e, denom, own, idx, valid = _split_vocab_terms(logits, y, vocab_start, comm, ignore_index)
+            total += losses.sum()
             if want:
-                probs = e.div_(sums[0][:, None])  # softmax over the whole vocabulary, this rank's columns
+                probs = e.div_(denom[:, None])  # softmax over the whole vocabulary, this rank's columns
                 probs.scatter_add_(1, idx, -own.to(acc)[:, None])  # minus one-hot where this rank owns the target
                 probs.mul_(valid[:, None].to(acc))
                 grad_h[s0:s0 + step] = probs @ w_local.to(acc)

@@ -305,6 +305,34 @@ def model_weights(path: str, log=print) -> tuple[dict, str]:
     return {re.sub(r"^\d+\.", "", k): v for k, v in state.items()}, path  # "0.layers.3..." (a pipeline stage)
 
 
+def load_model_pieces(model, path: str, log=print) -> str:
+    """Read a checkpoint's weights into `model` as it is split (DTensor pieces: each rank reads its own
+    slices through DCP; collective), whatever layout wrote it; returns the checkpoint directory used.
+    Pipeline stage prefixes of the saved names ("model.0.layers.3...") are matched to the model's names."""
+    import torch.distributed.checkpoint as dcp
+
+    path = locate(path, path, log=log)
+    mine = model.state_dict()
+    if os.path.isfile(os.path.join(path, "model.pt")):  # a DeepSpeed checkpoint: full weights, keep our pieces
+        from ..model.parallelize import write_local_piece
+
+        full = torch.load(os.path.join(path, "model.pt"), weights_only=True)
+        with torch.no_grad():
+            for name, tensor in mine.items():
+                write_local_piece(tensor, full[name])
+        return path
+    saved = {}
+    for key in dcp.FileSystemReader(path).read_metadata().state_dict_metadata:
+        if key.startswith("model."):
+            saved[re.sub(r"^\d+\.", "", key.removeprefix("model."))] = key
+    missing = sorted(set(mine) - set(saved))
+    if missing:
+        raise ValueError(f"checkpoint {path} has no {missing[0]} (and {len(missing) - 1} more) for this model: was it "
+                         f"written by another model? its config is {os.path.join(path, 'config.yaml')}")
+    dcp.load({saved[name]: tensor for name, tensor in mine.items()}, checkpoint_id=path)
+    return path
+
+
 def export(path: str, out: str, fmt: str = "torch") -> dict:
     """A checkpoint's model weights as one plain state dict file that loads into the unparallelised model
     (fmt "torch"), or as a Hugging Face directory (config.json + safetensors) that transformers loads

@@ -33,15 +33,18 @@ def passkey_checkpoint(tmp_path_factory):
 
 def test_needle_eval_writes_json_and_heatmap_and_ranks_agree(passkey_checkpoint, tmp_path):
     outs = {}
-    for nproc in (1, 2):
-        js, png = tmp_path / f"n{nproc}.json", tmp_path / f"n{nproc}.png"
+    for nproc, tp in ((1, 1), (2, 1), (2, 2)):  # one process; two context ranks; the model split over two ranks
+        js, png = tmp_path / f"n{nproc}tp{tp}.json", tmp_path / f"n{nproc}tp{tp}.png"
         assert main(["eval", "needle", "--checkpoint", passkey_checkpoint, "--lengths", "48,64", "--depths", "0,1",
-                     "--samples", "3", "--nproc", str(nproc), "--json", str(js), "--plot", str(png)]) == 0
-        outs[nproc] = json.loads(js.read_text())
+                     "--samples", "3", "--nproc", str(nproc), "--tp", str(tp), "--json", str(js),
+                     "--plot", str(png)]) == 0
+        outs[nproc, tp] = json.loads(js.read_text())
         assert os.path.getsize(png) > 1000
-    assert [(r["length"], r["depth"]) for r in outs[1]] == [(48, 0.0), (48, 1.0), (64, 0.0), (64, 1.0)]
-    assert all(set(r) >= {"length", "depth", "accuracy"} and 0 <= r["accuracy"] <= 1 for r in outs[1])
-    assert [r["correct"] for r in outs[1]] == [r["correct"] for r in outs[2]]  # the same greedy answers
+    one = outs[1, 1]
+    assert [(r["length"], r["depth"]) for r in one] == [(48, 0.0), (48, 1.0), (64, 0.0), (64, 1.0)]
+    assert all(set(r) >= {"length", "depth", "accuracy"} and 0 <= r["accuracy"] <= 1 for r in one)
+    for key in ((2, 1), (2, 2)):
+        assert [r["correct"] for r in one] == [r["correct"] for r in outs[key]], key  # the same greedy answers
 
 
 def test_needle_eval_bad_input_is_one_line(passkey_checkpoint):
@@ -57,6 +60,11 @@ def test_needle_eval_bad_input_is_one_line(passkey_checkpoint):
     assert r.returncode == 2 and "does not exist" in r.stderr
     r = cli("eval", "needle", "--checkpoint", passkey_checkpoint, "--lengths", "64", "--depths", "2")
     assert r.returncode == 2 and "between 0 and 1" in r.stderr and r.stderr.startswith("longctx: error:")
+    for argv, message in [(["--nproc", "4", "--tp", "3"], "--tp 3 does not divide --nproc 4"),
+                          (["--nproc", "4", "--tp", "4"], "--tp 4 does not fit this checkpoint's model: "
+                                                          "model.n_heads=2 is not divisible by parallel.tp=4")]:
+        r = cli("eval", "needle", "--checkpoint", passkey_checkpoint, "--lengths", "64", *argv)
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
 def test_perplexity_by_position_agrees_across_ranks(tmp_path, capsys):
@@ -68,20 +76,24 @@ def test_perplexity_by_position_agrees_across_ranks(tmp_path, capsys):
                  f"data.path={tmp_path / 'ds'}", "train.seq_len=64", "train.batch_size=2", "train.steps=2",
                  "checkpoint.interval=2", "logging.quiet=true", "logging.tensorboard=false", f"run_dir={run_dir}"]) == 0
     got = {}
-    for nproc in (1, 2):
-        js = tmp_path / f"p{nproc}.json"
+    for nproc, tp in ((1, 1), (2, 1), (4, 2)):  # (4, 2): two context ranks, each a pair of tensor-parallel ranks
+        js = tmp_path / f"p{nproc}tp{tp}.json"
         assert main(["eval", "ppl", "--checkpoint", str(run_dir / "checkpoints"), "--buckets", "4", "--sequences", "6",
-                     "--nproc", str(nproc), "--json", str(js)]) == 0
-        got[nproc] = json.loads(js.read_text())
-    assert [r["tokens"] for r in got[1]] == [r["tokens"] for r in got[2]] and got[1][0]["tokens"] > 0
-    for a, b in zip(got[1], got[2]):
-        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
+                     "--nproc", str(nproc), "--tp", str(tp), "--json", str(js)]) == 0
+        got[nproc, tp] = json.loads(js.read_text())
+    one = got[1, 1]
+    assert one[0]["tokens"] > 0
+    for key in ((2, 1), (4, 2)):
+        assert [r["tokens"] for r in one] == [r["tokens"] for r in got[key]], key
+        for a, b in zip(one, got[key]):
+            assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (key, a, b)
     # bad input is one line, found in this process before any rank starts (nothing here imports the optimizer)
     ck = str(run_dir / "checkpoints")
     for argv, message in [
         (["--data", str(tmp_path / "nope"), "--nproc", "2"], f"--data='{tmp_path / 'nope'}' is not a prepared dataset"),
         (["--nproc", "3", "--seq-len", "100"], "--seq-len 100 is not divisible by 6"),
         (["--seq-len", "4", "--buckets", "8"], "--seq-len at least the bucket count"),
+        (["--nproc", "2", "--tp", "2", "--seq-len", "63", "--buckets", "4"], "use a multiple of 2"),
     ]:
         assert _main_here(["eval", "ppl", "--checkpoint", ck, *argv]) == 2
         err = capsys.readouterr().err

@@ -55,3 +55,32 @@ def generate_case(case):
 
 def run_cases(cases):
     return [generate_case(c) for c in cases]
+
+
+def tp_cases(cases):
+    """Generation with the model split over tp ranks (apply_tensor_parallel) and the prompt over cp ranks."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from longctx.parallel.tensor import apply_tensor_parallel, tp_comm
+
+    out = []
+    for case in cases:
+        tp = case["tp"]
+        mesh = init_device_mesh("cpu", (dist.get_world_size() // tp, tp), mesh_dim_names=("cp", "tp"))
+        model = tiny_model(*case.get("model", ()))
+        apply_tensor_parallel(model, mesh["tp"])
+        tp_stats = tp_comm(model).stats  # (a second mesh of one shape may hand DTensor the first one's groups)
+        tp_stats.reset()
+        if case.get("group") == "world":
+            try:
+                model.generate(prompts(case["lengths"]), max_new_tokens=1)
+            except ValueError as e:
+                out.append({"error": str(e)})
+            continue
+        res = model.generate(prompts(case["lengths"]), max_new_tokens=case["steps"], strategy=case["strategy"],
+                             decode=case["decode"], group=mesh["cp"].get_group(), return_logits=True)
+        out.append({"tokens": [t.tolist() for t in res.tokens], "logits": torch.stack(res.logits),
+                    "tp_bytes": tp_stats.bytes("tp"), "local_wq": tuple(model.layers[0].attention.wq.weight
+                                                                       .to_local().shape)})
+    return out

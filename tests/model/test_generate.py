@@ -6,7 +6,7 @@ import torch
 
 from longctx.launch import run
 
-from ._gen_workers import greedy_reference, prompts, run_cases, tiny_model
+from ._gen_workers import greedy_reference, prompts, run_cases, tiny_model, tp_cases
 
 LENGTHS = [13, 6]  # unequal prompts, batch 2
 
@@ -83,3 +83,20 @@ def test_sliding_window_layers_decode_inside_their_window():
     for rank, per_rank in enumerate(run(run_cases, 2, args=(cases,), timeout=180)):
         for case, r in zip(cases, per_rank):
             _same(ref, r, (rank, case["strategy"]))
+
+
+def test_tensor_parallel_model_generates_like_one_process():
+    """Weights split over tp ranks (each holds 1/tp of every projection), the prompt over cp ranks: the same
+    tokens and logits as the whole model on one process, with tp > n_kv_heads (shared K/V heads) too."""
+    steps = 5
+    ref = _reference(LENGTHS, steps)
+    cases = [dict(tp=2, strategy="zigzag", decode="tree", lengths=LENGTHS, steps=steps),
+             dict(tp=2, strategy="striped", decode="ring", lengths=LENGTHS, steps=steps),
+             dict(tp=4, strategy="zigzag", decode="tree", lengths=LENGTHS, steps=steps),  # 2 K/V heads, 4 ranks
+             dict(tp=2, group="world", lengths=LENGTHS)]
+    for rank, per_rank in enumerate(run(tp_cases, 4, args=(cases,), timeout=180)):
+        for case, r in zip(cases[:3], per_rank[:3]):
+            _same(ref, r, (rank, case))
+            assert r["local_wq"] == (32 // case["tp"], 32)  # this rank holds its heads' rows only
+            assert r["tp_bytes"] > 0, (rank, case, r["tp_bytes"])
+        assert "overlap the model's tensor-parallel ranks" in per_rank[3]["error"]

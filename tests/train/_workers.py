@@ -138,3 +138,15 @@ def stopped_by_signal(config: dict, signal_rank: int, at_step: int) -> dict:
     trainer.train_step = train_step
     summary = trainer.fit()
     return {"summary": summary, "steps": [r["step"] for r in trainer.history]}
+
+
+def tp_pieces(path: str, tp: int) -> dict:
+    """A checkpoint loaded for evaluation with the model split over tp ranks: the whole weights, regathered."""
+    from longctx.eval import load_checkpoint_model
+    from longctx.parallel.dims import ParallelDims
+
+    world = dist.get_world_size()
+    mesh = ParallelDims(cp=world // tp, tp=tp, world_size=world).build_mesh()
+    model, _ = load_checkpoint_model(path, log=lambda *a, **k: None, mesh=mesh)
+    local = tuple(model.layers[0].attention.wq.weight.to_local().shape)
+    return {"local_wq": local, "state": {k: v.full_tensor() for k, v in model.state_dict().items()}}

@@ -14,12 +14,14 @@ from longctx.launch.local import RankError
 from longctx.model import build_model
 from longctx.train import checkpoint, validate_job
 
-from ._workers import config, resume_errors, train_and_collect
+from ._workers import config, resume_errors, tp_pieces, train_and_collect
 
 CP2 = ["parallel.cp=2", "parallel.dp_shard=1"]
 
 
-def _run(world, *configs, stop_after=None):
+def _run(world, *configs, stop_after=None, fn=None):
+    if fn is not None:
+        return run(fn, world, args=configs, timeout=300)
     return run(train_and_collect, world, args=(list(configs), stop_after), timeout=300)
 
 
@@ -115,6 +117,23 @@ def test_export_loads_into_the_plain_model(tmp_path):
     assert _same(state, res["params"])
     tokens = torch.randint(0, 64, (1, 16))
     assert model(tokens).shape == (1, 16, from_dict(cfg).model.vocab_size)
+
+
+def test_evaluation_reads_its_tensor_parallel_pieces_of_a_pipeline_checkpoint(tmp_path):
+    """A checkpoint written by pipeline stages (saved as "model.0.layers...") loads into a model split over
+    tp ranks for evaluation: each rank reads its rows through DCP, and together they are the saved weights."""
+    run_dir = str(tmp_path / "pp")
+    _run(2, config("parallel.pp=2", "parallel.cp=1", "parallel.dp_shard=1", "train.steps=1",
+                   "checkpoint.interval=1", run_dir=run_dir))
+    root = os.path.join(run_dir, "checkpoints")
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(checkpoint.locate(root, root)).read_metadata().state_dict_metadata
+    assert "model.0.layers.1.attention.wq.weight" in keys  # a rank's stage is its module 0; layers keep their names
+    saved = checkpoint.export(root, str(tmp_path / "model.pt"))
+    for got in _run(2, root, 2, fn=tp_pieces):
+        assert got["local_wq"] == (16, 32)  # half of the 32 query rows
+        assert _same(got["state"], saved)
 
 
 def test_cli_export_and_its_errors(tmp_path, capsys):
