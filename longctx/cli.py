@@ -1,4 +1,4 @@
-"""The `longctx` command: train, launch, config, checkpoint, data, eval, bench, info, demo.
+"""The `longctx` command: train, launch, config, checkpoint, data, eval, generate, bench, info, demo.
 
 A user error (bad config, bad argument, impossible layout) is one line on stderr, `longctx: error: ...`,
 exit status 2; a failure inside a rank shows that rank's traceback, exit status 1. LONGCTX_DEBUG=1 shows
@@ -14,7 +14,7 @@ import os
 import platform
 import sys
 
-from .cli_data import _float_list, _int_list, cmd_data_prepare, cmd_eval
+from .cli_data import _float_list, _int_list, cmd_data_prepare, cmd_eval, cmd_generate
 
 # bench name -> module with add_arguments(parser) and run(args) -> list[dict] (and optionally validate(args))
 BENCHES = {
@@ -168,10 +168,24 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--sequences", type=_positive_int, default=8, help="windows evaluated (default 8)")
     ppl.add_argument("--buckets", type=_positive_int, default=8, help="position buckets (default 8)")
     ppl.add_argument("--json", default=None, help="write the buckets here")
-    for e in (needle, ppl):
+    gen = sub.add_parser("generate", help="continue prompts with a checkpoint's model (context-parallel prefill, "
+                                          "tree decoding; --tp splits the model)")
+    gen.add_argument("--prompt", action="append", default=[], help="a text prompt (repeat for a batch)")
+    gen.add_argument("--ids", action="append", type=_int_list, default=[],
+                     help="a prompt as comma-separated token ids, e.g. 5,9,12 (repeat for a batch)")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to add (default 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampled")
+    gen.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k likeliest tokens")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (the same draws on every rank)")
+    gen.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the checkpoint's, from "
+                                                        "its dataset or Hugging Face directory)")
+    gen.add_argument("--decode", choices=["tree", "ring"], default="tree", help="decoding over the ranks")
+    gen.add_argument("--json", default=None, help="write prompts and continuations here")
+    for e in (needle, ppl, gen):
         e.add_argument("--checkpoint", required=True, help="a checkpoint (step_NNNNNNNN) or a checkpoint root")
-        e.add_argument("--nproc", type=_positive_int, default=1, help="context-parallel ranks (simulated cluster); "
-                                                                      "under torchrun the world is used")
+        e.add_argument("--nproc", type=_positive_int, default=1, help="ranks of the simulated cluster (context-"
+                                                                      "parallel; cp x tp with --tp); under torchrun "
+                                                                      "the world is used")
         e.add_argument("--strategy", default="zigzag", help="sequence-parallel strategy for the prompt / sequence")
         e.add_argument("--tp", type=_positive_int, default=1,
                        help="split the model over this many tensor-parallel ranks (a divisor of the ranks; the "
@@ -328,9 +342,10 @@ def _dispatch(args) -> int:
         return cmd_config_show(args)
     if args.command == "checkpoint":
         return cmd_checkpoint_export(args)
-    if args.command in ("data", "eval"):
+    if args.command in ("data", "eval", "generate"):
         with _checking():  # their ValueErrors are about the user's files and arguments
-            return cmd_data_prepare(args) if args.command == "data" else cmd_eval(args)
+            command = {"data": cmd_data_prepare, "eval": cmd_eval, "generate": cmd_generate}[args.command]
+            return command(args)
     module = importlib.import_module(args._module)
     with _checking():  # in this process: a bad argument never reaches the ranks
         module.validate(args)

@@ -1,5 +1,6 @@
-"""`longctx data prepare` and `longctx eval needle|ppl`: the command side (parsing lives in cli.py, which runs
-these inside its user-error handling: a ValueError here is the user's, printed as one line)."""
+"""`longctx data prepare`, `longctx eval needle|ppl` and `longctx generate`: the command side (parsing lives
+in cli.py, which runs these inside its user-error handling: a ValueError here is the user's, printed as one
+line)."""
 
 from __future__ import annotations
 
@@ -46,21 +47,12 @@ def _check_ppl_args(args, cfg) -> None:
               vocab_size=cfg.model.vocab_size, tp=args.tp)
 
 
-def cmd_eval(args) -> int:
-    import json
-
-    from .eval.needle import check_grid, format_table, write_needle
+def _checked_checkpoint(args):
+    """The checks every command on a checkpoint shares, in this process; returns its resolved config."""
     from .eval.weights import check_eval_tp
-    from .launch import run
-    from .launch.entry import eval_main
     from .parallel.sequence.registry import get_strategy
 
-    kind = args.eval_command
-    params = {k: getattr(args, k, None) for k in ("checkpoint", "lengths", "depths", "samples", "decode", "strategy",
-                                                   "data", "seq_len", "sequences", "buckets", "tp")}
     get_strategy(args.strategy)
-    if kind == "needle":
-        check_grid(args.lengths, args.depths, args.samples)
     if not os.path.exists(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint!r} does not exist; give a checkpoint directory "
                          "(step_NNNNNNNN) or a checkpoint root (run_dir/checkpoints)")
@@ -69,12 +61,32 @@ def cmd_eval(args) -> int:
                          f"context-parallel groups of --tp tensor-parallel ranks; choose a divisor of {args.nproc}")
     cfg = _checkpoint_config(args)
     check_eval_tp(cfg, args.tp)
+    return cfg
+
+
+def _on_ranks(kind: str, params: dict, nproc: int):
+    from .launch import run
+    from .launch.entry import eval_main
+
+    if nproc > 1:
+        return run(eval_main, nproc, args=(kind, params), timeout=24 * 3600.0)[0]
+    return eval_main(kind, params)
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from .eval.needle import check_grid, format_table, write_needle
+
+    kind = args.eval_command
+    params = {k: getattr(args, k, None) for k in ("checkpoint", "lengths", "depths", "samples", "decode", "strategy",
+                                                   "data", "seq_len", "sequences", "buckets", "tp")}
+    if kind == "needle":
+        check_grid(args.lengths, args.depths, args.samples)
+    cfg = _checked_checkpoint(args)
     if kind == "ppl":
         _check_ppl_args(args, cfg)
-    if args.nproc > 1:
-        records = run(eval_main, args.nproc, args=(kind, params), timeout=24 * 3600.0)[0]
-    else:
-        records = eval_main(kind, params)
+    records = _on_ranks(kind, params, args.nproc)
     if kind == "needle":
         print(format_table(records))
         write_needle(records, args.json, args.plot)
@@ -88,3 +100,41 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    import json
+
+    from .eval.weights import checkpoint_tokenizer
+
+    if not args.prompt and not args.ids:
+        raise ValueError("nothing to continue: give --prompt TEXT or --ids 5,9,12 (each may be repeated)")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature {args.temperature}: must be >= 0 (0: greedy)")
+    cfg = _checked_checkpoint(args)
+    tok = checkpoint_tokenizer(cfg, args.tokenizer)
+    if args.prompt and tok is None:
+        raise ValueError(f"--prompt is text, but this checkpoint trained on data.source={cfg.data.source!r} (no "
+                         "tokenizer recorded); give its token ids with --ids, or --tokenizer byte / a tokenizer.json")
+    prompts = [tok.encode(text) for text in args.prompt] + [list(ids) for ids in args.ids]
+    vocab = cfg.model.vocab_size
+    for i, ids in enumerate(prompts):
+        if not ids:
+            raise ValueError(f"prompt {i} is empty; give at least one token")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"prompt {i} has token id {max(ids) if max(ids) >= vocab else min(ids)}, outside the "
+                             f"model's vocabulary 0..{vocab - 1}")
+    params = {"checkpoint": args.checkpoint, "prompts": prompts, "max_new_tokens": args.max_new_tokens,
+              "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed, "strategy": args.strategy,
+              "decode": args.decode, "tp": args.tp, "eos_id": tok.eos_id if tok is not None else None}
+    outputs = _on_ranks("generate", params, args.nproc)
+    records = []
+    for i, (ids, new) in enumerate(zip(prompts, outputs)):
+        text = tok.decode(new) if tok is not None else None
+        records.append({"prompt_ids": ids, "ids": new, "prompt": tok.decode(ids) if tok is not None else None,
+                        "text": text})
+        print(f"--- {i}: {len(ids)} prompt tokens, {len(new)} new")
+        print(text if text is not None else ",".join(map(str, new)))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    return 0

@@ -70,3 +70,35 @@ def _load_split(path: str, log, mesh, device: torch.device):
     model.to_empty(device=device)
     load_model_pieces(model, found, log=log)
     return model.eval(), cfg
+
+
+def checkpoint_tokenizer(cfg, spec: str | None = None):
+    """The tokenizer a checkpoint's model reads: `spec` when given, else its Hugging Face directory's, else
+    the one its prepared dataset was made with (checked against the recorded hash). None when nothing says
+    (synthetic data: its token ids are the task's, not text)."""
+    import json
+
+    from ..data.tokenizer import load_tokenizer
+
+    if spec:
+        tok = load_tokenizer(spec)
+    elif cfg.model.hf_path and os.path.isfile(os.path.join(cfg.model.hf_path, "tokenizer.json")):
+        tok = load_tokenizer(cfg.model.hf_path)
+    elif cfg.data.path and os.path.isfile(os.path.join(cfg.data.path, "meta.json")):
+        with open(os.path.join(cfg.data.path, "meta.json")) as f:
+            meta = json.load(f)
+        try:
+            tok = load_tokenizer(meta["tokenizer"])
+        except ValueError:
+            raise ValueError(f"the checkpoint's dataset {cfg.data.path} was made with tokenizer {meta['tokenizer']!r}, "
+                             "which is not there any more; pass --tokenizer") from None
+        if tok.sha256 != meta.get("tokenizer_sha256"):
+            raise ValueError(f"{meta['tokenizer']} has changed since {cfg.data.path} was made with it (another "
+                             "sha256); pass the tokenizer the model was trained with as --tokenizer")
+    else:
+        return None
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"the tokenizer ({tok.name}) has {tok.vocab_size} ids but the model has "
+                         f"model.vocab_size={cfg.model.vocab_size}: not the tokenizer it was trained with; pass "
+                         "that one as --tokenizer")
+    return tok

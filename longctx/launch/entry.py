@@ -16,32 +16,51 @@ def train_main(config: dict, config_path: str | None = None, steps: int | None =
         return Trainer(cfg, config_path=config_path).fit(steps)
 
 
-def eval_main(kind: str, params: dict, timeout_s: float = 600.0):
-    """`longctx eval needle|ppl` in the process group this process finds (harness, torchrun, one process):
-    every rank loads the checkpoint (whole, or with --tp its pieces over a (cp, tp) mesh) and takes part;
-    rank 0's log lines are printed."""
+def _eval_model(params: dict, log):
+    """(model, config, cp group) of `params["checkpoint"]` on every rank: whole, or with params["tp"] > 1 its
+    pieces over a (cp, tp) mesh, the group then being the mesh's cp ranks (None: the whole world)."""
     import torch.distributed as dist
 
-    from ..eval import load_checkpoint_model, needle_grid, perplexity_by_position
+    from ..eval import load_checkpoint_model
     from ..eval.weights import eval_device
     from ..parallel.dims import ParallelDims, device_type_from_env
+
+    world, tp = dist.get_world_size(), int(params.get("tp") or 1)
+    if world % tp:
+        raise ValueError(f"--tp {tp} does not divide the {world} ranks; choose a tp degree that divides "
+                         f"the number of processes")
+    mesh, group = None, None
+    if tp > 1:
+        mesh = ParallelDims(cp=world // tp, tp=tp, world_size=world, strategy=params["strategy"]).build_mesh()
+        group = mesh.cp.get_group()
+    model, cfg = load_checkpoint_model(params["checkpoint"], log=log, mesh=mesh,
+                                       device=eval_device(device_type_from_env()))
+    return model, cfg, group
+
+
+def eval_main(kind: str, params: dict, timeout_s: float = 600.0):
+    """`longctx eval needle|ppl` and `longctx generate` in the process group this process finds (harness,
+    torchrun, one process): every rank loads the checkpoint (whole, or with --tp its pieces over a (cp, tp)
+    mesh) and takes part; rank 0's log lines are printed."""
+    import torch.distributed as dist
+
+    from ..eval import needle_grid, perplexity_by_position
 
     with process_group(timeout_s):
         rank0 = dist.get_rank() == 0
         log = print if rank0 else (lambda *a, **k: None)
-        world, tp = dist.get_world_size(), int(params.get("tp") or 1)
-        if world % tp:
-            raise ValueError(f"--tp {tp} does not divide the {world} ranks; choose a tp degree that divides "
-                             f"the number of processes")
-        mesh, group = None, None
-        if tp > 1:
-            mesh = ParallelDims(cp=world // tp, tp=tp, world_size=world, strategy=params["strategy"]).build_mesh()
-            group = mesh.cp.get_group()
-        model, cfg = load_checkpoint_model(params["checkpoint"], log=log, mesh=mesh,
-                                           device=eval_device(device_type_from_env()))
+        model, cfg, group = _eval_model(params, log)
         if kind == "needle":
             return needle_grid(model, cfg, params["lengths"], params["depths"], samples=params["samples"],
                                strategy=params["strategy"], decode=params["decode"], log=log, group=group)
+        if kind == "generate":
+            import torch
+
+            out = model.generate([torch.tensor(p, dtype=torch.long) for p in params["prompts"]],
+                                 max_new_tokens=params["max_new_tokens"], group=group, strategy=params["strategy"],
+                                 decode=params["decode"], temperature=params["temperature"], top_k=params["top_k"],
+                                 eos_id=params["eos_id"], seed=params["seed"])
+            return [t.tolist() for t in out.tokens]
         return perplexity_by_position(model, params["data"] or cfg.data.path, seq_len=params["seq_len"] or
                                       cfg.train.seq_len, sequences=params["sequences"], buckets=params["buckets"],
                                       strategy=params["strategy"], group=group)

@@ -67,7 +67,10 @@ def test_needle_eval_bad_input_is_one_line(passkey_checkpoint):
         assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
-def test_perplexity_by_position_agrees_across_ranks(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """A run trained on a prepared (byte-tokenized) text dataset: (its run directory, the dataset)."""
+    tmp_path = tmp_path_factory.mktemp("text")
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": "abcdefghij" * (i + 3)}) + "\n" for i in range(40)))
     assert main(["data", "prepare", "--input", str(corpus), "--output", str(tmp_path / "ds"), "--quiet"]) == 0
@@ -75,6 +78,11 @@ def test_perplexity_by_position_agrees_across_ranks(tmp_path, capsys):
     assert main(["train", "configs/tiny.yaml", "parallel.cp=1", "model.vocab_size=258", "data.source=tokens",
                  f"data.path={tmp_path / 'ds'}", "train.seq_len=64", "train.batch_size=2", "train.steps=2",
                  "checkpoint.interval=2", "logging.quiet=true", "logging.tensorboard=false", f"run_dir={run_dir}"]) == 0
+    return run_dir, tmp_path / "ds"
+
+
+def test_perplexity_by_position_agrees_across_ranks(text_run, tmp_path, capsys):
+    run_dir, _ = text_run
     got = {}
     for nproc, tp in ((1, 1), (2, 1), (4, 2)):  # (4, 2): two context ranks, each a pair of tensor-parallel ranks
         js = tmp_path / f"p{nproc}tp{tp}.json"
@@ -99,3 +107,70 @@ def test_perplexity_by_position_agrees_across_ranks(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("longctx: error:") and message in err and err.count("\n") == 1, err
 
+
+
+def test_generate_continues_text_prompts_the_same_on_any_layout(text_run, tmp_path):
+    """`longctx generate` with the tokenizer the checkpoint's dataset was made with: one process, two context
+    ranks and the model split over two tensor-parallel ranks give the same greedy continuation."""
+    run_dir, _ = text_run
+    got = {}
+    for nproc, tp in ((1, 1), (2, 1), (2, 2)):
+        js = tmp_path / f"g{nproc}tp{tp}.json"
+        assert main(["generate", "--checkpoint", str(run_dir / "checkpoints"), "--prompt", "abcdefghijabc",
+                     "--prompt", "abcd", "--max-new-tokens", "6", "--nproc", str(nproc), "--tp", str(tp),
+                     "--json", str(js)]) == 0
+        got[nproc, tp] = json.loads(js.read_text())
+    one = got[1, 1]
+    assert [r["prompt"] for r in one] == ["abcdefghijabc", "abcd"] and [len(r["ids"]) for r in one] == [6, 6]
+    assert all(r["text"] == bytes(i for i in r["ids"] if i < 256).decode("utf-8", "replace") for r in one)
+    for key in ((2, 1), (2, 2)):
+        assert [r["ids"] for r in got[key]] == [r["ids"] for r in one], key
+
+
+def test_generate_takes_token_ids_and_refuses_bad_prompts(passkey_checkpoint, tmp_path, capsys):
+    js = tmp_path / "ids.json"
+    assert main(["generate", "--checkpoint", passkey_checkpoint, "--ids", "3,5,7,9", "--max-new-tokens", "3",
+                 "--json", str(js)]) == 0
+    [record] = json.loads(js.read_text())
+    assert record["prompt_ids"] == [3, 5, 7, 9] and len(record["ids"]) == 3 and record["text"] is None
+    for argv, message in [
+        ([], "nothing to continue"),
+        (["--prompt", "hello"], "no tokenizer recorded); give its token ids with --ids"),
+        (["--ids", "3,64"], "prompt 0 has token id 64, outside the model's vocabulary 0..63"),
+        (["--ids", "3", "--temperature", "-1"], "--temperature -1.0: must be >= 0"),
+        (["--ids", "3", "--nproc", "2", "--tp", "4"], "--tp 4 does not divide --nproc 2"),
+        (["--prompt", "hello", "--tokenizer", "byte"], "the tokenizer (byte) has 258 ids but the model has "
+                                                         "model.vocab_size=64"),
+    ]:
+        assert _main_here(["generate", "--checkpoint", passkey_checkpoint, *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("longctx: error:") and message in err and err.count("\n") == 1, err
+
+
+def test_the_checkpoint_tokenizer_is_the_one_its_data_was_made_with(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers", reason="tokenizer.json needs `tokenizers` (extra: hf)")
+    from tokenizers import models, pre_tokenizers
+
+    from longctx.config import load
+    from longctx.data.prepare import prepare
+    from longctx.eval.weights import checkpoint_tokenizer
+
+    tok = tokenizers.Tokenizer(models.WordLevel({"[UNK]": 0, "</s>": 1, "long": 2, "context": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "long context"}) + "\n")
+    prepare(str(tmp_path / "d.jsonl"), str(tmp_path / "ds"), tokenizer=str(tmp_path / "tokenizer.json"),
+            progress=False)
+    cfg = load(overrides=["data.source=tokens", f"data.path={tmp_path / 'ds'}", "model.vocab_size=8"])
+    found = checkpoint_tokenizer(cfg)
+    assert found.encode("long context") == [2, 3] and found.eos_id == 1
+    with pytest.raises(ValueError, match="the tokenizer \\(byte\\) has 258 ids but the model has model.vocab_size=8"):
+        checkpoint_tokenizer(cfg, "byte")
+    assert checkpoint_tokenizer(load(overrides=["data.source=synthetic"])) is None  # token ids, not text
+    tok.add_tokens(["extra"])
+    tok.save(str(tmp_path / "tokenizer.json"))  # changed after the dataset was made
+    with pytest.raises(ValueError, match="has changed since .* was made with it"):
+        checkpoint_tokenizer(cfg)
+    os.remove(tmp_path / "tokenizer.json")
+    with pytest.raises(ValueError, match="which is not there any more; pass --tokenizer"):
+        checkpoint_tokenizer(cfg)
