@@ -43,8 +43,19 @@ def _check_ppl_args(args, cfg) -> None:
     from .eval.ppl import check_ppl
 
     check_ppl(args.data or cfg.data.path, seq_len=args.seq_len or cfg.train.seq_len, sequences=args.sequences,
-              buckets=args.buckets, strategy=args.strategy, world=args.nproc // args.tp,
+              buckets=args.buckets, strategy=args.strategy, world=_ranks(args)[0] // args.tp,
               vocab_size=cfg.model.vocab_size, tp=args.tp)
+
+
+def _ranks(args) -> tuple[int, str]:
+    """How many ranks will run the command, and what sets that: torchrun's world, else --nproc."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"]), "torchrun's world size"
+    return args.nproc, "--nproc"
+
+
+def _rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints and writes
 
 
 def _checked_checkpoint(args):
@@ -56,9 +67,10 @@ def _checked_checkpoint(args):
     if not os.path.exists(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint!r} does not exist; give a checkpoint directory "
                          "(step_NNNNNNNN) or a checkpoint root (run_dir/checkpoints)")
-    if args.nproc % args.tp:
-        raise ValueError(f"--tp {args.tp} does not divide --nproc {args.nproc}: the ranks are --nproc/--tp "
-                         f"context-parallel groups of --tp tensor-parallel ranks; choose a divisor of {args.nproc}")
+    ranks, what = _ranks(args)
+    if ranks % args.tp:
+        raise ValueError(f"--tp {args.tp} does not divide {what} {ranks}: the ranks are {what}/--tp "
+                         f"context-parallel groups of --tp tensor-parallel ranks; choose a divisor of {ranks}")
     cfg = _checkpoint_config(args)
     check_eval_tp(cfg, args.tp)
     return cfg
@@ -68,7 +80,7 @@ def _on_ranks(kind: str, params: dict, nproc: int):
     from .launch import run
     from .launch.entry import eval_main
 
-    if nproc > 1:
+    if nproc > 1 and "RANK" not in os.environ:  # under torchrun this process is already one of the ranks
         return run(eval_main, nproc, args=(kind, params), timeout=24 * 3600.0)[0]
     return eval_main(kind, params)
 
@@ -87,6 +99,8 @@ def cmd_eval(args) -> int:
     if kind == "ppl":
         _check_ppl_args(args, cfg)
     records = _on_ranks(kind, params, args.nproc)
+    if not _rank0():
+        return 0
     if kind == "needle":
         print(format_table(records))
         write_needle(records, args.json, args.plot)
@@ -126,6 +140,8 @@ def cmd_generate(args) -> int:
               "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed, "strategy": args.strategy,
               "decode": args.decode, "tp": args.tp, "eos_id": tok.eos_id if tok is not None else None}
     outputs = _on_ranks("generate", params, args.nproc)
+    if not _rank0():
+        return 0
     records = []
     for i, (ids, new) in enumerate(zip(prompts, outputs)):
         text = tok.decode(new) if tok is not None else None

@@ -127,7 +127,7 @@ def test_generate_continues_text_prompts_the_same_on_any_layout(text_run, tmp_pa
         assert [r["ids"] for r in got[key]] == [r["ids"] for r in one], key
 
 
-def test_generate_takes_token_ids_and_refuses_bad_prompts(passkey_checkpoint, tmp_path, capsys):
+def test_generate_takes_token_ids_and_refuses_bad_prompts(passkey_checkpoint, tmp_path, capsys, monkeypatch):
     js = tmp_path / "ids.json"
     assert main(["generate", "--checkpoint", passkey_checkpoint, "--ids", "3,5,7,9", "--max-new-tokens", "3",
                  "--json", str(js)]) == 0
@@ -145,6 +145,10 @@ def test_generate_takes_token_ids_and_refuses_bad_prompts(passkey_checkpoint, tm
         assert _main_here(["generate", "--checkpoint", passkey_checkpoint, *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("longctx: error:") and message in err and err.count("\n") == 1, err
+    monkeypatch.setenv("RANK", "0")  # under torchrun the world size counts, not --nproc
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert _main_here(["generate", "--checkpoint", passkey_checkpoint, "--ids", "3", "--tp", "3"]) == 2
+    assert "--tp 3 does not divide torchrun's world size 4" in capsys.readouterr().err
 
 
 def test_the_checkpoint_tokenizer_is_the_one_its_data_was_made_with(tmp_path):
