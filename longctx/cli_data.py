@@ -47,15 +47,23 @@ def _check_ppl_args(args, cfg) -> None:
               vocab_size=cfg.model.vocab_size, tp=args.tp)
 
 
+def _under_torchrun() -> bool:
+    """This process is one rank of torchrun's world (what launch/env.py's process_group will join), not a
+    command run on its own (or inside a rank that already has its process group)."""
+    import torch.distributed as dist
+
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized()
+
+
 def _ranks(args) -> tuple[int, str]:
     """How many ranks will run the command, and what sets that: torchrun's world, else --nproc."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if _under_torchrun():
         return int(os.environ["WORLD_SIZE"]), "torchrun's world size"
     return args.nproc, "--nproc"
 
 
 def _rank0() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints and writes
+    return not _under_torchrun() or int(os.environ["RANK"]) == 0  # under torchrun rank 0 prints and writes
 
 
 def _checked_checkpoint(args):
@@ -80,7 +88,7 @@ def _on_ranks(kind: str, params: dict, nproc: int):
     from .launch import run
     from .launch.entry import eval_main
 
-    if nproc > 1 and "RANK" not in os.environ:  # under torchrun this process is already one of the ranks
+    if nproc > 1 and not _under_torchrun():  # under torchrun this process is already one of the ranks
         return run(eval_main, nproc, args=(kind, params), timeout=24 * 3600.0)[0]
     return eval_main(kind, params)
 

@@ -25,9 +25,9 @@ def load_checkpoint_model(path: str, log=print, *, mesh=None, device=None):
     this process until a strategy is applied (generation and perplexity go through its own layers).
 
     `mesh`: a ParallelMesh with tp > 1 (e.g. ParallelDims(cp=world // tp, tp=tp, ...)): the model is built
-    on the meta device, split over mesh.tp and each rank reads only its pieces of the weights (collective),
-    so a model that needs tensor parallelism to fit can be evaluated; generate() and perplexity take
-    mesh.cp as their group."""
+    on the meta device, split over mesh.tp (an HF model with the inference split, no sequence parallelism)
+    and each rank reads only its pieces of the weights (collective), so a model that needs tensor
+    parallelism to fit can be evaluated; generate() and perplexity take mesh.cp as their group."""
     device = torch.device(device or "cpu")
     tp = mesh.dims.tp if mesh is not None else 1
     if tp > 1:
@@ -50,11 +50,13 @@ def check_eval_tp(cfg, tp: int) -> None:
     """Whether a checkpoint's model (its resolved config) splits over `tp` tensor-parallel ranks."""
     if tp == 1:
         return
-    if cfg.model.hf_path:
-        raise ValueError(f"--tp {tp}: evaluating a Hugging Face model split over tensor-parallel ranks is not built; "
-                         "evaluate it with --tp 1 (context parallelism only)")
     try:
-        check_tp(cfg.model.n_heads, cfg.model.n_kv_heads, cfg.model.vocab_size, tp)
+        if cfg.model.hf_path:
+            from ..model.hf_tensor import check_hf_tp
+
+            check_hf_tp(cfg.model, tp)
+        else:
+            check_tp(cfg.model.n_heads, cfg.model.n_kv_heads, cfg.model.vocab_size, tp)
     except ValueError as e:
         raise ValueError(f"--tp {tp} does not fit this checkpoint's model: {e}") from None
 
@@ -64,6 +66,18 @@ def _load_split(path: str, log, mesh, device: torch.device):
     found = locate(path, path, log=log)
     cfg = load(path=os.path.join(found, "config.yaml"))
     check_eval_tp(cfg, mesh.dims.tp)
+    if cfg.model.hf_path:  # the architecture on meta, split for inference, then this rank's pieces
+        from ..model.hf import HFCausalLM, prepare_attention
+        from ..model.hf_load import build_hf_on_meta, materialize
+        from ..model.hf_tensor import apply_hf_tensor_parallel
+
+        hf = build_hf_on_meta(cfg.model.hf_path)
+        apply_hf_tensor_parallel(hf, mesh.tp, sequence_parallel=False)
+        materialize(hf, device)
+        model = HFCausalLM(hf)
+        load_model_pieces(model, found, log=log)
+        prepare_attention(hf, "zigzag", None, None, cfg.parallel.kernel, cp=1)
+        return model.eval(), cfg
     with torch.device("meta"):
         model = build_model(cfg.model, seq_len=cfg.train.seq_len)
     apply_tensor_parallel(model, mesh.tp)

@@ -41,12 +41,26 @@ class _Decode:
 
 
 class HFSteps:
-    """Prefill and decode step of an HFCausalLM (unparallelized, weights on every rank)."""
+    """Prefill and decode step of an HFCausalLM: whole weights on every rank, or split over a tp mesh by
+    apply_hf_tensor_parallel(..., sequence_parallel=False) (each rank's attention modules then see and cache
+    its heads; the logits of a step are gathered from the vocabulary split)."""
 
     def __init__(self, adapter):
+        from torch.distributed.tensor import DTensor
+
+        from ..parallel.comm import Comm
+
         use_longctx_attention(adapter.hf)
         self.adapter, self.modules = adapter, attention_modules(adapter.hf)
-        self.device = adapter.hf.lm_head.weight.device
+        weight = adapter.hf.lm_head.weight
+        self.tp = None
+        if isinstance(weight, DTensor):
+            if weight.device_mesh.mesh_dim_names != ("tp",) or isinstance(adapter.hf.model.norm.weight, DTensor):
+                raise ValueError("generate() takes an HF model whose weights are whole or split for inference by "
+                                 "apply_hf_tensor_parallel(model, tp_mesh, sequence_parallel=False) (a decode step's "
+                                 "one token per row cannot be split over the sequence; FSDP shards are not usable)")
+            self.tp = Comm.get(weight.device_mesh)
+        self.device = weight.to_local().device if isinstance(weight, DTensor) else weight.device
         self.n_caches = len(self.modules)
 
     def _with(self, handlers, fn):
@@ -75,4 +89,5 @@ class HFSteps:
         """Logits (B, vocab) of one new token per row at global `position` (RoPE: position - pad)."""
         handlers = [_Decode(cache, position, pad, decode, kernel, comm) for cache in caches]
         h = self._with(handlers, lambda: self.adapter.hidden(x[:, None], (position - pad)[:, None]))
-        return self.adapter.hf.lm_head(h)[:, 0]
+        logits = self.adapter.hf.lm_head(h)
+        return (logits.full_tensor() if self.tp is not None else logits)[:, 0]

@@ -51,17 +51,23 @@ def build_hf_on_meta(path: str, dtype=torch.float32) -> nn.Module:
     return model
 
 
+def materialize(model: nn.Module, device) -> None:
+    """Storage for the parameters (this rank's pieces) of a model built by build_hf_on_meta, on `device`,
+    keeping the values of its buffers (to_empty alone would drop them)."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model.to_empty(device=device)
+    for name, value in buffers.items():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = value.to(device)
+
+
 def load_hf_pieces(model: nn.Module, path: str, device) -> None:
     """Storage for this rank's pieces of a model built by build_hf_on_meta and parallelized, then their values
     from the checkpoint's safetensors (each rank reads its slices). Collective: every rank calls it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}  # to_empty would drop their values
-    model.to_empty(device=device)
-    for name, value in buffers.items():
-        owner, _, leaf = name.rpartition(".")
-        model.get_submodule(owner)._buffers[leaf] = value.to(device)
+    materialize(model, device)
     state = model.state_dict()
     reader = HuggingFaceStorageReader(path)
     stored = set(reader.read_metadata().state_dict_metadata)

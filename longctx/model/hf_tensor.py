@@ -35,7 +35,7 @@ _REPLICATED_IF_PRESENT = ("pre_feedforward_layernorm", "post_feedforward_layerno
 _PER_HEAD = ("self_attn.q_norm", "self_attn.k_norm")  # Qwen3: one (head_dim,) weight shared by every head
 
 
-def apply_hf_tensor_parallel(model: nn.Module, tp_mesh) -> None:
+def apply_hf_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool = True) -> None:
     """Tensor parallelism for a transformers causal LM, with sequence parallelism as Megatron and our Llama
     (parallel/tensor.py) do: between the blocks every tp rank holds 1/tp of the sequence (the residual
     stream, the norms and their saved activations); the attention and MLP inputs are all-gathered, q/k/v
@@ -49,7 +49,12 @@ def apply_hf_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     take this rank's heads as a Shard of the heads dimension, so their gradient (this rank's heads'
     share) is a Partial sum that DTensor all-reduces over tp. A parameter this plan does not place is
     refused by name: silently replicating it could leave its gradient unsummed over tp (OLMo2's q/k
-    norms span all heads' features, a reduction over the split dimension: refused)."""
+    norms span all heads' features, a reduction over the split dimension: refused).
+
+    sequence_parallel=False is the inference split (generation, evaluation): a decode step's one token per
+    row cannot be split over the sequence, so the residual stream stays whole on every tp rank, o/down and
+    the embedding all-reduce instead of reduce-scattering, the norms keep plain (whole) weights, and the
+    logits stay split by vocabulary (a DTensor: generation gathers one token's, perplexity never does)."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -58,11 +63,14 @@ def apply_hf_tensor_parallel(model: nn.Module, tp_mesh) -> None:
         parallelize_module,
     )
 
-    styles = {"colwise": ColwiseParallel, "rowwise": lambda: RowwiseParallel(output_layouts=Shard(1))}
+    between = Shard(1) if sequence_parallel else Replicate()  # the residual stream between the blocks
+    styles = {"colwise": ColwiseParallel, "rowwise": lambda: RowwiseParallel(output_layouts=between)}
     gather = {  # the decoder layers call self_attn(hidden_states=...) and mlp(hidden_states)
         "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
                                         desired_input_kwarg_layouts={"hidden_states": Replicate()}),
-        "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))}
+        "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+    } if sequence_parallel else {}
+    replicate = _replicate if sequence_parallel else (lambda module, mesh, shard_dim: None)  # whole, plain
     placed = set()
     for i, layer in enumerate(model.model.layers):
         names = dict(layer.named_modules())
@@ -73,19 +81,20 @@ def apply_hf_tensor_parallel(model: nn.Module, tp_mesh) -> None:
         parallelize_module(layer, tp_mesh, {**gather, **{n: styles[s]() for n, s in _LAYER_PLAN.items()}})
         whole = [*_REPLICATED, *(n for n in _REPLICATED_IF_PRESENT if n in names)]
         for n in whole:
-            _replicate(names[n], tp_mesh, shard_dim=1)
+            replicate(names[n], tp_mesh, shard_dim=1)
         per_head = [n for n in _PER_HEAD if n in names and _is_per_head(names[n], names["self_attn"])]
         for n in per_head:
-            _replicate(names[n], tp_mesh, shard_dim=-2)
+            replicate(names[n], tp_mesh, shard_dim=-2)
         placed.update(f"model.layers.{i}.{n}.{p}" for n in (*_LAYER_PLAN, *whole, *per_head)
                       for p, _ in names[n].named_parameters())
     tied = model.lm_head.weight is model.model.embed_tokens.weight
+    head = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()) if sequence_parallel else \
+        ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
     parallelize_module(model, tp_mesh, {
-        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-        "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())})
+        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=between), "lm_head": head})
     if tied:  # both split by vocabulary rows: one parameter again
         model.lm_head.weight = model.model.embed_tokens.weight
-    _replicate(model.model.norm, tp_mesh, shard_dim=1)
+    replicate(model.model.norm, tp_mesh, shard_dim=1)
     placed.update(("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"))
     left = [n for n, _ in model.named_parameters() if n not in placed]
     if left:

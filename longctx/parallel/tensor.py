@@ -199,7 +199,8 @@ def vocab_parallel_token_losses(logits, labels, *, ignore_index: int) -> torch.T
     from torch.distributed.tensor import Shard
 
     mesh = logits.device_mesh
-    if mesh.mesh_dim_names != ("tp",) or logits.placements != (Shard(logits.dim() - 1),):
+    split = logits.placements[0] if len(logits.placements) == 1 else None
+    if mesh.mesh_dim_names != ("tp",) or not isinstance(split, Shard) or split.dim % logits.dim() != logits.dim() - 1:
         raise ValueError(f"expected logits split by vocabulary over the 'tp' mesh, got {logits.placements} over "
                          f"{mesh.mesh_dim_names}")
     comm = Comm.get(mesh)

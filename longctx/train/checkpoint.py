@@ -325,12 +325,25 @@ def load_model_pieces(model, path: str, log=print) -> str:
     for key in dcp.FileSystemReader(path).read_metadata().state_dict_metadata:
         if key.startswith("model."):
             saved[re.sub(r"^\d+\.", "", key.removeprefix("model."))] = key
+    for names in _aliases(model):  # a tied parameter: loaded once, under a name it was saved with
+        keep = next((n for n in names if n in saved), names[0])
+        for name in names:
+            if name != keep:
+                mine.pop(name, None)
     missing = sorted(set(mine) - set(saved))
     if missing:
         raise ValueError(f"checkpoint {path} has no {missing[0]} (and {len(missing) - 1} more) for this model: was it "
                          f"written by another model? its config is {os.path.join(path, 'config.yaml')}")
     dcp.load({saved[name]: tensor for name, tensor in mine.items()}, checkpoint_id=path)
     return path
+
+
+def _aliases(model) -> list[list[str]]:
+    """Names that share one parameter (a tied output head), grouped; the first name of a group is kept."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
 
 
 def export(path: str, out: str, fmt: str = "torch") -> dict:

@@ -68,10 +68,25 @@ def tp_cases(cases):
     for case in cases:
         tp = case["tp"]
         mesh = init_device_mesh("cpu", (dist.get_world_size() // tp, tp), mesh_dim_names=("cp", "tp"))
-        model = tiny_model(*case.get("model", ()))
-        apply_tensor_parallel(model, mesh["tp"])
-        tp_stats = tp_comm(model).stats  # (a second mesh of one shape may hand DTensor the first one's groups)
+        if "hf" in case:  # the inference split (no sequence parallelism), or the training one (refused)
+            from longctx.model.hf_tensor import apply_hf_tensor_parallel
+
+            model = hf_model(case["hf"])
+            apply_hf_tensor_parallel(model.hf, mesh["tp"], sequence_parallel=case.get("sp", False))
+            tp_stats = Comm.get(model.hf.lm_head.weight.device_mesh).stats
+            local = model.hf.model.layers[0].self_attn.q_proj.weight
+        else:
+            model = tiny_model(*case.get("model", ()))
+            apply_tensor_parallel(model, mesh["tp"])
+            tp_stats = tp_comm(model).stats  # (a second mesh of one shape may hand DTensor the first one's groups)
+            local = model.layers[0].attention.wq.weight
         tp_stats.reset()
+        if case.get("sp"):
+            try:
+                model.generate(prompts(case["lengths"]), max_new_tokens=1, group=mesh["cp"].get_group())
+            except ValueError as e:
+                out.append({"error": str(e)})
+            continue
         if case.get("group") == "world":
             try:
                 model.generate(prompts(case["lengths"]), max_new_tokens=1)
@@ -81,6 +96,5 @@ def tp_cases(cases):
         res = model.generate(prompts(case["lengths"]), max_new_tokens=case["steps"], strategy=case["strategy"],
                              decode=case["decode"], group=mesh["cp"].get_group(), return_logits=True)
         out.append({"tokens": [t.tolist() for t in res.tokens], "logits": torch.stack(res.logits),
-                    "tp_bytes": tp_stats.bytes("tp"), "local_wq": tuple(model.layers[0].attention.wq.weight
-                                                                       .to_local().shape)})
+                    "tp_bytes": tp_stats.bytes(), "local_wq": tuple(local.to_local().shape)})
     return out

@@ -8,7 +8,7 @@ import torch
 
 from longctx.launch import run
 
-from ._gen_workers import greedy_reference, hf_model, prompts, run_cases
+from ._gen_workers import greedy_reference, hf_model, prompts, run_cases, tp_cases
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need the `hf` extra")
 
@@ -60,3 +60,17 @@ def test_context_parallel_prefill_and_decoding(models):
         for (name, strategy, decode), r in zip(jobs, per_rank, strict=True):
             _same(models[name][1], r["tokens"], r["logits"], (strategy, decode, rank, name))
             assert r["decode_bytes_per_token"] > 0  # attention over the cache crossed the ranks
+
+
+def test_tensor_parallel_split_generates_like_the_eager_model(models):
+    """The HF model split over tp=2 for inference (heads, hidden units and vocabulary; no sequence
+    parallelism, which one decode token cannot have) with the prompt over cp=2: Qwen3's per-head norms,
+    Gemma3's tied head and sliding layers, Qwen2 with ring decoding. The training split is refused."""
+    jobs = [("qwen3", "zigzag", "tree"), ("gemma3", "zigzag", "tree"), ("qwen2", "striped", "ring")]
+    cases = [dict(hf=models[n][0], tp=2, strategy=s, decode=d, lengths=LENGTHS, steps=STEPS) for n, s, d in jobs]
+    cases.append(dict(hf=models["qwen2"][0], tp=2, sp=True, lengths=LENGTHS))
+    for rank, per_rank in enumerate(run(tp_cases, 4, args=(cases,), timeout=300)):
+        for (name, strategy, decode), r in zip(jobs, per_rank):
+            _same(models[name][1], r["tokens"], r["logits"], (strategy, decode, rank, name))
+            assert r["local_wq"][0] == 4 * (16 if name != "qwen2" else 8) // 2  # half of the query rows
+        assert "sequence_parallel=False" in per_rank[3]["error"]

@@ -114,7 +114,7 @@ def test_an_hf_checkpoint_evaluates_through_its_own_layers(tmp_path):
     transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
         vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, use_sliding_window=True, sliding_window=12, max_window_layers=1,
-        layer_types=["full_attention", "sliding_attention"])).save_pretrained(path)
+        layer_types=["full_attention", "sliding_attention"], tie_word_embeddings=True)).save_pretrained(path)
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": "abcdefghij" * (i + 3)}) + "\n" for i in range(40)))
     assert main(["data", "prepare", "--input", str(corpus), "--output", str(tmp_path / "ds"), "--quiet"]) == 0
@@ -125,13 +125,17 @@ def test_an_hf_checkpoint_evaluates_through_its_own_layers(tmp_path):
                  "checkpoint.interval=2", "logging.quiet=true", "logging.tensorboard=false", f"run_dir={run_dir}"]) == 0
     ck = str(run_dir / "checkpoints")
     ppl = {}
-    for nproc in (1, 2):
+    for nproc, tp in ((1, 1), (2, 1), (4, 2)):  # (4, 2): cp=2 x tp=2, the tied head split by vocabulary
+        js = tmp_path / f"p{nproc}tp{tp}.json"
         assert main(["eval", "ppl", "--checkpoint", ck, "--buckets", "4", "--sequences", "4", "--nproc", str(nproc),
-                     "--json", str(tmp_path / f"p{nproc}.json")]) == 0
-        ppl[nproc] = json.loads((tmp_path / f"p{nproc}.json").read_text())
-    assert [r["tokens"] for r in ppl[1]] == [r["tokens"] for r in ppl[2]] and ppl[1][0]["tokens"] > 0
-    for a, b in zip(ppl[1], ppl[2]):
-        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
+                     "--tp", str(tp), "--json", str(js)]) == 0
+        ppl[nproc, tp] = json.loads(js.read_text())
+    one = ppl[1, 1]
+    assert one[0]["tokens"] > 0
+    for key in ((2, 1), (4, 2)):
+        assert [r["tokens"] for r in one] == [r["tokens"] for r in ppl[key]], key
+        for a, b in zip(one, ppl[key]):
+            assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (key, a, b)
 
 
 def test_the_checkpoint_tokenizer_goes_through_the_data_pipeline(qwen_dir, tmp_path):
