@@ -270,6 +270,10 @@ MUTANTS = [
            '            saved[key.removeprefix("model.")] = key',
            ("tests/train/test_checkpoint.py::test_evaluation_reads_its_tensor_parallel_pieces_of_a_pipeline_checkpoint",),
            "evaluation under tp cannot find the weights of a checkpoint written by pipeline stages"),
+    Mutant("hf-inference-split-reduce-scatters", "longctx/model/hf_tensor.py",
+           "    between = Shard(1) if sequence_parallel else Replicate()", "    between = Shard(1)",
+           ("tests/model/test_hf_generate.py::test_tensor_parallel_split_generates_like_the_eager_model",),
+           "the HF inference split keeps sequence shards between the blocks (one decode token cannot be split)"),
 ]
 
 
