@@ -43,13 +43,14 @@ def greedy_reference(model, prompt, steps):
 
 def generate_case(case):
     model = hf_model(case["hf"]) if "hf" in case else tiny_model(*case.get("model", ()))
+    model = model.to(case.get("device", "cpu"))
     ps = prompts(case["lengths"])
     comm = Comm.get(None)
     comm.stats.reset()
     res = model.generate(ps, max_new_tokens=case["steps"], strategy=case["strategy"], decode=case["decode"],
                          return_logits=True, **case.get("kw", {}))
     decode_bytes = comm.stats.bytes("decode")
-    return {"tokens": [t.tolist() for t in res.tokens], "logits": torch.stack(res.logits),
+    return {"tokens": [t.tolist() for t in res.tokens], "logits": torch.stack(res.logits).cpu(),
             "decode_bytes_per_token": decode_bytes / len(res.logits), "prompt_len": res.prompt_len}
 
 
