@@ -10,7 +10,7 @@ import torch
 from ..config import load
 from ..model import build_model
 from ..parallel.tensor import apply_tensor_parallel, check_tp
-from ..train.checkpoint import load_model_pieces, locate, model_weights
+from ..train.checkpoint import load_model_pieces, locate
 
 
 def eval_device(device_type: str) -> torch.device:
@@ -24,26 +24,36 @@ def load_checkpoint_model(path: str, log=print, *, mesh=None, device=None):
     directory it was trained from) with the checkpoint's weights, as an HFCausalLM whose attention runs on
     this process until a strategy is applied (generation and perplexity go through its own layers).
 
-    `mesh`: a ParallelMesh with tp > 1 (e.g. ParallelDims(cp=world // tp, tp=tp, ...)): the model is built
-    on the meta device, split over mesh.tp (an HF model with the inference split, no sequence parallelism)
-    and each rank reads only its pieces of the weights (collective), so a model that needs tensor
+    The model is built on the meta device and only its weights are read from the checkpoint (DCP reads
+    nothing of the optimizer state). `mesh`: a ParallelMesh with tp > 1 (e.g. ParallelDims(cp=world // tp,
+    tp=tp, ...)): the model is split over mesh.tp first (an HF model with the inference split, no sequence
+    parallelism) and each rank reads only its pieces (collective), so a model that needs tensor
     parallelism to fit can be evaluated; generate() and perplexity take mesh.cp as their group."""
     device = torch.device(device or "cpu")
-    tp = mesh.dims.tp if mesh is not None else 1
-    if tp > 1:
-        return _load_split(path, log, mesh, device)
-    state, found = model_weights(path, log=log)
+    found = locate(path, path, log=log)
     cfg = load(path=os.path.join(found, "config.yaml"))
+    tp = mesh.dims.tp if mesh is not None else 1
+    check_eval_tp(cfg, tp)
     if cfg.model.hf_path:
-        from ..model.hf import HFCausalLM, load_hf_model, prepare_attention
+        from ..model.hf import HFCausalLM, prepare_attention
+        from ..model.hf_load import build_hf_on_meta, materialize
+        from ..model.hf_tensor import apply_hf_tensor_parallel
 
-        hf = load_hf_model(cfg.model.hf_path)
-        hf.load_state_dict({k.removeprefix("hf."): v for k, v in state.items()})
+        hf = build_hf_on_meta(cfg.model.hf_path)  # the architecture; its weights come from the checkpoint
+        if tp > 1:
+            apply_hf_tensor_parallel(hf, mesh.tp, sequence_parallel=False)
+        materialize(hf, device)
+        model = HFCausalLM(hf)
+        load_model_pieces(model, found, log=log)
         prepare_attention(hf, "zigzag", None, None, cfg.parallel.kernel, cp=1)
-        return HFCausalLM(hf).to(device).eval(), cfg
-    model = build_model(cfg.model, seq_len=cfg.train.seq_len)
-    model.load_state_dict(state)
-    return model.to(device).eval(), cfg
+        return model.eval(), cfg
+    with torch.device("meta"):
+        model = build_model(cfg.model, seq_len=cfg.train.seq_len)
+    if tp > 1:
+        apply_tensor_parallel(model, mesh.tp)
+    model.to_empty(device=device)
+    load_model_pieces(model, found, log=log)
+    return model.eval(), cfg
 
 
 def check_eval_tp(cfg, tp: int) -> None:
@@ -59,31 +69,6 @@ def check_eval_tp(cfg, tp: int) -> None:
             check_tp(cfg.model.n_heads, cfg.model.n_kv_heads, cfg.model.vocab_size, tp)
     except ValueError as e:
         raise ValueError(f"--tp {tp} does not fit this checkpoint's model: {e}") from None
-
-
-def _load_split(path: str, log, mesh, device: torch.device):
-
-    found = locate(path, path, log=log)
-    cfg = load(path=os.path.join(found, "config.yaml"))
-    check_eval_tp(cfg, mesh.dims.tp)
-    if cfg.model.hf_path:  # the architecture on meta, split for inference, then this rank's pieces
-        from ..model.hf import HFCausalLM, prepare_attention
-        from ..model.hf_load import build_hf_on_meta, materialize
-        from ..model.hf_tensor import apply_hf_tensor_parallel
-
-        hf = build_hf_on_meta(cfg.model.hf_path)
-        apply_hf_tensor_parallel(hf, mesh.tp, sequence_parallel=False)
-        materialize(hf, device)
-        model = HFCausalLM(hf)
-        load_model_pieces(model, found, log=log)
-        prepare_attention(hf, "zigzag", None, None, cfg.parallel.kernel, cp=1)
-        return model.eval(), cfg
-    with torch.device("meta"):
-        model = build_model(cfg.model, seq_len=cfg.train.seq_len)
-    apply_tensor_parallel(model, mesh.tp)
-    model.to_empty(device=device)
-    load_model_pieces(model, found, log=log)
-    return model.eval(), cfg
 
 
 def checkpoint_tokenizer(cfg, spec: str | None = None):

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -306,8 +307,9 @@ def model_weights(path: str, log=print) -> tuple[dict, str]:
 
 
 def load_model_pieces(model, path: str, log=print) -> str:
-    """Read a checkpoint's weights into `model` as it is split (DTensor pieces: each rank reads its own
-    slices through DCP; collective), whatever layout wrote it; returns the checkpoint directory used.
+    """Read a checkpoint's weights (not its optimizer state) into `model` as it is split (DTensor pieces: each
+    rank reads its own slices through DCP; collective when a process group exists), whatever layout wrote
+    it; returns the checkpoint directory used.
     Pipeline stage prefixes of the saved names ("model.0.layers.3...") are matched to the model's names."""
     import torch.distributed.checkpoint as dcp
 
@@ -334,7 +336,10 @@ def load_model_pieces(model, path: str, log=print) -> str:
     if missing:
         raise ValueError(f"checkpoint {path} has no {missing[0]} (and {len(missing) - 1} more) for this model: was it "
                          f"written by another model? its config is {os.path.join(path, 'config.yaml')}")
-    dcp.load({saved[name]: tensor for name, tensor in mine.items()}, checkpoint_id=path)
+    with warnings.catch_warnings():  # one process without a group reads it all itself, as intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({saved[name]: tensor for name, tensor in mine.items()}, checkpoint_id=path,
+                 no_dist=not dist.is_initialized())
     return path
 
 
