@@ -256,8 +256,8 @@ def load_hf_model(path: str, dtype=torch.float32):
 def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: ParallelMesh | None = None,
                    param_dtype=None):
     """Tensor parallelism, context parallelism (any strategy), activation checkpointing and data parallelism
-    (FSDP2/DDP), in that order, for a transformers causal LM; returns a Plan whose model is an HFCausalLM
-    adapter around it."""
+    (FSDP2/DDP; DeepSpeed ZeRO is applied by the trainer), in that order, for a transformers causal LM;
+    returns a Plan whose model is an HFCausalLM adapter around it."""
     from .parallelize import Plan, _check_positions_hook, apply_activation_checkpointing
 
     cfg = getattr(cfg, "parallel", cfg) or ParallelConfig()
@@ -274,15 +274,14 @@ def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: Para
                          "needs 0")
     mesh = mesh or dims.build_mesh()
     engine = resolve_engine(cfg.engine, dims)
-    if engine == "deepspeed":
-        raise ValueError("parallel.engine=deepspeed with model.hf_path is not supported yet; use the torch engines")
     if dims.tp > 1:
         apply_hf_tensor_parallel(model, mesh.tp)
     prepare_attention(model, dims.strategy, mesh.cp_group() if dims.cp > 1 else None, dims.layout, cfg.kernel, dims.cp)
     adapter = HFCausalLM(model)
     apply_activation_checkpointing(adapter, cfg.activation_checkpoint, cfg.ac_every, blocks=list(adapter.layers))
-    apply_data_parallel(adapter, mesh, engine, reshard_after_forward=cfg.reshard_after_forward,
-                        param_dtype=param_dtype)
+    if engine != "deepspeed":  # DeepSpeed wraps the adapter itself (deepspeed_engine.initialize, by the trainer)
+        apply_data_parallel(adapter, mesh, engine, reshard_after_forward=cfg.reshard_after_forward,
+                            param_dtype=param_dtype)
     plan = Plan(adapter, dims, mesh, engine, balance_documents=cfg.balance_documents)
     if dims.cp > 1:
         adapter.register_forward_pre_hook(_check_positions_hook(plan.expected_positions, dims.cp), with_kwargs=True)

@@ -206,8 +206,15 @@ def full_state_dict(engine, rank0_only: bool = False) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param
 
     keep = not rank0_only or dist.get_rank() == 0
-    out = {}
-    for name, param in engine.module.named_parameters():
+    out, seen = {}, {}
+    # every name of a tied parameter (an HF model's output head is its embedding), as the torch engines'
+    # state dicts have it; gathered once
+    for name, param in engine.module.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            if keep:
+                out[name] = out[seen[id(param)]]
+            continue
+        seen[id(param)] = name
         # the optimizer's fp32 master copy where DeepSpeed keeps one (bf16 training casts the module itself)
         master = safe_get_full_fp32_param(param)  # collective under ZeRO-3, like the gather below
         if master is not None:

@@ -309,25 +309,22 @@ def model_weights(path: str, log=print) -> tuple[dict, str]:
 def load_model_pieces(model, path: str, log=print) -> str:
     """Read a checkpoint's weights (not its optimizer state) into `model` as it is split (DTensor pieces: each
     rank reads its own slices through DCP; collective when a process group exists), whatever layout wrote
-    it; returns the checkpoint directory used.
-    Pipeline stage prefixes of the saved names ("model.0.layers.3...") are matched to the model's names."""
+    it; returns the checkpoint directory used. Pipeline stage prefixes of the saved names
+    ("model.0.layers.3...") are matched to the model's; a tied parameter is read once."""
     import torch.distributed.checkpoint as dcp
 
     path = locate(path, path, log=log)
     mine = model.state_dict()
+    full = None
     if os.path.isfile(os.path.join(path, "model.pt")):  # a DeepSpeed checkpoint: full weights, keep our pieces
-        from ..model.parallelize import write_local_piece
-
         full = torch.load(os.path.join(path, "model.pt"), weights_only=True)
-        with torch.no_grad():
-            for name, tensor in mine.items():
-                write_local_piece(tensor, full[name])
-        return path
-    saved = {}
-    for key in dcp.FileSystemReader(path).read_metadata().state_dict_metadata:
-        if key.startswith("model."):
-            saved[re.sub(r"^\d+\.", "", key.removeprefix("model."))] = key
-    for names in _aliases(model):  # a tied parameter: loaded once, under a name it was saved with
+        saved = {name: name for name in full}
+    else:
+        saved = {}
+        for key in dcp.FileSystemReader(path).read_metadata().state_dict_metadata:
+            if key.startswith("model."):
+                saved[re.sub(r"^\d+\.", "", key.removeprefix("model."))] = key
+    for names in _aliases(model):  # loaded once, under a name it was saved with
         keep = next((n for n in names if n in saved), names[0])
         for name in names:
             if name != keep:
@@ -336,6 +333,13 @@ def load_model_pieces(model, path: str, log=print) -> str:
     if missing:
         raise ValueError(f"checkpoint {path} has no {missing[0]} (and {len(missing) - 1} more) for this model: was it "
                          f"written by another model? its config is {os.path.join(path, 'config.yaml')}")
+    if full is not None:
+        from ..model.parallelize import write_local_piece
+
+        with torch.no_grad():
+            for name, tensor in mine.items():
+                write_local_piece(tensor, full[saved[name]])
+        return path
     with warnings.catch_warnings():  # one process without a group reads it all itself, as intended
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load({saved[name]: tensor for name, tensor in mine.items()}, checkpoint_id=path,
@@ -385,7 +389,12 @@ def _export_hf(state: dict, found: str, out: str) -> None:
         hf_cfg = read_hf_config(cfg.model.hf_path)
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
-        model.load_state_dict({k.removeprefix("hf."): v for k, v in state.items()}, assign=True, strict=True)
+        weights = {k.removeprefix("hf."): v for k, v in state.items()}
+        for names in _aliases(model):  # a tied head saved once (DeepSpeed's full state names each parameter once)
+            value = next((weights[n] for n in names if n in weights), None)
+            if value is not None:
+                weights.update({n: value for n in names})
+        model.load_state_dict(weights, assign=True, strict=True)
         model.save_pretrained(out, safe_serialization=True)
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
             src = os.path.join(cfg.model.hf_path, name)

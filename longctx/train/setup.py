@@ -118,9 +118,9 @@ def _adopt_hf_sizes(cfg) -> None:
     if m.window is not None or m.dilated.layers:
         raise ConfigError("model.hf_path takes the architecture from the checkpoint: drop model.window and "
                           "model.dilated.layers (sliding windows come from its config)")
-    if p.pp > 1 or p.engine == "deepspeed":
-        raise ConfigError("model.hf_path runs with tensor, context and data parallelism (FSDP2/DDP): set "
-                          "parallel.pp=1 and a torch engine")
+    if p.pp > 1:
+        raise ConfigError("model.hf_path runs with tensor, context and data parallelism (FSDP2/DDP or DeepSpeed "
+                          "ZeRO): set parallel.pp=1 (pipeline parallelism applies to longctx's own Llama)")
     if cfg.train.mlp_chunks > 1:
         raise ConfigError("train.mlp_chunks applies to longctx's own Llama; set it to 1 with model.hf_path")
     try:
