@@ -274,6 +274,10 @@ MUTANTS = [
            "    between = Shard(1) if sequence_parallel else Replicate()", "    between = Shard(1)",
            ("tests/model/test_hf_generate.py::test_tensor_parallel_split_generates_like_the_eager_model",),
            "the HF inference split keeps sequence shards between the blocks (one decode token cannot be split)"),
+    Mutant("ds-full-state-names-tied-once", "longctx/parallel/deepspeed_engine.py",
+           "                out[name] = out[seen[id(param)]]\n", "                pass\n",
+           ("tests/train/test_hf_training.py::test_hf_model_under_deepspeed_zero3_trains_exports_and_evaluates",),
+           "a DeepSpeed checkpoint of a tied HF model lacks its output head's name"),
 ]
 
 
