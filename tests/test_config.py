@@ -105,8 +105,9 @@ def _tiny(*overrides):
                                                                   r"supported"),
     (["parallel.tp=2", "parallel.cp=2", "parallel.strategy=ring", "model.dilated.layers=[1]",
       "model.dilated.w0=64"], 4, r"model.dilated.layers with parallel.tp=2 is not supported"),
-    (["parallel.meta_init=true", "parallel.engine=deepspeed"], 4, r"parallel.meta_init=true is not "
-                                                                    r"available with parallel.engine=deepspeed"),
+    (["parallel.meta_init=true", "parallel.engine=deepspeed"], 4, r"parallel.meta_init=true with "
+                                                                    r"parallel.engine=deepspeed needs "
+                                                                    r"parallel.zero_stage=3 \(ZeRO 1 keeps"),
     (["model.dilated.layers=[1]", "model.dilated.w0=64"], 4, r"model.dilated.layers need the contiguous token layout"),
     (["parallel.meta_init=true"], 4, r"parallel.meta_init=true builds the model on the meta device .* but "
                                      r"engine=ddp broadcasts"),

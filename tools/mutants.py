@@ -278,6 +278,10 @@ MUTANTS = [
            "                out[name] = out[seen[id(param)]]\n", "                pass\n",
            ("tests/train/test_hf_training.py::test_hf_model_under_deepspeed_zero3_trains_exports_and_evaluates",),
            "a DeepSpeed checkpoint of a tied HF model lacks its output head's name"),
+    Mutant("zero3-pieces-keep-torch-init", "longctx/parallel/deepspeed_engine.py",
+           "    piece = flat[n * dist.get_rank(param.ds_process_group):][:n]", "    piece = flat[:n]",
+           ("tests/train/test_parallel_axes.py::test_deepspeed_zero_stages",),
+           "ZeRO-3 built in pieces gives every rank the first partition's initial values"),
 ]
 
 

@@ -155,18 +155,20 @@ class Transformer(nn.Module):
         return generate(self, prompts, **kwargs)
 
     @torch.no_grad()
-    def init_weights(self, seed: int, write=None) -> None:
+    def init_weights(self, seed: int, write=None, full_shape=None) -> None:
         """Initialise every parameter from its own generator, seeded by (seed, the parameter's name in the
         unsplit model), drawing the full-size value on CPU: the result depends neither on how the model was
         split (FSDP shards, tensor-parallel rows, pipeline stages keep their layers' names) nor on the
         device. Linear weights U(+-1/sqrt(fan_in)) and embeddings N(0, 1) as torch draws them, norms 1.
         `write(param, full)` stores the value (default: a copy); a sharded model passes one that keeps
-        only this rank's piece (longctx.model.parallelize.Plan.materialize)."""
+        only this rank's piece (longctx.model.parallelize.Plan.materialize); `full_shape(param)` the unsplit
+        shape when the parameter's own is not it (a DeepSpeed ZeRO-3 partition)."""
         write = write or _copy_into
         for module_name, module in self.named_modules():
             for param_name, param in module.named_parameters(recurse=False):
                 name = f"{module_name}.{param_name}" if module_name else param_name
-                write(param, initial_value(module, param_name, tuple(param.shape), seed, name))
+                shape = tuple(full_shape(param) if full_shape else param.shape)
+                write(param, initial_value(module, param_name, shape, seed, name))
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None, labels=None, loss_fn=None,
                 return_hidden: bool = False, documents=None):

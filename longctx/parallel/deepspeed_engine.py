@@ -7,7 +7,8 @@ its loop, loss normalisation and metrics; DeepSpeed owns the reduction, ZeRO par
 optimizer step. Its config is generated from ours (`ds_config`) and can be overridden key by key by a JSON
 file (`parallel.deepspeed_config`).
 
-Supported here: ZeRO 1, 2, 3 with any context-parallel strategy and data parallelism. Not with tp or pp:
+Supported here: ZeRO 1, 2, 3 with any context-parallel strategy and data parallelism, and at ZeRO-3 a model
+built in pieces (`parallel.meta_init`: deepspeed.zero.Init, `build_partitioned`). Not with tp or pp:
 DeepSpeed's tensor/pipeline parallelism are separate engines with their own model wrappers; use
 `parallel.engine=torch` (FSDP2) for those. Defaults that would silently change results are set explicitly:
 DeepSpeed clips gradients at 1.0 unless told otherwise, so `gradient_clipping` is always train.grad_clip.
@@ -32,10 +33,10 @@ def check_deepspeed(dims, p) -> None:
                          f"engines are separate); use parallel.engine=torch for tp/pp, or set parallel.{axis}=1")
     if p.zero_stage not in STAGES:
         raise ValueError(f"parallel.zero_stage={p.zero_stage!r}: choose 1, 2 or 3")
-    if p.meta_init:
-        raise ValueError("parallel.meta_init=true is not available with parallel.engine=deepspeed (DeepSpeed "
-                         "takes full weights); for large models use ZeRO-3 (parallel.zero_stage=3) and "
-                         "meta_init=false, or parallel.engine=fsdp with meta_init")
+    if p.meta_init and p.zero_stage != 3:
+        raise ValueError(f"parallel.meta_init=true with parallel.engine=deepspeed needs parallel.zero_stage=3 (ZeRO "
+                         f"{p.zero_stage} keeps the whole model on every rank, so there is nothing to build in "
+                         "pieces); set zero_stage=3 or meta_init=false")
     if p.deepspeed_config is not None:
         _read_overrides(p.deepspeed_config)
     if importlib.util.find_spec("deepspeed") is None:
@@ -123,6 +124,39 @@ class _MPU:
 
     def get_model_parallel_rank(self):
         return 0
+
+
+def build_partitioned(build, cfg, dims, mesh, precision: str, seed: int):
+    """ZeRO-3's own meta init (`parallel.meta_init` with DeepSpeed): `build()` runs inside deepspeed.zero.Init,
+    which partitions each module's parameters over the dp x cp ranks as soon as the module is constructed, so
+    no rank ever holds the whole model. Then every parameter gets longctx's layout-independent initial value
+    (Transformer.init_weights: drawn whole from its own seeded generator) and keeps its partition, with no
+    communication: the same initial weights as every other layout."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_init_required=False, verbose=False)  # its comm layer over our process group
+    with deepspeed.zero.Init(config_dict_or_path=ds_config(cfg, dims, precision), mpu=_MPU(mesh),
+                             data_parallel_group=mesh.dp_cp.get_group()):
+        model = build()
+
+    model.init_weights(seed, write=_write_partition, full_shape=lambda param: param.ds_shape)
+    return model
+
+
+def _write_partition(param, full) -> None:
+    """This rank's ZeRO-3 partition of `full` (every rank drew the same value, so nothing is sent): the
+    flattened parameter split in equal pieces over its group, the last one zero-padded (DeepSpeed's layout).
+    A parameter small enough to stay whole on every rank (ds_persist) gets the whole value too."""
+    import torch.distributed as dist
+
+    part = param.ds_tensor
+    n = part.numel()
+    flat = full.reshape(-1).to(part.device, part.dtype)
+    piece = flat[n * dist.get_rank(param.ds_process_group):][:n]
+    part.data.zero_()
+    part.data[:piece.numel()].copy_(piece)
+    if getattr(param, "ds_persist", False):
+        param.data.copy_(full.to(param.device, param.dtype))
 
 
 def initialize(model, optimizer, cfg, plan, precision: str):

@@ -18,8 +18,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices (linear and embedding weights), not vectors (norm weights)."""
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+        if p.requires_grad:  # a ZeRO-3 partition built in pieces is flat: its ds_shape is the parameter's
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -123,6 +123,10 @@ def _adopt_hf_sizes(cfg) -> None:
                           "ZeRO): set parallel.pp=1 (pipeline parallelism applies to longctx's own Llama)")
     if cfg.train.mlp_chunks > 1:
         raise ConfigError("train.mlp_chunks applies to longctx's own Llama; set it to 1 with model.hf_path")
+    if p.meta_init and p.engine == "deepspeed":
+        raise ConfigError("parallel.meta_init=true with model.hf_path and parallel.engine=deepspeed is not built (the "
+                          "HF model would still be read whole on every rank before ZeRO-3 partitions it); use "
+                          "meta_init=false, or the fsdp engine for a model read in pieces")
     try:
         hf_config = read_hf_config(m.hf_path)
         check_hf_config(hf_config)

@@ -30,6 +30,7 @@ from ..model import build_model, parallelize, parallelize_hf
 from ..model.hf import load_hf_model
 from ..model.hf_load import build_hf_on_meta, load_hf_pieces
 from ..parallel import deepspeed_engine
+from ..parallel.data_parallel import resolve_engine
 from ..parallel.dims import device_type_from_env
 from ..parallel.pipeline import build_pipeline, n_microbatches
 from . import checkpoint, measure
@@ -72,14 +73,21 @@ class Trainer:
             if meta:
                 load_hf_pieces(self.plan.model.hf, cfg.model.hf_path, self.device)
         else:  # the same initial weights on every rank, whatever the layout: init_weights(seed)
-            with torch.device("meta"):
-                model = build_model(cfg.model, seq_len=t.seq_len, mlp_chunks=t.mlp_chunks)
+            mesh = self.dims.build_mesh(self.device_type)
+            zero3_pieces = meta and resolve_engine(cfg.parallel.engine, self.dims) == "deepspeed"
+            if zero3_pieces:  # DeepSpeed partitions each module as it is built (ZeRO-3's own meta init)
+                model = deepspeed_engine.build_partitioned(
+                    lambda: build_model(cfg.model, seq_len=t.seq_len, mlp_chunks=t.mlp_chunks), cfg, self.dims,
+                    mesh, self.precision, t.seed)
+            else:
+                with torch.device("meta"):
+                    model = build_model(cfg.model, seq_len=t.seq_len, mlp_chunks=t.mlp_chunks)
             if not meta:  # the whole model here, then split
                 model.to_empty(device=self.device)
                 model.init_weights(t.seed)
-            self.plan = parallelize(model, self.dims, cfg.parallel, mesh=self.dims.build_mesh(self.device_type),
+            self.plan = parallelize(model, self.dims, cfg.parallel, mesh=mesh,
                                     param_dtype=torch.bfloat16 if bf16 else None)
-            if meta:  # split on the meta device, then storage and values for this rank's pieces only
+            if meta and not zero3_pieces:  # split on the meta device, then storage and values for this rank's pieces
                 self.plan.materialize(self.device, t.seed)
         self.model = self.plan.model  # under pp > 1: a ModuleList of this rank's stages
         if self.dims.tp > 1:  # torch logs a GPU tuning hint on every 2-D norm reduction (FSDP x TP clipping)

@@ -110,6 +110,9 @@ def test_hf_path_errors_are_one_line(tmp_path, qwen_dir):
         validate_job(load(overrides=[f"model.hf_path={tmp_path}"]), 1)
     with pytest.raises(ConfigError, match="parallel.pp=1"):
         validate_job(load(overrides=[f"model.hf_path={qwen_dir}", "parallel.pp=2", "parallel.dp_shard=1"]), 2)
+    with pytest.raises(ConfigError, match="meta_init=true with model.hf_path and parallel.engine=deepspeed is not"):
+        validate_job(load(overrides=[f"model.hf_path={qwen_dir}", "parallel.engine=deepspeed", "parallel.zero_stage=3",
+                                     "parallel.meta_init=true"]), 1)
     with pytest.raises(ConfigError, match="the model's 2 K/V heads must split evenly over the tp ranks"):
         validate_job(load(overrides=[f"model.hf_path={qwen_dir}", "parallel.tp=4", "parallel.dp_shard=1"]), 4)
     with pytest.raises(ConfigError, match="ulysses"):  # 4 heads over 3 Ulysses ranks

@@ -4,6 +4,7 @@ within 1e-5 relative, every final parameter within 1e-5, gathered to full tensor
 A 4-layer model, so an interleaved pipeline has two stages per rank; one launch per world size."""
 
 import pytest
+import torch
 
 from longctx.launch import run
 from tests.support.equivalence import compare_runs, ran_auto_everywhere
@@ -62,6 +63,9 @@ DEEPSPEED = [
                                  "parallel.dp_shard=1"]),
     ("DeepSpeed ZeRO-3 x dp=2, accumulation 2", ["parallel.engine=deepspeed", "parallel.zero_stage=3",
                                                  "parallel.dp_shard=2", "train.accumulation=2"]),
+    # partitioned as each module is built (deepspeed.zero.Init), then the layout-independent initial values
+    ("DeepSpeed ZeRO-3 x cp=2, built in pieces", ["parallel.engine=deepspeed", "parallel.zero_stage=3",
+                                                  "parallel.cp=2", "parallel.dp_shard=1", "parallel.meta_init=true"]),
 ]
 
 
@@ -98,8 +102,11 @@ def test_eight_ranks_tp_with_sharded_and_replicated_data(reference):
 def test_deepspeed_zero_stages(reference):
     pytest.importorskip("deepspeed", reason="pip install 'longctx[deepspeed]' (make test installs it)")
     res = _check([DEEPSPEED[0], DEEPSPEED[3]], 2, reference)
-    res += _check(DEEPSPEED[1:3], 2, reference)
-    assert all(r["engine"] == "deepspeed" for per_rank in res for r in per_rank)
+    pieces = _check([*DEEPSPEED[1:3], DEEPSPEED[4]], 2, reference)
+    assert all(r["engine"] == "deepspeed" for per_rank in res + pieces for r in per_rank)
+    whole, built = pieces[0][1], pieces[0][2]  # ZeRO-3 x cp=2 without and with meta_init: the same run, bitwise
+    assert built["losses"] == whole["losses"] and built["grad_norms"] == whole["grad_norms"]
+    assert all(torch.equal(built["params"][k], v) for k, v in whole["params"].items())
 
 
 def test_tensor_parallel_beyond_the_kv_heads_and_with_wide_heads(reference):
