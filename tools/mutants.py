@@ -227,7 +227,7 @@ MUTANTS = [
            ("tests/train/test_hf_training.py::test_hf_model_layouts_train_like_one_process",),
            "a tied HF model under tp trains its embedding and output head apart"),
     Mutant("hf-tp-norms-left-plain", "longctx/model/hf_tensor.py",
-           "            _replicate(names[n], tp_mesh, shard_dim=1)\n", "            pass\n",
+           "            replicate(names[n], tp_mesh, shard_dim=1)\n", "            pass\n",
            ("tests/train/test_hf_training.py::test_hf_model_layouts_train_like_one_process",),
            "HF norms under tp stay plain tensors (mixed with DTensors in the optimizer and clipping)"),
     Mutant("hf-tp-norm-input-replicated", "longctx/model/hf_tensor.py",
