@@ -71,7 +71,9 @@ def _checked_checkpoint(args):
     from .eval.weights import check_eval_tp
     from .parallel.sequence.registry import get_strategy
 
-    get_strategy(args.strategy)
+    if get_strategy(args.strategy).name == "hybrid":
+        raise ValueError("--strategy hybrid needs a (ring, ulysses) mesh, which evaluation does not build; use "
+                         "ulysses, allgather or a ring-family strategy (zigzag, striped, ring)")
     if not os.path.exists(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint!r} does not exist; give a checkpoint directory "
                          "(step_NNNNNNNN) or a checkpoint root (run_dir/checkpoints)")

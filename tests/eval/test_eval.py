@@ -138,6 +138,7 @@ def test_generate_takes_token_ids_and_refuses_bad_prompts(passkey_checkpoint, tm
         (["--ids", "3,64"], "prompt 0 has token id 64, outside the model's vocabulary 0..63"),
         (["--ids", "3", "--temperature", "-1"], "--temperature -1.0: must be >= 0"),
         (["--ids", "3", "--nproc", "2", "--tp", "4"], "--tp 4 does not divide --nproc 2"),
+        (["--ids", "3", "--strategy", "hybrid"], "--strategy hybrid needs a (ring, ulysses) mesh"),
         (["--prompt", "hello", "--tokenizer", "byte"], "the tokenizer (byte) has 258 ids but the model has "
                                                          "model.vocab_size=64"),
     ]:
