@@ -33,7 +33,8 @@ def perplexity_by_position(model, data_path: str, *, seq_len: int, sequences: in
     context-parallel ranks (None: the world); with a tensor-parallel model, the cp group of its mesh."""
     world = dist.get_world_size(group) if dist.is_initialized() else 1
     rank = dist.get_rank(group) if dist.is_initialized() else 0
-    tp = tp_comm(model) if hasattr(model, "tok_embeddings") else None  # longctx Transformer (sequence-parallel tp)
+    # a longctx Transformer's tp is sequence-parallel (the prompt splits over tp too); an HF model's is not
+    tp = tp_comm(model.layers[0].attention.wq.weight) if hasattr(model, "tok_embeddings") else None
     src = check_ppl(data_path, seq_len=seq_len, sequences=sequences, buckets=buckets, strategy=strategy, world=world,
                     vocab_size=model.cfg.vocab_size, first=first, tp=tp.world if tp is not None else 1)
     layout = get_strategy(strategy).layout()

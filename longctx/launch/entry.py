@@ -26,11 +26,8 @@ def _eval_model(params: dict, log):
     from ..parallel.dims import ParallelDims, device_type_from_env
 
     world, tp = dist.get_world_size(), int(params.get("tp") or 1)
-    if world % tp:
-        raise ValueError(f"--tp {tp} does not divide the {world} ranks; choose a tp degree that divides "
-                         f"the number of processes")
     mesh, group = None, None
-    if tp > 1:
+    if tp > 1:  # ParallelDims refuses a tp that does not divide the world (the command checked it already)
         mesh = ParallelDims(cp=world // tp, tp=tp, world_size=world, strategy=params["strategy"]).build_mesh()
         group = mesh.cp.get_group()
     model, cfg = load_checkpoint_model(params["checkpoint"], log=log, mesh=mesh,

@@ -93,7 +93,7 @@ def generate(model, prompts, *, max_new_tokens: int, group=None, strategy: str =
     import torch.distributed as dist
 
     comm = Comm.get(group) if dist.is_initialized() else None
-    tp = getattr(steps, "tp", None)
+    tp = steps.tp  # the Comm of the tp ranks the model is split over, or None
     if tp is not None:
         _check_orthogonal(comm, tp)
     world = comm.world if comm is not None else 1
@@ -190,7 +190,7 @@ class _LlamaSteps:
             raise ValueError("generate() supports causal and sliding-window attention layers (dilated layers: the "
                              "decode step would need their sparsity pattern)")
         self.model, self.window = model, model.cfg.window
-        self.tp = tp_comm(model)
+        self.tp = tp_comm(model.layers[0].attention.wq.weight)
         self.device = local_tensor(model.tok_embeddings.weight).device
         self.n_caches = len(model.layers)
 

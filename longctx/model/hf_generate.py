@@ -48,19 +48,17 @@ class HFSteps:
     def __init__(self, adapter):
         from torch.distributed.tensor import DTensor
 
-        from ..parallel.comm import Comm
+        from ..parallel.tensor import local_tensor, tp_comm
 
         use_longctx_attention(adapter.hf)
         self.adapter, self.modules = adapter, attention_modules(adapter.hf)
         weight = adapter.hf.lm_head.weight
-        self.tp = None
-        if isinstance(weight, DTensor):
-            if weight.device_mesh.mesh_dim_names != ("tp",) or isinstance(adapter.hf.model.norm.weight, DTensor):
-                raise ValueError("generate() takes an HF model whose weights are whole or split for inference by "
-                                 "apply_hf_tensor_parallel(model, tp_mesh, sequence_parallel=False) (a decode step's "
-                                 "one token per row cannot be split over the sequence; FSDP shards are not usable)")
-            self.tp = Comm.get(weight.device_mesh)
-        self.device = weight.to_local().device if isinstance(weight, DTensor) else weight.device
+        self.tp = tp_comm(weight)
+        if self.tp is not None and isinstance(adapter.hf.model.norm.weight, DTensor):  # the training split
+            raise ValueError("generate() takes an HF model whose weights are whole or split for inference by "
+                             "apply_hf_tensor_parallel(model, tp_mesh, sequence_parallel=False) (a decode step's "
+                             "one token per row cannot be split over the sequence)")
+        self.device = local_tensor(weight).device
         self.n_caches = len(self.modules)
 
     def _with(self, handlers, fn):

@@ -71,7 +71,8 @@ def load_hf_pieces(model: nn.Module, path: str, device) -> None:
     state = model.state_dict()
     reader = HuggingFaceStorageReader(path)
     stored = set(reader.read_metadata().state_dict_metadata)
-    tied = [k for k in state if k not in stored and _is_tied(model, k)]  # saved once, under the other name
+    aliases = {name for names in tied_names(model) for name in names}
+    tied = [k for k in state if k not in stored and k in aliases]  # saved once, under the other name
     missing = [k for k in state if k not in stored and k not in tied]
     if missing:
         raise ValueError(f"model.hf_path={path!r} has no weights for {', '.join(missing[:4])}; its safetensors do "
@@ -79,10 +80,10 @@ def load_hf_pieces(model: nn.Module, path: str, device) -> None:
     dcp.load({k: v for k, v in state.items() if k not in tied}, storage_reader=reader)
 
 
-def _is_tied(model: nn.Module, key: str) -> bool:
-    """A parameter registered under several names (a tied output head)."""
-    try:
-        param = model.get_parameter(key)
-    except AttributeError:
-        return False
-    return sum(p is param for _, p in model.named_parameters(remove_duplicate=False)) > 1
+def tied_names(model: nn.Module) -> list[list[str]]:
+    """The names of each parameter registered under several names (a tied output head), grouped in
+    registration order."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]

@@ -141,12 +141,12 @@ def local_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight[linear.rows] if isinstance(linear, KVHeadLinear) else weight)
 
 
-def tp_comm(model: nn.Module) -> Comm | None:
-    """The Comm of the tp mesh `model` was split over by apply_tensor_parallel; None for a whole model.
-    A model split any other way (FSDP shards) is refused: its pieces are not what a forward can use."""
+def tp_comm(weight: torch.Tensor) -> Comm | None:
+    """The Comm of the tp mesh a model's `weight` was split over (apply_tensor_parallel, or
+    apply_hf_tensor_parallel); None for a whole one. A model split any other way (FSDP shards) is refused:
+    its pieces are not what a forward can use."""
     from torch.distributed.tensor import DTensor
 
-    weight = model.layers[0].attention.wq.weight
     if not isinstance(weight, DTensor):
         return None
     mesh = weight.device_mesh

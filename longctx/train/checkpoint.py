@@ -303,7 +303,13 @@ def model_weights(path: str, log=print) -> tuple[dict, str]:
         full = os.path.join(tmp, "full.pt")
         dcp_to_torch_save(path, full)
         state = torch.load(full, weights_only=True)["model"]
-    return {re.sub(r"^\d+\.", "", k): v for k, v in state.items()}, path  # "0.layers.3..." (a pipeline stage)
+    return {_unstaged(k): v for k, v in state.items()}, path
+
+
+def _unstaged(name: str) -> str:
+    """A saved model name without its pipeline stage's index ("0.layers.3..." -> "layers.3..."): stages keep
+    their layers' global names, so what remains is the unsplit model's name."""
+    return re.sub(r"^\d+\.", "", name)
 
 
 def load_model_pieces(model, path: str, log=print) -> str:
@@ -312,6 +318,8 @@ def load_model_pieces(model, path: str, log=print) -> str:
     it; returns the checkpoint directory used. Pipeline stage prefixes of the saved names
     ("model.0.layers.3...") are matched to the model's; a tied parameter is read once."""
     import torch.distributed.checkpoint as dcp
+
+    from ..model.hf_load import tied_names
 
     path = locate(path, path, log=log)
     mine = model.state_dict()
@@ -323,8 +331,8 @@ def load_model_pieces(model, path: str, log=print) -> str:
         saved = {}
         for key in dcp.FileSystemReader(path).read_metadata().state_dict_metadata:
             if key.startswith("model."):
-                saved[re.sub(r"^\d+\.", "", key.removeprefix("model."))] = key
-    for names in _aliases(model):  # loaded once, under a name it was saved with
+                saved[_unstaged(key.removeprefix("model."))] = key
+    for names in tied_names(model):  # loaded once, under a name it was saved with
         keep = next((n for n in names if n in saved), names[0])
         for name in names:
             if name != keep:
@@ -345,14 +353,6 @@ def load_model_pieces(model, path: str, log=print) -> str:
         dcp.load({saved[name]: tensor for name, tensor in mine.items()}, checkpoint_id=path,
                  no_dist=not dist.is_initialized())
     return path
-
-
-def _aliases(model) -> list[list[str]]:
-    """Names that share one parameter (a tied output head), grouped; the first name of a group is kept."""
-    groups: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(name)
-    return [names for names in groups.values() if len(names) > 1]
 
 
 def export(path: str, out: str, fmt: str = "torch") -> dict:
@@ -389,12 +389,7 @@ def _export_hf(state: dict, found: str, out: str) -> None:
         hf_cfg = read_hf_config(cfg.model.hf_path)
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
-        weights = {k.removeprefix("hf."): v for k, v in state.items()}
-        for names in _aliases(model):  # a tied head saved once (DeepSpeed's full state names each parameter once)
-            value = next((weights[n] for n in names if n in weights), None)
-            if value is not None:
-                weights.update({n: value for n in names})
-        model.load_state_dict(weights, assign=True, strict=True)
+        model.load_state_dict({k.removeprefix("hf."): v for k, v in state.items()}, assign=True, strict=True)
         model.save_pretrained(out, safe_serialization=True)
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
             src = os.path.join(cfg.model.hf_path, name)

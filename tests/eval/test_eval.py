@@ -6,6 +6,7 @@ import os
 import pytest
 
 from longctx.launch import run
+from tests.support.perplexity import assert_same_ppl, ppl_by_layout
 
 
 def _main_here(argv):
@@ -83,17 +84,10 @@ def text_run(tmp_path_factory):
 
 def test_perplexity_by_position_agrees_across_ranks(text_run, tmp_path, capsys):
     run_dir, _ = text_run
-    got = {}
-    for nproc, tp in ((1, 1), (4, 2)):  # (4, 2): two context ranks, each a pair of tensor-parallel ranks
-        js = tmp_path / f"p{nproc}tp{tp}.json"
-        assert main(["eval", "ppl", "--checkpoint", str(run_dir / "checkpoints"), "--buckets", "4", "--sequences", "6",
-                     "--nproc", str(nproc), "--tp", str(tp), "--json", str(js)]) == 0
-        got[nproc, tp] = json.loads(js.read_text())
-    one = got[1, 1]
-    assert one[0]["tokens"] > 0
-    assert [r["tokens"] for r in one] == [r["tokens"] for r in got[4, 2]]
-    for a, b in zip(one, got[4, 2]):
-        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
+    # (4, 2): two context ranks, each a pair of tensor-parallel ranks
+    got = ppl_by_layout(main, str(run_dir / "checkpoints"), tmp_path, ((1, 1), (4, 2)), "--buckets", "4",
+                        "--sequences", "6")
+    assert_same_ppl(got[1, 1], got[4, 2])
     # bad input is one line, found in this process before any rank starts (nothing here imports the optimizer)
     ck = str(run_dir / "checkpoints")
     for argv, message in [

@@ -79,7 +79,8 @@ def tp_cases(cases):
         else:
             model = tiny_model(*case.get("model", ()))
             apply_tensor_parallel(model, mesh["tp"])
-            tp_stats = tp_comm(model).stats  # (a second mesh of one shape may hand DTensor the first one's groups)
+            # (a second mesh of one shape may hand DTensor the first one's groups)
+            tp_stats = tp_comm(model.layers[0].attention.wq.weight).stats
             local = model.layers[0].attention.wq.weight
         tp_stats.reset()
         if case.get("sp"):
