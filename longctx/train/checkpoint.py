@@ -291,19 +291,21 @@ def _dcp_load(state: dict, path: str) -> None:
 
 def model_weights(path: str, log=print) -> tuple[dict, str]:
     """(state dict of the unparallelised model, the checkpoint directory used) from a checkpoint or a
-    checkpoint root (its newest complete one); no process group needed. Pipeline stage prefixes are dropped."""
-    import tempfile
-
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    checkpoint root (its newest complete one); no process group needed. Only the model's entries are read
+    (the optimizer state, twice the model in fp32, stays on disk); pipeline stage prefixes are dropped."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     path = locate(path, path, log=log)
     if os.path.isfile(os.path.join(path, "model.pt")):  # a DeepSpeed checkpoint: its full weights
         return torch.load(os.path.join(path, "model.pt"), weights_only=True), path
-    with tempfile.TemporaryDirectory() as tmp:
-        full = os.path.join(tmp, "full.pt")
-        dcp_to_torch_save(path, full)
-        state = torch.load(full, weights_only=True)["model"]
-    return {_unstaged(k): v for k, v in state.items()}, path
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    state = {key: torch.empty(md.size, dtype=md.properties.dtype) for key, md in saved.items()
+             if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
+    with warnings.catch_warnings():  # one process reads it all itself, as intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, no_dist=True)
+    return {_unstaged(k.removeprefix("model.")): v for k, v in state.items()}, path
 
 
 def _unstaged(name: str) -> str:

@@ -107,11 +107,21 @@ def test_bad_resume_and_shape_mismatch(tmp_path):
         _run(2, config(*CP2, "model.dim=64", "train.resume=auto", run_dir=run_dir))
 
 
-def test_export_loads_into_the_plain_model(tmp_path):
+def test_export_loads_into_the_plain_model(tmp_path, monkeypatch):
+    from torch.distributed.checkpoint import FileSystemReader
+
     run_dir = str(tmp_path / "run")
     cfg = config(*CP2, "train.steps=2", "checkpoint.interval=2", run_dir=run_dir)
     res = _run(2, cfg)[0][0]
+    read, read_data = [], FileSystemReader.read_data
+
+    def spy(self, plan, planner):
+        read.extend(item.storage_index.fqn for item in plan.items)
+        return read_data(self, plan, planner)
+
+    monkeypatch.setattr(FileSystemReader, "read_data", spy)
     state = checkpoint.export(os.path.join(run_dir, "checkpoints"), str(tmp_path / "model.pt"))
+    assert read and all(fqn.startswith("model.") for fqn in read)  # the optimizer state is not read
     model = build_model(from_dict(cfg).model)
     model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
     assert _same(state, res["params"])
