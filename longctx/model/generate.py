@@ -101,8 +101,8 @@ def generate(model, prompts, *, max_new_tokens: int, group=None, strategy: str =
     layout = get_strategy(strategy).layout()
     lens = [int(p.numel()) for p in prompts]
     b = len(prompts)
-    # each cp shard of the prefill is split once more over the tp ranks (sequence parallelism)
-    need = (divisor(layout, world) if world > 1 else 1) * (tp.world if tp is not None else 1)
+    # with sequence parallelism each cp shard of the prefill is split once more over the tp ranks
+    need = (divisor(layout, world) if world > 1 else 1) * (tp.world if steps.prefill_splits_tp else 1)
     n_pre = -(-(max(lens) - 1) // need) * need  # prefill all but each row's last token, padded to split evenly
     total = n_pre + 1
     tokens = torch.full((b, total), pad_id, dtype=torch.long)
@@ -191,6 +191,7 @@ class _LlamaSteps:
                              "decode step would need their sparsity pattern)")
         self.model, self.window = model, model.cfg.window
         self.tp = tp_comm(model.layers[0].attention.wq.weight)
+        self.prefill_splits_tp = self.tp is not None  # apply_tensor_parallel's split is sequence-parallel
         self.device = local_tensor(model.tok_embeddings.weight).device
         self.n_caches = len(model.layers)
 

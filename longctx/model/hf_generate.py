@@ -58,6 +58,7 @@ class HFSteps:
             raise ValueError("generate() takes an HF model whose weights are whole or split for inference by "
                              "apply_hf_tensor_parallel(model, tp_mesh, sequence_parallel=False) (a decode step's "
                              "one token per row cannot be split over the sequence)")
+        self.prefill_splits_tp = False  # the inference split: every tp rank sees the whole sequence
         self.device = local_tensor(weight).device
         self.n_caches = len(self.modules)
 

@@ -98,5 +98,6 @@ def tp_cases(cases):
         res = model.generate(prompts(case["lengths"]), max_new_tokens=case["steps"], strategy=case["strategy"],
                              decode=case["decode"], group=mesh["cp"].get_group(), return_logits=True)
         out.append({"tokens": [t.tolist() for t in res.tokens], "logits": torch.stack(res.logits),
-                    "tp_bytes": tp_stats.bytes(), "local_wq": tuple(local.to_local().shape)})
+                    "tp_bytes": tp_stats.bytes(), "local_wq": tuple(local.to_local().shape),
+                    "prompt_len": res.prompt_len})
     return out

@@ -99,4 +99,6 @@ def test_tensor_parallel_model_generates_like_one_process():
             _same(ref, r, (rank, case))
             assert r["local_wq"] == (32 // case["tp"], 32)  # this rank holds its heads' rows only
             assert r["tp_bytes"] > 0, (rank, case, r["tp_bytes"])
+        # 12 prefill tokens padded so each cp shard splits over tp once more (sequence parallelism)
+        assert [r["prompt_len"] for r in per_rank[:3]] == [17, 13, 13]  # cp2 zigzag x tp2 (8 | 16); 4 | 12; 4 | 12
         assert "overlap the model's tensor-parallel ranks" in per_rank[3]["error"]

@@ -73,4 +73,5 @@ def test_tensor_parallel_split_generates_like_the_eager_model(models):
         for (name, strategy, decode), r in zip(jobs, per_rank):
             _same(models[name][1], r["tokens"], r["logits"], (strategy, decode, rank, name))
             assert r["local_wq"][0] == 4 * (16 if name != "qwen2" else 8) // 2  # half of the query rows
+            assert r["prompt_len"] == 13  # 12 prefill tokens split over cp=2 zigzag (4 | 12); tp needs no padding
         assert "sequence_parallel=False" in per_rank[3]["error"]
