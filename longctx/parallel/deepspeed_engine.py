@@ -126,6 +126,27 @@ class _MPU:
         return 0
 
 
+def _skip_inference_comm_op() -> None:
+    """On CPU, DeepSpeed's comm layer JIT-compiles a shared-memory all-reduce op (g++ and ninja, over a minute on
+    a cold cache) that only its inference all-reduce uses; training never calls it, so it is marked
+    unavailable (DeepSpeed then uses the process group's all-reduce, as it does without a compiler)."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        ops = deepspeed.ops.__compatible_ops__  # probed once, kept in the module: an edit persists
+        if isinstance(ops, dict):
+            ops["deepspeed_shm_comm"] = False
+
+
+def _init_comm() -> None:
+    """DeepSpeed's comm layer over our process group (idempotent)."""
+    import deepspeed
+
+    _skip_inference_comm_op()
+    deepspeed.init_distributed(dist_init_required=False, verbose=False)
+
+
 def build_partitioned(build, cfg, dims, mesh, precision: str, seed: int):
     """ZeRO-3's own meta init (`parallel.meta_init` with DeepSpeed): `build()` runs inside deepspeed.zero.Init,
     which partitions each module's parameters over the dp x cp ranks as soon as the module is constructed, so
@@ -134,7 +155,7 @@ def build_partitioned(build, cfg, dims, mesh, precision: str, seed: int):
     communication: the same initial weights as every other layout."""
     import deepspeed
 
-    deepspeed.init_distributed(dist_init_required=False, verbose=False)  # its comm layer over our process group
+    _init_comm()
     with deepspeed.zero.Init(config_dict_or_path=ds_config(cfg, dims, precision), mpu=_MPU(mesh),
                              data_parallel_group=mesh.dp_cp.get_group()):
         model = build()
@@ -163,6 +184,7 @@ def initialize(model, optimizer, cfg, plan, precision: str):
     """deepspeed.initialize over the plan's dp x cp group; returns the engine (its checkpoints read weights-only)."""
     import deepspeed
 
+    _init_comm()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=ds_config(cfg, plan.dims, precision),
                                            mpu=_MPU(plan.mesh), dist_init_required=False)

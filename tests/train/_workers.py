@@ -21,6 +21,14 @@ def config(*overrides, run_dir="/tmp/longctx-test-run") -> dict:
     return OmegaConf.to_container(load(overrides=[*BASE, f"run_dir={run_dir}", *overrides]))
 
 
+def _deepspeed_shm_op():
+    """Whether DeepSpeed's comm layer built its CPU shared-memory op (None: DeepSpeed's comm is not set up)."""
+    import sys
+
+    cdb = getattr(sys.modules.get("deepspeed.comm.comm"), "cdb", None)
+    return None if cdb is None else cdb.shm_comm_op is not None
+
+
 def train_and_collect(configs: list[dict], stop_after: int | None | list = None) -> list[dict]:
     """Train each config in this process group; rank 0 returns losses, grad norms and the full final
     parameters, the other ranks what they held (saved bytes, label counts). `stop_after`: one value for
@@ -43,7 +51,7 @@ def train_and_collect(configs: list[dict], stop_after: int | None | list = None)
                     trainer.history], "params": params if dist.get_rank() == 0 else None, "finite": finite,
                     "engine": trainer.plan.engine, "local_labels": local_labels, "backends": report(),
                     "steps": [r["step"] for r in trainer.history], "flops": [r["flops"] for r in trainer.history],
-                    "resumed_from": trainer.resumed_from,
+                    "resumed_from": trainer.resumed_from, "ds_shm_op": _deepspeed_shm_op(),
                     "checkpoint": trainer.last_checkpoint})
     return out
 
