@@ -238,8 +238,9 @@ def _finish(summary: dict) -> int:
         print(f"done: no steps run (already at step {summary['steps']})", flush=True)
         return _exit_status(summary)
     how = f"stopped by {summary['stopped_by']} after" if summary.get("stop_signal") else "done:"
-    print(f"{how} {summary['steps']} steps, loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}, "
-          f"{summary['tokens_per_s']:.0f} tokens/s, {summary['seconds']:.1f} s; metrics in "
+    print(f"{how} {summary['steps']} steps, loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
+          + (f", validation loss {summary['val_loss']:.4f}" if summary.get("val_loss") is not None else "")
+          + f", {summary['tokens_per_s']:.0f} tokens/s, {summary['seconds']:.1f} s; metrics in "
           f"{summary['run_dir']}/metrics.jsonl", flush=True)
     return _exit_status(summary)
 

@@ -124,6 +124,13 @@ class DataConfig:
 
 
 @dataclass
+class ValidationConfig:
+    interval: int = 0  # held-out loss every this many optimizer steps and at the end of the run; 0 = off
+    batches: int = 4  # validation batches of train.batch_size sequences (the same ones every time)
+    path: str | None = None  # data.source=tokens: held-out documents, a directory made by `longctx data prepare`
+
+
+@dataclass
 class LoggingConfig:
     quiet: bool = False  # no progress bar, no config print (CI)
     tensorboard: bool = True  # events into run_dir (needs the tensorboard package)
@@ -138,6 +145,7 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     run_dir: str | None = None  # None: runs/<config name>-<time>
 
 

@@ -282,6 +282,15 @@ MUTANTS = [
            "    piece = flat[n * dist.get_rank(param.ds_process_group):][:n]", "    piece = flat[:n]",
            ("tests/train/test_parallel_axes.py::test_deepspeed_zero_stages",),
            "ZeRO-3 built in pieces gives every rank the first partition's initial values"),
+    Mutant("validation-loss-of-one-stage", "longctx/train/validate.py",
+           "            (loss_sum,) = trainer._all_reduce([loss_sum], group=plan.pp_group)",
+           "            pass",
+           ("tests/train/test_parallel_axes.py::test_two_rank_tensor_and_pipeline_layouts",),
+           "under a pipeline the validation loss is only the last stage's (0 on the others)"),
+    Mutant("validation-reads-training-sequences", "longctx/data/sources.py",
+           "seed=seed + VALIDATION_SEED_OFFSET)", "seed=seed)",
+           ("tests/train/test_validation.py",),
+           "the generated sources validate on the sequences training reads"),
 ]
 
 

@@ -12,6 +12,8 @@ from .tasks import RETRIEVAL, RetrievalTask
 from .tokens import TokenSource
 
 SOURCES = ("synthetic", "tokens", *RETRIEVAL)
+# added to train.seed for validation: the generated sources draw held-out sequences from a stream of their own
+VALIDATION_SEED_OFFSET = 1_000_003
 
 
 def build_source(data, *, seq_len: int, vocab_size: int, seed: int):
@@ -28,3 +30,31 @@ def build_source(data, *, seq_len: int, vocab_size: int, seed: int):
     return RetrievalTask(kind=data.source, seq_len=seq_len, vocab_size=vocab_size, seed=seed, alphabet=data.alphabet,
                          digits=data.digits, depth=data.depth, pairs=data.pairs, pack_min=data.pack_min,
                          haystack=data.haystack)
+
+
+def build_validation_source(data, validation, *, seq_len: int, vocab_size: int, seed: int, batch_size: int):
+    """Held-out sequences for the loss during training (`validation` section). Token data reads its own
+    prepared directory in order (never the training data: the same documents would measure memorisation);
+    the generated sources draw the same task from another seed. ValueError naming the key otherwise."""
+    import os
+
+    if data.source != "tokens":
+        if validation.path:
+            raise ValueError(f"validation.path applies to data.source=tokens; data.source={data.source} draws its "
+                             "validation sequences from a seed of their own: drop validation.path")
+        return build_source(data, seq_len=seq_len, vocab_size=vocab_size, seed=seed + VALIDATION_SEED_OFFSET)
+    if not validation.path:
+        raise ValueError("validation.interval > 0 with data.source=tokens needs validation.path=DIR: held-out "
+                         "documents prepared like the training data (longctx data prepare --input HELD_OUT "
+                         "--output DIR)")
+    if data.path and os.path.realpath(validation.path) == os.path.realpath(data.path):
+        raise ValueError(f"validation.path={validation.path!r} is the training data (data.path); give held-out "
+                         "documents (longctx data prepare --input HELD_OUT --output DIR)")
+    source = TokenSource(validation.path, seq_len=seq_len, seed=seed, vocab_size=vocab_size, shuffle=False,
+                         what="validation.path")
+    need = validation.batches * batch_size
+    if need > source.n_sequences:
+        raise ValueError(f"validation.batches={validation.batches} x train.batch_size={batch_size} needs {need} "
+                         f"sequences of {seq_len} tokens; validation.path holds {source.n_sequences}: set "
+                         f"validation.batches={max(source.n_sequences // batch_size, 1)} or give more held-out text")
+    return source

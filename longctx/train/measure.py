@@ -16,7 +16,7 @@ def saved_activation_bytes(trainer) -> int:
     shard = trainer.micro_batches(trainer.step)[0]
     if trainer.pipeline is not None:
         with SavedTensorCounter(trainer.model) as counter:
-            trainer._pipeline_step(shard, 1.0)
+            trainer._pipeline_pass(shard, 1.0)
     else:
         with SavedTensorCounter(trainer.model) as counter:
             part = trainer._loss(shard)
@@ -49,7 +49,7 @@ def axis_bytes(trainer) -> dict:
     shard = trainer.micro_batches(trainer.step)[0]
     with CollectiveCounter() as counter:
         if trainer.pipeline is not None:
-            trainer._pipeline_step(shard, 1.0)
+            trainer._pipeline_pass(shard, 1.0)
         else:
             trainer._loss(shard).backward()
     trainer.optimizer.zero_grad(set_to_none=True)

@@ -180,9 +180,12 @@ class MetricsLogger:
         if self.writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step" and value is not None:
-                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+                    tag = f"val/{key.removeprefix('val_')}" if key.startswith("val_") else f"train/{key}"
+                    self.writer.add_scalar(tag, value, record["step"])
         if self.bar is not None:
             post = {"loss": f"{record['loss']:.4f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+            if "val_loss" in record:
+                post["val"] = f"{record['val_loss']:.4f}"
             if record.get("mfu") is not None:
                 post["mfu"] = f"{100 * record['mfu']:.1f}%"
             else:

@@ -92,6 +92,7 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
     if cfg.run_dir is not None and os.path.exists(cfg.run_dir) and not os.path.isdir(cfg.run_dir):
         raise ConfigError(f"run_dir={cfg.run_dir!r} is an existing file, not a directory; choose another run_dir")
     _check_data(cfg)
+    _check_validation(cfg)
     return dims
 
 
@@ -165,13 +166,38 @@ def _check_data(cfg) -> None:
         raise ConfigError(str(e)) from None
 
 
-def _check_tokenizer(meta: dict, hf_path: str, data_path: str) -> None:
+def _check_validation(cfg) -> None:
+    from ..data.sources import build_validation_source
+    from ..data.tokens import read_meta
+
+    v = cfg.validation
+    _positive("validation", v, "interval", allow_zero=True)
+    _positive("validation", v, "batches")
+    if not v.interval:
+        return
+    from ..parallel.pipeline import SCHEDULES
+
+    p = cfg.parallel
+    if p.pp > 1 and SCHEDULES[p.pp_schedule][1] == "v":
+        raise ConfigError(f"validation.interval > 0 with parallel.pp_schedule={p.pp_schedule} is not built: torch's "
+                          "V-shaped schedules cannot run forward only (their stages hand backward inputs to each "
+                          "other); use another pp_schedule (1f1b, interleaved_zb, ...) or validation.interval=0")
+    try:
+        if cfg.data.source == "tokens" and cfg.model.hf_path and v.path:
+            _check_tokenizer(read_meta(v.path, "validation.path"), cfg.model.hf_path, v.path, "validation.path")
+        build_validation_source(cfg.data, v, seq_len=cfg.train.seq_len, vocab_size=cfg.model.vocab_size,
+                                seed=cfg.train.seed, batch_size=cfg.train.batch_size)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_tokenizer(meta: dict, hf_path: str, data_path: str, what: str = "data.path") -> None:
     """A Hugging Face model's data must come from its own tokenizer.json, when the checkpoint has one."""
     from ..data.tokenizer import file_sha256
 
     tok = os.path.join(hf_path, "tokenizer.json")
     if os.path.exists(tok) and meta.get("tokenizer_sha256") != file_sha256(tok):
-        raise ConfigError(f"data.path={data_path!r} was tokenized with {meta.get('tokenizer')!r}, not with "
+        raise ConfigError(f"{what}={data_path!r} was tokenized with {meta.get('tokenizer')!r}, not with "
                           f"model.hf_path's tokenizer.json; prepare it with: longctx data prepare --tokenizer "
                           f"{hf_path} --input ... --output ...")
 

@@ -46,6 +46,7 @@ from .metrics import (
 from .optim import build_optimizer, build_scheduler, clip_grad_norm
 from .setup import check_machine, default_run_dir, resolve_precision, validate_job
 from .stop import StopSignals, signal_name
+from .validate import Validation
 
 
 class Trainer:
@@ -110,6 +111,8 @@ class Trainer:
         self.loader = StepLoader(StepBatches(self.data, batch_size=t.batch_size, dp_rank=self.plan.dp_rank,
                                              dp_size=self.dims.dp, accumulation=t.accumulation), cfg.data.workers)
         self.loss_fn = loss_fn(t.loss_chunk)
+        self.validation = Validation(self) if cfg.validation.interval else None
+        self.last_validation = None  # the latest validation loss of this process's run
         self.step_flops = model_flops_per_step(cfg.model, t.seq_len, t.batch_size)["total"]  # unless packed
         self.peak_flops = peak_flops(self.device, self.precision)
         self.step = 0
@@ -191,11 +194,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ the step
     def micro_batches(self, step: int) -> list[dict]:
-        """This rank's shards of every micro-batch of optimizer step `step` (cut on the host, then only
-        the shard moves to the device), each with its count of real labels (a host number: no sync)."""
+        """This rank's shards of every micro-batch of optimizer step `step`."""
+        return self.shard_batches(self.loader.get(step))
+
+    def shard_batches(self, batches: list[dict]) -> list[dict]:
+        """This rank's shards of full micro-batches (cut on the host, then only the shard moves to the device),
+        each with its count of real labels (a host number: no sync)."""
         t, plan = self.cfg.train, self.plan
         out = []
-        for batch in self.loader.get(step):
+        for batch in batches:
             shard = plan.shard_batch(**batch)
             out.append({"input_ids": shard["input_ids"].to(self.device, non_blocking=True),
                         "labels": shard["labels"].to(self.device, non_blocking=True),
@@ -214,15 +221,22 @@ class Trainer:
             return model(shard["input_ids"], shard["position_ids"], labels=shard["labels"], loss_fn=self.loss_fn,
                          **_documents(shard))
 
+    def forward_loss(self, shard: dict) -> float:
+        """The summed loss of one micro-batch shard, forward only (validation; call under no_grad). Under a
+        pipeline: the loss on the last stage's ranks, 0 elsewhere."""
+        if self.pipeline is None:
+            return float(self._loss(shard))
+        return self._pipeline_pass(shard, 1.0, backward=False)
+
     def _pipeline_loss(self, hidden, labels):
         """The pipeline schedule's loss_fn on the last stage, per pipeline microbatch: the summed loss scaled
         as the trainer's (dp x cp / global count). (torch also calls it once on placeholder tensors to infer
         gradient shapes, so the metrics read the schedule's returned losses, not a side sum.)"""
         return self.loss_fn(hidden, self.pipeline.last_stage.output.weight, labels) * self._pp_scale
 
-    def _pipeline_step(self, shard: dict, scale: float) -> float:
-        """Forward and backward of one micro-batch through the pipeline schedule (all its microbatches);
-        returns the summed loss on the last stage's ranks, 0 elsewhere."""
+    def _pipeline_pass(self, shard: dict, scale: float, backward: bool = True) -> float:
+        """One micro-batch through the pipeline schedule (all its microbatches), forward and backward or
+        forward only; returns the summed loss on the last stage's ranks, 0 elsewhere."""
         pipe = self.pipeline
         pipe.set_positions(shard["position_ids"], shard.get("documents"))
         self._pp_scale = scale
@@ -230,7 +244,7 @@ class Trainer:
         losses: list = []
         kwargs = {"target": shard["labels"], "losses": losses} if pipe.has_last else {}
         with self._autocast():
-            pipe.schedule.step(*args, **kwargs)
+            (pipe.schedule.step if backward else pipe.schedule.eval)(*args, **kwargs)
         return sum(float(x.detach()) for x in losses) / scale
 
     def train_step(self) -> dict:
@@ -249,7 +263,7 @@ class Trainer:
             for micro, s in enumerate(shards):
                 plan.set_gradient_sync(micro == len(shards) - 1)
                 if self.pipeline is not None:
-                    loss_sum += self._pipeline_step(s, scale)
+                    loss_sum += self._pipeline_pass(s, scale)
                     continue
                 part = self._loss(s)
                 if self.engine is not None:  # DeepSpeed reduces (and, at the last micro-batch, steps)
@@ -302,6 +316,7 @@ class Trainer:
     def fit(self, steps: int | None = None) -> dict:
         """Train to train.steps (or `steps` more); rank 0 logs. Returns a summary (the same on every rank)."""
         steps = self.cfg.train.steps - self.step if steps is None else steps
+        last_step = self.step + steps
         lcfg, main = self.cfg.logging, self.rank == 0
         if main:
             os.makedirs(self.run_dir, exist_ok=True)
@@ -319,7 +334,12 @@ class Trainer:
         try:
             with self.stop:
                 for _ in range(steps):
-                    logger.log(self.train_step())
+                    record = self.train_step()
+                    if self.validation is not None and not self.stop_signal and self.validation.due(self.step,
+                                                                                                    last_step):
+                        record.update(self.validation.run(self))
+                        self.last_validation = record["val_loss"]
+                    logger.log(record)
                     if self.stop_signal:  # every rank saw it in the step's all-reduce: all leave here
                         break
                     if interval and self.step % interval == 0:
@@ -345,7 +365,7 @@ class Trainer:
             "flops_per_s": sum(r["flops_per_s"] for r in timed) / len(timed) if h else None,
             "mfu": timed[-1]["mfu"] if h else None, "peak_mem_bytes": max((r["peak_mem_bytes"] for r in h), default=0),
             "run_dir": self.run_dir, "world_size": self.world, "engine": self.plan.engine,
-            "checkpoint": self.last_checkpoint, "resumed_from": self.resumed_from,
+            "checkpoint": self.last_checkpoint, "resumed_from": self.resumed_from, "val_loss": self.last_validation,
             "layout": self.dims.layout if self.dims.cp > 1 else None,
             "stop_signal": self.stop_signal, "stopped_by": signal_name(self.stop_signal) if self.stop_signal else None,
         }

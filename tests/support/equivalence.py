@@ -87,6 +87,15 @@ def compare_runs(name: str, got: dict, ref: dict, steps: int = 5, tol: float = 1
     assert worst <= tol, (name, worst)
 
 
+def compare_validation(name: str, got: dict, ref: dict, tol: float = 1e-5) -> None:
+    """The held-out losses of a parallel run against the single-process run's: the same steps, each within
+    `tol` relative."""
+    assert list(got["validation"]) == list(ref["validation"]) and ref["validation"], (name, got["validation"])
+    for step, b in ref["validation"].items():
+        a = got["validation"][step]
+        assert abs(a - b) <= tol * abs(b), (name, "validation", step, a, b)
+
+
 def packed_equivalence(overrides, lengths, n: int = 32):
     """Packed documents through a parallelized model (float64) against the plain single-device model run on
     each document alone as its own sequence (positions from 0; nothing of Documents involved): logits of

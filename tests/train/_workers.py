@@ -52,6 +52,7 @@ def train_and_collect(configs: list[dict], stop_after: int | None | list = None)
                     "engine": trainer.plan.engine, "local_labels": local_labels, "backends": report(),
                     "steps": [r["step"] for r in trainer.history], "flops": [r["flops"] for r in trainer.history],
                     "resumed_from": trainer.resumed_from, "ds_shm_op": _deepspeed_shm_op(),
+                    "validation": {r["step"]: r["val_loss"] for r in trainer.history if "val_loss" in r},
                     "checkpoint": trainer.last_checkpoint})
     return out
 

@@ -7,7 +7,7 @@ import torch
 from longctx.config import ConfigError, load
 from longctx.launch import run
 from longctx.train import validate_job
-from tests.support.equivalence import compare_runs
+from tests.support.equivalence import compare_runs, compare_validation
 from tests.support.perplexity import assert_same_ppl, ppl_by_layout
 
 from ._workers import config, train_and_collect
@@ -34,7 +34,9 @@ def _cfg(path, *extra, run_dir):
 
 
 def test_hf_model_layouts_train_like_one_process(qwen_dir, tmp_path):
-    ref = run(train_and_collect, 1, args=([_cfg(qwen_dir, run_dir=str(tmp_path / "one"))],), timeout=180)[0][0]
+    val = ["validation.interval=2", "validation.batches=1"]  # the held-out loss after steps 2 and 3 too
+    ref = run(train_and_collect, 1, args=([_cfg(qwen_dir, *val, run_dir=str(tmp_path / "one"))],),
+              timeout=180)[0][0]
     layouts = [("cp=4 zigzag", ["parallel.cp=4"]), ("dp_shard=2 x cp=2", ["parallel.dp_shard=2", "parallel.cp=2"]),
                ("cp=4 hybrid", ["parallel.cp=4", "parallel.strategy=hybrid", "parallel.ulysses=2"]),
                # tensor parallel: q/k/v/gate/up by columns, o/down by rows, the tied embedding and output
@@ -44,10 +46,13 @@ def test_hf_model_layouts_train_like_one_process(qwen_dir, tmp_path):
                # built on the meta device, split, each rank reading only its slices of the safetensors (DCP)
                ("tp=2 x dp_shard=2, meta_init", ["parallel.tp=2", "parallel.dp_shard=2", "parallel.cp=1",
                                                 "parallel.meta_init=true"])]
-    configs = [_cfg(qwen_dir, *o, run_dir=str(tmp_path / n.replace(" ", "").replace(",", ""))) for n, o in layouts]
+    configs = [_cfg(qwen_dir, *o, *val, run_dir=str(tmp_path / n.replace(" ", "").replace(",", "")))
+               for n, o in layouts]
     results = run(train_and_collect, 4, args=(configs,), timeout=300)[0]
+    assert list(ref["validation"]) == [2, 3]
     for (name, _), got in zip(layouts, results):
         compare_runs(name, got, ref, steps=3)
+        compare_validation(name, got, ref)
     whole, pieces = results[-2:]  # the same layout loaded both ways: the same run, bit for bit
     assert pieces["losses"] == whole["losses"] and pieces["grad_norms"] == whole["grad_norms"]
     assert all(torch.equal(pieces["params"][k], v) for k, v in whole["params"].items())

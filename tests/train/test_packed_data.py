@@ -14,7 +14,7 @@ from longctx.data.synthetic import step_indices
 from longctx.launch import run
 from longctx.parallel import Documents
 from longctx.train import model_flops_per_step
-from tests.support.equivalence import compare_runs
+from tests.support.equivalence import compare_runs, compare_validation
 
 from ._workers import config, packed_batches, train_and_collect
 
@@ -31,20 +31,38 @@ def dataset(tmp_path_factory):
     return str(root / "ds")
 
 
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    """Other documents, prepared alike: the validation set."""
+    root = tmp_path_factory.mktemp("held_out")
+    rng = np.random.default_rng(3)
+    with open(root / "v.jsonl", "w") as f:
+        for i in range(40):
+            n = int(min(rng.pareto(1.1) * 10 + 1, 150))
+            f.write(json.dumps({"text": "".join(chr(97 + (5 * i + 2 * j) % 26) for j in range(n))}) + "\n")
+    prepare(str(root / "v.jsonl"), str(root / "ds"), progress=False)
+    return str(root / "ds")
+
+
 def _tokens(path, *extra, run_dir):
     return config("data.source=tokens", f"data.path={path}", "model.vocab_size=258", *extra, run_dir=run_dir)
 
 
-def test_packed_training_layouts_match_one_process(dataset, tmp_path):
-    ref = run(train_and_collect, 1, args=([_tokens(dataset, run_dir=str(tmp_path / "ref"))],), timeout=120)[0][0]
+def test_packed_training_layouts_match_one_process(dataset, held_out, tmp_path):
+    """... and so does the held-out loss of packed validation documents (validation.path), after steps 2, 4, 5."""
+    val = [f"validation.path={held_out}", "validation.interval=2", "validation.batches=2"]
+    ref = run(train_and_collect, 1, args=([_tokens(dataset, *val, run_dir=str(tmp_path / "ref"))],),
+              timeout=120)[0][0]
     layouts = [("cp=4 zigzag", ["parallel.cp=4"]), ("cp=4 striped", ["parallel.cp=4", "parallel.strategy=striped"]),
                ("cp=4 hybrid", ["parallel.cp=4", "parallel.strategy=hybrid", "parallel.ulysses=2"]),
                ("dp_shard=2 x cp=2", ["parallel.dp_shard=2", "parallel.cp=2"]),
                ("pp=2 x cp=2", ["parallel.pp=2", "parallel.cp=2", "parallel.dp_shard=1"])]
-    configs = [_tokens(dataset, *o, run_dir=str(tmp_path / name.replace(" ", ""))) for name, o in layouts]
+    configs = [_tokens(dataset, *o, *val, run_dir=str(tmp_path / name.replace(" ", ""))) for name, o in layouts]
     results = run(train_and_collect, 4, args=(configs,), timeout=300)[0]
+    assert list(ref["validation"]) == [2, 4, 5]
     for (name, _), got in zip(layouts, results):
         compare_runs(name, got, ref)
+        compare_validation(name, got, ref)
         assert got["flops"] == ref["flops"], name  # the step's documents, counted once whatever the layout
     # FLOPs count the causal pairs inside each document (brute force here), not the full causal square
     cfg = from_dict(_tokens(dataset, run_dir="x"))

@@ -7,20 +7,23 @@ import pytest
 import torch
 
 from longctx.launch import run
-from tests.support.equivalence import compare_runs, ran_auto_everywhere
+from tests.support.equivalence import compare_runs, compare_validation, ran_auto_everywhere
 
 from ._workers import config, train_and_collect
 
-BASE = ["model.n_layers=4"]
+# the held-out loss after steps 2, 4 and 5 too: forward only through each layout (pipeline schedules' eval)
+BASE = ["model.n_layers=4", "validation.interval=2", "validation.batches=1"]
 W2 = [
     ("tp=2", ["parallel.tp=2", "parallel.dp_shard=1"]),
     ("pp=2 gpipe", ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=gpipe"]),
     ("pp=2 interleaved 1f1b, 2 stages per rank", ["parallel.pp=2", "parallel.dp_shard=1",
                                                   "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual=2"]),
     ("pp=2 interleaved zero bubble", ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=interleaved_zb"]),
-    ("pp=2 zbv (V, zero bubble)", ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=zbv"]),
+    # V schedules cannot run forward only (refused with validation, tests/train/test_validation.py)
+    ("pp=2 zbv (V, zero bubble)", ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=zbv",
+                                   "validation.interval=0"]),
     ("pp=2 dualpipev, 4 microbatches", ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=dualpipev",
-                                        "parallel.microbatches=4"]),
+                                        "parallel.microbatches=4", "validation.interval=0"]),
     ("pp=2 looped bfs", ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=looped_bfs"]),
     ("pp=2 1f1b, uneven split (1 + 3 layers), accumulation 2",
      ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_split=[1]", "train.accumulation=2"]),
@@ -77,8 +80,10 @@ def reference():
 def _check(layouts, world, reference, timeout=600):
     res = run(train_and_collect, world, args=([config(*BASE, *o) for _, o in layouts],), timeout=timeout)
     ran_auto_everywhere(res)
-    for (name, _), got in zip(layouts, res[0], strict=True):
+    for (name, overrides), got in zip(layouts, res[0], strict=True):
         compare_runs(name, got, reference)
+        if "validation.interval=0" not in overrides:
+            compare_validation(name, got, reference)
     return res
 
 

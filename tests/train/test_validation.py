@@ -1,0 +1,77 @@
+"""The held-out loss during training (train/validate.py): it changes nothing of training (one process, bit
+for bit), it is the token-mean loss of the final model on held-out sequences (an oracle that runs the plain
+model and torch's cross-entropy in float64), and bad settings are refused by name. Every parallel layout's
+validation loss against one process: tests/train/test_parallel_axes.py and test_packed_data.py."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longctx.config import ConfigError, from_dict, load
+from longctx.data import SyntheticSource
+from longctx.data.prepare import prepare
+from longctx.data.sources import VALIDATION_SEED_OFFSET
+from longctx.launch import run
+from longctx.model import build_model
+from longctx.train import validate_job
+
+from ._workers import BASE, config, train_and_collect
+
+VAL = ["validation.interval=2", "validation.batches=2"]
+
+
+def test_validation_changes_no_training_step_and_is_the_held_out_loss(tmp_path):
+    plain, validated = run(train_and_collect, 1, args=([config(run_dir=str(tmp_path / "a")),
+                                                        config(*VAL, run_dir=str(tmp_path / "b"))],), timeout=120)[0]
+    assert validated["losses"] == plain["losses"] and validated["grad_norms"] == plain["grad_norms"]
+    assert all(torch.equal(validated["params"][k], v) for k, v in plain["params"].items())
+    assert plain["validation"] == {} and list(validated["validation"]) == [2, 4, 5]  # every 2 steps and the last
+    assert len(set(validated["validation"].values())) == 3  # the model changed between them
+
+    # the oracle: the final weights in the plain model, in float64, on sequences drawn from the held-out seed
+    cfg = from_dict(config(*VAL))
+    model = build_model(cfg.model).double()
+    model.load_state_dict(validated["params"])
+    t, d = cfg.train, cfg.data
+    held_out = SyntheticSource(task=d.task, seq_len=t.seq_len, vocab_size=cfg.model.vocab_size,
+                               seed=t.seed + VALIDATION_SEED_OFFSET, alphabet=d.alphabet, period=d.period,
+                               mask_prompt=d.mask_prompt).batch(range(2 * t.batch_size))
+    with torch.no_grad():
+        logits = model(held_out["input_ids"])
+    loss = F.cross_entropy(logits.flatten(0, 1), held_out["labels"].flatten(), ignore_index=-100)
+    assert abs(validated["validation"][5] - loss.item()) <= 1e-5 * loss.item(), (validated["validation"], loss)
+    trained_on = SyntheticSource(task=d.task, seq_len=t.seq_len, vocab_size=cfg.model.vocab_size, seed=t.seed,
+                                 alphabet=d.alphabet, period=d.period, mask_prompt=d.mask_prompt)
+    seen = trained_on.batch(range(t.steps * t.batch_size))["input_ids"]
+    assert not any(torch.equal(row, seen_row) for row in held_out["input_ids"] for seen_row in seen)
+
+
+def test_bad_validation_settings_are_refused_by_name(tmp_path):
+    with open(tmp_path / "t.jsonl", "w") as f:
+        for i in range(30):
+            f.write(json.dumps({"text": f"held out document {i} " * 3}) + "\n")
+    prepare(str(tmp_path / "t.jsonl"), str(tmp_path / "train"), progress=False)
+    prepare(str(tmp_path / "t.jsonl"), str(tmp_path / "small"), progress=False)
+    tokens = [*BASE, "data.source=tokens", f"data.path={tmp_path / 'train'}", "model.vocab_size=258"]
+    cases = [
+        ([*BASE, "validation.batches=0", "validation.interval=1"], r"validation.batches must be > 0, got 0"),
+        ([*BASE, "validation.interval=-1"], r"validation.interval must be >= 0, got -1"),
+        ([*tokens, "validation.interval=2"], r"data.source=tokens needs validation.path=DIR"),
+        ([*tokens, "validation.interval=2", f"validation.path={tmp_path / 'train'}"], r"is the training data"),
+        ([*tokens, "validation.interval=2", f"validation.path={tmp_path / 'nope'}"],
+         r"validation.path=.* is not a prepared dataset"),
+        ([*tokens, "validation.interval=2", "validation.batches=100", f"validation.path={tmp_path / 'small'}"],
+         r"validation.batches=100 x train.batch_size=4 needs 400 sequences of 64 tokens; validation.path holds "
+         r"\d+: set validation.batches=\d+"),
+        ([*BASE, "validation.interval=2", f"validation.path={tmp_path / 'small'}"],
+         r"validation.path applies to data.source=tokens"),
+        ([*BASE, "model.n_layers=4", "validation.interval=2", "parallel.pp=2", "parallel.dp_shard=1",
+          "parallel.pp_schedule=zbv"], r"validation.interval > 0 with parallel.pp_schedule=zbv is not built"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            validate_job(load(overrides=overrides), 2 if "parallel.pp=2" in overrides else 1)
+    # without validation none of it is looked at
+    validate_job(load(overrides=[*tokens, "validation.batches=100", f"validation.path={tmp_path / 'small'}"]), 1)
