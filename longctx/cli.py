@@ -8,13 +8,15 @@ the Python traceback of user errors too.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
+import math
 import os
 import platform
 import sys
 
 from .cli_data import _float_list, _int_list, cmd_data_prepare, cmd_eval, cmd_generate
+from .cli_errors import USER_ERRORS, UserError
+from .cli_errors import checking as _checking
 
 # bench name -> module with add_arguments(parser) and run(args) -> list[dict] (and optionally validate(args))
 BENCHES = {
@@ -25,21 +27,6 @@ BENCHES = {
     "packing": ("longctx.bench.packing", "counted work imbalance of packed documents per layout, and balancing"),
     "train": ("longctx.bench.train", "training layouts side by side: tokens/s, FLOP/s, saved activations, loss"),
 }
-USER_ERRORS = ("ConfigError", "MissingDependency", "UserError")  # exception types printed as one line
-
-
-class UserError(Exception):
-    """Raised by command code for a problem the user can fix; printed as one line."""
-
-
-@contextlib.contextmanager
-def _checking():
-    """Checks of user input (config, arguments, layouts) run inside this: their ValueErrors are the user's.
-    The run itself is outside it, so a ValueError there is a bug and keeps its traceback."""
-    try:
-        yield
-    except (ValueError, NotImplementedError) as e:
-        raise UserError(str(e)) from e
 
 
 class _Parser(argparse.ArgumentParser):
@@ -148,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--tokenizer", default="byte", help="byte (default) or a local tokenizer.json / directory")
     prep.add_argument("--text-key", default="text", help="JSONL key / Parquet column holding the text")
     prep.add_argument("--workers", type=_positive_int, default=max(1, min(8, os.cpu_count() or 1)),
-                      help="tokenizer processes (default: CPU count, at most 8)")
+                      help="tokenizer processes (default: CPU count, at most 8; never more than input files or CPUs)")
     prep.add_argument("--strict", action="store_true", help="reject malformed input instead of skipping it")
     prep.add_argument("--no-eos", action="store_true", help="do not end each document with the eos token")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -270,14 +257,21 @@ def cmd_launch_local(args) -> int:
     from .train.setup import check_machine, default_run_dir
 
     with _checking():
+        if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+            raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout} (leave it out "
+                             "for no limit)")
         cfg = _load(args)
         validate_job(cfg, args.nproc)
         check_machine(cfg)  # the ranks run on this machine
     if cfg.run_dir is None:  # one name for every rank, chosen here
         cfg.run_dir = default_run_dir(args.config)
-    timeout = args.timeout if args.timeout else 7 * 24 * 3600.0  # poll() takes at most ~24 days
-    results = run(train_main, args.nproc, args=(OmegaConf.to_container(cfg), args.config), timeout=timeout,
-                  pg_timeout=cfg.parallel.timeout_s)
+    timeout = args.timeout or 7 * 24 * 3600.0  # none given: a week (poll() takes at most ~24 days)
+    try:
+        results = run(train_main, args.nproc, args=(OmegaConf.to_container(cfg), args.config), timeout=timeout,
+                      pg_timeout=cfg.parallel.timeout_s)
+    except TimeoutError:
+        raise UserError(f"the run did not finish within --timeout {timeout:g} s and its ranks were stopped; give "
+                        f"a larger --timeout (its checkpoints, if any, resume with train.resume=auto)") from None
     return _finish(results[0])
 
 
@@ -343,10 +337,8 @@ def _dispatch(args) -> int:
         return cmd_config_show(args)
     if args.command == "checkpoint":
         return cmd_checkpoint_export(args)
-    if args.command in ("data", "eval", "generate"):
-        with _checking():  # their ValueErrors are about the user's files and arguments
-            command = {"data": cmd_data_prepare, "eval": cmd_eval, "generate": cmd_generate}[args.command]
-            return command(args)
+    if args.command in ("data", "eval", "generate"):  # each checks its input itself, then runs
+        return {"data": cmd_data_prepare, "eval": cmd_eval, "generate": cmd_generate}[args.command](args)
     module = importlib.import_module(args._module)
     with _checking():  # in this process: a bad argument never reaches the ranks
         module.validate(args)

@@ -1,18 +1,24 @@
 """`longctx data prepare`, `longctx eval needle|ppl` and `longctx generate`: the command side (parsing lives
-in cli.py, which runs these inside its user-error handling: a ValueError here is the user's, printed as one
-line)."""
+in cli.py). Each checks its arguments, files and output paths inside `checking()` (a ValueError there is the
+user's, printed as one line) before the ranks run; a ValueError from the run itself is a bug and keeps its
+traceback. `data prepare` is all reading of the user's files, so it runs inside `checking()` whole."""
 
 from __future__ import annotations
 
 import argparse
 import os
 
+from ._paths import check_output
+from .cli_errors import checking
+
 
 def cmd_data_prepare(args) -> int:
     from .data.prepare import format_summary, prepare
 
-    summary = prepare(args.input, args.output, tokenizer=args.tokenizer, text_key=args.text_key,
-                      workers=args.workers, strict=args.strict, add_eos=not args.no_eos, progress=not args.quiet)
+    with checking():
+        summary = prepare(args.input, args.output, tokenizer=args.tokenizer, text_key=args.text_key,
+                          workers=args.workers, strict=args.strict, add_eos=not args.no_eos,
+                          progress=not args.quiet)
     print(format_summary(summary, args.output))
     return 0
 
@@ -98,16 +104,21 @@ def _on_ranks(kind: str, params: dict, nproc: int):
 def cmd_eval(args) -> int:
     import json
 
-    from .eval.needle import check_grid, format_table, write_needle
+    from .eval.needle import check_grid, check_lengths, format_table, write_needle
 
     kind = args.eval_command
     params = {k: getattr(args, k, None) for k in ("checkpoint", "lengths", "depths", "samples", "decode", "strategy",
                                                    "data", "seq_len", "sequences", "buckets", "tp")}
-    if kind == "needle":
-        check_grid(args.lengths, args.depths, args.samples)
-    cfg = _checked_checkpoint(args)
-    if kind == "ppl":
-        _check_ppl_args(args, cfg)
+    with checking():
+        check_output(args.json, "--json")
+        if kind == "needle":
+            check_output(args.plot, "--plot")
+            check_grid(args.lengths, args.depths, args.samples)
+        cfg = _checked_checkpoint(args)
+        if kind == "needle":
+            check_lengths(cfg, args.lengths)
+        if kind == "ppl":
+            _check_ppl_args(args, cfg)
     records = _on_ranks(kind, params, args.nproc)
     if not _rank0():
         return 0
@@ -124,15 +135,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
-    import json
+def _checked_generate(args):
+    """(tokenizer or None, prompt token ids) after every check of `longctx generate`'s arguments."""
+    import math
 
     from .eval.weights import checkpoint_tokenizer
 
     if not args.prompt and not args.ids:
         raise ValueError("nothing to continue: give --prompt TEXT or --ids 5,9,12 (each may be repeated)")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature {args.temperature}: must be >= 0 (0: greedy)")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ValueError(f"--temperature {args.temperature}: must be a finite number >= 0 (0: greedy)")
+    check_output(args.json, "--json")
     cfg = _checked_checkpoint(args)
     tok = checkpoint_tokenizer(cfg, args.tokenizer)
     if args.prompt and tok is None:
@@ -146,6 +159,17 @@ def cmd_generate(args) -> int:
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"prompt {i} has token id {max(ids) if max(ids) >= vocab else min(ids)}, outside the "
                              f"model's vocabulary 0..{vocab - 1}")
+    if args.top_k is not None and not 1 <= args.top_k <= vocab:
+        raise ValueError(f"--top-k {args.top_k}: must be between 1 and the model's vocabulary size {vocab} (leave it "
+                         "out to sample from every token)")
+    return tok, prompts
+
+
+def cmd_generate(args) -> int:
+    import json
+
+    with checking():
+        tok, prompts = _checked_generate(args)
     params = {"checkpoint": args.checkpoint, "prompts": prompts, "max_new_tokens": args.max_new_tokens,
               "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed, "strategy": args.strategy,
               "decode": args.decode, "tp": args.tp, "eos_id": tok.eos_id if tok is not None else None}

@@ -180,9 +180,11 @@ def _parse_overrides(overrides) -> DictConfig:
     for o in overrides:
         if "=" not in o or o.startswith("="):
             raise ConfigError(f"override {o!r} is not key=value (e.g. train.steps=10)")
+    import yaml  # omegaconf parses each value as YAML
+
     try:
         return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as e:
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
         raise ConfigError(f"could not parse overrides {list(overrides)}: {e}") from None
 
 
@@ -201,6 +203,8 @@ def load(cls=JobConfig, path: str | None = None, overrides: list[str] | tuple = 
     schema = _schema_keys(cls)
     cfg = OmegaConf.structured(cls)
     if path is not None:
+        if os.path.isdir(path):
+            raise ConfigError(f"config file {path!r} is a directory; pass a YAML file in it (e.g. configs/tiny.yaml)")
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} not found; pass a YAML file (e.g. configs/tiny.yaml)")
         try:

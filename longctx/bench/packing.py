@@ -11,6 +11,8 @@ Counted, not timed: the numbers are exact and the same on any machine.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..parallel.sequence.balance import balanced_order
@@ -46,8 +48,9 @@ def validate(args) -> None:
     for w in args.world_size:
         for layout in layouts:
             check_seq(layout, args.seq_len, w, what="--seq-len")
-    if args.mean_doc < 1 or args.alpha <= 0:
-        raise ValueError("--mean-doc must be >= 1 and --alpha > 0")
+    if args.mean_doc < 1 or not (math.isfinite(args.alpha) and args.alpha > 0):
+        raise ValueError(f"--mean-doc must be >= 1 and --alpha a finite number > 0, got {args.mean_doc} and "
+                         f"{args.alpha}")
 
 
 def pack(seq_len: int, mean_doc: int, alpha: float, rng) -> list[int]:

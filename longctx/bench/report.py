@@ -10,6 +10,7 @@ import time
 import torch
 
 from .._optional import require
+from .._paths import check_output
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -140,8 +141,13 @@ def check_args(args) -> None:
                              f"integer, got {value}")
     for name in ("seq_lens", "context", "segment_lengths", "dilation_rates"):
         values = getattr(args, name, None)
-        if values is not None and any(v < 1 for v in values):
+        if values is not None and (not values or any(v < 1 for v in values)):
             raise ValueError(f"--{name.replace('_', '-')} must list positive integers, got {values}")
+    timeout = getattr(args, "timeout", None)
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"--timeout must be a positive number of seconds, got {timeout}")
+    for name in ("json", "plot"):
+        check_output(getattr(args, name, None), f"--{name}")
     heads, kv = getattr(args, "heads", None), getattr(args, "kv_heads", None)
     if heads and kv and heads % kv:
         raise ValueError(f"--heads {heads} must be a multiple of --kv-heads {kv} (GQA groups)")

@@ -41,6 +41,11 @@ def _layout_overrides(layout: str) -> list[str]:
     if bad or not items:
         raise ValueError(f"layout {layout!r} must be key=value pairs over parallel.* keys separated by commas, "
                          f"e.g. cp=4,strategy=zigzag")
+    keys = [x.split("=", 1)[0].strip() for x in items]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"layout {layout!r} sets {', '.join(twice)} more than once; give each key once (separate "
+                         "layouts with spaces: --layouts cp=4,strategy=zigzag cp=4,strategy=ring)")
     return [f"parallel.{x}" for x in items]
 
 
@@ -65,6 +70,7 @@ def validate(args) -> None:
     for name in ("world_size", "steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    report.check_args(args)
     _configs(args)
 
 

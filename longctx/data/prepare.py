@@ -1,6 +1,7 @@
 """`longctx data prepare`: local text / JSONL / Parquet files -> a memory-mapped token dataset.
 
-Files are tokenized in parallel worker processes (one file per task, results kept in input order) and
+Files are tokenized in parallel worker processes (one file per task, results kept in input order; at most
+min(workers, input files, CPU count) processes, as more would only wait) and
 written as tokens.bin + offsets.npy + meta.json (the format tokens.py reads). Input problems never stop a
 run half-way: each is reported with its file (and line) and skipped, and counted in the summary; with
 `strict` the first problems are reported and nothing is written. The output is assembled in a temporary
@@ -130,8 +131,26 @@ def _histogram(lengths) -> dict:
     return {f"<={k}": hist[k] for k in sorted(hist)}
 
 
+def _non_directory_above(path: str) -> str | None:
+    """The nearest existing ancestor of `path` when it is not a directory (nothing can be created under it)."""
+    p = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(p):  # False under a file too (ENOTDIR): keep climbing to the file itself
+        up = os.path.dirname(p)
+        if up == p:
+            return None
+        p = up
+    return None if os.path.isdir(p) else p
+
+
 def _check_output(output: str) -> None:
-    """An existing output may only be a prepared dataset (replaced) or an empty directory."""
+    """The output path must be given, creatable (no file among its parents), and, when it exists, a prepared
+    dataset (replaced) or an empty directory."""
+    if not output or not output.strip():
+        raise PrepareError("--output is empty; give the directory to write the dataset to, e.g. --output data/ds")
+    blocker = _non_directory_above(output)
+    if blocker is not None:
+        raise PrepareError(f"--output {output!r}: {blocker} is a file, not a directory, so nothing can be created "
+                           "under it; choose an output path whose parents are directories (or move that file)")
     if os.path.exists(output) and (not os.path.isdir(output) or (
             os.listdir(output) and not os.path.exists(os.path.join(output, "meta.json")))):
         raise PrepareError(f"--output {output!r} exists and is not a prepared dataset; refusing to replace it: "
@@ -151,24 +170,28 @@ def _swap_in(tmp: str, output: str) -> None:
 
 def prepare(inputs, output: str, *, tokenizer: str = "byte", text_key: str = "text", workers: int = 1,
             strict: bool = False, add_eos: bool = True, progress: bool = True) -> dict:
-    """Tokenize `inputs` into `output`; returns the summary written to meta.json."""
+    """Tokenize `inputs` into `output`; returns the summary written to meta.json.
+
+    `workers` (>= 1) caps the tokenizer processes: min(workers, input files, CPU count) run, as each takes
+    whole files and more than the CPUs would only wait."""
     from tqdm import tqdm
 
     if workers < 1:
         raise PrepareError(f"--workers must be >= 1, got {workers}")
+    _check_output(output)  # before any work: a bad output path fails now, not after tokenizing
     tok = load_tokenizer(tokenizer)  # a bad tokenizer fails here, before any worker starts
     files = expand_inputs(inputs)
     out_abs = os.path.abspath(output)
     files = [f for f in files if not os.path.abspath(f).startswith(out_abs + os.sep)]  # never read our own output
     parent = os.path.dirname(out_abs) or "."
     os.makedirs(parent, exist_ok=True)
-    _check_output(output)
+    processes = max(1, min(workers, len(files), os.cpu_count() or 1))
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     tmp = tempfile.mkdtemp(prefix=".prepare-", dir=parent)
     try:
         problems, lengths, n_tokens = [], [], 0
         with open(os.path.join(tmp, "tokens.bin"), "wb") as sink, \
-                ProcessPoolExecutor(max_workers=workers) as pool:
+                ProcessPoolExecutor(max_workers=processes) as pool:
             results = pool.map(tokenize_file, files, [tokenizer] * len(files), [text_key] * len(files),
                                [add_eos] * len(files))
             for ids, lens, probs in tqdm(results, total=len(files), desc="tokenizing", unit="file",

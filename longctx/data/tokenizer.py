@@ -27,7 +27,9 @@ class ByteTokenizer:
 class HFTokenizer:
     """A `tokenizers` tokenizer.json; end-of-document is its eos token when it names one."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, what: str | None = None):
+        """`what` names the argument that gave `path` in the errors (default: `--tokenizer PATH`)."""
+        what = what or f"--tokenizer {path!r}"
         try:
             from tokenizers import Tokenizer
         except ImportError:
@@ -35,7 +37,13 @@ class HFTokenizer:
                               "pip install 'longctx[hf]'") from None
         self.name = os.path.abspath(path)
         self.sha256 = file_sha256(path)
-        self._tok = Tokenizer.from_file(path)
+        try:
+            self._tok = Tokenizer.from_file(path)
+        except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception for any malformed file
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{what}: {path} is not a valid Hugging Face tokenizer.json ({first}); give a "
+                             "tokenizer.json saved by `tokenizers` / transformers, a directory holding one, "
+                             "or 'byte'") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         vocab = self._tok.get_vocab(with_added_tokens=True)
         eos = next((t for t in ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>") if t in vocab), None)
@@ -57,12 +65,13 @@ def file_sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def load_tokenizer(spec: str | None = "byte"):
-    """`byte`, a tokenizer.json, or a directory holding one (e.g. a Hugging Face checkpoint directory)."""
+def load_tokenizer(spec: str | None = "byte", what: str = "--tokenizer"):
+    """`byte`, a tokenizer.json, or a directory holding one (e.g. a Hugging Face checkpoint directory).
+    `what` names the argument that gave `spec` in the errors (a missing or malformed tokenizer.json)."""
     if spec in (None, "", "byte"):
         return ByteTokenizer()
     path = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
     if not os.path.isfile(path):
-        raise ValueError(f"--tokenizer {spec!r}: not 'byte' and no tokenizer.json there; give 'byte', a local "
+        raise ValueError(f"{what} {spec!r}: not 'byte' and no tokenizer.json there; give 'byte', a local "
                          "tokenizer.json or a directory holding one (nothing is downloaded)")
-    return HFTokenizer(path)
+    return HFTokenizer(path, what=f"{what} {spec!r}")

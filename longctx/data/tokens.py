@@ -23,6 +23,8 @@ import torch
 from .labels import IGNORE_INDEX
 
 FILES = ("tokens.bin", "offsets.npy", "meta.json")
+META_KEYS = ("tokens", "dtype", "vocab_size")  # what TokenSource reads from meta.json
+DTYPES = ("uint16", "uint32")
 
 
 def read_meta(path: str, what: str = "data.path") -> dict:
@@ -31,8 +33,26 @@ def read_meta(path: str, what: str = "data.path") -> dict:
     if missing:
         raise FileNotFoundError(f"{what}={path!r} is not a prepared dataset (missing {', '.join(missing)}); "
                                 "make one with: longctx data prepare --input FILES --output DIR")
-    with open(os.path.join(path, "meta.json")) as f:
-        return json.load(f)
+    again = f"prepare the dataset again with: longctx data prepare --input FILES --output {path}"
+    try:
+        with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{what}={path!r}: meta.json is not valid JSON ({first}): {again}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{what}={path!r}: meta.json holds a {type(meta).__name__}, not the dataset's summary "
+                         f"object: {again}")
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"{what}={path!r}: meta.json lacks {', '.join(missing)}: {again}")
+    for key in ("tokens", "vocab_size"):
+        if isinstance(meta[key], bool) or not isinstance(meta[key], int) or meta[key] < 0:
+            raise ValueError(f"{what}={path!r}: meta.json's {key}={meta[key]!r} is not a count: {again}")
+    if meta["dtype"] not in DTYPES:
+        raise ValueError(f"{what}={path!r}: meta.json's dtype={meta['dtype']!r} is not one of "
+                         f"{', '.join(DTYPES)}: {again}")
+    return meta
 
 
 class TokenSource:
@@ -47,11 +67,36 @@ class TokenSource:
         self.n_tokens = int(self.meta["tokens"])
         if self.n_tokens < 2:
             raise ValueError(f"{what}={path!r} holds {self.n_tokens} tokens: nothing to train on")
+        self._check_files(what)
         self.pad_id = int(self.meta.get("pad_id", 0))
         # windows of seq_len inputs; their labels reach one token further (the last window is padded)
         self.n_sequences = -(-(self.n_tokens - 1) // seq_len)
         self._tokens = self._offsets = None  # opened lazily: memmaps do not travel to DataLoader workers
         self._perm = None  # (epoch, its window permutation)
+
+    def _check_files(self, what: str) -> None:
+        """tokens.bin and offsets.npy agree with meta.json (cheap: a size and a memory-mapped last offset), so a
+        truncated or swapped file is an error here, not a broadcast failure inside a rank."""
+        path, n, dtype = self.path, self.n_tokens, self.meta["dtype"]
+        again = f"prepare the dataset again with: longctx data prepare --input FILES --output {path}"
+        tokens_bin = os.path.join(path, "tokens.bin")
+        size, expected = os.path.getsize(tokens_bin), n * np.dtype(dtype).itemsize
+        if size != expected:
+            raise ValueError(f"{what}={path!r}: {tokens_bin} holds {size:,} bytes but meta.json says {n:,} {dtype} "
+                             f"tokens ({expected:,} bytes): a truncated or wrong file; {again}")
+        offsets_npy = os.path.join(path, "offsets.npy")
+        try:
+            offsets = np.load(offsets_npy, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{what}={path!r}: {offsets_npy} is not a readable .npy array ({first}); "
+                             f"{again}") from None
+        if offsets.ndim != 1 or offsets.size < 2 or not np.issubdtype(offsets.dtype, np.integer):
+            raise ValueError(f"{what}={path!r}: {offsets_npy} is not a list of document offsets (shape "
+                             f"{offsets.shape}, {offsets.dtype}); {again}")
+        if int(offsets[0]) != 0 or int(offsets[-1]) != n:  # document starts, then the total
+            raise ValueError(f"{what}={path!r}: {offsets_npy} spans tokens {int(offsets[0])}..{int(offsets[-1])} but "
+                             f"meta.json says {n:,} tokens: a truncated or wrong file; {again}")
 
     def _open(self):
         if self._tokens is None:

@@ -35,6 +35,15 @@ def check_grid(lengths, depths, samples) -> None:
         raise ValueError("--samples must be >= 1")
 
 
+def check_lengths(cfg, lengths, haystack: str | None = None) -> None:
+    """Every --lengths value fits the checkpoint's retrieval task (ValueError naming the length)."""
+    for n in lengths:
+        try:
+            _task(cfg, n, haystack)
+        except ValueError as e:
+            raise ValueError(f"--lengths {n}: " + str(e).replace(f"train.seq_len={n}", "this length")) from None
+
+
 def needle_grid(model, cfg, lengths, depths, *, samples: int = 20, batch: int = 8, strategy: str = "zigzag",
                 decode: str = "tree", kernel: str = "auto", haystack: str | None = "random", log=None,
                 group=None) -> list[dict]:
@@ -43,8 +52,7 @@ def needle_grid(model, cfg, lengths, depths, *, samples: int = 20, batch: int = 
     group). haystack: random filler (default, whatever the model trained on) or None (the checkpoint's
     data.haystack)."""
     check_grid(lengths, depths, samples)
-    for n in lengths:
-        _task(cfg, n, haystack)  # a length too short for the task fails before any generation
+    check_lengths(cfg, lengths, haystack)  # a length too short for the task fails before any generation
     records = []
     for length in lengths:
         task = _task(cfg, length, haystack)

@@ -82,15 +82,17 @@ def checkpoint_tokenizer(cfg, spec: str | None = None):
     if spec:
         tok = load_tokenizer(spec)
     elif cfg.model.hf_path and os.path.isfile(os.path.join(cfg.model.hf_path, "tokenizer.json")):
-        tok = load_tokenizer(cfg.model.hf_path)
+        tok = load_tokenizer(cfg.model.hf_path, what="model.hf_path")
     elif cfg.data.path and os.path.isfile(os.path.join(cfg.data.path, "meta.json")):
         with open(os.path.join(cfg.data.path, "meta.json")) as f:
             meta = json.load(f)
         try:
-            tok = load_tokenizer(meta["tokenizer"])
-        except ValueError:
+            tok = load_tokenizer(meta["tokenizer"], what="the dataset's tokenizer")
+        except ValueError as e:
+            gone = meta["tokenizer"] != "byte" and not os.path.exists(meta["tokenizer"])
             raise ValueError(f"the checkpoint's dataset {cfg.data.path} was made with tokenizer {meta['tokenizer']!r}, "
-                             "which is not there any more; pass --tokenizer") from None
+                             f"which is not there any more; pass --tokenizer" if gone else f"{e}; pass --tokenizer"
+                             ) from None
         if tok.sha256 != meta.get("tokenizer_sha256"):
             raise ValueError(f"{meta['tokenizer']} has changed since {cfg.data.path} was made with it (another "
                              "sha256); pass the tokenizer the model was trained with as --tokenizer")

@@ -369,6 +369,9 @@ def export(path: str, out: str, fmt: str = "torch") -> dict:
     if fmt == "hf" and os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"{out} is a file; the hf format writes a directory (config.json + safetensors): "
                          f"give a directory path")
+    from .._paths import check_output
+
+    check_output(out, "OUT", "dir" if fmt == "hf" else "file")
     state, found = model_weights(path)
     if fmt == "hf":
         _export_hf(state, found, out)

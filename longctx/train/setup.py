@@ -5,13 +5,16 @@ Each message names the key and what to change. The world size is the only fact f
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
+from .._paths import check_output
 from ..config import ConfigError, validate_model
 from ..model.parallelize import AC_MODES, dilated_layout_problem
 from ..parallel.data_parallel import resolve_engine
 from ..parallel.dims import ParallelDims
+from ..parallel.pipeline import stages_per_rank
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -19,8 +22,34 @@ PRECISIONS = ("auto", "fp32", "bf16")
 def _positive(section: str, cfg, *keys, allow_zero: bool = False) -> None:
     for key in keys:
         value = cfg[key]
-        if value < 0 or (value == 0 and not allow_zero):
-            raise ConfigError(f"{section}.{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            finite = "" if math.isfinite(value) else "a finite number "
+            raise ConfigError(f"{section}.{key} must be {finite}{'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _below(section: str, cfg, key: str, limit: float, inclusive: bool = False) -> None:
+    value = cfg[key]
+    if value > limit or (value == limit and not inclusive):
+        raise ConfigError(f"{section}.{key} must be {'<=' if inclusive else '<'} {limit}, got {value}")
+
+
+def _check_numbers(cfg) -> None:
+    """Ranges of the optimizer and timeout settings (what torch would only refuse inside a rank)."""
+    import datetime
+
+    p, t = cfg.parallel, cfg.train
+    _positive("parallel", p, "ac_every", "timeout_s")
+    try:
+        datetime.timedelta(seconds=p.timeout_s)
+    except OverflowError:
+        raise ConfigError(f"parallel.timeout_s={p.timeout_s} is too large for a timeout; use seconds, e.g. "
+                          "parallel.timeout_s=1800") from None
+    _positive("train", t, "steps", "batch_size", "seq_len", "accumulation", "lr", "mlp_chunks", "eps")
+    _positive("train", t, "beta1", "beta2", "warmup_steps", "weight_decay", "grad_clip", "loss_chunk",
+              "min_lr_ratio", "seed", allow_zero=True)
+    _below("train", t, "beta1", 1.0)
+    _below("train", t, "beta2", 1.0)
+    _below("train", t, "min_lr_ratio", 1.0, inclusive=True)  # the cosine decays to lr x this: above 1 it rises
 
 
 def dims_from_config(cfg, world_size: int) -> ParallelDims:
@@ -59,13 +88,13 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
     if p.activation_checkpoint not in AC_MODES:
         raise ConfigError(f"parallel.activation_checkpoint={p.activation_checkpoint!r}: choose one of "
                           f"{', '.join(AC_MODES)}")
-    _positive("parallel", p, "ac_every", "timeout_s")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={t.precision!r}: choose one of {', '.join(PRECISIONS)}")
-    _positive("train", t, "steps", "batch_size", "seq_len", "accumulation", "lr", "mlp_chunks", "beta1", "beta2",
-              "eps")
-    _positive("train", t, "warmup_steps", "weight_decay", "grad_clip", "loss_chunk", "min_lr_ratio", "seed",
-              allow_zero=True)
+    _check_numbers(cfg)
+    try:  # the schedule's name even when pp=1, as pp_split/microbatches/pp_virtual are
+        stages_per_rank(p.pp_schedule, 0)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     per = dims.dp * t.accumulation
     if t.batch_size % per:
         lo, hi = t.batch_size - t.batch_size % per, t.batch_size + per - t.batch_size % per
@@ -89,8 +118,11 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
     if engine == "deepspeed" and c.async_save:
         raise ConfigError("checkpoint.async_save=true is a DCP feature; with parallel.engine=deepspeed checkpoints "
                           "are DeepSpeed's own and written synchronously: set checkpoint.async_save=false")
-    if cfg.run_dir is not None and os.path.exists(cfg.run_dir) and not os.path.isdir(cfg.run_dir):
-        raise ConfigError(f"run_dir={cfg.run_dir!r} is an existing file, not a directory; choose another run_dir")
+    for key, path in (("run_dir", cfg.run_dir), ("checkpoint.dir", c.dir)):
+        try:
+            check_output(path, key, "dir")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     _check_data(cfg)
     _check_validation(cfg)
     return dims

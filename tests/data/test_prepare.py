@@ -85,8 +85,31 @@ def test_bad_arguments_name_the_fix(tmp_path, capsys):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     with pytest.raises(ValueError, match="no tokenizer.json there"):
         prepare(str(tmp_path / "x.txt"), str(tmp_path / "ds"), tokenizer=str(tmp_path / "nope"), progress=False)
+    with pytest.raises(PrepareError, match="--output is empty; give the directory"):
+        prepare(str(tmp_path / "x.txt"), "", progress=False)
+    with pytest.raises(PrepareError, match=r"--output .*x.txt/sub'.*x.txt is a file, not a directory.*choose"):
+        prepare(str(tmp_path / "x.txt"), str(tmp_path / "x.txt" / "sub"), progress=False)
     assert main(["data", "prepare", "--input", str(tmp_path / "x.txt"), "--output", str(tmp_path / "mine")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_workers_are_capped_by_files_and_cpus(tmp_path, monkeypatch):
+    import longctx.data.prepare as prep
+
+    started = []
+
+    class Pool(prep.ProcessPoolExecutor):
+        def __init__(self, max_workers):
+            started.append(max_workers)
+            super().__init__(max_workers=max_workers)
+
+    monkeypatch.setattr(prep, "ProcessPoolExecutor", Pool)
+    (tmp_path / "a.txt").write_text("one")
+    (tmp_path / "b.txt").write_text("two")
+    summary = prepare(str(tmp_path / "*.txt"), str(tmp_path / "ds"), workers=100000, progress=False)
+    assert summary["documents"] == 2 and started == [min(2, os.cpu_count() or 1)]
+    with pytest.raises(PrepareError, match="--workers must be >= 1"):
+        prepare(str(tmp_path / "*.txt"), str(tmp_path / "ds"), workers=0, progress=False)
 
 
 def test_cli_prepares_and_reports(tmp_path, capsys):
@@ -124,3 +147,9 @@ def test_tokenizer_json_from_a_local_file(tmp_path):
     assert tokens == [2, 4, 3, 1, 3, 0, 1]
     src = TokenSource(str(tmp_path / "ds"), seq_len=3, seed=0, vocab_size=8, shuffle=False)
     assert src.sequence(0)[0].tolist() == [2, 4, 3]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text('{"foo": 1}')
+    for spec in (tmp_path / "bad", tmp_path / "bad" / "tokenizer.json"):  # a directory holding one, or the file
+        with pytest.raises(ValueError, match=r"--tokenizer .*bad.*is not a valid Hugging Face tokenizer.json \(.+\)"):
+            prepare(str(tmp_path / "d.jsonl"), str(tmp_path / "ds2"), tokenizer=str(spec), progress=False)
+    assert not (tmp_path / "ds2").exists()

@@ -51,6 +51,35 @@ def test_every_token_is_an_input_once_per_epoch_across_data_ranks(dataset):
     assert (rebuilt[stream.size:] == src.pad_id).all()
 
 
+def test_a_damaged_dataset_is_an_error_naming_the_argument(dataset, tmp_path):
+    import shutil
+
+    def damaged(name, **files):
+        path = tmp_path / name
+        shutil.copytree(dataset[0], path)
+        for f, data in files.items():
+            (path / f.replace("_", ".")).write_bytes(data)
+        return str(path)
+
+    def source(path, what="data.path"):
+        return TokenSource(path, seq_len=16, seed=0, vocab_size=258, what=what)
+
+    with pytest.raises(ValueError, match=r"validation.path=.*meta.json is not valid JSON \(.*\): prepare the dataset "
+                                         r"again with: longctx data prepare"):
+        source(damaged("json", meta_json=b"{broken"), "validation.path")
+    with pytest.raises(ValueError, match=r"data.path=.*meta.json lacks dtype, vocab_size: prepare"):
+        source(damaged("keys", meta_json=b'{"tokens": 5}'))
+    tokens = open(f"{dataset[0]}/tokens.bin", "rb").read()
+    with pytest.raises(ValueError, match=r"--data=.*tokens.bin holds 10 bytes but meta.json says .* a truncated or "
+                                         r"wrong file; prepare the dataset again"):
+        source(damaged("short", tokens_bin=tokens[:10]), "--data")
+    with pytest.raises(ValueError, match=r"data.path=.*offsets.npy is not a readable .npy array"):
+        source(damaged("offsets", offsets_npy=b"garbage"))
+    np.save(tmp_path / "o.npy", np.array([0, 3], dtype=np.int64))
+    with pytest.raises(ValueError, match=r"data.path=.*offsets.npy spans tokens 0..3 but meta.json says"):
+        source(damaged("offsets2", offsets_npy=(tmp_path / "o.npy").read_bytes()))
+
+
 def test_labels_and_document_ids_keep_the_boundaries(dataset):
     path, doc_lengths = dataset
     src = TokenSource(path, seq_len=32, seed=0, vocab_size=258, shuffle=False)

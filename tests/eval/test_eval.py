@@ -129,7 +129,11 @@ def test_generate_takes_token_ids_and_refuses_bad_prompts(passkey_checkpoint, tm
         ([], "nothing to continue"),
         (["--prompt", "hello"], "no tokenizer recorded); give its token ids with --ids"),
         (["--ids", "3,64"], "prompt 0 has token id 64, outside the model's vocabulary 0..63"),
-        (["--ids", "3", "--temperature", "-1"], "--temperature -1.0: must be >= 0"),
+        (["--ids", "3", "--temperature", "-1"], "--temperature -1.0: must be a finite number >= 0"),
+        (["--ids", "3", "--temperature", "nan"], "--temperature nan: must be a finite number >= 0"),
+        (["--ids", "3", "--top-k", "65"], "--top-k 65: must be between 1 and the model's vocabulary size 64"),
+        (["--ids", "3", "--json", str(tmp_path)], f"--json {tmp_path} is a directory; give a file path"),
+        (["--ids", "3", "--json", os.path.join(__file__, "x.json")], f"{__file__} is a file, not a directory"),
         (["--ids", "3", "--nproc", "2", "--tp", "4"], "--tp 4 does not divide --nproc 2"),
         (["--ids", "3", "--strategy", "hybrid"], "--strategy hybrid needs a (ring, ulysses) mesh"),
         (["--prompt", "hello", "--tokenizer", "byte"], "the tokenizer (byte) has 258 ids but the model has "
