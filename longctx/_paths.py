@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 
-def _blocking_file(path: str) -> str | None:
+def blocking_file(path: str) -> str | None:
     """The existing non-directory among the parents of `path` (where its directory would have to be), if any."""
     parent = os.path.dirname(os.path.abspath(path))
     while parent and not os.path.exists(parent):
@@ -29,7 +29,7 @@ def check_output(path: str | None, what: str, kind: str = "file") -> None:
                          f"{'.json' if 'json' in what else ''}")
     if kind == "dir" and os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{what} {path} is an existing file, not a directory; choose another path")
-    blocked = _blocking_file(path)
+    blocked = blocking_file(path)
     if blocked:
         raise ValueError(f"{what} {path} cannot be created: {blocked} is a file, not a directory; choose another "
                          "path")

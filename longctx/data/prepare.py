@@ -21,6 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
+from .._paths import blocking_file
 from .tokenizer import load_tokenizer
 from .tokens import FILES
 
@@ -131,23 +132,12 @@ def _histogram(lengths) -> dict:
     return {f"<={k}": hist[k] for k in sorted(hist)}
 
 
-def _non_directory_above(path: str) -> str | None:
-    """The nearest existing ancestor of `path` when it is not a directory (nothing can be created under it)."""
-    p = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(p):  # False under a file too (ENOTDIR): keep climbing to the file itself
-        up = os.path.dirname(p)
-        if up == p:
-            return None
-        p = up
-    return None if os.path.isdir(p) else p
-
-
 def _check_output(output: str) -> None:
     """The output path must be given, creatable (no file among its parents), and, when it exists, a prepared
     dataset (replaced) or an empty directory."""
     if not output or not output.strip():
         raise PrepareError("--output is empty; give the directory to write the dataset to, e.g. --output data/ds")
-    blocker = _non_directory_above(output)
+    blocker = blocking_file(output)
     if blocker is not None:
         raise PrepareError(f"--output {output!r}: {blocker} is a file, not a directory, so nothing can be created "
                            "under it; choose an output path whose parents are directories (or move that file)")
