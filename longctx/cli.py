@@ -358,8 +358,23 @@ def main(argv=None) -> int:
     except RankError as e:
         if e.remote_type in USER_ERRORS and e.remote_message and not os.environ.get("LONGCTX_DEBUG"):
             return _user_error(f"rank {e.rank}: {e.remote_message}")
+        if _out_of_memory(e.remote_message or "") and not os.environ.get("LONGCTX_DEBUG"):
+            return _user_error(f"rank {e.rank} ran out of memory ({e.remote_message}); {_LESS}")
         print(f"longctx: {e}", file=sys.stderr)  # the failing rank's traceback
         return 1
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and not _out_of_memory(str(e)):
+            raise
+        return _user_error(f"out of memory ({str(e).strip().splitlines()[0] if str(e).strip() else 'MemoryError'}); "
+                           f"{_LESS}")
+
+
+_LESS = "ask for less: a shorter sequence, a smaller batch or model, or more ranks"
+
+
+def _out_of_memory(message: str) -> bool:
+    """A failed allocation (torch's CPU allocator, CUDA), not a bug: the sizes asked for do not fit."""
+    return "can't allocate memory" in message or "out of memory" in message.lower()
 
 
 def _user_error(message: str) -> int:

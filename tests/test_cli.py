@@ -197,3 +197,32 @@ def test_a_kernel_this_machine_cannot_run_is_refused_before_and_inside_the_ranks
     with pytest.raises(RankError) as info:
         run(train_main, 1, args=(OmegaConf.to_container(cfg),), timeout=120)
     assert info.value.remote_type == "ConfigError" and "cannot run on this machine" in info.value.remote_message
+
+
+def test_running_out_of_memory_is_one_line_and_other_runtime_errors_are_bugs(monkeypatch, capsys):
+    from longctx import cli
+    from longctx.launch import RankError
+
+    def oom(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 2048000000000000 bytes.")
+
+    monkeypatch.setattr(cli, "_dispatch", oom)
+    assert main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("longctx: error: out of memory (") and "ask for less" in err and err.count("\n") == 1
+
+    def rank_oom(args):
+        raise RankError("rank 1 failed with OutOfMemoryError: CUDA out of memory", 1, "OutOfMemoryError",
+                        "Traceback ...", None, "CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(cli, "_dispatch", rank_oom)
+    assert main(["info"]) == 2
+    assert capsys.readouterr().err.startswith("longctx: error: rank 1 ran out of memory (CUDA out of memory")
+
+    def bug(args):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(cli, "_dispatch", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["info"])
