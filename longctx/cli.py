@@ -76,7 +76,7 @@ def info() -> str:
 
 def _add_config_args(p) -> None:
     p.add_argument("config", help="YAML job config (e.g. configs/tiny.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. parallel.cp=4")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides, e.g. parallel.cp=4")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,13 +309,26 @@ def cmd_config_show(args) -> int:
     return 0
 
 
+def _command_words(parser) -> set[str]:
+    """Every subcommand name of the parser tree (train, launch, local, bench, kernel, ...)."""
+    words = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                words |= {name} | _command_words(sub)
+    return words
+
+
 def _parse(argv):
     """parse_args, but key=value overrides may also come after options (`CONFIG a=1 --flag b=2`)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if stray:  # name the subcommand whose --help lists what it takes
+        words = [w for w in (argv if argv is not None else sys.argv[1:]) if not w.startswith("-")]
+        command = " ".join(w for w in words[:3] if w in _command_words(parser))
+        raise UserError(f"unrecognized arguments: {' '.join(stray)} (see `longctx {command + ' ' if command else ''}"
+                        f"--help`)")
     if extra:
         args.overrides = [*args.overrides, *extra]
     return args

@@ -82,6 +82,8 @@ def test_missing_optional_dependency_names_the_extra():
     (["launch", "local", "--nproc", "1", "--timeout", "-1", TINY], r"--timeout must be a positive number of seconds"),
     (["config", "show", TINY, "model.dim=[1"], r"could not parse overrides"),
     (["config", "show", os.path.dirname(TINY)], r"is a directory; pass a YAML file in it"),
+    (["bench", "kernel", "--bogus"], r"unrecognized arguments: --bogus \(see `longctx bench kernel --help`\)"),
+    (["train"], r"the following arguments are required: config \(see"),
     # output paths are checked before the work that fills them
     (["train", TINY, f"checkpoint.dir={__file__}"], r"checkpoint.dir .* is an existing file, not a directory"),
     (["train", TINY, f"run_dir={os.path.join(__file__, 'run')}"], r"run_dir .* cannot be created: .* is a file"),
