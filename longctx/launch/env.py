@@ -23,6 +23,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
+
 
 def _backend() -> str:
     # gloo for CPU tensors always (metrics, object broadcasts); NCCL for CUDA tensors when there is a GPU
@@ -37,8 +39,9 @@ def process_group(timeout_s: float = 600.0):
         return
     timeout = timedelta(seconds=timeout_s)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        local_rank = check_env_rendezvous()  # one line, not torch's rendezvous traceback (or a wait)
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(local_rank)
         store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
         epoch = fresh_epoch(store, rank, world_size, timeout_s)
         store = dist.PrefixStore(f"longctx/epoch_{epoch}", store)
@@ -101,8 +104,52 @@ def fresh_epoch(store, rank: int, world_size: int, timeout_s: float, max_delay_s
         delay = min(2 * delay, max_delay_s)
 
 
+def _env_int(name: str, default: int | None = None, *, fix: str) -> int | None:
+    """The integer environment variable `name` (`default` if unset); a ConfigError naming it otherwise."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not an integer: {fix}") from None
+
+
+_UNDER_TORCHRUN = "run under torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)"
+
+
+def check_env_rendezvous() -> int:
+    """Check the env:// variables before torch reads them (its errors are tracebacks, and a rank outside the
+    world waits for the store until parallel.timeout_s); returns LOCAL_RANK (0 if unset)."""
+    fix = f"{_UNDER_TORCHRUN}, or unset RANK and WORLD_SIZE to train in one process"
+    rank = _env_int("RANK", fix=fix)
+    world_size = _env_int("WORLD_SIZE", fix=fix)
+    local_rank = _env_int("LOCAL_RANK", 0, fix=fix)
+    if world_size < 1:
+        raise ConfigError(f"WORLD_SIZE={world_size} must be >= 1: {fix}")
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"RANK={rank} is outside WORLD_SIZE={world_size} (ranks are 0..{world_size - 1}): {fix}")
+    if local_rank < 0:
+        raise ConfigError(f"LOCAL_RANK={local_rank} must be >= 0: {fix}")
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        raise ConfigError(
+            f"RANK={rank} and WORLD_SIZE={world_size} are set but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not: run under torchrun, which sets them all (`torchrun "
+            "--nproc-per-node N -m longctx train CONFIG`), or set MASTER_ADDR and MASTER_PORT to rank 0's host "
+            "and a free port, or unset RANK and WORLD_SIZE to train in one process")
+    port = _env_int("MASTER_PORT", fix=f"set it to a free TCP port on rank 0's host, or {_UNDER_TORCHRUN}")
+    if not 0 < port < 65536:
+        raise ConfigError(f"MASTER_PORT={port} is not a TCP port (1..65535): set it to a free port on rank 0's host")
+    return local_rank
+
+
 def world_size_from_env() -> int:
     """The world size `longctx train` will find (before any group exists): for validating a config early."""
     if dist.is_initialized():
         return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    fix = f"{_UNDER_TORCHRUN}, or unset WORLD_SIZE to train in one process"
+    world_size = _env_int("WORLD_SIZE", 1, fix=fix)
+    if world_size < 1:
+        raise ConfigError(f"WORLD_SIZE={world_size} must be >= 1: {fix}")
+    return world_size

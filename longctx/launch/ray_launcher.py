@@ -20,13 +20,16 @@ waiting.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 
 from .._optional import require
 from .._signals import ForwardingScope
+from ..config import ConfigError
 
 POLL_S = 1.0  # how often a worker asks whether the driver was told to stop
+CPUS_PER_WORKER = 1  # what every Ray Train worker reserves (besides its GPUs)
 
 
 class _StopFlag:
@@ -93,16 +96,23 @@ def launch_ray(config: dict, config_path: str | None, *, address: str, num_worke
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init(address=None if address == "local" else address, num_cpus=num_workers if address == "local"
-                 else None, include_dashboard=False, log_to_driver=True)
+    started = not ray.is_initialized()
+    if started:
+        _connect(ray, address, num_workers)
+    try:  # checked before anything is scheduled: Ray would wait for missing resources forever, silently
+        _check_resources(ray.cluster_resources(), _node_resources(ray), address=address, num_workers=num_workers,
+                         gpus_per_worker=gpus_per_worker, cpus_per_worker=CPUS_PER_WORKER)
+    except ConfigError:
+        if started:  # a Ray started here (--address local) leaves no processes behind
+            ray.shutdown()
+        raise
     gpus = gpus_per_worker > 0
     flag_name = f"longctx-stop-{uuid.uuid4().hex}"
     flag = ray.remote(_StopFlag).options(name=flag_name, num_cpus=0).remote()
     trainer = TorchTrainer(
         _worker, train_loop_config={"config": config, "config_path": config_path, "stop_flag": flag_name},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpus,
-                                     resources_per_worker={"CPU": 1, **({"GPU": gpus_per_worker} if gpus else {})}),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpus, resources_per_worker={
+            "CPU": CPUS_PER_WORKER, **({"GPU": gpus_per_worker} if gpus else {})}),
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo", timeout_s=int(config["parallel"]["timeout_s"])),
         run_config=RunConfig(storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures)),
     )
@@ -119,6 +129,58 @@ def launch_ray(config: dict, config_path: str | None, *, address: str, num_worke
 
         summary.update(stop_signal=forward.received, stopped_by=signal_name(forward.received))
     return summary
+
+
+def _connect(ray, address: str, num_workers: int) -> None:
+    """ray.init for `--address`; a failure is one ConfigError naming the address and the fix."""
+    try:
+        ray.init(address=None if address == "local" else address, num_cpus=num_workers if address == "local"
+                 else None, include_dashboard=False, log_to_driver=True)
+    except Exception as e:  # noqa: BLE001 - ConnectionError, ValueError, RuntimeError, Ray's own: all say "no cluster"
+        with contextlib.suppress(Exception):  # whatever a half-started Ray left
+            ray.shutdown()
+        text = str(e).strip()
+        what = text.splitlines()[0] if text else type(e).__name__
+        raise ConfigError(
+            f"--address {address}: cannot connect to a Ray cluster ({what}): start one with `ray start --head` and "
+            "pass its address (auto finds one started on this machine, ray://HOST:10001 a remote one), or use "
+            "--address local to run on this machine only") from e
+
+
+def _node_resources(ray) -> list[dict]:
+    """The resources of each live node of the cluster."""
+    return [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive", n.get("alive", True))]
+
+
+def _check_resources(total: dict, nodes: list[dict], *, address: str, num_workers: int, gpus_per_worker: float,
+                     cpus_per_worker: float) -> None:
+    """A ConfigError unless the cluster (`total`: ray.cluster_resources(), `nodes`: each live node's) can hold
+    `num_workers` workers of `cpus_per_worker` CPUs and `gpus_per_worker` GPUs each: in total, and one worker
+    on some node (a finer packing is left to Ray). An autoscaling cluster may still add nodes that would fit;
+    refusing is still right, since Ray would otherwise wait for them with no message and no end."""
+    def fmt(x: float) -> str:
+        return f"{x:g}"
+
+    has_gpu, has_cpu = float(total.get("GPU", 0)), float(total.get("CPU", 0))
+    where = ("this machine (--address local)" if address == "local" else f"the Ray cluster at --address {address}")
+    has = f"{where} has {fmt(has_gpu)} GPU(s) and {fmt(has_cpu)} CPU(s)"
+    if gpus_per_worker > 0:
+        need = num_workers * gpus_per_worker
+        biggest = max((float(n.get("GPU", 0)) for n in nodes), default=has_gpu)
+        if need > has_gpu or gpus_per_worker > biggest:
+            why = (f"needs {fmt(need)} GPU(s)" if need > has_gpu else
+                   f"needs {fmt(gpus_per_worker)} GPU(s) on one node, the most a node has is {fmt(biggest)}")
+            more = ("run on a machine with GPUs, or start a Ray cluster with GPU nodes (`ray start --head`) and "
+                    "pass its address" if address == "local" else
+                    "add GPU nodes to the cluster (`ray start --address HEAD:PORT` on each)")
+            raise ConfigError(
+                f"--num-workers {num_workers} x --gpus-per-worker {fmt(gpus_per_worker)} {why}, but {has}: lower "
+                f"--num-workers or --gpus-per-worker (--gpus-per-worker 0 runs CPU workers), or {more}")
+    need = num_workers * cpus_per_worker
+    if need > has_cpu:
+        raise ConfigError(
+            f"--num-workers {num_workers} needs {fmt(need)} CPU(s) ({fmt(cpus_per_worker)} per worker), but {has}: "
+            "lower --num-workers, or add nodes to the cluster, or use --address local (as many CPUs as workers)")
 
 
 def _summary(run_dir: str) -> dict:

@@ -61,3 +61,59 @@ def test_a_missing_rank_times_out_with_a_message():
     store.set("longctx/current", "7")  # a rank 0 that opened an epoch and never answered
     with pytest.raises(TimeoutError, match="rank 1: rank 0 did not open"):
         fresh_epoch(store, 1, 2, 0.3, max_delay_s=0.02)
+
+
+def _torchrun_env(monkeypatch, **env):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "0", "WORLD_SIZE": "2"}, r"RANK=0 and WORLD_SIZE=2 are set but MASTER_ADDR and MASTER_PORT are not: "
+                                       r"run under torchrun"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, r"but MASTER_PORT is not: .*set MASTER_ADDR"),
+    ({"RANK": "0", "WORLD_SIZE": "abc"}, r"^WORLD_SIZE='abc' is not an integer: run under torchrun"),
+    ({"RANK": "x", "WORLD_SIZE": "2"}, r"^RANK='x' is not an integer"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "gpu0"}, r"^LOCAL_RANK='gpu0' is not an integer"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, r"RANK=2 is outside WORLD_SIZE=2 \(ranks are 0..1\)"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, r"WORLD_SIZE=0 must be >= 1"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "p"}, r"^MASTER_PORT='p' is not an integer"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "70000"}, r"MASTER_PORT=70000 is not a TCP"),
+])
+def test_a_bad_torchrun_environment_is_named_before_the_rendezvous(monkeypatch, env, message):
+    from longctx.config import ConfigError
+    from longctx.launch.env import check_env_rendezvous, process_group
+
+    _torchrun_env(monkeypatch, **env)
+    with pytest.raises(ConfigError, match=message):
+        check_env_rendezvous()
+    assert not dist.is_initialized()
+    with pytest.raises(ConfigError, match=message), process_group(timeout_s=5):  # not torch's traceback or a wait
+        pass
+    assert not dist.is_initialized()
+
+
+def test_a_complete_torchrun_environment_passes(monkeypatch):
+    from longctx.launch.env import check_env_rendezvous
+
+    _torchrun_env(monkeypatch, RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    assert check_env_rendezvous() == 0
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert check_env_rendezvous() == 1
+
+
+def test_longctx_train_names_the_variable_in_one_line(monkeypatch, capsys):
+    from longctx.cli import main
+
+    from ._jobs import TINY
+
+    _torchrun_env(monkeypatch, RANK="0", WORLD_SIZE="2")
+    assert main(["train", TINY, "train.steps=1", "logging.quiet=true", "logging.tensorboard=false"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("longctx: error: RANK=0 and WORLD_SIZE=2 are set but MASTER_ADDR and MASTER_PORT are not")
+    assert len(err.strip().splitlines()) == 1
+    _torchrun_env(monkeypatch, RANK="0", WORLD_SIZE="abc")  # read first by world_size_from_env
+    assert main(["train", TINY, "train.steps=1"]) == 2
+    assert capsys.readouterr().err.startswith("longctx: error: WORLD_SIZE='abc' is not an integer: run under torchrun")

@@ -142,3 +142,74 @@ def test_launch_ray_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(optional.importlib, "import_module", no_ray)
     assert main(["launch", "ray", "--num-workers", "2", TINY, *SMALL, f"run_dir={tmp_path}"]) == 2
     assert "install it with: pip install 'longctx[ray]'" in capsys.readouterr().err
+
+
+def test_launch_ray_without_a_cluster_names_the_address(tmp_path, capsys):
+    pytest.importorskip("ray.train", reason="pip install 'longctx[ray]' (make test installs it)")
+    import ray
+
+    assert main(["launch", "ray", "--address", "bogus", "--num-workers", "2", TINY, *SMALL,
+                 f"run_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("longctx: error: --address bogus: cannot connect to a Ray cluster (Invalid address")
+    assert "`ray start --head`" in err and "--address local" in err and len(err.strip().splitlines()) == 1
+    assert not ray.is_initialized()
+
+
+class _CpuOnlyRay:
+    """`ray` as launch_ray sees it on a machine without GPUs (no Ray is started)."""
+
+    def __init__(self):
+        self.up, self.shutdowns = False, 0
+
+    def is_initialized(self):
+        return self.up
+
+    def init(self, **kwargs):
+        self.up = True
+
+    def cluster_resources(self):
+        return {"CPU": 2.0, "memory": 2e9, "node:127.0.0.1": 1.0}
+
+    def nodes(self):
+        return [{"Alive": True, "Resources": self.cluster_resources()}]
+
+    def shutdown(self):
+        self.up, self.shutdowns = False, self.shutdowns + 1
+
+
+def test_launch_ray_refuses_gpus_the_cluster_lacks_instead_of_waiting(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("ray.train", reason="pip install 'longctx[ray]' (make test installs it)")
+    from longctx.launch import ray_launcher
+
+    fake, real = _CpuOnlyRay(), ray_launcher.require
+    monkeypatch.setattr(ray_launcher, "require", lambda name, *a: fake if name == "ray" else real(name, *a))
+    assert main(["launch", "ray", "--address", "local", "--num-workers", "2", "--gpus-per-worker", "1", TINY, *SMALL,
+                 f"run_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("longctx: error: --num-workers 2 x --gpus-per-worker 1 needs 2 GPU(s), but this machine "
+                          "(--address local) has 0 GPU(s) and 2 CPU(s): lower --num-workers or --gpus-per-worker")
+    assert fake.shutdowns == 1 and not fake.up  # the Ray started for the job is stopped again
+
+
+def test_check_resources():
+    from longctx.config import ConfigError
+    from longctx.launch.ray_launcher import _check_resources
+
+    def check(total, nodes, workers, gpus, address="auto"):
+        _check_resources(total, nodes, address=address, num_workers=workers, gpus_per_worker=gpus,
+                         cpus_per_worker=1)
+
+    two_nodes = [{"CPU": 8.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 2.0}]
+    check({"CPU": 16.0, "GPU": 4.0}, two_nodes, 4, 1)
+    check({"CPU": 16.0, "GPU": 4.0}, two_nodes, 8, 0.5)
+    check({"CPU": 2.0}, [{"CPU": 2.0}], 2, 0)
+    with pytest.raises(ConfigError, match=r"--num-workers 8 x --gpus-per-worker 1 needs 8 GPU\(s\), but the Ray "
+                                          r"cluster at --address auto has 4 GPU\(s\) and 16 CPU\(s\): .*add GPU nodes"):
+        check({"CPU": 16.0, "GPU": 4.0}, two_nodes, 8, 1)
+    with pytest.raises(ConfigError, match=r"needs 4 GPU\(s\) on one node, the most a node has is 2"):
+        check({"CPU": 16.0, "GPU": 4.0}, two_nodes, 1, 4)
+    with pytest.raises(ConfigError, match=r"has 0 GPU\(s\).*--gpus-per-worker 0 runs CPU workers.*with GPUs"):
+        check({"CPU": 4.0}, [{"CPU": 4.0}], 1, 1, address="local")
+    with pytest.raises(ConfigError, match=r"--num-workers 3 needs 3 CPU\(s\) \(1 per worker\), but .* 2 CPU\(s\)"):
+        check({"CPU": 2.0}, [{"CPU": 2.0}], 3, 0)
