@@ -8,6 +8,8 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 from ._jobs import ROOT, TINY, free_port, kill_after_checkpoint, losses, same_final_weights
 
@@ -40,11 +42,21 @@ def test_two_node_torchrun_equals_the_simulated_cluster_and_a_failing_rank_shows
     from longctx.cli import main
 
     assert main(["launch", "local", "--nproc", "4", TINY, *SMALL, f"run_dir={tmp_path / 'local'}"]) == 0
-    # (one launch for both: the 3 steps run, then saving the final checkpoint fails under a regular file)
-    blocker = tmp_path / "file"
-    blocker.write_text("not a directory")
+    # (one launch for both: the 3 steps run, then saving the final checkpoint fails under a regular file that
+    # appears once training has begun: one in the way from the start is refused before any rank starts)
+    blocker, metrics = tmp_path / "file", tmp_path / "torchrun" / "metrics.jsonl"
+
+    def block_after_the_first_step():
+        deadline = time.time() + 200
+        while time.time() < deadline and not metrics.exists():
+            time.sleep(0.02)
+        blocker.write_text("not a directory")
+
+    thread = threading.Thread(target=block_after_the_first_step, daemon=True)
+    thread.start()
     codes, out = _torchrun([*SMALL, "checkpoint.interval=3", f"checkpoint.dir={blocker}/ckpt",
                             f"run_dir={tmp_path / 'torchrun'}"])
+    thread.join(timeout=5)
     local, multi = losses(tmp_path / "local"), losses(tmp_path / "torchrun")
     assert len(local) == len(multi) == 3, out[-3000:]
     for a, b in zip(multi, local):
