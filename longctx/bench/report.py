@@ -127,7 +127,7 @@ def plot_bars(path: str | None, labels: list[str], series: dict[str, list[float]
 
 POSITIVE = ("world_size", "seq_len", "batch", "heads", "kv_heads", "head_dim", "iters", "steps", "new_tokens",
             "check_len", "ulysses")
-NON_NEGATIVE = ("warmup", "virtual_ranks")
+NON_NEGATIVE = ("warmup", "virtual_ranks", "check_max_len")
 
 
 def check_args(args) -> None:

@@ -45,7 +45,7 @@ def perplexity_by_position(model, data_path: str, *, seq_len: int, sequences: in
     width = math.ceil(seq_len / buckets)
     sums = torch.zeros(buckets, dtype=torch.float64)
     counts = torch.zeros(buckets, dtype=torch.float64)
-    n = min(sequences, src.n_sequences - first)
+    n = sequences
     for start in range(first, first + n, batch):
         b = src.batch(range(start, min(first + n, start + batch)))
         docs = Documents.from_ids(b["doc_ids"])
@@ -93,4 +93,7 @@ def check_ppl(data_path: str | None, *, seq_len: int, sequences: int, buckets: i
                          f"tensor-parallel ranks (sequence parallelism); use a multiple of {world * tp}")
     if src.n_sequences - first < 1:
         raise ValueError(f"the dataset has {src.n_sequences} windows of {seq_len} tokens; nothing from window {first}")
+    if sequences > src.n_sequences - first:  # asked for more than there is: say so rather than do less
+        raise ValueError(f"--sequences {sequences}: the dataset has {src.n_sequences - first} windows of {seq_len} "
+                         f"tokens; give --sequences {src.n_sequences - first} or fewer (or a shorter --seq-len)")
     return src

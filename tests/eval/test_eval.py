@@ -95,6 +95,7 @@ def test_perplexity_by_position_agrees_across_ranks(text_run, tmp_path, capsys):
         (["--nproc", "3", "--seq-len", "100"], "--seq-len 100 is not divisible by 6"),
         (["--seq-len", "4", "--buckets", "8"], "--seq-len at least the bucket count"),
         (["--nproc", "2", "--tp", "2", "--seq-len", "63", "--buckets", "4"], "use a multiple of 2"),
+        (["--sequences", "100000"], "--sequences 100000: the dataset has"),
     ]:
         assert _main_here(["eval", "ppl", "--checkpoint", ck, *argv]) == 2
         err = capsys.readouterr().err
