@@ -1,5 +1,6 @@
 """Imports point one way: cli -> demo/bench -> launch -> eval -> train -> data/model -> parallel -> kernels, with
-config, _optional, _signals and _paths at the bottom. Checked on every import statement, lazy ones inside functions too."""
+config, _optional, _signals and _paths at the bottom. Checked on every import statement, lazy ones inside
+functions too."""
 
 import ast
 import pathlib
