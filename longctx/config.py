@@ -128,6 +128,7 @@ class ValidationConfig:
     interval: int = 0  # held-out loss every this many optimizer steps and at the end of the run; 0 = off
     batches: int = 4  # validation batches of train.batch_size sequences (the same ones every time)
     path: str | None = None  # data.source=tokens: held-out documents, a directory made by `longctx data prepare`
+    holdout: int = 0  # data.source=tokens: or the last this many windows of data.path (training skips them)
 
 
 @dataclass

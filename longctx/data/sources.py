@@ -16,8 +16,9 @@ SOURCES = ("synthetic", "tokens", *RETRIEVAL)
 VALIDATION_SEED_OFFSET = 1_000_003
 
 
-def build_source(data, *, seq_len: int, vocab_size: int, seed: int):
-    """`data`: the config's data section. ValueError (naming the key) for anything it cannot serve."""
+def build_source(data, *, seq_len: int, vocab_size: int, seed: int, holdout: int = 0):
+    """`data`: the config's data section. ValueError (naming the key) for anything it cannot serve.
+    `holdout` (token data): the last windows of data.path that training never reads (validation.holdout)."""
     if data.source not in SOURCES:
         raise ValueError(f"data.source={data.source!r}: choose one of {', '.join(SOURCES)}")
     if data.source == "synthetic":
@@ -26,7 +27,13 @@ def build_source(data, *, seq_len: int, vocab_size: int, seed: int):
     if data.source == "tokens":
         if not data.path:
             raise ValueError("data.source=tokens needs data.path=DIR (a directory made by longctx data prepare)")
-        return TokenSource(data.path, seq_len=seq_len, seed=seed, vocab_size=vocab_size, shuffle=data.shuffle)
+        total = TokenSource(data.path, seq_len=seq_len, seed=seed, vocab_size=vocab_size).n_sequences
+        if holdout and holdout >= total:
+            raise ValueError(f"validation.holdout={holdout} windows leave nothing to train on: data.path holds {total} "
+                             f"windows of {seq_len} tokens; hold out fewer (e.g. validation.holdout="
+                             f"{max(total // 20, 1)})")
+        return TokenSource(data.path, seq_len=seq_len, seed=seed, vocab_size=vocab_size, shuffle=data.shuffle,
+                           windows=(0, total - holdout))
     return RetrievalTask(kind=data.source, seq_len=seq_len, vocab_size=vocab_size, seed=seed, alphabet=data.alphabet,
                          digits=data.digits, depth=data.depth, pairs=data.pairs, pack_min=data.pack_min,
                          haystack=data.haystack)
@@ -39,22 +46,33 @@ def build_validation_source(data, validation, *, seq_len: int, vocab_size: int, 
     import os
 
     if data.source != "tokens":
-        if validation.path:
-            raise ValueError(f"validation.path applies to data.source=tokens; data.source={data.source} draws its "
-                             "validation sequences from a seed of their own: drop validation.path")
+        given = [k for k in ("path", "holdout") if validation[k]]
+        if given:
+            raise ValueError(f"validation.{given[0]} applies to data.source=tokens; data.source={data.source} draws "
+                             f"its validation sequences from a seed of their own: drop validation.{given[0]}")
         return build_source(data, seq_len=seq_len, vocab_size=vocab_size, seed=seed + VALIDATION_SEED_OFFSET)
-    if not validation.path:
-        raise ValueError("validation.interval > 0 with data.source=tokens needs validation.path=DIR: held-out "
-                         "documents prepared like the training data (longctx data prepare --input HELD_OUT "
-                         "--output DIR)")
-    if data.path and os.path.realpath(validation.path) == os.path.realpath(data.path):
-        raise ValueError(f"validation.path={validation.path!r} is the training data (data.path); give held-out "
-                         "documents (longctx data prepare --input HELD_OUT --output DIR)")
-    source = TokenSource(validation.path, seq_len=seq_len, seed=seed, vocab_size=vocab_size, shuffle=False,
-                         what="validation.path")
+    if validation.path and validation.holdout:
+        raise ValueError("validation.path and validation.holdout both say where the held-out data are: give one")
+    if validation.holdout:  # the last windows of the training data, which training does not read
+        training = build_source(data, seq_len=seq_len, vocab_size=vocab_size, seed=seed, holdout=validation.holdout)
+        total = training.n_sequences + validation.holdout
+        source = TokenSource(data.path, seq_len=seq_len, seed=seed, vocab_size=vocab_size, shuffle=False,
+                             windows=(total - validation.holdout, total))
+        where = f"validation.holdout={validation.holdout}"
+    else:
+        if not validation.path:
+            raise ValueError("validation.interval > 0 with data.source=tokens needs held-out data: "
+                             "validation.holdout=N (the last N windows of data.path, which training then skips) or "
+                             "validation.path=DIR (other documents, prepared like the training data)")
+        if data.path and os.path.realpath(validation.path) == os.path.realpath(data.path):
+            raise ValueError(f"validation.path={validation.path!r} is the training data (data.path); give held-out "
+                             "documents (longctx data prepare --input HELD_OUT --output DIR), or validation.holdout=N")
+        source = TokenSource(validation.path, seq_len=seq_len, seed=seed, vocab_size=vocab_size, shuffle=False,
+                             what="validation.path")
+        where = "validation.path"
     need = validation.batches * batch_size
     if need > source.n_sequences:
         raise ValueError(f"validation.batches={validation.batches} x train.batch_size={batch_size} needs {need} "
-                         f"sequences of {seq_len} tokens; validation.path holds {source.n_sequences}: set "
-                         f"validation.batches={max(source.n_sequences // batch_size, 1)} or give more held-out text")
+                         f"sequences of {seq_len} tokens; {where} holds {source.n_sequences}: set "
+                         f"validation.batches={max(source.n_sequences // batch_size, 1)} or hold out more")
     return source

@@ -57,7 +57,9 @@ def read_meta(path: str, what: str = "data.path") -> dict:
 
 class TokenSource:
     def __init__(self, path: str, *, seq_len: int, seed: int, vocab_size: int, shuffle: bool = True,
-                 what: str = "data.path"):
+                 what: str = "data.path", windows: tuple[int, int | None] = (0, None)):
+        """`windows` (first, stop): read only windows first..stop-1 of the stream (None: to the end); a
+        held-out split is the last windows, training the ones before them."""
         self.path, self.seq_len, self.seed, self.shuffle = path, seq_len, seed, shuffle
         self.meta = read_meta(path, what)
         if self.meta["vocab_size"] > vocab_size:
@@ -70,7 +72,12 @@ class TokenSource:
         self._check_files(what)
         self.pad_id = int(self.meta.get("pad_id", 0))
         # windows of seq_len inputs; their labels reach one token further (the last window is padded)
-        self.n_sequences = -(-(self.n_tokens - 1) // seq_len)
+        total = -(-(self.n_tokens - 1) // seq_len)
+        first, stop = windows[0], total if windows[1] is None else windows[1]
+        if not 0 <= first < stop <= total:
+            raise ValueError(f"{what}={path!r} holds {total} windows of {seq_len} tokens; windows {first}..{stop - 1} "
+                             "are not among them")
+        self.first_window, self.n_sequences = first, stop - first
         self._tokens = self._offsets = None  # opened lazily: memmaps do not travel to DataLoader workers
         self._perm = None  # (epoch, its window permutation)
 
@@ -113,10 +120,10 @@ class TokenSource:
         """Which seq_len window of the stream global sequence `index` reads."""
         epoch, i = divmod(int(index), self.n_sequences)
         if not self.shuffle:
-            return i
+            return self.first_window + i
         if self._perm is None or self._perm[0] != epoch:  # one permutation per epoch, not one per sequence
             self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_sequences))
-        return int(self._perm[1][i])
+        return self.first_window + int(self._perm[1][i])
 
     def sequence(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tokens, offsets = self._open()

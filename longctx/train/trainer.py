@@ -107,7 +107,8 @@ class Trainer:
                                            microbatches=n_microbatches(self.dims.pp, cfg.parallel.microbatches),
                                            loss_fn=self._pipeline_loss, group=self.plan.pp_group, device=self.device)
             self._pp_scale = 1.0
-        self.data = build_source(cfg.data, seq_len=t.seq_len, vocab_size=cfg.model.vocab_size, seed=t.seed)
+        self.data = build_source(cfg.data, seq_len=t.seq_len, vocab_size=cfg.model.vocab_size, seed=t.seed,
+                                 holdout=cfg.validation.holdout)
         self.loader = StepLoader(StepBatches(self.data, batch_size=t.batch_size, dp_rank=self.plan.dp_rank,
                                              dp_size=self.dims.dp, accumulation=t.accumulation), cfg.data.workers)
         self.loss_fn = loss_fn(t.loss_chunk)

@@ -151,3 +151,27 @@ def test_packed_retrieval_examples_are_documents_with_their_own_answers():
     assert any(len(d.unique()) > 1 for d in batch["doc_ids"])
     with pytest.raises(ValueError, match="data.pack_min=8 must be between 14"):
         RetrievalTask(kind="passkey", seq_len=256, vocab_size=64, seed=0, pack_min=8)
+
+
+def test_a_holdout_split_keeps_training_off_the_last_windows(dataset):
+    """validation.holdout=N: training reads windows 0..total-N-1 (every epoch, shuffled), validation exactly the
+    last N, in order; the two never share a window."""
+    from omegaconf import OmegaConf
+
+    from longctx.data.sources import build_source, build_validation_source
+
+    path = dataset[0]
+    total = TokenSource(path, seq_len=16, seed=3, vocab_size=258).n_sequences
+    data = OmegaConf.create({"source": "tokens", "path": path, "shuffle": True})
+    validation = OmegaConf.create({"path": None, "holdout": 3, "batches": 1})
+    train = build_source(data, seq_len=16, vocab_size=258, seed=3, holdout=3)
+    val = build_validation_source(data, validation, seq_len=16, vocab_size=258, seed=3, batch_size=3)
+    assert train.n_sequences == total - 3 and val.n_sequences == 3
+    read = {train.window(i) for i in range(2 * train.n_sequences)}  # two epochs
+    assert read == set(range(total - 3))
+    assert [val.window(i) for i in range(3)] == [total - 3, total - 2, total - 1]
+    assert torch.equal(val.batch(range(3))["input_ids"],
+                       TokenSource(path, seq_len=16, seed=3, vocab_size=258, shuffle=False).batch(
+                           range(total - 3, total))["input_ids"])
+    with pytest.raises(ValueError, match=rf"validation.holdout={total} windows leave nothing to train on"):
+        build_source(data, seq_len=16, vocab_size=258, seed=3, holdout=total)
