@@ -163,6 +163,7 @@ def save(trainer, root: str, keep_last: int, *, async_save: bool = False, group=
     if trainer.rank == 0:
         # the data position is the step (every source maps sequence indices to sequences); recorded for people
         data = {"source": trainer.cfg.data.source, "path": trainer.cfg.data.path,
+                "holdout": trainer.cfg.validation.holdout,
                 "sequences_consumed": trainer.step * trainer.cfg.train.batch_size}
         torch.save({"scheduler": trainer.scheduler.state_dict(), "step": trainer.step, "world_size": trainer.world,
                     "dims": repr(trainer.dims), "data": data, "format": _format(trainer)},
@@ -207,6 +208,10 @@ def load(trainer, path: str) -> int:
 
     meta = torch.load(os.path.join(path, "trainer.pt"), weights_only=True)
     _check_format(meta, trainer, path)
+    held = meta.get("data", {}).get("holdout", 0)
+    if trainer.cfg.data.source == "tokens" and held != trainer.cfg.validation.holdout:
+        trainer._say(f"longctx: warning: {path} trained with validation.holdout={held}, this run holds out "
+                     f"{trainer.cfg.validation.holdout} windows: the training windows (and their order) change")
     if trainer.engine is not None:
         _load_deepspeed(trainer, path)
     else:
