@@ -21,19 +21,22 @@ def build_source(data, *, seq_len: int, vocab_size: int, seed: int, holdout: int
     `holdout` (token data): the last windows of data.path that training never reads (validation.holdout)."""
     if data.source not in SOURCES:
         raise ValueError(f"data.source={data.source!r}: choose one of {', '.join(SOURCES)}")
+    if holdout and data.source != "tokens":
+        raise ValueError(f"validation.holdout applies to data.source=tokens; data.source={data.source} draws its "
+                         "validation sequences from a seed of their own: drop validation.holdout")
     if data.source == "synthetic":
         return SyntheticSource(task=data.task, seq_len=seq_len, vocab_size=vocab_size, seed=seed,
                                alphabet=data.alphabet, period=data.period, mask_prompt=data.mask_prompt)
     if data.source == "tokens":
         if not data.path:
             raise ValueError("data.source=tokens needs data.path=DIR (a directory made by longctx data prepare)")
-        total = TokenSource(data.path, seq_len=seq_len, seed=seed, vocab_size=vocab_size).n_sequences
-        if holdout and holdout >= total:
+        source = TokenSource(data.path, seq_len=seq_len, seed=seed, vocab_size=vocab_size, shuffle=data.shuffle)
+        total = source.total_windows
+        if holdout >= total:
             raise ValueError(f"validation.holdout={holdout} windows leave nothing to train on: data.path holds {total} "
                              f"windows of {seq_len} tokens; hold out fewer (e.g. validation.holdout="
                              f"{max(total // 20, 1)})")
-        return TokenSource(data.path, seq_len=seq_len, seed=seed, vocab_size=vocab_size, shuffle=data.shuffle,
-                           windows=(0, total - holdout))
+        return source.restricted(0, total - holdout) if holdout else source
     return RetrievalTask(kind=data.source, seq_len=seq_len, vocab_size=vocab_size, seed=seed, alphabet=data.alphabet,
                          digits=data.digits, depth=data.depth, pairs=data.pairs, pack_min=data.pack_min,
                          haystack=data.haystack)
@@ -46,18 +49,17 @@ def build_validation_source(data, validation, *, seq_len: int, vocab_size: int, 
     import os
 
     if data.source != "tokens":
-        given = [k for k in ("path", "holdout") if validation[k]]
-        if given:
-            raise ValueError(f"validation.{given[0]} applies to data.source=tokens; data.source={data.source} draws "
-                             f"its validation sequences from a seed of their own: drop validation.{given[0]}")
-        return build_source(data, seq_len=seq_len, vocab_size=vocab_size, seed=seed + VALIDATION_SEED_OFFSET)
+        if validation.path:
+            raise ValueError(f"validation.path applies to data.source=tokens; data.source={data.source} draws its "
+                             "validation sequences from a seed of their own: drop validation.path")
+        return build_source(data, seq_len=seq_len, vocab_size=vocab_size, seed=seed + VALIDATION_SEED_OFFSET,
+                            holdout=validation.holdout)  # (a holdout is refused there, by name)
     if validation.path and validation.holdout:
         raise ValueError("validation.path and validation.holdout both say where the held-out data are: give one")
     if validation.holdout:  # the last windows of the training data, which training does not read
         training = build_source(data, seq_len=seq_len, vocab_size=vocab_size, seed=seed, holdout=validation.holdout)
-        total = training.n_sequences + validation.holdout
-        source = TokenSource(data.path, seq_len=seq_len, seed=seed, vocab_size=vocab_size, shuffle=False,
-                             windows=(total - validation.holdout, total))
+        total = training.total_windows
+        source = training.restricted(total - validation.holdout, total, shuffle=False)
         where = f"validation.holdout={validation.holdout}"
     else:
         if not validation.path:

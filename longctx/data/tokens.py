@@ -14,6 +14,7 @@ and the loader's position is just the number of sequences consumed (the optimize
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -57,9 +58,7 @@ def read_meta(path: str, what: str = "data.path") -> dict:
 
 class TokenSource:
     def __init__(self, path: str, *, seq_len: int, seed: int, vocab_size: int, shuffle: bool = True,
-                 what: str = "data.path", windows: tuple[int, int | None] = (0, None)):
-        """`windows` (first, stop): read only windows first..stop-1 of the stream (None: to the end); a
-        held-out split is the last windows, training the ones before them."""
+                 what: str = "data.path"):
         self.path, self.seq_len, self.seed, self.shuffle = path, seq_len, seed, shuffle
         self.meta = read_meta(path, what)
         if self.meta["vocab_size"] > vocab_size:
@@ -72,14 +71,21 @@ class TokenSource:
         self._check_files(what)
         self.pad_id = int(self.meta.get("pad_id", 0))
         # windows of seq_len inputs; their labels reach one token further (the last window is padded)
-        total = -(-(self.n_tokens - 1) // seq_len)
-        first, stop = windows[0], total if windows[1] is None else windows[1]
-        if not 0 <= first < stop <= total:
-            raise ValueError(f"{what}={path!r} holds {total} windows of {seq_len} tokens; windows {first}..{stop - 1} "
-                             "are not among them")
-        self.first_window, self.n_sequences = first, stop - first
+        self.total_windows = -(-(self.n_tokens - 1) // seq_len)
+        self.first_window, self.n_sequences = 0, self.total_windows
         self._tokens = self._offsets = None  # opened lazily: memmaps do not travel to DataLoader workers
         self._perm = None  # (epoch, its window permutation)
+
+    def restricted(self, first: int, stop: int, *, shuffle: bool | None = None) -> TokenSource:
+        """The same dataset (nothing read again) reading only windows first..stop-1: a held-out split is the
+        last windows, training the ones before them. `shuffle`: None keeps this source's."""
+        if not 0 <= first < stop <= self.total_windows:
+            raise ValueError(f"{self.path!r} holds {self.total_windows} windows of {self.seq_len} tokens; windows "
+                             f"{first}..{stop - 1} are not among them")
+        out = copy.copy(self)
+        out.first_window, out.n_sequences, out._perm = first, stop - first, None
+        out.shuffle = self.shuffle if shuffle is None else shuffle
+        return out
 
     def _check_files(self, what: str) -> None:
         """tokens.bin and offsets.npy agree with meta.json (cheap: a size and a memory-mapped last offset), so a

@@ -50,6 +50,8 @@ def _check_numbers(cfg) -> None:
     _below("train", t, "beta1", 1.0)
     _below("train", t, "beta2", 1.0)
     _below("train", t, "min_lr_ratio", 1.0, inclusive=True)  # the cosine decays to lr x this: above 1 it rises
+    _positive("validation", cfg.validation, "interval", "holdout", allow_zero=True)
+    _positive("validation", cfg.validation, "batches")
 
 
 def dims_from_config(cfg, world_size: int) -> ParallelDims:
@@ -194,7 +196,7 @@ def _check_data(cfg) -> None:
         if d.source == "tokens" and cfg.model.hf_path and d.path:
             _check_tokenizer(read_meta(d.path), cfg.model.hf_path, d.path)
         build_source(d, seq_len=cfg.train.seq_len, vocab_size=cfg.model.vocab_size, seed=cfg.train.seed,
-                     holdout=cfg.validation.holdout if d.source == "tokens" else 0)
+                     holdout=cfg.validation.holdout)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
 
@@ -204,11 +206,6 @@ def _check_validation(cfg) -> None:
     from ..data.tokens import read_meta
 
     v = cfg.validation
-    _positive("validation", v, "interval", "holdout", allow_zero=True)
-    _positive("validation", v, "batches")
-    if v.holdout and cfg.data.source != "tokens":
-        raise ConfigError(f"validation.holdout applies to data.source=tokens; data.source={cfg.data.source} draws "
-                          "its validation sequences from a seed of their own: drop validation.holdout")
     if not v.interval:
         return
     from ..parallel.pipeline import SCHEDULES
