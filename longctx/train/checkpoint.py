@@ -298,19 +298,33 @@ def model_weights(path: str, log=print) -> tuple[dict, str]:
     """(state dict of the unparallelised model, the checkpoint directory used) from a checkpoint or a
     checkpoint root (its newest complete one); no process group needed. Only the model's entries are read
     (the optimizer state, twice the model in fp32, stays on disk); pipeline stage prefixes are dropped."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     path = locate(path, path, log=log)
     if os.path.isfile(os.path.join(path, "model.pt")):  # a DeepSpeed checkpoint: its full weights
         return torch.load(os.path.join(path, "model.pt"), weights_only=True), path
+    entries = _saved_model_entries(path)
+    state = {name: torch.empty(md.size, dtype=md.properties.dtype) for name, (_, md) in entries.items()
+             if isinstance(md, TensorStorageMetadata)}
+    _read_dcp({entries[name][0]: tensor for name, tensor in state.items()}, path, no_dist=True)
+    return state, path
+
+
+def _saved_model_entries(path: str) -> dict:
+    """{the unsplit model's name: (the key it was saved under, its DCP metadata)} of a DCP checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
     saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    state = {key: torch.empty(md.size, dtype=md.properties.dtype) for key, md in saved.items()
-             if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
-    with warnings.catch_warnings():  # one process reads it all itself, as intended
+    return {_unstaged(key.removeprefix("model.")): (key, md) for key, md in saved.items() if key.startswith("model.")}
+
+
+def _read_dcp(state: dict, path: str, *, no_dist: bool) -> None:
+    """dcp.load of `state` (keyed by saved names); no_dist: this process reads it all itself, as intended."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path, no_dist=True)
-    return {_unstaged(k.removeprefix("model.")): v for k, v in state.items()}, path
+        dcp.load(state, checkpoint_id=path, no_dist=no_dist)
 
 
 def _unstaged(name: str) -> str:
@@ -324,8 +338,6 @@ def load_model_pieces(model, path: str, log=print) -> str:
     rank reads its own slices through DCP; collective when a process group exists), whatever layout wrote
     it; returns the checkpoint directory used. Pipeline stage prefixes of the saved names
     ("model.0.layers.3...") are matched to the model's; a tied parameter is read once."""
-    import torch.distributed.checkpoint as dcp
-
     from ..model.hf_load import tied_names
 
     path = locate(path, path, log=log)
@@ -335,10 +347,7 @@ def load_model_pieces(model, path: str, log=print) -> str:
         full = torch.load(os.path.join(path, "model.pt"), weights_only=True)
         saved = {name: name for name in full}
     else:
-        saved = {}
-        for key in dcp.FileSystemReader(path).read_metadata().state_dict_metadata:
-            if key.startswith("model."):
-                saved[_unstaged(key.removeprefix("model."))] = key
+        saved = {name: key for name, (key, _) in _saved_model_entries(path).items()}
     for names in tied_names(model):  # loaded once, under a name it was saved with
         keep = next((n for n in names if n in saved), names[0])
         for name in names:
@@ -355,10 +364,7 @@ def load_model_pieces(model, path: str, log=print) -> str:
             for name, tensor in mine.items():
                 write_local_piece(tensor, full[saved[name]])
         return path
-    with warnings.catch_warnings():  # one process without a group reads it all itself, as intended
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({saved[name]: tensor for name, tensor in mine.items()}, checkpoint_id=path,
-                 no_dist=not dist.is_initialized())
+    _read_dcp({saved[name]: tensor for name, tensor in mine.items()}, path, no_dist=not dist.is_initialized())
     return path
 
 
