@@ -45,9 +45,8 @@ def perplexity_by_position(model, data_path: str, *, seq_len: int, sequences: in
     width = math.ceil(seq_len / buckets)
     sums = torch.zeros(buckets, dtype=torch.float64)
     counts = torch.zeros(buckets, dtype=torch.float64)
-    n = sequences
-    for start in range(first, first + n, batch):
-        b = src.batch(range(start, min(first + n, start + batch)))
+    for start in range(first, first + sequences, batch):
+        b = src.batch(range(start, min(first + sequences, start + batch)))
         docs = Documents.from_ids(b["doc_ids"])
         logits = model(b["input_ids"][:, pos].to(device), pos.to(device), documents=docs)
         labels = b["labels"][:, pos]
