@@ -149,9 +149,19 @@ def check_hf_config(hf_config) -> None:
                              f"dropped silently); set {key}=null in its config.json to train without it")
 
 
+class SkippedLayer(nn.Module):
+    """Stands in for a decoder layer another pipeline stage owns: hands the hidden states on. The decoder
+    keeps its full list, so every kept layer keeps its index (the per-layer types Qwen2 and Gemma3 look up
+    by it) and its parameter names equal the unsplit model's."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
 class HFCausalLM(nn.Module):
     """The trainer's view of a transformers causal LM: forward(tokens, position_ids, labels=, loss_fn=,
-    documents=) like longctx's Transformer. `cfg` is the longctx ModelConfig read from the HF config."""
+    documents=) like longctx's Transformer. `cfg` is the longctx ModelConfig read from the HF config.
+    A pipeline stage (`pipeline_stage`) is this adapter with parts removed, as for longctx's Llama."""
 
     def __init__(self, hf_model: nn.Module, cfg=None):
         super().__init__()
@@ -162,17 +172,52 @@ class HFCausalLM(nn.Module):
     def layers(self):
         return self.hf.model.layers
 
-    def hidden(self, tokens, rope_ids, documents=None):
-        """The decoder's final hidden states; rope_ids (B, S): each token's RoPE position."""
-        extra = {} if documents is None else {"longctx_documents": documents}
-        return self.hf.model(input_ids=tokens, position_ids=rope_ids.to(tokens.device), use_cache=False,
-                             **extra).last_hidden_state
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The decoder layers this module computes (all but a pipeline stage's skipped ones)."""
+        return [layer for layer in self.layers if not isinstance(layer, SkippedLayer)]
 
-    def forward(self, tokens, position_ids=None, labels=None, loss_fn=None, documents=None):
-        b, s = tokens.shape
+    @property
+    def output(self):
+        """The output projection; None on a pipeline stage before the last."""
+        return self.hf.lm_head
+
+    def pipeline_stage(self, layers: range, *, first: bool, last: bool) -> HFCausalLM:
+        """A copy keeping only decoder `layers`, the embedding when `first`, the final norm and the output
+        projection when `last`. A tied output head cannot be split from its embedding (the trainer refuses
+        tied weights under a pipeline)."""
+        import copy
+
+        stage = copy.deepcopy(self)
+        decoder = stage.hf.model
+        for i in range(len(decoder.layers)):
+            if i not in layers:
+                decoder.layers[i] = SkippedLayer()
+        if not first:
+            decoder.embed_tokens = None
+        if not last:
+            decoder.norm = nn.Identity()  # a stage before the last hands on the un-normed residual stream
+            stage.hf.lm_head = None
+        return stage
+
+    def hidden(self, tokens, rope_ids, documents=None):
+        """The decoder's final hidden states; rope_ids (B, S): each token's RoPE position. Without an
+        embedding (a pipeline stage after the first) `tokens` are the previous stage's hidden states."""
+        extra = {} if documents is None else {"longctx_documents": documents}
+        if self.hf.model.embed_tokens is None:
+            extra["inputs_embeds"] = tokens
+        else:
+            extra["input_ids"] = tokens
+        return self.hf.model(position_ids=rope_ids.to(tokens.device), use_cache=False, **extra).last_hidden_state
+
+    def forward(self, tokens, position_ids=None, labels=None, loss_fn=None, documents=None,
+                return_hidden: bool = False):
+        b, s = tokens.shape[:2]
         pos = torch.arange(s, device=tokens.device) if position_ids is None else position_ids
         rope = documents.rope_positions(pos) if documents is not None else pos.reshape(1, -1)
         h = self.hidden(tokens, rope.expand(b, -1), documents)
+        if return_hidden or self.hf.lm_head is None:
+            return h
         if labels is None:
             return self.hf.lm_head(h)
         if loss_fn is None:
@@ -255,18 +300,20 @@ def load_hf_model(path: str, dtype=torch.float32):
 
 def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: ParallelMesh | None = None,
                    param_dtype=None):
-    """Tensor parallelism, context parallelism (any strategy), activation checkpointing and data parallelism
-    (FSDP2/DDP; DeepSpeed ZeRO is applied by the trainer), in that order, for a transformers causal LM;
-    returns a Plan whose model is an HFCausalLM adapter around it."""
+    """The pipeline split, tensor parallelism, context parallelism (any strategy), activation checkpointing
+    and data parallelism (FSDP2/DDP; DeepSpeed ZeRO is applied by the trainer), in that order, for a
+    transformers causal LM; returns a Plan whose model is an HFCausalLM adapter around it (under pp > 1, as
+    for `parallelize`, a ModuleList of this rank's stages, each an adapter with parts removed)."""
+    from ..parallel.pipeline import split_model, stage_ids, stage_layers, stages_per_rank
     from .parallelize import Plan, _check_positions_hook, apply_activation_checkpointing
 
     cfg = getattr(cfg, "parallel", cfg) or ParallelConfig()
     register_attention()
     check_hf_model(model)
-    if dims.pp > 1:
-        raise ValueError("Hugging Face models run with tensor, context and data parallelism; set parallel.pp=1 "
-                         "(pipeline parallelism applies to longctx's own Llama)")
     c = model.config
+    if dims.pp > 1 and model.lm_head.weight is model.model.embed_tokens.weight:
+        raise ValueError(f"{type(model).__name__} ties its output head to its embedding (tie_word_embeddings=true), "
+                         "and pipeline stages would split the one weight in two; set parallel.pp=1")
     check_hf_tp(model_config(c), dims.tp)
     dims.check_heads(c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
     if getattr(c, "attention_dropout", 0.0):
@@ -274,15 +321,28 @@ def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: Para
                          "needs 0")
     mesh = mesh or dims.build_mesh()
     engine = resolve_engine(cfg.engine, dims)
-    if dims.tp > 1:
-        apply_hf_tensor_parallel(model, mesh.tp)
-    prepare_attention(model, dims.strategy, mesh.cp_group() if dims.cp > 1 else None, dims.layout, cfg.kernel, dims.cp)
     adapter = HFCausalLM(model)
-    apply_activation_checkpointing(adapter, cfg.activation_checkpoint, cfg.ac_every, blocks=list(adapter.layers))
-    if engine != "deepspeed":  # DeepSpeed wraps the adapter itself (deepspeed_engine.initialize, by the trainer)
-        apply_data_parallel(adapter, mesh, engine, reshard_after_forward=cfg.reshard_after_forward,
-                            param_dtype=param_dtype)
-    plan = Plan(adapter, dims, mesh, engine, balance_documents=cfg.balance_documents)
-    if dims.cp > 1:
-        adapter.register_forward_pre_hook(_check_positions_hook(plan.expected_positions, dims.cp), with_kwargs=True)
+    modules, ids, n_stages = [adapter], [], 1
+    if dims.pp > 1:
+        per_rank = stages_per_rank(cfg.pp_schedule, cfg.pp_virtual)
+        n_stages = dims.pp * per_rank
+        ids = stage_ids(mesh.rank("pp"), dims.pp, per_rank, cfg.pp_schedule)
+        ranges = stage_layers(len(adapter.layers), n_stages, cfg.pp_split)
+        modules = [split_model(adapter, ranges[i], first=i == 0, last=i == n_stages - 1) for i in ids]
+    for module in modules:
+        if dims.tp > 1:
+            apply_hf_tensor_parallel(module.hf, mesh.tp)
+        prepare_attention(module.hf, dims.strategy, mesh.cp_group() if dims.cp > 1 else None, dims.layout,
+                          cfg.kernel, dims.cp)
+        apply_activation_checkpointing(module, cfg.activation_checkpoint, cfg.ac_every, blocks=module.blocks)
+        if engine != "deepspeed":  # DeepSpeed wraps the adapter itself (deepspeed_engine.initialize, by the trainer)
+            apply_data_parallel(module, mesh, engine, reshard_after_forward=cfg.reshard_after_forward,
+                                param_dtype=param_dtype,
+                                keep_root_unsharded=dims.pp > 1 and module.output is not None)
+    container = nn.ModuleList(modules) if dims.pp > 1 else adapter
+    plan = Plan(container, dims, mesh, engine, modules if dims.pp > 1 else [], ids, n_stages,
+                balance_documents=cfg.balance_documents)
+    first = modules[ids.index(0)] if 0 in ids else (adapter if dims.pp == 1 else None)
+    if dims.cp > 1 and first is not None:  # the stage that sees token ids checks their positions
+        first.register_forward_pre_hook(_check_positions_hook(plan.expected_positions, dims.cp), with_kwargs=True)
     return plan

@@ -73,6 +73,8 @@ def apply_hf_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bo
     replicate = _replicate if sequence_parallel else (lambda module, mesh, shard_dim: None)  # whole, plain
     placed = set()
     for i, layer in enumerate(model.model.layers):
+        if next(layer.parameters(), None) is None:  # a pipeline stage's stand-in for another stage's layer
+            continue
         names = dict(layer.named_modules())
         missing = [n for n in (*_LAYER_PLAN, *_REPLICATED) if n not in names]
         if missing:
@@ -87,14 +89,18 @@ def apply_hf_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bo
             replicate(names[n], tp_mesh, shard_dim=-2)
         placed.update(f"model.layers.{i}.{n}.{p}" for n in (*_LAYER_PLAN, *whole, *per_head)
                       for p, _ in names[n].named_parameters())
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    embed, lm_head = model.model.embed_tokens, model.lm_head  # None on pipeline stages without them
+    tied = embed is not None and lm_head is not None and lm_head.weight is embed.weight
     head = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()) if sequence_parallel else \
         ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
-    parallelize_module(model, tp_mesh, {
-        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=between), "lm_head": head})
+    ends = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=between),
+            "lm_head": head}
+    present = {"model.embed_tokens": embed is not None, "lm_head": lm_head is not None}
+    parallelize_module(model, tp_mesh, {k: v for k, v in ends.items() if present[k]})
     if tied:  # both split by vocabulary rows: one parameter again
         model.lm_head.weight = model.model.embed_tokens.weight
-    replicate(model.model.norm, tp_mesh, shard_dim=1)
+    if lm_head is not None:  # a stage before the last has no norm (an identity) and no head
+        replicate(model.model.norm, tp_mesh, shard_dim=1)
     placed.update(("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"))
     left = [n for n, _ in model.named_parameters() if n not in placed]
     if left:

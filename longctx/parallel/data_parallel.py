@@ -66,7 +66,8 @@ def apply_fsdp(model: nn.Module, mesh, *, reshard_after_forward: bool = True, pa
     if mp is not None:
         kw["mp_policy"] = mp
     for block in (model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers):
-        fully_shard(block, **kw)
+        if next(block.parameters(), None) is not None:  # a pipeline stage's stand-in for another's layer has none
+            fully_shard(block, **kw)
     fully_shard(model, **{**kw, "reshard_after_forward": reshard_after_forward and not keep_root_unsharded})
 
 

@@ -114,7 +114,10 @@ def stage_ids(pp_rank: int, pp: int, per_rank: int, schedule: str) -> list[int]:
 
 
 def split_model(model: nn.Module, layers: range, *, first: bool, last: bool) -> nn.Module:
-    """A copy of `model` keeping only `layers` (and the embedding / head when first / last)."""
+    """A copy of `model` keeping only `layers` (and the embedding / head when first / last). A model that
+    knows its own parts (a Hugging Face adapter) splits itself by `pipeline_stage`."""
+    if hasattr(model, "pipeline_stage"):
+        return model.pipeline_stage(layers, first=first, last=last)
     stage = copy.deepcopy(model)
     stage.layers = nn.ModuleDict({str(i): stage.layers[i] for i in layers})
     if not first:

@@ -153,9 +153,6 @@ def _adopt_hf_sizes(cfg) -> None:
     if m.window is not None or m.dilated.layers:
         raise ConfigError("model.hf_path takes the architecture from the checkpoint: drop model.window and "
                           "model.dilated.layers (sliding windows come from its config)")
-    if p.pp > 1:
-        raise ConfigError("model.hf_path runs with tensor, context and data parallelism (FSDP2/DDP or DeepSpeed "
-                          "ZeRO): set parallel.pp=1 (pipeline parallelism applies to longctx's own Llama)")
     if cfg.train.mlp_chunks > 1:
         raise ConfigError("train.mlp_chunks applies to longctx's own Llama; set it to 1 with model.hf_path")
     if p.meta_init and p.engine == "deepspeed":
@@ -168,6 +165,9 @@ def _adopt_hf_sizes(cfg) -> None:
         hf = model_config(hf_config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if p.pp > 1 and getattr(hf_config, "tie_word_embeddings", False):
+        raise ConfigError(f"model.hf_path={m.hf_path!r} ties its output head to its embedding (tie_word_embeddings="
+                          "true), which pipeline stages would split in two: set parallel.pp=1")
     for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "rope_theta",
                 "norm_eps"):
         setattr(m, key, getattr(hf, key))

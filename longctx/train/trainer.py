@@ -72,7 +72,8 @@ class Trainer:
             self.plan = parallelize_hf(model, self.dims, cfg.parallel, mesh=self.dims.build_mesh(self.device_type),
                                        param_dtype=torch.bfloat16 if bf16 else None)
             if meta:
-                load_hf_pieces(self.plan.model.hf, cfg.model.hf_path, self.device)
+                for module in self.plan.stages or [self.plan.model]:  # the same number of stages on every rank
+                    load_hf_pieces(module.hf, cfg.model.hf_path, self.device)
         else:  # the same initial weights on every rank, whatever the layout: init_weights(seed)
             mesh = self.dims.build_mesh(self.device_type)
             zero3_pieces = meta and resolve_engine(cfg.parallel.engine, self.dims) == "deepspeed"

@@ -86,6 +86,53 @@ def test_hf_model_under_deepspeed_zero3_trains_exports_and_evaluates(qwen_dir, t
         assert torch.equal(value, got["params"][name]), name
 
 
+@pytest.fixture(scope="module")
+def gemma_dir(tmp_path_factory):
+    """Untied (a pipeline splits the embedding from the head), four layers: per-layer sliding and full
+    attention with their own RoPE tables, looked up by layer index, so a stage must keep its layers' indices."""
+    path = tmp_path_factory.mktemp("hfg") / "gemma3"
+    torch.manual_seed(0)
+    transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=12, query_pre_attn_scalar=8, tie_word_embeddings=False,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    )).save_pretrained(path)
+    return str(path)
+
+
+def test_hf_model_pipeline_stages_train_like_one_process(gemma_dir, tmp_path):
+    """An HF model cut into pipeline stages (with cp, tp, FSDP2, four interleaved stages read piece by piece
+    from the safetensors) trains the steps of one process, validates like it, and its checkpoint exports
+    to a directory transformers loads with the trained weights and evaluates with them."""
+    from longctx.eval import load_checkpoint_model
+    from longctx.train import checkpoint
+
+    val = ["validation.interval=3", "validation.batches=1"]
+    ref = run(train_and_collect, 1, args=([_cfg(gemma_dir, *val, run_dir=str(tmp_path / "one"))],),
+              timeout=180)[0][0]
+    layouts = [("pp=2 x cp=2", ["parallel.pp=2", "parallel.cp=2", "parallel.dp_shard=1"]),
+               ("pp=2 x tp=2", ["parallel.pp=2", "parallel.tp=2", "parallel.cp=1", "parallel.dp_shard=1",
+                                "checkpoint.interval=3"]),
+               ("pp=2 x dp_shard=2, interleaved, meta_init",
+                ["parallel.pp=2", "parallel.dp_shard=2", "parallel.cp=1", "parallel.pp_schedule=interleaved_1f1b",
+                 "parallel.microbatches=2", "parallel.meta_init=true"])]
+    configs = [_cfg(gemma_dir, *o, *val, run_dir=str(tmp_path / f"l{i}")) for i, (_, o) in enumerate(layouts)]
+    results = run(train_and_collect, 4, args=(configs,), timeout=300)[0]
+    for (name, _), got in zip(layouts, results):
+        compare_runs(name, got, ref, steps=3)
+        compare_validation(name, got, ref)
+    trained = results[1]["params"]
+    root = str(tmp_path / "l1" / "checkpoints")
+    checkpoint.export(root, str(tmp_path / "hf"), fmt="hf")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    assert not exported.config.tie_word_embeddings and len(exported.model.layers) == 4
+    for name, value in exported.state_dict().items():
+        assert torch.equal(value, trained["hf." + name]), name
+    model, _ = load_checkpoint_model(root, log=lambda *a, **k: None)
+    assert model.state_dict().keys() == trained.keys()
+    assert all(torch.equal(value, trained[name]) for name, value in model.state_dict().items())
+
+
 def _main_here(argv):
     from longctx.cli import main as cli_main
 
@@ -114,7 +161,7 @@ def test_export_hf_of_a_trained_hf_model(qwen_dir, tmp_path):
 def test_hf_path_errors_are_one_line(tmp_path, qwen_dir):
     with pytest.raises(ConfigError, match="no config.json"):
         validate_job(load(overrides=[f"model.hf_path={tmp_path}"]), 1)
-    with pytest.raises(ConfigError, match="parallel.pp=1"):
+    with pytest.raises(ConfigError, match="ties its output head to its embedding .* set parallel.pp=1"):
         validate_job(load(overrides=[f"model.hf_path={qwen_dir}", "parallel.pp=2", "parallel.dp_shard=1"]), 2)
     with pytest.raises(ConfigError, match="meta_init=true with model.hf_path and parallel.engine=deepspeed is not"):
         validate_job(load(overrides=[f"model.hf_path={qwen_dir}", "parallel.engine=deepspeed", "parallel.zero_stage=3",
