@@ -84,8 +84,9 @@ def test_bad_validation_settings_are_refused_by_name(tmp_path):
     validate_job(load(overrides=[*tokens, "validation.batches=100", f"validation.path={tmp_path / 'small'}"]), 1)
 
 
-def test_a_holdout_of_the_training_data_validates_alike_on_every_layout(tmp_path):
-    """validation.holdout=N on packed token data: the same held-out loss at cp=2 zigzag as in one process."""
+def test_a_holdout_of_the_training_data_validates_alike_on_every_layout(tmp_path, capfd):
+    """validation.holdout=N on packed token data: the same held-out loss at cp=2 zigzag as in one process;
+    resuming with another holdout says that the training windows change."""
     with open(tmp_path / "t.jsonl", "w") as f:
         for i in range(60):
             f.write(json.dumps({"text": "".join(chr(97 + (7 * i + 3 * j) % 26) for j in range(5 + i % 40))}) + "\n")
@@ -94,7 +95,15 @@ def test_a_holdout_of_the_training_data_validates_alike_on_every_layout(tmp_path
               *VAL]
     one = run(train_and_collect, 1, args=([config(*tokens, run_dir=str(tmp_path / "one"))],), timeout=120)[0][0]
     two = run(train_and_collect, 2, args=([config(*tokens, "parallel.cp=2", "parallel.dp_shard=1",
-                                                  run_dir=str(tmp_path / "two"))],), timeout=120)[0][0]
+                                                  "checkpoint.interval=5", run_dir=str(tmp_path / "two"))],),
+              timeout=120)[0][0]
+    capfd.readouterr()
+    for holdout, warned in ((8, False), (12, True)):
+        resumed = config(*tokens, f"validation.holdout={holdout}", "train.steps=6", "train.resume=auto",
+                         "logging.quiet=false", run_dir=str(tmp_path / "two"))
+        assert run(train_and_collect, 1, args=([resumed],), timeout=120)[0][0]["steps"] == [6]
+        printed = capfd.readouterr().out
+        assert ("trained with validation.holdout=8, this run holds out 12 windows" in printed) == warned, printed
     assert list(one["validation"]) == [2, 4, 5]
     for step, loss in one["validation"].items():
         assert abs(two["validation"][step] - loss) <= 1e-5 * loss, (step, two["validation"], one["validation"])
