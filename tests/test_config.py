@@ -89,6 +89,11 @@ def _tiny(*overrides):
      r"parallel.pp_schedule='1fb1' is not a schedule \(did you mean '1f1b'\?\)"),
     (["parallel.pp=2", "parallel.cp=2", "parallel.pp_schedule=zbv", "parallel.pp_virtual=3"], 4,
      r"pp_schedule=zbv runs 2 stage\(s\) per rank, got parallel.pp_virtual=3"),
+    (["parallel.pp=2", "parallel.cp=2", "model.n_layers=4", "parallel.pp_schedule=zbv"], 4,
+     r"pp_schedule=zbv splits each backward .* FSDP2 with parallel.reshard_after_forward=true .*\(wrong gradients\); "
+     r"set parallel.reshard_after_forward=false"),
+    (["parallel.pp=2", "parallel.dp_replicate=2", "parallel.dp_shard=1", "parallel.cp=1", "model.n_layers=4",
+      "parallel.pp_schedule=interleaved_zb", "train.batch_size=4"], 4, r"pp_schedule=interleaved_zb splits each"),
     (["parallel.engine=deepspeed", "parallel.tp=2", "parallel.cp=2"], 4,
      r"parallel.engine=deepspeed with parallel.tp=2 is not supported.*parallel.engine=torch"),
     (["parallel.engine=deepspeed", "parallel.zero_stage=4"], 4, r"parallel.zero_stage=4: choose 1, 2 or 3"),

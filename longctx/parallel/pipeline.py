@@ -38,6 +38,12 @@ SCHEDULES = {  # name -> (torch class, stage placement, stages per rank: None = 
 }
 
 
+# schedules that split each backward in two (inputs' gradients, then later the weights'): under FSDP2 with
+# reshard_after_forward the weight half computes against parameters already resharded and the gradients
+# come out wrong (grad norm 10% off on the tests' model), so they need the parameters kept gathered
+SPLIT_BACKWARD = ("interleaved_zb", "zbv", "dualpipev")
+
+
 def stages_per_rank(schedule: str, virtual: int) -> int:
     if schedule not in SCHEDULES:
         import difflib
@@ -61,8 +67,9 @@ def n_microbatches(pp: int, microbatches: int) -> int:
 
 
 def check_pipeline(*, pp: int, schedule: str, virtual: int, microbatches: int, n_layers: int, local_batch: int,
-                   split=()) -> tuple[int, int]:
-    """Every constraint of a pipeline config; returns (stages per rank, microbatches). Messages name the key."""
+                   split=(), sharded: bool = False, reshard_after_forward: bool = True) -> tuple[int, int]:
+    """Every constraint of a pipeline config; returns (stages per rank, microbatches). Messages name the key.
+    `sharded`: the stages are FSDP2 (or HSDP) modules."""
     per_rank = stages_per_rank(schedule, virtual)
     n_stages = pp * per_rank
     if n_stages > n_layers:
@@ -87,6 +94,11 @@ def check_pipeline(*, pp: int, schedule: str, virtual: int, microbatches: int, n
                          f"got parallel.microbatches={mb}; raise it (and train.batch_size with it)")
     if split:
         stage_layers(n_layers, n_stages, split)  # validates
+    if schedule in SPLIT_BACKWARD and sharded and reshard_after_forward:
+        raise ValueError(f"parallel.pp_schedule={schedule} splits each backward into its input and weight halves, "
+                         "and under FSDP2 with parallel.reshard_after_forward=true the weight half runs after the "
+                         "parameters are resharded (wrong gradients); set parallel.reshard_after_forward=false, or "
+                         "use a schedule without split backward (1f1b, interleaved_1f1b, looped_bfs, gpipe)")
     return per_rank, mb
 
 
@@ -140,6 +152,29 @@ class Pipeline:
     has_first: bool
     has_last: bool
 
+    placement: str = "loop"  # "v": rank r holds stages r and 2 pp - 1 - r
+    _forward_order: dict | None = None  # V placement: the forward-only action lists, lowered once
+
+    def run(self, *args, backward: bool = True, **kwargs) -> None:
+        """One step of the schedule (forward and backward), or with backward=False forward only (the loss
+        still computed on the last stage). Torch's `eval` replays a V schedule's own action list, whose
+        stage-to-stage hand-offs on one rank expect backward inputs, so for V placement the forward-only
+        list is this pipeline's own: every stage's forwards in stage order (a valid order: each stage's
+        input comes from an earlier stage, earlier in its rank's list), lowered with torch's send/recv pass."""
+        sched = self.schedule
+        if backward:
+            return sched.step(*args, **kwargs)
+        if self.placement != "v":
+            return sched.eval(*args, **kwargs)
+        train_order = sched.pipeline_order_with_comms
+        if self._forward_order is None:
+            self._forward_order = _forward_order(sched, self.microbatches)
+        sched.pipeline_order_with_comms = self._forward_order
+        try:
+            return sched.eval(*args, **kwargs)
+        finally:
+            sched.pipeline_order_with_comms = train_order
+
     def set_positions(self, position_ids: torch.Tensor, documents=None) -> None:
         for m in self.stages:
             m._pp_position_ids = position_ids
@@ -148,6 +183,25 @@ class Pipeline:
     @property
     def last_stage(self) -> nn.Module:
         return self.stages[self.stage_ids.index(self.n_stages - 1)]
+
+
+def _forward_order(schedule, microbatches: int) -> dict:
+    """Per pp rank, a forward action for each of its stages and microbatches, stages in order, lowered as
+    torch lowers a compute-only schedule (FSDP unshard/reshard, then the sends and receives between ranks).
+    Torch's own loader (`_prepare_schedule_with_comms`) would refuse it: its check wants every microbatch's
+    backward."""
+    from torch.distributed.pipelining import schedules as torch_schedules
+
+    action, forward = torch_schedules._Action, torch_schedules._ComputationType.FORWARD
+    stage_rank = schedule.stage_index_to_group_rank
+    by_rank: dict[int, list[int]] = {}
+    for stage, rank in sorted(stage_rank.items()):
+        by_rank.setdefault(rank, []).append(stage)
+    order = {rank: torch_schedules._add_unshard_reshard([action(stage, forward, mb) for stage in stages
+                                                         for mb in range(microbatches)])
+             for rank, stages in by_rank.items()}
+    return torch_schedules._add_send_recv(order, stage_to_rank=lambda s: stage_rank[s],
+                                          num_stages=schedule._num_stages)
 
 
 def _stage_hook(module, args, kwargs):
@@ -186,4 +240,5 @@ def build_pipeline(stage_modules: list[nn.Module], ids: list[int], n_stages: int
         sched = cls(stages[0], n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
     else:
         sched = cls(stages, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
-    return Pipeline(stage_modules, ids, n_stages, sched, microbatches, 0 in ids, n_stages - 1 in ids)
+    return Pipeline(stage_modules, ids, n_stages, sched, microbatches, 0 in ids, n_stages - 1 in ids,
+                    placement=SCHEDULES[schedule][1])

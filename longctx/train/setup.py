@@ -208,13 +208,6 @@ def _check_validation(cfg) -> None:
     v = cfg.validation
     if not v.interval:
         return
-    from ..parallel.pipeline import SCHEDULES
-
-    p = cfg.parallel
-    if p.pp > 1 and SCHEDULES[p.pp_schedule][1] == "v":
-        raise ConfigError(f"validation.interval > 0 with parallel.pp_schedule={p.pp_schedule} is not built: torch's "
-                          "V-shaped schedules cannot run forward only (their stages hand backward inputs to each "
-                          "other); use another pp_schedule (1f1b, interleaved_zb, ...) or validation.interval=0")
     try:
         if cfg.data.source == "tokens" and cfg.model.hf_path and v.path:
             _check_tokenizer(read_meta(v.path, "validation.path"), cfg.model.hf_path, v.path, "validation.path")
@@ -258,7 +251,8 @@ def _check_model_axes(cfg, dims: ParallelDims, engine: str) -> None:
             raise ValueError(f"parallel.{key}={p[key]} must be >= 0 (0 = the default)")
     if dims.pp > 1:
         check_pipeline(pp=dims.pp, schedule=p.pp_schedule, virtual=p.pp_virtual, microbatches=p.microbatches,
-                       n_layers=m.n_layers, local_batch=t.batch_size // (dims.dp * t.accumulation), split=p.pp_split)
+                       n_layers=m.n_layers, local_batch=t.batch_size // (dims.dp * t.accumulation), split=p.pp_split,
+                       sharded=engine in ("fsdp", "hsdp"), reshard_after_forward=p.reshard_after_forward)
         if m.dilated.layers:
             raise ValueError("model.dilated.layers with parallel.pp > 1 is not supported; use parallel.pp=1")
     else:

@@ -246,7 +246,7 @@ class Trainer:
         losses: list = []
         kwargs = {"target": shard["labels"], "losses": losses} if pipe.has_last else {}
         with self._autocast():
-            (pipe.schedule.step if backward else pipe.schedule.eval)(*args, **kwargs)
+            pipe.run(*args, backward=backward, **kwargs)
         return sum(float(x.detach()) for x in losses) / scale
 
     def train_step(self) -> dict:

@@ -57,6 +57,22 @@ def train_and_collect(configs: list[dict], stop_after: int | None | list = None)
     return out
 
 
+def train_and_print(config: dict) -> tuple[list[int], str]:
+    """Train one config; the steps trained and what this rank printed (the harness relays children's output
+    to the parent asynchronously, so the parent's capture cannot tell when it is complete)."""
+    import contextlib
+    import io
+
+    from longctx.config import from_dict
+    from longctx.train import Trainer
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        trainer = Trainer(from_dict(config))
+        trainer.fit()
+    return [r["step"] for r in trainer.history], printed.getvalue()
+
+
 def initial_params(configs: list[dict]) -> list[dict | None]:
     """Every config's parameters as its Trainer initialised them, unsharded (rank 0; None elsewhere)."""
     from longctx.config import from_dict

@@ -21,11 +21,10 @@ W2 = [
     ("pp=2 interleaved 1f1b, 2 stages per rank", ["parallel.pp=2", "parallel.dp_shard=1",
                                                   "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual=2"]),
     ("pp=2 interleaved zero bubble", ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=interleaved_zb"]),
-    # V schedules cannot run forward only (refused with validation, tests/train/test_validation.py)
-    ("pp=2 zbv (V, zero bubble)", ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=zbv",
-                                   "validation.interval=0"]),
+    # V schedules validate through the pipeline's own forward-only action list (parallel/pipeline.py)
+    ("pp=2 zbv (V, zero bubble)", ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=zbv"]),
     ("pp=2 dualpipev, 4 microbatches", ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=dualpipev",
-                                        "parallel.microbatches=4", "validation.interval=0"]),
+                                        "parallel.microbatches=4"]),
     ("pp=2 looped bfs", ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=looped_bfs"]),
     ("pp=2 1f1b, uneven split (1 + 3 layers), accumulation 2",
      ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_split=[1]", "train.accumulation=2"]),
@@ -38,6 +37,10 @@ W4 = [
                                           "parallel.pp_schedule=1f1b", "parallel.microbatches=4"]),
     ("tp=2 x pp=2", ["parallel.tp=2", "parallel.pp=2", "parallel.dp_shard=1"]),
     ("pp=2 x dp_shard=2 (FSDP2 per stage)", ["parallel.pp=2", "parallel.dp_shard=2", "parallel.microbatches=2"]),
+    # split backward (weights' half later) under FSDP2 needs the parameters kept gathered (refused otherwise)
+    ("pp=2 zbv x dp_shard=2, parameters kept gathered", ["parallel.pp=2", "parallel.dp_shard=2",
+                                                         "parallel.microbatches=2", "parallel.pp_schedule=zbv",
+                                                         "parallel.reshard_after_forward=false"]),
     # replicas of a tp/pp model: FSDP2 on the 2-D (dp_replicate, dp_shard x cp) mesh with a shard dimension of 1
     ("tp=2 x dp_replicate=2 (HSDP, replicas only)", ["parallel.tp=2", "parallel.dp_replicate=2",
                                                      "parallel.dp_shard=1"]),
@@ -97,7 +100,7 @@ def test_two_rank_tensor_and_pipeline_layouts(reference):
 
 def test_four_rank_compositions_with_context_parallelism(reference):
     res = _check(W4, 4, reference)
-    assert [r["engine"] for r in res[0]] == ["fsdp", "fsdp", "fsdp", "none", "fsdp", "hsdp", "hsdp"]
+    assert [r["engine"] for r in res[0]] == ["fsdp", "fsdp", "fsdp", "none", "fsdp", "fsdp", "hsdp", "hsdp"]
 
 
 @pytest.mark.slow
