@@ -25,6 +25,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +128,27 @@ def _source(fn) -> str:
         return inspect.getsource(fn)
     except (OSError, TypeError):
         return ""
+
+
+# a decoder forward that rescales its input embeddings itself (Granite's embedding_multiplier, HyperCLOVAX):
+# a pipeline stage after the first gets the previous stage's hidden states as inputs_embeds and would
+# rescale them again
+_RESCALES_INPUT = re.compile(r"\binputs_embeds\s*[*/]|\bhidden_states\s*=\s*hidden_states\s*[*/]")
+
+
+def check_pipeline_split(decoder_cls: type) -> None:
+    """Refuse pipeline stages for a decoder whose forward changes the input embeddings before its layers."""
+    before_layers = _source(decoder_cls.forward).split("self.layers", 1)[0]
+    if _RESCALES_INPUT.search(before_layers):
+        raise ValueError(f"{decoder_cls.__name__} rescales its input embeddings inside its forward, so every pipeline "
+                         "stage would rescale the hidden states it is handed again; set parallel.pp=1 for this model")
+
+
+def decoder_class(hf_config) -> type:
+    """The decoder (base model) class transformers builds for a config."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    return MODEL_MAPPING[type(hf_config)]
 
 
 def check_hf_model(model: nn.Module) -> None:
@@ -314,6 +336,8 @@ def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: Para
     if dims.pp > 1 and model.lm_head.weight is model.model.embed_tokens.weight:
         raise ValueError(f"{type(model).__name__} ties its output head to its embedding (tie_word_embeddings=true), "
                          "and pipeline stages would split the one weight in two; set parallel.pp=1")
+    if dims.pp > 1:
+        check_pipeline_split(type(model.model))
     check_hf_tp(model_config(c), dims.tp)
     dims.check_heads(c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
     if getattr(c, "attention_dropout", 0.0):

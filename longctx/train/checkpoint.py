@@ -7,8 +7,10 @@ every rank has finished, rank 0 lists the files with their sizes into a `COMPLET
 directory into place, so a reader sees a complete checkpoint or none. Loading checks the marker's file list
 against the disk (a missing or truncated file means the checkpoint is skipped, with a message) and falls back
 to the previous complete one. DCP reshards: a checkpoint written at cp=4 loads at dp_shard=2 x cp=2 or on
-another world size. The data position is the step itself (every data source is a function of the sequence
-index; trainer.pt also records the source and the sequences consumed).
+another world size, and one written by pipeline stages loads on another pipeline layout or none (saved
+names are the unsplit model's, the optimizer state keyed per parameter). The data position is the step
+itself (every data source is a function of the sequence index; trainer.pt also records the source and
+the sequences consumed).
 Everything is read with `torch.load(weights_only=True)`.
 
 With parallel.engine=deepspeed the model and optimizer state are DeepSpeed's own checkpoint (`deepspeed/`,
@@ -122,11 +124,32 @@ def _files(tmp: str) -> dict:
     return dict(sorted(out.items()))
 
 
-def _state(trainer):
+def _options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # the optimizer state keyed per parameter ("state.<name>.exp_avg", "param_groups.<name>.lr"): pipeline
+    # ranks hold different parameters, and one nested param_groups list per rank would be saved once (one
+    # rank's) and handed to every rank on load
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+_STAGE_INDEX = re.compile(r"^((?:state|param_groups)\.)?\d+\.")
+
+
+def _state(trainer) -> tuple[dict, dict]:
+    """(the state DCP saves and loads, {this rank's name: the saved name} for each of "model" and "optim").
+    Pipeline stages keep their layers' global names, so a name without the stage's index in this rank's
+    list of stages ("0.layers.3.attention.wq.weight" -> "layers.3.attention.wq.weight") is the unsplit
+    model's: the checkpoint resumes on another pipeline layout, or without one."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model, optim = get_state_dict(trainer.model, trainer.optimizer)
-    return {"model": model, "optim": optim}
+    parts = dict(zip(("model", "optim"), get_state_dict(trainer.model, trainer.optimizer, options=_options())))
+    saved_as = {part: {key: _STAGE_INDEX.sub(r"\1", key) if trainer.plan.stages else key for key in values}
+                for part, values in parts.items()}
+    state = {part: {saved_as[part][key]: value for key, value in values.items()} for part, values in parts.items()}
+    if any(len(state[part]) != len(parts[part]) for part in parts):
+        raise RuntimeError("two pipeline stages of this rank hold parameters of the same name")
+    return state, saved_as
 
 
 class Pending:
@@ -180,9 +203,9 @@ def save(trainer, root: str, keep_last: int, *, async_save: bool = False, group=
         _commit(trainer.rank, trainer.step, tmp, final, root, keep_last)
         return final
     if async_save:  # the state is copied to host memory before this returns: later steps cannot change it
-        future = dcp.async_save(_state(trainer), checkpoint_id=tmp, process_group=group)
+        future = dcp.async_save(_state(trainer)[0], checkpoint_id=tmp, process_group=group)
         return Pending(future, trainer.rank, trainer.step, tmp, final, root, keep_last)
-    dcp.save(_state(trainer), checkpoint_id=tmp)
+    dcp.save(_state(trainer)[0], checkpoint_id=tmp)
     _commit(trainer.rank, trainer.step, tmp, final, root, keep_last)
     return final
 
@@ -215,10 +238,11 @@ def load(trainer, path: str) -> int:
     if trainer.engine is not None:
         _load_deepspeed(trainer, path)
     else:
-        state = _state(trainer)
+        state, saved_as = _state(trainer)
         _dcp_load(state, path)
-        set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        mine = {part: {key: state[part][saved] for key, saved in saved_as[part].items()} for part in state}
+        set_state_dict(trainer.model, trainer.optimizer, model_state_dict=mine["model"],
+                       optim_state_dict=mine["optim"], options=_options())
     trainer.scheduler.load_state_dict(meta["scheduler"])
     rng = os.path.join(path, f"rng_rank{trainer.rank}.pt")
     if meta["world_size"] == trainer.world and os.path.exists(rng):  # another world: fresh per-rank streams
@@ -297,7 +321,7 @@ def _dcp_load(state: dict, path: str) -> None:
 def model_weights(path: str, log=print) -> tuple[dict, str]:
     """(state dict of the unparallelised model, the checkpoint directory used) from a checkpoint or a
     checkpoint root (its newest complete one); no process group needed. Only the model's entries are read
-    (the optimizer state, twice the model in fp32, stays on disk); pipeline stage prefixes are dropped."""
+    (the optimizer state, twice the model in fp32, stays on disk)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     path = locate(path, path, log=log)
@@ -328,16 +352,14 @@ def _read_dcp(state: dict, path: str, *, no_dist: bool) -> None:
 
 
 def _unstaged(name: str) -> str:
-    """A saved model name without its pipeline stage's index ("0.layers.3..." -> "layers.3..."): stages keep
-    their layers' global names, so what remains is the unsplit model's name."""
-    return re.sub(r"^\d+\.", "", name)
+    """A model name saved before checkpoints dropped the stage index ("0.layers.3..." -> "layers.3...")."""
+    return _STAGE_INDEX.sub(r"\1", name)
 
 
 def load_model_pieces(model, path: str, log=print) -> str:
     """Read a checkpoint's weights (not its optimizer state) into `model` as it is split (DTensor pieces: each
     rank reads its own slices through DCP; collective when a process group exists), whatever layout wrote
-    it; returns the checkpoint directory used. Pipeline stage prefixes of the saved names
-    ("model.0.layers.3...") are matched to the model's; a tied parameter is read once."""
+    it; returns the checkpoint directory used. A tied parameter is read once."""
     from ..model.hf_load import tied_names
 
     path = locate(path, path, log=log)

@@ -146,7 +146,7 @@ def check_machine(cfg) -> None:
 def _adopt_hf_sizes(cfg) -> None:
     """model.hf_path: the model's sizes come from its config.json (the model section's are replaced), and what
     only longctx's own Llama supports is refused."""
-    from ..model.hf import check_hf_config, model_config, read_hf_config
+    from ..model.hf import check_hf_config, check_pipeline_split, decoder_class, model_config, read_hf_config
     from ..model.hf_tensor import check_hf_tp
 
     m, p = cfg.model, cfg.parallel
@@ -163,6 +163,8 @@ def _adopt_hf_sizes(cfg) -> None:
         hf_config = read_hf_config(m.hf_path)
         check_hf_config(hf_config)
         hf = model_config(hf_config)
+        if p.pp > 1:
+            check_pipeline_split(decoder_class(hf_config))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if p.pp > 1 and getattr(hf_config, "tie_word_embeddings", False):

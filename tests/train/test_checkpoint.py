@@ -73,6 +73,29 @@ def test_resume_on_another_layout_and_world_size(tmp_path):
         assert worst <= 1e-5, (world, layout, worst)
 
 
+def test_pipeline_checkpoints_resume_on_any_pipeline_layout(tmp_path):
+    """Saved names carry no stage index (stages keep their layers' global names) and the optimizer state
+    is keyed per parameter: a pp=2 run resumes bit for bit, and its checkpoint resumes without a pipeline;
+    a checkpoint without one resumes as V-shaped stages (two per rank)."""
+    four = ["model.n_layers=4"]
+    pp2 = [*four, "parallel.pp=2", "parallel.dp_shard=1"]
+    full = _run(2, config(*pp2, run_dir=str(tmp_path / "full")))[0][0]
+    _run(2, config(*pp2, "checkpoint.interval=3", run_dir=str(tmp_path / "pp2")), stop_after=3)
+    resumed = _run(2, config(*pp2, "train.resume=auto", run_dir=str(tmp_path / "pp2")))[0][0]
+    assert resumed["steps"] == [4, 5] and resumed["losses"] == full["losses"][3:]  # bit for bit
+    assert _same(resumed["params"], full["params"])
+    _run(1, config(*four, "checkpoint.interval=3", run_dir=str(tmp_path / "one")), stop_after=3)
+    resumes = [(1, [*four], tmp_path / "pp2"), (2, [*pp2, "parallel.pp_schedule=zbv"], tmp_path / "one")]
+    for i, (world, layout, written) in enumerate(resumes):
+        ckpt = str(written / "checkpoints" / "step_00000003")
+        got = _run(world, config(*layout, f"train.resume={ckpt}", run_dir=str(tmp_path / f"r{i}")))[0][0]
+        assert got["steps"] == [4, 5]
+        for a, b in zip(got["losses"], full["losses"][3:]):
+            assert abs(a - b) <= 1e-5 * abs(b), (layout, a, b)
+        worst = max((got["params"][k] - full["params"][k]).abs().max().item() for k in full["params"])
+        assert worst <= 1e-5, (layout, worst)
+
+
 def test_interrupted_checkpoints_are_never_loaded(tmp_path):
     run_dir = str(tmp_path / "run")
     _run(2, config(*CP2, "checkpoint.interval=1", "checkpoint.keep_last=0", run_dir=run_dir), stop_after=3)
@@ -130,8 +153,8 @@ def test_export_loads_into_the_plain_model(tmp_path, monkeypatch):
 
 
 def test_evaluation_reads_its_tensor_parallel_pieces_of_a_pipeline_checkpoint(tmp_path):
-    """A checkpoint written by pipeline stages (saved as "model.0.layers...") loads into a model split over
-    tp ranks for evaluation: each rank reads its rows through DCP, and together they are the saved weights."""
+    """A checkpoint written by pipeline stages (saved under the unsplit model's names) loads into a model split
+    over tp ranks for evaluation: each rank reads its rows through DCP, and together they are the saved weights."""
     run_dir = str(tmp_path / "pp")
     _run(2, config("parallel.pp=2", "parallel.cp=1", "parallel.dp_shard=1", "train.steps=1",
                    "checkpoint.interval=1", run_dir=run_dir))
@@ -139,7 +162,8 @@ def test_evaluation_reads_its_tensor_parallel_pieces_of_a_pipeline_checkpoint(tm
     from torch.distributed.checkpoint import FileSystemReader
 
     keys = FileSystemReader(checkpoint.locate(root, root)).read_metadata().state_dict_metadata
-    assert "model.0.layers.1.attention.wq.weight" in keys  # a rank's stage is its module 0; layers keep their names
+    assert "model.layers.1.attention.wq.weight" in keys  # not the rank's stage index (0) in front
+    assert "optim.state.layers.1.attention.wq.weight.exp_avg" in keys and "optim.param_groups" not in keys
     saved = checkpoint.export(root, str(tmp_path / "model.pt"))
     for got in _run(2, root, 2, fn=tp_pieces):
         assert got["local_wq"] == (16, 32)  # half of the 32 query rows

@@ -181,6 +181,14 @@ def test_hf_path_errors_are_one_line(tmp_path, qwen_dir):
     cfg = load(overrides=[f"model.hf_path={tmp_path / 'qwen3'}"])
     validate_job(cfg, 1)
     assert cfg.model.head_dim == 16  # wider than hidden / heads: FLOPs and checks use the real width
+    # Granite multiplies its input embeddings inside the decoder's forward: every later stage would again
+    transformers.GraniteForCausalLM(transformers.GraniteConfig(**small, embedding_multiplier=4.0, logits_scaling=1.0,
+                                                               tie_word_embeddings=False)).save_pretrained(
+        tmp_path / "granite")
+    validate_job(load(overrides=[f"model.hf_path={tmp_path / 'granite'}"]), 1)
+    with pytest.raises(ConfigError, match="GraniteModel rescales its input embeddings .* set parallel.pp=1"):
+        validate_job(load(overrides=[f"model.hf_path={tmp_path / 'granite'}", "parallel.pp=2", "parallel.dp_shard=1"]),
+                     2)
     transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**small)).save_pretrained(tmp_path / "gemma2")
     with pytest.raises(ConfigError, match="Gemma2ForCausalLM has attn_logit_softcapping=50.0"):
         validate_job(load(overrides=[f"model.hf_path={tmp_path / 'gemma2'}"]), 1)
