@@ -176,8 +176,8 @@ def _write_partition(param, full) -> None:
     piece = flat[n * dist.get_rank(param.ds_process_group):][:n]
     part.data.zero_()
     part.data[:piece.numel()].copy_(piece)
-    if getattr(param, "ds_persist", False):
-        param.data.copy_(full.to(param.device, param.dtype))
+    if getattr(param, "ds_persist", False) and param.data.numel() == full.numel():  # (not yet gathered: empty)
+        param.data.copy_(full.to(param.device, param.dtype).reshape(param.shape))
 
 
 def initialize(model, optimizer, cfg, plan, precision: str):
@@ -281,3 +281,87 @@ def full_state_dict(engine, rank0_only: bool = False) -> dict:
             if keep:
                 out[name] = param.detach().cpu().clone()
     return out
+
+
+ADAM_STATES = ("exp_avg", "exp_avg_sq")
+
+
+def full_optimizer_state(engine, rank0_only: bool = True) -> tuple[dict, int]:
+    """({parameter name: {exp_avg, exp_avg_sq}} unsharded, the optimizer's step count) (collective: each
+    state is summed over the data-parallel ranks from their disjoint pieces, one parameter at a time, and
+    kept on rank 0 only with rank0_only). With full_state_dict's master weights it is everything a run
+    needs to go on under another ZeRO stage or data-parallel size."""
+    import torch
+    import torch.distributed as dist
+
+    opt = engine.optimizer
+    inner = opt.optimizer
+    keep = not rank0_only or dist.get_rank() == 0
+    pieces: dict[int, list] = {}
+    for param, flat, offset, count, start in _fragments(opt):
+        pieces.setdefault(id(param), []).append((flat, offset, count, start))
+    out = {}
+    for name, param in engine.module.named_parameters():
+        numel = getattr(param, "ds_numel", param.numel())
+        full = torch.zeros(len(ADAM_STATES), numel, dtype=torch.float32, device=param.device)
+        for flat, offset, count, start in pieces.get(id(param), []):
+            n = min(count, numel - start)  # a ZeRO-3 partition's padding is no parameter's
+            for row, key in enumerate(ADAM_STATES):
+                full[row, start:start + n] = inner.state[flat][key].narrow(0, offset, n)
+        dist.all_reduce(full, group=opt.dp_process_group)
+        if keep:
+            shape = tuple(getattr(param, "ds_shape", param.shape))
+            out[name] = {key: full[row].reshape(shape).cpu().clone() for row, key in enumerate(ADAM_STATES)}
+    steps = {float(s["step"]) for s in inner.state.values() if "step" in s}
+    if len(steps) != 1:
+        raise RuntimeError(f"DeepSpeed's optimizer partitions disagree on the step count: {sorted(steps)}")
+    return out, int(steps.pop())
+
+
+def _fragments(opt):
+    """(parameter, its flat fp32 partition, offset there, element count, where the piece begins in the
+    flattened full parameter) for every piece of a parameter this rank's optimizer holds."""
+    import torch.distributed as dist
+
+    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3: rank r holds [size * r, + size) of each parameter
+        for group in opt.fp16_groups:
+            for param in group:
+                sub, offset, count = opt.grad_position[opt.get_param_id(param)]
+                start = param.ds_tensor.numel() * dist.get_rank(param.ds_process_group)
+                yield param, opt.fp32_partitioned_groups_flat[sub], offset, count, start
+        return
+    for flat, group in zip(opt.single_partition_of_fp32_groups, opt.bit16_groups):  # ZeRO 1-2: mapped ranges
+        for param in group:
+            mapping = param._hp_mapping
+            if mapping is not None:
+                hp = mapping.get_hp_fragment_address()
+                yield param, flat, hp.start, hp.numel, mapping.lp_fragment_address.start
+
+
+def load_full_state(engine, weights: dict, states: dict, step: int) -> None:
+    """Put full (unsharded) master weights and Adam states, as full_state_dict and full_optimizer_state gave
+    them under any ZeRO stage and data-parallel size, into this engine's pieces: the module's parameters
+    (low precision under bf16), the fp32 master partitions and the optimizer state of each (created here:
+    a fresh engine has none before its first step). Every rank reads the full values; nothing is sent."""
+    import torch
+
+    opt = engine.optimizer
+    inner = opt.optimizer
+    stage3 = hasattr(opt, "fp32_partitioned_groups_flat")
+    for flat in opt.fp32_partitioned_groups_flat if stage3 else opt.single_partition_of_fp32_groups:
+        inner.state[flat] = {"step": torch.tensor(float(step)), **{key: torch.zeros_like(flat) for key in ADAM_STATES}}
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    for param in engine.module.parameters():
+        full = weights[names[id(param)]]
+        if stage3:
+            _write_partition(param, full)
+        else:
+            param.data.copy_(full.to(param.device, param.dtype))
+    for param, flat, offset, count, start in _fragments(opt):
+        name = names[id(param)]
+        for target, full in ((flat, weights[name]),
+                             *((inner.state[flat][key], states[name][key]) for key in ADAM_STATES)):
+            piece = full.reshape(-1)[start:start + count]
+            target = target.data.narrow(0, offset, count)
+            target.zero_()
+            target[:piece.numel()].copy_(piece.to(target.device, target.dtype))

@@ -14,9 +14,10 @@ the sequences consumed).
 Everything is read with `torch.load(weights_only=True)`.
 
 With parallel.engine=deepspeed the model and optimizer state are DeepSpeed's own checkpoint (`deepspeed/`,
-ZeRO-partitioned, read back weights-only through `deepspeed_engine`) plus `model.pt`, the full weights for
-export and evaluation; the rest (marker, rename, trainer.pt, RNG, config) is the same. DeepSpeed's files are
-tied to its data-parallel size and ZeRO stage, so such a checkpoint resumes only on the layout that wrote it.
+ZeRO-partitioned, read back weights-only through `deepspeed_engine`) plus `model.pt`, the full fp32 weights
+for export and evaluation, and `optimizer.pt`, the full Adam states; the rest (marker, rename, trainer.pt,
+RNG, config) is the same. DeepSpeed's files fit only the layout, ZeRO stage and precision that wrote them;
+under others the checkpoint resumes from the two full files.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch.distributed as dist
 from ..config import ConfigError
 
 MARKER = "COMPLETE"
+FULL_OPTIMIZER = "optimizer.pt"  # a DeepSpeed checkpoint's Adam states, unsharded: it resumes on any layout
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -198,8 +200,10 @@ def save(trainer, root: str, keep_last: int, *, async_save: bool = False, group=
 
         deepspeed_engine.save(trainer.engine, tmp)
         weights = deepspeed_engine.full_state_dict(trainer.engine, rank0_only=True)  # collective under ZeRO-3
+        states, opt_step = deepspeed_engine.full_optimizer_state(trainer.engine, rank0_only=True)  # collective
         if trainer.rank == 0:
             torch.save(weights, os.path.join(tmp, "model.pt"))
+            torch.save({"step": opt_step, "state": states}, os.path.join(tmp, FULL_OPTIMIZER))
         _commit(trainer.rank, trainer.step, tmp, final, root, keep_last)
         return final
     if async_save:  # the state is copied to host memory before this returns: later steps cannot change it
@@ -230,13 +234,13 @@ def load(trainer, path: str) -> int:
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     meta = torch.load(os.path.join(path, "trainer.pt"), weights_only=True)
-    _check_format(meta, trainer, path)
+    reshard = _check_format(meta, trainer, path)
     held = meta.get("data", {}).get("holdout", 0)
     if trainer.cfg.data.source == "tokens" and held != trainer.cfg.validation.holdout:
         trainer._say(f"longctx: warning: {path} trained with validation.holdout={held}, this run holds out "
                      f"{trainer.cfg.validation.holdout} windows: the training windows (and their order) change")
     if trainer.engine is not None:
-        _load_deepspeed(trainer, path)
+        _load_deepspeed(trainer, path, reshard)
     else:
         state, saved_as = _state(trainer)
         _dcp_load(state, path)
@@ -244,6 +248,8 @@ def load(trainer, path: str) -> int:
         set_state_dict(trainer.model, trainer.optimizer, model_state_dict=mine["model"],
                        optim_state_dict=mine["optim"], options=_options())
     trainer.scheduler.load_state_dict(meta["scheduler"])
+    for group, lr in zip(trainer.optimizer.param_groups, trainer.scheduler.get_last_lr()):
+        group["lr"] = lr  # what the optimizer's own state restores, and a resharded DeepSpeed load does not
     rng = os.path.join(path, f"rng_rank{trainer.rank}.pt")
     if meta["world_size"] == trainer.world and os.path.exists(rng):  # another world: fresh per-rank streams
         r = torch.load(rng, weights_only=True)
@@ -260,9 +266,10 @@ def _format(trainer) -> dict:
             "precision": trainer.precision}
 
 
-def _check_format(meta: dict, trainer, path: str) -> None:
-    """A DeepSpeed checkpoint resumes only under DeepSpeed with the layout and ZeRO stage that wrote it (its
-    files are partitioned for them); a DCP checkpoint only without DeepSpeed. Errors say what to set."""
+def _check_format(meta: dict, trainer, path: str) -> str | None:
+    """A DeepSpeed checkpoint resumes only under DeepSpeed, a DCP checkpoint only without it; errors say what
+    to set. Returns why a DeepSpeed checkpoint must be resharded (DeepSpeed's own files fit only the layout,
+    ZeRO stage and precision that wrote them), or None."""
     saved, here = meta.get("format", {"kind": "dcp"}), _format(trainer)
     config = os.path.join(path, "config.yaml")
     if saved["kind"] != here["kind"]:
@@ -273,14 +280,18 @@ def _check_format(meta: dict, trainer, path: str) -> None:
         raise ConfigError(f"checkpoint {path} was written by parallel.engine={_engine_of(config)} (DCP); "
                           "parallel.engine=deepspeed resumes only DeepSpeed checkpoints: resume with the engine "
                           "it was written with, or start from its weights (`longctx checkpoint export`)")
-    if saved["kind"] == "deepspeed" and (saved["zero_stage"], saved["dims"]) != (here["zero_stage"], here["dims"]):
-        raise ConfigError(f"checkpoint {path} was written by DeepSpeed ZeRO-{saved['zero_stage']} on {saved['dims']}; "
-                          f"this run is ZeRO-{here['zero_stage']} on {here['dims']}: DeepSpeed's partitioned "
-                          f"files resume only on the same layout and stage (see {config})")
-    if saved["kind"] == "deepspeed" and saved.get("precision", here["precision"]) != here["precision"]:
-        raise ConfigError(f"checkpoint {path} was written by DeepSpeed with train.precision={saved['precision']}; this "
-                          f"run resolves to {here['precision']}: DeepSpeed's optimizer files differ by precision, set "
-                          f"train.precision={saved['precision']} (or start from `longctx checkpoint export`'s weights)")
+    if saved["kind"] != "deepspeed":
+        return None
+    written = (saved["zero_stage"], saved["dims"], saved.get("precision", here["precision"]))
+    if written == (here["zero_stage"], here["dims"], here["precision"]):
+        return None
+    why = (f"written by DeepSpeed ZeRO-{written[0]} on {written[1]} in {written[2]}, resumed as ZeRO-"
+           f"{here['zero_stage']} on {here['dims']} in {here['precision']}")
+    if not os.path.isfile(os.path.join(path, FULL_OPTIMIZER)):
+        raise ConfigError(f"checkpoint {path} was {why}: its DeepSpeed files resume only on "
+                          f"the layout, ZeRO stage and precision that wrote them, and it has no {FULL_OPTIMIZER} (it "
+                          f"predates resharding); resume with the config in {config}")
+    return why
 
 
 def _engine_of(config_path: str) -> str:
@@ -292,9 +303,23 @@ def _engine_of(config_path: str) -> str:
         return "torch"
 
 
-def _load_deepspeed(trainer, path: str) -> None:
+def _load_deepspeed(trainer, path: str, reshard: str | None) -> None:
+    """DeepSpeed's own files on the layout that wrote them; otherwise the full master weights (model.pt) and
+    Adam states (optimizer.pt), each rank keeping its pieces of them."""
     from ..parallel import deepspeed_engine
 
+    if reshard:
+        trainer._say(f"longctx: resharding {path} ({reshard})")
+        weights = torch.load(os.path.join(path, "model.pt"), weights_only=True, mmap=True)
+        saved = torch.load(os.path.join(path, FULL_OPTIMIZER), weights_only=True, mmap=True)
+        unfit = [n for n, p in trainer.engine.module.named_parameters() if n not in weights or n not in saved["state"]
+                 or tuple(weights[n].shape) != tuple(getattr(p, "ds_shape", p.shape))]  # ZeRO-3: the full shape
+        if unfit:
+            raise ConfigError(f"checkpoint {path} does not fit this model: {unfit[0]} is missing or has another shape "
+                              f"(a different model?); resume with the config it was written with "
+                              f"({os.path.join(path, 'config.yaml')})")
+        deepspeed_engine.load_full_state(trainer.engine, weights, saved["state"], saved["step"])
+        return
     try:
         deepspeed_engine.load(trainer.engine, path)
     except (RuntimeError, KeyError) as e:  # load_state_dict's strict check names the parameters and shapes
