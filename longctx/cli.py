@@ -203,7 +203,7 @@ def _load(args):
 
 
 def cmd_checkpoint_export(args) -> int:
-    from .train.checkpoint import export
+    from .train.weights import export
 
     with _checking():
         state = export(args.dir, args.out, args.format)

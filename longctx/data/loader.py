@@ -43,9 +43,10 @@ class StepLoader:
         if self.workers == 0:
             return self.batches[step][1]
         if self._it is None or self._next != step:
+            self.close()
             loader = DataLoader(self.batches, batch_size=None, sampler=range(step, step + 2**40),
                                 num_workers=self.workers, prefetch_factor=self.prefetch,
-                                worker_init_fn=_one_thread)
+                                worker_init_fn=_one_thread, multiprocessing_context=_worker_context())
             self._it = iter(loader)
         got, micro = next(self._it)
         if got != step:
@@ -54,7 +55,20 @@ class StepLoader:
         return micro
 
     def close(self) -> None:
+        """End the worker processes (the trainer calls this when fit returns; `get` starts them again)."""
+        if self._it is not None:
+            self._it._shutdown_workers()  # what the iterator's __del__ does, now rather than when collected
         self._it = None
+
+
+def _worker_context():
+    """Workers forked from the rank itself. A rank started by forkserver (launch.run) would otherwise fork
+    them from a forkserver of its own: each worker then holds that server's liveness pipe open, so neither
+    notices the rank ending (torch's watchdog checks the worker's parent, the still-living server), and
+    all of them outlive the job (found holding a piped stdout open ten minutes after it ended)."""
+    import multiprocessing
+
+    return multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
 
 
 def _one_thread(_worker_id: int) -> None:

@@ -10,7 +10,8 @@ import torch
 from ..config import load
 from ..model import build_model
 from ..parallel.tensor import apply_tensor_parallel, check_tp
-from ..train.checkpoint import load_model_pieces, locate
+from ..train.checkpoint import locate
+from ..train.weights import load_model_pieces
 
 
 def eval_device(device_type: str) -> torch.device:

@@ -352,6 +352,7 @@ class Trainer:
                 self.finish_checkpoint()
         finally:
             logger.close()
+            self.loader.close()  # worker processes end with the run
         if self.stop_signal:
             self._say(f"longctx: {signal_name(self.stop_signal)} received: stopped after step {self.step}, "
                       f"checkpoint {self.last_checkpoint}; continue with train.resume=auto")

@@ -29,10 +29,10 @@ def losses(run_dir) -> list[float]:
 
 def same_final_weights(run_a, run_b, tmp_path) -> bool:
     """Whether the newest checkpoints of two runs hold bit-identical weights (exported, names compared too)."""
-    from longctx.train import checkpoint
+    from longctx.train import weights
 
-    a = checkpoint.export(os.path.join(run_a, "checkpoints"), str(tmp_path / "a.pt"))
-    b = checkpoint.export(os.path.join(run_b, "checkpoints"), str(tmp_path / "b.pt"))
+    a = weights.export(os.path.join(run_a, "checkpoints"), str(tmp_path / "a.pt"))
+    b = weights.export(os.path.join(run_b, "checkpoints"), str(tmp_path / "b.pt"))
     return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -29,6 +29,20 @@ def _deepspeed_shm_op():
     return None if cdb is None else cdb.shm_comm_op is not None
 
 
+def _live_children() -> list[str]:
+    """This rank's descendant processes still running (DataLoader workers must end with fit)."""
+    import psutil
+
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append(" ".join(p.cmdline())[:80])
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
 def train_and_collect(configs: list[dict], stop_after: int | None | list = None) -> list[dict]:
     """Train each config in this process group; rank 0 returns losses, grad norms and the full final
     parameters, the other ranks what they held (saved bytes, label counts). `stop_after`: one value for
@@ -53,7 +67,7 @@ def train_and_collect(configs: list[dict], stop_after: int | None | list = None)
                     "steps": [r["step"] for r in trainer.history], "flops": [r["flops"] for r in trainer.history],
                     "resumed_from": trainer.resumed_from, "ds_shm_op": _deepspeed_shm_op(),
                     "validation": {r["step"]: r["val_loss"] for r in trainer.history if "val_loss" in r},
-                    "checkpoint": trainer.last_checkpoint})
+                    "checkpoint": trainer.last_checkpoint, "children": _live_children()})
     return out
 
 

@@ -13,7 +13,7 @@ from longctx.config import ConfigError, from_dict, load
 from longctx.launch import run
 from longctx.launch.local import RankError
 from longctx.model import build_model
-from longctx.train import checkpoint, validate_job
+from longctx.train import checkpoint, validate_job, weights
 
 from ._workers import config, resume_errors, tp_pieces, train_and_collect
 
@@ -53,8 +53,8 @@ def test_async_save_gives_the_same_checkpoint(tmp_path):
                 stop_after=4)[0][0]
     assert asyn["losses"] == sync["losses"] and asyn["checkpoint"].endswith("step_00000004")
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["step_00000002", "step_00000004"]
-    a = checkpoint.export(os.path.join(run_dir, "checkpoints"), str(tmp_path / "a.pt"))
-    b = checkpoint.export(os.path.join(str(tmp_path / "sync"), "checkpoints"), str(tmp_path / "b.pt"))
+    a = weights.export(os.path.join(run_dir, "checkpoints"), str(tmp_path / "a.pt"))
+    b = weights.export(os.path.join(str(tmp_path / "sync"), "checkpoints"), str(tmp_path / "b.pt"))
     assert _same(a, b)
 
 
@@ -144,7 +144,7 @@ def test_export_loads_into_the_plain_model(tmp_path, monkeypatch):
         return read_data(self, plan, planner)
 
     monkeypatch.setattr(FileSystemReader, "read_data", spy)
-    state = checkpoint.export(os.path.join(run_dir, "checkpoints"), str(tmp_path / "model.pt"))
+    state = weights.export(os.path.join(run_dir, "checkpoints"), str(tmp_path / "model.pt"))
     assert read and all(fqn.startswith("model.") for fqn in read)  # the optimizer state is not read
     model = build_model(from_dict(cfg).model)
     model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
@@ -165,7 +165,7 @@ def test_evaluation_reads_its_tensor_parallel_pieces_of_a_pipeline_checkpoint(tm
     keys = FileSystemReader(checkpoint.locate(root, root)).read_metadata().state_dict_metadata
     assert "model.layers.1.attention.wq.weight" in keys  # not the rank's stage index (0) in front
     assert "optim.state.layers.1.attention.wq.weight.exp_avg" in keys and "optim.param_groups" not in keys
-    saved = checkpoint.export(root, str(tmp_path / "model.pt"))
+    saved = weights.export(root, str(tmp_path / "model.pt"))
     for got in _run(2, root, 2, fn=tp_pieces):
         assert got["local_wq"] == (16, 32)  # half of the 32 query rows
         assert _same(got["state"], saved)
@@ -211,7 +211,7 @@ def test_deepspeed_checkpoints_resume_bit_for_bit(tmp_path):
                           "train.steps=1", "checkpoint.interval=1", run_dir=bf16_dir))
     stops.append(None)
     res = run(train_and_collect, 2, args=(configs, stops), timeout=600)[0]
-    bf16 = checkpoint.export(os.path.join(bf16_dir, "checkpoints"), str(tmp_path / "bf16.pt"))
+    bf16 = weights.export(os.path.join(bf16_dir, "checkpoints"), str(tmp_path / "bf16.pt"))
     assert {v.dtype for v in bf16.values()} == {torch.float32} and _same(bf16, res[6]["params"])
     for stage, (full, first, resumed) in zip((1, 3), (res[0:3], res[3:6])):
         assert first["checkpoint"].endswith("step_00000003") and first["losses"] == full["losses"][:3], stage
@@ -220,7 +220,7 @@ def test_deepspeed_checkpoints_resume_bit_for_bit(tmp_path):
         assert _same(resumed["params"], full["params"]), stage
         root = str(tmp_path / f"zero{stage}" / "checkpoints")
         assert os.path.isdir(os.path.join(root, "step_00000003", "deepspeed"))
-        assert _same(checkpoint.export(root, str(tmp_path / f"zero{stage}.pt")), first["params"])
+        assert _same(weights.export(root, str(tmp_path / f"zero{stage}.pt")), first["params"])
     ckpt = str(tmp_path / "zero3" / "checkpoints" / "step_00000003")
     zero1 = str(tmp_path / "zero1" / "checkpoints" / "step_00000003")
     ds = ["parallel.engine=deepspeed"]

@@ -65,7 +65,7 @@ def test_hf_model_under_deepspeed_zero3_trains_exports_and_evaluates(qwen_dir, t
     transformers loads, and evaluates as the architecture with the trained weights."""
     pytest.importorskip("deepspeed", reason="pip install 'longctx[deepspeed]' (make test installs it)")
     from longctx.eval import load_checkpoint_model
-    from longctx.train import checkpoint
+    from longctx.train import weights
 
     ref = run(train_and_collect, 1, args=([_cfg(qwen_dir, run_dir=str(tmp_path / "one"))],), timeout=180)[0][0]
     run_dir = tmp_path / "zero3"
@@ -75,7 +75,7 @@ def test_hf_model_under_deepspeed_zero3_trains_exports_and_evaluates(qwen_dir, t
     assert got["engine"] == "deepspeed"
     compare_runs("zero3 x cp=2", got, ref, steps=3)
     root = str(run_dir / "checkpoints")
-    checkpoint.export(root, str(tmp_path / "hf"), fmt="hf")
+    weights.export(root, str(tmp_path / "hf"), fmt="hf")
     exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
     assert exported.lm_head.weight.data_ptr() == exported.model.embed_tokens.weight.data_ptr()  # still tied
     for name, value in exported.state_dict().items():
@@ -105,7 +105,7 @@ def test_hf_model_pipeline_stages_train_like_one_process(gemma_dir, tmp_path):
     from the safetensors) trains the steps of one process, validates like it, and its checkpoint exports
     to a directory transformers loads with the trained weights and evaluates with them."""
     from longctx.eval import load_checkpoint_model
-    from longctx.train import checkpoint
+    from longctx.train import weights
 
     val = ["validation.interval=3", "validation.batches=1"]
     ref = run(train_and_collect, 1, args=([_cfg(gemma_dir, *val, run_dir=str(tmp_path / "one"))],),
@@ -123,7 +123,7 @@ def test_hf_model_pipeline_stages_train_like_one_process(gemma_dir, tmp_path):
         compare_validation(name, got, ref)
     trained = results[1]["params"]
     root = str(tmp_path / "l1" / "checkpoints")
-    checkpoint.export(root, str(tmp_path / "hf"), fmt="hf")
+    weights.export(root, str(tmp_path / "hf"), fmt="hf")
     exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
     assert not exported.config.tie_word_embeddings and len(exported.model.layers) == 4
     for name, value in exported.state_dict().items():

@@ -99,8 +99,13 @@ def test_packed_resume_continues_with_the_same_batches(dataset, tmp_path):
     run_dir = str(tmp_path / "resume")
     full = run(train_and_collect, 2, args=([_tokens(dataset, "parallel.cp=2", run_dir=str(tmp_path / "full"))],),
                timeout=180)[0][0]
-    run(train_and_collect, 2, args=([_tokens(dataset, "parallel.cp=2", "checkpoint.interval=1", run_dir=run_dir)], 3),
-        timeout=180)
-    resumed = run(train_and_collect, 2, args=([_tokens(dataset, "parallel.cp=2", "train.resume=auto",
-                                                        run_dir=run_dir)],), timeout=180)[0][0]
+    # DataLoader workers make the steps ahead; they end with fit (no process outlives the rank)
+    workers = ["parallel.cp=2", "data.workers=2"]
+    stopped = run(train_and_collect, 2, args=([_tokens(dataset, *workers, "checkpoint.interval=1", run_dir=run_dir)],
+                                              3), timeout=180)
+    per_rank = run(train_and_collect, 2, args=([_tokens(dataset, *workers, "train.resume=auto", run_dir=run_dir)],),
+                   timeout=180)
+    resumed = per_rank[0][0]
     assert resumed["steps"] == [4, 5] and resumed["losses"] == full["losses"][3:]
+    assert stopped[0][0]["losses"] == full["losses"][:3]
+    assert all(r[0]["children"] == [] for r in stopped + per_rank), [r[0]["children"] for r in stopped + per_rank]

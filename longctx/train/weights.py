@@ -1,0 +1,130 @@
+"""A checkpoint's model weights outside training: one plain state dict (`export`, torch or Hugging Face
+format, no process group), or this rank's pieces of a split model (`load_model_pieces`, for evaluation and
+generation). Only the model's entries are read; the optimizer state stays on disk. A DCP checkpoint's
+names are the unsplit model's under "model." (pipeline stages included); a DeepSpeed checkpoint's
+`model.pt` holds the full fp32 weights."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import locate
+
+
+def model_weights(path: str, log=print) -> tuple[dict, str]:
+    """(state dict of the unparallelised model, the checkpoint directory used) from a checkpoint or a
+    checkpoint root (its newest complete one); no process group needed. Only the model's entries are read
+    (the optimizer state, twice the model in fp32, stays on disk)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = locate(path, path, log=log)
+    if os.path.isfile(os.path.join(path, "model.pt")):  # a DeepSpeed checkpoint: its full weights
+        return torch.load(os.path.join(path, "model.pt"), weights_only=True), path
+    entries = _saved_model_entries(path)
+    state = {name: torch.empty(md.size, dtype=md.properties.dtype) for name, (_, md) in entries.items()
+             if isinstance(md, TensorStorageMetadata)}
+    _read_dcp({entries[name][0]: tensor for name, tensor in state.items()}, path, no_dist=True)
+    return state, path
+
+
+def _saved_model_entries(path: str) -> dict:
+    """{the unsplit model's name: (the key it was saved under, its DCP metadata)} of a DCP checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    return {key.removeprefix("model."): (key, md) for key, md in saved.items() if key.startswith("model.")}
+
+
+def _read_dcp(state: dict, path: str, *, no_dist: bool) -> None:
+    """dcp.load of `state` (keyed by saved names); no_dist: this process reads it all itself, as intended."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, no_dist=no_dist)
+
+
+def load_model_pieces(model, path: str, log=print) -> str:
+    """Read a checkpoint's weights (not its optimizer state) into `model` as it is split (DTensor pieces: each
+    rank reads its own slices through DCP; collective when a process group exists), whatever layout wrote
+    it; returns the checkpoint directory used. A tied parameter is read once."""
+    from ..model.hf_load import tied_names
+
+    path = locate(path, path, log=log)
+    mine = model.state_dict()
+    full = None
+    if os.path.isfile(os.path.join(path, "model.pt")):  # a DeepSpeed checkpoint: full weights, keep our pieces
+        full = torch.load(os.path.join(path, "model.pt"), weights_only=True)
+        saved = {name: name for name in full}
+    else:
+        saved = {name: key for name, (key, _) in _saved_model_entries(path).items()}
+    for names in tied_names(model):  # loaded once, under a name it was saved with
+        keep = next((n for n in names if n in saved), names[0])
+        for name in names:
+            if name != keep:
+                mine.pop(name, None)
+    missing = sorted(set(mine) - set(saved))
+    if missing:
+        raise ValueError(f"checkpoint {path} has no {missing[0]} (and {len(missing) - 1} more) for this model: was it "
+                         f"written by another model? its config is {os.path.join(path, 'config.yaml')}")
+    if full is not None:
+        from ..model.parallelize import write_local_piece
+
+        with torch.no_grad():
+            for name, tensor in mine.items():
+                write_local_piece(tensor, full[saved[name]])
+        return path
+    _read_dcp({saved[name]: tensor for name, tensor in mine.items()}, path, no_dist=not dist.is_initialized())
+    return path
+
+
+def export(path: str, out: str, fmt: str = "torch") -> dict:
+    """A checkpoint's model weights as one plain state dict file that loads into the unparallelised model
+    (fmt "torch"), or as a Hugging Face directory (config.json + safetensors) that transformers loads
+    (fmt "hf"). Returns the state dict."""
+    if fmt not in ("torch", "hf"):
+        raise ValueError(f"--format {fmt!r}: choose torch or hf")
+    if fmt == "torch" and os.path.isdir(out):
+        raise ValueError(f"{out} is a directory; the torch format writes one file: give its path, e.g. "
+                         f"{os.path.join(out, 'model.pt')}")
+    if fmt == "hf" and os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"{out} is a file; the hf format writes a directory (config.json + safetensors): "
+                         f"give a directory path")
+    from .._paths import check_output
+
+    check_output(out, "OUT", "dir" if fmt == "hf" else "file")
+    state, found = model_weights(path)
+    if fmt == "hf":
+        _export_hf(state, found, out)
+        return state
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    torch.save(state, out)
+    return state
+
+
+def _export_hf(state: dict, found: str, out: str) -> None:
+    from ..config import load as load_config
+    from ..model.hf_weights import save_hf_llama
+
+    cfg = load_config(path=os.path.join(found, "config.yaml"))
+    if cfg.model.hf_path:  # an HF model trained as it is: its own class and config, our weights
+        from .._optional import require
+        from ..model.hf import read_hf_config
+
+        transformers = require("transformers", "Hugging Face export")
+        hf_cfg = read_hf_config(cfg.model.hf_path)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+        model.load_state_dict({k.removeprefix("hf."): v for k, v in state.items()}, assign=True, strict=True)
+        model.save_pretrained(out, safe_serialization=True)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+            src = os.path.join(cfg.model.hf_path, name)
+            if os.path.exists(src) and not os.path.exists(os.path.join(out, name)):
+                shutil.copy(src, out)
+        return
+    save_hf_llama(state, cfg.model, out, max_positions=max(cfg.train.seq_len, 2048))
