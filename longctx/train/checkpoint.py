@@ -17,7 +17,8 @@ With parallel.engine=deepspeed the model and optimizer state are DeepSpeed's own
 ZeRO-partitioned, read back weights-only through `deepspeed_engine`) plus `model.pt`, the full fp32 weights
 for export and evaluation, and `optimizer.pt`, the full Adam states; the rest (marker, rename, trainer.pt,
 RNG, config) is the same. DeepSpeed's files fit only the layout, ZeRO stage and precision that wrote them;
-under others the checkpoint resumes from the two full files.
+under others, or under the torch engines, the checkpoint resumes from the two full files, and a DCP
+checkpoint resumes under DeepSpeed from its per-parameter entries read whole (`_load_full`).
 """
 
 from __future__ import annotations
@@ -233,13 +234,16 @@ def load(trainer, path: str) -> int:
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     meta = torch.load(os.path.join(path, "trainer.pt"), weights_only=True)
-    reshard = _check_format(meta, trainer, path)
+    full = _check_format(meta, trainer, path)
     held = meta.get("data", {}).get("holdout", 0)
     if trainer.cfg.data.source == "tokens" and held != trainer.cfg.validation.holdout:
         trainer._say(f"longctx: warning: {path} trained with validation.holdout={held}, this run holds out "
                      f"{trainer.cfg.validation.holdout} windows: the training windows (and their order) change")
-    if trainer.engine is not None:
-        _load_deepspeed(trainer, path, reshard)
+    if full:
+        trainer._say(f"longctx: resuming {path} from its full states ({full})")
+        _load_full(trainer, path, meta.get("format", {"kind": "dcp"})["kind"])
+    elif trainer.engine is not None:
+        _load_deepspeed(trainer, path)
     else:
         state, saved_as = _state(trainer)
         _dcp_load(state, path)
@@ -266,31 +270,42 @@ def _format(trainer) -> dict:
 
 
 def _check_format(meta: dict, trainer, path: str) -> str | None:
-    """A DeepSpeed checkpoint resumes only under DeepSpeed, a DCP checkpoint only without it; errors say what
-    to set. Returns why a DeepSpeed checkpoint must be resharded (DeepSpeed's own files fit only the layout,
-    ZeRO stage and precision that wrote them), or None."""
+    """None when the checkpoint's own files fit this run (DCP under the torch engines, DeepSpeed's under the
+    layout, ZeRO stage and precision that wrote them); otherwise why it resumes from its full states
+    (`_load_full`), or a ConfigError when it has none (written before they were kept)."""
     saved, here = meta.get("format", {"kind": "dcp"}), _format(trainer)
     config = os.path.join(path, "config.yaml")
-    if saved["kind"] != here["kind"]:
-        if saved["kind"] == "deepspeed":
-            raise ConfigError(f"checkpoint {path} was written by parallel.engine=deepspeed; resume it with "
-                              f"parallel.engine=deepspeed and the layout in {config}, or start from its weights "
-                              f"(`longctx checkpoint export {path} OUT`)")
-        raise ConfigError(f"checkpoint {path} was written by parallel.engine={_engine_of(config)} (DCP); "
-                          "parallel.engine=deepspeed resumes only DeepSpeed checkpoints: resume with the engine "
-                          "it was written with, or start from its weights (`longctx checkpoint export`)")
-    if saved["kind"] != "deepspeed":
+    if saved["kind"] == here["kind"] == "dcp":
         return None
-    written = (saved["zero_stage"], saved["dims"], saved.get("precision", here["precision"]))
-    if written == (here["zero_stage"], here["dims"], here["precision"]):
+    if saved["kind"] == "dcp":
+        why = f"written by parallel.engine={_engine_of(config)} (DCP), resumed under parallel.engine=deepspeed"
+        if _dcp_full_optimizer(path) is None:
+            raise ConfigError(f"checkpoint {path} was {why}, but its optimizer state is saved nested (it predates "
+                              f"per-parameter keys); resume it with the engine it was written with")
+        return why
+    written = (saved["zero_stage"], saved["dims"], saved.get("precision", trainer.precision))
+    if here["kind"] == "deepspeed" and written == (here["zero_stage"], here["dims"], here["precision"]):
         return None
-    why = (f"written by DeepSpeed ZeRO-{written[0]} on {written[1]} in {written[2]}, resumed as ZeRO-"
-           f"{here['zero_stage']} on {here['dims']} in {here['precision']}")
+    why = (f"written by DeepSpeed ZeRO-{written[0]} on {written[1]} in {written[2]}, resumed as "
+           + (f"ZeRO-{here['zero_stage']} on {here['dims']} in {here['precision']}" if here["kind"] == "deepspeed"
+              else f"parallel.engine={trainer.plan.engine} on {trainer.dims}"))
     if not os.path.isfile(os.path.join(path, FULL_OPTIMIZER)):
-        raise ConfigError(f"checkpoint {path} was {why}: its DeepSpeed files resume only on "
-                          f"the layout, ZeRO stage and precision that wrote them, and it has no {FULL_OPTIMIZER} (it "
-                          f"predates resharding); resume with the config in {config}")
+        raise ConfigError(f"checkpoint {path} was {why}: its DeepSpeed files resume only on the layout, ZeRO "
+                          f"stage and precision that wrote them, and it has no {FULL_OPTIMIZER} (it predates "
+                          f"resharding); resume with the config in {config}")
     return why
+
+
+def _dcp_full_optimizer(path: str) -> dict | None:
+    """{saved key: its metadata} of a DCP checkpoint's model weights and per-parameter Adam states; None if
+    the optimizer state was saved nested."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    if not any(k.startswith("optim.state.") and k.endswith(".exp_avg") for k in saved):
+        return None
+    return {k: md for k, md in saved.items() if k.startswith("model.") or (
+        k.startswith("optim.state.") and k.rsplit(".", 1)[1] in ("exp_avg", "exp_avg_sq", "step"))}
 
 
 def _engine_of(config_path: str) -> str:
@@ -302,23 +317,63 @@ def _engine_of(config_path: str) -> str:
         return "torch"
 
 
-def _load_deepspeed(trainer, path: str, reshard: str | None) -> None:
-    """DeepSpeed's own files on the layout that wrote them; otherwise the full master weights (model.pt) and
-    Adam states (optimizer.pt), each rank keeping its pieces of them."""
-    from ..parallel import deepspeed_engine
-
-    if reshard:
-        trainer._say(f"longctx: resharding {path} ({reshard})")
+def _load_full(trainer, path: str, kind: str) -> None:
+    """The full (unsharded) master weights and Adam states of a checkpoint put into this run's pieces: a
+    DeepSpeed checkpoint's model.pt and optimizer.pt, or a DCP checkpoint's entries read whole, into a
+    DeepSpeed engine (`deepspeed_engine.load_full_state`) or the torch engines' model (`set_state_dict`
+    with full tensors). Every rank reads every full tensor (memory-mapped for DeepSpeed's files)."""
+    if kind == "deepspeed":
         weights = torch.load(os.path.join(path, "model.pt"), weights_only=True, mmap=True)
         saved = torch.load(os.path.join(path, FULL_OPTIMIZER), weights_only=True, mmap=True)
-        unfit = [n for n, p in trainer.engine.module.named_parameters() if n not in weights or n not in saved["state"]
-                 or tuple(weights[n].shape) != tuple(getattr(p, "ds_shape", p.shape))]  # ZeRO-3: the full shape
-        if unfit:
-            raise ConfigError(f"checkpoint {path} does not fit this model: {unfit[0]} is missing or has another shape "
-                              f"(a different model?); resume with the config it was written with "
-                              f"({os.path.join(path, 'config.yaml')})")
-        deepspeed_engine.load_full_state(trainer.engine, weights, saved["state"], saved["step"])
+        states, step = saved["state"], saved["step"]
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        entries = _dcp_full_optimizer(path)
+        flat = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in entries.items()}
+        dcp.load(flat, checkpoint_id=path)
+        weights = {k.removeprefix("model."): v for k, v in flat.items() if k.startswith("model.")}
+        states, steps = {}, set()
+        for k, v in flat.items():
+            if k.startswith("optim.state."):
+                name, _, key = k.removeprefix("optim.state.").rpartition(".")
+                if key == "step":
+                    steps.add(int(v))
+                else:
+                    states.setdefault(name, {})[key] = v
+        step = steps.pop()
+    if trainer.engine is not None:
+        shapes = {n: getattr(p, "ds_shape", p.shape) for n, p in trainer.engine.module.named_parameters()}
+    else:
+        shapes = {n: p.shape for m in trainer.plan.stages or [trainer.model] for n, p in m.named_parameters()}
+    unfit = [n for n, shape in shapes.items()
+             if n not in weights or n not in states or tuple(weights[n].shape) != tuple(shape)]
+    if unfit:
+        raise ConfigError(f"checkpoint {path} does not fit this model: {unfit[0]} is missing or has another shape "
+                          f"(a different model?); resume with the config it was written with "
+                          f"({os.path.join(path, 'config.yaml')})")
+    if trainer.engine is not None:
+        from ..parallel import deepspeed_engine
+
+        deepspeed_engine.load_full_state(trainer.engine, weights, states, step)
         return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_state_dict
+
+    def unsplit(name):  # this rank's name -> the unsplit model's
+        return _STAGE_INDEX.sub(r"\1", name) if trainer.plan.stages else name
+
+    model_sd = {key: weights[name] for key, name in _state(trainer)[1]["model"].items()}
+    current = get_optimizer_state_dict(trainer.model, trainer.optimizer)  # its param groups: this run's settings
+    optim_sd = {"param_groups": current["param_groups"],
+                "state": {fqn: {"step": torch.tensor(float(step)), **states[unsplit(fqn)]} for fqn in current["state"]}}
+    set_state_dict(trainer.model, trainer.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def _load_deepspeed(trainer, path: str) -> None:
+    """DeepSpeed's own files, on the layout, stage and precision that wrote them."""
+    from ..parallel import deepspeed_engine
+
     try:
         deepspeed_engine.load(trainer.engine, path)
     except (RuntimeError, KeyError) as e:  # load_state_dict's strict check names the parameters and shapes
