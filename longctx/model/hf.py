@@ -326,8 +326,7 @@ def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: Para
     and data parallelism (FSDP2/DDP; DeepSpeed ZeRO is applied by the trainer), in that order, for a
     transformers causal LM; returns a Plan whose model is an HFCausalLM adapter around it (under pp > 1, as
     for `parallelize`, a ModuleList of this rank's stages, each an adapter with parts removed)."""
-    from ..parallel.pipeline import split_model, stage_ids, stage_layers, stages_per_rank
-    from .parallelize import Plan, _check_positions_hook, apply_activation_checkpointing
+    from .parallelize import apply_activation_checkpointing, assemble_plan, pipeline_stages
 
     cfg = getattr(cfg, "parallel", cfg) or ParallelConfig()
     register_attention()
@@ -346,13 +345,7 @@ def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: Para
     mesh = mesh or dims.build_mesh()
     engine = resolve_engine(cfg.engine, dims)
     adapter = HFCausalLM(model)
-    modules, ids, n_stages = [adapter], [], 1
-    if dims.pp > 1:
-        per_rank = stages_per_rank(cfg.pp_schedule, cfg.pp_virtual)
-        n_stages = dims.pp * per_rank
-        ids = stage_ids(mesh.rank("pp"), dims.pp, per_rank, cfg.pp_schedule)
-        ranges = stage_layers(len(adapter.layers), n_stages, cfg.pp_split)
-        modules = [split_model(adapter, ranges[i], first=i == 0, last=i == n_stages - 1) for i in ids]
+    modules, ids, n_stages = pipeline_stages(adapter, len(adapter.layers), dims, cfg, mesh)
     for module in modules:
         if dims.tp > 1:
             apply_hf_tensor_parallel(module.hf, mesh.tp)
@@ -363,10 +356,4 @@ def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: Para
             apply_data_parallel(module, mesh, engine, reshard_after_forward=cfg.reshard_after_forward,
                                 param_dtype=param_dtype,
                                 keep_root_unsharded=dims.pp > 1 and module.output is not None)
-    container = nn.ModuleList(modules) if dims.pp > 1 else adapter
-    plan = Plan(container, dims, mesh, engine, modules if dims.pp > 1 else [], ids, n_stages,
-                balance_documents=cfg.balance_documents)
-    first = modules[ids.index(0)] if 0 in ids else (adapter if dims.pp == 1 else None)
-    if dims.cp > 1 and first is not None:  # the stage that sees token ids checks their positions
-        first.register_forward_pre_hook(_check_positions_hook(plan.expected_positions, dims.cp), with_kwargs=True)
-    return plan
+    return assemble_plan(adapter, modules, ids, n_stages, dims, mesh, engine, cfg)

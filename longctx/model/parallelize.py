@@ -280,13 +280,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: Paralle
         check_tp(cfg_model.n_heads, cfg_model.n_kv_heads, cfg_model.vocab_size, dims.tp)
     mesh = mesh or dims.build_mesh()
     engine = resolve_engine(cfg.engine, dims)
-    modules, ids, n_stages = [model], [], 1
-    if dims.pp > 1:
-        per_rank = stages_per_rank(cfg.pp_schedule, cfg.pp_virtual)
-        n_stages = dims.pp * per_rank
-        ids = stage_ids(mesh.rank("pp"), dims.pp, per_rank, cfg.pp_schedule)
-        ranges = stage_layers(len(model.layers), n_stages, cfg.pp_split)
-        modules = [split_model(model, ranges[i], first=i == 0, last=i == n_stages - 1) for i in ids]
+    modules, ids, n_stages = pipeline_stages(model, len(model.layers), dims, cfg, mesh)
     for module in modules:
         if dims.tp > 1:
             apply_tensor_parallel(module, mesh.tp)
@@ -295,12 +289,28 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: Paralle
         if engine != "deepspeed":
             apply_data_parallel(module, mesh, engine, reshard_after_forward=cfg.reshard_after_forward,
                                 param_dtype=param_dtype, keep_root_unsharded=dims.pp > 1 and module.output is not None)
+    return assemble_plan(model, modules, ids, n_stages, dims, mesh, engine, cfg)
+
+
+def pipeline_stages(model: nn.Module, n_layers: int, dims: ParallelDims, cfg, mesh: ParallelMesh):
+    """(this rank's stage modules, their stage ids, the number of stages): the model itself at pp=1."""
+    if dims.pp == 1:
+        return [model], [], 1
+    per_rank = stages_per_rank(cfg.pp_schedule, cfg.pp_virtual)
+    n_stages = dims.pp * per_rank
+    ids = stage_ids(mesh.rank("pp"), dims.pp, per_rank, cfg.pp_schedule)
+    ranges = stage_layers(n_layers, n_stages, cfg.pp_split)
+    return [split_model(model, ranges[i], first=i == 0, last=i == n_stages - 1) for i in ids], ids, n_stages
+
+
+def assemble_plan(model: nn.Module, modules: list, ids: list, n_stages: int, dims: ParallelDims,
+                  mesh: ParallelMesh, engine: str, cfg) -> Plan:
+    """The Plan of parallelized `modules` (this rank's stages, or [model]); under cp the module that sees
+    token ids (the first stage) checks their positions."""
     container = nn.ModuleList(modules) if dims.pp > 1 else model
     plan = Plan(container, dims, mesh, engine, modules if dims.pp > 1 else [], ids, n_stages,
                 balance_documents=cfg.balance_documents)
-    if dims.cp > 1:
-        first = modules[ids.index(0)] if 0 in ids else (model if dims.pp == 1 else None)
-        if first is not None:  # the stage that sees token ids checks their positions
-            first.register_forward_pre_hook(_check_positions_hook(plan.expected_positions, dims.cp),
-                                            with_kwargs=True)
+    first = modules[ids.index(0)] if 0 in ids else (model if dims.pp == 1 else None)
+    if dims.cp > 1 and first is not None:
+        first.register_forward_pre_hook(_check_positions_hook(plan.expected_positions, dims.cp), with_kwargs=True)
     return plan
