@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to add (default 64)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampled")
     gen.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k likeliest tokens")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed (the same draws on every rank)")
+    gen.add_argument("--seed", type=_seed, default=0, help="sampling seed (the same draws on every rank)")
     gen.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the checkpoint's, from "
                                                         "its dataset or Hugging Face directory)")
     gen.add_argument("--decode", choices=["tree", "ring"], default="tree", help="decoding over the ranks")
@@ -184,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
         bp.set_defaults(_module=module)
         importlib.import_module(module).add_arguments(bp)
     return p
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**63 - 1 (a torch generator seed), got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -355,7 +365,12 @@ def _dispatch(args) -> int:
     module = importlib.import_module(args._module)
     with _checking():  # in this process: a bad argument never reaches the ranks
         module.validate(args)
-    module.run(args)
+    try:
+        module.run(args)
+    except TimeoutError:
+        limit = getattr(args, "timeout", 0)
+        raise UserError(f"the benchmark's ranks did not finish within --timeout {limit:g} s and were stopped; give a "
+                        "larger --timeout (or a smaller benchmark)") from None
     return 0
 
 

@@ -89,6 +89,8 @@ def _checked_checkpoint(args):
                          f"context-parallel groups of --tp tensor-parallel ranks; choose a divisor of {ranks}")
     cfg = _checkpoint_config(args)
     check_eval_tp(cfg, args.tp)
+    strategy = get_strategy(args.strategy)  # its head split over the context ranks, before any rank starts
+    strategy.check(seq_len=None, world=ranks // args.tp, layout=strategy.layout(), heads=cfg.model.n_heads // args.tp)
     return cfg
 
 

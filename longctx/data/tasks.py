@@ -37,6 +37,8 @@ class RetrievalTask:
                  depth: float | None = None, pairs: int = 4, pack_min: int = 0, haystack: str = "random"):
         if kind not in RETRIEVAL:
             raise ValueError(f"data.source={kind!r}: retrieval tasks are {', '.join(RETRIEVAL)}")
+        if isinstance(alphabet, bool) or not isinstance(alphabet, int) or alphabet < 1:
+            raise ValueError(f"data.alphabet={alphabet!r} must be a positive int (the number of filler symbols)")
         if vocab_size < min_vocab(alphabet):
             raise ValueError(f"model.vocab_size={vocab_size} is too small for data.source={kind} with data.alphabet="
                              f"{alphabet}: it needs at least {min_vocab(alphabet)} (the task's symbols + filler)")

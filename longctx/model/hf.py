@@ -303,7 +303,11 @@ def check_hf_dir(path: str) -> None:
 def read_hf_config(path: str):
     check_hf_dir(path)
     transformers = require("transformers", "Hugging Face models")
-    return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:  # a config.json that is not JSON, or of an unknown model_type
+        raise ValueError(f"model.hf_path={path!r}: its config.json cannot be read ({str(e).splitlines()[0][:200]}); "
+                         "give the directory save_pretrained wrote") from None
 
 
 def load_hf_model(path: str, dtype=torch.float32):

@@ -62,6 +62,8 @@ def test_needle_eval_bad_input_is_one_line(passkey_checkpoint, capsys):
          "--tp 3 does not divide --nproc 4"),
         (["--checkpoint", passkey_checkpoint, "--lengths", "64", "--nproc", "4", "--tp", "4"],
          "--tp 4 does not fit this checkpoint's model: model.n_heads=2 is not divisible by parallel.tp=4"),
+        (["--checkpoint", passkey_checkpoint, "--lengths", "64", "--nproc", "3", "--strategy", "ulysses"],
+         "ulysses: 2 query heads do not divide over 3 ranks"),
     ]:
         assert _main_here(["eval", "needle", *argv]) == 2
         err = capsys.readouterr().err

@@ -102,3 +102,13 @@ def test_tensor_parallel_model_generates_like_one_process():
         # 12 prefill tokens padded so each cp shard splits over tp once more (sequence parallelism)
         assert [r["prompt_len"] for r in per_rank[:3]] == [17, 13, 13]  # cp2 zigzag x tp2 (8 | 16); 4 | 12; 4 | 12
         assert "overlap the model's tensor-parallel ranks" in per_rank[3]["error"]
+
+
+def test_a_tiny_temperature_samples_the_best_token():
+    """Scores are shifted to a best of 0 before dividing by the temperature: 1e-40 is greedy, not NaN."""
+    from longctx.model.generate import _pick
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    for top_k in (None, 3):
+        got = _pick(logits, 1e-40, top_k, torch.Generator().manual_seed(1))
+        assert torch.equal(got, logits.argmax(-1)), top_k

@@ -143,6 +143,13 @@ def test_bad_input_names_the_fix(hf_dirs, tmp_path):
         check_hf_dir(str(tmp_path / "cfg_only"))
     with pytest.raises(ValueError, match="not a directory"):
         check_hf_dir(str(tmp_path / "missing"))
+    from longctx.model.hf import read_hf_config
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{bad")
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="its config.json cannot be read"):
+        read_hf_config(str(tmp_path / "broken"))
 
 
 def test_what_longctx_would_skip_is_refused(tmp_path):
