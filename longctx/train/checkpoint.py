@@ -138,6 +138,11 @@ def _options():
 _STAGE_INDEX = re.compile(r"^((?:state|param_groups)\.)?\d+\.")
 
 
+def _saved_name(trainer, name: str) -> str:
+    """This rank's name of a parameter (or its optimizer entry) -> the unsplit model's: without the stage index."""
+    return _STAGE_INDEX.sub(r"\1", name) if trainer.plan.stages else name
+
+
 def _state(trainer) -> tuple[dict, dict]:
     """(the state DCP saves and loads, {this rank's name: the saved name} for each of "model" and "optim").
     Pipeline stages keep their layers' global names, so a name without the stage's index in this rank's
@@ -146,8 +151,7 @@ def _state(trainer) -> tuple[dict, dict]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     parts = dict(zip(("model", "optim"), get_state_dict(trainer.model, trainer.optimizer, options=_options())))
-    saved_as = {part: {key: _STAGE_INDEX.sub(r"\1", key) if trainer.plan.stages else key for key in values}
-                for part, values in parts.items()}
+    saved_as = {part: {key: _saved_name(trainer, key) for key in values} for part, values in parts.items()}
     state = {part: {saved_as[part][key]: value for key, value in values.items()} for part, values in parts.items()}
     if any(len(state[part]) != len(parts[part]) for part in parts):
         raise RuntimeError("two pipeline stages of this rank hold parameters of the same name")
@@ -359,13 +363,11 @@ def _load_full(trainer, path: str, kind: str) -> None:
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_state_dict
 
-    def unsplit(name):  # this rank's name -> the unsplit model's
-        return _STAGE_INDEX.sub(r"\1", name) if trainer.plan.stages else name
-
     model_sd = {key: weights[name] for key, name in _state(trainer)[1]["model"].items()}
     current = get_optimizer_state_dict(trainer.model, trainer.optimizer)  # its param groups: this run's settings
     optim_sd = {"param_groups": current["param_groups"],
-                "state": {fqn: {"step": torch.tensor(float(step)), **states[unsplit(fqn)]} for fqn in current["state"]}}
+                "state": {fqn: {"step": torch.tensor(float(step)), **states[_saved_name(trainer, fqn)]}
+                          for fqn in current["state"]}}
     set_state_dict(trainer.model, trainer.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
                    options=StateDictOptions(full_state_dict=True))
 
