@@ -4,6 +4,7 @@ compute has lost the hour. ValueError naming the argument and the fix."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 
 def blocking_file(path: str) -> str | None:
@@ -33,3 +34,35 @@ def check_output(path: str | None, what: str, kind: str = "file") -> None:
     if blocked:
         raise ValueError(f"{what} {path} cannot be created: {blocked} is a file, not a directory; choose another "
                          "path")
+    _check_writable(path, what, kind)
+
+
+def _check_writable(path: str, what: str, kind: str) -> None:
+    """Create (and drop) a scratch file where `path` would go: permissions, read-only mounts and pseudo file
+    systems (/proc) are found now; os.access cannot tell, as root passes it everywhere."""
+    where = os.path.abspath(path) if kind == "dir" else os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(where):  # the nearest existing directory: the rest is created under it
+        where = os.path.dirname(where)
+    try:
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as e:
+        raise ValueError(f"{what} {path} cannot be written ({e.strerror} in {where}); choose another path") from None
+
+
+def check_plot(path: str | None, what: str = "--plot") -> None:
+    """`path` can take a matplotlib figure: a writable file path whose extension matplotlib knows (none: it adds .png).
+    Checked before the work, so a typo in the extension does not cost the run."""
+    if path is None:
+        return
+    check_output(path, what)
+    from ._optional import require
+
+    require("matplotlib", f"{what} (plots)")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    known = FigureCanvasBase.get_supported_filetypes()
+    if ext and ext not in known:
+        raise ValueError(f"{what} {path}: matplotlib cannot write .{ext} files; use one of "
+                         f"{', '.join('.' + e for e in sorted(known))} (e.g. .png)")

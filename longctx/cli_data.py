@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ._paths import check_output
+from ._paths import check_output, check_plot
 from .cli_errors import checking
 
 
@@ -107,6 +107,7 @@ def cmd_eval(args) -> int:
     import json
 
     from .eval.needle import check_grid, check_lengths, format_table, write_needle
+    from .eval.ppl import format_ppl
 
     kind = args.eval_command
     params = {k: getattr(args, k, None) for k in ("checkpoint", "lengths", "depths", "samples", "decode", "strategy",
@@ -114,7 +115,7 @@ def cmd_eval(args) -> int:
     with checking():
         check_output(args.json, "--json")
         if kind == "needle":
-            check_output(args.plot, "--plot")
+            check_plot(args.plot)
             check_grid(args.lengths, args.depths, args.samples)
         cfg = _checked_checkpoint(args)
         if kind == "needle":
@@ -128,9 +129,7 @@ def cmd_eval(args) -> int:
         print(format_table(records))
         write_needle(records, args.json, args.plot)
     else:
-        for r in records:
-            print(f"positions {r['bucket_start']:>7}-{r['bucket_end']:<7} tokens {r['tokens']:>9}  loss "
-                  f"{r['loss']:.4f}  ppl {r['ppl']:.3f}")
+        print(format_ppl(records))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(records, f, indent=1)

@@ -90,6 +90,8 @@ def test_missing_optional_dependency_names_the_extra():
     (["checkpoint", "export", "nope", os.path.join(__file__, "m.pt")], r"OUT .* cannot be created: .* is a file"),
     (["bench", "attention", "--json", os.path.join(__file__, "x.json")], r"--json .* cannot be created"),
     (["bench", "attention", "--plot", ROOT], r"--plot .* is a directory; give a file path"),
+    (["bench", "attention", "--json", "/proc/x.json"], r"--json /proc/x.json cannot be written \(.* in /proc\)"),
+    (["bench", "kernel", "--plot", "out.foo"], r"--plot out.foo: matplotlib cannot write .foo files; use one of "),
     (["bench", "attention", "--timeout", "0"], r"--timeout must be a positive number of seconds, got 0.0"),
     (["generate", "--checkpoint", "nope", "--ids", "1", "--seed", str(2**70)], r"--seed: must be between 0 and 2"),
     (["train", TINY, "data.source=passkey", "data.alphabet=0", "train.seq_len=128"],

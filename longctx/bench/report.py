@@ -10,7 +10,7 @@ import time
 import torch
 
 from .._optional import require
-from .._paths import check_output
+from .._paths import check_output, check_plot
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -146,8 +146,8 @@ def check_args(args) -> None:
     timeout = getattr(args, "timeout", None)
     if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
         raise ValueError(f"--timeout must be a positive number of seconds, got {timeout}")
-    for name in ("json", "plot"):
-        check_output(getattr(args, name, None), f"--{name}")
+    check_output(getattr(args, "json", None), "--json")
+    check_plot(getattr(args, "plot", None))
     heads, kv = getattr(args, "heads", None), getattr(args, "kv_heads", None)
     if heads and kv and heads % kv:
         raise ValueError(f"--heads {heads} must be a multiple of --kv-heads {kv} (GQA groups)")

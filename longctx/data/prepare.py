@@ -197,7 +197,7 @@ def prepare(inputs, output: str, *, tokenizer: str = "byte", text_key: str = "te
             where = f"{path}:{line}" if line else path
             raise PrepareError(f"{where}: {why} (--strict: nothing written; without --strict such input is skipped)")
         if not lengths:
-            raise PrepareError("no document could be read from the input (see the problems above); nothing written")
+            raise PrepareError(_nothing_read(problems, len(files)))
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         np.save(os.path.join(tmp, "offsets.npy"), offsets)
         reasons = Counter(why.split(" (")[0] for _, _, why in problems)
@@ -215,6 +215,17 @@ def prepare(inputs, output: str, *, tokenizer: str = "byte", text_key: str = "te
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
     return summary
+
+
+def _nothing_read(problems: list, n_files: int) -> str:
+    """One line for a run that found no document: how many were skipped and the first reason."""
+    if not problems:
+        return (f"the {n_files} input file(s) hold no documents; nothing written" if n_files else
+                "--input names no file (an empty directory?); give files, a directory or a glob like 'data/*.jsonl'")
+    path, line, why = problems[0]
+    where = f"{path}:{line}" if line else path
+    more = f" (and {len(problems) - 1} more skipped)" if len(problems) > 1 else ""
+    return f"no document could be read from the input; the first problem: {where}: {why}{more}; nothing written"
 
 
 def format_summary(summary: dict, output: str) -> str:

@@ -64,11 +64,26 @@ def perplexity_by_position(model, data_path: str, *, seq_len: int, sequences: in
         dist.all_reduce(both, group=group)
         sums, counts = both.cpu()
     out = []
-    for i in range(buckets):
-        mean = float(sums[i] / counts[i]) if counts[i] else float("nan")
+    for i in range(buckets):  # a bucket no token reached has no loss (None: JSON null, not NaN)
+        mean = float(sums[i] / counts[i]) if counts[i] else None
         out.append({"bucket_start": i * width, "bucket_end": min(seq_len, (i + 1) * width), "tokens": int(counts[i]),
-                    "loss": mean, "ppl": math.exp(mean) if counts[i] else float("nan")})
+                    "loss": mean, "ppl": math.exp(mean) if mean is not None else None})
     return out
+
+
+def format_ppl(records: list[dict]) -> str:
+    """The table `longctx eval ppl` prints, with a note on buckets that hold no token."""
+    lines = []
+    for r in records:
+        where = f"positions {r['bucket_start']:>7}-{r['bucket_end']:<7} tokens {r['tokens']:>9}  "
+        lines.append(where + (f"loss {r['loss']:.4f}  ppl {r['ppl']:.3f}" if r["loss"] is not None else "no tokens"))
+    empty = [r for r in records if r["loss"] is None]
+    if empty:
+        reached = max((r["bucket_end"] for r in records if r["loss"] is not None), default=0)
+        lines.append(f"note: {len(empty)} bucket(s) hold no tokens: positions count from each document's start, and "
+                     f"no document read has a labelled token past position {reached}; use a shorter --seq-len or "
+                     "fewer --buckets")
+    return "\n".join(lines)
 
 
 def check_ppl(data_path: str | None, *, seq_len: int, sequences: int, buckets: int, strategy: str, world: int,

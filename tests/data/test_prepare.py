@@ -127,8 +127,12 @@ def test_parquet_input(tmp_path):
     pq.write_table(pa.table({"body": ["first doc", "second"], "n": [1, 2]}), tmp_path / "t.parquet")
     summary = prepare(str(tmp_path / "t.parquet"), str(tmp_path / "ds"), text_key="body", progress=False)
     assert summary["documents"] == 2 and summary["tokens"] == len("first doc") + len("second") + 2
-    with pytest.raises(PrepareError, match="no document could be read"):
+    with pytest.raises(PrepareError, match=r"no document could be read from the input; the first problem: "
+                                           r".*t.parquet: .*'text'.*; nothing written"):
         prepare(str(tmp_path / "t.parquet"), str(tmp_path / "ds2"), progress=False)
+    os.mkdir(tmp_path / "nothing")
+    with pytest.raises(PrepareError, match="--input names no file"):
+        prepare(str(tmp_path / "nothing"), str(tmp_path / "ds3"), progress=False)
 
 
 def test_tokenizer_json_from_a_local_file(tmp_path):

@@ -64,6 +64,8 @@ def test_needle_eval_bad_input_is_one_line(passkey_checkpoint, capsys):
          "--tp 4 does not fit this checkpoint's model: model.n_heads=2 is not divisible by parallel.tp=4"),
         (["--checkpoint", passkey_checkpoint, "--lengths", "64", "--nproc", "3", "--strategy", "ulysses"],
          "ulysses: 2 query heads do not divide over 3 ranks"),
+        (["--checkpoint", passkey_checkpoint, "--lengths", "64", "--plot", "heat.bmp"],
+         "--plot heat.bmp: matplotlib cannot write .bmp files"),
     ]:
         assert _main_here(["eval", "needle", *argv]) == 2
         err = capsys.readouterr().err
@@ -102,6 +104,15 @@ def test_perplexity_by_position_agrees_across_ranks(text_run, tmp_path, capsys):
         assert _main_here(["eval", "ppl", "--checkpoint", ck, *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("longctx: error:") and message in err and err.count("\n") == 1, err
+    # windows longer than any document: the far buckets hold no token; null in JSON, named in the table
+    js = tmp_path / "long.json"
+    assert _main_here(["eval", "ppl", "--checkpoint", ck, "--seq-len", "1024", "--buckets", "4", "--sequences", "1",
+                       "--json", str(js)]) == 0
+    records = json.loads(js.read_text())
+    assert records[0]["tokens"] > 0 and records[0]["loss"] > 0
+    assert [(r["tokens"], r["loss"], r["ppl"]) for r in records[2:]] == [(0, None, None)] * 2
+    out = capsys.readouterr().out
+    assert "no tokens" in out and "note: " in out and "no document read has a labelled token past position" in out
 
 
 
