@@ -188,6 +188,7 @@ class HFCausalLM(nn.Module):
     def __init__(self, hf_model: nn.Module, cfg=None):
         super().__init__()
         self.hf = hf_model
+        self.tied_names = None  # a pipeline stage of a tied model: (embedding, head) names in self.hf
         self.cfg = cfg if cfg is not None else model_config(hf_model.config)
 
     @property
@@ -204,13 +205,22 @@ class HFCausalLM(nn.Module):
         """The output projection; None on a pipeline stage before the last."""
         return self.hf.lm_head
 
+    def tied_head(self) -> tuple[str, str] | None:
+        """(embedding name, output head name) in `self.hf` when the head is the embedding's parameter."""
+        if self.hf.lm_head is None or self.hf.model.embed_tokens is None:
+            return None
+        if self.hf.lm_head.weight is not self.hf.model.embed_tokens.weight:
+            return None
+        return "model.embed_tokens.weight", "lm_head.weight"
+
     def pipeline_stage(self, layers: range, *, first: bool, last: bool) -> HFCausalLM:
         """A copy keeping only decoder `layers`, the embedding when `first`, the final norm and the output
-        projection when `last`. A tied output head cannot be split from its embedding (the trainer refuses
-        tied weights under a pipeline)."""
+        projection when `last`. A tied output head becomes a copy of its own in the last stage (equal at
+        the start; longctx.parallel.tied keeps it equal); `stage.tied_names` then names the pair."""
         import copy
 
         stage = copy.deepcopy(self)
+        stage.tied_names = self.tied_head()
         decoder = stage.hf.model
         for i in range(len(decoder.layers)):
             if i not in layers:
@@ -336,9 +346,6 @@ def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: Para
     register_attention()
     check_hf_model(model)
     c = model.config
-    if dims.pp > 1 and model.lm_head.weight is model.model.embed_tokens.weight:
-        raise ValueError(f"{type(model).__name__} ties its output head to its embedding (tie_word_embeddings=true), "
-                         "and pipeline stages would split the one weight in two; set parallel.pp=1")
     if dims.pp > 1:
         check_pipeline_split(type(model.model))
     check_hf_tp(model_config(c), dims.tp)

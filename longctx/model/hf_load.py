@@ -61,9 +61,11 @@ def materialize(model: nn.Module, device) -> None:
         model.get_submodule(owner)._buffers[leaf] = value.to(device)
 
 
-def load_hf_pieces(model: nn.Module, path: str, device) -> None:
+def load_hf_pieces(model: nn.Module, path: str, device, tied_pair: tuple[str, str] | None = None) -> None:
     """Storage for this rank's pieces of a model built by build_hf_on_meta and parallelized, then their values
-    from the checkpoint's safetensors (each rank reads its slices). Collective: every rank calls it."""
+    from the checkpoint's safetensors (each rank reads its slices). Collective: every rank calls it.
+    `tied_pair` (embedding, head): a pipeline stage's own copy of a tied head, read from the embedding's
+    entry when the safetensors store the tied weight once."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
@@ -71,13 +73,16 @@ def load_hf_pieces(model: nn.Module, path: str, device) -> None:
     state = model.state_dict()
     reader = HuggingFaceStorageReader(path)
     stored = set(reader.read_metadata().state_dict_metadata)
+    source = {k: k for k in state}
+    if tied_pair is not None and tied_pair[1] in state and tied_pair[1] not in stored:
+        source[tied_pair[1]] = tied_pair[0]
     aliases = {name for names in tied_names(model) for name in names}
-    tied = [k for k in state if k not in stored and k in aliases]  # saved once, under the other name
-    missing = [k for k in state if k not in stored and k not in tied]
+    tied = [k for k in state if source[k] not in stored and k in aliases]  # saved once, under the other name
+    missing = [k for k in state if source[k] not in stored and k not in tied]
     if missing:
         raise ValueError(f"model.hf_path={path!r} has no weights for {', '.join(missing[:4])}; its safetensors do "
                          f"not match its config.json")
-    dcp.load({k: v for k, v in state.items() if k not in tied}, storage_reader=reader)
+    dcp.load({source[k]: v for k, v in state.items() if k not in tied}, storage_reader=reader)
 
 
 def tied_names(model: nn.Module) -> list[list[str]]:

@@ -35,6 +35,7 @@ from ..parallel.sequence.dilated import DilatedAttention
 from ..parallel.sequence.documents import Documents
 from ..parallel.sequence.registry import get_strategy
 from ..parallel.tensor import apply_tensor_parallel, check_tp
+from ..parallel.tied import TiedPipelineWeight, tied_pipeline_weight
 from .llama import Block, LocalAttention
 
 AC_MODES = ("none", "full", "selective")  # activation checkpointing: nothing, every block, every n-th block
@@ -52,6 +53,7 @@ class Plan:
     stage_ids: list = field(default_factory=list)
     n_stages: int = 1
     balance_documents: bool = False  # packed batches: reorder each sequence's documents for the cp ranks
+    tied: TiedPipelineWeight | None = None  # pp > 1 with a tied output head: its two copies (parallel.tied)
     _positions: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -310,6 +312,13 @@ def assemble_plan(model: nn.Module, modules: list, ids: list, n_stages: int, dim
     container = nn.ModuleList(modules) if dims.pp > 1 else model
     plan = Plan(container, dims, mesh, engine, modules if dims.pp > 1 else [], ids, n_stages,
                 balance_documents=cfg.balance_documents)
+    tied = getattr(model, "tied_head", lambda: None)() if dims.pp > 1 else None
+    if tied is not None:  # names in the stage module: the adapter's own prefix first
+        prefix = "hf." if hasattr(model, "hf") else ""
+        per_rank = stages_per_rank(cfg.pp_schedule, cfg.pp_virtual)
+        owner = next(r for r in range(dims.pp) if n_stages - 1 in stage_ids(r, dims.pp, per_rank, cfg.pp_schedule))
+        plan.tied = tied_pipeline_weight(modules, ids, n_stages, (prefix + tied[0], prefix + tied[1]), mesh.world,
+                                         owner)
     first = modules[ids.index(0)] if 0 in ids else (model if dims.pp == 1 else None)
     if dims.cp > 1 and first is not None:
         first.register_forward_pre_hook(_check_positions_hook(plan.expected_positions, dims.cp), with_kwargs=True)

@@ -138,9 +138,18 @@ def _options():
 _STAGE_INDEX = re.compile(r"^((?:state|param_groups)\.)?\d+\.")
 
 
-def _saved_name(trainer, name: str) -> str:
-    """This rank's name of a parameter (or its optimizer entry) -> the unsplit model's: without the stage index."""
-    return _STAGE_INDEX.sub(r"\1", name) if trainer.plan.stages else name
+def _saved_name(trainer, name: str, optim: bool = False) -> str:
+    """This rank's name of a parameter (or its optimizer entry) -> the unsplit model's: without the stage index.
+    With `optim`, the last stage's copy of a tied head (parallel.tied) -> the embedding's name: the unsplit
+    model's optimizer holds the tied weight once, under that name (and both copies' Adam states are equal)."""
+    name = _STAGE_INDEX.sub(r"\1", name) if trainer.plan.stages else name
+    tied = trainer.plan.tied
+    if optim and tied is not None:
+        for lead in ("", "state.", "param_groups."):
+            head = lead + tied.head_name
+            if name == head or name.startswith(head + "."):
+                return lead + tied.embedding_name + name[len(head):]
+    return name
 
 
 def _state(trainer) -> tuple[dict, dict]:
@@ -151,9 +160,11 @@ def _state(trainer) -> tuple[dict, dict]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     parts = dict(zip(("model", "optim"), get_state_dict(trainer.model, trainer.optimizer, options=_options())))
-    saved_as = {part: {key: _saved_name(trainer, key) for key in values} for part, values in parts.items()}
+    saved_as = {part: {key: _saved_name(trainer, key, optim=part == "optim") for key in values}
+                for part, values in parts.items()}
     state = {part: {saved_as[part][key]: value for key, value in values.items()} for part, values in parts.items()}
-    if any(len(state[part]) != len(parts[part]) for part in parts):
+    # a tied pair's optimizer entries may meet under one name (equal values); any other meeting is a bug
+    if any(len({_saved_name(trainer, key) for key in values}) != len(values) for values in parts.values()):
         raise RuntimeError("two pipeline stages of this rank hold parameters of the same name")
     return state, saved_as
 
@@ -351,7 +362,8 @@ def _load_full(trainer, path: str, kind: str) -> None:
     else:
         shapes = {n: p.shape for m in trainer.plan.stages or [trainer.model] for n, p in m.named_parameters()}
     unfit = [n for n, shape in shapes.items()
-             if n not in weights or n not in states or tuple(weights[n].shape) != tuple(shape)]
+             if n not in weights or _saved_name(trainer, n, optim=True) not in states
+             or tuple(weights[n].shape) != tuple(shape)]
     if unfit:
         raise ConfigError(f"checkpoint {path} does not fit this model: {unfit[0]} is missing or has another shape "
                           f"(a different model?); resume with the config it was written with "
@@ -366,7 +378,7 @@ def _load_full(trainer, path: str, kind: str) -> None:
     model_sd = {key: weights[name] for key, name in _state(trainer)[1]["model"].items()}
     current = get_optimizer_state_dict(trainer.model, trainer.optimizer)  # its param groups: this run's settings
     optim_sd = {"param_groups": current["param_groups"],
-                "state": {fqn: {"step": torch.tensor(float(step)), **states[_saved_name(trainer, fqn)]}
+                "state": {fqn: {"step": torch.tensor(float(step)), **states[_saved_name(trainer, fqn, optim=True)]}
                           for fqn in current["state"]}}
     set_state_dict(trainer.model, trainer.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
                    options=StateDictOptions(full_state_dict=True))

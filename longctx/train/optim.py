@@ -47,15 +47,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_sch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def clip_grad_norm(parameters, max_norm: float, pp_group=None) -> torch.Tensor:
+def clip_grad_norm(parameters, max_norm: float, pp_group=None, uncounted=None) -> torch.Tensor:
     """Global gradient norm (over every shard and rank; with `pp_group`, over every pipeline stage too);
-    grads scaled to max_norm when above it and max_norm > 0. Returns the norm before clipping."""
+    grads scaled to max_norm when above it and max_norm > 0. Returns the norm before clipping. `uncounted`:
+    a parameter clipped but left out of the norm (a second copy of a tied weight, counted once already)."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     params = [p for p in parameters if p.grad is not None]
-    total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0, foreach=True) if params \
-        else torch.zeros(())
+    counted = [p.grad for p in params if p is not uncounted]
+    total = torch.nn.utils.get_total_norm(counted, norm_type=2.0, foreach=True) if counted else torch.zeros(())
     if isinstance(total, DTensor):
         total = total.full_tensor()
     if pp_group is not None:  # each stage holds different parameters: sum the squares over the stages

@@ -167,9 +167,6 @@ def _adopt_hf_sizes(cfg) -> None:
             check_pipeline_split(decoder_class(hf_config))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if p.pp > 1 and getattr(hf_config, "tie_word_embeddings", False):
-        raise ConfigError(f"model.hf_path={m.hf_path!r} ties its output head to its embedding (tie_word_embeddings="
-                          "true), which pipeline stages would split in two: set parallel.pp=1")
     for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "rope_theta",
                 "norm_eps"):
         setattr(m, key, getattr(hf, key))

@@ -73,7 +73,7 @@ class Trainer:
                                        param_dtype=torch.bfloat16 if bf16 else None)
             if meta:
                 for module in self.plan.stages or [self.plan.model]:  # the same number of stages on every rank
-                    load_hf_pieces(module.hf, cfg.model.hf_path, self.device)
+                    load_hf_pieces(module.hf, cfg.model.hf_path, self.device, tied_pair=module.tied_names)
         else:  # the same initial weights on every rank, whatever the layout: init_weights(seed)
             mesh = self.dims.build_mesh(self.device_type)
             zero3_pieces = meta and resolve_engine(cfg.parallel.engine, self.dims) == "deepspeed"
@@ -281,7 +281,10 @@ class Trainer:
             if self.engine is not None:
                 grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
             else:
-                grad_norm = float(clip_grad_norm(model.parameters(), t.grad_clip, pp_group=plan.pp_group))
+                if plan.tied is not None:  # the two copies of a tied weight: each gets the sum of both
+                    plan.tied.sync_grads()
+                grad_norm = float(clip_grad_norm(model.parameters(), t.grad_clip, pp_group=plan.pp_group,
+                                                 uncounted=plan.tied.head if plan.tied is not None else None))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()

@@ -131,9 +131,6 @@ def test_bad_input_names_the_fix(hf_dirs, tmp_path):
 
     with pytest.raises(ValueError, match="NoInterfaceLM does not route its attention"):
         parallelize_hf(NoInterfaceLM(), ParallelDims(world_size=1, dp_shard=1))
-    gemma = transformers.AutoModelForCausalLM.from_pretrained(hf_dirs["gemma3"])  # its head is its embedding
-    with pytest.raises(ValueError, match="Gemma3ForCausalLM ties its output head to its embedding"):
-        parallelize_hf(gemma, ParallelDims(world_size=2, dp_shard=1, pp=2))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no config.json"):
         check_hf_dir(str(tmp_path / "empty"))
