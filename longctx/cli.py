@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import os
 import platform
 import sys
 
+from ._argtypes import seconds
 from .cli_data import _float_list, _int_list, cmd_data_prepare, cmd_eval, cmd_generate
 from .cli_errors import USER_ERRORS, UserError
 from .cli_errors import checking as _checking
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                             epilog=stopping + " The signal is passed on to the ranks; if this launcher is killed "
                             "outright, its ranks checkpoint and exit.")
     local.add_argument("--nproc", type=_positive_int, required=True, help="number of ranks")
-    local.add_argument("--timeout", type=float, default=None,
+    local.add_argument("--timeout", type=seconds, default=None,
                        help="wall-clock limit in seconds for the whole run (default: none)")
     _add_config_args(local)
     ray = lsub.add_parser("ray", help="N Ray Train workers on a Ray cluster (each runs `longctx train`)",
@@ -267,9 +267,6 @@ def cmd_launch_local(args) -> int:
     from .train.setup import check_machine, default_run_dir
 
     with _checking():
-        if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
-            raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout} (leave it out "
-                             "for no limit)")
         cfg = _load(args)
         validate_job(cfg, args.nproc)
         check_machine(cfg)  # the ranks run on this machine

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from .._argtypes import seconds
 from . import report
 
 COLUMNS = ["strategy", "world_size", "context", "batch", "max_abs_err", "comm_bytes_measured", "comm_bytes_model",
@@ -42,7 +43,7 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--backend", default="auto", help="process group backend: auto, gloo, nccl")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=1800.0)
+    p.add_argument("--timeout", type=seconds, default=1800.0)
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG: bytes per decode step vs context, per strategy")
 

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from .._argtypes import seconds
 from . import report
 
 COLUMNS = ["world_size", "seq_len", "causal", "max_abs_err_out", "max_abs_err_grad", "comm_bytes_measured",
@@ -45,7 +46,7 @@ def add_arguments(p) -> None:
     p.add_argument("--check-max-len", type=int, default=131072, help="skip the check above this length")
     p.add_argument("--backend", default="auto", help="process group backend: auto, gloo, nccl")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=3600.0)
+    p.add_argument("--timeout", type=seconds, default=3600.0)
     p.add_argument("--json", default=None)
 
 

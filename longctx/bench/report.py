@@ -143,9 +143,6 @@ def check_args(args) -> None:
         values = getattr(args, name, None)
         if values is not None and (not values or any(v < 1 for v in values)):
             raise ValueError(f"--{name.replace('_', '-')} must list positive integers, got {values}")
-    timeout = getattr(args, "timeout", None)
-    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
-        raise ValueError(f"--timeout must be a positive number of seconds, got {timeout}")
     check_output(getattr(args, "json", None), "--json")
     check_plot(getattr(args, "plot", None))
     heads, kv = getattr(args, "heads", None), getattr(args, "kv_heads", None)

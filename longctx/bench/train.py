@@ -15,6 +15,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 
+from .._argtypes import seconds
 from . import report
 
 COLUMNS = ["layout", "engine", "world_size", "tokens_per_s", "flops_per_s", "mfu", "saved_act_bytes_per_rank",
@@ -30,7 +31,7 @@ def add_arguments(p) -> None:
                    help="layouts, each `key=value,...` over parallel.* keys (e.g. cp=4,strategy=ring dp_shard=2,cp=2)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--overrides", nargs="*", default=[], metavar="key=value", help="config overrides for all layouts")
-    p.add_argument("--timeout", type=float, default=3600.0)
+    p.add_argument("--timeout", type=seconds, default=3600.0)
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG: tokens/s, saved activation bytes and final loss per layout")
 
