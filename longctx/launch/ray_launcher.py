@@ -5,7 +5,8 @@ with GPUs), and each worker runs `train_main`, which finds that process group: s
 and its metrics are the same as under torchrun or the simulated cluster. `--max-failures` is Ray's
 FailureConfig: a failed worker group is restarted, and with `train.resume=auto` it continues from the
 newest complete checkpoint. `--address local` starts a Ray instance inside this process (CPU workers on this
-machine); `auto` or `ray://HOST:10001` joins a running cluster, whose token authentication stays on.
+machine); `auto` or `ray://HOST:10001` joins a running cluster (started with RAY_AUTH_MODE=token and a
+token, which the job's driver inherits from its node).
 
 Stopping: `ray job stop` (or a scheduler) sends SIGTERM to this driver only; the workers are Ray actors,
 out of reach of signals, and would die with the driver, losing the steps since the last checkpoint. So the

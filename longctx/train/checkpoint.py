@@ -373,9 +373,14 @@ def _load_full(trainer, path: str, kind: str) -> None:
 
         deepspeed_engine.load_full_state(trainer.engine, weights, states, step)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_state_dict,
+    )
 
-    model_sd = {key: weights[name] for key, name in _state(trainer)[1]["model"].items()}
+    model_sd = {key: weights[_saved_name(trainer, key)] for key in get_model_state_dict(trainer.model)}
     current = get_optimizer_state_dict(trainer.model, trainer.optimizer)  # its param groups: this run's settings
     optim_sd = {"param_groups": current["param_groups"],
                 "state": {fqn: {"step": torch.tensor(float(step)), **states[_saved_name(trainer, fqn, optim=True)]}

@@ -40,21 +40,44 @@ def ray_head():
     """A Ray head node on this machine, as an operator starts one (its processes in a session of their own, so
     the test stops this cluster and no other: `ray stop` would stop every Ray on the machine)."""
     pytest.importorskip("ray.train", reason="pip install 'longctx[ray]' (make test installs it)")
+    import secrets
+
     import psutil
 
     bin_dir = os.path.dirname(sys.executable)
     temp_dir = tempfile.mkdtemp(prefix="lcray")  # short: Ray's socket paths have a length limit
+    # token authentication on, with a token of this cluster's own (not the machine's ~/.ray/auth_token):
+    # `ray start` and every client get RAY_AUTH_MODE=token and the token's path
+    token = os.path.join(temp_dir, "auth_token")
+    with open(token, "w") as f:
+        f.write(secrets.token_hex(32))
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token)
     dashboard = free_port()
     starter = subprocess.Popen(
         [os.path.join(bin_dir, "ray"), "start", "--head", "--num-cpus", "2", "--port", str(free_port()),
-         "--dashboard-port", str(dashboard), "--ray-client-server-port", str(free_port()), "--temp-dir", temp_dir,
-         "--disable-usage-stats"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
+         "--dashboard-port", str(dashboard), "--ray-client-server-port", str(free_port()), "--temp-dir",
+         os.path.join(temp_dir, "t"), "--disable-usage-stats"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True, env=env)
     out = starter.communicate(timeout=120)[0]
     try:
         assert starter.returncode == 0, out[-3000:]
-        assert "Token authentication is enabled" in out, out[-3000:]  # kept on: the client below uses the token
-        yield f"http://127.0.0.1:{dashboard}", starter.pid
+        address = f"http://127.0.0.1:{dashboard}"
+        anonymous = subprocess.run([os.path.join(bin_dir, "ray"), "job", "list", "--address", address],
+                                   env={k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")},
+                                   capture_output=True, text=True, timeout=60)
+        # the cluster refuses a client without the token
+        assert anonymous.returncode != 0 and "unauthorized" in (anonymous.stdout + anonymous.stderr).lower(), \
+            (anonymous.stdout + anonymous.stderr)[-2000:]
+        deadline = time.time() + 90  # `ray start` returns before the head's job agent takes jobs
+        while True:
+            ready = subprocess.run([os.path.join(bin_dir, "ray"), "job", "submit", "--address", address, "--",
+                                    sys.executable, "-c", "pass"], env=env, capture_output=True, text=True,
+                                   timeout=120)
+            if ready.returncode == 0 or time.time() > deadline:
+                break
+            time.sleep(2)
+        assert ready.returncode == 0, (ready.stdout + ready.stderr)[-2000:]
+        yield address, starter.pid, env
     finally:
         procs = _session_processes(starter.pid)
         for p in procs:
@@ -66,7 +89,7 @@ def ray_head():
 
 @pytest.mark.slow
 def test_ray_job_equals_the_simulated_cluster_and_survives_a_killed_worker(tmp_path, ray_head):
-    address, sid = ray_head
+    address, sid, env = ray_head
     steps = ["train.steps=12", "checkpoint.interval=1", "checkpoint.keep_last=2", "train.resume=auto"]
     # the uninterrupted run needs only its final checkpoint (for its parameters)
     assert main(["launch", "local", "--nproc", "2", TINY, *SMALL, *steps, "checkpoint.interval=12",
@@ -79,7 +102,7 @@ def test_ray_job_equals_the_simulated_cluster_and_survives_a_killed_worker(tmp_p
         [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address", address, "--",
          sys.executable, "-m", "longctx", "launch", "ray", "--address", "auto", "--num-workers", "2",
          "--max-failures", "1", TINY, *SMALL, *steps, f"run_dir={run_dir}"],
-        env=dict(os.environ, RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=400)
+        env=env, capture_output=True, text=True, timeout=400)
     out = job.stdout + job.stderr
     killer.join(timeout=5)
     assert job.returncode == 0 and "succeeded" in out, out[-4000:]
@@ -97,9 +120,8 @@ def test_ray_job_equals_the_simulated_cluster_and_survives_a_killed_worker(tmp_p
 def test_ray_job_stop_checkpoints_the_step_in_flight(tmp_path, ray_head):
     # `ray job stop` signals only the driver; the workers must still finish their step and checkpoint it
     # (no periodic checkpoints here, so the one found is the stop's), and the driver exits 128 + SIGTERM
-    address, _ = ray_head
+    address, _, env = ray_head
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
-    env = dict(os.environ, RAY_AUTH_MODE="token")
     run_dir = str(tmp_path / "stopped")
     submitted = subprocess.run(
         [ray, "job", "submit", "--address", address, "--no-wait",
