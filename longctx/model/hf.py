@@ -77,6 +77,12 @@ def longctx_attention(module, query, key, value, attention_mask, scaling=None, d
                          "attention_dropout to 0")
     _check_semantics(module, kwargs)
     q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
+    device = q.device.type
+    if torch.is_autocast_enabled(device):
+        # under autocast with float32 weights RoPE's float32 tables make q and k float32 while v stays bf16;
+        # torch's SDPA (what HF would run) casts all three to the autocast dtype, and so does this
+        dtype = torch.get_autocast_dtype(device)
+        q, k, v = (t.to(dtype) for t in (q, k, v))
     window = int(sliding_window) if sliding_window else None
     out = cores(q, k, v, scale=scaling if scaling is not None else q.shape[-1] ** -0.5, window=window,
                 documents=kwargs.get("longctx_documents"))
