@@ -89,6 +89,10 @@ def _checked_checkpoint(args):
                          f"context-parallel groups of --tp tensor-parallel ranks; choose a divisor of {ranks}")
     cfg = _checkpoint_config(args)
     check_eval_tp(cfg, args.tp)
+    if cfg.model.hf_path and ranks // args.tp > 1:
+        from .model.hf import check_hf_rope, read_hf_config
+
+        check_hf_rope(read_hf_config(cfg.model.hf_path), ranks // args.tp, f"{what} / --tp")
     strategy = get_strategy(args.strategy)  # its head split over the context ranks, before any rank starts
     strategy.check(seq_len=None, world=ranks // args.tp, layout=strategy.layout(), heads=cfg.model.n_heads // args.tp)
     return cfg

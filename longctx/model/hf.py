@@ -177,6 +177,34 @@ def check_hf_config(hf_config) -> None:
                              f"dropped silently); set {key}=null in its config.json to train without it")
 
 
+# RoPE types whose frequencies transformers recomputes from the largest position id of each forward call
+# (dynamic_rope_update): "dynamic" NTK scaling grows them with it, "longrope" picks its long or short factors
+_POSITION_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def rope_types(hf_config) -> list[str]:
+    """The config's RoPE type(s): one, or one per layer type (Gemma3's sliding and full layers)."""
+    params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    if "rope_type" in params or "type" in params:
+        return [params.get("rope_type", params.get("type"))]
+    return [p.get("rope_type", p.get("type", "default")) for p in params.values() if isinstance(p, dict)]
+
+
+def check_hf_rope(hf_config, cp: int, what: str = "parallel.cp") -> None:
+    """Under context parallelism each rank's forward sees its own positions, so a RoPE whose frequencies
+    follow the largest position of the call would rotate each rank's tokens by other frequencies: refused."""
+    if cp <= 1:
+        return
+    arch = (getattr(hf_config, "architectures", None) or [type(hf_config).__name__])[0]
+    for kind in rope_types(hf_config):
+        if any(k in str(kind) for k in _POSITION_DEPENDENT_ROPE):
+            raise ValueError(f"{arch} has rope_type={kind!r}, whose frequencies follow the largest position each "
+                             f"forward call sees; split over {what}={cp} context ranks, each rank sees other positions "
+                             "and would rotate its tokens by other frequencies. Use a static RoPE scaling in its "
+                             "config.json (rope_type linear, yarn or llama3, with the factor for the length you train "
+                             f"at), or {what}=1")
+
+
 class SkippedLayer(nn.Module):
     """Stands in for a decoder layer another pipeline stage owns: hands the hidden states on. The decoder
     keeps its full list, so every kept layer keeps its index (the per-layer types Qwen2 and Gemma3 look up
@@ -354,6 +382,7 @@ def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: Para
     c = model.config
     if dims.pp > 1:
         check_pipeline_split(type(model.model))
+    check_hf_rope(c, dims.cp)
     check_hf_tp(model_config(c), dims.tp)
     dims.check_heads(c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
     if getattr(c, "attention_dropout", 0.0):

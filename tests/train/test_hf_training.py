@@ -191,6 +191,23 @@ def test_hf_path_errors_are_one_line(tmp_path, qwen_dir):
     transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**small)).save_pretrained(tmp_path / "gemma2")
     with pytest.raises(ConfigError, match="Gemma2ForCausalLM has attn_logit_softcapping=50.0"):
         validate_job(load(overrides=[f"model.hf_path={tmp_path / 'gemma2'}"]), 1)
+    # RoPE whose frequencies follow each call's largest position: every context rank would use its own
+    from longctx.model.hf import parallelize_hf
+    from longctx.parallel import ParallelDims
+
+    for kind, extra in (("dynamic", {"factor": 2.0}), ("longrope", {"short_factor": [1.0] * 8, "long_factor": [4.0] * 8,
+                                                                   "original_max_position_embeddings": 32})):
+        name = tmp_path / kind
+        rope = {"rope_type": kind, "rope_theta": 10000.0, **extra}
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(**small, max_position_embeddings=128,
+                                                               rope_parameters=rope)).save_pretrained(name)
+        validate_job(load(overrides=[f"model.hf_path={name}"]), 1)  # one rank sees every position: fine
+        with pytest.raises(ConfigError, match=f"rope_type='{kind}', whose frequencies follow the largest position .* "
+                                              "parallel.cp=2 context ranks.*rope_type linear, yarn or llama3"):
+            validate_job(load(overrides=[f"model.hf_path={name}", "parallel.cp=2", "parallel.dp_shard=1"]), 2)
+    with pytest.raises(ValueError, match="rope_type='longrope'"):  # the library entry point too
+        parallelize_hf(transformers.AutoModelForCausalLM.from_pretrained(name), ParallelDims(world_size=2, cp=2),
+                       mesh=object())
 
 
 def test_an_hf_checkpoint_evaluates_through_its_own_layers(tmp_path):
