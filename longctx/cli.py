@@ -251,8 +251,9 @@ def cmd_train(args) -> int:
 
     with _checking():  # one-line errors before anything is built
         cfg = _load(args)
-        validate_job(cfg, world_size_from_env())
-        check_machine(cfg)
+        world = world_size_from_env()
+        validate_job(cfg, world)
+        check_machine(cfg, world, local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     summary = train_main(OmegaConf.to_container(cfg), config_path=args.config)
     if int(os.environ.get("RANK", "0")) == 0:
         return _finish(summary)
@@ -269,7 +270,7 @@ def cmd_launch_local(args) -> int:
     with _checking():
         cfg = _load(args)
         validate_job(cfg, args.nproc)
-        check_machine(cfg)  # the ranks run on this machine
+        check_machine(cfg, args.nproc, local_ranks=args.nproc)  # the ranks run on this machine
     if cfg.run_dir is None:  # one name for every rank, chosen here
         cfg.run_dir = default_run_dir(args.config)
     timeout = args.timeout or 7 * 24 * 3600.0  # none given: a week (poll() takes at most ~24 days)

@@ -92,6 +92,10 @@ def test_missing_optional_dependency_names_the_extra():
     (["bench", "attention", "--json", os.path.join(__file__, "x.json")], r"--json .* cannot be created"),
     (["bench", "attention", "--plot", ROOT], r"--plot .* is a directory; give a file path"),
     (["bench", "attention", "--json", "/proc/x.json"], r"--json /proc/x.json cannot be written \(.* in /proc\)"),
+    (["train", TINY, "train.seq_len=17179869184"], r"train.seq_len=17179869184 x train.batch_size=2 needs at least "
+                                                   r".* GiB on each rank .* shorten train.seq_len"),
+    (["launch", "local", "--nproc", "2", TINY, "train.seq_len=17179869184", "parallel.cp=2"],
+     r"needs at least .* RAM over 2 rank\(s\)"),
     (["bench", "kernel", "--plot", "out.foo"], r"--plot out.foo: matplotlib cannot write .foo files; use one of "),
     (["bench", "attention", "--timeout", "0"], r"argument --timeout: must be a positive number of seconds, got 0"),
     (["generate", "--checkpoint", "nope", "--ids", "1", "--seed", str(2**70)], r"--seed: must be between 0 and 2"),

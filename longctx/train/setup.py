@@ -14,7 +14,7 @@ from ..config import ConfigError, validate_model
 from ..model.parallelize import AC_MODES, dilated_layout_problem
 from ..parallel.data_parallel import resolve_engine
 from ..parallel.dims import ParallelDims
-from ..parallel.pipeline import stages_per_rank
+from ..parallel.pipeline import n_microbatches, stages_per_rank
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -130,10 +130,11 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
     return dims
 
 
-def check_machine(cfg) -> None:
-    """What only the machine that runs the job can answer: a named kernel backend is usable here. Not part
-    of validate_job, which also checks configs for other machines (`config show` on a login node, the
-    driver of a Ray job)."""
+def check_machine(cfg, world_size: int | None = None, local_ranks: int = 1) -> None:
+    """What only the machine that runs the job can answer: a named kernel backend is usable here, and (given
+    the world size, `local_ranks` of its ranks on this machine) each rank's memory holds the least the step
+    needs. Not part of validate_job, which also checks configs for other machines (`config show` on a
+    login node, the driver of a Ray job)."""
     from ..kernels import backends
 
     name = cfg.parallel.kernel
@@ -141,6 +142,64 @@ def check_machine(cfg) -> None:
     if why:
         raise ConfigError(f"parallel.kernel={name} cannot run on this machine: {why}; use parallel.kernel=auto "
                           f"(the fastest backend that can run each call)")
+    if world_size is not None:
+        _check_memory(cfg, dims_from_config(cfg, world_size), local_ranks)
+
+
+def memory_lower_bound(cfg, dims: ParallelDims) -> tuple[int, int]:
+    """(bytes of the token batch, bytes of the saved residuals) one rank holds at least in a step: its data
+    slice's whole sequences (input ids and labels, int64, before sharding), and one residual of its tokens
+    per layer of its stage saved for backward (what even full activation checkpointing keeps; sequence
+    parallelism splits it over tp), for one pipeline microbatch. A floor, not an estimate: the real
+    step holds more (weights, optimizer state, attention, logits)."""
+    t, p = cfg.train, cfg.parallel
+    sequences = t.batch_size // dims.dp
+    batch = sequences * t.seq_len * 8 * 2
+    micro = max(1, sequences // t.accumulation // (n_microbatches(dims.pp, p.microbatches) if dims.pp > 1 else 1))
+    tokens = micro * t.seq_len // dims.cp // dims.tp
+    act_bytes = 2 if t.precision == "bf16" else 4
+    return batch, -(-cfg.model.n_layers // dims.pp) * tokens * cfg.model.dim * act_bytes
+
+
+def _ram_per_rank(local_ranks: int) -> tuple[int, str] | None:
+    """(bytes, what) of RAM (the cgroup's limit when lower) each of this machine's ranks may use, or None."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        ram = min(ram, int(limit)) if limit.isdigit() else ram
+    except OSError:
+        pass
+    return ram // max(1, local_ranks), f"{ram / 2**30:.1f} GiB of RAM over {local_ranks} rank(s)"
+
+
+def _check_memory(cfg, dims: ParallelDims, local_ranks: int) -> None:
+    """The floor of memory_lower_bound against what a rank has: the token batch lives in RAM, the residuals
+    on the rank's GPU (in RAM without one)."""
+    import torch
+
+    batch, residuals = memory_lower_bound(cfg, dims)
+    needs = []  # (bytes needed, bytes there, where)
+    ram = _ram_per_rank(local_ranks)
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_properties(0).total_memory
+        needs.append((residuals, gpu, "the memory of one GPU"))
+        if ram is not None:
+            needs.append((batch, *ram))
+    elif ram is not None:
+        needs.append((batch + residuals, *ram))
+    gib = 2**30
+    for need, have, where in needs:
+        if need > have:
+            raise ConfigError(
+                f"train.seq_len={cfg.train.seq_len} x train.batch_size={cfg.train.batch_size} needs at least "
+                f"{need / gib:.1f} GiB on each rank (its token batch {batch / gib:.1f} GiB, one saved residual per "
+                f"layer {residuals / gib:.1f} GiB), more than the {have / gib:.1f} GiB each rank has here ({where}); "
+                "shorten train.seq_len or train.batch_size, or spread them over more ranks (parallel.cp, data "
+                "parallelism)")
 
 
 def _adopt_hf_sizes(cfg) -> None:

@@ -24,3 +24,22 @@ def test_activation_checkpointing_and_chunked_mlp_save_less():
     mlp = run(saved_bytes, 1, args=(config(*MEM, "train.mlp_chunks=4"),), timeout=120)[0]
     assert full_ac < 0.5 * base, (full_ac, base)
     assert mlp < base, (mlp, base)
+    # the launch check's floor (one saved residual per layer) is below what full checkpointing saves
+    from longctx.config import from_dict
+    from longctx.train.setup import dims_from_config, memory_lower_bound
+
+    cfg = from_dict(config(*MEM, "parallel.activation_checkpoint=full"))
+    _, residuals = memory_lower_bound(cfg, dims_from_config(cfg, 1))
+    assert 0 < residuals <= full_ac, (residuals, full_ac)
+
+
+def test_memory_floor_by_hand():
+    from longctx.config import from_dict
+    from longctx.train.setup import dims_from_config, memory_lower_bound
+
+    cfg = from_dict(config("model.n_layers=4", "model.dim=64", "train.seq_len=1024", "train.batch_size=8",
+                           "train.accumulation=2", "parallel.dp_shard=2", "parallel.cp=2", "parallel.pp=2",
+                           "parallel.microbatches=2"))
+    # 8 sequences over dp 2: 4 per rank, ids + labels int64; a pipeline microbatch is 4 / 2 / 2 = 1 sequence,
+    # 1024 / cp 2 = 512 tokens, 2 layers per stage, 64 floats each
+    assert memory_lower_bound(cfg, dims_from_config(cfg, 8)) == (4 * 1024 * 8 * 2, 2 * 512 * 64 * 4)
