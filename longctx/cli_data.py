@@ -90,7 +90,7 @@ def _checked_checkpoint(args):
     cfg = _checkpoint_config(args)
     check_eval_tp(cfg, args.tp)
     if cfg.model.hf_path and ranks // args.tp > 1:
-        from .model.hf import check_hf_rope, read_hf_config
+        from .model.hf_checks import check_hf_rope, read_hf_config
 
         check_hf_rope(read_hf_config(cfg.model.hf_path), ranks // args.tp, f"{what} / --tp")
     strategy = get_strategy(args.strategy)  # its head split over the context ranks, before any rank starts

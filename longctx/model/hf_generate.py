@@ -13,7 +13,8 @@ Qwen2/Gemma3 sliding layers). The cores the model had before are put back afterw
 from __future__ import annotations
 
 from .generate import cache_prefill, decode_attention, first_visible, padding_documents, prefill_positions
-from .hf import AttentionCores, attention_modules, use_longctx_attention
+from .hf import AttentionCores, use_longctx_attention
+from .hf_checks import attention_modules
 
 
 class _Capture:

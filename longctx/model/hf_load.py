@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .._optional import require
-from .hf import ATTN_IMPLEMENTATION, check_hf_dir, read_hf_config, register_attention
+from .hf import ATTN_IMPLEMENTATION, register_attention
+from .hf_checks import check_hf_dir, read_hf_config
 
 
 @contextmanager

@@ -119,7 +119,7 @@ def llama_from_hf_state(state: dict, hf_config, where: str):
 
 def load_hf_llama(path: str):
     """A local HF LlamaForCausalLM directory -> (longctx Transformer with its weights, ModelConfig)."""
-    from .hf import read_hf_config
+    from .hf_checks import read_hf_config
 
     transformers = require("transformers", "Hugging Face models")
     c = read_hf_config(path)

@@ -205,14 +205,8 @@ def _check_memory(cfg, dims: ParallelDims, local_ranks: int) -> None:
 def _adopt_hf_sizes(cfg) -> None:
     """model.hf_path: the model's sizes come from its config.json (the model section's are replaced), and what
     only longctx's own Llama supports is refused."""
-    from ..model.hf import (
-        check_hf_config,
-        check_hf_rope,
-        check_pipeline_split,
-        decoder_class,
-        model_config,
-        read_hf_config,
-    )
+    from ..model.hf import model_config
+    from ..model.hf_checks import check_hf_config, check_hf_rope, check_pipeline_split, decoder_class, read_hf_config
     from ..model.hf_tensor import check_hf_tp
 
     m, p = cfg.model, cfg.parallel

@@ -114,7 +114,7 @@ def _export_hf(state: dict, found: str, out: str) -> None:
     cfg = load_config(path=os.path.join(found, "config.yaml"))
     if cfg.model.hf_path:  # an HF model trained as it is: its own class and config, our weights
         from .._optional import require
-        from ..model.hf import read_hf_config
+        from ..model.hf_checks import read_hf_config
 
         transformers = require("transformers", "Hugging Face export")
         hf_cfg = read_hf_config(cfg.model.hf_path)

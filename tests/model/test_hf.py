@@ -123,7 +123,8 @@ def test_from_pretrained_takes_the_registered_implementation(hf_dirs):
 
 
 def test_bad_input_names_the_fix(hf_dirs, tmp_path):
-    from longctx.model.hf import check_hf_dir, parallelize_hf
+    from longctx.model.hf import parallelize_hf
+    from longctx.model.hf_checks import check_hf_dir
     from longctx.parallel import ParallelDims
 
     class NoInterfaceLM(torch.nn.Module):
@@ -140,7 +141,7 @@ def test_bad_input_names_the_fix(hf_dirs, tmp_path):
         check_hf_dir(str(tmp_path / "cfg_only"))
     with pytest.raises(ValueError, match="not a directory"):
         check_hf_dir(str(tmp_path / "missing"))
-    from longctx.model.hf import read_hf_config
+    from longctx.model.hf_checks import read_hf_config
 
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{bad")
@@ -153,7 +154,7 @@ def test_what_longctx_would_skip_is_refused(tmp_path):
     # Gemma2 soft-caps attention and output logits, Cohere scales its logits: refused by name before anything
     # runs. BitNet normalises the attention output over all heads' features before o_proj, a reduction over
     # the dimension tp splits: no placement, refused under tp
-    from longctx.model.hf import check_hf_config
+    from longctx.model.hf_checks import check_hf_config
     from tests.model._hf_workers import tp_error
 
     gemma = dict(SMALL, head_dim=8)

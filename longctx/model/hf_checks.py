@@ -1,0 +1,149 @@
+"""What the Hugging Face adapter refuses rather than computes wrongly, checked before anything runs (or at
+the attention call, for what a module asks of it): config keys whose effect the kernels or the adapter
+would skip, attention arguments beyond plain causal softmax attention, decoders that rescale their input
+embeddings (under pipeline stages), RoPE that follows each call's positions (under context parallelism),
+and checkpoint directories without config or weights."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+
+from torch import nn
+
+from .._optional import require
+
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+# config keys whose effect longctx would skip: the attention kernels compute plain softmax attention, and the
+# adapter computes the loss from lm_head(hidden) itself, so a CausalLM forward's logit transform never runs
+_CONFIG_UNSUPPORTED = (("attn_logit_softcapping", None, "attention logit soft-capping"),
+                       ("final_logit_softcapping", None, "output logit soft-capping"),
+                       ("logit_scale", 1.0, "a scale on the output logits"),
+                       ("logits_scaling", 1.0, "a scale on the output logits"))
+
+# what an attention module can ask of the interface beyond softmax(q k^T * scale) v under a causal/window mask
+_UNSUPPORTED = {"softcap": "attention logit soft-capping (Gemma2's attn_logit_softcapping)",
+                "s_aux": "attention sinks (gpt-oss)", "sinks": "attention sinks",
+                "position_bias": "an additive position bias", "head_mask": "a head mask"}
+
+
+def _check_semantics(module, kwargs) -> None:
+    for key, what in _UNSUPPORTED.items():
+        if kwargs.get(key) is not None:
+            raise ValueError(f"{type(module).__name__} asks for {what} ({key}=...), which the longctx kernels do not "
+                             "compute; train this architecture with another attn_implementation, or disable it "
+                             "in the model config")
+    if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
+        raise ValueError(f"{type(module).__name__} attends bidirectionally (is_causal=False); longctx trains causal "
+                         "language models")
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules that dispatch through transformers' attention interface (their forward looks it up)."""
+    found = []
+    for m in model.modules():
+        fwd = getattr(type(m), "forward", None)
+        if hasattr(m, "layer_idx") and fwd is not None and "ALL_ATTENTION_FUNCTIONS" in _source(fwd):
+            found.append(m)
+    return found
+
+
+def _source(fn) -> str:
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return ""
+
+
+# a decoder forward that rescales its input embeddings itself (Granite's embedding_multiplier, HyperCLOVAX):
+# a pipeline stage after the first gets the previous stage's hidden states as inputs_embeds and would
+# rescale them again
+_RESCALES_INPUT = re.compile(r"\binputs_embeds\s*[*/]|\bhidden_states\s*=\s*hidden_states\s*[*/]")
+
+
+def check_pipeline_split(decoder_cls: type) -> None:
+    """Refuse pipeline stages for a decoder whose forward changes the input embeddings before its layers."""
+    before_layers = _source(decoder_cls.forward).split("self.layers", 1)[0]
+    if _RESCALES_INPUT.search(before_layers):
+        raise ValueError(f"{decoder_cls.__name__} rescales its input embeddings inside its forward, so every pipeline "
+                         "stage would rescale the hidden states it is handed again; set parallel.pp=1 for this model")
+
+
+def decoder_class(hf_config) -> type:
+    """The decoder (base model) class transformers builds for a config."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    return MODEL_MAPPING[type(hf_config)]
+
+
+def check_hf_model(model: nn.Module) -> None:
+    if not getattr(model, "_supports_attention_backend", False) or not attention_modules(model):
+        raise ValueError(f"{type(model).__name__} does not route its attention through transformers' "
+                         "AttentionInterface, so attn_implementation='longctx' cannot take it over; use an "
+                         "architecture that does (Llama, Qwen2, Mistral, ...)")
+    if not hasattr(model, "lm_head") or not hasattr(model, "model"):
+        raise ValueError(f"{type(model).__name__} is not a causal LM with .model (the decoder) and .lm_head")
+    check_hf_config(model.config)
+
+
+def check_hf_config(hf_config) -> None:
+    """Refuse a config whose architecture asks for what longctx would silently skip."""
+    arch = (getattr(hf_config, "architectures", None) or [type(hf_config).__name__])[0]
+    for key, neutral, what in _CONFIG_UNSUPPORTED:
+        value = getattr(hf_config, key, None)
+        if value is not None and value != neutral:
+            raise ValueError(f"{arch} has {key}={value}: {what}, which longctx does not compute (it would be "
+                             f"dropped silently); set {key}=null in its config.json to train without it")
+
+
+# RoPE types whose frequencies transformers recomputes from the largest position id of each forward call
+# (dynamic_rope_update): "dynamic" NTK scaling grows them with it, "longrope" picks its long or short factors
+_POSITION_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def rope_types(hf_config) -> list[str]:
+    """The config's RoPE type(s): one, or one per layer type (Gemma3's sliding and full layers)."""
+    params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    if "rope_type" in params or "type" in params:
+        return [params.get("rope_type", params.get("type"))]
+    return [p.get("rope_type", p.get("type", "default")) for p in params.values() if isinstance(p, dict)]
+
+
+def check_hf_rope(hf_config, cp: int, what: str = "parallel.cp") -> None:
+    """Under context parallelism each rank's forward sees its own positions, so a RoPE whose frequencies
+    follow the largest position of the call would rotate each rank's tokens by other frequencies: refused."""
+    if cp <= 1:
+        return
+    arch = (getattr(hf_config, "architectures", None) or [type(hf_config).__name__])[0]
+    for kind in rope_types(hf_config):
+        if any(k in str(kind) for k in _POSITION_DEPENDENT_ROPE):
+            raise ValueError(f"{arch} has rope_type={kind!r}, whose frequencies follow the largest position each "
+                             f"forward call sees; split over {what}={cp} context ranks, each rank sees other positions "
+                             "and would rotate its tokens by other frequencies. Use a static RoPE scaling in its "
+                             "config.json (rope_type linear, yarn or llama3, with the factor for the length you train "
+                             f"at), or {what}=1")
+
+
+def check_hf_dir(path: str) -> None:
+    """A local checkpoint directory: config.json and weights (nothing is downloaded)."""
+    if not os.path.isdir(path):
+        raise ValueError(f"model.hf_path={path!r} is not a directory; give a local Hugging Face checkpoint directory "
+                         "(config.json + safetensors); nothing is downloaded")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ValueError(f"model.hf_path={path!r} has no config.json; give the directory save_pretrained wrote")
+    if not any(os.path.exists(os.path.join(path, w)) for w in _WEIGHTS):
+        raise ValueError(f"model.hf_path={path!r} has config.json but no weights ({', '.join(_WEIGHTS[:2])}); "
+                         "save the model with save_pretrained")
+
+
+def read_hf_config(path: str):
+    check_hf_dir(path)
+    transformers = require("transformers", "Hugging Face models")
+    try:
+        return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:  # a config.json that is not JSON, or of an unknown model_type
+        raise ValueError(f"model.hf_path={path!r}: its config.json cannot be read ({str(e).splitlines()[0][:200]}); "
+                         "give the directory save_pretrained wrote") from None
