@@ -25,9 +25,10 @@ class TiedPipelineWeight:
         self.first, self.last, self.group = first, last, group
         self.embedding_name, self.head_name = names
 
-    def _copies(self) -> list[torch.nn.Parameter]:
-        return ([self.first.get_parameter(self.embedding_name)] if self.first is not None else []) + \
-            ([self.last.get_parameter(self.head_name)] if self.last is not None else [])
+    @property
+    def embedding(self) -> torch.nn.Parameter | None:
+        """The first stage's copy, if this rank holds it."""
+        return self.first.get_parameter(self.embedding_name) if self.first is not None else None
 
     @property
     def head(self) -> torch.nn.Parameter | None:
@@ -37,7 +38,7 @@ class TiedPipelineWeight:
     @torch.no_grad()
     def sync_grads(self) -> None:
         """Give each copy the sum of both copies' gradients (collective over the pair; a no-op elsewhere)."""
-        copies = self._copies()
+        copies = [p for p in (self.embedding, self.head) if p is not None]
         if not copies:
             return
         for p in copies:  # a copy without a gradient took no part: it adds nothing, but still takes part

@@ -15,15 +15,20 @@ from ._workers import config, train_and_collect
 transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need the `hf` extra")
 
 
+def _saved(tmp_path_factory, name: str, model_cls: str, config_cls: str, **config) -> str:
+    """A tiny HF model (vocab 256, width 32, 4 heads over 2 K/V heads), seeded, saved to a directory of its own."""
+    path = tmp_path_factory.mktemp(name) / name
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+    getattr(transformers, model_cls)(getattr(transformers, config_cls)(**sizes, **config)).save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hfq") / "qwen2"
-    torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, use_sliding_window=True, sliding_window=12, max_window_layers=1,
-        layer_types=["full_attention", "sliding_attention"], tie_word_embeddings=True)).save_pretrained(path)
-    return str(path)
+    return _saved(tmp_path_factory, "qwen2", "Qwen2ForCausalLM", "Qwen2Config", num_hidden_layers=2,
+                  use_sliding_window=True, sliding_window=12, max_window_layers=1,
+                  layer_types=["full_attention", "sliding_attention"], tie_word_embeddings=True)
 
 
 def _cfg(path, *extra, run_dir):
@@ -90,14 +95,9 @@ def test_hf_model_under_deepspeed_zero3_trains_exports_and_evaluates(qwen_dir, t
 def gemma_dir(tmp_path_factory):
     """Untied (a pipeline splits the embedding from the head), four layers: per-layer sliding and full
     attention with their own RoPE tables, looked up by layer index, so a stage must keep its layers' indices."""
-    path = tmp_path_factory.mktemp("hfg") / "gemma3"
-    torch.manual_seed(0)
-    transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
-        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, sliding_window=12, query_pre_attn_scalar=8, tie_word_embeddings=False,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
-    )).save_pretrained(path)
-    return str(path)
+    return _saved(tmp_path_factory, "gemma3", "Gemma3ForCausalLM", "Gemma3TextConfig", num_hidden_layers=4,
+                  head_dim=16, sliding_window=12, query_pre_attn_scalar=8, tie_word_embeddings=False,
+                  layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
 
 
 def test_hf_model_pipeline_stages_train_like_one_process(gemma_dir, tmp_path):
@@ -281,12 +281,8 @@ def test_tensor_parallelism_shards_the_residual_stream(tmp_path):
 @pytest.fixture(scope="module")
 def tied_llama_dir(tmp_path_factory):
     """Tied output head (tie_word_embeddings, one weight saved once), four layers: enough for V stages."""
-    path = tmp_path_factory.mktemp("hft") / "llama"
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True)).save_pretrained(path)
-    return str(path)
+    return _saved(tmp_path_factory, "llama", "LlamaForCausalLM", "LlamaConfig", num_hidden_layers=4,
+                  tie_word_embeddings=True)
 
 
 def test_a_tied_head_trains_in_pipeline_stages_like_one_process(tied_llama_dir, tmp_path):
