@@ -12,20 +12,22 @@ EXTRAS ?= dev,triton,deepspeed,ray,data,hf
 SYSTEM_TORCH ?=
 STAMP := $(VENV)/.longctx-installed
 PYTEST_ARGS ?=
+# the tested versions of every other package (see constraints.txt); `PIN=` installs the newest instead
+PIN ?= $(if $(SYSTEM_TORCH),,-c constraints.txt)
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 .PHONY: setup demo test lint mutants gpu-check clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(if $(SYSTEM_TORCH),--system-site-packages) $(VENV)
 	@if [ -z "$(SYSTEM_TORCH)" ]; then \
 	  $(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"; \
 	else \
 	  $(BIN)/python -c "import torch; print('using existing torch', torch.__version__)"; \
 	fi
-	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install -q $(PIN) -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
 demo: setup
