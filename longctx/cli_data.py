@@ -89,7 +89,8 @@ def _checked_checkpoint(args):
                          f"context-parallel groups of --tp tensor-parallel ranks; choose a divisor of {ranks}")
     cfg = _checkpoint_config(args)
     check_eval_tp(cfg, args.tp)
-    if cfg.model.hf_path and ranks // args.tp > 1:
+    # perplexity pins a self-rescaling RoPE to --seq-len (eval.ppl); generation's prefill shards cannot
+    if cfg.model.hf_path and ranks // args.tp > 1 and getattr(args, "eval_command", None) != "ppl":
         from .model.hf_checks import check_hf_rope, read_hf_config
 
         check_hf_rope(read_hf_config(cfg.model.hf_path), ranks // args.tp, f"{what} / --tp")

@@ -18,12 +18,15 @@ as `parallelize` does for our Llama. What would break silently is handled here:
   labels       HF's own loss would shift labels inside a shard: the adapter calls the decoder and computes
                the loss from labels shifted before sharding (the trainer's chunked loss)
   tp           model/hf_tensor.py: Megatron's split with sequence parallelism, by module names
+  rope length  a RoPE that rescales itself by each call's largest position (dynamic NTK, longrope) would
+               differ by shard, micro-batch and packing: `pin_rope_length` makes it see one length
 """
 
 from __future__ import annotations
 
 import json
 import os
+import types
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +46,7 @@ from .hf_checks import (
     check_hf_model,
     check_hf_rope,
     check_pipeline_split,
+    position_dependent_rope,
 )
 from .hf_tensor import apply_hf_tensor_parallel, check_hf_tp
 
@@ -212,6 +216,33 @@ def prepare_attention(model: nn.Module, strategy: str, group, layout: str | None
         m._longctx_cores = AttentionCores(strategy, group, layout, kernel, cp)
 
 
+def pin_rope_length(model: nn.Module, length: int) -> None:
+    """Make a RoPE that follows each forward call's largest position (transformers' dynamic_rope_update:
+    dynamic NTK scaling, longrope's long/short factors) see `length` in every call (or the call's own
+    length when longer). Each call then rotates by the frequencies one unpacked `length`-token sequence gets,
+    whatever part of it this rank holds, whichever micro-batch and whatever documents it was packed from, so
+    every layout, accumulation and resume computes the same step; RoPEs that do not rescale are untouched."""
+    kind = position_dependent_rope(model.config)
+    if kind is None:
+        return
+    found = [m for m in model.modules() if hasattr(m, "rope_type") and hasattr(m, "original_max_seq_len")]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has rope_type={kind!r} but no rotary-embedding module longctx "
+                         "recognises (attributes rope_type and original_max_seq_len); use a static RoPE scaling in "
+                         "its config.json")
+    for rotary in found:
+        rotary._longctx_rope_length = int(length)
+        rotary.forward = types.MethodType(_rope_at_length, rotary)  # bound: deepcopy (pipeline stages) rebinds it
+
+
+def _rope_at_length(rotary, x, position_ids, *args, **kwargs):
+    # one extra position, length - 1, sets the length dynamic_rope_update reads; its cos/sin are dropped
+    # (each position's angles are its own product with the frequencies, so the others do not change)
+    last = torch.full_like(position_ids[..., :1], rotary._longctx_rope_length - 1)
+    cos, sin = type(rotary).forward(rotary, x, torch.cat([position_ids, last], dim=-1), *args, **kwargs)
+    return cos[..., :-1, :], sin[..., :-1, :]
+
+
 def model_config(hf_config):
     """longctx's ModelConfig with the sizes of an HF config (heads, FLOPs and checks read these)."""
     from ..config import ModelConfig
@@ -242,11 +273,13 @@ def load_hf_model(path: str, dtype=torch.float32):
 
 
 def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: ParallelMesh | None = None,
-                   param_dtype=None):
+                   param_dtype=None, rope_length: int | None = None):
     """The pipeline split, tensor parallelism, context parallelism (any strategy), activation checkpointing
     and data parallelism (FSDP2/DDP; DeepSpeed ZeRO is applied by the trainer), in that order, for a
     transformers causal LM; returns a Plan whose model is an HFCausalLM adapter around it (under pp > 1, as
-    for `parallelize`, a ModuleList of this rank's stages, each an adapter with parts removed)."""
+    for `parallelize`, a ModuleList of this rank's stages, each an adapter with parts removed). rope_length:
+    the sequence length a self-rescaling RoPE is pinned to (`pin_rope_length`; the trainer passes
+    train.seq_len); without it such a RoPE is refused under cp > 1."""
     from .parallelize import apply_activation_checkpointing, assemble_plan, pipeline_stages
 
     cfg = getattr(cfg, "parallel", cfg) or ParallelConfig()
@@ -255,7 +288,8 @@ def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: Para
     c = model.config
     if dims.pp > 1:
         check_pipeline_split(type(model.model))
-    check_hf_rope(c, dims.cp)
+    if rope_length is None:
+        check_hf_rope(c, dims.cp)
     check_hf_tp(model_config(c), dims.tp)
     dims.check_heads(c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
     if getattr(c, "attention_dropout", 0.0):
@@ -266,6 +300,8 @@ def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: Para
     adapter = HFCausalLM(model)
     modules, ids, n_stages = pipeline_stages(adapter, len(adapter.layers), dims, cfg, mesh)
     for module in modules:
+        if rope_length is not None:
+            pin_rope_length(module.hf, rope_length)
         if dims.tp > 1:
             apply_hf_tensor_parallel(module.hf, mesh.tp)
         prepare_attention(module.hf, dims.strategy, mesh.cp_group() if dims.cp > 1 else None, dims.layout,

@@ -112,19 +112,23 @@ def rope_types(hf_config) -> list[str]:
     return [p.get("rope_type", p.get("type", "default")) for p in params.values() if isinstance(p, dict)]
 
 
+def position_dependent_rope(hf_config) -> str | None:
+    """The config's RoPE type whose frequencies follow each call's largest position, or None."""
+    return next((str(k) for k in rope_types(hf_config) if any(d in str(k) for d in _POSITION_DEPENDENT_ROPE)), None)
+
+
 def check_hf_rope(hf_config, cp: int, what: str = "parallel.cp") -> None:
     """Under context parallelism each rank's forward sees its own positions, so a RoPE whose frequencies
-    follow the largest position of the call would rotate each rank's tokens by other frequencies: refused."""
-    if cp <= 1:
-        return
-    arch = (getattr(hf_config, "architectures", None) or [type(hf_config).__name__])[0]
-    for kind in rope_types(hf_config):
-        if any(k in str(kind) for k in _POSITION_DEPENDENT_ROPE):
-            raise ValueError(f"{arch} has rope_type={kind!r}, whose frequencies follow the largest position each "
-                             f"forward call sees; split over {what}={cp} context ranks, each rank sees other positions "
-                             "and would rotate its tokens by other frequencies. Use a static RoPE scaling in its "
-                             "config.json (rope_type linear, yarn or llama3, with the factor for the length you train "
-                             f"at), or {what}=1")
+    follow the largest position of the call would rotate each rank's tokens by other frequencies: refused
+    where nothing pins its length (training pins it to train.seq_len, perplexity to --seq-len)."""
+    kind = position_dependent_rope(hf_config) if cp > 1 else None
+    if kind is not None:
+        arch = (getattr(hf_config, "architectures", None) or [type(hf_config).__name__])[0]
+        raise ValueError(f"{arch} has rope_type={kind!r}, whose frequencies follow the largest position each "
+                         f"forward call sees; split over {what}={cp} context ranks, each rank sees other positions "
+                         "and would rotate its tokens by other frequencies. Use a static RoPE scaling in its "
+                         "config.json (rope_type linear, yarn or llama3, with the factor for the length you use), "
+                         f"or {what}=1")
 
 
 def check_hf_dir(path: str) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .generate import cache_prefill, decode_attention, first_visible, padding_documents, prefill_positions
 from .hf import AttentionCores, use_longctx_attention
-from .hf_checks import attention_modules
+from .hf_checks import attention_modules, check_hf_rope
 
 
 class _Capture:
@@ -76,6 +76,7 @@ class HFSteps:
     def prefill(self, tokens, pad, caches, comm, strategy, layout, kernel):
         n = tokens.shape[1]
         world = comm.world if comm is not None else 1
+        check_hf_rope(self.adapter.hf.config, world, "the group size")  # a prefill shard sees its own length
         pos = prefill_positions(layout, n, comm).to(tokens.device)
         captures = [_Capture(AttentionCores(strategy, comm.group if world > 1 else None, layout, kernel, world))
                     for _ in self.modules]

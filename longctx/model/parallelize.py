@@ -189,22 +189,29 @@ def _check_positions_hook(positions_of, cp: int):
 
 
 def apply_context_parallel(model: nn.Module, strategy: str = "zigzag", group=None, *, kernel: str | None = None,
-                           layout: str | None = None) -> str:
+                           layout: str | None = None, rope_length: int | None = None) -> str:
     """Swap every LocalAttention core for `strategy` over `group` (a process group, None = world, or a
     ("ring", "ulysses") mesh for hybrid) without a mesh or data parallelism; returns the token layout the
-    batch must be sharded with (longctx.parallel.shard_batch). Training goes through `parallelize`."""
+    batch must be sharded with (longctx.parallel.shard_batch). Training goes through `parallelize`.
+    rope_length: an HF model's self-rescaling RoPE is pinned to it (see hf.pin_rope_length); without it such
+    a RoPE is refused over more than one rank."""
     from ..parallel.comm import Comm
     from ..parallel.sequence.mesh import hybrid_groups
 
     strat = get_strategy(strategy)
     layout = strat.layout(layout)
     if hasattr(model, "hf"):  # an HFCausalLM: its attention modules call longctx through the AttentionInterface
-        from .hf import prepare_attention
+        from .hf import check_hf_rope, pin_rope_length, prepare_attention
 
         if strategy == "hybrid":
             raise ValueError("a Hugging Face model takes a process group here, and strategy='hybrid' needs a (ring, "
                              "ulysses) mesh; use ulysses, allgather or a ring-family strategy")
-        prepare_attention(model.hf, strategy, group, layout, kernel or "auto", Comm.get(group).world)
+        world = Comm.get(group).world
+        if rope_length is None:
+            check_hf_rope(model.hf.config, world, "the group size")
+        else:
+            pin_rope_length(model.hf, rope_length)
+        prepare_attention(model.hf, strategy, group, layout, kernel or "auto", world)
         return layout
     if strategy == "hybrid":
         ug, rg, _ = hybrid_groups(group)

@@ -206,7 +206,7 @@ def _adopt_hf_sizes(cfg) -> None:
     """model.hf_path: the model's sizes come from its config.json (the model section's are replaced), and what
     only longctx's own Llama supports is refused."""
     from ..model.hf import model_config
-    from ..model.hf_checks import check_hf_config, check_hf_rope, check_pipeline_split, decoder_class, read_hf_config
+    from ..model.hf_checks import check_hf_config, check_pipeline_split, decoder_class, read_hf_config
     from ..model.hf_tensor import check_hf_tp
 
     m, p = cfg.model, cfg.parallel
@@ -225,7 +225,7 @@ def _adopt_hf_sizes(cfg) -> None:
         hf = model_config(hf_config)
         if p.pp > 1:
             check_pipeline_split(decoder_class(hf_config))
-        check_hf_rope(hf_config, p.cp)
+        # a self-rescaling RoPE (dynamic, longrope) needs no check: the trainer pins it to train.seq_len
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "rope_theta",

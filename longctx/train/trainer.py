@@ -70,7 +70,7 @@ class Trainer:
             # meta: split on the meta device, then each rank reads only its pieces from the safetensors
             model = build_hf_on_meta(cfg.model.hf_path) if meta else load_hf_model(cfg.model.hf_path).to(self.device)
             self.plan = parallelize_hf(model, self.dims, cfg.parallel, mesh=self.dims.build_mesh(self.device_type),
-                                       param_dtype=torch.bfloat16 if bf16 else None)
+                                       param_dtype=torch.bfloat16 if bf16 else None, rope_length=t.seq_len)
             if meta:
                 for module in self.plan.stages or [self.plan.model]:  # the same number of stages on every rank
                     load_hf_pieces(module.hf, cfg.model.hf_path, self.device, tied_pair=module.tied_names)

@@ -41,7 +41,7 @@ def parallel_run(path: str, layout: dict) -> dict:
     world = dist.get_world_size()
     model = load_hf_model(path)
     dims = ParallelDims(world_size=world, **{"dp_shard": 1, **layout})
-    plan = parallelize_hf(model, dims)
+    plan = parallelize_hf(model, dims, rope_length=N)  # as the trainer pins it to train.seq_len
     inp, labels = batch(model.config.vocab_size)
     rows = slice(plan.dp_rank * BATCH // dims.dp, (plan.dp_rank + 1) * BATCH // dims.dp)
     shard = plan.shard_batch(inp[rows], labels[rows])

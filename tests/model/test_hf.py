@@ -15,6 +15,11 @@ SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_lay
              num_key_value_heads=2, max_position_embeddings=128)
 
 
+ROPES = [("dynamic", 16, {"factor": 2.0}),
+         ("longrope", 128, {"short_factor": [1.0] * 4, "long_factor": [6.0, 4.0, 3.0, 2.0],
+                            "original_max_position_embeddings": 30})]
+
+
 def _save(cls, cfg, path):
     torch.manual_seed(0)
     model = cls(cfg)
@@ -40,6 +45,13 @@ def hf_dirs(tmp_path_factory):
         "gemma3": _save(transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig(
             **SMALL, head_dim=16, sliding_window=5, layer_types=["sliding_attention", "full_attention"],
             query_pre_attn_scalar=8), root / "gemma3"),
+        # RoPEs that rescale themselves by each call's largest position (pinned to N = 32 by parallelize_hf):
+        # dynamic NTK grows past 16 positions; longrope switches to its long factors past 30, so a zigzag
+        # shard whose last position is below 30 would take the short ones
+        **{f"llama_{kind}": _save(transformers.LlamaForCausalLM, transformers.LlamaConfig(
+            **dict(SMALL, max_position_embeddings=maximum), rope_parameters={"rope_type": kind, "rope_theta": 1e4,
+                                                                              **extra}), root / kind)
+           for kind, maximum, extra in ROPES},
     }
 
 
@@ -48,14 +60,20 @@ LAYOUTS_4 = [dict(cp=4, strategy="zigzag"), dict(cp=4, strategy="striped"), dict
 
 
 # what Qwen3 and Gemma3 add is the architecture's (per-head norms, scale, MLP norms, tp placements), not a
-# strategy's: one context-parallel layout and tensor parallelism (suite time)
+# strategy's: one context-parallel layout and tensor parallelism (suite time); the RoPE models: zigzag
 NEWER = ("qwen3", "gemma3")
+
+
+def _layouts(arch: str, layouts: list[dict]) -> list[dict]:
+    if arch.startswith("llama_"):
+        return layouts[:1]
+    return [layouts[0], layouts[-1]] if arch in NEWER else layouts
 
 
 def test_every_strategy_equals_the_eager_model(hf_dirs):
     for world, layouts in ((4, LAYOUTS_4), (2, [dict(cp=2, strategy="ulysses")])):
-        jobs = [(arch, path, [layouts[0], layouts[-1]] if arch in NEWER else layouts)
-                for arch, path in hf_dirs.items() if world == 4 or arch not in NEWER]
+        jobs = [(arch, path, _layouts(arch, layouts)) for arch, path in hf_dirs.items()
+                if world == 4 or arch not in NEWER and not arch.startswith("llama_")]
         results = run(compare_all, world, args=(jobs,), timeout=600)[0]
         assert [name for name, _ in results] == [arch for arch, *_ in jobs]
         for arch, per_layout in results:
@@ -70,6 +88,30 @@ def test_every_strategy_equals_the_eager_model(hf_dirs):
                                                                      "v_proj.bias"))
                          or n in ("model.embed_tokens.weight", "lm_head.weight")}
                 assert set(r["tp_sharded"]) == (split if r["layout"].get("tp", 1) > 1 else set()), label
+
+
+def test_a_self_rescaling_rope_is_pinned_to_one_length(hf_dirs):
+    """pin_rope_length: a context shard (zigzag rank 1 of 4) and packed documents (RoPE restarting inside
+    the sequence) rotate by the frequencies of the whole 32-token sequence; unpinned they would not (so the
+    layouts above could fail)."""
+    from longctx.model.hf import pin_rope_length
+    from longctx.parallel.sequence.documents import Documents
+
+    shard = torch.tensor([[4, 5, 6, 7, 24, 25, 26, 27]])
+    packed = Documents.from_ids(torch.tensor([[0] * 10 + [1] * 12 + [2] * 10])).rope_positions(torch.arange(32))
+    x = torch.zeros(1)
+    for kind, *_ in ROPES:
+        def load(path=hf_dirs[f"llama_{kind}"]):
+            return transformers.AutoModelForCausalLM.from_pretrained(path)
+
+        whole = load().model.rotary_emb(x, torch.arange(32)[None])
+        pinned = load()
+        pin_rope_length(pinned, 32)
+        for positions in (shard, packed):
+            for got, want in zip(pinned.model.rotary_emb(x, positions), whole):
+                torch.testing.assert_close(got, want[:, positions[0]], rtol=0, atol=1e-6, msg=kind)
+            unpinned = load().model.rotary_emb(x, positions)
+            assert (unpinned[0] - whole[0][:, positions[0]]).abs().max() > 1e-3, kind
 
 
 def test_sliding_windows_are_applied(hf_dirs):

@@ -191,8 +191,10 @@ def test_hf_path_errors_are_one_line(tmp_path, qwen_dir):
     transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**small)).save_pretrained(tmp_path / "gemma2")
     with pytest.raises(ConfigError, match="Gemma2ForCausalLM has attn_logit_softcapping=50.0"):
         validate_job(load(overrides=[f"model.hf_path={tmp_path / 'gemma2'}"]), 1)
-    # RoPE whose frequencies follow each call's largest position: every context rank would use its own
-    from longctx.model.hf import parallelize_hf
+    # RoPE whose frequencies follow each call's largest position: training pins it to train.seq_len (so any
+    # cp is accepted); the library entry points refuse it over several ranks unless given a length to pin
+    from longctx.model.hf import HFCausalLM, parallelize_hf
+    from longctx.model.parallelize import apply_context_parallel
     from longctx.parallel import ParallelDims
 
     for kind, extra in (("dynamic", {"factor": 2.0}), ("longrope", {"short_factor": [1.0] * 8, "long_factor": [4.0] * 8,
@@ -201,18 +203,27 @@ def test_hf_path_errors_are_one_line(tmp_path, qwen_dir):
         rope = {"rope_type": kind, "rope_theta": 10000.0, **extra}
         transformers.LlamaForCausalLM(transformers.LlamaConfig(**small, max_position_embeddings=128,
                                                                rope_parameters=rope)).save_pretrained(name)
-        validate_job(load(overrides=[f"model.hf_path={name}"]), 1)  # one rank sees every position: fine
-        with pytest.raises(ConfigError, match=f"rope_type='{kind}', whose frequencies follow the largest position .* "
-                                              "parallel.cp=2 context ranks.*rope_type linear, yarn or llama3"):
-            validate_job(load(overrides=[f"model.hf_path={name}", "parallel.cp=2", "parallel.dp_shard=1"]), 2)
-    with pytest.raises(ValueError, match="rope_type='longrope'"):  # the library entry point too
-        parallelize_hf(transformers.AutoModelForCausalLM.from_pretrained(name), ParallelDims(world_size=2, cp=2),
-                       mesh=object())
+        validate_job(load(overrides=[f"model.hf_path={name}", "parallel.cp=2", "parallel.dp_shard=1"]), 2)
+    model = transformers.AutoModelForCausalLM.from_pretrained(name)
+    with pytest.raises(ValueError, match="rope_type='longrope', whose frequencies follow the largest position .* "
+                                         "parallel.cp=2 context ranks.*rope_type linear, yarn or llama3"):
+        parallelize_hf(model, ParallelDims(world_size=2, cp=2), mesh=object())
+
+    class TwoRanks:  # apply_context_parallel reads the group's size through Comm.get
+        world = 2
+
+    import longctx.parallel.comm as comm
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(comm.Comm, "get", staticmethod(lambda group: TwoRanks()))
+        with pytest.raises(ValueError, match="rope_type='longrope'.* the group size=2 context ranks"):
+            apply_context_parallel(HFCausalLM(model), "zigzag", object())
 
 
 def test_an_hf_checkpoint_evaluates_through_its_own_layers(tmp_path):
-    # a Qwen3 (per-head norms, head_dim twice hidden / heads, one sliding-window layer) trained on prepared
-    # token data under cp=2 loads as its architecture with the trained weights: perplexity by position at
+    # a Qwen3 (per-head norms, head_dim twice hidden / heads, one sliding-window layer, dynamic NTK RoPE past
+    # 40 positions: pinned to the 64-token window in training and here) trained on prepared token data under
+    # cp=2 loads as its architecture with the trained weights: perplexity by position at
     # cp=2 x tp=2 equals one process (its generation, what the needle grid runs, is checked token for token
     # in tests/model/test_hf_generate.py)
     import json
@@ -222,7 +233,8 @@ def test_an_hf_checkpoint_evaluates_through_its_own_layers(tmp_path):
     transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
         vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, use_sliding_window=True, sliding_window=12, max_window_layers=1,
-        layer_types=["full_attention", "sliding_attention"], tie_word_embeddings=True)).save_pretrained(path)
+        layer_types=["full_attention", "sliding_attention"], tie_word_embeddings=True, max_position_embeddings=40,
+        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})).save_pretrained(path)
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": "abcdefghij" * (i + 3)}) + "\n" for i in range(40)))
     assert main(["data", "prepare", "--input", str(corpus), "--output", str(tmp_path / "ds"), "--quiet"]) == 0
