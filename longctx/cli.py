@@ -13,8 +13,8 @@ import os
 import platform
 import sys
 
-from ._argtypes import seconds
-from .cli_data import _float_list, _int_list, cmd_data_prepare, cmd_eval, cmd_generate
+from ._argtypes import float_list, int_list, positive_int, seconds, seed
+from .cli_data import cmd_data_prepare, cmd_eval, cmd_generate
 from .cli_errors import USER_ERRORS, UserError
 from .cli_errors import checking as _checking
 
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("info", help="versions, devices, kernel backends and why any is unavailable")
     demo = sub.add_parser("demo", help="a real training run on a simulated 4-rank CPU cluster (`make demo`)")
-    demo.add_argument("--steps", type=_positive_int, default=20, help="training steps of part 3")
+    demo.add_argument("--steps", type=positive_int, default=20, help="training steps of part 3")
     stopping = ("On SIGTERM or SIGUSR1 every rank finishes its step, a checkpoint of it is written and the command "
                 "exits with 128 + the signal (143 for SIGTERM); train.resume=auto continues the run "
                 "(checkpoint.on_signal=false: no such handling).")
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     local = lsub.add_parser("local", help="N ranks on this machine (gloo on CPU, NCCL when N GPUs are present)",
                             epilog=stopping + " The signal is passed on to the ranks; if this launcher is killed "
                             "outright, its ranks checkpoint and exit.")
-    local.add_argument("--nproc", type=_positive_int, required=True, help="number of ranks")
+    local.add_argument("--nproc", type=positive_int, required=True, help="number of ranks")
     local.add_argument("--timeout", type=seconds, default=None,
                        help="wall-clock limit in seconds for the whole run (default: none)")
     _add_config_args(local)
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "the checkpoint can finish.")
     ray.add_argument("--address", default="auto",
                      help="Ray cluster: auto (the running one), ray://HOST:10001, or local (start one in-process)")
-    ray.add_argument("--num-workers", type=_positive_int, required=True, help="number of ranks")
+    ray.add_argument("--num-workers", type=positive_int, required=True, help="number of ranks")
     ray.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (0: CPU workers, gloo)")
     ray.add_argument("--max-failures", type=int, default=0,
                      help="Ray FailureConfig: restarts of a failed worker group (resume with train.resume=auto)")
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="inspect configs")
     csub = config.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
     show = csub.add_parser("show", help="print the resolved config (defaults + file + overrides)")
-    show.add_argument("--world-size", type=_positive_int, default=None,
+    show.add_argument("--world-size", type=positive_int, default=None,
                       help="also validate the job for this many ranks")
     _add_config_args(show)
     ckpt = sub.add_parser("checkpoint", help="convert checkpoints written by `longctx train` (checkpoint.interval)")
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--output", required=True, help="output directory (replaced safely when re-run)")
     prep.add_argument("--tokenizer", default="byte", help="byte (default) or a local tokenizer.json / directory")
     prep.add_argument("--text-key", default="text", help="JSONL key / Parquet column holding the text")
-    prep.add_argument("--workers", type=_positive_int, default=max(1, min(8, os.cpu_count() or 1)),
+    prep.add_argument("--workers", type=positive_int, default=max(1, min(8, os.cpu_count() or 1)),
                       help="tokenizer processes (default: CPU count, at most 8; never more than input files or CPUs)")
     prep.add_argument("--strict", action="store_true", help="reject malformed input instead of skipping it")
     prep.add_argument("--no-eos", action="store_true", help="do not end each document with the eos token")
@@ -142,39 +142,39 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a checkpoint: needle-in-a-haystack, perplexity by position")
     esub = ev.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)
     needle = esub.add_parser("needle", help="accuracy by context length and needle depth (heatmap PNG + JSON)")
-    needle.add_argument("--lengths", type=_int_list, required=True, help="context lengths, e.g. 128,256,512")
-    needle.add_argument("--depths", type=_float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+    needle.add_argument("--lengths", type=int_list, required=True, help="context lengths, e.g. 128,256,512")
+    needle.add_argument("--depths", type=float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
                         help="needle depths (fraction of the haystack before it), default 0,0.25,0.5,0.75,1")
-    needle.add_argument("--samples", type=_positive_int, default=20, help="examples per cell (default 20)")
+    needle.add_argument("--samples", type=positive_int, default=20, help="examples per cell (default 20)")
     needle.add_argument("--decode", choices=["tree", "ring"], default="tree", help="decoding over the ranks")
     needle.add_argument("--json", default=None, help="write the records here")
     needle.add_argument("--plot", default=None, help="write the heatmap here (PNG)")
     ppl = esub.add_parser("ppl", help="perplexity by position (inside documents) on a prepared dataset")
     ppl.add_argument("--data", default=None, help="prepared dataset (default: the checkpoint's data.path)")
-    ppl.add_argument("--seq-len", type=_positive_int, default=None, help="default: the checkpoint's train.seq_len")
-    ppl.add_argument("--sequences", type=_positive_int, default=8, help="windows evaluated (default 8)")
-    ppl.add_argument("--buckets", type=_positive_int, default=8, help="position buckets (default 8)")
+    ppl.add_argument("--seq-len", type=positive_int, default=None, help="default: the checkpoint's train.seq_len")
+    ppl.add_argument("--sequences", type=positive_int, default=8, help="windows evaluated (default 8)")
+    ppl.add_argument("--buckets", type=positive_int, default=8, help="position buckets (default 8)")
     ppl.add_argument("--json", default=None, help="write the buckets here")
     gen = sub.add_parser("generate", help="continue prompts with a checkpoint's model (context-parallel prefill, "
                                           "tree decoding; --tp splits the model)")
     gen.add_argument("--prompt", action="append", default=[], help="a text prompt (repeat for a batch)")
-    gen.add_argument("--ids", action="append", type=_int_list, default=[],
+    gen.add_argument("--ids", action="append", type=int_list, default=[],
                      help="a prompt as comma-separated token ids, e.g. 5,9,12 (repeat for a batch)")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to add (default 64)")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to add (default 64)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampled")
-    gen.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k likeliest tokens")
-    gen.add_argument("--seed", type=_seed, default=0, help="sampling seed (the same draws on every rank)")
+    gen.add_argument("--top-k", type=positive_int, default=None, help="sample among the k likeliest tokens")
+    gen.add_argument("--seed", type=seed, default=0, help="sampling seed (the same draws on every rank)")
     gen.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the checkpoint's, from "
                                                         "its dataset or Hugging Face directory)")
     gen.add_argument("--decode", choices=["tree", "ring"], default="tree", help="decoding over the ranks")
     gen.add_argument("--json", default=None, help="write prompts and continuations here")
     for e in (needle, ppl, gen):
         e.add_argument("--checkpoint", required=True, help="a checkpoint (step_NNNNNNNN) or a checkpoint root")
-        e.add_argument("--nproc", type=_positive_int, default=1, help="ranks of the simulated cluster (context-"
+        e.add_argument("--nproc", type=positive_int, default=1, help="ranks of the simulated cluster (context-"
                                                                       "parallel; cp x tp with --tp); under torchrun "
                                                                       "the world is used")
         e.add_argument("--strategy", default="zigzag", help="sequence-parallel strategy for the prompt / sequence")
-        e.add_argument("--tp", type=_positive_int, default=1,
+        e.add_argument("--tp", type=positive_int, default=1,
                        help="split the model over this many tensor-parallel ranks (a divisor of the ranks; the "
                             "rest are context-parallel), for a model too big for one device (default 1)")
     bench = sub.add_parser("bench", help="benchmarks: tables, JSON, plots")
@@ -184,26 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
         bp.set_defaults(_module=module)
         importlib.import_module(module).add_arguments(bp)
     return p
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 2**63 - 1 (a torch generator seed), got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def _load(args):

@@ -5,7 +5,6 @@ traceback. `data prepare` is all reading of the user's files, so it runs inside 
 
 from __future__ import annotations
 
-import argparse
 import os
 
 from ._paths import check_output, check_plot
@@ -21,20 +20,6 @@ def cmd_data_prepare(args) -> int:
                           progress=not args.quiet)
     print(format_summary(summary, args.output))
     return 0
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
 
 
 def _checkpoint_config(args):

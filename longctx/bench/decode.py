@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from .._argtypes import seconds
+from .._argtypes import int_list, seconds
 from . import report
 
 COLUMNS = ["strategy", "world_size", "context", "batch", "max_abs_err", "comm_bytes_measured", "comm_bytes_model",
@@ -22,13 +22,9 @@ COLUMNS = ["strategy", "world_size", "context", "batch", "max_abs_err", "comm_by
 STRATEGIES = ("tree", "ring")
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in str(text).split(",") if x.strip()]
-
-
 def add_arguments(p) -> None:
     p.add_argument("--world-size", type=int, default=4)
-    p.add_argument("--context", type=_ints, default=[4096, 16384], help="comma-separated cached lengths")
+    p.add_argument("--context", type=int_list, default=[4096, 16384], help="comma-separated cached lengths")
     p.add_argument("--strategies", default="tree,ring")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=1, help="query tokens decoded per step (Sq)")

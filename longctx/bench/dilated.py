@@ -17,15 +17,11 @@ import time
 
 import torch
 
-from .._argtypes import seconds
+from .._argtypes import int_list, seconds
 from . import report
 
 COLUMNS = ["world_size", "seq_len", "causal", "max_abs_err_out", "max_abs_err_grad", "comm_bytes_measured",
            "comm_bytes_model", "peak_mem_bytes", "fwd_ms", "bwd_ms"]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in str(text).split(",") if x.strip()]
 
 
 def add_arguments(p) -> None:
@@ -35,8 +31,8 @@ def add_arguments(p) -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=None, help="default: --heads (MHA)")
     p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--segment-lengths", type=_ints, default=[1024, 4096, 16384])
-    p.add_argument("--dilation-rates", type=_ints, default=[1, 4, 16])
+    p.add_argument("--segment-lengths", type=int_list, default=[1024, 4096, 16384])
+    p.add_argument("--dilation-rates", type=int_list, default=[1, 4, 16])
     p.add_argument("--causal", action="store_true")
     p.add_argument("--dtype", choices=sorted(report.DTYPES), default="float32")
     p.add_argument("--kernel", default="auto", help="local kernel backend")

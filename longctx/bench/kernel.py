@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from .._argtypes import int_list
 from ..kernels import Mask, backends, empty_state, merge_
 from ..kernels import sdpa as sdpa_mod
 from . import report, sdpa_baselines
@@ -28,13 +29,9 @@ VR_COLUMNS = ["backend", "seq_len", "virtual_ranks", "schedule", "virtual_calls"
 SCHEDULES = {"ring": "contiguous", "contiguous": "contiguous", "zigzag": "zigzag", "striped": "striped"}
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", default="triton,sdpa,flash,reference", help="comma-separated backend names")
-    p.add_argument("--seq-lens", type=_ints, default=[1024, 4096, 16384], help="comma-separated lengths")
+    p.add_argument("--seq-lens", type=int_list, default=[1024, 4096, 16384], help="comma-separated lengths")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=None, help="GQA: K/V heads (default: --heads)")

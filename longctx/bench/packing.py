@@ -15,19 +15,16 @@ import math
 
 import numpy as np
 
+from .._argtypes import int_list
 from ..parallel.sequence.balance import balanced_order
 from ..parallel.sequence.layouts import LAYOUTS, check_seq
 from ..parallel.sequence.plan import imbalance, work_table
 from . import report
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def add_arguments(p) -> None:
     p.add_argument("--seq-len", type=int, default=8192)
-    p.add_argument("--world-size", type=_ints, default=[4, 8], help="comma-separated context-parallel degrees")
+    p.add_argument("--world-size", type=int_list, default=[4, 8], help="comma-separated context-parallel degrees")
     p.add_argument("--layouts", default=",".join(LAYOUTS))
     p.add_argument("--batch", type=int, default=4, help="packed sequences averaged over")
     p.add_argument("--mean-doc", type=int, default=512, help="scale of the document lengths (tokens)")
