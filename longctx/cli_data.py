@@ -24,7 +24,7 @@ def cmd_data_prepare(args) -> int:
 
 def _checkpoint_config(args):
     from .config import load
-    from .train.checkpoint import locate
+    from .train.checkpoint_dirs import locate
 
     found = locate(args.checkpoint, f"--checkpoint {args.checkpoint!r}", log=lambda *a, **k: None)
     return load(path=os.path.join(found, "config.yaml"))  # written resolved: an HF model's sizes are in it

@@ -10,7 +10,7 @@ import torch
 from ..config import load
 from ..model import build_model
 from ..parallel.tensor import apply_tensor_parallel, check_tp
-from ..train.checkpoint import locate
+from ..train.checkpoint_dirs import locate
 from ..train.weights import load_model_pieces
 
 

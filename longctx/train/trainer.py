@@ -33,7 +33,7 @@ from ..parallel import deepspeed_engine
 from ..parallel.data_parallel import resolve_engine
 from ..parallel.dims import device_type_from_env
 from ..parallel.pipeline import build_pipeline, n_microbatches
-from . import checkpoint, measure
+from . import checkpoint, checkpoint_dirs, measure
 from .loss import loss_fn
 from .metrics import (
     MetricsLogger,
@@ -148,7 +148,7 @@ class Trainer:
         answer = None
         if self.rank == 0:
             try:
-                answer = ("ok", checkpoint.resolve_resume(resume, self.checkpoint_dir, log=self._say))
+                answer = ("ok", checkpoint_dirs.resolve_resume(resume, self.checkpoint_dir, log=self._say))
             except (OSError, ValueError) as e:
                 answer = ("error", str(e))
         kind, value = self._agree([answer])[0]
@@ -332,7 +332,7 @@ class Trainer:
                       f"device={self.device_type}, precision={self.precision}\n{to_yaml(self.cfg)}", flush=True)
         logger = MetricsLogger(self.run_dir, enabled=main, total_steps=steps, quiet=lcfg.quiet,
                                tensorboard=lcfg.tensorboard,
-                               resumed_step=self.step if checkpoint.continues(self.cfg.train.resume) else None)
+                               resumed_step=self.step if checkpoint_dirs.continues(self.cfg.train.resume) else None)
         start = time.perf_counter()
         interval = self.cfg.checkpoint.interval
         self.stop.received = self.stop_signal = 0

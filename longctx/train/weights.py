@@ -13,7 +13,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from .checkpoint import locate
+from .checkpoint_dirs import locate
 
 
 def model_weights(path: str, log=print) -> tuple[dict, str]:

@@ -13,7 +13,7 @@ from longctx.config import ConfigError, from_dict, load
 from longctx.launch import run
 from longctx.launch.local import RankError
 from longctx.model import build_model
-from longctx.train import checkpoint, validate_job, weights
+from longctx.train import checkpoint, checkpoint_dirs, validate_job, weights
 
 from ._workers import config, resume_errors, tp_pieces, train_and_collect
 
@@ -106,10 +106,10 @@ def test_interrupted_checkpoints_are_never_loaded(tmp_path):
     shard = next(f for f in os.listdir(os.path.join(root, "step_00000003")) if f.endswith(".distcp"))
     with open(os.path.join(root, "step_00000003", shard), "r+b") as f:
         f.truncate(10)
-    os.remove(os.path.join(root, "step_00000002", checkpoint.MARKER))
+    os.remove(os.path.join(root, "step_00000002", checkpoint_dirs.MARKER))
     shutil.copytree(os.path.join(root, "step_00000001"), os.path.join(root, "step_00000004.tmp"))
     said = []
-    assert [s for s, _ in checkpoint.complete_checkpoints(root, log=said.append)] == [1]
+    assert [s for s, _ in checkpoint_dirs.complete_checkpoints(root, log=said.append)] == [1]
     assert any("step_00000003" in m and "has 10 bytes" in m for m in said), said
     assert any("step_00000002" in m and "no completion marker" in m for m in said), said
     resumed = _run(2, config(*CP2, "train.resume=auto", run_dir=run_dir))[0][0]
@@ -162,7 +162,7 @@ def test_evaluation_reads_its_tensor_parallel_pieces_of_a_pipeline_checkpoint(tm
     root = os.path.join(run_dir, "checkpoints")
     from torch.distributed.checkpoint import FileSystemReader
 
-    keys = FileSystemReader(checkpoint.locate(root, root)).read_metadata().state_dict_metadata
+    keys = FileSystemReader(checkpoint_dirs.locate(root, root)).read_metadata().state_dict_metadata
     assert "model.layers.1.attention.wq.weight" in keys  # not the rank's stage index (0) in front
     assert "optim.state.layers.1.attention.wq.weight.exp_avg" in keys and "optim.param_groups" not in keys
     saved = weights.export(root, str(tmp_path / "model.pt"))
@@ -186,7 +186,7 @@ def test_cli_export_and_its_errors(tmp_path, capsys):
     assert f"{tmp_path} is a directory; the torch format writes one file" in capsys.readouterr().err
     assert main(["checkpoint", "export", os.path.join(run_dir, "checkpoints"), str(out), "--format", "hf"]) == 2
     assert "is a file; the hf format writes a directory" in capsys.readouterr().err
-    os.remove(os.path.join(run_dir, "checkpoints", "step_00000001", checkpoint.MARKER))
+    os.remove(os.path.join(run_dir, "checkpoints", "step_00000001", checkpoint_dirs.MARKER))
     assert main(["checkpoint", "export", os.path.join(run_dir, "checkpoints", "step_00000001"), str(out)]) == 2
     assert "no completion marker" in capsys.readouterr().err
 
@@ -255,10 +255,10 @@ def test_deepspeed_checkpoints_resume_bit_for_bit(tmp_path):
     old = str(tmp_path / "old" / "step_00000003")  # written before checkpoints held the full optimizer state
     shutil.copytree(ckpt, old)
     os.remove(os.path.join(old, checkpoint.FULL_OPTIMIZER))
-    with open(os.path.join(old, checkpoint.MARKER)) as f:
+    with open(os.path.join(old, checkpoint_dirs.MARKER)) as f:
         marker = json.load(f)
     marker["files"].pop(checkpoint.FULL_OPTIMIZER)
-    with open(os.path.join(old, checkpoint.MARKER), "w") as f:
+    with open(os.path.join(old, checkpoint_dirs.MARKER), "w") as f:
         json.dump(marker, f)
     errors = run(resume_errors, 2, args=([config(*ds, "parallel.zero_stage=1", *CP2, f"train.resume={old}"),
                                           config(*CP2, f"train.resume={old}")],), timeout=300)[0]

@@ -1,0 +1,112 @@
+"""Where checkpoints live and which are complete: `step_00000012/` directories under a checkpoint root,
+each sealed by a `COMPLETE` marker listing every file with its size. A directory without the marker, or
+whose files differ from it, was interrupted or damaged and is skipped (with the reason), never loaded.
+What goes inside a checkpoint is train/checkpoint.py's."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step_{step:08d}")
+
+
+def problem(path: str) -> str | None:
+    """None if `path` is a complete checkpoint, else what is wrong with it."""
+    marker = os.path.join(path, MARKER)
+    if not os.path.isfile(marker):
+        return "no completion marker (the write was interrupted)"
+    try:
+        with open(marker) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"unreadable completion marker ({type(e).__name__})"
+    for name, size in files.items():
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            return f"missing file {name}"
+        if os.path.getsize(full) != size:
+            return f"file {name} has {os.path.getsize(full)} bytes, {size} were written"
+    return None
+
+
+def complete_checkpoints(root: str, log=print) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint under `root`, oldest first; incomplete ones are reported."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in sorted(os.listdir(root)):
+        m = _STEP_DIR.match(name)
+        if not m:
+            continue
+        path = os.path.join(root, name)
+        why = problem(path)
+        if why:
+            log(f"longctx: skipping checkpoint {path}: {why}")
+        else:
+            out.append((int(m.group(1)), path))
+    return out
+
+
+def continues(resume: str | None) -> bool:
+    """Whether train.resume continues a run (auto, or a path) rather than starting a fresh one (none)."""
+    return resume not in (None, "", "none")
+
+
+def resolve_resume(resume: str, root: str, log=print) -> str | None:
+    """The checkpoint directory to load for train.resume (auto | none | a path), or None."""
+    if not continues(resume):
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(root, log)
+        return found[-1][1] if found else None
+    return locate(resume, f"train.resume={resume!r}", log)
+
+
+def locate(path: str, what: str, log=print) -> str:
+    """The complete checkpoint `path` names: itself (a step_NNNNNNNN directory) or the newest complete one
+    under it (a checkpoint root). `what` names the argument in the errors."""
+    if not os.path.exists(path):
+        raise ValueError(f"{what} does not exist; give a checkpoint directory (step_NNNNNNNN) or a checkpoint root")
+    if _STEP_DIR.match(os.path.basename(os.path.normpath(path))):
+        why = problem(path)
+        if why:
+            raise ValueError(f"{what} is not a complete checkpoint: {why}; pass an older one or its parent "
+                             f"directory (the newest complete checkpoint there is taken)")
+        return path
+    found = complete_checkpoints(path, log)
+    if not found:
+        raise ValueError(f"{what} holds no complete checkpoint (step_NNNNNNNN directories with a {MARKER} marker)")
+    return found[-1][1]
+
+
+def _files(tmp: str) -> dict:
+    """Every file under `tmp` (relative path -> bytes): DCP writes flat, DeepSpeed into a sub-directory."""
+    out = {}
+    for root, _, names in os.walk(tmp):
+        for n in names:
+            full = os.path.join(root, n)
+            out[os.path.relpath(full, tmp)] = os.path.getsize(full)
+    return dict(sorted(out.items()))
+
+
+
+def seal(tmp: str, final: str, root: str, step: int, keep_last: int) -> None:
+    """Mark the fully written `tmp` complete and rename it to `final` (one process, after every rank's
+    files are on disk), then drop all but the newest `keep_last` complete checkpoints (0: keep all)."""
+    files = _files(tmp)  # before the marker exists: it does not list itself
+    with open(os.path.join(tmp, MARKER), "w") as f:
+        json.dump({"step": step, "files": files}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for _, old in complete_checkpoints(root, log=lambda _: None)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
