@@ -139,12 +139,12 @@ class HFCausalLM(nn.Module):
         return self.hf.lm_head
 
     def tied_head(self) -> tuple[str, str] | None:
-        """(embedding name, output head name) in `self.hf` when the head is the embedding's parameter."""
+        """(embedding name, output head name) in this module when the head is the embedding's parameter."""
         if self.hf.lm_head is None or self.hf.model.embed_tokens is None:
             return None
         if self.hf.lm_head.weight is not self.hf.model.embed_tokens.weight:
             return None
-        return "model.embed_tokens.weight", "lm_head.weight"
+        return "hf.model.embed_tokens.weight", "hf.lm_head.weight"
 
     def pipeline_stage(self, layers: range, *, first: bool, last: bool) -> HFCausalLM:
         """A copy keeping only decoder `layers`, the embedding when `first`, the final norm and the output
@@ -153,7 +153,8 @@ class HFCausalLM(nn.Module):
         import copy
 
         stage = copy.deepcopy(self)
-        stage.tied_names = self.tied_head()
+        tied = self.tied_head()
+        stage.tied_names = tuple(n.removeprefix("hf.") for n in tied) if tied else None
         decoder = stage.hf.model
         for i in range(len(decoder.layers)):
             if i not in layers:

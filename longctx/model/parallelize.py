@@ -320,12 +320,10 @@ def assemble_plan(model: nn.Module, modules: list, ids: list, n_stages: int, dim
     plan = Plan(container, dims, mesh, engine, modules if dims.pp > 1 else [], ids, n_stages,
                 balance_documents=cfg.balance_documents)
     tied = getattr(model, "tied_head", lambda: None)() if dims.pp > 1 else None
-    if tied is not None:  # names in the stage module: the adapter's own prefix first
-        prefix = "hf." if hasattr(model, "hf") else ""
+    if tied is not None:  # (embedding, head) names in the model, which its stage modules keep
         per_rank = stages_per_rank(cfg.pp_schedule, cfg.pp_virtual)
         owner = next(r for r in range(dims.pp) if n_stages - 1 in stage_ids(r, dims.pp, per_rank, cfg.pp_schedule))
-        plan.tied = tied_pipeline_weight(modules, ids, n_stages, (prefix + tied[0], prefix + tied[1]), mesh.world,
-                                         owner)
+        plan.tied = tied_pipeline_weight(modules, ids, n_stages, tied, mesh.world, owner)
     first = modules[ids.index(0)] if 0 in ids else (model if dims.pp == 1 else None)
     if dims.cp > 1 and first is not None:
         first.register_forward_pre_hook(_check_positions_hook(plan.expected_positions, dims.cp), with_kwargs=True)
