@@ -1,7 +1,7 @@
 """Local attention on one device: one contract, several backends (see registry.py)."""
 
 from .mask import CAUSAL, NO_MASK, Mask
-from .merge import acc_dtype, empty_state, merge, merge_, merge_many
+from .merge import acc_dtype, empty_state, merge, merge_, merge_many, merge_sinks, sinks_grad
 from .registry import (
     Backend,
     as_mask,
@@ -20,7 +20,8 @@ from .registry import (
 )
 
 __all__ = [
-    "CAUSAL", "NO_MASK", "Mask", "acc_dtype", "empty_state", "merge", "merge_", "merge_many", "Backend", "as_mask",
+    "CAUSAL", "NO_MASK", "Mask", "acc_dtype", "empty_state", "merge", "merge_", "merge_many", "merge_sinks",
+    "sinks_grad", "Backend", "as_mask",
     "attention", "backend_status", "backends", "backends_ran", "backward", "check_name", "forward", "register",
     "reset_calls", "resolve", "unregister", "validate",
 ]

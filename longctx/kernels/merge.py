@@ -66,6 +66,29 @@ def merge_(acc_out, acc_lse, out_b, lse_b, rows: slice | None = None):
     return acc_out, acc_lse
 
 
+def merge_sinks(out, lse, sinks):
+    """(out, lse) with attention sinks merged in (gpt-oss, StreamingLLM): for each head one more key per
+    query whose logit is sinks[h] (not scaled) and whose value is zero, so it only takes softmax weight from
+    the real keys. out (B, S, H, D) keeps its dtype; lse (B, H, S) becomes the lse over keys and sink.
+    Not differentiable: a schedule's backward runs on the merged (out, lse) and adds `sinks_grad`."""
+    sink = sinks.detach().to(lse.dtype)[None, :, None]
+    lse = _clean(lse)
+    merged = torch.logaddexp(lse, sink.expand_as(lse))
+    kept = torch.exp(lse - merged)  # the real keys' share of the softmax
+    return (out.to(lse.dtype) * kept.transpose(1, 2).unsqueeze(-1)).to(out.dtype), merged
+
+
+def sinks_grad(dout, out, lse, sinks):
+    """The gradient of the sinks from merge_sinks' (out, lse): raising sinks[h] moves the sink's share
+    p = exp(sinks[h] - lse) of every row from its output to zero, so d out / d sink = -p out and the
+    gradient is -sum over rows of p <dout, out>. (The q, k, v gradients need nothing extra: the kernels'
+    backward with the merged out and lse is exact, since lse is the softmax's normaliser.)"""
+    acc = lse.dtype
+    share = torch.exp(sinks.detach().to(acc)[None, :, None] - lse)
+    delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2)  # (B, H, S)
+    return -(share * delta).sum((0, 2)).to(sinks.dtype)
+
+
 def empty_state(batch: int, seq: int, heads: int, dim: int, *, device=None, dtype=torch.float32):
     """The merge identity: out = 0, lse = -inf."""
     out = torch.zeros(batch, seq, heads, dim, device=device, dtype=dtype)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..parallel.comm import Comm
 from ..parallel.sequence.api import ContextParallelAttention
 from ..parallel.sequence.documents import Documents
@@ -175,12 +176,18 @@ def first_visible(pad, position: int, window: int | None):
     return pad if window is None else torch.clamp(pad, min=position - window + 1)
 
 
-def decode_attention(q, cache: ShardedKVCache, *, key_start, scale: float, decode: str, kernel: str, comm):
-    """One new query per row against the sharded cache (tree or ring across ranks, or this process alone)."""
+def decode_attention(q, cache: ShardedKVCache, *, key_start, scale: float, decode: str, kernel: str, comm,
+                     sinks=None):
+    """One new query per row against the sharded cache (tree or ring across ranks, or this process alone);
+    `sinks` (H,): attention sinks, merged into the combined softmax."""
     if comm is None:  # one process, no process group: nothing to combine
-        return local_partial(q, cache.k, cache.v, scale=scale, kernel=kernel, key_start=key_start,
-                             k_positions=cache.global_positions())[0].to(q.dtype)
-    return cache.decode(q, strategy=decode, key_start=key_start, kernel=kernel, scale=scale)
+        out, lse = local_partial(q, cache.k, cache.v, scale=scale, kernel=kernel, key_start=key_start,
+                                 k_positions=cache.global_positions())
+    else:
+        out, lse = cache.decode(q, strategy=decode, key_start=key_start, kernel=kernel, scale=scale, return_lse=True)
+    if sinks is not None:
+        out, _ = kernels.merge_sinks(out, lse, sinks)
+    return out.to(q.dtype)
 
 
 class _LlamaSteps:

@@ -13,8 +13,10 @@ as `parallelize` does for our Llama. What would break silently is handled here:
                global causal rule itself
   windows      sliding-window layers (Mistral, Qwen2's `layer_types`) pass `sliding_window` per call: the
                core for that window is used, under every strategy
+  sinks        gpt-oss's per-head attention sinks (s_aux) go to the strategy, which merges them into its
+               global softmax (kernels.merge_sinks)
   semantics    what the kernels do not compute is refused, never dropped: logit soft-capping (Gemma2),
-               attention sinks (gpt-oss), additive position biases, bidirectional attention, dropout
+               additive position biases, bidirectional attention, dropout
   labels       HF's own loss would shift labels inside a shard: the adapter calls the decoder and computes
                the loss from labels shifted before sharding (the trainer's chunked loss)
   tp           model/hf_tensor.py: Megatron's split with sequence parallelism, by module names
@@ -39,6 +41,7 @@ from ..parallel.data_parallel import apply_data_parallel, resolve_engine
 from ..parallel.dims import ParallelDims, ParallelMesh
 from ..parallel.sequence.api import ContextParallelAttention
 from ..parallel.sequence.schedule import local_attention
+from ..parallel.tensor import local_tensor
 from .hf_checks import (
     _check_semantics,
     attention_modules,
@@ -60,18 +63,18 @@ class AttentionCores:
         self.strategy, self.group, self.layout, self.kernel, self.cp = strategy, group, layout, kernel, cp
         self._by_window: dict = {}
 
-    def __call__(self, q, k, v, *, scale, window, documents):
+    def __call__(self, q, k, v, *, scale, window, documents, sinks=None):
         if self.cp == 1:
-            if documents is not None:
+            if documents is not None or sinks is not None:
                 return local_attention(q, k, v, causal=True, window=window, kernel=self.kernel, documents=documents,
-                                       scale=scale)
+                                       scale=scale, sinks=sinks)
             return kernels.attention(q, k, v, scale=scale, mask=kernels.Mask.from_flags(True, window),
                                      backend=self.kernel)
         if window not in self._by_window:
             self._by_window[window] = ContextParallelAttention(self.strategy, self.group, causal=True,
                                                                kernel=self.kernel, window=window, layout=self.layout,
                                                                check_positions=False)
-        return self._by_window[window](q, k, v, scale=scale, documents=documents)
+        return self._by_window[window](q, k, v, scale=scale, documents=documents, sinks=sinks)
 
 
 def longctx_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
@@ -93,8 +96,11 @@ def longctx_attention(module, query, key, value, attention_mask, scaling=None, d
         dtype = torch.get_autocast_dtype(device)
         q, k, v = (t.to(dtype) for t in (q, k, v))
     window = int(sliding_window) if sliding_window else None
+    # attention sinks (gpt-oss passes its per-head `sinks` parameter as s_aux): under tensor parallelism
+    # this rank's heads' part
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))
     out = cores(q, k, v, scale=scaling if scaling is not None else q.shape[-1] ** -0.5, window=window,
-                documents=kwargs.get("longctx_documents"))
+                documents=kwargs.get("longctx_documents"), sinks=None if sinks is None else local_tensor(sinks))
     return out, None
 
 

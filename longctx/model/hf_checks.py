@@ -26,7 +26,6 @@ _CONFIG_UNSUPPORTED = (("attn_logit_softcapping", None, "attention logit soft-ca
 
 # what an attention module can ask of the interface beyond softmax(q k^T * scale) v under a causal/window mask
 _UNSUPPORTED = {"softcap": "attention logit soft-capping (Gemma2's attn_logit_softcapping)",
-                "s_aux": "attention sinks (gpt-oss)", "sinks": "attention sinks",
                 "position_bias": "an additive position bias", "head_mask": "a head mask"}
 
 

@@ -20,9 +20,12 @@ ROPES = [("dynamic", 16, {"factor": 2.0}),
                             "original_max_position_embeddings": 30})]
 
 
-def _save(cls, cfg, path):
+def _save(cls, cfg, path, sinks: float | None = None):
     torch.manual_seed(0)
     model = cls(cfg)
+    for name, p in model.named_parameters():
+        if sinks is not None and name.endswith(".sinks"):
+            p.data = sinks * torch.randn(p.shape)
     model.save_pretrained(path)
     return str(path)
 
@@ -45,6 +48,12 @@ def hf_dirs(tmp_path_factory):
         "gemma3": _save(transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig(
             **SMALL, head_dim=16, sliding_window=5, layer_types=["sliding_attention", "full_attention"],
             query_pre_attn_scalar=8), root / "gemma3"),
+        # attention sinks (a learned per-head logit in every softmax, set well away from 0 so they matter),
+        # a mixture of experts, alternating sliding and full layers
+        "gptoss": _save(transformers.GptOssForCausalLM, transformers.GptOssConfig(
+            **dict(SMALL, intermediate_size=32), head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+            sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4}), root / "gptoss", sinks=2.0),
         # RoPEs that rescale themselves by each call's largest position (pinned to N = 32 by parallelize_hf):
         # dynamic NTK grows past 16 positions; longrope switches to its long factors past 30, so a zigzag
         # shard whose last position is below 30 would take the short ones
@@ -67,6 +76,9 @@ NEWER = ("qwen3", "gemma3")
 def _layouts(arch: str, layouts: list[dict]) -> list[dict]:
     if arch.startswith("llama_"):
         return layouts[:1]
+    if arch == "gptoss":  # zigzag and hybrid (sinks split by heads); no tp placement for a mixture of experts
+        return [layout for layout in layouts if layout.get("strategy") in ("zigzag", "hybrid", "ulysses")
+                and "tp" not in layout and "dp_shard" not in layout]
     return [layouts[0], layouts[-1]] if arch in NEWER else layouts
 
 
@@ -213,7 +225,7 @@ def test_what_longctx_would_skip_is_refused(tmp_path):
 
 
 def test_attention_the_kernels_do_not_compute_is_refused_at_the_call():
-    # a model whose config hides it still cannot slip soft-capping, sinks or bidirectional attention through
+    # a model whose config hides it still cannot slip soft-capping or bidirectional attention through
     from longctx.model.hf import longctx_attention
 
     class Prepared(torch.nn.Module):
@@ -223,7 +235,6 @@ def test_attention_the_kernels_do_not_compute_is_refused_at_the_call():
             raise AssertionError("must be refused before the kernels run")
 
     q = torch.zeros(1, 2, 4, 8)
-    for kwargs, pattern in (({"softcap": 30.0}, "soft-capping"), ({"s_aux": torch.zeros(2)}, "attention sinks"),
-                            ({"is_causal": False}, "bidirectionally")):
+    for kwargs, pattern in (({"softcap": 30.0}, "soft-capping"), ({"is_causal": False}, "bidirectionally")):
         with pytest.raises(ValueError, match=pattern):
             longctx_attention(Prepared(), q, q, q, None, **kwargs)

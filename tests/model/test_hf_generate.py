@@ -1,7 +1,7 @@
 """Generation from Hugging Face models through their own layers (model/hf_generate.py): context-parallel
 prefill and tree/ring decoding over 1 and 2 ranks give the tokens of the unmodified model's eager greedy
 generation without a cache, logits within 1e-5: sliding-window layers (Qwen2, Gemma3), per-head norms and
-wide heads (Qwen3), a softmax scale that is not head_dim ** -0.5 (Gemma3)."""
+wide heads (Qwen3), a softmax scale that is not head_dim ** -0.5 (Gemma3), attention sinks (gpt-oss)."""
 
 import pytest
 import torch
@@ -28,11 +28,19 @@ def models(tmp_path_factory):
             **SMALL, head_dim=16, sliding_window=5, layer_types=["sliding_attention", "full_attention"],
             query_pre_attn_scalar=8)),
         "qwen3": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config(**SMALL, head_dim=16)),
+        # attention sinks (prefill and every decode step merge them), a mixture of experts
+        "gptoss": (transformers.GptOssForCausalLM, transformers.GptOssConfig(
+            **dict(SMALL, intermediate_size=32), head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+            sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
     }
     out = {}
     for name, (cls, cfg) in made.items():
         torch.manual_seed(0)
-        cls(cfg).save_pretrained(root / name)
+        model = cls(cfg)
+        for p in (p for n, p in model.named_parameters() if n.endswith(".sinks")):
+            p.data = 2 * torch.randn(p.shape)  # well away from 0, so a dropped sink changes the tokens
+        model.save_pretrained(root / name)
         eager = transformers.AutoModelForCausalLM.from_pretrained(root / name, attn_implementation="eager")
         out[name] = (str(root / name), [greedy_reference(eager, p, STEPS) for p in prompts(LENGTHS)])
     return out

@@ -71,7 +71,7 @@ def pairs(sq: int, sk: int, batch: int = 1, **mask) -> int:
     return int(allowed(sq, sk, batch, **mask).sum())
 
 
-def _forward(q, k, v, scale, ok):
+def _forward(q, k, v, scale, ok, sinks=None):
     b, sq, h, d = q.shape
     group = h // k.shape[2]
     qh = q.transpose(1, 2)                                   # (B, H, Sq, D)
@@ -83,24 +83,33 @@ def _forward(q, k, v, scale, ok):
     # explicit normalisation: the shift is a detached constant (softmax does not depend on it), so
     # autograd never differentiates a logsumexp of an all -inf row (that would be NaN)
     shift = scores.detach().amax(dim=-1, keepdim=True)
+    if sinks is not None:  # one more key per head, logit sinks[h], value zero: only the normaliser grows
+        shift = torch.maximum(shift, sinks.detach()[None, :, None, None])
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     e = torch.exp(scores - shift) * keep
     denom = e.sum(dim=-1, keepdim=True)
+    if sinks is not None:
+        denom = denom + torch.exp(sinks[None, :, None, None] - shift)
     p = e / torch.where(denom > 0, denom, torch.ones_like(denom))  # a row with no key: all zero
     lse = torch.where(denom > 0, denom.log() + shift, torch.full_like(denom, -math.inf)).squeeze(-1)
     out = torch.matmul(p, vh).transpose(1, 2)                # (B, Sq, H, D)
     return out, lse
 
 
-def attention(q, k, v, *, scale=None, do=None, **mask):
-    """out (B, Sq, H, D) and lse (B, H, Sq) in float64; with `do`, also (dq, dk, dv) by autograd."""
+def attention(q, k, v, *, scale=None, do=None, sinks=None, **mask):
+    """out (B, Sq, H, D) and lse (B, H, Sq) in float64; with `do`, also (dq, dk, dv) by autograd, and with
+    `sinks` (H,) (attention sinks: a zero-valued key of logit sinks[h] in every row) (dq, dk, dv, dsinks)."""
     q, k, v = (t.detach().to(torch.float64).requires_grad_(do is not None) for t in (q, k, v))
+    inputs = (q, k, v)
+    if sinks is not None:
+        sinks = sinks.detach().to(torch.float64).requires_grad_(do is not None)
+        inputs = (q, k, v, sinks)
     b, sq, _, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     ok = allowed(sq, k.shape[1], b, **mask)
     with torch.enable_grad():
-        out, lse = _forward(q, k, v, scale, ok)
+        out, lse = _forward(q, k, v, scale, ok, sinks)
         if do is None:
             return out.detach(), lse.detach()
-        dq, dk, dv = torch.autograd.grad(out, (q, k, v), do.to(torch.float64))
-    return out.detach(), lse.detach(), (dq, dk, dv)
+        grads = torch.autograd.grad(out, inputs, do.to(torch.float64))
+    return out.detach(), lse.detach(), grads

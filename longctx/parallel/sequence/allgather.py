@@ -13,7 +13,7 @@ import torch
 
 from ... import kernels
 from ...kernels import acc_dtype
-from .schedule import ScheduleFunction, ScheduleSpec, blocks_backward, blocks_forward, held
+from .schedule import ScheduleSpec, blocks_backward, blocks_forward, held, run_schedule
 
 
 def _shards(comm, kv, pending, parts):
@@ -58,5 +58,5 @@ def allgather_backward(dout, q, k, v, out, lse, spec: ScheduleSpec):
     return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
 
 
-def allgather_attention(q, k, v, spec: ScheduleSpec):
-    return ScheduleFunction.apply(q, k, v, spec, allgather_forward, allgather_backward)
+def allgather_attention(q, k, v, spec: ScheduleSpec, sinks=None):
+    return run_schedule(q, k, v, spec, allgather_forward, allgather_backward, sinks)

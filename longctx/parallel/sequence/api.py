@@ -18,7 +18,7 @@ from .hybrid import hybrid_attention
 from .mesh import hybrid_groups
 from .registry import STRATEGIES, get_strategy
 from .ring import ring_attention
-from .schedule import ScheduleSpec
+from .schedule import ScheduleSpec, check_sinks
 from .ulysses import ulysses_attention
 
 __all__ = ["STRATEGIES", "ContextParallelAttention", "attention", "check_positions"]
@@ -89,7 +89,7 @@ def _check_window(window) -> None:
 
 def attention(q, k, v, *, causal: bool = False, strategy: str = "zigzag", group=None, kernel: str = "auto",
               window: int | None = None, scale: float | None = None, layout: str | None = None,
-              position_ids=None, check: bool = True, documents: Documents | None = None):
+              position_ids=None, check: bool = True, documents: Documents | None = None, sinks=None):
     """Exact attention on this rank's shards q (B, c, H, D), k, v (B, c, H_kv, D).
 
     Say how the shards were cut: `layout=` (what longctx.parallel.shard used) and/or `position_ids=` (the
@@ -97,8 +97,9 @@ def attention(q, k, v, *, causal: bool = False, strategy: str = "zigzag", group=
     a process group (None = world), or for 'hybrid' a ("ring", "ulysses") DeviceMesh. `check=False` skips
     the position check (a caller that made the positions from the same plan). `documents`: where packed
     documents start (longctx.parallel.Documents, the same on every rank); attention then stays inside each
-    document and blocks no document spans are skipped. Returns this rank's output
-    shard, same layout, dtype of q.
+    document and blocks no document spans are skipped. `sinks`: attention sinks (gpt-oss), one logit per
+    query head (H,): each row's softmax gets one more key with that logit and a zero value; differentiable.
+    Returns this rank's output shard, same layout, dtype of q.
     """
     strat = get_strategy(strategy)
     if layout is None and position_ids is None:
@@ -111,6 +112,7 @@ def attention(q, k, v, *, causal: bool = False, strategy: str = "zigzag", group=
         layout = strat.layout(layout)
     scale, _ = kernels.validate(q, k, v, scale, None)
     _check_window(window)
+    check_sinks(sinks, q.shape[2])
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"q has {q.shape[1]} tokens but k/v have {k.shape[1]}: shards must be equally long; "
                          "shard q, k and v of the same sequence with the same layout (for decoding against a longer "
@@ -134,13 +136,13 @@ def attention(q, k, v, *, causal: bool = False, strategy: str = "zigzag", group=
         check_positions(position_ids, strat.rank_positions(layout, n, world, rank, ulysses))
     if strategy == "ulysses":
         return ulysses_attention(q, k, v, comm=comm, layout=layout, causal=causal, window=window, scale=scale,
-                                 kernel=kernel, documents=documents)
+                                 kernel=kernel, documents=documents, sinks=sinks)
     spec = ScheduleSpec(comm, layout, causal, window, scale, kernel, documents)
     if strategy == "hybrid":
-        return hybrid_attention(q, k, v, ulysses_comm=ucomm, spec=spec)
+        return hybrid_attention(q, k, v, ulysses_comm=ucomm, spec=spec, sinks=sinks)
     if strategy == "allgather":
-        return allgather_attention(q, k, v, spec)[0]
-    return ring_attention(q, k, v, spec)[0]
+        return allgather_attention(q, k, v, spec, sinks)[0]
+    return ring_attention(q, k, v, spec, sinks)[0]
 
 
 class ContextParallelAttention(nn.Module):
@@ -157,10 +159,10 @@ class ContextParallelAttention(nn.Module):
         self.strategy, self.group, self.causal, self.kernel, self.window = strategy, group, causal, kernel, window
         self.check_positions = check_positions
 
-    def forward(self, q, k, v, position_ids=None, scale=None, documents=None):
+    def forward(self, q, k, v, position_ids=None, scale=None, documents=None, sinks=None):
         return attention(q, k, v, causal=self.causal, strategy=self.strategy, group=self.group,
                          kernel=self.kernel, window=self.window, scale=scale, layout=self.layout,
-                         position_ids=position_ids, check=self.check_positions, documents=documents)
+                         position_ids=position_ids, check=self.check_positions, documents=documents, sinks=sinks)
 
     def extra_repr(self) -> str:
         return f"strategy={self.strategy}, layout={self.layout}, causal={self.causal}, window={self.window}"

@@ -14,7 +14,7 @@ from ..comm import Comm
 from .registry import REGISTRY
 from .ring import ring_attention
 from .schedule import ScheduleSpec
-from .ulysses import HeadsToSeq, SeqToHeads, check_heads, replicate_kv
+from .ulysses import HeadsToSeq, SeqToHeads, check_heads, heads_of, replicate_kv
 
 
 def hybrid_positions(ring_layout: str, n: int, ring_world: int, ulysses_world: int, ring_rank: int,
@@ -31,10 +31,10 @@ def shard_hybrid(x: torch.Tensor, ring_layout: str, ulysses_comm: Comm, ring_com
     return x.index_select(dim, pos.to(x.device))
 
 
-def hybrid_attention(q, k, v, *, ulysses_comm: Comm, spec: ScheduleSpec):
+def hybrid_attention(q, k, v, *, ulysses_comm: Comm, spec: ScheduleSpec, sinks=None):
     """q, k, v: this rank's hybrid shard (B, c, H, D); spec: the ring part (its comm is the ring group)."""
     rep = check_heads(q.shape[2], k.shape[2], ulysses_comm.world, what="hybrid ulysses")
     k, v = replicate_kv(k, v, rep)
     qh, kh, vh = (SeqToHeads.apply(t, ulysses_comm) for t in (q, k, v))
-    out, _ = ring_attention(qh, kh, vh, spec)
+    out, _ = ring_attention(qh, kh, vh, spec, heads_of(sinks, ulysses_comm))
     return HeadsToSeq.apply(out, ulysses_comm)

@@ -15,7 +15,7 @@ import torch
 from ... import kernels
 from ...kernels import acc_dtype
 from .plan import ring_src
-from .schedule import ScheduleFunction, ScheduleSpec, blocks_backward, blocks_forward, held
+from .schedule import ScheduleSpec, blocks_backward, blocks_forward, held, run_schedule
 
 
 def _blocks(spec: ScheduleSpec, n: int, src: int, batch: int):
@@ -66,6 +66,6 @@ def ring_backward(dout, q, k, v, out, lse, spec: ScheduleSpec):
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
-def ring_attention(q, k, v, spec: ScheduleSpec):
+def ring_attention(q, k, v, spec: ScheduleSpec, sinks=None):
     """Exact attention over ring-sharded q, k, v (local shards in spec.layout); returns (out, lse)."""
-    return ScheduleFunction.apply(q, k, v, spec, ring_forward, ring_backward)
+    return run_schedule(q, k, v, spec, ring_forward, ring_backward, sinks)

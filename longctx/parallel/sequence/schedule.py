@@ -88,30 +88,50 @@ def local_backward(dout, q, k, v, out, lse, spec: ScheduleSpec):
 
 
 def local_attention(q, k, v, *, causal: bool, window, kernel: str, documents, scale: float | None = None,
-                    comm: Comm | None = None):
+                    comm: Comm | None = None, sinks=None):
     """A whole sequence on one rank through the planner's blocks of one shard (one call, or one per packed
-    document); `comm`: where the work is recorded (None: nowhere)."""
+    document); `comm`: where the work is recorded (None: nowhere); `sinks`: see run_schedule."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     spec = ScheduleSpec(comm, "contiguous", causal, window, scale, kernel, documents)
-    return ScheduleFunction.apply(q, k, v, spec, local_forward, local_backward)[0]
+    return run_schedule(q, k, v, spec, local_forward, local_backward, sinks)[0]
+
+
+def run_schedule(q, k, v, spec: ScheduleSpec, fwd, bwd, sinks=None):
+    """(out, lse) of a schedule, differentiable in q, k, v and `sinks`: None, or one logit per query head of
+    q (H,) for attention sinks (kernels.merge_sinks), merged into the global out/lse once, after every
+    block, so every strategy supports them and the backward runs on the merged state."""
+    check_sinks(sinks, q.shape[2])
+    return ScheduleFunction.apply(q, k, v, sinks, spec, fwd, bwd)
+
+
+def check_sinks(sinks, heads: int) -> None:
+    if sinks is not None and (not isinstance(sinks, torch.Tensor) or tuple(sinks.shape) != (heads,)):
+        shape = tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+        raise ValueError(f"sinks must be a tensor of one logit per query head, shape ({heads},), got {shape}")
 
 
 class ScheduleFunction(torch.autograd.Function):
     """Autograd for any schedule given as (forward(q, k, v, spec) -> (out, lse),
-    backward(dout, q, k, v, out, lse, spec) -> (dq, dk, dv)): saves only q, k, v and the global out/lse."""
+    backward(dout, q, k, v, out, lse, spec) -> (dq, dk, dv)): saves only q, k, v and the global out/lse.
+    With sinks, the saved out/lse are the sink-merged ones: the kernels' backward with them is exact
+    (lse is the whole softmax's normaliser), and the sinks' own gradient comes from the same state."""
 
     @staticmethod
-    def forward(ctx, q, k, v, spec, fwd, bwd):
+    def forward(ctx, q, k, v, sinks, spec, fwd, bwd):
         out, lse = fwd(q, k, v, spec)
-        ctx.save_for_backward(q, k, v, out, lse)
+        if sinks is not None:
+            out, lse = kernels.merge_sinks(out, lse, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.spec, ctx.bwd = spec, bwd
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.bwd(dout.contiguous(), q, k, v, out, lse, ctx.spec)
-        return dq, dk, dv, None, None, None
+        q, k, v, out, lse, sinks = ctx.saved_tensors
+        dout = dout.contiguous()
+        dq, dk, dv = ctx.bwd(dout, q, k, v, out, lse, ctx.spec)
+        dsinks = None if sinks is None else kernels.sinks_grad(dout, out, lse, sinks)
+        return dq, dk, dv, dsinks, None, None, None
 
 

@@ -23,9 +23,9 @@ def problem(b, n, h, hkv, d, dtype, seed):
     return q, k, v, do
 
 
-def reference(q, k, v, do, causal, window):
+def reference(q, k, v, do, causal, window, sinks=None):
     """float64 single-device attention over the full sequence, with gradients: the independent oracle."""
-    out, _, grads = oracle.attention(q, k, v, do=do, **oracle.flags(causal, window))
+    out, _, grads = oracle.attention(q, k, v, do=do, sinks=sinks, **oracle.flags(causal, window))
     return out, grads
 
 
@@ -55,7 +55,10 @@ def run_case(case: dict) -> dict:
     dtype = case.get("dtype", torch.float32)
     causal, window = case["causal"], case.get("window")
     q, k, v, do = problem(b, n, h, hkv, d, dtype, case.get("seed", 0))
-    ref_out, ref_grads = reference(q, k, v, do, causal, window)
+    # attention sinks: logits around the scores' own scale, so the sink takes a real share of each row
+    sinks = 2 * torch.randn(h, generator=torch.Generator().manual_seed(7), dtype=torch.float64) \
+        if case.get("sinks") else None
+    ref_out, ref_grads = reference(q, k, v, do, causal, window, sinks)
     group, comms, pos = _group_and_positions(case, n, world, rank)
     for c in comms:
         c.stats.reset()
@@ -64,9 +67,11 @@ def run_case(case: dict) -> dict:
     kernels.reset_calls()
     local = [t[:, pos].to(dtype).requires_grad_(i < 3) for i, t in enumerate((q, k, v, do))]
     ql, kl, vl, dol = local
+    sl = None if sinks is None else sinks.to(dtype).requires_grad_()
     out = attention(ql, kl, vl, causal=causal, strategy=case["strategy"], group=group,
                     kernel=case.get("kernel", "auto"), window=window,
-                    layout=case.get("layout") if case.get("pass_layout", True) else None, position_ids=pos)
+                    layout=case.get("layout") if case.get("pass_layout", True) else None, position_ids=pos,
+                    sinks=sl)
     fwd_bytes = sum(c.stats.bytes("fwd") for c in comms)
     fwd_calls = sum(c.stats.calls("fwd") for c in comms)
     out.backward(dol)
@@ -78,6 +83,8 @@ def run_case(case: dict) -> dict:
         "fwd_bytes": fwd_bytes, "fwd_calls": fwd_calls,
         "bwd_bytes": sum(c.stats.bytes("bwd") for c in comms),
         "bwd_calls": sum(c.stats.calls("bwd") for c in comms),
+        # each rank's sink gradient covers its own rows (or heads): summed over the ranks, the whole one
+        "err_dsinks": None if sl is None else (_summed(sl.grad).double() - ref_grads[3]).abs().max().item(),
         "work": [(ph, st, p) for c in comms for (ph, st), p in sorted(c.stats.work.items())],
         "out_dtype": str(out.dtype), "grad_dtype": str(ql.grad.dtype),
         "backends": report(), "counted": dict(counting.counted),
@@ -95,6 +102,14 @@ def run_case(case: dict) -> dict:
                        ulysses=case["mesh"][1] if case["strategy"] == "hybrid" else None)
     res["model"] = model
     return res
+
+
+def _summed(t):
+    import torch.distributed as dist
+
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
 
 
 def run_cases(cases: list[dict]) -> list[dict]:
