@@ -250,6 +250,26 @@ def _rope_at_length(rotary, x, position_ids, *args, **kwargs):
     return cos[..., :-1, :], sin[..., :-1, :]
 
 
+def active_ffn_width(hf_config) -> int:
+    """The MLP width one token passes through, averaged over the layers: a dense MLP's intermediate_size;
+    for a mixture of experts (gpt-oss, Mixtral, Qwen-MoE) the num_experts_per_tok experts it is routed to
+    plus any shared expert, on the layers that are sparse (Qwen-MoE's decoder_sparse_step, mlp_only_layers).
+    FLOPs and MFU then count the work done, not every expert's parameters; the router (dim x experts per
+    token, under 1% of an expert's matmuls in these models) is not counted."""
+    c = hf_config
+    routed = getattr(c, "num_experts_per_tok", None)
+    experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None)
+    if not routed or not experts:
+        return c.intermediate_size
+    sparse = routed * (getattr(c, "moe_intermediate_size", None) or c.intermediate_size) + \
+        (getattr(c, "shared_expert_intermediate_size", None) or 0)
+    step = getattr(c, "decoder_sparse_step", None) or 1
+    dense_layers = set(getattr(c, "mlp_only_layers", None) or [])
+    widths = [sparse if (i + 1) % step == 0 and i not in dense_layers else c.intermediate_size
+              for i in range(c.num_hidden_layers)]
+    return round(sum(widths) / len(widths))
+
+
 def model_config(hf_config):
     """longctx's ModelConfig with the sizes of an HF config (heads, FLOPs and checks read these)."""
     from ..config import ModelConfig
@@ -260,7 +280,7 @@ def model_config(hf_config):
                        n_layers=hf_config.num_hidden_layers, n_heads=heads,
                        n_kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
                        head_dim=explicit_head_dim(hf_config),
-                       ffn_dim=hf_config.intermediate_size,
+                       ffn_dim=active_ffn_width(hf_config),
                        rope_theta=float(getattr(hf_config, "rope_theta", None) or 10000.0),
                        norm_eps=float(getattr(hf_config, "rms_norm_eps", 1e-5)))
 

@@ -238,3 +238,20 @@ def test_attention_the_kernels_do_not_compute_is_refused_at_the_call():
     for kwargs, pattern in (({"softcap": 30.0}, "soft-capping"), ({"is_causal": False}, "bidirectionally")):
         with pytest.raises(ValueError, match=pattern):
             longctx_attention(Prepared(), q, q, q, None, **kwargs)
+
+
+def test_a_mixture_of_experts_counts_the_experts_a_token_runs():
+    # FLOPs and MFU read ffn_dim: for a mixture of experts, the width of the experts each token is routed to
+    # (plus a shared expert) on its sparse layers, averaged over the layers; a dense model's own width
+    from longctx.model.hf import model_config
+
+    assert model_config(transformers.LlamaConfig(**SMALL)).ffn_dim == 64
+    gpt_oss = transformers.GptOssConfig(**dict(SMALL, intermediate_size=32), head_dim=8, num_local_experts=4,
+                                        num_experts_per_tok=2)
+    assert model_config(gpt_oss).ffn_dim == 2 * 32
+    # 4 layers, every second sparse, layer 3 dense anyway: widths 40, 2 * 16 + 24, 40, 40
+    qwen_moe = transformers.Qwen2MoeConfig(**dict(SMALL, num_hidden_layers=4, intermediate_size=40),
+                                           moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+                                           shared_expert_intermediate_size=24, decoder_sparse_step=2,
+                                           mlp_only_layers=[3])
+    assert model_config(qwen_moe).ffn_dim == (40 + 56 + 40 + 40) // 4
