@@ -28,17 +28,26 @@ def seed(text: str) -> int:
     return value
 
 
+def split_names(text: str, flag: str) -> list[str]:
+    """Comma-separated names: an empty item ("a,,b", a trailing comma) is refused, not dropped, since it
+    usually means a name went missing."""
+    items = [x.strip() for x in text.split(",")]
+    if any(not x for x in items):
+        raise ValueError(f"{flag} {text!r} has an empty item; separate the values by single commas")
+    return items
+
+
 def int_list(text: str) -> list[int]:
     """Comma-separated integers (their ranges are the caller's to check)."""
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return [int(x) for x in split_names(text, "")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
 def float_list(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        return [float(x) for x in split_names(text, "")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
 

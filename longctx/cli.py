@@ -290,9 +290,13 @@ def cmd_config_show(args) -> int:
 
     with _checking():
         cfg = _load(args)
-        dims = validate_job(cfg, args.world_size) if args.world_size else None
-    if dims is not None:
-        print(f"# valid for {args.world_size} rank(s): {dims}")
+        p = cfg.parallel
+        # without --world-size: the smallest world the degrees allow (a -1 axis of size 1), so every check
+        # that does not depend on the world size still runs
+        world = args.world_size or max(p.dp_replicate, 1) * max(p.dp_shard, 1) * max(p.cp, 1) * max(p.tp, 1) \
+            * max(p.pp, 1)
+        dims = validate_job(cfg, world)
+    print(f"# valid for {world} rank(s): {dims}")
     print(to_yaml(cfg), end="")
     return 0
 

@@ -195,6 +195,8 @@ def _merge(cfg, other, source: str):
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         first = str(e).splitlines()[0]
+        if "is not a ListConfig" in first:  # OmegaConf's words for a scalar given to a list key
+            first = f"must be a list, e.g. {key}=[2,4] (brackets, no spaces), got {getattr(e, 'value', None)!r}"
         raise ConfigError(f"config key {key!r} (in {source}): {first}") from None
 
 

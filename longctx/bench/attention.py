@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from .._argtypes import seconds
+from .._argtypes import seconds, split_names
 from . import report
 
 COLUMNS = ["strategy", "layout", "world_size", "max_abs_err_out", "max_abs_err_grad", "comm_bytes_measured",
@@ -168,7 +168,7 @@ def validate(args) -> None:
     from ..parallel import get_strategy
 
     report.check_args(args)
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    strategies = split_names(args.strategies, "--strategies")
     if not strategies:
         raise ValueError("--strategies is empty; give a comma-separated list, e.g. zigzag,ulysses")
     for name in strategies:
@@ -184,7 +184,7 @@ def run(args) -> list[dict]:
     from ..launch import run as launch
     from ..parallel import comm_model, work_model
 
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    strategies = split_names(args.strategies, "--strategies")
     w = args.world_size
     uly = _ulysses(args)
     cfg = dict(seq_len=args.seq_len, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads or args.heads,

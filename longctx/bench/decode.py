@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from .._argtypes import int_list, seconds
+from .._argtypes import int_list, seconds, seed, split_names
 from . import report
 
 COLUMNS = ["strategy", "world_size", "context", "batch", "max_abs_err", "comm_bytes_measured", "comm_bytes_model",
@@ -38,7 +38,7 @@ def add_arguments(p) -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--backend", default="auto", help="process group backend: auto, gloo, nccl")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--timeout", type=seconds, default=1800.0)
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG: bytes per decode step vs context, per strategy")
@@ -104,7 +104,7 @@ def _rank_main(cfg):
 
 def validate(args) -> None:
     report.check_args(args)
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    strategies = split_names(args.strategies, "--strategies")
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad or not strategies:
         raise ValueError(f"unknown decode strategies {bad or strategies}; choose from {list(STRATEGIES)}")
@@ -114,7 +114,7 @@ def run(args) -> list[dict]:
     from ..launch import run as launch
 
     validate(args)
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    strategies = split_names(args.strategies, "--strategies")
     kv = args.kv_heads or args.heads
     cfg = dict(contexts=list(args.context), strategies=strategies, batch=args.batch, new_tokens=args.new_tokens,
                heads=args.heads, kv_heads=kv, head_dim=args.head_dim, dtype=report.DTYPES[args.dtype],

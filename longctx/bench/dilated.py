@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from .._argtypes import int_list, seconds
+from .._argtypes import int_list, seconds, seed
 from . import report
 
 COLUMNS = ["world_size", "seq_len", "causal", "max_abs_err_out", "max_abs_err_grad", "comm_bytes_measured",
@@ -41,14 +41,14 @@ def add_arguments(p) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the float64 single-device comparison")
     p.add_argument("--check-max-len", type=int, default=131072, help="skip the check above this length")
     p.add_argument("--backend", default="auto", help="process group backend: auto, gloo, nccl")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--timeout", type=seconds, default=3600.0)
     p.add_argument("--json", default=None)
 
 
 def _chunk(cfg, rank):
     """Rank `rank`'s contiguous chunk of q, k, v, dout (fp32 draws, so every dtype sees the same numbers)."""
-    g = torch.Generator().manual_seed(cfg["seed"] * 100003 + rank)
+    g = torch.Generator().manual_seed((cfg["seed"] * 100003 + rank) % 2**63)
     b, l, h, hkv, d = cfg["batch"], cfg["seq_len"] // cfg["world"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
     shapes = [(b, l, h, d), (b, l, hkv, d), (b, l, hkv, d), (b, l, h, d)]
     return [torch.randn(*s, generator=g) for s in shapes]

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from .._argtypes import int_list
+from .._argtypes import int_list, seed, split_names
 from ..kernels import Mask, backends, empty_state, merge_
 from ..kernels import sdpa as sdpa_mod
 from . import report, sdpa_baselines
@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--virtual-ranks", type=int, default=0,
                    help="also run a P-rank schedule's block calls on this device and compare to one call")
     p.add_argument("--schedule", choices=sorted(SCHEDULES), default="zigzag")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--json", default=None, help="write the records here")
     p.add_argument("--plot", default=None, help="PNG of fwd+bwd TFLOP/s vs sequence length")
 
@@ -220,7 +220,7 @@ def run_virtual_ranks(name, args, s, dtype, device, mask, warmup, iters, full_ms
 
 
 def _names(args) -> list[str]:
-    return [n.strip() for n in args.backends.split(",") if n.strip()]
+    return split_names(args.backends, "--backends")
 
 
 def validate(args) -> None:
@@ -236,6 +236,15 @@ def validate(args) -> None:
     if unknown or not names:
         raise ValueError(f"--backends {args.backends!r}: {'unknown ' + ', '.join(unknown) if unknown else 'empty'}; "
                          f"choose from {', '.join(known)}")
+    # a row per backend that cannot run here says why; a run in which none can would measure nothing
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    q, k, v, _ = _tensors(1, 16, args.heads, args.kv_heads or args.heads, args.head_dim, report.DTYPES[args.dtype],
+                          device, 0)
+    reasons = {n: _why_not(n, q, k, v, _mask(args)) for n in names}
+    if all(reasons.values()):
+        raise ValueError(f"--backends {args.backends!r}: none can run here ("
+                         + "; ".join(f"{n}: {why}" for n, why in reasons.items())
+                         + "); choose one that can (`longctx info` lists them)")
     if args.virtual_ranks:
         for s in args.seq_lens:
             layouts.check_seq(SCHEDULES[args.schedule], s, args.virtual_ranks,

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from .._argtypes import int_list
+from .._argtypes import int_list, seed, split_names
 from ..parallel.sequence.balance import balanced_order
 from ..parallel.sequence.layouts import LAYOUTS, check_seq
 from ..parallel.sequence.plan import imbalance, work_table
@@ -29,14 +29,14 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=4, help="packed sequences averaged over")
     p.add_argument("--mean-doc", type=int, default=512, help="scale of the document lengths (tokens)")
     p.add_argument("--alpha", type=float, default=1.1, help="Pareto tail index (smaller: heavier tail)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG: imbalance per layout, as packed and balanced")
 
 
 def validate(args) -> None:
     report.check_args(args)
-    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    layouts = split_names(args.layouts, "--layouts")
     bad = [x for x in layouts if x not in LAYOUTS]
     if bad or not layouts:
         raise ValueError(f"--layouts {args.layouts!r}: choose from {', '.join(LAYOUTS)}")
@@ -61,7 +61,7 @@ def pack(seq_len: int, mean_doc: int, alpha: float, rng) -> list[int]:
 
 def run(args) -> list[dict]:
     validate(args)
-    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    layouts = split_names(args.layouts, "--layouts")
     rng = np.random.default_rng(args.seed)
     batches = [pack(args.seq_len, args.mean_doc, args.alpha, rng) for _ in range(args.batch)]
     n = args.seq_len

@@ -126,8 +126,8 @@ def plot_bars(path: str | None, labels: list[str], series: dict[str, list[float]
 
 
 POSITIVE = ("world_size", "seq_len", "batch", "heads", "kv_heads", "head_dim", "iters", "steps", "new_tokens",
-            "check_len", "ulysses")
-NON_NEGATIVE = ("warmup", "virtual_ranks", "check_max_len")
+            "ulysses")
+NON_NEGATIVE = ("warmup", "virtual_ranks", "check_max_len", "check_len")  # check lengths: 0 skips the check
 
 
 def check_args(args) -> None:

@@ -21,7 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from .._paths import blocking_file
+from .._paths import blocking_file, check_output
 from .tokenizer import load_tokenizer
 from .tokens import FILES
 
@@ -145,6 +145,10 @@ def _check_output(output: str) -> None:
             os.listdir(output) and not os.path.exists(os.path.join(output, "meta.json")))):
         raise PrepareError(f"--output {output!r} exists and is not a prepared dataset; refusing to replace it: "
                            "choose a new directory or remove it")
+    try:
+        check_output(output, "--output", "dir")  # writable here (permissions, read-only mounts, /proc)
+    except ValueError as e:
+        raise PrepareError(str(e)) from None
 
 
 def _swap_in(tmp: str, output: str) -> None:

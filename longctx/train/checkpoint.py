@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
-from .checkpoint_dirs import seal, step_dir
+from .checkpoint_dirs import UNREADABLE, load_file, read_error, saved_entries, seal, step_dir
 
 FULL_OPTIMIZER = "optimizer.pt"  # a DeepSpeed checkpoint's Adam states, unsharded: it resumes on any layout
 
@@ -155,7 +155,7 @@ def load(trainer, path: str) -> int:
     """Load a checkpoint into the trainer (collective, any layout); returns its step."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    meta = torch.load(os.path.join(path, "trainer.pt"), weights_only=True)
+    meta = load_file(path, "trainer.pt")
     full = _check_format(meta, trainer, path)
     held = meta.get("data", {}).get("holdout", 0)
     if trainer.cfg.data.source == "tokens" and held != trainer.cfg.validation.holdout:
@@ -177,7 +177,7 @@ def load(trainer, path: str) -> int:
         group["lr"] = lr  # what the optimizer's own state restores, and a resharded DeepSpeed load does not
     rng = os.path.join(path, f"rng_rank{trainer.rank}.pt")
     if meta["world_size"] == trainer.world and os.path.exists(rng):  # another world: fresh per-rank streams
-        r = torch.load(rng, weights_only=True)
+        r = load_file(path, os.path.basename(rng))
         torch.set_rng_state(r["cpu"])
         if r["cuda"] is not None and trainer.device_type == "cuda":
             torch.cuda.set_rng_state(r["cuda"])
@@ -221,9 +221,8 @@ def _check_format(meta: dict, trainer, path: str) -> str | None:
 def _dcp_full_optimizer(path: str) -> dict | None:
     """{saved key: its metadata} of a DCP checkpoint's model weights and per-parameter Adam states; None if
     the optimizer state was saved nested."""
-    import torch.distributed.checkpoint as dcp
 
-    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    saved = saved_entries(path)
     if not any(k.startswith("optim.state.") and k.endswith(".exp_avg") for k in saved):
         return None
     return {k: md for k, md in saved.items() if k.startswith("model.") or (
@@ -245,15 +244,14 @@ def _load_full(trainer, path: str, kind: str) -> None:
     DeepSpeed engine (`deepspeed_engine.load_full_state`) or the torch engines' model (`set_state_dict`
     with full tensors). Every rank reads every full tensor (memory-mapped for DeepSpeed's files)."""
     if kind == "deepspeed":
-        weights = torch.load(os.path.join(path, "model.pt"), weights_only=True, mmap=True)
-        saved = torch.load(os.path.join(path, FULL_OPTIMIZER), weights_only=True, mmap=True)
+        weights = load_file(path, "model.pt", mmap=True)
+        saved = load_file(path, FULL_OPTIMIZER, mmap=True)
         states, step = saved["state"], saved["step"]
     else:
-        import torch.distributed.checkpoint as dcp
 
         entries = _dcp_full_optimizer(path)
         flat = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in entries.items()}
-        dcp.load(flat, checkpoint_id=path)
+        _dcp_load(flat, path)
         weights = {k.removeprefix("model."): v for k, v in flat.items() if k.startswith("model.")}
         states, steps = {}, set()
         for k, v in flat.items():
@@ -313,11 +311,8 @@ def _dcp_load(state: dict, path: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
+    saved_entries(path)  # a damaged .metadata fails here, in one line (DCP would log tracebacks first)
     try:
         dcp.load(state, checkpoint_id=path)
-    except (CheckpointException, RuntimeError, ValueError, KeyError) as e:  # CheckpointException: a BaseException
-        # DCP gathers every rank's traceback; the planner's own line names the key and both shapes
-        lines = [ln for ln in str(e).splitlines() if "Error:" in ln] or str(e).splitlines()[:1]
-        raise ConfigError(f"checkpoint {path} does not fit this model: {lines[0].strip()[:300]} (a different model "
-                         f"shape or pipeline layout?); resume with the config it was written with "
-                         f"({os.path.join(path, 'config.yaml')})") from None
+    except (CheckpointException, *UNREADABLE) as e:
+        raise read_error(path, e) from None

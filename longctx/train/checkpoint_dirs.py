@@ -1,14 +1,20 @@
 """Where checkpoints live and which are complete: `step_00000012/` directories under a checkpoint root,
 each sealed by a `COMPLETE` marker listing every file with its size. A directory without the marker, or
 whose files differ from it, was interrupted or damaged and is skipped (with the reason), never loaded.
-What goes inside a checkpoint is train/checkpoint.py's."""
+What goes inside a checkpoint is train/checkpoint.py's; `load_file` and `read_error` turn a file that
+cannot be read (changed after the marker was written: same size, other bytes) into a one-line error."""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
+
+import torch
+
+from ..config import ConfigError
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -110,3 +116,44 @@ def seal(tmp: str, final: str, root: str, step: int, keep_last: int) -> None:
     os.replace(tmp, final)
     for _, old in complete_checkpoints(root, log=lambda _: None)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# what torch.load and DCP raise for bytes that are not what was written (CheckpointException is a
+# BaseException: DCP gathers every rank's error into one)
+UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, OSError)
+
+
+def load_file(path: str, name: str, **kwargs):
+    """torch.load(weights_only=True) of one file of checkpoint `path`; a damaged file is a ConfigError."""
+    try:
+        return torch.load(os.path.join(path, name), weights_only=True, **kwargs)
+    except UNREADABLE as e:
+        raise read_error(path, e, name) from None
+
+
+def saved_entries(path: str) -> dict:
+    """{saved key: DCP metadata} of a DCP checkpoint; an unreadable .metadata is a ConfigError."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        return dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    except UNREADABLE as e:
+        raise read_error(path, e, ".metadata") from None
+
+
+def read_error(path: str, error: BaseException, name: str | None = None) -> ConfigError:
+    """One line for a checkpoint read that failed: its weights do not fit the model it is read into (a
+    shape or name the model does not have), or a file is damaged."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    # DCP gathers every rank's traceback: the planner's own line names the key and both shapes
+    fits = ("size mismatch", "shape", "missing key", "unexpected key")
+    first = next((ln for ln in lines if any(w in ln.lower() for w in fits)), None) or \
+        next((ln for ln in lines if "Error:" in ln), lines[0] if lines else type(error).__name__)
+    first = first.split(". ")[0]  # torch's explanations run on for lines
+    config = os.path.join(path, "config.yaml")
+    if isinstance(error, KeyError) or any(w in first.lower() for w in fits):
+        return ConfigError(f"checkpoint {path} does not fit this model: {first[:300]} (a different model shape or "
+                           f"pipeline layout?); use the config it was written with ({config})")
+    what = f"its file {name}" if name else "its files"
+    return ConfigError(f"checkpoint {path}: {what} cannot be read ({first[:200]}): the checkpoint is damaged (changed "
+                       "after it was written); pass an older checkpoint")

@@ -33,10 +33,21 @@ def _below(section: str, cfg, key: str, limit: float, inclusive: bool = False) -
         raise ConfigError(f"{section}.{key} must be {'<=' if inclusive else '<'} {limit}, got {value}")
 
 
+def _check_int64(node, prefix: str = "") -> None:
+    """Every integer of the config fits torch's int64 (a larger one fails deep inside a rank)."""
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if hasattr(value, "items"):
+            _check_int64(value, name + ".")
+        elif isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+            raise ConfigError(f"{name}={value} does not fit a 64-bit integer; give a value below 2**63")
+
+
 def _check_numbers(cfg) -> None:
     """Ranges of the optimizer and timeout settings (what torch would only refuse inside a rank)."""
     import datetime
 
+    _check_int64(cfg)
     p, t = cfg.parallel, cfg.train
     _positive("parallel", p, "ac_every", "timeout_s")
     try:

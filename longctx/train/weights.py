@@ -13,7 +13,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from .checkpoint_dirs import locate
+from .checkpoint_dirs import UNREADABLE, load_file, locate, read_error, saved_entries
 
 
 def model_weights(path: str, log=print) -> tuple[dict, str]:
@@ -24,7 +24,7 @@ def model_weights(path: str, log=print) -> tuple[dict, str]:
 
     path = locate(path, path, log=log)
     if os.path.isfile(os.path.join(path, "model.pt")):  # a DeepSpeed checkpoint: its full weights
-        return torch.load(os.path.join(path, "model.pt"), weights_only=True), path
+        return load_file(path, "model.pt"), path
     entries = _saved_model_entries(path)
     state = {name: torch.empty(md.size, dtype=md.properties.dtype) for name, (_, md) in entries.items()
              if isinstance(md, TensorStorageMetadata)}
@@ -34,19 +34,21 @@ def model_weights(path: str, log=print) -> tuple[dict, str]:
 
 def _saved_model_entries(path: str) -> dict:
     """{the unsplit model's name: (the key it was saved under, its DCP metadata)} of a DCP checkpoint."""
-    import torch.distributed.checkpoint as dcp
-
-    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    saved = saved_entries(path)
     return {key.removeprefix("model."): (key, md) for key, md in saved.items() if key.startswith("model.")}
 
 
 def _read_dcp(state: dict, path: str, *, no_dist: bool) -> None:
     """dcp.load of `state` (keyed by saved names); no_dist: this process reads it all itself, as intended."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path, no_dist=no_dist)
+        try:
+            dcp.load(state, checkpoint_id=path, no_dist=no_dist)
+        except (CheckpointException, *UNREADABLE) as e:
+            raise read_error(path, e) from None
 
 
 def load_model_pieces(model, path: str, log=print) -> str:
@@ -59,7 +61,7 @@ def load_model_pieces(model, path: str, log=print) -> str:
     mine = model.state_dict()
     full = None
     if os.path.isfile(os.path.join(path, "model.pt")):  # a DeepSpeed checkpoint: full weights, keep our pieces
-        full = torch.load(os.path.join(path, "model.pt"), weights_only=True)
+        full = load_file(path, "model.pt")
         saved = {name: name for name in full}
     else:
         saved = {name: key for name, (key, _) in _saved_model_entries(path).items()}
@@ -120,11 +122,17 @@ def _export_hf(state: dict, found: str, out: str) -> None:
         hf_cfg = read_hf_config(cfg.model.hf_path)
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
-        model.load_state_dict({k.removeprefix("hf."): v for k, v in state.items()}, assign=True, strict=True)
+        try:
+            model.load_state_dict({k.removeprefix("hf."): v for k, v in state.items()}, assign=True, strict=True)
+        except RuntimeError as e:  # the checkpoint's weights against the architecture its config names
+            raise read_error(found, e) from None
         model.save_pretrained(out, safe_serialization=True)
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
             src = os.path.join(cfg.model.hf_path, name)
             if os.path.exists(src) and not os.path.exists(os.path.join(out, name)):
                 shutil.copy(src, out)
         return
-    save_hf_llama(state, cfg.model, out, max_positions=max(cfg.train.seq_len, 2048))
+    try:
+        save_hf_llama(state, cfg.model, out, max_positions=max(cfg.train.seq_len, 2048))
+    except RuntimeError as e:  # the weights against the model its config.yaml describes
+        raise read_error(found, e) from None

@@ -3,6 +3,7 @@ checked against the reference like any backend, and say why they are skipped els
 
 import argparse
 
+import pytest
 import torch
 
 from longctx.bench import kernel as bench
@@ -28,5 +29,10 @@ def test_torch_baselines_run_and_are_checked():
 
 
 def test_torch_baselines_refuse_masks_they_cannot_express():
-    recs = _run("--backends", "torch-flash", "--window", "8")
+    recs = _run("--backends", "torch-flash,reference", "--window", "8")
     assert recs["torch-flash"]["status"].startswith("skipped: torch-flash takes full or causal masks only")
+    assert recs["reference"]["status"] == "ok"
+    # alone it would measure nothing: an error with the reason
+    with pytest.raises(ValueError, match=r"--backends 'torch-flash': none can run here \(torch-flash: torch-flash "
+                                         r"takes full or causal masks only"):
+        _run("--backends", "torch-flash", "--window", "8")

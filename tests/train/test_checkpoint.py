@@ -116,6 +116,40 @@ def test_interrupted_checkpoints_are_never_loaded(tmp_path):
     assert resumed["resumed_from"].endswith("step_00000001") and resumed["steps"] == [2, 3, 4, 5]
 
 
+def _overwrite(path, fill: bytes | None = None):
+    """Same size, other bytes: what the marker's sizes cannot see."""
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.write(fill * size if fill is not None else os.urandom(size))
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path):
+    run_dir = tmp_path / "run"
+    _run(1, config("checkpoint.interval=1", "train.steps=1", run_dir=str(run_dir)))
+    good = os.path.join(run_dir, "checkpoints", "step_00000001")
+    damaged = {}
+    for kind in ("metadata", "shard", "trainer", "config"):
+        damaged[kind] = str(tmp_path / kind / "step_00000001")
+        shutil.copytree(good, damaged[kind])
+    _overwrite(os.path.join(damaged["metadata"], ".metadata"))
+    _overwrite(os.path.join(damaged["shard"], next(f for f in os.listdir(good) if f.endswith(".distcp"))), b"\0")
+    _overwrite(os.path.join(damaged["trainer"], "trainer.pt"), b"\0")
+    with open(os.path.join(damaged["config"], "config.yaml")) as f:
+        text = f.read()
+    with open(os.path.join(damaged["config"], "config.yaml"), "w") as f:
+        f.write(text.replace("dim: 32", "dim: 16"))
+    with pytest.raises(ConfigError, match=r"its file .metadata cannot be read .*damaged .*pass an older checkpoint"):
+        weights.model_weights(damaged["metadata"])
+    with pytest.raises(ConfigError, match=r"its files cannot be read \(.*UnpicklingError.*\): the checkpoint is"):
+        weights.model_weights(damaged["shard"])
+    with pytest.raises(ConfigError, match=r"does not fit this model: size mismatch for .*use the config it was"):
+        weights.export(damaged["config"], str(tmp_path / "hf"), fmt="hf")
+    for kind, pattern in (("trainer", r"its file trainer.pt cannot be read"),
+                          ("metadata", r"its file .metadata cannot be read")):
+        with pytest.raises(RankError, match=pattern):
+            _run(1, config("train.steps=2", f"train.resume={damaged[kind]}", run_dir=str(tmp_path / f"r_{kind}")))
+
+
 def test_bad_resume_and_shape_mismatch(tmp_path):
     with pytest.raises(ConfigError, match=r"train.resume='/nonexistent/ckpt' does not exist"):
         validate_job(load(overrides=["train.resume=/nonexistent/ckpt"]), 1)
