@@ -13,6 +13,7 @@ import os
 import platform
 import sys
 
+from . import __version__
 from ._argtypes import float_list, int_list, positive_int, seconds, seed
 from .cli_data import cmd_data_prepare, cmd_eval, cmd_generate
 from .cli_errors import USER_ERRORS, UserError
@@ -81,6 +82,7 @@ def _add_config_args(p) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="longctx", description="Exact sequence-parallel attention and long-context training")
+    p.add_argument("--version", action="version", version=f"longctx {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("info", help="versions, devices, kernel backends and why any is unavailable")
     demo = sub.add_parser("demo", help="a real training run on a simulated 4-rank CPU cluster (`make demo`)")
@@ -273,8 +275,9 @@ def cmd_launch_ray(args) -> int:
     with _checking():
         cfg = _load(args)
         validate_job(cfg, args.num_workers)
-        if args.gpus_per_worker < 0 or args.max_failures < 0:
-            raise ValueError("--gpus-per-worker and --max-failures must be >= 0")
+        for flag, value in (("--gpus-per-worker", args.gpus_per_worker), ("--max-failures", args.max_failures)):
+            if value < 0:
+                raise ValueError(f"{flag} must be >= 0, got {value}")
     if cfg.run_dir is None:
         cfg.run_dir = default_run_dir(args.config)
     cfg.run_dir = os.path.abspath(cfg.run_dir)  # Ray workers do not run in this directory

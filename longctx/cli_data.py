@@ -110,8 +110,12 @@ def cmd_eval(args) -> int:
         cfg = _checked_checkpoint(args)
         if kind == "needle":
             check_lengths(cfg, args.lengths)
+            _check_memory(args, cfg, rows=min(args.samples, 8), tokens=max(args.lengths) + cfg.data.digits,
+                          what=f"--lengths {max(args.lengths)}")
         if kind == "ppl":
             _check_ppl_args(args, cfg)
+            seq_len = args.seq_len or cfg.train.seq_len
+            _check_memory(args, cfg, rows=2, tokens=seq_len, logits=True, what=f"--seq-len {seq_len}")
     records = _on_ranks(kind, params, args.nproc)
     if not _rank0():
         return 0
@@ -124,6 +128,14 @@ def cmd_eval(args) -> int:
             with open(args.json, "w") as f:
                 json.dump(records, f, indent=1)
     return 0
+
+
+def _check_memory(args, cfg, *, rows: int, tokens: int, what: str, logits: bool = False) -> None:
+    from .train.setup import check_eval_memory
+
+    ranks = _ranks(args)[0]
+    check_eval_memory(cfg.model, rows=rows, tokens=tokens, ranks=ranks // args.tp, tp=args.tp, logits=logits,
+                      what=what, local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", ranks)))
 
 
 def _checked_generate(args):
@@ -150,6 +162,12 @@ def _checked_generate(args):
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"prompt {i} has token id {max(ids) if max(ids) >= vocab else min(ids)}, outside the "
                              f"model's vocabulary 0..{vocab - 1}")
+    longest = max(len(ids) for ids in prompts)
+    _check_memory(args, cfg, rows=len(prompts), tokens=longest + args.max_new_tokens,
+                  what=f"a {longest}-token prompt + --max-new-tokens {args.max_new_tokens}")
+    if args.top_k is not None and args.temperature == 0:
+        raise ValueError(f"--top-k {args.top_k} samples among the k likeliest tokens, but --temperature 0 (the "
+                         "default) is greedy: give --temperature > 0 (e.g. 0.8), or leave --top-k out")
     if args.top_k is not None and not 1 <= args.top_k <= vocab:
         raise ValueError(f"--top-k {args.top_k}: must be between 1 and the model's vocabulary size {vocab} (leave it "
                          "out to sample from every token)")

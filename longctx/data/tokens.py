@@ -68,6 +68,10 @@ class TokenSource:
         self.n_tokens = int(self.meta["tokens"])
         if self.n_tokens < 2:
             raise ValueError(f"{what}={path!r} holds {self.n_tokens} tokens: nothing to train on")
+        if self.n_tokens <= seq_len:  # one window would be mostly padding, counted as tokens trained on
+            raise ValueError(f"{what}={path!r} holds {self.n_tokens:,} tokens, not one window of {seq_len:,} tokens "
+                             "and the label after it; use a sequence length below "
+                             f"{self.n_tokens:,} or prepare more data")
         self._check_files(what)
         self.pad_id = int(self.meta.get("pad_id", 0))
         # windows of seq_len inputs; their labels reach one token further (the last window is padded)

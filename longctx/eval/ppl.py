@@ -99,7 +99,8 @@ def check_ppl(data_path: str | None, *, seq_len: int, sequences: int, buckets: i
         raise ValueError("--data is needed: the checkpoint's config has no data.path (it trained on synthetic "
                          "data); pass a dataset made by `longctx data prepare`")
     if buckets < 1 or sequences < 1 or seq_len < buckets:
-        raise ValueError("--buckets and --sequences must be >= 1, and --seq-len at least the bucket count")
+        raise ValueError(f"--buckets {buckets} and --sequences {sequences} must be >= 1, and --seq-len {seq_len} at "
+                         "least the bucket count")
     try:
         src = TokenSource(data_path, seq_len=seq_len, seed=0, vocab_size=vocab_size, shuffle=False, what="--data")
     except FileNotFoundError as e:

@@ -77,6 +77,9 @@ def _check(prompts, max_new_tokens, decode, temperature, top_k, strategy):
         raise ValueError(f"decode={decode!r}: choose 'tree' or 'ring' (the comparison)")
     if temperature < 0 or (top_k is not None and top_k < 1):
         raise ValueError("temperature must be >= 0 (0: greedy) and top_k None or >= 1")
+    if top_k is not None and temperature == 0:
+        raise ValueError(f"top_k={top_k} samples among the k likeliest tokens, but temperature 0 is greedy (always "
+                         "the likeliest): give a temperature > 0, or leave top_k out")
     if get_strategy(strategy).name == "hybrid":
         raise ValueError("generate() takes a process group, and strategy='hybrid' needs a (ring, ulysses) mesh; use "
                          "ulysses, allgather or a ring-family strategy for the prefill")

@@ -89,7 +89,10 @@ def locate(path: str, what: str, log=print) -> str:
         return path
     found = complete_checkpoints(path, log)
     if not found:
-        raise ValueError(f"{what} holds no complete checkpoint (step_NNNNNNNN directories with a {MARKER} marker)")
+        inside = os.path.join(path, "checkpoints")  # a run directory: its checkpoints are one level down
+        hint = f"; it is a run directory: pass {inside}" if complete_checkpoints(inside, lambda *a: None) else ""
+        raise ValueError(f"{what} holds no complete checkpoint (step_NNNNNNNN directories with a {MARKER} marker)"
+                         f"{hint}")
     return found[-1][1]
 
 

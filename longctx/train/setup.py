@@ -187,6 +187,42 @@ def _ram_per_rank(local_ranks: int) -> tuple[int, str] | None:
     return ram // max(1, local_ranks), f"{ram / 2**30:.1f} GiB of RAM over {local_ranks} rank(s)"
 
 
+def _gib(n: float) -> str:
+    gib = n / 2**30
+    return f"{gib:.1f} GiB" if gib < 1e5 else f"{gib:.3g} GiB"
+
+
+def _rank_memory(local_ranks: int) -> tuple[int, str] | None:
+    """(bytes, what) one rank computes in: its GPU's memory, else its share of RAM."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory, "the memory of one GPU"
+    return _ram_per_rank(local_ranks)
+
+
+def check_eval_memory(model_cfg, *, rows: int, tokens: int, ranks: int, tp: int = 1, logits: bool = False,
+                      what: str, local_ranks: int = 1) -> None:
+    """A floor for evaluation and generation, checked before any rank starts (a request far beyond the
+    machine is a one-line error, not the kernel's out-of-memory killer): `rows` sequences of `tokens`
+    tokens split over `ranks` context ranks hold at least the K/V of every layer (a generation's cache,
+    heads split over `tp`), or for perplexity (`logits`) the fp32 logits of a shard. Evaluation runs in
+    fp32."""
+    from ..config import head_dim_of
+
+    shard = rows * -(-tokens // ranks)
+    if logits:
+        need, part = shard * model_cfg.vocab_size * 4 // tp, "the fp32 logits of its shard"
+    else:
+        need = shard * model_cfg.n_layers * 2 * max(1, model_cfg.n_kv_heads // tp) * head_dim_of(model_cfg) * 4
+        part = "the K/V cache of every layer"
+    have = _rank_memory(local_ranks)
+    if have is not None and need > have[0]:
+        raise ConfigError(f"{what} needs at least {_gib(need)} on each rank ({part}), more than the "
+                          f"{_gib(have[0])} each rank has here ({have[1]}); ask for fewer tokens, or spread "
+                          "them over more ranks (--nproc, torchrun)")
+
+
 def _check_memory(cfg, dims: ParallelDims, local_ranks: int) -> None:
     """The floor of memory_lower_bound against what a rank has: the token batch lives in RAM, the residuals
     on the rank's GPU (in RAM without one)."""
@@ -202,13 +238,12 @@ def _check_memory(cfg, dims: ParallelDims, local_ranks: int) -> None:
             needs.append((batch, *ram))
     elif ram is not None:
         needs.append((batch + residuals, *ram))
-    gib = 2**30
     for need, have, where in needs:
         if need > have:
             raise ConfigError(
                 f"train.seq_len={cfg.train.seq_len} x train.batch_size={cfg.train.batch_size} needs at least "
-                f"{need / gib:.1f} GiB on each rank (its token batch {batch / gib:.1f} GiB, one saved residual per "
-                f"layer {residuals / gib:.1f} GiB), more than the {have / gib:.1f} GiB each rank has here ({where}); "
+                f"{_gib(need)} on each rank (its token batch {_gib(batch)}, one saved residual per "
+                f"layer {_gib(residuals)}), more than the {_gib(have)} each rank has here ({where}); "
                 "shorten train.seq_len or train.batch_size, or spread them over more ranks (parallel.cp, data "
                 "parallelism)")
 

@@ -78,6 +78,12 @@ def test_a_damaged_dataset_is_an_error_naming_the_argument(dataset, tmp_path):
     np.save(tmp_path / "o.npy", np.array([0, 3], dtype=np.int64))
     with pytest.raises(ValueError, match=r"data.path=.*offsets.npy spans tokens 0..3 but meta.json says"):
         source(damaged("offsets2", offsets_npy=(tmp_path / "o.npy").read_bytes()))
+    # shorter than one sequence: every window would be mostly padding, trained on as if it were text
+    n = TokenSource(dataset[0], seq_len=16, seed=0, vocab_size=258).n_tokens
+    with pytest.raises(ValueError, match=rf"data.path=.* holds {n:,} tokens, not one window of {n:,} tokens and "
+                                         rf"the label after it; use a sequence length below {n:,}"):
+        TokenSource(dataset[0], seq_len=n, seed=0, vocab_size=258)
+    TokenSource(dataset[0], seq_len=n - 1, seed=0, vocab_size=258)
 
 
 def test_labels_and_document_ids_keep_the_boundaries(dataset):

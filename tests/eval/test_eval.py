@@ -66,6 +66,9 @@ def test_needle_eval_bad_input_is_one_line(passkey_checkpoint, capsys):
          "ulysses: 2 query heads do not divide over 3 ranks"),
         (["--checkpoint", passkey_checkpoint, "--lengths", "64", "--plot", "heat.bmp"],
          "--plot heat.bmp: matplotlib cannot write .bmp files"),
+        # far beyond any machine: refused before a rank starts, not killed by the kernel's OOM killer
+        (["--checkpoint", passkey_checkpoint, "--lengths", "1000000000000"],
+         "--lengths 1000000000000 needs at least "),
     ]:
         assert _main_here(["eval", "needle", *argv]) == 2
         err = capsys.readouterr().err
@@ -99,7 +102,7 @@ def test_perplexity_by_position_agrees_across_ranks(text_run, tmp_path, capsys):
     for argv, message in [
         (["--data", str(tmp_path / "nope"), "--nproc", "2"], f"--data='{tmp_path / 'nope'}' is not a prepared dataset"),
         (["--nproc", "3", "--seq-len", "100"], "--seq-len 100 is not divisible by 6"),
-        (["--seq-len", "4", "--buckets", "8"], "--seq-len at least the bucket count"),
+        (["--seq-len", "4", "--buckets", "8"], "--seq-len 4 at least the bucket count"),
         (["--nproc", "2", "--tp", "2", "--seq-len", "63", "--buckets", "4"], "use a multiple of 2"),
         (["--sequences", "100000"], "--sequences 100000: the dataset has"),
     ]:
@@ -147,7 +150,12 @@ def test_generate_takes_token_ids_and_refuses_bad_prompts(passkey_checkpoint, tm
         (["--ids", "3,64"], "prompt 0 has token id 64, outside the model's vocabulary 0..63"),
         (["--ids", "3", "--temperature", "-1"], "--temperature -1.0: must be a finite number >= 0"),
         (["--ids", "3", "--temperature", "nan"], "--temperature nan: must be a finite number >= 0"),
-        (["--ids", "3", "--top-k", "65"], "--top-k 65: must be between 1 and the model's vocabulary size 64"),
+        (["--ids", "3", "--top-k", "65", "--temperature", "1"], "--top-k 65: must be between 1 and the model's "
+                                                                 "vocabulary size 64"),
+        (["--ids", "3", "--top-k", "5"], "--top-k 5 samples among the k likeliest tokens, but --temperature 0"),
+        (["--ids", "3,,5"], "--ids: '3,,5' is not a comma-separated list of integers"),
+        (["--ids", "3", "--max-new-tokens", "1000000000000"], "a 1-token prompt + --max-new-tokens 1000000000000 "
+                                                                "needs at least"),
         (["--ids", "3", "--json", str(tmp_path)], f"--json {tmp_path} is a directory; give a file path"),
         (["--ids", "3", "--json", os.path.join(__file__, "x.json")], f"{__file__} is a file, not a directory"),
         (["--ids", "3", "--nproc", "2", "--tp", "4"], "--tp 4 does not divide --nproc 2"),

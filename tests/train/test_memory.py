@@ -43,3 +43,23 @@ def test_memory_floor_by_hand():
     # 8 sequences over dp 2: 4 per rank, ids + labels int64; a pipeline microbatch is 4 / 2 / 2 = 1 sequence,
     # 1024 / cp 2 = 512 tokens, 2 layers per stage, 64 floats each
     assert memory_lower_bound(cfg, dims_from_config(cfg, 8)) == (4 * 1024 * 8 * 2, 2 * 512 * 64 * 4)
+
+
+def test_evaluation_memory_floor_by_hand(monkeypatch):
+    import pytest
+
+    from longctx.config import ConfigError, from_dict
+    from longctx.train import setup
+
+    model = from_dict(config("model.n_layers=4", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2")).model
+    monkeypatch.setattr(setup, "_rank_memory", lambda local_ranks: (400_000, "a test's 400 kB"))
+    # 2 rows x 1000 tokens over 4 context ranks: 500 tokens a rank; K and V of 4 layers, 2 heads of 16, fp32
+    kv = 500 * 4 * 2 * 2 * 16 * 4
+    assert kv > 400_000 > kv // 2
+    setup.check_eval_memory(model, rows=2, tokens=1000, ranks=8, what="x")  # half the tokens a rank: fits
+    with pytest.raises(ConfigError, match=r"--lengths 1000 needs at least 0.0 GiB on each rank \(the K/V cache"):
+        setup.check_eval_memory(model, rows=2, tokens=1000, ranks=4, what="--lengths 1000")
+    # perplexity: the fp32 logits of 250 tokens a rank, vocabulary 256 (256 kB)
+    setup.check_eval_memory(model, rows=2, tokens=1000, ranks=8, logits=True, what="x")
+    with pytest.raises(ConfigError, match=r"\(the fp32 logits of its shard\)"):
+        setup.check_eval_memory(model, rows=2, tokens=2000, ranks=1, logits=True, what="x")
