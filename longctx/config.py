@@ -208,8 +208,10 @@ def load(cls=JobConfig, path: str | None = None, overrides: list[str] | tuple = 
     if path is not None:
         if os.path.isdir(path):
             raise ConfigError(f"config file {path!r} is a directory; pass a YAML file in it (e.g. configs/tiny.yaml)")
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise ConfigError(f"config file {path!r} not found; pass a YAML file (e.g. configs/tiny.yaml)")
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} is not a regular file; pass a YAML file (e.g. configs/tiny.yaml)")
         try:
             data = OmegaConf.load(path)
         except Exception as e:  # noqa: BLE001 - any YAML parse failure is a user error in that file

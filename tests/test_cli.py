@@ -33,6 +33,14 @@ def test_help_lists_commands():
         assert word in text
 
 
+def test_version(capsys):
+    from longctx import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"longctx {__version__}"
+
+
 def test_missing_optional_dependency_names_the_extra():
     with pytest.raises(MissingDependency, match=r"pip install 'longctx\[flash\]'"):
         require("flash_attn", "flash-attn kernels")
@@ -67,6 +75,11 @@ def test_missing_optional_dependency_names_the_extra():
     (["config", "show", TINY, "train.seed=99999999999999999999999"], r"train.seed=9+ does not fit a 64-bit integer"),
     (["config", "show", TINY, "parallel.pp_split=abc"], r"parallel.pp_split.*must be a list, e.g. parallel.pp_split="),
     (["data", "prepare", "--input", TINY, "--output", "/proc/x"], r"--output /proc/x cannot be written"),
+    (["bench", "train", "--config", TINY, "--layouts", "train.lr=1"], r"give train.\* keys to every layout with "
+                                                                       r"--overrides"),
+    (["config", "show", "/dev/null"], r"config file '/dev/null' is not a regular file"),
+    (["checkpoint", "export", "", "out.pt"], r"'' does not exist; give a checkpoint directory"),
+    (["launch", "ray", "--num-workers", "1", "--max-failures", "-1", TINY], r"--max-failures must be >= 0, got -1"),
     (["bench", "kernel", "--window", "0"], r"--window must be a positive integer"),
     (["bench", "kernel", "--device", "tpu"], r"--device 'tpu'"),
     (["bench", "kernel", "--seq-lens", "96,100", "--virtual-ranks", "3"],

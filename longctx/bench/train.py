@@ -43,6 +43,10 @@ def _layout_overrides(layout: str) -> list[str]:
         raise ValueError(f"layout {layout!r} must be key=value pairs over parallel.* keys separated by commas, "
                          f"e.g. cp=4,strategy=zigzag")
     keys = [x.split("=", 1)[0].strip() for x in items]
+    sections = sorted({k.split(".", 1)[0] for k in keys if "." in k})
+    if sections:
+        raise ValueError(f"layout {layout!r}: a layout sets parallel.* keys, without the prefix (e.g. cp=4); give "
+                         f"{', '.join(s + '.*' for s in sections)} keys to every layout with --overrides")
     twice = sorted({k for k in keys if keys.count(k) > 1})
     if twice:
         raise ValueError(f"layout {layout!r} sets {', '.join(twice)} more than once; give each key once (separate "

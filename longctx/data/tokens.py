@@ -62,9 +62,11 @@ class TokenSource:
         self.path, self.seq_len, self.seed, self.shuffle = path, seq_len, seed, shuffle
         self.meta = read_meta(path, what)
         if self.meta["vocab_size"] > vocab_size:
+            training = what.startswith(("data.", "validation."))  # else a trained checkpoint's evaluation
+            fix = (f"raise model.vocab_size to at least {self.meta['vocab_size']}" if training
+                   else "use data prepared with the tokenizer this model was trained with")
             raise ValueError(f"{what}={path!r} was tokenized with a vocabulary of {self.meta['vocab_size']} ids, "
-                             f"more than model.vocab_size={vocab_size}; raise model.vocab_size to at least "
-                             f"{self.meta['vocab_size']}")
+                             f"more than the model's {vocab_size} (model.vocab_size); {fix}")
         self.n_tokens = int(self.meta["tokens"])
         if self.n_tokens < 2:
             raise ValueError(f"{what}={path!r} holds {self.n_tokens} tokens: nothing to train on")

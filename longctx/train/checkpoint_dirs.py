@@ -80,7 +80,8 @@ def locate(path: str, what: str, log=print) -> str:
     """The complete checkpoint `path` names: itself (a step_NNNNNNNN directory) or the newest complete one
     under it (a checkpoint root). `what` names the argument in the errors."""
     if not os.path.exists(path):
-        raise ValueError(f"{what} does not exist; give a checkpoint directory (step_NNNNNNNN) or a checkpoint root")
+        raise ValueError(f"{what or repr(path)} does not exist; give a checkpoint directory (step_NNNNNNNN) or a "
+                         "checkpoint root")
     if _STEP_DIR.match(os.path.basename(os.path.normpath(path))):
         why = problem(path)
         if why:

@@ -84,6 +84,13 @@ def test_a_damaged_dataset_is_an_error_naming_the_argument(dataset, tmp_path):
                                          rf"the label after it; use a sequence length below {n:,}"):
         TokenSource(dataset[0], seq_len=n, seed=0, vocab_size=258)
     TokenSource(dataset[0], seq_len=n - 1, seed=0, vocab_size=258)
+    # ids the model has no row for: a config to change when training, other data when evaluating a checkpoint
+    with pytest.raises(ValueError, match=r"data.path=.* vocabulary of 258 ids, more than the model's 100 "
+                                         r"\(model.vocab_size\); raise model.vocab_size to at least 258"):
+        TokenSource(dataset[0], seq_len=16, seed=0, vocab_size=100)
+    with pytest.raises(ValueError, match=r"--data=.* more than the model's 100 \(model.vocab_size\); use data "
+                                         r"prepared with the tokenizer this model was trained with"):
+        TokenSource(dataset[0], seq_len=16, seed=0, vocab_size=100, what="--data")
 
 
 def test_labels_and_document_ids_keep_the_boundaries(dataset):
