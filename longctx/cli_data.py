@@ -33,6 +33,9 @@ def _checkpoint_config(args):
 def _check_ppl_args(args, cfg) -> None:
     from .eval.ppl import check_ppl
 
+    if args.data is not None and not args.data.strip():
+        raise ValueError("--data is empty: give a dataset made by `longctx data prepare`, or leave --data out for the "
+                         "checkpoint's own data.path")
     check_ppl(args.data or cfg.data.path, seq_len=args.seq_len or cfg.train.seq_len, sequences=args.sequences,
               buckets=args.buckets, strategy=args.strategy, world=_ranks(args)[0] // args.tp,
               vocab_size=cfg.model.vocab_size, tp=args.tp)

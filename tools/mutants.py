@@ -165,8 +165,9 @@ MUTANTS = [
            ("tests/train/test_packed_data.py::test_packed_training_layouts_match_one_process",),
            "every pipeline microbatch gets the first microbatch's documents"),
     Mutant("decode-sees-left-padding", "longctx/model/generate.py",
-           "    return cache.decode(q, strategy=decode, key_start=key_start, kernel=kernel, scale=scale)",
-           "    return cache.decode(q, strategy=decode, kernel=kernel, scale=scale)",
+           "        out, lse = cache.decode(q, strategy=decode, key_start=key_start, kernel=kernel, scale=scale, "
+           "return_lse=True)",
+           "        out, lse = cache.decode(q, strategy=decode, kernel=kernel, scale=scale, return_lse=True)",
            ("tests/model/test_generate.py",), "decoded tokens attend the padding of shorter prompts"),
     Mutant("token-labels-cross-documents", "longctx/data/tokens.py",
            "        labels[doc[1:] != doc[:-1]] = IGNORE_INDEX", "        pass",
