@@ -99,7 +99,7 @@ def _on_ranks(kind: str, params: dict, nproc: int):
 def cmd_eval(args) -> int:
     import json
 
-    from .eval.needle import check_grid, check_lengths, format_table, write_needle
+    from .eval.needle import BATCH, check_grid, check_lengths, format_table, write_needle
     from .eval.ppl import format_ppl
 
     kind = args.eval_command
@@ -113,7 +113,7 @@ def cmd_eval(args) -> int:
         cfg = _checked_checkpoint(args)
         if kind == "needle":
             check_lengths(cfg, args.lengths)
-            _check_memory(args, cfg, rows=min(args.samples, 8), tokens=max(args.lengths) + cfg.data.digits,
+            _check_memory(args, cfg, rows=min(args.samples, BATCH), tokens=max(args.lengths) + cfg.data.digits,
                           what=f"--lengths {max(args.lengths)}")
         if kind == "ppl":
             _check_ppl_args(args, cfg)

@@ -168,10 +168,7 @@ def validate(args) -> None:
     from ..parallel import get_strategy
 
     report.check_args(args)
-    strategies = split_names(args.strategies, "--strategies")
-    if not strategies:
-        raise ValueError("--strategies is empty; give a comma-separated list, e.g. zigzag,ulysses")
-    for name in strategies:
+    for name in split_names(args.strategies, "--strategies"):
         strat = get_strategy(name)
         hybrid = name == "hybrid"
         layout = strat.layout(args.hybrid_layout if hybrid else None)

@@ -106,8 +106,8 @@ def validate(args) -> None:
     report.check_args(args)
     strategies = split_names(args.strategies, "--strategies")
     bad = [s for s in strategies if s not in STRATEGIES]
-    if bad or not strategies:
-        raise ValueError(f"unknown decode strategies {bad or strategies}; choose from {list(STRATEGIES)}")
+    if bad:
+        raise ValueError(f"unknown decode strategies {bad}; choose from {list(STRATEGIES)}")
 
 
 def run(args) -> list[dict]:

@@ -38,7 +38,7 @@ def validate(args) -> None:
     report.check_args(args)
     layouts = split_names(args.layouts, "--layouts")
     bad = [x for x in layouts if x not in LAYOUTS]
-    if bad or not layouts:
+    if bad:
         raise ValueError(f"--layouts {args.layouts!r}: choose from {', '.join(LAYOUTS)}")
     if not args.world_size or any(w < 1 for w in args.world_size):
         raise ValueError("--world-size must list positive integers, e.g. --world-size 4,8")

@@ -44,7 +44,10 @@ def check_lengths(cfg, lengths, haystack: str | None = None) -> None:
             raise ValueError(f"--lengths {n}: " + str(e).replace(f"train.seq_len={n}", "this length")) from None
 
 
-def needle_grid(model, cfg, lengths, depths, *, samples: int = 20, batch: int = 8, strategy: str = "zigzag",
+BATCH = 8  # prompts generated together (what `longctx eval needle` checks memory for)
+
+
+def needle_grid(model, cfg, lengths, depths, *, samples: int = 20, batch: int = BATCH, strategy: str = "zigzag",
                 decode: str = "tree", kernel: str = "auto", haystack: str | None = "random", log=None,
                 group=None) -> list[dict]:
     """[{length, depth, accuracy, correct, samples}] for every (length, depth), over the context-parallel

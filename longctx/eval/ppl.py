@@ -41,10 +41,10 @@ def perplexity_by_position(model, data_path: str, *, seq_len: int, sequences: in
     layout = get_strategy(strategy).layout()
     # an HF model's self-rescaling RoPE (dynamic, longrope) is pinned to seq_len, as training pins it to its own:
     # every rank, batch and packing then rotates by the frequencies of one unpacked seq_len-token window
-    if hasattr(model, "hf"):
-        pin_rope_length(model.hf, seq_len)
     if world > 1:
         apply_context_parallel(model, strategy, group, rope_length=seq_len)
+    elif hasattr(model, "hf"):
+        pin_rope_length(model.hf, seq_len)
     pos = get_strategy(strategy).rank_positions(layout, seq_len, world, rank) if world > 1 else torch.arange(seq_len)
     device = local_tensor(next(model.parameters())).device
     width = math.ceil(seq_len / buckets)

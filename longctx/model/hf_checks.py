@@ -88,9 +88,14 @@ def check_hf_model(model: nn.Module) -> None:
     check_hf_config(model.config)
 
 
+def _arch(hf_config) -> str:
+    """The architecture a config names (its class name when it names none), for messages."""
+    return (getattr(hf_config, "architectures", None) or [type(hf_config).__name__])[0]
+
+
 def check_hf_config(hf_config) -> None:
     """Refuse a config whose architecture asks for what longctx would silently skip."""
-    arch = (getattr(hf_config, "architectures", None) or [type(hf_config).__name__])[0]
+    arch = _arch(hf_config)
     for key, neutral, what in _CONFIG_UNSUPPORTED:
         value = getattr(hf_config, key, None)
         if value is not None and value != neutral:
@@ -122,7 +127,7 @@ def check_hf_rope(hf_config, cp: int, what: str = "parallel.cp") -> None:
     where nothing pins its length (training pins it to train.seq_len, perplexity to --seq-len)."""
     kind = position_dependent_rope(hf_config) if cp > 1 else None
     if kind is not None:
-        arch = (getattr(hf_config, "architectures", None) or [type(hf_config).__name__])[0]
+        arch = _arch(hf_config)
         raise ValueError(f"{arch} has rope_type={kind!r}, whose frequencies follow the largest position each "
                          f"forward call sees; split over {what}={cp} context ranks, each rank sees other positions "
                          "and would rotate its tokens by other frequencies. Use a static RoPE scaling in its "

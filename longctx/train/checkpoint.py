@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
-from .checkpoint_dirs import UNREADABLE, load_file, read_error, saved_entries, seal, step_dir
+from .checkpoint_dirs import load_file, read_dcp, saved_entries, seal, step_dir
 
 FULL_OPTIMIZER = "optimizer.pt"  # a DeepSpeed checkpoint's Adam states, unsharded: it resumes on any layout
 
@@ -168,16 +168,17 @@ def load(trainer, path: str) -> int:
         _load_deepspeed(trainer, path)
     else:
         state, saved_as = _state(trainer)
-        _dcp_load(state, path)
+        read_dcp(state, path)
         mine = {part: {key: state[part][saved] for key, saved in saved_as[part].items()} for part in state}
         set_state_dict(trainer.model, trainer.optimizer, model_state_dict=mine["model"],
                        optim_state_dict=mine["optim"], options=_options())
     trainer.scheduler.load_state_dict(meta["scheduler"])
     for group, lr in zip(trainer.optimizer.param_groups, trainer.scheduler.get_last_lr()):
         group["lr"] = lr  # what the optimizer's own state restores, and a resharded DeepSpeed load does not
-    rng = os.path.join(path, f"rng_rank{trainer.rank}.pt")
-    if meta["world_size"] == trainer.world and os.path.exists(rng):  # another world: fresh per-rank streams
-        r = load_file(path, os.path.basename(rng))
+    rng = f"rng_rank{trainer.rank}.pt"
+    # on another world size every rank starts a fresh stream
+    if meta["world_size"] == trainer.world and os.path.exists(os.path.join(path, rng)):
+        r = load_file(path, rng)
         torch.set_rng_state(r["cpu"])
         if r["cuda"] is not None and trainer.device_type == "cuda":
             torch.cuda.set_rng_state(r["cuda"])
@@ -221,7 +222,6 @@ def _check_format(meta: dict, trainer, path: str) -> str | None:
 def _dcp_full_optimizer(path: str) -> dict | None:
     """{saved key: its metadata} of a DCP checkpoint's model weights and per-parameter Adam states; None if
     the optimizer state was saved nested."""
-
     saved = saved_entries(path)
     if not any(k.startswith("optim.state.") and k.endswith(".exp_avg") for k in saved):
         return None
@@ -248,10 +248,9 @@ def _load_full(trainer, path: str, kind: str) -> None:
         saved = load_file(path, FULL_OPTIMIZER, mmap=True)
         states, step = saved["state"], saved["step"]
     else:
-
         entries = _dcp_full_optimizer(path)
         flat = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in entries.items()}
-        _dcp_load(flat, path)
+        read_dcp(flat, path)
         weights = {k.removeprefix("model."): v for k, v in flat.items() if k.startswith("model.")}
         states, steps = {}, set()
         for k, v in flat.items():
@@ -305,14 +304,3 @@ def _load_deepspeed(trainer, path: str) -> None:
                       or "Unexpected" in ln), str(e).splitlines()[0] if str(e) else type(e).__name__)
         raise ConfigError(f"checkpoint {path} does not fit this model: {first[:300]} (a different model shape?); "
                           f"resume with the config it was written with ({os.path.join(path, 'config.yaml')})") from None
-
-
-def _dcp_load(state: dict, path: str) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    saved_entries(path)  # a damaged .metadata fails here, in one line (DCP would log tracebacks first)
-    try:
-        dcp.load(state, checkpoint_id=path)
-    except (CheckpointException, *UNREADABLE) as e:
-        raise read_error(path, e) from None

@@ -124,15 +124,33 @@ def seal(tmp: str, final: str, root: str, step: int, keep_last: int) -> None:
 
 # what torch.load and DCP raise for bytes that are not what was written (CheckpointException is a
 # BaseException: DCP gathers every rank's error into one)
-UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, OSError)
+_UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, OSError)
 
 
 def load_file(path: str, name: str, **kwargs):
     """torch.load(weights_only=True) of one file of checkpoint `path`; a damaged file is a ConfigError."""
     try:
         return torch.load(os.path.join(path, name), weights_only=True, **kwargs)
-    except UNREADABLE as e:
+    except _UNREADABLE as e:
         raise read_error(path, e, name) from None
+
+
+def read_dcp(state: dict, path: str, *, no_dist: bool = False) -> None:
+    """dcp.load of `state` (keyed by saved names) from checkpoint `path`, errors as read_error's one line.
+    The .metadata is read first, so a damaged one fails here rather than after DCP logs a traceback per
+    rank. no_dist: this process reads everything itself (no process group), as intended."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    saved_entries(path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            dcp.load(state, checkpoint_id=path, no_dist=no_dist)
+        except (CheckpointException, *_UNREADABLE) as e:  # CheckpointException: a BaseException
+            raise read_error(path, e) from None
 
 
 def saved_entries(path: str) -> dict:
@@ -141,7 +159,7 @@ def saved_entries(path: str) -> dict:
 
     try:
         return dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    except UNREADABLE as e:
+    except _UNREADABLE as e:
         raise read_error(path, e, ".metadata") from None
 
 

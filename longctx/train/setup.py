@@ -232,8 +232,7 @@ def _check_memory(cfg, dims: ParallelDims, local_ranks: int) -> None:
     needs = []  # (bytes needed, bytes there, where)
     ram = _ram_per_rank(local_ranks)
     if torch.cuda.is_available():
-        gpu = torch.cuda.get_device_properties(0).total_memory
-        needs.append((residuals, gpu, "the memory of one GPU"))
+        needs.append((residuals, *_rank_memory(local_ranks)))
         if ram is not None:
             needs.append((batch, *ram))
     elif ram is not None:

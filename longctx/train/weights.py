@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import warnings
 
 import torch
 import torch.distributed as dist
 
-from .checkpoint_dirs import UNREADABLE, load_file, locate, read_error, saved_entries
+from .checkpoint_dirs import load_file, locate, read_dcp, read_error, saved_entries
 
 
 def model_weights(path: str, log=print) -> tuple[dict, str]:
@@ -28,7 +27,7 @@ def model_weights(path: str, log=print) -> tuple[dict, str]:
     entries = _saved_model_entries(path)
     state = {name: torch.empty(md.size, dtype=md.properties.dtype) for name, (_, md) in entries.items()
              if isinstance(md, TensorStorageMetadata)}
-    _read_dcp({entries[name][0]: tensor for name, tensor in state.items()}, path, no_dist=True)
+    read_dcp({entries[name][0]: tensor for name, tensor in state.items()}, path, no_dist=True)
     return state, path
 
 
@@ -36,19 +35,6 @@ def _saved_model_entries(path: str) -> dict:
     """{the unsplit model's name: (the key it was saved under, its DCP metadata)} of a DCP checkpoint."""
     saved = saved_entries(path)
     return {key.removeprefix("model."): (key, md) for key, md in saved.items() if key.startswith("model.")}
-
-
-def _read_dcp(state: dict, path: str, *, no_dist: bool) -> None:
-    """dcp.load of `state` (keyed by saved names); no_dist: this process reads it all itself, as intended."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        try:
-            dcp.load(state, checkpoint_id=path, no_dist=no_dist)
-        except (CheckpointException, *UNREADABLE) as e:
-            raise read_error(path, e) from None
 
 
 def load_model_pieces(model, path: str, log=print) -> str:
@@ -81,7 +67,7 @@ def load_model_pieces(model, path: str, log=print) -> str:
             for name, tensor in mine.items():
                 write_local_piece(tensor, full[saved[name]])
         return path
-    _read_dcp({saved[name]: tensor for name, tensor in mine.items()}, path, no_dist=not dist.is_initialized())
+    read_dcp({saved[name]: tensor for name, tensor in mine.items()}, path, no_dist=not dist.is_initialized())
     return path
 
 
