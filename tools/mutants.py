@@ -50,6 +50,12 @@ MUTANTS = [
            "        kv = sorted(set(want))", "        kv = list(want)",
            (SEQ + "test_hand_bytes.py",), "GQA sparse K/V not de-duplicated: bytes 2048 -> 3072"),
     # ------------------------------------------------------------------ kernels
+    Mutant("narrow-values-cut-from-the-wrong-end", "longctx/kernels/registry.py",
+           "        return out[..., :dv].contiguous(), lse", "        return out[..., d - dv:].contiguous(), lse",
+           ("tests/kernels/test_conformance.py",), "padded v's zero columns returned instead of its values"),
+    Mutant("kv-buffer-packed-v-first", "longctx/parallel/sequence/schedule.py",
+           "else torch.cat([k, v], -1)", "else torch.cat([v, k], -1)",
+           (SEQ + "test_value_width.py",), "K and V of two widths read back from the wrong columns"),
     Mutant("sdpa-silently-serves-reference", "longctx/kernels/sdpa.py",
            "    if why:\n        fallbacks[why] += 1\n        return reference.forward(",
            "    if True:\n        return reference.forward(",

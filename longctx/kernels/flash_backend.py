@@ -48,7 +48,7 @@ def _supports(q, k, v, mask) -> str | None:
         return "flash-attn aligns masks bottom-right only (mask.offset must be None)"
     if (mask.left is not None and mask.left < 0) or (mask.right is not None and mask.right < 0):
         return "flash-attn windows must be non-negative (no shifted-causal)"
-    if q.shape[-1] % 8 or q.shape[-1] > 256:
+    if any(width % 8 or width > 256 for width in (q.shape[-1], v.shape[-1])):
         return "flash-attn needs head_dim a multiple of 8 and <= 256"
     return None
 

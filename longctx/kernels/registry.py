@@ -3,7 +3,10 @@
 Contract (layout (batch, seq, heads, head_dim), like flash-attn):
     forward(q, k, v, *, scale, mask)                 -> (out, lse)    lse fp32 (B, H, Sq), natural log
     backward(dout, q, k, v, out, lse, *, scale, mask) -> (dq, dk, dv)
-`out`/`lse` given to backward may be the global ones of a merged computation.
+`out`/`lse` given to backward may be the global ones of a merged computation. v may be narrower or wider
+than q and k (multi-head latent attention: DeepSeek-V3's 192-wide q/k and 128-wide v); out and dout then
+have v's width. A backend that computes only one width gets the narrower side zero-padded (exact: zero
+columns add nothing to q.k, and a zero value column gives a zero output column that is cut off).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class Backend:
     availability: Callable[[], str | None] = lambda: None
     supports: Callable[..., str | None] = lambda q, k, v, mask: None
     notes: list[str] = field(default_factory=list)
+    value_width: bool = False  # computes a v head width other than q/k's itself (else: zero-padded for it)
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -145,10 +149,11 @@ def validate(q, k, v, scale, mask) -> tuple[float, Mask]:
         raise ValueError(f"batch mismatch: q has {b}, k has {k.shape[0]}, v has {v.shape[0]}; all must be equal")
     if k.shape[1] != v.shape[1]:
         raise ValueError(f"seq mismatch: k has {k.shape[1]} keys but v has {v.shape[1]}; they must be equal")
-    if k.shape[3] != d or v.shape[3] != d:
-        raise ValueError(
-            f"head_dim mismatch: q has {d}, k has {k.shape[3]}, v has {v.shape[3]}; all must be equal"
-        )
+    if k.shape[3] != d:
+        raise ValueError(f"head_dim mismatch: q has {d} but k has {k.shape[3]}; q and k must be equally wide "
+                         "(v may differ)")
+    if v.shape[3] == 0:
+        raise ValueError("v has head_dim 0; values need at least one feature")
     if k.shape[2] != v.shape[2]:
         raise ValueError(f"k has {k.shape[2]} heads but v has {v.shape[2]}; they must have the same kv heads")
     if k.shape[2] == 0 or h % k.shape[2] != 0:
@@ -171,9 +176,20 @@ def forward(q, k, v, *, scale=None, mask=None, backend: str = "auto", out_dtype=
     b = resolve(backend, q, k, v, mask)
     if q.numel() == 0 or k.numel() == 0:  # no queries or no keys: every row is empty (fused ops crash here)
         lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), -math.inf, dtype=acc_dtype(q.dtype), device=q.device)
-        return q.new_zeros(q.shape, dtype=out_dtype or q.dtype), lse
+        return q.new_zeros((*q.shape[:3], v.shape[-1]), dtype=out_dtype or q.dtype), lse
     calls[(b.name, "fwd")] += 1
-    return b.forward(q, k, v, scale=scale, mask=mask, out_dtype=out_dtype)
+    d, dv = q.shape[-1], v.shape[-1]
+    if dv == d or b.value_width:
+        return b.forward(q, k, v, scale=scale, mask=mask, out_dtype=out_dtype)
+    if dv < d:
+        out, lse = b.forward(q, k, _widen(v, d), scale=scale, mask=mask, out_dtype=out_dtype)
+        return out[..., :dv].contiguous(), lse
+    return b.forward(_widen(q, dv), _widen(k, dv), v, scale=scale, mask=mask, out_dtype=out_dtype)
+
+
+def _widen(x: torch.Tensor, width: int) -> torch.Tensor:
+    """x with zero features appended up to `width` (see the module docstring: the result is unchanged)."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[-1]))
 
 
 def backward(dout, q, k, v, out, lse, *, scale=None, mask=None, backend: str = "auto", grad_dtype=None):
@@ -181,10 +197,10 @@ def backward(dout, q, k, v, out, lse, *, scale=None, mask=None, backend: str = "
     scale, mask = validate(q, k, v, scale, mask)
     _check_tensor("dout", dout)
     _check_tensor("out", out)
-    if tuple(dout.shape) != tuple(q.shape) or tuple(out.shape) != tuple(q.shape):
-        raise ValueError(
-            f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}"
-        )
+    want_out = (*q.shape[:3], v.shape[-1])
+    if tuple(dout.shape) != want_out or tuple(out.shape) != want_out:
+        raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must be (batch, seq_q, heads, v's "
+                         f"head_dim) = {want_out}")
     want = (q.shape[0], q.shape[2], q.shape[1])
     if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != want:
         got = tuple(lse.shape) if isinstance(lse, torch.Tensor) else type(lse).__name__
@@ -193,7 +209,16 @@ def backward(dout, q, k, v, out, lse, *, scale=None, mask=None, backend: str = "
     if q.numel() == 0 or k.numel() == 0:
         return tuple(t.new_zeros(t.shape, dtype=grad_dtype or t.dtype) for t in (q, k, v))
     calls[(b.name, "bwd")] += 1
-    return b.backward(dout, q, k, v, out, lse, scale=scale, mask=mask, grad_dtype=grad_dtype)
+    d, dv = q.shape[-1], v.shape[-1]
+    if dv == d or b.value_width:
+        return b.backward(dout, q, k, v, out, lse, scale=scale, mask=mask, grad_dtype=grad_dtype)
+    if dv < d:
+        gq, gk, gv = b.backward(_widen(dout, d), q, k, _widen(v, d), _widen(out, d), lse, scale=scale, mask=mask,
+                                grad_dtype=grad_dtype)
+        return gq, gk, gv[..., :dv].contiguous()
+    gq, gk, gv = b.backward(dout, _widen(q, dv), _widen(k, dv), v, out, lse, scale=scale, mask=mask,
+                            grad_dtype=grad_dtype)
+    return gq[..., :d].contiguous(), gk[..., :d].contiguous(), gv
 
 
 class _Attention(torch.autograd.Function):
@@ -222,7 +247,7 @@ def _sdpa_support(q, k, v, mask) -> str | None:
     return None  # it always runs; calls it cannot express fall back to reference and are counted
 
 
-register(Backend("reference", reference.forward, reference.backward, priority=0,
+register(Backend("reference", reference.forward, reference.backward, priority=0, value_width=True,
                  notes=["PyTorch math, fp32/fp64 accumulation: the oracle for tests"]))
 register(Backend("sdpa", sdpa.forward, sdpa.backward, priority=10, supports=_sdpa_support,
                  notes=["falls back to reference for: " + "; ".join(sdpa.FALLBACK_RULES)]))

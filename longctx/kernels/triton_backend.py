@@ -76,7 +76,7 @@ def availability() -> str | None:
 def supports(q, k, v, mask: Mask) -> str | None:
     if q.dtype not in DTYPES:
         return f"dtype {q.dtype} is not supported (float16, bfloat16, float32); use 'reference' for float64"
-    d = q.shape[-1]
+    d = max(q.shape[-1], v.shape[-1])  # a narrower side is zero-padded to the wider (registry)
     if not 1 <= d <= HEAD_DIM_MAX:
         return f"head_dim {d} is not supported (1..{HEAD_DIM_MAX}; padded to a power of two >= 16)"
     if q.device.type == "cpu":

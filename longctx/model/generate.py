@@ -33,6 +33,7 @@ from ..parallel.sequence.api import ContextParallelAttention
 from ..parallel.sequence.documents import Documents
 from ..parallel.sequence.layouts import divisor, positions, unshard
 from ..parallel.sequence.registry import get_strategy
+from ..parallel.sequence.schedule import pack_kv, unpack_kv
 from ..parallel.sequence.tree import ShardedKVCache, local_partial
 from ..parallel.tensor import local_linear, local_tensor, tp_comm, vocab_parallel_embedding, vocab_parallel_logits
 from .llama import LocalAttention, rms_norm, rope
@@ -261,5 +262,6 @@ class _LlamaSteps:
 def cache_prefill(cache: ShardedKVCache, k, v, layout: str, comm) -> None:
     """This rank's prefill K/V (layout shard, after RoPE) -> the whole prompt in natural order -> its share."""
     if comm is not None and comm.world > 1:
-        k, v = unshard(torch.stack([k, v]), layout, group=comm.group, dim=2)
+        kv = pack_kv(k, v)  # one gather for both (of two widths under latent attention)
+        k, v = unpack_kv(unshard(kv, layout, group=comm.group, dim=kv.dim() - 3), k.shape[-1])
     cache.prefill(k, v)

@@ -64,20 +64,37 @@ def document_attention_pairs(model_cfg, documents) -> int:
     return model_cfg.n_layers * per_layer
 
 
-def model_flops_per_step(model_cfg, seq_len: int, sequences: int, pairs: int | None = None) -> dict:
+def latent_of(model_cfg) -> dict | None:
+    """The multi-head latent attention (model.hf.latent_attention) of the Hugging Face model a config
+    trains; None for any other model."""
+    if not model_cfg.hf_path:
+        return None
+    from ..model.hf import latent_attention
+    from ..model.hf_checks import read_hf_config
+
+    return latent_attention(read_hf_config(model_cfg.hf_path))
+
+
+def model_flops_per_step(model_cfg, seq_len: int, sequences: int, pairs: int | None = None,
+                         latent: dict | None = None) -> dict:
     """Training FLOPs of one optimizer step: 6 per parameter per token for every matmul (the embedding
-    lookup is not a matmul), plus attention: 4 per pair per head dim forward (QK^T and PV), x3 with the
-    backward. `pairs`: the step's attention pairs over all its sequences and layers when they are not
-    `sequences` x attention_pairs (packed documents: document_attention_pairs summed over the batch)."""
+    lookup is not a matmul), plus attention: 2 per pair per q/k feature (QK^T) and 2 per value feature (PV)
+    forward, x3 with the backward. `pairs`: the step's attention pairs over all its sequences and layers
+    when they are not `sequences` x attention_pairs (packed documents: document_attention_pairs summed over
+    the batch). `latent`: multi-head latent attention's widths and projections (model.hf.latent_attention)."""
     c = model_cfg
     hd = head_dim_of(c)
-    per_layer = c.dim * c.n_heads * hd * 2 + c.dim * c.n_kv_heads * hd * 2 + 3 * c.dim * c.ffn_dim
+    if latent is None:
+        attn_params, pair_width = c.dim * c.n_heads * hd * 2 + c.dim * c.n_kv_heads * hd * 2, 2 * hd
+    else:
+        attn_params, pair_width = latent["proj_params"], latent["qk_dim"] + latent["v_dim"]
+    per_layer = attn_params + 3 * c.dim * c.ffn_dim
     matmul_params = c.n_layers * per_layer + c.dim * c.vocab_size
     tokens = seq_len * sequences
     dense = 6 * matmul_params * tokens
     if pairs is None:
         pairs = attention_pairs(c, seq_len) * sequences
-    attn = 12 * c.n_heads * hd * pairs
+    attn = 6 * c.n_heads * pair_width * pairs
     return {"dense": dense, "attention": attn, "total": dense + attn}
 
 

@@ -39,6 +39,7 @@ from .metrics import (
     MetricsLogger,
     StepTimer,
     document_attention_pairs,
+    latent_of,
     model_flops_per_step,
     peak_flops,
     peak_memory_bytes,
@@ -115,7 +116,9 @@ class Trainer:
         self.loss_fn = loss_fn(t.loss_chunk)
         self.validation = Validation(self) if cfg.validation.interval else None
         self.last_validation = None  # the latest validation loss of this process's run
-        self.step_flops = model_flops_per_step(cfg.model, t.seq_len, t.batch_size)["total"]  # unless packed
+        self.latent = latent_of(cfg.model)
+        self.step_flops = model_flops_per_step(cfg.model, t.seq_len, t.batch_size,
+                                               latent=self.latent)["total"]  # unless packed
         self.peak_flops = peak_flops(self.device, self.precision)
         self.step = 0
         self.history: list[dict] = []
@@ -297,7 +300,8 @@ class Trainer:
         tokens = t.batch_size * t.seq_len
         step_flops = self.step_flops
         if packed:
-            step_flops = model_flops_per_step(self.cfg.model, t.seq_len, t.batch_size, pairs=round(pairs))["total"]
+            step_flops = model_flops_per_step(self.cfg.model, t.seq_len, t.batch_size, pairs=round(pairs),
+                                              latent=self.latent)["total"]
         flops_per_s = step_flops / timer.seconds
         record = {
             "step": self.step, "loss": total / count if count else 0.0, "lr": lr, "grad_norm": grad_norm,

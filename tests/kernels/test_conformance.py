@@ -87,14 +87,18 @@ def cases(draw, backend):
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16] + ([torch.float64] if backend == "reference"
                                                                       else [])))
     torch.manual_seed(draw(st.integers(0, 2**16)))
-    return b, sq, sk, hkv, g, d, draw(masks(b, sq, sk)), dtype
+    mask = draw(masks(b, sq, sk))
+    dv = draw(st.sampled_from(HEAD_DIMS.get(backend, [8, 16])))  # v's width: half the cases differ from q/k's
+    return b, sq, sk, hkv, g, d, dv, mask, dtype
 
 
-def _tensors(b, sq, sk, hkv, g, d, dtype):
+def _tensors(b, sq, sk, hkv, g, d, dtype, dv=None):
+    """q, k of width d; v and dout of width dv (multi-head latent attention when they differ)."""
+    dv = d if dv is None else dv
     q = torch.randn(b, sq, hkv * g, d).to(dtype)
     k = torch.randn(b, sk, hkv, d).to(dtype)
-    v = torch.randn(b, sk, hkv, d).to(dtype)
-    do = torch.randn(b, sq, hkv * g, d).to(dtype)
+    v = torch.randn(b, sk, hkv, dv).to(dtype)
+    do = torch.randn(b, sq, hkv * g, dv).to(dtype)
     return q, k, v, do
 
 
@@ -119,14 +123,17 @@ def _run(backend, q, k, v, do, mask):
 
 
 def _check(backend, case):
-    b, sq, sk, hkv, g, d, mask, dtype = case
-    q, k, v, do = _tensors(b, sq, sk, hkv, g, d, dtype)
+    b, sq, sk, hkv, g, d, dv, mask, dtype = case
+    q, k, v, do = _tensors(b, sq, sk, hkv, g, d, dtype, dv)
     kernels.reset_calls()
     dmask, *dev = _on_dev(mask, q, k, v, do)
     out, lse, grads = _run(backend, *dev, dmask)
     out, lse, grads = out.cpu(), lse.cpu(), tuple(x.cpu() for x in grads)
-    check_ran(report(), backend, DEV, fallbacks=expected_fallbacks(backend, DEV, dtype, mask, d, 2), label=mask)
-    assert out.dtype == dtype and lse.shape == (b, hkv * g, sq)
+    # a backend of one width gets the narrower side zero-padded: the fused op sees the wider
+    check_ran(report(), backend, DEV, fallbacks=expected_fallbacks(backend, DEV, dtype, mask, max(d, dv), 2),
+              label=mask)
+    assert out.dtype == dtype and lse.shape == (b, hkv * g, sq) and out.shape == (b, sq, hkv * g, dv)
+    assert tuple(grads[0].shape) == (b, sq, hkv * g, d) and tuple(grads[2].shape) == (b, sk, hkv, dv)
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert all(x.dtype == dtype for x in grads)
     assert not out.isnan().any() and not lse.isnan().any() and not any(x.isnan().any() for x in grads)
@@ -191,12 +198,12 @@ def test_backward_with_global_out_lse(backend_env, kind):
 @pytest.mark.parametrize("backend_env", BACKENDS, indirect=True)
 @pytest.mark.parametrize("sq,sk", [(0, 5), (5, 0), (0, 0)])
 def test_empty_blocks(backend_env, sq, sk):
-    d = HEAD_DIMS.get(backend_env, [16])[0]
-    q, k, v, do = (t.to(DEV) for t in _tensors(2, sq, sk, 2, 2, d, torch.float32))
+    d, width = HEAD_DIMS.get(backend_env, [16])[0], 2 * HEAD_DIMS.get(backend_env, [16])[0]
+    q, k, v, do = (t.to(DEV) for t in _tensors(2, sq, sk, 2, 2, d, torch.float32, width))
     out, lse = forward(q, k, v, mask=Mask.causal(), backend=backend_env)
-    assert out.shape == q.shape and lse.shape == (2, 4, sq) and torch.isneginf(lse).all()
+    assert out.shape == (2, sq, 4, width) and lse.shape == (2, 4, sq) and torch.isneginf(lse).all()
     dq, dk, dv = backward(do, q, k, v, out, lse, mask=Mask.causal(), backend=backend_env)
-    assert dq.shape == q.shape and dk.shape == k.shape and not dk.any() and not dq.any()
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape and not dk.any() and not dq.any()
 
 
 # ------------------------------------------------------------------------------------ Mask against the oracle

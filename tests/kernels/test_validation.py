@@ -1,5 +1,7 @@
 """Bad input to the kernel contract gets an error that names the argument and the fix."""
 
+import re
+
 import pytest
 import torch
 
@@ -28,7 +30,8 @@ def test_not_a_tensor():
 @pytest.mark.parametrize("which,shape,match", [
     ("k", (2, 4, 2, 8), "batch mismatch"),
     ("v", (1, 5, 2, 8), "seq mismatch"),
-    ("k", (1, 4, 2, 16), "head_dim mismatch"),
+    ("k", (1, 4, 2, 16), "head_dim mismatch: q has 8 but k has 16; q and k must be equally wide"),
+    ("v", (1, 4, 2, 0), "v has head_dim 0"),
     ("v", (1, 4, 1, 8), "same kv heads"),
 ])
 def test_mismatched_shapes(which, shape, match):
@@ -37,6 +40,16 @@ def test_mismatched_shapes(which, shape, match):
     t[which] = torch.randn(*shape)
     with pytest.raises(ValueError, match=match):
         forward(q, t["k"], t["v"])
+
+
+def test_out_and_dout_take_the_width_of_v():
+    q, k, _ = _qkv()
+    v = torch.randn(1, 4, 2, 4)  # narrower than q/k (multi-head latent attention)
+    out, lse = forward(q, k, v, backend="reference")
+    assert out.shape == (1, 4, 4, 4)
+    with pytest.raises(ValueError, match=re.escape("dout (1, 4, 4, 8) and out (1, 4, 4, 4) must be (batch, seq_q, "
+                                                   "heads, v's head_dim) = (1, 4, 4, 4)")):
+        backward(torch.zeros(q.shape), q, k, v, out, lse)
 
 
 def test_heads_not_divisible():

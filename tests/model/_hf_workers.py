@@ -81,14 +81,17 @@ def compare_all(jobs: list[tuple[str, str, list[dict]]]) -> list[tuple[str, list
     return [(name, compare(path, layouts)) for name, path, layouts in jobs]
 
 
-def tp_error(path: str) -> str:
-    """The error parallelize_hf raises for this model under tp = the world (or "no error")."""
+def tp_error(paths: list[str]) -> list[str]:
+    """The error parallelize_hf raises for each model under tp = the world (or "no error")."""
     from longctx.model.hf import load_hf_model, parallelize_hf
     from longctx.parallel import ParallelDims
 
-    try:
-        parallelize_hf(load_hf_model(path), ParallelDims(world_size=dist.get_world_size(), dp_shard=1,
-                                                         tp=dist.get_world_size()))
-        return "no error"
-    except ValueError as e:
-        return str(e)
+    errors = []
+    for path in paths:
+        try:
+            parallelize_hf(load_hf_model(path), ParallelDims(world_size=dist.get_world_size(), dp_shard=1,
+                                                             tp=dist.get_world_size()))
+            errors.append("no error")
+        except ValueError as e:
+            errors.append(str(e))
+    return errors

@@ -20,6 +20,12 @@ ROPES = [("dynamic", 16, {"factor": 2.0}),
                             "original_max_position_embeddings": 30})]
 
 
+DEEPSEEK = transformers.DeepseekV3Config(**dict(SMALL, num_key_value_heads=4), q_lora_rank=16, kv_lora_rank=8,
+                                         qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6, n_routed_experts=4,
+                                         num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=16,
+                                         first_k_dense_replace=1, n_group=1, topk_group=1)
+
+
 def _save(cls, cfg, path, sinks: float | None = None):
     torch.manual_seed(0)
     model = cls(cfg)
@@ -54,6 +60,9 @@ def hf_dirs(tmp_path_factory):
             **dict(SMALL, intermediate_size=32), head_dim=8, num_local_experts=4, num_experts_per_tok=2,
             sliding_window=5, layer_types=["sliding_attention", "full_attention"],
             rope_parameters={"rope_type": "default", "rope_theta": 1e4}), root / "gptoss", sinks=2.0),
+        # multi-head latent attention (q/k 12 wide: 8 without RoPE + 4 with, v 6 wide; low-rank q and kv), a
+        # mixture of experts with a shared expert after one dense layer
+        "deepseek": _save(transformers.DeepseekV3ForCausalLM, DEEPSEEK, root / "deepseek"),
         # RoPEs that rescale themselves by each call's largest position (pinned to N = 32 by parallelize_hf):
         # dynamic NTK grows past 16 positions; longrope switches to its long factors past 30, so a zigzag
         # shard whose last position is below 30 would take the short ones
@@ -79,6 +88,8 @@ def _layouts(arch: str, layouts: list[dict]) -> list[dict]:
     if arch == "gptoss":  # zigzag and hybrid (sinks split by heads); no tp placement for a mixture of experts
         return [layout for layout in layouts if layout.get("strategy") in ("zigzag", "hybrid", "ulysses")
                 and "tp" not in layout and "dp_shard" not in layout]
+    if arch == "deepseek":  # K/V of two widths in one ring buffer, and through all-to-alls; no tp (refused)
+        return [layout for layout in layouts if "tp" not in layout and layout.get("strategy") != "striped"]
     return [layouts[0], layouts[-1]] if arch in NEWER else layouts
 
 
@@ -219,9 +230,12 @@ def test_what_longctx_would_skip_is_refused(tmp_path):
         check_hf_config(transformers.Gemma2Config(**gemma, attn_logit_softcapping=None))
     with pytest.raises(ValueError, match=r"logit_scale=0.0625: a scale on the output logits"):
         check_hf_config(transformers.CohereConfig(**SMALL))
-    path = _save(transformers.BitNetForCausalLM, transformers.BitNetConfig(**SMALL), tmp_path / "bitnet")
-    message = run(tp_error, 2, args=(path,), timeout=120)[0]
-    assert "BitNetForCausalLM: no tensor-parallel placement for model.layers.0.self_attn.attn_sub_norm" in message
+    bitnet = _save(transformers.BitNetForCausalLM, transformers.BitNetConfig(**SMALL), tmp_path / "bitnet")
+    deepseek = _save(transformers.DeepseekV3ForCausalLM, DEEPSEEK, tmp_path / "deepseek")
+    bitnet_error, deepseek_error = run(tp_error, 2, args=([bitnet, deepseek],), timeout=120)[0]
+    assert "BitNetForCausalLM: no tensor-parallel placement for model.layers.0.self_attn.attn_sub_norm" in bitnet_error
+    # latent attention's low-rank projections have no q/k/v_proj to split
+    assert "DeepseekV3ForCausalLM: its decoder layers have no self_attn.q_proj" in deepseek_error
 
 
 def test_attention_the_kernels_do_not_compute_is_refused_at_the_call():
@@ -255,3 +269,24 @@ def test_a_mixture_of_experts_counts_the_experts_a_token_runs():
                                            shared_expert_intermediate_size=24, decoder_sparse_step=2,
                                            mlp_only_layers=[3])
     assert model_config(qwen_moe).ffn_dim == (40 + 56 + 40 + 40) // 4
+    # DeepSeek: layer 0 dense (64), then 2 routed + 1 shared expert of 16
+    assert model_config(DEEPSEEK).ffn_dim == (64 + 3 * 16) // 2
+
+
+def test_latent_attention_flops_count_its_own_projections():
+    """FLOPs of multi-head latent attention: the matmul parameters of the low-rank projections, counted
+    here from the model's own Linear layers (no formula shared), and the pair work of q/k and v widths."""
+    from longctx.model.hf import latent_attention, model_config
+    from longctx.train.metrics import model_flops_per_step
+
+    latent = latent_attention(DEEPSEEK)
+    model = transformers.DeepseekV3ForCausalLM(DEEPSEEK)
+    attention = model.model.layers[0].self_attn
+    linear = sum(m.weight.numel() for m in attention.modules() if isinstance(m, torch.nn.Linear))
+    assert latent == {"qk_dim": 12, "v_dim": 6, "proj_params": linear}
+    cfg = model_config(DEEPSEEK)
+    assert cfg.head_dim == 12 and latent_attention(transformers.LlamaConfig(**SMALL)) is None
+    flops = model_flops_per_step(cfg, seq_len=8, sequences=1, pairs=100, latent=latent)
+    mlp = 3 * 32 * cfg.ffn_dim
+    assert flops["attention"] == 6 * 4 * (12 + 6) * 100
+    assert flops["dense"] == 6 * 8 * (2 * (linear + mlp) + 32 * 64)

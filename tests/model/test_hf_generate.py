@@ -1,7 +1,8 @@
 """Generation from Hugging Face models through their own layers (model/hf_generate.py): context-parallel
 prefill and tree/ring decoding over 1 and 2 ranks give the tokens of the unmodified model's eager greedy
 generation without a cache, logits within 1e-5: sliding-window layers (Qwen2, Gemma3), per-head norms and
-wide heads (Qwen3), a softmax scale that is not head_dim ** -0.5 (Gemma3), attention sinks (gpt-oss)."""
+wide heads (Qwen3), a softmax scale that is not head_dim ** -0.5 (Gemma3), attention sinks (gpt-oss),
+values narrower than keys (DeepSeek-V3's latent attention)."""
 
 import pytest
 import torch
@@ -33,6 +34,11 @@ def models(tmp_path_factory):
             **dict(SMALL, intermediate_size=32), head_dim=8, num_local_experts=4, num_experts_per_tok=2,
             sliding_window=5, layer_types=["sliding_attention", "full_attention"],
             rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
+        # multi-head latent attention: a cache of 12-wide keys and 6-wide values
+        "deepseek": (transformers.DeepseekV3ForCausalLM, transformers.DeepseekV3Config(
+            **dict(SMALL, num_key_value_heads=4), q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=4,
+            qk_nope_head_dim=8, v_head_dim=6, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+            moe_intermediate_size=16, first_k_dense_replace=1, n_group=1, topk_group=1)),
     }
     out = {}
     for name, (cls, cfg) in made.items():
@@ -62,7 +68,8 @@ def test_one_process(models):
 def test_context_parallel_prefill_and_decoding(models):
     # zigzag prefill + tree decoding for every model; striped + ring decoding for one (the decode step is the
     # model's, the decoding scheme longctx's: test_generate.py covers the schemes)
-    jobs = [(name, "zigzag", "tree") for name in models] + [("gemma3", "striped", "ring")]
+    jobs = [(name, "zigzag", "tree") for name in models] + [("gemma3", "striped", "ring"),
+                                                             ("deepseek", "striped", "ring")]
     cases = [dict(hf=models[n][0], strategy=s, decode=d, lengths=LENGTHS, steps=STEPS) for n, s, d in jobs]
     for rank, per_rank in enumerate(run(run_cases, 2, args=(cases,), timeout=300)):
         for (name, strategy, decode), r in zip(jobs, per_rank, strict=True):

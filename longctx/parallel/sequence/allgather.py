@@ -13,7 +13,7 @@ import torch
 
 from ... import kernels
 from ...kernels import acc_dtype
-from .schedule import ScheduleSpec, blocks_backward, blocks_forward, held, run_schedule
+from .schedule import ScheduleSpec, blocks_backward, blocks_forward, held, pack_kv, run_schedule, unpack_kv
 
 
 def _shards(comm, kv, pending, parts):
@@ -27,35 +27,35 @@ def _shards(comm, kv, pending, parts):
 
 def allgather_forward(q, k, v, spec: ScheduleSpec):
     comm = spec.comm
-    b, c, h, _ = q.shape
+    b, c, h, d = q.shape
     n = c * comm.world
     out, lse = kernels.empty_state(b, c, h, v.shape[-1], device=q.device, dtype=acc_dtype(q.dtype))
-    kv = torch.stack([k, v])
+    kv = pack_kv(k, v)
     pending, parts = comm.all_gather(kv, phase="fwd", async_op=True)
     pairs = 0
     for src, kv_src in _shards(comm, kv, pending, parts):
         blocks = held(spec, n, comm.world, comm.rank, src, b)
-        pairs += blocks_forward(q, kv_src[0], kv_src[1], blocks, out, lse, spec)
+        pairs += blocks_forward(q, *unpack_kv(kv_src, d), blocks, out, lse, spec)
     comm.stats.record_work("fwd", 0, pairs)
     return out.to(q.dtype), lse
 
 
 def allgather_backward(dout, q, k, v, out, lse, spec: ScheduleSpec):
     comm = spec.comm
-    b, c = q.shape[:2]
+    b, c, d = q.shape[0], q.shape[1], q.shape[-1]
     n = c * comm.world
     acc = acc_dtype(q.dtype)
-    kv = torch.stack([k, v])
+    kv = pack_kv(k, v)
     pending, parts = comm.all_gather(kv, phase="bwd", async_op=True)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dkv = torch.zeros((comm.world, *kv.shape), dtype=acc, device=q.device)
     pairs = 0
     for src, kv_src in _shards(comm, kv, pending, parts):
         blocks = held(spec, n, comm.world, comm.rank, src, b)
-        pairs += blocks_backward(dout, q, kv_src[0], kv_src[1], out, lse, blocks, dq, dkv[src, 0], dkv[src, 1], spec)
+        pairs += blocks_backward(dout, q, *unpack_kv(kv_src, d), out, lse, blocks, dq, *unpack_kv(dkv[src], d), spec)
     comm.stats.record_work("bwd", 0, pairs)
-    mine = comm.reduce_scatter(dkv, phase="bwd")[0]
-    return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
+    dk, dv = unpack_kv(comm.reduce_scatter(dkv, phase="bwd")[0], d)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def allgather_attention(q, k, v, spec: ScheduleSpec, sinks=None):

@@ -29,7 +29,7 @@ class Strategy:
     layouts: tuple[str, ...]  # the layouts its shards may follow; the first is the default
     summary: str
     heads_split: bool = False  # heads are split over (part of) the context ranks: they must divide
-    comm: Callable | None = None  # (world, ulysses, b, n, h, hkv, d, e, acc, layout) -> bytes/calls dict
+    comm: Callable | None = None  # (world, ulysses, b, n, h, hkv, d, e, acc, dv) -> bytes/calls dict
 
     @property
     def default_layout(self) -> str:
@@ -88,13 +88,13 @@ class Strategy:
         return ring_pos[u * cu:(u + 1) * cu]
 
     def comm_model(self, *, world, batch, seq_len, heads, kv_heads, head_dim, dtype_bytes, layout=None,
-                   ulysses=None) -> dict:
+                   ulysses=None, v_head_dim=None) -> dict:
         layout = self.layout(layout)
         acc = 8 if dtype_bytes == 8 else 4
         u = ulysses or 1
         self.check(seq_len=seq_len, world=world, layout=layout, heads=heads, kv_heads=kv_heads,
                    ulysses=u if self.name == "hybrid" else 1)
-        return self.comm(world, u, batch, seq_len, heads, kv_heads, head_dim, dtype_bytes, acc)
+        return self.comm(world, u, batch, seq_len, heads, kv_heads, head_dim, dtype_bytes, acc, v_head_dim)
 
     def work_table(self, *, world, seq_len, causal, window=None, layout=None, ulysses=None,
                    starts=None) -> list[list[int]]:
@@ -112,20 +112,20 @@ class Strategy:
         return table
 
 
-def _ring(world, u, b, n, h, hkv, d, e, acc):
-    return cost.ring_family_bytes(world, b, n // world, hkv, d, e, acc)
+def _ring(world, u, b, n, h, hkv, d, e, acc, dv):
+    return cost.ring_family_bytes(world, b, n // world, hkv, d, e, acc, dv)
 
 
-def _allgather(world, u, b, n, h, hkv, d, e, acc):
-    return cost.allgather_bytes(world, b, n // world, hkv, d, e, acc)
+def _allgather(world, u, b, n, h, hkv, d, e, acc, dv):
+    return cost.allgather_bytes(world, b, n // world, hkv, d, e, acc, dv)
 
 
-def _ulysses(world, u, b, n, h, hkv, d, e, acc):
-    return cost.ulysses_bytes(world, b, n // world, h, hkv, d, e)
+def _ulysses(world, u, b, n, h, hkv, d, e, acc, dv):
+    return cost.ulysses_bytes(world, b, n // world, h, hkv, d, e, dv)
 
 
-def _hybrid(world, u, b, n, h, hkv, d, e, acc):
-    return cost.hybrid_bytes(world // u, u, b, n, h, hkv, d, e, acc)
+def _hybrid(world, u, b, n, h, hkv, d, e, acc, dv):
+    return cost.hybrid_bytes(world // u, u, b, n, h, hkv, d, e, acc, dv)
 
 
 _ALL = ("contiguous", "zigzag", "striped")
@@ -165,11 +165,13 @@ def strategy_layout(strategy: str, layout: str | None = None) -> str:
 
 
 def comm_model(strategy: str, *, world: int, batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int,
-               dtype_bytes: int, layout: str | None = None, ulysses: int | None = None) -> dict:
-    """Bytes and calls one rank sends, forward and backward, for one attention call."""
+               dtype_bytes: int, layout: str | None = None, ulysses: int | None = None,
+               v_head_dim: int | None = None) -> dict:
+    """Bytes and calls one rank sends, forward and backward, for one attention call (`v_head_dim`: v's head
+    width where it differs from q/k's `head_dim`)."""
     return get_strategy(strategy).comm_model(world=world, batch=batch, seq_len=seq_len, heads=heads,
                                              kv_heads=kv_heads, head_dim=head_dim, dtype_bytes=dtype_bytes,
-                                             layout=layout, ulysses=ulysses)
+                                             layout=layout, ulysses=ulysses, v_head_dim=v_head_dim)
 
 
 def work_model(strategy: str, *, world: int, seq_len: int, causal: bool, window: int | None = None,

@@ -15,7 +15,7 @@ import torch
 from ... import kernels
 from ...kernels import acc_dtype
 from .plan import ring_src
-from .schedule import ScheduleSpec, blocks_backward, blocks_forward, held, run_schedule
+from .schedule import ScheduleSpec, blocks_backward, blocks_forward, held, pack_kv, run_schedule, unpack_kv
 
 
 def _blocks(spec: ScheduleSpec, n: int, src: int, batch: int):
@@ -27,11 +27,11 @@ def ring_forward(q, k, v, spec: ScheduleSpec):
     b, c, h, d = q.shape
     n = c * comm.world
     out, lse = kernels.empty_state(b, c, h, v.shape[-1], device=q.device, dtype=acc_dtype(q.dtype))
-    kv = torch.stack([k, v])
+    kv = pack_kv(k, v)
     for s in range(comm.world):
         pending = comm.ring_exchange(kv, phase="fwd") if s < comm.world - 1 else None
         blocks = _blocks(spec, n, ring_src(comm.rank, s, comm.world), q.shape[0])
-        comm.stats.record_work("fwd", s, blocks_forward(q, kv[0], kv[1], blocks, out, lse, spec))
+        comm.stats.record_work("fwd", s, blocks_forward(q, *unpack_kv(kv, d), blocks, out, lse, spec))
         if pending is not None:
             kv = pending.wait()
     return out.to(q.dtype), lse
@@ -39,11 +39,11 @@ def ring_forward(q, k, v, spec: ScheduleSpec):
 
 def ring_backward(dout, q, k, v, out, lse, spec: ScheduleSpec):
     comm = spec.comm
-    c = q.shape[1]
+    c, d = q.shape[1], q.shape[-1]
     n = c * comm.world
     acc = acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    kv = torch.stack([k, v])
+    kv = pack_kv(k, v)
     pending_dkv = None
     for s in range(comm.world):
         pending_kv = comm.ring_exchange(kv, phase="bwd") if s < comm.world - 1 else None
@@ -51,7 +51,7 @@ def ring_backward(dout, q, k, v, out, lse, spec: ScheduleSpec):
         # this step's dK/dV go into a local buffer first, so the accumulator arriving with this K/V block
         # (fresh at step 0) is waited for only after the compute it travelled during
         local = torch.zeros(kv.shape, dtype=acc, device=q.device)
-        pairs = blocks_backward(dout, q, kv[0], kv[1], out, lse, blocks, dq, local[0], local[1], spec)
+        pairs = blocks_backward(dout, q, *unpack_kv(kv, d), out, lse, blocks, dq, *unpack_kv(local, d), spec)
         comm.stats.record_work("bwd", s, pairs)
         if s == 0:
             dkv = local
@@ -62,8 +62,8 @@ def ring_backward(dout, q, k, v, out, lse, spec: ScheduleSpec):
         pending_dkv = comm.ring_exchange(dkv, phase="bwd")
         if pending_kv is not None:
             kv = pending_kv.wait()
-    dkv = pending_dkv.wait()  # after W hops: the gradient of this rank's own K/V
-    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+    dk, dv = unpack_kv(pending_dkv.wait(), d)  # after W hops: the gradient of this rank's own K/V
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def ring_attention(q, k, v, spec: ScheduleSpec, sinks=None):

@@ -38,6 +38,17 @@ def held(spec: ScheduleSpec, n: int, world: int, rank: int, src: int, batch: int
     return held_blocks(spec.layout, n, world, rank, src, spec.causal, spec.window, spec.documents, batch)
 
 
+def pack_kv(k, v):
+    """K and V in one buffer, so that one transfer carries both: stacked (2, B, c, H, D) when equally wide,
+    else side by side along the features (B, c, H, D_k + D_v) (multi-head latent attention)."""
+    return torch.stack([k, v]) if k.shape == v.shape else torch.cat([k, v], -1)
+
+
+def unpack_kv(kv, k_width: int):
+    """(K, V) views of a pack_kv buffer, or of one shaped like it (the dK/dV accumulators)."""
+    return (kv[0], kv[1]) if kv.dim() == 5 else (kv[..., :k_width], kv[..., k_width:])
+
+
 def blocks_forward(q, k, v, groups, out, lse, spec: ScheduleSpec) -> int:
     """Run one held K/V shard's kernel calls and merge them into (out, lse); returns the pairs done."""
     pairs = 0

@@ -20,6 +20,7 @@ import torch
 
 from ... import kernels
 from ..comm import Comm
+from .schedule import pack_kv, unpack_kv
 
 _INF = float("inf")
 PHASE = "decode"
@@ -177,8 +178,10 @@ def ring_decode(q, k_local, v_local, group=None, *, scale=None, kernel="auto", s
     s_max = max(shard_lens)
     acc = kernels.acc_dtype(q.dtype)
     out, lse = kernels.empty_state(b, sq, h, v_local.shape[-1], device=q.device, dtype=acc)
-    kv = torch.zeros((2, b, s_max, *k_local.shape[2:]), dtype=k_local.dtype, device=k_local.device)
-    kv[0, :, :n_local], kv[1, :, :n_local] = k_local, v_local
+    packed = pack_kv(k_local, v_local)
+    seq_dim = packed.dim() - 3  # (2, B, S, H, D) or, for v of another width, (B, S, H, D + Dv)
+    kv = packed.new_zeros((*packed.shape[:seq_dim], s_max, *packed.shape[seq_dim + 1:]))
+    kv.narrow(seq_dim, 0, n_local).copy_(packed)
     hops = comm.world - 1 if s_max > 0 else 0  # nothing to move when the whole cache is empty
     for s in range(comm.world):
         pending = comm.ring_exchange(kv, phase=PHASE) if s < hops else None
@@ -187,7 +190,8 @@ def ring_decode(q, k_local, v_local, group=None, *, scale=None, kernel="auto", s
             src = (comm.rank - s) % comm.world
             mask = None if key_start is None else _start_mask(key_start, src + comm.world * torch.arange(n), b, sq,
                                                               q.device)
-            o, l = kernels.forward(q, kv[0, :, :n], kv[1, :, :n], scale=scale, mask=mask, backend=kernel,
+            k_src, v_src = unpack_kv(kv, k_local.shape[-1])
+            o, l = kernels.forward(q, k_src[:, :n], v_src[:, :n], scale=scale, mask=mask, backend=kernel,
                                    out_dtype=acc)
             kernels.merge_(out, lse, o, l)
         if pending is not None:
@@ -258,9 +262,9 @@ class ShardedKVCache:
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Add n new tokens (B, n, H_kv, D) at global positions total .. total+n-1."""
-        if k_new.dim() != 4 or k_new.shape != v_new.shape:
-            raise ValueError(f"k_new and v_new must both be (batch, n, kv_heads, head_dim), got "
-                             f"{tuple(k_new.shape)} and {tuple(v_new.shape)}")
+        if k_new.dim() != 4 or v_new.dim() != 4 or k_new.shape[:3] != v_new.shape[:3]:
+            raise ValueError(f"k_new and v_new must both be (batch, n, kv_heads, head_dim) (v's head_dim may "
+                             f"differ), got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
         first = (self.rank - self.total) % self.world  # index in k_new of the first token that is ours
         self._store(k_new[:, first::self.world], v_new[:, first::self.world])
         self.total += k_new.shape[1]
@@ -270,10 +274,11 @@ class ShardedKVCache:
             cap = max(16, k.shape[1])
             self._k = k.new_empty((k.shape[0], cap, *k.shape[2:]))
             self._v = v.new_empty((v.shape[0], cap, *v.shape[2:]))
-        elif k.shape[0] != self._k.shape[0] or k.shape[2:] != self._k.shape[2:] or k.dtype != self._k.dtype:
-            raise ValueError(f"new K/V {tuple(k.shape)} {k.dtype} do not match the cache's (batch, *, "
-                             f"kv_heads, head_dim) = {tuple(self._k.shape)} {self._k.dtype}; call reset() "
-                             "for a new batch")
+        elif k.shape[0] != self._k.shape[0] or k.shape[2:] != self._k.shape[2:] or k.dtype != self._k.dtype \
+                or v.shape[2:] != self._v.shape[2:]:
+            raise ValueError(f"new K/V {tuple(k.shape)} {tuple(v.shape)} {k.dtype} do not match the cache's "
+                             f"(batch, *, kv_heads, head_dim) = {tuple(self._k.shape)} {tuple(self._v.shape)} "
+                             f"{self._k.dtype}; call reset() for a new batch")
         need = self._n + k.shape[1]
         if need > self._k.shape[1]:
             cap = max(need, 2 * self._k.shape[1])
@@ -332,10 +337,12 @@ def tree_comm_model(world: int, batch: int, q_len: int, heads: int, head_dim: in
 
 
 def ring_decode_comm_model(world: int, batch: int, shard_len: int, kv_heads: int, head_dim: int,
-                           dtype_bytes: int) -> dict:
+                           dtype_bytes: int, v_head_dim: int | None = None) -> dict:
     """Bytes and calls one rank sends per ring_decode: W-1 hops of the packed K/V shard (shard_len = the
-    longest shard, ceil(context / W) for the round-robin cache): grows linearly with the context."""
+    longest shard, ceil(context / W) for the round-robin cache): grows linearly with the context.
+    `v_head_dim`: v's width where it is not k's."""
     if world == 1 or shard_len == 0:
         return {"fwd_bytes": 0, "fwd_calls": 0}
-    return {"fwd_bytes": (world - 1) * 2 * batch * shard_len * kv_heads * head_dim * dtype_bytes,
+    width = head_dim + (head_dim if v_head_dim is None else v_head_dim)
+    return {"fwd_bytes": (world - 1) * batch * shard_len * kv_heads * width * dtype_bytes,
             "fwd_calls": world - 1}

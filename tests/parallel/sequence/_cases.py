@@ -52,7 +52,8 @@ def check(cases, results, world):
             # the counters against the formulas written out by hand (no product code), then the product's model
             hand = expected(case["strategy"], world=world, batch=case["b"], seq_len=case["n"], heads=case["h"],
                             kv_heads=case["hkv"], head_dim=case["d"], dtype_bytes=_esize(case),
-                            ulysses=case["mesh"][1] if case["strategy"] == "hybrid" else None)
+                            ulysses=case["mesh"][1] if case["strategy"] == "hybrid" else None,
+                            v_head_dim=case.get("dv"))
             for key in ("fwd_bytes", "fwd_calls", "bwd_bytes", "bwd_calls"):
                 assert r[key] == hand[key] == r["model"][key], (label, key, r[key], hand[key], r["model"][key])
             check_ran(r["backends"], case.get("kernel", "auto"), label=label)

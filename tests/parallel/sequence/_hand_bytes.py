@@ -47,57 +47,59 @@ def _split_kv_heads(heads: int, kv_heads: int, degree: int) -> int:
     return max(kv_heads, degree) // degree
 
 
-def _ring(w, b, c, hkv, d, e, acc) -> dict:
-    """§5: stack(k, v) (2 b c hkv d e bytes) is sent W-1 times forward; backward re-sends it W-1 times and
-    the fp32 dK/dV accumulator of each block makes W hops (W-1 to visit every rank, one more to get home)."""
+def _ring(w, b, c, hkv, d, e, acc, dv) -> dict:
+    """§5: K and V in one buffer (b c hkv (d + dv) e bytes: q/k width d, v width dv) are sent W-1 times
+    forward; backward re-sends them W-1 times and the fp32 dK/dV accumulator of each block makes W hops (W-1
+    to visit every rank, one more to get home)."""
     if w == 1:
         return _zero()
-    kv, dkv = 2 * b * c * hkv * d * e, 2 * b * c * hkv * d * acc
+    kv, dkv = b * c * hkv * (d + dv) * e, b * c * hkv * (d + dv) * acc
     return {"fwd_bytes": (w - 1) * kv, "fwd_calls": w - 1,
             "bwd_bytes": (w - 1) * kv + w * dkv, "bwd_calls": (w - 1) + w}
 
 
-def _allgather(w, b, c, hkv, d, e, acc) -> dict:
-    """§6: one all-gather of the local stack(k, v) per pass (backward re-gathers instead of keeping the
-    N-long copy), and one reduce-scatter whose output chunk is this rank's fp32 dK/dV."""
+def _allgather(w, b, c, hkv, d, e, acc, dv) -> dict:
+    """§6: one all-gather of the local K and V (one buffer) per pass (backward re-gathers instead of keeping
+    the N-long copy), and one reduce-scatter whose output chunk is this rank's fp32 dK/dV."""
     if w == 1:
         return _zero()
-    kv, dkv = 2 * b * c * hkv * d * e, 2 * b * c * hkv * d * acc
+    kv, dkv = b * c * hkv * (d + dv) * e, b * c * hkv * (d + dv) * acc
     return {"fwd_bytes": (w - 1) * kv, "fwd_calls": 1, "bwd_bytes": (w - 1) * (kv + dkv), "bwd_calls": 2}
 
 
-def _ulysses(w, b, c, h, hkv, d, e) -> dict:
+def _ulysses(w, b, c, h, hkv, d, e, dv) -> dict:
     """§7: forward all-to-alls q, k, v (sequence -> heads) and out (heads -> sequence); backward dout in and
     dq, dk, dv back, all in the input dtype. The inputs of the k and v all-to-alls hold the (replicated, if
-    W > hkv) max(hkv, W) KV heads of a c-token shard."""
+    W > hkv) max(hkv, W) KV heads of a c-token shard. q, k, dq, dk are d wide; v, out, dout, dv dv wide."""
     if w == 1:
         return _zero()
     kv_heads = _split_kv_heads(h, hkv, w) * w
-    q = b * c * h * d * e
-    kv = b * c * kv_heads * d * e
-    per = 2 * _all_to_all(q, w) + 2 * _all_to_all(kv, w)
+    per = (_all_to_all(b * c * h * d * e, w) + _all_to_all(b * c * h * dv * e, w)
+           + _all_to_all(b * c * kv_heads * d * e, w) + _all_to_all(b * c * kv_heads * dv * e, w))
     return {"fwd_bytes": per, "fwd_calls": 4, "bwd_bytes": per, "bwd_calls": 4}
 
 
 def expected(strategy: str, *, world: int, batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int,
-             dtype_bytes: int, ulysses: int | None = None) -> dict:
+             dtype_bytes: int, ulysses: int | None = None, v_head_dim: int | None = None) -> dict:
     """Bytes and calls one rank sends in the forward and the backward of one attention call (every rank
-    sends the same). `ulysses`: hybrid's Ulysses degree U (the ring degree is world / U)."""
+    sends the same). `ulysses`: hybrid's Ulysses degree U (the ring degree is world / U); `v_head_dim`: v's
+    width when it is not q's and k's."""
     b, n, h, hkv, d, e = batch, seq_len, heads, kv_heads, head_dim, dtype_bytes
+    dv = head_dim if v_head_dim is None else v_head_dim
     acc = _acc(e)
     if strategy in RING_FAMILY:
-        return _ring(world, b, n // world, hkv, d, e, acc)
+        return _ring(world, b, n // world, hkv, d, e, acc, dv)
     if strategy == "allgather":
-        return _allgather(world, b, n // world, hkv, d, e, acc)
+        return _allgather(world, b, n // world, hkv, d, e, acc, dv)
     if strategy == "ulysses":
-        return _ulysses(world, b, n // world, h, hkv, d, e)
+        return _ulysses(world, b, n // world, h, hkv, d, e, dv)
     if strategy == "hybrid":
         # §8: Ulysses over U on the c = N/W hybrid shard, then the ring over R = W/U on the rebuilt ring
         # shard (N/R tokens) with the H/U query heads and max(hkv, U)/U KV heads a rank holds after the split
         u = ulysses or 1
         ring = world // u
-        part_u = _ulysses(u, b, n // world, h, hkv, d, e)
-        part_r = _ring(ring, b, n // ring, _split_kv_heads(h, hkv, u), d, e, acc)
+        part_u = _ulysses(u, b, n // world, h, hkv, d, e, dv)
+        part_r = _ring(ring, b, n // ring, _split_kv_heads(h, hkv, u), d, e, acc, dv)
         return {k: part_u[k] + part_r[k] for k in KEYS}
     raise ValueError(f"unknown strategy {strategy!r}")
 

@@ -17,10 +17,10 @@ from tests.support import oracle
 from tests.support.backends import report
 
 
-def problem(b, t, sq, h, hkv, d, seed):
+def problem(b, t, sq, h, hkv, d, seed, dv=None):
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(b, t, hkv, d, generator=g, dtype=torch.float64)
-    v = torch.randn(b, t, hkv, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, t, hkv, d if dv is None else dv, generator=g, dtype=torch.float64)
     q = torch.randn(b, sq, h, d, generator=g, dtype=torch.float64)
     return q, k, v
 
@@ -43,7 +43,8 @@ def run_case(case: dict) -> dict:
     w, rank = comm.world, comm.rank
     b, t, sq, h, hkv, d = (case[x] for x in ("b", "t", "sq", "h", "hkv", "d"))
     dtype = case.get("dtype", torch.float32)
-    q, k, v = problem(b, t, sq, h, hkv, d, case.get("seed", 0))
+    dv = case.get("dv", d)  # values of another width (latent attention)
+    q, k, v = problem(b, t, sq, h, hkv, d, case.get("seed", 0), dv)
     cache = ShardedKVCache()
     chunks = case.get("chunks", [t])
     _fill(cache, k.to(dtype), v.to(dtype), chunks)
@@ -60,7 +61,7 @@ def run_case(case: dict) -> dict:
     kernels.reset_calls()
     out, lse = cache.decode(qd, strategy="tree", causal_new=causal_new, collectives=coll, return_lse=True)
     res["tree_bytes"], res["tree_calls"] = comm.stats.bytes("decode"), comm.stats.calls("decode")
-    res["tree_model"] = tree_comm_model(w, b, sq, h, d, qd.element_size(), collectives=coll)
+    res["tree_model"] = tree_comm_model(w, b, sq, h, dv, qd.element_size(), collectives=coll)  # partials: dv wide
     res["tree_err"] = _err(out, ref_out)
     fin = torch.isfinite(ref_lse)
     res["lse_err"] = _err(lse[fin], ref_lse[fin])
@@ -71,7 +72,8 @@ def run_case(case: dict) -> dict:
         comm.stats.reset()
         out_r = cache.decode(qd, strategy="ring")
         res["ring_bytes"], res["ring_calls"] = comm.stats.bytes("decode"), comm.stats.calls("decode")
-        res["ring_model"] = ring_decode_comm_model(w, b, max(cache.shard_lengths()), hkv, d, qd.element_size())
+        res["ring_model"] = ring_decode_comm_model(w, b, max(cache.shard_lengths()), hkv, d, qd.element_size(),
+                                                   v_head_dim=dv)
         res["ring_err"] = _err(out_r, ref_out)
         # without shard_lens the lengths are gathered first, under their own phase
         comm.stats.reset()

@@ -14,12 +14,14 @@ from tests.support.backends import report
 _MESHES: dict = {}
 
 
-def problem(b, n, h, hkv, d, dtype, seed):
+def problem(b, n, h, hkv, d, dtype, seed, dv=None):
+    """q, k (d wide), v and the output gradient (dv wide, default d) in float64."""
+    dv = d if dv is None else dv
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, n, h, d, generator=g, dtype=torch.float64)
     k = torch.randn(b, n, hkv, d, generator=g, dtype=torch.float64)
-    v = torch.randn(b, n, hkv, d, generator=g, dtype=torch.float64)
-    do = torch.randn(b, n, h, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, n, hkv, dv, generator=g, dtype=torch.float64)
+    do = torch.randn(b, n, h, dv, generator=g, dtype=torch.float64)
     return q, k, v, do
 
 
@@ -54,7 +56,7 @@ def run_case(case: dict) -> dict:
     b, n, h, hkv, d = case["b"], case["n"], case["h"], case["hkv"], case["d"]
     dtype = case.get("dtype", torch.float32)
     causal, window = case["causal"], case.get("window")
-    q, k, v, do = problem(b, n, h, hkv, d, dtype, case.get("seed", 0))
+    q, k, v, do = problem(b, n, h, hkv, d, dtype, case.get("seed", 0), case.get("dv"))
     # attention sinks: logits around the scores' own scale, so the sink takes a real share of each row
     sinks = 2 * torch.randn(h, generator=torch.Generator().manual_seed(7), dtype=torch.float64) \
         if case.get("sinks") else None
@@ -99,7 +101,7 @@ def run_case(case: dict) -> dict:
         res["base_grad"] = max((t.grad.double() - r).abs().max().item() for t, r in zip(full, ref_grads))
     model = comm_model(case["strategy"], world=world, batch=b, seq_len=n, heads=h, kv_heads=hkv, head_dim=d,
                        dtype_bytes=torch.tensor([], dtype=dtype).element_size(), layout=case.get("layout"),
-                       ulysses=case["mesh"][1] if case["strategy"] == "hybrid" else None)
+                       ulysses=case["mesh"][1] if case["strategy"] == "hybrid" else None, v_head_dim=case.get("dv"))
     res["model"] = model
     return res
 

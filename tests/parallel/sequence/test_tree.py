@@ -27,6 +27,8 @@ def _cases(world):
         dict(base, b=2, t=40, hkv=2, seed=5),
         dict(base, b=2, t=400, hkv=2, seed=6),
         dict(base, b=2, t=23, hkv=2, dtype=torch.float64),
+        dict(base, b=2, t=37, hkv=2, dv=4, chunks=[20, 17]),  # values narrower and wider than keys
+        dict(base, b=2, t=37, hkv=2, dv=12, sq=2, causal_new=True, chunks=[30, 7]),
         dict(kind="ragged", b=3, s=6, sq=2, h=4, hkv=2, d=8),
         dict(kind="empty"),
     ]
@@ -92,6 +94,9 @@ def test_models():
     assert tree_comm_model(1, 2, 1, 8, 64, 2)["fwd_bytes"] == 0
     assert ring_decode_comm_model(4, 2, 100, 2, 64, 2) == {"fwd_bytes": 3 * 2 * 2 * 100 * 2 * 64 * 2,
                                                            "fwd_calls": 3}
+    # K 64 wide and V 32 wide in one buffer
+    assert ring_decode_comm_model(4, 2, 100, 2, 64, 2, v_head_dim=32) == {
+        "fwd_bytes": 3 * 2 * 100 * 2 * (64 + 32) * 2, "fwd_calls": 3}
 
 
 # Bad decode calls at W=3: batch 2, 2 new tokens, 4 cache slots per rank (a striped 12-token cache). Every
@@ -140,7 +145,7 @@ def test_cache_errors():
     q = torch.randn(1, 1, 2, 4)
     with pytest.raises(ValueError, match=r"the cache is empty on every rank; prefill\(\) or append\(\) before decode"):
         c.decode(q)
-    shape = r"k_new and v_new must both be \(batch, n, kv_heads, head_dim\), got {}"
+    shape = r"k_new and v_new must both be \(batch, n, kv_heads, head_dim\) \(v's head_dim may differ\), got {}"
     with pytest.raises(ValueError, match=shape.format(r"\(1, 3, 2\) and \(1, 3, 2\)")):
         c.append(torch.zeros(1, 3, 2), torch.zeros(1, 3, 2))
     with pytest.raises(ValueError, match=shape.format(r"\(1, 3, 2, 4\) and \(1, 2, 2, 4\)")):
@@ -151,6 +156,8 @@ def test_cache_errors():
     for k_new in (torch.zeros(2, 1, 2, 4), torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 2, 4, dtype=torch.float64)):
         with pytest.raises(ValueError, match=mismatch):  # batch, kv heads, dtype
             c.append(k_new, k_new)
+    with pytest.raises(ValueError, match=mismatch):  # values of another width than the cached ones
+        c.append(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 6))
     with pytest.raises(ValueError, match="ring_decode has no causal_new; use strategy='tree'"):
         c.decode(q, strategy="ring", causal_new=True)
     with pytest.raises(ValueError, match=r"unknown decode strategy 'spiral'; choose 'tree' or 'ring'"):
