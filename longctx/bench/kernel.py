@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from .. import kernels
 from .._argtypes import int_list, seed, split_names
 from ..kernels import Mask, backends, empty_state, merge_
 from ..kernels import sdpa as sdpa_mod
@@ -33,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", default="triton,sdpa,flash,reference", help="comma-separated backend names")
     p.add_argument("--seq-lens", type=int_list, default=[1024, 4096, 16384], help="comma-separated lengths")
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--v-head-dim", type=int, default=None,
+                   help="values of another width (latent attention, e.g. 192/128; default: --head-dim); "
+                        "a backend of one width gets the narrower side zero-padded, as in training")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=None, help="GQA: K/V heads (default: --heads)")
     p.add_argument("--batch", type=int, default=1)
@@ -76,10 +80,21 @@ def _time_ms(fn, device: torch.device, warmup: int, iters: int, min_s: float = 0
     return (time.perf_counter() - t0) * 1e3 / n
 
 
-def _tensors(b, s, h, hkv, d, dtype, device, seed):
+def _tensors(b, s, h, hkv, d, dtype, device, seed, dv=None):
     g = torch.Generator().manual_seed(seed)
     mk = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
-    return mk(b, s, h, d), mk(b, s, hkv, d), mk(b, s, hkv, d), mk(b, s, h, d)
+    dv = d if dv is None else dv
+    return mk(b, s, h, d), mk(b, s, hkv, d), mk(b, s, hkv, dv), mk(b, s, h, dv)
+
+
+def _kernel(name: str, v_wide: bool):
+    """(forward, backward) of a backend: its own functions, or for values of another width the registry's
+    dispatch (which pads for a backend of one width, as training runs it)."""
+    if not v_wide:
+        be = backends()[name]
+        return be.forward, be.backward
+    return (lambda *a, **kw: kernels.forward(*a, backend=name, **kw),
+            lambda *a, **kw: kernels.backward(*a, backend=name, **kw))
 
 
 def _why_not(name: str, q, k, v, mask) -> str | None:
@@ -93,15 +108,15 @@ def _closures(name, q, k, v, do, mask):
     """(fwd, bwd, fwdbwd, out) of a longctx backend or a torch baseline, for the timing loop."""
     if name in sdpa_baselines.NAMES:
         return sdpa_baselines.closures(name, q, k, v, do, mask)
-    be, scale = backends()[name], q.shape[-1] ** -0.5
-    out, lse = be.forward(q, k, v, scale=scale, mask=mask)
+    (forward, backward), scale = _kernel(name, v.shape[-1] != q.shape[-1]), q.shape[-1] ** -0.5
+    out, lse = forward(q, k, v, scale=scale, mask=mask)
 
     def fwdbwd():
-        o, lse_ = be.forward(q, k, v, scale=scale, mask=mask)
-        return be.backward(do, q, k, v, o, lse_, scale=scale, mask=mask)
+        o, lse_ = forward(q, k, v, scale=scale, mask=mask)
+        return backward(do, q, k, v, o, lse_, scale=scale, mask=mask)
 
-    return (lambda: be.forward(q, k, v, scale=scale, mask=mask),
-            lambda: be.backward(do, q, k, v, out, lse, scale=scale, mask=mask), fwdbwd, out)
+    return (lambda: forward(q, k, v, scale=scale, mask=mask),
+            lambda: backward(do, q, k, v, out, lse, scale=scale, mask=mask), fwdbwd, out)
 
 
 def _tflops(flops: float, ms: float | None) -> float | None:
@@ -114,7 +129,7 @@ def _check_error(name, args, dtype, device, mask) -> float | None:
     if s <= 0:
         return None
     q, k, v, _ = _tensors(args.batch, s, args.heads, args.kv_heads, args.head_dim, dtype, device,
-                          args.seed + 1)
+                          args.seed + 1, args.v_head_dim)
     if _why_not(name, q, k, v, mask):
         return None
     scale = args.head_dim ** -0.5
@@ -126,11 +141,12 @@ def _check_error(name, args, dtype, device, mask) -> float | None:
 
 def _bench_one(name, args, s, dtype, device, mask, warmup, iters) -> dict:
     b, h, hkv, d = args.batch, args.heads, args.kv_heads, args.head_dim
-    rec = dict(backend=name, seq_len=s, head_dim=d, heads=h, kv_heads=hkv, batch=b, causal=bool(args.causal),
-               window=args.window, dtype=args.dtype, device=str(device), fwd_ms=None, bwd_ms=None,
-               fwdbwd_ms=None, fwd_tflops=None, bwd_tflops=None, fwdbwd_tflops=None, peak_mem_mb=None,
+    dv = args.v_head_dim or d
+    rec = dict(backend=name, seq_len=s, head_dim=d, v_head_dim=dv, heads=h, kv_heads=hkv, batch=b,
+               causal=bool(args.causal), window=args.window, dtype=args.dtype, device=str(device), fwd_ms=None,
+               bwd_ms=None, fwdbwd_ms=None, fwd_tflops=None, bwd_tflops=None, fwdbwd_tflops=None, peak_mem_mb=None,
                max_abs_err_out=None)
-    q, k, v, do = _tensors(b, s, h, hkv, d, dtype, device, args.seed)
+    q, k, v, do = _tensors(b, s, h, hkv, d, dtype, device, args.seed, dv)
     why = _why_not(name, q, k, v, mask)
     if why:
         return dict(rec, status=f"skipped: {why}")
@@ -152,7 +168,7 @@ def _bench_one(name, args, s, dtype, device, mask, warmup, iters) -> dict:
     except Exception as e:  # noqa: BLE001 - one failing backend (OOM, compile error) must not end the run
         first = str(e).splitlines()[0][:200] if str(e) else ""
         return dict(rec, status=f"error: {type(e).__name__}: {first}")
-    flops = 4.0 * h * d * mask.count_pairs(s, s, batch=b)
+    flops = 2.0 * h * (d + dv) * mask.count_pairs(s, s, batch=b)  # QK^T over d, PV over dv
     rec.update(fwd_tflops=_tflops(flops, rec["fwd_ms"]), bwd_tflops=_tflops(2.5 * flops, rec["bwd_ms"]),
                fwdbwd_tflops=_tflops(3.5 * flops, rec["fwdbwd_ms"]))
     new = {k: n - fallbacks.get(k, 0) for k, n in sdpa_mod.fallbacks.items() if n > fallbacks.get(k, 0)}
@@ -171,8 +187,8 @@ def run_virtual_ranks(name, args, s, dtype, device, mask, warmup, iters, full_ms
     window = None if mask.left is None else mask.left + 1
     layouts.check_seq(layout, s, p)
     b, h, d = args.batch, args.heads, args.head_dim
-    q, k, v, do = _tensors(b, s, h, args.kv_heads, d, dtype, device, args.seed)
-    be, scale = backends()[name], d ** -0.5
+    q, k, v, do = _tensors(b, s, h, args.kv_heads, d, dtype, device, args.seed, args.v_head_dim)
+    (forward, backward), scale = _kernel(name, v.shape[-1] != d), d ** -0.5
     pos = [layouts.positions(layout, s, p, r).to(device) for r in range(p)]
     qs, ks, vs, dos = ([x.index_select(1, i) for i in pos] for x in (q, k, v, do))
     srcs = [[plan.ring_src(r, st, p) for st in range(p)] for r in range(p)]
@@ -183,10 +199,10 @@ def run_virtual_ranks(name, args, s, dtype, device, mask, warmup, iters, full_ms
     def forward_all():
         outs = []
         for r in range(p):
-            acc_o, acc_l = empty_state(b, c, h, d, device=device)
+            acc_o, acc_l = empty_state(b, c, h, v.shape[-1], device=device)
             for src, blocks in table[r]:
                 for blk in blocks:
-                    o, lse_ = be.forward(qs[r][:, blk.q0:blk.q1], ks[src][:, blk.k0:blk.k1],
+                    o, lse_ = forward(qs[r][:, blk.q0:blk.q1], ks[src][:, blk.k0:blk.k1],
                                          vs[src][:, blk.k0:blk.k1], scale=scale, mask=blk.mask)
                     merge_(acc_o, acc_l, o, lse_, rows=slice(blk.q0, blk.q1))
             outs.append((acc_o.to(dtype), acc_l))
@@ -201,7 +217,7 @@ def run_virtual_ranks(name, args, s, dtype, device, mask, warmup, iters, full_ms
             for src, blocks in table[r]:
                 for blk in blocks:
                     rows, keys = slice(blk.q0, blk.q1), slice(blk.k0, blk.k1)
-                    g = be.backward(dos[r][:, rows], qs[r][:, rows], ks[src][:, keys], vs[src][:, keys],
+                    g = backward(dos[r][:, rows], qs[r][:, rows], ks[src][:, keys], vs[src][:, keys],
                                     o[:, rows], lse_[:, :, rows], scale=scale, mask=blk.mask,
                                     grad_dtype=torch.float32)
                     dq[r][:, rows] += g[0]
@@ -209,7 +225,7 @@ def run_virtual_ranks(name, args, s, dtype, device, mask, warmup, iters, full_ms
                     dv[src][:, keys] += g[2]
         return dq, dk, dv
 
-    full_out, _ = be.forward(q, k, v, scale=scale, mask=mask)
+    full_out, _ = forward(q, k, v, scale=scale, mask=mask)
     outs = forward_all()
     err = max((outs[r][0].float() - full_out.index_select(1, pos[r]).float()).abs().max().item()
               for r in range(p))
@@ -238,7 +254,7 @@ def validate(args) -> None:
     # a row per backend that cannot run here says why; a run in which none can would measure nothing
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     q, k, v, _ = _tensors(1, 16, args.heads, args.kv_heads or args.heads, args.head_dim, report.DTYPES[args.dtype],
-                          device, 0)
+                          device, 0, args.v_head_dim)
     mask = _mask(args)
     reasons = {n: _why_not(n, q, k, v, mask) for n in names}
     if all(reasons.values()):
@@ -263,8 +279,9 @@ def run(args) -> list[dict]:
     names = _names(args)
     records = [_bench_one(n, args, s, dtype, device, mask, warmup, iters)
                for n in names for s in args.seq_lens]
+    widths = args.head_dim if args.v_head_dim in (None, args.head_dim) else f"{args.head_dim} (v {args.v_head_dim})"
     print(f"kernel benchmark: {mask.kind}, batch {args.batch}, heads {args.heads}/{args.kv_heads}, head_dim "
-          f"{args.head_dim}, {args.dtype} on {device} (TFLOP/s count allowed pairs only)")
+          f"{widths}, {args.dtype} on {device} (TFLOP/s count allowed pairs only)")
     print(report.table(records, COLUMNS))
     if args.virtual_ranks:
         print(f"\nvirtual ranks: {args.virtual_ranks} x {args.schedule}: all ranks' block calls vs one call")

@@ -125,8 +125,8 @@ def plot_bars(path: str | None, labels: list[str], series: dict[str, list[float]
     plt.close(fig)
 
 
-POSITIVE = ("world_size", "seq_len", "batch", "heads", "kv_heads", "head_dim", "iters", "steps", "new_tokens",
-            "ulysses")
+POSITIVE = ("world_size", "seq_len", "batch", "heads", "kv_heads", "head_dim", "v_head_dim", "iters", "steps",
+            "new_tokens", "ulysses")
 NON_NEGATIVE = ("warmup", "virtual_ranks", "check_max_len", "check_len")  # check lengths: 0 skips the check
 
 

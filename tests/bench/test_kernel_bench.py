@@ -36,3 +36,14 @@ def test_torch_baselines_refuse_masks_they_cannot_express():
     with pytest.raises(ValueError, match=r"--backends 'torch-flash': none can run here \(torch-flash: torch-flash "
                                          r"takes full or causal masks only"):
         _run("--backends", "torch-flash", "--window", "8")
+
+
+def test_values_of_another_width_run_through_the_padding_and_count_both_widths():
+    """--v-head-dim (latent attention): sdpa computes one width, so the registry pads it, as in training; the
+    output is checked against the reference and the FLOPs count q.k over 16 and p.v over 8 features."""
+    recs = _run("--backends", "sdpa,reference", "--v-head-dim", "8", "--causal", "--virtual-ranks", "2")
+    for r in recs.values():
+        assert r["status"] == "ok" and r["v_head_dim"] == 8, r["status"]
+        assert r["max_abs_err_out"] <= 1e-5 and r["virtual_max_abs_err_out"] <= 1e-5
+        pairs = 32 * 33 // 2
+        assert r["fwd_tflops"] == pytest.approx(2 * 4 * (16 + 8) * pairs / (r["fwd_ms"] * 1e-3) / 1e12)
