@@ -229,7 +229,7 @@ def cmd_train(args) -> int:
 
     from .launch import train_main, world_size_from_env
     from .train import validate_job
-    from .train.setup import check_machine
+    from .train.machine import check_machine
 
     with _checking():  # one-line errors before anything is built
         cfg = _load(args)
@@ -247,7 +247,8 @@ def cmd_launch_local(args) -> int:
 
     from .launch import run, train_main
     from .train import validate_job
-    from .train.setup import check_machine, default_run_dir
+    from .train.machine import check_machine
+    from .train.setup import default_run_dir
 
     with _checking():
         cfg = _load(args)

@@ -134,7 +134,7 @@ def cmd_eval(args) -> int:
 
 
 def _check_memory(args, cfg, *, rows: int, tokens: int, what: str, logits: bool = False) -> None:
-    from .train.setup import check_eval_memory
+    from .train.machine import check_eval_memory
 
     ranks = _ranks(args)[0]
     check_eval_memory(cfg.model, rows=rows, tokens=tokens, ranks=ranks // args.tp, tp=args.tp, logits=logits,

@@ -57,7 +57,7 @@ def _layout_overrides(layout: str) -> list[str]:
 def _configs(args):
     from ..config import load
     from ..train import validate_job
-    from ..train.setup import check_machine
+    from ..train.machine import check_machine
 
     out = []
     for layout in args.layouts:

@@ -14,7 +14,7 @@ from ..config import ConfigError, validate_model
 from ..model.parallelize import AC_MODES, dilated_layout_problem
 from ..parallel.data_parallel import resolve_engine
 from ..parallel.dims import ParallelDims
-from ..parallel.pipeline import n_microbatches, stages_per_rank
+from ..parallel.pipeline import stages_per_rank
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -139,112 +139,6 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
     _check_data(cfg)
     _check_validation(cfg)
     return dims
-
-
-def check_machine(cfg, world_size: int | None = None, local_ranks: int = 1) -> None:
-    """What only the machine that runs the job can answer: a named kernel backend is usable here, and (given
-    the world size, `local_ranks` of its ranks on this machine) each rank's memory holds the least the step
-    needs. Not part of validate_job, which also checks configs for other machines (`config show` on a
-    login node, the driver of a Ray job)."""
-    from ..kernels import backends
-
-    name = cfg.parallel.kernel
-    why = None if name == "auto" else backends()[name].availability()
-    if why:
-        raise ConfigError(f"parallel.kernel={name} cannot run on this machine: {why}; use parallel.kernel=auto "
-                          f"(the fastest backend that can run each call)")
-    if world_size is not None:
-        _check_memory(cfg, dims_from_config(cfg, world_size), local_ranks)
-
-
-def memory_lower_bound(cfg, dims: ParallelDims) -> tuple[int, int]:
-    """(bytes of the token batch, bytes of the saved residuals) one rank holds at least in a step: its data
-    slice's whole sequences (input ids and labels, int64, before sharding), and one residual of its tokens
-    per layer of its stage saved for backward (what even full activation checkpointing keeps; sequence
-    parallelism splits it over tp), for one pipeline microbatch. A floor, not an estimate: the real
-    step holds more (weights, optimizer state, attention, logits)."""
-    t, p = cfg.train, cfg.parallel
-    sequences = t.batch_size // dims.dp
-    batch = sequences * t.seq_len * 8 * 2
-    micro = max(1, sequences // t.accumulation // (n_microbatches(dims.pp, p.microbatches) if dims.pp > 1 else 1))
-    tokens = micro * t.seq_len // dims.cp // dims.tp
-    act_bytes = 2 if t.precision == "bf16" else 4
-    return batch, -(-cfg.model.n_layers // dims.pp) * tokens * cfg.model.dim * act_bytes
-
-
-def _ram_per_rank(local_ranks: int) -> tuple[int, str] | None:
-    """(bytes, what) of RAM (the cgroup's limit when lower) each of this machine's ranks may use, or None."""
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        ram = min(ram, int(limit)) if limit.isdigit() else ram
-    except OSError:
-        pass
-    return ram // max(1, local_ranks), f"{ram / 2**30:.1f} GiB of RAM over {local_ranks} rank(s)"
-
-
-def _gib(n: float) -> str:
-    gib = n / 2**30
-    return f"{gib:.1f} GiB" if gib < 1e5 else f"{gib:.3g} GiB"
-
-
-def _rank_memory(local_ranks: int) -> tuple[int, str] | None:
-    """(bytes, what) one rank computes in: its GPU's memory, else its share of RAM."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory, "the memory of one GPU"
-    return _ram_per_rank(local_ranks)
-
-
-def check_eval_memory(model_cfg, *, rows: int, tokens: int, ranks: int, tp: int = 1, logits: bool = False,
-                      what: str, local_ranks: int = 1) -> None:
-    """A floor for evaluation and generation, checked before any rank starts (a request far beyond the
-    machine is a one-line error, not the kernel's out-of-memory killer): `rows` sequences of `tokens`
-    tokens split over `ranks` context ranks hold at least the K/V of every layer (a generation's cache,
-    heads split over `tp`), or for perplexity (`logits`) the fp32 logits of a shard. Evaluation runs in
-    fp32."""
-    from ..config import head_dim_of
-
-    shard = rows * -(-tokens // ranks)
-    if logits:
-        need, part = shard * model_cfg.vocab_size * 4 // tp, "the fp32 logits of its shard"
-    else:
-        need = shard * model_cfg.n_layers * 2 * max(1, model_cfg.n_kv_heads // tp) * head_dim_of(model_cfg) * 4
-        part = "the K/V cache of every layer"
-    have = _rank_memory(local_ranks)
-    if have is not None and need > have[0]:
-        raise ConfigError(f"{what} needs at least {_gib(need)} on each rank ({part}), more than the "
-                          f"{_gib(have[0])} each rank has here ({have[1]}); ask for fewer tokens, or spread "
-                          "them over more ranks (--nproc, torchrun)")
-
-
-def _check_memory(cfg, dims: ParallelDims, local_ranks: int) -> None:
-    """The floor of memory_lower_bound against what a rank has: the token batch lives in RAM, the residuals
-    on the rank's GPU (in RAM without one)."""
-    import torch
-
-    batch, residuals = memory_lower_bound(cfg, dims)
-    needs = []  # (bytes needed, bytes there, where)
-    ram = _ram_per_rank(local_ranks)
-    if torch.cuda.is_available():
-        needs.append((residuals, *_rank_memory(local_ranks)))
-        if ram is not None:
-            needs.append((batch, *ram))
-    elif ram is not None:
-        needs.append((batch + residuals, *ram))
-    for need, have, where in needs:
-        if need > have:
-            raise ConfigError(
-                f"train.seq_len={cfg.train.seq_len} x train.batch_size={cfg.train.batch_size} needs at least "
-                f"{_gib(need)} on each rank (its token batch {_gib(batch)}, one saved residual per "
-                f"layer {_gib(residuals)}), more than the {_gib(have)} each rank has here ({where}); "
-                "shorten train.seq_len or train.batch_size, or spread them over more ranks (parallel.cp, data "
-                "parallelism)")
 
 
 def _adopt_hf_sizes(cfg) -> None:

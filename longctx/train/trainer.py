@@ -35,6 +35,7 @@ from ..parallel.dims import device_type_from_env
 from ..parallel.pipeline import build_pipeline, n_microbatches
 from . import checkpoint, checkpoint_dirs, measure
 from .loss import loss_fn
+from .machine import check_machine
 from .metrics import (
     MetricsLogger,
     StepTimer,
@@ -45,7 +46,7 @@ from .metrics import (
     peak_memory_bytes,
 )
 from .optim import build_optimizer, build_scheduler, clip_grad_norm
-from .setup import check_machine, default_run_dir, resolve_precision, validate_job
+from .setup import default_run_dir, resolve_precision, validate_job
 from .stop import StopSignals, signal_name
 from .validate import Validation
 

@@ -26,7 +26,8 @@ def test_activation_checkpointing_and_chunked_mlp_save_less():
     assert mlp < base, (mlp, base)
     # the launch check's floor (one saved residual per layer) is below what full checkpointing saves
     from longctx.config import from_dict
-    from longctx.train.setup import dims_from_config, memory_lower_bound
+    from longctx.train.machine import memory_lower_bound
+    from longctx.train.setup import dims_from_config
 
     cfg = from_dict(config(*MEM, "parallel.activation_checkpoint=full"))
     _, residuals = memory_lower_bound(cfg, dims_from_config(cfg, 1))
@@ -35,7 +36,8 @@ def test_activation_checkpointing_and_chunked_mlp_save_less():
 
 def test_memory_floor_by_hand():
     from longctx.config import from_dict
-    from longctx.train.setup import dims_from_config, memory_lower_bound
+    from longctx.train.machine import memory_lower_bound
+    from longctx.train.setup import dims_from_config
 
     cfg = from_dict(config("model.n_layers=4", "model.dim=64", "train.seq_len=1024", "train.batch_size=8",
                            "train.accumulation=2", "parallel.dp_shard=2", "parallel.cp=2", "parallel.pp=2",
@@ -49,17 +51,41 @@ def test_evaluation_memory_floor_by_hand(monkeypatch):
     import pytest
 
     from longctx.config import ConfigError, from_dict
-    from longctx.train import setup
+    from longctx.train import machine
 
     model = from_dict(config("model.n_layers=4", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2")).model
-    monkeypatch.setattr(setup, "_rank_memory", lambda local_ranks: (400_000, "a test's 400 kB"))
+    monkeypatch.setattr(machine, "_rank_memory", lambda local_ranks: (400_000, "a test's 400 kB"))
     # 2 rows x 1000 tokens over 4 context ranks: 500 tokens a rank; K and V of 4 layers, 2 heads of 16, fp32
     kv = 500 * 4 * 2 * 2 * 16 * 4
     assert kv > 400_000 > kv // 2
-    setup.check_eval_memory(model, rows=2, tokens=1000, ranks=8, what="x")  # half the tokens a rank: fits
+    machine.check_eval_memory(model, rows=2, tokens=1000, ranks=8, what="x")  # half the tokens a rank: fits
     with pytest.raises(ConfigError, match=r"--lengths 1000 needs at least 0.0 GiB on each rank \(the K/V cache"):
-        setup.check_eval_memory(model, rows=2, tokens=1000, ranks=4, what="--lengths 1000")
+        machine.check_eval_memory(model, rows=2, tokens=1000, ranks=4, what="--lengths 1000")
     # perplexity: the fp32 logits of 250 tokens a rank, vocabulary 256 (256 kB)
-    setup.check_eval_memory(model, rows=2, tokens=1000, ranks=8, logits=True, what="x")
+    machine.check_eval_memory(model, rows=2, tokens=1000, ranks=8, logits=True, what="x")
     with pytest.raises(ConfigError, match=r"\(the fp32 logits of its shard\)"):
-        setup.check_eval_memory(model, rows=2, tokens=2000, ranks=1, logits=True, what="x")
+        machine.check_eval_memory(model, rows=2, tokens=2000, ranks=1, logits=True, what="x")
+
+
+def test_evaluation_memory_floor_of_latent_attention(monkeypatch, tmp_path):
+    """DeepSeek-style latent attention caches 12-wide keys and 6-wide values per head, not 2 x 12."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    from longctx.config import ConfigError
+    from longctx.model.hf import model_config
+    from longctx.train import machine
+
+    hf = transformers.DeepseekV3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=8,
+                                       qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6, n_routed_experts=4,
+                                       num_experts_per_tok=2, n_group=1, topk_group=1)
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")  # the directory check wants weights; none are read
+    model = model_config(hf)
+    model.hf_path = str(tmp_path)
+    kv = 2 * 500 * 2 * 4 * (12 + 6) * 4  # 2 rows of 500 tokens a rank, 2 layers, 4 heads, fp32
+    monkeypatch.setattr(machine, "_rank_memory", lambda local_ranks: (kv, "exactly the cache"))
+    machine.check_eval_memory(model, rows=2, tokens=1000, ranks=2, what="x")  # 2 x 12 wide would not fit
+    with pytest.raises(ConfigError, match="the K/V cache"):
+        machine.check_eval_memory(model, rows=2, tokens=1002, ranks=2, what="x")
