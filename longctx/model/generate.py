@@ -175,8 +175,11 @@ def prefill_positions(layout: str, n: int, comm) -> torch.Tensor:
     return positions(layout, n, comm.world, comm.rank) if comm is not None and comm.world > 1 else torch.arange(n)
 
 
-def first_visible(pad, position: int, window: int | None):
-    """Per row, the first cached position the token at `position` sees: after the padding, inside the window."""
+def first_visible(pad, position: int, window: int | None, chunk: int | None = None):
+    """Per row, the first cached position the token at `position` sees: after the padding, inside the window,
+    or (chunked attention) from the start of its chunk, counted from the row's first real token."""
+    if chunk is not None:
+        return pad + (position - pad) // chunk * chunk
     return pad if window is None else torch.clamp(pad, min=position - window + 1)
 
 

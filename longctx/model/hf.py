@@ -12,7 +12,9 @@ as `parallelize` does for our Llama. What would break silently is handled here:
                causal mask of the local shard can never be taken for the global one; the core applies the
                global causal rule itself
   windows      sliding-window layers (Mistral, Qwen2's `layer_types`) pass `sliding_window` per call: the
-               core for that window is used, under every strategy
+               core for that window is used, under every strategy; chunked layers (Llama 4) attend inside
+               each chunk as inside packed documents, and queries scaled by position get the true ones
+               (hf_layers.py)
   sinks        gpt-oss's per-head attention sinks (s_aux) go to the strategy, which merges them into its
                global softmax (kernels.merge_sinks)
   semantics    what the kernels do not compute is refused, never dropped: logit soft-capping (Gemma2),
@@ -51,6 +53,7 @@ from .hf_checks import (
     check_pipeline_split,
     position_dependent_rope,
 )
+from .hf_layers import attention_chunk, chunk_documents, retemper_queries
 from .hf_tensor import apply_hf_tensor_parallel, check_hf_tp
 
 ATTN_IMPLEMENTATION = "longctx"
@@ -63,7 +66,9 @@ class AttentionCores:
         self.strategy, self.group, self.layout, self.kernel, self.cp = strategy, group, layout, kernel, cp
         self._by_window: dict = {}
 
-    def __call__(self, q, k, v, *, scale, window, documents, sinks=None):
+    def __call__(self, q, k, v, *, scale, window, documents, sinks=None, chunk=None):
+        if chunk is not None:  # chunked attention: each chunk (inside each packed document) alone
+            documents = chunk_documents(documents, q.shape[1] * self.cp, chunk)
         if self.cp == 1:
             if documents is not None or sinks is not None:
                 return local_attention(q, k, v, causal=True, window=window, kernel=self.kernel, documents=documents,
@@ -96,11 +101,13 @@ def longctx_attention(module, query, key, value, attention_mask, scaling=None, d
         dtype = torch.get_autocast_dtype(device)
         q, k, v = (t.to(dtype) for t in (q, k, v))
     window = int(sliding_window) if sliding_window else None
+    q = retemper_queries(module, q, kwargs.get("longctx_positions"))
     # attention sinks (gpt-oss passes its per-head `sinks` parameter as s_aux): under tensor parallelism
     # this rank's heads' part
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))
     out = cores(q, k, v, scale=scaling if scaling is not None else q.shape[-1] ** -0.5, window=window,
-                documents=kwargs.get("longctx_documents"), sinks=None if sinks is None else local_tensor(sinks))
+                documents=kwargs.get("longctx_documents"), sinks=None if sinks is None else local_tensor(sinks),
+                chunk=attention_chunk(module))
     return out, None
 
 
@@ -175,7 +182,11 @@ class HFCausalLM(nn.Module):
     def hidden(self, tokens, rope_ids, documents=None):
         """The decoder's final hidden states; rope_ids (B, S): each token's RoPE position. Without an
         embedding (a pipeline stage after the first) `tokens` are the previous stage's hidden states."""
-        extra = {} if documents is None else {"longctx_documents": documents}
+        # the true positions reach the attention calls (kwargs pass through the decoder layers) for what a module
+        # derives from them itself (hf_layers.retemper_queries)
+        extra = {"longctx_positions": rope_ids}
+        if documents is not None:
+            extra["longctx_documents"] = documents
         if self.hf.model.embed_tokens is None:
             extra["inputs_embeds"] = tokens
         else:

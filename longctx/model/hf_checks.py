@@ -22,16 +22,13 @@ _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.
 _CONFIG_UNSUPPORTED = (("attn_logit_softcapping", None, "attention logit soft-capping"),
                        ("final_logit_softcapping", None, "output logit soft-capping"),
                        ("logit_scale", 1.0, "a scale on the output logits"),
-                       ("logits_scaling", 1.0, "a scale on the output logits"),
-                       # Llama 4 scales the queries of its no-RoPE layers by a function of each token's
-                       # position, which its attention takes from the length of the call (a context shard's)
-                       ("attn_temperature_tuning", False, "query temperature scaling by position"))
+                       ("logits_scaling", 1.0, "a scale on the output logits"))
 
-# the layer types whose attention longctx computes: causal softmax attention over every earlier key, or over a
-# window of them (the window is passed per call). Another type means a mask or a mixer of its own (Llama 4's
-# chunked attention, linear attention, sparse or compressed attention) that would silently become full causal
-# attention, since the adapter takes no mask from transformers.
-_LAYER_TYPES = ("full_attention", "sliding_attention")
+# the layer types whose attention longctx computes: causal softmax attention over every earlier key, over a
+# window of them (the window is passed per call), or inside chunks (Llama 4: hf_layers.attention_chunk).
+# Another type means a mask or a mixer of its own (linear attention, sparse or compressed attention) that
+# would silently become full causal attention, since the adapter takes no mask from transformers.
+_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
 # what an attention module can ask of the interface beyond softmax(q k^T * scale) v under a causal/window mask
 _UNSUPPORTED = {"softcap": "attention logit soft-capping (Gemma2's attn_logit_softcapping)",
@@ -108,14 +105,13 @@ def check_hf_config(hf_config) -> None:
     other = sorted(set(getattr(hf_config, "layer_types", None) or ()) - set(_LAYER_TYPES))
     if other:
         raise ValueError(f"{arch} has layers of type {', '.join(other)} (config.json layer_types): longctx computes "
-                         f"{' and '.join(_LAYER_TYPES)} layers only, and would run these as full causal attention "
+                         f"{', '.join(_LAYER_TYPES)} layers only, and would run these as full causal attention "
                          "silently; train this architecture another way, or a variant of it without those layers")
     for key, neutral, what in _CONFIG_UNSUPPORTED:
         value = getattr(hf_config, key, None)
         if value is not None and value != neutral:
             raise ValueError(f"{arch} has {key}={value}: {what}, which longctx does not compute (it would be "
-                             f"dropped silently); set {key}={'false' if neutral is False else 'null'} in its "
-                             "config.json to train without it")
+                             f"dropped silently); set {key}=null in its config.json to train without it")
 
 
 # RoPE types whose frequencies transformers recomputes from the largest position id of each forward call

@@ -23,9 +23,9 @@ class _Capture:
     def __init__(self, cores: AttentionCores):
         self.cores, self.kv = cores, None
 
-    def __call__(self, q, k, v, *, scale, window, documents, sinks=None):
+    def __call__(self, q, k, v, *, scale, window, documents, sinks=None, chunk=None):
         self.kv = (k, v)
-        return self.cores(q, k, v, scale=scale, window=window, documents=documents, sinks=sinks)
+        return self.cores(q, k, v, scale=scale, window=window, documents=documents, sinks=sinks, chunk=chunk)
 
 
 class _Decode:
@@ -35,10 +35,10 @@ class _Decode:
         self.cache, self.position, self.pad, self.decode, self.kernel, self.comm = (
             cache, position, pad, decode, kernel, comm)
 
-    def __call__(self, q, k, v, *, scale, window, documents, sinks=None):
+    def __call__(self, q, k, v, *, scale, window, documents, sinks=None, chunk=None):
         self.cache.append(k, v)
-        return decode_attention(q, self.cache, key_start=first_visible(self.pad, self.position, window), scale=scale,
-                                decode=self.decode, kernel=self.kernel, comm=self.comm, sinks=sinks)
+        return decode_attention(q, self.cache, key_start=first_visible(self.pad, self.position, window, chunk),
+                                scale=scale, decode=self.decode, kernel=self.kernel, comm=self.comm, sinks=sinks)
 
 
 class HFSteps:

@@ -95,3 +95,45 @@ def tp_error(paths: list[str]) -> list[str]:
         except ValueError as e:
             errors.append(str(e))
     return errors
+
+
+def packed_against_alone(path: str, lengths: list[int], layout: dict) -> dict:
+    """One row packed with documents of `lengths` under parallelize_hf over the world (`layout`): the summed
+    loss inside the documents and every gradient against the unmodified eager model run on each document
+    alone (labels at a document's last token ignored)."""
+    from transformers import AutoModelForCausalLM
+
+    from longctx.data.labels import IGNORE_INDEX
+    from longctx.model.hf import load_hf_model, parallelize_hf
+    from longctx.parallel import ParallelDims
+
+    n = sum(lengths)
+    eager = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, eager.config.vocab_size, (1, n + 1), generator=g)
+    inp, labels = tokens[:, :-1], tokens[:, 1:].clone()
+    doc_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+    ends = torch.cumsum(torch.tensor(lengths), 0) - 1
+    labels[0, ends] = IGNORE_INDEX  # a document's last token predicts nothing (the next one starts anew)
+    ref_loss, start = 0.0, 0
+    for length in lengths:
+        logits = eager(input_ids=inp[:, start:start + length]).logits[0]
+        keep = labels[0, start:start + length] != IGNORE_INDEX
+        loss = F.cross_entropy(logits[keep], labels[0, start:start + length][keep], reduction="sum")
+        loss.backward()
+        ref_loss += float(loss)
+        start += length
+    ref = {name: p.grad for name, p in eager.named_parameters()}
+    model = load_hf_model(path)
+    dims = ParallelDims(world_size=dist.get_world_size(), **{"dp_shard": 1, **layout})
+    plan = parallelize_hf(model, dims, rope_length=n)
+    shard = plan.shard_batch(inp, labels, doc_ids)
+    loss = plan.model(shard["input_ids"], shard["position_ids"], labels=shard["labels"],
+                      documents=shard["documents"])
+    (loss * dims.dp_cp).backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    grads = {n.removeprefix("hf."): _full(p.grad) for n, p in plan.model.named_parameters()}
+    errs = {name: ((grad - ref[name]).abs().max() / ref[name].abs().max().clamp(min=1e-12)).item()
+            for name, grad in grads.items()}
+    return {"loss": float(total), "ref_loss": ref_loss, "grad_rel_err": errs}

@@ -26,6 +26,11 @@ DEEPSEEK = transformers.DeepseekV3Config(**dict(SMALL, num_key_value_heads=4), q
                                          first_k_dense_replace=1, n_group=1, topk_group=1)
 
 
+LLAMA4 = transformers.Llama4TextConfig(**dict(SMALL, intermediate_size_mlp=64), head_dim=8, num_local_experts=2,
+                                       num_experts_per_tok=1, no_rope_layers=[1, 0], attention_chunk_size=8,
+                                       attn_temperature_tuning=True, floor_scale=4, attn_scale=0.5)
+
+
 def _save(cls, cfg, path, sinks: float | None = None):
     torch.manual_seed(0)
     model = cls(cfg)
@@ -63,11 +68,9 @@ def hf_dirs(tmp_path_factory):
         # multi-head latent attention (q/k 12 wide: 8 without RoPE + 4 with, v 6 wide; low-rank q and kv), a
         # mixture of experts with a shared expert after one dense layer
         "deepseek": _save(transformers.DeepseekV3ForCausalLM, DEEPSEEK, root / "deepseek"),
-        # Llama 4 without its chunked attention and query temperature (refused): a no-RoPE layer, per-head
-        # norms, a mixture of experts
-        "llama4": _save(transformers.Llama4ForCausalLM, transformers.Llama4TextConfig(
-            **dict(SMALL, intermediate_size_mlp=64), head_dim=8, num_local_experts=2, num_experts_per_tok=1,
-            no_rope_layers=[1, 0], attention_chunk_size=None, attn_temperature_tuning=False), root / "llama4"),
+        # Llama 4: chunked attention (chunks of 8 < 32 tokens) on its RoPE layer, and on its no-RoPE layer queries
+        # scaled by position (floor_scale 4, so the scale grows inside 32 tokens); per-head norms, experts
+        "llama4": _save(transformers.Llama4ForCausalLM, LLAMA4, root / "llama4"),
         # RoPEs that rescale themselves by each call's largest position (pinned to N = 32 by parallelize_hf):
         # dynamic NTK grows past 16 positions; longrope switches to its long factors past 30, so a zigzag
         # shard whose last position is below 30 would take the short ones
@@ -88,12 +91,12 @@ NEWER = ("qwen3", "gemma3")
 
 
 def _layouts(arch: str, layouts: list[dict]) -> list[dict]:
-    if arch.startswith("llama_") or arch == "llama4":
+    if arch.startswith("llama_"):
         return layouts[:1]
     if arch == "gptoss":  # zigzag and hybrid (sinks split by heads); no tp placement for a mixture of experts
         return [layout for layout in layouts if layout.get("strategy") in ("zigzag", "hybrid", "ulysses")
                 and "tp" not in layout and "dp_shard" not in layout]
-    if arch == "deepseek":  # K/V of two widths in one ring buffer, and through all-to-alls; no tp (refused)
+    if arch in ("deepseek", "llama4"):  # no tp for their experts (refused); striped adds nothing here
         return [layout for layout in layouts if "tp" not in layout and layout.get("strategy") != "striped"]
     return [layouts[0], layouts[-1]] if arch in NEWER else layouts
 
@@ -101,7 +104,7 @@ def _layouts(arch: str, layouts: list[dict]) -> list[dict]:
 def test_every_strategy_equals_the_eager_model(hf_dirs):
     for world, layouts in ((4, LAYOUTS_4), (2, [dict(cp=2, strategy="ulysses")])):
         jobs = [(arch, path, _layouts(arch, layouts)) for arch, path in hf_dirs.items()
-                if world == 4 or arch not in NEWER and not arch.startswith("llama_") and arch != "llama4"]
+                if world == 4 or arch not in NEWER and not arch.startswith("llama_")]
         results = run(compare_all, world, args=(jobs,), timeout=600)[0]
         assert [name for name, _ in results] == [arch for arch, *_ in jobs]
         for arch, per_layout in results:
@@ -140,6 +143,35 @@ def test_a_self_rescaling_rope_is_pinned_to_one_length(hf_dirs):
                 torch.testing.assert_close(got, want[:, positions[0]], rtol=0, atol=1e-6, msg=kind)
             unpinned = load().model.rotary_emb(x, positions)
             assert (unpinned[0] - whole[0][:, positions[0]]).abs().max() > 1e-3, kind
+
+
+def test_packed_documents_equal_each_document_alone(hf_dirs):
+    """A row packed with documents (13, 11 and 8 tokens) equals the eager model run on each document alone:
+    windows, Llama 4's chunks and its position-scaled queries restart with every document, as RoPE does."""
+    from tests.model._hf_workers import packed_against_alone
+
+    for arch in ("llama4", "qwen2"):
+        for layout in (dict(cp=2, strategy="zigzag"), dict(cp=2, strategy="ulysses")):
+            r = run(packed_against_alone, 2, args=(hf_dirs[arch], [13, 11, 8], layout), timeout=300)[0]
+            assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * r["ref_loss"], (arch, layout, r["loss"], r["ref_loss"])
+            assert max(r["grad_rel_err"].values()) <= 1e-5, (arch, layout, r["grad_rel_err"])
+
+
+def test_llama4_chunks_and_query_temperature_matter(hf_dirs):
+    """Without the chunks or the true positions of its scaled queries the Llama 4 above would compute
+    something else (so the comparisons above could fail)."""
+    from tests.model._hf_workers import batch
+
+    path = hf_dirs["llama4"]
+    inp, _ = batch(64)
+
+    def logits(**config):
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **config)
+        return model(input_ids=inp).logits
+
+    base = logits()
+    assert (logits(attention_chunk_size=1024) - base).abs().max() > 1e-3
+    assert (logits(attn_temperature_tuning=False) - base).abs().max() > 1e-3
 
 
 def test_sliding_windows_are_applied(hf_dirs):
@@ -235,20 +267,11 @@ def test_what_longctx_would_skip_is_refused(tmp_path):
         check_hf_config(transformers.Gemma2Config(**gemma, attn_logit_softcapping=None))
     with pytest.raises(ValueError, match=r"logit_scale=0.0625: a scale on the output logits"):
         check_hf_config(transformers.CohereConfig(**SMALL))
-    # layers whose mask or mixer the adapter would replace by full causal attention: Llama 4's chunked
-    # attention (measured before this check on a toy at cp=2: 1e-3 loss and 100% gradient error), linear
-    # attention; then Llama 4's position-scaled queries, which read the length of a context shard
-    llama4 = dict(SMALL, intermediate_size_mlp=64, head_dim=8, num_local_experts=2, num_experts_per_tok=1,
-                  no_rope_layers=[1, 0])
-    with pytest.raises(ValueError, match=r"Llama4TextConfig has layers of type chunked_attention \(config.json "
-                                         r"layer_types\): longctx computes full_attention and sliding_attention"):
-        check_hf_config(transformers.Llama4TextConfig(**llama4, attention_chunk_size=8))
-    with pytest.raises(ValueError, match=r"has layers of type linear_attention"):
+    # layers whose mask or mixer the adapter would replace by full causal attention (linear attention)
+    with pytest.raises(ValueError, match=r"Qwen3NextConfig has layers of type linear_attention \(config.json "
+                                         r"layer_types\): longctx computes full_attention, sliding_attention, "
+                                         r"chunked_attention layers only"):
         check_hf_config(transformers.Qwen3NextConfig(**SMALL))
-    with pytest.raises(ValueError, match=r"attn_temperature_tuning=True: query temperature scaling by position.*"
-                                         r"set attn_temperature_tuning=false"):
-        check_hf_config(transformers.Llama4TextConfig(**llama4, attention_chunk_size=None))
-    check_hf_config(transformers.Llama4TextConfig(**llama4, attention_chunk_size=None, attn_temperature_tuning=False))
     bitnet = _save(transformers.BitNetForCausalLM, transformers.BitNetConfig(**SMALL), tmp_path / "bitnet")
     deepseek = _save(transformers.DeepseekV3ForCausalLM, DEEPSEEK, tmp_path / "deepseek")
     bitnet_error, deepseek_error = run(tp_error, 2, args=([bitnet, deepseek],), timeout=120)[0]

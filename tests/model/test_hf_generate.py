@@ -2,7 +2,8 @@
 prefill and tree/ring decoding over 1 and 2 ranks give the tokens of the unmodified model's eager greedy
 generation without a cache, logits within 1e-5: sliding-window layers (Qwen2, Gemma3), per-head norms and
 wide heads (Qwen3), a softmax scale that is not head_dim ** -0.5 (Gemma3), attention sinks (gpt-oss),
-values narrower than keys (DeepSeek-V3's latent attention)."""
+values narrower than keys (DeepSeek-V3's latent attention), chunked attention and position-scaled queries
+(Llama 4)."""
 
 import pytest
 import torch
@@ -39,6 +40,11 @@ def models(tmp_path_factory):
             **dict(SMALL, num_key_value_heads=4), q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=4,
             qk_nope_head_dim=8, v_head_dim=6, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
             moe_intermediate_size=16, first_k_dense_replace=1, n_group=1, topk_group=1)),
+        # chunked attention (a decode step sees its own chunk of the cache) and position-scaled queries
+        "llama4": (transformers.Llama4ForCausalLM, transformers.Llama4TextConfig(
+            **dict(SMALL, intermediate_size_mlp=64), head_dim=8, num_local_experts=2, num_experts_per_tok=1,
+            no_rope_layers=[1, 0], attention_chunk_size=8, attn_temperature_tuning=True, floor_scale=4,
+            attn_scale=0.5)),
     }
     out = {}
     for name, (cls, cfg) in made.items():
@@ -69,7 +75,8 @@ def test_context_parallel_prefill_and_decoding(models):
     # zigzag prefill + tree decoding for every model; striped + ring decoding for one (the decode step is the
     # model's, the decoding scheme longctx's: test_generate.py covers the schemes)
     jobs = [(name, "zigzag", "tree") for name in models] + [("gemma3", "striped", "ring"),
-                                                             ("deepseek", "striped", "ring")]
+                                                             ("deepseek", "striped", "ring"),
+                                                             ("llama4", "striped", "ring")]
     cases = [dict(hf=models[n][0], strategy=s, decode=d, lengths=LENGTHS, steps=STEPS) for n, s, d in jobs]
     for rank, per_rank in enumerate(run(run_cases, 2, args=(cases,), timeout=300)):
         for (name, strategy, decode), r in zip(jobs, per_rank, strict=True):

@@ -109,6 +109,15 @@ class Documents:
         out = [pos - s[torch.searchsorted(s, pos, right=True) - 1] for s in self._start_tensor]
         return torch.stack(out).to(positions.device)
 
+    def chunked(self, chunk: int) -> Documents:
+        """These documents cut again every `chunk` tokens from each one's start: chunked attention (Llama 4),
+        where a token sees only the keys of its own chunk, counted inside its document as RoPE counts."""
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk must be a positive int (tokens per attention chunk), got {chunk!r}")
+        rows = tuple(tuple(start for a, n in zip(self.starts[b], self.lengths(b)) for start in range(a, a + n, chunk))
+                     for b in range(self.batch))
+        return Documents(self.seq_len, rows)
+
     def check_seq_len(self, n: int) -> None:
         if n != self.seq_len:
             raise ValueError(f"documents describe {self.seq_len}-token sequences but the sequence has {n} tokens")

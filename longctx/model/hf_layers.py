@@ -1,0 +1,54 @@
+"""What an attention layer of a transformers model computes beyond its call's arguments, reproduced under
+context parallelism: Llama 4's chunked attention (a layer type whose mask transformers would build and the
+adapter does not take) and its query temperature (queries of the no-RoPE layers scaled by a function of each
+token's position, which the module counts from the length of its call: a context shard's, a decode step's).
+The adapter (hf.py) asks these of every attention call."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..parallel.sequence.documents import Documents
+
+
+def attention_chunk(module) -> int | None:
+    """The chunk of a chunked-attention layer (each token sees the keys of its own `chunk`-token chunk), or
+    None for a layer of another type."""
+    config = getattr(module, "config", None)
+    types = getattr(config, "layer_types", None)
+    layer = getattr(module, "layer_idx", None)
+    if not types or layer is None or types[layer] != "chunked_attention":
+        return None
+    chunk = getattr(config, "attention_chunk_size", None)
+    if not chunk:
+        raise ValueError(f"layer {layer} of {type(module).__name__} is a chunked_attention layer but the config has no "
+                         "attention_chunk_size")
+    return int(chunk)
+
+
+@functools.lru_cache(maxsize=64)
+def chunk_documents(documents: Documents | None, seq_len: int, chunk: int) -> Documents:
+    """The packed documents (None: one per sequence) of a `seq_len`-token sequence cut into attention chunks."""
+    return (documents or Documents(seq_len, ((0,),))).chunked(chunk)
+
+
+def _temperature(module, positions: torch.Tensor) -> torch.Tensor:
+    """Llama 4's query scale at each position: 1 + attn_scale * log(1 + floor((p + 1) / floor_scale))."""
+    steps = torch.floor((positions.float() + 1.0) / module.floor_scale)
+    return torch.log1p(steps) * module.attn_scale + 1.0
+
+
+def retemper_queries(module, q: torch.Tensor, positions) -> torch.Tensor:
+    """q (B, S, H, D) of a layer that scales its queries by position (Llama 4's attn_temperature_tuning on its
+    no-RoPE layers): the module scaled them by the positions 0..S-1 of its own call; rescale them by each
+    token's true position (`positions` (B|1, S), inside its document as RoPE counts). Other layers: q."""
+    if not (getattr(module, "attn_temperature_tuning", False) and not getattr(module, "use_rope", True)):
+        return q
+    if positions is None:
+        raise ValueError(f"{type(module).__name__} scales its queries by position, but the call carries no positions; "
+                         "run it through longctx's HFCausalLM (it passes them)")
+    local = _temperature(module, torch.arange(q.shape[1], device=q.device))
+    true = _temperature(module, positions.to(q.device))
+    return q * (true / local).to(q.dtype)[..., None, None]
