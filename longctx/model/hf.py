@@ -261,28 +261,39 @@ def _rope_at_length(rotary, x, position_ids, *args, **kwargs):
     return cos[..., :-1, :], sin[..., :-1, :]
 
 
+# MoE layers with shared experts the config has no key for: Llama 4's every MoE layer adds one of the routed
+# experts' width
+_IMPLICIT_SHARED_EXPERTS = {"llama4_text": 1}
+
+
 def active_ffn_width(hf_config) -> int:
     """The MLP width one token passes through, averaged over the layers: a dense MLP's intermediate_size;
-    for a mixture of experts (gpt-oss, Mixtral, Qwen-MoE, DeepSeek, GLM-MoE) the num_experts_per_tok experts
-    it is routed to plus any shared experts, on the layers that are sparse (Qwen-MoE's decoder_sparse_step
-    and mlp_only_layers; DeepSeek's dense first_k_dense_replace layers). FLOPs and MFU then count the work
-    done, not every expert's parameters; the router (dim x experts per token, under 1% of an expert's
-    matmuls in these models) is not counted."""
+    for a mixture of experts (gpt-oss, Mixtral, Qwen-MoE, DeepSeek, GLM-MoE, Llama 4) the num_experts_per_tok
+    experts it is routed to plus any shared experts, on the layers that are sparse (Qwen-MoE's
+    decoder_sparse_step and mlp_only_layers; DeepSeek's dense first_k_dense_replace layers; Llama 4's
+    moe_layers, its dense ones intermediate_size_mlp wide). FLOPs and MFU then count the work done, not
+    every expert's parameters; the router (dim x experts per token, under 1% of an expert's matmuls in these
+    models) is not counted."""
     c = hf_config
     routed = getattr(c, "num_experts_per_tok", None)
     experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None) or \
         getattr(c, "n_routed_experts", None)
+    dense = getattr(c, "intermediate_size_mlp", None) or c.intermediate_size
     if not routed or not experts:
-        return c.intermediate_size
+        return dense
     expert_width = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
-    shared = getattr(c, "shared_expert_intermediate_size", None) or \
-        (getattr(c, "n_shared_experts", None) or 0) * expert_width
+    shared_count = getattr(c, "n_shared_experts", None) or _IMPLICIT_SHARED_EXPERTS.get(c.model_type, 0)
+    shared = getattr(c, "shared_expert_intermediate_size", None) or shared_count * expert_width
     sparse = routed * expert_width + shared
-    step = getattr(c, "decoder_sparse_step", None) or 1
-    dense_layers = set(getattr(c, "mlp_only_layers", None) or []) | \
-        set(range(getattr(c, "first_k_dense_replace", None) or 0))
-    widths = [sparse if (i + 1) % step == 0 and i not in dense_layers else c.intermediate_size
-              for i in range(c.num_hidden_layers)]
+    moe_layers = getattr(c, "moe_layers", None)
+    if moe_layers is not None:
+        is_sparse = [i in set(moe_layers) for i in range(c.num_hidden_layers)]
+    else:
+        step = getattr(c, "decoder_sparse_step", None) or 1
+        dense_layers = set(getattr(c, "mlp_only_layers", None) or []) | \
+            set(range(getattr(c, "first_k_dense_replace", None) or 0))
+        is_sparse = [(i + 1) % step == 0 and i not in dense_layers for i in range(c.num_hidden_layers)]
+    widths = [sparse if s else dense for s in is_sparse]
     return round(sum(widths) / len(widths))
 
 

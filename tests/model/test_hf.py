@@ -313,6 +313,12 @@ def test_a_mixture_of_experts_counts_the_experts_a_token_runs():
     assert model_config(qwen_moe).ffn_dim == (40 + 56 + 40 + 40) // 4
     # DeepSeek: layer 0 dense (64), then 2 routed + 1 shared expert of 16
     assert model_config(DEEPSEEK).ffn_dim == (64 + 3 * 16) // 2
+    # Llama 4, every second layer sparse: dense layers intermediate_size_mlp (40) wide, sparse ones one routed
+    # expert and the implicit shared one (16 each)
+    llama4 = transformers.Llama4TextConfig(**dict(SMALL, num_hidden_layers=4, intermediate_size=16),
+                                           intermediate_size_mlp=40, num_local_experts=4, num_experts_per_tok=1,
+                                           interleave_moe_layer_step=2, head_dim=8)
+    assert model_config(llama4).ffn_dim == (40 + 32 + 40 + 32) // 4
 
 
 def test_latent_attention_flops_count_its_own_projections():
