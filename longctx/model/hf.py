@@ -53,7 +53,7 @@ from .hf_checks import (
     check_pipeline_split,
     position_dependent_rope,
 )
-from .hf_layers import attention_chunk, chunk_documents, retemper_queries
+from .hf_layers import attention_chunk, chunk_documents, layer_window, retemper_queries
 from .hf_tensor import apply_hf_tensor_parallel, check_hf_tp
 
 ATTN_IMPLEMENTATION = "longctx"
@@ -93,6 +93,10 @@ def longctx_attention(module, query, key, value, attention_mask, scaling=None, d
         raise ValueError("attention dropout is not supported by the longctx attention; set the model config's "
                          "attention_dropout to 0")
     _check_semantics(module, kwargs)
+    if attention_mask is not None:  # transformers builds none for this implementation: the module made its own
+        raise ValueError(f"{type(module).__name__} hands its attention a mask of its own (as Doge's dynamic mask), "
+                         "which longctx's kernels do not compute (they apply the causal, window and document rules "
+                         "themselves); train this architecture with another attn_implementation")
     q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
     device = q.device.type
     if torch.is_autocast_enabled(device):
@@ -100,7 +104,7 @@ def longctx_attention(module, query, key, value, attention_mask, scaling=None, d
         # torch's SDPA (what HF would run) casts all three to the autocast dtype, and so does this
         dtype = torch.get_autocast_dtype(device)
         q, k, v = (t.to(dtype) for t in (q, k, v))
-    window = int(sliding_window) if sliding_window else None
+    window = layer_window(module, sliding_window)
     q = retemper_queries(module, q, kwargs.get("longctx_positions"))
     # attention sinks (gpt-oss passes its per-head `sinks` parameter as s_aux): under tensor parallelism
     # this rank's heads' part
@@ -381,5 +385,6 @@ def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: Para
         if engine != "deepspeed":  # DeepSpeed wraps the adapter itself (deepspeed_engine.initialize, by the trainer)
             apply_data_parallel(module, mesh, engine, reshard_after_forward=cfg.reshard_after_forward,
                                 param_dtype=param_dtype,
-                                keep_root_unsharded=dims.pp > 1 and module.output is not None)
+                                keep_root_unsharded=dims.pp > 1 and module.output is not None,
+                                find_unused=True)  # arbitrary modelling code: a trainable parameter may get none
     return assemble_plan(adapter, modules, ids, n_stages, dims, mesh, engine, cfg)

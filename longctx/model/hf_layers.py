@@ -1,6 +1,7 @@
 """What an attention layer of a transformers model computes beyond its call's arguments, reproduced under
-context parallelism: Llama 4's chunked attention (a layer type whose mask transformers would build and the
-adapter does not take) and its query temperature (queries of the no-RoPE layers scaled by a function of each
+context parallelism: a sliding window some modules leave to transformers' mask alone (Qwen2-MoE, PhiMoE),
+Llama 4's chunked attention (a layer type whose mask transformers would build and the adapter does not
+take) and its query temperature (queries of the no-RoPE layers scaled by a function of each
 token's position, which the module counts from the length of its call: a context shard's, a decode step's).
 The adapter (hf.py) asks these of every attention call."""
 
@@ -11,6 +12,23 @@ import functools
 import torch
 
 from ..parallel.sequence.documents import Documents
+
+
+def layer_window(module, passed) -> int | None:
+    """The sliding window of an attention call: the one the module passed, else the one its config gives its
+    layer (a sliding_attention entry of layer_types, or without layer_types a sliding_window for every
+    layer), which transformers would apply through its mask. Some modules never pass it (Qwen2-MoE, PhiMoE);
+    the adapter takes no mask, so their windowed layers would silently attend the whole causal context."""
+    if passed:
+        return int(passed)
+    config = getattr(module, "config", None)
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types, layer = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
+    if types and layer is not None:
+        return int(window) if types[layer] == "sliding_attention" else None
+    return int(window)
 
 
 def attention_chunk(module) -> int | None:

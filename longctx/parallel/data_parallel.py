@@ -71,21 +71,27 @@ def apply_fsdp(model: nn.Module, mesh, *, reshard_after_forward: bool = True, pa
     fully_shard(model, **{**kw, "reshard_after_forward": reshard_after_forward and not keep_root_unsharded})
 
 
-def apply_ddp(model: nn.Module, mesh) -> None:
+def apply_ddp(model: nn.Module, mesh, find_unused: bool = False) -> None:
+    """`find_unused`: the model may hold trainable parameters a step gives no gradient (an MoE router's
+    correction bias, experts no token of this rank reached). DDP's reducer waits for every parameter's
+    gradient before it all-reduces a bucket; one that never comes leaves its bucket, and so every gradient
+    in it, unreduced (each rank keeps its own: seen as 100% gradient error on HF MoE models, silently), so
+    the autograd graph is searched for them each step instead."""
     from torch.distributed._composable.replicate import replicate
 
-    replicate(model, device_mesh=mesh)
+    replicate(model, device_mesh=mesh, find_unused_parameters=find_unused)
 
 
 def apply_data_parallel(model: nn.Module, mesh: ParallelMesh, engine: str, *, reshard_after_forward: bool = True,
-                        param_dtype=None, keep_root_unsharded: bool = False) -> str:
-    """Wrap `model` for the resolved engine; returns it."""
+                        param_dtype=None, keep_root_unsharded: bool = False, find_unused: bool = False) -> str:
+    """Wrap `model` for the resolved engine; returns it. `find_unused`: see apply_ddp (FSDP2 needs nothing:
+    it reduces each parameter's gradient as it comes, a missing one as none)."""
     engine = resolve_engine(engine, mesh.dims) if engine in ENGINES else engine
     if engine in ("fsdp", "hsdp"):
         apply_fsdp(model, mesh.fsdp if engine == "fsdp" else mesh.hsdp, reshard_after_forward=reshard_after_forward,
                    param_dtype=param_dtype, keep_root_unsharded=keep_root_unsharded)
     elif engine == "ddp":
-        apply_ddp(model, mesh.ddp)
+        apply_ddp(model, mesh.ddp, find_unused)
     return engine
 
 

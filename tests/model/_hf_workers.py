@@ -25,7 +25,15 @@ def eager_reference(path: str):
     logits = model(input_ids=inp).logits
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
     loss.backward()
-    return float(loss), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return float(loss), {n: _grad(p) for n, p in model.named_parameters()}
+
+
+def _grad(p):
+    """A parameter's (full) gradient; zeros for a trainable one the step gave none (an MoE router's
+    correction bias, updated by a rule of its own)."""
+    if p.grad is None:
+        return torch.zeros(p.shape)
+    return _full(p.grad).detach().clone()
 
 
 def _full(t):
@@ -50,7 +58,7 @@ def parallel_run(path: str, layout: dict) -> dict:
     total = loss.detach().clone()
     dist.all_reduce(total)
     total /= dims.tp  # every tensor-parallel rank holds the same loss
-    grads = {n.removeprefix("hf."): _full(p.grad).detach().clone() for n, p in plan.model.named_parameters()}
+    grads = {n.removeprefix("hf."): _grad(p) for n, p in plan.model.named_parameters()}
     return {"loss": float(total), "grads": grads, "engine": plan.engine,
             "tp_sharded": sorted(n.removeprefix("hf.") for n, p in plan.model.named_parameters() if _tp_shard(p))}
 
@@ -123,7 +131,7 @@ def packed_against_alone(path: str, lengths: list[int], layout: dict) -> dict:
         loss.backward()
         ref_loss += float(loss)
         start += length
-    ref = {name: p.grad for name, p in eager.named_parameters()}
+    ref = {name: _grad(p) for name, p in eager.named_parameters()}
     model = load_hf_model(path)
     dims = ParallelDims(world_size=dist.get_world_size(), **{"dp_shard": 1, **layout})
     plan = parallelize_hf(model, dims, rope_length=n)
@@ -133,7 +141,7 @@ def packed_against_alone(path: str, lengths: list[int], layout: dict) -> dict:
     (loss * dims.dp_cp).backward()
     total = loss.detach().clone()
     dist.all_reduce(total)
-    grads = {n.removeprefix("hf."): _full(p.grad) for n, p in plan.model.named_parameters()}
+    grads = {n.removeprefix("hf."): _grad(p) for n, p in plan.model.named_parameters()}
     errs = {name: ((grad - ref[name]).abs().max() / ref[name].abs().max().clamp(min=1e-12)).item()
             for name, grad in grads.items()}
     return {"loss": float(total), "ref_loss": ref_loss, "grad_rel_err": errs}

@@ -71,6 +71,19 @@ def hf_dirs(tmp_path_factory):
         # Llama 4: chunked attention (chunks of 8 < 32 tokens) on its RoPE layer, and on its no-RoPE layer queries
         # scaled by position (floor_scale 4, so the scale grows inside 32 tokens); per-head norms, experts
         "llama4": _save(transformers.Llama4ForCausalLM, LLAMA4, root / "llama4"),
+        # a trainable parameter no step gives a gradient (the router's e_score_correction_bias): DDP's reducer
+        # left every gradient unreduced for it before it searched for unused parameters (100% gradient error)
+        "ernie_moe": _save(transformers.Ernie4_5_MoeForCausalLM, transformers.Ernie4_5_MoeConfig(
+            **SMALL, moe_num_experts=4, moe_k=2, moe_num_shared_experts=1, moe_intermediate_size=16,
+            moe_layer_start_index=1), root / "ernie_moe"),
+        # windows transformers applies through its mask alone, never passed to the attention call: Qwen2-MoE's
+        # sliding layer (layer_types), PhiMoE's every layer (its config's sliding_window)
+        "qwen2_moe": _save(transformers.Qwen2MoeForCausalLM, transformers.Qwen2MoeConfig(
+            **SMALL, use_sliding_window=True, sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16),
+            root / "qwen2_moe"),
+        "phimoe": _save(transformers.PhimoeForCausalLM, transformers.PhimoeConfig(
+            **SMALL, sliding_window=5, num_local_experts=4, num_experts_per_tok=2), root / "phimoe"),
         # RoPEs that rescale themselves by each call's largest position (pinned to N = 32 by parallelize_hf):
         # dynamic NTK grows past 16 positions; longrope switches to its long factors past 30, so a zigzag
         # shard whose last position is below 30 would take the short ones
@@ -98,13 +111,17 @@ def _layouts(arch: str, layouts: list[dict]) -> list[dict]:
                 and "tp" not in layout and "dp_shard" not in layout]
     if arch in ("deepseek", "llama4"):  # no tp for their experts (refused); striped adds nothing here
         return [layout for layout in layouts if "tp" not in layout and layout.get("strategy") != "striped"]
+    if arch in ("qwen2_moe", "phimoe"):
+        return layouts[:1]
+    if arch == "ernie_moe":  # DDP (cp only) and FSDP2
+        return [layout for layout in layouts if layout.get("strategy") in ("zigzag", "ulysses") and "tp" not in layout]
     return [layouts[0], layouts[-1]] if arch in NEWER else layouts
 
 
 def test_every_strategy_equals_the_eager_model(hf_dirs):
     for world, layouts in ((4, LAYOUTS_4), (2, [dict(cp=2, strategy="ulysses")])):
         jobs = [(arch, path, _layouts(arch, layouts)) for arch, path in hf_dirs.items()
-                if world == 4 or arch not in NEWER and not arch.startswith("llama_")]
+                if world == 4 or arch not in NEWER + ("qwen2_moe", "phimoe") and not arch.startswith("llama_")]
         results = run(compare_all, world, args=(jobs,), timeout=600)[0]
         assert [name for name, _ in results] == [arch for arch, *_ in jobs]
         for arch, per_layout in results:
@@ -294,6 +311,10 @@ def test_attention_the_kernels_do_not_compute_is_refused_at_the_call():
     for kwargs, pattern in (({"softcap": 30.0}, "soft-capping"), ({"is_causal": False}, "bidirectionally")):
         with pytest.raises(ValueError, match=pattern):
             longctx_attention(Prepared(), q, q, q, None, **kwargs)
+    # transformers builds no mask for this implementation: one that arrives is the module's own (Doge's dynamic
+    # mask: a learned additive bias), never dropped
+    with pytest.raises(ValueError, match=r"Prepared hands its attention a mask of its own \(as Doge's dynamic mask\)"):
+        longctx_attention(Prepared(), q, q, q, torch.zeros(1, 4, 2, 2))
 
 
 def test_a_mixture_of_experts_counts_the_experts_a_token_runs():
