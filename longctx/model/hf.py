@@ -265,69 +265,20 @@ def _rope_at_length(rotary, x, position_ids, *args, **kwargs):
     return cos[..., :-1, :], sin[..., :-1, :]
 
 
-# MoE layers with shared experts the config has no key for: Llama 4's every MoE layer adds one of the routed
-# experts' width
-_IMPLICIT_SHARED_EXPERTS = {"llama4_text": 1}
-
-
-def active_ffn_width(hf_config) -> int:
-    """The MLP width one token passes through, averaged over the layers: a dense MLP's intermediate_size;
-    for a mixture of experts (gpt-oss, Mixtral, Qwen-MoE, DeepSeek, GLM-MoE, Llama 4) the num_experts_per_tok
-    experts it is routed to plus any shared experts, on the layers that are sparse (Qwen-MoE's
-    decoder_sparse_step and mlp_only_layers; DeepSeek's dense first_k_dense_replace layers; Llama 4's
-    moe_layers, its dense ones intermediate_size_mlp wide). FLOPs and MFU then count the work done, not
-    every expert's parameters; the router (dim x experts per token, under 1% of an expert's matmuls in these
-    models) is not counted."""
-    c = hf_config
-    routed = getattr(c, "num_experts_per_tok", None)
-    experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None) or \
-        getattr(c, "n_routed_experts", None)
-    dense = getattr(c, "intermediate_size_mlp", None) or c.intermediate_size
-    if not routed or not experts:
-        return dense
-    expert_width = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
-    shared_count = getattr(c, "n_shared_experts", None) or _IMPLICIT_SHARED_EXPERTS.get(c.model_type, 0)
-    shared = getattr(c, "shared_expert_intermediate_size", None) or shared_count * expert_width
-    sparse = routed * expert_width + shared
-    moe_layers = getattr(c, "moe_layers", None)
-    if moe_layers is not None:
-        is_sparse = [i in set(moe_layers) for i in range(c.num_hidden_layers)]
-    else:
-        step = getattr(c, "decoder_sparse_step", None) or 1
-        dense_layers = set(getattr(c, "mlp_only_layers", None) or []) | \
-            set(range(getattr(c, "first_k_dense_replace", None) or 0))
-        is_sparse = [(i + 1) % step == 0 and i not in dense_layers for i in range(c.num_hidden_layers)]
-    widths = [sparse if s else dense for s in is_sparse]
-    return round(sum(widths) / len(widths))
-
-
-def latent_attention(hf_config) -> dict | None:
-    """Multi-head latent attention (DeepSeek-V2/V3, Kimi K2, LongCat): its q/k head width (`qk_dim`: the
-    no-RoPE and RoPE parts), value head width (`v_dim`) and the matmul parameters of one layer's low-rank
-    projections (`proj_params`: q down/up or q, the joint k/v down-projection with the shared RoPE key,
-    k/v up, o), which FLOPs count instead of the q/k/v/o of full-rank heads; None for other attention."""
-    c = hf_config
-    if getattr(c, "kv_lora_rank", None) is None or getattr(c, "v_head_dim", None) is None:
-        return None
-    heads, dim = c.num_attention_heads, c.hidden_size
-    nope, rope, v = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
-    q_rank = getattr(c, "q_lora_rank", None)
-    q = dim * q_rank + q_rank * heads * (nope + rope) if q_rank else dim * heads * (nope + rope)
-    kv = dim * (c.kv_lora_rank + rope) + c.kv_lora_rank * heads * (nope + v)
-    return {"qk_dim": nope + rope, "v_dim": v, "proj_params": q + kv + heads * v * dim}
-
-
 def model_config(hf_config):
     """longctx's ModelConfig with the sizes of an HF config (heads, FLOPs and checks read these)."""
     from ..config import ModelConfig
-    from .hf_weights import explicit_head_dim
+    from .hf_flops import active_ffn_width, attention_layers
 
     heads = hf_config.num_attention_heads
-    latent = latent_attention(hf_config)  # its config's head_dim is the RoPE part only
+    layers = attention_layers(hf_config)
+    # one head width for the checks (RoPE, tp): latent attention's q/k width (its config's head_dim is the RoPE
+    # part only), the widest of layers of several (Gemma 4); FLOPs and memory floors read every layer's
+    widest = max(layer["qk_dim"] for layer in layers)
     return ModelConfig(vocab_size=hf_config.vocab_size, dim=hf_config.hidden_size,
                        n_layers=hf_config.num_hidden_layers, n_heads=heads,
                        n_kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
-                       head_dim=latent["qk_dim"] if latent else explicit_head_dim(hf_config),
+                       head_dim=None if widest * heads == hf_config.hidden_size else widest,
                        ffn_dim=active_ffn_width(hf_config),
                        rope_theta=float(getattr(hf_config, "rope_theta", None) or 10000.0),
                        norm_eps=float(getattr(hf_config, "rms_norm_eps", 1e-5)))

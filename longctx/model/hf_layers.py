@@ -12,38 +12,24 @@ import functools
 import torch
 
 from ..parallel.sequence.documents import Documents
+from .hf_flops import config_chunk, config_window
 
 
 def layer_window(module, passed) -> int | None:
-    """The sliding window of an attention call: the one the module passed, else the one its config gives its
-    layer (a sliding_attention entry of layer_types, or without layer_types a sliding_window for every
-    layer), which transformers would apply through its mask. Some modules never pass it (Qwen2-MoE, PhiMoE);
-    the adapter takes no mask, so their windowed layers would silently attend the whole causal context."""
+    """The sliding window of an attention call: the one the module passed, else the one transformers' mask
+    would give its layer (hf_flops.config_window). Some modules never pass it (Qwen2-MoE, PhiMoE); the
+    adapter takes no mask, so their windowed layers would silently attend the whole causal context."""
     if passed:
         return int(passed)
-    config = getattr(module, "config", None)
-    window = getattr(config, "sliding_window", None)
-    if not window or getattr(config, "use_sliding_window", True) is False:
-        return None
-    types, layer = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
-    if types and layer is not None:
-        return int(window) if types[layer] == "sliding_attention" else None
-    return int(window)
+    config, layer = getattr(module, "config", None), getattr(module, "layer_idx", None)
+    return None if config is None or layer is None else config_window(config, layer)
 
 
 def attention_chunk(module) -> int | None:
     """The chunk of a chunked-attention layer (each token sees the keys of its own `chunk`-token chunk), or
     None for a layer of another type."""
-    config = getattr(module, "config", None)
-    types = getattr(config, "layer_types", None)
-    layer = getattr(module, "layer_idx", None)
-    if not types or layer is None or types[layer] != "chunked_attention":
-        return None
-    chunk = getattr(config, "attention_chunk_size", None)
-    if not chunk:
-        raise ValueError(f"layer {layer} of {type(module).__name__} is a chunked_attention layer but the config has no "
-                         "attention_chunk_size")
-    return int(chunk)
+    config, layer = getattr(module, "config", None), getattr(module, "layer_idx", None)
+    return None if config is None or layer is None else config_chunk(config, layer)
 
 
 @functools.lru_cache(maxsize=64)

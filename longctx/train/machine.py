@@ -81,15 +81,16 @@ def check_eval_memory(model_cfg, *, rows: int, tokens: int, ranks: int, tp: int 
     heads split over `tp`), or for perplexity (`logits`) the fp32 logits of a shard. Evaluation runs in
     fp32."""
     from ..config import head_dim_of
-    from .metrics import latent_of
+    from .metrics import hf_layers_of
 
     shard = rows * -(-tokens // ranks)
     if logits:
         need, part = shard * model_cfg.vocab_size * 4 // tp, "the fp32 logits of its shard"
     else:
-        latent = latent_of(model_cfg)  # latent attention caches keys and values of two widths
-        kv_width = 2 * head_dim_of(model_cfg) if latent is None else latent["qk_dim"] + latent["v_dim"]
-        need = shard * model_cfg.n_layers * max(1, model_cfg.n_kv_heads // tp) * kv_width * 4
+        layers = hf_layers_of(model_cfg)  # keys and values of each layer's widths (latent attention, Gemma 4)
+        widths = model_cfg.n_layers * 2 * head_dim_of(model_cfg) if layers is None else \
+            sum(layer["qk_dim"] + layer["v_dim"] for layer in layers)
+        need = shard * max(1, model_cfg.n_kv_heads // tp) * widths * 4
         part = "the K/V cache of every layer"
     have = _rank_memory(local_ranks)
     if have is not None and need > have[0]:

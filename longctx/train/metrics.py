@@ -64,37 +64,63 @@ def document_attention_pairs(model_cfg, documents) -> int:
     return model_cfg.n_layers * per_layer
 
 
-def latent_of(model_cfg) -> dict | None:
-    """The multi-head latent attention (model.hf.latent_attention) of the Hugging Face model a config
-    trains; None for any other model."""
+def hf_layers_of(model_cfg) -> list[dict] | None:
+    """Every layer's attention (model.hf_flops.attention_layers) of the Hugging Face model a config trains;
+    None for longctx's own model."""
     if not model_cfg.hf_path:
         return None
-    from ..model.hf import latent_attention
     from ..model.hf_checks import read_hf_config
+    from ..model.hf_flops import attention_layers
 
-    return latent_attention(read_hf_config(model_cfg.hf_path))
+    return attention_layers(read_hf_config(model_cfg.hf_path))
+
+
+def _layer_pairs(layer: dict, length: int) -> int:
+    """Causal pairs of one document of `length` tokens under one layer's window or chunks."""
+    if layer["chunk"]:
+        full, rest = divmod(length, layer["chunk"])
+        return full * layer["chunk"] * (layer["chunk"] + 1) // 2 + rest * (rest + 1) // 2
+    return Mask.from_flags(True, layer["window"]).band_pairs(length, length)
+
+
+def layer_attention_work(layers: list[dict], heads: int, lengths: list[int]) -> int:
+    """Sum over layers of heads x (q/k width + v width) x causal pairs, for one sequence holding documents of
+    `lengths` (one, unpacked): what attention FLOPs scale with when layers differ (windows, chunks, widths)."""
+    return sum(heads * (layer["qk_dim"] + layer["v_dim"]) * sum(_layer_pairs(layer, n) for n in lengths)
+               for layer in layers)
+
+
+def packed_attention_work(model_cfg, layers: list[dict] | None, documents) -> int:
+    """The attention work (heads x q/k + v widths x pairs, over layers) of packed rows: only the pairs inside
+    documents, which is all the planner computes; `layers`: a Hugging Face model's (hf_layers_of)."""
+    if layers is None:
+        return model_cfg.n_heads * 2 * head_dim_of(model_cfg) * document_attention_pairs(model_cfg, documents)
+    heads = model_cfg.n_heads
+    return sum(layer_attention_work(layers, heads, documents.lengths(row)) for row in range(documents.batch))
 
 
 def model_flops_per_step(model_cfg, seq_len: int, sequences: int, pairs: int | None = None,
-                         latent: dict | None = None) -> dict:
+                         layers: list[dict] | None = None, work: int | None = None) -> dict:
     """Training FLOPs of one optimizer step: 6 per parameter per token for every matmul (the embedding
     lookup is not a matmul), plus attention: 2 per pair per q/k feature (QK^T) and 2 per value feature (PV)
     forward, x3 with the backward. `pairs`: the step's attention pairs over all its sequences and layers
     when they are not `sequences` x attention_pairs (packed documents: document_attention_pairs summed over
-    the batch). `latent`: multi-head latent attention's widths and projections (model.hf.latent_attention)."""
+    the batch). `layers`: a Hugging Face model's attention per layer (hf_layers_of: projections, widths,
+    windows, chunks), counted by layer_attention_work. `work`: the attention work of packed sequences
+    (packed_attention_work summed over the step), for either model."""
     c = model_cfg
-    hd = head_dim_of(c)
-    if latent is None:
-        attn_params, pair_width = c.dim * c.n_heads * hd * 2 + c.dim * c.n_kv_heads * hd * 2, 2 * hd
+    if layers is None:
+        hd = head_dim_of(c)
+        attn_params = c.n_layers * (c.dim * c.n_heads * hd * 2 + c.dim * c.n_kv_heads * hd * 2)
+        if work is None:
+            work = c.n_heads * 2 * hd * (attention_pairs(c, seq_len) * sequences if pairs is None else pairs)
     else:
-        attn_params, pair_width = latent["proj_params"], latent["qk_dim"] + latent["v_dim"]
-    per_layer = attn_params + 3 * c.dim * c.ffn_dim
-    matmul_params = c.n_layers * per_layer + c.dim * c.vocab_size
-    tokens = seq_len * sequences
-    dense = 6 * matmul_params * tokens
-    if pairs is None:
-        pairs = attention_pairs(c, seq_len) * sequences
-    attn = 6 * c.n_heads * pair_width * pairs
+        attn_params = sum(layer["params"] for layer in layers)
+        if work is None:
+            work = sequences * layer_attention_work(layers, c.n_heads, [seq_len])
+    matmul_params = attn_params + c.n_layers * 3 * c.dim * c.ffn_dim + c.dim * c.vocab_size
+    dense = 6 * matmul_params * seq_len * sequences
+    attn = 6 * work
     return {"dense": dense, "attention": attn, "total": dense + attn}
 
 

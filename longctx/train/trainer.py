@@ -39,9 +39,9 @@ from .machine import check_machine
 from .metrics import (
     MetricsLogger,
     StepTimer,
-    document_attention_pairs,
-    latent_of,
+    hf_layers_of,
     model_flops_per_step,
+    packed_attention_work,
     peak_flops,
     peak_memory_bytes,
 )
@@ -117,9 +117,9 @@ class Trainer:
         self.loss_fn = loss_fn(t.loss_chunk)
         self.validation = Validation(self) if cfg.validation.interval else None
         self.last_validation = None  # the latest validation loss of this process's run
-        self.latent = latent_of(cfg.model)
+        self.hf_layers = hf_layers_of(cfg.model)  # a Hugging Face model's layers differ (windows, chunks, widths)
         self.step_flops = model_flops_per_step(cfg.model, t.seq_len, t.batch_size,
-                                               latent=self.latent)["total"]  # unless packed
+                                               layers=self.hf_layers)["total"]  # unless packed
         self.peak_flops = peak_flops(self.device, self.precision)
         self.step = 0
         self.history: list[dict] = []
@@ -258,12 +258,12 @@ class Trainer:
         with StepTimer(self.device) as timer:
             shards = self.micro_batches(self.step)
             local_count = float(sum(s["real_labels"] for s in shards))
-            # packed batches: the attention pairs this data slice's documents allow, summed with the label
+            # packed batches: the attention work this data slice's documents allow, summed with the label
             # count (one collective); every context rank of a slice holds the same documents
             packed = shards[0].get("documents") is not None
-            local_pairs = sum(document_attention_pairs(self.cfg.model, s["documents"]) for s in shards) if packed else 0
-            local_pairs /= self.dims.cp
-            count, pairs = self._all_reduce([local_count, local_pairs], group=plan.loss_group)
+            local_work = sum(packed_attention_work(self.cfg.model, self.hf_layers, s["documents"])
+                             for s in shards) if packed else 0
+            count, work = self._all_reduce([local_count, local_work / self.dims.cp], group=plan.loss_group)
             scale = self.dims.dp_cp / max(count, 1.0)
             loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
             for micro, s in enumerate(shards):
@@ -301,8 +301,8 @@ class Trainer:
         tokens = t.batch_size * t.seq_len
         step_flops = self.step_flops
         if packed:
-            step_flops = model_flops_per_step(self.cfg.model, t.seq_len, t.batch_size, pairs=round(pairs),
-                                              latent=self.latent)["total"]
+            step_flops = model_flops_per_step(self.cfg.model, t.seq_len, t.batch_size, layers=self.hf_layers,
+                                              work=round(work))["total"]
         flops_per_s = step_flops / timer.seconds
         record = {
             "step": self.step, "loss": total / count if count else 0.0, "lr": lr, "grad_norm": grad_norm,

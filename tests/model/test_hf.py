@@ -31,6 +31,10 @@ LLAMA4 = transformers.Llama4TextConfig(**dict(SMALL, intermediate_size_mlp=64), 
                                        attn_temperature_tuning=True, floor_scale=4, attn_scale=0.5)
 
 
+GEMMA4 = transformers.Gemma4TextConfig(**SMALL, head_dim=8, global_head_dim=16, sliding_window=5,
+                                       layer_types=["sliding_attention", "full_attention"])
+
+
 def _save(cls, cfg, path, sinks: float | None = None):
     torch.manual_seed(0)
     model = cls(cfg)
@@ -76,6 +80,9 @@ def hf_dirs(tmp_path_factory):
         "ernie_moe": _save(transformers.Ernie4_5_MoeForCausalLM, transformers.Ernie4_5_MoeConfig(
             **SMALL, moe_num_experts=4, moe_k=2, moe_num_shared_experts=1, moe_intermediate_size=16,
             moe_layer_start_index=1), root / "ernie_moe"),
+        # per-layer head widths (heterogeneous config: the full layer's heads 16 wide, the sliding one's 8), a
+        # per-layer input embedding
+        "gemma4": _save(transformers.Gemma4ForCausalLM, GEMMA4, root / "gemma4"),
         # windows transformers applies through its mask alone, never passed to the attention call: Qwen2-MoE's
         # sliding layer (layer_types), PhiMoE's every layer (its config's sliding_window)
         "qwen2_moe": _save(transformers.Qwen2MoeForCausalLM, transformers.Qwen2MoeConfig(
@@ -103,6 +110,10 @@ LAYOUTS_4 = [dict(cp=4, strategy="zigzag"), dict(cp=4, strategy="striped"), dict
 NEWER = ("qwen3", "gemma3")
 
 
+# architectures whose point is not a strategy's: no second (W=2 Ulysses) run (suite time)
+WORLD_4_ONLY = NEWER + ("qwen2_moe", "phimoe", "gemma4")
+
+
 def _layouts(arch: str, layouts: list[dict]) -> list[dict]:
     if arch.startswith("llama_"):
         return layouts[:1]
@@ -113,6 +124,8 @@ def _layouts(arch: str, layouts: list[dict]) -> list[dict]:
         return [layout for layout in layouts if "tp" not in layout and layout.get("strategy") != "striped"]
     if arch in ("qwen2_moe", "phimoe"):
         return layouts[:1]
+    if arch == "gemma4":  # no tp placement for its per-layer inputs (refused)
+        return [layouts[0], layouts[3]]
     if arch == "ernie_moe":  # DDP (cp only) and FSDP2
         return [layout for layout in layouts if layout.get("strategy") in ("zigzag", "ulysses") and "tp" not in layout]
     return [layouts[0], layouts[-1]] if arch in NEWER else layouts
@@ -121,7 +134,7 @@ def _layouts(arch: str, layouts: list[dict]) -> list[dict]:
 def test_every_strategy_equals_the_eager_model(hf_dirs):
     for world, layouts in ((4, LAYOUTS_4), (2, [dict(cp=2, strategy="ulysses")])):
         jobs = [(arch, path, _layouts(arch, layouts)) for arch, path in hf_dirs.items()
-                if world == 4 or arch not in NEWER + ("qwen2_moe", "phimoe") and not arch.startswith("llama_")]
+                if world == 4 or arch not in WORLD_4_ONLY and not arch.startswith("llama_")]
         results = run(compare_all, world, args=(jobs,), timeout=600)[0]
         assert [name for name, _ in results] == [arch for arch, *_ in jobs]
         for arch, per_layout in results:
@@ -342,20 +355,40 @@ def test_a_mixture_of_experts_counts_the_experts_a_token_runs():
     assert model_config(llama4).ffn_dim == (40 + 32 + 40 + 32) // 4
 
 
-def test_latent_attention_flops_count_its_own_projections():
-    """FLOPs of multi-head latent attention: the matmul parameters of the low-rank projections, counted
-    here from the model's own Linear layers (no formula shared), and the pair work of q/k and v widths."""
-    from longctx.model.hf import latent_attention, model_config
-    from longctx.train.metrics import model_flops_per_step
+def _brute_pairs(length: int, window=None, chunk=None) -> int:
+    """Causal pairs (i, j <= i) of one sequence that a window (i - j < window) or chunks (same j // chunk)
+    allow, one by one."""
+    return sum(1 for i in range(length) for j in range(i + 1)
+               if (window is None or i - j < window) and (chunk is None or i // chunk == j // chunk))
 
-    latent = latent_attention(DEEPSEEK)
+
+def test_flops_count_every_layers_own_attention():
+    """FLOPs of an HF model read each layer: latent attention's low-rank projections (counted here from the
+    model's own Linear layers) and its q/k and v widths; sliding windows and chunks cut the pairs; a
+    heterogeneous config's per-layer head widths."""
+    from longctx.model.hf import model_config
+    from longctx.model.hf_flops import attention_layers
+    from longctx.train.metrics import layer_attention_work, model_flops_per_step
+
+    layers = attention_layers(DEEPSEEK)
     model = transformers.DeepseekV3ForCausalLM(DEEPSEEK)
-    attention = model.model.layers[0].self_attn
-    linear = sum(m.weight.numel() for m in attention.modules() if isinstance(m, torch.nn.Linear))
-    assert latent == {"qk_dim": 12, "v_dim": 6, "proj_params": linear}
+    linear = sum(m.weight.numel() for m in model.model.layers[0].self_attn.modules() if isinstance(m, torch.nn.Linear))
+    assert layers == [{"qk_dim": 12, "v_dim": 6, "params": linear, "window": None, "chunk": None}] * 2
     cfg = model_config(DEEPSEEK)
-    assert cfg.head_dim == 12 and latent_attention(transformers.LlamaConfig(**SMALL)) is None
-    flops = model_flops_per_step(cfg, seq_len=8, sequences=1, pairs=100, latent=latent)
-    mlp = 3 * 32 * cfg.ffn_dim
-    assert flops["attention"] == 6 * 4 * (12 + 6) * 100
-    assert flops["dense"] == 6 * 8 * (2 * (linear + mlp) + 32 * 64)
+    assert cfg.head_dim == 12
+    flops = model_flops_per_step(cfg, seq_len=8, sequences=1, layers=layers)
+    assert flops["attention"] == 6 * 2 * 4 * (12 + 6) * _brute_pairs(8)
+    assert flops["dense"] == 6 * 8 * (2 * (linear + 3 * 32 * cfg.ffn_dim) + 32 * 64)
+    # Llama 4: a chunked layer (chunks of 8) and a full one; Gemma 3: a sliding layer (window 5) and a full
+    # one; Gemma 4: heads 8 and 16 wide; packed rows restart every count per document
+    gemma3 = transformers.Gemma3TextConfig(**SMALL, head_dim=16, sliding_window=5,
+                                           layer_types=["sliding_attention", "full_attention"])
+    for config, pairs in ((LLAMA4, lambda n: [_brute_pairs(n, chunk=8), _brute_pairs(n)]),
+                          (gemma3, lambda n: [_brute_pairs(n, window=5), _brute_pairs(n)]),
+                          (GEMMA4, lambda n: [_brute_pairs(n, window=5), _brute_pairs(n)])):
+        layers = attention_layers(config)
+        widths = [2 * layer["qk_dim"] for layer in layers]
+        for lengths in ([20], [13, 11, 8]):
+            want = sum(4 * w * sum(pairs(n)[i] for n in lengths) for i, w in enumerate(widths))
+            assert layer_attention_work(layers, 4, lengths) == want, (type(config).__name__, lengths)
+    assert [layer["qk_dim"] for layer in attention_layers(GEMMA4)] == [8, 16] and model_config(GEMMA4).head_dim == 16
