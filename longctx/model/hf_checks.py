@@ -70,11 +70,18 @@ _RESCALES_INPUT = re.compile(r"\binputs_embeds\s*[*/]|\bhidden_states\s*=\s*hidd
 
 
 def check_pipeline_split(decoder_cls: type) -> None:
-    """Refuse pipeline stages for a decoder whose forward changes the input embeddings before its layers."""
-    before_layers = _source(decoder_cls.forward).split("self.layers", 1)[0]
+    """Refuse pipeline stages for a decoder whose forward changes the input embeddings before its layers, or
+    whose final norm is not `self.norm` (a stage before the last replaces it by an identity by that name;
+    Phi's final_layernorm would normalise every stage's output)."""
+    source = _source(decoder_cls.forward)
+    before_layers = source.split("self.layers", 1)[0]
     if _RESCALES_INPUT.search(before_layers):
         raise ValueError(f"{decoder_cls.__name__} rescales its input embeddings inside its forward, so every pipeline "
                          "stage would rescale the hidden states it is handed again; set parallel.pp=1 for this model")
+    if "self.norm(" not in source:
+        raise ValueError(f"{decoder_cls.__name__} applies no final norm named `norm`, which pipeline stages before the "
+                         "last leave out by that name (each would normalise the hidden states it hands on); set "
+                         "parallel.pp=1 for this model")
 
 
 def decoder_class(hf_config) -> type:
@@ -91,6 +98,13 @@ def check_hf_model(model: nn.Module) -> None:
                          "architecture that does (Llama, Qwen2, Mistral, ...)")
     if not hasattr(model, "lm_head") or not hasattr(model, "model"):
         raise ValueError(f"{type(model).__name__} is not a causal LM with .model (the decoder) and .lm_head")
+    # what the adapter drives: the decoder's embedding and its list of layers (OPT keeps them under .decoder,
+    # ModernBERT's decoder names its embedding otherwise)
+    missing = [name for name in ("embed_tokens", "layers") if not hasattr(model.model, name)]
+    if missing:
+        raise ValueError(f"{type(model).__name__}'s decoder ({type(model.model).__name__}) has no "
+                         f"{', '.join(missing)}: longctx drives decoders laid out as Llama's (embed_tokens, layers); "
+                         "use an architecture that is")
     check_hf_config(model.config)
 
 
@@ -99,9 +113,20 @@ def _arch(hf_config) -> str:
     return (getattr(hf_config, "architectures", None) or [type(hf_config).__name__])[0]
 
 
+# the sizes longctx reads from a config (model_config), with the MLP width under either name
+_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
 def check_hf_config(hf_config) -> None:
-    """Refuse a config whose architecture asks for what longctx would silently skip."""
+    """Refuse a config whose architecture asks for what longctx would silently skip, or lacks the sizes it
+    reads."""
     arch = _arch(hf_config)
+    missing = [key for key in _SIZES if getattr(hf_config, key, None) is None]
+    if getattr(hf_config, "intermediate_size", None) is None and getattr(hf_config, "ffn_dim", None) is None:
+        missing.append("intermediate_size")
+    if missing:
+        raise ValueError(f"{arch}'s config has no {', '.join(missing)}: longctx reads a decoder's sizes under the "
+                         "names Llama's config uses; use an architecture whose config has them")
     other = sorted(set(getattr(hf_config, "layer_types", None) or ()) - set(_LAYER_TYPES))
     if other:
         raise ValueError(f"{arch} has layers of type {', '.join(other)} (config.json layer_types): longctx computes "

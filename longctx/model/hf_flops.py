@@ -76,7 +76,7 @@ def active_ffn_width(hf_config) -> int:
     routed = getattr(c, "num_experts_per_tok", None)
     experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None) or \
         getattr(c, "n_routed_experts", None)
-    dense = getattr(c, "intermediate_size_mlp", None) or c.intermediate_size
+    dense = getattr(c, "intermediate_size_mlp", None) or getattr(c, "intermediate_size", None) or c.ffn_dim
     if not routed or not experts:
         return dense
     expert_width = getattr(c, "moe_intermediate_size", None) or c.intermediate_size

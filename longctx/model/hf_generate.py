@@ -55,7 +55,8 @@ class HFSteps:
         self.adapter, self.modules = adapter, attention_modules(adapter.hf)
         weight = adapter.hf.lm_head.weight
         self.tp = tp_comm(weight)
-        if self.tp is not None and isinstance(adapter.hf.model.norm.weight, DTensor):  # the training split
+        norm = getattr(adapter.hf.model, "norm", None)
+        if self.tp is not None and norm is not None and isinstance(norm.weight, DTensor):  # the training split
             raise ValueError("generate() takes an HF model whose weights are whole or split for inference by "
                              "apply_hf_tensor_parallel(model, tp_mesh, sequence_parallel=False) (a decode step's "
                              "one token per row cannot be split over the sequence)")

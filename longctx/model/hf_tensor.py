@@ -99,8 +99,8 @@ def apply_hf_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bo
     parallelize_module(model, tp_mesh, {k: v for k, v in ends.items() if present[k]})
     if tied:  # both split by vocabulary rows: one parameter again
         model.lm_head.weight = model.model.embed_tokens.weight
-    if lm_head is not None:  # a stage before the last has no norm (an identity) and no head
-        replicate(model.model.norm, tp_mesh, shard_dim=1)
+    if lm_head is not None and hasattr(model.model, "norm"):  # a stage before the last: an identity, no head
+        replicate(model.model.norm, tp_mesh, shard_dim=1)  # (a final norm named otherwise is left unplaced)
     placed.update(("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"))
     left = [n for n, _ in model.named_parameters() if n not in placed]
     if left:

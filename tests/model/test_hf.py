@@ -1,6 +1,7 @@
 """Hugging Face causal LMs under longctx: every strategy equals the unmodified model's eager run; weights
 convert both ways with equal logits; bad input names the fix."""
 
+import types
 
 import pytest
 import torch
@@ -297,6 +298,24 @@ def test_what_longctx_would_skip_is_refused(tmp_path):
         check_hf_config(transformers.Gemma2Config(**gemma, attn_logit_softcapping=None))
     with pytest.raises(ValueError, match=r"logit_scale=0.0625: a scale on the output logits"):
         check_hf_config(transformers.CohereConfig(**SMALL))
+    # a decoder not laid out as the adapter drives it, a config without the sizes longctx reads: one line each
+    from longctx.model.hf_checks import check_hf_model
+
+    opt = transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64,
+                                                             num_hidden_layers=1, num_attention_heads=4,
+                                                             word_embed_proj_dim=32))
+    with pytest.raises(ValueError, match=r"OPTForCausalLM's decoder \(OPTModel\) has no embed_tokens, layers: "):
+        check_hf_model(opt)
+    # Phi's final norm is final_layernorm: pipeline stages could not leave it out
+    from longctx.model.hf_checks import check_pipeline_split
+
+    with pytest.raises(ValueError, match=r"PhiModel applies no final norm named `norm`.*set parallel.pp=1"):
+        check_pipeline_split(transformers.PhiModel)
+    check_pipeline_split(transformers.LlamaModel)
+    sizes = types.SimpleNamespace(architectures=["OddForCausalLM"], vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=4)
+    with pytest.raises(ValueError, match=r"OddForCausalLM's config has no intermediate_size"):
+        check_hf_config(sizes)
     # layers whose mask or mixer the adapter would replace by full causal attention (linear attention)
     with pytest.raises(ValueError, match=r"Qwen3NextConfig has layers of type linear_attention \(config.json "
                                          r"layer_types\): longctx computes full_attention, sliding_attention, "
