@@ -202,7 +202,7 @@ MUTANTS = [
            ("tests/model/test_hf.py::test_every_strategy_equals_the_eager_model",),
            "Llama 4's chunked layers attend the whole causal context"),
     Mutant("hf-query-temperature-of-the-shard", "longctx/model/hf_layers.py",
-           "    return q * (true / local).to(q.dtype)[..., None, None]", "    return q",
+           "    return (q.float() * (true / local)[..., None, None]).to(q.dtype)", "    return q",
            ("tests/model/test_hf.py::test_every_strategy_equals_the_eager_model",),
            "Llama 4's no-RoPE queries scaled by the positions of the shard, not the sequence"),
     Mutant("hf-chunks-across-documents", "longctx/model/hf_layers.py",

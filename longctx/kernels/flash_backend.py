@@ -49,7 +49,7 @@ def _supports(q, k, v, mask) -> str | None:
     if (mask.left is not None and mask.left < 0) or (mask.right is not None and mask.right < 0):
         return "flash-attn windows must be non-negative (no shifted-causal)"
     if any(width % 8 or width > 256 for width in (q.shape[-1], v.shape[-1])):
-        return "flash-attn needs head_dim a multiple of 8 and <= 256"
+        return "flash-attn needs head_dim (of q/k and of v) a multiple of 8 and <= 256"
     return None
 
 

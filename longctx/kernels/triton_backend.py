@@ -78,7 +78,8 @@ def supports(q, k, v, mask: Mask) -> str | None:
         return f"dtype {q.dtype} is not supported (float16, bfloat16, float32); use 'reference' for float64"
     d = max(q.shape[-1], v.shape[-1])  # a narrower side is zero-padded to the wider (registry)
     if not 1 <= d <= HEAD_DIM_MAX:
-        return f"head_dim {d} is not supported (1..{HEAD_DIM_MAX}; padded to a power of two >= 16)"
+        return (f"head_dim {d} (the wider of q/k's and v's) is not supported (1..{HEAD_DIM_MAX}; padded to a power "
+                "of two >= 16)")
     if q.device.type == "cpu":
         if not (_env("LONGCTX_TRITON_ON_CPU") and _interpreted()):
             return CPU_REASON

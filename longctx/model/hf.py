@@ -272,12 +272,13 @@ def model_config(hf_config):
 
     heads = hf_config.num_attention_heads
     layers = attention_layers(hf_config)
-    # one head width for the checks (RoPE, tp): latent attention's q/k width (its config's head_dim is the RoPE
-    # part only), the widest of layers of several (Gemma 4); FLOPs and memory floors read every layer's
+    # one head width and K/V head count for the checks (RoPE, tp): latent attention's q/k width (its config's
+    # head_dim is the RoPE part only), the largest of layers that differ (Gemma 4); FLOPs and memory floors
+    # read every layer's
     widest = max(layer["qk_dim"] for layer in layers)
     return ModelConfig(vocab_size=hf_config.vocab_size, dim=hf_config.hidden_size,
                        n_layers=hf_config.num_hidden_layers, n_heads=heads,
-                       n_kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
+                       n_kv_heads=max(layer["kv_heads"] for layer in layers),  # per layer in Gemma 4's
                        head_dim=None if widest * heads == hf_config.hidden_size else widest,
                        ffn_dim=active_ffn_width(hf_config),
                        rope_theta=float(getattr(hf_config, "rope_theta", None) or 10000.0),

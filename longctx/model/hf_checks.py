@@ -113,7 +113,7 @@ def _arch(hf_config) -> str:
     return (getattr(hf_config, "architectures", None) or [type(hf_config).__name__])[0]
 
 
-# the sizes longctx reads from a config (model_config), with the MLP width under either name
+# the sizes longctx reads from a config (model_config), and an MLP width under one of its names
 _SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
 
 
@@ -122,8 +122,8 @@ def check_hf_config(hf_config) -> None:
     reads."""
     arch = _arch(hf_config)
     missing = [key for key in _SIZES if getattr(hf_config, key, None) is None]
-    if getattr(hf_config, "intermediate_size", None) is None and getattr(hf_config, "ffn_dim", None) is None:
-        missing.append("intermediate_size")
+    if all(getattr(hf_config, key, None) is None for key in ("intermediate_size", "ffn_dim", "moe_intermediate_size")):
+        missing.append("intermediate_size")  # an MLP width: dense, or its experts' (Solar Open has only that)
     if missing:
         raise ValueError(f"{arch}'s config has no {', '.join(missing)}: longctx reads a decoder's sizes under the "
                          "names Llama's config uses; use an architecture whose config has them")

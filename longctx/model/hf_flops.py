@@ -35,14 +35,15 @@ def config_chunk(hf_config, layer: int) -> int | None:
     if (getattr(c, "layer_types", None) or [None] * (layer + 1))[layer] != "chunked_attention":
         return None
     if not getattr(c, "attention_chunk_size", None):
-        raise ValueError(f"layer {layer} is a chunked_attention layer but the config has no attention_chunk_size")
+        raise ValueError(f"layer {layer} is a chunked_attention layer but the config has no attention_chunk_size; "
+                         "set attention_chunk_size in its config.json (tokens per chunk)")
     return int(c.attention_chunk_size)
 
 
 def attention_layers(hf_config) -> list[dict]:
-    """Per decoder layer: `qk_dim` and `v_dim` (head widths), `params` (matmul parameters of its q/k/v/o
-    projections, low-rank ones for latent attention), `window` (keys a query sees, sliding layers) and
-    `chunk` (chunked layers: Llama 4)."""
+    """Per decoder layer: `qk_dim` and `v_dim` (head widths), `kv_heads`, `params` (matmul parameters of its
+    q/k/v/o projections: low-rank ones for latent attention, no v for Gemma 4's full layers whose values are
+    their keys), `window` (keys a query sees, sliding layers) and `chunk` (chunked layers: Llama 4)."""
     out = []
     for i in range(hf_config.num_hidden_layers):
         c = layer_config(hf_config, i)
@@ -53,7 +54,10 @@ def attention_layers(hf_config) -> list[dict]:
             layer = dict(latent)
         else:
             hd = _head_dim(c)
-            layer = {"qk_dim": hd, "v_dim": hd, "params": 2 * dim * heads * hd + 2 * dim * kv_heads * hd}
+            values_are_keys = getattr(c, "attention_k_eq_v", False) and config_window(hf_config, i) is None
+            layer = {"qk_dim": hd, "v_dim": hd,
+                     "params": 2 * dim * heads * hd + (1 if values_are_keys else 2) * dim * kv_heads * hd}
+        layer["kv_heads"] = kv_heads
         layer["window"], layer["chunk"] = config_window(hf_config, i), config_chunk(hf_config, i)
         out.append(layer)
     return out
@@ -76,7 +80,9 @@ def active_ffn_width(hf_config) -> int:
     routed = getattr(c, "num_experts_per_tok", None)
     experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None) or \
         getattr(c, "n_routed_experts", None)
-    dense = getattr(c, "intermediate_size_mlp", None) or getattr(c, "intermediate_size", None) or c.ffn_dim
+    # the dense MLP's width (Llama 4 names it apart from its experts'; a model of experts only has none)
+    dense = getattr(c, "intermediate_size_mlp", None) or getattr(c, "intermediate_size", None) or \
+        getattr(c, "ffn_dim", None)
     if not routed or not experts:
         return dense
     expert_width = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
@@ -91,7 +97,7 @@ def active_ffn_width(hf_config) -> int:
         dense_layers = set(getattr(c, "mlp_only_layers", None) or []) | \
             set(range(getattr(c, "first_k_dense_replace", None) or 0))
         is_sparse = [(i + 1) % step == 0 and i not in dense_layers for i in range(c.num_hidden_layers)]
-    widths = [sparse if s else dense for s in is_sparse]
+    widths = [sparse if s or dense is None else dense for s in is_sparse]
     return round(sum(widths) / len(widths))
 
 

@@ -55,4 +55,4 @@ def retemper_queries(module, q: torch.Tensor, positions) -> torch.Tensor:
                          "run it through longctx's HFCausalLM (it passes them)")
     local = _temperature(module, torch.arange(q.shape[1], device=q.device))
     true = _temperature(module, positions.to(q.device))
-    return q * (true / local).to(q.dtype)[..., None, None]
+    return (q.float() * (true / local)[..., None, None]).to(q.dtype)  # one rounding, as transformers does

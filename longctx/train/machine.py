@@ -87,10 +87,11 @@ def check_eval_memory(model_cfg, *, rows: int, tokens: int, ranks: int, tp: int 
     if logits:
         need, part = shard * model_cfg.vocab_size * 4 // tp, "the fp32 logits of its shard"
     else:
-        layers = hf_layers_of(model_cfg)  # keys and values of each layer's widths (latent attention, Gemma 4)
-        widths = model_cfg.n_layers * 2 * head_dim_of(model_cfg) if layers is None else \
-            sum(layer["qk_dim"] + layer["v_dim"] for layer in layers)
-        need = shard * max(1, model_cfg.n_kv_heads // tp) * widths * 4
+        layers = hf_layers_of(model_cfg)  # each layer's K/V heads and widths (latent attention, Gemma 4)
+        per_token = model_cfg.n_layers * max(1, model_cfg.n_kv_heads // tp) * 2 * head_dim_of(model_cfg) \
+            if layers is None else sum(max(1, layer["kv_heads"] // tp) * (layer["qk_dim"] + layer["v_dim"])
+                                       for layer in layers)
+        need = shard * per_token * 4
         part = "the K/V cache of every layer"
     have = _rank_memory(local_ranks)
     if have is not None and need > have[0]:

@@ -75,18 +75,22 @@ def hf_layers_of(model_cfg) -> list[dict] | None:
     return attention_layers(read_hf_config(model_cfg.hf_path))
 
 
-def _layer_pairs(layer: dict, length: int) -> int:
-    """Causal pairs of one document of `length` tokens under one layer's window or chunks."""
-    if layer["chunk"]:
-        full, rest = divmod(length, layer["chunk"])
-        return full * layer["chunk"] * (layer["chunk"] + 1) // 2 + rest * (rest + 1) // 2
-    return Mask.from_flags(True, layer["window"]).band_pairs(length, length)
+def _layer_pairs(window: int | None, chunk: int | None, length: int) -> int:
+    """Causal pairs of one document of `length` tokens under a layer's window or chunks (closed form: this
+    runs per layer per packed document inside the timed step)."""
+    if chunk:
+        full, rest = divmod(length, chunk)
+        return full * chunk * (chunk + 1) // 2 + rest * (rest + 1) // 2
+    if window is None or length <= window:
+        return length * (length + 1) // 2
+    return window * (window + 1) // 2 + (length - window) * window
 
 
 def layer_attention_work(layers: list[dict], heads: int, lengths: list[int]) -> int:
     """Sum over layers of heads x (q/k width + v width) x causal pairs, for one sequence holding documents of
     `lengths` (one, unpacked): what attention FLOPs scale with when layers differ (windows, chunks, widths)."""
-    return sum(heads * (layer["qk_dim"] + layer["v_dim"]) * sum(_layer_pairs(layer, n) for n in lengths)
+    return sum(heads * (layer["qk_dim"] + layer["v_dim"]) * sum(_layer_pairs(layer["window"], layer["chunk"], n)
+                                                                 for n in lengths)
                for layer in layers)
 
 

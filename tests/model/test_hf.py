@@ -372,6 +372,11 @@ def test_a_mixture_of_experts_counts_the_experts_a_token_runs():
                                            intermediate_size_mlp=40, num_local_experts=4, num_experts_per_tok=1,
                                            interleave_moe_layer_step=2, head_dim=8)
     assert model_config(llama4).ffn_dim == (40 + 32 + 40 + 32) // 4
+    # experts only, no dense width in the config (Solar Open): 2 routed + 1 shared of 16 on every layer
+    solar = transformers.SolarOpenConfig(**{k: v for k, v in SMALL.items() if k != "intermediate_size"},
+                                         moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1,
+                                         num_experts_per_tok=2)
+    assert model_config(solar).ffn_dim == 3 * 16
 
 
 def _brute_pairs(length: int, window=None, chunk=None) -> int:
@@ -392,7 +397,7 @@ def test_flops_count_every_layers_own_attention():
     layers = attention_layers(DEEPSEEK)
     model = transformers.DeepseekV3ForCausalLM(DEEPSEEK)
     linear = sum(m.weight.numel() for m in model.model.layers[0].self_attn.modules() if isinstance(m, torch.nn.Linear))
-    assert layers == [{"qk_dim": 12, "v_dim": 6, "params": linear, "window": None, "chunk": None}] * 2
+    assert layers == [{"qk_dim": 12, "v_dim": 6, "params": linear, "kv_heads": 4, "window": None, "chunk": None}] * 2
     cfg = model_config(DEEPSEEK)
     assert cfg.head_dim == 12
     flops = model_flops_per_step(cfg, seq_len=8, sequences=1, layers=layers)
@@ -411,3 +416,13 @@ def test_flops_count_every_layers_own_attention():
             want = sum(4 * w * sum(pairs(n)[i] for n in lengths) for i, w in enumerate(widths))
             assert layer_attention_work(layers, 4, lengths) == want, (type(config).__name__, lengths)
     assert [layer["qk_dim"] for layer in attention_layers(GEMMA4)] == [8, 16] and model_config(GEMMA4).head_dim == 16
+    # Gemma 4's full layers with values that are their keys (attention_k_eq_v) and K/V heads of their own: per
+    # layer K/V heads, no v_proj, each layer's parameters those of its own Linear layers
+    k_eq_v = transformers.Gemma4TextConfig(**dict(SMALL, num_key_value_heads=2), head_dim=8, global_head_dim=16,
+                                           sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+                                           attention_k_eq_v=True, num_global_key_value_heads=1)
+    layers, model = attention_layers(k_eq_v), transformers.Gemma4ForCausalLM(k_eq_v)
+    assert [layer["kv_heads"] for layer in layers] == [2, 1] and model_config(k_eq_v).n_kv_heads == 2
+    for layer, decoder_layer in zip(layers, model.model.layers):
+        linear = sum(m.weight.numel() for m in decoder_layer.self_attn.modules() if isinstance(m, torch.nn.Linear))
+        assert layer["params"] == linear
