@@ -70,12 +70,12 @@ _IMPLICIT_SHARED_EXPERTS = {"llama4_text": 1}
 
 def active_ffn_width(hf_config) -> int:
     """The MLP width one token passes through, averaged over the layers: a dense MLP's intermediate_size;
-    for a mixture of experts (gpt-oss, Mixtral, Qwen-MoE, DeepSeek, GLM-MoE, Llama 4) the num_experts_per_tok
-    experts it is routed to plus any shared experts, on the layers that are sparse (Qwen-MoE's
-    decoder_sparse_step and mlp_only_layers; DeepSeek's dense first_k_dense_replace layers; Llama 4's
-    moe_layers, its dense ones intermediate_size_mlp wide). FLOPs and MFU then count the work done, not
-    every expert's parameters; the router (dim x experts per token, under 1% of an expert's matmuls in these
-    models) is not counted."""
+    for a mixture of experts (gpt-oss, Mixtral, Qwen-MoE, DeepSeek, GLM-MoE, Llama 4, Ernie 4.5) the
+    num_experts_per_tok experts it is routed to plus any shared experts, on the layers that are sparse
+    (Qwen-MoE's decoder_sparse_step and mlp_only_layers; DeepSeek's dense first_k_dense_replace layers;
+    Llama 4's moe_layers, its dense ones intermediate_size_mlp wide; Ernie's moe_layer_start/end_index).
+    FLOPs and MFU then count the work done, not every expert's parameters; the router (dim x experts per
+    token, under 1% of an expert's matmuls in these models) is not counted."""
     c = hf_config
     routed = getattr(c, "num_experts_per_tok", None)
     experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None) or \
@@ -86,12 +86,16 @@ def active_ffn_width(hf_config) -> int:
     if not routed or not experts:
         return dense
     expert_width = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
-    shared_count = getattr(c, "n_shared_experts", None) or _IMPLICIT_SHARED_EXPERTS.get(c.model_type, 0)
+    shared_count = getattr(c, "n_shared_experts", None) or getattr(c, "moe_num_shared_experts", None) or \
+        _IMPLICIT_SHARED_EXPERTS.get(c.model_type, 0)
     shared = getattr(c, "shared_expert_intermediate_size", None) or shared_count * expert_width
     sparse = routed * expert_width + shared
     moe_layers = getattr(c, "moe_layers", None)
     if moe_layers is not None:
         is_sparse = [i in set(moe_layers) for i in range(c.num_hidden_layers)]
+    elif getattr(c, "moe_layer_start_index", None) is not None:  # Ernie 4.5: every interval-th in [start, end]
+        every, first, last = c.moe_layer_interval, c.moe_layer_start_index, c.moe_layer_end_index
+        is_sparse = [(i + 1) % every == 0 and first <= i <= last for i in range(c.num_hidden_layers)]
     else:
         step = getattr(c, "decoder_sparse_step", None) or 1
         dense_layers = set(getattr(c, "mlp_only_layers", None) or []) | \

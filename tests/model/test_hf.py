@@ -377,6 +377,10 @@ def test_a_mixture_of_experts_counts_the_experts_a_token_runs():
                                          moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1,
                                          num_experts_per_tok=2)
     assert model_config(solar).ffn_dim == 3 * 16
+    # Ernie 4.5: layer 0 dense (64), layer 1 two routed + one shared expert of 16 (its own key names)
+    ernie = transformers.Ernie4_5_MoeConfig(**SMALL, moe_num_experts=4, moe_k=2, moe_num_shared_experts=1,
+                                            moe_intermediate_size=16, moe_layer_start_index=1)
+    assert model_config(ernie).ffn_dim == (64 + 3 * 16) // 2
 
 
 def _brute_pairs(length: int, window=None, chunk=None) -> int:
