@@ -46,7 +46,7 @@ def attention_layers(hf_config) -> list[dict]:
     their keys), `window` (keys a query sees, sliding layers) and `chunk` (chunked layers: Llama 4)."""
     out = []
     for i in range(hf_config.num_hidden_layers):
-        c = layer_config(hf_config, i)
+        c, window = layer_config(hf_config, i), config_window(hf_config, i)
         heads, dim = c.num_attention_heads, c.hidden_size
         kv_heads = getattr(c, "num_key_value_heads", None) or heads
         latent = latent_attention(c)
@@ -54,11 +54,10 @@ def attention_layers(hf_config) -> list[dict]:
             layer = dict(latent)
         else:
             hd = _head_dim(c)
-            values_are_keys = getattr(c, "attention_k_eq_v", False) and config_window(hf_config, i) is None
+            values_are_keys = getattr(c, "attention_k_eq_v", False) and window is None
             layer = {"qk_dim": hd, "v_dim": hd,
                      "params": 2 * dim * heads * hd + (1 if values_are_keys else 2) * dim * kv_heads * hd}
-        layer["kv_heads"] = kv_heads
-        layer["window"], layer["chunk"] = config_window(hf_config, i), config_chunk(hf_config, i)
+        layer.update(kv_heads=kv_heads, window=window, chunk=config_chunk(hf_config, i))
         out.append(layer)
     return out
 

@@ -14,10 +14,8 @@ from .setup import dims_from_config
 
 
 def check_machine(cfg, world_size: int | None = None, local_ranks: int = 1) -> None:
-    """What only the machine that runs the job can answer: a named kernel backend is usable here, and (given
-    the world size, `local_ranks` of its ranks on this machine) each rank's memory holds the least the step
-    needs. Not part of validate_job, which also checks configs for other machines (`config show` on a
-    login node, the driver of a Ray job)."""
+    """A named kernel backend is usable here, and (given the world size, `local_ranks` of its ranks on this
+    machine) each rank's memory holds the least the step needs."""
     from ..kernels import backends
 
     name = cfg.parallel.kernel

@@ -14,7 +14,6 @@ import time
 import torch
 
 from ..config import head_dim_of
-from ..kernels import Mask
 
 # dense peak FLOP/s per GPU (no sparsity), by a substring of the device name
 PEAK_FLOPS = {
@@ -36,13 +35,24 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
     return None
 
 
+def _layer_pairs(window: int | None, chunk: int | None, length: int) -> int:
+    """Causal pairs of one document of `length` tokens under a layer's window or chunks (closed form: it
+    runs per layer per packed document inside the timed step)."""
+    if chunk:
+        full, rest = divmod(length, chunk)
+        return full * chunk * (chunk + 1) // 2 + rest * (rest + 1) // 2
+    if window is None or length <= window:
+        return length * (length + 1) // 2
+    return window * (window + 1) // 2 + (length - window) * window
+
+
 def attention_pairs(model_cfg, seq_len: int) -> int:
     """(query, key) pairs per sequence per head, summed over layers, for the masks the model uses:
     causal (with the sliding window, if any) on ordinary layers; each LongNet pattern's causal pairs
     inside its sparsified segments on dilated layers."""
     from ..model.llama import dilated_pattern
 
-    dense = Mask.from_flags(True, model_cfg.window).band_pairs(seq_len, seq_len)
+    dense = _layer_pairs(model_cfg.window, None, seq_len)
     total = 0
     for layer in range(model_cfg.n_layers):
         if layer not in model_cfg.dilated.layers:
@@ -59,8 +69,8 @@ def document_attention_pairs(model_cfg, documents) -> int:
     """attention_pairs for packed sequences: the causal (windowed) pairs inside each document of each row
     of `documents`, summed over layers. The pairs across a boundary are masked and never computed, so a
     full-sequence count would credit the step with work it did not do. (Packing refuses dilated layers.)"""
-    band = Mask.from_flags(True, model_cfg.window)
-    per_layer = sum(band.band_pairs(n, n) for row in range(documents.batch) for n in documents.lengths(row))
+    per_layer = sum(_layer_pairs(model_cfg.window, None, n) for row in range(documents.batch)
+                    for n in documents.lengths(row))
     return model_cfg.n_layers * per_layer
 
 
@@ -73,17 +83,6 @@ def hf_layers_of(model_cfg) -> list[dict] | None:
     from ..model.hf_flops import attention_layers
 
     return attention_layers(read_hf_config(model_cfg.hf_path))
-
-
-def _layer_pairs(window: int | None, chunk: int | None, length: int) -> int:
-    """Causal pairs of one document of `length` tokens under a layer's window or chunks (closed form: this
-    runs per layer per packed document inside the timed step)."""
-    if chunk:
-        full, rest = divmod(length, chunk)
-        return full * chunk * (chunk + 1) // 2 + rest * (rest + 1) // 2
-    if window is None or length <= window:
-        return length * (length + 1) // 2
-    return window * (window + 1) // 2 + (length - window) * window
 
 
 def layer_attention_work(layers: list[dict], heads: int, lengths: list[int]) -> int:
