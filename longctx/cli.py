@@ -15,7 +15,7 @@ import sys
 
 from . import __version__
 from ._argtypes import float_list, int_list, positive_int, seconds, seed
-from .cli_data import cmd_data_prepare, cmd_eval, cmd_generate
+from .cli_data import cmd_checkpoint_export, cmd_checkpoint_verify, cmd_data_prepare, cmd_eval, cmd_generate
 from .cli_errors import USER_ERRORS, UserError
 from .cli_errors import checking as _checking
 
@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--world-size", type=positive_int, default=None,
                       help="also validate the job for this many ranks")
     _add_config_args(show)
-    ckpt = sub.add_parser("checkpoint", help="convert checkpoints written by `longctx train` (checkpoint.interval)")
+    ckpt = sub.add_parser("checkpoint", help="check and convert checkpoints written by `longctx train` "
+                                             "(checkpoint.interval)")
     cksub = ckpt.add_subparsers(dest="checkpoint_command", required=True, parser_class=_Parser)
     export = cksub.add_parser("export", help="a checkpoint's model weights as one plain state-dict file that "
                                              "torch.load(weights_only=True) reads and the unparallelised model loads")
@@ -128,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="output file, e.g. model.pt")
     export.add_argument("--format", choices=["torch", "hf"], default="torch",
                         help="torch: one state-dict file; hf: a directory transformers loads (default: torch)")
+    verify = cksub.add_parser("verify", help="check checkpoints' files against the sizes and SHA-256 digests "
+                                             "recorded when they were written (exit 1 if any is damaged)")
+    verify.add_argument("dir", help="a checkpoint (step_NNNNNNNN) or a checkpoint root (every checkpoint in it)")
     data = sub.add_parser("data", help="token datasets")
     dsub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     prep = dsub.add_parser("prepare", help="tokenize local text / JSONL / Parquet files into a memory-mapped "
@@ -192,17 +196,6 @@ def _load(args):
     from .config import load
 
     return load(path=args.config, overrides=args.overrides)
-
-
-def cmd_checkpoint_export(args) -> int:
-    from .train.weights import export
-
-    with _checking():
-        state = export(args.dir, args.out, args.format)
-    n = sum(t.numel() for t in state.values())
-    print(f"exported {len(state)} tensors ({n:,} parameters) to {args.out}" + (" (Hugging Face)" if
-                                                                             args.format == "hf" else ""))
-    return 0
 
 
 def _exit_status(summary: dict) -> int:
@@ -345,7 +338,7 @@ def _dispatch(args) -> int:
     if args.command == "config":
         return cmd_config_show(args)
     if args.command == "checkpoint":
-        return cmd_checkpoint_export(args)
+        return {"export": cmd_checkpoint_export, "verify": cmd_checkpoint_verify}[args.checkpoint_command](args)
     if args.command in ("data", "eval", "generate"):  # each checks its input itself, then runs
         return {"data": cmd_data_prepare, "eval": cmd_eval, "generate": cmd_generate}[args.command](args)
     module = importlib.import_module(args._module)

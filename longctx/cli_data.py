@@ -1,4 +1,5 @@
-"""`longctx data prepare`, `longctx eval needle|ppl` and `longctx generate`: the command side (parsing lives
+"""`longctx data prepare`, `longctx checkpoint export|verify`, `longctx eval needle|ppl` and `longctx generate`:
+the command side (parsing lives
 in cli.py). Each checks its arguments, files and output paths inside `checking()` (a ValueError there is the
 user's, printed as one line) before the ranks run; a ValueError from the run itself is a bug and keeps its
 traceback. `data prepare` is all reading of the user's files, so it runs inside `checking()` whole."""
@@ -20,6 +21,31 @@ def cmd_data_prepare(args) -> int:
                           progress=not args.quiet)
     print(format_summary(summary, args.output))
     return 0
+
+
+def cmd_checkpoint_export(args) -> int:
+    from .train.weights import export
+
+    with checking():
+        state = export(args.dir, args.out, args.format)
+    n = sum(t.numel() for t in state.values())
+    print(f"exported {len(state)} tensors ({n:,} parameters) to {args.out}" + (" (Hugging Face)" if
+                                                                             args.format == "hf" else ""))
+    return 0
+
+
+def cmd_checkpoint_verify(args) -> int:
+    """One line per checkpoint; 1 when any is damaged or incomplete (a script can test it before pruning)."""
+    from .train.checkpoint_dirs import survey
+
+    with checking():
+        found = survey(args.dir)
+    for path, why, checked in found:
+        state = "ok" if why is None else "NOT COMPLETE: " if checked == "sizes" else "DAMAGED: "
+        print(f"{path}: {state}{why or ''} ({checked})")
+    bad = sum(why is not None for _, why, _ in found)
+    print(f"{len(found) - bad} of {len(found)} checkpoints hold what was written")
+    return 1 if bad else 0
 
 
 def _checkpoint_config(args):

@@ -79,6 +79,8 @@ def test_missing_optional_dependency_names_the_extra():
                                                                        r"--overrides"),
     (["config", "show", "/dev/null"], r"config file '/dev/null' is not a regular file"),
     (["checkpoint", "export", "", "out.pt"], r"'' does not exist; give a checkpoint directory"),
+    (["checkpoint", "verify", "/nonexistent"], r"'/nonexistent' is not a directory; give a checkpoint"),
+    (["checkpoint", "verify", os.path.dirname(__file__)], r"holds no step_NNNNNNNN checkpoint directories; give"),
     (["launch", "ray", "--num-workers", "1", "--max-failures", "-1", TINY], r"--max-failures must be >= 0, got -1"),
     (["bench", "kernel", "--window", "0"], r"--window must be a positive integer"),
     (["bench", "kernel", "--device", "tpu"], r"--device 'tpu'"),

@@ -3,10 +3,12 @@
 A checkpoint is a directory `step_00000012/` holding DCP's files (model and optimizer state, each rank
 writing its own shards), `trainer.pt` (LR schedule, step, the dims it was written with), `rng_rank{r}.pt`
 (every rank's generator) and `config.yaml` (the resolved config). It is written into `step_...tmp/`; once
-every rank has finished, rank 0 lists the files with their sizes into a `COMPLETE` marker and renames the
-directory into place, so a reader sees a complete checkpoint or none. Loading checks the marker's file list
-against the disk (a missing or truncated file means the checkpoint is skipped, with a message) and falls back
-to the previous complete one. DCP reshards: a checkpoint written at cp=4 loads at dp_shard=2 x cp=2 or on
+every rank has finished, the ranks share out reading the files for their SHA-256 digests, and rank 0 lists
+every file with its size and digest in a `COMPLETE` marker and renames the directory into place, so a reader
+sees a complete checkpoint or none. Listing checks the marker's sizes against the disk (a missing or
+truncated file means the checkpoint is skipped, with a message); the one chosen to resume from has its
+contents checked against the digests before any is loaded, a damaged one being skipped for the previous.
+DCP reshards: a checkpoint written at cp=4 loads at dp_shard=2 x cp=2 or on
 another world size, and one written by pipeline stages loads on another pipeline layout or none (saved
 names are the unsplit model's, the optimizer state keyed per parameter). The data position is the step
 itself (every data source is a function of the sequence index; trainer.pt also records the source and
@@ -31,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
-from .checkpoint_dirs import load_file, read_dcp, saved_entries, seal, step_dir
+from .checkpoint_dirs import files_under, load_file, read_dcp, saved_entries, seal, shared_digests, step_dir
 
 FULL_OPTIMIZER = "optimizer.pt"  # a DeepSpeed checkpoint's Adam states, unsharded: it resumes on any layout
 
@@ -146,9 +148,42 @@ def save(trainer, root: str, keep_last: int, *, async_save: bool = False, group=
 
 def _commit(rank: int, step: int, tmp: str, final: str, root: str, keep_last: int) -> None:
     _barrier()  # every rank's files are on disk before the marker says so
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    # every rank reads a share of the files for their digests (rank 0 alone would read the whole checkpoint)
+    digests = shared_digests(tmp, list(files_under(tmp)), rank, world)
     if rank == 0:
-        seal(tmp, final, root, step, keep_last)
+        seal(tmp, final, root, step, keep_last, digests)
     _barrier()
+
+
+def resume_path(resume: str, root: str, rank: int, world: int, say=print) -> str | None:
+    """The checkpoint train.resume names, on every rank (collective). Rank 0 picks it (or finds the problem)
+    and tells the others, so a bad path fails everywhere at once instead of leaving them waiting; then the
+    ranks check its contents against its digests together, and a damaged one gives way to the next newest
+    (auto, or a checkpoint root; one named itself is an error)."""
+    from .checkpoint_dirs import damaged_file, resolve_resume
+
+    damaged = []
+    while True:
+        answer = [None]
+        if rank == 0:
+            try:
+                answer = [("ok", resolve_resume(resume, root, log=say, skip=damaged))]
+            except (OSError, ValueError) as e:
+                answer = [("error", str(e))]
+        if world > 1:
+            dist.broadcast_object_list(answer, src=0)
+        kind, path = answer[0]
+        if kind == "error":
+            raise ConfigError(path)
+        why = path and damaged_file(path, rank, world)
+        if not why:
+            return path
+        if os.path.normpath(path) == os.path.normpath(resume):
+            raise ConfigError(f"train.resume={resume!r} is damaged: {why}; pass an older checkpoint")
+        if rank == 0:
+            say(f"longctx: skipping checkpoint {path}: {why}")
+        damaged.append(path)
 
 
 def load(trainer, path: str) -> int:

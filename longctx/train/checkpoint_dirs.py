@@ -1,11 +1,15 @@
 """Where checkpoints live and which are complete: `step_00000012/` directories under a checkpoint root,
-each sealed by a `COMPLETE` marker listing every file with its size. A directory without the marker, or
-whose files differ from it, was interrupted or damaged and is skipped (with the reason), never loaded.
-What goes inside a checkpoint is train/checkpoint.py's; `load_file` and `read_error` turn a file that
-cannot be read (changed after the marker was written: same size, other bytes) into a one-line error."""
+each sealed by a `COMPLETE` marker listing every file with its size and SHA-256. A directory without the
+marker, or whose files' sizes differ from it, was interrupted or damaged and is skipped (with the reason),
+never loaded. Sizes are checked whenever checkpoints are listed (cheap); contents only for the checkpoint
+about to be read (`damaged_file`, every file read once, shared out over the ranks), so bytes changed after
+the write (same size, other bytes: a bit flip in a tensor loads without complaint) are found before any of
+them reach the model. What goes inside a checkpoint is train/checkpoint.py's; `load_file` and `read_error`
+turn a file that cannot be read into a one-line error (for checkpoints written before the digests)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -13,6 +17,7 @@ import re
 import shutil
 
 import torch
+import torch.distributed as dist
 
 from ..config import ConfigError
 
@@ -24,14 +29,17 @@ def step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"step_{step:08d}")
 
 
+def _marker(path: str) -> dict:
+    with open(os.path.join(path, MARKER)) as f:
+        return json.load(f)
+
+
 def problem(path: str) -> str | None:
-    """None if `path` is a complete checkpoint, else what is wrong with it."""
-    marker = os.path.join(path, MARKER)
-    if not os.path.isfile(marker):
+    """None if `path` is a complete checkpoint (by its files' sizes), else what is wrong with it."""
+    if not os.path.isfile(os.path.join(path, MARKER)):
         return "no completion marker (the write was interrupted)"
     try:
-        with open(marker) as f:
-            files = json.load(f)["files"]
+        files = _marker(path)["files"]
     except (OSError, ValueError, KeyError) as e:
         return f"unreadable completion marker ({type(e).__name__})"
     for name, size in files.items():
@@ -43,8 +51,9 @@ def problem(path: str) -> str | None:
     return None
 
 
-def complete_checkpoints(root: str, log=print) -> list[tuple[int, str]]:
-    """(step, path) of every complete checkpoint under `root`, oldest first; incomplete ones are reported."""
+def complete_checkpoints(root: str, log=print, skip=()) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint under `root`, oldest first; incomplete ones are reported,
+    and those in `skip` (found damaged) left out."""
     if not os.path.isdir(root):
         return []
     out = []
@@ -53,6 +62,8 @@ def complete_checkpoints(root: str, log=print) -> list[tuple[int, str]]:
         if not m:
             continue
         path = os.path.join(root, name)
+        if path in skip:
+            continue
         why = problem(path)
         if why:
             log(f"longctx: skipping checkpoint {path}: {why}")
@@ -66,19 +77,20 @@ def continues(resume: str | None) -> bool:
     return resume not in (None, "", "none")
 
 
-def resolve_resume(resume: str, root: str, log=print) -> str | None:
-    """The checkpoint directory to load for train.resume (auto | none | a path), or None."""
+def resolve_resume(resume: str, root: str, log=print, skip=()) -> str | None:
+    """The checkpoint directory to load for train.resume (auto | none | a path), or None; `skip`: those
+    found damaged (a root then falls back to its next newest)."""
     if not continues(resume):
         return None
     if resume == "auto":
-        found = complete_checkpoints(root, log)
+        found = complete_checkpoints(root, log, skip)
         return found[-1][1] if found else None
-    return locate(resume, f"train.resume={resume!r}", log)
+    return locate(resume, f"train.resume={resume!r}", log, skip)
 
 
-def locate(path: str, what: str, log=print) -> str:
+def locate(path: str, what: str, log=print, skip=()) -> str:
     """The complete checkpoint `path` names: itself (a step_NNNNNNNN directory) or the newest complete one
-    under it (a checkpoint root). `what` names the argument in the errors."""
+    under it (a checkpoint root) not in `skip`. `what` names the argument in the errors."""
     if not os.path.exists(path):
         raise ValueError(f"{what or repr(path)} does not exist; give a checkpoint directory (step_NNNNNNNN) or a "
                          "checkpoint root")
@@ -88,8 +100,11 @@ def locate(path: str, what: str, log=print) -> str:
             raise ValueError(f"{what} is not a complete checkpoint: {why}; pass an older one or its parent "
                              f"directory (the newest complete checkpoint there is taken)")
         return path
-    found = complete_checkpoints(path, log)
+    found = complete_checkpoints(path, log, skip)
     if not found:
+        if skip:
+            raise ValueError(f"{what} holds no undamaged checkpoint: {', '.join(skip)} were damaged; pass a copy "
+                             "made before the damage")
         inside = os.path.join(path, "checkpoints")  # a run directory: its checkpoints are one level down
         hint = f"; it is a run directory: pass {inside}" if complete_checkpoints(inside, lambda *a: None) else ""
         raise ValueError(f"{what} holds no complete checkpoint (step_NNNNNNNN directories with a {MARKER} marker)"
@@ -97,7 +112,7 @@ def locate(path: str, what: str, log=print) -> str:
     return found[-1][1]
 
 
-def _files(tmp: str) -> dict:
+def files_under(tmp: str) -> dict:
     """Every file under `tmp` (relative path -> bytes): DCP writes flat, DeepSpeed into a sub-directory."""
     out = {}
     for root, _, names in os.walk(tmp):
@@ -107,13 +122,81 @@ def _files(tmp: str) -> dict:
     return dict(sorted(out.items()))
 
 
+def _sha256(full: str) -> str:
+    try:
+        with open(full, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:  # a file one rank cannot read: recorded, not raised, so no rank is left waiting
+        return f"unreadable ({type(e).__name__})"
 
-def seal(tmp: str, final: str, root: str, step: int, keep_last: int) -> None:
+
+def shared_digests(path: str, names: list[str], rank: int = 0, world: int = 1) -> dict:
+    """{name: SHA-256} of the files `names` under `path`, each read by one rank (names[rank::world]) and
+    gathered onto every rank: collective when world > 1 (every rank passes the same names, in order)."""
+    mine = {name: _sha256(os.path.join(path, name)) for name in names[rank::world]}
+    if world == 1:
+        return mine
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    return {name: digest for part in every for name, digest in part.items()}
+
+
+def damaged_file(path: str, rank: int = 0, world: int = 1, only=None) -> str | None:
+    """None when the files of complete checkpoint `path` hold the bytes written (those whose name passes
+    `only`, default all), else which differs: collective when world > 1 (see shared_digests). A checkpoint
+    written before digests were recorded has only its sizes checked (by problem)."""
+    written = _marker(path).get("sha256", {})
+    names = sorted(n for n in written if only is None or only(n))
+    found = shared_digests(path, names, rank, world)
+    bad = [n for n in names if found[n] != written[n]]
+    if not bad:
+        return None
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    return f"file {bad[0]}{more} does not hold the bytes written (its SHA-256 differs from the {MARKER} marker's)"
+
+
+def check_contents(path: str, rank: int = 0, world: int = 1, only=None) -> None:
+    """damaged_file as a one-line ConfigError."""
+    why = damaged_file(path, rank, world, only)
+    if why:
+        raise ConfigError(f"checkpoint {path} is damaged: {why}; pass an older checkpoint")
+
+
+def survey(path: str) -> list[tuple[str, str | None, str]]:
+    """(checkpoint, what is wrong or None, what was checked) for the checkpoint `path` names, or for every
+    step_NNNNNNNN directory under a checkpoint root, oldest first: sizes, then contents by their digests."""
+    if not os.path.isdir(path):
+        raise ValueError(f"{path!r} is not a directory; give a checkpoint (step_NNNNNNNN) or a checkpoint root")
+    if _STEP_DIR.match(os.path.basename(os.path.normpath(path))):
+        dirs = [path]
+    else:
+        dirs = [os.path.join(path, n) for n in sorted(os.listdir(path)) if _STEP_DIR.match(n)]
+        if not dirs:
+            raise ValueError(f"{path!r} holds no step_NNNNNNNN checkpoint directories; give a checkpoint or a "
+                             "checkpoint root (run_dir/checkpoints)")
+    out = []
+    for d in dirs:
+        why = problem(d)
+        if why:
+            out.append((d, why, "sizes"))
+            continue
+        marker = _marker(d)
+        total = sum(marker["files"].values())
+        if "sha256" not in marker:
+            out.append((d, None, f"sizes of {len(marker['files'])} files only (written before digests)"))
+            continue
+        out.append((d, damaged_file(d), f"SHA-256 of {len(marker['files'])} files, {total / 2**20:.1f} MiB"))
+    return out
+
+
+def seal(tmp: str, final: str, root: str, step: int, keep_last: int, digests: dict | None = None) -> None:
     """Mark the fully written `tmp` complete and rename it to `final` (one process, after every rank's
-    files are on disk), then drop all but the newest `keep_last` complete checkpoints (0: keep all)."""
-    files = _files(tmp)  # before the marker exists: it does not list itself
+    files are on disk), then drop all but the newest `keep_last` complete checkpoints (0: keep all).
+    `digests`: {name: SHA-256} the ranks computed (shared_digests); any file they missed is read here."""
+    files = files_under(tmp)  # before the marker exists: it does not list itself
+    digests = {name: (digests or {}).get(name) or _sha256(os.path.join(tmp, name)) for name in files}
     with open(os.path.join(tmp, MARKER), "w") as f:
-        json.dump({"step": step, "files": files}, f)
+        json.dump({"step": step, "files": files, "sha256": digests}, f)
         f.flush()
         os.fsync(f.fileno())
     shutil.rmtree(final, ignore_errors=True)

@@ -22,7 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError, to_yaml
+from ..config import to_yaml
 from ..data import build_source
 from ..data.labels import IGNORE_INDEX
 from ..data.loader import StepBatches, StepLoader
@@ -130,7 +130,7 @@ class Trainer:
         self.stop_signal = 0  # a SIGTERM / SIGUSR1 some rank received, agreed at the end of a step
         self._pending = None  # an asynchronous save in flight (checkpoint.async_save)
         self._checkpoint_group = None  # async saves coordinate over a group of their own, made on first use
-        self.resumed_from = self._resume_path(t.resume)
+        self.resumed_from = checkpoint.resume_path(t.resume, self.checkpoint_dir, self.rank, self.world, self._say)
         if self.resumed_from is not None:
             self.step = checkpoint.load(self, self.resumed_from)
             self._say(f"longctx: resumed from {self.resumed_from} at step {self.step}")
@@ -138,27 +138,10 @@ class Trainer:
     # ------------------------------------------------------------------ set-up helpers
     def _agree_run_dir(self, config_path) -> str:
         """Rank 0 names the run directory (a timestamp may differ between ranks) and tells the others."""
-        return self._agree([self.cfg.run_dir or default_run_dir(config_path)])[0]
-
-    def _agree(self, box: list) -> list:
-        """Rank 0's values, on every rank."""
+        box = [self.cfg.run_dir or default_run_dir(config_path)]
         if self.world > 1:
             dist.broadcast_object_list(box, src=0)
-        return box
-
-    def _resume_path(self, resume: str) -> str | None:
-        """Rank 0 picks the checkpoint to resume from (or finds the problem) and every rank gets its answer, so
-        a bad path fails everywhere at once instead of leaving the others waiting."""
-        answer = None
-        if self.rank == 0:
-            try:
-                answer = ("ok", checkpoint_dirs.resolve_resume(resume, self.checkpoint_dir, log=self._say))
-            except (OSError, ValueError) as e:
-                answer = ("error", str(e))
-        kind, value = self._agree([answer])[0]
-        if kind == "error":
-            raise ConfigError(value)
-        return value
+        return box[0]
 
     def _say(self, text: str) -> None:
         if self.rank == 0:

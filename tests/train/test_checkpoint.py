@@ -4,6 +4,7 @@ loaded; export gives a plain state dict the unparallelised model loads."""
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -15,7 +16,7 @@ from longctx.launch.local import RankError
 from longctx.model import build_model
 from longctx.train import checkpoint, checkpoint_dirs, validate_job, weights
 
-from ._workers import config, resume_errors, tp_pieces, train_and_collect
+from ._workers import config, resume_errors, tp_pieces, train_and_collect, train_and_print
 
 CP2 = ["parallel.cp=2", "parallel.dp_shard=1"]
 
@@ -99,21 +100,29 @@ def test_pipeline_checkpoints_resume_on_any_pipeline_layout(tmp_path):
 
 def test_interrupted_checkpoints_are_never_loaded(tmp_path):
     run_dir = str(tmp_path / "run")
-    _run(2, config(*CP2, "checkpoint.interval=1", "checkpoint.keep_last=0", run_dir=run_dir), stop_after=3)
+    _run(2, config(*CP2, "checkpoint.interval=1", "checkpoint.keep_last=0", run_dir=run_dir), stop_after=4)
     root = os.path.join(run_dir, "checkpoints")
-    assert sorted(os.listdir(root)) == [f"step_0000000{i}" for i in (1, 2, 3)]
-    # a truncated shard in the newest, a missing marker in the next, a half-written .tmp: all skipped
+    assert sorted(os.listdir(root)) == [f"step_0000000{i}" for i in (1, 2, 3, 4)]
+    # one flipped bit in the newest (sizes agree: only its digests see it), a truncated shard in the next, a
+    # missing marker in the next, a half-written .tmp: all skipped
+    _flip_a_weight(os.path.join(root, "step_00000004"))
     shard = next(f for f in os.listdir(os.path.join(root, "step_00000003")) if f.endswith(".distcp"))
     with open(os.path.join(root, "step_00000003", shard), "r+b") as f:
         f.truncate(10)
     os.remove(os.path.join(root, "step_00000002", checkpoint_dirs.MARKER))
-    shutil.copytree(os.path.join(root, "step_00000001"), os.path.join(root, "step_00000004.tmp"))
+    shutil.copytree(os.path.join(root, "step_00000001"), os.path.join(root, "step_00000005.tmp"))
     said = []
-    assert [s for s, _ in checkpoint_dirs.complete_checkpoints(root, log=said.append)] == [1]
+    assert [s for s, _ in checkpoint_dirs.complete_checkpoints(root, log=said.append)] == [1, 4]
     assert any("step_00000003" in m and "has 10 bytes" in m for m in said), said
     assert any("step_00000002" in m and "no completion marker" in m for m in said), said
-    resumed = _run(2, config(*CP2, "train.resume=auto", run_dir=run_dir))[0][0]
-    assert resumed["resumed_from"].endswith("step_00000001") and resumed["steps"] == [2, 3, 4, 5]
+    steps, printed = _run(2, config(*CP2, "train.resume=auto", run_dir=run_dir), fn=train_and_print)[0]
+    assert steps == [2, 3, 4, 5] and re.search(r"resumed from .*step_00000001 at step 1", printed), printed
+    assert re.search(r"skipping checkpoint .*step_00000004: file __\d_0.distcp does not hold the bytes written",
+                     printed), printed
+    newest = os.path.join(root, "step_00000004")
+    with pytest.raises(RankError, match=r"train.resume='.*step_00000004' is damaged: file __\d_0.distcp does not "
+                                        r"hold the bytes written .*pass an older checkpoint"):
+        _run(2, config(*CP2, f"train.resume={newest}", run_dir=str(tmp_path / "named")))
 
 
 def _overwrite(path, fill: bytes | None = None):
@@ -123,29 +132,84 @@ def _overwrite(path, fill: bytes | None = None):
         f.write(fill * size if fill is not None else os.urandom(size))
 
 
-def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path):
+def _flip_a_weight(path, name="model.tok_embeddings.weight"):
+    """Flip one bit in the middle of a saved weight's bytes (where DCP's metadata says they lie): the file
+    still unpickles and the weight still loads, wrong."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    where = next(info for index, info in FileSystemReader(path).read_metadata().storage_data.items()
+                 if index.fqn == name)
+    with open(os.path.join(path, where.relative_path), "r+b") as f:
+        f.seek(where.offset + where.length // 2)
+        byte = f.read(1)[0]
+        f.seek(where.offset + where.length // 2)
+        f.write(bytes([byte ^ 0x10]))
+
+
+def _without_digests(path):
+    """The checkpoint as written before markers held digests: sizes only."""
+    with open(os.path.join(path, checkpoint_dirs.MARKER)) as f:
+        marker = json.load(f)
+    marker.pop("sha256")
+    with open(os.path.join(path, checkpoint_dirs.MARKER), "w") as f:
+        json.dump(marker, f)
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, capsys):
     run_dir = tmp_path / "run"
     _run(1, config("checkpoint.interval=1", "train.steps=1", run_dir=str(run_dir)))
     good = os.path.join(run_dir, "checkpoints", "step_00000001")
+    shard = next(f for f in os.listdir(good) if f.endswith(".distcp"))
     damaged = {}
-    for kind in ("metadata", "shard", "trainer", "config"):
-        damaged[kind] = str(tmp_path / kind / "step_00000001")
-        shutil.copytree(good, damaged[kind])
-    _overwrite(os.path.join(damaged["metadata"], ".metadata"))
-    _overwrite(os.path.join(damaged["shard"], next(f for f in os.listdir(good) if f.endswith(".distcp"))), b"\0")
-    _overwrite(os.path.join(damaged["trainer"], "trainer.pt"), b"\0")
-    with open(os.path.join(damaged["config"], "config.yaml")) as f:
-        text = f.read()
-    with open(os.path.join(damaged["config"], "config.yaml"), "w") as f:
-        f.write(text.replace("dim: 32", "dim: 16"))
+    for kind in ("metadata", "shard", "trainer", "config", "flip"):
+        for age in ("", "old_"):
+            damaged[age + kind] = str(tmp_path / (age + kind) / "step_00000001")
+            shutil.copytree(good, damaged[age + kind])
+            _overwrite(os.path.join(damaged[age + "metadata"], ".metadata")) if kind == "metadata" else None
+            _overwrite(os.path.join(damaged[age + "shard"], shard), b"\0") if kind == "shard" else None
+            _overwrite(os.path.join(damaged[age + "trainer"], "trainer.pt"), b"\0") if kind == "trainer" else None
+            _flip_a_weight(damaged[age + "flip"]) if kind == "flip" else None
+            if age:
+                _without_digests(damaged[age + kind])
+    for age in ("", "old_"):
+        with open(os.path.join(damaged[age + "config"], "config.yaml")) as f:
+            text = f.read()
+        with open(os.path.join(damaged[age + "config"], "config.yaml"), "w") as f:
+            f.write(text.replace("dim: 32", "dim: 16"))
+    # digests name the file before anything is read
+    for kind, name in (("metadata", ".metadata"), ("shard", shard), ("flip", shard)):
+        with pytest.raises(ConfigError, match=rf"checkpoint .*{kind}/step_00000001 is damaged: file {name} does "
+                                              rf"not hold the bytes written .*; pass an older checkpoint$"):
+            weights.model_weights(damaged[kind])
+    # a checkpoint without digests: what reading its bytes finds, and a flipped bit loads (why digests exist)
     with pytest.raises(ConfigError, match=r"its file .metadata cannot be read .*damaged .*pass an older checkpoint"):
-        weights.model_weights(damaged["metadata"])
+        weights.model_weights(damaged["old_metadata"])
     with pytest.raises(ConfigError, match=r"its files cannot be read \(.*UnpicklingError.*\): the checkpoint is"):
-        weights.model_weights(damaged["shard"])
-    with pytest.raises(ConfigError, match=r"does not fit this model: size mismatch for .*use the config it was"):
-        weights.export(damaged["config"], str(tmp_path / "hf"), fmt="hf")
-    for kind, pattern in (("trainer", r"its file trainer.pt cannot be read"),
-                          ("metadata", r"its file .metadata cannot be read")):
+        weights.model_weights(damaged["old_shard"])
+    flipped, clean = weights.model_weights(damaged["old_flip"])[0], weights.model_weights(good)[0]
+    assert [k for k in clean if not torch.equal(clean[k], flipped[k])] == ["tok_embeddings.weight"]
+    # the command that checks them: one line each, exit 1 when any is damaged
+    from longctx.cli import main
+
+    capsys.readouterr()
+    assert main(["checkpoint", "verify", good]) == 0
+    assert re.search(r"step_00000001: ok \(SHA-256 of 5 files, .* MiB\)\n1 of 1 checkpoints hold what was written",
+                     capsys.readouterr().out)
+    assert main(["checkpoint", "verify", damaged["old_flip"]]) == 0
+    assert "ok (sizes of 5 files only (written before digests))" in capsys.readouterr().out
+    assert main(["checkpoint", "verify", damaged["flip"]]) == 1
+    assert f"DAMAGED: file {shard} does not hold the bytes written" in capsys.readouterr().out
+    os.remove(os.path.join(damaged["old_shard"], checkpoint_dirs.MARKER))
+    assert main(["checkpoint", "verify", os.path.dirname(damaged["old_shard"])]) == 1
+    assert "NOT COMPLETE: no completion marker" in capsys.readouterr().out
+    # config.yaml is not a weight file: an edited one reaches the shape check (and resuming refuses it)
+    for age in ("", "old_"):
+        with pytest.raises(ConfigError, match=r"does not fit this model: size mismatch for .*use the config it was"):
+            weights.export(damaged[age + "config"], str(tmp_path / f"hf{age}"), fmt="hf")
+    for kind, pattern in (("trainer", r"is damaged: file trainer.pt does not hold"),
+                          ("config", r"is damaged: file config.yaml does not hold"),
+                          ("old_trainer", r"its file trainer.pt cannot be read"),
+                          ("old_metadata", r"its file .metadata cannot be read")):
         with pytest.raises(RankError, match=pattern):
             _run(1, config("train.steps=2", f"train.resume={damaged[kind]}", run_dir=str(tmp_path / f"r_{kind}")))
 
@@ -292,6 +356,7 @@ def test_deepspeed_checkpoints_resume_bit_for_bit(tmp_path):
     with open(os.path.join(old, checkpoint_dirs.MARKER)) as f:
         marker = json.load(f)
     marker["files"].pop(checkpoint.FULL_OPTIMIZER)
+    marker["sha256"].pop(checkpoint.FULL_OPTIMIZER)
     with open(os.path.join(old, checkpoint_dirs.MARKER), "w") as f:
         json.dump(marker, f)
     errors = run(resume_errors, 2, args=([config(*ds, "parallel.zero_stage=1", *CP2, f"train.resume={old}"),
