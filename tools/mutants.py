@@ -1,5 +1,5 @@
 """`make mutants`: apply small deliberate bugs one at a time to a scratch copy and run the tests that must
-catch each. A surviving mutant means a test that cannot fail. Not part of `make test` (about 10 minutes).
+catch each. A surviving mutant means a test that cannot fail. Not part of `make test` (about 35 minutes).
 
     python tools/mutants.py [--only NAME ...] [--list] [--keep]
 
@@ -343,6 +343,11 @@ MUTANTS = [
            '_STAGE_INDEX.sub(r"\\1", name) if trainer.plan.stages else name', "name",
            ("tests/train/test_checkpoint.py::test_pipeline_checkpoints_resume_on_any_pipeline_layout",),
            "saved names keep the rank's stage index: a pipeline checkpoint loads only into its own layout"),
+    Mutant("checkpoint-digests-unchecked", "longctx/train/checkpoint_dirs.py",
+           "bad = [n for n in names if found[n] != written[n]]", "bad = []",
+           ("tests/train/test_checkpoint.py::test_interrupted_checkpoints_are_never_loaded",
+            "tests/train/test_checkpoint.py::test_a_damaged_checkpoint_is_one_line_naming_the_file"),
+           "a flipped bit in a weight (same size) resumes, exports and evaluates silently"),
     Mutant("deepspeed-reshard-keeps-first-lr", "longctx/train/checkpoint.py",
            "        group[\"lr\"] = lr", "        pass",
            ("tests/train/test_checkpoint.py::test_deepspeed_checkpoints_resume_bit_for_bit",),

@@ -33,7 +33,16 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
-from .checkpoint_dirs import files_under, load_file, read_dcp, saved_entries, seal, shared_digests, step_dir
+from .checkpoint_dirs import (
+    Mismatch,
+    files_under,
+    load_file,
+    read_dcp,
+    saved_entries,
+    seal,
+    shared_digests,
+    step_dir,
+)
 
 FULL_OPTIMIZER = "optimizer.pt"  # a DeepSpeed checkpoint's Adam states, unsharded: it resumes on any layout
 
@@ -203,7 +212,10 @@ def load(trainer, path: str) -> int:
         _load_deepspeed(trainer, path)
     else:
         state, saved_as = _state(trainer)
-        read_dcp(state, path)
+        try:
+            read_dcp(state, path)
+        except Mismatch as e:
+            raise _unfit(trainer, path, e.detail) from None
         mine = {part: {key: state[part][saved] for key, saved in saved_as[part].items()} for part in state}
         set_state_dict(trainer.model, trainer.optimizer, model_state_dict=mine["model"],
                        optim_state_dict=mine["optim"], options=_options())
@@ -304,9 +316,7 @@ def _load_full(trainer, path: str, kind: str) -> None:
              if n not in weights or _saved_name(trainer, n, optim=True) not in states
              or tuple(weights[n].shape) != tuple(shape)]
     if unfit:
-        raise ConfigError(f"checkpoint {path} does not fit this model: {unfit[0]} is missing or has another shape "
-                          f"(a different model?); resume with the config it was written with "
-                          f"({os.path.join(path, 'config.yaml')})")
+        raise _unfit(trainer, path, f"{unfit[0]} is missing or has another shape")
     if trainer.engine is not None:
         from ..parallel import deepspeed_engine
 
@@ -334,8 +344,31 @@ def _load_deepspeed(trainer, path: str) -> None:
 
     try:
         deepspeed_engine.load(trainer.engine, path)
-    except (RuntimeError, KeyError) as e:  # load_state_dict's strict check names the parameters and shapes
-        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln or "Missing" in ln
-                      or "Unexpected" in ln), str(e).splitlines()[0] if str(e) else type(e).__name__)
-        raise ConfigError(f"checkpoint {path} does not fit this model: {first[:300]} (a different model shape?); "
-                          f"resume with the config it was written with ({os.path.join(path, 'config.yaml')})") from None
+    except (RuntimeError, KeyError) as e:  # load_state_dict's strict check names the parameters and shapes;
+        # the files' digests held, so what does not load was written for another model
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        first = next((ln for ln in lines if "size mismatch" in ln or "Missing" in ln or "Unexpected" in ln), lines[0])
+        raise _unfit(trainer, path, first) from None
+
+
+def _unfit(trainer, path: str, detail: str) -> ConfigError:
+    """A checkpoint whose weights do not fit this run's model, naming the model settings that differ."""
+    changes = _model_changes(path, trainer.cfg.model)
+    why = f"it was written with {changes}" if changes else "a different model shape?"
+    return ConfigError(f"checkpoint {path} does not fit this model: {detail[:300]} ({why}); resume with the config "
+                       f"it was written with ({os.path.join(path, 'config.yaml')})")
+
+
+def _model_changes(path: str, model_cfg) -> str:
+    """The model settings of the checkpoint's config.yaml that differ from `model_cfg`, as "model.ffn_dim=64
+    (this run: 96)", or "" when none does (or the file cannot be read)."""
+    from omegaconf import OmegaConf
+
+    from ..config import load as load_config
+
+    try:
+        saved = OmegaConf.to_container(load_config(path=os.path.join(path, "config.yaml")).model)
+    except Exception:  # noqa: BLE001 - only for the message
+        return ""
+    here = OmegaConf.to_container(model_cfg)
+    return ", ".join(f"model.{k}={saved[k]} (this run: {here.get(k)})" for k in saved if saved[k] != here.get(k))

@@ -205,6 +205,14 @@ def seal(tmp: str, final: str, root: str, step: int, keep_last: int, digests: di
         shutil.rmtree(old, ignore_errors=True)
 
 
+class Mismatch(ConfigError):
+    """A checkpoint read that failed because its weights do not fit the model (`detail`: the line saying which)."""
+
+    def __init__(self, message: str, detail: str):
+        super().__init__(message)
+        self.detail = detail
+
+
 # what torch.load and DCP raise for bytes that are not what was written (CheckpointException is a
 # BaseException: DCP gathers every rank's error into one)
 _UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, OSError)
@@ -257,8 +265,8 @@ def read_error(path: str, error: BaseException, name: str | None = None) -> Conf
     first = first.split(". ")[0]  # torch's explanations run on for lines
     config = os.path.join(path, "config.yaml")
     if isinstance(error, KeyError) or any(w in first.lower() for w in fits):
-        return ConfigError(f"checkpoint {path} does not fit this model: {first[:300]} (a different model shape or "
-                           f"pipeline layout?); use the config it was written with ({config})")
+        return Mismatch(f"checkpoint {path} does not fit this model: {first[:300]} (a different model shape or "
+                        f"pipeline layout?); use the config it was written with ({config})", first[:300])
     what = f"its file {name}" if name else "its files"
     return ConfigError(f"checkpoint {path}: {what} cannot be read ({first[:200]}): the checkpoint is damaged (changed "
                        "after it was written); pass an older checkpoint")

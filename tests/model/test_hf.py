@@ -121,8 +121,14 @@ def _layouts(arch: str, layouts: list[dict]) -> list[dict]:
     if arch == "gptoss":  # zigzag and hybrid (sinks split by heads); no tp placement for a mixture of experts
         return [layout for layout in layouts if layout.get("strategy") in ("zigzag", "hybrid", "ulysses")
                 and "tp" not in layout and "dp_shard" not in layout]
-    if arch in ("deepseek", "llama4"):  # no tp for their experts (refused); striped adds nothing here
-        return [layout for layout in layouts if "tp" not in layout and layout.get("strategy") != "striped"]
+    if arch in ("deepseek", "llama4"):  # no tp for their experts (refused); striped adds nothing here, and
+        # FSDP2 over experts is Ernie's and DeepSeek's (suite time)
+        return [layout for layout in layouts if "tp" not in layout and layout.get("strategy") != "striped"
+                and not (arch == "llama4" and "dp_shard" in layout)]
+    if arch == "mistral":  # every layer windowed: the window under zigzag, hybrid and tp; Llama has the rest
+        return [layouts[0], layouts[2], layouts[-1]]
+    if arch == "qwen2":  # one window and q/k/v biases: striped and FSDP2 add nothing to Llama's (suite time)
+        return [layouts[0], layouts[2], layouts[-1]]
     if arch in ("qwen2_moe", "phimoe"):
         return layouts[:1]
     if arch == "gemma4":  # no tp placement for its per-layer inputs (refused)

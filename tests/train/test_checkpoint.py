@@ -193,8 +193,9 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, capsys):
 
     capsys.readouterr()
     assert main(["checkpoint", "verify", good]) == 0
-    assert re.search(r"step_00000001: ok \(SHA-256 of 5 files, .* MiB\)\n1 of 1 checkpoints hold what was written",
-                     capsys.readouterr().out)
+    said = capsys.readouterr().out  # (the harness may still be relaying the training run's lines)
+    assert re.search(r"step_00000001: ok \(SHA-256 of 5 files, .* MiB\)", said), said
+    assert "1 of 1 checkpoints hold what was written" in said, said
     assert main(["checkpoint", "verify", damaged["old_flip"]]) == 0
     assert "ok (sizes of 5 files only (written before digests))" in capsys.readouterr().out
     assert main(["checkpoint", "verify", damaged["flip"]]) == 1
@@ -225,7 +226,8 @@ def test_bad_resume_and_shape_mismatch(tmp_path):
     _run(2, config(*CP2, "train.steps=1", "checkpoint.interval=1", run_dir=run_dir))
     with pytest.raises(RankError, match=r"does not fit this model: ValueError: Size mismatch between saved "
                                         r"torch.Size\(\[256, 32\]\) and current: torch.Size\(\[256, 64\]\) for "
-                                        r"model.tok_embeddings.weight"):
+                                        r"model.tok_embeddings.weight \(it was written with model.dim=32 \(this "
+                                        r"run: 64\)\); resume with the config it was written with"):
         _run(2, config(*CP2, "model.dim=64", "train.resume=auto", run_dir=run_dir))
 
 
@@ -360,6 +362,10 @@ def test_deepspeed_checkpoints_resume_bit_for_bit(tmp_path):
     with open(os.path.join(old, checkpoint_dirs.MARKER), "w") as f:
         json.dump(marker, f)
     errors = run(resume_errors, 2, args=([config(*ds, "parallel.zero_stage=1", *CP2, f"train.resume={old}"),
-                                          config(*CP2, f"train.resume={old}")],), timeout=300)[0]
+                                          config(*CP2, f"train.resume={old}"),
+                                          config(*ds, "parallel.zero_stage=3", *CP2, "model.ffn_dim=96",
+                                                 f"train.resume={ckpt}")],), timeout=300)[0]
     assert "was written by DeepSpeed ZeRO-3" in errors[0] and "resumed as ZeRO-1" in errors[0], errors
-    assert all("it has no optimizer.pt (it predates resharding)" in e for e in errors), errors
+    assert all("it has no optimizer.pt (it predates resharding)" in e for e in errors[:2]), errors
+    assert re.search(r"does not fit this model: .* \(it was written with model.ffn_dim=64 \(this run: 96\)\); "
+                     r"resume with the config it was written with", errors[2]), errors[2]
