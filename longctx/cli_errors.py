@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
-USER_ERRORS = ("ConfigError", "MissingDependency", "UserError")  # exception types printed as one line
+USER_ERRORS = ("ConfigError", "Diverged", "MissingDependency", "UserError")  # exception types printed as one line
 
 
 class UserError(Exception):

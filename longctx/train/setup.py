@@ -57,7 +57,7 @@ def _check_numbers(cfg) -> None:
                           "parallel.timeout_s=1800") from None
     _positive("train", t, "steps", "batch_size", "seq_len", "accumulation", "lr", "mlp_chunks", "eps")
     _positive("train", t, "beta1", "beta2", "warmup_steps", "weight_decay", "grad_clip", "loss_chunk",
-              "min_lr_ratio", "seed", allow_zero=True)
+              "min_lr_ratio", "seed", "skip_nonfinite", allow_zero=True)
     _below("train", t, "beta1", 1.0)
     _below("train", t, "beta2", 1.0)
     _below("train", t, "min_lr_ratio", 1.0, inclusive=True)  # the cosine decays to lr x this: above 1 it rises

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 
@@ -47,7 +48,7 @@ from .metrics import (
 )
 from .optim import build_optimizer, build_scheduler, clip_grad_norm
 from .setup import default_run_dir, resolve_precision, validate_job
-from .stop import StopSignals, signal_name
+from .stop import NonFinite, StopSignals, signal_name
 from .validate import Validation
 
 
@@ -272,7 +273,8 @@ class Trainer:
                     plan.tied.sync_grads()
                 grad_norm = float(clip_grad_norm(model.parameters(), t.grad_clip, pp_group=plan.pp_group,
                                                  uncounted=plan.tied.head if plan.tied is not None else None))
-                self.optimizer.step()
+                if math.isfinite(grad_norm):  # the same global value on every rank: all withhold alike
+                    self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             (total,) = self._all_reduce([float(loss_sum)], group=plan.loss_group)
@@ -324,6 +326,7 @@ class Trainer:
         start = time.perf_counter()
         interval = self.cfg.checkpoint.interval
         self.stop.received = self.stop_signal = 0
+        nonfinite = NonFinite(self.cfg.train.skip_nonfinite)
         try:
             with self.stop:
                 for _ in range(steps):
@@ -333,6 +336,11 @@ class Trainer:
                         record.update(self.validation.run(self))
                         self.last_validation = record["val_loss"]
                     logger.log(record)
+                    if not math.isfinite(record["grad_norm"]):  # (every rank alike) a save in flight completes
+                        self.finish_checkpoint()
+                    warning = nonfinite.check(record, self.last_checkpoint or self.resumed_from)
+                    if warning:
+                        self._say(warning)
                     if self.stop_signal:  # every rank saw it in the step's all-reduce: all leave here
                         break
                     if interval and self.step % interval == 0:

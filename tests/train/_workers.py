@@ -189,3 +189,35 @@ def tp_pieces(path: str, tp: int) -> dict:
     model, _ = load_checkpoint_model(path, log=lambda *a, **k: None, mesh=mesh)
     local = tuple(model.layers[0].attention.wq.weight.to_local().shape)
     return {"local_wq": local, "state": {k: v.full_tensor() for k, v in model.state_dict().items()}}
+
+
+def train_with_nan(cases: list[tuple[dict, list[int]]]) -> list[dict]:
+    """Train each config with rank 1's loss made NaN at the optimizer steps listed (1-based; rank 0 stays
+    finite: the decision must come from the reduced norm). Rank 0 returns the Diverged message (or None),
+    each step's grad norm, what it printed and the final parameters."""
+    import contextlib
+    import io
+
+    from longctx.config import ConfigError, from_dict
+    from longctx.train import Trainer
+
+    out = []
+    for c, bad_steps in cases:
+        printed, error = io.StringIO(), None
+        with contextlib.redirect_stdout(printed):
+            trainer = Trainer(from_dict(c))
+            finite_loss = trainer._loss
+
+            def poisoned(shard, trainer=trainer, finite_loss=finite_loss, bad_steps=bad_steps):
+                loss = finite_loss(shard)
+                return loss * float("nan") if dist.get_rank() == 1 and trainer.step + 1 in bad_steps else loss
+
+            trainer._loss = poisoned
+            try:
+                trainer.fit()
+            except ConfigError as e:
+                error = f"{type(e).__name__}: {e}"
+        params = trainer.full_state_dict()
+        out.append({"error": error, "grad_norms": [r["grad_norm"] for r in trainer.history],
+                    "printed": printed.getvalue(), "params": params if dist.get_rank() == 0 else None})
+    return out
