@@ -52,7 +52,7 @@ def _barrier():
         dist.barrier()
 
 
-def _options():
+def flat_options():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     # the optimizer state keyed per parameter ("state.<name>.exp_avg", "param_groups.<name>.lr"): pipeline
@@ -64,7 +64,7 @@ def _options():
 _STAGE_INDEX = re.compile(r"^((?:state|param_groups)\.)?\d+\.")
 
 
-def _saved_name(trainer, name: str, optim: bool = False) -> str:
+def saved_name(trainer, name: str, optim: bool = False) -> str:
     """This rank's name of a parameter (or its optimizer entry) -> the unsplit model's: without the stage index.
     With `optim`, the last stage's copy of a tied head (parallel.tied) -> the embedding's name: the unsplit
     model's optimizer holds the tied weight once, under that name (and both copies' Adam states are equal)."""
@@ -78,19 +78,19 @@ def _saved_name(trainer, name: str, optim: bool = False) -> str:
     return name
 
 
-def _state(trainer) -> tuple[dict, dict]:
+def dcp_state(trainer) -> tuple[dict, dict]:
     """(the state DCP saves and loads, {this rank's name: the saved name} for each of "model" and "optim").
     Pipeline stages keep their layers' global names, so a name without the stage's index in this rank's
     list of stages ("0.layers.3.attention.wq.weight" -> "layers.3.attention.wq.weight") is the unsplit
     model's: the checkpoint resumes on another pipeline layout, or without one."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    parts = dict(zip(("model", "optim"), get_state_dict(trainer.model, trainer.optimizer, options=_options())))
-    saved_as = {part: {key: _saved_name(trainer, key, optim=part == "optim") for key in values}
+    parts = dict(zip(("model", "optim"), get_state_dict(trainer.model, trainer.optimizer, options=flat_options())))
+    saved_as = {part: {key: saved_name(trainer, key, optim=part == "optim") for key in values}
                 for part, values in parts.items()}
     state = {part: {saved_as[part][key]: value for key, value in values.items()} for part, values in parts.items()}
     # a tied pair's optimizer entries may meet under one name (equal values); any other meeting is a bug
-    if any(len({_saved_name(trainer, key) for key in values}) != len(values) for values in parts.values()):
+    if any(len({saved_name(trainer, key) for key in values}) != len(values) for values in parts.values()):
         raise RuntimeError("two pipeline stages of this rank hold parameters of the same name")
     return state, saved_as
 
@@ -148,9 +148,9 @@ def save(trainer, root: str, keep_last: int, *, async_save: bool = False, group=
         _commit(trainer.rank, trainer.step, tmp, final, root, keep_last)
         return final
     if async_save:  # the state is copied to host memory before this returns: later steps cannot change it
-        future = dcp.async_save(_state(trainer)[0], checkpoint_id=tmp, process_group=group)
+        future = dcp.async_save(dcp_state(trainer)[0], checkpoint_id=tmp, process_group=group)
         return Pending(future, trainer.rank, trainer.step, tmp, final, root, keep_last)
-    dcp.save(_state(trainer)[0], checkpoint_id=tmp)
+    dcp.save(dcp_state(trainer)[0], checkpoint_id=tmp)
     _commit(trainer.rank, trainer.step, tmp, final, root, keep_last)
     return final
 
@@ -166,18 +166,27 @@ def _commit(rank: int, step: int, tmp: str, final: str, root: str, keep_last: in
 
 
 def resume_path(resume: str, root: str, rank: int, world: int, say=print) -> str | None:
-    """The checkpoint train.resume names, on every rank (collective). Rank 0 picks it (or finds the problem)
-    and tells the others, so a bad path fails everywhere at once instead of leaving them waiting; then the
-    ranks check its contents against its digests together, and a damaged one gives way to the next newest
-    (auto, or a checkpoint root; one named itself is an error)."""
-    from .checkpoint_dirs import damaged_file, resolve_resume
+    """The checkpoint train.resume names, on every rank (collective; see agree_checkpoint)."""
+    from .checkpoint_dirs import resolve_resume
+
+    return agree_checkpoint(lambda skip: resolve_resume(resume, root, log=say, skip=skip), resume,
+                            f"train.resume={resume!r}", rank, world, say)
+
+
+def agree_checkpoint(resolve, named: str, what: str, rank: int, world: int, say=print, only=None) -> str | None:
+    """The checkpoint `resolve(skip)` picks on rank 0 (or the problem it finds), on every rank (collective),
+    so a bad path fails everywhere at once instead of leaving the others waiting; then the ranks check its
+    contents against its digests together (its files passing `only(path)`, default all), and a damaged one
+    gives way to the next newest (auto, or a checkpoint root); `named` itself damaged is an error (`what`
+    names the setting)."""
+    from .checkpoint_dirs import damaged_file
 
     damaged = []
     while True:
         answer = [None]
         if rank == 0:
             try:
-                answer = [("ok", resolve_resume(resume, root, log=say, skip=damaged))]
+                answer = [("ok", resolve(damaged))]
             except (OSError, ValueError) as e:
                 answer = [("error", str(e))]
         if world > 1:
@@ -185,11 +194,11 @@ def resume_path(resume: str, root: str, rank: int, world: int, say=print) -> str
         kind, path = answer[0]
         if kind == "error":
             raise ConfigError(path)
-        why = path and damaged_file(path, rank, world)
+        why = path and damaged_file(path, rank, world, only(path) if only else None)
         if not why:
             return path
-        if os.path.normpath(path) == os.path.normpath(resume):
-            raise ConfigError(f"train.resume={resume!r} is damaged: {why}; pass an older checkpoint")
+        if os.path.normpath(path) == os.path.normpath(named):
+            raise ConfigError(f"{what} is damaged: {why}; pass an older checkpoint")
         if rank == 0:
             say(f"longctx: skipping checkpoint {path}: {why}")
         damaged.append(path)
@@ -211,14 +220,14 @@ def load(trainer, path: str) -> int:
     elif trainer.engine is not None:
         _load_deepspeed(trainer, path)
     else:
-        state, saved_as = _state(trainer)
+        state, saved_as = dcp_state(trainer)
         try:
             read_dcp(state, path)
         except Mismatch as e:
-            raise _unfit(trainer, path, e.detail) from None
+            raise unfit_error(trainer, path, e.detail) from None
         mine = {part: {key: state[part][saved] for key, saved in saved_as[part].items()} for part in state}
         set_state_dict(trainer.model, trainer.optimizer, model_state_dict=mine["model"],
-                       optim_state_dict=mine["optim"], options=_options())
+                       optim_state_dict=mine["optim"], options=flat_options())
     trainer.scheduler.load_state_dict(meta["scheduler"])
     for group, lr in zip(trainer.optimizer.param_groups, trainer.scheduler.get_last_lr()):
         group["lr"] = lr  # what the optimizer's own state restores, and a resharded DeepSpeed load does not
@@ -308,15 +317,7 @@ def _load_full(trainer, path: str, kind: str) -> None:
                 else:
                     states.setdefault(name, {})[key] = v
         step = steps.pop()
-    if trainer.engine is not None:
-        shapes = {n: getattr(p, "ds_shape", p.shape) for n, p in trainer.engine.module.named_parameters()}
-    else:
-        shapes = {n: p.shape for m in trainer.plan.stages or [trainer.model] for n, p in m.named_parameters()}
-    unfit = [n for n, shape in shapes.items()
-             if n not in weights or _saved_name(trainer, n, optim=True) not in states
-             or tuple(weights[n].shape) != tuple(shape)]
-    if unfit:
-        raise _unfit(trainer, path, f"{unfit[0]} is missing or has another shape")
+    check_fits(trainer, path, weights, states)
     if trainer.engine is not None:
         from ..parallel import deepspeed_engine
 
@@ -329,13 +330,26 @@ def _load_full(trainer, path: str, kind: str) -> None:
         set_state_dict,
     )
 
-    model_sd = {key: weights[_saved_name(trainer, key)] for key in get_model_state_dict(trainer.model)}
+    model_sd = {key: weights[saved_name(trainer, key)] for key in get_model_state_dict(trainer.model)}
     current = get_optimizer_state_dict(trainer.model, trainer.optimizer)  # its param groups: this run's settings
     optim_sd = {"param_groups": current["param_groups"],
-                "state": {fqn: {"step": torch.tensor(float(step)), **states[_saved_name(trainer, fqn, optim=True)]}
+                "state": {fqn: {"step": torch.tensor(float(step)), **states[saved_name(trainer, fqn, optim=True)]}
                           for fqn in current["state"]}}
     set_state_dict(trainer.model, trainer.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
                    options=StateDictOptions(full_state_dict=True))
+
+
+def check_fits(trainer, path: str, weights: dict, states: dict | None = None, fix: str | None = None) -> None:
+    """Full weights (and Adam states) by the unsplit model's names that fit every parameter of this run."""
+    if trainer.engine is not None:
+        shapes = {n: getattr(p, "ds_shape", p.shape) for n, p in trainer.engine.module.named_parameters()}
+    else:
+        shapes = {n: p.shape for m in trainer.plan.stages or [trainer.model] for n, p in m.named_parameters()}
+    unfit = [n for n, shape in shapes.items()
+             if n not in weights or (states is not None and saved_name(trainer, n, optim=True) not in states)
+             or tuple(weights[n].shape) != tuple(shape)]
+    if unfit:
+        raise unfit_error(trainer, path, f"{unfit[0]} is missing or has another shape", fix)
 
 
 def _load_deepspeed(trainer, path: str) -> None:
@@ -348,15 +362,15 @@ def _load_deepspeed(trainer, path: str) -> None:
         # the files' digests held, so what does not load was written for another model
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
         first = next((ln for ln in lines if "size mismatch" in ln or "Missing" in ln or "Unexpected" in ln), lines[0])
-        raise _unfit(trainer, path, first) from None
+        raise unfit_error(trainer, path, first) from None
 
 
-def _unfit(trainer, path: str, detail: str) -> ConfigError:
+def unfit_error(trainer, path: str, detail: str, fix: str | None = None) -> ConfigError:
     """A checkpoint whose weights do not fit this run's model, naming the model settings that differ."""
     changes = _model_changes(path, trainer.cfg.model)
     why = f"it was written with {changes}" if changes else "a different model shape?"
-    return ConfigError(f"checkpoint {path} does not fit this model: {detail[:300]} ({why}); resume with the config "
-                       f"it was written with ({os.path.join(path, 'config.yaml')})")
+    fix = fix or f"resume with the config it was written with ({os.path.join(path, 'config.yaml')})"
+    return ConfigError(f"checkpoint {path} does not fit this model: {detail[:300]} ({why}); {fix}")
 
 
 def _model_changes(path: str, model_cfg) -> str:

@@ -155,6 +155,14 @@ def damaged_file(path: str, rank: int = 0, world: int = 1, only=None) -> str | N
     return f"file {bad[0]}{more} does not hold the bytes written (its SHA-256 differs from the {MARKER} marker's)"
 
 
+def weight_files(path: str):
+    """Which of a checkpoint's files hold its model weights (checked before they are read): DeepSpeed's
+    model.pt, or DCP's metadata and shards (which hold the optimizer state as well)."""
+    if os.path.isfile(os.path.join(path, "model.pt")):
+        return lambda name: name == "model.pt"
+    return lambda name: name == ".metadata" or name.endswith(".distcp")
+
+
 def check_contents(path: str, rank: int = 0, world: int = 1, only=None) -> None:
     """damaged_file as a one-line ConfigError."""
     why = damaged_file(path, rank, world, only)

@@ -128,6 +128,9 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
     if t.resume not in ("auto", "none") and not os.path.exists(t.resume):
         raise ConfigError(f"train.resume={t.resume!r} does not exist; give a checkpoint directory (step_...), a "
                           "checkpoint root, train.resume=auto or none")
+    if t.init_from is not None and not os.path.exists(t.init_from):
+        raise ConfigError(f"train.init_from={t.init_from!r} does not exist; give a checkpoint directory (step_...) or "
+                          "a checkpoint root whose model weights start this run")
     if engine == "deepspeed" and c.async_save:
         raise ConfigError("checkpoint.async_save=true is a DCP feature; with parallel.engine=deepspeed checkpoints "
                           "are DeepSpeed's own and written synchronously: set checkpoint.async_save=false")

@@ -35,6 +35,7 @@ from ..parallel.data_parallel import resolve_engine
 from ..parallel.dims import device_type_from_env
 from ..parallel.pipeline import build_pipeline, n_microbatches
 from . import checkpoint, checkpoint_dirs, measure
+from .init_from import init_weights
 from .loss import loss_fn
 from .machine import check_machine
 from .metrics import (
@@ -132,9 +133,14 @@ class Trainer:
         self._pending = None  # an asynchronous save in flight (checkpoint.async_save)
         self._checkpoint_group = None  # async saves coordinate over a group of their own, made on first use
         self.resumed_from = checkpoint.resume_path(t.resume, self.checkpoint_dir, self.rank, self.world, self._say)
+        self.initialized_from = None  # train.init_from: another run's weights, only when starting fresh
         if self.resumed_from is not None:
             self.step = checkpoint.load(self, self.resumed_from)
             self._say(f"longctx: resumed from {self.resumed_from} at step {self.step}")
+        elif t.init_from:
+            self.initialized_from, its_step = init_weights(self, t.init_from)
+            self._say(f"longctx: weights from {self.initialized_from} (its step {its_step}); the optimizer, LR "
+                      f"schedule, step and data start afresh")
 
     # ------------------------------------------------------------------ set-up helpers
     def _agree_run_dir(self, config_path) -> str:

@@ -12,7 +12,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from .checkpoint_dirs import check_contents, load_file, locate, read_dcp, read_error, saved_entries
+from .checkpoint_dirs import check_contents, load_file, locate, read_dcp, read_error, saved_entries, weight_files
 
 
 def model_weights(path: str, log=print) -> tuple[dict, str]:
@@ -22,7 +22,7 @@ def model_weights(path: str, log=print) -> tuple[dict, str]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     path = locate(path, path, log=log)
-    check_contents(path, only=_weight_files(path))
+    check_contents(path, only=weight_files(path))
     if os.path.isfile(os.path.join(path, "model.pt")):  # a DeepSpeed checkpoint: its full weights
         return load_file(path, "model.pt"), path
     entries = _saved_model_entries(path)
@@ -47,7 +47,7 @@ def load_model_pieces(model, path: str, log=print) -> str:
     path = locate(path, path, log=log)
     grouped = dist.is_initialized()
     check_contents(path, dist.get_rank() if grouped else 0, dist.get_world_size() if grouped else 1,
-                   only=_weight_files(path))
+                   only=weight_files(path))
     mine = model.state_dict()
     full = None
     if os.path.isfile(os.path.join(path, "model.pt")):  # a DeepSpeed checkpoint: full weights, keep our pieces
@@ -73,14 +73,6 @@ def load_model_pieces(model, path: str, log=print) -> str:
         return path
     read_dcp({saved[name]: tensor for name, tensor in mine.items()}, path, no_dist=not dist.is_initialized())
     return path
-
-
-def _weight_files(path: str):
-    """Which of a checkpoint's files hold its model weights (checked before they are read): DeepSpeed's
-    model.pt, or DCP's metadata and shards (which hold the optimizer state as well)."""
-    if os.path.isfile(os.path.join(path, "model.pt")):
-        return lambda name: name == "model.pt"
-    return lambda name: name == ".metadata" or name.endswith(".distcp")
 
 
 def export(path: str, out: str, fmt: str = "torch") -> dict:

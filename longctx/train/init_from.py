@@ -1,0 +1,68 @@
+"""A new training stage from another run's weights (`train.init_from`): context extension (train at 4k,
+then at 32k with another RoPE base), a fine-tune after pretraining. Only the model's weights are read;
+the optimizer, the LR schedule, the step and the data stream start afresh. The checkpoint may come from
+any layout or engine (DCP reshards into this run's pieces; a DeepSpeed checkpoint's full weights are
+sliced), and settings that keep the parameters' shapes may change (seq_len, rope_theta, windows, the
+parallel layout); a shape that differs is refused, naming the model settings that differ.
+
+It applies only when the run starts fresh: with train.resume=auto an interrupted stage continues from its
+own checkpoints, so `train.init_from=A train.resume=auto` is safe to restart as often as needed."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .checkpoint import agree_checkpoint, check_fits, flat_options, saved_name, unfit_error
+from .checkpoint_dirs import Mismatch, load_file, locate, read_dcp, saved_entries, weight_files
+
+_FIX = ("train.init_from takes a checkpoint of a model with the same shapes (sequence length, RoPE and windows "
+        "may change)")
+
+
+def init_weights(trainer, spec: str) -> tuple[str, int]:
+    """Read the model weights of the checkpoint `spec` names (or the newest complete one under a root) into
+    the trainer's model, as it is split (collective); returns the checkpoint used and the step it was
+    written at. Its weight files are checked against their digests first."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    what = f"train.init_from={spec!r}"
+    path = agree_checkpoint(lambda skip: locate(spec, what, trainer._say, skip), spec, what, trainer.rank,
+                            trainer.world, trainer._say, only=weight_files)
+    step = int(load_file(path, "trainer.pt")["step"])
+    full = os.path.isfile(os.path.join(path, "model.pt"))  # DeepSpeed's checkpoints hold the full weights
+    if trainer.engine is None and not full:  # each rank reads its own pieces
+        # the model's alone: get_state_dict with the optimizer would create its state by a step of zero
+        # gradients, and the first real step would then correct Adam's moments for a second step
+        mine = get_model_state_dict(trainer.model, options=flat_options())
+        try:
+            read_dcp({"model": {saved_name(trainer, key): value for key, value in mine.items()}}, path)
+        except Mismatch as e:
+            raise unfit_error(trainer, path, e.detail, _FIX) from None
+        set_model_state_dict(trainer.model, mine, options=flat_options())
+        return path, step
+    weights = _full_weights(path, full)
+    check_fits(trainer, path, weights, fix=_FIX)
+    if trainer.engine is not None:
+        from ..parallel import deepspeed_engine
+
+        # Adam's moments at zero and step 0 are a fresh optimizer's (stride-0 zeros: nothing allocated)
+        zeros = {name: {key: torch.zeros(1).expand(w.numel()) for key in deepspeed_engine.ADAM_STATES}
+                 for name, w in weights.items()}
+        deepspeed_engine.load_full_state(trainer.engine, weights, zeros, 0)
+    else:
+        mine = {key: weights[saved_name(trainer, key)] for key in get_model_state_dict(trainer.model)}
+        set_model_state_dict(trainer.model, mine, options=StateDictOptions(full_state_dict=True))
+    return path, step
+
+
+def _full_weights(path: str, deepspeed: bool) -> dict:
+    """{unsplit model name: full tensor}: a DeepSpeed checkpoint's model.pt (memory-mapped), or a DCP
+    checkpoint's model entries read whole (for a DeepSpeed engine, which holds flat partitions)."""
+    if deepspeed:
+        return load_file(path, "model.pt", mmap=True)
+    entries = {k: md for k, md in saved_entries(path).items() if k.startswith("model.")}
+    flat = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in entries.items()}
+    read_dcp(flat, path)
+    return {k.removeprefix("model."): v for k, v in flat.items()}

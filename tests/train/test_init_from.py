@@ -1,0 +1,77 @@
+"""train.init_from: a new stage starts from another run's weights (any layout or engine wrote them) with a
+fresh optimizer, schedule and step: its starting weights are the checkpoint's bit for bit, and the stage
+trains alike on every layout (1e-5 against one process); train.resume=auto continues the stage itself."""
+
+import os
+
+import pytest
+import torch
+
+from longctx.config import ConfigError, load
+from longctx.launch import run
+from longctx.launch.local import RankError
+from longctx.train import validate_job, weights
+
+from ._workers import config, resume_errors, train_and_collect
+
+CP2 = ["parallel.cp=2", "parallel.dp_shard=1"]
+# the next stage: twice the context, another RoPE base (shapes unchanged)
+LONGER = ["train.seq_len=128", "model.rope_theta=40000", "train.steps=2"]
+
+
+def _same(a, b):
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stage_starts_from_the_weights_on_any_layout(tmp_path):
+    short = str(tmp_path / "short")
+    ds_short = str(tmp_path / "ds_short")
+    run(train_and_collect, 2, args=([config(*CP2, "train.steps=3", "checkpoint.interval=3", run_dir=short),
+                                     config("parallel.engine=deepspeed", "parallel.zero_stage=1", *CP2,
+                                            "train.steps=2", "checkpoint.interval=2", run_dir=ds_short)],),
+        timeout=300)
+    root, ds_root = os.path.join(short, "checkpoints"), os.path.join(ds_short, "checkpoints")
+    start = weights.export(root, str(tmp_path / "start.pt"))
+    ds_start = weights.export(ds_root, str(tmp_path / "ds_start.pt"))
+    stage = [*LONGER, f"train.init_from={root}"]
+    one = run(train_and_collect, 1, args=([config(*stage, run_dir=str(tmp_path / "at0")),
+                                           config(*stage, run_dir=str(tmp_path / "one")),
+                                           config(*LONGER, f"train.init_from={ds_root}",
+                                                  run_dir=str(tmp_path / "from_ds"))], [0, None, 0]), timeout=300)[0]
+    assert _same(one[0]["params"], start) and one[0]["initialized_from"].endswith("step_00000003")
+    assert _same(one[2]["params"], ds_start)  # DeepSpeed's full weights, into the torch engines
+    ref = one[1]
+    assert ref["steps"] == [1, 2] and ref["resumed_from"] is None
+    layouts = [["parallel.tp=2", *CP2], ["parallel.pp=2", *CP2], ["parallel.dp_shard=2", "parallel.cp=2"],
+               ["parallel.engine=deepspeed", "parallel.zero_stage=3", "parallel.dp_shard=2", "parallel.cp=2"]]
+    got = run(train_and_collect, 4, args=([config(*stage, *lay, run_dir=str(tmp_path / f"l{i}"))
+                                           for i, lay in enumerate(layouts)],), timeout=300)[0]
+    for lay, r in zip(layouts, got):
+        assert r["initialized_from"].endswith("step_00000003") and r["steps"] == [1, 2], lay
+        for a, b in zip(r["losses"], ref["losses"]):
+            assert abs(a - b) <= 1e-5 * abs(b), (lay, a, b)
+        worst = max((r["params"][k] - ref["params"][k]).abs().max().item() for k in ref["params"])
+        assert worst <= 1e-5, (lay, worst)
+
+
+def test_an_interrupted_stage_resumes_itself_and_shapes_must_match(tmp_path):
+    short = str(tmp_path / "short")
+    run(train_and_collect, 1, args=([config("train.steps=1", "checkpoint.interval=1", run_dir=short)],),
+        timeout=300)
+    root = os.path.join(short, "checkpoints")
+    stage = str(tmp_path / "stage")
+    both = [*LONGER, f"train.init_from={root}", "train.resume=auto", "checkpoint.interval=1"]
+    first, again = run(train_and_collect, 1, args=([config(*both, run_dir=stage), config(*both, run_dir=stage)],
+                                                    [1, None]), timeout=300)[0]
+    assert first["initialized_from"].endswith("short/checkpoints/step_00000001") and first["steps"] == [1]
+    assert again["resumed_from"].endswith("stage/checkpoints/step_00000001") and again["initialized_from"] is None
+    assert again["steps"] == [2]
+    errors = run(resume_errors, 1, args=([config(*LONGER, "model.ffn_dim=96", f"train.init_from={root}",
+                                                 run_dir=str(tmp_path / "wide"))],), timeout=300)[0]
+    assert "does not fit this model" in errors[0] and "it was written with model.ffn_dim=64 (this run: 96)" in \
+        errors[0] and "train.init_from takes a checkpoint of a model with the same shapes" in errors[0], errors
+    with pytest.raises(ConfigError, match=r"train.init_from='/nonexistent' does not exist; give a checkpoint"):
+        validate_job(load(overrides=["train.init_from=/nonexistent"]), 1)
+    with pytest.raises(RankError, match=r"train.init_from=.* holds no complete checkpoint"):
+        run(train_and_collect, 1, args=([config(f"train.init_from={tmp_path}", run_dir=str(tmp_path / "e"))],),
+            timeout=300)
