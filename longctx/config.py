@@ -34,6 +34,19 @@ class DilatedConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """How RoPE stretches past the length the model was trained at (longctx/model/rope.py)."""
+
+    type: str = "none"  # none | linear | llama3 | yarn
+    factor: float = 1.0  # how many times longer (linear, llama3, yarn)
+    original_max_positions: int = 0  # the length trained at (llama3, yarn)
+    low_freq_factor: float = 1.0  # llama3: waves longer than original / this are interpolated
+    high_freq_factor: float = 4.0  # llama3: waves shorter than original / this are kept
+    beta_fast: float = 32.0  # yarn: pairs turning more often than this over the original length are kept
+    beta_slow: float = 1.0  # yarn: pairs turning less often than this are interpolated
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 256  # the byte-level tokenizer needs no download
     dim: int = 128
@@ -43,6 +56,7 @@ class ModelConfig:
     head_dim: int | None = None  # width of each attention head; None: dim / n_heads (Qwen3, Gemma decouple them)
     ffn_dim: int = 352
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm_eps: float = 1e-5
     window: int | None = None  # sliding-window attention: keys each query sees (None: full causal)
     dilated: DilatedConfig = field(default_factory=DilatedConfig)
@@ -257,6 +271,7 @@ def validate_model(cfg) -> None:
     for key in ("rope_theta", "norm_eps"):
         if not getattr(cfg, key) > 0:
             raise ConfigError(f"model.{key} must be > 0, got {getattr(cfg, key)}")
+    _validate_rope_scaling(cfg.rope_scaling)
     if cfg.head_dim is None and cfg.dim % cfg.n_heads:
         raise ConfigError(f"model.dim {cfg.dim} must be divisible by model.n_heads {cfg.n_heads} (or set "
                           f"model.head_dim)")
@@ -278,3 +293,21 @@ def validate_model(cfg) -> None:
     if len(cfg.dilated.segment_lengths) != len(cfg.dilated.dilation_rates):
         raise ConfigError("model.dilated.segment_lengths and dilation_rates must have the same length (one rate "
                           "per segment length), or both be empty to derive them from w0/alpha")
+
+
+def _validate_rope_scaling(r) -> None:
+    kinds = ("none", "linear", "llama3", "yarn")
+    if r.type not in kinds:
+        raise ConfigError(f"model.rope_scaling.type={r.type!r}: choose one of {', '.join(kinds)}")
+    if r.type == "none":
+        return
+    if not r.factor >= 1:
+        raise ConfigError(f"model.rope_scaling.factor must be >= 1 (how many times the trained length), got {r.factor}")
+    if r.type in ("llama3", "yarn") and r.original_max_positions < 1:
+        raise ConfigError(f"model.rope_scaling.type={r.type} needs model.rope_scaling.original_max_positions (the "
+                          f"length the model was trained at), got {r.original_max_positions}")
+    if r.type == "llama3" and not 0 < r.low_freq_factor < r.high_freq_factor:
+        raise ConfigError(f"model.rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
+                          f"{r.low_freq_factor} and {r.high_freq_factor}")
+    if r.type == "yarn" and not 0 < r.beta_slow < r.beta_fast:
+        raise ConfigError(f"model.rope_scaling needs 0 < beta_slow < beta_fast, got {r.beta_slow} and {r.beta_fast}")

@@ -36,7 +36,8 @@ from ..parallel.sequence.registry import get_strategy
 from ..parallel.sequence.schedule import pack_kv, unpack_kv
 from ..parallel.sequence.tree import ShardedKVCache, local_partial
 from ..parallel.tensor import local_linear, local_tensor, tp_comm, vocab_parallel_embedding, vocab_parallel_logits
-from .llama import LocalAttention, rms_norm, rope
+from .llama import LocalAttention, rms_norm
+from .rope import rope
 
 
 @dataclass
@@ -251,7 +252,7 @@ class _LlamaSteps:
             q = local_linear(att.wq, hn).view(b, 1, -1, att.head_dim)
             k = local_linear(att.wk, hn).view(b, 1, -1, att.head_dim)
             v = local_linear(att.wv, hn).view(b, 1, -1, att.head_dim)
-            q, k = rope(q, rope_pos, att.theta), rope(k, rope_pos, att.theta)
+            q, k = rope(q, rope_pos, att.theta, att.rope_scaling), rope(k, rope_pos, att.theta, att.rope_scaling)
             cache.append(k, v)
             o = decode_attention(q, cache, key_start=key_start, scale=att.head_dim ** -0.5, decode=decode,
                                  kernel=kernel, comm=comm)

@@ -47,8 +47,43 @@ def hf_llama_config(cfg, max_positions: int = 8192):
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
         head_dim=head_dim_of(cfg), rms_norm_eps=cfg.norm_eps, max_position_embeddings=max_positions,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, tie_word_embeddings=False,
+        rope_parameters=_hf_rope(cfg), tie_word_embeddings=False,
         attention_bias=False, mlp_bias=False, architectures=["LlamaForCausalLM"])
+
+
+# model.rope_scaling's keys -> transformers' rope_parameters keys, per type
+_ROPE_KEYS = {"linear": {"factor": "factor"},
+              "llama3": {"factor": "factor", "low_freq_factor": "low_freq_factor",
+                         "high_freq_factor": "high_freq_factor",
+                         "original_max_positions": "original_max_position_embeddings"},
+              "yarn": {"factor": "factor", "beta_fast": "beta_fast", "beta_slow": "beta_slow",
+                       "original_max_positions": "original_max_position_embeddings"}}
+
+
+def _hf_rope(cfg) -> dict:
+    """transformers' rope_parameters for model.rope_theta and model.rope_scaling."""
+    r = cfg.rope_scaling
+    if r.type == "none":
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    return {"rope_type": r.type, "rope_theta": cfg.rope_theta,
+            **{theirs: getattr(r, ours) for ours, theirs in _ROPE_KEYS[r.type].items()}}
+
+
+def _rope_scaling(rope: dict, where: str) -> dict:
+    """model.rope_scaling for transformers' rope_parameters, or a ValueError for a RoPE longctx lacks."""
+    kind = rope.get("rope_type", "default")
+    if kind == "default":
+        return {"type": "none"}
+    if kind not in _ROPE_KEYS:
+        raise ValueError(f"{where}: rope_type {kind!r} has no longctx equivalent (plain, linear, llama3 and yarn "
+                         "do); train it as it is with model.hf_path")
+    known = {"rope_type", "rope_theta", *_ROPE_KEYS[kind].values()}
+    # yarn's optional temperature settings: only transformers' defaults are longctx's yarn
+    extra = {k: v for k, v in rope.items() if k not in known and v is not None and not (k == "truncate" and v)}
+    if extra:
+        raise ValueError(f"{where}: rope_parameters {sorted(extra)} are not longctx's {kind} RoPE; train it as it is "
+                         "with model.hf_path")
+    return {"type": kind, **{ours: rope[theirs] for ours, theirs in _ROPE_KEYS[kind].items() if theirs in rope}}
 
 
 def to_hf_state(state: dict, n_layers: int) -> dict:
@@ -91,14 +126,14 @@ def llama_config(c, where: str):
                          "other architectures as they are with model.hf_path)")
     if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
         raise ValueError(f"{where}: a Llama with biases has no longctx equivalent (train it with model.hf_path)")
+    from ..config import RopeScalingConfig
+
     rope = getattr(c, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"{where}: rope_type {rope.get('rope_type')!r} is not longctx's plain RoPE")
     theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
     return ModelConfig(vocab_size=c.vocab_size, dim=c.hidden_size, n_layers=c.num_hidden_layers,
                        n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads, ffn_dim=c.intermediate_size,
-                       head_dim=explicit_head_dim(c),
-                       rope_theta=float(theta), norm_eps=float(c.rms_norm_eps))
+                       head_dim=explicit_head_dim(c), rope_theta=float(theta),
+                       rope_scaling=RopeScalingConfig(**_rope_scaling(rope, where)), norm_eps=float(c.rms_norm_eps))
 
 
 def explicit_head_dim(c) -> int | None:

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import kernels
 from ..config import ModelConfig, head_dim_of, validate_model
 from ..parallel.sequence.schedule import local_attention
+from .rope import rope, rope_scaling_of
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -36,18 +37,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         return rms_norm(x, self.weight, self.eps)
-
-
-def rope(x: torch.Tensor, position_ids: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate (B, S, H, D) by the angles of `position_ids` (S,) or (B, S); computed in fp32."""
-    d = x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
-    ang = position_ids.to(device=x.device, dtype=torch.float32)[..., None] * inv  # (.., S, D/2)
-    if ang.dim() == 2:
-        ang = ang[None]
-    cos, sin = ang.cos()[:, :, None], ang.sin()[:, :, None]
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
 DENSE_DOCUMENTS_LIMIT = 1 << 22  # batch x seq^2 up to which one document-masked call serves a packed batch
@@ -80,7 +69,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, core: nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, head_dim_of(cfg)
-        self.theta = cfg.rope_theta
+        self.theta, self.rope_scaling = cfg.rope_theta, rope_scaling_of(cfg)
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
@@ -96,7 +85,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(b, s, -1, self.head_dim)
         v = self.wv(x).view(b, s, -1, self.head_dim)
         angles = position_ids if rope_ids is None else rope_ids
-        q, k = rope(q, angles, self.theta), rope(k, angles, self.theta)
+        q, k = rope(q, angles, self.theta, self.rope_scaling), rope(k, angles, self.theta, self.rope_scaling)
         extra = {} if documents is None else {"documents": documents}
         o = self.core(q, k, v, position_ids=position_ids, **extra)
         return self.wo(o.reshape(b, s, -1))

@@ -4,7 +4,8 @@ import torch.nn.functional as F
 
 from longctx.config import ConfigError, load, validate_model
 from longctx.model import build_model
-from longctx.model.llama import FeedForward, rope
+from longctx.model.llama import FeedForward
+from longctx.model.rope import rope
 
 
 def _model_cfg(*overrides):

@@ -12,7 +12,10 @@ from ._workers import expect_errors
 
 
 @pytest.mark.parametrize("overrides", [
-    ["parallel.strategy=zigzag"], ["parallel.strategy=striped"], ["parallel.strategy=ulysses"],
+    ["parallel.strategy=zigzag"], ["parallel.strategy=ulysses"],
+    # a stretched RoPE rotates each token by its true position on every rank, like plain RoPE
+    ["parallel.strategy=striped", "model.rope_scaling.type=yarn", "model.rope_scaling.factor=4",
+     "model.rope_scaling.original_max_positions=8"],
     ["parallel.strategy=allgather"], ["parallel.strategy=hybrid", "parallel.ulysses=2"],
     ["parallel.strategy=ring", "model.window=5"],
 ], ids=lambda o: "-".join(x.split("=")[1] for x in o))
