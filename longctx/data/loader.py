@@ -20,13 +20,19 @@ class StepBatches(Dataset):
     def __init__(self, source, *, batch_size: int, dp_rank: int, dp_size: int, accumulation: int):
         self.source, self.batch_size, self.accumulation = source, batch_size, accumulation
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.first_step = self.first_sequence = 0  # where the stream stands at a step: set by a resume
+
+    def sequences_before(self, step: int) -> int:
+        """How many sequences the steps before `step` consumed (the data position a checkpoint records)."""
+        return self.first_sequence + (step - self.first_step) * self.batch_size
 
     def __len__(self) -> int:
         return 2**62  # steps are unbounded: an epoch is the source's business
 
     def __getitem__(self, step: int) -> tuple[int, list[dict]]:
         micro = [self.source.batch(step_indices(step, batch_size=self.batch_size, dp_rank=self.dp_rank,
-                                                dp_size=self.dp_size, accumulation=self.accumulation, micro=m))
+                                                dp_size=self.dp_size, accumulation=self.accumulation, micro=m,
+                                                first_step=self.first_step, first_sequence=self.first_sequence))
                  for m in range(self.accumulation)]
         return step, micro
 

@@ -62,10 +62,13 @@ class SyntheticSource:
         return {"input_ids": torch.stack([p[0] for p in pairs]), "labels": torch.stack([p[1] for p in pairs])}
 
 
-def step_indices(step: int, *, batch_size: int, dp_rank: int, dp_size: int, accumulation: int, micro: int) -> range:
+def step_indices(step: int, *, batch_size: int, dp_rank: int, dp_size: int, accumulation: int, micro: int,
+                 first_step: int = 0, first_sequence: int = 0) -> range:
     """Global sequence indices read by data rank `dp_rank` in micro-batch `micro` of optimizer step `step`:
-    the step's batch_size sequences are cut into dp_size contiguous slices, each into `accumulation` parts."""
+    the step's batch_size sequences are cut into dp_size contiguous slices, each into `accumulation` parts.
+    Step `first_step` starts at sequence `first_sequence` (a run resumed with another batch size continues
+    where the checkpoint's stopped)."""
     per_rank = batch_size // dp_size
     per_micro = per_rank // accumulation
-    start = step * batch_size + dp_rank * per_rank + micro * per_micro
+    start = first_sequence + (step - first_step) * batch_size + dp_rank * per_rank + micro * per_micro
     return range(start, start + per_micro)

@@ -10,9 +10,9 @@ truncated file means the checkpoint is skipped, with a message); the one chosen 
 contents checked against the digests before any is loaded, a damaged one being skipped for the previous.
 DCP reshards: a checkpoint written at cp=4 loads at dp_shard=2 x cp=2 or on
 another world size, and one written by pipeline stages loads on another pipeline layout or none (saved
-names are the unsplit model's, the optimizer state keyed per parameter). The data position is the step
-itself (every data source is a function of the sequence index; trainer.pt also records the source and
-the sequences consumed).
+names are the unsplit model's, the optimizer state keyed per parameter). The data position is the number
+of sequences consumed (every data source is a function of the sequence index), recorded in trainer.pt
+with the source, so a run resumed with another global batch size continues where the checkpoint stopped.
 Everything is read with `torch.load(weights_only=True)`.
 
 With parallel.engine=deepspeed the model and optimizer state are DeepSpeed's own checkpoint (`deepspeed/`,
@@ -127,10 +127,11 @@ def save(trainer, root: str, keep_last: int, *, async_save: bool = False, group=
                 "cuda": torch.cuda.get_rng_state() if trainer.device_type == "cuda" else None},
                os.path.join(tmp, f"rng_rank{trainer.rank}.pt"))
     if trainer.rank == 0:
-        # the data position is the step (every source maps sequence indices to sequences); recorded for people
+        # the data position: every source maps sequence indices to sequences
         data = {"source": trainer.cfg.data.source, "path": trainer.cfg.data.path,
                 "holdout": trainer.cfg.validation.holdout,
-                "sequences_consumed": trainer.step * trainer.cfg.train.batch_size}
+                "sequences_consumed": trainer.loader.batches.sequences_before(trainer.step),
+                "seq_len": trainer.cfg.train.seq_len}
         torch.save({"scheduler": trainer.scheduler.state_dict(), "step": trainer.step, "world_size": trainer.world,
                     "dims": repr(trainer.dims), "data": data, "format": _format(trainer)},
                    os.path.join(tmp, "trainer.pt"))
@@ -165,55 +166,13 @@ def _commit(rank: int, step: int, tmp: str, final: str, root: str, keep_last: in
     _barrier()
 
 
-def resume_path(resume: str, root: str, rank: int, world: int, say=print) -> str | None:
-    """The checkpoint train.resume names, on every rank (collective; see agree_checkpoint)."""
-    from .checkpoint_dirs import resolve_resume
-
-    return agree_checkpoint(lambda skip: resolve_resume(resume, root, log=say, skip=skip), resume,
-                            f"train.resume={resume!r}", rank, world, say)
-
-
-def agree_checkpoint(resolve, named: str, what: str, rank: int, world: int, say=print, only=None) -> str | None:
-    """The checkpoint `resolve(skip)` picks on rank 0 (or the problem it finds), on every rank (collective),
-    so a bad path fails everywhere at once instead of leaving the others waiting; then the ranks check its
-    contents against its digests together (its files passing `only(path)`, default all), and a damaged one
-    gives way to the next newest (auto, or a checkpoint root); `named` itself damaged is an error (`what`
-    names the setting)."""
-    from .checkpoint_dirs import damaged_file
-
-    damaged = []
-    while True:
-        answer = [None]
-        if rank == 0:
-            try:
-                answer = [("ok", resolve(damaged))]
-            except (OSError, ValueError) as e:
-                answer = [("error", str(e))]
-        if world > 1:
-            dist.broadcast_object_list(answer, src=0)
-        kind, path = answer[0]
-        if kind == "error":
-            raise ConfigError(path)
-        why = path and damaged_file(path, rank, world, only(path) if only else None)
-        if not why:
-            return path
-        if os.path.normpath(path) == os.path.normpath(named):
-            raise ConfigError(f"{what} is damaged: {why}; pass an older checkpoint")
-        if rank == 0:
-            say(f"longctx: skipping checkpoint {path}: {why}")
-        damaged.append(path)
-
-
 def load(trainer, path: str) -> int:
     """Load a checkpoint into the trainer (collective, any layout); returns its step."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     meta = load_file(path, "trainer.pt")
     full = _check_format(meta, trainer, path)
-    held = meta.get("data", {}).get("holdout", 0)
-    if trainer.cfg.data.source == "tokens" and held != trainer.cfg.validation.holdout:
-        trainer._say(f"longctx: warning: {path} trained with validation.holdout={held}, this run holds out "
-                     f"{trainer.cfg.validation.holdout} windows: the training windows (and their order) change")
+    _continue_data(trainer, path, meta)
     if full:
         trainer._say(f"longctx: resuming {path} from its full states ({full})")
         _load_full(trainer, path, meta.get("format", {"kind": "dcp"})["kind"])
@@ -239,6 +198,26 @@ def load(trainer, path: str) -> int:
         if r["cuda"] is not None and trainer.device_type == "cuda":
             torch.cuda.set_rng_state(r["cuda"])
     return int(meta["step"])
+
+
+def _continue_data(trainer, path: str, meta: dict) -> None:
+    """The data stream continues at the sequences the checkpoint consumed, whatever this run's batch size (a
+    global batch that changed with the world size read from step x new batch size: skipped or repeated
+    sequences); what changes the windows themselves is said."""
+    data, t = meta.get("data", {}), trainer.cfg.train
+    batches = trainer.loader.batches
+    batches.first_step = int(meta["step"])
+    batches.first_sequence = int(data.get("sequences_consumed", batches.first_step * t.batch_size))
+    if batches.first_sequence != batches.first_step * t.batch_size:
+        trainer._say(f"longctx: data continues at sequence {batches.first_sequence} (consumed by the checkpoint's "
+                     f"{batches.first_step} steps), {t.batch_size} sequences per step from here")
+    if trainer.cfg.data.source != "tokens":
+        return
+    held, length = data.get("holdout", 0), data.get("seq_len", t.seq_len)
+    if held != trainer.cfg.validation.holdout or length != t.seq_len:
+        trainer._say(f"longctx: warning: {path} trained with validation.holdout={held} and train.seq_len={length}, "
+                     f"this run with {trainer.cfg.validation.holdout} and {t.seq_len}: the training windows (and "
+                     f"their order) change")
 
 
 def _format(trainer) -> dict:

@@ -88,6 +88,41 @@ def resolve_resume(resume: str, root: str, log=print, skip=()) -> str | None:
     return locate(resume, f"train.resume={resume!r}", log, skip)
 
 
+def resume_path(resume: str, root: str, rank: int, world: int, say=print) -> str | None:
+    """The checkpoint train.resume names, on every rank (collective; see agree_checkpoint)."""
+    return agree_checkpoint(lambda skip: resolve_resume(resume, root, log=say, skip=skip), resume,
+                            f"train.resume={resume!r}", rank, world, say)
+
+
+def agree_checkpoint(resolve, named: str, what: str, rank: int, world: int, say=print, only=None) -> str | None:
+    """The checkpoint `resolve(skip)` picks on rank 0 (or the problem it finds), on every rank (collective),
+    so a bad path fails everywhere at once instead of leaving the others waiting; then the ranks check its
+    contents against its digests together (its files passing `only(path)`, default all), and a damaged one
+    gives way to the next newest (auto, or a checkpoint root); `named` itself damaged is an error (`what`
+    names the setting)."""
+    damaged = []
+    while True:
+        answer = [None]
+        if rank == 0:
+            try:
+                answer = [("ok", resolve(damaged))]
+            except (OSError, ValueError) as e:
+                answer = [("error", str(e))]
+        if world > 1:
+            dist.broadcast_object_list(answer, src=0)
+        kind, path = answer[0]
+        if kind == "error":
+            raise ConfigError(path)
+        why = path and damaged_file(path, rank, world, only(path) if only else None)
+        if not why:
+            return path
+        if os.path.normpath(path) == os.path.normpath(named):
+            raise ConfigError(f"{what} is damaged: {why}; pass an older checkpoint")
+        if rank == 0:
+            say(f"longctx: skipping checkpoint {path}: {why}")
+        damaged.append(path)
+
+
 def locate(path: str, what: str, log=print, skip=()) -> str:
     """The complete checkpoint `path` names: itself (a step_NNNNNNNN directory) or the newest complete one
     under it (a checkpoint root) not in `skip`. `what` names the argument in the errors."""

@@ -14,8 +14,8 @@ import os
 
 import torch
 
-from .checkpoint import agree_checkpoint, check_fits, flat_options, saved_name, unfit_error
-from .checkpoint_dirs import Mismatch, load_file, locate, read_dcp, saved_entries, weight_files
+from .checkpoint import check_fits, flat_options, saved_name, unfit_error
+from .checkpoint_dirs import Mismatch, agree_checkpoint, load_file, locate, read_dcp, saved_entries, weight_files
 
 _FIX = ("train.init_from takes a checkpoint of a model with the same shapes (sequence length, RoPE and windows "
         "may change)")

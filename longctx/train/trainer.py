@@ -132,7 +132,7 @@ class Trainer:
         self.stop_signal = 0  # a SIGTERM / SIGUSR1 some rank received, agreed at the end of a step
         self._pending = None  # an asynchronous save in flight (checkpoint.async_save)
         self._checkpoint_group = None  # async saves coordinate over a group of their own, made on first use
-        self.resumed_from = checkpoint.resume_path(t.resume, self.checkpoint_dir, self.rank, self.world, self._say)
+        self.resumed_from = checkpoint_dirs.resume_path(t.resume, self.checkpoint_dir, self.rank, self.world, self._say)
         self.initialized_from = None  # train.init_from: another run's weights, only when starting fresh
         if self.resumed_from is not None:
             self.step = checkpoint.load(self, self.resumed_from)

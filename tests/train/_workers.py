@@ -222,3 +222,20 @@ def train_with_nan(cases: list[tuple[dict, list[int]]]) -> list[dict]:
         out.append({"error": error, "grad_norms": [r["grad_norm"] for r in trainer.history],
                     "printed": printed.getvalue(), "params": params if dist.get_rank() == 0 else None})
     return out
+
+
+def resumed_batch(configs: list[dict]) -> list[dict]:
+    """For each config (which resumes): its step, the sequence its stream continues at, and whether the first
+    step's batch (one data rank) is the source's sequences from there; then it trains to its end."""
+    from longctx.config import from_dict
+    from longctx.train import Trainer
+
+    out = []
+    for c in configs:
+        trainer = Trainer(from_dict(c))
+        first, size = trainer.loader.batches.first_sequence, trainer.cfg.train.batch_size
+        got = torch.cat([m["input_ids"] for m in trainer.loader.get(trainer.step)])
+        trainer.fit()
+        out.append({"step": trainer.history[0]["step"] - 1, "first_sequence": first,
+                    "reads_on": torch.equal(got, trainer.data.batch(range(first, first + size))["input_ids"])})
+    return out

@@ -16,7 +16,7 @@ from longctx.launch.local import RankError
 from longctx.model import build_model
 from longctx.train import checkpoint, checkpoint_dirs, validate_job, weights
 
-from ._workers import config, resume_errors, tp_pieces, train_and_collect, train_and_print
+from ._workers import config, resume_errors, resumed_batch, tp_pieces, train_and_collect, train_and_print
 
 CP2 = ["parallel.cp=2", "parallel.dp_shard=1"]
 
@@ -96,6 +96,24 @@ def test_pipeline_checkpoints_resume_on_any_pipeline_layout(tmp_path):
             assert abs(a - b) <= 1e-5 * abs(b), (layout, a, b)
         worst = max((got["params"][k] - full["params"][k]).abs().max().item() for k in full["params"])
         assert worst <= 1e-5, (layout, worst)
+
+
+def test_a_resume_with_another_batch_size_reads_on(tmp_path):
+    """Data position = sequences consumed: 2 steps of 4 sequences, then batches of 8 from sequence 8 (step x
+    new batch size would skip to 16); a run resumed with its own batch size is unchanged."""
+    run_dir = str(tmp_path / "run")
+    _run(1, config("train.steps=2", "checkpoint.interval=2", run_dir=run_dir))
+    ckpt = os.path.join(run_dir, "checkpoints", "step_00000002")
+    wider, same = run(resumed_batch, 1, args=([config("train.batch_size=8", "train.steps=3", f"train.resume={ckpt}",
+                                                      "checkpoint.interval=3", run_dir=str(tmp_path / "wide")),
+                                               config("train.steps=3", f"train.resume={ckpt}",
+                                                      run_dir=str(tmp_path / "same"))],), timeout=300)[0]
+    assert wider == {"step": 2, "first_sequence": 8, "reads_on": True}
+    assert same == {"step": 2, "first_sequence": 8, "reads_on": True}
+    # the wider run's checkpoint records 8 + 8 sequences: its own resume reads on from 16
+    again = run(resumed_batch, 1, args=([config("train.batch_size=8", "train.steps=4", "train.resume=auto",
+                                                run_dir=str(tmp_path / "wide"))],), timeout=300)[0][0]
+    assert again == {"step": 3, "first_sequence": 16, "reads_on": True}
 
 
 def test_interrupted_checkpoints_are_never_loaded(tmp_path):
