@@ -122,7 +122,7 @@ MUTANTS = [
            (SEQ + "test_dilated.py::test_distributed_matches_reference[4]",),
            "a causal gathered pattern drops the keys of its own rank"),
     # ------------------------------------------------------------------ model, training
-    Mutant("rope-ignores-true-positions", "longctx/model/llama.py",
+    Mutant("rope-ignores-true-positions", "longctx/model/rope.py",
            "    ang = position_ids.to(device=x.device, dtype=torch.float32)[..., None] * inv",
            "    ang = torch.arange(x.shape[1], device=x.device, dtype=torch.float32)[..., None] * inv",
            ("tests/model/test_parallelize.py::test_context_parallel_model_matches_single_device[zigzag]",),

@@ -84,6 +84,9 @@ def resolve_resume(resume: str, root: str, log=print, skip=()) -> str | None:
         return None
     if resume == "auto":
         found = complete_checkpoints(root, log, skip)
+        if not found and skip:  # every one damaged: a fresh start would train over them unasked
+            raise ValueError(f"train.resume=auto: every complete checkpoint under {root} is damaged "
+                             f"({', '.join(skip)}); restore one, or pass train.resume=none to start afresh")
         return found[-1][1] if found else None
     return locate(resume, f"train.resume={resume!r}", log, skip)
 
@@ -257,8 +260,10 @@ class Mismatch(ConfigError):
 
 
 # what torch.load and DCP raise for bytes that are not what was written (CheckpointException is a
-# BaseException: DCP gathers every rank's error into one)
-_UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, OSError)
+# BaseException: DCP gathers every rank's error into one); unpickling random bytes raises any of these
+# (a frame length past 2**63 is an OverflowError, a huge one a MemoryError)
+_UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, OSError, OverflowError,
+               MemoryError, IndexError, TypeError, AttributeError, ImportError)
 
 
 def load_file(path: str, name: str, **kwargs):

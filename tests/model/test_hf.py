@@ -112,7 +112,7 @@ NEWER = ("qwen3", "gemma3")
 
 
 # architectures whose point is not a strategy's: no second (W=2 Ulysses) run (suite time)
-WORLD_4_ONLY = NEWER + ("qwen2_moe", "phimoe", "gemma4")
+WORLD_4_ONLY = NEWER + ("qwen2_moe", "phimoe", "gemma4", "mistral", "ernie_moe")
 
 
 def _layouts(arch: str, layouts: list[dict]) -> list[dict]:
@@ -125,10 +125,9 @@ def _layouts(arch: str, layouts: list[dict]) -> list[dict]:
         # FSDP2 over experts is Ernie's and DeepSeek's (suite time)
         return [layout for layout in layouts if "tp" not in layout and layout.get("strategy") != "striped"
                 and not (arch == "llama4" and "dp_shard" in layout)]
-    if arch == "mistral":  # every layer windowed: the window under zigzag, hybrid and tp; Llama has the rest
-        return [layouts[0], layouts[2], layouts[-1]]
-    if arch == "qwen2":  # one window and q/k/v biases: striped and FSDP2 add nothing to Llama's (suite time)
-        return [layouts[0], layouts[2], layouts[-1]]
+    if arch in ("mistral", "qwen2"):  # windows (and Qwen2's q/k/v biases) under zigzag, hybrid, tp and (Qwen2)
+        # ulysses: striped and FSDP2 add nothing to Llama's (suite time)
+        return [layout for layout in layouts if layout.get("strategy") != "striped" and "dp_shard" not in layout]
     if arch in ("qwen2_moe", "phimoe"):
         return layouts[:1]
     if arch == "gemma4":  # no tp placement for its per-layer inputs (refused)

@@ -141,13 +141,20 @@ def test_interrupted_checkpoints_are_never_loaded(tmp_path):
     with pytest.raises(RankError, match=r"train.resume='.*step_00000004' is damaged: file __\d_0.distcp does not "
                                         r"hold the bytes written .*pass an older checkpoint"):
         _run(2, config(*CP2, f"train.resume={newest}", run_dir=str(tmp_path / "named")))
+    # every complete one damaged: auto does not start afresh over them
+    _flip_a_weight(os.path.join(root, "step_00000001"))
+    with pytest.raises(RankError, match=r"train.resume=auto: every complete checkpoint under .* is damaged "
+                                        r"\(.*step_00000004.*step_00000001\); restore one, or pass train.resume=none"):
+        _run(2, config(*CP2, "train.resume=auto", run_dir=run_dir))
 
 
-def _overwrite(path, fill: bytes | None = None):
-    """Same size, other bytes: what the marker's sizes cannot see."""
+def _overwrite(path, fill: bytes | None = None, seed: int = 0):
+    """Same size, other bytes: what the marker's sizes cannot see (seeded random bytes unless `fill`)."""
+    import random
+
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
-        f.write(fill * size if fill is not None else os.urandom(size))
+        f.write(fill * size if fill is not None else random.Random(seed).randbytes(size))
 
 
 def _flip_a_weight(path, name="model.tok_embeddings.weight"):
