@@ -109,7 +109,7 @@ class TrainConfig:
     mlp_chunks: int = 1  # >1: the MLP runs over this many sequence chunks, each recomputed in backward
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     resume: str = "none"  # auto (the newest complete checkpoint in checkpoint.dir, if any) | none | a path
-    init_from: str | None = None  # a checkpoint (or root) whose model weights start a fresh run: a new stage
+    init_from: str | None = None  # a checkpoint (or root) or HF Llama dir whose weights start a fresh run
     skip_nonfinite: int = 0  # steps in a row whose gradient norm is NaN/inf skipped (update withheld); one more stops
 
 

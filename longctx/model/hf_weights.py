@@ -37,6 +37,11 @@ def _pairs(n_layers: int):
             yield ours, theirs
 
 
+def hf_names(n_layers: int) -> dict:
+    """{longctx name: HF LlamaForCausalLM name} of every weight of an n_layers model."""
+    return dict(_pairs(n_layers))
+
+
 def hf_llama_config(cfg, max_positions: int = 8192):
     """A transformers LlamaConfig for longctx's ModelConfig (full causal attention only)."""
     transformers = require("transformers", "Hugging Face export")

@@ -3,7 +3,9 @@ then at 32k with another RoPE base), a fine-tune after pretraining. Only the mod
 the optimizer, the LR schedule, the step and the data stream start afresh. The checkpoint may come from
 any layout or engine (DCP reshards into this run's pieces; a DeepSpeed checkpoint's full weights are
 sliced), and settings that keep the parameters' shapes may change (seq_len, rope_theta, windows, the
-parallel layout); a shape that differs is refused, naming the model settings that differ.
+parallel layout); a shape that differs is refused, naming the model settings that differ. A Hugging Face
+LlamaForCausalLM directory starts the native model the same way (Llama 3.x with its llama3 RoPE: each
+rank reads its slices of the safetensors).
 
 It applies only when the run starts fresh: with train.resume=auto an interrupted stage continues from its
 own checkpoints, so `train.init_from=A train.resume=auto` is safe to restart as often as needed."""
@@ -21,13 +23,17 @@ _FIX = ("train.init_from takes a checkpoint of a model with the same shapes (seq
         "may change)")
 
 
-def init_weights(trainer, spec: str) -> tuple[str, int]:
+def init_weights(trainer, spec: str) -> tuple[str, int | None]:
     """Read the model weights of the checkpoint `spec` names (or the newest complete one under a root) into
     the trainer's model, as it is split (collective); returns the checkpoint used and the step it was
-    written at. Its weight files are checked against their digests first."""
+    written at. Its weight files are checked against their digests first. A Hugging Face Llama directory
+    (config.json + safetensors) starts the native model from its weights (step None)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
     what = f"train.init_from={spec!r}"
+    if os.path.isfile(os.path.join(spec, "config.json")):
+        _from_hugging_face(trainer, spec, what)
+        return spec, None
     path = agree_checkpoint(lambda skip: locate(spec, what, trainer._say, skip), spec, what, trainer.rank,
                             trainer.world, trainer._say, only=weight_files)
     step = int(load_file(path, "trainer.pt")["step"])
@@ -45,12 +51,7 @@ def init_weights(trainer, spec: str) -> tuple[str, int]:
     weights = _full_weights(path, full)
     check_fits(trainer, path, weights, fix=_FIX)
     if trainer.engine is not None:
-        from ..parallel import deepspeed_engine
-
-        # Adam's moments at zero and step 0 are a fresh optimizer's (stride-0 zeros: nothing allocated)
-        zeros = {name: {key: torch.zeros(1).expand(w.numel()) for key in deepspeed_engine.ADAM_STATES}
-                 for name, w in weights.items()}
-        deepspeed_engine.load_full_state(trainer.engine, weights, zeros, 0)
+        _fresh_deepspeed(trainer, weights)
     else:
         mine = {key: weights[saved_name(trainer, key)] for key in get_model_state_dict(trainer.model)}
         set_model_state_dict(trainer.model, mine, options=StateDictOptions(full_state_dict=True))
@@ -66,3 +67,62 @@ def _full_weights(path: str, deepspeed: bool) -> dict:
     flat = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in entries.items()}
     read_dcp(flat, path)
     return {k.removeprefix("model."): v for k, v in flat.items()}
+
+
+def _fresh_deepspeed(trainer, weights: dict) -> None:
+    """Full weights into a DeepSpeed engine's pieces, with Adam's moments at zero and step 0: a fresh
+    optimizer's (stride-0 zeros: nothing allocated)."""
+    from ..parallel import deepspeed_engine
+
+    zeros = {name: {key: torch.zeros(1).expand(w.numel()) for key in deepspeed_engine.ADAM_STATES}
+             for name, w in weights.items()}
+    deepspeed_engine.load_full_state(trainer.engine, weights, zeros, 0)
+
+
+def _from_hugging_face(trainer, path: str, what: str) -> None:
+    """A Hugging Face LlamaForCausalLM directory's weights into the native model's pieces: each rank reads
+    its slices from the safetensors (DCP's HuggingFaceStorageReader), in whatever dtype they were stored.
+    Its shapes must be this run's model settings; its RoPE may differ (a context-extension stage)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    from ..config import ConfigError, head_dim_of
+    from ..model.hf_checks import read_hf_config
+    from ..model.hf_weights import hf_names, llama_config
+
+    ours = trainer.cfg.model
+    if ours.hf_path:
+        raise ConfigError(f"{what} is a Hugging Face directory, and with model.hf_path the run starts from that "
+                          "model's own weights: give train.init_from a longctx checkpoint, or leave it out")
+    try:
+        theirs = llama_config(read_hf_config(path), what)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    sizes = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
+    differ = [f"model.{k}={getattr(theirs, k)} (this run: {getattr(ours, k)})" for k in sizes
+              if getattr(theirs, k) != getattr(ours, k)]
+    if head_dim_of(theirs) != head_dim_of(ours):
+        differ.append(f"model.head_dim={head_dim_of(theirs)} (this run: {head_dim_of(ours)})")
+    if differ:
+        raise ConfigError(f"{what} does not fit this model: it has {', '.join(differ)}; set those (its RoPE may "
+                          "differ from this run's)")
+    reader = HuggingFaceStorageReader(path)
+    stored = reader.read_metadata().state_dict_metadata
+    names = {k: v if v in stored or v != "lm_head.weight" else "model.embed_tokens.weight"  # a tied head
+             for k, v in hf_names(ours.n_layers).items()}
+    if trainer.engine is not None:  # DeepSpeed holds flat partitions: full weights, one tensor at a time
+        weights = {}
+        for name, source in names.items():
+            weights[name] = torch.empty(stored[source].size, dtype=torch.float32)
+            dcp.load({source: weights[name]}, storage_reader=HuggingFaceStorageReader(path), no_dist=True)
+        _fresh_deepspeed(trainer, weights)
+        return
+    mine = get_model_state_dict(trainer.model, options=flat_options())
+    first, again = {}, {}  # a tied head read from the embedding's entry: in a second read of its own
+    for key, tensor in mine.items():
+        source = names[saved_name(trainer, key)]
+        (again if source in first else first)[source] = tensor
+    for part in (first, again):  # collective: every rank reads twice, its second part maybe empty
+        dcp.load(part, storage_reader=HuggingFaceStorageReader(path))
+    set_model_state_dict(trainer.model, mine, options=flat_options())

@@ -139,8 +139,8 @@ class Trainer:
             self._say(f"longctx: resumed from {self.resumed_from} at step {self.step}")
         elif t.init_from:
             self.initialized_from, its_step = init_weights(self, t.init_from)
-            self._say(f"longctx: weights from {self.initialized_from} (its step {its_step}); the optimizer, LR "
-                      f"schedule, step and data start afresh")
+            self._say(f"longctx: weights from {self.initialized_from}" + (f" (its step {its_step})" if its_step
+                      else "") + "; the optimizer, LR schedule, step and data start afresh")
 
     # ------------------------------------------------------------------ set-up helpers
     def _agree_run_dir(self, config_path) -> str:

@@ -75,3 +75,39 @@ def test_an_interrupted_stage_resumes_itself_and_shapes_must_match(tmp_path):
     with pytest.raises(RankError, match=r"train.init_from=.* holds no complete checkpoint"):
         run(train_and_collect, 1, args=([config(f"train.init_from={tmp_path}", run_dir=str(tmp_path / "e"))],),
             timeout=300)
+
+
+def test_a_hugging_face_llama_starts_the_native_model(tmp_path):
+    """A Llama 3 style HF directory (llama3 RoPE, tied embeddings, stored in bf16) starts the native model at
+    its weights bit for bit (each rank reading its slices of the safetensors), and the stage trains alike
+    under tp, pp and DeepSpeed (1e-5); its shapes must be this run's."""
+    transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need the `hf` extra")
+    from longctx.model.hf_weights import load_hf_llama
+
+    rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16}
+    hf_dir = str(tmp_path / "llama")
+    torch.manual_seed(3)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, rope_parameters=rope)).to(torch.bfloat16).save_pretrained(
+        hf_dir)
+    want = load_hf_llama(hf_dir)[0].state_dict()
+    stage = [*LONGER, "model.rope_theta=500000", "model.rope_scaling.type=llama3", "model.rope_scaling.factor=8",
+             "model.rope_scaling.original_max_positions=16", f"train.init_from={hf_dir}"]
+    one = run(train_and_collect, 1, args=([config(*stage, run_dir=str(tmp_path / "at0")),
+                                           config(*stage, run_dir=str(tmp_path / "one"))], [0, None]),
+              timeout=300)[0]
+    assert _same(one[0]["params"], want) and one[0]["initialized_from"] == hf_dir
+    layouts = [["parallel.tp=2", *CP2], ["parallel.pp=2", *CP2],
+               ["parallel.engine=deepspeed", "parallel.zero_stage=3", "parallel.dp_shard=2", "parallel.cp=2"]]
+    got = run(train_and_collect, 4, args=([config(*stage, *lay, run_dir=str(tmp_path / f"l{i}"))
+                                           for i, lay in enumerate(layouts)],), timeout=300)[0]
+    for lay, r in zip(layouts, got):
+        for a, b in zip(r["losses"], one[1]["losses"]):
+            assert abs(a - b) <= 1e-5 * abs(b), (lay, a, b)
+        worst = max((r["params"][k] - one[1]["params"][k]).abs().max().item() for k in want)
+        assert worst <= 1e-5, (lay, worst)
+    errors = run(resume_errors, 1, args=([config(*stage, "model.ffn_dim=96", run_dir=str(tmp_path / "wide"))],),
+                 timeout=300)[0]
+    assert "does not fit this model: it has model.ffn_dim=64 (this run: 96); set those" in errors[0], errors
