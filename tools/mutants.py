@@ -1,5 +1,5 @@
 """`make mutants`: apply small deliberate bugs one at a time to a scratch copy and run the tests that must
-catch each. A surviving mutant means a test that cannot fail. Not part of `make test` (about 35 minutes).
+catch each. A surviving mutant means a test that cannot fail. Not part of `make test` (about 25 minutes).
 
     python tools/mutants.py [--only NAME ...] [--list] [--keep]
 
