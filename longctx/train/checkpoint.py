@@ -42,6 +42,7 @@ from .checkpoint_dirs import (
     seal,
     shared_digests,
     step_dir,
+    telling_line,
 )
 
 FULL_OPTIMIZER = "optimizer.pt"  # a DeepSpeed checkpoint's Adam states, unsharded: it resumes on any layout
@@ -339,9 +340,7 @@ def _load_deepspeed(trainer, path: str) -> None:
         deepspeed_engine.load(trainer.engine, path)
     except (RuntimeError, KeyError) as e:  # load_state_dict's strict check names the parameters and shapes;
         # the files' digests held, so what does not load was written for another model
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-        first = next((ln for ln in lines if "size mismatch" in ln or "Missing" in ln or "Unexpected" in ln), lines[0])
-        raise unfit_error(trainer, path, first) from None
+        raise unfit_error(trainer, path, telling_line(e)) from None
 
 
 def unfit_error(trainer, path: str, detail: str, fix: str | None = None) -> ConfigError:

@@ -302,17 +302,23 @@ def saved_entries(path: str) -> dict:
         raise read_error(path, e, ".metadata") from None
 
 
+_FITS = ("size mismatch", "shape", "missing key", "unexpected key")  # words of a load that does not fit
+
+
+def telling_line(error: BaseException) -> str:
+    """The line of a failed load's message that says what went wrong: DCP gathers every rank's traceback
+    and load_state_dict lists every key, but the line naming a key and its shapes says it."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return next((ln for ln in lines if any(w in ln.lower() for w in _FITS)), None) or \
+        next((ln for ln in lines if "Error:" in ln), lines[0] if lines else type(error).__name__)
+
+
 def read_error(path: str, error: BaseException, name: str | None = None) -> ConfigError:
     """One line for a checkpoint read that failed: its weights do not fit the model it is read into (a
     shape or name the model does not have), or a file is damaged."""
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    # DCP gathers every rank's traceback: the planner's own line names the key and both shapes
-    fits = ("size mismatch", "shape", "missing key", "unexpected key")
-    first = next((ln for ln in lines if any(w in ln.lower() for w in fits)), None) or \
-        next((ln for ln in lines if "Error:" in ln), lines[0] if lines else type(error).__name__)
-    first = first.split(". ")[0]  # torch's explanations run on for lines
+    first = telling_line(error).split(". ")[0]  # torch's explanations run on for lines
     config = os.path.join(path, "config.yaml")
-    if isinstance(error, KeyError) or any(w in first.lower() for w in fits):
+    if isinstance(error, KeyError) or any(w in first.lower() for w in _FITS):
         return Mismatch(f"checkpoint {path} does not fit this model: {first[:300]} (a different model shape or "
                         f"pipeline layout?); use the config it was written with ({config})", first[:300])
     what = f"its file {name}" if name else "its files"

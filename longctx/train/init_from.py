@@ -17,7 +17,8 @@ import os
 import torch
 
 from .checkpoint import check_fits, flat_options, saved_name, unfit_error
-from .checkpoint_dirs import Mismatch, agree_checkpoint, load_file, locate, read_dcp, saved_entries, weight_files
+from .checkpoint_dirs import Mismatch, agree_checkpoint, load_file, locate, read_dcp, weight_files
+from .weights import full_weights
 
 _FIX = ("train.init_from takes a checkpoint of a model with the same shapes (sequence length, RoPE and windows "
         "may change)")
@@ -48,7 +49,7 @@ def init_weights(trainer, spec: str) -> tuple[str, int | None]:
             raise unfit_error(trainer, path, e.detail, _FIX) from None
         set_model_state_dict(trainer.model, mine, options=flat_options())
         return path, step
-    weights = _full_weights(path, full)
+    weights = full_weights(path, mmap=True)
     check_fits(trainer, path, weights, fix=_FIX)
     if trainer.engine is not None:
         _fresh_deepspeed(trainer, weights)
@@ -56,17 +57,6 @@ def init_weights(trainer, spec: str) -> tuple[str, int | None]:
         mine = {key: weights[saved_name(trainer, key)] for key in get_model_state_dict(trainer.model)}
         set_model_state_dict(trainer.model, mine, options=StateDictOptions(full_state_dict=True))
     return path, step
-
-
-def _full_weights(path: str, deepspeed: bool) -> dict:
-    """{unsplit model name: full tensor}: a DeepSpeed checkpoint's model.pt (memory-mapped), or a DCP
-    checkpoint's model entries read whole (for a DeepSpeed engine, which holds flat partitions)."""
-    if deepspeed:
-        return load_file(path, "model.pt", mmap=True)
-    entries = {k: md for k, md in saved_entries(path).items() if k.startswith("model.")}
-    flat = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in entries.items()}
-    read_dcp(flat, path)
-    return {k.removeprefix("model."): v for k, v in flat.items()}
 
 
 def _fresh_deepspeed(trainer, weights: dict) -> None:
@@ -111,12 +101,10 @@ def _from_hugging_face(trainer, path: str, what: str) -> None:
     stored = reader.read_metadata().state_dict_metadata
     names = {k: v if v in stored or v != "lm_head.weight" else "model.embed_tokens.weight"  # a tied head
              for k, v in hf_names(ours.n_layers).items()}
-    if trainer.engine is not None:  # DeepSpeed holds flat partitions: full weights, one tensor at a time
-        weights = {}
-        for name, source in names.items():
-            weights[name] = torch.empty(stored[source].size, dtype=torch.float32)
-            dcp.load({source: weights[name]}, storage_reader=HuggingFaceStorageReader(path), no_dist=True)
-        _fresh_deepspeed(trainer, weights)
+    if trainer.engine is not None:  # DeepSpeed holds flat partitions: full weights (a tied pair shares one)
+        read = {source: torch.empty(stored[source].size, dtype=torch.float32) for source in set(names.values())}
+        dcp.load(read, storage_reader=reader, no_dist=True)
+        _fresh_deepspeed(trainer, {name: read[source] for name, source in names.items()})
         return
     mine = get_model_state_dict(trainer.model, options=flat_options())
     first, again = {}, {}  # a tied head read from the embedding's entry: in a second read of its own

@@ -19,17 +19,24 @@ def model_weights(path: str, log=print) -> tuple[dict, str]:
     """(state dict of the unparallelised model, the checkpoint directory used) from a checkpoint or a
     checkpoint root (its newest complete one); no process group needed. Only the model's entries are read
     (the optimizer state, twice the model in fp32, stays on disk)."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     path = locate(path, path, log=log)
     check_contents(path, only=weight_files(path))
+    return full_weights(path), path
+
+
+def full_weights(path: str, mmap: bool = False) -> dict:
+    """The model weights of complete checkpoint `path`, whole, by the unparallelised model's names: a
+    DeepSpeed checkpoint's model.pt (memory-mapped with `mmap`), or a DCP checkpoint's model entries (each
+    process reads them itself, with or without a process group)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     if os.path.isfile(os.path.join(path, "model.pt")):  # a DeepSpeed checkpoint: its full weights
-        return load_file(path, "model.pt"), path
+        return load_file(path, "model.pt", mmap=mmap)
     entries = _saved_model_entries(path)
     state = {name: torch.empty(md.size, dtype=md.properties.dtype) for name, (_, md) in entries.items()
              if isinstance(md, TensorStorageMetadata)}
     read_dcp({entries[name][0]: tensor for name, tensor in state.items()}, path, no_dist=True)
-    return state, path
+    return state
 
 
 def _saved_model_entries(path: str) -> dict:
