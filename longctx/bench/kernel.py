@@ -8,6 +8,9 @@ skipped with the reason. Timings use CUDA events on GPU and perf_counter (after 
 `--virtual-ranks P --schedule zigzag` also runs, on this one device, every kernel call the P ranks of a
 ring schedule would make (longctx.parallel.sequence.plan's block tables, partials merged exactly), and reports its
 time against one full-sequence call of the same backend: the price of cutting attention into blocks.
+
+`--softcap C` caps every score (Gemma 2: C tanh(s / C)): the price of the cap in the backends that compute
+it (torch's SDPA and its baselines cannot, and are skipped with that reason).
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--causal", action="store_true")
     p.add_argument("--window", type=int, default=None, help="sliding window of this many keys")
+    p.add_argument("--softcap", type=float, default=None,
+                   help="logit soft-capping (Gemma 2): scores become C tanh(s / C); backends that cannot cap "
+                        "are skipped")
     p.add_argument("--dtype", choices=sorted(report.DTYPES), default="bfloat16")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--warmup", type=int, default=None, help="default: 3 on CUDA, 1 on CPU")
@@ -87,28 +93,30 @@ def _tensors(b, s, h, hkv, d, dtype, device, seed, dv=None):
     return mk(b, s, h, d), mk(b, s, hkv, d), mk(b, s, hkv, dv), mk(b, s, h, dv)
 
 
-def _kernel(name: str, v_wide: bool):
-    """(forward, backward) of a backend: its own functions, or for values of another width the registry's
-    dispatch (which pads for a backend of one width, as training runs it)."""
-    if not v_wide:
+def _kernel(name: str, v_wide: bool, softcap=None):
+    """(forward, backward) of a backend: its own functions, or for values of another width or a cap the
+    registry's dispatch (which pads for a backend of one width, as training runs it)."""
+    if not v_wide and softcap is None:
         be = backends()[name]
         return be.forward, be.backward
-    return (lambda *a, **kw: kernels.forward(*a, backend=name, **kw),
-            lambda *a, **kw: kernels.backward(*a, backend=name, **kw))
+    return (lambda *a, **kw: kernels.forward(*a, backend=name, softcap=softcap, **kw),
+            lambda *a, **kw: kernels.backward(*a, backend=name, softcap=softcap, **kw))
 
 
-def _why_not(name: str, q, k, v, mask) -> str | None:
+def _why_not(name: str, q, k, v, mask, softcap=None) -> str | None:
     if name in sdpa_baselines.NAMES:
-        return sdpa_baselines.why_not(name, q, mask)
+        return "torch's SDPA has no logit soft-capping" if softcap else sdpa_baselines.why_not(name, q, mask)
     be = backends()[name]  # validate() refused names that are no backend
+    if softcap and not be.softcap:
+        return "it does not compute logit soft-capping"
     return be.availability() or be.supports(q, k, v, mask)
 
 
-def _closures(name, q, k, v, do, mask):
+def _closures(name, q, k, v, do, mask, softcap=None):
     """(fwd, bwd, fwdbwd, out) of a longctx backend or a torch baseline, for the timing loop."""
     if name in sdpa_baselines.NAMES:
         return sdpa_baselines.closures(name, q, k, v, do, mask)
-    (forward, backward), scale = _kernel(name, v.shape[-1] != q.shape[-1]), q.shape[-1] ** -0.5
+    (forward, backward), scale = _kernel(name, v.shape[-1] != q.shape[-1], softcap), q.shape[-1] ** -0.5
     out, lse = forward(q, k, v, scale=scale, mask=mask)
 
     def fwdbwd():
@@ -130,12 +138,13 @@ def _check_error(name, args, dtype, device, mask) -> float | None:
         return None
     q, k, v, _ = _tensors(args.batch, s, args.heads, args.kv_heads, args.head_dim, dtype, device,
                           args.seed + 1, args.v_head_dim)
-    if _why_not(name, q, k, v, mask):
+    if _why_not(name, q, k, v, mask, args.softcap):
         return None
     scale = args.head_dim ** -0.5
-    out = _closures(name, q, k, v, q, mask)[3]
+    out = _closures(name, q, k, v, q, mask, args.softcap)[3]
     up = torch.float64 if dtype == torch.float64 else torch.float32
-    ref, _ = backends()["reference"].forward(q.to(up), k.to(up), v.to(up), scale=scale, mask=mask)
+    cap = {} if args.softcap is None else {"softcap": args.softcap}
+    ref, _ = backends()["reference"].forward(q.to(up), k.to(up), v.to(up), scale=scale, mask=mask, **cap)
     return (out.to(up) - ref).abs().max().item()
 
 
@@ -143,16 +152,16 @@ def _bench_one(name, args, s, dtype, device, mask, warmup, iters) -> dict:
     b, h, hkv, d = args.batch, args.heads, args.kv_heads, args.head_dim
     dv = args.v_head_dim or d
     rec = dict(backend=name, seq_len=s, head_dim=d, v_head_dim=dv, heads=h, kv_heads=hkv, batch=b,
-               causal=bool(args.causal), window=args.window, dtype=args.dtype, device=str(device), fwd_ms=None,
-               bwd_ms=None, fwdbwd_ms=None, fwd_tflops=None, bwd_tflops=None, fwdbwd_tflops=None, peak_mem_mb=None,
-               max_abs_err_out=None)
+               causal=bool(args.causal), window=args.window, softcap=args.softcap, dtype=args.dtype,
+               device=str(device), fwd_ms=None, bwd_ms=None, fwdbwd_ms=None, fwd_tflops=None, bwd_tflops=None,
+               fwdbwd_tflops=None, peak_mem_mb=None, max_abs_err_out=None)
     q, k, v, do = _tensors(b, s, h, hkv, d, dtype, device, args.seed, dv)
-    why = _why_not(name, q, k, v, mask)
+    why = _why_not(name, q, k, v, mask, args.softcap)
     if why:
         return dict(rec, status=f"skipped: {why}")
     fallbacks = dict(sdpa_mod.fallbacks)
     try:
-        fwd, bwd, fwdbwd, _ = _closures(name, q, k, v, do, mask)
+        fwd, bwd, fwdbwd, _ = _closures(name, q, k, v, do, mask, args.softcap)
         rec["fwd_ms"] = _time_ms(fwd, device, warmup, iters)
         rec["bwd_ms"] = _time_ms(bwd, device, warmup, iters)
         if device.type == "cuda":
@@ -188,7 +197,7 @@ def run_virtual_ranks(name, args, s, dtype, device, mask, warmup, iters, full_ms
     layouts.check_seq(layout, s, p)
     b, h, d = args.batch, args.heads, args.head_dim
     q, k, v, do = _tensors(b, s, h, args.kv_heads, d, dtype, device, args.seed, args.v_head_dim)
-    (forward, backward), scale = _kernel(name, v.shape[-1] != d), d ** -0.5
+    (forward, backward), scale = _kernel(name, v.shape[-1] != d, args.softcap), d ** -0.5
     pos = [layouts.positions(layout, s, p, r).to(device) for r in range(p)]
     qs, ks, vs, dos = ([x.index_select(1, i) for i in pos] for x in (q, k, v, do))
     srcs = [[plan.ring_src(r, st, p) for st in range(p)] for r in range(p)]
@@ -246,6 +255,10 @@ def validate(args) -> None:
     from ..parallel.sequence import layouts
 
     report.check_args(args)
+    cap = getattr(args, "softcap", None)
+    if cap is not None and not (0 < cap < float("inf")):
+        raise ValueError(f"--softcap must be a positive number (scores become C tanh(s / C)), got {cap}; leave it "
+                         "out for no cap")
     names = _names(args)
     known = [*sorted(backends()), *sdpa_baselines.NAMES]
     unknown = [n for n in names if n not in known]
@@ -256,7 +269,7 @@ def validate(args) -> None:
     q, k, v, _ = _tensors(1, 16, args.heads, args.kv_heads or args.heads, args.head_dim, report.DTYPES[args.dtype],
                           device, 0, args.v_head_dim)
     mask = _mask(args)
-    reasons = {n: _why_not(n, q, k, v, mask) for n in names}
+    reasons = {n: _why_not(n, q, k, v, mask, cap) for n in names}
     if all(reasons.values()):
         raise ValueError(f"--backends {args.backends!r}: none can run here ("
                          + "; ".join(f"{n}: {why}" for n, why in reasons.items())
@@ -280,7 +293,8 @@ def run(args) -> list[dict]:
     records = [_bench_one(n, args, s, dtype, device, mask, warmup, iters)
                for n in names for s in args.seq_lens]
     widths = args.head_dim if args.v_head_dim in (None, args.head_dim) else f"{args.head_dim} (v {args.v_head_dim})"
-    print(f"kernel benchmark: {mask.kind}, batch {args.batch}, heads {args.heads}/{args.kv_heads}, head_dim "
+    capped = "" if args.softcap is None else f", scores soft-capped at {args.softcap:g}"
+    print(f"kernel benchmark: {mask.kind}{capped}, batch {args.batch}, heads {args.heads}/{args.kv_heads}, head_dim "
           f"{widths}, {args.dtype} on {device} (TFLOP/s count allowed pairs only)")
     print(report.table(records, COLUMNS))
     if args.virtual_ranks:

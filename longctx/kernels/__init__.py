@@ -11,6 +11,7 @@ from .registry import (
     backends_ran,
     backward,
     check_name,
+    check_softcap,
     forward,
     register,
     reset_calls,
@@ -18,12 +19,13 @@ from .registry import (
     unregister,
     validate,
 )
+from .softcap import soft_cap
 
 __all__ = [
     "CAUSAL", "NO_MASK", "Mask", "acc_dtype", "empty_state", "merge", "merge_", "merge_many", "merge_sinks",
-    "sinks_grad", "Backend", "as_mask",
-    "attention", "backend_status", "backends", "backends_ran", "backward", "check_name", "forward", "register",
-    "reset_calls", "resolve", "unregister", "validate",
+    "sinks_grad", "Backend", "as_mask", "soft_cap",
+    "attention", "backend_status", "backends", "backends_ran", "backward", "check_name", "check_softcap", "forward",
+    "register", "reset_calls", "resolve", "unregister", "validate",
 ]
 
 from . import (

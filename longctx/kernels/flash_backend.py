@@ -2,7 +2,8 @@
 
 flash-attn's window_size=(left, right) is measured from the bottom-right diagonal, which is exactly the
 contract's band with offset Sk - Sq; other offsets and document masks are left to other backends.
-Its empty-row convention (lse = +inf) is mapped to the contract's -inf.
+Its empty-row convention (lse = +inf) is mapped to the contract's -inf. Logit soft-capping is flash-attn's
+own `softcap` (2.6 and later).
 It cannot be built on the CPU machines this project is developed on: this wrapper follows flash-attn
 2.x's documented interface and is exercised only where a GPU with flash-attn is present.
 """
@@ -53,17 +54,23 @@ def _supports(q, k, v, mask) -> str | None:
     return None
 
 
-def forward(q, k, v, *, scale, mask, out_dtype=None):
+def forward(q, k, v, *, scale, mask, out_dtype=None, softcap=None):
     from flash_attn.flash_attn_interface import flash_attn_func
 
     left, right = _window(mask)
+    cap = {}
+    if softcap is not None:
+        if "softcap" not in inspect.signature(flash_attn_func).parameters:
+            raise ValueError("the installed flash-attn has no softcap (added in 2.6); upgrade it, or use "
+                             "parallel.kernel=triton for soft-capped attention")
+        cap = {"softcap": softcap}
     out, lse, _ = flash_attn_func(q, k, v, softmax_scale=scale, causal=False, window_size=(left, right),
-                                  return_attn_probs=True)
+                                  return_attn_probs=True, **cap)
     lse = torch.where(lse == _INF, torch.full_like(lse, -_INF), lse.float())
     return out.to(out_dtype or q.dtype), lse
 
 
-def backward(dout, q, k, v, out, lse, *, scale, mask, grad_dtype=None):
+def backward(dout, q, k, v, out, lse, *, scale, mask, grad_dtype=None, softcap=None):
     from flash_attn import flash_attn_interface as fai
 
     left, right = _window(mask)
@@ -71,7 +78,7 @@ def backward(dout, q, k, v, out, lse, *, scale, mask, grad_dtype=None):
     lse = torch.where(torch.isneginf(lse), torch.full_like(lse, _INF), lse).contiguous()
     kwargs = dict(dout=dout.contiguous(), q=q, k=k, v=v, out=out.to(q.dtype).contiguous(), softmax_lse=lse,
                   dq=dq, dk=dk, dv=dv, dropout_p=0.0, softmax_scale=scale, causal=False,
-                  window_size_left=left, window_size_right=right, window_size=(left, right), softcap=0.0,
+                  window_size_left=left, window_size_right=right, window_size=(left, right), softcap=softcap or 0.0,
                   alibi_slopes=None, deterministic=False, rng_state=None)
     # flash-attn >= 2.6 wraps it in torch.library.custom_op, whose own signature is (*args, **kwargs)
     fn = fai._flash_attn_backward
@@ -81,4 +88,4 @@ def backward(dout, q, k, v, out, lse, *, scale, mask, grad_dtype=None):
 
 
 register(Backend("flash", forward, backward, priority=30, availability=_availability, supports=_supports,
-                 notes=["flash-attn 2.x; bottom-right band masks, fp16/bf16, CUDA only"]))
+                 softcap=True, notes=["flash-attn 2.x; bottom-right band masks, fp16/bf16, CUDA only"]))

@@ -1,7 +1,8 @@
 """The oracle: attention in plain PyTorch math with fp32 (or fp64) accumulation.
 
 GQA runs by viewing the query heads as (kv_heads, group): K and V are never repeated. Work is chunked
-over query rows so the score matrix of a long block never has to exist at once.
+over query rows so the score matrix of a long block never has to exist at once. With `softcap` the
+scores are capped (c tanh(s / c)) before the mask, and the backward multiplies dS by the cap's derivative.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 
 from .mask import Mask
 from .merge import acc_dtype
+from .softcap import soft_cap
 
 _INF = float("inf")
 _CHUNK_ELEMS = 1 << 24  # score elements per chunk (64 MiB in fp32)
@@ -21,14 +23,17 @@ def _chunks(b: int, sq: int, sk: int, h: int):
         yield q0, min(sq, q0 + step)
 
 
-def _scores(qc, k, scale, mask: Mask, q0, q1, sq, sk):
-    # qc: (B, c, Hkv, G, D) in acc dtype; k: (B, Sk, Hkv, D)
+def _scores(qc, k, scale, mask: Mask, q0, q1, sq, sk, softcap=None):
+    """(masked scores, d capped / d uncapped score or None); qc: (B, c, Hkv, G, D) in acc dtype, k: (B, Sk, Hkv, D)."""
     s = torch.einsum("bqhgd,bkhd->bhgqk", qc, k) * scale
+    slope = None
+    if softcap is not None:
+        s, slope = soft_cap(s, softcap)
     allowed = mask.sub(q0, q1, 0, sk, sq, sk).dense(q1 - q0, sk, device=s.device)  # (B|1, c, Sk)
-    return s.masked_fill(~allowed[:, None, None], -_INF)
+    return s.masked_fill(~allowed[:, None, None], -_INF), slope
 
 
-def forward(q, k, v, *, scale: float, mask: Mask, out_dtype=None):
+def forward(q, k, v, *, scale: float, mask: Mask, out_dtype=None, softcap=None):
     b, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     g = h // hkv
@@ -38,7 +43,7 @@ def forward(q, k, v, *, scale: float, mask: Mask, out_dtype=None):
     out = torch.empty(b, sq, hkv, g, v.shape[-1], dtype=acc, device=q.device)
     lse = torch.empty(b, hkv, g, sq, dtype=acc, device=q.device)
     for q0, q1 in _chunks(b, sq, sk, h):
-        s = _scores(qf[:, q0:q1], kf, scale, mask, q0, q1, sq, sk)
+        s, _ = _scores(qf[:, q0:q1], kf, scale, mask, q0, q1, sq, sk, softcap)
         l_c = torch.logsumexp(s, dim=-1)
         l_safe = torch.where(torch.isfinite(l_c), l_c, torch.zeros_like(l_c))
         p = torch.exp(s - l_safe[..., None])  # masked entries: exp(-inf) = 0, empty rows stay all 0
@@ -47,7 +52,7 @@ def forward(q, k, v, *, scale: float, mask: Mask, out_dtype=None):
     return out.view(b, sq, h, -1).to(out_dtype or q.dtype), lse.reshape(b, h, sq)
 
 
-def backward(dout, q, k, v, out, lse, *, scale: float, mask: Mask, grad_dtype=None):
+def backward(dout, q, k, v, out, lse, *, scale: float, mask: Mask, grad_dtype=None, softcap=None):
     b, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     g = h // hkv
@@ -64,10 +69,12 @@ def backward(dout, q, k, v, out, lse, *, scale: float, mask: Mask, grad_dtype=No
     dk = torch.zeros_like(kf)
     dv = torch.zeros_like(vf)
     for q0, q1 in _chunks(b, sq, sk, h):
-        s = _scores(qf[:, q0:q1], kf, scale, mask, q0, q1, sq, sk)
+        s, slope = _scores(qf[:, q0:q1], kf, scale, mask, q0, q1, sq, sk, softcap)
         p = torch.exp(s - lse[..., q0:q1, None])
         dp = torch.einsum("bqhgd,bkhd->bhgqk", do[:, q0:q1], vf)
         ds = p * (dp - delta[..., q0:q1, None])
+        if slope is not None:  # masked entries have p = 0, so their slope (finite) changes nothing
+            ds = ds * slope
         dq[:, q0:q1] = torch.einsum("bhgqk,bkhd->bqhgd", ds, kf) * scale
         dk += torch.einsum("bhgqk,bqhgd->bkhd", ds, qf[:, q0:q1]) * scale
         dv += torch.einsum("bhgqk,bqhgd->bkhd", p, do[:, q0:q1])

@@ -7,6 +7,11 @@ Contract (layout (batch, seq, heads, head_dim), like flash-attn):
 than q and k (multi-head latent attention: DeepSeek-V3's 192-wide q/k and 128-wide v); out and dout then
 have v's width. A backend that computes only one width gets the narrower side zero-padded (exact: zero
 columns add nothing to q.k, and a zero value column gives a zero output column that is cut off).
+
+`softcap=c` (Gemma 2's attention logit soft-capping) replaces every score s = scale q.k by c tanh(s / c)
+before the mask and the softmax; lse is then the normaliser of the capped scores, so blocks still merge
+exactly and a block's backward with the global (out, lse) stays exact (dS is multiplied by
+1 - tanh(s / c)^2). Only backends that say so (`Backend.softcap`) are given such a call.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class Backend:
     supports: Callable[..., str | None] = lambda q, k, v, mask: None
     notes: list[str] = field(default_factory=list)
     value_width: bool = False  # computes a v head width other than q/k's itself (else: zero-padded for it)
+    softcap: bool = False  # computes logit soft-capping (its forward/backward take softcap=); else never given one
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -93,7 +99,11 @@ def _unknown_backend(name) -> ValueError:
     return ValueError(f"unknown kernel backend {name!r}; choose one of {['auto', *sorted(_BACKENDS)]}")
 
 
-def resolve(name: str, q, k, v, mask: Mask) -> Backend:
+def _capability(b: Backend, softcap) -> str | None:
+    return "it does not compute logit soft-capping" if softcap is not None and not b.softcap else None
+
+
+def resolve(name: str, q, k, v, mask: Mask, softcap: float | None = None) -> Backend:
     """Pick the backend for one call: a named one (checked) or the fastest that supports it."""
     if not isinstance(name, str):
         raise TypeError(f"kernel backend must be a name (str), got {type(name).__name__}")
@@ -101,12 +111,12 @@ def resolve(name: str, q, k, v, mask: Mask) -> Backend:
         if name not in _BACKENDS:
             raise _unknown_backend(name)
         b = _BACKENDS[name]
-        why = b.availability() or b.supports(q, k, v, mask)
+        why = b.availability() or _capability(b, softcap) or b.supports(q, k, v, mask)
         if why:
             raise ValueError(f"kernel backend {name!r} cannot run this call: {why}; use kernel='auto' or 'reference'")
         return b
     for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
-        if b.priority >= 0 and not b.availability() and not b.supports(q, k, v, mask):
+        if b.priority >= 0 and not (b.availability() or _capability(b, softcap) or b.supports(q, k, v, mask)):
             return b
     return _BACKENDS["reference"]
 
@@ -131,6 +141,16 @@ def _check_tensor(name: str, t, ndim: int = 4, what: str = "(batch, seq, heads, 
             f"{name} must be {ndim}-D {what}, got shape {tuple(t.shape)}; "
             "for (batch, heads, seq, head_dim) tensors pass x.transpose(1, 2)"
         )
+
+
+def check_softcap(softcap) -> float | None:
+    """None (no capping) or a positive finite float; 0 also means none (transformers' convention)."""
+    if softcap is None or (not isinstance(softcap, bool) and isinstance(softcap, (int, float)) and softcap == 0):
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be None or a positive finite float (scores become softcap * tanh(score / "
+                         f"softcap)), got {softcap!r}")
+    return float(softcap)
 
 
 def validate(q, k, v, scale, mask) -> tuple[float, Mask]:
@@ -170,21 +190,28 @@ def validate(q, k, v, scale, mask) -> tuple[float, Mask]:
     return float(scale), mask
 
 
-def forward(q, k, v, *, scale=None, mask=None, backend: str = "auto", out_dtype=None):
+def forward(q, k, v, *, scale=None, mask=None, backend: str = "auto", out_dtype=None, softcap=None):
     """Local attention forward: returns (out, lse). See the module docstring for the contract."""
     scale, mask = validate(q, k, v, scale, mask)
-    b = resolve(backend, q, k, v, mask)
+    softcap = check_softcap(softcap)
+    b = resolve(backend, q, k, v, mask, softcap)
     if q.numel() == 0 or k.numel() == 0:  # no queries or no keys: every row is empty (fused ops crash here)
         lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), -math.inf, dtype=acc_dtype(q.dtype), device=q.device)
         return q.new_zeros((*q.shape[:3], v.shape[-1]), dtype=out_dtype or q.dtype), lse
     calls[(b.name, "fwd")] += 1
     d, dv = q.shape[-1], v.shape[-1]
+    kw = dict(scale=scale, mask=mask, out_dtype=out_dtype, **_cap(softcap))
     if dv == d or b.value_width:
-        return b.forward(q, k, v, scale=scale, mask=mask, out_dtype=out_dtype)
+        return b.forward(q, k, v, **kw)
     if dv < d:
-        out, lse = b.forward(q, k, _widen(v, d), scale=scale, mask=mask, out_dtype=out_dtype)
+        out, lse = b.forward(q, k, _widen(v, d), **kw)
         return out[..., :dv].contiguous(), lse
-    return b.forward(_widen(q, dv), _widen(k, dv), v, scale=scale, mask=mask, out_dtype=out_dtype)
+    return b.forward(_widen(q, dv), _widen(k, dv), v, **kw)
+
+
+def _cap(softcap) -> dict:
+    # only a capping call passes the argument: backends registered without softcap support keep their signature
+    return {} if softcap is None else {"softcap": softcap}
 
 
 def _widen(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -192,9 +219,11 @@ def _widen(x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, width - x.shape[-1]))
 
 
-def backward(dout, q, k, v, out, lse, *, scale=None, mask=None, backend: str = "auto", grad_dtype=None):
+def backward(dout, q, k, v, out, lse, *, scale=None, mask=None, backend: str = "auto", grad_dtype=None,
+             softcap=None):
     """Local attention backward given the (possibly global) out and lse: returns (dq, dk, dv)."""
     scale, mask = validate(q, k, v, scale, mask)
+    softcap = check_softcap(softcap)
     _check_tensor("dout", dout)
     _check_tensor("out", out)
     want_out = (*q.shape[:3], v.shape[-1])
@@ -205,41 +234,41 @@ def backward(dout, q, k, v, out, lse, *, scale=None, mask=None, backend: str = "
     if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != want:
         got = tuple(lse.shape) if isinstance(lse, torch.Tensor) else type(lse).__name__
         raise ValueError(f"lse must have shape (batch, heads, seq_q) = {want}, got {got}")
-    b = resolve(backend, q, k, v, mask)
+    b = resolve(backend, q, k, v, mask, softcap)
     if q.numel() == 0 or k.numel() == 0:
         return tuple(t.new_zeros(t.shape, dtype=grad_dtype or t.dtype) for t in (q, k, v))
     calls[(b.name, "bwd")] += 1
     d, dv = q.shape[-1], v.shape[-1]
+    kw = dict(scale=scale, mask=mask, grad_dtype=grad_dtype, **_cap(softcap))
     if dv == d or b.value_width:
-        return b.backward(dout, q, k, v, out, lse, scale=scale, mask=mask, grad_dtype=grad_dtype)
+        return b.backward(dout, q, k, v, out, lse, **kw)
     if dv < d:
-        gq, gk, gv = b.backward(_widen(dout, d), q, k, _widen(v, d), _widen(out, d), lse, scale=scale, mask=mask,
-                                grad_dtype=grad_dtype)
+        gq, gk, gv = b.backward(_widen(dout, d), q, k, _widen(v, d), _widen(out, d), lse, **kw)
         return gq, gk, gv[..., :dv].contiguous()
-    gq, gk, gv = b.backward(dout, _widen(q, dv), _widen(k, dv), v, out, lse, scale=scale, mask=mask,
-                            grad_dtype=grad_dtype)
+    gq, gk, gv = b.backward(dout, _widen(q, dv), _widen(k, dv), v, out, lse, **kw)
     return gq[..., :d].contiguous(), gk[..., :d].contiguous(), gv
 
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, mask, backend):
-        out, lse = forward(q, k, v, scale=scale, mask=mask, backend=backend)
+    def forward(ctx, q, k, v, scale, mask, backend, softcap):
+        out, lse = forward(q, k, v, scale=scale, mask=mask, backend=backend, softcap=softcap)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (scale, mask, backend)
+        ctx.args = (scale, mask, backend, softcap)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        scale, mask, backend = ctx.args
-        dq, dk, dv = backward(dout.contiguous(), q, k, v, out, lse, scale=scale, mask=mask, backend=backend)
-        return dq, dk, dv, None, None, None
+        scale, mask, backend, softcap = ctx.args
+        dq, dk, dv = backward(dout.contiguous(), q, k, v, out, lse, scale=scale, mask=mask, backend=backend,
+                              softcap=softcap)
+        return dq, dk, dv, None, None, None, None
 
 
-def attention(q, k, v, *, scale=None, mask=None, backend: str = "auto", return_lse: bool = False):
+def attention(q, k, v, *, scale=None, mask=None, backend: str = "auto", return_lse: bool = False, softcap=None):
     """Differentiable single-device attention through the contract (the lse output is not differentiable)."""
-    out, lse = _Attention.apply(q, k, v, scale, mask, backend)
+    out, lse = _Attention.apply(q, k, v, scale, mask, backend, softcap)
     return (out, lse) if return_lse else out
 
 
@@ -248,6 +277,6 @@ def _sdpa_support(q, k, v, mask) -> str | None:
 
 
 register(Backend("reference", reference.forward, reference.backward, priority=0, value_width=True,
-                 notes=["PyTorch math, fp32/fp64 accumulation: the oracle for tests"]))
+                 softcap=True, notes=["PyTorch math, fp32/fp64 accumulation: the oracle for tests"]))
 register(Backend("sdpa", sdpa.forward, sdpa.backward, priority=10, supports=_sdpa_support,
                  notes=["falls back to reference for: " + "; ".join(sdpa.FALLBACK_RULES)]))

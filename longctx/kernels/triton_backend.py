@@ -177,17 +177,24 @@ def _docs(mask: Mask, b: int, device):
     return qd, kd, qd.stride(0) if qd.shape[0] == b else 0, kd.stride(0) if kd.shape[0] == b else 0
 
 
-def _common(q, k, mask: Mask):
+def _common(q, k, mask: Mask, softcap):
     b, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     off, left, right = band_args(mask, sq, sk)
     block_d = max(16, 1 << (d - 1).bit_length())  # tl.dot needs >= 16; padding lanes are masked off
-    consts = dict(HAS_DOCS=mask.has_documents, BLOCK_D=block_d,
+    consts = dict(HAS_DOCS=mask.has_documents, SOFTCAP=softcap is not None, BLOCK_D=block_d,
                   PREC="ieee" if q.dtype == torch.float32 else "tf32",
                   UPCAST=_interpreted() and q.dtype == torch.bfloat16,
                   SPLIT=q.dtype != torch.float32 and _env("LONGCTX_TRITON_PRECISE"))
     ints = [h, h // hkv, sq, sk, d, off, left, right, _bucket(sq), _bucket(sk)]
     return consts, ints
+
+
+def _score_args(scale: float, softcap) -> list[float]:
+    """(qk_scale, CAP): scores in the log2 domain, or (see triton_kernels) the argument of the cap's tanh."""
+    if softcap is None:
+        return [scale * _LOG2E, 0.0]
+    return [scale / softcap, softcap * _LOG2E]
 
 
 def _device(q):
@@ -202,29 +209,29 @@ class _NullCtx:
         return False
 
 
-def _forward(q, k, v, out, lse, scale: float, mask: Mask, visits=None):
+def _forward(q, k, v, out, lse, scale: float, mask: Mask, visits=None, softcap=None):
     q, k, v = _rows(q), _rows(k), _rows(v)
     b, sq, h, d = q.shape
-    consts, ints = _common(q, k, mask)
+    consts, ints = _common(q, k, mask, softcap)
     qd, kd, s_qdb, s_kdb = _docs(mask, b, q.device)
     counter = visits if visits is not None else qd
-    args = [q, k, v, out, lse, qd, kd, counter, scale * _LOG2E, *q.stride()[:3], *k.stride()[:3],
+    args = [q, k, v, out, lse, qd, kd, counter, *_score_args(scale, softcap), *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], *out.stride()[:3], s_qdb, s_kdb, *ints]
     with _device(q):
         _launch("fwd", sq, b * h, d, q.dtype, args, dict(consts, COUNT=visits is not None))
 
 
-def forward(q, k, v, *, scale: float, mask: Mask, out_dtype=None):
+def forward(q, k, v, *, scale: float, mask: Mask, out_dtype=None, softcap=None):
     b, sq, h, d = q.shape
     out = torch.empty((b, sq, h, d), dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or k.shape[1] == 0:
         return out.zero_(), lse.fill_(-_INF)  # no keys: every row is empty
-    _forward(q, k, v, out, lse, scale, mask)
+    _forward(q, k, v, out, lse, scale, mask, softcap=softcap)
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, *, scale: float, mask: Mask, grad_dtype=None):
+def backward(dout, q, k, v, out, lse, *, scale: float, mask: Mask, grad_dtype=None, softcap=None):
     q, k, v, dout, out = _rows(q), _rows(k), _rows(v), _rows(dout), _rows(out)
     b, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
@@ -235,7 +242,7 @@ def backward(dout, q, k, v, out, lse, *, scale: float, mask: Mask, grad_dtype=No
     dv = alloc(v.shape, dtype=grad_dtype or v.dtype, device=q.device)
     if q.numel() == 0 or k.numel() == 0:
         return dq, dk, dv
-    consts, ints = _common(q, k, mask)
+    consts, ints = _common(q, k, mask, softcap)
     qd, kd, s_qdb, s_kdb = _docs(mask, b, q.device)
     lse = lse.detach().contiguous()
     delta = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
@@ -245,12 +252,12 @@ def backward(dout, q, k, v, out, lse, *, scale: float, mask: Mask, grad_dtype=No
         rows = 16 if _interpreted() else 64
         kern.delta_kernel[(-(-sq // rows), b * h)](out, dout, delta, *out.stride()[:3], *dout.stride()[:3],
                                                    h, sq, d, BLOCK_D=consts["BLOCK_D"], BLOCK_M=rows)
-        qk_scale = scale * _LOG2E
+        qk_scale, cap = _score_args(scale, softcap)
         _launch("dkdv", sk, b * hkv, d, q.dtype,
-                [q, k, v, dout, lse, delta, dk, dv, qd, kd, qk_scale, scale, *strides, *dk.stride()[:3],
+                [q, k, v, dout, lse, delta, dk, dv, qd, kd, qk_scale, scale, cap, *strides, *dk.stride()[:3],
                  *dv.stride()[:3], s_qdb, s_kdb, *ints], consts)
         _launch("dq", sq, b * h, d, q.dtype,
-                [q, k, v, dout, lse, delta, dq, qd, kd, qk_scale, scale, *strides, *dq.stride()[:3],
+                [q, k, v, dout, lse, delta, dq, qd, kd, qk_scale, scale, cap, *strides, *dq.stride()[:3],
                  s_qdb, s_kdb, *ints], consts)
     return dq, dk, dv
 
@@ -281,7 +288,7 @@ def fwd_block_sizes(d: int, dtype: torch.dtype):
 PRIORITY = 20 if torch.backends.cuda.is_built() else -1
 
 register(Backend(
-    "triton", forward, backward, priority=PRIORITY, availability=availability, supports=supports,
+    "triton", forward, backward, priority=PRIORITY, availability=availability, supports=supports, softcap=True,
     notes=[
         "FlashAttention-2-style Triton kernels: band-skipped tiles, GQA without repeating K/V, "
         "deterministic dK/dV (group heads summed in one program)",
@@ -289,5 +296,6 @@ register(Backend(
         "TRITON_INTERPRET=1 with LONGCTX_TRITON_ON_CPU=1 (tests)",
         "document masks skip only band-empty tiles (tiles of other documents are masked, not skipped)",
         "fp16/bf16 round P and dS like FlashAttention; LONGCTX_TRITON_PRECISE=1 for near-fp32 accuracy",
+        "logit soft-capping (softcap=) in the same kernels, tanh from exp2",
     ],
 ))

@@ -8,6 +8,7 @@ throughout; lse is stored in natural log. Masks arrive as one band (off, left, r
 document ids: key j is allowed for query i iff -left <= j - i - off <= right and q_doc[i] == k_doc[j].
 Each program walks only the tiles that intersect its band, in three ranges: partial tiles before the
 fully-allowed run, the run itself (no mask arithmetic at all), partial tiles after it.
+With SOFTCAP, qk_scale is scale / c and a score becomes c tanh(x) (CAP = c log2 e), dS gaining 1 - tanh^2.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import triton.language as tl
 # Globals a jit function reads must be constexpr: the compiler refuses plain module floats.
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+NEG_2LOG2E = tl.constexpr(-2.8853900817779268)  # exp2(x * this) = exp(-2 x)
 
 
 @triton.jit
@@ -63,15 +65,27 @@ def _dot_lowp(x, y, PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexp
 
 
 @triton.jit
+def _capped(x, CAP):
+    """(c tanh(x) in the log2 domain, 1 - tanh(x)^2) for x = q.k scale / c. tanh from one exp2 of -2|x|,
+    which cannot overflow (Triton 3.6 and the interpreter have no tanh of their own in tl)."""
+    e = tl.exp2(tl.abs(x) * NEG_2LOG2E)
+    t = (1.0 - e) / (1.0 + e)
+    t = tl.where(x < 0, -t, t)
+    return t * CAP, 1.0 - t * t
+
+
+@triton.jit
 def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kd_base, qd, offs_m, n0, SK, D, s_ks, s_vs,
-              OFF, LEFT, RIGHT, qk_scale,
-              MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr):
+              OFF, LEFT, RIGHT, qk_scale, CAP,
+              MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_ok = (offs_n[:, None] < SK) & (offs_d[None, :] < D)
     k = tl.load(_tile(k_base, offs_n, s_ks, offs_d), mask=kv_ok, other=0.0)
     s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
+    if SOFTCAP:
+        s, _ = _capped(s, CAP)
     if MASKED:
         d = offs_n[None, :] - offs_m[:, None] - OFF
         s = tl.where((d >= -LEFT) & (d <= RIGHT) & (offs_n[None, :] < SK), s, float("-inf"))
@@ -91,10 +105,10 @@ def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kd_base, qd, offs_m, n0, SK, D, 
 
 @triton.jit
 def fwd_kernel(Q, K, V, O, LSE, QDOC, KDOC, VISITS,
-               qk_scale,
+               qk_scale, CAP,
                s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh, s_qdb, s_kdb,
                H, G, SQ, SK, D, OFF, LEFT, RIGHT, SQ_KEY, SK_KEY,
-               HAS_DOCS: tl.constexpr, COUNT: tl.constexpr,
+               HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr, COUNT: tl.constexpr,
                PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -123,19 +137,19 @@ def fwd_kernel(Q, K, V, O, LSE, QDOC, KDOC, VISITS,
     n_full = 0
     for n0 in range(lo_t, f0, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kd_base, qd, offs_m, n0, SK, D,
-                                  s_ks, s_vs, OFF, LEFT, RIGHT, qk_scale, True, HAS_DOCS,
+                                  s_ks, s_vs, OFF, LEFT, RIGHT, qk_scale, CAP, True, HAS_DOCS, SOFTCAP,
                                   BLOCK_N, BLOCK_D, PREC, UPCAST, SPLIT)
         if COUNT:
             n_part += 1
     for n0 in range(f0, f1, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kd_base, qd, offs_m, n0, SK, D,
-                                  s_ks, s_vs, OFF, LEFT, RIGHT, qk_scale, False, HAS_DOCS,
+                                  s_ks, s_vs, OFF, LEFT, RIGHT, qk_scale, CAP, False, HAS_DOCS, SOFTCAP,
                                   BLOCK_N, BLOCK_D, PREC, UPCAST, SPLIT)
         if COUNT:
             n_full += 1
     for n0 in range(f1, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kd_base, qd, offs_m, n0, SK, D,
-                                  s_ks, s_vs, OFF, LEFT, RIGHT, qk_scale, True, HAS_DOCS,
+                                  s_ks, s_vs, OFF, LEFT, RIGHT, qk_scale, CAP, True, HAS_DOCS, SOFTCAP,
                                   BLOCK_N, BLOCK_D, PREC, UPCAST, SPLIT)
         if COUNT:
             n_part += 1
@@ -179,9 +193,9 @@ def _load_row_stats(LSE, DELTA, row_base, offs_m, SQ):
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_base, do_base, qd_base, kd, LSE, DELTA, row_base, offs_n, m0, SQ, D,
-               s_qs, s_ds, OFF, LEFT, RIGHT, qk_scale,
-               MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-               PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr):
+               s_qs, s_ds, OFF, LEFT, RIGHT, qk_scale, CAP,
+               MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr):
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < SQ) & (offs_d[None, :] < D)
@@ -189,7 +203,11 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, qd_base, kd, LSE, DELTA, row_base,
     do = tl.load(_tile(do_base, offs_m, s_ds, offs_d), mask=ok, other=0.0).to(q.dtype)
     lse, delta = _load_row_stats(LSE, DELTA, row_base, offs_m, SQ)
     # Transposed tile (keys x queries) so dK and dV accumulate without transposing P and dS.
-    p_t = tl.exp2(_dot(k, tl.trans(q), PREC, UPCAST) * qk_scale - lse[None, :])
+    s_t = _dot(k, tl.trans(q), PREC, UPCAST) * qk_scale
+    slope_t = s_t
+    if SOFTCAP:
+        s_t, slope_t = _capped(s_t, CAP)
+    p_t = tl.exp2(s_t - lse[None, :])
     if MASKED:
         d = offs_n[:, None] - offs_m[None, :] - OFF
         p_t = tl.where((d >= -LEFT) & (d <= RIGHT) & (offs_m[None, :] < SQ), p_t, 0.0)
@@ -199,17 +217,20 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, qd_base, kd, LSE, DELTA, row_base,
     dv += _dot_lowp(p_t, do, PREC, UPCAST, SPLIT)
     dp_t = _dot(v, tl.trans(do), PREC, UPCAST)
     ds_t = p_t * (dp_t - delta[None, :])
+    if SOFTCAP:
+        ds_t = ds_t * slope_t
     dk += _dot_lowp(ds_t, q, PREC, UPCAST, SPLIT)
     return dk, dv
 
 
 @triton.jit
 def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QDOC, KDOC,
-                qk_scale, sm_scale,
+                qk_scale, sm_scale, CAP,
                 s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh,
                 s_dkb, s_dks, s_dkh, s_dvb, s_dvs, s_dvh, s_qdb, s_kdb,
                 H, G, SQ, SK, D, OFF, LEFT, RIGHT, SQ_KEY, SK_KEY,
-                HAS_DOCS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+                HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
+                PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -240,16 +261,16 @@ def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QDOC, KDOC,
         row_base = (b * H + h) * SQ
         for m0 in range(lo_t, f0, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, qd_base, kd, LSE, DELTA, row_base, offs_n, m0,
-                                SQ, D, s_qs, s_ds, OFF, LEFT, RIGHT, qk_scale,
-                                True, HAS_DOCS, BLOCK_M, BLOCK_D, PREC, UPCAST, SPLIT)
+                                SQ, D, s_qs, s_ds, OFF, LEFT, RIGHT, qk_scale, CAP,
+                                True, HAS_DOCS, SOFTCAP, BLOCK_M, BLOCK_D, PREC, UPCAST, SPLIT)
         for m0 in range(f0, f1, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, qd_base, kd, LSE, DELTA, row_base, offs_n, m0,
-                                SQ, D, s_qs, s_ds, OFF, LEFT, RIGHT, qk_scale,
-                                False, HAS_DOCS, BLOCK_M, BLOCK_D, PREC, UPCAST, SPLIT)
+                                SQ, D, s_qs, s_ds, OFF, LEFT, RIGHT, qk_scale, CAP,
+                                False, HAS_DOCS, SOFTCAP, BLOCK_M, BLOCK_D, PREC, UPCAST, SPLIT)
         for m0 in range(f1, hi, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, qd_base, kd, LSE, DELTA, row_base, offs_n, m0,
-                                SQ, D, s_qs, s_ds, OFF, LEFT, RIGHT, qk_scale,
-                                True, HAS_DOCS, BLOCK_M, BLOCK_D, PREC, UPCAST, SPLIT)
+                                SQ, D, s_qs, s_ds, OFF, LEFT, RIGHT, qk_scale, CAP,
+                                True, HAS_DOCS, SOFTCAP, BLOCK_M, BLOCK_D, PREC, UPCAST, SPLIT)
     tl.store(_tile(DK + b * s_dkb + hk * s_dkh, offs_n, s_dks, offs_d),
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(_tile(DV + b * s_dvb + hk * s_dvh, offs_n, s_dvs, offs_d),
@@ -258,15 +279,19 @@ def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QDOC, KDOC,
 
 @triton.jit
 def _dq_tile(dq, q, do, lse, delta, k_base, v_base, kd_base, qd, offs_m, n0, SK, D, s_ks, s_vs,
-             OFF, LEFT, RIGHT, qk_scale,
-             MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-             PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr):
+             OFF, LEFT, RIGHT, qk_scale, CAP,
+             MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_ok = (offs_n[:, None] < SK) & (offs_d[None, :] < D)
     k = tl.load(_tile(k_base, offs_n, s_ks, offs_d), mask=kv_ok, other=0.0)
     v = tl.load(_tile(v_base, offs_n, s_vs, offs_d), mask=kv_ok, other=0.0)
-    p = tl.exp2(_dot(q, tl.trans(k), PREC, UPCAST) * qk_scale - lse[:, None])
+    s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
+    slope = s
+    if SOFTCAP:
+        s, slope = _capped(s, CAP)
+    p = tl.exp2(s - lse[:, None])
     if MASKED:
         d = offs_n[None, :] - offs_m[:, None] - OFF
         p = tl.where((d >= -LEFT) & (d <= RIGHT) & (offs_n[None, :] < SK), p, 0.0)
@@ -275,17 +300,20 @@ def _dq_tile(dq, q, do, lse, delta, k_base, v_base, kd_base, qd, offs_m, n0, SK,
         p = tl.where(qd[:, None] == kd[None, :], p, 0.0)
     dp = _dot(do, tl.trans(v), PREC, UPCAST)
     ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * slope
     dq += _dot_lowp(ds, k, PREC, UPCAST, SPLIT)
     return dq
 
 
 @triton.jit
 def dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QDOC, KDOC,
-              qk_scale, sm_scale,
+              qk_scale, sm_scale, CAP,
               s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh,
               s_dqb, s_dqs, s_dqh, s_qdb, s_kdb,
               H, G, SQ, SK, D, OFF, LEFT, RIGHT, SQ_KEY, SK_KEY,
-              HAS_DOCS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+              HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
+              PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -312,13 +340,13 @@ def dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QDOC, KDOC,
     lo_t, f0, f1, hi = _plan(m0, m_last, SK, OFF, LEFT, RIGHT, BLOCK_N)
     for n0 in range(lo_t, f0, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, kd_base, qd, offs_m, n0, SK, D, s_ks, s_vs,
-                      OFF, LEFT, RIGHT, qk_scale, True, HAS_DOCS, BLOCK_N, BLOCK_D, PREC, UPCAST, SPLIT)
+                      OFF, LEFT, RIGHT, qk_scale, CAP, True, HAS_DOCS, SOFTCAP, BLOCK_N, BLOCK_D, PREC, UPCAST, SPLIT)
     for n0 in range(f0, f1, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, kd_base, qd, offs_m, n0, SK, D, s_ks, s_vs,
-                      OFF, LEFT, RIGHT, qk_scale, False, HAS_DOCS, BLOCK_N, BLOCK_D, PREC, UPCAST, SPLIT)
+                      OFF, LEFT, RIGHT, qk_scale, CAP, False, HAS_DOCS, SOFTCAP, BLOCK_N, BLOCK_D, PREC, UPCAST, SPLIT)
     for n0 in range(f1, hi, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, kd_base, qd, offs_m, n0, SK, D, s_ks, s_vs,
-                      OFF, LEFT, RIGHT, qk_scale, True, HAS_DOCS, BLOCK_N, BLOCK_D, PREC, UPCAST, SPLIT)
+                      OFF, LEFT, RIGHT, qk_scale, CAP, True, HAS_DOCS, SOFTCAP, BLOCK_N, BLOCK_D, PREC, UPCAST, SPLIT)
     tl.store(_tile(DQ + b * s_dqb + h * s_dqh, offs_m, s_dqs, offs_d),
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=ok)
 
@@ -337,7 +365,7 @@ DKDV_CONFIGS = [(32, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 4, 1), 
 DQ_CONFIGS = [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2),
               (32, 32, 4, 1)]
 # Triton adds the dtype of every tensor argument to the key itself, so dtype needs no entry here.
-AUTOTUNE_KEY = ["D", "SQ_KEY", "SK_KEY", "HAS_DOCS"]
+AUTOTUNE_KEY = ["D", "SQ_KEY", "SK_KEY", "HAS_DOCS", "SOFTCAP"]
 _TUNED: dict = {}
 
 

@@ -185,14 +185,15 @@ def first_visible(pad, position: int, window: int | None, chunk: int | None = No
 
 
 def decode_attention(q, cache: ShardedKVCache, *, key_start, scale: float, decode: str, kernel: str, comm,
-                     sinks=None):
+                     sinks=None, softcap=None):
     """One new query per row against the sharded cache (tree or ring across ranks, or this process alone);
     `sinks` (H,): attention sinks, merged into the combined softmax."""
     if comm is None:  # one process, no process group: nothing to combine
         out, lse = local_partial(q, cache.k, cache.v, scale=scale, kernel=kernel, key_start=key_start,
-                                 k_positions=cache.global_positions())
+                                 k_positions=cache.global_positions(), softcap=softcap)
     else:
-        out, lse = cache.decode(q, strategy=decode, key_start=key_start, kernel=kernel, scale=scale, return_lse=True)
+        out, lse = cache.decode(q, strategy=decode, key_start=key_start, kernel=kernel, scale=scale, return_lse=True,
+                                softcap=softcap)
     if sinks is not None:
         out, _ = kernels.merge_sinks(out, lse, sinks)
     return out.to(q.dtype)

@@ -17,8 +17,11 @@ as `parallelize` does for our Llama. What would break silently is handled here:
                (hf_layers.py)
   sinks        gpt-oss's per-head attention sinks (s_aux) go to the strategy, which merges them into its
                global softmax (kernels.merge_sinks)
-  semantics    what the kernels do not compute is refused, never dropped: logit soft-capping (Gemma2),
-               additive position biases, bidirectional attention, dropout
+  soft-capping Gemma 2's attention logit soft-capping (`softcap`) goes to the kernels, which cap every
+               block's scores; its final logit soft-capping is applied where the adapter makes logits
+               (`output_softcap`: the chunked and vocabulary-parallel losses, generation)
+  semantics    what the kernels do not compute is refused, never dropped: additive position biases,
+               bidirectional attention, dropout
   labels       HF's own loss would shift labels inside a shard: the adapter calls the decoder and computes
                the loss from labels shifted before sharding (the trainer's chunked loss)
   tp           model/hf_tensor.py: Megatron's split with sequence parallelism, by module names
@@ -66,20 +69,20 @@ class AttentionCores:
         self.strategy, self.group, self.layout, self.kernel, self.cp = strategy, group, layout, kernel, cp
         self._by_window: dict = {}
 
-    def __call__(self, q, k, v, *, scale, window, documents, sinks=None, chunk=None):
+    def __call__(self, q, k, v, *, scale, window, documents, sinks=None, chunk=None, softcap=None):
         if chunk is not None:  # chunked attention: each chunk (inside each packed document) alone
             documents = chunk_documents(documents, q.shape[1] * self.cp, chunk)
         if self.cp == 1:
             if documents is not None or sinks is not None:
                 return local_attention(q, k, v, causal=True, window=window, kernel=self.kernel, documents=documents,
-                                       scale=scale, sinks=sinks)
+                                       scale=scale, sinks=sinks, softcap=softcap)
             return kernels.attention(q, k, v, scale=scale, mask=kernels.Mask.from_flags(True, window),
-                                     backend=self.kernel)
+                                     backend=self.kernel, softcap=softcap)
         if window not in self._by_window:
             self._by_window[window] = ContextParallelAttention(self.strategy, self.group, causal=True,
                                                                kernel=self.kernel, window=window, layout=self.layout,
                                                                check_positions=False)
-        return self._by_window[window](q, k, v, scale=scale, documents=documents, sinks=sinks)
+        return self._by_window[window](q, k, v, scale=scale, documents=documents, sinks=sinks, softcap=softcap)
 
 
 def longctx_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
@@ -111,7 +114,7 @@ def longctx_attention(module, query, key, value, attention_mask, scaling=None, d
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))
     out = cores(q, k, v, scale=scaling if scaling is not None else q.shape[-1] ** -0.5, window=window,
                 documents=kwargs.get("longctx_documents"), sinks=None if sinks is None else local_tensor(sinks),
-                chunk=attention_chunk(module))
+                chunk=attention_chunk(module), softcap=kwargs.get("softcap"))
     return out, None
 
 
@@ -154,6 +157,18 @@ class HFCausalLM(nn.Module):
     def output(self):
         """The output projection; None on a pipeline stage before the last."""
         return self.hf.lm_head
+
+    @property
+    def output_softcap(self) -> float | None:
+        """The output logits' soft-capping (Gemma 2's final_logit_softcapping), which the CausalLM's own forward
+        would apply and the adapter's logits and losses therefore apply; None when the model has none."""
+        return kernels.check_softcap(getattr(self.hf.config, "final_logit_softcapping", None))
+
+    def logits(self, h):
+        """The output logits of final hidden states h, soft-capped as the model's own forward does."""
+        out = self.hf.lm_head(h)
+        cap = self.output_softcap
+        return out if cap is None else kernels.soft_cap(out, cap)[0]
 
     def tied_head(self) -> tuple[str, str] | None:
         """(embedding name, output head name) in this module when the head is the embedding's parameter."""
@@ -206,11 +221,11 @@ class HFCausalLM(nn.Module):
         if return_hidden or self.hf.lm_head is None:
             return h
         if labels is None:
-            return self.hf.lm_head(h)
+            return self.logits(h)
         if loss_fn is None:
-            return F.cross_entropy(self.hf.lm_head(h).flatten(0, 1).float(), labels.flatten(), reduction="sum")
+            return F.cross_entropy(self.logits(h).flatten(0, 1).float(), labels.flatten(), reduction="sum")
         # under tp, h is this rank's sequence shard, which the vocabulary-parallel loss gathers once
-        return loss_fn(h, self.hf.lm_head.weight, labels)
+        return loss_fn(h, self.hf.lm_head.weight, labels, softcap=self.output_softcap)
 
     def generate(self, prompts, **kwargs):
         """Continue prompts (list of 1-D token tensors): longctx.model.generate.generate with this model's

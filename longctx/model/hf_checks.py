@@ -17,11 +17,10 @@ from .._optional import require
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-# config keys whose effect longctx would skip: the attention kernels compute plain softmax attention, and the
-# adapter computes the loss from lm_head(hidden) itself, so a CausalLM forward's logit transform never runs
-_CONFIG_UNSUPPORTED = (("attn_logit_softcapping", None, "attention logit soft-capping"),
-                       ("final_logit_softcapping", None, "output logit soft-capping"),
-                       ("logit_scale", 1.0, "a scale on the output logits"),
+# config keys whose effect longctx would skip: the adapter computes the loss from lm_head(hidden) itself, so a
+# CausalLM forward's logit transform never runs unless the adapter knows it (final_logit_softcapping: it does,
+# HFCausalLM.logits; attention soft-capping reaches the kernels as the call's `softcap`)
+_CONFIG_UNSUPPORTED = (("logit_scale", 1.0, "a scale on the output logits"),
                        ("logits_scaling", 1.0, "a scale on the output logits"))
 
 # the layer types whose attention longctx computes: causal softmax attention over every earlier key, over a
@@ -31,8 +30,7 @@ _CONFIG_UNSUPPORTED = (("attn_logit_softcapping", None, "attention logit soft-ca
 _LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
 # what an attention module can ask of the interface beyond softmax(q k^T * scale) v under a causal/window mask
-_UNSUPPORTED = {"softcap": "attention logit soft-capping (Gemma2's attn_logit_softcapping)",
-                "position_bias": "an additive position bias", "head_mask": "a head mask"}
+_UNSUPPORTED = {"position_bias": "an additive position bias", "head_mask": "a head mask"}
 
 
 def _check_semantics(module, kwargs) -> None:

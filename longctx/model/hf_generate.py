@@ -23,9 +23,10 @@ class _Capture:
     def __init__(self, cores: AttentionCores):
         self.cores, self.kv = cores, None
 
-    def __call__(self, q, k, v, *, scale, window, documents, sinks=None, chunk=None):
+    def __call__(self, q, k, v, *, scale, window, documents, sinks=None, chunk=None, softcap=None):
         self.kv = (k, v)
-        return self.cores(q, k, v, scale=scale, window=window, documents=documents, sinks=sinks, chunk=chunk)
+        return self.cores(q, k, v, scale=scale, window=window, documents=documents, sinks=sinks, chunk=chunk,
+                          softcap=softcap)
 
 
 class _Decode:
@@ -35,10 +36,11 @@ class _Decode:
         self.cache, self.position, self.pad, self.decode, self.kernel, self.comm = (
             cache, position, pad, decode, kernel, comm)
 
-    def __call__(self, q, k, v, *, scale, window, documents, sinks=None, chunk=None):
+    def __call__(self, q, k, v, *, scale, window, documents, sinks=None, chunk=None, softcap=None):
         self.cache.append(k, v)
         return decode_attention(q, self.cache, key_start=first_visible(self.pad, self.position, window, chunk),
-                                scale=scale, decode=self.decode, kernel=self.kernel, comm=self.comm, sinks=sinks)
+                                scale=scale, decode=self.decode, kernel=self.kernel, comm=self.comm, sinks=sinks,
+                                softcap=softcap)
 
 
 class HFSteps:
@@ -91,5 +93,5 @@ class HFSteps:
         """Logits (B, vocab) of one new token per row at global `position` (RoPE: position - pad)."""
         handlers = [_Decode(cache, position, pad, decode, kernel, comm) for cache in caches]
         h = self._with(handlers, lambda: self.adapter.hidden(x[:, None], (position - pad)[:, None]))
-        logits = self.adapter.hf.lm_head(h)
+        logits = self.adapter.logits(h)
         return (logits.full_tensor() if self.tp is not None else logits)[:, 0]

@@ -126,6 +126,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    output_softcap = None  # no soft-capping of the output logits (HFCausalLM has Gemma 2's); the trainer asks
+
     def __init__(self, cfg: ModelConfig, cores: list[nn.Module] | None = None, mlp_chunks: int = 1):
         super().__init__()
         validate_model(cfg)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.softcap import soft_cap
 from .comm import Comm
 
 PHASE = "tp"
@@ -219,7 +220,7 @@ class _VocabParallelCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, w_local, labels, vocab_start: int, comm: Comm, chunk: int, ignore_index: int,
-                want: bool):
+                want: bool, softcap):
         acc = _acc(hidden.dtype)
         n = hidden.shape[0]
         total = torch.zeros((), dtype=acc, device=hidden.device)
@@ -229,12 +230,17 @@ class _VocabParallelCE(torch.autograd.Function):
         for s0 in range(0, n, step):
             h, y = hidden[s0:s0 + step], labels[s0:s0 + step]
             logits = (h @ w_local.t()).to(acc)  # (chunk, vocab / tp): the only vocab-sized tensor
+            slope = None
+            if softcap is not None:  # elementwise, so each rank caps its own columns
+                logits, slope = soft_cap(logits, softcap)
             losses, e, denom, own, idx, valid = _split_vocab_terms(logits, y, vocab_start, comm, ignore_index)
             total += losses.sum()
             if want:
                 probs = e.div_(denom[:, None])  # softmax over the whole vocabulary, this rank's columns
                 probs.scatter_add_(1, idx, -own.to(acc)[:, None])  # minus one-hot where this rank owns the target
                 probs.mul_(valid[:, None].to(acc))
+                if slope is not None:
+                    probs.mul_(slope)
                 grad_h[s0:s0 + step] = probs @ w_local.to(acc)
                 grad_w += probs.t() @ h.to(acc)
         if want:
@@ -246,14 +252,16 @@ class _VocabParallelCE(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_h, grad_w = ctx.saved_tensors
         return ((grad_h * grad_total).to(ctx.dtypes[0]), (grad_w * grad_total).to(ctx.dtypes[1]),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
-def vocab_parallel_cross_entropy(hidden, weight, labels, *, ignore_index: int, chunk: int = 1024) -> torch.Tensor:
+def vocab_parallel_cross_entropy(hidden, weight, labels, *, ignore_index: int, chunk: int = 1024,
+                                 softcap: float | None = None) -> torch.Tensor:
     """Sum over real labels of cross_entropy(hidden @ weight.T, labels) where `weight` is the output
     projection as a DTensor sharded by rows (vocabulary) over a 1-D tp mesh and `hidden` (B, S, D) either a
     DTensor on that mesh or this rank's sequence shard (what the sequence-parallel final norm returns);
-    labels (B, S_full) of the whole (context-parallel) shard. Every tp rank returns the same value."""
+    labels (B, S_full) of the whole (context-parallel) shard. Every tp rank returns the same value. softcap:
+    the logits soft-capped first (softcap * tanh(logits / softcap))."""
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
     mesh = weight.device_mesh
@@ -269,4 +277,4 @@ def vocab_parallel_cross_entropy(hidden, weight, labels, *, ignore_index: int, c
     h = hidden.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()])
     want = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     return _VocabParallelCE.apply(h.flatten(0, 1), weight.to_local(), labels.flatten(), comm.rank * rows, comm,
-                                  chunk, ignore_index, want)
+                                  chunk, ignore_index, want, softcap)

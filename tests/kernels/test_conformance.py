@@ -1,9 +1,10 @@
 """Every kernel backend, `reference` included, against the independent float64 oracle (tests/support/oracle.py).
 
 The masks are drawn from everything the planner can send a kernel: causal with any diagonal offset, the
-striped shifted diagonal, windows with offsets, left-only and right-only bands, empty and full bands,
-document masks on top of any band. Each case also checks that the named backend itself ran (no silent
-fallback to reference) and that `Mask.dense` and the pair counts agree with the oracle's element-wise mask.
+striped shifted diagonal, windows with offsets, left-only and right-only bands, empty and full bands, document
+masks on top of any band, with logit soft-capping for the backends that compute it. Each case also checks that
+the named backend itself ran (no silent fallback to reference) and that `Mask.dense` and the pair counts agree
+with the oracle's element-wise mask.
 """
 
 import pytest
@@ -89,7 +90,10 @@ def cases(draw, backend):
     torch.manual_seed(draw(st.integers(0, 2**16)))
     mask = draw(masks(b, sq, sk))
     dv = draw(st.sampled_from(HEAD_DIMS.get(backend, [8, 16])))  # v's width: half the cases differ from q/k's
-    return b, sq, sk, hkv, g, d, dv, mask, dtype
+    # soft-capping (Gemma 2) where the backend computes it: caps around the scores' own scale, so they bend them
+    capped = backends()[backend].softcap and draw(st.booleans())
+    softcap = draw(st.sampled_from([0.5, 1.0, 3.0])) if capped else None
+    return b, sq, sk, hkv, g, d, dv, mask, dtype, softcap
 
 
 def _tensors(b, sq, sk, hkv, g, d, dtype, dv=None):
@@ -116,18 +120,18 @@ def _err(a, b):
     return diff.max().item() if diff.numel() else 0.0
 
 
-def _run(backend, q, k, v, do, mask):
-    out, lse = forward(q, k, v, mask=mask, backend=backend)
-    grads = backward(do, q, k, v, out, lse, mask=mask, backend=backend)
+def _run(backend, q, k, v, do, mask, softcap=None):
+    out, lse = forward(q, k, v, mask=mask, backend=backend, softcap=softcap)
+    grads = backward(do, q, k, v, out, lse, mask=mask, backend=backend, softcap=softcap)
     return out, lse, grads
 
 
 def _check(backend, case):
-    b, sq, sk, hkv, g, d, dv, mask, dtype = case
+    b, sq, sk, hkv, g, d, dv, mask, dtype, softcap = case
     q, k, v, do = _tensors(b, sq, sk, hkv, g, d, dtype, dv)
     kernels.reset_calls()
     dmask, *dev = _on_dev(mask, q, k, v, do)
-    out, lse, grads = _run(backend, *dev, dmask)
+    out, lse, grads = _run(backend, *dev, dmask, softcap)
     out, lse, grads = out.cpu(), lse.cpu(), tuple(x.cpu() for x in grads)
     # a backend of one width gets the narrower side zero-padded: the fused op sees the wider
     check_ran(report(), backend, DEV, fallbacks=expected_fallbacks(backend, DEV, dtype, mask, max(d, dv), 2),
@@ -137,7 +141,7 @@ def _check(backend, case):
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert all(x.dtype == dtype for x in grads)
     assert not out.isnan().any() and not lse.isnan().any() and not any(x.isnan().any() for x in grads)
-    x_out, x_lse, x_grads = oracle.attention(q, k, v, do=do, **oracle.band(mask))
+    x_out, x_lse, x_grads = oracle.attention(q, k, v, do=do, softcap=softcap, **oracle.band(mask))
     # rows with no allowed key: exactly out = 0, lse = -inf and dq = 0
     empty = torch.isneginf(x_lse)
     assert torch.equal(torch.isneginf(lse), empty), mask

@@ -326,3 +326,25 @@ def test_bench_kernel_reports_skips_and_virtual_ranks(tmp_path):
         assert r["fwdbwd_tflops"] > 0 and r["max_abs_err_out"] <= 1e-5
         assert r["virtual_calls"] >= 4 and r["virtual_ratio"] > 0 and r["virtual_max_abs_err_out"] <= 1e-5
     assert out.exists()
+
+
+def test_bench_kernel_with_soft_capping(tmp_path):
+    # --softcap times the backends that cap (triton, reference) and says why the others are skipped; the
+    # accuracy check compares with the capped reference; a bad cap is an error naming the flag
+    from longctx.bench import kernel as bench
+
+    argv = ["--backends", "triton,reference,sdpa,torch-math", "--seq-lens", "32", "--head-dim", "16", "--heads", "2",
+            "--causal", "--dtype", "float32", "--warmup", "0", "--iters", "1", "--check-len", "16", "--device", DEV,
+            "--softcap", "0.5", "--virtual-ranks", "2"]
+    p = bench.argparse.ArgumentParser()
+    bench.add_arguments(p)
+    recs = {r["backend"]: r for r in bench.run(p.parse_args(argv))}
+    assert recs["sdpa"]["status"] == "skipped: it does not compute logit soft-capping"
+    assert recs["torch-math"]["status"] == "skipped: torch's SDPA has no logit soft-capping"
+    for name in ("triton", "reference"):
+        r = recs[name]
+        assert r["status"] == "ok" and r["softcap"] == 0.5, r["status"]
+        assert r["max_abs_err_out"] <= 1e-5 and r["virtual_max_abs_err_out"] <= 1e-5
+    with pytest.raises(ValueError, match=r"--softcap must be a positive number .* got -1.0"):
+        bench.run(p.parse_args([*argv[:-4], "--softcap", "-1"]))
+

@@ -39,6 +39,11 @@ GEMMA4 = transformers.Gemma4TextConfig(**SMALL, **SMALL_PER_LAYER, head_dim=8, g
                                        layer_types=["sliding_attention", "full_attention"])
 
 
+GEMMA2 = transformers.Gemma2Config(**SMALL, head_dim=16, sliding_window=5, query_pre_attn_scalar=8,
+                                   layer_types=["sliding_attention", "full_attention"], initializer_range=0.2,
+                                   attn_logit_softcapping=1.0, final_logit_softcapping=2.0)
+
+
 def _save(cls, cfg, path, sinks: float | None = None):
     torch.manual_seed(0)
     model = cls(cfg)
@@ -67,6 +72,9 @@ def hf_dirs(tmp_path_factory):
         "gemma3": _save(transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig(
             **SMALL, head_dim=16, sliding_window=5, layer_types=["sliding_attention", "full_attention"],
             query_pre_attn_scalar=8), root / "gemma3"),
+        # Gemma 2: attention and output logits soft-capped, with weights large enough (initializer_range 0.2)
+        # that both caps bend the scores and logits (test_soft_capping_is_computed)
+        "gemma2": _save(transformers.Gemma2ForCausalLM, GEMMA2, root / "gemma2"),
         # attention sinks (a learned per-head logit in every softmax, set well away from 0 so they matter),
         # a mixture of experts, alternating sliding and full layers
         "gptoss": _save(transformers.GptOssForCausalLM, transformers.GptOssConfig(
@@ -130,6 +138,8 @@ def _layouts(arch: str, layouts: list[dict]) -> list[dict]:
         return layouts[:1]
     if arch == "gemma4":  # no tp placement for its per-layer inputs (refused)
         return [layouts[0], layouts[3]]
+    if arch == "gemma2":  # soft-capping in the ring, in Ulysses' local call (hybrid), and tp's logits
+        return [layouts[0], layouts[2], layouts[-1]] if layouts is LAYOUTS_4 else layouts
     if arch == "ernie_moe":  # DDP (cp only) and FSDP2
         return [layout for layout in layouts if layout.get("strategy") in ("zigzag", "ulysses") and "tp" not in layout]
     return [layouts[0], layouts[-1]] if arch in NEWER else layouts
@@ -153,6 +163,29 @@ def test_every_strategy_equals_the_eager_model(hf_dirs):
                                                                      "v_proj.bias"))
                          or n in ("model.embed_tokens.weight", "lm_head.weight")}
                 assert set(r["tp_sharded"]) == (split if r["layout"].get("tp", 1) > 1 else set()), label
+
+
+def test_soft_capping_is_computed(hf_dirs):
+    # the Gemma 2 of the strategy test bends its scores and logits: without either cap the eager model's logits
+    # move by more than 0.5 (its loss, over random tokens, far less), so a strategy that dropped one could not
+    # equal the eager run's gradients there; here the adapter at cp=1 gives the eager logits with both caps
+    from longctx.model.hf import HFCausalLM, load_hf_model, prepare_attention
+    from tests.model._hf_workers import batch
+
+    inp, _ = batch(GEMMA2.vocab_size)
+
+    def eager_logits(**caps):
+        model = transformers.AutoModelForCausalLM.from_pretrained(hf_dirs["gemma2"], attn_implementation="eager",
+                                                                  **caps)
+        return model(input_ids=inp).logits.detach()
+
+    full = eager_logits()
+    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+        assert (eager_logits(**{cap: None}) - full).abs().max() > 0.5, cap
+    adapter = HFCausalLM(load_hf_model(hf_dirs["gemma2"]))
+    prepare_attention(adapter.hf, "zigzag", None, None, "auto", 1)
+    assert adapter.output_softcap == 2.0
+    torch.testing.assert_close(adapter(inp).detach(), full, rtol=0, atol=1e-5)
 
 
 def test_a_self_rescaling_rope_is_pinned_to_one_length(hf_dirs):
@@ -287,18 +320,12 @@ def test_bad_input_names_the_fix(hf_dirs, tmp_path):
 
 
 def test_what_longctx_would_skip_is_refused(tmp_path):
-    # Gemma2 soft-caps attention and output logits, Cohere scales its logits: refused by name before anything
-    # runs. BitNet normalises the attention output over all heads' features before o_proj, a reduction over
-    # the dimension tp splits: no placement, refused under tp
+    # Cohere scales its logits: refused by name before anything runs. BitNet normalises the attention output
+    # over all heads' features before o_proj, a reduction over the dimension tp splits: no placement, refused
+    # under tp
     from longctx.model.hf_checks import check_hf_config
     from tests.model._hf_workers import tp_error
 
-    gemma = dict(SMALL, head_dim=8)
-    with pytest.raises(ValueError, match=r"Gemma2ForCausalLM has attn_logit_softcapping=50.0: attention logit "
-                                         r"soft-capping.*set attn_logit_softcapping=null"):
-        check_hf_config(transformers.Gemma2Config(**gemma, architectures=["Gemma2ForCausalLM"]))
-    with pytest.raises(ValueError, match=r"final_logit_softcapping=30.0: output logit soft-capping"):
-        check_hf_config(transformers.Gemma2Config(**gemma, attn_logit_softcapping=None))
     with pytest.raises(ValueError, match=r"logit_scale=0.0625: a scale on the output logits"):
         check_hf_config(transformers.CohereConfig(**SMALL))
     # a decoder not laid out as the adapter drives it, a config without the sizes longctx reads: one line each
@@ -333,7 +360,7 @@ def test_what_longctx_would_skip_is_refused(tmp_path):
 
 
 def test_attention_the_kernels_do_not_compute_is_refused_at_the_call():
-    # a model whose config hides it still cannot slip soft-capping or bidirectional attention through
+    # a model whose config hides it still cannot slip an additive position bias or bidirectional attention through
     from longctx.model.hf import longctx_attention
 
     class Prepared(torch.nn.Module):
@@ -343,7 +370,8 @@ def test_attention_the_kernels_do_not_compute_is_refused_at_the_call():
             raise AssertionError("must be refused before the kernels run")
 
     q = torch.zeros(1, 2, 4, 8)
-    for kwargs, pattern in (({"softcap": 30.0}, "soft-capping"), ({"is_causal": False}, "bidirectionally")):
+    for kwargs, pattern in (({"position_bias": q}, "an additive position bias"), ({"is_causal": False},
+                                                                                  "bidirectionally")):
         with pytest.raises(ValueError, match=pattern):
             longctx_attention(Prepared(), q, q, q, None, **kwargs)
     # transformers builds no mask for this implementation: one that arrives is the module's own (Doge's dynamic

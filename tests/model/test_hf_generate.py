@@ -3,7 +3,7 @@ prefill and tree/ring decoding over 1 and 2 ranks give the tokens of the unmodif
 generation without a cache, logits within 1e-5: sliding-window layers (Qwen2, Gemma3), per-head norms and
 wide heads (Qwen3), a softmax scale that is not head_dim ** -0.5 (Gemma3), attention sinks (gpt-oss),
 values narrower than keys (DeepSeek-V3's latent attention), chunked attention and position-scaled queries
-(Llama 4)."""
+(Llama 4), attention and output logits soft-capped (Gemma 2)."""
 
 import pytest
 import torch
@@ -29,6 +29,11 @@ def models(tmp_path_factory):
         "gemma3": (transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig(
             **SMALL, head_dim=16, sliding_window=5, layer_types=["sliding_attention", "full_attention"],
             query_pre_attn_scalar=8)),
+        # attention scores soft-capped in the prefill and every decode step, output logits capped (weights large
+        # enough that both caps bend them)
+        "gemma2": (transformers.Gemma2ForCausalLM, transformers.Gemma2Config(
+            **SMALL, head_dim=16, sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=8, initializer_range=0.2, attn_logit_softcapping=1.0, final_logit_softcapping=2.0)),
         "qwen3": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config(**SMALL, head_dim=16)),
         # attention sinks (prefill and every decode step merge them), a mixture of experts
         "gptoss": (transformers.GptOssForCausalLM, transformers.GptOssConfig(
@@ -75,6 +80,7 @@ def test_context_parallel_prefill_and_decoding(models):
     # zigzag prefill + tree decoding for every model; striped + ring decoding for one (the decode step is the
     # model's, the decoding scheme longctx's: test_generate.py covers the schemes)
     jobs = [(name, "zigzag", "tree") for name in models] + [("gemma3", "striped", "ring"),
+                                                             ("gemma2", "striped", "ring"),
                                                              ("deepseek", "striped", "ring"),
                                                              ("llama4", "striped", "ring")]
     cases = [dict(hf=models[n][0], strategy=s, decode=d, lengths=LENGTHS, steps=STEPS) for n, s, d in jobs]

@@ -71,13 +71,15 @@ def pairs(sq: int, sk: int, batch: int = 1, **mask) -> int:
     return int(allowed(sq, sk, batch, **mask).sum())
 
 
-def _forward(q, k, v, scale, ok, sinks=None):
+def _forward(q, k, v, scale, ok, sinks=None, softcap=None):
     b, sq, h, d = q.shape
     group = h // k.shape[2]
     qh = q.transpose(1, 2)                                   # (B, H, Sq, D)
     kh = k.repeat_interleave(group, dim=2).transpose(1, 2)   # query head j reads kv head j // group
     vh = v.repeat_interleave(group, dim=2).transpose(1, 2)
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
+    if softcap is not None:  # Gemma 2: scores bent into (-softcap, softcap), autograd differentiates the tanh
+        scores = softcap * torch.tanh(scores / softcap)
     keep = ok[:, None].expand_as(scores)
     scores = scores.masked_fill(~keep, -math.inf)
     # explicit normalisation: the shift is a detached constant (softmax does not depend on it), so
@@ -96,9 +98,10 @@ def _forward(q, k, v, scale, ok, sinks=None):
     return out, lse
 
 
-def attention(q, k, v, *, scale=None, do=None, sinks=None, **mask):
+def attention(q, k, v, *, scale=None, do=None, sinks=None, softcap=None, **mask):
     """out (B, Sq, H, D) and lse (B, H, Sq) in float64; with `do`, also (dq, dk, dv) by autograd, and with
-    `sinks` (H,) (attention sinks: a zero-valued key of logit sinks[h] in every row) (dq, dk, dv, dsinks)."""
+    `sinks` (H,) (attention sinks: a zero-valued key of logit sinks[h] in every row) (dq, dk, dv, dsinks).
+    `softcap`: every score s replaced by softcap * tanh(s / softcap) before the mask."""
     q, k, v = (t.detach().to(torch.float64).requires_grad_(do is not None) for t in (q, k, v))
     inputs = (q, k, v)
     if sinks is not None:
@@ -108,7 +111,7 @@ def attention(q, k, v, *, scale=None, do=None, sinks=None, **mask):
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     ok = allowed(sq, k.shape[1], b, **mask)
     with torch.enable_grad():
-        out, lse = _forward(q, k, v, scale, ok, sinks)
+        out, lse = _forward(q, k, v, scale, ok, sinks, softcap)
         if do is None:
             return out.detach(), lse.detach()
         grads = torch.autograd.grad(out, inputs, do.to(torch.float64))

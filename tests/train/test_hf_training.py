@@ -100,27 +100,44 @@ def gemma_dir(tmp_path_factory):
                   layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
 
 
-def test_hf_model_pipeline_stages_train_like_one_process(gemma_dir, tmp_path):
+@pytest.fixture(scope="module")
+def capped_dir(tmp_path_factory):
+    """Gemma 2: attention scores and output logits soft-capped, weights large enough (initializer_range 0.1)
+    that both caps bend them."""
+    return _saved(tmp_path_factory, "gemma2", "Gemma2ForCausalLM", "Gemma2Config", num_hidden_layers=2,
+                  head_dim=16, sliding_window=12, query_pre_attn_scalar=8, initializer_range=0.1,
+                  attn_logit_softcapping=1.0, final_logit_softcapping=2.0,
+                  layer_types=["sliding_attention", "full_attention"])
+
+
+def test_hf_model_pipeline_stages_train_like_one_process(gemma_dir, capped_dir, tmp_path):
     """An HF model cut into pipeline stages (with cp, tp, FSDP2, four interleaved stages read piece by piece
     from the safetensors) trains the steps of one process, validates like it, and its checkpoint exports
-    to a directory transformers loads with the trained weights and evaluates with them."""
+    to a directory transformers loads with the trained weights and evaluates with them. In the same
+    launches, a soft-capped Gemma 2 trains like one process under cp=4 (the capped scores in the ring, the
+    capped logits in the chunked loss) and pp=2 x tp=2 (the last stage's vocabulary-parallel loss capped)."""
     from longctx.eval import load_checkpoint_model
     from longctx.train import weights
 
     val = ["validation.interval=3", "validation.batches=1"]
-    ref = run(train_and_collect, 1, args=([_cfg(gemma_dir, *val, run_dir=str(tmp_path / "one"))],),
-              timeout=180)[0][0]
+    ref, capped_ref = run(train_and_collect, 1, args=([_cfg(gemma_dir, *val, run_dir=str(tmp_path / "one")),
+                                                        _cfg(capped_dir, *val, run_dir=str(tmp_path / "c1"))],),
+                          timeout=180)[0]
     layouts = [("pp=2 x cp=2", ["parallel.pp=2", "parallel.cp=2", "parallel.dp_shard=1"]),
                ("pp=2 x tp=2", ["parallel.pp=2", "parallel.tp=2", "parallel.cp=1", "parallel.dp_shard=1",
                                 "checkpoint.interval=3"]),
                ("pp=2 x dp_shard=2, interleaved, meta_init",
                 ["parallel.pp=2", "parallel.dp_shard=2", "parallel.cp=1", "parallel.pp_schedule=interleaved_1f1b",
                  "parallel.microbatches=2", "parallel.meta_init=true"])]
+    capped = [("gemma2 cp=4", ["parallel.cp=4"]),
+              ("gemma2 pp=2 x tp=2", ["parallel.pp=2", "parallel.tp=2", "parallel.cp=1", "parallel.dp_shard=1"])]
     configs = [_cfg(gemma_dir, *o, *val, run_dir=str(tmp_path / f"l{i}")) for i, (_, o) in enumerate(layouts)]
+    configs += [_cfg(capped_dir, *o, *val, run_dir=str(tmp_path / f"c{i + 2}")) for i, (_, o) in enumerate(capped)]
     results = run(train_and_collect, 4, args=(configs,), timeout=300)[0]
-    for (name, _), got in zip(layouts, results):
-        compare_runs(name, got, ref, steps=3)
-        compare_validation(name, got, ref)
+    for (name, _), got in zip(layouts + capped, results):
+        want = capped_ref if name.startswith("gemma2") else ref
+        compare_runs(name, got, want, steps=3)
+        compare_validation(name, got, want)
     trained = results[1]["params"]
     root = str(tmp_path / "l1" / "checkpoints")
     weights.export(root, str(tmp_path / "hf"), fmt="hf")
@@ -188,9 +205,9 @@ def test_hf_path_errors_are_one_line(tmp_path, qwen_dir):
     with pytest.raises(ConfigError, match="GraniteModel rescales its input embeddings .* set parallel.pp=1"):
         validate_job(load(overrides=[f"model.hf_path={tmp_path / 'granite'}", "parallel.pp=2", "parallel.dp_shard=1"]),
                      2)
-    transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**small)).save_pretrained(tmp_path / "gemma2")
-    with pytest.raises(ConfigError, match="Gemma2ForCausalLM has attn_logit_softcapping=50.0"):
-        validate_job(load(overrides=[f"model.hf_path={tmp_path / 'gemma2'}"]), 1)
+    transformers.CohereForCausalLM(transformers.CohereConfig(**small)).save_pretrained(tmp_path / "cohere")
+    with pytest.raises(ConfigError, match="CohereForCausalLM has logit_scale=0.0625: a scale on the output logits"):
+        validate_job(load(overrides=[f"model.hf_path={tmp_path / 'cohere'}"]), 1)
     # RoPE whose frequencies follow each call's largest position: training pins it to train.seq_len (so any
     # cp is accepted); the library entry points refuse it over several ranks unless given a length to pin
     from longctx.model.hf import HFCausalLM, parallelize_hf

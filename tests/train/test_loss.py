@@ -31,6 +31,23 @@ def test_matches_cross_entropy_of_all_logits(chunk):
     assert (a - gh).abs().max() <= 1e-12 and (b - gw).abs().max() <= 1e-12
 
 
+@pytest.mark.parametrize("chunk", [5, 0])
+def test_soft_capped_logits(chunk):
+    # Gemma 2's final_logit_softcapping: cap * tanh(logits / cap) written out here, differentiated by autograd;
+    # the logits are ~N(0, 16), so a cap of 3 bends nearly all of them (the capped loss is far from the plain)
+    h, w, y = _problem()
+    capped = 3.0 * torch.tanh((h @ w.t()) / 3.0)
+    ref = F.cross_entropy(capped, y, reduction="sum", ignore_index=-100)
+    gh, gw = torch.autograd.grad(ref * 1.7, (h, w))
+    got = chunked_cross_entropy(h, w, y, chunk=chunk, softcap=3.0)
+    a, b = torch.autograd.grad(got * 1.7, (h, w))
+    assert abs(got.item() - ref.item()) <= 1e-12 * abs(ref.item())
+    assert (a - gh).abs().max() <= 1e-12 and (b - gw).abs().max() <= 1e-12
+    assert abs(chunked_cross_entropy(h, w, y, chunk=chunk).item() - ref.item()) > 0.1 * ref.item()
+    with torch.no_grad():  # the evaluation path (no gradients kept) caps too
+        assert abs(chunked_cross_entropy(h, w, y, chunk=chunk, softcap=3.0).item() - ref.item()) <= 1e-9
+
+
 def test_all_labels_ignored_is_zero_and_finite():
     h, w, y = _problem(ignored=37)
     loss = chunked_cross_entropy(h, w, y, chunk=8)

@@ -89,7 +89,8 @@ def _check_window(window) -> None:
 
 def attention(q, k, v, *, causal: bool = False, strategy: str = "zigzag", group=None, kernel: str = "auto",
               window: int | None = None, scale: float | None = None, layout: str | None = None,
-              position_ids=None, check: bool = True, documents: Documents | None = None, sinks=None):
+              position_ids=None, check: bool = True, documents: Documents | None = None, sinks=None,
+              softcap: float | None = None):
     """Exact attention on this rank's shards q (B, c, H, D), k, v (B, c, H_kv, D).
 
     Say how the shards were cut: `layout=` (what longctx.parallel.shard used) and/or `position_ids=` (the
@@ -99,6 +100,7 @@ def attention(q, k, v, *, causal: bool = False, strategy: str = "zigzag", group=
     documents start (longctx.parallel.Documents, the same on every rank); attention then stays inside each
     document and blocks no document spans are skipped. `sinks`: attention sinks (gpt-oss), one logit per
     query head (H,): each row's softmax gets one more key with that logit and a zero value; differentiable.
+    `softcap`: logit soft-capping (Gemma 2): every score s becomes softcap * tanh(s / softcap).
     Returns this rank's output shard, same layout, dtype of q.
     """
     strat = get_strategy(strategy)
@@ -113,6 +115,7 @@ def attention(q, k, v, *, causal: bool = False, strategy: str = "zigzag", group=
     scale, _ = kernels.validate(q, k, v, scale, None)
     _check_window(window)
     check_sinks(sinks, q.shape[2])
+    softcap = kernels.check_softcap(softcap)
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"q has {q.shape[1]} tokens but k/v have {k.shape[1]}: shards must be equally long; "
                          "shard q, k and v of the same sequence with the same layout (for decoding against a longer "
@@ -136,8 +139,8 @@ def attention(q, k, v, *, causal: bool = False, strategy: str = "zigzag", group=
         check_positions(position_ids, strat.rank_positions(layout, n, world, rank, ulysses))
     if strategy == "ulysses":
         return ulysses_attention(q, k, v, comm=comm, layout=layout, causal=causal, window=window, scale=scale,
-                                 kernel=kernel, documents=documents, sinks=sinks)
-    spec = ScheduleSpec(comm, layout, causal, window, scale, kernel, documents)
+                                 kernel=kernel, documents=documents, sinks=sinks, softcap=softcap)
+    spec = ScheduleSpec(comm, layout, causal, window, scale, kernel, documents, softcap)
     if strategy == "hybrid":
         return hybrid_attention(q, k, v, ulysses_comm=ucomm, spec=spec, sinks=sinks)
     if strategy == "allgather":
@@ -159,10 +162,11 @@ class ContextParallelAttention(nn.Module):
         self.strategy, self.group, self.causal, self.kernel, self.window = strategy, group, causal, kernel, window
         self.check_positions = check_positions
 
-    def forward(self, q, k, v, position_ids=None, scale=None, documents=None, sinks=None):
+    def forward(self, q, k, v, position_ids=None, scale=None, documents=None, sinks=None, softcap=None):
         return attention(q, k, v, causal=self.causal, strategy=self.strategy, group=self.group,
                          kernel=self.kernel, window=self.window, scale=scale, layout=self.layout,
-                         position_ids=position_ids, check=self.check_positions, documents=documents, sinks=sinks)
+                         position_ids=position_ids, check=self.check_positions, documents=documents, sinks=sinks,
+                         softcap=softcap)
 
     def extra_repr(self) -> str:
         return f"strategy={self.strategy}, layout={self.layout}, causal={self.causal}, window={self.window}"

@@ -31,6 +31,7 @@ class ScheduleSpec:
     scale: float
     kernel: str
     documents: Documents | None = None  # packed documents (natural order); None = one per sequence
+    softcap: float | None = None  # logit soft-capping (kernels.registry): every block's scores capped alike
 
 
 def held(spec: ScheduleSpec, n: int, world: int, rank: int, src: int, batch: int):
@@ -55,7 +56,7 @@ def blocks_forward(q, k, v, groups, out, lse, spec: ScheduleSpec) -> int:
     for bs, blocks in groups:
         for b in blocks:
             o, l = kernels.forward(q[bs, b.q0:b.q1], k[bs, b.k0:b.k1], v[bs, b.k0:b.k1], scale=spec.scale,
-                                   mask=b.mask, backend=spec.kernel, out_dtype=out.dtype)
+                                   mask=b.mask, backend=spec.kernel, out_dtype=out.dtype, softcap=spec.softcap)
             kernels.merge_(out[bs], lse[bs], o, l, rows=slice(b.q0, b.q1))
             pairs += b.pairs * (bs.stop - bs.start)
     return pairs * q.shape[2]
@@ -70,7 +71,7 @@ def blocks_backward(dout, q, k, v, out, lse, groups, dq, dk, dv, spec: ScheduleS
             rows = slice(b.q0, b.q1)
             gq, gk, gv = kernels.backward(dout[bs, rows], q[bs, rows], k[bs, b.k0:b.k1], v[bs, b.k0:b.k1],
                                           out[bs, rows], lse[bs, :, rows], scale=spec.scale, mask=b.mask,
-                                          backend=spec.kernel, grad_dtype=dq.dtype)
+                                          backend=spec.kernel, grad_dtype=dq.dtype, softcap=spec.softcap)
             dq[bs, rows] += gq
             dk[bs, b.k0:b.k1] += gk
             dv[bs, b.k0:b.k1] += gv
@@ -99,11 +100,11 @@ def local_backward(dout, q, k, v, out, lse, spec: ScheduleSpec):
 
 
 def local_attention(q, k, v, *, causal: bool, window, kernel: str, documents, scale: float | None = None,
-                    comm: Comm | None = None, sinks=None):
+                    comm: Comm | None = None, sinks=None, softcap: float | None = None):
     """A whole sequence on one rank through the planner's blocks of one shard (one call, or one per packed
     document); `comm`: where the work is recorded (None: nowhere); `sinks`: see run_schedule."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    spec = ScheduleSpec(comm, "contiguous", causal, window, scale, kernel, documents)
+    spec = ScheduleSpec(comm, "contiguous", causal, window, scale, kernel, documents, kernels.check_softcap(softcap))
     return run_schedule(q, k, v, spec, local_forward, local_backward, sinks)[0]
 
 

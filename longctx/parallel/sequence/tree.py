@@ -53,10 +53,11 @@ def _start_mask(key_start, k_positions, batch: int, sq: int, device) -> kernels.
 
 
 def local_partial(q, k, v, *, scale, kernel="auto", lengths=None, q_positions=None, k_positions=None,
-                  key_start=None):
+                  key_start=None, softcap=None):
     """This rank's (out, lse) in the accumulation dtype. With positions given, query i sees only the
     local keys whose global position is <= its own (causal over the new tokens); else every key. With
-    key_start (B,) and k_positions, keys before key_start[b] are invisible to row b."""
+    key_start (B,) and k_positions, keys before key_start[b] are invisible to row b. `softcap`: logit soft-capping
+    (kernels.registry)."""
     b, sq, h, _ = q.shape
     sk = k.shape[1]
     acc = kernels.acc_dtype(q.dtype)
@@ -67,7 +68,7 @@ def local_partial(q, k, v, *, scale, kernel="auto", lengths=None, q_positions=No
         if sq == 0 or sk == 0:
             return out, lse
         return kernels.forward(q, k, v, scale=scale, mask=_start_mask(key_start, k_positions, b, sq, q.device),
-                               backend=kernel, out_dtype=acc)
+                               backend=kernel, out_dtype=acc, softcap=softcap)
     if lengths is not None:
         _doc_mask(lengths, b, sq, sk, q.device)  # validates
         lengths = torch.as_tensor(lengths, device=q.device).reshape(-1).long()
@@ -75,7 +76,7 @@ def local_partial(q, k, v, *, scale, kernel="auto", lengths=None, q_positions=No
         return out, lse
     if q_positions is None:
         o, l = kernels.forward(q, k, v, scale=scale, mask=_doc_mask(lengths, b, sq, sk, q.device),
-                               backend=kernel, out_dtype=acc)
+                               backend=kernel, out_dtype=acc, softcap=softcap)
         return o, l
     # shard positions are increasing, so query i sees a prefix of the shard; rows with equal prefixes
     # share one kernel call
@@ -93,7 +94,7 @@ def local_partial(q, k, v, *, scale, kernel="auto", lengths=None, q_positions=No
         sel = torch.tensor(rows, device=q.device)
         mask = None if lengths is None else _doc_mask(lengths.clamp(max=n), b, len(rows), n, q.device)
         o, l = kernels.forward(q[:, sel], k[:, :n], v[:, :n], scale=scale, mask=mask, backend=kernel,
-                               out_dtype=acc)
+                               out_dtype=acc, softcap=softcap)
         out[:, sel] = o
         lse[:, :, sel] = l
     return out, lse
@@ -129,7 +130,7 @@ def tree_combine(out, lse, comm: Comm, *, collectives: int = 2):
 @torch.no_grad()
 def tree_decode(q, k_local, v_local, group=None, *, scale=None, kernel="auto", lengths=None,
                 causal_new=False, q_positions=None, k_positions=None, collectives=2, return_lse=False,
-                key_start=None):
+                key_start=None, softcap=None):
     """Attention of replicated new queries q (B, Sq, H, D) over a sequence-sharded cache (B, S_r, H_kv, D).
 
     Default semantics: every query sees every cached key (of every rank). `causal_new=True` is for
@@ -147,7 +148,7 @@ def tree_decode(q, k_local, v_local, group=None, *, scale=None, kernel="auto", l
     o, l = local_partial(q, k_local, v_local, scale=scale, kernel=kernel, lengths=lengths,
                          q_positions=q_positions if causal_new else None,
                          k_positions=k_positions if causal_new or key_start is not None else None,
-                         key_start=key_start)
+                         key_start=key_start, softcap=softcap)
     out, lse = tree_combine(o, l, comm, collectives=collectives)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
@@ -155,7 +156,7 @@ def tree_decode(q, k_local, v_local, group=None, *, scale=None, kernel="auto", l
 
 @torch.no_grad()
 def ring_decode(q, k_local, v_local, group=None, *, scale=None, kernel="auto", shard_lens=None,
-                return_lse=False, key_start=None):
+                return_lse=False, key_start=None, softcap=None):
     """Baseline: the KV shards travel W-1 hops around the ring (K and V packed in one buffer, padded to the
     longest shard) and every rank merges the partials locally. Same result as tree_decode.
 
@@ -192,7 +193,7 @@ def ring_decode(q, k_local, v_local, group=None, *, scale=None, kernel="auto", s
                                                               q.device)
             k_src, v_src = unpack_kv(kv, k_local.shape[-1])
             o, l = kernels.forward(q, k_src[:, :n], v_src[:, :n], scale=scale, mask=mask, backend=kernel,
-                                   out_dtype=acc)
+                                   out_dtype=acc, softcap=softcap)
             kernels.merge_(out, lse, o, l)
         if pending is not None:
             kv = pending.wait()

@@ -81,7 +81,7 @@ def heads_of(sinks, comm: Comm):
 
 
 def ulysses_attention(q, k, v, *, comm: Comm, layout: str, causal: bool, window, scale, kernel, documents=None,
-                      sinks=None):
+                      sinks=None, softcap=None):
     rep = check_heads(q.shape[2], k.shape[2], comm.world)
     k, v = replicate_kv(k, v, rep)
     qh, kh, vh = (SeqToHeads.apply(t, comm) for t in (q, k, v))
@@ -93,7 +93,7 @@ def ulysses_attention(q, k, v, *, comm: Comm, layout: str, causal: bool, window,
         qh, kh, vh = (t.index_select(1, inv) for t in (qh, kh, vh))
     # the whole sequence on my heads: the planner's blocks of one shard (one call, or one per document)
     out = local_attention(qh, kh, vh, causal=causal, window=window, kernel=kernel, documents=documents, scale=scale,
-                          comm=comm, sinks=heads_of(sinks, comm))
+                          comm=comm, sinks=heads_of(sinks, comm), softcap=softcap)
     if layout != "contiguous":
         out = out.index_select(1, perm)
     return HeadsToSeq.apply(out, comm)

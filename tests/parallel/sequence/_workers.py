@@ -25,9 +25,9 @@ def problem(b, n, h, hkv, d, dtype, seed, dv=None):
     return q, k, v, do
 
 
-def reference(q, k, v, do, causal, window, sinks=None):
+def reference(q, k, v, do, causal, window, sinks=None, softcap=None):
     """float64 single-device attention over the full sequence, with gradients: the independent oracle."""
-    out, _, grads = oracle.attention(q, k, v, do=do, sinks=sinks, **oracle.flags(causal, window))
+    out, _, grads = oracle.attention(q, k, v, do=do, sinks=sinks, softcap=softcap, **oracle.flags(causal, window))
     return out, grads
 
 
@@ -60,7 +60,8 @@ def run_case(case: dict) -> dict:
     # attention sinks: logits around the scores' own scale, so the sink takes a real share of each row
     sinks = 2 * torch.randn(h, generator=torch.Generator().manual_seed(7), dtype=torch.float64) \
         if case.get("sinks") else None
-    ref_out, ref_grads = reference(q, k, v, do, causal, window, sinks)
+    softcap = case.get("softcap")
+    ref_out, ref_grads = reference(q, k, v, do, causal, window, sinks, softcap)
     group, comms, pos = _group_and_positions(case, n, world, rank)
     for c in comms:
         c.stats.reset()
@@ -73,7 +74,7 @@ def run_case(case: dict) -> dict:
     out = attention(ql, kl, vl, causal=causal, strategy=case["strategy"], group=group,
                     kernel=case.get("kernel", "auto"), window=window,
                     layout=case.get("layout") if case.get("pass_layout", True) else None, position_ids=pos,
-                    sinks=sl)
+                    sinks=sl, softcap=softcap)
     fwd_bytes = sum(c.stats.bytes("fwd") for c in comms)
     fwd_calls = sum(c.stats.calls("fwd") for c in comms)
     out.backward(dol)
