@@ -12,6 +12,7 @@ the GPU machine has no network. A missing omegaconf is installed with --no-deps 
   kernel-full   the same without a mask
   virtual-ranks all kernel calls of 8 zigzag ranks on one GPU against one full call
   train-1b-32k  `longctx train configs/gpu_1b_32k.yaml`: a ~1.1B model at 32k context, MFU per step
+  softcap       triton with Gemma 2's attention soft-capping (50) against itself uncapped, causal (table in the log)
 
 Without a GPU every step but `info` is skipped with its reason, and the script still exits 0. Every JSON,
 PNG and the log go to $OUT (default out/gpu-check), at most 8 files: what the device tool brings back.
@@ -49,6 +50,9 @@ def _steps(out: str, run_dir: str) -> list[tuple[str, list[str], bool, int]]:
                            "--virtual-ranks", "8", "--schedule", "zigzag", "--json", f"{out}/virtual_ranks.json"],
          True, 60),
         ("train-1b-32k", [*lc, "train", "configs/gpu_1b_32k.yaml", f"run_dir={run_dir}"], True, 150),
+        # last: the cost of the cap's tanh in the tiles is worth knowing, the steps above more
+        ("softcap", [*lc, "bench", "kernel", "--backends", "triton", "--seq-lens", "4096,16384", "--head-dim", "128",
+                     "--heads", "16", "--dtype", "bfloat16", "--causal", "--softcap", "50"], True, 45),
     ]
 
 

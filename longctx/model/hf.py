@@ -54,6 +54,7 @@ from .hf_checks import (
     check_hf_model,
     check_hf_rope,
     check_pipeline_split,
+    output_scale,
     position_dependent_rope,
 )
 from .hf_layers import attention_chunk, chunk_documents, layer_window, retemper_queries
@@ -165,10 +166,20 @@ class HFCausalLM(nn.Module):
         return kernels.check_softcap(getattr(self.hf.config, "final_logit_softcapping", None))
 
     def logits(self, h):
-        """The output logits of final hidden states h, soft-capped as the model's own forward does."""
+        """The output logits of final hidden states h, scaled (Cohere, Granite) and soft-capped (Gemma 2) as the
+        model's own forward does."""
         out = self.hf.lm_head(h)
-        cap = self.output_softcap
+        scale, cap = output_scale(self.hf.config), self.output_softcap
+        if scale is not None:
+            out = out * scale
         return out if cap is None else kernels.soft_cap(out, cap)[0]
+
+    def loss(self, h, labels, loss_fn):
+        """loss_fn of the final hidden states h with the model's logit transforms: a scale of the logits is
+        one of h (logits = (s h) W^T), the cap is the loss function's `softcap`. The forward with labels and the
+        pipeline schedule's loss on the last stage both come here."""
+        scale = output_scale(self.hf.config)
+        return loss_fn(h if scale is None else h * scale, self.hf.lm_head.weight, labels, softcap=self.output_softcap)
 
     def tied_head(self) -> tuple[str, str] | None:
         """(embedding name, output head name) in this module when the head is the embedding's parameter."""
@@ -225,7 +236,7 @@ class HFCausalLM(nn.Module):
         if loss_fn is None:
             return F.cross_entropy(self.logits(h).flatten(0, 1).float(), labels.flatten(), reduction="sum")
         # under tp, h is this rank's sequence shard, which the vocabulary-parallel loss gathers once
-        return loss_fn(h, self.hf.lm_head.weight, labels, softcap=self.output_softcap)
+        return self.loss(h, labels, loss_fn)
 
     def generate(self, prompts, **kwargs):
         """Continue prompts (list of 1-D token tensors): longctx.model.generate.generate with this model's

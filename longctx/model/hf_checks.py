@@ -7,6 +7,7 @@ and checkpoint directories without config or weights."""
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import re
 
@@ -17,11 +18,10 @@ from .._optional import require
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-# config keys whose effect longctx would skip: the adapter computes the loss from lm_head(hidden) itself, so a
-# CausalLM forward's logit transform never runs unless the adapter knows it (final_logit_softcapping: it does,
-# HFCausalLM.logits; attention soft-capping reaches the kernels as the call's `softcap`)
-_CONFIG_UNSUPPORTED = (("logit_scale", 1.0, "a scale on the output logits"),
-                       ("logits_scaling", 1.0, "a scale on the output logits"))
+# the adapter computes logits and the loss from lm_head(hidden) itself, so a CausalLM forward's own logit
+# transforms never run: it applies the ones transformers' families use, read from the config (output_scale;
+# final_logit_softcapping in HFCausalLM.output_softcap), and attention soft-capping reaches the kernels as the
+# call's `softcap`
 
 # the layer types whose attention longctx computes: causal softmax attention over every earlier key, over a
 # window of them (the window is passed per call), or inside chunks (Llama 4: hf_layers.attention_chunk).
@@ -130,11 +130,23 @@ def check_hf_config(hf_config) -> None:
         raise ValueError(f"{arch} has layers of type {', '.join(other)} (config.json layer_types): longctx computes "
                          f"{', '.join(_LAYER_TYPES)} layers only, and would run these as full causal attention "
                          "silently; train this architecture another way, or a variant of it without those layers")
-    for key, neutral, what in _CONFIG_UNSUPPORTED:
+    output_scale(hf_config)
+
+
+def output_scale(hf_config) -> float | None:
+    """The factor a CausalLM's forward multiplies its logits by: Cohere's `logit_scale`, over Granite's
+    `logits_scaling` (which it divides by); None when 1."""
+    scale = 1.0
+    for key, invert in (("logit_scale", False), ("logits_scaling", True)):
         value = getattr(hf_config, key, None)
-        if value is not None and value != neutral:
-            raise ValueError(f"{arch} has {key}={value}: {what}, which longctx does not compute (it would be "
-                             f"dropped silently); set {key}=null in its config.json to train without it")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                (invert and value == 0):
+            raise ValueError(f"{_arch(hf_config)} has {key}={value!r}: the output logits would not be finite; set "
+                             f"a {'nonzero ' if invert else ''}finite {key} in its config.json")
+        scale = scale / value if invert else scale * value
+    return None if scale == 1.0 else float(scale)
 
 
 # RoPE types whose frequencies transformers recomputes from the largest position id of each forward call

@@ -126,8 +126,6 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    output_softcap = None  # no soft-capping of the output logits (HFCausalLM has Gemma 2's); the trainer asks
-
     def __init__(self, cfg: ModelConfig, cores: list[nn.Module] | None = None, mlp_chunks: int = 1):
         super().__init__()
         validate_model(cfg)
@@ -191,6 +189,11 @@ class Transformer(nn.Module):
             return self.output(h)
         if loss_fn is None:
             return F.cross_entropy(self.output(h).flatten(0, 1).float(), labels.flatten(), reduction="sum")
+        return self.loss(h, labels, loss_fn)
+
+    def loss(self, h, labels, loss_fn):
+        """loss_fn(final hidden states, output weight, labels): the model's forward with labels, and the
+        pipeline schedule's loss on the last stage."""
         return loss_fn(h, self.output.weight, labels)
 
 

@@ -228,8 +228,7 @@ class Trainer:
         """The pipeline schedule's loss_fn on the last stage, per pipeline microbatch: the summed loss scaled
         as the trainer's (dp x cp / global count). (torch also calls it once on placeholder tensors to infer
         gradient shapes, so the metrics read the schedule's returned losses, not a side sum.)"""
-        stage = self.pipeline.last_stage
-        return self.loss_fn(hidden, stage.output.weight, labels, softcap=stage.output_softcap) * self._pp_scale
+        return self.pipeline.last_stage.loss(hidden, labels, self.loss_fn) * self._pp_scale
 
     def _pipeline_pass(self, shard: dict, scale: float, backward: bool = True) -> float:
         """One micro-batch through the pipeline schedule (all its microbatches), forward and backward or

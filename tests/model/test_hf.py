@@ -75,6 +75,14 @@ def hf_dirs(tmp_path_factory):
         # Gemma 2: attention and output logits soft-capped, with weights large enough (initializer_range 0.2)
         # that both caps bend the scores and logits (test_soft_capping_is_computed)
         "gemma2": _save(transformers.Gemma2ForCausalLM, GEMMA2, root / "gemma2"),
+        # output logits scaled by the CausalLM's forward: Cohere multiplies (logit_scale; its decoder layers run
+        # attention and MLP side by side), Granite divides (logits_scaling; with multipliers on the embeddings,
+        # the residual branches and the softmax scale)
+        "cohere": _save(transformers.CohereForCausalLM, transformers.CohereConfig(**SMALL, logit_scale=4.0),
+                        root / "cohere"),
+        "granite": _save(transformers.GraniteForCausalLM, transformers.GraniteConfig(
+            **SMALL, logits_scaling=0.25, embedding_multiplier=2.0, residual_multiplier=0.5,
+            attention_multiplier=0.2), root / "granite"),
         # attention sinks (a learned per-head logit in every softmax, set well away from 0 so they matter),
         # a mixture of experts, alternating sliding and full layers
         "gptoss": _save(transformers.GptOssForCausalLM, transformers.GptOssConfig(
@@ -119,7 +127,7 @@ LAYOUTS_4 = [dict(cp=4, strategy="zigzag"), dict(cp=4, strategy="striped"), dict
 
 # what Qwen3 and Gemma3 add is the architecture's (per-head norms, scale, MLP norms, tp placements), not a
 # strategy's: one context-parallel layout and tensor parallelism (suite time); the RoPE models: zigzag
-NEWER = ("qwen3", "gemma3")
+NEWER = ("qwen3", "gemma3", "cohere", "granite")
 
 
 # architectures whose point is not a strategy's: no second (W=2 Ulysses) run (suite time)
@@ -136,7 +144,7 @@ def _layouts(arch: str, layouts: list[dict]) -> list[dict]:
         return [layout for layout in layouts if "tp" not in layout and layout.get("strategy") != "striped"]
     if arch in ("qwen2_moe", "phimoe"):
         return layouts[:1]
-    if arch == "gemma4":  # no tp placement for its per-layer inputs (refused)
+    if arch in ("gemma4", "cohere"):  # no tp placement for Gemma 4's per-layer inputs, Cohere's parallel block
         return [layouts[0], layouts[3]]
     if arch == "gemma2":  # soft-capping in the ring, in Ulysses' local call (hybrid), and tp's logits
         return [layouts[0], layouts[2], layouts[-1]] if layouts is LAYOUTS_4 else layouts
@@ -168,8 +176,7 @@ def test_every_strategy_equals_the_eager_model(hf_dirs):
 def test_soft_capping_is_computed(hf_dirs):
     # the Gemma 2 of the strategy test bends its scores and logits: without either cap the eager model's logits
     # move by more than 0.5 (its loss, over random tokens, far less), so a strategy that dropped one could not
-    # equal the eager run's gradients there; here the adapter at cp=1 gives the eager logits with both caps
-    from longctx.model.hf import HFCausalLM, load_hf_model, prepare_attention
+    # equal the eager run's gradients there
     from tests.model._hf_workers import batch
 
     inp, _ = batch(GEMMA2.vocab_size)
@@ -182,10 +189,28 @@ def test_soft_capping_is_computed(hf_dirs):
     full = eager_logits()
     for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
         assert (eager_logits(**{cap: None}) - full).abs().max() > 0.5, cap
-    adapter = HFCausalLM(load_hf_model(hf_dirs["gemma2"]))
-    prepare_attention(adapter.hf, "zigzag", None, None, "auto", 1)
-    assert adapter.output_softcap == 2.0
-    torch.testing.assert_close(adapter(inp).detach(), full, rtol=0, atol=1e-5)
+
+
+def test_output_logit_transforms_reach_logits_and_loss(hf_dirs):
+    # what a CausalLM's own forward does to its logits (Gemma 2's cap, Cohere's and Granite's scales) the adapter
+    # does in its logits (evaluation, generation) and in the trainer's chunked loss (a scale applied to the
+    # hidden states, the cap inside the loss): both equal the eager model's, one process
+    from longctx.model.hf import HFCausalLM, load_hf_model, prepare_attention
+    from longctx.model.hf_checks import output_scale
+    from longctx.train.loss import loss_fn
+    from tests.model._hf_workers import batch
+
+    inp, labels = batch(SMALL["vocab_size"])
+    for arch, scale, cap in (("gemma2", None, 2.0), ("cohere", 4.0, None), ("granite", 4.0, None)):
+        eager = transformers.AutoModelForCausalLM.from_pretrained(hf_dirs[arch], attn_implementation="eager")
+        want = eager(input_ids=inp).logits.detach()
+        want_loss = float(torch.nn.functional.cross_entropy(want.flatten(0, 1), labels.flatten(), reduction="sum"))
+        adapter = HFCausalLM(load_hf_model(hf_dirs[arch]))
+        prepare_attention(adapter.hf, "zigzag", None, None, "auto", 1)
+        assert adapter.output_softcap == cap and output_scale(adapter.hf.config) == scale, arch
+        torch.testing.assert_close(adapter(inp).detach(), want, rtol=0, atol=1e-5, msg=arch)
+        got = float(adapter(inp, labels=labels, loss_fn=loss_fn(8)))
+        assert abs(got - want_loss) <= 1e-5 * want_loss, (arch, got, want_loss)
 
 
 def test_a_self_rescaling_rope_is_pinned_to_one_length(hf_dirs):
@@ -320,14 +345,17 @@ def test_bad_input_names_the_fix(hf_dirs, tmp_path):
 
 
 def test_what_longctx_would_skip_is_refused(tmp_path):
-    # Cohere scales its logits: refused by name before anything runs. BitNet normalises the attention output
-    # over all heads' features before o_proj, a reduction over the dimension tp splits: no placement, refused
-    # under tp
+    # a logit scale that makes no finite logits is refused by name before anything runs. BitNet normalises the
+    # attention output over all heads' features before o_proj, a reduction over the dimension tp splits: no
+    # placement, refused under tp
     from longctx.model.hf_checks import check_hf_config
     from tests.model._hf_workers import tp_error
 
-    with pytest.raises(ValueError, match=r"logit_scale=0.0625: a scale on the output logits"):
-        check_hf_config(transformers.CohereConfig(**SMALL))
+    with pytest.raises(ValueError, match=r"GraniteForCausalLM has logits_scaling=0.0: the output logits would not "
+                                         r"be finite; set a nonzero finite logits_scaling in its config.json"):
+        check_hf_config(transformers.GraniteConfig(**SMALL, logits_scaling=0.0, architectures=["GraniteForCausalLM"]))
+    with pytest.raises(ValueError, match=r"has logit_scale=inf"):
+        check_hf_config(transformers.CohereConfig(**SMALL, logit_scale=float("inf")))
     # a decoder not laid out as the adapter drives it, a config without the sizes longctx reads: one line each
     from longctx.model.hf_checks import check_hf_model
 

@@ -205,9 +205,10 @@ def test_hf_path_errors_are_one_line(tmp_path, qwen_dir):
     with pytest.raises(ConfigError, match="GraniteModel rescales its input embeddings .* set parallel.pp=1"):
         validate_job(load(overrides=[f"model.hf_path={tmp_path / 'granite'}", "parallel.pp=2", "parallel.dp_shard=1"]),
                      2)
-    transformers.CohereForCausalLM(transformers.CohereConfig(**small)).save_pretrained(tmp_path / "cohere")
-    with pytest.raises(ConfigError, match="CohereForCausalLM has logit_scale=0.0625: a scale on the output logits"):
-        validate_job(load(overrides=[f"model.hf_path={tmp_path / 'cohere'}"]), 1)
+    transformers.GraniteForCausalLM(transformers.GraniteConfig(**small, logits_scaling=0.0)).save_pretrained(
+        tmp_path / "granite0")
+    with pytest.raises(ConfigError, match="GraniteForCausalLM has logits_scaling=0.0: the output logits would not"):
+        validate_job(load(overrides=[f"model.hf_path={tmp_path / 'granite0'}"]), 1)
     # RoPE whose frequencies follow each call's largest position: training pins it to train.seq_len (so any
     # cp is accepted); the library entry points refuse it over several ranks unless given a length to pin
     from longctx.model.hf import HFCausalLM, parallelize_hf
