@@ -473,6 +473,13 @@ MUTANTS = [
            "        scale = scale * value if invert else scale / value",
            ("tests/model/test_hf.py::test_every_strategy_equals_the_eager_model",),
            "Granite's logits multiplied by logits_scaling, Cohere's divided by logit_scale"),
+    Mutant("triton-values-masked-at-the-qk-width", "longctx/kernels/triton_kernels.py",
+           "    v_ok = (offs_n[:, None] < SK) & (offs_dv[None, :] < D_V)\n"
+           "    v = tl.load(_tile(v_base, offs_n, s_vs, offs_dv)",
+           "    v_ok = (offs_n[:, None] < SK) & (offs_dv[None, :] < D)\n"
+           "    v = tl.load(_tile(v_base, offs_n, s_vs, offs_dv)",
+           ("tests/kernels/test_triton.py::test_values_of_another_width_run_in_tiles_of_their_own",),
+           "the forward reads value columns past v's width (the next head's) when q/k are wider"),
     Mutant("validation-reads-training-sequences", "longctx/data/sources.py",
            "seed=seed + VALIDATION_SEED_OFFSET,", "seed=seed,",
            ("tests/train/test_validation.py",),

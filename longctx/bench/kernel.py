@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--v-head-dim", type=int, default=None,
                    help="values of another width (latent attention, e.g. 192/128; default: --head-dim); "
-                        "a backend of one width gets the narrower side zero-padded, as in training")
+                        "a backend of one width (sdpa, flash) gets the narrower side zero-padded, as in training")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=None, help="GQA: K/V heads (default: --heads)")
     p.add_argument("--batch", type=int, default=1)

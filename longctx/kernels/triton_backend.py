@@ -76,10 +76,9 @@ def availability() -> str | None:
 def supports(q, k, v, mask: Mask) -> str | None:
     if q.dtype not in DTYPES:
         return f"dtype {q.dtype} is not supported (float16, bfloat16, float32); use 'reference' for float64"
-    d = max(q.shape[-1], v.shape[-1])  # a narrower side is zero-padded to the wider (registry)
-    if not 1 <= d <= HEAD_DIM_MAX:
-        return (f"head_dim {d} (the wider of q/k's and v's) is not supported (1..{HEAD_DIM_MAX}; padded to a power "
-                "of two >= 16)")
+    for what, d in (("head_dim", q.shape[-1]), ("v's head_dim", v.shape[-1])):  # each in tiles of its own width
+        if not 1 <= d <= HEAD_DIM_MAX:
+            return f"{what} {d} is not supported (1..{HEAD_DIM_MAX}; padded to a power of two >= 16)"
     if q.device.type == "cpu":
         if not (_env("LONGCTX_TRITON_ON_CPU") and _interpreted()):
             return CPU_REASON
@@ -177,16 +176,20 @@ def _docs(mask: Mask, b: int, device):
     return qd, kd, qd.stride(0) if qd.shape[0] == b else 0, kd.stride(0) if kd.shape[0] == b else 0
 
 
-def _common(q, k, mask: Mask, softcap):
+def _block(width: int) -> int:
+    return max(16, 1 << (width - 1).bit_length())  # tl.dot needs >= 16; padding lanes are masked off
+
+
+def _common(q, k, v, mask: Mask, softcap):
     b, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     off, left, right = band_args(mask, sq, sk)
-    block_d = max(16, 1 << (d - 1).bit_length())  # tl.dot needs >= 16; padding lanes are masked off
-    consts = dict(HAS_DOCS=mask.has_documents, SOFTCAP=softcap is not None, BLOCK_D=block_d,
+    consts = dict(HAS_DOCS=mask.has_documents, SOFTCAP=softcap is not None, BLOCK_D=_block(d),
+                  BLOCK_DV=_block(v.shape[-1]),
                   PREC="ieee" if q.dtype == torch.float32 else "tf32",
                   UPCAST=_interpreted() and q.dtype == torch.bfloat16,
                   SPLIT=q.dtype != torch.float32 and _env("LONGCTX_TRITON_PRECISE"))
-    ints = [h, h // hkv, sq, sk, d, off, left, right, _bucket(sq), _bucket(sk)]
+    ints = [h, h // hkv, sq, sk, d, v.shape[-1], off, left, right, _bucket(sq), _bucket(sk)]
     return consts, ints
 
 
@@ -212,18 +215,18 @@ class _NullCtx:
 def _forward(q, k, v, out, lse, scale: float, mask: Mask, visits=None, softcap=None):
     q, k, v = _rows(q), _rows(k), _rows(v)
     b, sq, h, d = q.shape
-    consts, ints = _common(q, k, mask, softcap)
+    consts, ints = _common(q, k, v, mask, softcap)
     qd, kd, s_qdb, s_kdb = _docs(mask, b, q.device)
     counter = visits if visits is not None else qd
     args = [q, k, v, out, lse, qd, kd, counter, *_score_args(scale, softcap), *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], *out.stride()[:3], s_qdb, s_kdb, *ints]
     with _device(q):
-        _launch("fwd", sq, b * h, d, q.dtype, args, dict(consts, COUNT=visits is not None))
+        _launch("fwd", sq, b * h, max(d, v.shape[-1]), q.dtype, args, dict(consts, COUNT=visits is not None))
 
 
 def forward(q, k, v, *, scale: float, mask: Mask, out_dtype=None, softcap=None):
-    b, sq, h, d = q.shape
-    out = torch.empty((b, sq, h, d), dtype=out_dtype or q.dtype, device=q.device)
+    b, sq, h, _ = q.shape
+    out = torch.empty((b, sq, h, v.shape[-1]), dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or k.shape[1] == 0:
         return out.zero_(), lse.fill_(-_INF)  # no keys: every row is empty
@@ -242,7 +245,7 @@ def backward(dout, q, k, v, out, lse, *, scale: float, mask: Mask, grad_dtype=No
     dv = alloc(v.shape, dtype=grad_dtype or v.dtype, device=q.device)
     if q.numel() == 0 or k.numel() == 0:
         return dq, dk, dv
-    consts, ints = _common(q, k, mask, softcap)
+    consts, ints = _common(q, k, v, mask, softcap)
     qd, kd, s_qdb, s_kdb = _docs(mask, b, q.device)
     lse = lse.detach().contiguous()
     delta = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
@@ -251,12 +254,13 @@ def backward(dout, q, k, v, out, lse, *, scale: float, mask: Mask, grad_dtype=No
         kern = _kernels()
         rows = 16 if _interpreted() else 64
         kern.delta_kernel[(-(-sq // rows), b * h)](out, dout, delta, *out.stride()[:3], *dout.stride()[:3],
-                                                   h, sq, d, BLOCK_D=consts["BLOCK_D"], BLOCK_M=rows)
+                                                   h, sq, v.shape[-1], BLOCK_D=consts["BLOCK_DV"], BLOCK_M=rows)
         qk_scale, cap = _score_args(scale, softcap)
-        _launch("dkdv", sk, b * hkv, d, q.dtype,
+        width = max(d, v.shape[-1])
+        _launch("dkdv", sk, b * hkv, width, q.dtype,
                 [q, k, v, dout, lse, delta, dk, dv, qd, kd, qk_scale, scale, cap, *strides, *dk.stride()[:3],
                  *dv.stride()[:3], s_qdb, s_kdb, *ints], consts)
-        _launch("dq", sq, b * h, d, q.dtype,
+        _launch("dq", sq, b * h, width, q.dtype,
                 [q, k, v, dout, lse, delta, dq, qd, kd, qk_scale, scale, cap, *strides, *dq.stride()[:3],
                  s_qdb, s_kdb, *ints], consts)
     return dq, dk, dv
@@ -270,7 +274,7 @@ def tile_visits(q, k, v, *, mask: Mask, scale: float | None = None) -> torch.Ten
         raise RuntimeError("tile_visits needs fixed tiles: set LONGCTX_TRITON_AUTOTUNE=0")
     bm = _blocks("fwd", d, q.dtype)[0]
     visits = torch.zeros((b * h, -(-sq // bm), 2), dtype=torch.int32, device=q.device)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty((b, sq, h, v.shape[-1]), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
     _forward(q, k, v, out, lse, scale or 1.0 / math.sqrt(d), mask, visits=visits)
     return visits
@@ -289,6 +293,7 @@ PRIORITY = 20 if torch.backends.cuda.is_built() else -1
 
 register(Backend(
     "triton", forward, backward, priority=PRIORITY, availability=availability, supports=supports, softcap=True,
+    value_width=True,
     notes=[
         "FlashAttention-2-style Triton kernels: band-skipped tiles, GQA without repeating K/V, "
         "deterministic dK/dV (group heads summed in one program)",
@@ -297,5 +302,6 @@ register(Backend(
         "document masks skip only band-empty tiles (tiles of other documents are masked, not skipped)",
         "fp16/bf16 round P and dS like FlashAttention; LONGCTX_TRITON_PRECISE=1 for near-fp32 accuracy",
         "logit soft-capping (softcap=) in the same kernels, tanh from exp2",
+        "values of their own width (latent attention's 192/128) in tiles of that width, no zero padding",
     ],
 ))

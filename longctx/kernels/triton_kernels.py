@@ -8,7 +8,8 @@ throughout; lse is stored in natural log. Masks arrive as one band (off, left, r
 document ids: key j is allowed for query i iff -left <= j - i - off <= right and q_doc[i] == k_doc[j].
 Each program walks only the tiles that intersect its band, in three ranges: partial tiles before the
 fully-allowed run, the run itself (no mask arithmetic at all), partial tiles after it.
-With SOFTCAP, qk_scale is scale / c and a score becomes c tanh(x) (CAP = c log2 e), dS gaining 1 - tanh^2.
+Values may be narrower or wider than q/k (D_V, BLOCK_DV: latent attention's 192/128), each width in its own
+tiles. With SOFTCAP, qk_scale is scale / c and a score becomes c tanh(x) (CAP = c log2 e), dS gaining 1 - tanh^2.
 """
 
 from __future__ import annotations
@@ -75,14 +76,16 @@ def _capped(x, CAP):
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kd_base, qd, offs_m, n0, SK, D, s_ks, s_vs,
+def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kd_base, qd, offs_m, n0, SK, D, D_V, s_ks, s_vs,
               OFF, LEFT, RIGHT, qk_scale, CAP,
               MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr):
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+              SPLIT: tl.constexpr):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_ok = (offs_n[:, None] < SK) & (offs_d[None, :] < D)
-    k = tl.load(_tile(k_base, offs_n, s_ks, offs_d), mask=kv_ok, other=0.0)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k_ok = (offs_n[:, None] < SK) & (offs_d[None, :] < D)
+    k = tl.load(_tile(k_base, offs_n, s_ks, offs_d), mask=k_ok, other=0.0)
     s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
     if SOFTCAP:
         s, _ = _capped(s, CAP)
@@ -98,7 +101,8 @@ def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kd_base, qd, offs_m, n0, SK, D, 
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(_tile(v_base, offs_n, s_vs, offs_d), mask=kv_ok, other=0.0)
+    v_ok = (offs_n[:, None] < SK) & (offs_dv[None, :] < D_V)
+    v = tl.load(_tile(v_base, offs_n, s_vs, offs_dv), mask=v_ok, other=0.0)
     acc = acc * alpha[:, None] + _dot_lowp(p, v, PREC, UPCAST, SPLIT)
     return acc, m_new, l_i
 
@@ -107,10 +111,10 @@ def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kd_base, qd, offs_m, n0, SK, D, 
 def fwd_kernel(Q, K, V, O, LSE, QDOC, KDOC, VISITS,
                qk_scale, CAP,
                s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh, s_qdb, s_kdb,
-               H, G, SQ, SK, D, OFF, LEFT, RIGHT, SQ_KEY, SK_KEY,
+               H, G, SQ, SK, D, D_V, OFF, LEFT, RIGHT, SQ_KEY, SK_KEY,
                HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr, COUNT: tl.constexpr,
                PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -128,7 +132,7 @@ def fwd_kernel(Q, K, V, O, LSE, QDOC, KDOC, VISITS,
     if HAS_DOCS:
         qd = tl.load(QDOC + b * s_qdb + offs_m, mask=offs_m < SQ, other=0)
         kd_base = KDOC + b * s_kdb
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_last = tl.minimum(m0 + BLOCK_M, SQ) - 1
@@ -136,29 +140,30 @@ def fwd_kernel(Q, K, V, O, LSE, QDOC, KDOC, VISITS,
     n_part = 0
     n_full = 0
     for n0 in range(lo_t, f0, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kd_base, qd, offs_m, n0, SK, D,
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kd_base, qd, offs_m, n0, SK, D, D_V,
                                   s_ks, s_vs, OFF, LEFT, RIGHT, qk_scale, CAP, True, HAS_DOCS, SOFTCAP,
-                                  BLOCK_N, BLOCK_D, PREC, UPCAST, SPLIT)
+                                  BLOCK_N, BLOCK_D, BLOCK_DV, PREC, UPCAST, SPLIT)
         if COUNT:
             n_part += 1
     for n0 in range(f0, f1, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kd_base, qd, offs_m, n0, SK, D,
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kd_base, qd, offs_m, n0, SK, D, D_V,
                                   s_ks, s_vs, OFF, LEFT, RIGHT, qk_scale, CAP, False, HAS_DOCS, SOFTCAP,
-                                  BLOCK_N, BLOCK_D, PREC, UPCAST, SPLIT)
+                                  BLOCK_N, BLOCK_D, BLOCK_DV, PREC, UPCAST, SPLIT)
         if COUNT:
             n_full += 1
     for n0 in range(f1, hi, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kd_base, qd, offs_m, n0, SK, D,
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kd_base, qd, offs_m, n0, SK, D, D_V,
                                   s_ks, s_vs, OFF, LEFT, RIGHT, qk_scale, CAP, True, HAS_DOCS, SOFTCAP,
-                                  BLOCK_N, BLOCK_D, PREC, UPCAST, SPLIT)
+                                  BLOCK_N, BLOCK_D, BLOCK_DV, PREC, UPCAST, SPLIT)
         if COUNT:
             n_part += 1
     empty = l_i == 0.0  # no allowed key: out = 0, lse = -inf (the merge identity)
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
-    tl.store(_tile(O + b * s_ob + h * s_oh, offs_m, s_os, offs_d),
-             out.to(O.dtype.element_ty), mask=q_ok)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    tl.store(_tile(O + b * s_ob + h * s_oh, offs_m, s_os, offs_dv),
+             out.to(O.dtype.element_ty), mask=(offs_m[:, None] < SQ) & (offs_dv[None, :] < D_V))
     tl.store(LSE + (b * H + h) * SQ + offs_m, lse, mask=offs_m < SQ)
     if COUNT:
         slot = (pid_bh * tl.num_programs(0) + pid_m) * 2
@@ -192,15 +197,18 @@ def _load_row_stats(LSE, DELTA, row_base, offs_m, SQ):
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_base, do_base, qd_base, kd, LSE, DELTA, row_base, offs_n, m0, SQ, D,
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, qd_base, kd, LSE, DELTA, row_base, offs_n, m0, SQ, D, D_V,
                s_qs, s_ds, OFF, LEFT, RIGHT, qk_scale, CAP,
                MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr):
+               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+               SPLIT: tl.constexpr):
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    ok = (offs_m[:, None] < SQ) & (offs_d[None, :] < D)
-    q = tl.load(_tile(q_base, offs_m, s_qs, offs_d), mask=ok, other=0.0)
-    do = tl.load(_tile(do_base, offs_m, s_ds, offs_d), mask=ok, other=0.0).to(q.dtype)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_ok = (offs_m[:, None] < SQ) & (offs_d[None, :] < D)
+    q = tl.load(_tile(q_base, offs_m, s_qs, offs_d), mask=q_ok, other=0.0)
+    do_ok = (offs_m[:, None] < SQ) & (offs_dv[None, :] < D_V)
+    do = tl.load(_tile(do_base, offs_m, s_ds, offs_dv), mask=do_ok, other=0.0).to(q.dtype)
     lse, delta = _load_row_stats(LSE, DELTA, row_base, offs_m, SQ)
     # Transposed tile (keys x queries) so dK and dV accumulate without transposing P and dS.
     s_t = _dot(k, tl.trans(q), PREC, UPCAST) * qk_scale
@@ -228,10 +236,10 @@ def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QDOC, KDOC,
                 qk_scale, sm_scale, CAP,
                 s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh,
                 s_dkb, s_dks, s_dkh, s_dvb, s_dvs, s_dvh, s_qdb, s_kdb,
-                H, G, SQ, SK, D, OFF, LEFT, RIGHT, SQ_KEY, SK_KEY,
+                H, G, SQ, SK, D, D_V, OFF, LEFT, RIGHT, SQ_KEY, SK_KEY,
                 HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
                 PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
     hkv = H // G
@@ -240,16 +248,18 @@ def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QDOC, KDOC,
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_ok = (offs_n[:, None] < SK) & (offs_d[None, :] < D)
-    k = tl.load(_tile(K + b * s_kb + hk * s_kh, offs_n, s_ks, offs_d), mask=kv_ok, other=0.0)
-    v = tl.load(_tile(V + b * s_vb + hk * s_vh, offs_n, s_vs, offs_d), mask=kv_ok, other=0.0)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k_ok = (offs_n[:, None] < SK) & (offs_d[None, :] < D)
+    v_ok = (offs_n[:, None] < SK) & (offs_dv[None, :] < D_V)
+    k = tl.load(_tile(K + b * s_kb + hk * s_kh, offs_n, s_ks, offs_d), mask=k_ok, other=0.0)
+    v = tl.load(_tile(V + b * s_vb + hk * s_vh, offs_n, s_vs, offs_dv), mask=v_ok, other=0.0)
     kd = offs_n
     qd_base = QDOC
     if HAS_DOCS:
         kd = tl.load(KDOC + b * s_kdb + offs_n, mask=offs_n < SK, other=0)
         qd_base = QDOC + b * s_qdb
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     # Seen from a key, the band is the same rule with (off, left, right) -> (-off, right, left).
     n_last = tl.minimum(n0 + BLOCK_N, SK) - 1
     lo_t, f0, f1, hi = _plan(n0, n_last, SQ, -OFF, RIGHT, LEFT, BLOCK_M)
@@ -261,32 +271,35 @@ def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QDOC, KDOC,
         row_base = (b * H + h) * SQ
         for m0 in range(lo_t, f0, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, qd_base, kd, LSE, DELTA, row_base, offs_n, m0,
-                                SQ, D, s_qs, s_ds, OFF, LEFT, RIGHT, qk_scale, CAP,
-                                True, HAS_DOCS, SOFTCAP, BLOCK_M, BLOCK_D, PREC, UPCAST, SPLIT)
+                                SQ, D, D_V, s_qs, s_ds, OFF, LEFT, RIGHT, qk_scale, CAP,
+                                True, HAS_DOCS, SOFTCAP, BLOCK_M, BLOCK_D, BLOCK_DV, PREC, UPCAST, SPLIT)
         for m0 in range(f0, f1, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, qd_base, kd, LSE, DELTA, row_base, offs_n, m0,
-                                SQ, D, s_qs, s_ds, OFF, LEFT, RIGHT, qk_scale, CAP,
-                                False, HAS_DOCS, SOFTCAP, BLOCK_M, BLOCK_D, PREC, UPCAST, SPLIT)
+                                SQ, D, D_V, s_qs, s_ds, OFF, LEFT, RIGHT, qk_scale, CAP,
+                                False, HAS_DOCS, SOFTCAP, BLOCK_M, BLOCK_D, BLOCK_DV, PREC, UPCAST, SPLIT)
         for m0 in range(f1, hi, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, qd_base, kd, LSE, DELTA, row_base, offs_n, m0,
-                                SQ, D, s_qs, s_ds, OFF, LEFT, RIGHT, qk_scale, CAP,
-                                True, HAS_DOCS, SOFTCAP, BLOCK_M, BLOCK_D, PREC, UPCAST, SPLIT)
+                                SQ, D, D_V, s_qs, s_ds, OFF, LEFT, RIGHT, qk_scale, CAP,
+                                True, HAS_DOCS, SOFTCAP, BLOCK_M, BLOCK_D, BLOCK_DV, PREC, UPCAST, SPLIT)
     tl.store(_tile(DK + b * s_dkb + hk * s_dkh, offs_n, s_dks, offs_d),
-             (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(_tile(DV + b * s_dvb + hk * s_dvh, offs_n, s_dvs, offs_d),
-             dv.to(DV.dtype.element_ty), mask=kv_ok)
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok)
+    tl.store(_tile(DV + b * s_dvb + hk * s_dvh, offs_n, s_dvs, offs_dv),
+             dv.to(DV.dtype.element_ty), mask=v_ok)
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse, delta, k_base, v_base, kd_base, qd, offs_m, n0, SK, D, s_ks, s_vs,
+def _dq_tile(dq, q, do, lse, delta, k_base, v_base, kd_base, qd, offs_m, n0, SK, D, D_V, s_ks, s_vs,
              OFF, LEFT, RIGHT, qk_scale, CAP,
              MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr):
+             BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+             SPLIT: tl.constexpr):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_ok = (offs_n[:, None] < SK) & (offs_d[None, :] < D)
-    k = tl.load(_tile(k_base, offs_n, s_ks, offs_d), mask=kv_ok, other=0.0)
-    v = tl.load(_tile(v_base, offs_n, s_vs, offs_d), mask=kv_ok, other=0.0)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k_ok = (offs_n[:, None] < SK) & (offs_d[None, :] < D)
+    v_ok = (offs_n[:, None] < SK) & (offs_dv[None, :] < D_V)
+    k = tl.load(_tile(k_base, offs_n, s_ks, offs_d), mask=k_ok, other=0.0)
+    v = tl.load(_tile(v_base, offs_n, s_vs, offs_dv), mask=v_ok, other=0.0)
     s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
     slope = s
     if SOFTCAP:
@@ -311,10 +324,10 @@ def dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QDOC, KDOC,
               qk_scale, sm_scale, CAP,
               s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh,
               s_dqb, s_dqs, s_dqh, s_qdb, s_kdb,
-              H, G, SQ, SK, D, OFF, LEFT, RIGHT, SQ_KEY, SK_KEY,
+              H, G, SQ, SK, D, D_V, OFF, LEFT, RIGHT, SQ_KEY, SK_KEY,
               HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
               PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -323,9 +336,11 @@ def dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QDOC, KDOC,
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     ok = (offs_m[:, None] < SQ) & (offs_d[None, :] < D)
     q = tl.load(_tile(Q + b * s_qb + h * s_qh, offs_m, s_qs, offs_d), mask=ok, other=0.0)
-    do = tl.load(_tile(DO + b * s_db + h * s_dh, offs_m, s_ds, offs_d), mask=ok, other=0.0)
+    do_ok = (offs_m[:, None] < SQ) & (offs_dv[None, :] < D_V)
+    do = tl.load(_tile(DO + b * s_db + h * s_dh, offs_m, s_ds, offs_dv), mask=do_ok, other=0.0)
     do = do.to(q.dtype)
     lse, delta = _load_row_stats(LSE, DELTA, (b * H + h) * SQ, offs_m, SQ)
     k_base = K + b * s_kb + hk * s_kh
@@ -339,14 +354,17 @@ def dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QDOC, KDOC,
     m_last = tl.minimum(m0 + BLOCK_M, SQ) - 1
     lo_t, f0, f1, hi = _plan(m0, m_last, SK, OFF, LEFT, RIGHT, BLOCK_N)
     for n0 in range(lo_t, f0, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, kd_base, qd, offs_m, n0, SK, D, s_ks, s_vs,
-                      OFF, LEFT, RIGHT, qk_scale, CAP, True, HAS_DOCS, SOFTCAP, BLOCK_N, BLOCK_D, PREC, UPCAST, SPLIT)
+        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, kd_base, qd, offs_m, n0, SK, D, D_V, s_ks, s_vs,
+                      OFF, LEFT, RIGHT, qk_scale, CAP, True, HAS_DOCS, SOFTCAP, BLOCK_N, BLOCK_D, BLOCK_DV,
+                      PREC, UPCAST, SPLIT)
     for n0 in range(f0, f1, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, kd_base, qd, offs_m, n0, SK, D, s_ks, s_vs,
-                      OFF, LEFT, RIGHT, qk_scale, CAP, False, HAS_DOCS, SOFTCAP, BLOCK_N, BLOCK_D, PREC, UPCAST, SPLIT)
+        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, kd_base, qd, offs_m, n0, SK, D, D_V, s_ks, s_vs,
+                      OFF, LEFT, RIGHT, qk_scale, CAP, False, HAS_DOCS, SOFTCAP, BLOCK_N, BLOCK_D, BLOCK_DV,
+                      PREC, UPCAST, SPLIT)
     for n0 in range(f1, hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, kd_base, qd, offs_m, n0, SK, D, s_ks, s_vs,
-                      OFF, LEFT, RIGHT, qk_scale, CAP, True, HAS_DOCS, SOFTCAP, BLOCK_N, BLOCK_D, PREC, UPCAST, SPLIT)
+        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, kd_base, qd, offs_m, n0, SK, D, D_V, s_ks, s_vs,
+                      OFF, LEFT, RIGHT, qk_scale, CAP, True, HAS_DOCS, SOFTCAP, BLOCK_N, BLOCK_D, BLOCK_DV,
+                      PREC, UPCAST, SPLIT)
     tl.store(_tile(DQ + b * s_dqb + h * s_dqh, offs_m, s_dqs, offs_d),
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=ok)
 
@@ -365,7 +383,7 @@ DKDV_CONFIGS = [(32, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 4, 1), 
 DQ_CONFIGS = [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2),
               (32, 32, 4, 1)]
 # Triton adds the dtype of every tensor argument to the key itself, so dtype needs no entry here.
-AUTOTUNE_KEY = ["D", "SQ_KEY", "SK_KEY", "HAS_DOCS", "SOFTCAP"]
+AUTOTUNE_KEY = ["D", "D_V", "SQ_KEY", "SK_KEY", "HAS_DOCS", "SOFTCAP"]
 _TUNED: dict = {}
 
 

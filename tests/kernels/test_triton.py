@@ -348,3 +348,21 @@ def test_bench_kernel_with_soft_capping(tmp_path):
     with pytest.raises(ValueError, match=r"--softcap must be a positive number .* got -1.0"):
         bench.run(p.parse_args([*argv[:-4], "--softcap", "-1"]))
 
+
+def test_values_of_another_width_run_in_tiles_of_their_own():
+    # the backend's own forward/backward (not the registry, which would zero-pad a backend of one width) with
+    # v narrower and wider than q/k: outputs and gradients at v's width, against the float64 oracle
+    be = K.backends()["triton"]
+    assert be.value_width
+    for d, dv in ((32, 16), (16, 24)):
+        torch.manual_seed(d)
+        q, k = torch.randn(1, 11, 4, d, device=DEV), torch.randn(1, 13, 2, d, device=DEV)
+        v, do = torch.randn(1, 13, 2, dv, device=DEV), torch.randn(1, 11, 4, dv, device=DEV)
+        mask = Mask.causal()
+        out, lse = be.forward(q, k, v, scale=d ** -0.5, mask=mask)
+        grads = be.backward(do, q, k, v, out, lse, scale=d ** -0.5, mask=mask)
+        assert out.shape == (1, 11, 4, dv) and grads[2].shape == v.shape and grads[0].shape == q.shape
+        x_out, _, x_grads = oracle.attention(q.cpu(), k.cpu(), v.cpu(), do=do.cpu(), **oracle.band(mask))
+        for got, want in zip((out, *grads), (x_out, *x_grads)):
+            assert (got.cpu().double() - want).abs().max() <= 1e-5, (d, dv)
+

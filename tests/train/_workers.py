@@ -194,8 +194,9 @@ def tp_pieces(path: str, tp: int) -> dict:
 
 def train_with_nan(cases: list[tuple[dict, list[int]]]) -> list[dict]:
     """Train each config with rank 1's loss made NaN at the optimizer steps listed (1-based; rank 0 stays
-    finite: the decision must come from the reduced norm). Rank 0 returns the Diverged message (or None),
-    each step's grad norm, what it printed and the final parameters."""
+    finite: the decision must come from the reduced norm; under pp=2 rank 1 is the last stage, the only one
+    computing a loss). Rank 0 returns the Diverged message (or None), each step's grad norm, what it printed
+    and the final parameters."""
     import contextlib
     import io
 
@@ -207,13 +208,13 @@ def train_with_nan(cases: list[tuple[dict, list[int]]]) -> list[dict]:
         printed, error = io.StringIO(), None
         with contextlib.redirect_stdout(printed):
             trainer = Trainer(from_dict(c))
-            finite_loss = trainer._loss
+            finite_loss = trainer.loss_fn  # what every engine's step and the pipeline's last stage call
 
-            def poisoned(shard, trainer=trainer, finite_loss=finite_loss, bad_steps=bad_steps):
-                loss = finite_loss(shard)
+            def poisoned(*args, trainer=trainer, finite_loss=finite_loss, bad_steps=bad_steps, **kwargs):
+                loss = finite_loss(*args, **kwargs)
                 return loss * float("nan") if dist.get_rank() == 1 and trainer.step + 1 in bad_steps else loss
 
-            trainer._loss = poisoned
+            trainer.loss_fn = poisoned
             try:
                 trainer.fit()
             except ConfigError as e:

@@ -15,6 +15,7 @@ from longctx.train import validate_job
 from ._workers import config, train_with_nan
 
 CP2 = ["parallel.cp=2", "parallel.dp_shard=1"]
+PP2 = ["parallel.pp=2", "parallel.cp=1", "parallel.dp_shard=1"]
 
 
 def test_nonfinite_steps_are_withheld_then_stop_the_run(tmp_path):
@@ -22,8 +23,14 @@ def test_nonfinite_steps_are_withheld_then_stop_the_run(tmp_path):
     cases = [(config(*CP2, "checkpoint.interval=1", run_dir=stops), [3]),  # the default: stop at the first
              (config(*CP2, "train.skip_nonfinite=1", run_dir=str(tmp_path / "skips")), [3]),
              (config(*CP2, "train.skip_nonfinite=1", run_dir=str(tmp_path / "twice")), [3, 4]),
-             (config(*CP2, "train.steps=2", run_dir=str(tmp_path / "two")), [])]
-    stopped, skipped, twice, two = run(train_with_nan, 2, args=(cases,), timeout=300)[0]
+             (config(*CP2, "train.steps=2", run_dir=str(tmp_path / "two")), []),
+             # pipeline stages: the last stage's loss is NaN, the first stage's gradients follow from it
+             (config(*PP2, run_dir=str(tmp_path / "pp")), [3]),
+             (config(*PP2, "train.steps=2", run_dir=str(tmp_path / "pp_two")), [])]
+    stopped, skipped, twice, two, pp, pp_two = run(train_with_nan, 2, args=(cases,), timeout=300)[0]
+    assert pp["error"].startswith("Diverged: step 3: the gradient norm is nan"), pp["error"]
+    assert pp["params"].keys() == pp_two["params"].keys()
+    assert all(torch.equal(pp["params"][k], v) for k, v in pp_two["params"].items())
     checkpoints = os.path.join(stops, "checkpoints")
     assert stopped["error"] == (
         f"Diverged: step 3: the gradient norm is nan (loss nan): its update was not applied, and no checkpoint "

@@ -56,4 +56,6 @@ def test_ring_family_with_triton_kernel(world, triton_env):
     cases += [dict(base, strategy=s, causal=True, window=None, dtype=torch.bfloat16, bf16_baseline=True)
               for s in RING_FAMILY]
     cases += [dict(base, strategy="allgather", causal=True, window=None)]
+    # values narrower and wider than q/k, each width in the kernels' own tiles (no zero padding)
+    cases += [dict(base, strategy="zigzag", causal=True, window=None, dv=dv) for dv in (8, 24)]
     check(cases, launch(cases, world, env=env), world)
