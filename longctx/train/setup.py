@@ -167,6 +167,7 @@ def _adopt_hf_sizes(cfg) -> None:
         hf = model_config(hf_config)
         if p.pp > 1:
             check_pipeline_split(decoder_class(hf_config))
+        _check_softcap_kernel(hf_config, p.kernel)
         # a self-rescaling RoPE (dynamic, longrope) needs no check: the trainer pins it to train.seq_len
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -177,6 +178,20 @@ def _adopt_hf_sizes(cfg) -> None:
         check_hf_tp(hf, p.tp)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _check_softcap_kernel(hf_config, kernel: str) -> None:
+    """A model whose attention scores are soft-capped (Gemma 2) with a kernel named that cannot cap them would
+    fail at its first attention call on every rank: say so now (auto picks one that can)."""
+    from ..kernels import backends
+
+    cap = getattr(hf_config, "attn_logit_softcapping", None)
+    backend = backends().get(kernel)
+    if cap and backend is not None and not backend.softcap:
+        capable = sorted(name for name, b in backends().items() if b.softcap)
+        raise ValueError(f"parallel.kernel={kernel} does not compute logit soft-capping, which this model's "
+                         f"attention asks for (attn_logit_softcapping={cap}); use parallel.kernel=auto or one of "
+                         f"{', '.join(capable)}")
 
 
 def _check_data(cfg) -> None:

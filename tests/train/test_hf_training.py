@@ -205,6 +205,12 @@ def test_hf_path_errors_are_one_line(tmp_path, qwen_dir):
     with pytest.raises(ConfigError, match="GraniteModel rescales its input embeddings .* set parallel.pp=1"):
         validate_job(load(overrides=[f"model.hf_path={tmp_path / 'granite'}", "parallel.pp=2", "parallel.dp_shard=1"]),
                      2)
+    transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**small)).save_pretrained(tmp_path / "gemma2")
+    validate_job(load(overrides=[f"model.hf_path={tmp_path / 'gemma2'}"]), 1)  # soft-capped: auto picks a backend
+    with pytest.raises(ConfigError, match=r"parallel.kernel=sdpa does not compute logit soft-capping, which this "
+                                          r"model's attention asks for \(attn_logit_softcapping=50.0\); use "
+                                          r"parallel.kernel=auto or one of .*reference"):
+        validate_job(load(overrides=[f"model.hf_path={tmp_path / 'gemma2'}", "parallel.kernel=sdpa"]), 1)
     transformers.GraniteForCausalLM(transformers.GraniteConfig(**small, logits_scaling=0.0)).save_pretrained(
         tmp_path / "granite0")
     with pytest.raises(ConfigError, match="GraniteForCausalLM has logits_scaling=0.0: the output logits would not"):
