@@ -13,6 +13,7 @@ the GPU machine has no network. A missing omegaconf is installed with --no-deps 
   virtual-ranks all kernel calls of 8 zigzag ranks on one GPU against one full call
   train-1b-32k  `longctx train configs/gpu_1b_32k.yaml`: a ~1.1B model at 32k context, MFU per step
   softcap       triton with Gemma 2's attention soft-capping (50) against itself uncapped, causal (table in the log)
+  latent-widths triton (two widths in its tiles) and sdpa (v zero-padded) at q/k 192, v 128, causal (table in the log)
 
 Without a GPU every step but `info` is skipped with its reason, and the script still exits 0. Every JSON,
 PNG and the log go to $OUT (default out/gpu-check), at most 8 files: what the device tool brings back.
@@ -53,6 +54,9 @@ def _steps(out: str, run_dir: str) -> list[tuple[str, list[str], bool, int]]:
         # last: the cost of the cap's tanh in the tiles is worth knowing, the steps above more
         ("softcap", [*lc, "bench", "kernel", "--backends", "triton", "--seq-lens", "4096,16384", "--head-dim", "128",
                      "--heads", "16", "--dtype", "bfloat16", "--causal", "--softcap", "50"], True, 45),
+        ("latent-widths", [*lc, "bench", "kernel", "--backends", "triton,sdpa", "--seq-lens", "4096,16384",
+                           "--head-dim", "192", "--v-head-dim", "128", "--heads", "16", "--dtype", "bfloat16",
+                           "--causal"], True, 45),
     ]
 
 
