@@ -67,7 +67,9 @@ def info() -> str:
     status = backend_status()
     for name, b in sorted(backends().items(), key=lambda kv: -kv[1].priority):
         state = "available" if status[name] is None else f"unavailable: {status[name]}"
-        lines.append(f"  {name:<10} priority {b.priority:>3}  {state}")
+        computes = ", ".join(what for what, ok in (("v of its own width", b.value_width), ("soft-capping", b.softcap))
+                             if ok) or "one head width, no soft-capping"
+        lines.append(f"  {name:<10} priority {b.priority:>3}  {state}; computes {computes}")
         for note in b.notes:
             lines.append(f"             {note}")
     if sdpa_mod.fallbacks:

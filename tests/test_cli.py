@@ -20,6 +20,9 @@ def test_info_lists_backends_and_reasons():
     for name in ("reference", "sdpa", "flash"):
         assert name in text
     assert "falls back to reference" in text
+    # what each computes beyond one head width and plain scores, so a soft-capped model's kernel is chosen knowingly
+    assert "sdpa       priority  10  available; computes one head width, no soft-capping" in text
+    assert "reference  priority   0  available; computes v of its own width, soft-capping" in text
 
 
 def test_main_info(capsys):
