@@ -458,7 +458,7 @@ MUTANTS = [
            "the vocabulary-parallel loss ignores the output cap"),
     Mutant("softcap-hf-attention-uncapped", "longctx/model/hf.py",
            'softcap=kwargs.get("softcap"))', "softcap=None)",
-           ("tests/model/test_hf.py::test_soft_capping_is_computed",),
+           ("tests/model/test_hf.py::test_output_logit_transforms_reach_logits_and_loss",),
            "Gemma 2's attention scores reach the kernels uncapped"),
     Mutant("softcap-decode-uncapped", "longctx/model/hf_generate.py",
            "                                softcap=softcap)", "                                softcap=None)",
