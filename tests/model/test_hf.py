@@ -1,7 +1,6 @@
 """Hugging Face causal LMs under longctx: every strategy equals the unmodified model's eager run; weights
 convert both ways with equal logits; bad input names the fix."""
 
-import types
 
 import pytest
 import torch
@@ -43,6 +42,10 @@ GEMMA2 = transformers.Gemma2Config(**SMALL, head_dim=16, sliding_window=5, query
                                    layer_types=["sliding_attention", "full_attention"], initializer_range=0.2,
                                    attn_logit_softcapping=1.0, final_logit_softcapping=2.0)
 
+COHERE = transformers.CohereConfig(**SMALL, logit_scale=4.0)
+GRANITE = transformers.GraniteConfig(**SMALL, logits_scaling=0.25, embedding_multiplier=2.0, residual_multiplier=0.5,
+                                     attention_multiplier=0.2)
+
 
 def _save(cls, cfg, path, sinks: float | None = None):
     torch.manual_seed(0)
@@ -73,16 +76,13 @@ def hf_dirs(tmp_path_factory):
             **SMALL, head_dim=16, sliding_window=5, layer_types=["sliding_attention", "full_attention"],
             query_pre_attn_scalar=8), root / "gemma3"),
         # Gemma 2: attention and output logits soft-capped, with weights large enough (initializer_range 0.2)
-        # that both caps bend the scores and logits (test_soft_capping_is_computed)
+        # that both caps bend the scores and logits (test_hf_checks.py: test_soft_capping_is_computed)
         "gemma2": _save(transformers.Gemma2ForCausalLM, GEMMA2, root / "gemma2"),
         # output logits scaled by the CausalLM's forward: Cohere multiplies (logit_scale; its decoder layers run
         # attention and MLP side by side), Granite divides (logits_scaling; with multipliers on the embeddings,
         # the residual branches and the softmax scale)
-        "cohere": _save(transformers.CohereForCausalLM, transformers.CohereConfig(**SMALL, logit_scale=4.0),
-                        root / "cohere"),
-        "granite": _save(transformers.GraniteForCausalLM, transformers.GraniteConfig(
-            **SMALL, logits_scaling=0.25, embedding_multiplier=2.0, residual_multiplier=0.5,
-            attention_multiplier=0.2), root / "granite"),
+        "cohere": _save(transformers.CohereForCausalLM, COHERE, root / "cohere"),
+        "granite": _save(transformers.GraniteForCausalLM, GRANITE, root / "granite"),
         # attention sinks (a learned per-head logit in every softmax, set well away from 0 so they matter),
         # a mixture of experts, alternating sliding and full layers
         "gptoss": _save(transformers.GptOssForCausalLM, transformers.GptOssConfig(
@@ -127,11 +127,11 @@ LAYOUTS_4 = [dict(cp=4, strategy="zigzag"), dict(cp=4, strategy="striped"), dict
 
 # what Qwen3 and Gemma3 add is the architecture's (per-head norms, scale, MLP norms, tp placements), not a
 # strategy's: one context-parallel layout and tensor parallelism (suite time); the RoPE models: zigzag
-NEWER = ("qwen3", "gemma3", "cohere", "granite")
+NEWER = ("qwen3", "gemma3")
 
 
 # architectures whose point is not a strategy's: no second (W=2 Ulysses) run (suite time)
-WORLD_4_ONLY = NEWER + ("qwen2_moe", "phimoe", "gemma4")
+WORLD_4_ONLY = NEWER + ("qwen2_moe", "phimoe", "gemma4", "gemma2", "cohere", "granite")
 
 
 def _layouts(arch: str, layouts: list[dict]) -> list[dict]:
@@ -144,10 +144,12 @@ def _layouts(arch: str, layouts: list[dict]) -> list[dict]:
         return [layout for layout in layouts if "tp" not in layout and layout.get("strategy") != "striped"]
     if arch in ("qwen2_moe", "phimoe"):
         return layouts[:1]
-    if arch in ("gemma4", "cohere"):  # no tp placement for Gemma 4's per-layer inputs, Cohere's parallel block
+    if arch == "gemma4":  # no tp placement for its per-layer inputs (refused)
         return [layouts[0], layouts[3]]
+    if arch in ("cohere", "granite"):  # their logit scales, one layout each (Cohere's parallel block has no tp)
+        return [layouts[0] if arch == "cohere" else layouts[-1]]
     if arch == "gemma2":  # soft-capping in the ring, in Ulysses' local call (hybrid), and tp's logits
-        return [layouts[0], layouts[2], layouts[-1]] if layouts is LAYOUTS_4 else layouts
+        return [layouts[0], layouts[2], layouts[-1]]
     if arch == "ernie_moe":  # DDP (cp only) and FSDP2
         return [layout for layout in layouts if layout.get("strategy") in ("zigzag", "ulysses") and "tp" not in layout]
     return [layouts[0], layouts[-1]] if arch in NEWER else layouts
@@ -171,46 +173,6 @@ def test_every_strategy_equals_the_eager_model(hf_dirs):
                                                                      "v_proj.bias"))
                          or n in ("model.embed_tokens.weight", "lm_head.weight")}
                 assert set(r["tp_sharded"]) == (split if r["layout"].get("tp", 1) > 1 else set()), label
-
-
-def test_soft_capping_is_computed(hf_dirs):
-    # the Gemma 2 of the strategy test bends its scores and logits: without either cap the eager model's logits
-    # move by more than 0.5 (its loss, over random tokens, far less), so a strategy that dropped one could not
-    # equal the eager run's gradients there
-    from tests.model._hf_workers import batch
-
-    inp, _ = batch(GEMMA2.vocab_size)
-
-    def eager_logits(**caps):
-        model = transformers.AutoModelForCausalLM.from_pretrained(hf_dirs["gemma2"], attn_implementation="eager",
-                                                                  **caps)
-        return model(input_ids=inp).logits.detach()
-
-    full = eager_logits()
-    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
-        assert (eager_logits(**{cap: None}) - full).abs().max() > 0.5, cap
-
-
-def test_output_logit_transforms_reach_logits_and_loss(hf_dirs):
-    # what a CausalLM's own forward does to its logits (Gemma 2's cap, Cohere's and Granite's scales) the adapter
-    # does in its logits (evaluation, generation) and in the trainer's chunked loss (a scale applied to the
-    # hidden states, the cap inside the loss): both equal the eager model's, one process
-    from longctx.model.hf import HFCausalLM, load_hf_model, prepare_attention
-    from longctx.model.hf_checks import output_scale
-    from longctx.train.loss import loss_fn
-    from tests.model._hf_workers import batch
-
-    inp, labels = batch(SMALL["vocab_size"])
-    for arch, scale, cap in (("gemma2", None, 2.0), ("cohere", 4.0, None), ("granite", 4.0, None)):
-        eager = transformers.AutoModelForCausalLM.from_pretrained(hf_dirs[arch], attn_implementation="eager")
-        want = eager(input_ids=inp).logits.detach()
-        want_loss = float(torch.nn.functional.cross_entropy(want.flatten(0, 1), labels.flatten(), reduction="sum"))
-        adapter = HFCausalLM(load_hf_model(hf_dirs[arch]))
-        prepare_attention(adapter.hf, "zigzag", None, None, "auto", 1)
-        assert adapter.output_softcap == cap and output_scale(adapter.hf.config) == scale, arch
-        torch.testing.assert_close(adapter(inp).detach(), want, rtol=0, atol=1e-5, msg=arch)
-        got = float(adapter(inp, labels=labels, loss_fn=loss_fn(8)))
-        assert abs(got - want_loss) <= 1e-5 * want_loss, (arch, got, want_loss)
 
 
 def test_a_self_rescaling_rope_is_pinned_to_one_length(hf_dirs):
@@ -342,151 +304,3 @@ def test_bad_input_names_the_fix(hf_dirs, tmp_path):
     (tmp_path / "broken" / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="its config.json cannot be read"):
         read_hf_config(str(tmp_path / "broken"))
-
-
-def test_what_longctx_would_skip_is_refused(tmp_path):
-    # a logit scale that makes no finite logits is refused by name before anything runs. BitNet normalises the
-    # attention output over all heads' features before o_proj, a reduction over the dimension tp splits: no
-    # placement, refused under tp
-    from longctx.model.hf_checks import check_hf_config
-    from tests.model._hf_workers import tp_error
-
-    with pytest.raises(ValueError, match=r"GraniteForCausalLM has logits_scaling=0.0: the output logits would not "
-                                         r"be finite; set a nonzero finite logits_scaling in its config.json"):
-        check_hf_config(transformers.GraniteConfig(**SMALL, logits_scaling=0.0, architectures=["GraniteForCausalLM"]))
-    with pytest.raises(ValueError, match=r"has logit_scale=inf"):
-        check_hf_config(transformers.CohereConfig(**SMALL, logit_scale=float("inf")))
-    # a decoder not laid out as the adapter drives it, a config without the sizes longctx reads: one line each
-    from longctx.model.hf_checks import check_hf_model
-
-    opt = transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64,
-                                                             num_hidden_layers=1, num_attention_heads=4,
-                                                             word_embed_proj_dim=32))
-    with pytest.raises(ValueError, match=r"OPTForCausalLM's decoder \(OPTModel\) has no embed_tokens, layers: "):
-        check_hf_model(opt)
-    # Phi's final norm is final_layernorm: pipeline stages could not leave it out
-    from longctx.model.hf_checks import check_pipeline_split
-
-    with pytest.raises(ValueError, match=r"PhiModel applies no final norm named `norm`.*set parallel.pp=1"):
-        check_pipeline_split(transformers.PhiModel)
-    check_pipeline_split(transformers.LlamaModel)
-    sizes = types.SimpleNamespace(architectures=["OddForCausalLM"], vocab_size=64, hidden_size=32, num_hidden_layers=1,
-                                  num_attention_heads=4)
-    with pytest.raises(ValueError, match=r"OddForCausalLM's config has no intermediate_size"):
-        check_hf_config(sizes)
-    # layers whose mask or mixer the adapter would replace by full causal attention (linear attention)
-    with pytest.raises(ValueError, match=r"Qwen3NextConfig has layers of type linear_attention \(config.json "
-                                         r"layer_types\): longctx computes full_attention, sliding_attention, "
-                                         r"chunked_attention layers only"):
-        check_hf_config(transformers.Qwen3NextConfig(**SMALL))
-    bitnet = _save(transformers.BitNetForCausalLM, transformers.BitNetConfig(**SMALL), tmp_path / "bitnet")
-    deepseek = _save(transformers.DeepseekV3ForCausalLM, DEEPSEEK, tmp_path / "deepseek")
-    bitnet_error, deepseek_error = run(tp_error, 2, args=([bitnet, deepseek],), timeout=120)[0]
-    assert "BitNetForCausalLM: no tensor-parallel placement for model.layers.0.self_attn.attn_sub_norm" in bitnet_error
-    # latent attention's low-rank projections have no q/k/v_proj to split
-    assert "DeepseekV3ForCausalLM: its decoder layers have no self_attn.q_proj" in deepseek_error
-
-
-def test_attention_the_kernels_do_not_compute_is_refused_at_the_call():
-    # a model whose config hides it still cannot slip an additive position bias or bidirectional attention through
-    from longctx.model.hf import longctx_attention
-
-    class Prepared(torch.nn.Module):
-        is_causal = True
-
-        def _longctx_cores(self, *a, **k):
-            raise AssertionError("must be refused before the kernels run")
-
-    q = torch.zeros(1, 2, 4, 8)
-    for kwargs, pattern in (({"position_bias": q}, "an additive position bias"), ({"is_causal": False},
-                                                                                  "bidirectionally")):
-        with pytest.raises(ValueError, match=pattern):
-            longctx_attention(Prepared(), q, q, q, None, **kwargs)
-    # transformers builds no mask for this implementation: one that arrives is the module's own (Doge's dynamic
-    # mask: a learned additive bias), never dropped
-    with pytest.raises(ValueError, match=r"Prepared hands its attention a mask of its own \(as Doge's dynamic mask\)"):
-        longctx_attention(Prepared(), q, q, q, torch.zeros(1, 4, 2, 2))
-
-
-def test_a_mixture_of_experts_counts_the_experts_a_token_runs():
-    # FLOPs and MFU read ffn_dim: for a mixture of experts, the width of the experts each token is routed to
-    # (plus a shared expert) on its sparse layers, averaged over the layers; a dense model's own width
-    from longctx.model.hf import model_config
-
-    assert model_config(transformers.LlamaConfig(**SMALL)).ffn_dim == 64
-    gpt_oss = transformers.GptOssConfig(**dict(SMALL, intermediate_size=32), head_dim=8, num_local_experts=4,
-                                        num_experts_per_tok=2)
-    assert model_config(gpt_oss).ffn_dim == 2 * 32
-    # 4 layers, every second sparse, layer 3 dense anyway: widths 40, 2 * 16 + 24, 40, 40
-    qwen_moe = transformers.Qwen2MoeConfig(**dict(SMALL, num_hidden_layers=4, intermediate_size=40),
-                                           moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
-                                           shared_expert_intermediate_size=24, decoder_sparse_step=2,
-                                           mlp_only_layers=[3])
-    assert model_config(qwen_moe).ffn_dim == (40 + 56 + 40 + 40) // 4
-    # DeepSeek: layer 0 dense (64), then 2 routed + 1 shared expert of 16
-    assert model_config(DEEPSEEK).ffn_dim == (64 + 3 * 16) // 2
-    # Llama 4, every second layer sparse: dense layers intermediate_size_mlp (40) wide, sparse ones one routed
-    # expert and the implicit shared one (16 each)
-    llama4 = transformers.Llama4TextConfig(**dict(SMALL, num_hidden_layers=4, intermediate_size=16),
-                                           intermediate_size_mlp=40, num_local_experts=4, num_experts_per_tok=1,
-                                           interleave_moe_layer_step=2, head_dim=8)
-    assert model_config(llama4).ffn_dim == (40 + 32 + 40 + 32) // 4
-    # experts only, no dense width in the config (Solar Open): 2 routed + 1 shared of 16 on every layer
-    solar = transformers.SolarOpenConfig(**{k: v for k, v in SMALL.items() if k != "intermediate_size"},
-                                         moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1,
-                                         num_experts_per_tok=2)
-    assert model_config(solar).ffn_dim == 3 * 16
-    # Ernie 4.5: layer 0 dense (64), layer 1 two routed + one shared expert of 16 (its own key names)
-    ernie = transformers.Ernie4_5_MoeConfig(**SMALL, moe_num_experts=4, moe_k=2, moe_num_shared_experts=1,
-                                            moe_intermediate_size=16, moe_layer_start_index=1)
-    assert model_config(ernie).ffn_dim == (64 + 3 * 16) // 2
-
-
-def _brute_pairs(length: int, window=None, chunk=None) -> int:
-    """Causal pairs (i, j <= i) of one sequence that a window (i - j < window) or chunks (same j // chunk)
-    allow, one by one."""
-    return sum(1 for i in range(length) for j in range(i + 1)
-               if (window is None or i - j < window) and (chunk is None or i // chunk == j // chunk))
-
-
-def test_flops_count_every_layers_own_attention():
-    """FLOPs of an HF model read each layer: latent attention's low-rank projections (counted here from the
-    model's own Linear layers) and its q/k and v widths; sliding windows and chunks cut the pairs; a
-    heterogeneous config's per-layer head widths."""
-    from longctx.model.hf import model_config
-    from longctx.model.hf_flops import attention_layers
-    from longctx.train.metrics import layer_attention_work, model_flops_per_step
-
-    layers = attention_layers(DEEPSEEK)
-    model = transformers.DeepseekV3ForCausalLM(DEEPSEEK)
-    linear = sum(m.weight.numel() for m in model.model.layers[0].self_attn.modules() if isinstance(m, torch.nn.Linear))
-    assert layers == [{"qk_dim": 12, "v_dim": 6, "params": linear, "kv_heads": 4, "window": None, "chunk": None}] * 2
-    cfg = model_config(DEEPSEEK)
-    assert cfg.head_dim == 12
-    flops = model_flops_per_step(cfg, seq_len=8, sequences=1, layers=layers)
-    assert flops["attention"] == 6 * 2 * 4 * (12 + 6) * _brute_pairs(8)
-    assert flops["dense"] == 6 * 8 * (2 * (linear + 3 * 32 * cfg.ffn_dim) + 32 * 64)
-    # Llama 4: a chunked layer (chunks of 8) and a full one; Gemma 3: a sliding layer (window 5) and a full
-    # one; Gemma 4: heads 8 and 16 wide; packed rows restart every count per document
-    gemma3 = transformers.Gemma3TextConfig(**SMALL, head_dim=16, sliding_window=5,
-                                           layer_types=["sliding_attention", "full_attention"])
-    for config, pairs in ((LLAMA4, lambda n: [_brute_pairs(n, chunk=8), _brute_pairs(n)]),
-                          (gemma3, lambda n: [_brute_pairs(n, window=5), _brute_pairs(n)]),
-                          (GEMMA4, lambda n: [_brute_pairs(n, window=5), _brute_pairs(n)])):
-        layers = attention_layers(config)
-        widths = [2 * layer["qk_dim"] for layer in layers]
-        for lengths in ([20], [13, 11, 8]):
-            want = sum(4 * w * sum(pairs(n)[i] for n in lengths) for i, w in enumerate(widths))
-            assert layer_attention_work(layers, 4, lengths) == want, (type(config).__name__, lengths)
-    assert [layer["qk_dim"] for layer in attention_layers(GEMMA4)] == [8, 16] and model_config(GEMMA4).head_dim == 16
-    # Gemma 4's full layers with values that are their keys (attention_k_eq_v) and K/V heads of their own: per
-    # layer K/V heads, no v_proj, each layer's parameters those of its own Linear layers
-    k_eq_v = transformers.Gemma4TextConfig(**dict(SMALL, num_key_value_heads=2), **SMALL_PER_LAYER, head_dim=8,
-                                           global_head_dim=16,
-                                           sliding_window=5, layer_types=["sliding_attention", "full_attention"],
-                                           attention_k_eq_v=True, num_global_key_value_heads=1)
-    layers, model = attention_layers(k_eq_v), transformers.Gemma4ForCausalLM(k_eq_v)
-    assert [layer["kv_heads"] for layer in layers] == [2, 1] and model_config(k_eq_v).n_kv_heads == 2
-    for layer, decoder_layer in zip(layers, model.model.layers):
-        linear = sum(m.weight.numel() for m in decoder_layer.self_attn.modules() if isinstance(m, torch.nn.Linear))
-        assert layer["params"] == linear
