@@ -24,6 +24,7 @@ from .. import kernels
 from .._argtypes import int_list, seed, split_names
 from ..kernels import Mask, backends, empty_state, merge_
 from ..kernels import sdpa as sdpa_mod
+from ..kernels.registry import missing_capability
 from . import report, sdpa_baselines
 
 COLUMNS = ["backend", "seq_len", "fwd_ms", "bwd_ms", "fwdbwd_ms", "fwd_tflops", "bwd_tflops", "fwdbwd_tflops",
@@ -107,9 +108,7 @@ def _why_not(name: str, q, k, v, mask, softcap=None) -> str | None:
     if name in sdpa_baselines.NAMES:
         return "torch's SDPA has no logit soft-capping" if softcap else sdpa_baselines.why_not(name, q, mask)
     be = backends()[name]  # validate() refused names that are no backend
-    if softcap and not be.softcap:
-        return "it does not compute logit soft-capping"
-    return be.availability() or be.supports(q, k, v, mask)
+    return missing_capability(be, softcap) or be.availability() or be.supports(q, k, v, mask)
 
 
 def _closures(name, q, k, v, do, mask, softcap=None):

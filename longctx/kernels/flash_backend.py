@@ -54,13 +54,25 @@ def _supports(q, k, v, mask) -> str | None:
     return None
 
 
+_PARAMETERS: dict[int, tuple[str, ...]] = {}  # id of a module-level flash-attn function -> its parameter names
+
+
+def _parameters(fn) -> tuple[str, ...]:
+    """The parameter names of a flash-attn function, looked up once (kernel calls are a hot path). flash-attn
+    >= 2.6 wraps its backward in torch.library.custom_op, whose own signature is (*args, **kwargs): the
+    wrapped function's are read."""
+    if id(fn) not in _PARAMETERS:
+        _PARAMETERS[id(fn)] = tuple(inspect.signature(getattr(fn, "_init_fn", fn)).parameters)
+    return _PARAMETERS[id(fn)]
+
+
 def forward(q, k, v, *, scale, mask, out_dtype=None, softcap=None):
     from flash_attn.flash_attn_interface import flash_attn_func
 
     left, right = _window(mask)
     cap = {}
     if softcap is not None:
-        if "softcap" not in inspect.signature(flash_attn_func).parameters:
+        if "softcap" not in _parameters(flash_attn_func):
             raise ValueError("the installed flash-attn has no softcap (added in 2.6); upgrade it, or use "
                              "parallel.kernel=triton for soft-capped attention")
         cap = {"softcap": softcap}
@@ -80,10 +92,7 @@ def backward(dout, q, k, v, out, lse, *, scale, mask, grad_dtype=None, softcap=N
                   dq=dq, dk=dk, dv=dv, dropout_p=0.0, softmax_scale=scale, causal=False,
                   window_size_left=left, window_size_right=right, window_size=(left, right), softcap=softcap or 0.0,
                   alibi_slopes=None, deterministic=False, rng_state=None)
-    # flash-attn >= 2.6 wraps it in torch.library.custom_op, whose own signature is (*args, **kwargs)
-    fn = fai._flash_attn_backward
-    params = inspect.signature(getattr(fn, "_init_fn", fn)).parameters
-    fai._flash_attn_backward(**{n: kwargs[n] for n in params if n in kwargs})
+    fai._flash_attn_backward(**{n: kwargs[n] for n in _parameters(fai._flash_attn_backward) if n in kwargs})
     return tuple(t.to(grad_dtype or t.dtype) for t in (dq, dk, dv))
 
 

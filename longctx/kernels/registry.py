@@ -99,7 +99,8 @@ def _unknown_backend(name) -> ValueError:
     return ValueError(f"unknown kernel backend {name!r}; choose one of {['auto', *sorted(_BACKENDS)]}")
 
 
-def _capability(b: Backend, softcap) -> str | None:
+def missing_capability(b: Backend, softcap) -> str | None:
+    """Why `b` cannot take a call with this softcap (None: it can); `resolve` and the kernel bench ask it."""
     return "it does not compute logit soft-capping" if softcap is not None and not b.softcap else None
 
 
@@ -111,12 +112,12 @@ def resolve(name: str, q, k, v, mask: Mask, softcap: float | None = None) -> Bac
         if name not in _BACKENDS:
             raise _unknown_backend(name)
         b = _BACKENDS[name]
-        why = b.availability() or _capability(b, softcap) or b.supports(q, k, v, mask)
+        why = b.availability() or missing_capability(b, softcap) or b.supports(q, k, v, mask)
         if why:
             raise ValueError(f"kernel backend {name!r} cannot run this call: {why}; use kernel='auto' or 'reference'")
         return b
     for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
-        if b.priority >= 0 and not (b.availability() or _capability(b, softcap) or b.supports(q, k, v, mask)):
+        if b.priority >= 0 and not (b.availability() or missing_capability(b, softcap) or b.supports(q, k, v, mask)):
             return b
     return _BACKENDS["reference"]
 
@@ -145,12 +146,12 @@ def _check_tensor(name: str, t, ndim: int = 4, what: str = "(batch, seq, heads, 
 
 def check_softcap(softcap) -> float | None:
     """None (no capping) or a positive finite float; 0 also means none (transformers' convention)."""
-    if softcap is None or (not isinstance(softcap, bool) and isinstance(softcap, (int, float)) and softcap == 0):
+    if softcap is None:
         return None
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
         raise ValueError(f"softcap must be None or a positive finite float (scores become softcap * tanh(score / "
                          f"softcap)), got {softcap!r}")
-    return float(softcap)
+    return float(softcap) or None
 
 
 def validate(q, k, v, scale, mask) -> tuple[float, Mask]:
