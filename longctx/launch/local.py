@@ -8,10 +8,13 @@ never leaving processes behind.
 from __future__ import annotations
 
 import copy
+import faulthandler
 import multiprocessing as mp
 import os
 import pickle
+import shutil
 import signal
+import tempfile
 import threading
 import time
 import traceback
@@ -99,6 +102,9 @@ def run(fn, world_size, *, args=(), kwargs=None, backend="auto", timeout=120.0, 
                           wait_for_workers=False)
     child_env = _child_env(backend, world_size, store.port, env)
     procs, conns, lifelines = [], [], []
+    # A rank killed by SIGSEGV/SIGABRT sends no message; faulthandler writes its Python stack here instead.
+    crash_dir = tempfile.mkdtemp(prefix="longctx-ranks-")
+    crash_paths = [os.path.join(crash_dir, f"rank{rank}.stack") for rank in range(world_size)]
     try:
         with _ForwardSignals(procs):
             for rank in range(world_size):
@@ -107,7 +113,7 @@ def run(fn, world_size, *, args=(), kwargs=None, backend="auto", timeout=120.0, 
                 life_r, life_w = ctx.Pipe(duplex=False) if start_method != "fork" else (None, None)
                 proc = ctx.Process(target=_worker, name=f"longctx-rank{rank}", daemon=False,
                                    args=(rank, world_size, backend, store.port, pg_timeout, num_threads,
-                                         child_env, payload, writer, life_r))
+                                         child_env, payload, writer, life_r, crash_paths[rank]))
                 conns.append(reader)
                 lifelines.append(life_w)
                 try:
@@ -119,7 +125,7 @@ def run(fn, world_size, *, args=(), kwargs=None, backend="auto", timeout=120.0, 
                     writer.close()
                     if life_r is not None:
                         life_r.close()
-            results = _collect(procs, conns, start + timeout, timeout)
+            results = _collect(procs, conns, start + timeout, timeout, crash_paths)
             _join(procs, _EXIT_GRACE_S)
         return results
     finally:
@@ -127,6 +133,7 @@ def run(fn, world_size, *, args=(), kwargs=None, backend="auto", timeout=120.0, 
         for conn in [*conns, *lifelines]:
             if conn is not None:
                 conn.close()
+        shutil.rmtree(crash_dir, ignore_errors=True)
         del store
 
 
@@ -243,7 +250,11 @@ def _watch_launcher(lifeline):
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker(rank, world_size, backend, port, pg_timeout, num_threads, env, payload, conn, lifeline=None):
+def _worker(rank, world_size, backend, port, pg_timeout, num_threads, env, payload, conn, lifeline=None,
+            crash_path=None):
+    if crash_path is not None:
+        # Kept open for the life of the process: faulthandler writes to its descriptor from a signal handler.
+        faulthandler.enable(open(crash_path, "w"), all_threads=True)
     torch.set_num_threads(num_threads)
     os.environ.clear()
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
@@ -288,7 +299,7 @@ def _to_cpu(obj):
     return obj
 
 
-def _collect(procs, conns, deadline, timeout):
+def _collect(procs, conns, deadline, timeout, crash_paths):
     """Wait for one message per rank; stop early on failure, raise on failure or timeout."""
     world_size = len(procs)
     results = [None] * world_size
@@ -325,7 +336,7 @@ def _collect(procs, conns, deadline, timeout):
                 read(conns[rank])
             if rank in pending:
                 pending.discard(rank)
-                failures.append((rank, None, None, None, procs[rank].exitcode))
+                failures.append((rank, None, None, _crash_stack(crash_paths[rank]), procs[rank].exitcode))
         if failures and stop == deadline:
             stop = min(deadline, time.monotonic() + _FAILURE_GRACE_S)
 
@@ -338,6 +349,16 @@ def _collect(procs, conns, deadline, timeout):
             "ranks are stuck in a collective, a smaller pg_timeout= makes them raise instead."
         )
     return results
+
+
+def _crash_stack(path):
+    """What faulthandler wrote for a rank that died on a fatal signal, or None."""
+    try:
+        with open(path) as stack:
+            text = stack.read().strip()
+    except OSError:
+        return None
+    return f"faulthandler's stack of the dead rank:\n{text}" if text else None
 
 
 def _is_secondary(failure):

@@ -1,6 +1,7 @@
 """Module-level rank functions for tests/launch (run() pickles fn, so they cannot live in the test)."""
 
 import collections
+import ctypes
 import os
 import time
 
@@ -53,6 +54,14 @@ def exit_on_rank(bad_rank, code):
     rank, _ = rank_info()
     if rank == bad_rank:
         os._exit(code)
+    dist.all_reduce(torch.ones(4))
+    return rank
+
+
+def segfault_on_rank(bad_rank):
+    rank, _ = rank_info()
+    if rank == bad_rank:
+        ctypes.string_at(0)  # reads address 0: SIGSEGV, no Python exception
     dist.all_reduce(torch.ones(4))
     return rank
 

@@ -138,6 +138,17 @@ def test_dead_rank_is_reported_quickly():
 
 
 @pytest.mark.timeout(30)
+def test_a_segfaulting_rank_is_reported_with_its_python_stack():
+    # No exception and no message: only faulthandler's record says where the rank died.
+    with pytest.raises(RankError, match="rank 1 died with exit code -11 \\(SIGSEGV\\)") as info:
+        run(_workers.segfault_on_rank, 3, args=(1,))
+    err = info.value
+    assert err.rank == 1 and err.exitcode == -11
+    assert "Segmentation fault" in err.remote_traceback
+    assert "segfault_on_rank" in err.remote_traceback and "segfault_on_rank" in str(err)
+
+
+@pytest.mark.timeout(30)
 def test_wall_clock_timeout_kills_ranks():
     start = time.monotonic()
     with pytest.raises(TimeoutError) as info:
