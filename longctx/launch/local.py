@@ -43,6 +43,7 @@ _SECONDARY_MARKERS = ("connection closed by peer", "connection reset by peer", "
                       "timed out", "socket timeout", "communicator was aborted")
 
 _contexts: dict[str, mp.context.BaseContext] = {}
+_PRELOAD = ("longctx.train.trainer", "longctx.eval", "transformers")
 
 
 class RankError(RuntimeError):
@@ -203,8 +204,10 @@ def _context(start_method):
         ctx = mp.get_context(start_method)
         if start_method == "forkserver":
             # The server imports torch once and forks every rank from there: milliseconds per rank
-            # instead of seconds of re-importing torch.
-            ctx.set_forkserver_preload(["torch", "torch.distributed", __name__])
+            # instead of seconds of re-importing torch. The trainer (DTensor, OmegaConf: ~0.7 s a rank)
+            # too, as most launches train. Nothing that defines Triton kernels: @triton.jit reads
+            # TRITON_INTERPRET when the module is imported, and a rank's env= must still decide it.
+            ctx.set_forkserver_preload(["torch", "torch.distributed", __name__, *_PRELOAD])
         _contexts[start_method] = ctx
     return ctx
 
