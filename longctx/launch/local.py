@@ -205,8 +205,9 @@ def _context(start_method):
         if start_method == "forkserver":
             # The server imports torch once and forks every rank from there: milliseconds per rank
             # instead of seconds of re-importing torch. The trainer (DTensor, OmegaConf: ~0.7 s a rank)
-            # too, as most launches train. Nothing that defines Triton kernels: @triton.jit reads
-            # TRITON_INTERPRET when the module is imported, and a rank's env= must still decide it.
+            # and transformers (~0.5 s; skipped where absent) too, as most launches train. Nothing that
+            # defines Triton kernels: @triton.jit reads TRITON_INTERPRET when its module is imported, and
+            # a rank's env= must still decide that.
             ctx.set_forkserver_preload(["torch", "torch.distributed", __name__, *_PRELOAD])
         _contexts[start_method] = ctx
     return ctx
