@@ -473,6 +473,10 @@ MUTANTS = [
            "        scale = scale * value if invert else scale / value",
            ("tests/model/test_hf.py::test_every_strategy_equals_the_eager_model",),
            "Granite's logits multiplied by logits_scaling, Cohere's divided by logit_scale"),
+    Mutant("hf-logits-scaling-one-way", "longctx/model/hf_checks.py",
+           '"hyperclovax": "multiply"}', '"hyperclovax": "divide"}',
+           ("tests/model/test_hf_checks.py::test_output_logit_transforms_reach_logits_and_loss",),
+           "HyperCLOVAX's logits divided by logits_scaling, as Granite's are"),
     Mutant("triton-values-masked-at-the-qk-width", "longctx/kernels/triton_kernels.py",
            "    v_ok = (offs_n[:, None] < SK) & (offs_dv[None, :] < D_V)\n"
            "    v = tl.load(_tile(v_base, offs_n, s_vs, offs_dv)",

@@ -270,9 +270,10 @@ def tile_visits(q, k, v, *, mask: Mask, scale: float | None = None) -> torch.Ten
     """Debug/test hook: run the forward with fixed tiles and return, per program, the number of
     (partial, full) KV tiles it visited, shaped (B * H, num_q_tiles, 2)."""
     b, sq, h, d = q.shape
-    if _blocks("fwd", d, q.dtype) is None:
+    width = max(d, v.shape[-1])  # the tiles are chosen by the wider of the two head widths, as _forward's are
+    if _blocks("fwd", width, q.dtype) is None:
         raise RuntimeError("tile_visits needs fixed tiles: set LONGCTX_TRITON_AUTOTUNE=0")
-    bm = _blocks("fwd", d, q.dtype)[0]
+    bm = _blocks("fwd", width, q.dtype)[0]
     visits = torch.zeros((b * h, -(-sq // bm), 2), dtype=torch.int32, device=q.device)
     out = torch.empty((b, sq, h, v.shape[-1]), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
@@ -281,7 +282,8 @@ def tile_visits(q, k, v, *, mask: Mask, scale: float | None = None) -> torch.Ten
 
 
 def fwd_block_sizes(d: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N) of the fixed forward tiles, or None when autotuning."""
+    """(BLOCK_M, BLOCK_N) of the fixed forward tiles for head width d (the wider of q/k's and v's), or None when
+    autotuning."""
     blocks = _blocks("fwd", d, dtype)
     return None if blocks is None else blocks[:2]
 

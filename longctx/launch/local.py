@@ -43,7 +43,7 @@ _SECONDARY_MARKERS = ("connection closed by peer", "connection reset by peer", "
                       "timed out", "socket timeout", "communicator was aborted")
 
 _contexts: dict[str, mp.context.BaseContext] = {}
-_PRELOAD = ("longctx.train.trainer", "longctx.eval", "transformers")
+_PRELOAD = ("longctx.train.trainer", "longctx.eval")
 
 
 class RankError(RuntimeError):
@@ -205,9 +205,10 @@ def _context(start_method):
         if start_method == "forkserver":
             # The server imports torch once and forks every rank from there: milliseconds per rank
             # instead of seconds of re-importing torch. The trainer (DTensor, OmegaConf: ~0.7 s a rank)
-            # and transformers (~0.5 s; skipped where absent) too, as most launches train. Nothing that
-            # defines Triton kernels: @triton.jit reads TRITON_INTERPRET when its module is imported, and
-            # a rank's env= must still decide that.
+            # too, as most launches train. Not transformers (~0.5 s): huggingface_hub reads HF_HOME,
+            # HF_HUB_OFFLINE, ... when imported, which a rank's env= must still decide, and a broken
+            # install would take down every launch. Nor anything defining Triton kernels: @triton.jit
+            # reads TRITON_INTERPRET at import.
             ctx.set_forkserver_preload(["torch", "torch.distributed", __name__, *_PRELOAD])
         _contexts[start_method] = ctx
     return ctx

@@ -133,20 +133,37 @@ def check_hf_config(hf_config) -> None:
     output_scale(hf_config)
 
 
+# which way a family's CausalLM applies config.logits_scaling (by model_type prefix): Granite's families (and
+# MiniCPM3, to the final hidden states) divide by it, HyperCLOVAX multiplies
+_LOGITS_SCALING = {"granite": "divide", "minicpm": "divide", "hyperclovax": "multiply"}
+
+
 def output_scale(hf_config) -> float | None:
-    """The factor a CausalLM's forward multiplies its logits by: Cohere's `logit_scale`, over Granite's
-    `logits_scaling` (which it divides by); None when 1."""
+    """The factor a CausalLM's forward multiplies its logits by: Cohere's `logit_scale` times Granite's
+    `logits_scaling` inverted (or HyperCLOVAX's, not inverted); None when 1."""
     scale = 1.0
-    for key, invert in (("logit_scale", False), ("logits_scaling", True)):
+    for key in ("logit_scale", "logits_scaling"):
         value = getattr(hf_config, key, None)
-        if value is None:
+        if value is None or (key == "logits_scaling" and value == 1):
             continue
+        invert = key == "logits_scaling" and _logits_scaling_divides(hf_config, value)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
                 (invert and value == 0):
             raise ValueError(f"{_arch(hf_config)} has {key}={value!r}: the output logits would not be finite; set "
                              f"a {'nonzero ' if invert else ''}finite {key} in its config.json")
         scale = scale / value if invert else scale * value
     return None if scale == 1.0 else float(scale)
+
+
+def _logits_scaling_divides(hf_config, value) -> bool:
+    model_type = str(getattr(hf_config, "model_type", ""))
+    for prefix, how in _LOGITS_SCALING.items():
+        if model_type.startswith(prefix):
+            return how == "divide"
+    raise ValueError(f"{_arch(hf_config)} has logits_scaling={value!r}, and longctx does not know whether its forward "
+                     f"multiplies or divides the logits by it (model_type {model_type!r}; Granite divides, HyperCLOVAX "
+                     "multiplies): train it with logits_scaling=1, or add its model_type to "
+                     "longctx.model.hf_checks._LOGITS_SCALING")
 
 
 # RoPE types whose frequencies transformers recomputes from the largest position id of each forward call

@@ -13,13 +13,18 @@ transformers = pytest.importorskip("transformers", reason="the Hugging Face test
 
 from .test_hf import COHERE, DEEPSEEK, GEMMA2, GRANITE, SMALL, _save  # noqa: E402
 
+# Granite's logits_scaling divides, HyperCLOVAX's multiplies (and it has post-norms and MuP multipliers of its own)
+HYPERCLOVAX = transformers.HyperCLOVAXConfig(**SMALL, logits_scaling=0.25, embedding_multiplier=2.0,
+                                             residual_multiplier=0.5, use_post_norm=True)
+
 
 @pytest.fixture(scope="module")
 def logit_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_logits")
     return {"gemma2": _save(transformers.Gemma2ForCausalLM, GEMMA2, root / "gemma2"),
             "cohere": _save(transformers.CohereForCausalLM, COHERE, root / "cohere"),
-            "granite": _save(transformers.GraniteForCausalLM, GRANITE, root / "granite")}
+            "granite": _save(transformers.GraniteForCausalLM, GRANITE, root / "granite"),
+            "hyperclovax": _save(transformers.HyperCLOVAXForCausalLM, HYPERCLOVAX, root / "hyperclovax")}
 
 
 def test_soft_capping_is_computed(logit_dirs):
@@ -50,7 +55,8 @@ def test_output_logit_transforms_reach_logits_and_loss(logit_dirs):
     from tests.model._hf_workers import batch
 
     inp, labels = batch(SMALL["vocab_size"])
-    for arch, scale, cap in (("gemma2", None, 2.0), ("cohere", 4.0, None), ("granite", 4.0, None)):
+    for arch, scale, cap in (("gemma2", None, 2.0), ("cohere", 4.0, None), ("granite", 4.0, None),
+                             ("hyperclovax", 0.25, None)):
         eager = transformers.AutoModelForCausalLM.from_pretrained(logit_dirs[arch], attn_implementation="eager")
         want = eager(input_ids=inp).logits.detach()
         want_loss = float(torch.nn.functional.cross_entropy(want.flatten(0, 1), labels.flatten(), reduction="sum"))
@@ -58,7 +64,7 @@ def test_output_logit_transforms_reach_logits_and_loss(logit_dirs):
         prepare_attention(adapter.hf, "zigzag", None, None, "auto", 1)
         assert adapter.output_softcap == cap and output_scale(adapter.hf.config) == scale, arch
         torch.testing.assert_close(adapter(inp).detach(), want, rtol=0, atol=1e-5, msg=arch)
-        got = float(adapter(inp, labels=labels, loss_fn=loss_fn(8)))
+        got = float(adapter(inp, labels=labels, loss_fn=loss_fn(8)).detach())
         assert abs(got - want_loss) <= 1e-5 * want_loss, (arch, got, want_loss)
 
 
@@ -72,6 +78,13 @@ def test_what_longctx_would_skip_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"GraniteForCausalLM has logits_scaling=0.0: the output logits would not "
                                          r"be finite; set a nonzero finite logits_scaling in its config.json"):
         check_hf_config(transformers.GraniteConfig(**SMALL, logits_scaling=0.0, architectures=["GraniteForCausalLM"]))
+    unknown = transformers.LlamaConfig(**SMALL, architectures=["LlamaForCausalLM"])
+    unknown.logits_scaling = 8.0
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM has logits_scaling=8.0, and longctx does not know whether "
+                                         r"its forward multiplies or divides"):
+        check_hf_config(unknown)
+    unknown.logits_scaling = 1.0  # either way a no-op
+    check_hf_config(unknown)
     with pytest.raises(ValueError, match=r"has logit_scale=inf"):
         check_hf_config(transformers.CohereConfig(**SMALL, logit_scale=float("inf")))
     # a decoder not laid out as the adapter drives it, a config without the sizes longctx reads: one line each
