@@ -8,6 +8,7 @@ the Python traceback of user errors too.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import os
 import platform
@@ -360,6 +361,8 @@ def main(argv=None) -> int:
     from .config import ConfigError
     from .launch import RankError
 
+    if not faulthandler.is_enabled():  # a rank torchrun starts that dies on a signal prints its Python stack
+        faulthandler.enable(all_threads=True)
     try:
         return _dispatch(_parse(argv))
     except (UserError, ConfigError, MissingDependency) as e:

@@ -187,6 +187,17 @@ def _cli(*args, env=None, timeout=300):
                           timeout=timeout, env=full_env)
 
 
+def test_a_command_that_dies_on_a_signal_prints_its_python_stack():
+    # a rank torchrun starts is `longctx train` in a process of its own: a segfault there (a kernel, gloo) sends no
+    # exception anywhere, so main() has faulthandler print where it happened (PYTHONFAULTHANDLER unset here)
+    code = ("import ctypes, sys\nfrom longctx.cli import main\nassert main(['info']) == 0\n"
+            "def crash_here():\n    ctypes.string_at(0)\ncrash_here()")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+    assert res.returncode == -11, (res.returncode, res.stderr)
+    assert "Fatal Python error: Segmentation fault" in res.stderr and "crash_here" in res.stderr, res.stderr
+
+
 def _metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

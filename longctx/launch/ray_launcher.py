@@ -22,6 +22,7 @@ waiting.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import threading
 import uuid
 
@@ -69,6 +70,8 @@ def _worker(loop_config: dict) -> None:
 
     from .entry import train_main
 
+    if not faulthandler.is_enabled():  # a worker that dies on a signal leaves its Python stack in its log
+        faulthandler.enable(all_threads=True)
     done = threading.Event()
     threading.Thread(target=_watch_stop_flag, args=(ray, loop_config["stop_flag"], done), daemon=True).start()
     try:
