@@ -1,4 +1,4 @@
-"""Tensor parallelism for Hugging Face causal LMs (Llama, Qwen2/3, Mistral, Gemma): Megatron's split by
+"""Tensor parallelism for Hugging Face causal LMs (Llama, Qwen2/3, Mistral, Gemma, Cohere): Megatron's split by
 the module names these architectures share, with sequence parallelism between the blocks, as our Llama
 has it (parallel/tensor.py). The embedding and output head are split by vocabulary rows (one parameter
 again when tied), every norm is replicated over tp with its input a shard (of the sequence, or of the
@@ -28,10 +28,12 @@ def check_hf_tp(cfg, tp: int) -> None:
 _LAYER_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
                "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
                "mlp.down_proj": "rowwise"}
-_REPLICATED = ("input_layernorm", "post_attention_layernorm")  # norms of the residual stream's sequence shards
-# Gemma2/3's norms around the MLP: of its input (the residual stream) and of its output (down_proj's
-# reduce-scattered sequence shards), so on sequence shards too
-_REPLICATED_IF_PRESENT = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+_REPLICATED = ("input_layernorm",)  # norms of the residual stream's sequence shards
+# a second norm of the residual stream, absent where attention and MLP share the first (Cohere's parallel block:
+# h + attn(ln(h)) + mlp(ln(h)), each branch gathering ln(h) and reduce-scattering its output); Gemma2/3's norms
+# around the MLP: of its input (the residual stream) and of its output (down_proj's reduce-scattered sequence
+# shards), so on sequence shards too
+_REPLICATED_IF_PRESENT = ("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
 _PER_HEAD = ("self_attn.q_norm", "self_attn.k_norm")  # Qwen3: one (head_dim,) weight shared by every head
 
 

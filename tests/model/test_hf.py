@@ -146,8 +146,8 @@ def _layouts(arch: str, layouts: list[dict]) -> list[dict]:
         return layouts[:1]
     if arch == "gemma4":  # no tp placement for its per-layer inputs (refused)
         return [layouts[0], layouts[3]]
-    if arch in ("cohere", "granite"):  # their logit scales, one layout each (Cohere's parallel block has no tp)
-        return [layouts[0] if arch == "cohere" else layouts[-1]]
+    if arch in ("cohere", "granite"):  # their logit scales under tp's vocabulary-parallel loss (Cohere's parallel
+        return [layouts[-1]]  # block: attention and MLP both of the one norm's gathered output)
     if arch == "gemma2":  # soft-capping in the ring, in Ulysses' local call (hybrid), and tp's logits
         return [layouts[0], layouts[2], layouts[-1]]
     if arch == "ernie_moe":  # DDP (cp only) and FSDP2

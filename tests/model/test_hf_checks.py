@@ -112,8 +112,13 @@ def test_what_longctx_would_skip_is_refused(tmp_path):
         check_hf_config(transformers.Qwen3NextConfig(**SMALL))
     bitnet = _save(transformers.BitNetForCausalLM, transformers.BitNetConfig(**SMALL), tmp_path / "bitnet")
     deepseek = _save(transformers.DeepseekV3ForCausalLM, DEEPSEEK, tmp_path / "deepseek")
-    bitnet_error, deepseek_error = run(tp_error, 2, args=([bitnet, deepseek],), timeout=120)[0]
+    # Cohere's q/k norms hold one weight per head (n_heads, head_dim): a norm tp would have to split, not replicate
+    cohere_qk = _save(transformers.CohereForCausalLM, transformers.CohereConfig(**SMALL, use_qk_norm=True),
+                      tmp_path / "cohere_qk")
+    bitnet_error, deepseek_error, cohere_error = run(tp_error, 2, args=([bitnet, deepseek, cohere_qk],),
+                                                     timeout=120)[0]
     assert "BitNetForCausalLM: no tensor-parallel placement for model.layers.0.self_attn.attn_sub_norm" in bitnet_error
+    assert "CohereForCausalLM: no tensor-parallel placement for model.layers.0.self_attn.q_norm.weight" in cohere_error
     # latent attention's low-rank projections have no q/k/v_proj to split
     assert "DeepseekV3ForCausalLM: its decoder layers have no self_attn.q_proj" in deepseek_error
 
