@@ -96,6 +96,15 @@ def check_hf_model(model: nn.Module) -> None:
                          "architecture that does (Llama, Qwen2, Mistral, ...)")
     if not hasattr(model, "lm_head") or not hasattr(model, "model"):
         raise ValueError(f"{type(model).__name__} is not a causal LM with .model (the decoder) and .lm_head")
+    # the loss reads lm_head.weight alone (chunked or split by vocabulary, never all logits at once): a bias (Phi)
+    # or a head of its own (Dory's learned per-token logit scale) would be dropped from the loss
+    head = model.lm_head
+    extra = [name for name, _ in head.named_parameters() if name != "weight"]
+    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward or extra:
+        with_extra = f" with {', '.join(extra)}" if extra else ""
+        raise ValueError(f"{type(model).__name__}'s output head is a {type(head).__name__}{with_extra}, not a "
+                         "bias-free Linear: longctx computes the loss from lm_head.weight alone and would leave the "
+                         "rest out; use an architecture whose lm_head is nn.Linear(bias=False)")
     # what the adapter drives: the decoder's embedding and its list of layers (OPT keeps them under .decoder,
     # ModernBERT's decoder names its embedding otherwise)
     missing = [name for name in ("embed_tokens", "layers") if not hasattr(model.model, name)]

@@ -72,12 +72,18 @@ def test_what_longctx_would_skip_is_refused(tmp_path):
     # a logit scale that makes no finite logits is refused by name before anything runs. BitNet normalises the
     # attention output over all heads' features before o_proj, a reduction over the dimension tp splits: no
     # placement, refused under tp
-    from longctx.model.hf_checks import check_hf_config
+    from longctx.model.hf_checks import check_hf_config, check_hf_model
     from tests.model._hf_workers import tp_error
 
     with pytest.raises(ValueError, match=r"GraniteForCausalLM has logits_scaling=0.0: the output logits would not "
                                          r"be finite; set a nonzero finite logits_scaling in its config.json"):
         check_hf_config(transformers.GraniteConfig(**SMALL, logits_scaling=0.0, architectures=["GraniteForCausalLM"]))
+    # the loss reads lm_head.weight alone: Phi's head bias and Dory's learned logit scale would be left out of it
+    with pytest.raises(ValueError, match=r"PhiForCausalLM's output head is a Linear with bias, not a bias-free Linear"):
+        check_hf_model(transformers.PhiForCausalLM(transformers.PhiConfig(**SMALL)))
+    with pytest.raises(ValueError, match=r"DoryForCausalLM's output head is a DoryLMHead with logit_scale, not a "
+                                         r"bias-free Linear: longctx computes the loss from lm_head.weight alone"):
+        check_hf_model(transformers.DoryForCausalLM(transformers.DoryConfig(**SMALL)))
     unknown = transformers.LlamaConfig(**SMALL, architectures=["LlamaForCausalLM"])
     unknown.logits_scaling = 8.0
     with pytest.raises(ValueError, match=r"LlamaForCausalLM has logits_scaling=8.0, and longctx does not know whether "
@@ -88,8 +94,6 @@ def test_what_longctx_would_skip_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"has logit_scale=inf"):
         check_hf_config(transformers.CohereConfig(**SMALL, logit_scale=float("inf")))
     # a decoder not laid out as the adapter drives it, a config without the sizes longctx reads: one line each
-    from longctx.model.hf_checks import check_hf_model
-
     opt = transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64,
                                                              num_hidden_layers=1, num_attention_heads=4,
                                                              word_embed_proj_dim=32))
