@@ -79,7 +79,14 @@ def continues(resume: str | None) -> bool:
 
 def resolve_resume(resume: str, root: str, log=print, skip=()) -> str | None:
     """The checkpoint directory to load for train.resume (auto | none | a path), or None; `skip`: those
-    found damaged (a root then falls back to its next newest)."""
+    found damaged (a root then falls back to its next newest). A checkpoint in `root` that this run would
+    write over or prune alongside its own (another run's) is refused."""
+    path = _resume_choice(resume, root, log, skip)
+    _refuse_other_runs(path, root, resume, skip)
+    return path
+
+
+def _resume_choice(resume: str, root: str, log, skip) -> str | None:
     if not continues(resume):
         return None
     if resume == "auto":
@@ -89,6 +96,27 @@ def resolve_resume(resume: str, root: str, log=print, skip=()) -> str | None:
                              f"({', '.join(skip)}); restore one, or pass train.resume=none to start afresh")
         return found[-1][1] if found else None
     return locate(resume, f"train.resume={resume!r}", log, skip)
+
+
+def _refuse_other_runs(path: str | None, root: str, resume: str, skip) -> None:
+    """A run writes step_N directories into `root` from the step it starts at, and checkpoint.keep_last prunes
+    `root` by step: a complete checkpoint there at or past that step, other than the one it resumes, is another
+    run's (or the branch a resume from an older step leaves), and would be pruned or written over with no word."""
+    start = int(_STEP_DIR.match(os.path.basename(os.path.normpath(path))).group(1)) if path else 0
+    mine = os.path.realpath(path) if path else None
+    others = [os.path.basename(p) for step, p in complete_checkpoints(root, log=lambda _: None, skip=skip)
+              if step >= start and os.path.realpath(p) != mine]
+    if not others:
+        return
+    names = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
+    if path is None:
+        raise ValueError(f"checkpoint.dir {root} already holds checkpoints of an earlier run ({names}): continue that "
+                         "run with train.resume=auto, or give this one a run_dir (or checkpoint.dir) of its own; the "
+                         "two runs' checkpoints would be pruned together by checkpoint.keep_last, and "
+                         "train.resume=auto would take the newest of either")
+    raise ValueError(f"train.resume={resume!r} continues from step {start}, but {root} holds later checkpoints "
+                     f"({names}) that this run would write over or prune by step with its own: move them out of "
+                     f"{root} to keep them, or give this run another checkpoint.dir")
 
 
 def resume_path(resume: str, root: str, rank: int, world: int, say=print) -> str | None:

@@ -248,27 +248,42 @@ class MetricsLogger:
             self.file.close()
 
 
+SUPERSEDED = "metrics.superseded.jsonl"
+
+
 def _tidy(path: str, resumed_step: int | None) -> None:
-    """Before appending: drop a last line cut short by a killed writer, and for a run that continues
-    (train.resume: from a checkpoint's step, or from 0 when none was complete yet) the lost attempt's records
-    of the steps it computes again, so every step appears once. Rewritten through a temporary file and a
-    rename: a crash here loses nothing."""
+    """Before appending: drop a last line cut short by a killed writer, and the records of the steps this run
+    computes (again): past the step it resumes at, or all of them for a run starting at step 0 in a run_dir that
+    has some (an earlier run's), so every step appears once and one run's records are never mixed with
+    another's. What leaves metrics.jsonl is appended to metrics.superseded.jsonl beside it: nothing is lost.
+    Rewritten through a temporary file and a rename: a crash here loses nothing."""
     if not os.path.exists(path):
         return
     with open(path) as f:
         lines = f.readlines()
-    kept = [line if line.endswith("\n") else line + "\n" for line, step in zip(lines, map(_step_of, lines))
-            if step is not None and (resumed_step is None or step <= resumed_step)]
+    whole = [line if line.endswith("\n") else line + "\n" for line in lines]
+    steps = list(map(_step_of, lines))
+    kept = [line for line, step in zip(whole, steps) if step is not None and (resumed_step is None or
+                                                                              step <= resumed_step)]
     if kept == lines:
         return
+    moved = [line for line, step in zip(whole, steps) if step is not None and resumed_step is not None and
+             step > resumed_step]
+    superseded = os.path.join(os.path.dirname(path), SUPERSEDED)
+    if moved:
+        with open(superseded, "a") as f:
+            f.writelines(moved)
+            f.flush()
+            os.fsync(f.fileno())
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
-    after = "" if resumed_step is None else f" after step {resumed_step}"
-    print(f"longctx: metrics.jsonl: dropped {len(lines) - len(kept)} record(s){after} (cut short, or written by "
-          "the attempt this run continues)", file=sys.stderr)
+    cut = len(lines) - len(kept) - len(moved)
+    parts = ([f"moved {len(moved)} record(s) of steps after {resumed_step} (an earlier run's, or the attempt this run "
+              f"continues) to {superseded}"] if moved else []) + ([f"dropped {cut} line(s) cut short"] if cut else [])
+    print(f"longctx: metrics.jsonl: {'; '.join(parts)}", file=sys.stderr)
 
 
 def _step_of(line: str) -> int | None:

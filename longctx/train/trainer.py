@@ -328,7 +328,7 @@ class Trainer:
                       f"device={self.device_type}, precision={self.precision}\n{to_yaml(self.cfg)}", flush=True)
         logger = MetricsLogger(self.run_dir, enabled=main, total_steps=steps, quiet=lcfg.quiet,
                                tensorboard=lcfg.tensorboard,
-                               resumed_step=self.step if checkpoint_dirs.continues(self.cfg.train.resume) else None)
+                               resumed_step=self.step)  # a fresh run's 0: an earlier run's records move aside
         start = time.perf_counter()
         interval = self.cfg.checkpoint.interval
         self.stop.received = self.stop_signal = 0

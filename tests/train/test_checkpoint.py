@@ -148,6 +148,29 @@ def test_interrupted_checkpoints_are_never_loaded(tmp_path):
         _run(2, config(*CP2, "train.resume=auto", run_dir=run_dir))
 
 
+def test_a_run_never_shares_its_checkpoint_dir_with_another(tmp_path):
+    # keep_last prunes a checkpoint root by step: another run's checkpoints there would be deleted by this run's
+    # (or this run's by theirs), and train.resume=auto would take the newest of either
+    root = str(tmp_path / "checkpoints")
+    for step in (4, 8):
+        tmp = os.path.join(root, f"step_{step:08d}.tmp")
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, "w.pt"), "wb") as f:
+            f.write(b"x" * step)
+        checkpoint_dirs.seal(tmp, checkpoint_dirs.step_dir(root, step), root, step, keep_last=0)
+    older, newest = checkpoint_dirs.step_dir(root, 4), checkpoint_dirs.step_dir(root, 8)
+    with pytest.raises(ValueError, match=r"checkpoint.dir .* already holds checkpoints of an earlier run "
+                                         r"\(step_00000004, step_00000008\): continue that run with train.resume=auto"):
+        checkpoint_dirs.resolve_resume("none", root)
+    with pytest.raises(ValueError, match=r"train.resume='.*step_00000004' continues from step 4, but .* holds later "
+                                         r"checkpoints \(step_00000008\) that this run would write over or prune"):
+        checkpoint_dirs.resolve_resume(older, root)
+    assert checkpoint_dirs.resolve_resume("auto", root) == newest
+    assert checkpoint_dirs.resolve_resume(newest, root) == newest
+    assert checkpoint_dirs.resolve_resume(older, str(tmp_path / "a_root_of_its_own")) == older
+    assert checkpoint_dirs.resolve_resume("none", str(tmp_path / "a_root_of_its_own")) is None
+
+
 def _overwrite(path, fill: bytes | None = None, seed: int = 0):
     """Same size, other bytes: what the marker's sizes cannot see (seeded random bytes unless `fill`)."""
     import random

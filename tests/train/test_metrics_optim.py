@@ -94,25 +94,30 @@ def test_optimizer_and_scheduler_from_config():
     assert torch.optim.AdamW is type(opt)
 
 
-def test_a_resumed_run_drops_the_lost_attempts_records(tmp_path, capsys):
+def test_a_resumed_run_moves_the_lost_attempts_records_aside(tmp_path, capsys):
     import json
 
-    from longctx.train.metrics import MetricsLogger
+    from longctx.train.metrics import SUPERSEDED, MetricsLogger
 
-    path = tmp_path / "metrics.jsonl"
+    path, aside = tmp_path / "metrics.jsonl", tmp_path / SUPERSEDED
+
+    def steps(file):
+        return [json.loads(ln)["step"] for ln in file.read_text().splitlines()]
+
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 6)]
     path.write_text("\n".join(lines) + '\n{"step": 6, "lo')  # the last line cut short by a killed writer
     logger = MetricsLogger(str(tmp_path), enabled=True, total_steps=2, quiet=True, tensorboard=False,
                            resumed_step=3)
     logger.log({"step": 4, "loss": 0.5, "lr": 0.0, "tokens_per_s": 1.0, "flops_per_s": 1.0})
     logger.close()
-    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1, 2, 3, 4]
-    assert "dropped 3 record(s) after step 3" in capsys.readouterr().err
-    # a fresh run (no resume) appends after the complete records; a cut-short last line goes
+    assert steps(path) == [1, 2, 3, 4] and steps(aside) == [4, 5]  # every step once; the lost attempt's kept aside
+    assert "moved 2 record(s) of steps after 3" in capsys.readouterr().err
+    # no step to drop: a cut-short last line still goes
     with open(path, "a") as f:
         f.write('{"step": 5, "lo')
-    MetricsLogger(str(tmp_path), enabled=True, total_steps=1, quiet=True, tensorboard=False).close()
-    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1, 2, 3, 4]
-    # a restart before any checkpoint was complete continues from step 0: the lost attempt's records go
+    MetricsLogger(str(tmp_path), enabled=True, total_steps=1, quiet=True, tensorboard=False, resumed_step=4).close()
+    assert steps(path) == [1, 2, 3, 4] and "dropped 1 line(s) cut short" in capsys.readouterr().err
+    # a run starting at step 0 (a fresh one, or a restart before any checkpoint was complete) in a run_dir with
+    # records: they are an earlier run's and move aside, never mixed with this run's nor lost
     MetricsLogger(str(tmp_path), enabled=True, total_steps=1, quiet=True, tensorboard=False, resumed_step=0).close()
-    assert path.read_text() == ""
+    assert path.read_text() == "" and steps(aside) == [4, 5, 1, 2, 3, 4]
