@@ -43,10 +43,18 @@ def expand_inputs(patterns) -> list[str]:
                                "'data/*.jsonl'")
         for m in matches:
             if os.path.isdir(m):
-                files += sorted(os.path.join(r, f) for r, _, fs in os.walk(m) for f in fs)
+                files += sorted(os.path.join(r, f) for r, _, fs in _walk_visible(m) for f in fs)
             else:
                 files.append(m)
     return list(dict.fromkeys(files))
+
+
+def _walk_visible(root: str):
+    """os.walk without hidden entries below `root` (.git, editor files, the .prepare-* directory an interrupted
+    `data prepare` leaves beside its output, which a rerun would otherwise read as input)."""
+    for here, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        yield here, dirs, [n for n in names if not n.startswith(".")]
 
 
 class Problem(str):
@@ -58,7 +66,8 @@ def _documents(path: str, text_key: str):
     if os.path.getsize(path) == 0:
         yield None, Problem("empty file")
         return
-    if path.endswith(".parquet"):
+    kind = path.lower()  # DATA.JSONL is JSON lines too
+    if kind.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
         except ImportError:
@@ -86,10 +95,12 @@ def _documents(path: str, text_key: str):
     except UnicodeDecodeError as e:
         yield None, Problem(f"not UTF-8 text (byte {e.start})")
         return
-    if not path.endswith(JSONL_SUFFIXES):
+    if not kind.endswith(JSONL_SUFFIXES):
         yield None, text  # a plain text file is one document
         return
-    for n, line in enumerate(text.splitlines(), 1):
+    # records end at "\n" only: str.splitlines would also cut at U+2028/U+2029/U+0085, which JSON strings may
+    # hold raw (json.dumps(ensure_ascii=False) writes them so)
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -182,6 +193,9 @@ def prepare(inputs, output: str, *, tokenizer: str = "byte", text_key: str = "te
     processes = max(1, min(workers, len(files), os.cpu_count() or 1))
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     tmp = tempfile.mkdtemp(prefix=".prepare-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would leave the dataset unreadable to other users
     try:
         problems, lengths, n_tokens = [], [], 0
         with open(os.path.join(tmp, "tokens.bin"), "wb") as sink, \

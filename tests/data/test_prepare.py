@@ -60,6 +60,29 @@ def test_malformed_input_is_reported_with_file_and_line_and_skipped(tmp_path):
     assert "binary" in where[("blob.txt", None)] and "UTF-8" in where[("latin.txt", None)]
 
 
+def test_records_suffixes_hidden_entries_and_permissions(tmp_path):
+    # a JSON string may hold U+2028/U+2029/U+0085 raw: a record ends at "\n" only; .JSONL is JSON lines too; an
+    # interrupted prepare's .prepare-* directory (and any hidden entry) in an input directory is not input; the
+    # dataset is readable as the umask says, not mkdtemp's 0700
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    texts = ["line\u2028separator", "paragraph\u2029separator", "next\u0085line", "plain"]
+    (inputs / "a.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts),
+                                    encoding="utf-8")
+    (inputs / "B.JSONL").write_text(json.dumps({"text": "upper"}) + "\n")
+    (inputs / ".prepare-x1y2").mkdir()
+    (inputs / ".prepare-x1y2" / "tokens.bin").write_bytes(b"\x00" * 64)
+    (inputs / ".notes.txt").write_text("hidden")
+    old = os.umask(0o022)
+    try:
+        summary = prepare(str(inputs), str(tmp_path / "ds"), workers=1, progress=False)
+    finally:
+        os.umask(old)
+    assert summary["skipped"] == 0 and summary["files"] == 2 and summary["documents"] == 5, summary["problems"]
+    assert summary["tokens"] == sum(len(t.encode()) + 1 for t in [*texts, "upper"])
+    assert os.stat(tmp_path / "ds").st_mode & 0o777 == 0o755
+
+
 def test_strict_rejects_and_leaves_the_previous_dataset_intact(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jsonl").write_text(json.dumps({"text": "one"}) + "\n")
