@@ -30,8 +30,20 @@ def step_dir(root: str, step: int) -> str:
 
 
 def _marker(path: str) -> dict:
+    """The completion marker, checked for the shape seal() writes (ValueError says what is off): valid JSON
+    of another shape is a damaged marker like any other, and one listing no file vouches for nothing."""
     with open(os.path.join(path, MARKER)) as f:
-        return json.load(f)
+        marker = json.load(f)
+    files = marker.get("files") if isinstance(marker, dict) else None
+    if not isinstance(files, dict) or not files or not all(
+            isinstance(n, str) and isinstance(size, int) and not isinstance(size, bool) and size >= 0
+            for n, size in files.items()):
+        raise ValueError("no list of files with their sizes")
+    digests = marker.get("sha256", {})
+    if not isinstance(digests, dict) or not all(isinstance(d, str) for d in digests.values()) or \
+            not set(digests) <= set(files):
+        raise ValueError("its digests do not match its files")
+    return marker
 
 
 def problem(path: str) -> str | None:
@@ -40,8 +52,10 @@ def problem(path: str) -> str | None:
         return "no completion marker (the write was interrupted)"
     try:
         files = _marker(path)["files"]
-    except (OSError, ValueError, KeyError) as e:
+    except json.JSONDecodeError as e:
         return f"unreadable completion marker ({type(e).__name__})"
+    except (OSError, ValueError) as e:
+        return f"damaged completion marker ({e})"
     for name, size in files.items():
         full = os.path.join(path, name)
         if not os.path.isfile(full):

@@ -171,6 +171,23 @@ def test_a_run_never_shares_its_checkpoint_dir_with_another(tmp_path):
     assert checkpoint_dirs.resolve_resume("none", str(tmp_path / "a_root_of_its_own")) is None
 
 
+def test_a_marker_of_another_shape_is_a_damaged_one(tmp_path):
+    # valid JSON that is not what seal() writes (a list, no files, sizes that are not sizes) vouches for nothing
+    root = str(tmp_path / "checkpoints")
+    for step, marker in enumerate(([], {"files": {}}, {"files": {"w.pt": "8"}}, {"files": {"w.pt": 8}, "sha256": []},
+                                   {"files": {"w.pt": 8}}), start=1):
+        path = checkpoint_dirs.step_dir(root, step)
+        os.makedirs(path)
+        with open(os.path.join(path, "w.pt"), "wb") as f:
+            f.write(b"x" * 8)
+        with open(os.path.join(path, checkpoint_dirs.MARKER), "w") as f:
+            json.dump(marker, f)
+    said = []
+    assert [s for s, _ in checkpoint_dirs.complete_checkpoints(root, log=said.append)] == [5]
+    assert len(said) == 4 and all("damaged completion marker" in m for m in said), said
+    assert [why is None for _, why, _ in checkpoint_dirs.survey(root)] == [False] * 4 + [True]
+
+
 def _overwrite(path, fill: bytes | None = None, seed: int = 0):
     """Same size, other bytes: what the marker's sizes cannot see (seeded random bytes unless `fill`)."""
     import random
