@@ -347,10 +347,14 @@ def saved_entries(path: str) -> dict:
 _FITS = ("size mismatch", "shape", "missing key", "unexpected key")  # words of a load that does not fit
 
 
+_SOURCE = ("raise ", "File \"", "return ", "^", "~")
+
+
 def telling_line(error: BaseException) -> str:
     """The line of a failed load's message that says what went wrong: DCP gathers every rank's traceback
     and load_state_dict lists every key, but the line naming a key and its shapes says it."""
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    # DCP's gathered tracebacks quote the source lines that raised (`raise RuntimeError(f"Missing key ...`): not those
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip() and not ln.strip().startswith(_SOURCE)]
     return next((ln for ln in lines if any(w in ln.lower() for w in _FITS)), None) or \
         next((ln for ln in lines if "Error:" in ln), lines[0] if lines else type(error).__name__)
 

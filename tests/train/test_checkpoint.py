@@ -188,6 +188,14 @@ def test_a_marker_of_another_shape_is_a_damaged_one(tmp_path):
     assert [why is None for _, why, _ in checkpoint_dirs.survey(root)] == [False] * 4 + [True]
 
 
+def test_the_telling_line_of_a_gathered_traceback_is_the_error_not_its_source():
+    gathered = RuntimeError('Traceback (most recent call last):\n  File "x.py", line 3, in f\n    raise RuntimeError('
+                            'f"Missing key in checkpoint state_dict: {fqn}.")\nRuntimeError: Missing key in checkpoint '
+                            'state_dict: model.layers.2.attention_norm.weight.')
+    assert checkpoint_dirs.telling_line(gathered) == ("RuntimeError: Missing key in checkpoint state_dict: "
+                                                      "model.layers.2.attention_norm.weight.")
+
+
 def _overwrite(path, fill: bytes | None = None, seed: int = 0):
     """Same size, other bytes: what the marker's sizes cannot see (seeded random bytes unless `fill`)."""
     import random
@@ -294,6 +302,17 @@ def test_bad_resume_and_shape_mismatch(tmp_path):
                                         r"model.tok_embeddings.weight \(it was written with model.dim=32 \(this "
                                         r"run: 64\)\); resume with the config it was written with"):
         _run(2, config(*CP2, "model.dim=64", "train.resume=auto", run_dir=run_dir))
+    # another model in the same shapes (heads x head_dim, the RoPE base) would load and compute something else
+    errors = _run(2, [config(*CP2, "model.n_heads=2", "model.n_kv_heads=1", "train.resume=auto", run_dir=run_dir),
+                      config(*CP2, "model.rope_theta=500", "train.resume=auto", run_dir=run_dir)], fn=resume_errors)[0]
+    assert re.search(r"was written with model.n_heads=4 \(this run: 2\), model.n_kv_heads=2 \(this run: 1\): a resumed "
+                     r"run continues the model that wrote it; .* or start a new stage from its weights with "
+                     r"train.init_from=", errors[0]), errors[0]
+    assert "model.rope_theta=10000.0 (this run: 500.0)" in errors[1], errors[1]
+    # what decides the data stream, changed: said
+    steps, printed = _run(2, config(*CP2, "train.steps=2", "train.seed=7", "train.resume=auto", run_dir=run_dir),
+                          fn=train_and_print)[0]
+    assert steps == [2] and "warning: " in printed and "train.seed=0 (this run: 7)" in printed, printed
 
 
 def test_export_loads_into_the_plain_model(tmp_path, monkeypatch):
