@@ -154,6 +154,7 @@ def cmd_eval(args) -> int:
     else:
         print(format_ppl(records))
         if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             with open(args.json, "w") as f:
                 json.dump(records, f, indent=1)
     return 0

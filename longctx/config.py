@@ -11,6 +11,7 @@ OmegaConf's plain interpolation is available, no custom resolvers.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 
@@ -269,8 +270,8 @@ def validate_model(cfg) -> None:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"model.{key} must be a positive int, got {getattr(cfg, key)}")
     for key in ("rope_theta", "norm_eps"):
-        if not getattr(cfg, key) > 0:
-            raise ConfigError(f"model.{key} must be > 0, got {getattr(cfg, key)}")
+        if not 0 < getattr(cfg, key) < math.inf:
+            raise ConfigError(f"model.{key} must be a finite number > 0, got {getattr(cfg, key)}")
     _validate_rope_scaling(cfg.rope_scaling)
     if cfg.head_dim is None and cfg.dim % cfg.n_heads:
         raise ConfigError(f"model.dim {cfg.dim} must be divisible by model.n_heads {cfg.n_heads} (or set "

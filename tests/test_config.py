@@ -116,7 +116,8 @@ def _tiny(*overrides):
     (["model.dilated.layers=[1]", "model.dilated.w0=64"], 4, r"model.dilated.layers need the contiguous token layout"),
     (["parallel.meta_init=true"], 4, r"parallel.meta_init=true builds the model on the meta device .* but "
                                      r"engine=ddp broadcasts"),
-    (["model.rope_theta=0"], 4, r"model.rope_theta must be > 0"),
+    (["model.rope_theta=0"], 4, r"model.rope_theta must be a finite number > 0"),
+    (["model.rope_theta=inf"], 4, r"model.rope_theta must be a finite number > 0, got inf"),
     (["model.head_dim=0"], 4, r"model.head_dim must be null \(dim / n_heads\) or a positive int, got 0"),
     (["model.head_dim=15"], 4, r"head_dim 15 must be even for RoPE; change model.head_dim"),
     (["model.dim=130"], 4, r"model.dim 130 must be divisible by model.n_heads 4 \(or set model.head_dim\)"),
@@ -124,6 +125,26 @@ def _tiny(*overrides):
     (["data.task=poetry"], 4, r"data.task='poetry': choose one of induction, copy, random"),
     (["train.lr=0"], 4, r"train.lr must be > 0"),
     (["model.n_kv_heads=3"], 4, r"model.n_heads 4 must be a multiple of model.n_kv_heads 3"),
+    (["parallel.timeout_s=0.01"], 4, r"parallel.timeout_s=0.01 s is too short for the ranks to connect; give at "
+                                     r"least 1"),
+    # a setting given (not the schema's default) that the job would leave without effect
+    (["data.path=/tmp"], 4, r"data.path='/tmp' is not read by data.source=synthetic; it applies to "
+                            r"data.source=tokens: set that source, or drop data.path"),
+    (["data.source=passkey", "data.depth=0.5"], 4, r"data.depth=0.5 is not read by data.source=passkey; it applies "
+                                                   r"to data.source=needle"),
+    (["data.pack_min=64"], 4, r"data.pack_min=64 is not read by data.source=synthetic; it applies to "
+                              r"data.source=needle or passkey or recall"),
+    (["model.rope_scaling.factor=16"], 4, r"model.rope_scaling.factor=16.0 has no effect with "
+                                          r"model.rope_scaling.type=none; set the type"),
+    (["model.dilated.w0=16"], 4, r"model.dilated.w0=16 has no effect without dilated layers"),
+    (["parallel.strategy=ring", "model.n_kv_heads=4", "model.dilated.layers=[0,1]", "model.window=2"], 4,
+     r"model.window=2 has no effect: every layer is dilated"),
+    (["parallel.ac_every=3"], 4, r"parallel.ac_every=3 applies to parallel.activation_checkpoint=selective \(this "
+                                 r"job: none\)"),
+    (["parallel.balance_documents=true"], 4, r"parallel.balance_documents=true reorders the documents packed in a "
+                                             r"sequence, and data.source=synthetic packs none"),
+    (["validation.batches=8"], 4, r"validation.batches=8 has no effect with validation.interval=0 \(validation "
+                                  r"off\); set validation.interval=N"),
 ])
 def test_bad_configs(overrides, world, pattern):
     with pytest.raises(ConfigError, match=pattern):

@@ -38,6 +38,7 @@ def init_weights(trainer, spec: str) -> tuple[str, int | None]:
     path = agree_checkpoint(lambda skip: locate(spec, what, trainer._say, skip), spec, what, trainer.rank,
                             trainer.world, trainer._say, only=weight_files)
     step = int(load_file(path, "trainer.pt")["step"])
+    _check_heads(trainer, path, what)
     full = os.path.isfile(os.path.join(path, "model.pt"))  # DeepSpeed's checkpoints hold the full weights
     if trainer.engine is None and not full:  # each rank reads its own pieces
         # the model's alone: get_state_dict with the optimizer would create its state by a step of zero
@@ -57,6 +58,25 @@ def init_weights(trainer, spec: str) -> tuple[str, int | None]:
         mine = {key: weights[saved_name(trainer, key)] for key in get_model_state_dict(trainer.model)}
         set_model_state_dict(trainer.model, mine, options=StateDictOptions(full_state_dict=True))
     return path, step
+
+
+def _check_heads(trainer, path: str, what: str) -> None:
+    """Heads x head width is a weight's shape, so other head counts (4 x 8 read as 2 x 16) would load and compute
+    another function: the checkpoint's head settings (its config.yaml) must be this run's."""
+    from ..config import ConfigError, head_dim_of, load
+
+    try:
+        theirs = load(path=os.path.join(path, "config.yaml")).model
+    except Exception:  # noqa: BLE001 - a checkpoint without a readable config is checked by its shapes alone
+        return
+    ours = trainer.cfg.model
+    differ = [f"model.{k}={getattr(theirs, k)} (this run: {getattr(ours, k)})" for k in ("n_heads", "n_kv_heads")
+              if getattr(theirs, k) != getattr(ours, k)]
+    if head_dim_of(theirs) != head_dim_of(ours):
+        differ.append(f"model.head_dim={head_dim_of(theirs)} (this run: {head_dim_of(ours)})")
+    if differ:
+        raise ConfigError(f"{what} does not fit this model: it has {', '.join(differ)}, the same weight shapes "
+                          f"split into other heads; set those ({_FIX})")
 
 
 def _fresh_deepspeed(trainer, weights: dict) -> None:

@@ -15,6 +15,7 @@ from ..model.parallelize import AC_MODES, dilated_layout_problem
 from ..parallel.data_parallel import resolve_engine
 from ..parallel.dims import ParallelDims
 from ..parallel.pipeline import stages_per_rank
+from .inapplicable import check_inapplicable
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -50,6 +51,9 @@ def _check_numbers(cfg) -> None:
     _check_int64(cfg)
     p, t = cfg.parallel, cfg.train
     _positive("parallel", p, "ac_every", "timeout_s")
+    if p.timeout_s < 1:  # ranks could not even connect: gloo's full mesh would time out in every rank
+        raise ConfigError(f"parallel.timeout_s={p.timeout_s} s is too short for the ranks to connect; give at least "
+                          "1 (seconds a collective may wait; default 600)")
     try:
         datetime.timedelta(seconds=p.timeout_s)
     except OverflowError:
@@ -139,6 +143,7 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
             check_output(path, key, "dir")
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    check_inapplicable(cfg)
     _check_data(cfg)
     _check_validation(cfg)
     return dims

@@ -111,7 +111,7 @@ def test_perplexity_by_position_agrees_across_ranks(text_run, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("longctx: error:") and message in err and err.count("\n") == 1, err
     # windows longer than any document: the far buckets hold no token; null in JSON, named in the table
-    js = tmp_path / "long.json"
+    js = tmp_path / "not_yet" / "long.json"  # its directory is made, as every --json's is
     assert main(["eval", "ppl", "--checkpoint", ck, "--seq-len", "1024", "--buckets", "4", "--sequences", "1",
                  "--json", str(js)]) == 0
     records = json.loads(js.read_text())

@@ -67,9 +67,15 @@ def test_an_interrupted_stage_resumes_itself_and_shapes_must_match(tmp_path):
     assert again["resumed_from"].endswith("stage/checkpoints/step_00000001") and again["initialized_from"] is None
     assert again["steps"] == [2]
     errors = run(resume_errors, 1, args=([config(*LONGER, "model.ffn_dim=96", f"train.init_from={root}",
-                                                 run_dir=str(tmp_path / "wide"))],), timeout=300)[0]
+                                                 run_dir=str(tmp_path / "wide")),
+                                          config(*LONGER, "model.n_heads=2", "model.n_kv_heads=1",
+                                                 f"train.init_from={root}", run_dir=str(tmp_path / "heads"))],),
+                 timeout=300)[0]
     assert "does not fit this model" in errors[0] and "it was written with model.ffn_dim=64 (this run: 96)" in \
         errors[0] and "train.init_from takes a checkpoint of a model with the same shapes" in errors[0], errors
+    # the same weight shapes split into other heads (4 x 8 as 2 x 16) would load and compute another function
+    assert "does not fit this model: it has model.n_heads=4 (this run: 2), model.n_kv_heads=2 (this run: 1), " \
+           "model.head_dim=8 (this run: 16), the same weight shapes split into other heads" in errors[1], errors
     with pytest.raises(ConfigError, match=r"train.init_from='/nonexistent' does not exist; give a checkpoint"):
         validate_job(load(overrides=["train.init_from=/nonexistent"]), 1)
     with pytest.raises(RankError, match=r"train.init_from=.* holds no complete checkpoint"):

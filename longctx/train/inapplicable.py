@@ -1,0 +1,90 @@
+"""Settings a job would leave without effect, refused by name with what makes them apply: a setting given in
+a config is either used or an error, never silently ignored (a data.path the synthetic source never opens, a
+RoPE scaling factor of type none, a window on layers that are all dilated). A setting counts as given when it
+differs from the schema's default, so a config that spells out defaults stays valid."""
+
+from __future__ import annotations
+
+from ..config import ConfigError, DataConfig, DilatedConfig, ParallelConfig, RopeScalingConfig, ValidationConfig
+
+# the data settings each source reads (besides source, workers and the validation section)
+_DATA_KEYS = {
+    "synthetic": ("task", "alphabet", "period", "mask_prompt"),
+    "tokens": ("path", "shuffle"),
+    "passkey": ("alphabet", "digits", "pack_min", "haystack"),
+    "needle": ("alphabet", "digits", "depth", "pack_min", "haystack"),
+    "recall": ("alphabet", "digits", "pairs", "pack_min", "haystack"),
+}
+# those refused where unread: what names the data or shapes a retrieval task (the synthetic task's own settings,
+# often left in a config whose data.source is switched on the command line, are not)
+_CHECKED_DATA_KEYS = ("path", "digits", "depth", "pairs", "pack_min", "haystack")
+
+
+def check_inapplicable(cfg) -> None:
+    """ConfigError for the first setting this job would ignore."""
+    _check_data(cfg.data)
+    _check_model(cfg.model)
+    _check_parallel(cfg)
+    _check_validation(cfg.validation)
+
+
+def _given(section, defaults, key: str) -> bool:
+    return getattr(section, key) != getattr(defaults, key)
+
+
+def _check_data(data) -> None:
+    reads = _DATA_KEYS.get(data.source)
+    if reads is None:  # an unknown source: build_source names the choices
+        return
+    defaults = DataConfig()
+    unused = [key for key in _CHECKED_DATA_KEYS if key not in reads and _given(data, defaults, key)]
+    if unused:
+        users = sorted(source for source, keys in _DATA_KEYS.items() if unused[0] in keys)
+        raise ConfigError(f"data.{unused[0]}={getattr(data, unused[0])!r} is not read by data.source={data.source}; it "
+                          f"applies to data.source={' or '.join(users)}: set that source, or drop data.{unused[0]}")
+
+
+def _check_model(model) -> None:
+    scaling, defaults = model.rope_scaling, RopeScalingConfig()
+    if model.hf_path and scaling.type != "none":
+        raise ConfigError(f"model.rope_scaling.type={scaling.type} with model.hf_path: a Hugging Face model's RoPE "
+                          "is its config.json's (rope_parameters / rope_scaling); set the scaling there, and drop "
+                          "model.rope_scaling")
+    if scaling.type == "none":
+        given = [key for key in vars(defaults) if key != "type" and _given(scaling, defaults, key)]
+        if given:
+            raise ConfigError(f"model.rope_scaling.{given[0]}={getattr(scaling, given[0])} has no effect with "
+                              "model.rope_scaling.type=none; set the type (linear, llama3, yarn) or drop it")
+    dilated, plain = model.dilated, DilatedConfig()
+    if not dilated.layers:
+        given = [key for key in ("segment_lengths", "dilation_rates", "w0", "alpha") if _given(dilated, plain, key)]
+        if given:
+            raise ConfigError(f"model.dilated.{given[0]}={getattr(dilated, given[0])} has no effect without dilated "
+                              "layers; list them in model.dilated.layers, or drop it")
+    elif model.window is not None and set(dilated.layers) >= set(range(model.n_layers)):
+        raise ConfigError(f"model.window={model.window} has no effect: every layer is dilated (model.dilated.layers), "
+                          "and dilated layers attend by their segments; drop model.window, or leave some layer "
+                          "undilated")
+
+
+def _check_parallel(cfg) -> None:
+    p, defaults = cfg.parallel, ParallelConfig()
+    if p.activation_checkpoint != "selective" and _given(p, defaults, "ac_every"):
+        raise ConfigError(f"parallel.ac_every={p.ac_every} applies to parallel.activation_checkpoint=selective (this "
+                          f"job: {p.activation_checkpoint}); set that, or drop parallel.ac_every")
+    packed = cfg.data.source == "tokens" or (cfg.data.source in ("passkey", "needle", "recall") and cfg.data.pack_min)
+    if p.balance_documents and not packed:
+        raise ConfigError(f"parallel.balance_documents=true reorders the documents packed in a sequence, and "
+                          f"data.source={cfg.data.source} packs none (data.source=tokens does, and the retrieval "
+                          "sources with data.pack_min > 0); drop it")
+
+
+def _check_validation(validation) -> None:
+    if validation.interval:
+        return
+    defaults = ValidationConfig()
+    given = [key for key in ("batches", "path", "holdout") if _given(validation, defaults, key)]
+    if given:
+        raise ConfigError(f"validation.{given[0]}={getattr(validation, given[0])!r} has no effect with "
+                          "validation.interval=0 (validation off); set validation.interval=N to validate every N "
+                          f"steps, or drop validation.{given[0]}")
