@@ -14,7 +14,10 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -192,7 +195,8 @@ def prepare(inputs, output: str, *, tokenizer: str = "byte", text_key: str = "te
     os.makedirs(parent, exist_ok=True)
     processes = max(1, min(workers, len(files), os.cpu_count() or 1))
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    tmp = tempfile.mkdtemp(prefix=".prepare-", dir=parent)
+    _remove_abandoned(parent)
+    tmp = tempfile.mkdtemp(prefix=f".prepare-{_HOST}-{os.getpid()}-", dir=parent)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would leave the dataset unreadable to other users
@@ -233,6 +237,29 @@ def prepare(inputs, output: str, *, tokenizer: str = "byte", text_key: str = "te
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
     return summary
+
+
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+_TEMP = re.compile(r"^\.prepare-(.+)-(\d+)-[^-]+$")
+
+
+def _remove_abandoned(parent: str) -> None:
+    """Delete the working directories of prepares killed before they finished (SIGKILL, OOM): named by host and
+    process id, they are only this host's, of processes no longer running (another host's, on a shared
+    filesystem, may still be working)."""
+    for name in os.listdir(parent):
+        match = _TEMP.match(name)
+        if not match or match.group(1) != _HOST:
+            continue
+        try:
+            os.kill(int(match.group(2)), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # someone else's live process
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        print(f"longctx: removed {os.path.join(parent, name)}, left by an interrupted data prepare", file=sys.stderr)
 
 
 def _nothing_read(problems: list, n_files: int) -> str:

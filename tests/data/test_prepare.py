@@ -81,6 +81,21 @@ def test_records_suffixes_hidden_entries_and_permissions(tmp_path):
     assert summary["skipped"] == 0 and summary["files"] == 2 and summary["documents"] == 5, summary["problems"]
     assert summary["tokens"] == sum(len(t.encode()) + 1 for t in [*texts, "upper"])
     assert os.stat(tmp_path / "ds").st_mode & 0o777 == 0o755
+    # the working directory a killed prepare left beside its output is removed by the next one on this host (of
+    # a process no longer running), not another host's
+    import subprocess
+
+    from longctx.data import prepare as prepare_module
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid names no running process now
+    mine = tmp_path / f".prepare-{prepare_module._HOST}-{dead.pid}-abc123"
+    theirs = tmp_path / f".prepare-otherhost-{dead.pid}-abc123"
+    for left in (mine, theirs):
+        left.mkdir()
+        (left / "tokens.bin").write_bytes(b"\x00" * 64)
+    prepare(str(inputs), str(tmp_path / "ds"), workers=1, progress=False)
+    assert not mine.exists() and theirs.exists()
 
 
 def test_strict_rejects_and_leaves_the_previous_dataset_intact(tmp_path):
