@@ -54,6 +54,9 @@ def test_missing_optional_dependency_names_the_extra():
 @pytest.mark.parametrize("argv,pattern", [
     (["bench", "attention", "--seq-len", "100", "--world-size", "3"], r"--seq-len \(ring\) 100 is not divisible by 3"),
     (["bench", "attention", "--head-dim", "0"], r"--head-dim must be a positive integer, got 0"),
+    (["bench", "attention", "--strategies", "ring", "--ulysses", "4"], r"--ulysses applies to the hybrid strategy, "
+                                                                       r"which --strategies 'ring' leaves out"),
+    (["bench", "kernel", "--schedule", "striped"], r"--schedule striped applies to --virtual-ranks P"),
     (["bench", "attention", "--strategies", "zigzag,spiral"], r"unknown strategy 'spiral'"),
     (["bench", "kernel", "--heads", "6", "--kv-heads", "4"], r"--heads 6 must be a multiple of --kv-heads 4"),
     (["bench", "dilated", "--segment-lengths", "1000", "--seq-len", "4096"], r"bad dilated pattern"),

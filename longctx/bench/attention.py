@@ -168,7 +168,13 @@ def validate(args) -> None:
     from ..parallel import get_strategy
 
     report.check_args(args)
-    for name in split_names(args.strategies, "--strategies"):
+    names = split_names(args.strategies, "--strategies")
+    given = [flag for flag, value, default in (("--ulysses", args.ulysses, None),
+                                               ("--hybrid-layout", args.hybrid_layout, "zigzag")) if value != default]
+    if given and "hybrid" not in names:
+        raise ValueError(f"{given[0]} applies to the hybrid strategy, which --strategies {args.strategies!r} leaves "
+                         f"out; add hybrid, or drop {given[0]}")
+    for name in names:
         strat = get_strategy(name)
         hybrid = name == "hybrid"
         layout = strat.layout(args.hybrid_layout if hybrid else None)

@@ -273,6 +273,9 @@ def validate(args) -> None:
         raise ValueError(f"--backends {args.backends!r}: none can run here ("
                          + "; ".join(f"{n}: {why}" for n, why in reasons.items())
                          + "); choose one that can (`longctx info` lists them)")
+    if args.schedule != "zigzag" and not args.virtual_ranks:
+        raise ValueError(f"--schedule {args.schedule} applies to --virtual-ranks P (one call split as P ranks would "
+                         "run it); add --virtual-ranks, or drop --schedule")
     if args.virtual_ranks:
         for s in args.seq_lens:
             layouts.check_seq(SCHEDULES[args.schedule], s, args.virtual_ranks,
