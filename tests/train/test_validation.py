@@ -78,8 +78,10 @@ def test_bad_validation_settings_are_refused_by_name(tmp_path):
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message):
             validate_job(load(overrides=overrides), 1)
-    # without validation none of it is looked at
-    validate_job(load(overrides=[*tokens, "validation.batches=100", f"validation.path={tmp_path / 'small'}"]), 1)
+    # without validation they would do nothing: said (the holdout still keeps its windows from training: allowed)
+    with pytest.raises(ConfigError, match=r"validation.path=.* has no effect with validation.interval=0"):
+        validate_job(load(overrides=[*tokens, f"validation.path={tmp_path / 'small'}"]), 1)
+    validate_job(load(overrides=[*tokens, "validation.holdout=2"]), 1)
 
 
 def test_a_holdout_of_the_training_data_validates_alike_on_every_layout(tmp_path):
