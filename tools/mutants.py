@@ -492,7 +492,7 @@ MUTANTS = [
            "    if moved:\n        with open(superseded", "    if False:\n        with open(superseded",
            ("tests/train/test_metrics_optim.py",),
            "the records a resumed or fresh run replaces are deleted rather than kept aside"),
-    Mutant("resume-accepts-another-model", "longctx/train/checkpoint.py",
+    Mutant("resume-accepts-another-model", "longctx/train/same_run.py",
            "    if changes:\n        raise ConfigError", "    if False:\n        raise ConfigError",
            ("tests/train/test_checkpoint.py::test_bad_resume_and_shape_mismatch",),
            "a resume with other heads or RoPE base in the same shapes loads silently"),

@@ -31,7 +31,6 @@ import shutil
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 
 from ..config import ConfigError
 from .checkpoint_dirs import (
@@ -45,6 +44,7 @@ from .checkpoint_dirs import (
     step_dir,
     telling_line,
 )
+from .same_run import check_same_run, model_changes
 
 FULL_OPTIMIZER = "optimizer.pt"  # a DeepSpeed checkpoint's Adam states, unsharded: it resumes on any layout
 
@@ -199,37 +199,8 @@ def load(trainer, path: str) -> int:
         torch.set_rng_state(r["cpu"])
         if r["cuda"] is not None and trainer.device_type == "cuda":
             torch.cuda.set_rng_state(r["cuda"])
-    _check_same_run(trainer, path)
+    check_same_run(trainer, path)
     return int(meta["step"])
-
-
-# what may differ on resume without changing the function the weights compute: where an HF model is read from
-_MODEL_LOCATION = ("hf_path",)
-# of the data section, what does not decide the training data stream: how many processes read it
-_DATA_READERS = ("workers",)
-
-
-def _check_same_run(trainer, path: str) -> None:
-    """A resume continues the run that wrote `path`: a model setting whose change keeps every shape (heads and
-    K/V heads of the same total width, the RoPE base or scaling, a window) would load silently and compute
-    something else, so it is refused, pointing at train.init_from (a new stage); a change to what decides the
-    data stream is said, as the data continues at the checkpoint's sequence count in this run's data."""
-    changes = _model_changes(path, trainer.cfg.model, ignore=_MODEL_LOCATION)
-    config = os.path.join(path, "config.yaml")
-    if changes:
-        raise ConfigError(f"checkpoint {path} was written with {changes}: a resumed run continues the model that "
-                          f"wrote it; resume with the config it was written with ({config}), or start a new stage "
-                          f"from its weights with train.init_from={path} (RoPE base and scaling, windows and layout "
-                          "may change there)")
-    saved = _saved_config(path)
-    if saved is None:
-        return
-    here = OmegaConf.to_container(trainer.cfg)
-    keys = [("data", k) for k in here["data"] if k not in _DATA_READERS] + [("train", "seed")]
-    moved = [f"{a}.{b}={saved[a].get(b)} (this run: {here[a][b]})" for a, b in keys if saved[a].get(b) != here[a][b]]
-    if moved:
-        trainer._say(f"longctx: warning: {path} was written with {', '.join(moved)}: the data continues after the "
-                     "sequences the checkpoint consumed, counted in this run's data, not where its own left off")
 
 
 def _continue_data(trainer, path: str, meta: dict) -> None:
@@ -376,28 +347,7 @@ def _load_deepspeed(trainer, path: str) -> None:
 
 def unfit_error(trainer, path: str, detail: str, fix: str | None = None) -> ConfigError:
     """A checkpoint whose weights do not fit this run's model, naming the model settings that differ."""
-    changes = _model_changes(path, trainer.cfg.model)
+    changes = model_changes(path, trainer.cfg.model)
     why = f"it was written with {changes}" if changes else "a different model shape?"
     fix = fix or f"resume with the config it was written with ({os.path.join(path, 'config.yaml')})"
     return ConfigError(f"checkpoint {path} does not fit this model: {detail[:300]} ({why}); {fix}")
-
-
-def _saved_config(path: str) -> dict | None:
-    """The checkpoint's config.yaml as a plain dict, or None when it cannot be read."""
-    from ..config import load as load_config
-
-    try:
-        return OmegaConf.to_container(load_config(path=os.path.join(path, "config.yaml")))
-    except Exception:  # noqa: BLE001 - what it is used for is a message or a check that needs it
-        return None
-
-
-def _model_changes(path: str, model_cfg, ignore=()) -> str:
-    """The model settings of the checkpoint's config.yaml that differ from `model_cfg`, as "model.ffn_dim=64
-    (this run: 96)", or "" when none does (or the file cannot be read)."""
-    saved = _saved_config(path)
-    if saved is None:
-        return ""
-    saved, here = saved["model"], OmegaConf.to_container(model_cfg)
-    return ", ".join(f"model.{k}={saved[k]} (this run: {here.get(k)})" for k in saved
-                     if k not in ignore and saved[k] != here.get(k))

@@ -196,6 +196,18 @@ def test_the_telling_line_of_a_gathered_traceback_is_the_error_not_its_source():
                                                       "model.layers.2.attention_norm.weight.")
 
 
+def test_settings_without_effect_are_no_change_of_model(tmp_path):
+    # a checkpoint written before such settings were refused: its type-none scaling factor is not a change
+    from longctx.config import to_yaml
+    from longctx.train.same_run import model_changes
+
+    (tmp_path / "config.yaml").write_text(to_yaml(load(overrides=["model.rope_scaling.factor=16",
+                                                                  "model.dilated.w0=8"])))
+    assert model_changes(str(tmp_path), load().model) == ""
+    assert model_changes(str(tmp_path), load(overrides=["model.rope_theta=5"]).model) == \
+        "model.rope_theta=10000.0 (this run: 5.0)"
+
+
 def _overwrite(path, fill: bytes | None = None, seed: int = 0):
     """Same size, other bytes: what the marker's sizes cannot see (seeded random bytes unless `fill`)."""
     import random
