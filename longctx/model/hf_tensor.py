@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import ConfigError
+
 
 def check_hf_tp(cfg, tp: int) -> None:
     """What tensor parallelism needs of an HF model's sizes (`cfg`: its longctx ModelConfig)."""
@@ -80,8 +82,9 @@ def apply_hf_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bo
         names = dict(layer.named_modules())
         missing = [n for n in (*_LAYER_PLAN, *_REPLICATED) if n not in names]
         if missing:
-            raise ValueError(f"parallel.tp>1 with {type(model).__name__}: its decoder layers have no "
-                             f"{', '.join(missing)} (the Llama/Qwen/Mistral/Gemma layout); use parallel.tp=1")
+            raise ConfigError(f"parallel.tp>1 with {type(model).__name__}: its decoder layers have no "
+                              f"{', '.join(missing)} (the Llama/Qwen/Mistral/Gemma layout); use parallel.tp=1 (--tp 1 "
+                              "for eval and generate)")
         parallelize_module(layer, tp_mesh, {**gather, **{n: styles[s]() for n, s in _LAYER_PLAN.items()}})
         whole = [*_REPLICATED, *(n for n in _REPLICATED_IF_PRESENT if n in names)]
         for n in whole:
@@ -106,8 +109,9 @@ def apply_hf_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bo
     placed.update(("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"))
     left = [n for n, _ in model.named_parameters() if n not in placed]
     if left:
-        raise ValueError(f"parallel.tp>1 with {type(model).__name__}: no tensor-parallel placement for "
-                         f"{', '.join(left[:4])}{' ...' if len(left) > 4 else ''}; use parallel.tp=1")
+        raise ConfigError(f"parallel.tp>1 with {type(model).__name__}: no tensor-parallel placement for "
+                          f"{', '.join(left[:4])}{' ...' if len(left) > 4 else ''}; use parallel.tp=1 (--tp 1 for eval "
+                          "and generate)")
 
 
 def _is_per_head(norm: nn.Module, attention: nn.Module) -> bool:

@@ -94,6 +94,11 @@ def export(path: str, out: str, fmt: str = "torch") -> dict:
     if fmt == "hf" and os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"{out} is a file; the hf format writes a directory (config.json + safetensors): "
                          f"give a directory path")
+    if fmt == "hf" and os.path.isdir(out) and os.listdir(out):
+        # it may be the model the run started from (model.hf_path), or an older export whose shards would mix
+        raise ValueError(f"{out} exists and is not empty; refusing to write a model into it (it may be the model "
+                         "this run started from, and files of another export would stay beside the new ones): give "
+                         "a new directory, or remove it first")
     from .._paths import check_output
 
     check_output(out, "OUT", "dir" if fmt == "hf" else "file")

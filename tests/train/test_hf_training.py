@@ -1,6 +1,8 @@
 """`model.hf_path` in a training config: layouts train the same steps as one process; export --format hf
 gives a directory transformers loads with the trained weights; bad configs are one-line errors."""
 
+import os
+
 import pytest
 import torch
 
@@ -173,6 +175,11 @@ def test_export_hf_of_a_trained_hf_model(qwen_dir, tmp_path):
     assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.sliding_window == 12
     moved = [n for n, p in model.named_parameters() if not torch.equal(p, dict(original.named_parameters())[n])]
     assert moved  # the exported weights are the trained ones, not the checkpoint directory's
+    # never over a directory that holds something: the model the run started from, an earlier export
+    before = {f: os.path.getmtime(os.path.join(qwen_dir, f)) for f in os.listdir(qwen_dir)}
+    for target in (qwen_dir, out):
+        assert main(["checkpoint", "export", str(run_dir / "checkpoints"), str(target), "--format", "hf"]) == 2
+    assert before == {f: os.path.getmtime(os.path.join(qwen_dir, f)) for f in os.listdir(qwen_dir)}
 
 
 def test_hf_path_errors_are_one_line(tmp_path, qwen_dir):
@@ -215,6 +222,12 @@ def test_hf_path_errors_are_one_line(tmp_path, qwen_dir):
         tmp_path / "granite0")
     with pytest.raises(ConfigError, match="GraniteForCausalLM has logits_scaling=0.0: the output logits would not"):
         validate_job(load(overrides=[f"model.hf_path={tmp_path / 'granite0'}"]), 1)
+    # a layer tp cannot place (a mixture of experts) is found inside the ranks: still one line, exit 2
+    transformers.MixtralForCausalLM(transformers.MixtralConfig(**small, num_local_experts=2)).save_pretrained(
+        tmp_path / "mixtral")
+    assert main(["launch", "local", "--nproc", "2", "configs/tiny.yaml", f"model.hf_path={tmp_path / 'mixtral'}",
+                 "parallel.tp=2", "parallel.cp=1", "parallel.dp_shard=1", "train.seq_len=32", "train.steps=1",
+                 "logging.quiet=true", f"run_dir={tmp_path / 'mixtral_run'}"]) == 2
     # RoPE whose frequencies follow each call's largest position: training pins it to train.seq_len (so any
     # cp is accepted); the library entry points refuse it over several ranks unless given a length to pin
     from longctx.model.hf import HFCausalLM, parallelize_hf
