@@ -17,7 +17,7 @@ import os
 import torch
 
 from .checkpoint import check_fits, flat_options, saved_name, unfit_error
-from .checkpoint_dirs import Mismatch, agree_checkpoint, load_file, locate, read_dcp, weight_files
+from .checkpoint_dirs import Mismatch, agree_checkpoint, load_file, locate, read_dcp, saved_entries, weight_files
 from .weights import full_weights
 
 _FIX = ("train.init_from takes a checkpoint of a model with the same shapes (sequence length, RoPE and windows "
@@ -44,6 +44,8 @@ def init_weights(trainer, spec: str) -> tuple[str, int | None]:
         # the model's alone: get_state_dict with the optimizer would create its state by a step of zero
         # gradients, and the first real step would then correct Adam's moments for a second step
         mine = get_model_state_dict(trainer.model, options=flat_options())
+        _check_nothing_left(trainer, path, {saved_name(trainer, key) for key in mine},
+                            {key.removeprefix("model.") for key in saved_entries(path) if key.startswith("model.")})
         try:
             read_dcp({"model": {saved_name(trainer, key): value for key, value in mine.items()}}, path)
         except Mismatch as e:
@@ -52,12 +54,31 @@ def init_weights(trainer, spec: str) -> tuple[str, int | None]:
         return path, step
     weights = full_weights(path, mmap=True)
     check_fits(trainer, path, weights, fix=_FIX)
+    names = trainer.engine.module.named_parameters() if trainer.engine is not None else \
+        (item for m in trainer.plan.stages or [trainer.model] for item in m.named_parameters())
+    _check_nothing_left(trainer, path, {saved_name(trainer, n) for n, _ in names}, set(weights))
     if trainer.engine is not None:
         _fresh_deepspeed(trainer, weights)
     else:
         mine = {key: weights[saved_name(trainer, key)] for key in get_model_state_dict(trainer.model)}
         set_model_state_dict(trainer.model, mine, options=StateDictOptions(full_state_dict=True))
     return path, step
+
+
+def _check_nothing_left(trainer, path: str, mine: set, saved: set) -> None:
+    """Every weight of the checkpoint has a place in this model (collective: a pipeline stage holds only its own
+    layers, so the names are pooled over the ranks). One that has none (Qwen2's q/k/v biases read into a Llama,
+    an untied head into a tied model) would be dropped, and the stage would start from another model."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        pooled = [None] * dist.get_world_size()
+        dist.all_gather_object(pooled, sorted(mine))
+        mine = {name for names in pooled for name in names}
+    left = sorted(saved - mine)
+    if left:
+        raise unfit_error(trainer, path, f"it holds {', '.join(left[:3])}{' ...' if len(left) > 3 else ''}, which this "
+                          "model has no place for", _FIX)
 
 
 def _check_heads(trainer, path: str, what: str) -> None:

@@ -3,6 +3,7 @@ fresh optimizer, schedule and step: its starting weights are the checkpoint's bi
 trains alike on every layout (1e-5 against one process); train.resume=auto continues the stage itself."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -69,13 +70,18 @@ def test_an_interrupted_stage_resumes_itself_and_shapes_must_match(tmp_path):
     errors = run(resume_errors, 1, args=([config(*LONGER, "model.ffn_dim=96", f"train.init_from={root}",
                                                  run_dir=str(tmp_path / "wide")),
                                           config(*LONGER, "model.n_heads=2", "model.n_kv_heads=1",
-                                                 f"train.init_from={root}", run_dir=str(tmp_path / "heads"))],),
+                                                 f"train.init_from={root}", run_dir=str(tmp_path / "heads")),
+                                          config(*LONGER, "model.n_layers=1", f"train.init_from={root}",
+                                                 run_dir=str(tmp_path / "shallow"))],),
                  timeout=300)[0]
     assert "does not fit this model" in errors[0] and "it was written with model.ffn_dim=64 (this run: 96)" in \
         errors[0] and "train.init_from takes a checkpoint of a model with the same shapes" in errors[0], errors
     # the same weight shapes split into other heads (4 x 8 as 2 x 16) would load and compute another function
     assert "does not fit this model: it has model.n_heads=4 (this run: 2), model.n_kv_heads=2 (this run: 1), " \
            "model.head_dim=8 (this run: 16), the same weight shapes split into other heads" in errors[1], errors
+    # every weight the shallower model has fits, and the checkpoint's second layer would be dropped
+    assert re.search(r"does not fit this model: it holds layers\.1\.\S+, .* which this model has no place for \(it "
+                     r"was written with model\.n_layers=2 \(this run: 1\)", errors[2]), errors
     with pytest.raises(ConfigError, match=r"train.init_from='/nonexistent' does not exist; give a checkpoint"):
         validate_job(load(overrides=["train.init_from=/nonexistent"]), 1)
     with pytest.raises(RankError, match=r"train.init_from=.* holds no complete checkpoint"):
