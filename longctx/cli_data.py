@@ -65,6 +65,23 @@ def _check_ppl_args(args, cfg) -> None:
     check_ppl(args.data or cfg.data.path, seq_len=args.seq_len or cfg.train.seq_len, sequences=args.sequences,
               buckets=args.buckets, strategy=args.strategy, world=_ranks(args)[0] // args.tp,
               vocab_size=cfg.model.vocab_size, tp=args.tp)
+    if args.data and cfg.data.path and os.path.exists(os.path.join(cfg.data.path, "meta.json")):
+        _same_tokenizer(args.data, cfg.data.path)
+
+
+def _same_tokenizer(data: str, trained_on: str) -> None:
+    """--data must be tokenized as the checkpoint's training data was (ids of another tokenizer mean other text:
+    the perplexity would be of nothing)."""
+    from .data.tokens import read_meta
+
+    theirs, ours = read_meta(data, "--data"), read_meta(trained_on, "the checkpoint's data.path")
+    def which(meta):  # the tokenizer file's digest; the byte tokenizer has a name only
+        return meta.get("tokenizer_sha256") or meta.get("tokenizer")
+
+    if which(theirs) != which(ours):
+        raise ValueError(f"--data {data!r} was tokenized with {theirs.get('tokenizer')!r}, the checkpoint's training "
+                         f"data ({trained_on}) with {ours.get('tokenizer')!r}; prepare the evaluation text with that "
+                         "tokenizer (longctx data prepare --tokenizer ...)")
 
 
 def _under_torchrun() -> bool:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -99,7 +100,13 @@ def test_perplexity_by_position_agrees_across_ranks(text_run, tmp_path, capsys):
     assert_same_ppl(got[1, 1], got[4, 2])
     # bad input is one line, found in this process before any rank starts (nothing here imports the optimizer)
     ck = str(run_dir / "checkpoints")
+    other = tmp_path / "other_tokenizer"  # the same ids, as if another tokenizer had made them
+    shutil.copytree(text_run[1], other)
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps(dict(meta, tokenizer="tokenizer.json", tokenizer_sha256="0" * 64)))
     for argv, message in [
+        (["--data", str(other)], f"--data '{other}' was tokenized with 'tokenizer.json', the checkpoint's training "
+                                 "data"),
         (["--data", str(tmp_path / "nope"), "--nproc", "2"], f"--data='{tmp_path / 'nope'}' is not a prepared dataset"),
         (["--nproc", "3", "--seq-len", "100"], "--seq-len 100 is not divisible by 6"),
         (["--seq-len", "4", "--buckets", "8"], "--seq-len 4 at least the bucket count"),
