@@ -96,7 +96,8 @@ def resolve_resume(resume: str, root: str, log=print, skip=()) -> str | None:
     found damaged (a root then falls back to its next newest). A checkpoint in `root` that this run would
     write over or prune alongside its own (another run's) is refused."""
     path = _resume_choice(resume, root, log, skip)
-    _refuse_other_runs(path, root, resume, skip)
+    if resume != "auto":  # auto takes the newest undamaged one: nothing of another run can lie past it
+        _refuse_other_runs(path, root, resume, skip)
     return path
 
 

@@ -18,6 +18,7 @@ import torch
 
 from .checkpoint import check_fits, flat_options, saved_name, unfit_error
 from .checkpoint_dirs import Mismatch, agree_checkpoint, load_file, locate, read_dcp, saved_entries, weight_files
+from .same_run import saved_config
 from .weights import full_weights
 
 _FIX = ("train.init_from takes a checkpoint of a model with the same shapes (sequence length, RoPE and windows "
@@ -84,13 +85,12 @@ def _check_nothing_left(trainer, path: str, mine: set, saved: set) -> None:
 def _check_heads(trainer, path: str, what: str) -> None:
     """Heads x head width is a weight's shape, so other head counts (4 x 8 read as 2 x 16) would load and compute
     another function: the checkpoint's head settings (its config.yaml) must be this run's."""
-    from ..config import ConfigError, head_dim_of, load
+    from ..config import ConfigError, head_dim_of
 
-    try:
-        theirs = load(path=os.path.join(path, "config.yaml")).model
-    except Exception:  # noqa: BLE001 - a checkpoint without a readable config is checked by its shapes alone
+    saved = saved_config(path)
+    if saved is None:  # a checkpoint without a readable config is checked by its shapes alone
         return
-    ours = trainer.cfg.model
+    theirs, ours = saved.model, trainer.cfg.model
     differ = [f"model.{k}={getattr(theirs, k)} (this run: {getattr(ours, k)})" for k in ("n_heads", "n_kv_heads")
               if getattr(theirs, k) != getattr(ours, k)]
     if head_dim_of(theirs) != head_dim_of(ours):

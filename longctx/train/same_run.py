@@ -21,17 +21,17 @@ def check_same_run(trainer, path: str) -> None:
     K/V heads of the same total width, the RoPE base or scaling, a window) would load silently and compute
     something else, so it is refused, pointing at train.init_from (a new stage); a change to what decides the
     data stream is said, as the data continues at the checkpoint's sequence count in this run's data."""
-    changes = model_changes(path, trainer.cfg.model, ignore=_MODEL_LOCATION)
+    saved = saved_config(path)
+    if saved is None:
+        return
+    changes = _differences(saved.model, trainer.cfg.model, ignore=_MODEL_LOCATION)
     config = os.path.join(path, "config.yaml")
     if changes:
         raise ConfigError(f"checkpoint {path} was written with {changes}: a resumed run continues the model that "
                           f"wrote it; resume with the config it was written with ({config}), or start a new stage "
                           f"from its weights with train.init_from={path} (RoPE base and scaling, windows and layout "
                           "may change there)")
-    saved = _saved_config(path)
-    if saved is None:
-        return
-    here = OmegaConf.to_container(trainer.cfg)
+    saved, here = OmegaConf.to_container(saved), OmegaConf.to_container(trainer.cfg)
     keys = [("data", k) for k in here["data"] if k not in _DATA_READERS] + [("train", "seed")]
     moved = [f"{a}.{b}={saved[a].get(b)} (this run: {here[a][b]})" for a, b in keys if saved[a].get(b) != here[a][b]]
     if moved:
@@ -39,12 +39,12 @@ def check_same_run(trainer, path: str) -> None:
                      "sequences the checkpoint consumed, counted in this run's data, not where its own left off")
 
 
-def _saved_config(path: str) -> dict | None:
-    """The checkpoint's config.yaml as a plain dict, or None when it cannot be read."""
+def saved_config(path: str):
+    """The config that wrote checkpoint `path` (its config.yaml, resolved), or None when it cannot be read."""
     from ..config import load as load_config
 
     try:
-        return OmegaConf.to_container(load_config(path=os.path.join(path, "config.yaml")))
+        return load_config(path=os.path.join(path, "config.yaml"))
     except Exception:  # noqa: BLE001 - what it is used for is a message or a check that needs it
         return None
 
@@ -63,9 +63,11 @@ def _effective(model: dict) -> dict:
 def model_changes(path: str, model_cfg, ignore=()) -> str:
     """The model settings of the checkpoint's config.yaml that differ from `model_cfg`, as "model.ffn_dim=64
     (this run: 96)", or "" when none does (or the file cannot be read)."""
-    saved = _saved_config(path)
-    if saved is None:
-        return ""
-    saved, here = _effective(saved["model"]), _effective(OmegaConf.to_container(model_cfg))
+    saved = saved_config(path)
+    return "" if saved is None else _differences(saved.model, model_cfg, ignore)
+
+
+def _differences(saved_model, model_cfg, ignore=()) -> str:
+    saved, here = (_effective(OmegaConf.to_container(m)) for m in (saved_model, model_cfg))
     return ", ".join(f"model.{k}={saved[k]} (this run: {here.get(k)})" for k in saved
                      if k not in ignore and saved[k] != here.get(k))
