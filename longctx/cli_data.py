@@ -24,11 +24,11 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_checkpoint_export(args) -> int:
-    from .train.weights import export
+    from .train.weights import distinct_parameters, export
 
     with checking():
         state = export(args.dir, args.out, args.format)
-    n = sum(t.numel() for t in state.values())
+    n = distinct_parameters(state, args.dir)
     print(f"exported {len(state)} tensors ({n:,} parameters) to {args.out}" + (" (Hugging Face)" if
                                                                              args.format == "hf" else ""))
     return 0

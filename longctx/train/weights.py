@@ -111,6 +111,29 @@ def export(path: str, out: str, fmt: str = "torch") -> dict:
     return state
 
 
+def distinct_parameters(state: dict, path: str) -> int:
+    """The parameter count of an exported state dict: a tied output head, saved under both of its names (the
+    embedding's and the head's), counts once. Which names are tied is the Hugging Face model's own
+    tie_weights(); when its directory is gone, a head whose values equal the embedding's bit for bit."""
+    from ..config import load as load_config
+
+    count = sum(t.numel() for t in state.values())
+    hf_path = load_config(path=os.path.join(locate(path, path, log=lambda *a, **k: None), "config.yaml")).model.hf_path
+    if not hf_path:  # the native model never ties its head
+        return count
+    if os.path.isdir(hf_path):
+        from ..model.hf_load import build_hf_on_meta, tied_names
+
+        groups = [[f"hf.{n}" for n in names] for names in tied_names(build_hf_on_meta(hf_path))]
+    else:
+        embed, head = "hf.model.embed_tokens.weight", "hf.lm_head.weight"
+        same = embed in state and head in state and torch.equal(state[embed], state[head])
+        groups = [[embed, head]] if same else []
+    for names in groups:
+        count -= sum(state[n].numel() for n in names[1:] if n in state)
+    return count
+
+
 def _export_hf(state: dict, found: str, out: str) -> None:
     from ..config import load as load_config
     from ..model.hf_weights import save_hf_llama

@@ -345,6 +345,7 @@ def test_a_tied_head_trains_in_pipeline_stages_like_one_process(tied_llama_dir, 
         _cfg(tied_llama_dir, "checkpoint.interval=2", run_dir=str(tmp_path / "one")),
         _cfg(tied_llama_dir, *bf16, run_dir=str(tmp_path / "one_bf16"))],), timeout=180)[0]
     assert torch.equal(ref["params"][head], ref["params"][embed])
+    _tied_export_counts_once(str(tmp_path / "one" / "checkpoints"), tied_llama_dir, tmp_path)
     for a, b in zip(ref_bf16["losses"], ref["losses"]):
         assert abs(a - b) <= 1e-2 * abs(b), (a, b)
     layouts = [("pp=2 x dp_shard=2", ["parallel.pp=2", "parallel.dp_shard=2", "parallel.cp=1"]),
@@ -373,3 +374,20 @@ def test_a_tied_head_trains_in_pipeline_stages_like_one_process(tied_llama_dir, 
         assert abs(got["losses"][0] - ref["losses"][2]) <= 1e-5 * abs(ref["losses"][2]), name
         worst = max((got["params"][k] - ref["params"][k]).abs().max().item() for k in ref["params"])
         assert worst <= 1e-5 and torch.equal(got["params"][head], got["params"][embed]), (name, worst)
+
+
+def _tied_export_counts_once(root, hf_dir, tmp_path):
+    """The export's parameter count is the model's: the tied head, saved under both names, counts once, whether
+    the tie is read from the HF directory or (that directory moved away) from the two equal tensors."""
+    from longctx.train.weights import distinct_parameters, export
+
+    state = export(root, str(tmp_path / "tied.pt"))
+    expected = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(hf_dir).parameters())
+    assert "hf.lm_head.weight" in state and distinct_parameters(state, root) == expected
+    os.rename(hf_dir, hf_dir + ".moved")
+    try:
+        assert distinct_parameters(state, root) == expected
+        untied = dict(state, **{"hf.lm_head.weight": state["hf.lm_head.weight"] + 1})
+        assert distinct_parameters(untied, root) == expected + untied["hf.lm_head.weight"].numel()
+    finally:
+        os.rename(hf_dir + ".moved", hf_dir)
