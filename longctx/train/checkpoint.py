@@ -44,6 +44,7 @@ from .checkpoint_dirs import (
     step_dir,
     telling_line,
 )
+from .optim import apply_settings
 from .same_run import check_same_run, model_changes
 
 FULL_OPTIMIZER = "optimizer.pt"  # a DeepSpeed checkpoint's Adam states, unsharded: it resumes on any layout
@@ -190,8 +191,7 @@ def load(trainer, path: str) -> int:
         set_state_dict(trainer.model, trainer.optimizer, model_state_dict=mine["model"],
                        optim_state_dict=mine["optim"], options=flat_options())
     trainer.scheduler.load_state_dict(meta["scheduler"])
-    for group, lr in zip(trainer.optimizer.param_groups, trainer.scheduler.get_last_lr()):
-        group["lr"] = lr  # what the optimizer's own state restores, and a resharded DeepSpeed load does not
+    apply_settings(trainer.optimizer, trainer.scheduler, trainer.cfg.train)  # the step's, this run's settings
     rng = f"rng_rank{trainer.rank}.pt"
     # on another world size every rank starts a fresh stream
     if meta["world_size"] == trainer.world and os.path.exists(os.path.join(path, rng)):

@@ -35,7 +35,9 @@ def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
     (the first step already moves), then cosine from 1 down to min_ratio at the last step."""
     if step < warmup:
         return (step + 1) / warmup
-    decay_steps = max(1, total - warmup - 1)
+    decay_steps = total - warmup - 1  # the cosine's first step is at 1, its last at min_ratio
+    if decay_steps <= 0:  # one step after the warmup's peak: the last, at the floor (a one-step run: at the peak)
+        return min_ratio if warmup else 1.0
     progress = min(1.0, (step - warmup) / decay_steps)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -45,6 +47,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_sch
         return lr_factor(step, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def apply_settings(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, cfg) -> None:
+    """This run's AdamW settings and LR schedule on an optimizer and scheduler restored from a checkpoint, which
+    bring the settings of the run that saved them: a resume with a lower train.lr (after a divergence), other
+    betas or more train.steps takes them from its next step (the schedule evaluated at the restored step under
+    this run's warmup, length and floor). Unchanged settings give the saved values bit for bit."""
+    for index, group in enumerate(optimizer.param_groups):  # param_groups(): the decayed matrices first
+        group["betas"], group["eps"] = (cfg.beta1, cfg.beta2), cfg.eps
+        group["weight_decay"] = cfg.weight_decay if index == 0 else 0.0
+        group["initial_lr"] = cfg.lr
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    scheduler._last_lr = lrs  # what get_last_lr() and the step record read
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr  # the optimizer's own state restored the saved lr; a resharded DeepSpeed load none
 
 
 def clip_grad_norm(parameters, max_norm: float, pp_group=None, uncounted=None) -> torch.Tensor:

@@ -14,13 +14,16 @@ from ..config import ConfigError
 _MODEL_LOCATION = ("hf_path",)
 # of the data section, what does not decide the training data stream: how many processes read it
 _DATA_READERS = ("workers",)
+# what a resume takes from this run's config rather than the checkpoint (optim.apply_settings), said when changed
+_OPTIMIZER = ("lr", "weight_decay", "beta1", "beta2", "eps", "warmup_steps", "min_lr_ratio", "steps")
 
 
 def check_same_run(trainer, path: str) -> None:
     """A resume continues the run that wrote `path`: a model setting whose change keeps every shape (heads and
     K/V heads of the same total width, the RoPE base or scaling, a window) would load silently and compute
     something else, so it is refused, pointing at train.init_from (a new stage); a change to what decides the
-    data stream is said, as the data continues at the checkpoint's sequence count in this run's data."""
+    data stream is said, as the data continues at the checkpoint's sequence count in this run's data; so is a
+    change to the optimizer's settings or the schedule, which this run's config decides from the next step."""
     saved = saved_config(path)
     if saved is None:
         return
@@ -37,6 +40,11 @@ def check_same_run(trainer, path: str) -> None:
     if moved:
         trainer._say(f"longctx: warning: {path} was written with {', '.join(moved)}: the data continues after the "
                      "sequences the checkpoint consumed, counted in this run's data, not where its own left off")
+    tuned = [f"train.{k}={here['train'][k]} (the checkpoint's: {saved['train'].get(k)})" for k in _OPTIMIZER
+             if saved["train"].get(k) != here["train"][k]]
+    if tuned:
+        trainer._say(f"longctx: resuming with {', '.join(tuned)}: the optimizer and LR schedule follow this run's "
+                     "settings from the next step")
 
 
 def saved_config(path: str):

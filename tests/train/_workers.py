@@ -65,6 +65,9 @@ def train_and_collect(configs: list[dict], stop_after: int | None | list = None)
                     trainer.history], "params": params if dist.get_rank() == 0 else None, "finite": finite,
                     "engine": trainer.plan.engine, "local_labels": local_labels, "backends": report(),
                     "steps": [r["step"] for r in trainer.history], "flops": [r["flops"] for r in trainer.history],
+                    "lrs": [r["lr"] for r in trainer.history],
+                    "groups": [(g["weight_decay"], tuple(g["betas"]), g["eps"])
+                               for g in trainer.optimizer.param_groups],
                     "resumed_from": trainer.resumed_from, "initialized_from": trainer.initialized_from,
                     "ds_shm_op": _deepspeed_shm_op(),
                     "validation": {r["step"]: r["val_loss"] for r in trainer.history if "val_loss" in r},

@@ -75,6 +75,9 @@ def test_lr_schedule_warmup_then_cosine():
     mid = lr_factor(3 + 3, warmup=3, total=10, min_ratio=0.1)  # halfway through the 6 decay steps
     assert mid == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_factor(0, warmup=0, total=5, min_ratio=0.0) == pytest.approx(1.0)
+    # one step after warmup is the last: at the floor, as every schedule's last step is
+    assert [lr_factor(s, warmup=3, total=4, min_ratio=0.1) for s in range(4)] == pytest.approx([1 / 3, 2 / 3, 1, 0.1])
+    assert lr_factor(0, warmup=0, total=1, min_ratio=0.1) == pytest.approx(1.0)  # a one-step run: its peak
 
 
 def test_optimizer_and_scheduler_from_config():
