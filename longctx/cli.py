@@ -12,6 +12,7 @@ import faulthandler
 import importlib
 import os
 import platform
+import signal
 import sys
 
 from . import __version__
@@ -374,6 +375,9 @@ def main(argv=None) -> int:
             return _user_error(f"rank {e.rank} ran out of memory ({e.remote_message}); {_LESS}")
         print(f"longctx: {e}", file=sys.stderr)  # the failing rank's traceback
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the user's own stop, not a bug (SIGTERM/SIGUSR1 checkpoint first)
+        print("longctx: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except (MemoryError, RuntimeError) as e:
         if not isinstance(e, MemoryError) and not _out_of_memory(str(e)):
             raise

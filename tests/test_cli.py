@@ -290,3 +290,15 @@ def test_running_out_of_memory_is_one_line_and_other_runtime_errors_are_bugs(mon
     monkeypatch.setattr(cli, "_dispatch", bug)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         main(["info"])
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    """Ctrl-C is the user stopping the command, not a bug: no traceback (the launcher's cleanup ends its ranks)."""
+    import longctx.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_dispatch", interrupted)
+    assert main(["info"]) == 130
+    assert capsys.readouterr().err == "longctx: interrupted\n"

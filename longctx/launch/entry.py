@@ -10,9 +10,12 @@ def train_main(config: dict, config_path: str | None = None, steps: int | None =
     """Run a resolved job config (a plain dict, so it pickles to harness ranks) in the process group this
     process finds; returns the training summary. `steps`: stop after that many steps (None: to train.steps)."""
     from ..train import Trainer
+    from ..train.stop import StopSignals
 
     cfg = from_dict(config)
-    with process_group(cfg.parallel.timeout_s):
+    # a stop signal while the job starts (model build, checkpoint load) is kept for the loop, which stops after its
+    # first step with a checkpoint, rather than ending the rank with nothing saved; one after the loop is moot
+    with StopSignals(cfg.checkpoint.on_signal), process_group(cfg.parallel.timeout_s):
         return Trainer(cfg, config_path=config_path).fit(steps)
 
 

@@ -14,6 +14,7 @@ import os
 import pickle
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -24,7 +25,7 @@ from multiprocessing.connection import wait
 import torch
 import torch.distributed as dist
 
-from .._signals import ForwardingScope
+from .._signals import STOP_SIGNALS, ForwardingScope
 
 __all__ = ["RankError", "rank_info", "run"]
 
@@ -107,7 +108,9 @@ def run(fn, world_size, *, args=(), kwargs=None, backend="auto", timeout=120.0, 
     crash_dir = tempfile.mkdtemp(prefix="longctx-ranks-")
     crash_paths = [os.path.join(crash_dir, f"rank{rank}.stack") for rank in range(world_size)]
     try:
-        with _ForwardSignals(procs):
+        if start_method == "forkserver":
+            _start_forkserver()
+        with _ForwardSignals(procs) as signals:
             for rank in range(world_size):
                 reader, writer = ctx.Pipe(duplex=False)
                 # a forked child would inherit its siblings' lifelines and never see one close
@@ -126,6 +129,10 @@ def run(fn, world_size, *, args=(), kwargs=None, backend="auto", timeout=120.0, 
                     writer.close()
                     if life_r is not None:
                         life_r.close()
+                if signals.received:  # stopped before every rank started: none can have met its peers, or trained
+                    print(f"longctx: {signal.Signals(signals.received).name} received while the ranks were "
+                          "starting: stopped before any step", file=sys.stderr, flush=True)
+                    raise SystemExit(128 + signals.received)  # finally: the started ranks are ended
             results = _collect(procs, conns, start + timeout, timeout, crash_paths)
             _join(procs, _EXIT_GRACE_S)
         return results
@@ -214,6 +221,24 @@ def _context(start_method):
     return ctx
 
 
+def _start_forkserver():
+    """Start the forkserver (if it is not running) with the stop signals ignored, which it keeps across its exec:
+    a scheduler signals every process of the job (scancel, systemd, `kill -- -PGID`), and a forkserver killed
+    by it would report every rank dead (its sentinels close) while the ranks are still saving their
+    checkpoint. Its children inherit the ignoring; `_worker` restores the default first thing."""
+    from multiprocessing import forkserver
+
+    if threading.current_thread() is not threading.main_thread():
+        forkserver.ensure_running()
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        forkserver.ensure_running()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _child_env(backend, world_size, port, env):
     # A forkserver child inherits the server's environment from when it started, not the caller's
     # current one, so the whole environment is shipped to keep all start methods alike.
@@ -257,6 +282,8 @@ def _watch_launcher(lifeline):
 
 def _worker(rank, world_size, backend, port, pg_timeout, num_threads, env, payload, conn, lifeline=None,
             crash_path=None):
+    for sig in STOP_SIGNALS:  # ignored by the forkserver (see _start_forkserver), not by a rank
+        signal.signal(sig, signal.SIG_DFL)
     if crash_path is not None:
         # Kept open for the life of the process: faulthandler writes to its descriptor from a signal handler.
         faulthandler.enable(open(crash_path, "w"), all_threads=True)

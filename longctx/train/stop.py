@@ -43,6 +43,8 @@ class StopSignals(SignalScope):
         self.received = signum
 
     def __enter__(self):
+        for outer in _open:  # a signal an enclosing scope recorded (while the job started) is this loop's to act on
+            self.received, outer.received = self.received or outer.received, 0
         _open.append(self)
         return super().__enter__()
 

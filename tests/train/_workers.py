@@ -243,3 +243,26 @@ def resumed_batch(configs: list[dict]) -> list[dict]:
         out.append({"step": trainer.history[0]["step"] - 1, "first_sequence": first,
                     "reads_on": torch.equal(got, trainer.data.batch(range(first, first + size))["input_ids"])})
     return out
+
+
+def signalled_while_starting(config: dict) -> dict:
+    """train_main while rank 0 receives SIGTERM as its Trainer is being built (model, checkpoint load): the
+    summary of each rank, which must have stopped after its first step with a checkpoint, not died."""
+    import os
+    import signal
+
+    from longctx.launch import train_main
+    from longctx.train import Trainer
+
+    build = Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        if dist.get_rank() == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        build(self, *args, **kwargs)
+
+    Trainer.__init__ = init
+    try:
+        return train_main(config)
+    finally:
+        Trainer.__init__ = build

@@ -16,7 +16,7 @@ import pytest
 from longctx.launch import run
 from longctx.train.stop import StopSignals, request_stop
 
-from ._workers import config, stopped_by_signal, train_and_collect
+from ._workers import config, signalled_while_starting, stopped_by_signal, train_and_collect
 
 
 def test_one_rank_signalled_stops_all_after_that_step_and_resume_is_exact(tmp_path):
@@ -32,6 +32,26 @@ def test_one_rank_signalled_stops_all_after_that_step_and_resume_is_exact(tmp_pa
                   timeout=180)[0][0]
     assert resumed["steps"] == [4, 5] and resumed["losses"] == full["losses"][3:]
     assert all(bool((resumed["params"][k] == v).all()) for k, v in full["params"].items())
+
+
+def test_a_signal_while_the_job_starts_stops_it_after_one_step_with_a_checkpoint(tmp_path):
+    """Not the default action (the rank dead, its peers failing, nothing saved): the loop acts on it."""
+    run_dir = str(tmp_path / "run")
+    summaries = run(signalled_while_starting, 2, args=(config("parallel.cp=2", run_dir=run_dir),), timeout=180)
+    for summary in summaries:
+        assert summary["steps"] == 1 and summary["stopped_by"] == "SIGTERM", summary
+    assert os.listdir(os.path.join(run_dir, "checkpoints")) == ["step_00000001"]
+
+
+def test_a_signal_a_finished_loop_left_is_not_taken_by_the_next():
+    with StopSignals() as outer:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert outer.received == signal.SIGTERM
+        with StopSignals() as loop:  # the training loop inside takes it over
+            assert loop.received == signal.SIGTERM and outer.received == 0
+        with StopSignals() as again:
+            assert again.received == 0
 
 
 def test_signals_are_recorded_only_inside_and_only_when_enabled():
@@ -58,12 +78,12 @@ def test_a_stop_can_be_requested_from_another_thread():
     assert not request_stop(signal.SIGTERM)
 
 
-def _launch(run_dir, *extra, capture=True):
+def _launch(run_dir, *extra, capture=True, session=False):
     cmd = [sys.executable, "-m", "longctx", "launch", "local", "--nproc", "2", "configs/tiny.yaml",
            "train.steps=100000", "train.seq_len=256", "logging.quiet=true", "logging.tensorboard=false",
            f"run_dir={run_dir}", *extra]
     out = subprocess.PIPE if capture else subprocess.DEVNULL  # ranks outliving the launcher would hold a pipe
-    return subprocess.Popen(cmd, stdout=out, stderr=out, text=True)
+    return subprocess.Popen(cmd, stdout=out, stderr=out, text=True, start_new_session=session)
 
 
 def _wait_for_steps(proc, run_dir, steps=3):
@@ -129,3 +149,23 @@ def test_launch_local_passes_sigterm_on_and_outliving_ranks_stop(tmp_path):
         for p in (proc, victim):
             if p.poll() is None:
                 p.kill()
+
+
+@pytest.mark.slow
+def test_a_signal_to_every_process_of_the_job_still_ends_in_a_checkpoint(tmp_path):
+    """scancel, systemd and `kill -- -PGID` signal the launcher, its forkserver, the ranks and their workers at
+    once. The forkserver must not die of it: its closing sentinels read as every rank dead (exit code 255), and
+    the launcher left with exit 1 while its ranks were still writing the checkpoint."""
+    run_dir = str(tmp_path / "group")
+    proc = _launch(run_dir, "data.workers=1", session=True)
+    try:
+        _wait_for_steps(proc, run_dir)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signal.SIGTERM and "exit code" not in err, (out, err)
+        step = _last_step(run_dir)
+        assert f"stopped by SIGTERM after {step} steps" in out
+        assert os.listdir(os.path.join(run_dir, "checkpoints")) == [f"step_{step:08d}"]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
