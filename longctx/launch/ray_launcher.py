@@ -120,11 +120,16 @@ def launch_ray(config: dict, config_path: str | None, *, address: str, num_worke
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo", timeout_s=int(config["parallel"]["timeout_s"])),
         run_config=RunConfig(storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures)),
     )
-    with _ForwardToWorkers(flag) as forward:
-        result = trainer.fit()
-    ray.kill(flag)
-    if result.error is not None:
-        raise result.error
+    try:
+        with _ForwardToWorkers(flag) as forward:
+            result = trainer.fit()
+    except ray.train.TrainingFailedError as e:  # Ray Train v2 raises a worker's failure from fit() itself
+        raise _rank_error(e) from None
+    finally:
+        with contextlib.suppress(Exception):  # gone with a Ray that is shutting down
+            ray.kill(flag)
+    if result.error is not None:  # Ray Train v1 returns it
+        raise _rank_error(result.error) from None
     summary = _summary(config["run_dir"])
     # a signal that came after the last step stopped nothing (Ray's result keeps no report without a
     # checkpoint, so the workers' own summary is not at hand: the metrics say where the run ended)
@@ -133,6 +138,25 @@ def launch_ray(config: dict, config_path: str | None, *, address: str, num_worke
 
         summary.update(stop_signal=forward.received, stopped_by=signal_name(forward.received))
     return summary
+
+
+def _rank_error(error: Exception) -> Exception:
+    """A failed Ray Train run as the simulated cluster reports one (launch.local.RankError): the lowest rank's
+    own exception, so that a user's error (a ConfigError inside a worker) is one line on the command line and a
+    bug keeps that worker's traceback. Anything else (the controller failed) is returned as it is."""
+    import traceback
+
+    from .local import RankError
+
+    failures = getattr(error, "worker_failures", None)
+    if not failures:
+        return error
+    rank = min(failures)
+    cause = failures[rank]
+    cause = getattr(cause, "cause", None) or cause  # a RayTaskError wraps what the worker raised
+    remote_tb = "".join(traceback.format_exception(cause))
+    return RankError(f"Ray Train worker {rank} failed with {type(cause).__name__}: {cause}\n\n{remote_tb}", rank,
+                     type(cause).__name__, remote_tb, None, str(cause))
 
 
 def _connect(ray, address: str, num_workers: int) -> None:

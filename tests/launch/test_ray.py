@@ -235,3 +235,27 @@ def test_check_resources():
         check({"CPU": 4.0}, [{"CPU": 4.0}], 1, 1, address="local")
     with pytest.raises(ConfigError, match=r"--num-workers 3 needs 3 CPU\(s\) \(1 per worker\), but .* 2 CPU\(s\)"):
         check({"CPU": 2.0}, [{"CPU": 2.0}], 3, 0)
+
+
+def test_a_failed_ray_run_reads_as_the_simulated_clusters_rank_error():
+    """Ray Train v2 raises a worker's failure from fit(): the lowest rank's own exception decides, so a user's
+    ConfigError in a worker is one line (exit 2) like under `launch local`, and a bug keeps its traceback."""
+    ray_train = pytest.importorskip("ray.train", reason="pip install 'longctx[ray]' (make test installs it)")
+    from longctx.config import ConfigError
+    from longctx.launch.ray_launcher import _rank_error
+
+    def raised(exc):
+        try:
+            raise exc
+        except Exception as e:  # noqa: BLE001 - a traceback of its own, as a worker's would have
+            return e
+
+    error = _rank_error(ray_train.WorkerGroupError("2 workers failed", {
+        1: raised(ValueError("a peer's echo")), 0: raised(ConfigError("checkpoint.dir holds another run"))}))
+    assert (error.rank, error.remote_type) == (0, "ConfigError")
+    assert error.remote_message == "checkpoint.dir holds another run"
+    assert "raise exc" in error.remote_traceback
+    bug = _rank_error(ray_train.WorkerGroupError("1 worker failed", {0: raised(KeyError("x"))}))
+    assert bug.remote_type == "KeyError" and "KeyError" in str(bug)
+    other = RuntimeError("the controller died")
+    assert _rank_error(other) is other
