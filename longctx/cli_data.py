@@ -132,10 +132,11 @@ def _checked_checkpoint(args):
 
 def _on_ranks(kind: str, params: dict, nproc: int):
     from .launch import run
-    from .launch.entry import eval_main
+    from .launch.entry import EVAL_TIMEOUT_S, eval_main
 
     if nproc > 1 and not _under_torchrun():  # under torchrun this process is already one of the ranks
-        return run(eval_main, nproc, args=(kind, params), timeout=24 * 3600.0)[0]
+        # the same collective timeout as under torchrun (run()'s default is a test's 60 s)
+        return run(eval_main, nproc, args=(kind, params), timeout=24 * 3600.0, pg_timeout=EVAL_TIMEOUT_S)[0]
     return eval_main(kind, params)
 
 

@@ -38,7 +38,11 @@ def _eval_model(params: dict, log):
     return model, cfg, group
 
 
-def eval_main(kind: str, params: dict, timeout_s: float = 600.0):
+# evaluation's collective timeout: a rank may take minutes to read a large checkpoint before its first collective
+EVAL_TIMEOUT_S = 600.0
+
+
+def eval_main(kind: str, params: dict, timeout_s: float = EVAL_TIMEOUT_S):
     """`longctx eval needle|ppl` and `longctx generate` in the process group this process finds (harness,
     torchrun, one process): every rank loads the checkpoint (whole, or with --tp its pieces over a (cp, tp)
     mesh) and takes part; rank 0's log lines are printed."""

@@ -41,7 +41,7 @@ def process_group(timeout_s: float = 600.0):
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         local_rank = check_env_rendezvous()  # one line, not torch's rendezvous traceback (or a wait)
         if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(cuda_device(local_rank, torch.cuda.device_count()))
         store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
         epoch = fresh_epoch(store, rank, world_size, timeout_s)
         store = dist.PrefixStore(f"longctx/epoch_{epoch}", store)
@@ -142,6 +142,21 @@ def check_env_rendezvous() -> int:
     if not 0 < port < 65536:
         raise ConfigError(f"MASTER_PORT={port} is not a TCP port (1..65535): set it to a free port on rank 0's host")
     return local_rank
+
+
+def cuda_device(local_rank: int, visible: int) -> int:
+    """The CUDA device of the process with `local_rank` on its node, which sees `visible` devices: its own
+    LOCAL_RANK-th, or the one device a launcher that narrows CUDA_VISIBLE_DEVICES per process (`srun
+    --gpus-per-task=1`) left it. More processes than devices is a ConfigError (torch's is "invalid device
+    ordinal", a traceback)."""
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+    raise ConfigError(f"LOCAL_RANK={local_rank} but this process sees {visible} CUDA devices"
+                      f"{f' (CUDA_VISIBLE_DEVICES={shown})' if shown is not None else ''}: start at most {visible} "
+                      f"processes per node (torchrun --nproc-per-node {visible}), or give each process its own device")
 
 
 def world_size_from_env() -> int:

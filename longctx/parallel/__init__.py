@@ -8,6 +8,7 @@
   pipeline        pipeline stages and schedules (torch.distributed.pipelining)
   deepspeed_engine  DeepSpeed ZeRO 1-3 over the data x context group
   collectives     bytes of every torch collective, per process group (a TorchDispatchMode)
+  timeouts        every process group gets the default group's collective timeout (parallel.timeout_s)
 """
 
 from .comm import Comm, CommStats

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .sequence.registry import get_strategy
+from .timeouts import match_world_timeout
 
 DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -198,6 +199,7 @@ class ParallelMesh:
             names = ("pp", "dp_replicate", "dp_shard", "ring", "ulysses", "tp")
             self.cp_hybrid = init_device_mesh(self.device_type, (pp, rep, shard, dims.ring, dims.ulysses, tp),
                                               mesh_dim_names=names)["ring", "ulysses"]
+        match_world_timeout()  # the sub-groups torch made: parallel.timeout_s, not torch's 30 minutes
 
     def rank(self, name: str) -> int:
         """This rank's coordinate along a world dimension or a flattened mesh."""

@@ -34,6 +34,7 @@ from ..parallel import deepspeed_engine
 from ..parallel.data_parallel import resolve_engine
 from ..parallel.dims import device_type_from_env
 from ..parallel.pipeline import build_pipeline, n_microbatches
+from ..parallel.timeouts import match_world_timeout
 from . import checkpoint, checkpoint_dirs, measure
 from .init_from import init_weights
 from .loss import loss_fn
@@ -162,6 +163,7 @@ class Trainer:
         c = self.cfg.checkpoint
         if c.async_save and self._checkpoint_group is None:
             self._checkpoint_group = dist.new_group(backend="gloo")  # collective: every rank, same order
+            match_world_timeout()
         result = checkpoint.save(self, self.checkpoint_dir, c.keep_last, async_save=c.async_save,
                                  group=self._checkpoint_group)
         if c.async_save:

@@ -117,3 +117,14 @@ def test_longctx_train_names_the_variable_in_one_line(monkeypatch, capsys):
     _torchrun_env(monkeypatch, RANK="0", WORLD_SIZE="abc")  # read first by world_size_from_env
     assert main(["train", TINY, "train.steps=1"]) == 2
     assert capsys.readouterr().err.startswith("longctx: error: WORLD_SIZE='abc' is not an integer: run under torchrun")
+
+
+def test_the_cuda_device_of_a_local_rank():
+    from longctx.config import ConfigError
+    from longctx.launch.env import cuda_device
+
+    assert [cuda_device(r, 8) for r in (0, 7)] == [0, 7]
+    assert cuda_device(5, 1) == 0  # srun --gpus-per-task=1: each process sees its own one device
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK=5 but this process sees 4 CUDA devices.*"
+                                          r"--nproc-per-node 4"):
+        cuda_device(5, 4)

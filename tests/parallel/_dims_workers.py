@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
 
 from longctx.parallel import ParallelDims
 
@@ -26,5 +28,22 @@ def mesh_groups(dim_sets: list[dict]) -> list[dict]:
             for name in ("ring", "ulysses"):
                 groups[f"hybrid.{name}"] = dist.get_process_group_ranks(mesh.cp_hybrid.get_group(name))
         groups["none_when_one"] = [mesh.group(n) is None for n in ("dp_cp", "cp", "dp")]
+        groups["timeouts_s"] = sorted({_timeout_s(g) for g in c10d._world.pg_map})
         out.append(groups)
     return out
+
+
+def _timeout_s(group) -> float:
+    """A group's collective timeout as its gloo backend holds it."""
+    return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+
+
+def late_on_a_subgroup(late_s: float) -> str:
+    """cp=2 x dp_shard=2 on 4 ranks: rank 3 joins its cp group's all-reduce `late_s` seconds after its peer."""
+    import time
+
+    mesh = ParallelDims(world_size=4, dp_shard=2, cp=2).build_mesh("cpu")
+    if dist.get_rank() == 3:
+        time.sleep(late_s)
+    dist.all_reduce(torch.ones(1), group=mesh.world["cp"].get_group())
+    return "joined"

@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from longctx.launch import run
+from longctx.launch import RankError, run
 from longctx.parallel import DIM_NAMES, ParallelDims
 
-from ._dims_workers import mesh_groups
+from ._dims_workers import late_on_a_subgroup, mesh_groups
 
 
 def test_rest_of_world_and_derived_degrees():
@@ -85,7 +85,7 @@ CASES_8 = [
 
 @pytest.mark.parametrize("world,cases", [(4, CASES), (8, CASES_8)], ids=["W4", "W8"])
 def test_mesh_groups_match_row_major_coordinates(world, cases):
-    results = run(mesh_groups, world, args=(cases,), timeout=120)
+    results = run(mesh_groups, world, args=(cases,), timeout=120, pg_timeout=45)
     for rank, per_rank in enumerate(results):
         for case, groups in zip(cases, per_rank):
             pp, tp = case.get("pp", 1), case.get("tp", 1)
@@ -115,6 +115,13 @@ def test_mesh_groups_match_row_major_coordinates(world, cases):
             sizes = [case["dp_replicate"] * case["dp_shard"] * case["cp"], case["cp"],
                      case["dp_replicate"] * case["dp_shard"]]
             assert groups["none_when_one"] == [s == 1 for s in sizes]
+            assert groups["timeouts_s"] == [45.0], groups["timeouts_s"]  # every group: the job's timeout
+
+
+def test_a_peer_stuck_in_a_subgroup_fails_after_the_jobs_timeout():
+    """Not after torch's 30 minutes for groups made without a timeout: the late rank's peer gives up at 3 s."""
+    with pytest.raises(RankError, match="(?i)timed out|timeout"):
+        run(late_on_a_subgroup, 4, args=(15.0,), timeout=60, pg_timeout=3)
 
 
 def test_mesh_needs_the_validated_world_size():

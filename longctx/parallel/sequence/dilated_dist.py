@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import Comm
+from ..timeouts import match_world_timeout
 
 LOCAL = "local"  # pass as group= to run single-device inside a distributed job
 
@@ -54,6 +55,7 @@ def segment_comm(group, comm: Comm, g: int) -> Comm:
                 sub = pg
     else:
         sub = dist.new_group(spans[mine], use_local_synchronization=True)
+    match_world_timeout()
     _SEGMENT_COMMS[key] = Comm.get(sub)
     return _SEGMENT_COMMS[key]
 

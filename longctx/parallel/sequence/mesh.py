@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from ..comm import group_device_type
+from ..timeouts import match_world_timeout
 
 
 def context_mesh(ring: int, ulysses: int, device_type: str | None = None):
@@ -30,7 +31,9 @@ def context_mesh(ring: int, ulysses: int, device_type: str | None = None):
             f"world size {world} does not factor as ring {ring} x ulysses {ulysses}; choose degrees whose "
             f"product is {world}"
         )
-    return init_device_mesh(device_type or group_device_type(), (ring, ulysses), mesh_dim_names=("ring", "ulysses"))
+    mesh = init_device_mesh(device_type or group_device_type(), (ring, ulysses), mesh_dim_names=("ring", "ulysses"))
+    match_world_timeout()
+    return mesh
 
 
 def hybrid_groups(group):
