@@ -79,6 +79,7 @@ class TokenSource:
         # windows of seq_len inputs; their labels reach one token further (the last window is padded)
         self.total_windows = -(-(self.n_tokens - 1) // seq_len)
         self.first_window, self.n_sequences = 0, self.total_windows
+        self.end_token = self.n_tokens  # what this source may read: a training split stops where held-out begins
         self._tokens = self._offsets = None  # opened lazily: memmaps do not travel to DataLoader workers
         self._perm = None  # (epoch, its window permutation)
 
@@ -90,6 +91,8 @@ class TokenSource:
                              f"{first}..{stop - 1} are not among them")
         out = copy.copy(self)
         out.first_window, out.n_sequences, out._perm = first, stop - first, None
+        # the last window's last label would be the first held-out token: a split reads nothing past its windows
+        out.end_token = min(stop * self.seq_len, self.n_tokens)
         out.shuffle = self.shuffle if shuffle is None else shuffle
         return out
 
@@ -140,13 +143,13 @@ class TokenSource:
     def sequence(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tokens, offsets = self._open()
         a = self.window(index) * self.seq_len
-        b = min(a + self.seq_len + 1, self.n_tokens)
+        b = min(a + self.seq_len + 1, self.end_token)
         chunk = np.full(self.seq_len + 1, self.pad_id, dtype=np.int64)
         chunk[: b - a] = tokens[a:b]
         doc = np.searchsorted(offsets, np.arange(a, a + self.seq_len + 1), side="right") - 1
         labels = chunk[1:].copy()
         labels[doc[1:] != doc[:-1]] = IGNORE_INDEX  # no prediction across a document boundary
-        labels[max(0, b - a - 1):] = IGNORE_INDEX  # padding past the end of the data
+        labels[max(0, b - a - 1):] = IGNORE_INDEX  # padding past the end of the data (or of a training split)
         doc_ids = doc[:-1] - doc[0]
         return torch.from_numpy(chunk[:-1]), torch.from_numpy(labels), torch.from_numpy(doc_ids)
 

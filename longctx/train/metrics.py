@@ -15,23 +15,32 @@ import torch
 
 from ..config import head_dim_of
 
-# dense peak FLOP/s per GPU (no sparsity), by a substring of the device name
+# dense peak FLOP/s per GPU (no sparsity), by a substring of the device name (SXM parts): bf16 and TF32 on the
+# tensor cores, fp32 the IEEE rate of the CUDA cores
 PEAK_FLOPS = {
-    "H200": {"bf16": 989e12, "fp32": 494.5e12},
-    "H100": {"bf16": 989e12, "fp32": 494.5e12},
-    "A100": {"bf16": 312e12, "fp32": 156e12},
-    "L40S": {"bf16": 362e12, "fp32": 183e12},
+    "H200": {"bf16": 989e12, "tf32": 494.5e12, "fp32": 67e12},
+    "H100": {"bf16": 989e12, "tf32": 494.5e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "tf32": 183e12, "fp32": 91.6e12},
 }
 
 
+def peak_kind(precision: str) -> str:
+    """Which peak a precision's matmuls run at: fp32 is TF32 only where the process allowed it
+    (torch.backends.cuda.matmul.allow_tf32, set_float32_matmul_precision); torch's default is IEEE fp32."""
+    if precision == "bf16":
+        return "bf16"
+    return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
 def peak_flops(device: torch.device, precision: str) -> float | None:
-    """The device's dense peak for the precision (fp32 means TF32 tensor cores), or None (CPU, unknown GPU)."""
+    """The device's dense peak for the precision (peak_kind), or None (CPU, unknown GPU)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     for key, peaks in PEAK_FLOPS.items():
         if key in name:
-            return peaks["bf16" if precision == "bf16" else "fp32"]
+            return peaks[peak_kind(precision)]
     return None
 
 

@@ -298,7 +298,8 @@ class Trainer:
                                               work=round(work))["total"]
         flops_per_s = step_flops / timer.seconds
         record = {
-            "step": self.step, "loss": total / count if count else 0.0, "lr": lr, "grad_norm": grad_norm,
+            # a batch without one real label (a fully masked SFT batch) has no loss: NaN, as validation says, not 0
+            "step": self.step, "loss": total / count if count else float("nan"), "lr": lr, "grad_norm": grad_norm,
             "tokens": tokens, "loss_tokens": int(count), "step_time_s": timer.seconds,
             "tokens_per_s": tokens / timer.seconds, "flops": step_flops, "flops_per_s": flops_per_s,
             "mfu": flops_per_s / self.world / self.peak_flops if self.peak_flops else None,

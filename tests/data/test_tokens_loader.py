@@ -188,3 +188,20 @@ def test_a_holdout_split_keeps_training_off_the_last_windows(dataset):
                            range(total - 3, total))["input_ids"])
     with pytest.raises(ValueError, match=rf"validation.holdout={total} windows leave nothing to train on"):
         build_source(data, seq_len=16, vocab_size=258, seed=3, holdout=total)
+
+
+def test_a_training_split_never_reads_the_first_held_out_token(tmp_path):
+    """One document across the split: the last training window's last label (the first held-out token) is
+    ignored, not trained on; everything else of that window, and the held-out windows, read as before."""
+    with open(tmp_path / "one.jsonl", "w") as f:
+        f.write(json.dumps({"text": "".join(chr(97 + j % 26) for j in range(100))}) + "\n")
+    prepare(str(tmp_path / "one.jsonl"), str(tmp_path / "ds"), progress=False)
+    whole = TokenSource(str(tmp_path / "ds"), seq_len=16, seed=0, vocab_size=258, shuffle=False)
+    train, held = whole.restricted(0, whole.total_windows - 2), whole.restricted(whole.total_windows - 2,
+                                                                                 whole.total_windows)
+    last = train.n_sequences - 1
+    (x, y, d), (x0, y0, d0) = train.sequence(last), whole.sequence(last)
+    assert int(y0[-1]) == int(_stream(str(tmp_path / "ds"))[(last + 1) * 16])  # the held-out token, unsplit
+    assert int(y[-1]) == IGNORE_INDEX and torch.equal(y[:-1], y0[:-1]) and torch.equal(x, x0) and torch.equal(d, d0)
+    for i in range(held.n_sequences):
+        assert all(torch.equal(a, b) for a, b in zip(held.sequence(i), whole.sequence(last + 1 + i)))

@@ -266,3 +266,25 @@ def signalled_while_starting(config: dict) -> dict:
         return train_main(config)
     finally:
         Trainer.__init__ = build
+
+
+def first_batch_unlabelled(config: dict) -> list[dict]:
+    """Train with the first step's labels all ignored (a fully masked batch): the step records."""
+    from longctx.config import from_dict
+    from longctx.data.labels import IGNORE_INDEX
+    from longctx.train import Trainer
+
+    trainer = Trainer(from_dict(config))
+    shards = trainer.micro_batches
+
+    def micro_batches(step):
+        out = shards(step)
+        if step == 0:
+            for shard in out:
+                shard["labels"].fill_(IGNORE_INDEX)
+                shard["real_labels"] = 0
+        return out
+
+    trainer.micro_batches = micro_batches
+    trainer.fit()
+    return trainer.history

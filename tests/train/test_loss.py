@@ -145,3 +145,19 @@ def test_saved_tensor_counter_counts_a_freed_and_reused_address_again():
         for _ in range(4):
             step()
     assert once.bytes > 0 and twice.bytes == 4 * once.bytes, (once.bytes, twice.bytes)
+
+
+def test_a_step_without_real_labels_records_no_loss(tmp_path):
+    """A global batch whose every label is ignored has no loss: NaN in its record (as validation reports), not
+    0.0 (a perfect prediction); its gradient is zero and training goes on."""
+    import math
+
+    from longctx.launch import run
+
+    from ._workers import config, first_batch_unlabelled
+
+    history = run(first_batch_unlabelled, 2, args=(config("parallel.cp=2", "train.steps=2",
+                                                          run_dir=str(tmp_path / "run")),), timeout=180)[0]
+    first, second = history
+    assert math.isnan(first["loss"]) and first["loss_tokens"] == 0 and first["grad_norm"] == 0.0
+    assert math.isfinite(second["loss"]) and second["loss_tokens"] > 0

@@ -124,3 +124,21 @@ def test_a_resumed_run_moves_the_lost_attempts_records_aside(tmp_path, capsys):
     # records: they are an earlier run's and move aside, never mixed with this run's nor lost
     MetricsLogger(str(tmp_path), enabled=True, total_steps=1, quiet=True, tensorboard=False, resumed_step=0).close()
     assert path.read_text() == "" and steps(aside) == [4, 5, 1, 2, 3, 4]
+
+
+def test_fp32_mfu_is_against_the_peak_its_matmuls_run_at(monkeypatch):
+    """IEEE fp32 unless the process allowed TF32 (torch's default is not to): MFU against the TF32 tensor-core
+    peak would read ~7x low on an H100."""
+    from longctx.train import metrics
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    cuda = torch.device("cuda", 0)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert metrics.peak_flops(cuda, "fp32") == 67e12 and metrics.peak_flops(cuda, "bf16") == 989e12
+        torch.set_float32_matmul_precision("high")  # what allow_tf32 = True sets
+        assert metrics.peak_flops(cuda, "fp32") == 494.5e12
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert metrics.peak_flops(torch.device("cpu"), "fp32") is None
