@@ -53,11 +53,14 @@ def float_list(text: str) -> list[float]:
 
 
 def seconds(text: str) -> float:
-    """A --timeout: a finite number of seconds > 0."""
+    """A --timeout: a finite number of seconds, at least 1 (the ranks' rendezvous store waits that long: a
+    smaller one fails inside torch, as parallel.timeout_s below 1 would)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 second, got {text}")
     return value

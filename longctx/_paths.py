@@ -25,7 +25,7 @@ def check_output(path: str | None, what: str, kind: str = "file") -> None:
         return
     if not str(path).strip():
         raise ValueError(f"{what} is empty: give a path")
-    if kind == "file" and os.path.isdir(path):
+    if kind == "file" and (os.path.isdir(path) or str(path).endswith(os.sep)):  # a directory, or named as one
         raise ValueError(f"{what} {path} is a directory; give a file path, e.g. {os.path.join(path, 'out')}"
                          f"{'.json' if 'json' in what else ''}")
     if kind == "dir" and os.path.exists(path) and not os.path.isdir(path):

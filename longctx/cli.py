@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     prep = dsub.add_parser("prepare", help="tokenize local text / JSONL / Parquet files into a memory-mapped "
                                            "dataset (data.source=tokens data.path=DIR)")
-    prep.add_argument("--input", required=True, nargs="+", help="files, directories or globs ('data/*.jsonl')")
+    prep.add_argument("--input", required=True, nargs="+", action="extend",  # --input a --input b: both
+                      help="files, directories or globs ('data/*.jsonl')")
     prep.add_argument("--output", required=True, help="output directory (replaced safely when re-run)")
     prep.add_argument("--tokenizer", default="byte", help="byte (default) or a local tokenizer.json / directory")
     prep.add_argument("--text-key", default="text", help="JSONL key / Parquet column holding the text")
@@ -160,9 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     needle.add_argument("--json", default=None, help="write the records here")
     needle.add_argument("--plot", default=None, help="write the heatmap here (PNG)")
     ppl = esub.add_parser("ppl", help="perplexity by position (inside documents) on a prepared dataset")
-    ppl.add_argument("--data", default=None, help="prepared dataset (default: the checkpoint's data.path)")
+    ppl.add_argument("--data", default=None, help="prepared dataset (default: what the run held out of training: "
+                                                  "validation.path, or the last validation.holdout windows of "
+                                                  "data.path; else data.path itself, with a warning)")
     ppl.add_argument("--seq-len", type=positive_int, default=None, help="default: the checkpoint's train.seq_len")
-    ppl.add_argument("--sequences", type=positive_int, default=8, help="windows evaluated (default 8)")
+    ppl.add_argument("--sequences", type=positive_int, default=None,
+                     help="windows evaluated (default 8, or as many as the held-out data has)")
     ppl.add_argument("--buckets", type=positive_int, default=8, help="position buckets (default 8)")
     ppl.add_argument("--json", default=None, help="write the buckets here")
     gen = sub.add_parser("generate", help="continue prompts with a checkpoint's model (context-parallel prefill, "

@@ -56,17 +56,20 @@ def _checkpoint_config(args):
     return load(path=os.path.join(found, "config.yaml"))  # written resolved: an HF model's sizes are in it
 
 
-def _check_ppl_args(args, cfg) -> None:
-    from .eval.ppl import check_ppl
+def _check_ppl_args(args, cfg) -> tuple[str, int, int, str | None]:
+    """(dataset, first window, windows to read, what the dataset is when --data did not say) of `eval ppl`."""
+    from .eval.ppl import check_ppl, held_out
 
     if args.data is not None and not args.data.strip():
         raise ValueError("--data is empty: give a dataset made by `longctx data prepare`, or leave --data out for the "
-                         "checkpoint's own data.path")
-    check_ppl(args.data or cfg.data.path, seq_len=args.seq_len or cfg.train.seq_len, sequences=args.sequences,
-              buckets=args.buckets, strategy=args.strategy, world=_ranks(args)[0] // args.tp,
-              vocab_size=cfg.model.vocab_size, tp=args.tp)
+                         "checkpoint's own held-out data")
+    seq_len = args.seq_len or cfg.train.seq_len
+    data, first, what = (args.data, 0, None) if args.data else held_out(cfg, seq_len)
+    src = check_ppl(data, seq_len=seq_len, sequences=args.sequences or 1, buckets=args.buckets, strategy=args.strategy,
+                    world=_ranks(args)[0] // args.tp, vocab_size=cfg.model.vocab_size, first=first, tp=args.tp)
     if args.data and cfg.data.path and os.path.exists(os.path.join(cfg.data.path, "meta.json")):
         _same_tokenizer(args.data, cfg.data.path)
+    return data, first, args.sequences or min(8, src.n_sequences - first), what
 
 
 def _same_tokenizer(data: str, trained_on: str) -> None:
@@ -160,7 +163,9 @@ def cmd_eval(args) -> int:
             _check_memory(args, cfg, rows=min(args.samples, BATCH), tokens=max(args.lengths) + cfg.data.digits,
                           what=f"--lengths {max(args.lengths)}")
         if kind == "ppl":
-            _check_ppl_args(args, cfg)
+            params["data"], params["first"], params["sequences"], what = _check_ppl_args(args, cfg)
+            if what and _rank0():
+                print(f"longctx: eval ppl reads {what}", flush=True)
             seq_len = args.seq_len or cfg.train.seq_len
             _check_memory(args, cfg, rows=2, tokens=seq_len, logits=True, what=f"--seq-len {seq_len}")
     records = _on_ranks(kind, params, args.nproc)

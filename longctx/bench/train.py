@@ -27,10 +27,11 @@ AXES = ("tp", "cp", "dp", "pp")
 def add_arguments(p) -> None:
     p.add_argument("--config", required=True, help="YAML job config (e.g. configs/tiny.yaml)")
     p.add_argument("--world-size", type=int, default=4)
-    p.add_argument("--layouts", nargs="+", default=["cp=4,strategy=zigzag"],
+    p.add_argument("--layouts", nargs="+", action="extend", default=None,
                    help="layouts, each `key=value,...` over parallel.* keys (e.g. cp=4,strategy=ring dp_shard=2,cp=2)")
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--overrides", nargs="*", default=[], metavar="key=value", help="config overrides for all layouts")
+    p.add_argument("--overrides", nargs="*", action="extend", default=None, metavar="key=value",
+                   help="config overrides for all layouts")
     p.add_argument("--timeout", type=seconds, default=3600.0)
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG: tokens/s, saved activation bytes and final loss per layout")
@@ -54,11 +55,29 @@ def _layout_overrides(layout: str) -> list[str]:
     return [f"parallel.{x}" for x in items]
 
 
+DEFAULT_LAYOUTS = ["cp=4,strategy=zigzag"]
+# what the bench sets itself, so an override of it would be replaced without a word
+_BENCH_SETS = {"train.steps": "use --steps", "run_dir": "each layout runs in a directory of its own, removed after",
+               "logging.quiet": "the bench prints its own table", "logging.tensorboard": "the bench writes no events"}
+
+
+def _defaults(args) -> None:
+    """--layouts and --overrides collect every repetition of the flag (action="extend"), so their defaults
+    are filled in here rather than given to argparse (which would extend the default)."""
+    args.layouts = args.layouts or list(DEFAULT_LAYOUTS)
+    args.overrides = args.overrides or []
+
+
 def _configs(args):
     from ..config import load
     from ..train import validate_job
     from ..train.machine import check_machine
 
+    _defaults(args)
+    for item in args.overrides:
+        key = item.split("=", 1)[0].strip().lstrip("+~")
+        if key in _BENCH_SETS:
+            raise ValueError(f"--overrides {item}: the bench sets {key} itself ({_BENCH_SETS[key]}); drop it")
     out = []
     for layout in args.layouts:
         overrides = [*args.overrides, *_layout_overrides(layout), f"train.steps={args.steps}", "logging.quiet=true",
@@ -123,7 +142,7 @@ def run(args) -> list[dict]:
           "each axis in one micro-batch's forward + backward, counted at every collective; peak_mem: peak RSS on "
           "CPU / allocated on GPU)")
     report.write_json(args.json, records, meta={**report.environment(), "config": args.config,
-                                                "overrides": args.overrides, "steps": args.steps})
+                                                "overrides": args.overrides or [], "steps": args.steps})
     report.plot_bars(args.plot, [r["layout"] for r in records], {
         "tokens/s": [r["tokens_per_s"] for r in records],
         "saved activations per rank (MiB)": [r["saved_act_bytes_per_rank"] / 2**20 for r in records],

@@ -47,7 +47,8 @@ def perplexity_by_position(model, data_path: str, *, seq_len: int, sequences: in
         pin_rope_length(model.hf, seq_len)
     pos = get_strategy(strategy).rank_positions(layout, seq_len, world, rank) if world > 1 else torch.arange(seq_len)
     device = local_tensor(next(model.parameters())).device
-    width = math.ceil(seq_len / buckets)
+    # bucket i: positions ceil(i L / B) .. ceil((i+1) L / B) - 1, every one non-empty (B <= L) and widths within one
+    edges = [-(-i * seq_len // buckets) for i in range(buckets + 1)]
     sums = torch.zeros(buckets, dtype=torch.float64)
     counts = torch.zeros(buckets, dtype=torch.float64)
     for start in range(first, first + sequences, batch):
@@ -60,7 +61,7 @@ def perplexity_by_position(model, data_path: str, *, seq_len: int, sequences: in
         else:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten().to(device), reduction="none",
                                    ignore_index=IGNORE_INDEX).view_as(labels).cpu().double()
-        where = (docs.rope_positions(pos) // width).clamp(max=buckets - 1).expand_as(labels)
+        where = (docs.rope_positions(pos) * buckets // seq_len).expand_as(labels)
         ok = labels != IGNORE_INDEX
         sums.index_add_(0, where[ok], loss[ok])
         counts.index_add_(0, where[ok], torch.ones_like(loss[ok]))
@@ -71,7 +72,7 @@ def perplexity_by_position(model, data_path: str, *, seq_len: int, sequences: in
     out = []
     for i in range(buckets):  # a bucket no token reached has no loss (None: JSON null, not NaN)
         mean = float(sums[i] / counts[i]) if counts[i] else None
-        out.append({"bucket_start": i * width, "bucket_end": min(seq_len, (i + 1) * width), "tokens": int(counts[i]),
+        out.append({"bucket_start": edges[i], "bucket_end": edges[i + 1], "tokens": int(counts[i]),
                     "loss": mean, "ppl": math.exp(mean) if mean is not None else None})
     return out
 
@@ -89,6 +90,25 @@ def format_ppl(records: list[dict]) -> str:
                      f"no document read has a labelled token past position {reached}; use a shorter --seq-len or "
                      "fewer --buckets")
     return "\n".join(lines)
+
+
+def held_out(cfg, seq_len: int) -> tuple[str | None, int, str]:
+    """(dataset, first window of `seq_len` tokens, what it is) that `eval ppl` reads without --data: what the
+    run held out of training (validation.path; the last validation.holdout windows of data.path, from the first
+    `seq_len` window wholly past the last token training read), else data.path itself, which training read."""
+    from ..data.tokens import read_meta
+
+    validation = cfg.validation
+    if validation.path:
+        return validation.path, 0, f"validation.path {validation.path} (the run's held-out documents)"
+    if cfg.data.source == "tokens" and cfg.data.path and validation.holdout:
+        n_tokens = int(read_meta(cfg.data.path)["tokens"])
+        train_windows = -(-(n_tokens - 1) // cfg.train.seq_len)  # as data/tokens.py cuts them
+        first_token = (train_windows - validation.holdout) * cfg.train.seq_len
+        return cfg.data.path, -(-first_token // seq_len), (f"the last {validation.holdout} windows of data.path "
+                                                            f"{cfg.data.path}, held out of training")
+    return cfg.data.path, 0, (f"data.path {cfg.data.path}, which this model trained on (no validation.holdout or "
+                              "validation.path): a perplexity of training text; pass held-out text with --data")
 
 
 def check_ppl(data_path: str | None, *, seq_len: int, sequences: int, buckets: int, strategy: str, world: int,
@@ -112,7 +132,8 @@ def check_ppl(data_path: str | None, *, seq_len: int, sequences: int, buckets: i
         raise ValueError(f"--seq-len {seq_len}: each of the {world} context-parallel shards is split over the {tp} "
                          f"tensor-parallel ranks (sequence parallelism); use a multiple of {world * tp}")
     if src.n_sequences - first < 1:
-        raise ValueError(f"the dataset has {src.n_sequences} windows of {seq_len} tokens; nothing from window {first}")
+        raise ValueError(f"the dataset has {src.n_sequences} windows of {seq_len} tokens; nothing from window {first} "
+                         "(a shorter --seq-len fits more windows)")
     if sequences > src.n_sequences - first:  # asked for more than there is: say so rather than do less
         raise ValueError(f"--sequences {sequences}: the dataset has {src.n_sequences - first} windows of {seq_len} "
                          f"tokens; give --sequences {src.n_sequences - first} or fewer (or a shorter --seq-len)")

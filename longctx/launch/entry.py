@@ -67,4 +67,4 @@ def eval_main(kind: str, params: dict, timeout_s: float = EVAL_TIMEOUT_S):
             return [t.tolist() for t in out.tokens]
         return perplexity_by_position(model, params["data"] or cfg.data.path, seq_len=params["seq_len"] or
                                       cfg.train.seq_len, sequences=params["sequences"], buckets=params["buckets"],
-                                      strategy=params["strategy"], group=group)
+                                      strategy=params["strategy"], first=params.get("first", 0), group=group)

@@ -102,6 +102,7 @@ def export(path: str, out: str, fmt: str = "torch") -> dict:
     from .._paths import check_output
 
     check_output(out, "OUT", "dir" if fmt == "hf" else "file")
+    _outside_checkpoints(out)
     state, found = model_weights(path)
     if fmt == "hf":
         _export_hf(state, found, out)
@@ -109,6 +110,22 @@ def export(path: str, out: str, fmt: str = "torch") -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     torch.save(state, out)
     return state
+
+
+def _outside_checkpoints(out: str) -> None:
+    """OUT inside a checkpoint (a directory with a COMPLETE marker) would overwrite or add to files its marker
+    lists: the checkpoint then reads as damaged, or (a model.pt) as a DeepSpeed one."""
+    from .checkpoint_dirs import MARKER
+
+    where = os.path.dirname(os.path.abspath(out))
+    while True:
+        if os.path.isfile(os.path.join(where, MARKER)):
+            raise ValueError(f"OUT {out} is inside checkpoint {where}, whose files it would change (the checkpoint "
+                             "would then read as damaged); write the export outside it")
+        up = os.path.dirname(where)
+        if up == where:
+            return
+        where = up
 
 
 def distinct_parameters(state: dict, path: str) -> int:

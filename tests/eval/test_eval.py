@@ -1,6 +1,7 @@
 """`longctx eval needle` and `eval ppl` on a checkpoint trained here: one process and two ranks agree."""
 
 import json
+import math
 import os
 import shutil
 
@@ -126,6 +127,34 @@ def test_perplexity_by_position_agrees_across_ranks(text_run, tmp_path, capsys):
     assert [(r["tokens"], r["loss"], r["ppl"]) for r in records[2:]] == [(0, None, None)] * 2
     table = format_ppl(records)
     assert "no tokens" in table and "no document read has a labelled token past position" in table
+    # buckets that do not divide the length: contiguous, none past it (a fixed width ceil(L/B) left the last
+    # ones starting beyond the window)
+    assert main(["eval", "ppl", "--checkpoint", ck, "--seq-len", "64", "--buckets", "5", "--sequences", "2",
+                 "--json", str(js)]) == 0
+    spans = [(r["bucket_start"], r["bucket_end"]) for r in json.loads(js.read_text())]
+    assert spans == [(0, 13), (13, 26), (26, 39), (39, 52), (52, 64)]
+
+
+def test_eval_ppl_reads_what_the_run_held_out(text_run):
+    """Without --data: validation.path, or data.path from the first window wholly past the last token training
+    read (the last validation.holdout windows of train.seq_len), whatever --seq-len; else data.path, said."""
+    from longctx.config import load
+    from longctx.data.tokens import read_meta
+    from longctx.eval.ppl import held_out
+
+    _, ds = text_run
+    cfg = load(path="configs/tiny.yaml", overrides=["data.source=tokens", f"data.path={ds}", "train.seq_len=64",
+                                                    "validation.holdout=2", "validation.interval=1"])
+    n_tokens = int(read_meta(str(ds))["tokens"])
+    training_ends = (math.ceil((n_tokens - 1) / 64) - 2) * 64  # the first held-out token
+    for seq_len in (64, 48, 100):
+        path, first, what = held_out(cfg, seq_len)
+        assert path == str(ds) and "held out of training" in what
+        assert first * seq_len >= training_ends > (first - 1) * seq_len, (seq_len, first)
+    cfg.validation.holdout, cfg.validation.path = 0, "/elsewhere"
+    assert held_out(cfg, 64) == ("/elsewhere", 0, "validation.path /elsewhere (the run's held-out documents)")
+    cfg.validation.path = None
+    assert "which this model trained on" in held_out(cfg, 64)[2]
 
 
 

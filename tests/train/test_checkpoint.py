@@ -400,6 +400,13 @@ def test_cli_export_and_its_errors(tmp_path, capsys):
     assert f"{tmp_path} is a directory; the torch format writes one file" in capsys.readouterr().err
     assert main(["checkpoint", "export", os.path.join(run_dir, "checkpoints"), str(out), "--format", "hf"]) == 2
     assert "is a file; the hf format writes a directory" in capsys.readouterr().err
+    step = os.path.join(run_dir, "checkpoints", "step_00000001")
+    for inside, fmt in ((os.path.join(step, "__0_0.distcp"), "torch"), (os.path.join(step, "model.pt"), "torch"),
+                        (os.path.join(step, "hf", "x"), "hf")):  # an export must never change a checkpoint
+        assert main(["checkpoint", "export", os.path.join(run_dir, "checkpoints"), inside, "--format", fmt]) == 2
+        assert f"is inside checkpoint {step}, whose files it would change" in capsys.readouterr().err
+    assert main(["checkpoint", "verify", step]) == 0
+    capsys.readouterr()
     os.remove(os.path.join(run_dir, "checkpoints", "step_00000001", checkpoint_dirs.MARKER))
     assert main(["checkpoint", "export", os.path.join(run_dir, "checkpoints", "step_00000001"), str(out)]) == 2
     assert "no completion marker" in capsys.readouterr().err
