@@ -136,6 +136,13 @@ def test_missing_optional_dependency_names_the_extra():
     (["eval", "ppl", "--checkpoint", "nope", "--json", os.path.join(__file__, "p.json")], r"--json .* cannot be"),
     (["config", "show", TINY, "parallel.strategy=ulysses", "--world-size", "4", "model.n_heads=2", "model.dim=32",
       "model.n_kv_heads=2"], r"2 query heads do not divide over 4 ranks"),
+    # a path named as a directory that does not exist yet is still a directory, found before the work
+    (["bench", "packing", "--seq-len", "64", "--world-size", "2", "--json", os.path.join(ROOT, "no_such_dir", "")],
+     r"--json .*no_such_dir/ is a directory; give a file path"),
+    (["launch", "local", "--nproc", "2", "--timeout", "0.0001", TINY], r"--timeout: must be at least 1 second"),
+    (["bench", "train", "--config", TINY, "--overrides", "train.steps=1"],
+     r"--overrides train.steps=1: the bench sets train.steps itself \(use --steps\)"),
+    (["bench", "train", "--config", TINY, "--overrides", "run_dir=/tmp/x"], r"the bench sets run_dir itself"),
 ])
 def test_user_errors_are_one_line_with_exit_2(argv, pattern, capsys):
     import re
@@ -302,3 +309,13 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_dispatch", interrupted)
     assert main(["info"]) == 130
     assert capsys.readouterr().err == "longctx: interrupted\n"
+
+
+def test_repeated_list_flags_add_up():
+    """`--input a --input b` reads both (argparse's nargs keeps only the last repetition by default)."""
+    parser = build_parser()
+    args = parser.parse_args(["data", "prepare", "--input", "a", "b", "--input", "c", "--output", "o"])
+    assert args.input == ["a", "b", "c"]
+    args = parser.parse_args(["bench", "train", "--config", TINY, "--layouts", "cp=2", "--layouts", "dp_shard=2",
+                              "--overrides", "train.lr=1e-3", "--overrides", "model.dim=32"])
+    assert args.layouts == ["cp=2", "dp_shard=2"] and args.overrides == ["train.lr=1e-3", "model.dim=32"]
