@@ -278,8 +278,8 @@ def cmd_launch_ray(args) -> int:
         cfg = _load(args)
         validate_job(cfg, args.num_workers)
         for flag, value in (("--gpus-per-worker", args.gpus_per_worker), ("--max-failures", args.max_failures)):
-            if value < 0:
-                raise ValueError(f"{flag} must be >= 0, got {value}")
+            if not value >= 0 or value == float("inf"):  # NaN compares false: it would run CPU workers silently
+                raise ValueError(f"{flag} must be a finite number >= 0, got {value}")
     if cfg.run_dir is None:
         cfg.run_dir = default_run_dir(args.config)
     cfg.run_dir = os.path.abspath(cfg.run_dir)  # Ray workers do not run in this directory
@@ -336,8 +336,11 @@ def _dispatch(args) -> int:
         print(info())
         return 0
     if args.command == "demo":
+        from .demo import check_outputs
         from .demo import main as demo_main
 
+        with _checking():
+            check_outputs()
         return demo_main(["--steps", str(args.steps)])
     if args.command == "train":
         return cmd_train(args)

@@ -116,6 +116,16 @@ def _loss_plot(run_dir: str, resumed_at: int) -> str:
     return path
 
 
+def check_outputs() -> None:
+    """The demo writes under ./out (its attention records, its run directory, replaced each time): a file in the
+    way is found before part 1 runs, not after it."""
+    from ._paths import check_output
+
+    what = "the demo (it writes under ./out of the directory it runs in) output"
+    check_output("out/demo_attention.json", what)
+    check_output(RUN_DIR, what, "dir")
+
+
 def main(argv=None) -> int:
     import shutil
     import tempfile

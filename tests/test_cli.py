@@ -87,7 +87,10 @@ def test_missing_optional_dependency_names_the_extra():
     (["checkpoint", "export", "", "out.pt"], r"'' does not exist; give a checkpoint directory"),
     (["checkpoint", "verify", "/nonexistent"], r"'/nonexistent' is not a directory; give a checkpoint"),
     (["checkpoint", "verify", os.path.dirname(__file__)], r"holds no step_NNNNNNNN checkpoint directories; give"),
-    (["launch", "ray", "--num-workers", "1", "--max-failures", "-1", TINY], r"--max-failures must be >= 0, got -1"),
+    (["launch", "ray", "--num-workers", "1", "--max-failures", "-1", TINY],
+     r"--max-failures must be a finite number >= 0, got -1"),
+    (["launch", "ray", "--num-workers", "1", "--gpus-per-worker", "nan", TINY],
+     r"--gpus-per-worker must be a finite number >= 0, got nan"),
     (["bench", "kernel", "--window", "0"], r"--window must be a positive integer"),
     (["bench", "kernel", "--device", "tpu"], r"--device 'tpu'"),
     (["bench", "kernel", "--seq-lens", "96,100", "--virtual-ranks", "3"],
@@ -319,3 +322,11 @@ def test_repeated_list_flags_add_up():
     args = parser.parse_args(["bench", "train", "--config", TINY, "--layouts", "cp=2", "--layouts", "dp_shard=2",
                               "--overrides", "train.lr=1e-3", "--overrides", "model.dim=32"])
     assert args.layouts == ["cp=2", "dp_shard=2"] and args.overrides == ["train.lr=1e-3", "model.dim=32"]
+
+
+def test_the_demo_checks_where_it_writes_first(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").write_text("not a directory")
+    assert main(["demo", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'out'} is a file, not a directory" in err, err
