@@ -143,6 +143,9 @@ def test_missing_optional_dependency_names_the_extra():
     (["bench", "packing", "--seq-len", "64", "--world-size", "2", "--json", os.path.join(ROOT, "no_such_dir", "")],
      r"--json .*no_such_dir/ is a directory; give a file path"),
     (["launch", "local", "--nproc", "2", "--timeout", "0.0001", TINY], r"--timeout: must be at least 1 second"),
+    # one length every layout and world size takes (the first one's multiple, 1002, failed the next)
+    (["bench", "packing", "--seq-len", "1001", "--world-size", "2,3"], r"needs a multiple of 12; use 1008"),
+    (["eval", "needle", "--checkpoint", "nope", "--lengths", "64,64"], r"--lengths lists 64 more than once"),
     (["bench", "train", "--config", TINY, "--overrides", "train.steps=1"],
      r"--overrides train.steps=1: the bench sets train.steps itself \(use --steps\)"),
     (["bench", "train", "--config", TINY, "--overrides", "run_dir=/tmp/x"], r"the bench sets run_dir itself"),

@@ -17,7 +17,7 @@ import numpy as np
 
 from .._argtypes import int_list, seed, split_names
 from ..parallel.sequence.balance import balanced_order
-from ..parallel.sequence.layouts import LAYOUTS, check_seq
+from ..parallel.sequence.layouts import LAYOUTS, check_seq, divisor
 from ..parallel.sequence.plan import imbalance, work_table
 from . import report
 
@@ -42,6 +42,11 @@ def validate(args) -> None:
         raise ValueError(f"--layouts {args.layouts!r}: choose from {', '.join(LAYOUTS)}")
     if not args.world_size or any(w < 1 for w in args.world_size):
         raise ValueError("--world-size must list positive integers, e.g. --world-size 4,8")
+    need = math.lcm(*(divisor(layout, w) for w in args.world_size for layout in layouts))
+    if args.seq_len % need:  # one length for every layout and world size: their common multiple
+        fit = args.seq_len + (-args.seq_len) % need
+        raise ValueError(f"--seq-len {args.seq_len}: every layout ({', '.join(layouts)}) over every --world-size "
+                         f"({', '.join(map(str, args.world_size))}) needs a multiple of {need}; use {fit}")
     for w in args.world_size:
         for layout in layouts:
             check_seq(layout, args.seq_len, w, what="--seq-len")

@@ -33,6 +33,10 @@ def check_grid(lengths, depths, samples) -> None:
         raise ValueError("--depths must be fractions between 0 and 1, e.g. --depths 0,0.5,1")
     if samples < 1:
         raise ValueError("--samples must be >= 1")
+    for flag, values in (("--lengths", lengths), ("--depths", depths)):
+        twice = sorted({v for v in values if list(values).count(v) > 1})
+        if twice:  # the grid would hold the cell twice (the table shows one, the JSON both)
+            raise ValueError(f"{flag} lists {', '.join(map(str, twice))} more than once; give each value once")
 
 
 def check_lengths(cfg, lengths, haystack: str | None = None) -> None:

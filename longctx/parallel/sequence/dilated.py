@@ -54,9 +54,24 @@ def _int_list(name: str, xs) -> list[int]:
     return xs
 
 
-def check_pattern(segment_lengths, dilation_rates, seq_len: int, world: int = 1) -> list[tuple]:
+def _fitting_length(ws, rs, seq_len: int, world: int) -> str:
+    """The shortest length past `seq_len` that every check passes, as "N tokens" (a suggestion to pad to: the
+    first check's own multiple can fail the next one), or a description when none is near."""
+    for n in range(seq_len + (-seq_len) % world or world, seq_len + 4096 * world, world):
+        if n <= seq_len:
+            continue
+        try:
+            check_pattern(ws, rs, n, world, suggest=False)
+        except ValueError:
+            continue
+        return f"{n} tokens"
+    return "a multiple of every segment length and of the world size"
+
+
+def check_pattern(segment_lengths, dilation_rates, seq_len: int, world: int = 1, suggest: bool = True) -> list[tuple]:
     """Validate a dilated pattern for a global length and a world size; returns (w, r, g) per pattern with
-    w cut to seq_len and g = ranks per segment (1: the pattern runs locally). Errors name the fix."""
+    w cut to seq_len and g = ranks per segment (1: the pattern runs locally). Errors name the fix (a padded
+    length that passes every check; `suggest=False`: the search's own calls)."""
     ws = _int_list("segment_lengths", segment_lengths)
     rs = _int_list("dilation_rates", dilation_rates)
     if len(ws) != len(rs):
@@ -66,9 +81,11 @@ def check_pattern(segment_lengths, dilation_rates, seq_len: int, world: int = 1)
         if b % a:
             raise ValueError(f"segment_lengths must be geometric (each a multiple of the previous, e.g. "
                              f"2048,4096,8192), got {ws}: {b} is not a multiple of {a}")
+    def fit() -> str:
+        return _fitting_length(ws, rs, seq_len, world) if suggest else ""
+
     if seq_len % world:
-        raise ValueError(f"sequence length {seq_len} is not divisible by the world size {world}; pad it to "
-                         f"{seq_len + (-seq_len) % world}")
+        raise ValueError(f"sequence length {seq_len} is not divisible by the world size {world}; pad it to {fit()}")
     l = seq_len // world
     out = []
     for i, (w0, r) in enumerate(zip(ws, rs)):
@@ -76,8 +93,7 @@ def check_pattern(segment_lengths, dilation_rates, seq_len: int, world: int = 1)
         cut = f" (segment_lengths[{i}]={w0} cut to the sequence length)" if w != w0 else ""
         if seq_len % w:
             raise ValueError(f"segment_lengths[{i}]={w} does not divide the sequence length {seq_len}; pad "
-                             f"the sequence to {seq_len + (-seq_len) % w} tokens or pick segment lengths "
-                             "dividing it")
+                             f"the sequence to {fit()} or pick segment lengths dividing it")
         if w % r:
             raise ValueError(f"dilation_rates[{i}]={r} does not divide segment length {w}{cut}; use a rate "
                              f"that divides it (e.g. a power of two for power-of-two segments)")

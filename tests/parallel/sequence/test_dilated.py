@@ -2,6 +2,8 @@
 distributed against the same reference, byte counters against the hand-derived formula (_hand_bytes; the
 product's dilated_comm_model is pinned to the same formula in test_hand_bytes), and bad input."""
 
+import re
+
 import pytest
 import torch
 
@@ -125,11 +127,23 @@ def test_comm_model_is_weak_scaling_and_gathers_only_segments():
     (([], [], 16), "non-empty list of positive ints"),
     (([4, 0], [1, 1], 16), "segment_lengths must be a non-empty list of positive ints"),
     (([4, 8], [1, 2.0], 16), "dilation_rates must be"),
-    (([4], [1], 18, 4), "not divisible by the world size 4; pad it to 20"),
+    # the length to pad to passes every check (20 is a multiple of 4, but 5 tokens a rank splits a segment of 4)
+    (([4], [1], 18, 4), "not divisible by the world size 4; pad it to 32 tokens"),
 ])
 def test_bad_patterns(args, match):
     with pytest.raises(ValueError, match=match):
         check_pattern(*args)
+    suggested = re.search(r"to (\d+) tokens", str(check_pattern_error(args)))
+    if suggested:
+        check_pattern(args[0], args[1], int(suggested.group(1)), *args[3:])
+
+
+def check_pattern_error(args) -> ValueError:
+    try:
+        check_pattern(*args)
+    except ValueError as e:
+        return e
+    raise AssertionError(f"{args} passed")
 
 
 def test_bad_calls():
