@@ -40,7 +40,8 @@ class StopSignals(SignalScope):
         self.received = 0
 
     def handle(self, signum: int) -> None:
-        self.received = signum
+        self.received = self.received or signum  # the first one names the stop (a later SIGTERM, e.g. the
+        # lifeline's when the launcher goes, does not rename a SIGUSR1)
 
     def __enter__(self):
         for outer in _open:  # a signal an enclosing scope recorded (while the job started) is this loop's to act on

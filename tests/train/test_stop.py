@@ -62,6 +62,9 @@ def test_signals_are_recorded_only_inside_and_only_when_enabled():
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(0.01)
         assert on.received == signal.SIGUSR1
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal changes nothing, not even the name
+        time.sleep(0.01)
+        assert on.received == signal.SIGUSR1
     assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
 
 
