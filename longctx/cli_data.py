@@ -6,6 +6,7 @@ traceback. `data prepare` is all reading of the user's files, so it runs inside 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from ._paths import check_output, check_plot
@@ -26,6 +27,11 @@ def cmd_data_prepare(args) -> int:
 def cmd_checkpoint_export(args) -> int:
     from .train.weights import distinct_parameters, export
 
+    if args.format == "hf":  # transformers' "Writing model shards" bars would come between our lines
+        with contextlib.suppress(ImportError):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
     with checking():
         state = export(args.dir, args.out, args.format)
     n = distinct_parameters(state, args.dir)
