@@ -8,10 +8,33 @@ Dependency-free, so the launcher (preloaded into every rank's forkserver) can im
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+pending = {"signal": 0}  # a stop signal recorded before any training loop listened (`record_from_start`)
+
+
+def record_from_start() -> None:
+    """From now on SIGTERM / SIGUSR1 are recorded in `pending` instead of ending the process, for a rank that
+    will train: a training loop's scope (train/stop.py) takes the signal over when it opens, so a signal during
+    start-up (rendezvous, model build) stops the run after its first step with a checkpoint. Main thread only."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, lambda signum, frame: pending.update(signal=pending["signal"] or signum))
+
+
+def stop_by_default() -> None:
+    """Undo `record_from_start` where stop signals are not to be handled (checkpoint.on_signal=false): the
+    default action again, and one already recorded acted on now."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        if pending["signal"]:
+            os.kill(os.getpid(), pending["signal"])
 
 
 class SignalScope:

@@ -260,7 +260,7 @@ def cmd_launch_local(args) -> int:
     timeout = args.timeout or 7 * 24 * 3600.0  # none given: a week (poll() takes at most ~24 days)
     try:
         results = run(train_main, args.nproc, args=(OmegaConf.to_container(cfg), args.config), timeout=timeout,
-                      pg_timeout=cfg.parallel.timeout_s)
+                      pg_timeout=cfg.parallel.timeout_s, record_stops=True)
     except TimeoutError:
         raise UserError(f"the run did not finish within --timeout {timeout:g} s and its ranks were stopped; give "
                         f"a larger --timeout (its checkpoints, if any, resume with train.resume=auto)") from None

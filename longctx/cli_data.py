@@ -72,7 +72,8 @@ def _check_ppl_args(args, cfg) -> tuple[str, int, int, str | None]:
     seq_len = args.seq_len or cfg.train.seq_len
     data, first, what = (args.data, 0, None) if args.data else held_out(cfg, seq_len)
     src = check_ppl(data, seq_len=seq_len, sequences=args.sequences or 1, buckets=args.buckets, strategy=args.strategy,
-                    world=_ranks(args)[0] // args.tp, vocab_size=cfg.model.vocab_size, first=first, tp=args.tp)
+                    world=_ranks(args)[0] // args.tp, vocab_size=cfg.model.vocab_size, first=first, tp=args.tp,
+                    what="--data" if args.data else "the checkpoint's held-out data")
     if args.data and cfg.data.path and os.path.exists(os.path.join(cfg.data.path, "meta.json")):
         _same_tokenizer(args.data, cfg.data.path)
     return data, first, args.sequences or min(8, src.n_sequences - first), what

@@ -97,7 +97,8 @@ def _train(steps: int, *, resume: bool) -> dict:
                 "train.lr=1e-2", "train.warmup_steps=2", "parallel.cp=4", "parallel.strategy=zigzag",
                 "logging.print_config=false", f"checkpoint.interval={steps}",
                 f"train.resume={'auto' if resume else 'none'}"], RUN_DIR)
-    return run(train_main, 4, args=(cfg,), kwargs={"steps": None if resume else steps}, timeout=1800)[0]
+    return run(train_main, 4, args=(cfg,), kwargs={"steps": None if resume else steps}, timeout=1800,
+               record_stops=True)[0]
 
 
 def _loss_plot(run_dir: str, resumed_at: int) -> str:

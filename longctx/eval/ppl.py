@@ -102,7 +102,10 @@ def held_out(cfg, seq_len: int) -> tuple[str | None, int, str]:
     if validation.path:
         return validation.path, 0, f"validation.path {validation.path} (the run's held-out documents)"
     if cfg.data.source == "tokens" and cfg.data.path and validation.holdout:
-        n_tokens = int(read_meta(cfg.data.path)["tokens"])
+        try:
+            n_tokens = int(read_meta(cfg.data.path, "the checkpoint's data.path")["tokens"])
+        except FileNotFoundError as e:  # moved since training: one line, like any other dataset that is not there
+            raise ValueError(f"{e}; or pass held-out text with --data") from None
         train_windows = -(-(n_tokens - 1) // cfg.train.seq_len)  # as data/tokens.py cuts them
         first_token = (train_windows - validation.holdout) * cfg.train.seq_len
         return cfg.data.path, -(-first_token // seq_len), (f"the last {validation.holdout} windows of data.path "
@@ -112,7 +115,7 @@ def held_out(cfg, seq_len: int) -> tuple[str | None, int, str]:
 
 
 def check_ppl(data_path: str | None, *, seq_len: int, sequences: int, buckets: int, strategy: str, world: int,
-              vocab_size: int, first: int = 0, tp: int = 1) -> TokenSource:
+              vocab_size: int, first: int = 0, tp: int = 1, what: str = "--data") -> TokenSource:
     """Every argument of perplexity_by_position that can be wrong, checked without a model (the launching
     process calls it, so a bad --data is one line rather than a traceback from every rank)."""
     if not data_path:
@@ -122,7 +125,7 @@ def check_ppl(data_path: str | None, *, seq_len: int, sequences: int, buckets: i
         raise ValueError(f"--buckets {buckets} and --sequences {sequences} must be >= 1, and --seq-len {seq_len} at "
                          "least the bucket count")
     try:
-        src = TokenSource(data_path, seq_len=seq_len, seed=0, vocab_size=vocab_size, shuffle=False, what="--data")
+        src = TokenSource(data_path, seq_len=seq_len, seed=0, vocab_size=vocab_size, shuffle=False, what=what)
     except FileNotFoundError as e:
         raise ValueError(str(e)) from None
     if world > 1:

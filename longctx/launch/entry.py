@@ -9,10 +9,13 @@ from .env import process_group
 def train_main(config: dict, config_path: str | None = None, steps: int | None = None) -> dict:
     """Run a resolved job config (a plain dict, so it pickles to harness ranks) in the process group this
     process finds; returns the training summary. `steps`: stop after that many steps (None: to train.steps)."""
+    from .._signals import stop_by_default
     from ..train import Trainer
     from ..train.stop import StopSignals
 
     cfg = from_dict(config)
+    if not cfg.checkpoint.on_signal:  # a rank that recorded stop signals from its start (run(record_stops=True))
+        stop_by_default()
     # a stop signal while the job starts (model build, checkpoint load) is kept for the loop, which stops after its
     # first step with a checkpoint, rather than ending the rank with nothing saved; one after the loop is moot
     with StopSignals(cfg.checkpoint.on_signal), process_group(cfg.parallel.timeout_s):

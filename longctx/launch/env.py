@@ -146,14 +146,14 @@ def check_env_rendezvous() -> int:
 
 def cuda_device(local_rank: int, visible: int) -> int:
     """The CUDA device of the process with `local_rank` on its node, which sees `visible` devices: its own
-    LOCAL_RANK-th, or the one device a launcher that narrows CUDA_VISIBLE_DEVICES per process (`srun
+    LOCAL_RANK-th, or the one device a launcher that narrows CUDA_VISIBLE_DEVICES to one per process (`srun
     --gpus-per-task=1`) left it. More processes than devices is a ConfigError (torch's is "invalid device
-    ordinal", a traceback)."""
+    ordinal", a traceback; two ranks on one GPU, NCCL's duplicate-GPU error)."""
     if local_rank < visible:
         return local_rank
-    if visible == 1:
-        return 0
     shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible == 1 and shown is not None and len([d for d in shown.split(",") if d.strip()]) == 1:
+        return 0
     raise ConfigError(f"LOCAL_RANK={local_rank} but this process sees {visible} CUDA devices"
                       f"{f' (CUDA_VISIBLE_DEVICES={shown})' if shown is not None else ''}: start at most {visible} "
                       f"processes per node (torchrun --nproc-per-node {visible}), or give each process its own device")

@@ -25,7 +25,7 @@ from multiprocessing.connection import wait
 import torch
 import torch.distributed as dist
 
-from .._signals import STOP_SIGNALS, ForwardingScope
+from .._signals import STOP_SIGNALS, ForwardingScope, record_from_start
 
 __all__ = ["RankError", "rank_info", "run"]
 
@@ -73,7 +73,7 @@ def rank_info() -> tuple[int, int]:
 
 
 def run(fn, world_size, *, args=(), kwargs=None, backend="auto", timeout=120.0, pg_timeout=None,
-        start_method="forkserver", num_threads=1, env=None) -> list:
+        start_method="forkserver", num_threads=1, env=None, record_stops=False) -> list:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks and return their results, index = rank.
 
     Each rank is a separate process in which ``torch.distributed`` is already initialised (gloo on
@@ -85,6 +85,9 @@ def run(fn, world_size, *, args=(), kwargs=None, backend="auto", timeout=120.0, 
     ``TimeoutError`` is raised. ``pg_timeout`` (default ``min(60, timeout / 2)``) is the process
     group's collective timeout, so that a collective some rank never joins raises in the others
     before the hard limit. A rank that raises or dies makes ``run`` raise :class:`RankError`.
+
+    ``record_stops``: each rank records SIGTERM / SIGUSR1 from its start for the training loop that ``fn`` runs
+    (longctx._signals.record_from_start) instead of dying of one before the loop listens.
 
     ``env`` entries are set in every rank on top of the caller's current environment. With the
     forkserver, torch is imported before they are set, so variables torch reads at import time
@@ -117,7 +120,7 @@ def run(fn, world_size, *, args=(), kwargs=None, backend="auto", timeout=120.0, 
                 life_r, life_w = ctx.Pipe(duplex=False) if start_method != "fork" else (None, None)
                 proc = ctx.Process(target=_worker, name=f"longctx-rank{rank}", daemon=False,
                                    args=(rank, world_size, backend, store.port, pg_timeout, num_threads,
-                                         child_env, payload, writer, life_r, crash_paths[rank]))
+                                         child_env, payload, writer, life_r, crash_paths[rank], record_stops))
                 conns.append(reader)
                 lifelines.append(life_w)
                 try:
@@ -222,21 +225,24 @@ def _context(start_method):
 
 
 def _start_forkserver():
-    """Start the forkserver (if it is not running) with the stop signals ignored, which it keeps across its exec:
-    a scheduler signals every process of the job (scancel, systemd, `kill -- -PGID`), and a forkserver killed
-    by it would report every rank dead (its sentinels close) while the ranks are still saving their
-    checkpoint. Its children inherit the ignoring; `_worker` restores the default first thing."""
+    """Start the forkserver (if it is not running) with the stop signals ignored and blocked, which it keeps
+    across its exec: a scheduler signals every process of the job (scancel, systemd, `kill -- -PGID`), and a
+    forkserver killed by it would report every rank dead (its sentinels close) while the ranks are still
+    saving their checkpoint. Blocked here meanwhile, a signal to this process waits for its own handler
+    rather than being ignored. Its children inherit both; `_worker` sets its own dispositions and unblocks."""
     from multiprocessing import forkserver
 
     if threading.current_thread() is not threading.main_thread():
         forkserver.ensure_running()
         return
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
     try:
         forkserver.ensure_running()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def _child_env(backend, world_size, port, env):
@@ -281,9 +287,14 @@ def _watch_launcher(lifeline):
 
 
 def _worker(rank, world_size, backend, port, pg_timeout, num_threads, env, payload, conn, lifeline=None,
-            crash_path=None):
-    for sig in STOP_SIGNALS:  # ignored by the forkserver (see _start_forkserver), not by a rank
-        signal.signal(sig, signal.SIG_DFL)
+            crash_path=None, record_stops=False):
+    # ignored and blocked by the forkserver (see _start_forkserver), not by a rank
+    if record_stops:
+        record_from_start()
+    else:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if crash_path is not None:
         # Kept open for the life of the process: faulthandler writes to its descriptor from a signal handler.
         faulthandler.enable(open(crash_path, "w"), all_threads=True)
@@ -373,7 +384,7 @@ def _collect(procs, conns, deadline, timeout, crash_paths):
             stop = min(deadline, time.monotonic() + _FAILURE_GRACE_S)
 
     if failures:
-        raise _rank_error(failures, pending)
+        raise rank_error(failures, pending)
     if pending:
         raise TimeoutError(
             f"run() timed out after {timeout} s: rank(s) {sorted(pending)} of {world_size} had not "
@@ -413,7 +424,9 @@ def _describe(failure):
     return f"rank {rank} died with {how} before returning"
 
 
-def _rank_error(failures, pending):
+def rank_error(failures, pending):
+    """The RankError of `failures` [(rank, remote type, message, traceback, exit code)]: the lowest rank whose
+    failure is not an echo of another's (the Ray launcher reports its workers' failures through it too)."""
     primary = [f for f in failures if not _is_secondary(f)]
     chosen = min(primary, key=lambda f: f[0]) if primary else failures[0]
     rank, remote_type, remote_message, remote_tb, exitcode = chosen

@@ -124,12 +124,14 @@ def launch_ray(config: dict, config_path: str | None, *, address: str, num_worke
         with _ForwardToWorkers(flag) as forward:
             result = trainer.fit()
     except ray.train.TrainingFailedError as e:  # Ray Train v2 raises a worker's failure from fit() itself
+        if not getattr(e, "worker_failures", None):
+            raise  # v1's, or the controller's: its cause chain holds the worker's error
         raise _rank_error(e) from None
     finally:
         with contextlib.suppress(Exception):  # gone with a Ray that is shutting down
             ray.kill(flag)
-    if result.error is not None:  # Ray Train v1 returns it
-        raise _rank_error(result.error) from None
+    if result.error is not None:  # Ray Train v1 may return it
+        raise result.error
     summary = _summary(config["run_dir"])
     # a signal that came after the last step stopped nothing (Ray's result keeps no report without a
     # checkpoint, so the workers' own summary is not at hand: the metrics say where the run ended)
@@ -141,22 +143,23 @@ def launch_ray(config: dict, config_path: str | None, *, address: str, num_worke
 
 
 def _rank_error(error: Exception) -> Exception:
-    """A failed Ray Train run as the simulated cluster reports one (launch.local.RankError): the lowest rank's
-    own exception, so that a user's error (a ConfigError inside a worker) is one line on the command line and a
+    """A failed Ray Train v2 run (`worker_failures`: rank -> exception) as the simulated cluster reports one
+    (launch.local.RankError), chosen alike: the lowest rank whose error is not an echo of another's (a peer's
+    closed connection), so a user's error (a ConfigError inside a worker) is one line on the command line and a
     bug keeps that worker's traceback. Anything else (the controller failed) is returned as it is."""
     import traceback
 
-    from .local import RankError
+    from .local import rank_error
 
     failures = getattr(error, "worker_failures", None)
     if not failures:
         return error
-    rank = min(failures)
-    cause = failures[rank]
-    cause = getattr(cause, "cause", None) or cause  # a RayTaskError wraps what the worker raised
-    remote_tb = "".join(traceback.format_exception(cause))
-    return RankError(f"Ray Train worker {rank} failed with {type(cause).__name__}: {cause}\n\n{remote_tb}", rank,
-                     type(cause).__name__, remote_tb, None, str(cause))
+    found = []
+    for rank in sorted(failures):
+        cause = failures[rank]
+        cause = getattr(cause, "cause", None) or cause  # a RayTaskError wraps what the worker raised
+        found.append((rank, type(cause).__name__, str(cause), "".join(traceback.format_exception(cause)), None))
+    return rank_error(found, set())
 
 
 def _connect(ray, address: str, num_workers: int) -> None:

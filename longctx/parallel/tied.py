@@ -14,6 +14,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .tensor import local_tensor
+from .timeouts import match_world_timeout
 
 
 class TiedPipelineWeight:
@@ -73,4 +74,5 @@ def tied_pipeline_weight(stages: list[nn.Module], stage_ids: list[int], n_stages
             made = dist.new_group(pair)  # every rank creates every pair's group: new_group is collective
             if me in pair:
                 group = made
+        match_world_timeout()  # these groups too wait parallel.timeout_s, not torch's default
     return TiedPipelineWeight(first, last, names, group)

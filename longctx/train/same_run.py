@@ -40,8 +40,8 @@ def check_same_run(trainer, path: str) -> None:
     if moved:
         trainer._say(f"longctx: warning: {path} was written with {', '.join(moved)}: the data continues after the "
                      "sequences the checkpoint consumed, counted in this run's data, not where its own left off")
-    tuned = [f"train.{k}={here['train'][k]} (the checkpoint's: {saved['train'].get(k)})" for k in _OPTIMIZER
-             if saved["train"].get(k) != here["train"][k]]
+    tuned = [f"train.{k}={here['train'][k]} (the checkpoint's: {saved['train'][k]})" for k in _OPTIMIZER
+             if k in saved["train"] and saved["train"][k] != here["train"][k]]
     if tuned:
         trainer._say(f"longctx: resuming with {', '.join(tuned)}: the optimizer and LR schedule follow this run's "
                      "settings from the next step")

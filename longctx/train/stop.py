@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import signal
 
-from .._signals import STOP_SIGNALS, SignalScope
+from .._signals import STOP_SIGNALS, SignalScope, pending
 from ..config import ConfigError
 
 _open: list = []  # the StopSignals scopes open in this process (a training loop inside each)
@@ -44,8 +44,10 @@ class StopSignals(SignalScope):
         # lifeline's when the launcher goes, does not rename a SIGUSR1)
 
     def __enter__(self):
-        for outer in _open:  # a signal an enclosing scope recorded (while the job started) is this loop's to act on
-            self.received, outer.received = self.received or outer.received, 0
+        if self.signals:  # a signal recorded while the job started (by an enclosing scope, or before any) is ours
+            for outer in _open:
+                self.received, outer.received = self.received or outer.received, 0
+            self.received, pending["signal"] = self.received or pending["signal"], 0
         _open.append(self)
         return super().__enter__()
 

@@ -151,6 +151,10 @@ def test_eval_ppl_reads_what_the_run_held_out(text_run):
         path, first, what = held_out(cfg, seq_len)
         assert path == str(ds) and "held out of training" in what
         assert first * seq_len >= training_ends > (first - 1) * seq_len, (seq_len, first)
+    moved = load(path="configs/tiny.yaml", overrides=["data.source=tokens", "data.path=/gone", "validation.holdout=2",
+                                                      "validation.interval=1"])
+    with pytest.raises(ValueError, match=r"the checkpoint's data.path='/gone' is not a prepared dataset .* --data"):
+        held_out(moved, 64)  # a ValueError: one line on the command line
     cfg.validation.holdout, cfg.validation.path = 0, "/elsewhere"
     assert held_out(cfg, 64) == ("/elsewhere", 0, "validation.path /elsewhere (the run's held-out documents)")
     cfg.validation.path = None

@@ -119,12 +119,16 @@ def test_longctx_train_names_the_variable_in_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err.startswith("longctx: error: WORLD_SIZE='abc' is not an integer: run under torchrun")
 
 
-def test_the_cuda_device_of_a_local_rank():
+def test_the_cuda_device_of_a_local_rank(monkeypatch):
     from longctx.config import ConfigError
     from longctx.launch.env import cuda_device
 
     assert [cuda_device(r, 8) for r in (0, 7)] == [0, 7]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
     assert cuda_device(5, 1) == 0  # srun --gpus-per-task=1: each process sees its own one device
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK=1 but this process sees 1 CUDA devices"):
+        cuda_device(1, 1)  # two processes on a one-GPU node: not both on device 0
     with pytest.raises(ConfigError, match=r"LOCAL_RANK=5 but this process sees 4 CUDA devices.*"
                                           r"--nproc-per-node 4"):
         cuda_device(5, 4)

@@ -251,10 +251,14 @@ def test_a_failed_ray_run_reads_as_the_simulated_clusters_rank_error():
             return e
 
     error = _rank_error(ray_train.WorkerGroupError("2 workers failed", {
-        1: raised(ValueError("a peer's echo")), 0: raised(ConfigError("checkpoint.dir holds another run"))}))
+        1: raised(ValueError("a bug")), 0: raised(ConfigError("checkpoint.dir holds another run"))}))
     assert (error.rank, error.remote_type) == (0, "ConfigError")
     assert error.remote_message == "checkpoint.dir holds another run"
     assert "raise exc" in error.remote_traceback
+    # a peer's closed connection is an echo of the failure, not the failure, at any rank
+    echo = _rank_error(ray_train.WorkerGroupError("2 workers failed", {
+        0: raised(RuntimeError("[gloo] Connection closed by peer")), 1: raised(ConfigError("bad data.path"))}))
+    assert (echo.rank, echo.remote_type) == (1, "ConfigError")
     bug = _rank_error(ray_train.WorkerGroupError("1 worker failed", {0: raised(KeyError("x"))}))
     assert bug.remote_type == "KeyError" and "KeyError" in str(bug)
     other = RuntimeError("the controller died")

@@ -288,3 +288,31 @@ def first_batch_unlabelled(config: dict) -> list[dict]:
     trainer.micro_batches = micro_batches
     trainer.fit()
     return trainer.history
+
+
+def signalled_before_any_loop(enabled: bool) -> int:
+    """A rank sends itself SIGTERM before any training loop listens (as in rendezvous), then opens a loop's
+    scope: the signal that scope sees (the rank must not have died of it)."""
+    import os
+    import signal
+    import time
+
+    from longctx.train.stop import StopSignals
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.05)
+    with StopSignals(enabled) as loop:
+        return loop.received
+
+
+def signalled_then_train(config: dict) -> dict:
+    """SIGTERM before train_main (recorded: run(record_stops=True)), then train_main."""
+    import os
+    import signal
+    import time
+
+    from longctx.launch import train_main
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.05)
+    return train_main(config)

@@ -13,10 +13,17 @@ import time
 
 import pytest
 
-from longctx.launch import run
+from longctx.launch import RankError, run
 from longctx.train.stop import StopSignals, request_stop
 
-from ._workers import config, signalled_while_starting, stopped_by_signal, train_and_collect
+from ._workers import (
+    config,
+    signalled_before_any_loop,
+    signalled_then_train,
+    signalled_while_starting,
+    stopped_by_signal,
+    train_and_collect,
+)
 
 
 def test_one_rank_signalled_stops_all_after_that_step_and_resume_is_exact(tmp_path):
@@ -41,6 +48,24 @@ def test_a_signal_while_the_job_starts_stops_it_after_one_step_with_a_checkpoint
     for summary in summaries:
         assert summary["steps"] == 1 and summary["stopped_by"] == "SIGTERM", summary
     assert os.listdir(os.path.join(run_dir, "checkpoints")) == ["step_00000001"]
+
+
+def test_a_rank_that_will_train_records_a_stop_from_its_first_instruction():
+    """run(record_stops=True), what `launch local` uses: a SIGTERM before the loop listens (rendezvous, unpickling)
+    is kept for the loop; without it the rank dies of it, as any other function's rank should."""
+    assert run(signalled_before_any_loop, 2, args=(True,), timeout=60, record_stops=True) == [signal.SIGTERM] * 2
+    with pytest.raises(RankError, match=r"exit code -15 \(SIGTERM\)"):
+        run(signalled_before_any_loop, 2, args=(True,), timeout=60)
+
+
+def test_a_recorded_stop_under_on_signal_false_ends_the_rank(tmp_path):
+    """checkpoint.on_signal=false: the default action, also for a signal recorded before the job started."""
+    off = config("parallel.cp=2", "checkpoint.on_signal=false", run_dir=str(tmp_path / "off"))
+    with pytest.raises(RankError, match=r"exit code -15 \(SIGTERM\)"):
+        run(signalled_then_train, 2, args=(off,), timeout=120, record_stops=True)
+    on = run(signalled_then_train, 2, args=(config("parallel.cp=2", run_dir=str(tmp_path / "on")),), timeout=120,
+             record_stops=True)
+    assert [s["steps"] for s in on] == [1, 1] and on[0]["stopped_by"] == "SIGTERM"
 
 
 def test_a_signal_a_finished_loop_left_is_not_taken_by_the_next():
