@@ -562,6 +562,14 @@ MUTANTS = [
            'return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"', 'return "tf32"',
            ("tests/train/test_metrics_optim.py::test_fp32_mfu_is_against_the_peak_its_matmuls_run_at",),
            "fp32 MFU divided by the TF32 peak though TF32 is off: ~7x low"),
+    Mutant("tied-groups-wait-torchs-30-minutes", "longctx/parallel/tied.py",
+           "        match_world_timeout()  # these groups too", "        pass  # these groups too",
+           ("tests/train/test_hf_training.py::test_a_tied_head_trains_in_pipeline_stages_like_one_process",),
+           "the tied head's pipeline pair waits 30 minutes for a stuck peer"),
+    Mutant("rank-dies-of-a-signal-in-rendezvous", "longctx/launch/local.py",
+           "    if record_stops:\n        record_from_start()", "    if False:\n        record_from_start()",
+           ("tests/train/test_stop.py::test_a_rank_that_will_train_records_a_stop_from_its_first_instruction",),
+           "a SIGTERM while the ranks meet kills them with nothing saved"),
 ]
 
 

@@ -43,6 +43,14 @@ def _live_children() -> list[str]:
     return out
 
 
+def _group_timeouts() -> list[float]:
+    """The distinct collective timeouts (seconds) of every process group this rank is in, read from each
+    group's gloo backend: one value when every group has the job's."""
+    from torch.distributed import distributed_c10d as c10d
+
+    return sorted({g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for g in c10d._world.pg_map})
+
+
 def train_and_collect(configs: list[dict], stop_after: int | None | list = None) -> list[dict]:
     """Train each config in this process group; rank 0 returns losses, grad norms and the full final
     parameters, the other ranks what they held (saved bytes, label counts). `stop_after`: one value for
@@ -71,7 +79,8 @@ def train_and_collect(configs: list[dict], stop_after: int | None | list = None)
                     "resumed_from": trainer.resumed_from, "initialized_from": trainer.initialized_from,
                     "ds_shm_op": _deepspeed_shm_op(),
                     "validation": {r["step"]: r["val_loss"] for r in trainer.history if "val_loss" in r},
-                    "checkpoint": trainer.last_checkpoint, "children": _live_children()})
+                    "checkpoint": trainer.last_checkpoint, "children": _live_children(),
+                    "group_timeouts": _group_timeouts()})
     return out
 
 

@@ -360,6 +360,7 @@ def test_a_tied_head_trains_in_pipeline_stages_like_one_process(tied_llama_dir, 
     for (name, _), got in zip(layouts, results):
         compare_runs(name, got, ref, steps=3)
         assert torch.equal(got["params"][head], got["params"][embed]), name
+        assert len(got["group_timeouts"]) == 1, (name, got["group_timeouts"])  # the tied pair's groups too
     for a, b in zip(got_bf16["losses"], ref_bf16["losses"]):  # bf16 rounding differs by layout
         assert abs(a - b) <= 1e-2 * abs(b), (a, b)
     assert torch.equal(got_bf16["params"][head], got_bf16["params"][embed])
