@@ -145,6 +145,12 @@ def _tiny(*overrides):
                                              r"sequence, and data.source=synthetic packs none"),
     (["validation.batches=8"], 4, r"validation.batches=8 has no effect with validation.interval=0 \(validation "
                                   r"off\); set validation.interval=N"),
+    # found up front, not in the first forward (DTensor's sharding error; DilatedAttention has no documents)
+    (["parallel.tp=2", "parallel.cp=1", "parallel.dp_shard=1", "model.ffn_dim=129"], 2,
+     r"model.ffn_dim=129 is not divisible by parallel.tp=2: .* \(e.g. 130\)"),
+    (["model.window=1"], 1, r"model.window=1 lets each token attend to itself only"),
+    (["model.dilated.layers=[1]", "data.source=passkey", "data.pack_min=40", "train.seq_len=256"], 1,
+     r"data.source=passkey with data.pack_min=40 packs documents, and LongNet dilated layers do not take"),
 ])
 def test_bad_configs(overrides, world, pattern):
     with pytest.raises(ConfigError, match=pattern):

@@ -16,6 +16,12 @@ SOURCES = ("synthetic", "tokens", *RETRIEVAL)
 VALIDATION_SEED_OFFSET = 1_000_003
 
 
+def packs_documents(data) -> bool:
+    """Whether a data section's sequences hold several documents (boundaries every schedule must respect):
+    prepared token data, and the retrieval tasks with data.pack_min > 0."""
+    return data.source == "tokens" or (data.source in RETRIEVAL and bool(data.pack_min))
+
+
 def build_source(data, *, seq_len: int, vocab_size: int, seed: int, holdout: int = 0):
     """`data`: the config's data section. ValueError (naming the key) for anything it cannot serve.
     `holdout` (token data): the last windows of data.path that training never reads (validation.holdout)."""

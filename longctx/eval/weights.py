@@ -67,7 +67,7 @@ def check_eval_tp(cfg, tp: int) -> None:
 
             check_hf_tp(cfg.model, tp)
         else:
-            check_tp(cfg.model.n_heads, cfg.model.n_kv_heads, cfg.model.vocab_size, tp)
+            check_tp(cfg.model.n_heads, cfg.model.n_kv_heads, cfg.model.vocab_size, tp, cfg.model.ffn_dim)
     except ValueError as e:
         raise ValueError(f"--tp {tp} does not fit this checkpoint's model: {e}") from None
 

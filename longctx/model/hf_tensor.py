@@ -19,7 +19,7 @@ def check_hf_tp(cfg, tp: int) -> None:
 
     if tp == 1:
         return
-    check_tp(cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size, tp)
+    check_tp(cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size, tp, cfg.ffn_dim)
     if cfg.n_kv_heads % tp:
         raise ValueError(f"parallel.tp={tp} with model.hf_path: the model's {cfg.n_kv_heads} K/V heads must split "
                          f"evenly over the tp ranks (sharing K/V heads across ranks is longctx's own Llama's); "

@@ -286,7 +286,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: Paralle
     cfg_model = getattr(model, "cfg", None)
     if cfg_model is not None:
         dims.check_heads(cfg_model.n_heads, cfg_model.n_kv_heads)
-        check_tp(cfg_model.n_heads, cfg_model.n_kv_heads, cfg_model.vocab_size, dims.tp)
+        check_tp(cfg_model.n_heads, cfg_model.n_kv_heads, cfg_model.vocab_size, dims.tp, cfg_model.ffn_dim)
     mesh = mesh or dims.build_mesh()
     engine = resolve_engine(cfg.engine, dims)
     modules, ids, n_stages = pipeline_stages(model, len(model.layers), dims, cfg, mesh)

@@ -32,10 +32,14 @@ from .comm import Comm
 PHASE = "tp"
 
 
-def check_tp(n_heads: int, n_kv_heads: int, vocab_size: int, tp: int) -> None:
+def check_tp(n_heads: int, n_kv_heads: int, vocab_size: int, tp: int, ffn_dim: int | None = None) -> None:
     """Every constraint of splitting the model over tp ranks; messages name the key and the fix."""
     if tp == 1:
         return
+    if ffn_dim is not None and ffn_dim % tp:  # w1/w3 split by columns, w2 by rows: DTensor would fail mid-forward
+        raise ValueError(f"model.ffn_dim={ffn_dim} is not divisible by parallel.tp={tp}: each tensor-parallel rank "
+                         f"takes ffn_dim/tp of the MLP's hidden units; use a multiple of {tp} (e.g. "
+                         f"{ffn_dim + (-ffn_dim) % tp}) or a tp degree that divides {ffn_dim}")
     if n_heads % tp:
         raise ValueError(f"model.n_heads={n_heads} is not divisible by parallel.tp={tp}: each tensor-parallel rank "
                          f"takes n_heads/tp query heads; choose a tp degree that divides {n_heads}")

@@ -6,6 +6,7 @@ differs from the schema's default, so a config that spells out defaults stays va
 from __future__ import annotations
 
 from ..config import ConfigError, DataConfig, DilatedConfig, ParallelConfig, RopeScalingConfig, ValidationConfig
+from ..data.sources import packs_documents
 
 # the data settings each source reads (besides source, workers and the validation section)
 _DATA_KEYS = {
@@ -55,6 +56,10 @@ def _check_model(model) -> None:
         if given:
             raise ConfigError(f"model.rope_scaling.{given[0]}={getattr(scaling, given[0])} has no effect with "
                               "model.rope_scaling.type=none; set the type (linear, llama3, yarn) or drop it")
+    if model.window == 1:  # softmax over one score is 1 whatever q and k are: their gradients are exactly zero
+        raise ConfigError("model.window=1 lets each token attend to itself only, so the attention's q and k "
+                          "projections have no effect (zero gradients, which AdamW would turn into steps of rounding "
+                          "noise); use model.window >= 2, or null for full causal attention")
     dilated, plain = model.dilated, DilatedConfig()
     if not dilated.layers:
         given = [key for key in ("segment_lengths", "dilation_rates", "w0", "alpha") if _given(dilated, plain, key)]
@@ -72,7 +77,7 @@ def _check_parallel(cfg) -> None:
     if p.activation_checkpoint != "selective" and _given(p, defaults, "ac_every"):
         raise ConfigError(f"parallel.ac_every={p.ac_every} applies to parallel.activation_checkpoint=selective (this "
                           f"job: {p.activation_checkpoint}); set that, or drop parallel.ac_every")
-    packed = cfg.data.source == "tokens" or (cfg.data.source in ("passkey", "needle", "recall") and cfg.data.pack_min)
+    packed = packs_documents(cfg.data)
     if p.balance_documents and not packed:
         raise ConfigError(f"parallel.balance_documents=true reorders the documents packed in a sequence, and "
                           f"data.source={cfg.data.source} packs none (data.source=tokens does, and the retrieval "

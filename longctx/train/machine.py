@@ -24,7 +24,58 @@ def check_machine(cfg, world_size: int | None = None, local_ranks: int = 1) -> N
         raise ConfigError(f"parallel.kernel={name} cannot run on this machine: {why}; use parallel.kernel=auto "
                           f"(the fastest backend that can run each call)")
     if world_size is not None:
-        _check_memory(cfg, dims_from_config(cfg, world_size), local_ranks)
+        dims = dims_from_config(cfg, world_size)
+        why = None if name == "auto" else kernel_problem(cfg, dims, backends()[name])
+        if why:
+            raise ConfigError(f"parallel.kernel={name} cannot run this job's attention calls: {why}; use "
+                              "parallel.kernel=auto (each call runs on the fastest backend that can take it)")
+        _check_memory(cfg, dims, local_ranks)
+
+
+class _Probe:
+    """What a backend's `supports` reads of a q/k/v (shape, dtype, device), without allocating: the launching
+    process must not take GPU memory for a question about its ranks' calls."""
+
+    def __init__(self, shape: tuple, dtype, device):
+        self.shape, self.dtype, self.device, self.is_cuda = shape, dtype, device, device.type == "cuda"
+
+
+def kernel_problem(cfg, dims: ParallelDims, backend) -> str | None:
+    """Why `backend` would refuse one of the local attention calls this job makes (None: it takes them all),
+    asked of its `supports` with the job's dtype, device, heads per rank, head width and the masks of the
+    strategy's block table (every rank against every shard: offsets, shifted bands, windows; document masks
+    when the data packs documents). A named backend refused at its first call would fail every rank there."""
+    import torch
+
+    from ..config import head_dim_of
+    from ..data.sources import packs_documents
+    from ..kernels.mask import Mask
+    from ..parallel.dims import device_type_from_env
+    from ..parallel.sequence.plan import step_blocks
+    from ..parallel.sequence.registry import get_strategy
+    from .setup import resolve_precision
+
+    device = torch.device(device_type_from_env())
+    dtype = torch.bfloat16 if resolve_precision(cfg.train.precision, device.type) == "bf16" else torch.float32
+    m, n = cfg.model, cfg.train.seq_len
+    ulysses = dims.cp if dims.strategy == "ulysses" else dims.ulysses if dims.strategy == "hybrid" else 1
+    heads, width = max(1, m.n_heads // dims.tp // ulysses), head_dim_of(m)
+    ring = dims.cp // ulysses  # the ranks whose shards the block table pairs (1: one local call)
+    layout = get_strategy(dims.strategy).layout(dims.layout) if dims.cp > 1 else "contiguous"
+    masks = set()
+    for rank in sorted({0, ring - 1}):
+        for src in range(ring):
+            for block in step_blocks(layout, n, ring, rank, src, True, m.window):
+                masks.add((block.q1 - block.q0, block.k1 - block.k0, block.mask))
+    if packs_documents(cfg.data):
+        ids = torch.zeros(1, 1, dtype=torch.long)
+        masks.add((n // ring, n // ring, Mask(q_doc=ids, k_doc=ids)))
+    for rows, keys, mask in sorted(masks, key=repr):
+        q, kv = _Probe((1, rows, heads, width), dtype, device), _Probe((1, keys, heads, width), dtype, device)
+        why = backend.supports(q, kv, kv, mask)
+        if why:
+            return why
+    return None
 
 
 def memory_lower_bound(cfg, dims: ParallelDims) -> tuple[int, int]:

@@ -201,6 +201,7 @@ def _check_softcap_kernel(hf_config, kernel: str) -> None:
 
 def _check_data(cfg) -> None:
     from ..data import build_source
+    from ..data.sources import packs_documents
     from ..data.synthetic import TASKS
     from ..data.tokens import read_meta
 
@@ -211,9 +212,10 @@ def _check_data(cfg) -> None:
         raise ConfigError(f"data.task={d.task!r}: choose one of {', '.join(TASKS)}")
     if d.source == "synthetic" and not 2 <= d.alphabet <= cfg.model.vocab_size:
         raise ConfigError(f"data.alphabet={d.alphabet} must be between 2 and model.vocab_size={cfg.model.vocab_size}")
-    if d.source == "tokens" and cfg.model.dilated.layers:
-        raise ConfigError("data.source=tokens packs documents, and LongNet dilated layers do not take document "
-                          "boundaries yet; drop model.dilated.layers or use another data.source")
+    if packs_documents(d) and cfg.model.dilated.layers:
+        what = f"data.source={d.source}" + (f" with data.pack_min={d.pack_min}" if d.source != "tokens" else "")
+        raise ConfigError(f"{what} packs documents, and LongNet dilated layers do not take document boundaries yet; "
+                          "drop model.dilated.layers, or use unpacked data (data.pack_min=0, or a synthetic task)")
     try:
         if d.source == "tokens" and cfg.model.hf_path and d.path:
             _check_tokenizer(read_meta(d.path), cfg.model.hf_path, d.path)
@@ -257,7 +259,7 @@ def _check_model_axes(cfg, dims: ParallelDims, engine: str) -> None:
     from ..parallel.tensor import check_tp
 
     p, t, m = cfg.parallel, cfg.train, cfg.model
-    check_tp(m.n_heads, m.n_kv_heads, m.vocab_size, dims.tp)
+    check_tp(m.n_heads, m.n_kv_heads, m.vocab_size, dims.tp, m.ffn_dim)
     if dims.tp > 1 and (t.seq_len // dims.cp) % dims.tp:
         raise ValueError(f"train.seq_len={t.seq_len} over parallel.cp={dims.cp} gives {t.seq_len // dims.cp} tokens "
                          f"per context rank, not divisible by parallel.tp={dims.tp} (sequence parallelism shards "

@@ -89,3 +89,30 @@ def test_evaluation_memory_floor_of_latent_attention(monkeypatch, tmp_path):
     machine.check_eval_memory(model, rows=2, tokens=1000, ranks=2, what="x")  # 2 x 12 wide would not fit
     with pytest.raises(ConfigError, match="the K/V cache"):
         machine.check_eval_memory(model, rows=2, tokens=1002, ranks=2, what="x")
+
+
+def test_a_named_kernel_is_asked_about_every_call_shape_up_front(monkeypatch):
+    """What a named backend would refuse at its first attention call (on every rank, mid-step) is one line before
+    anything is built: flash-attn's own support rules asked of the job's calls on a GPU (a dtype, document masks),
+    and triton's head width; the calls it takes pass."""
+    import longctx.kernels.flash_backend  # noqa: F401 - registers flash (unavailable here; its rules are plain code)
+    import longctx.parallel.dims as dims_module
+    from longctx.config import load
+    from longctx.kernels import backends
+    from longctx.train import validate_job
+    from longctx.train.machine import kernel_problem
+
+    monkeypatch.setattr(dims_module, "device_type_from_env", lambda: "cuda")
+    flash, triton = backends()["flash"], backends()["triton"]
+
+    def problem(backend, *overrides, world=1):
+        cfg = load(path="configs/tiny.yaml", overrides=["parallel.dp_shard=1", *overrides])
+        return kernel_problem(cfg, validate_job(cfg, world), backend)
+
+    for strategy in ("ring", "zigzag", "striped", "allgather"):
+        assert problem(flash, "parallel.cp=2", f"parallel.strategy={strategy}", "model.window=40", world=2) is None
+    assert problem(flash, "train.precision=fp32") == "flash-attn takes fp16/bf16, got torch.float32"
+    assert "document masks" in problem(flash, "data.source=passkey", "data.pack_min=40", "train.seq_len=256",
+                                       "parallel.cp=2", world=2)
+    assert "head_dim 264 is not supported" in problem(triton, "model.head_dim=264")
+    assert problem(triton, "model.head_dim=64") is None
