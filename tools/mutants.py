@@ -570,6 +570,23 @@ MUTANTS = [
            "    if record_stops:\n        record_from_start()", "    if False:\n        record_from_start()",
            ("tests/train/test_stop.py::test_a_rank_that_will_train_records_a_stop_from_its_first_instruction",),
            "a SIGTERM while the ranks meet kills them with nothing saved"),
+    Mutant("tp-splits-any-ffn-width", "longctx/parallel/tensor.py",
+           "    if ffn_dim is not None and ffn_dim % tp:", "    if False:",
+           ("tests/test_config.py::test_bad_configs",),
+           "ffn_dim 129 over tp=2 fails in the first forward with DTensor's sharding error"),
+    Mutant("dilated-takes-packed-retrieval", "longctx/train/setup.py",
+           "    if packs_documents(d) and cfg.model.dilated.layers:",
+           "    if d.source == 'tokens' and cfg.model.dilated.layers:",
+           ("tests/test_config.py::test_bad_configs",),
+           "LongNet layers with packed passkey data fail every step with a TypeError"),
+    Mutant("named-kernel-asked-at-first-call", "longctx/train/machine.py",
+           "        why = backend.supports(q, kv, kv, mask)", "        why = None",
+           ("tests/train/test_memory.py::test_a_named_kernel_is_asked_about_every_call_shape_up_front",),
+           "parallel.kernel=flash with packed documents fails on every rank mid-step"),
+    Mutant("self-only-window-accepted", "longctx/train/inapplicable.py",
+           "    if model.window == 1:", "    if False:",
+           ("tests/test_config.py::test_bad_configs",),
+           "model.window=1 trains q and k on rounding noise"),
 ]
 
 
