@@ -130,11 +130,11 @@ def _checked_checkpoint(args):
                          f"context-parallel groups of --tp tensor-parallel ranks; choose a divisor of {ranks}")
     cfg = _checkpoint_config(args)
     check_eval_tp(cfg, args.tp)
-    # perplexity pins a self-rescaling RoPE to --seq-len (eval.ppl); generation's prefill shards cannot
-    if cfg.model.hf_path and ranks // args.tp > 1 and getattr(args, "eval_command", None) != "ppl":
-        from .model.hf_checks import check_hf_rope, read_hf_config
+    # perplexity pins a self-rescaling RoPE to --seq-len (eval.ppl); generation cannot, on any number of ranks
+    if cfg.model.hf_path and getattr(args, "eval_command", None) != "ppl":
+        from .model.hf_checks import check_generation_rope, read_hf_config
 
-        check_hf_rope(read_hf_config(cfg.model.hf_path), ranks // args.tp, f"{what} / --tp")
+        check_generation_rope(read_hf_config(cfg.model.hf_path))
     strategy = get_strategy(args.strategy)  # its head split over the context ranks, before any rank starts
     strategy.check(seq_len=None, world=ranks // args.tp, layout=strategy.layout(), heads=cfg.model.n_heads // args.tp)
     return cfg
@@ -234,6 +234,18 @@ def _checked_generate(args):
     return tok, prompts
 
 
+def _eos_ids(tok, args) -> list[int]:
+    """Where a row stops: the tokenizer's end of document, and a Hugging Face model's own end tokens (its
+    generation_config.json, else config.json: eos_token_id, one id or several), as transformers stops."""
+    ids = [tok.eos_id] if tok is not None and tok.eos_id is not None else []
+    cfg = _checkpoint_config(args)
+    if cfg.model.hf_path:
+        from .model.hf_checks import model_eos_ids
+
+        ids += model_eos_ids(cfg.model.hf_path)
+    return sorted(set(ids))
+
+
 def cmd_generate(args) -> int:
     import json
 
@@ -241,7 +253,7 @@ def cmd_generate(args) -> int:
         tok, prompts = _checked_generate(args)
     params = {"checkpoint": args.checkpoint, "prompts": prompts, "max_new_tokens": args.max_new_tokens,
               "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed, "strategy": args.strategy,
-              "decode": args.decode, "tp": args.tp, "eos_id": tok.eos_id if tok is not None else None}
+              "decode": args.decode, "tp": args.tp, "eos_id": _eos_ids(tok, args)}
     outputs = _on_ranks("generate", params, args.nproc)
     if not _rank0():
         return 0

@@ -108,8 +108,9 @@ def held_out(cfg, seq_len: int) -> tuple[str | None, int, str]:
             raise ValueError(f"{e}; or pass held-out text with --data") from None
         train_windows = -(-(n_tokens - 1) // cfg.train.seq_len)  # as data/tokens.py cuts them
         first_token = (train_windows - validation.holdout) * cfg.train.seq_len
-        return cfg.data.path, -(-first_token // seq_len), (f"the last {validation.holdout} windows of data.path "
-                                                            f"{cfg.data.path}, held out of training")
+        return cfg.data.path, -(-first_token // seq_len), (f"data.path {cfg.data.path} from token {first_token:,}: "
+                                                            f"its last {validation.holdout} training windows of "
+                                                            f"{cfg.train.seq_len} tokens, held out of training")
     return cfg.data.path, 0, (f"data.path {cfg.data.path}, which this model trained on (no validation.holdout or "
                               "validation.path): a perplexity of training text; pass held-out text with --data")
 

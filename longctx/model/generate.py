@@ -21,6 +21,8 @@ sliding window is the same rule: the new token at position p sees cached keys fr
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -70,9 +72,20 @@ def _pick(logits, temperature: float, top_k: int | None, gen: torch.Generator):
     return torch.multinomial(scores.softmax(-1), 1, generator=gen).squeeze(-1)
 
 
-def _check(prompts, max_new_tokens, decode, temperature, top_k, strategy):
-    if not prompts or any(p.dim() != 1 or p.numel() == 0 for p in prompts):
+def _check(prompts, max_new_tokens, decode, temperature, top_k, strategy, vocab_size: int, pad_id: int):
+    if not prompts or any(not isinstance(p, torch.Tensor) or p.dim() != 1 or p.numel() == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty 1-D token tensors (one per row)")
+    if any(p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool for p in prompts):
+        raise ValueError("prompts must hold integer token ids (torch.long), not "
+                         f"{next(p.dtype for p in prompts if p.dtype.is_floating_point or p.dtype == torch.bool)}")
+    for i, p in enumerate(prompts):
+        if int(p.min()) < 0 or int(p.max()) >= vocab_size:
+            raise ValueError(f"prompt {i} has token id {int(p.max()) if int(p.max()) >= vocab_size else int(p.min())}, "
+                             f"outside the model's vocabulary 0..{vocab_size - 1}")
+    if not 0 <= pad_id < vocab_size:
+        raise ValueError(f"pad_id={pad_id} is outside the model's vocabulary 0..{vocab_size - 1}")
+    if not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if decode not in ("tree", "ring"):
@@ -89,14 +102,34 @@ def _check(prompts, max_new_tokens, decode, temperature, top_k, strategy):
 
 @torch.no_grad()
 def generate(model, prompts, *, max_new_tokens: int, group=None, strategy: str = "zigzag", decode: str = "tree",
-             temperature: float = 0.0, top_k: int | None = None, eos_id: int | None = None, pad_id: int = 0,
+             temperature: float = 0.0, top_k: int | None = None, eos_id: int | Iterable[int] | None = None,
+             pad_id: int = 0,
              seed: int = 0, kernel: str = "auto", return_logits: bool = False) -> Generation:
     """Continue every prompt (1-D token tensors, any lengths) by up to max_new_tokens tokens, greedy
     (temperature 0) or sampled (temperature, top_k; the same seeded draws on every rank), stopping a row at
-    eos_id. `group`: the context-parallel ranks (None: the world if initialised, else this process); with a
-    tensor-parallel model, the cp group of a (cp, tp) mesh, e.g. ParallelMesh.cp."""
+    eos_id (one id, or several: an HF model's generation_config may list them). `group`: the context-parallel
+    ranks (None: the world if initialised, else this process); with a tensor-parallel model, the cp group of a
+    (cp, tp) mesh, e.g. ParallelMesh.cp. An HF model's attention implementation is restored afterwards."""
+    _check(prompts, max_new_tokens, decode, temperature, top_k, strategy, _vocab_size(model), pad_id)
+    eos_ids = set() if eos_id is None else {int(eos_id)} if isinstance(eos_id, int) else {int(e) for e in eos_id}
     steps = _steps_for(model)
-    _check(prompts, max_new_tokens, decode, temperature, top_k, strategy)
+    try:
+        return _generate(steps, prompts, max_new_tokens, group, strategy, decode, temperature, top_k, eos_ids,
+                         pad_id, seed, kernel, return_logits)
+    finally:
+        steps.close()
+
+
+def _vocab_size(model) -> int:
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:
+        raise TypeError("generate() takes a longctx Transformer (build_model; whole, or split by "
+                        "apply_tensor_parallel) or an HFCausalLM with its weights on every rank")
+    return cfg.vocab_size
+
+
+def _generate(steps, prompts, max_new_tokens, group, strategy, decode, temperature, top_k, eos_ids, pad_id, seed,
+              kernel, return_logits) -> Generation:
     import torch.distributed as dist
 
     comm = Comm.get(group) if dist.is_initialized() else None
@@ -135,7 +168,7 @@ def generate(model, prompts, *, max_new_tokens: int, group=None, strategy: str =
         for i in range(b):
             if not done[i]:
                 out_tokens[i].append(int(nxt[i]))
-                done[i] = eos_id is not None and int(nxt[i]) == eos_id
+                done[i] = int(nxt[i]) in eos_ids
         if bool(done.all()):
             break
         x = nxt.to(device)
@@ -211,6 +244,9 @@ class _LlamaSteps:
         self.prefill_splits_tp = self.tp is not None  # apply_tensor_parallel's split is sequence-parallel
         self.device = local_tensor(model.tok_embeddings.weight).device
         self.n_caches = len(model.layers)
+
+    def close(self) -> None:
+        """Nothing of the model was changed."""
 
     def prefill(self, tokens, pad, caches, comm, strategy, layout, kernel):
         model, n = self.model, tokens.shape[1]

@@ -207,6 +207,34 @@ def check_hf_rope(hf_config, cp: int, what: str = "parallel.cp") -> None:
                          f"or {what}=1")
 
 
+def check_generation_rope(hf_config) -> None:
+    """Generation (any number of ranks) cannot pin a self-rescaling RoPE: each forward's frequencies would follow
+    the batch's longest (padded) row and the cached length of earlier calls, so a prompt's continuation would
+    depend on the other prompts and on what ran before."""
+    kind = position_dependent_rope(hf_config)
+    if kind is not None:
+        raise ValueError(f"{_arch(hf_config)} has rope_type={kind!r}, whose frequencies follow the largest position "
+                         "each forward call sees: a generated continuation would depend on the other prompts of the "
+                         "batch and on earlier calls. Use a static RoPE scaling in its config.json (rope_type "
+                         "linear, yarn or llama3) to generate with longctx, or transformers' own generate")
+
+
+def model_eos_ids(path: str) -> list[int]:
+    """The end-of-sequence ids a Hugging Face model directory declares (generation_config.json first, as
+    transformers' generate reads them, else config.json), as a list (eos_token_id may be one id or several)."""
+    import json
+
+    for name in ("generation_config.json", "config.json"):
+        try:
+            with open(os.path.join(path, name)) as f:
+                eos = json.load(f).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if eos is not None:
+            return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    return []
+
+
 def check_hf_dir(path: str) -> None:
     """A local checkpoint directory: config.json and weights (nothing is downloaded)."""
     if not os.path.isdir(path):

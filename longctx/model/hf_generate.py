@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .generate import cache_prefill, decode_attention, first_visible, padding_documents, prefill_positions
 from .hf import AttentionCores, use_longctx_attention
-from .hf_checks import attention_modules, check_hf_rope
+from .hf_checks import attention_modules, check_generation_rope, check_hf_rope
 
 
 class _Capture:
@@ -53,6 +53,8 @@ class HFSteps:
 
         from ..parallel.tensor import local_tensor, tp_comm
 
+        check_generation_rope(adapter.hf.config)
+        self.previous = adapter.hf.config._attn_implementation  # put back by close(): the caller's model
         use_longctx_attention(adapter.hf)
         self.adapter, self.modules = adapter, attention_modules(adapter.hf)
         weight = adapter.hf.lm_head.weight
@@ -65,6 +67,11 @@ class HFSteps:
         self.prefill_splits_tp = False  # the inference split: every tp rank sees the whole sequence
         self.device = local_tensor(weight).device
         self.n_caches = len(self.modules)
+
+    def close(self) -> None:
+        """The model's attention implementation as it was (a model the caller runs with sdpa afterwards)."""
+        if self.previous is not None and self.previous != self.adapter.hf.config._attn_implementation:
+            self.adapter.hf.set_attn_implementation(self.previous)
 
     def _with(self, handlers, fn):
         saved = [getattr(m, "_longctx_cores", None) for m in self.modules]

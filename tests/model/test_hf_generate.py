@@ -103,3 +103,37 @@ def test_tensor_parallel_split_generates_like_the_eager_model(models):
             assert r["local_wq"][0] == 4 * (16 if name != "qwen2" else 8) // 2  # half of the query rows
             assert r["prompt_len"] == 13  # 12 prefill tokens split over cp=2 zigzag (4 | 12); tp needs no padding
         assert "sequence_parallel=False" in per_rank[3]["error"]
+
+
+def test_generate_leaves_the_callers_model_as_it_was_and_refuses_what_it_cannot_pin(tmp_path):
+    """After HFCausalLM(hf).generate the caller's model still runs its own attention (it was left on longctx's,
+    and failed at its next call); a RoPE that rescales with each call's length is refused on any number of
+    ranks (a prompt's continuation would depend on the batch and on earlier calls); bad inputs are
+    ValueErrors naming the argument, not an IndexError or a NaN inside sampling."""
+    from longctx.model.hf import HFCausalLM
+    from longctx.model.hf_checks import model_eos_ids
+
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SMALL)).eval()
+    before = hf.config._attn_implementation
+    x = torch.tensor([[5, 9, 12, 3]])
+    want = hf(x).logits
+    HFCausalLM(hf).generate([x[0]], max_new_tokens=2)
+    assert hf.config._attn_implementation == before
+    assert torch.allclose(hf(x).logits, want)
+    model = HFCausalLM(hf)
+    for kwargs, message in [(dict(temperature=float("nan")), "temperature must be a finite number"),
+                            (dict(pad_id=48), "pad_id=48 is outside the model's vocabulary 0..47"),
+                            (dict(prompts=[torch.tensor([5.7, 9.2])]), "integer token ids"),
+                            (dict(prompts=[torch.tensor([5, 48])]), "prompt 0 has token id 48, outside")]:
+        with pytest.raises(ValueError, match=message):
+            model.generate(kwargs.pop("prompts", [x[0]]), max_new_tokens=1, **kwargs)
+    assert hf.config._attn_implementation == before
+    dynamic = transformers.LlamaConfig(**SMALL, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                "rope_theta": 1e4})
+    with pytest.raises(ValueError, match=r"rope_type='dynamic'.* depend on the other prompts"):
+        HFCausalLM(transformers.LlamaForCausalLM(dynamic)).generate([x[0]], max_new_tokens=1)
+    (tmp_path / "config.json").write_text('{"eos_token_id": 7}')
+    assert model_eos_ids(str(tmp_path)) == [7]
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [3, 9]}')  # what generate reads first
+    assert model_eos_ids(str(tmp_path)) == [3, 9]

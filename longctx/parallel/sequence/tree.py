@@ -144,6 +144,9 @@ def tree_decode(q, k_local, v_local, group=None, *, scale=None, kernel="auto", l
     if causal_new and (q_positions is None or k_positions is None):
         raise ValueError("causal_new=True needs q_positions (global positions of the new tokens) and "
                          "k_positions (this shard's global positions); ShardedKVCache.decode passes both")
+    if key_start is not None and k_positions is None:
+        raise ValueError("key_start hides keys by their global position: give k_positions (this shard's global "
+                         "positions, (S_r,)) too; ShardedKVCache.decode passes both")
     comm = Comm.get(group)
     o, l = local_partial(q, k_local, v_local, scale=scale, kernel=kernel, lengths=lengths,
                          q_positions=q_positions if causal_new else None,

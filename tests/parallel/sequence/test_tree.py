@@ -117,6 +117,7 @@ DECODE_ERRORS = [
     (dict(fn="tree", causal_new=True, q_positions=[10, 11]), _NEEDS_POSITIONS),
     (dict(fn="tree", causal_new=True, q_positions=[9, 10, 11], k_positions="own"), _POSITIONS.format(3, 4)),
     (dict(fn="tree", causal_new=True, q_positions=[10, 11], k_positions=[0, 3]), _POSITIONS.format(2, 2)),
+    (dict(fn="tree", key_start=[0, 1]), r"key_start hides keys by their global position: give k_positions"),
     (dict(fn="tree", collectives=3), _COLLECTIVES),
     (dict(fn="tree", collectives=3, group="self"), _COLLECTIVES),  # a world of one checks it too
     (dict(fn="ring", shard_lens=[4, 4]), _SHARD_LENS.format(r"\[4, 4\]")),  # one length per rank
