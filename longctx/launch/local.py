@@ -108,7 +108,8 @@ def run(fn, world_size, *, args=(), kwargs=None, backend="auto", timeout=120.0, 
     child_env = _child_env(backend, world_size, store.port, env)
     procs, conns, lifelines = [], [], []
     # A rank killed by SIGSEGV/SIGABRT sends no message; faulthandler writes its Python stack here instead.
-    crash_dir = tempfile.mkdtemp(prefix="longctx-ranks-")
+    _remove_abandoned_crash_dirs()
+    crash_dir = tempfile.mkdtemp(prefix=f"{_CRASH_PREFIX}{os.getpid()}-")
     crash_paths = [os.path.join(crash_dir, f"rank{rank}.stack") for rank in range(world_size)]
     try:
         if start_method == "forkserver":
@@ -146,6 +147,29 @@ def run(fn, world_size, *, args=(), kwargs=None, backend="auto", timeout=120.0, 
                 conn.close()
         shutil.rmtree(crash_dir, ignore_errors=True)
         del store
+
+
+_CRASH_PREFIX = "longctx-ranks-"
+
+
+def _remove_abandoned_crash_dirs() -> None:
+    """The crash-stack directories of launchers that are gone (killed outright: their `finally` never ran),
+    named by the launcher's pid; a live one's are left alone."""
+    root = tempfile.gettempdir()
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(_CRASH_PREFIX):].split("-", 1)[0] if name.startswith(_CRASH_PREFIX) else ""
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        except OSError:  # alive, another user's
+            pass
 
 
 def _check_args(fn, world_size, backend, timeout, pg_timeout, start_method, num_threads, env):

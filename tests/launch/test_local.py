@@ -211,3 +211,21 @@ def test_rank_error_pickles():
     err = RankError("rank 3 failed with X: y", 3, "X", "tb")
     copy = pickle.loads(pickle.dumps(err))
     assert (copy.rank, copy.remote_type, copy.remote_traceback, str(copy)) == (3, "X", "tb", str(err))
+
+
+def test_a_killed_launchers_crash_directory_is_removed_by_the_next(tmp_path, monkeypatch):
+    """A launcher killed outright leaves its rank crash-stack directory (named by its pid); the next run()
+    removes those of launchers that are gone, and leaves a live one's alone."""
+    import subprocess
+    import sys
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"longctx-ranks-{gone.stdout.strip()}-abc"
+    alive = tmp_path / f"longctx-ranks-{os.getpid()}-def"
+    other = tmp_path / "longctx-ranks-notapid"
+    for d in (dead, alive, other):
+        d.mkdir()
+    run(_workers.noop, 1, timeout=60)
+    assert not dead.exists() and alive.exists() and other.exists()
