@@ -115,4 +115,5 @@ def test_a_named_kernel_is_asked_about_every_call_shape_up_front(monkeypatch):
     assert "document masks" in problem(flash, "data.source=passkey", "data.pack_min=40", "train.seq_len=256",
                                        "parallel.cp=2", world=2)
     assert "head_dim 264 is not supported" in problem(triton, "model.head_dim=264")
-    assert problem(triton, "model.head_dim=64") is None
+    # (a width it takes: whatever else it says here, where the kernel tests may have loaded it interpreted)
+    assert "head_dim" not in (problem(triton, "model.head_dim=64") or "")
