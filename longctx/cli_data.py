@@ -199,7 +199,8 @@ def _check_memory(args, cfg, *, rows: int, tokens: int, what: str, logits: bool 
 
 
 def _checked_generate(args):
-    """(tokenizer or None, prompt token ids) after every check of `longctx generate`'s arguments."""
+    """(tokenizer or None, prompt token ids, end-of-sequence ids) after every check of `longctx generate`'s
+    arguments."""
     import math
 
     from .eval.weights import checkpoint_tokenizer
@@ -231,14 +232,13 @@ def _checked_generate(args):
     if args.top_k is not None and not 1 <= args.top_k <= vocab:
         raise ValueError(f"--top-k {args.top_k}: must be between 1 and the model's vocabulary size {vocab} (leave it "
                          "out to sample from every token)")
-    return tok, prompts
+    return tok, prompts, _eos_ids(tok, cfg)
 
 
-def _eos_ids(tok, args) -> list[int]:
+def _eos_ids(tok, cfg) -> list[int]:
     """Where a row stops: the tokenizer's end of document, and a Hugging Face model's own end tokens (its
     generation_config.json, else config.json: eos_token_id, one id or several), as transformers stops."""
     ids = [tok.eos_id] if tok is not None and tok.eos_id is not None else []
-    cfg = _checkpoint_config(args)
     if cfg.model.hf_path:
         from .model.hf_checks import model_eos_ids
 
@@ -250,10 +250,10 @@ def cmd_generate(args) -> int:
     import json
 
     with checking():
-        tok, prompts = _checked_generate(args)
+        tok, prompts, eos_ids = _checked_generate(args)
     params = {"checkpoint": args.checkpoint, "prompts": prompts, "max_new_tokens": args.max_new_tokens,
               "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed, "strategy": args.strategy,
-              "decode": args.decode, "tp": args.tp, "eos_id": _eos_ids(tok, args)}
+              "decode": args.decode, "tp": args.tp, "eos_id": eos_ids}
     outputs = _on_ranks("generate", params, args.nproc)
     if not _rank0():
         return 0

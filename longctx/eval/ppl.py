@@ -96,18 +96,16 @@ def held_out(cfg, seq_len: int) -> tuple[str | None, int, str]:
     """(dataset, first window of `seq_len` tokens, what it is) that `eval ppl` reads without --data: what the
     run held out of training (validation.path; the last validation.holdout windows of data.path, from the first
     `seq_len` window wholly past the last token training read), else data.path itself, which training read."""
-    from ..data.tokens import read_meta
-
     validation = cfg.validation
     if validation.path:
         return validation.path, 0, f"validation.path {validation.path} (the run's held-out documents)"
     if cfg.data.source == "tokens" and cfg.data.path and validation.holdout:
-        try:
-            n_tokens = int(read_meta(cfg.data.path, "the checkpoint's data.path")["tokens"])
+        try:  # training's windows, as its TokenSource cut them
+            training = TokenSource(cfg.data.path, seq_len=cfg.train.seq_len, seed=0, vocab_size=cfg.model.vocab_size,
+                                   what="the checkpoint's data.path")
         except FileNotFoundError as e:  # moved since training: one line, like any other dataset that is not there
             raise ValueError(f"{e}; or pass held-out text with --data") from None
-        train_windows = -(-(n_tokens - 1) // cfg.train.seq_len)  # as data/tokens.py cuts them
-        first_token = (train_windows - validation.holdout) * cfg.train.seq_len
+        first_token = (training.total_windows - validation.holdout) * cfg.train.seq_len
         return cfg.data.path, -(-first_token // seq_len), (f"data.path {cfg.data.path} from token {first_token:,}: "
                                                             f"its last {validation.holdout} training windows of "
                                                             f"{cfg.train.seq_len} tokens, held out of training")

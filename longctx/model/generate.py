@@ -75,9 +75,10 @@ def _pick(logits, temperature: float, top_k: int | None, gen: torch.Generator):
 def _check(prompts, max_new_tokens, decode, temperature, top_k, strategy, vocab_size: int, pad_id: int):
     if not prompts or any(not isinstance(p, torch.Tensor) or p.dim() != 1 or p.numel() == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty 1-D token tensors (one per row)")
-    if any(p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool for p in prompts):
-        raise ValueError("prompts must hold integer token ids (torch.long), not "
-                         f"{next(p.dtype for p in prompts if p.dtype.is_floating_point or p.dtype == torch.bool)}")
+    not_ids = next((p.dtype for p in prompts if p.dtype.is_floating_point or p.dtype.is_complex
+                    or p.dtype == torch.bool), None)
+    if not_ids is not None:
+        raise ValueError(f"prompts must hold integer token ids (torch.long), not {not_ids}")
     for i, p in enumerate(prompts):
         if int(p.min()) < 0 or int(p.max()) >= vocab_size:
             raise ValueError(f"prompt {i} has token id {int(p.max()) if int(p.max()) >= vocab_size else int(p.min())}, "

@@ -144,7 +144,8 @@ def test_eval_ppl_reads_what_the_run_held_out(text_run):
 
     _, ds = text_run
     cfg = load(path="configs/tiny.yaml", overrides=["data.source=tokens", f"data.path={ds}", "train.seq_len=64",
-                                                    "validation.holdout=2", "validation.interval=1"])
+                                                    "validation.holdout=2", "validation.interval=1",
+                                                    "model.vocab_size=258"])  # as the run trained on it
     n_tokens = int(read_meta(str(ds))["tokens"])
     training_ends = (math.ceil((n_tokens - 1) / 64) - 2) * 64  # the first held-out token
     for seq_len in (64, 48, 100):
