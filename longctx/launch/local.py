@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .._signals import STOP_SIGNALS, ForwardingScope, record_from_start
+from .rank_errors import RankError, crash_stack, rank_error
 
 __all__ = ["RankError", "rank_info", "run"]
 
@@ -37,31 +38,9 @@ _START_METHODS = ("fork", "forkserver", "spawn")
 _FAILURE_GRACE_S = 1.0
 _EXIT_GRACE_S = 5.0  # for ranks that returned to tear down on their own before SIGTERM
 _KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL
-# Failures that are usually a symptom of another rank going away or never arriving. The exception
-# lives in another process, so it can only be recognised by type name and message.
-_SECONDARY_TYPES = {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError"}
-_SECONDARY_MARKERS = ("connection closed by peer", "connection reset by peer", "broken pipe",
-                      "timed out", "socket timeout", "communicator was aborted")
 
 _contexts: dict[str, mp.context.BaseContext] = {}
 _PRELOAD = ("longctx.train.trainer", "longctx.eval")
-
-
-class RankError(RuntimeError):
-    """A rank raised (``remote_type``/``remote_message``/``remote_traceback`` set) or died (``exitcode``)."""
-
-    def __init__(self, message, rank, remote_type=None, remote_traceback=None, exitcode=None, remote_message=None):
-        super().__init__(message)
-        self.rank = rank
-        self.remote_type = remote_type
-        self.remote_message = remote_message
-        self.remote_traceback = remote_traceback
-        self.exitcode = exitcode
-
-    def __reduce__(self):
-        # The default reduce would call __init__ with the message only.
-        args = (self.args[0], self.rank, self.remote_type, self.remote_traceback, self.exitcode, self.remote_message)
-        return type(self), args
 
 
 def rank_info() -> tuple[int, int]:
@@ -403,7 +382,7 @@ def _collect(procs, conns, deadline, timeout, crash_paths):
                 read(conns[rank])
             if rank in pending:
                 pending.discard(rank)
-                failures.append((rank, None, None, _crash_stack(crash_paths[rank]), procs[rank].exitcode))
+                failures.append((rank, None, None, crash_stack(crash_paths[rank]), procs[rank].exitcode))
         if failures and stop == deadline:
             stop = min(deadline, time.monotonic() + _FAILURE_GRACE_S)
 
@@ -416,56 +395,6 @@ def _collect(procs, conns, deadline, timeout, crash_paths):
             "ranks are stuck in a collective, a smaller pg_timeout= makes them raise instead."
         )
     return results
-
-
-def _crash_stack(path):
-    """What faulthandler wrote for a rank that died on a fatal signal, or None."""
-    try:
-        with open(path) as stack:
-            text = stack.read().strip()
-    except OSError:
-        return None
-    return f"faulthandler's stack of the dead rank:\n{text}" if text else None
-
-
-def _is_secondary(failure):
-    _, remote_type, message, _, exitcode = failure
-    if exitcode is not None:
-        return False
-    return remote_type in _SECONDARY_TYPES or any(m in message.lower() for m in _SECONDARY_MARKERS)
-
-
-def _describe(failure):
-    rank, remote_type, message, _, exitcode = failure
-    if exitcode is None:
-        return f"rank {rank} failed with {remote_type}: {message}"
-    how = f"exit code {exitcode}"
-    if exitcode < 0:
-        try:
-            how += f" ({signal.Signals(-exitcode).name})"
-        except ValueError:
-            pass
-    return f"rank {rank} died with {how} before returning"
-
-
-def rank_error(failures, pending):
-    """The RankError of `failures` [(rank, remote type, message, traceback, exit code)]: the lowest rank whose
-    failure is not an echo of another's (the Ray launcher reports its workers' failures through it too)."""
-    primary = [f for f in failures if not _is_secondary(f)]
-    chosen = min(primary, key=lambda f: f[0]) if primary else failures[0]
-    rank, remote_type, remote_message, remote_tb, exitcode = chosen
-    text = _describe(chosen)
-    others = [f for f in failures if f is not chosen]
-    if others:
-        text += "\nother failures: " + "; ".join(_describe(f).splitlines()[0][:200] for f in others)
-    if pending:
-        text += f"\nstill running when this was reported (then killed): rank(s) {sorted(pending)}"
-        if not primary:
-            text += (" -- a rank that never reaches a collective makes its peers' collectives fail "
-                     "after pg_timeout")
-    if remote_tb:
-        text += f"\n\n--- traceback from rank {rank} ---\n{remote_tb.rstrip()}"
-    return RankError(text, rank, remote_type, remote_tb, exitcode, remote_message)
 
 
 def _join(procs, grace):

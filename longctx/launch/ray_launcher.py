@@ -144,12 +144,12 @@ def launch_ray(config: dict, config_path: str | None, *, address: str, num_worke
 
 def _rank_error(error: Exception) -> Exception:
     """A failed Ray Train v2 run (`worker_failures`: rank -> exception) as the simulated cluster reports one
-    (launch.local.RankError), chosen alike: the lowest rank whose error is not an echo of another's (a peer's
+    (rank_errors.RankError), chosen alike: the lowest rank whose error is not an echo of another's (a peer's
     closed connection), so a user's error (a ConfigError inside a worker) is one line on the command line and a
     bug keeps that worker's traceback. Anything else (the controller failed) is returned as it is."""
     import traceback
 
-    from .local import rank_error
+    from .rank_errors import rank_error
 
     failures = getattr(error, "worker_failures", None)
     if not failures:
