@@ -98,8 +98,10 @@ class TrainConfig:
     seq_len: int = 1024
     accumulation: int = 1  # micro-batches per optimizer step on each data-parallel rank
     lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
     warmup_steps: int = 2
+    lr_schedule: str = "cosine"  # after the warmup: cosine | linear decay to the floor | constant at the peak
+    decay_steps: int = 0  # the decay spans the last this many steps (warmup-stable-decay); 0: every step after warmup
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95

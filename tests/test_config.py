@@ -143,6 +143,13 @@ def _tiny(*overrides):
                                  r"job: none\)"),
     (["parallel.balance_documents=true"], 4, r"parallel.balance_documents=true reorders the documents packed in a "
                                              r"sequence, and data.source=synthetic packs none"),
+    (["train.lr_schedule=constant", "train.decay_steps=2"], 4, r"train.decay_steps=2 has no effect with "
+                                                               r"train.lr_schedule=constant"),
+    (["train.lr_schedule=constant", "train.min_lr_ratio=0"], 4, r"train.min_lr_ratio=0.0 has no effect with "),
+    (["train.lr_schedule=wsd"], 4, r"train.lr_schedule='wsd': choose one of cosine, linear, constant"),
+    (["train.steps=10", "train.warmup_steps=2", "train.decay_steps=9"], 4,
+     r"train.decay_steps=9 is more than the 8 steps after the warmup .*use at most 8"),
+    (["train.decay_steps=-1"], 4, r"train.decay_steps must be >= 0"),
     (["validation.batches=8"], 4, r"validation.batches=8 has no effect with validation.interval=0 \(validation "
                                   r"off\); set validation.interval=N"),
     # found up front, not in the first forward (DTensor's sharding error; DilatedAttention has no documents)

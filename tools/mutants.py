@@ -587,6 +587,14 @@ MUTANTS = [
            "    if model.window == 1:", "    if False:",
            ("tests/test_config.py::test_bad_configs",),
            "model.window=1 trains q and k on rounding noise"),
+    Mutant("wsd-decays-from-the-warmup", "longctx/train/optim.py",
+           "    span = decay or total - warmup - 1", "    span = total - warmup - 1",
+           ("tests/train/test_metrics_optim.py",),
+           "train.decay_steps is ignored: a WSD run decays over the whole run"),
+    Mutant("linear-schedule-is-cosine", "longctx/train/optim.py",
+           "            schedule=cfg.lr_schedule, decay=cfg.decay_steps)", "            decay=cfg.decay_steps)",
+           ("tests/train/test_metrics_optim.py",),
+           "train.lr_schedule=linear trains with the cosine"),
 ]
 
 

@@ -47,7 +47,8 @@ def check_deepspeed(dims, p) -> None:
 # loss scaling, clipping, optimizer or LR schedule from the trainer's.
 OWNED = {"train_micro_batch_size_per_gpu": "train.batch_size", "gradient_accumulation_steps": "train.accumulation",
          "train_batch_size": "train.batch_size", "gradient_clipping": "train.grad_clip",
-         "optimizer": "train.lr / weight_decay / beta1 / beta2", "scheduler": "train.warmup_steps / min_lr_ratio",
+         "optimizer": "train.lr / weight_decay / beta1 / beta2",
+         "scheduler": "train.lr_schedule / warmup_steps / decay_steps / min_lr_ratio",
          "bf16": "train.precision", "fp16": "train.precision",
          "checkpoint": "checkpoint.* (longctx writes DeepSpeed's checkpoints synchronously with its torch engine and "
                        "commits them atomically; an asynchronous writer would be committed half-written)"}

@@ -5,7 +5,15 @@ differs from the schema's default, so a config that spells out defaults stays va
 
 from __future__ import annotations
 
-from ..config import ConfigError, DataConfig, DilatedConfig, ParallelConfig, RopeScalingConfig, ValidationConfig
+from ..config import (
+    ConfigError,
+    DataConfig,
+    DilatedConfig,
+    ParallelConfig,
+    RopeScalingConfig,
+    TrainConfig,
+    ValidationConfig,
+)
 from ..data.sources import packs_documents
 
 # the data settings each source reads (besides source, workers and the validation section)
@@ -27,6 +35,7 @@ def check_inapplicable(cfg) -> None:
     _check_model(cfg.model)
     _check_parallel(cfg)
     _check_validation(cfg.validation)
+    _check_schedule(cfg.train)
 
 
 def _given(section, defaults, key: str) -> bool:
@@ -94,3 +103,13 @@ def _check_validation(validation) -> None:
         raise ConfigError(f"validation.{given[0]}={getattr(validation, given[0])!r} has no effect with "
                           "validation.interval=0 (validation off); set validation.interval=N to validate every N "
                           f"steps, or drop validation.{given[0]}")
+
+
+def _check_schedule(train) -> None:
+    if train.lr_schedule != "constant":
+        return
+    given = [key for key in ("min_lr_ratio", "decay_steps") if _given(train, TrainConfig(), key)]
+    if given:
+        raise ConfigError(f"train.{given[0]}={getattr(train, given[0])} has no effect with train.lr_schedule=constant "
+                          "(the lr stays at its peak after the warmup); for a decay at the end (warmup-stable-decay) "
+                          f"set train.lr_schedule=linear or cosine with train.decay_steps, or drop train.{given[0]}")

@@ -1,4 +1,5 @@
-"""AdamW, warmup + cosine learning rate, and gradient clipping by the global norm.
+"""AdamW; a learning rate of warmup then cosine, linear or constant (an optional stable phase before the
+decay); gradient clipping by the global norm.
 
 Clipping must see the norm of the whole gradient, not of this rank's shard: under FSDP2 a gradient is a
 DTensor sharded over the data x context ranks, and its norm is a partial value until reduced. The total
@@ -30,21 +31,31 @@ def build_optimizer(model: nn.Module, cfg, device_type: str) -> torch.optim.Opti
                              eps=cfg.eps, **kw)
 
 
-def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
-    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup over `warmup` steps
-    (the first step already moves), then cosine from 1 down to min_ratio at the last step."""
+LR_SCHEDULES = ("cosine", "linear", "constant")
+
+
+def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float, schedule: str = "cosine",
+              decay: int = 0) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup over `warmup` steps (the first
+    step already moves), then the peak until the decay, which takes the last `decay` steps (0: every step after
+    the first at the peak) down to min_ratio at the last step, along a cosine or a line; `constant` stays at the
+    peak. A stable phase between warmup and decay is warmup-stable-decay (WSD), as used for context extension."""
     if step < warmup:
         return (step + 1) / warmup
-    decay_steps = total - warmup - 1  # the cosine's first step is at 1, its last at min_ratio
-    if decay_steps <= 0:  # one step after the warmup's peak: the last, at the floor (a one-step run: at the peak)
+    if schedule == "constant":
+        return 1.0
+    span = decay or total - warmup - 1  # steps below the peak, the last at min_ratio
+    if span <= 0:  # one step after the warmup's peak: the last, at the floor (a one-step run: at the peak)
         return min_ratio if warmup else 1.0
-    progress = min(1.0, (step - warmup) / decay_steps)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    progress = min(1.0, max(0.0, (step - (total - 1 - span)) / span))
+    shape = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * shape
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
     def factor(step: int) -> float:
-        return lr_factor(step, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
+        return lr_factor(step, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio,
+                         schedule=cfg.lr_schedule, decay=cfg.decay_steps)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

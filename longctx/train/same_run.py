@@ -15,7 +15,8 @@ _MODEL_LOCATION = ("hf_path",)
 # of the data section, what does not decide the training data stream: how many processes read it
 _DATA_READERS = ("workers",)
 # what a resume takes from this run's config rather than the checkpoint (optim.apply_settings), said when changed
-_OPTIMIZER = ("lr", "weight_decay", "beta1", "beta2", "eps", "warmup_steps", "min_lr_ratio", "steps")
+_OPTIMIZER = ("lr", "weight_decay", "beta1", "beta2", "eps", "warmup_steps", "min_lr_ratio", "lr_schedule",
+              "decay_steps", "steps")
 
 
 def check_same_run(trainer, path: str) -> None:

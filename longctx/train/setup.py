@@ -16,6 +16,7 @@ from ..parallel.data_parallel import resolve_engine
 from ..parallel.dims import ParallelDims
 from ..parallel.pipeline import stages_per_rank
 from .inapplicable import check_inapplicable
+from .optim import LR_SCHEDULES
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -61,7 +62,7 @@ def _check_numbers(cfg) -> None:
                           "parallel.timeout_s=1800") from None
     _positive("train", t, "steps", "batch_size", "seq_len", "accumulation", "lr", "mlp_chunks", "eps")
     _positive("train", t, "beta1", "beta2", "warmup_steps", "weight_decay", "grad_clip", "loss_chunk",
-              "min_lr_ratio", "seed", "skip_nonfinite", allow_zero=True)
+              "min_lr_ratio", "seed", "skip_nonfinite", "decay_steps", allow_zero=True)
     _below("train", t, "beta1", 1.0)
     _below("train", t, "beta2", 1.0)
     _below("train", t, "min_lr_ratio", 1.0, inclusive=True)  # the cosine decays to lr x this: above 1 it rises
@@ -107,7 +108,13 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
                           f"{', '.join(AC_MODES)}")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={t.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if t.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"train.lr_schedule={t.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
     _check_numbers(cfg)
+    if t.decay_steps > t.steps - t.warmup_steps:
+        raise ConfigError(f"train.decay_steps={t.decay_steps} is more than the {t.steps - t.warmup_steps} steps after "
+                          f"the warmup (train.steps={t.steps} - train.warmup_steps={t.warmup_steps}); use at most "
+                          f"{max(0, t.steps - t.warmup_steps)}, or 0 to decay over every step after the warmup")
     try:  # the schedule's name even when pp=1, as pp_split/microbatches/pp_virtual are
         stages_per_rank(p.pp_schedule, 0)
     except ValueError as e:

@@ -120,11 +120,12 @@ def test_a_resume_takes_this_runs_optimizer_settings_and_schedule(tmp_path):
     """The checkpoint restores the optimizer's moments and step, not the settings of the run that saved it: a
     resume with a lower lr, other betas and weight decay and more steps trains its steps 3-5 at the lrs and
     with the settings of a run started with them (the schedule of 5 steps, not the saved 2-step one's floor),
-    and says what changed."""
+    and says what changed (a linear decay over the last 2 steps where the checkpoint's run had a cosine)."""
     first = str(tmp_path / "first")
     _run(1, config("train.steps=2", "checkpoint.interval=2", run_dir=first))
     ckpt = os.path.join(first, "checkpoints", "step_00000002")
-    new = ["train.lr=3e-4", "train.weight_decay=0.3", "train.beta2=0.9", "train.eps=1e-7", "train.steps=5"]
+    new = ["train.lr=3e-4", "train.weight_decay=0.3", "train.beta2=0.9", "train.eps=1e-7", "train.steps=5",
+           "train.lr_schedule=linear", "train.decay_steps=2"]
     straight, resumed = _run(1, config(*new, run_dir=str(tmp_path / "straight")),
                              config(*new, f"train.resume={ckpt}", run_dir=str(tmp_path / "resumed")))[0]
     assert resumed["steps"] == [3, 4, 5] and resumed["lrs"] == straight["lrs"][2:], (resumed["lrs"], straight["lrs"])
@@ -132,6 +133,7 @@ def test_a_resume_takes_this_runs_optimizer_settings_and_schedule(tmp_path):
     _, printed = run(train_and_print, 1, args=(config(*new, f"train.resume={ckpt}", run_dir=str(tmp_path / "said")),),
                      timeout=300)[0]
     assert "resuming with train.lr=0.0003 (the checkpoint's: 0.003)" in printed and "train.steps=5" in printed
+    assert "train.lr_schedule=linear (the checkpoint's: cosine)" in printed
 
 
 def test_interrupted_checkpoints_are_never_loaded(tmp_path):

@@ -80,6 +80,23 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(0, warmup=0, total=1, min_ratio=0.1) == pytest.approx(1.0)  # a one-step run: its peak
 
 
+def test_lr_schedules_linear_constant_and_a_stable_phase():
+    """Hand-computed: warmup 2 of 10 steps, floor 0.1; a 4-step decay leaves steps 2-5 at the peak (WSD)."""
+    def factors(schedule, decay, total=10, warmup=2):
+        return [lr_factor(s, warmup=warmup, total=total, min_ratio=0.1, schedule=schedule, decay=decay)
+                for s in range(total)]
+
+    assert factors("linear", 4) == pytest.approx([0.5, 1, 1, 1, 1, 1, 0.775, 0.55, 0.325, 0.1])
+    cos45 = 0.5 * (1 + 2 ** -0.5)  # the cosine's shape a quarter and three quarters through
+    assert factors("cosine", 4) == pytest.approx([0.5, 1, 1, 1, 1, 1, 0.1 + 0.9 * cos45, 0.55,
+                                                  0.1 + 0.9 * (1 - cos45), 0.1])
+    assert factors("constant", 0) == pytest.approx([0.5] + [1.0] * 9)
+    # decay 0: every step after the first at the peak; the longest decay starts right after the warmup
+    assert factors("linear", 0, total=5, warmup=1) == pytest.approx([1, 1, 0.7, 0.4, 0.1])
+    assert factors("linear", 4, total=6) == pytest.approx([0.5, 1, 0.775, 0.55, 0.325, 0.1])
+    assert factors("cosine", 0) == pytest.approx([lr_factor(s, warmup=2, total=10, min_ratio=0.1) for s in range(10)])
+
+
 def test_optimizer_and_scheduler_from_config():
     cfg = load(overrides=["train.lr=0.01", "train.warmup_steps=2", "train.steps=4", "train.weight_decay=0.2"])
     model = build_model(cfg.model)
@@ -95,6 +112,15 @@ def test_optimizer_and_scheduler_from_config():
         sched.step()
     assert lrs == pytest.approx([0.005, 0.01, 0.01, 0.001])
     assert torch.optim.AdamW is type(opt)
+    wsd = load(overrides=["train.lr=0.01", "train.warmup_steps=1", "train.steps=6", "train.lr_schedule=linear",
+                          "train.decay_steps=3"]).train
+    sched = build_scheduler(build_optimizer(model, wsd, "cpu"), wsd)
+    lrs = []
+    for _ in range(6):
+        lrs.append(sched.get_last_lr()[0])
+        sched.optimizer.step()
+        sched.step()
+    assert lrs == pytest.approx([0.01, 0.01, 0.01, 0.007, 0.004, 0.001])  # warmup, stable, a linear decay of 3
 
 
 def test_a_resumed_run_moves_the_lost_attempts_records_aside(tmp_path, capsys):
