@@ -37,10 +37,12 @@ class PrepareError(ValueError):
 
 
 def expand_inputs(patterns) -> list[str]:
-    """Paths, globs and directories (recursively) -> sorted unique files; an empty match is an error."""
+    """Paths, globs and directories (recursively, through links) -> sorted files, each once however it was
+    named; an empty match is an error. A path that exists is itself, brackets in its name included."""
     files = []
     for pat in [patterns] if isinstance(patterns, str) else patterns:
-        matches = sorted(glob.glob(pat, recursive=True)) if any(c in pat for c in "*?[") else [pat]
+        is_glob = any(c in pat for c in "*?[") and not os.path.exists(pat)
+        matches = sorted(glob.glob(pat, recursive=True)) if is_glob else [pat]
         if not matches or not all(os.path.exists(m) for m in matches):
             raise PrepareError(f"--input {pat!r} matches no file; give a file, a directory or a glob like "
                                "'data/*.jsonl'")
@@ -49,14 +51,21 @@ def expand_inputs(patterns) -> list[str]:
                 files += sorted(os.path.join(r, f) for r, _, fs in _walk_visible(m) for f in fs)
             else:
                 files.append(m)
-    return list(dict.fromkeys(files))
+    unique = {}
+    for f in files:
+        unique.setdefault(os.path.realpath(f), f)
+    return list(unique.values())
 
 
 def _walk_visible(root: str):
     """os.walk without hidden entries below `root` (.git, editor files, the .prepare-* directory an interrupted
-    `data prepare` leaves beside its output, which a rerun would otherwise read as input)."""
-    for here, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    `data prepare` leaves beside its output, which a rerun would otherwise read as input), following links to
+    directories (as a glob does) but into each real directory once, so a link loop ends."""
+    seen = {os.path.realpath(root)}
+    for here, dirs, names in os.walk(root, followlinks=True):
+        visible = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = [d for d in visible if os.path.realpath(os.path.join(here, d)) not in seen]
+        seen.update(os.path.realpath(os.path.join(here, d)) for d in dirs)
         yield here, dirs, [n for n in names if not n.startswith(".")]
 
 
@@ -66,7 +75,12 @@ class Problem(str):
 
 def _documents(path: str, text_key: str):
     """Yield (line or None, text) per document, or (line, Problem message) for a skipped part."""
-    if os.path.getsize(path) == 0:
+    try:
+        empty = os.path.getsize(path) == 0
+    except OSError as e:  # a broken link, a file removed meanwhile, no permission
+        yield None, Problem(f"cannot be read ({e.strerror or type(e).__name__})")
+        return
+    if empty:
         yield None, Problem("empty file")
         return
     kind = path.lower()  # DATA.JSONL is JSON lines too
@@ -86,10 +100,14 @@ def _documents(path: str, text_key: str):
                                 "choose one with --text-key")
             return
         for i, text in enumerate(table.column(text_key).to_pylist()):
-            yield i + 1, text if isinstance(text, str) else Problem(f"row {i + 1}: {text_key!r} is not a string")
+            yield i + 1, text if isinstance(text, str) else Problem(f"{text_key!r} is not a string")
         return
-    with open(path, "rb") as f:
-        raw = f.read()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        yield None, Problem(f"cannot be read ({e.strerror or type(e).__name__})")
+        return
     if b"\x00" in raw[:65536]:
         yield None, Problem("binary file (NUL bytes), not text")
         return
@@ -111,9 +129,12 @@ def _documents(path: str, text_key: str):
         except json.JSONDecodeError as e:
             yield n, Problem(f"not valid JSON ({e.msg})")
             continue
-        if not isinstance(record, dict) or text_key not in record:
-            keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-            yield n, Problem(f"no key {text_key!r} (has: {keys}); choose the text field with --text-key")
+        if not isinstance(record, dict):
+            yield n, Problem(f"not a JSON object (a {type(record).__name__}); each line must be an object holding "
+                             f"the text under {text_key!r}")
+            continue
+        if text_key not in record:
+            yield n, Problem(f"no key {text_key!r} (has: {', '.join(record)}); choose the text field with --text-key")
             continue
         if not isinstance(record[text_key], str):
             yield n, Problem(f"{text_key!r} is not a string")
@@ -132,6 +153,11 @@ def tokenize_file(path: str, tokenizer_spec: str, text_key: str, add_eos: bool):
         if not doc:
             problems.append((path, line, "empty document"))
             continue
+        try:
+            doc.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON's "\ud83d" escapes decode to a lone surrogate no tokenizer takes
+            problems.append((path, line, f"unpaired surrogate (U+{ord(doc[e.start]):04X} at character {e.start})"))
+            continue
         toks = tok.encode(doc)
         if add_eos and tok.eos_id is not None:
             toks.append(tok.eos_id)
@@ -148,17 +174,20 @@ def _histogram(lengths) -> dict:
 
 def _check_output(output: str) -> None:
     """The output path must be given, creatable (no file among its parents), and, when it exists, a prepared
-    dataset (replaced) or an empty directory."""
+    dataset (its files and nothing else: replaced) or an empty directory, not a mount point (it cannot be
+    renamed)."""
     if not output or not output.strip():
         raise PrepareError("--output is empty; give the directory to write the dataset to, e.g. --output data/ds")
     blocker = blocking_file(output)
     if blocker is not None:
         raise PrepareError(f"--output {output!r}: {blocker} is a file, not a directory, so nothing can be created "
                            "under it; choose an output path whose parents are directories (or move that file)")
-    if os.path.exists(output) and (not os.path.isdir(output) or (
-            os.listdir(output) and not os.path.exists(os.path.join(output, "meta.json")))):
-        raise PrepareError(f"--output {output!r} exists and is not a prepared dataset; refusing to replace it: "
-                           "choose a new directory or remove it")
+    if os.path.exists(output) and (not os.path.isdir(output) or not set(os.listdir(output)) <= set(FILES)):
+        raise PrepareError(f"--output {output!r} exists and is not a prepared dataset (one holds {', '.join(FILES)} "
+                           "and nothing else); refusing to replace it: choose a new directory or remove it")
+    if os.path.ismount(output):
+        raise PrepareError(f"--output {output!r} is a mount point, which cannot be swapped for the finished dataset; "
+                           f"give a directory inside it, e.g. --output {os.path.join(output, 'ds')}")
     try:
         check_output(output, "--output", "dir")  # writable here (permissions, read-only mounts, /proc)
     except ValueError as e:
@@ -166,14 +195,31 @@ def _check_output(output: str) -> None:
 
 
 def _swap_in(tmp: str, output: str) -> None:
+    """Put the finished dataset `tmp` at `output`; a dataset there is exchanged with it in one step (Linux's
+    renameat2 RENAME_EXCHANGE), so no instant leaves `output` missing; where the filesystem cannot, in two
+    renames, the previous one kept as OUTPUT.old-PID if the process dies between them."""
     _check_output(output)  # again: it may have changed while tokenizing
-    if os.path.exists(output):
+    if not os.path.exists(output):
+        os.replace(tmp, output)
+    elif _exchange(tmp, output):
+        shutil.rmtree(tmp)  # now the previous dataset
+    else:
         old = output.rstrip("/") + f".old-{os.getpid()}"
         os.replace(output, old)
         os.replace(tmp, output)
         shutil.rmtree(old)
-    else:
-        os.replace(tmp, output)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (renameat2 with RENAME_EXCHANGE); False where the system cannot."""
+    import ctypes
+
+    try:
+        rename = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not Linux / an older C library
+        return False
+    at_cwd, exchange = -100, 2
+    return rename(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0
 
 
 def prepare(inputs, output: str, *, tokenizer: str = "byte", text_key: str = "text", workers: int = 1,
@@ -187,11 +233,11 @@ def prepare(inputs, output: str, *, tokenizer: str = "byte", text_key: str = "te
     if workers < 1:
         raise PrepareError(f"--workers must be >= 1, got {workers}")
     _check_output(output)  # before any work: a bad output path fails now, not after tokenizing
+    output = os.path.realpath(output)  # a link to a dataset: the dataset is replaced, not the link
     tok = load_tokenizer(tokenizer)  # a bad tokenizer fails here, before any worker starts
     files = expand_inputs(inputs)
-    out_abs = os.path.abspath(output)
-    files = [f for f in files if not os.path.abspath(f).startswith(out_abs + os.sep)]  # never read our own output
-    parent = os.path.dirname(out_abs) or "."
+    files = [f for f in files if not os.path.realpath(f).startswith(output + os.sep)]  # never read our own output
+    parent = os.path.dirname(output) or "."
     os.makedirs(parent, exist_ok=True)
     processes = max(1, min(workers, len(files), os.cpu_count() or 1))
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32

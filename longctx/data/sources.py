@@ -80,7 +80,11 @@ def build_validation_source(data, validation, *, seq_len: int, vocab_size: int, 
         where = "validation.path"
     need = validation.batches * batch_size
     if need > source.n_sequences:
+        held = where.startswith("validation.holdout")
+        more = f"hold out {need} windows (validation.holdout={need})" if held else \
+            "prepare more held-out documents into validation.path"
+        fits = source.n_sequences // batch_size
+        fix = f"set validation.batches={fits}, or {more}" if fits else f"{more}, or lower train.batch_size"
         raise ValueError(f"validation.batches={validation.batches} x train.batch_size={batch_size} needs {need} "
-                         f"sequences of {seq_len} tokens; {where} holds {source.n_sequences}: set "
-                         f"validation.batches={max(source.n_sequences // batch_size, 1)} or hold out more")
+                         f"sequences of {seq_len} tokens; {where} holds {source.n_sequences}: {fix}")
     return source

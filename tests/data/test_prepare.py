@@ -118,9 +118,21 @@ def test_bad_arguments_name_the_fix(tmp_path, capsys):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     (tmp_path / "x.txt").write_text("text")
-    with pytest.raises(PrepareError, match="not a prepared dataset; refusing"):
+    with pytest.raises(PrepareError, match=r"not a prepared dataset \(one holds tokens.bin, offsets.npy, meta.json "
+                                           r"and nothing else\); refusing"):
+        prepare(str(tmp_path / "x.txt"), str(tmp_path / "mine"), progress=False)
+    (tmp_path / "mine" / "meta.json").write_text("{}")  # a project's own meta.json does not make it a dataset
+    with pytest.raises(PrepareError, match="not a prepared dataset"):
         prepare(str(tmp_path / "x.txt"), str(tmp_path / "mine"), progress=False)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    (tmp_path / "mount").mkdir()
+    real_ismount = os.path.ismount
+    try:
+        os.path.ismount = lambda p: os.path.basename(p) == "mount" or real_ismount(p)
+        with pytest.raises(PrepareError, match=r"--output .*mount' is a mount point.* e.g. --output .*mount/ds"):
+            prepare(str(tmp_path / "x.txt"), str(tmp_path / "mount"), progress=False)
+    finally:
+        os.path.ismount = real_ismount
     with pytest.raises(ValueError, match="no tokenizer.json there"):
         prepare(str(tmp_path / "x.txt"), str(tmp_path / "ds"), tokenizer=str(tmp_path / "nope"), progress=False)
     with pytest.raises(PrepareError, match="--output is empty; give the directory"):
@@ -195,3 +207,57 @@ def test_tokenizer_json_from_a_local_file(tmp_path):
         with pytest.raises(ValueError, match=r"--tokenizer .*bad.*is not a valid Hugging Face tokenizer.json \(.+\)"):
             prepare(str(tmp_path / "d.jsonl"), str(tmp_path / "ds2"), tokenizer=str(spec), progress=False)
     assert not (tmp_path / "ds2").exists()
+
+
+def test_odd_inputs_are_skipped_by_name_and_every_file_is_read_once(tmp_path):
+    """A lone surrogate (JSON's "\\ud83d"), a broken link, a non-object record and null Parquet cells are skipped
+    with their reason (grouped by reason, not by row); a linked directory is read as a glob would read it, a link
+    loop ends; a file named twice (a path, a link, an absolute path) is read once; an existing name with brackets
+    is that file, not a glob."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    corpus = tmp_path / "corpus"
+    (corpus / "real").mkdir(parents=True)
+    (tmp_path / "shard").mkdir()
+    (corpus / "real" / "a.jsonl").write_text('{"text": "ok"}\n{"text": "bad \\ud83d end"}\n[1, 2]\n')
+    (tmp_path / "shard" / "b.txt").write_text("linked")
+    os.symlink(tmp_path / "shard", corpus / "linked")
+    os.symlink(corpus, corpus / "real" / "loop")
+    os.symlink(tmp_path / "gone.txt", corpus / "broken.txt")
+    pq.write_table(pa.table({"text": ["p1", None, None, "p2"]}), corpus / "c.parquet")
+    summary = prepare([str(corpus), str(corpus / "real" / "a.jsonl"), str(tmp_path / "shard" / "b.txt")],
+                      str(tmp_path / "ds"), progress=False)
+    where = {(os.path.basename(p["file"]), p["line"]): p["reason"] for p in summary["problems"]}
+    assert summary["files"] == 4 and summary["documents"] == 4, summary  # ok, linked, p1, p2
+    assert where[("a.jsonl", 2)] == "unpaired surrogate (U+D83D at character 4)"
+    assert where[("a.jsonl", 3)].startswith("not a JSON object (a list)") and "--text-key" not in where[("a.jsonl", 3)]
+    assert where[("broken.txt", None)].startswith("cannot be read (")
+    assert where[("c.parquet", 2)] == where[("c.parquet", 3)] == "'text' is not a string"
+    assert summary["skipped_by_reason"] == {"unpaired surrogate": 1, "not a JSON object": 1, "cannot be read": 1,
+                                            "'text' is not a string": 2}
+    (tmp_path / "part[1].txt").write_text("bracketed")
+    (tmp_path / "part1.txt").write_text("the glob's match")
+    single = prepare(str(tmp_path / "part[1].txt"), str(tmp_path / "one"), progress=False)
+    assert single["tokens"] == len("bracketed") + 1
+
+
+def test_a_dataset_behind_a_link_is_replaced_in_one_step(tmp_path):
+    """--output a link to a dataset replaces the dataset (the link stays a link); the swap leaves nothing beside
+    it, and where the system exchanges directories atomically the exchange is exact."""
+    from longctx.data import prepare as prepare_module
+
+    (tmp_path / "a.txt").write_text("first")
+    prepare(str(tmp_path / "a.txt"), str(tmp_path / "data" / "ds"), progress=False)
+    (tmp_path / "links").mkdir()
+    os.symlink(tmp_path / "data" / "ds", tmp_path / "links" / "ds")
+    (tmp_path / "a.txt").write_text("second, longer")
+    summary = prepare(str(tmp_path / "a.txt"), str(tmp_path / "links" / "ds"), progress=False)
+    assert os.path.islink(tmp_path / "links" / "ds") and sorted(os.listdir(tmp_path / "links")) == ["ds"]
+    assert sorted(os.listdir(tmp_path / "data")) == ["ds"]
+    assert json.loads((tmp_path / "data" / "ds" / "meta.json").read_text())["tokens"] == summary["tokens"] == 15
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    (tmp_path / "x" / "in_x").write_text("")
+    if prepare_module._exchange(str(tmp_path / "x"), str(tmp_path / "y")):
+        assert os.listdir(tmp_path / "y") == ["in_x"] and os.listdir(tmp_path / "x") == []

@@ -64,14 +64,15 @@ def test_bad_validation_settings_are_refused_by_name(tmp_path):
          r"validation.path and validation.holdout both say where"),
         ([*tokens, "validation.holdout=100000"], r"validation.holdout=100000 windows leave nothing to train on"),
         ([*tokens, "validation.interval=2", "validation.holdout=1", "validation.batches=1"],
-         r"validation.batches=1 x train.batch_size=4 needs 4 sequences of 64 tokens; validation.holdout=1 holds 1"),
+         r"validation.batches=1 x train.batch_size=4 needs 4 sequences of 64 tokens; validation.holdout=1 holds 1: "
+         r"hold out 4 windows \(validation.holdout=4\), or lower train.batch_size"),
         ([*BASE, "validation.holdout=3"], r"validation.holdout applies to data.source=tokens"),
         ([*tokens, "validation.interval=2", f"validation.path={tmp_path / 'train'}"], r"is the training data"),
         ([*tokens, "validation.interval=2", f"validation.path={tmp_path / 'nope'}"],
          r"validation.path=.* is not a prepared dataset"),
         ([*tokens, "validation.interval=2", "validation.batches=100", f"validation.path={tmp_path / 'small'}"],
          r"validation.batches=100 x train.batch_size=4 needs 400 sequences of 64 tokens; validation.path holds "
-         r"\d+: set validation.batches=\d+"),
+         r"\d+: set validation.batches=\d+, or prepare more held-out documents into validation.path"),
         ([*BASE, "validation.interval=2", f"validation.path={tmp_path / 'small'}"],
          r"validation.path applies to data.source=tokens"),
     ]
