@@ -31,6 +31,7 @@ as `parallelize` does for our Llama. What would break silently is handled here:
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import types
@@ -41,7 +42,7 @@ from torch import nn
 
 from .. import kernels
 from .._optional import require
-from ..config import ParallelConfig
+from ..config import ConfigError, ParallelConfig
 from ..parallel.data_parallel import apply_data_parallel, resolve_engine
 from ..parallel.dims import ParallelDims, ParallelMesh
 from ..parallel.sequence.api import ContextParallelAttention
@@ -61,6 +62,9 @@ from .hf_layers import attention_chunk, chunk_documents, layer_window, retemper_
 from .hf_tensor import apply_hf_tensor_parallel, check_hf_tp
 
 ATTN_IMPLEMENTATION = "longctx"
+# whether the decoder call in progress (HFCausalLM.hidden) hands its attention calls packed documents: a layer
+# that drops the attention kwargs (Nemotron's, StableLM's) is then found, not run across the documents
+_SENDS_DOCUMENTS = contextvars.ContextVar("longctx_sends_documents", default=False)
 
 
 class AttentionCores:
@@ -97,6 +101,12 @@ def longctx_attention(module, query, key, value, attention_mask, scaling=None, d
         raise ValueError("attention dropout is not supported by the longctx attention; set the model config's "
                          "attention_dropout to 0")
     _check_semantics(module, kwargs)
+    if "longctx_positions" not in kwargs and _SENDS_DOCUMENTS.get():
+        raise ConfigError(f"{type(module).__name__}'s decoder layer does not hand its attention the keyword arguments "
+                          "it is called with, so the boundaries of the documents packed in a sequence (or of a "
+                          "left-padded prompt's padding) cannot reach longctx's attention, which would attend across "
+                          "them; train this architecture on unpacked data (data.source=synthetic, or a retrieval "
+                          "source with data.pack_min=0), and generate one prompt at a time")
     if attention_mask is not None:  # transformers builds none for this implementation: the module made its own
         raise ValueError(f"{type(module).__name__} hands its attention a mask of its own (as Doge's dynamic mask), "
                          "which longctx's kernels do not compute (they apply the causal, window and document rules "
@@ -221,7 +231,11 @@ class HFCausalLM(nn.Module):
             extra["inputs_embeds"] = tokens
         else:
             extra["input_ids"] = tokens
-        return self.hf.model(position_ids=rope_ids.to(tokens.device), use_cache=False, **extra).last_hidden_state
+        sending = _SENDS_DOCUMENTS.set(documents is not None)
+        try:
+            return self.hf.model(position_ids=rope_ids.to(tokens.device), use_cache=False, **extra).last_hidden_state
+        finally:
+            _SENDS_DOCUMENTS.reset(sending)
 
     def forward(self, tokens, position_ids=None, labels=None, loss_fn=None, documents=None,
                 return_hidden: bool = False):
@@ -307,7 +321,7 @@ def model_config(hf_config):
                        n_kv_heads=max(layer["kv_heads"] for layer in layers),  # per layer in Gemma 4's
                        head_dim=None if widest * heads == hf_config.hidden_size else widest,
                        ffn_dim=active_ffn_width(hf_config),
-                       rope_theta=float(getattr(hf_config, "rope_theta", None) or 10000.0),
+                       rope_theta=float(_rope_theta(hf_config)),
                        norm_eps=float(getattr(hf_config, "rms_norm_eps", 1e-5)))
 
 
@@ -366,3 +380,12 @@ def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: Para
                                 keep_root_unsharded=dims.pp > 1 and module.output is not None,
                                 find_unused=True)  # arbitrary modelling code: a trainable parameter may get none
     return assemble_plan(adapter, modules, ids, n_stages, dims, mesh, engine, cfg)
+
+
+def _rope_theta(hf_config) -> float:
+    """The RoPE base of an HF config: transformers 5 keeps it in rope_parameters (per layer type for models with
+    several), older configs as rope_theta; 10000 where neither says."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    if "rope_theta" not in params:  # {layer type: parameters} (Gemma 3's sliding and full layers): the full ones'
+        params = params.get("full_attention") or next((v for v in params.values() if isinstance(v, dict)), {})
+    return params.get("rope_theta") or getattr(hf_config, "rope_theta", None) or 10000.0

@@ -54,9 +54,15 @@ def build_hf_on_meta(path: str, dtype=torch.float32) -> nn.Module:
 
 def materialize(model: nn.Module, device) -> None:
     """Storage for the parameters (this rank's pieces) of a model built by build_hf_on_meta, on `device`,
-    keeping the values of its buffers (to_empty alone would drop them)."""
+    keeping the values of its buffers and its tied parameters one (to_empty alone would drop and untie them)."""
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    model.to_empty(device=device)
+    groups = tied_names(model)
+    model.to_empty(device=device)  # a new parameter per module: a tied head would be cut from its embedding
+    for names in groups:
+        shared = model.get_parameter(names[0])
+        for alias in names[1:]:
+            owner, _, leaf = alias.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, shared)
     for name, value in buffers.items():
         owner, _, leaf = name.rpartition(".")
         model.get_submodule(owner)._buffers[leaf] = value.to(device)

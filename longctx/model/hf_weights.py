@@ -131,6 +131,9 @@ def llama_config(c, where: str):
                          "other architectures as they are with model.hf_path)")
     if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
         raise ValueError(f"{where}: a Llama with biases has no longctx equivalent (train it with model.hf_path)")
+    if getattr(c, "hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: a Llama whose MLP activation is {c.hidden_act!r} has no longctx equivalent (its "
+                         "MLP is SwiGLU, silu); train it with model.hf_path")
     from ..config import RopeScalingConfig
 
     rope = getattr(c, "rope_parameters", None) or {}

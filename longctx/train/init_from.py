@@ -135,6 +135,8 @@ def _from_hugging_face(trainer, path: str, what: str) -> None:
               if getattr(theirs, k) != getattr(ours, k)]
     if head_dim_of(theirs) != head_dim_of(ours):
         differ.append(f"model.head_dim={head_dim_of(theirs)} (this run: {head_dim_of(ours)})")
+    if theirs.norm_eps != ours.norm_eps:  # no shape shows it, and the schema's default is not Llama's
+        differ.append(f"model.norm_eps={theirs.norm_eps} (this run: {ours.norm_eps})")
     if differ:
         raise ConfigError(f"{what} does not fit this model: it has {', '.join(differ)}; set those (its RoPE may "
                           "differ from this run's)")

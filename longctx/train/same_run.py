@@ -66,6 +66,8 @@ def _effective(model: dict) -> dict:
         model["rope_scaling"] = {"type": "none"}
     if not model["dilated"]["layers"]:
         model["dilated"] = {"layers": []}
+    if model.get("hf_path"):  # read from its config.json, which runs before 2026-11-29 misread as 10000 when a
+        model.pop("rope_theta", None)  # transformers 5 config kept it in rope_parameters; nothing computes with it
     return model
 
 

@@ -111,7 +111,7 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
     if t.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"train.lr_schedule={t.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
     _check_numbers(cfg)
-    if t.decay_steps > t.steps - t.warmup_steps:
+    if t.decay_steps and t.decay_steps > t.steps - t.warmup_steps:
         raise ConfigError(f"train.decay_steps={t.decay_steps} is more than the {t.steps - t.warmup_steps} steps after "
                           f"the warmup (train.steps={t.steps} - train.warmup_steps={t.warmup_steps}); use at most "
                           f"{max(0, t.steps - t.warmup_steps)}, or 0 to decay over every step after the warmup")

@@ -169,9 +169,11 @@ def _export_hf(state: dict, found: str, out: str) -> None:
         except RuntimeError as e:  # the checkpoint's weights against the architecture its config names
             raise read_error(found, e) from None
         model.save_pretrained(out, safe_serialization=True)
+        # the model's own files over save_pretrained's defaults (its generation_config.json: the eos ids and
+        # sampling settings generation stops and samples by)
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
             src = os.path.join(cfg.model.hf_path, name)
-            if os.path.exists(src) and not os.path.exists(os.path.join(out, name)):
+            if os.path.exists(src):
                 shutil.copy(src, out)
         return
     try:

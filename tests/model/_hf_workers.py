@@ -145,3 +145,25 @@ def packed_against_alone(path: str, lengths: list[int], layout: dict) -> dict:
     errs = {name: ((grad - ref[name]).abs().max() / ref[name].abs().max().clamp(min=1e-12)).item()
             for name, grad in grads.items()}
     return {"loss": float(total), "ref_loss": ref_loss, "grad_rel_err": errs}
+
+
+def packed_through_a_layer_that_drops_kwargs(path: str) -> dict:
+    """Unpacked logits of a model whose decoder layer drops the attention kwargs (Nemotron), against its eager
+    run; and what a packed row does (the documents could not reach the attention)."""
+    from transformers import AutoModelForCausalLM
+
+    from longctx.model.hf import load_hf_model, parallelize_hf
+    from longctx.parallel import ParallelDims
+    from longctx.parallel.sequence.documents import Documents
+
+    eager = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
+    tokens = torch.randint(0, eager.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    plan = parallelize_hf(load_hf_model(path), ParallelDims(world_size=1, dp_shard=1))
+    logits = plan.model(tokens, torch.arange(32))
+    out = {"unpacked_err": float((logits - eager(input_ids=tokens).logits).abs().max().detach())}
+    try:
+        plan.model(tokens, torch.arange(32), documents=Documents.from_ids(torch.tensor([[0] * 12 + [1] * 20])))
+        out["packed"] = "ran"
+    except Exception as e:  # noqa: BLE001 - the test reads what was raised
+        out["packed"] = f"{type(e).__name__}: {e}"
+    return out

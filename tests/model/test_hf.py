@@ -211,6 +211,19 @@ def test_packed_documents_equal_each_document_alone(hf_dirs):
             assert max(r["grad_rel_err"].values()) <= 1e-5, (arch, layout, r["grad_rel_err"])
 
 
+def test_a_layer_that_drops_the_attention_kwargs_is_refused_packed(tmp_path):
+    """Nemotron's decoder layer calls its attention without the keyword arguments it was given: unpacked it is
+    exact, and a packed row (whose documents could not reach the attention) is a one-line ConfigError rather than
+    attention across the documents."""
+    from tests.model._hf_workers import packed_through_a_layer_that_drops_kwargs
+
+    path = _save(transformers.NemotronForCausalLM, transformers.NemotronConfig(**SMALL), tmp_path / "nemotron")
+    got = run(packed_through_a_layer_that_drops_kwargs, 1, args=(path,), timeout=120)[0]
+    assert got["unpacked_err"] < 1e-5, got
+    assert got["packed"].startswith("ConfigError: NemotronAttention's decoder layer does not hand its attention the "
+                                    "keyword arguments"), got["packed"]
+
+
 def test_llama4_chunks_and_query_temperature_matter(hf_dirs):
     """Without the chunks or the true positions of its scaled queries the Llama 4 above would compute
     something else (so the comparisons above could fail)."""

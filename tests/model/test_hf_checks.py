@@ -146,3 +146,16 @@ def test_attention_the_kernels_do_not_compute_is_refused_at_the_call():
     # mask: a learned additive bias), never dropped
     with pytest.raises(ValueError, match=r"Prepared hands its attention a mask of its own \(as Doge's dynamic mask\)"):
         longctx_attention(Prepared(), q, q, q, torch.zeros(1, 4, 2, 2))
+
+
+def test_the_recorded_rope_base_is_the_configs():
+    """transformers 5 keeps the RoPE base in rope_parameters (per layer type for Gemma 3): the resolved config
+    records it, not the 10000 a missing rope_theta attribute read as."""
+    from longctx.model.hf import model_config
+
+    llama = transformers.LlamaConfig(**SMALL, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    assert model_config(llama).rope_theta == 5e5
+    gemma = transformers.Gemma3TextConfig(**SMALL, head_dim=16, rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6}})
+    assert model_config(gemma).rope_theta == 1e6

@@ -80,6 +80,10 @@ def test_a_rope_longctx_lacks_is_refused_by_name(tmp_path):
         load_hf_llama(str(tmp_path / "dynamic"))
     with pytest.raises(ValueError, match=r"rope_parameters \['mscale'\] are not longctx's yarn RoPE"):
         load_hf_llama(str(tmp_path / "mscale"))
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**small, hidden_act="gelu")).save_pretrained(
+        tmp_path / "gelu")  # nor is another activation than SwiGLU's (it loaded as silu, 8e-3 off in the logits)
+    with pytest.raises(ValueError, match=r"a Llama whose MLP activation is 'gelu' has no longctx equivalent"):
+        load_hf_llama(str(tmp_path / "gelu"))
 
 
 @pytest.mark.parametrize("overrides,message", [

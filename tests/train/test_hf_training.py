@@ -42,8 +42,12 @@ def _cfg(path, *extra, run_dir):
 
 def test_hf_model_layouts_train_like_one_process(qwen_dir, tmp_path):
     val = ["validation.interval=2", "validation.batches=1"]  # the held-out loss after steps 2 and 3 too
-    ref = run(train_and_collect, 1, args=([_cfg(qwen_dir, *val, run_dir=str(tmp_path / "one"))],),
-              timeout=180)[0][0]
+    # one process built on the meta device: its tied head stays the embedding (to_empty alone unties it)
+    ref, meta = run(train_and_collect, 1, args=([_cfg(qwen_dir, *val, run_dir=str(tmp_path / "one")),
+                                                 _cfg(qwen_dir, *val, "parallel.meta_init=true",
+                                                      run_dir=str(tmp_path / "meta"))],), timeout=180)[0]
+    assert meta["losses"] == ref["losses"] and meta["grad_norms"] == ref["grad_norms"]
+    assert all(torch.equal(meta["params"][k], v) for k, v in ref["params"].items())
     layouts = [("cp=4 zigzag", ["parallel.cp=4"]), ("dp_shard=2 x cp=2", ["parallel.dp_shard=2", "parallel.cp=2"]),
                ("cp=4 hybrid", ["parallel.cp=4", "parallel.strategy=hybrid", "parallel.ulysses=2"]),
                # tensor parallel: q/k/v/gate/up by columns, o/down by rows, the tied embedding and output
@@ -164,22 +168,35 @@ def main(argv):
 
 
 def test_export_hf_of_a_trained_hf_model(qwen_dir, tmp_path):
+    """The export is the trained model in its own architecture, with the source's generation settings (the eos ids
+    generation stops at), never written over a directory that holds something."""
+    import json
+    import shutil
+
+    source = str(tmp_path / "source")
+    shutil.copytree(qwen_dir, source)
+    generation = {"eos_token_id": [7, 9], "temperature": 0.7, "top_p": 0.8, "do_sample": True}
+    with open(os.path.join(source, "generation_config.json"), "w") as f:
+        json.dump(generation, f)
     run_dir = tmp_path / "run"
-    assert main(["train", "configs/tiny.yaml", f"model.hf_path={qwen_dir}", "parallel.cp=1", "train.seq_len=64",
+    assert main(["train", "configs/tiny.yaml", f"model.hf_path={source}", "parallel.cp=1", "train.seq_len=64",
                  "train.batch_size=2", "train.steps=2", "checkpoint.interval=2", "logging.quiet=true",
                  "logging.tensorboard=false", f"run_dir={run_dir}"]) == 0
     out = tmp_path / "exported"
     assert main(["checkpoint", "export", str(run_dir / "checkpoints"), str(out), "--format", "hf"]) == 0
     model = transformers.AutoModelForCausalLM.from_pretrained(str(out))
-    original = transformers.AutoModelForCausalLM.from_pretrained(qwen_dir)
+    original = transformers.AutoModelForCausalLM.from_pretrained(source)
     assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.sliding_window == 12
+    with open(out / "generation_config.json") as f:
+        exported = json.load(f)
+    assert {k: exported.get(k) for k in generation} == generation  # the model's own, not save_pretrained's defaults
     moved = [n for n, p in model.named_parameters() if not torch.equal(p, dict(original.named_parameters())[n])]
     assert moved  # the exported weights are the trained ones, not the checkpoint directory's
     # never over a directory that holds something: the model the run started from, an earlier export
-    before = {f: os.path.getmtime(os.path.join(qwen_dir, f)) for f in os.listdir(qwen_dir)}
-    for target in (qwen_dir, out):
+    before = {f: os.path.getmtime(os.path.join(source, f)) for f in os.listdir(source)}
+    for target in (source, out):
         assert main(["checkpoint", "export", str(run_dir / "checkpoints"), str(target), "--format", "hf"]) == 2
-    assert before == {f: os.path.getmtime(os.path.join(qwen_dir, f)) for f in os.listdir(qwen_dir)}
+    assert before == {f: os.path.getmtime(os.path.join(source, f)) for f in os.listdir(source)}
 
 
 def test_hf_path_errors_are_one_line(tmp_path, qwen_dir):

@@ -106,7 +106,7 @@ def test_a_hugging_face_llama_starts_the_native_model(tmp_path):
         hf_dir)
     want = load_hf_llama(hf_dir)[0].state_dict()
     stage = [*LONGER, "model.rope_theta=500000", "model.rope_scaling.type=llama3", "model.rope_scaling.factor=8",
-             "model.rope_scaling.original_max_positions=16", f"train.init_from={hf_dir}"]
+             "model.rope_scaling.original_max_positions=16", "model.norm_eps=1e-6", f"train.init_from={hf_dir}"]
     one = run(train_and_collect, 1, args=([config(*stage, run_dir=str(tmp_path / "at0")),
                                            config(*stage, run_dir=str(tmp_path / "one"))], [0, None]),
               timeout=300)[0]
@@ -120,6 +120,9 @@ def test_a_hugging_face_llama_starts_the_native_model(tmp_path):
             assert abs(a - b) <= 1e-5 * abs(b), (lay, a, b)
         worst = max((r["params"][k] - one[1]["params"][k]).abs().max().item() for k in want)
         assert worst <= 1e-5, (lay, worst)
-    errors = run(resume_errors, 1, args=([config(*stage, "model.ffn_dim=96", run_dir=str(tmp_path / "wide"))],),
+    errors = run(resume_errors, 1, args=([config(*stage, "model.ffn_dim=96", run_dir=str(tmp_path / "wide")),
+                                          config(*stage, "model.norm_eps=1e-5", run_dir=str(tmp_path / "eps"))],),
                  timeout=300)[0]
     assert "does not fit this model: it has model.ffn_dim=64 (this run: 96); set those" in errors[0], errors
+    # no shape shows the norm's epsilon, and LlamaConfig's default (1e-6) is not the schema's (1e-5)
+    assert "does not fit this model: it has model.norm_eps=1e-06 (this run: 1e-05)" in errors[1], errors
