@@ -79,6 +79,8 @@ class RetrievalTask:
         if self.n_facts == 1:
             d = depth if depth is not None else self.depth if self.depth is not None else float(rng.random())
             starts = [int(round(d * (hay - fact_len)))]
+        elif depth is not None:  # recall evaluated by depth: the asked fact there, the others around it
+            starts, asked = _around(int(round(depth * (hay - fact_len))), self.n_facts, fact_len, hay, rng)
         else:  # distinct non-overlapping slots
             slots = (hay - fact_len * self.n_facts) + self.n_facts
             picks = np.sort(rng.choice(slots, size=self.n_facts, replace=False))
@@ -124,3 +126,18 @@ class RetrievalTask:
         """(prompt, answer) for evaluation: a `length`-token example cut before its answer."""
         tokens, start = self.example(index, length, depth)
         return torch.from_numpy(tokens[:start]), torch.from_numpy(tokens[start:])
+
+
+def _around(target: int, n_facts: int, fact_len: int, hay: int, rng) -> tuple[list[int], int]:
+    """(starts of `n_facts` non-overlapping facts in `hay` tokens, index of the one at `target`): the facts are
+    laid out as free space and blocks (a block's start is its offset in the free space plus the blocks before
+    it); the asked one has k others before it (drawn among the k that can put it at `target`, or the nearest
+    start where the space is too tight), and the others' offsets are drawn on its either side."""
+    free = hay - n_facts * fact_len
+    fits = [k for k in range(n_facts) if 0 <= target - k * fact_len <= free]
+    before = int(rng.choice(fits)) if fits else min(n_facts - 1, max(0, round((target - free) / fact_len)))
+    offset = min(free, max(0, target - before * fact_len))
+    left = np.sort(rng.integers(0, offset + 1, size=before))
+    right = np.sort(rng.integers(offset, free + 1, size=n_facts - 1 - before))
+    offsets = [*left.tolist(), offset, *right.tolist()]
+    return [int(c) + i * fact_len for i, c in enumerate(offsets)], before

@@ -3,8 +3,8 @@
 Each cell generates the answer of `samples` held-out examples (indices far from any training index) with
 greedy decoding over the ranks of the process group (context-parallel prefill, tree decoding) and counts
 exact matches of all the answer's digits. The task is the checkpoint's retrieval task (its data section:
-digits, alphabet, pairs; the haystack is random filler unless asked otherwise); a model trained on
-something else is evaluated on `needle`.
+digits, alphabet, pairs; the haystack is random filler unless asked otherwise; recall puts the asked fact at
+the depth and its other facts around it); a model trained on something else is evaluated on `needle`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from longctx.data import RetrievalTask, TokenSource
 from longctx.data.labels import IGNORE_INDEX
 from longctx.data.loader import StepBatches, StepLoader
 from longctx.data.prepare import prepare
-from longctx.data.tasks import QUERY, SEP
+from longctx.data.tasks import KEY, QUERY, SEP
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +148,25 @@ def test_retrieval_tasks_label_only_the_answer():
         RetrievalTask(kind="passkey", seq_len=64, vocab_size=20, seed=0)
     with pytest.raises(ValueError, match="too short"):
         RetrievalTask(kind="recall", seq_len=16, vocab_size=64, seed=0, pairs=4)
+
+
+def test_recall_evaluated_by_depth_puts_the_asked_fact_there():
+    """eval needle's --depths on a recall checkpoint: the asked fact starts at depth x (haystack - fact), the
+    other facts around it, none overlapping; where the haystack is too tight for that, as near as fits."""
+    for pairs, length in ((3, 200), (4, 64), (2, 40), (5, 48), (5, 44)):  # the last: 3 free tokens
+        task = RetrievalTask(kind="recall", seq_len=length, vocab_size=64, seed=1, pairs=pairs)
+        fact = 3 + task.digits
+        hay = length + 1 - fact
+        for index in range(10**9, 10**9 + 30):
+            for depth in (0.0, 0.3, 0.5, 1.0):
+                tokens, answer_at = task.example(index, length, depth)
+                starts = [j for j in range(hay) if tokens[j] == KEY]
+                assert len(starts) == pairs and all(b - a >= fact for a, b in zip(starts, starts[1:]))
+                asked = [j for j in starts if tokens[j + 1] == tokens[hay + 1]]
+                assert len(asked) == 1 and tokens[asked[0] + 3:asked[0] + fact].tolist() == tokens[answer_at:].tolist()
+                want = round(depth * (hay - fact))
+                roomy = hay - pairs * fact >= fact
+                assert asked[0] == want if roomy else abs(asked[0] - want) <= fact, (pairs, length, depth, asked)
 
 
 def test_packed_retrieval_examples_are_documents_with_their_own_answers():
