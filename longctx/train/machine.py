@@ -127,8 +127,8 @@ def check_eval_memory(model_cfg, *, rows: int, tokens: int, ranks: int, tp: int 
     """A floor for evaluation and generation, checked before any rank starts (a request far beyond the
     machine is a one-line error, not the kernel's out-of-memory killer): `rows` sequences of `tokens`
     tokens split over `ranks` context ranks hold at least the K/V of every layer (a generation's cache,
-    heads split over `tp`), or for perplexity (`logits`) the fp32 logits of a shard. Evaluation runs in
-    fp32."""
+    heads split over `tp`) and one layer's activations of the prefill, or for perplexity (`logits`) the fp32
+    logits of a shard. Evaluation runs in fp32."""
     from ..config import head_dim_of
     from .metrics import hf_layers_of
 
@@ -140,8 +140,13 @@ def check_eval_memory(model_cfg, *, rows: int, tokens: int, ranks: int, tp: int 
         per_token = model_cfg.n_layers * max(1, model_cfg.n_kv_heads // tp) * 2 * head_dim_of(model_cfg) \
             if layers is None else sum(max(1, layer["kv_heads"] // tp) * (layer["qk_dim"] + layer["v_dim"])
                                        for layer in layers)
-        need = shard * per_token * 4
-        part = "the K/V cache of every layer"
+        # plus one layer's live activations while the prompt is prefilled: the residual stream and the queries,
+        # and for longctx's own MLP its gate and up projections (an HF model's experts may run one at a time)
+        queries = model_cfg.n_heads * (head_dim_of(model_cfg) if layers is None else
+                                       max(layer["qk_dim"] for layer in layers)) // tp
+        live = model_cfg.dim + queries + (2 * model_cfg.ffn_dim // tp if layers is None else 0)
+        need = shard * (per_token + live) * 4
+        part = "the K/V cache of every layer and one layer's activations"
     have = _rank_memory(local_ranks)
     if have is not None and need > have[0]:
         raise ConfigError(f"{what} needs at least {_gib(need)} on each rank ({part}), more than the "

@@ -53,13 +53,16 @@ def test_evaluation_memory_floor_by_hand(monkeypatch):
     from longctx.config import ConfigError, from_dict
     from longctx.train import machine
 
-    model = from_dict(config("model.n_layers=4", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2")).model
-    monkeypatch.setattr(machine, "_rank_memory", lambda local_ranks: (400_000, "a test's 400 kB"))
-    # 2 rows x 1000 tokens over 4 context ranks: 500 tokens a rank; K and V of 4 layers, 2 heads of 16, fp32
-    kv = 500 * 4 * 2 * 2 * 16 * 4
-    assert kv > 400_000 > kv // 2
+    model = from_dict(config("model.n_layers=4", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2",
+                             "model.ffn_dim=96")).model
+    monkeypatch.setattr(machine, "_rank_memory", lambda local_ranks: (800_000, "a test's 800 kB"))
+    # 2 rows x 1000 tokens over 4 context ranks: 500 tokens a rank, each holding fp32 K and V of 4 layers (2 heads
+    # of 16) and, while the prompt is prefilled, one layer's residual (64), queries (4 x 16), gate and up (2 x 96)
+    per_token = (4 * 2 * 2 * 16 + 64 + 4 * 16 + 2 * 96) * 4
+    assert 500 * per_token > 800_000 > 250 * per_token
     machine.check_eval_memory(model, rows=2, tokens=1000, ranks=8, what="x")  # half the tokens a rank: fits
-    with pytest.raises(ConfigError, match=r"--lengths 1000 needs at least 0.0 GiB on each rank \(the K/V cache"):
+    with pytest.raises(ConfigError, match=r"--lengths 1000 needs at least 0.0 GiB on each rank \(the K/V cache of "
+                                          r"every layer and one layer's activations\)"):
         machine.check_eval_memory(model, rows=2, tokens=1000, ranks=4, what="--lengths 1000")
     # perplexity: the fp32 logits of 250 tokens a rank, vocabulary 256 (256 kB)
     machine.check_eval_memory(model, rows=2, tokens=1000, ranks=8, logits=True, what="x")
@@ -85,7 +88,8 @@ def test_evaluation_memory_floor_of_latent_attention(monkeypatch, tmp_path):
     model = model_config(hf)
     model.hf_path = str(tmp_path)
     kv = 2 * 500 * 2 * 4 * (12 + 6) * 4  # 2 rows of 500 tokens a rank, 2 layers, 4 heads, fp32
-    monkeypatch.setattr(machine, "_rank_memory", lambda local_ranks: (kv, "exactly the cache"))
+    live = 2 * 500 * (32 + 4 * 12) * 4  # and one layer's residual and queries (experts may run one at a time)
+    monkeypatch.setattr(machine, "_rank_memory", lambda local_ranks: (kv + live, "exactly the cache and more"))
     machine.check_eval_memory(model, rows=2, tokens=1000, ranks=2, what="x")  # 2 x 12 wide would not fit
     with pytest.raises(ConfigError, match="the K/V cache"):
         machine.check_eval_memory(model, rows=2, tokens=1002, ranks=2, what="x")
