@@ -59,7 +59,8 @@ def _tiny(*overrides):
     (["train.seq_len=4100"], 4, r"train.seq_len 4100 is not divisible by 8 \(strategy 'zigzag' with the zigzag layout "
                                 r"over 4 context ranks needs a multiple of 8\); pad it by 4 tokens to 4104"),
     (["parallel.strategy=ulysses", "model.n_heads=2", "model.n_kv_heads=2", "model.dim=32"], 4,
-     r"ulysses: 2 query heads do not divide over 4 ranks"),
+     r"ulysses: 2 query heads do not divide over 4 ranks; use a number of context ranks that divides the heads "
+     r"\(e.g. 2\), or the ring/zigzag strategy"),
     (["parallel.strategy=hybrid", "parallel.ulysses=4", "model.n_heads=2", "model.n_kv_heads=2",
       "model.dim=32"], 4, r"hybrid ulysses: 2 query heads do not divide over 4 ranks"),
     (["train.batch_size=3", "parallel.dp_shard=2", "parallel.cp=2"], 4,
@@ -195,7 +196,7 @@ def test_deepspeed_config_file_cannot_override_what_longctx_derives(tmp_path):
     bad = tmp_path / "ds.json"
     bad.write_text('{"gradient_accumulation_steps": 4, "scheduler": {"type": "WarmupLR"}, "zero_optimization": {}}')
     with pytest.raises(ConfigError, match=r"sets gradient_accumulation_steps, scheduler, which longctx derives from "
-                                          r"train.accumulation; train.warmup_steps"):
+                                          r"train.accumulation; train.lr_schedule / warmup_steps"):
         validate_job(_tiny("parallel.engine=deepspeed", f"parallel.deepspeed_config={bad}"), 4)
     bad.write_text('{"checkpoint": {"writer": {"type": "decoupled"}}}')
     with pytest.raises(ConfigError, match=r"sets checkpoint, which longctx derives from checkpoint.\* \(longctx "

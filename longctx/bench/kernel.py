@@ -28,7 +28,7 @@ from ..kernels.registry import missing_capability
 from . import report, sdpa_baselines
 
 COLUMNS = ["backend", "seq_len", "fwd_ms", "bwd_ms", "fwdbwd_ms", "fwd_tflops", "bwd_tflops", "fwdbwd_tflops",
-           "peak_mem_mb", "max_abs_err_out", "status"]
+           "peak_mem_mib", "max_abs_err_out", "status"]
 VR_COLUMNS = ["backend", "seq_len", "virtual_ranks", "schedule", "virtual_calls", "fwdbwd_ms",
               "virtual_fwdbwd_ms", "virtual_ratio", "virtual_max_abs_err_out"]
 SCHEDULES = {"ring": "contiguous", "contiguous": "contiguous", "zigzag": "zigzag", "striped": "striped"}
@@ -153,7 +153,7 @@ def _bench_one(name, args, s, dtype, device, mask, warmup, iters) -> dict:
     rec = dict(backend=name, seq_len=s, head_dim=d, v_head_dim=dv, heads=h, kv_heads=hkv, batch=b,
                causal=bool(args.causal), window=args.window, softcap=args.softcap, dtype=args.dtype,
                device=str(device), fwd_ms=None, bwd_ms=None, fwdbwd_ms=None, fwd_tflops=None, bwd_tflops=None,
-               fwdbwd_tflops=None, peak_mem_mb=None, max_abs_err_out=None)
+               fwdbwd_tflops=None, peak_mem_mib=None, max_abs_err_out=None)
     q, k, v, do = _tensors(b, s, h, hkv, d, dtype, device, args.seed, dv)
     why = _why_not(name, q, k, v, mask, args.softcap)
     if why:
@@ -169,7 +169,7 @@ def _bench_one(name, args, s, dtype, device, mask, warmup, iters) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         rec["fwdbwd_ms"] = _time_ms(fwdbwd, device, warmup, iters)
         if device.type == "cuda":
-            rec["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+            rec["peak_mem_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         rec["max_abs_err_out"] = _check_error(name, args, dtype, device, mask)
         if args.virtual_ranks and name not in sdpa_baselines.NAMES:  # baselines give no lse to merge
             rec.update(run_virtual_ranks(name, args, s, dtype, device, mask, warmup, iters, rec["fwdbwd_ms"]))

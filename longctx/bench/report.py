@@ -38,6 +38,8 @@ def rank_device(barrier: bool = True):
 
 
 def fmt(v) -> str:
+    if v is None:  # a figure this machine cannot give (MFU without a known peak)
+        return "n/a"
     if isinstance(v, float):
         if math.isnan(v):
             return "nan"

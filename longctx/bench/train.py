@@ -55,7 +55,7 @@ def _layout_overrides(layout: str) -> list[str]:
     return [f"parallel.{x}" for x in items]
 
 
-DEFAULT_LAYOUTS = ["cp=4,strategy=zigzag"]
+DEFAULT_LAYOUTS = ["cp=-1,strategy=zigzag"]  # every rank context-parallel, whatever --world-size
 # what the bench sets itself, so an override of it would be replaced without a word
 _BENCH_SETS = {"train.steps": "use --steps", "run_dir": "each layout runs in a directory of its own, removed after",
                "logging.quiet": "the bench prints its own table", "logging.tensorboard": "the bench writes no events"}
@@ -126,7 +126,8 @@ def run(args) -> list[dict]:
                 "layout": layout, "engine": res[0]["summary"]["engine"], "world_size": args.world_size,
                 "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
                 "flops_per_s": statistics.median(r["flops_per_s"] for r in timed),
-                "mfu": timed[-1]["mfu"] if timed[-1]["mfu"] is not None else "n/a (cpu)",
+                # the median step's, as FLOP/s (each step's MFU is its FLOP/s over one peak); null without a peak
+                "mfu": statistics.median(r["mfu"] for r in timed) if timed[-1]["mfu"] is not None else None,
                 "saved_act_bytes_per_rank": max(r["saved"] for r in res),
                 "saved_act_bytes_by_rank": [r["saved"] for r in res],
                 **{f"{a}_bytes": (max(r["axes"][a] for r in res) if res[0]["axes"] else "n/a") for a in AXES},

@@ -120,9 +120,11 @@ def check_ppl(data_path: str | None, *, seq_len: int, sequences: int, buckets: i
     if not data_path:
         raise ValueError("--data is needed: the checkpoint's config has no data.path (it trained on synthetic "
                          "data); pass a dataset made by `longctx data prepare`")
-    if buckets < 1 or sequences < 1 or seq_len < buckets:
-        raise ValueError(f"--buckets {buckets} and --sequences {sequences} must be >= 1, and --seq-len {seq_len} at "
-                         "least the bucket count")
+    if buckets < 1 or sequences < 1:
+        raise ValueError(f"--buckets {buckets} and --sequences {sequences} must be >= 1")
+    if seq_len < buckets:
+        raise ValueError(f"--buckets {buckets} is more than the {seq_len} positions of a sequence (--seq-len); give "
+                         f"at most {seq_len} buckets")
     try:
         src = TokenSource(data_path, seq_len=seq_len, seed=0, vocab_size=vocab_size, shuffle=False, what=what)
     except FileNotFoundError as e:

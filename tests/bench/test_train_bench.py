@@ -1,6 +1,8 @@
 import json
 import os
 
+import pytest
+
 from longctx.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,7 +28,7 @@ def test_bench_train_compares_layouts(tmp_path, capsys):
     for r, axes in zip(records, [{"cp", "dp"}, {"cp", "dp"}, {"dp"}, {"tp", "pp"}]):
         assert {a for a in ("tp", "cp", "dp", "pp") if r[f"{a}_bytes"] > 0} == axes, (r["layout"], r)
     for r in records:
-        assert r["tokens_per_s"] > 0 and r["flops_per_s"] > 0 and r["mfu"] == "n/a (cpu)"
+        assert r["tokens_per_s"] > 0 and r["flops_per_s"] > 0 and r["mfu"] is None
         assert r["max_rel_loss_diff"] <= 1e-5  # one config computes the same steps in every layout
         if "pp=2" not in r["layout"]:  # pipeline stages differ; the others are balanced
             assert len(set(r["saved_act_bytes_by_rank"])) == 1, r["layout"]
@@ -34,6 +36,30 @@ def test_bench_train_compares_layouts(tmp_path, capsys):
     # activations scale with the tokens a rank holds: 1 sequence / 4, 2 sequences / 2... per micro-batch
     assert cp4 < cp2 < cp1
     assert png.stat().st_size > 0
+
+
+def test_bench_train_defaults_to_every_rank_context_parallel(tmp_path):
+    """Without --layouts the one layout is cp over the whole --world-size (it was cp=4 whatever the world)."""
+    out = tmp_path / "train.json"
+    assert main(["bench", "train", "--config", TINY, "--world-size", "2", "--steps", "1", "--overrides",
+                 "train.seq_len=128", "train.batch_size=2", "--json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())
+    assert record["layout"] == "cp=-1,strategy=zigzag" and record["cp_bytes"] > 0 and record["world_size"] == 2
+
+
+def test_a_runs_mfu_is_of_the_steps_its_flops_per_s_is(monkeypatch):
+    """The summary's MFU is the mean over the timed steps, as its FLOP/s is (it was the last step's)."""
+    from types import SimpleNamespace
+
+    from longctx.train import Trainer
+
+    history = [{"loss": 1.0, "tokens": 10, "step_time_s": 1.0, "flops_per_s": f, "mfu": f / 100, "peak_mem_bytes": 0}
+               for f in (5.0, 20.0, 30.0, 70.0)]
+    trainer = SimpleNamespace(history=history, step=4, run_dir=None, world=1, plan=SimpleNamespace(engine="ddp"),
+                              last_checkpoint=None, resumed_from=None, last_validation=None,
+                              dims=SimpleNamespace(cp=1, layout=None), stop_signal=None)
+    summary = Trainer.summary(trainer, 4.0)
+    assert summary["flops_per_s"] == 40.0 and summary["mfu"] == pytest.approx(0.4)  # steps 2-4 (not the warm-up)
 
 
 def test_packing_bench_counts_and_balances(tmp_path, capsys):

@@ -110,7 +110,7 @@ def test_perplexity_by_position_agrees_across_ranks(text_run, tmp_path, capsys):
                                  "data"),
         (["--data", str(tmp_path / "nope"), "--nproc", "2"], f"--data='{tmp_path / 'nope'}' is not a prepared dataset"),
         (["--nproc", "3", "--seq-len", "100"], "--seq-len 100 is not divisible by 6"),
-        (["--seq-len", "4", "--buckets", "8"], "--seq-len 4 at least the bucket count"),
+        (["--seq-len", "4", "--buckets", "8"], "--buckets 8 is more than the 4 positions of a sequence (--seq-len)"),
         (["--data", ""], "--data is empty: give a dataset made by `longctx data prepare`"),
         (["--nproc", "2", "--tp", "2", "--seq-len", "63", "--buckets", "4"], "use a multiple of 2"),
         (["--sequences", "100000"], "--sequences 100000: the dataset has"),

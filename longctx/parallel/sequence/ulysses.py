@@ -55,10 +55,12 @@ class HeadsToSeq(torch.autograd.Function):
 def check_heads(heads: int, kv_heads: int, world: int, what: str = "ulysses") -> int:
     """Validate head counts for a degree-`world` head split; return the KV replication factor."""
     if heads % world:
-        raise ValueError(
-            f"{what}: {heads} query heads do not divide over {world} ranks; use a {what} degree that divides "
-            f"the heads (e.g. {max(d for d in range(1, world + 1) if heads % d == 0)}) or the ring/zigzag strategy"
-        )
+        fits = max(d for d in range(1, world + 1) if heads % d == 0)
+        # the ulysses strategy splits the heads over every context rank: its degree is their count (parallel.cp,
+        # --world-size, --nproc); hybrid's is a setting of its own
+        degree = "a hybrid ulysses degree" if what == "hybrid ulysses" else "a number of context ranks"
+        raise ValueError(f"{what}: {heads} query heads do not divide over {world} ranks; use {degree} that divides "
+                         f"the heads (e.g. {fits}), or the ring/zigzag strategy")
     if kv_heads % world == 0:
         return 1
     if world % kv_heads == 0:
