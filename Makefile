@@ -8,6 +8,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
+# where torch comes from: pip's default (this project's machines find the CPU wheel there); elsewhere
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu avoids PyPI's CUDA build
+TORCH_INDEX ?=
 EXTRAS ?= dev,triton,deepspeed,ray,data,hf
 SYSTEM_TORCH ?=
 STAMP := $(VENV)/.longctx-installed
@@ -23,7 +26,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(if $(SYSTEM_TORCH),--system-site-packages) $(VENV)
 	@if [ -z "$(SYSTEM_TORCH)" ]; then \
-	  $(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"; \
+	  $(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"; \
 	else \
 	  $(BIN)/python -c "import torch; print('using existing torch', torch.__version__)"; \
 	fi

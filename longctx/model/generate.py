@@ -73,6 +73,9 @@ def _pick(logits, temperature: float, top_k: int | None, gen: torch.Generator):
 
 
 def _check(prompts, max_new_tokens, decode, temperature, top_k, strategy, vocab_size: int, pad_id: int):
+    if not isinstance(prompts, (list, tuple)):  # a (B, S) tensor would be read as rows of unequal length
+        raise ValueError(f"prompts must be a list of 1-D token tensors (one per row, lengths may differ), not a "
+                         f"{type(prompts).__name__}; for a (B, S) tensor pass list(tensor)")
     if not prompts or any(not isinstance(p, torch.Tensor) or p.dim() != 1 or p.numel() == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty 1-D token tensors (one per row)")
     not_ids = next((p.dtype for p in prompts if p.dtype.is_floating_point or p.dtype.is_complex

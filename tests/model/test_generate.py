@@ -65,6 +65,9 @@ def test_one_process_and_sampling():
         model.generate(ps, max_new_tokens=1, strategy="hybrid")
     with pytest.raises(ValueError, match="non-empty 1-D"):
         model.generate([torch.tensor([], dtype=torch.long)], max_new_tokens=1)
+    with pytest.raises(ValueError, match=r"prompts must be a list of 1-D token tensors .*not a Tensor; for a \(B, S\) "
+                                         r"tensor pass list\(tensor\)"):
+        model.generate(torch.stack(ps[:1]), max_new_tokens=1)
     with pytest.raises(ValueError, match="dilated layers"):
         tiny_model("model.dilated.layers=[1]", "model.dilated.segment_lengths=[8]",
                    "model.dilated.dilation_rates=[2]").generate(ps, max_new_tokens=1)

@@ -51,7 +51,8 @@ def check_positions(given, expected: torch.Tensor) -> None:
         raise ValueError(
             "layout mismatch: the position ids given for this shard are not the ones the strategy's layout "
             f"assigns this rank (expected {expected[:6].tolist()}..., got {_rows(given)[0, :6].tolist()}...); "
-            "shard inputs with longctx.parallel.shard(x, layout) for the strategy's layout"
+            "shard inputs with longctx.parallel.shard(x, layout) for the strategy's layout (hybrid: with "
+            "group=the context mesh)"
         )
 
 
@@ -68,7 +69,7 @@ def _detect_layout(strategy, position_ids, n, world, rank, ulysses) -> str:
     raise ValueError(
         f"layout mismatch: the position ids of this shard (starting {rows[0, :6].tolist()}) follow none of the "
         f"layouts strategy {strategy.name!r} runs on ({', '.join(strategy.layouts)}); shard q, k, v with "
-        f"longctx.parallel.shard(x, layout) for one of them"
+        f"longctx.parallel.shard(x, layout) for one of them (hybrid: with group=the context mesh)"
     )
 
 

@@ -78,8 +78,29 @@ def _rank_world(group, rank, world):
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def _hybrid_mesh(group):
+    """(ulysses group, ring group) of a hybrid strategy's ("ring", "ulysses") mesh or group pair, else None."""
+    named = getattr(group, "mesh_dim_names", None)
+    if (named and "ring" in named and "ulysses" in named) or (isinstance(group, (tuple, list)) and len(group) == 2):
+        from .mesh import hybrid_groups
+
+        return hybrid_groups(group)[:2]
+    return None
+
+
 def shard(x: torch.Tensor, layout: str = "contiguous", *, group=None, rank=None, world=None, dim: int = 1):
-    """This rank's part of a full-sequence tensor (sequence along `dim`)."""
+    """This rank's part of a full-sequence tensor (sequence along `dim`). With the hybrid strategy's
+    `group=context_mesh(ring, ulysses)` the part hybrid runs on: `layout` is its ring's, split again over the
+    Ulysses ranks (a plain `layout` cut over all ranks is another set of positions)."""
+    hybrid = _hybrid_mesh(group)
+    if hybrid is not None:
+        from .hybrid import hybrid_positions
+
+        ulysses_group, ring_group = hybrid
+        pos = hybrid_positions(layout, x.shape[dim], dist.get_world_size(ring_group),
+                               dist.get_world_size(ulysses_group), dist.get_rank(ring_group),
+                               dist.get_rank(ulysses_group))
+        return x.index_select(dim, pos.to(x.device))
     rank, world = _rank_world(group, rank, world)
     n = x.shape[dim]
     check_seq(layout, n, world, what=f"sequence length (x.shape[{dim}])")
@@ -90,15 +111,34 @@ def shard(x: torch.Tensor, layout: str = "contiguous", *, group=None, rank=None,
 
 
 def unshard(local: torch.Tensor, layout: str = "contiguous", *, group=None, dim: int = 1):
-    """Gather every rank's shard and restore natural order (through the comm layer's all-gather)."""
+    """Gather every rank's shard and restore natural order (through the comm layer's all-gather); `group` as
+    given to `shard` (the hybrid mesh too)."""
     from ..comm import Comm
 
+    hybrid = _hybrid_mesh(group)
+    if hybrid is not None:
+        return _unshard_hybrid(local, layout, *hybrid, dim)
     comm = Comm.get(group)
     parts = comm.all_gather(local.contiguous(), phase="data")
     x = torch.cat(parts, dim=dim)
     if layout == "contiguous":
         return x
     perm = permutation(layout, x.shape[dim], comm.world)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel())
+    return x.index_select(dim, inv.to(x.device))
+
+
+def _unshard_hybrid(local: torch.Tensor, layout: str, ulysses_group, ring_group, dim: int) -> torch.Tensor:
+    """Gather over the Ulysses ranks, then the ring: parts in (ring rank, Ulysses rank) order."""
+    from ..comm import Comm
+    from .hybrid import hybrid_positions
+
+    inner = torch.cat(Comm.get(ulysses_group).all_gather(local.contiguous(), phase="data"), dim=dim)
+    x = torch.cat(Comm.get(ring_group).all_gather(inner, phase="data"), dim=dim)
+    ring, ulysses = dist.get_world_size(ring_group), dist.get_world_size(ulysses_group)
+    perm = torch.cat([hybrid_positions(layout, x.shape[dim], ring, ulysses, r, u)
+                      for r in range(ring) for u in range(ulysses)])
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel())
     return x.index_select(dim, inv.to(x.device))
