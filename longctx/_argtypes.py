@@ -14,6 +14,8 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    if value >= 2**63:  # torch's sizes are 64-bit: a larger one fails deep inside a rank
+        raise argparse.ArgumentTypeError(f"must be below 2**63, got {value}")
     return value
 
 
@@ -38,11 +40,14 @@ def split_names(text: str, flag: str) -> list[str]:
 
 
 def int_list(text: str) -> list[int]:
-    """Comma-separated integers (their ranges are the caller's to check)."""
+    """Comma-separated integers (their ranges are the caller's to check, within 64 bits)."""
     try:
-        return [int(x) for x in split_names(text, "")]
+        values = [int(x) for x in split_names(text, "")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if any(not -2**63 <= v < 2**63 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} holds a number beyond 64 bits; give values below 2**63")
+    return values
 
 
 def float_list(text: str) -> list[float]:

@@ -171,15 +171,25 @@ class JobConfig:
 
 # ------------------------------------------------------------------------------------------------ loading
 def _schema_keys(cls) -> dict:
-    """Nested dict of the schema's keys (dataclass fields), leaves None."""
+    """Nested dict of the schema's keys (dataclass fields), leaves their declared types ("int", "str | None")."""
     out = {}
     for f in fields(cls):
         default = f.default_factory() if f.default_factory is not MISSING else f.default
-        out[f.name] = _schema_keys(type(default)) if is_dataclass(default) else None
+        out[f.name] = _schema_keys(type(default)) if is_dataclass(default) else str(f.type)
     return out
 
 
+def _leaf_type(schema: dict, dotted: str) -> str | None:
+    node = schema
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node if isinstance(node, str) else None
+
+
 def _check_keys(data, schema: dict, prefix: str, source: str) -> None:
+    """Keys the schema has, sections given as sections, and leaves of a shape their type can hold: a mapping or a
+    nested list for a value or a list of numbers, anything but true/false for a switch (OmegaConf would fail
+    with a TypeError, or turn 255 into true)."""
     if not isinstance(data, dict):
         return
     for key, value in data.items():
@@ -189,23 +199,43 @@ def _check_keys(data, schema: dict, prefix: str, source: str) -> None:
             close = difflib.get_close_matches(full, names, n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys here: {', '.join(names)}"
             raise ConfigError(f"unknown config key {full!r} (in {source}){hint}")
-        if schema[key] is not None:
+        kind = schema[key]
+        if isinstance(kind, dict):
             if value is not None and not isinstance(value, dict):
                 raise ConfigError(f"config key {full!r} (in {source}) is a section; give its keys, e.g. "
-                                  f"{full}.{next(iter(schema[key]))}=...")
-            _check_keys(value, schema[key], f"{full}.", source)
+                                  f"{full}.{next(iter(kind))}=...")
+            _check_keys(value, kind, f"{full}.", source)
+        elif isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value)):
+            shape = "a list of numbers, e.g. [2,4]" if kind.startswith("list") else f"a single {kind} value"
+            raise ConfigError(f"config key {full!r} (in {source}) takes {shape}, got {value!r}")
+        elif kind == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"config key {full!r} (in {source}) must be true or false, got {value!r}")
 
 
-def _parse_overrides(overrides) -> DictConfig:
+def _parse_overrides(overrides, schema: dict) -> DictConfig:
+    """The overrides as a config. A value for a text key is the text as typed (YAML would make 007 the number 7
+    and `no` false before OmegaConf turned them back into '7' and 'False'); null, ~ and quoted text stay YAML."""
+    literal = {}
     for o in overrides:
         if "=" not in o or o.startswith("="):
             raise ConfigError(f"override {o!r} is not key=value (e.g. train.steps=10)")
+        key, _, value = o.partition("=")
+        if _leaf_type(schema, key) in ("str", "str | None") and value not in ("null", "~") and \
+                not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):
+            literal[key] = value
     import yaml  # omegaconf parses each value as YAML
 
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except (OmegaConfBaseException, yaml.YAMLError) as e:
-        raise ConfigError(f"could not parse overrides {list(overrides)}: {e}") from None
+    parsed = []
+    for o in overrides:
+        if o.partition("=")[0] not in literal:
+            try:
+                parsed.append(OmegaConf.from_dotlist([o]))
+            except (OmegaConfBaseException, yaml.YAMLError) as e:
+                raise ConfigError(f"could not parse override {o!r}: {str(e).splitlines()[0]}") from None
+    out = OmegaConf.merge(OmegaConf.create(), *parsed) if parsed else OmegaConf.create()
+    for key, value in literal.items():
+        OmegaConf.update(out, key, value, force_add=True)
+    return out
 
 
 def _merge(cfg, other, source: str):
@@ -242,7 +272,7 @@ def load(cls=JobConfig, path: str | None = None, overrides: list[str] | tuple = 
         _check_keys(OmegaConf.to_container(data), schema, "", path)
         cfg = _merge(cfg, data, path)
     if overrides:
-        dot = _parse_overrides(overrides)
+        dot = _parse_overrides(overrides, schema)
         _check_keys(OmegaConf.to_container(dot), schema, "", "overrides")
         cfg = _merge(cfg, dot, "overrides")
     try:
@@ -271,9 +301,11 @@ def validate_model(cfg) -> None:
     for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"model.{key} must be a positive int, got {getattr(cfg, key)}")
-    for key in ("rope_theta", "norm_eps"):
-        if not 0 < getattr(cfg, key) < math.inf:
-            raise ConfigError(f"model.{key} must be a finite number > 0, got {getattr(cfg, key)}")
+    if not 1 < cfg.rope_theta < math.inf:  # at 1 every frequency is 1 (yarn's log(base) is 0), below it they grow
+        raise ConfigError(f"model.rope_theta must be a finite number > 1 (the RoPE base: 10000 for Llama 2, 500000 for "
+                          f"Llama 3), got {cfg.rope_theta}")
+    if not 0 < cfg.norm_eps < 1:  # added to the activations' mean square: near 1 or above it flattens them
+        raise ConfigError(f"model.norm_eps must be a number between 0 and 1 (1e-5 or 1e-6 usually), got {cfg.norm_eps}")
     _validate_rope_scaling(cfg.rope_scaling)
     if cfg.head_dim is None and cfg.dim % cfg.n_heads:
         raise ConfigError(f"model.dim {cfg.dim} must be divisible by model.n_heads {cfg.n_heads} (or set "
@@ -304,6 +336,9 @@ def _validate_rope_scaling(r) -> None:
         raise ConfigError(f"model.rope_scaling.type={r.type!r}: choose one of {', '.join(kinds)}")
     if r.type == "none":
         return
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
+        if not math.isfinite(getattr(r, key)):  # an infinite factor zeroes every frequency: no positions at all
+            raise ConfigError(f"model.rope_scaling.{key} must be a finite number, got {getattr(r, key)}")
     if not r.factor >= 1:
         raise ConfigError(f"model.rope_scaling.factor must be >= 1 (how many times the trained length), got {r.factor}")
     if r.type in ("llama3", "yarn") and r.original_max_positions < 1:

@@ -53,7 +53,10 @@ def test_missing_optional_dependency_names_the_extra():
 
 @pytest.mark.parametrize("argv,pattern", [
     (["bench", "attention", "--seq-len", "100", "--world-size", "3"], r"--seq-len \(ring\) 100 is not divisible by 3"),
-    (["bench", "attention", "--head-dim", "0"], r"--head-dim must be a positive integer, got 0"),
+    (["bench", "attention", "--head-dim", "0"], r"--head-dim must be a positive integer below 2\*\*63, got 0"),
+    (["bench", "kernel", "--head-dim", str(2**63)], r"--head-dim must be a positive integer below 2\*\*63"),
+    (["bench", "kernel", "--seq-lens", str(10**20)], r"--seq-lens: '1000+' holds a number beyond 64 bits"),
+    (["bench", "decode", "--heads", str(10**20)], r"--heads must be a positive integer below 2\*\*63"),
     (["bench", "attention", "--strategies", "ring", "--ulysses", "4"], r"--ulysses applies to the hybrid strategy, "
                                                                        r"which --strategies 'ring' leaves out"),
     (["bench", "kernel", "--schedule", "striped"], r"--schedule striped applies to --virtual-ranks P"),
@@ -113,7 +116,27 @@ def test_missing_optional_dependency_names_the_extra():
     (["train", TINY, "parallel.pp_schedule=bogus"], r"parallel.pp_schedule='bogus' is not a schedule"),
     (["launch", "local", "--nproc", "1", "--timeout", "-1", TINY],
      r"argument --timeout: must be a positive number of seconds, got -1"),
-    (["config", "show", TINY, "model.dim=[1"], r"could not parse overrides"),
+    (["config", "show", TINY, "model.dim=[1"], r"could not parse override 'model.dim=\[1'"),
+    # what YAML and OmegaConf would turn into something else, or fail on with a TypeError
+    (["config", "show", TINY, "checkpoint.async_save=255"], r"'checkpoint.async_save' \(in overrides\) must be "
+                                                            r"true or false, got 255"),
+    (["config", "show", TINY, "model.dilated.layers={}"], r"'model.dilated.layers' \(in overrides\) takes a list "
+                                                          r"of numbers, e.g. \[2,4\], got \{\}"),
+    (["config", "show", TINY, "parallel.pp_split=[[1]]"], r"'parallel.pp_split' \(in overrides\) takes a list of "
+                                                          r"numbers"),
+    (["config", "show", TINY, "train.lr={a: 1}"], r"'train.lr' \(in overrides\) takes a single float value"),
+    # numbers that train without positions, without learning, or crash at step 1
+    (["config", "show", TINY, "model.rope_scaling.type=linear", "model.rope_scaling.factor=inf"],
+     r"model.rope_scaling.factor must be a finite number, got inf"),
+    (["config", "show", TINY, "model.rope_scaling.type=yarn", "model.rope_scaling.factor=4",
+      "model.rope_scaling.original_max_positions=64", "model.rope_scaling.beta_fast=inf"],
+     r"model.rope_scaling.beta_fast must be a finite number"),
+    (["config", "show", TINY, "model.rope_theta=1"], r"model.rope_theta must be a finite number > 1"),
+    (["config", "show", TINY, "model.norm_eps=1e300"], r"model.norm_eps must be a number between 0 and 1"),
+    (["config", "show", TINY, "train.lr=1e300"], r"train.lr=1e\+300 does not fit a float32"),
+    (["config", "show", TINY, "train.eps=1e-50"], r"train.eps=1e-50 is 0 in float32"),
+    (["config", "show", TINY, "train.lr=0.5", "train.weight_decay=2"], r"train.lr x train.weight_decay = 1: AdamW "
+                                                                        r"multiplies each decayed weight"),
     (["config", "show", os.path.dirname(TINY)], r"is a directory; pass a YAML file in it"),
     (["bench", "kernel", "--bogus"], r"unrecognized arguments: --bogus \(see `longctx bench kernel --help`\)"),
     (["train"], r"the following arguments are required: config \(see"),

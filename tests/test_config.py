@@ -100,9 +100,9 @@ def _tiny(*overrides):
     (["parallel.engine=deepspeed", "parallel.zero_stage=4"], 4, r"parallel.zero_stage=4: choose 1, 2 or 3"),
     (["parallel.engine=deepspeed", "checkpoint.interval=2", "checkpoint.async_save=true"], 4,
      r"checkpoint.async_save=true is a DCP feature.*set checkpoint.async_save=false"),
-    (["parallel.zero_stage=3"], 4, r"parallel.zero_stage / parallel.deepspeed_config only apply to "
+    (["parallel.zero_stage=3"], 4, r"parallel.zero_stage / parallel.deepspeed_config apply only to "
                                    r"parallel.engine=deepspeed"),
-    (["parallel.pp_split=[1]"], 4, r"parallel.pp_split only apply to a pipeline \(parallel.pp > 1\)"),
+    (["parallel.pp_split=[1]"], 4, r"parallel.pp_split applies only to a pipeline \(parallel.pp > 1\); remove it"),
     (["parallel.pp=2", "parallel.cp=2", "parallel.pp_virtual=-1"], 4, r"parallel.pp_virtual=-1 must be >= 0"),
     (["parallel.pp=2", "parallel.cp=2", "model.n_layers=4", "parallel.pp_schedule=interleaved_1f1b",
       "parallel.microbatches=5", "train.batch_size=5"], 4, r"microbatches to be a multiple of max\(1, "
@@ -117,8 +117,8 @@ def _tiny(*overrides):
     (["model.dilated.layers=[1]", "model.dilated.w0=64"], 4, r"model.dilated.layers need the contiguous token layout"),
     (["parallel.meta_init=true"], 4, r"parallel.meta_init=true builds the model on the meta device .* but "
                                      r"engine=ddp broadcasts"),
-    (["model.rope_theta=0"], 4, r"model.rope_theta must be a finite number > 0"),
-    (["model.rope_theta=inf"], 4, r"model.rope_theta must be a finite number > 0, got inf"),
+    (["model.rope_theta=0"], 4, r"model.rope_theta must be a finite number > 1"),
+    (["model.rope_theta=inf"], 4, r"model.rope_theta must be a finite number > 1 .*got inf"),
     (["model.head_dim=0"], 4, r"model.head_dim must be null \(dim / n_heads\) or a positive int, got 0"),
     (["model.head_dim=15"], 4, r"head_dim 15 must be even for RoPE; change model.head_dim"),
     (["model.dim=130"], 4, r"model.dim 130 must be divisible by model.n_heads 4 \(or set model.head_dim\)"),
@@ -227,3 +227,12 @@ def test_a_config_never_executes_code(tmp_path):
         cfg = load(path=str(bad))
         str(cfg.run_dir)
     assert "eval" in str(info.value)
+
+
+def test_text_keys_keep_what_was_typed():
+    """YAML would read 007 as the number 7 and `no` as false (OmegaConf then stored '7' and 'False'): a text key
+    keeps the text; null and quoted text are still YAML's."""
+    cfg = load(overrides=["checkpoint.dir=007", "run_dir=no", "train.resume=1:30", "data.path=null",
+                          "validation.path='x y'"])
+    assert (cfg.checkpoint.dir, cfg.run_dir, cfg.train.resume) == ("007", "no", "1:30")
+    assert cfg.data.path is None and cfg.validation.path == "x y"

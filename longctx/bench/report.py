@@ -138,9 +138,9 @@ def check_args(args) -> None:
     for name in POSITIVE + NON_NEGATIVE:
         value = getattr(args, name, None)
         low = 1 if name in POSITIVE else 0
-        if value is not None and not isinstance(value, bool) and isinstance(value, int) and value < low:
+        if value is not None and not isinstance(value, bool) and isinstance(value, int) and not low <= value < 2**63:
             raise ValueError(f"--{name.replace('_', '-')} must be {'a positive' if low else 'a non-negative'} "
-                             f"integer, got {value}")
+                             f"integer below 2**63, got {value}")
     for name in ("seq_lens", "context", "segment_lengths", "dilation_rates"):
         values = getattr(args, name, None)
         if values is not None and (not values or any(v < 1 for v in values)):

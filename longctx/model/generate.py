@@ -65,7 +65,8 @@ def _pick(logits, temperature: float, top_k: int | None, gen: torch.Generator):
     if temperature <= 0:
         return logits.argmax(-1)
     # the best score 0 before dividing: a tiny temperature then sends the others to -inf, not all to +-inf
-    scores = (logits - logits.max(-1, keepdim=True).values) / temperature
+    # (in float64: a temperature below float32's range would turn the divisor into 0, the best score into 0/0)
+    scores = (logits - logits.max(-1, keepdim=True).values).double() / temperature
     if top_k is not None:
         kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))

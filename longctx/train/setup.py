@@ -66,6 +66,19 @@ def _check_numbers(cfg) -> None:
     _below("train", t, "beta1", 1.0)
     _below("train", t, "beta2", 1.0)
     _below("train", t, "min_lr_ratio", 1.0, inclusive=True)  # the cosine decays to lr x this: above 1 it rises
+    import torch
+
+    fp32 = torch.finfo(torch.float32)  # AdamW's states and steps are float32 (a Python float only on the way in)
+    if t.lr > fp32.max:
+        raise ConfigError(f"train.lr={t.lr} does not fit a float32 (the optimizer's lr); give a learning rate such as "
+                          "3e-4")
+    if t.eps < fp32.tiny:
+        raise ConfigError(f"train.eps={t.eps} is 0 in float32, so a weight whose gradient is 0 gets 0/0; give at least "
+                          f"{fp32.tiny:.2g} (1e-8 usually)")
+    if t.lr * t.weight_decay >= 1:
+        raise ConfigError(f"train.lr x train.weight_decay = {t.lr * t.weight_decay:g}: AdamW multiplies each decayed "
+                          "weight by 1 - lr x weight_decay every step, which at 1 or more zeroes or flips it; lower "
+                          "train.lr or train.weight_decay (0.1 usually)")
     _positive("validation", cfg.validation, "interval", "holdout", allow_zero=True)
     _positive("validation", cfg.validation, "batches")
 
@@ -289,12 +302,13 @@ def _check_model_axes(cfg, dims: ParallelDims, engine: str) -> None:
     else:
         given = [f"parallel.{k}" for k in ("pp_split", "microbatches", "pp_virtual") if p[k]]
         if given:
-            raise ValueError(f"{', '.join(given)} only apply to a pipeline (parallel.pp > 1); remove them or set "
-                             f"parallel.pp")
+            verb = "applies" if len(given) == 1 else "apply"
+            raise ValueError(f"{', '.join(given)} {verb} only to a pipeline (parallel.pp > 1); remove "
+                             f"{'it' if len(given) == 1 else 'them'} or set parallel.pp")
     if engine == "deepspeed":
         check_deepspeed(dims, p)
     elif p.deepspeed_config is not None or p.zero_stage != 1:
-        raise ValueError("parallel.zero_stage / parallel.deepspeed_config only apply to parallel.engine=deepspeed; "
+        raise ValueError("parallel.zero_stage / parallel.deepspeed_config apply only to parallel.engine=deepspeed; "
                          "set the engine or remove them")
 
 

@@ -19,7 +19,7 @@ def model_weights(path: str, log=print) -> tuple[dict, str]:
     """(state dict of the unparallelised model, the checkpoint directory used) from a checkpoint or a
     checkpoint root (its newest complete one); no process group needed. Only the model's entries are read
     (the optimizer state, twice the model in fp32, stays on disk)."""
-    path = locate(path, path, log=log)
+    path = locate(path, repr(path), log=log)
     check_contents(path, only=weight_files(path))
     return full_weights(path), path
 
@@ -51,7 +51,7 @@ def load_model_pieces(model, path: str, log=print) -> str:
     it; returns the checkpoint directory used. A tied parameter is read once."""
     from ..model.hf_load import tied_names
 
-    path = locate(path, path, log=log)
+    path = locate(path, repr(path), log=log)
     grouped = dist.is_initialized()
     check_contents(path, dist.get_rank() if grouped else 0, dist.get_world_size() if grouped else 1,
                    only=weight_files(path))
@@ -135,7 +135,8 @@ def distinct_parameters(state: dict, path: str) -> int:
     from ..config import load as load_config
 
     count = sum(t.numel() for t in state.values())
-    hf_path = load_config(path=os.path.join(locate(path, path, log=lambda *a, **k: None), "config.yaml")).model.hf_path
+    found = locate(path, repr(path), log=lambda *a, **k: None)
+    hf_path = load_config(path=os.path.join(found, "config.yaml")).model.hf_path
     if not hf_path:  # the native model never ties its head
         return count
     if os.path.isdir(hf_path):

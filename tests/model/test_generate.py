@@ -108,10 +108,12 @@ def test_tensor_parallel_model_generates_like_one_process():
 
 
 def test_a_tiny_temperature_samples_the_best_token():
-    """Scores are shifted to a best of 0 before dividing by the temperature: 1e-40 is greedy, not NaN."""
+    """Scores are shifted to a best of 0 before dividing by the temperature: 1e-40 is greedy, not NaN; and divided
+    in float64, so a temperature below float32's range (1e-320) is not a division by 0."""
     from longctx.model.generate import _pick
 
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     for top_k in (None, 3):
-        got = _pick(logits, 1e-40, top_k, torch.Generator().manual_seed(1))
-        assert torch.equal(got, logits.argmax(-1)), top_k
+        for temperature in (1e-40, 1e-320):
+            got = _pick(logits, temperature, top_k, torch.Generator().manual_seed(1))
+            assert torch.equal(got, logits.argmax(-1)), (top_k, temperature)

@@ -43,8 +43,9 @@ class Strategy:
         if layout not in self.layouts:
             raise ValueError(
                 f"layout mismatch: strategy {self.name!r} runs on the {self.default_layout!r} layout, got "
-                f"layout={layout!r}; shard the inputs with longctx.parallel.shard(x, {self.default_layout!r}) "
-                f"or pick a strategy that runs on {layout!r} ({', '.join(strategies_for_layout(layout))})"
+                f"layout={layout!r}; use that layout (parallel.layout={self.default_layout}, or "
+                f"longctx.parallel.shard(x, {self.default_layout!r}) in Python) or a strategy that runs on "
+                f"{layout!r} ({', '.join(strategies_for_layout(layout))})"
             )
         return layout
 
