@@ -152,6 +152,13 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
     if t.resume not in ("auto", "none") and not os.path.exists(t.resume):
         raise ConfigError(f"train.resume={t.resume!r} does not exist; give a checkpoint directory (step_...), a "
                           "checkpoint root, train.resume=auto or none")
+    if t.resume not in ("auto", "none"):  # found before any rank starts, not by rank 0 after
+        from .checkpoint_dirs import locate
+
+        try:
+            locate(t.resume, f"train.resume={t.resume!r}", log=lambda *a, **k: None)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if t.init_from is not None and not os.path.exists(t.init_from):
         raise ConfigError(f"train.init_from={t.init_from!r} does not exist; give a checkpoint directory (step_...) or "
                           "a checkpoint root whose model weights start this run")
