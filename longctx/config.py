@@ -246,6 +246,8 @@ def _merge(cfg, other, source: str):
         first = str(e).splitlines()[0]
         if "is not a ListConfig" in first:  # OmegaConf's words for a scalar given to a list key
             first = f"must be a list, e.g. {key}=[2,4] (brackets, no spaces), got {getattr(e, 'value', None)!r}"
+        elif first.startswith("Incompatible value 'None'"):  # null for a key that needs a value
+            first = "cannot be null: give it a value (`longctx config show CONFIG` prints the defaults)"
         raise ConfigError(f"config key {key!r} (in {source}): {first}") from None
 
 

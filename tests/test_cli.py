@@ -116,6 +116,7 @@ def test_missing_optional_dependency_names_the_extra():
     (["train", TINY, "parallel.pp_schedule=bogus"], r"parallel.pp_schedule='bogus' is not a schedule"),
     (["launch", "local", "--nproc", "1", "--timeout", "-1", TINY],
      r"argument --timeout: must be a positive number of seconds, got -1"),
+    (["config", "show", TINY, "parallel.kernel=null"], r"'parallel.kernel' \(in overrides\): cannot be null: give "),
     (["config", "show", TINY, "train.resume=/"], r"train.resume='/' holds no complete checkpoint"),  # before ranks
     (["config", "show", TINY, "model.dim=[1"], r"could not parse override 'model.dim=\[1'"),
     # what YAML and OmegaConf would turn into something else, or fail on with a TypeError
