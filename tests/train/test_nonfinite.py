@@ -73,7 +73,7 @@ def test_the_command_line_says_it_in_one_line(tmp_path, capsys):
     from longctx.cli import main
 
     tiny = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny.yaml")
-    assert main(["train", tiny, "train.lr=1e30", "train.steps=4", "logging.quiet=true",
+    assert main(["train", tiny, "train.lr=1e30", "train.weight_decay=0", "train.steps=4", "logging.quiet=true",
                  f"run_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("longctx: error: step 2: the gradient norm is nan") and err.count("\n") == 1, err
