@@ -215,26 +215,22 @@ def _check_keys(data, schema: dict, prefix: str, source: str) -> None:
 def _parse_overrides(overrides, schema: dict) -> DictConfig:
     """The overrides as a config. A value for a text key is the text as typed (YAML would make 007 the number 7
     and `no` false before OmegaConf turned them back into '7' and 'False'); null, ~ and quoted text stay YAML."""
-    literal = {}
+    import yaml  # omegaconf parses each value as YAML
+
     for o in overrides:
         if "=" not in o or o.startswith("="):
             raise ConfigError(f"override {o!r} is not key=value (e.g. train.steps=10)")
+    out = OmegaConf.create()
+    for o in overrides:  # in order: the last of a key's overrides wins
         key, _, value = o.partition("=")
         if _leaf_type(schema, key) in ("str", "str | None") and value not in ("null", "~") and \
                 not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):
-            literal[key] = value
-    import yaml  # omegaconf parses each value as YAML
-
-    parsed = []
-    for o in overrides:
-        if o.partition("=")[0] not in literal:
-            try:
-                parsed.append(OmegaConf.from_dotlist([o]))
-            except (OmegaConfBaseException, yaml.YAMLError) as e:
-                raise ConfigError(f"could not parse override {o!r}: {str(e).splitlines()[0]}") from None
-    out = OmegaConf.merge(OmegaConf.create(), *parsed) if parsed else OmegaConf.create()
-    for key, value in literal.items():
-        OmegaConf.update(out, key, value, force_add=True)
+            OmegaConf.update(out, key, value, force_add=True)
+            continue
+        try:
+            out = OmegaConf.merge(out, OmegaConf.from_dotlist([o]))
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
+            raise ConfigError(f"could not parse override {o!r}: {str(e).splitlines()[0]}") from None
     return out
 
 

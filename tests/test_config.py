@@ -236,3 +236,6 @@ def test_text_keys_keep_what_was_typed():
                           "validation.path='x y'"])
     assert (cfg.checkpoint.dir, cfg.run_dir, cfg.train.resume) == ("007", "no", "1:30")
     assert cfg.data.path is None and cfg.validation.path == "x y"
+    # in order, whichever way a value is read: the last of a key's overrides wins
+    assert load(overrides=["run_dir=abc", "run_dir=null"]).run_dir is None
+    assert load(overrides=["run_dir=null", "run_dir=abc"]).run_dir == "abc"

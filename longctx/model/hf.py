@@ -57,6 +57,7 @@ from .hf_checks import (
     check_pipeline_split,
     output_scale,
     position_dependent_rope,
+    rope_base,
 )
 from .hf_layers import attention_chunk, chunk_documents, layer_window, retemper_queries
 from .hf_tensor import apply_hf_tensor_parallel, check_hf_tp
@@ -321,7 +322,7 @@ def model_config(hf_config):
                        n_kv_heads=max(layer["kv_heads"] for layer in layers),  # per layer in Gemma 4's
                        head_dim=None if widest * heads == hf_config.hidden_size else widest,
                        ffn_dim=active_ffn_width(hf_config),
-                       rope_theta=float(_rope_theta(hf_config)),
+                       rope_theta=float(rope_base(hf_config)),
                        norm_eps=float(getattr(hf_config, "rms_norm_eps", 1e-5)))
 
 
@@ -380,12 +381,3 @@ def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: Para
                                 keep_root_unsharded=dims.pp > 1 and module.output is not None,
                                 find_unused=True)  # arbitrary modelling code: a trainable parameter may get none
     return assemble_plan(adapter, modules, ids, n_stages, dims, mesh, engine, cfg)
-
-
-def _rope_theta(hf_config) -> float:
-    """The RoPE base of an HF config: transformers 5 keeps it in rope_parameters (per layer type for models with
-    several), older configs as rope_theta; 10000 where neither says."""
-    params = getattr(hf_config, "rope_parameters", None) or {}
-    if "rope_theta" not in params:  # {layer type: parameters} (Gemma 3's sliding and full layers): the full ones'
-        params = params.get("full_attention") or next((v for v in params.values() if isinstance(v, dict)), {})
-    return params.get("rope_theta") or getattr(hf_config, "rope_theta", None) or 10000.0

@@ -188,6 +188,15 @@ def rope_types(hf_config) -> list[str]:
     return [p.get("rope_type", p.get("type", "default")) for p in params.values() if isinstance(p, dict)]
 
 
+def rope_base(hf_config) -> float:
+    """The RoPE base of an HF config: transformers 5 keeps it in rope_parameters (per layer type for models with
+    several: the full-attention layers'), older configs as rope_theta; 10000 where neither says."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    if "rope_theta" not in params:  # {layer type: parameters} (Gemma 3's sliding and full layers)
+        params = params.get("full_attention") or next((v for v in params.values() if isinstance(v, dict)), {})
+    return params.get("rope_theta") or getattr(hf_config, "rope_theta", None) or 10000.0
+
+
 def position_dependent_rope(hf_config) -> str | None:
     """The config's RoPE type whose frequencies follow each call's largest position, or None."""
     return next((str(k) for k in rope_types(hf_config) if any(d in str(k) for d in _POSITION_DEPENDENT_ROPE)), None)

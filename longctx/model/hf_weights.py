@@ -135,12 +135,12 @@ def llama_config(c, where: str):
         raise ValueError(f"{where}: a Llama whose MLP activation is {c.hidden_act!r} has no longctx equivalent (its "
                          "MLP is SwiGLU, silu); train it with model.hf_path")
     from ..config import RopeScalingConfig
+    from .hf_checks import rope_base
 
     rope = getattr(c, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
     return ModelConfig(vocab_size=c.vocab_size, dim=c.hidden_size, n_layers=c.num_hidden_layers,
                        n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads, ffn_dim=c.intermediate_size,
-                       head_dim=explicit_head_dim(c), rope_theta=float(theta),
+                       head_dim=explicit_head_dim(c), rope_theta=float(rope_base(c)),
                        rope_scaling=RopeScalingConfig(**_rope_scaling(rope, where)), norm_eps=float(c.rms_norm_eps))
 
 

@@ -149,12 +149,12 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
         _check_dilated(cfg, dims)
     c = cfg.checkpoint
     _positive("checkpoint", c, "interval", "keep_last", allow_zero=True)
-    if t.resume not in ("auto", "none") and not os.path.exists(t.resume):
-        raise ConfigError(f"train.resume={t.resume!r} does not exist; give a checkpoint directory (step_...), a "
-                          "checkpoint root, train.resume=auto or none")
     if t.resume not in ("auto", "none"):  # found before any rank starts, not by rank 0 after
         from .checkpoint_dirs import locate
 
+        if not os.path.exists(t.resume):
+            raise ConfigError(f"train.resume={t.resume!r} does not exist; give a checkpoint directory (step_...), a "
+                              "checkpoint root, train.resume=auto or none")
         try:
             locate(t.resume, f"train.resume={t.resume!r}", log=lambda *a, **k: None)
         except ValueError as e:

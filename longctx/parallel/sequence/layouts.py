@@ -80,12 +80,9 @@ def _rank_world(group, rank, world):
 
 def _hybrid_mesh(group):
     """(ulysses group, ring group) of a hybrid strategy's ("ring", "ulysses") mesh or group pair, else None."""
-    named = getattr(group, "mesh_dim_names", None)
-    if (named and "ring" in named and "ulysses" in named) or (isinstance(group, (tuple, list)) and len(group) == 2):
-        from .mesh import hybrid_groups
+    from .mesh import hybrid_groups, is_hybrid_group
 
-        return hybrid_groups(group)[:2]
-    return None
+    return hybrid_groups(group)[:2] if is_hybrid_group(group) else None
 
 
 def shard(x: torch.Tensor, layout: str = "contiguous", *, group=None, rank=None, world=None, dim: int = 1):
@@ -123,7 +120,11 @@ def unshard(local: torch.Tensor, layout: str = "contiguous", *, group=None, dim:
     x = torch.cat(parts, dim=dim)
     if layout == "contiguous":
         return x
-    perm = permutation(layout, x.shape[dim], comm.world)
+    return _in_natural_order(x, permutation(layout, x.shape[dim], comm.world), dim)
+
+
+def _in_natural_order(x: torch.Tensor, perm: torch.Tensor, dim: int) -> torch.Tensor:
+    """x (the shards concatenated, positions `perm` along `dim`) in natural order."""
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel())
     return x.index_select(dim, inv.to(x.device))
@@ -139,9 +140,7 @@ def _unshard_hybrid(local: torch.Tensor, layout: str, ulysses_group, ring_group,
     ring, ulysses = dist.get_world_size(ring_group), dist.get_world_size(ulysses_group)
     perm = torch.cat([hybrid_positions(layout, x.shape[dim], ring, ulysses, r, u)
                       for r in range(ring) for u in range(ulysses)])
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel())
-    return x.index_select(dim, inv.to(x.device))
+    return _in_natural_order(x, perm, dim)
 
 
 def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, layout: str = "contiguous", *,

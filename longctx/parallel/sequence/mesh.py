@@ -36,13 +36,19 @@ def context_mesh(ring: int, ulysses: int, device_type: str | None = None):
     return mesh
 
 
+def is_hybrid_group(group) -> bool:
+    """Whether `group` names the hybrid strategy's two groups: a ("ring", "ulysses") DeviceMesh or a pair."""
+    names = getattr(group, "mesh_dim_names", None)
+    return (isinstance(group, (tuple, list)) and len(group) == 2) or (
+        names is not None and "ring" in names and "ulysses" in names)
+
+
 def hybrid_groups(group):
     """(ulysses_group, ring_group, device_type) from a ("ring", "ulysses") DeviceMesh, or from a
     (ulysses_group, ring_group) pair (device type then read from the groups' backend: None)."""
     if isinstance(group, (tuple, list)) and len(group) == 2:
         return group[0], group[1], None
-    names = getattr(group, "mesh_dim_names", None)
-    if names is not None and "ring" in names and "ulysses" in names:
+    if is_hybrid_group(group):
         return group.get_group("ulysses"), group.get_group("ring"), group.device_type
     raise ValueError(
         "strategy 'hybrid' needs group=context_mesh(ring, ulysses) (a DeviceMesh named ('ring', 'ulysses')) "
