@@ -39,7 +39,7 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# not part of `make test`: deliberate bugs, one at a time, each of which some test must catch (~25 min)
+# not part of `make test`: deliberate bugs, one at a time, each of which some test must catch (~35 min)
 mutants: setup
 	$(BIN)/python tools/mutants.py
 

@@ -79,7 +79,7 @@ class ParallelConfig:
     balance_documents: bool = False  # packed data: reorder each sequence's documents to even out the cp ranks' work
     engine: str = "auto"  # auto = torch (FSDP2 for dp_shard, DDP for dp_replicate) | fsdp | ddp | deepspeed
     zero_stage: int = 1  # engine=deepspeed: ZeRO stage 1, 2 or 3
-    deepspeed_config: str | None = None  # engine=deepspeed: a JSON file whose keys override the generated config
+    deepspeed_config: str | None = None  # engine=deepspeed: a JSON file of keys added to the generated config
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | looped_bfs | interleaved_zb | zbv | dualpipev
     pp_virtual: int = 0  # pipeline stages per rank: 0 = the schedule's default (1, or 2 for interleaved/V)
     microbatches: int = 0  # pipeline microbatches per data-parallel batch: 0 = parallel.pp

@@ -75,6 +75,8 @@ def _tiny(*overrides):
       "model.dim=32"], 4, r"model.n_heads=2 / parallel.tp=2 = 1 heads per tensor-parallel rank: ulysses: 1 query "
                           r"heads do not divide over 2 ranks"),
     (["parallel.tp=2", "parallel.cp=2", "parallel.engine=ddp"], 4, r"parallel.tp=2 needs FSDP2 .*parallel.engine=fsdp"),
+    (["parallel.cp=1", "parallel.dp_replicate=4", "parallel.engine=fsdp"], 4,
+     r"parallel.engine=fsdp shards over parallel.dp_shard x cp, which is 1 here.*parallel.dp_shard=4"),
     (["parallel.tp=2", "parallel.cp=2", "model.vocab_size=255"], 4, r"model.vocab_size=255 is not divisible by "
                                                                      r"parallel.tp=2"),
     (["parallel.pp=4", "parallel.cp=1"], 4, r"parallel.pp=4 x 1 stage\(s\) per rank = 4 pipeline stages, but the "

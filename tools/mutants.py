@@ -1,5 +1,5 @@
 """`make mutants`: apply small deliberate bugs one at a time to a scratch copy and run the tests that must
-catch each. A surviving mutant means a test that cannot fail. Not part of `make test` (about 25 minutes).
+catch each. A surviving mutant means a test that cannot fail. Not part of `make test` (about 35 minutes).
 
     python tools/mutants.py [--only NAME ...] [--list] [--keep]
 
@@ -504,6 +504,10 @@ MUTANTS = [
            "type(head).forward is not nn.Linear.forward or extra:", "type(head).forward is not nn.Linear.forward:",
            ("tests/model/test_hf_checks.py::test_what_longctx_would_skip_is_refused",),
            "Phi's lm_head bias (and Dory's logit scale) left out of the loss"),
+    Mutant("fsdp-with-nothing-to-shard-runs-ddp", "longctx/parallel/data_parallel.py",
+           "    if dims.dp_shard * dims.cp == 1:\n", "    if False:\n",
+           ("tests/test_config.py::test_bad_configs",),
+           "parallel.engine=fsdp over replicas only trains as DDP (another bf16 policy) in FSDP's name"),
     Mutant("unread-data-path-accepted", "longctx/train/inapplicable.py",
            '_CHECKED_DATA_KEYS = ("path", "digits",', '_CHECKED_DATA_KEYS = ("digits",',
            ("tests/test_config.py::test_bad_configs",),

@@ -49,8 +49,12 @@ def resolve_engine(engine: str, dims: ParallelDims) -> str:
                              f"parallel.dp_shard={dims.dp_shard}; use parallel.engine=fsdp (or auto), or move those "
                              f"ranks to parallel.dp_replicate")
         return "ddp"
-    if dims.dp_shard * dims.cp == 1:  # nothing to shard over: plain replication
-        return "ddp"
+    if dims.dp_shard * dims.cp == 1:
+        # FSDP2 over a shard dimension of 1 only replicates: saying so beats running DDP in its name (whose
+        # bf16 is autocast, not FSDP2's bf16 weight copies)
+        raise ValueError(f"parallel.engine=fsdp shards over parallel.dp_shard x cp, which is 1 here, so it would "
+                         f"only replicate over parallel.dp_replicate={dims.dp_replicate}: move those ranks to "
+                         f"parallel.dp_shard={dims.dp_replicate} to shard, or set parallel.engine=ddp (or auto)")
     return "hsdp" if dims.dp_replicate > 1 else "fsdp"
 
 

@@ -161,7 +161,8 @@ def strategies_for_layout(layout: str) -> list[str]:
 
 
 def strategy_layout(strategy: str, layout: str | None = None) -> str:
-    """The token layout a strategy runs on: the given one if the strategy accepts it, else its default."""
+    """The token layout a strategy runs on: its default when none is given; a layout it does not accept is an
+    error naming the ones it does."""
     return get_strategy(strategy).layout(layout)
 
 
