@@ -4,6 +4,7 @@ compute has lost the hour. ValueError naming the argument and the fix."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 
@@ -66,3 +67,30 @@ def check_plot(path: str | None, what: str = "--plot") -> None:
     if ext and ext not in known:
         raise ValueError(f"{what} {path}: matplotlib cannot write .{ext} files; use one of "
                          f"{', '.join('.' + e for e in sorted(known))} (e.g. .png)")
+
+
+def exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (Linux's renameat2 with RENAME_EXCHANGE); False where the system cannot."""
+    import ctypes
+
+    try:
+        rename = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not Linux / an older C library
+        return False
+    at_cwd, swap = -100, 2
+    return rename(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), swap) == 0
+
+
+def replace_dir(new: str, final: str) -> None:
+    """Put the finished directory `new` at `final`. One there already is exchanged with it in one step, so no
+    instant leaves `final` missing; where the filesystem cannot, in two renames, the previous one kept as
+    FINAL.old-PID should the process die between them."""
+    if not os.path.lexists(final):
+        os.replace(new, final)
+    elif exchange(new, final):
+        shutil.rmtree(new)  # now the previous one
+    else:
+        old = final.rstrip("/") + f".old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(new, final)
+        shutil.rmtree(old)

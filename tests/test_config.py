@@ -75,6 +75,8 @@ def _tiny(*overrides):
       "model.dim=32"], 4, r"model.n_heads=2 / parallel.tp=2 = 1 heads per tensor-parallel rank: ulysses: 1 query "
                           r"heads do not divide over 2 ranks"),
     (["parallel.tp=2", "parallel.cp=2", "parallel.engine=ddp"], 4, r"parallel.tp=2 needs FSDP2 .*parallel.engine=fsdp"),
+    (["train.resume=auto"], 4, r"train.resume=auto continues the run whose checkpoints are under run_dir, but run_dir "
+                               r"is not set: every launch names a new runs/NAME-TIMESTAMP.*set run_dir=DIR"),
     (["parallel.cp=1", "parallel.dp_replicate=4", "parallel.engine=fsdp"], 4,
      r"parallel.engine=fsdp shards over parallel.dp_shard x cp, which is 1 here.*parallel.dp_shard=4"),
     (["parallel.tp=2", "parallel.cp=2", "model.vocab_size=255"], 4, r"model.vocab_size=255 is not divisible by "
@@ -241,3 +243,8 @@ def test_text_keys_keep_what_was_typed():
     # in order, whichever way a value is read: the last of a key's overrides wins
     assert load(overrides=["run_dir=abc", "run_dir=null"]).run_dir is None
     assert load(overrides=["run_dir=null", "run_dir=abc"]).run_dir == "abc"
+
+
+def test_resume_auto_needs_a_run_dir_or_a_checkpoint_dir(tmp_path):
+    validate_job(_tiny("train.resume=auto", f"run_dir={tmp_path / 'run'}"), 4)
+    validate_job(_tiny("train.resume=auto", f"checkpoint.dir={tmp_path / 'checkpoints'}"), 4)

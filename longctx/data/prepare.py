@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from .._paths import blocking_file, check_output
+from .._paths import blocking_file, check_output, replace_dir
 from .tokenizer import load_tokenizer
 from .tokens import FILES
 
@@ -199,27 +199,7 @@ def _swap_in(tmp: str, output: str) -> None:
     renameat2 RENAME_EXCHANGE), so no instant leaves `output` missing; where the filesystem cannot, in two
     renames, the previous one kept as OUTPUT.old-PID if the process dies between them."""
     _check_output(output)  # again: it may have changed while tokenizing
-    if not os.path.exists(output):
-        os.replace(tmp, output)
-    elif _exchange(tmp, output):
-        shutil.rmtree(tmp)  # now the previous dataset
-    else:
-        old = output.rstrip("/") + f".old-{os.getpid()}"
-        os.replace(output, old)
-        os.replace(tmp, output)
-        shutil.rmtree(old)
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Atomically swap two paths (renameat2 with RENAME_EXCHANGE); False where the system cannot."""
-    import ctypes
-
-    try:
-        rename = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):  # not Linux / an older C library
-        return False
-    at_cwd, exchange = -100, 2
-    return rename(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0
+    replace_dir(tmp, output)
 
 
 def prepare(inputs, output: str, *, tokenizer: str = "byte", text_key: str = "text", workers: int = 1,

@@ -48,6 +48,9 @@ from .optim import apply_settings
 from .same_run import check_same_run, model_changes
 
 FULL_OPTIMIZER = "optimizer.pt"  # a DeepSpeed checkpoint's Adam states, unsharded: it resumes on any layout
+# the resolved engine (plan.engine) in words: "none" is no value of parallel.engine
+_ENGINE_WORDS = {"none": "one data rank (no data-parallel engine)", "ddp": "DDP", "fsdp": "FSDP2",
+                 "hsdp": "HSDP (FSDP2)"}
 
 
 def _barrier():
@@ -249,7 +252,7 @@ def _check_format(meta: dict, trainer, path: str) -> str | None:
         return None
     why = (f"written by DeepSpeed ZeRO-{written[0]} on {written[1]} in {written[2]}, resumed as "
            + (f"ZeRO-{here['zero_stage']} on {here['dims']} in {here['precision']}" if here["kind"] == "deepspeed"
-              else f"parallel.engine={trainer.plan.engine} on {trainer.dims}"))
+              else f"{_ENGINE_WORDS.get(trainer.plan.engine, trainer.plan.engine)} on {trainer.dims}"))
     if not os.path.isfile(os.path.join(path, FULL_OPTIMIZER)):
         raise ConfigError(f"checkpoint {path} was {why}: its DeepSpeed files resume only on the layout, ZeRO "
                           f"stage and precision that wrote them, and it has no {FULL_OPTIMIZER} (it predates "

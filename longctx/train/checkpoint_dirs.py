@@ -19,6 +19,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
+from .._paths import replace_dir
 from ..config import ConfigError
 
 MARKER = "COMPLETE"
@@ -280,7 +281,9 @@ def survey(path: str) -> list[tuple[str, str | None, str]]:
 
 def seal(tmp: str, final: str, root: str, step: int, keep_last: int, digests: dict | None = None) -> None:
     """Mark the fully written `tmp` complete and rename it to `final` (one process, after every rank's
-    files are on disk), then drop all but the newest `keep_last` complete checkpoints (0: keep all).
+    files are on disk), then drop all but the newest `keep_last` complete checkpoints up to `step` (0: keep
+    all). Later ones can only be damaged ones a resume skipped (any other would have refused the run): they
+    are not newer than this one, and writing on reaches and replaces them.
     `digests`: {name: SHA-256} the ranks computed (shared_digests); any file they missed is read here."""
     files = files_under(tmp)  # before the marker exists: it does not list itself
     digests = {name: (digests or {}).get(name) or _sha256(os.path.join(tmp, name)) for name in files}
@@ -288,9 +291,9 @@ def seal(tmp: str, final: str, root: str, step: int, keep_last: int, digests: di
         json.dump({"step": step, "files": files, "sha256": digests}, f)
         f.flush()
         os.fsync(f.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for _, old in complete_checkpoints(root, log=lambda _: None)[:-keep_last] if keep_last > 0 else []:
+    replace_dir(tmp, final)  # a damaged one of this step, skipped by the resume, stays until this one is in place
+    kept = [(s, path) for s, path in complete_checkpoints(root, log=lambda _: None) if s <= step]
+    for _, old in kept[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 
 

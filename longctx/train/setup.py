@@ -149,6 +149,12 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
         _check_dilated(cfg, dims)
     c = cfg.checkpoint
     _positive("checkpoint", c, "interval", "keep_last", allow_zero=True)
+    if t.resume == "auto" and cfg.run_dir is None and c.dir is None:
+        # (launch local and ray name the run directory once, after this check: their restarts share it)
+        raise ConfigError("train.resume=auto continues the run whose checkpoints are under run_dir, but run_dir is "
+                          "not set: every launch names a new runs/NAME-TIMESTAMP, where there is no checkpoint to "
+                          "continue (a restarted job would start afresh); set run_dir=DIR, the same on every launch "
+                          "and on storage every node sees, or checkpoint.dir=DIR")
     if t.resume not in ("auto", "none"):  # found before any rank starts, not by rank 0 after
         from .checkpoint_dirs import locate
 

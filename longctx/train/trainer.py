@@ -319,7 +319,8 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def fit(self, steps: int | None = None) -> dict:
         """Train to train.steps (or `steps` more); rank 0 logs. Returns a summary (the same on every rank)."""
-        steps = self.cfg.train.steps - self.step if steps is None else steps
+        # resumed at or past train.steps: nothing to run, and the checkpoint resumed from is left as it is
+        steps = max(0, self.cfg.train.steps - self.step if steps is None else steps)
         last_step = self.step + steps
         lcfg, main = self.cfg.logging, self.rank == 0
         if main:
@@ -363,7 +364,7 @@ class Trainer:
             self.loader.close()  # worker processes end with the run
         if self.stop_signal:
             self._say(f"longctx: {signal_name(self.stop_signal)} received: stopped after step {self.step}, "
-                      f"checkpoint {self.last_checkpoint}; continue with train.resume=auto")
+                      f"checkpoint {self.last_checkpoint}; continue with train.resume=auto run_dir={self.run_dir}")
         return self.summary(time.perf_counter() - start)
 
     def summary(self, seconds: float) -> dict:

@@ -245,7 +245,7 @@ def test_odd_inputs_are_skipped_by_name_and_every_file_is_read_once(tmp_path):
 def test_a_dataset_behind_a_link_is_replaced_in_one_step(tmp_path):
     """--output a link to a dataset replaces the dataset (the link stays a link); the swap leaves nothing beside
     it, and where the system exchanges directories atomically the exchange is exact."""
-    from longctx.data import prepare as prepare_module
+    from longctx._paths import exchange
 
     (tmp_path / "a.txt").write_text("first")
     prepare(str(tmp_path / "a.txt"), str(tmp_path / "data" / "ds"), progress=False)
@@ -259,5 +259,5 @@ def test_a_dataset_behind_a_link_is_replaced_in_one_step(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "y").mkdir()
     (tmp_path / "x" / "in_x").write_text("")
-    if prepare_module._exchange(str(tmp_path / "x"), str(tmp_path / "y")):
+    if exchange(str(tmp_path / "x"), str(tmp_path / "y")):
         assert os.listdir(tmp_path / "y") == ["in_x"] and os.listdir(tmp_path / "x") == []

@@ -45,6 +45,12 @@ def test_stop_and_resume_is_bit_for_bit(tmp_path):
     # the resumed run appended to the same metrics.jsonl with the true step numbers
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         assert [int(line.split('"step": ')[1].split(",")[0]) for line in f] == [1, 2, 3, 4, 5]
+    # resumed at or past train.steps: no step, and the checkpoint it found is left as it was, not written again
+    newest = os.path.join(run_dir, "checkpoints", "step_00000003")  # (the resumed run wrote none)
+    before = {name: os.stat(os.path.join(newest, name)).st_mtime_ns for name in os.listdir(newest)}
+    again = _run(2, config(*CP2, "train.steps=2", "checkpoint.interval=2", "train.resume=auto", run_dir=run_dir))[0][0]
+    assert again["steps"] == [] and again["resumed_from"] == newest
+    assert {name: os.stat(os.path.join(newest, name)).st_mtime_ns for name in os.listdir(newest)} == before
 
 
 def test_async_save_gives_the_same_checkpoint(tmp_path):
@@ -189,6 +195,31 @@ def test_a_run_never_shares_its_checkpoint_dir_with_another(tmp_path):
     assert checkpoint_dirs.resolve_resume(newest, root) == newest
     assert checkpoint_dirs.resolve_resume(older, str(tmp_path / "a_root_of_its_own")) == older
     assert checkpoint_dirs.resolve_resume("none", str(tmp_path / "a_root_of_its_own")) is None
+
+
+def _seal_fake(root, step, keep_last, content=b"x"):
+    tmp = os.path.join(root, f"step_{step:08d}.tmp")
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, "w.pt"), "wb") as f:
+        f.write(content * 8)
+    checkpoint_dirs.seal(tmp, checkpoint_dirs.step_dir(root, step), root, step, keep_last=keep_last)
+
+
+def test_keep_last_never_prunes_for_a_later_checkpoint_the_resume_skipped(tmp_path):
+    # step 8 damaged (sizes intact: complete by its marker), so train.resume=auto went on from step 4; the step 5
+    # it writes next must not be pruned for step 8, nor the step 4 it needs until then
+    root = str(tmp_path / "checkpoints")
+    for step in (4, 8):
+        _seal_fake(root, step, keep_last=0)
+    _overwrite(os.path.join(checkpoint_dirs.step_dir(root, 8), "w.pt"), b"y")
+    _seal_fake(root, 5, keep_last=2)
+    assert sorted(os.listdir(root)) == ["step_00000004", "step_00000005", "step_00000008"]
+    _seal_fake(root, 6, keep_last=1)
+    assert sorted(os.listdir(root)) == ["step_00000006", "step_00000008"]
+    # reaching step 8 replaces the damaged one with what this run wrote, and prunes as usual
+    _seal_fake(root, 8, keep_last=1, content=b"z")
+    assert sorted(os.listdir(root)) == ["step_00000008"]
+    assert [why for _, why, _ in checkpoint_dirs.survey(root)] == [None]
 
 
 def test_a_marker_of_another_shape_is_a_damaged_one(tmp_path):
