@@ -130,11 +130,13 @@ def _checked_checkpoint(args):
                          f"context-parallel groups of --tp tensor-parallel ranks; choose a divisor of {ranks}")
     cfg = _checkpoint_config(args)
     check_eval_tp(cfg, args.tp)
-    # perplexity pins a self-rescaling RoPE to --seq-len (eval.ppl); generation cannot, on any number of ranks
-    if cfg.model.hf_path and getattr(args, "eval_command", None) != "ppl":
+    if cfg.model.hf_path:  # the architecture comes from there: still there, before any rank starts
         from .model.hf_checks import check_generation_rope, read_hf_config
 
-        check_generation_rope(read_hf_config(cfg.model.hf_path))
+        hf_config = read_hf_config(cfg.model.hf_path)
+        # perplexity pins a self-rescaling RoPE to --seq-len (eval.ppl); generation cannot, on any number of ranks
+        if getattr(args, "eval_command", None) != "ppl":
+            check_generation_rope(hf_config)
     strategy = get_strategy(args.strategy)  # its head split over the context ranks, before any rank starts
     strategy.check(seq_len=None, world=ranks // args.tp, layout=strategy.layout(), heads=cfg.model.n_heads // args.tp)
     return cfg
@@ -213,8 +215,12 @@ def _checked_generate(args):
     cfg = _checked_checkpoint(args)
     tok = checkpoint_tokenizer(cfg, args.tokenizer)
     if args.prompt and tok is None:
+        from .data.tokenizer import ByteTokenizer
+
+        fits = "--tokenizer byte / a tokenizer.json" if cfg.model.vocab_size >= ByteTokenizer.vocab_size else \
+            f"--tokenizer with a tokenizer.json of at most {cfg.model.vocab_size} ids (model.vocab_size)"
         raise ValueError(f"--prompt is text, but this checkpoint trained on data.source={cfg.data.source!r} (no "
-                         "tokenizer recorded); give its token ids with --ids, or --tokenizer byte / a tokenizer.json")
+                         f"tokenizer recorded); give its token ids with --ids, or {fits}")
     prompts = [tok.encode(text) for text in args.prompt] + [list(ids) for ids in args.ids]
     vocab = cfg.model.vocab_size
     for i, ids in enumerate(prompts):

@@ -112,7 +112,7 @@ def _documents(path: str, text_key: str):
         yield None, Problem("binary file (NUL bytes), not text")
         return
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors) is no part of the text
     except UnicodeDecodeError as e:
         yield None, Problem(f"not UTF-8 text (byte {e.start})")
         return

@@ -57,10 +57,7 @@ def load_checkpoint_model(path: str, log=print, *, mesh=None, device=None):
     return model.eval(), cfg
 
 
-def check_eval_tp(cfg, tp: int) -> None:
-    """Whether a checkpoint's model (its resolved config) splits over `tp` tensor-parallel ranks."""
-    if tp == 1:
-        return
+def _tp_problem(cfg, tp: int) -> str | None:
     try:
         if cfg.model.hf_path:
             from ..model.hf_tensor import check_hf_tp
@@ -69,7 +66,22 @@ def check_eval_tp(cfg, tp: int) -> None:
         else:
             check_tp(cfg.model.n_heads, cfg.model.n_kv_heads, cfg.model.vocab_size, tp, cfg.model.ffn_dim)
     except ValueError as e:
-        raise ValueError(f"--tp {tp} does not fit this checkpoint's model: {e}") from None
+        return str(e)
+    return None
+
+
+def check_eval_tp(cfg, tp: int) -> None:
+    """Whether a checkpoint's model (its resolved config) splits over `tp` tensor-parallel ranks. A trained
+    model's sizes are fixed, so the message names the --tp values that fit, not training's fixes."""
+    if tp == 1:
+        return
+    problem = _tp_problem(cfg, tp)
+    if problem:
+        what = problem.split(";")[0].split(": each")[0].split(" (the")[0].replace("parallel.tp=", "--tp ")
+        fits = [t for t in range(2, 65) if _tp_problem(cfg, t) is None][:6]
+        raise ValueError(f"--tp {tp} does not fit this checkpoint's model: {what}; choose --tp "
+                         + (f"{', '.join(map(str, fits))}{' or 1' if fits else ''}" if fits else "1 (no tensor-"
+                            "parallel split fits its sizes)"))
 
 
 def checkpoint_tokenizer(cfg, spec: str | None = None):
@@ -84,6 +96,11 @@ def checkpoint_tokenizer(cfg, spec: str | None = None):
         tok = load_tokenizer(spec)
     elif cfg.model.hf_path and os.path.isfile(os.path.join(cfg.model.hf_path, "tokenizer.json")):
         tok = load_tokenizer(cfg.model.hf_path, what="model.hf_path")
+    elif cfg.data.source == "tokens" and not os.path.isfile(os.path.join(cfg.data.path, "meta.json")):
+        raise ValueError(f"the checkpoint's dataset data.path={cfg.data.path!r}, whose meta.json names the "
+                         f"tokenizer the model was trained with, is not there (from {os.getcwd()}; a relative path is "
+                         "read from the current directory); run from where it was trained, or pass that tokenizer as "
+                         "--tokenizer")
     elif cfg.data.path and os.path.isfile(os.path.join(cfg.data.path, "meta.json")):
         with open(os.path.join(cfg.data.path, "meta.json")) as f:
             meta = json.load(f)

@@ -240,6 +240,13 @@ def test_odd_inputs_are_skipped_by_name_and_every_file_is_read_once(tmp_path):
     (tmp_path / "part1.txt").write_text("the glob's match")
     single = prepare(str(tmp_path / "part[1].txt"), str(tmp_path / "one"), progress=False)
     assert single["tokens"] == len("bracketed") + 1
+    # a UTF-8 byte-order mark (Windows editors) is no part of the text: the first record parses, no 239 187 191
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first"}\r\n{"text": "second"}\r\n')
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfhello")
+    bom = prepare([str(tmp_path / "bom.jsonl"), str(tmp_path / "bom.txt")], str(tmp_path / "bom"), progress=False)
+    assert bom["documents"] == 3 and not bom["problems"], bom
+    tokens = np.fromfile(tmp_path / "bom" / "tokens.bin", dtype=np.uint16)
+    assert bytes(int(t) for t in tokens if t < 256) == b"firstsecondhello"
 
 
 def test_a_dataset_behind_a_link_is_replaced_in_one_step(tmp_path):

@@ -63,7 +63,7 @@ def test_needle_eval_bad_input_is_one_line(passkey_checkpoint, capsys):
         (["--checkpoint", passkey_checkpoint, "--lengths", "64", "--nproc", "4", "--tp", "3"],
          "--tp 3 does not divide --nproc 4"),
         (["--checkpoint", passkey_checkpoint, "--lengths", "64", "--nproc", "4", "--tp", "4"],
-         "--tp 4 does not fit this checkpoint's model: model.n_heads=2 is not divisible by parallel.tp=4"),
+         "--tp 4 does not fit this checkpoint's model: model.n_heads=2 is not divisible by --tp 4; choose --tp 2"),
         (["--checkpoint", passkey_checkpoint, "--lengths", "64", "--nproc", "3", "--strategy", "ulysses"],
          "ulysses: 2 query heads do not divide over 3 ranks"),
         (["--checkpoint", passkey_checkpoint, "--lengths", "64", "--plot", "heat.bmp"],
@@ -188,7 +188,8 @@ def test_generate_takes_token_ids_and_refuses_bad_prompts(passkey_checkpoint, tm
     assert record["prompt_ids"] == [3, 5, 7, 9] and len(record["ids"]) == 3 and record["text"] is None
     for argv, message in [
         ([], "nothing to continue"),
-        (["--prompt", "hello"], "no tokenizer recorded); give its token ids with --ids"),
+        (["--prompt", "hello"], "no tokenizer recorded); give its token ids with --ids, or --tokenizer with a "
+                                "tokenizer.json of at most 64 ids"),
         (["--ids", "3,64"], "prompt 0 has token id 64, outside the model's vocabulary 0..63"),
         (["--ids", "3", "--temperature", "-1"], "--temperature -1.0: must be a finite number >= 0"),
         (["--ids", "3", "--temperature", "nan"], "--temperature nan: must be a finite number >= 0"),
@@ -240,4 +241,9 @@ def test_the_checkpoint_tokenizer_is_the_one_its_data_was_made_with(tmp_path):
         checkpoint_tokenizer(cfg)
     os.remove(tmp_path / "tokenizer.json")
     with pytest.raises(ValueError, match="which is not there any more; pass --tokenizer"):
+        checkpoint_tokenizer(cfg)
+    # the dataset itself gone (or a relative data.path read from elsewhere): not "no tokenizer recorded"
+    shutil.rmtree(tmp_path / "ds")
+    with pytest.raises(ValueError, match=r"the checkpoint's dataset data.path='.*ds', whose meta.json names the "
+                                         r"tokenizer the model was trained with, is not there .*pass that tokenizer"):
         checkpoint_tokenizer(cfg)

@@ -2,6 +2,8 @@
 gives a directory transformers loads with the trained weights; bad configs are one-line errors."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -301,6 +303,13 @@ def test_an_hf_checkpoint_evaluates_through_its_own_layers(tmp_path):
     ppl = ppl_by_layout(main, str(run_dir / "checkpoints"), tmp_path, ((1, 1), (4, 2)), "--buckets", "4",
                         "--sequences", "4")
     assert_same_ppl(ppl[1, 1], ppl[4, 2])
+    # its model.hf_path moved away: one line before any rank starts, for perplexity as for generation
+    path.rename(tmp_path / "moved")
+    for command in (["eval", "ppl"], ["generate", "--ids", "3"]):
+        r = subprocess.run([sys.executable, "-m", "longctx", *command, "--checkpoint", str(run_dir / "checkpoints"),
+                            "--nproc", "2"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.startswith("longctx: error: model.hf_path=") and \
+            r.stderr.count("\n") == 1, r.stderr
 
 
 def test_the_checkpoint_tokenizer_goes_through_the_data_pipeline(qwen_dir, tmp_path):
