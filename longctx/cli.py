@@ -229,6 +229,7 @@ def cmd_train(args) -> int:
     from omegaconf import OmegaConf
 
     from .launch import train_main, world_size_from_env
+    from .launch.env import env_rank, local_world_size
     from .train import validate_job
     from .train.machine import check_machine
 
@@ -236,9 +237,10 @@ def cmd_train(args) -> int:
         cfg = _load(args)
         world = world_size_from_env()
         validate_job(cfg, world)
-        check_machine(cfg, world, local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        check_machine(cfg, world, local_ranks=local_world_size(1))
+        rank = env_rank()
     summary = train_main(OmegaConf.to_container(cfg), config_path=args.config)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank == 0:
         return _finish(summary)
     return _exit_status(summary)
 
@@ -258,12 +260,17 @@ def cmd_launch_local(args) -> int:
     if cfg.run_dir is None:  # one name for every rank, chosen here
         cfg.run_dir = default_run_dir(args.config)
     timeout = args.timeout or 7 * 24 * 3600.0  # none given: a week (poll() takes at most ~24 days)
+    stop_grace = float(cfg.parallel.timeout_s)  # at the timeout: as long as a step's collective may wait
     try:
         results = run(train_main, args.nproc, args=(OmegaConf.to_container(cfg), args.config), timeout=timeout,
-                      pg_timeout=cfg.parallel.timeout_s, record_stops=True)
+                      pg_timeout=cfg.parallel.timeout_s, record_stops=True, stop_grace=stop_grace)
     except TimeoutError:
-        raise UserError(f"the run did not finish within --timeout {timeout:g} s and its ranks were stopped; give "
-                        f"a larger --timeout (its checkpoints, if any, resume with train.resume=auto)") from None
+        said = (f"stopped as on SIGTERM (given up to {stop_grace:g} s, parallel.timeout_s, to checkpoint the step "
+                "in flight)" if cfg.checkpoint.on_signal else "stopped (checkpoint.on_signal=false: no checkpoint "
+                "of the step in flight)")
+        raise UserError(f"the run did not finish within --timeout {timeout:g} s and its ranks were {said}; give "
+                        f"a larger --timeout (its checkpoints resume with train.resume=auto "
+                        f"run_dir={cfg.run_dir})") from None
     return _finish(results[0])
 
 
@@ -285,7 +292,8 @@ def cmd_launch_ray(args) -> int:
     cfg.run_dir = os.path.abspath(cfg.run_dir)  # Ray workers do not run in this directory
     summary = launch_ray(OmegaConf.to_container(cfg), args.config, address=args.address,
                          num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
-                         max_failures=args.max_failures, storage_path=args.storage_path or f"{cfg.run_dir}/ray")
+                         max_failures=args.max_failures,
+                         storage_path=os.path.abspath(args.storage_path or f"{cfg.run_dir}/ray"))
     return _finish(summary)
 
 

@@ -99,18 +99,24 @@ def _under_torchrun() -> bool:
     command run on its own (or inside a rank that already has its process group)."""
     import torch.distributed as dist
 
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized()
+    from .launch.env import env_world
+
+    return not dist.is_initialized() and env_world() is not None
 
 
 def _ranks(args) -> tuple[int, str]:
     """How many ranks will run the command, and what sets that: torchrun's world, else --nproc."""
     if _under_torchrun():
-        return int(os.environ["WORLD_SIZE"]), "torchrun's world size"
+        from .launch.env import env_world
+
+        return env_world()[1], "torchrun's world size"
     return args.nproc, "--nproc"
 
 
 def _rank0() -> bool:
-    return not _under_torchrun() or int(os.environ["RANK"]) == 0  # under torchrun rank 0 prints and writes
+    from .launch.env import env_rank
+
+    return not _under_torchrun() or env_rank() == 0  # under torchrun rank 0 prints and writes
 
 
 def _checked_checkpoint(args):
@@ -193,11 +199,12 @@ def cmd_eval(args) -> int:
 
 
 def _check_memory(args, cfg, *, rows: int, tokens: int, what: str, logits: bool = False) -> None:
+    from .launch.env import local_world_size
     from .train.machine import check_eval_memory
 
     ranks = _ranks(args)[0]
     check_eval_memory(cfg.model, rows=rows, tokens=tokens, ranks=ranks // args.tp, tp=args.tp, logits=logits,
-                      what=what, local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", ranks)))
+                      what=what, local_ranks=local_world_size(ranks))
 
 
 def _checked_generate(args):

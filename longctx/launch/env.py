@@ -15,6 +15,7 @@ so two nodes can disagree on it.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import time
@@ -38,12 +39,19 @@ def process_group(timeout_s: float = 600.0):
         yield
         return
     timeout = timedelta(seconds=timeout_s)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if env_world() is not None:
         local_rank = check_env_rendezvous()  # one line, not torch's rendezvous traceback (or a wait)
         if torch.cuda.is_available():
             torch.cuda.set_device(cuda_device(local_rank, torch.cuda.device_count()))
-        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
-        epoch = fresh_epoch(store, rank, world_size, timeout_s)
+        try:
+            store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+            epoch = fresh_epoch(store, rank, world_size, timeout_s)
+        except (dist.DistError, TimeoutError) as e:  # a peer that never came, an unreachable MASTER_ADDR
+            where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+            raise ConfigError(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: the rendezvous at "
+                              f"MASTER_ADDR:MASTER_PORT={where} failed within parallel.timeout_s={timeout_s:g} "
+                              f"({str(e).splitlines()[0][:200]}); start every rank (torchrun on every node) "
+                              "against the same address, or raise parallel.timeout_s") from None
         store = dist.PrefixStore(f"longctx/epoch_{epoch}", store)
         dist.init_process_group(_backend(), store=store, rank=rank, world_size=world_size, timeout=timeout)
     else:
@@ -52,11 +60,17 @@ def process_group(timeout_s: float = 600.0):
         dist.init_process_group(_backend(), store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     try:
         yield
+        if dist.get_world_size() > 1:
+            # No rank tears down while a peer's last collective may still run: a gloo worker thread left
+            # holding finished work when the interpreter exits takes the GIL during finalisation and aborts
+            # the process (std::terminate) after a successful run, which torchrun reports as a failed job.
+            dist.barrier()
     finally:
         from ..parallel.comm import Comm
 
         dist.destroy_process_group()
         Comm.forget()
+        gc.collect()  # the sub-groups' meshes, while the interpreter is whole (not at its exit)
 
 
 def fresh_epoch(store, rank: int, world_size: int, timeout_s: float, max_delay_s: float = 0.5) -> int:
@@ -122,11 +136,11 @@ def check_env_rendezvous() -> int:
     """Check the env:// variables before torch reads them (its errors are tracebacks, and a rank outside the
     world waits for the store until parallel.timeout_s); returns LOCAL_RANK (0 if unset)."""
     fix = f"{_UNDER_TORCHRUN}, or unset RANK and WORLD_SIZE to train in one process"
-    rank = _env_int("RANK", fix=fix)
-    world_size = _env_int("WORLD_SIZE", fix=fix)
+    found = env_world()
+    if found is None:
+        raise ConfigError(f"RANK and WORLD_SIZE are not set: {_UNDER_TORCHRUN}")
+    rank, world_size = found
     local_rank = _env_int("LOCAL_RANK", 0, fix=fix)
-    if world_size < 1:
-        raise ConfigError(f"WORLD_SIZE={world_size} must be >= 1: {fix}")
     if not 0 <= rank < world_size:
         raise ConfigError(f"RANK={rank} is outside WORLD_SIZE={world_size} (ranks are 0..{world_size - 1}): {fix}")
     if local_rank < 0:
@@ -159,12 +173,39 @@ def cuda_device(local_rank: int, visible: int) -> int:
                       f"processes per node (torchrun --nproc-per-node {visible}), or give each process its own device")
 
 
+def env_world() -> tuple[int, int] | None:
+    """(RANK, WORLD_SIZE) an env:// launcher such as torchrun set, or None where neither is set (one process).
+    One without the other is a ConfigError: half a launcher's environment (a stale export, say) must neither
+    train alone after validating for another world size nor end in int()'s traceback."""
+    fix = f"{_UNDER_TORCHRUN}, or unset RANK and WORLD_SIZE to train in one process"
+    rank, world_size = _env_int("RANK", fix=fix), _env_int("WORLD_SIZE", fix=fix)
+    if rank is None and world_size is None:
+        return None
+    if rank is None or world_size is None:
+        given, missing = ("RANK", "WORLD_SIZE") if world_size is None else ("WORLD_SIZE", "RANK")
+        raise ConfigError(f"{given}={os.environ[given]} is set but {missing} is not: {fix}")
+    if world_size < 1:
+        raise ConfigError(f"WORLD_SIZE={world_size} must be >= 1: {fix}")
+    return rank, world_size
+
+
+def env_rank() -> int:
+    """This process's rank under an env:// launcher, 0 for one process on its own."""
+    found = env_world()
+    return found[0] if found else 0
+
+
+def local_world_size(default: int) -> int:
+    """LOCAL_WORLD_SIZE (ranks on this node, as torchrun sets it), else `default`."""
+    value = _env_int("LOCAL_WORLD_SIZE", default, fix=f"set it to the ranks per node, or {_UNDER_TORCHRUN}")
+    if value < 1:
+        raise ConfigError(f"LOCAL_WORLD_SIZE={value} must be >= 1: set it to the ranks per node, or {_UNDER_TORCHRUN}")
+    return value
+
+
 def world_size_from_env() -> int:
     """The world size `longctx train` will find (before any group exists): for validating a config early."""
     if dist.is_initialized():
         return dist.get_world_size()
-    fix = f"{_UNDER_TORCHRUN}, or unset WORLD_SIZE to train in one process"
-    world_size = _env_int("WORLD_SIZE", 1, fix=fix)
-    if world_size < 1:
-        raise ConfigError(f"WORLD_SIZE={world_size} must be >= 1: {fix}")
-    return world_size
+    found = env_world()
+    return found[1] if found else 1

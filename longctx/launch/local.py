@@ -52,7 +52,7 @@ def rank_info() -> tuple[int, int]:
 
 
 def run(fn, world_size, *, args=(), kwargs=None, backend="auto", timeout=120.0, pg_timeout=None,
-        start_method="forkserver", num_threads=1, env=None, record_stops=False) -> list:
+        start_method="forkserver", num_threads=1, env=None, record_stops=False, stop_grace=None) -> list:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks and return their results, index = rank.
 
     Each rank is a separate process in which ``torch.distributed`` is already initialised (gloo on
@@ -61,9 +61,11 @@ def run(fn, world_size, *, args=(), kwargs=None, backend="auto", timeout=120.0, 
     (inside lists, tuples and dicts) come back detached and on the CPU.
 
     ``timeout`` is a hard wall-clock limit on the whole call: past it every rank is killed and
-    ``TimeoutError`` is raised. ``pg_timeout`` (default ``min(60, timeout / 2)``) is the process
-    group's collective timeout, so that a collective some rank never joins raises in the others
-    before the hard limit. A rank that raises or dies makes ``run`` raise :class:`RankError`.
+    ``TimeoutError`` is raised; with ``stop_grace`` the ranks first get SIGTERM and this many seconds to
+    end (a Trainer checkpoints the step in flight) before they are killed. ``pg_timeout`` (default
+    ``min(60, timeout / 2)``) is the process group's collective timeout, so that a collective some rank
+    never joins raises in the others before the hard limit. A rank that raises or dies makes ``run`` raise
+    :class:`RankError`.
 
     ``record_stops``: each rank records SIGTERM / SIGUSR1 from its start for the training loop that ``fn`` runs
     (longctx._signals.record_from_start) instead of dying of one before the loop listens.
@@ -75,6 +77,8 @@ def run(fn, world_size, *, args=(), kwargs=None, backend="auto", timeout=120.0, 
     """
     kwargs = {} if kwargs is None else dict(kwargs)
     _check_args(fn, world_size, backend, timeout, pg_timeout, start_method, num_threads, env)
+    if stop_grace is not None and not _is_seconds(stop_grace):
+        raise ValueError(f"stop_grace must be None or a finite number of seconds > 0, got {stop_grace!r}")
     backend = _resolve_backend(backend, world_size, start_method)
     pg_timeout = min(60.0, timeout / 2) if pg_timeout is None else float(pg_timeout)
     payload = _pickle_payload(fn, args, kwargs)
@@ -116,7 +120,7 @@ def run(fn, world_size, *, args=(), kwargs=None, backend="auto", timeout=120.0, 
                     print(f"longctx: {signal.Signals(signals.received).name} received while the ranks were "
                           "starting: stopped before any step", file=sys.stderr, flush=True)
                     raise SystemExit(128 + signals.received)  # finally: the started ranks are ended
-            results = _collect(procs, conns, start + timeout, timeout, crash_paths)
+            results = _collect(procs, conns, start + timeout, timeout, crash_paths, stop_grace)
             _join(procs, _EXIT_GRACE_S)
         return results
     finally:
@@ -345,8 +349,9 @@ def _to_cpu(obj):
     return obj
 
 
-def _collect(procs, conns, deadline, timeout, crash_paths):
-    """Wait for one message per rank; stop early on failure, raise on failure or timeout."""
+def _collect(procs, conns, deadline, timeout, crash_paths, stop_grace=None):
+    """Wait for one message per rank; stop early on failure, raise on failure or timeout (after SIGTERM and
+    `stop_grace` seconds for the ranks to end, when given)."""
     world_size = len(procs)
     results = [None] * world_size
     pending = set(range(world_size))
@@ -354,6 +359,7 @@ def _collect(procs, conns, deadline, timeout, crash_paths):
     open_conns = {conn: rank for rank, conn in enumerate(conns)}
     sentinels = {proc.sentinel: rank for rank, proc in enumerate(procs)}
     stop = deadline
+    stopping = False  # the ranks were sent SIGTERM at the deadline: what follows is the timeout's doing
 
     def read(conn):
         rank = open_conns.pop(conn)
@@ -385,7 +391,15 @@ def _collect(procs, conns, deadline, timeout, crash_paths):
                 failures.append((rank, None, None, crash_stack(crash_paths[rank]), procs[rank].exitcode))
         if failures and stop == deadline:
             stop = min(deadline, time.monotonic() + _FAILURE_GRACE_S)
+        if pending and not failures and stop_grace and not stopping and time.monotonic() >= deadline:
+            stopping, stop = True, time.monotonic() + stop_grace
+            for rank in pending:
+                if procs[rank].is_alive():
+                    os.kill(procs[rank].pid, signal.SIGTERM)
 
+    if stopping:
+        raise TimeoutError(f"run() timed out after {timeout} s: its ranks were sent SIGTERM and given {stop_grace:g} s "
+                           f"to end{f'; rank(s) {sorted(pending)} had not and were killed' if pending else ''}")
     if failures:
         raise rank_error(failures, pending)
     if pending:

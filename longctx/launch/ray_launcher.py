@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import os
 import threading
 import uuid
 
@@ -35,16 +36,58 @@ CPUS_PER_WORKER = 1  # what every Ray Train worker reserves (besides its GPUs)
 
 
 class _StopFlag:
-    """The driver's stop request, readable by every worker (a named Ray actor, no CPU of its own)."""
+    """The driver's stop request, readable by every worker, and rank 0's summary back to the driver (a named
+    Ray actor, no CPU of its own): Ray's result keeps no report without a checkpoint, and the metrics file
+    holds every earlier run in the same run_dir too."""
 
     def __init__(self):
         self.signum = 0
+        self.summary = None
 
     def set(self, signum: int) -> None:
         self.signum = self.signum or signum
 
     def get(self) -> int:
         return self.signum
+
+    def put_summary(self, summary: dict) -> None:
+        self.summary = summary
+
+    def get_summary(self) -> dict | None:
+        return self.summary
+
+
+# keys naming files or directories: Ray Train runs each worker in a directory of its own session, so a
+# relative one would be read (or written: checkpoints lost with the session) there, not where it was typed
+_PATH_KEYS = (("run_dir",), ("checkpoint", "dir"), ("data", "path"), ("validation", "path"), ("model", "hf_path"),
+              ("train", "init_from"), ("train", "resume"), ("parallel", "deepspeed_config"))
+
+
+def _relative_paths(config: dict) -> list[str]:
+    found = []
+    for keys in _PATH_KEYS:
+        value = config
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, str) and value not in ("auto", "none", "") and not os.path.isabs(value):
+            found.append(f"{'.'.join(keys)}={value}")
+    return found
+
+
+def _enter_driver_directory(loop_config: dict) -> None:
+    """Run where the driver was started, as every other launcher's ranks do; a node without that directory
+    can only take absolute paths (on storage every node sees)."""
+    import socket
+
+    cwd = loop_config["cwd"]
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
+        return
+    relative = _relative_paths(loop_config["config"])
+    if relative:
+        raise ConfigError(f"{', '.join(relative)}: relative to the driver's directory {cwd}, which this worker's "
+                          f"node ({socket.gethostname()}) does not have; give absolute paths on storage every node "
+                          "sees")
 
 
 def _watch_stop_flag(ray, name: str, done: threading.Event) -> None:
@@ -72,12 +115,15 @@ def _worker(loop_config: dict) -> None:
 
     if not faulthandler.is_enabled():  # a worker that dies on a signal leaves its Python stack in its log
         faulthandler.enable(all_threads=True)
+    _enter_driver_directory(loop_config)
     done = threading.Event()
     threading.Thread(target=_watch_stop_flag, args=(ray, loop_config["stop_flag"], done), daemon=True).start()
     try:
         summary = train_main(loop_config["config"], loop_config["config_path"])
     finally:
         done.set()
+    if ray.train.get_context().get_world_rank() == 0:
+        ray.get(ray.get_actor(loop_config["stop_flag"]).put_summary.remote(summary))
     ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float, str)) or v is None})
 
 
@@ -114,15 +160,19 @@ def launch_ray(config: dict, config_path: str | None, *, address: str, num_worke
     flag_name = f"longctx-stop-{uuid.uuid4().hex}"
     flag = ray.remote(_StopFlag).options(name=flag_name, num_cpus=0).remote()
     trainer = TorchTrainer(
-        _worker, train_loop_config={"config": config, "config_path": config_path, "stop_flag": flag_name},
+        _worker, train_loop_config={"config": config, "config_path": config_path, "stop_flag": flag_name,
+                                    "cwd": os.getcwd()},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpus, resources_per_worker={
             "CPU": CPUS_PER_WORKER, **({"GPU": gpus_per_worker} if gpus else {})}),
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo", timeout_s=int(config["parallel"]["timeout_s"])),
         run_config=RunConfig(storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures)),
     )
+    # checkpoint.on_signal=false: a stop signal ends the driver, and its workers with it, as it ends any rank
+    forwarding = _ForwardToWorkers(flag) if config["checkpoint"]["on_signal"] else contextlib.nullcontext()
     try:
-        with _ForwardToWorkers(flag) as forward:
+        with forwarding:
             result = trainer.fit()
+        summary = ray.get(flag.get_summary.remote())  # the workers' own, before the flag goes
     except ray.train.TrainingFailedError as e:  # Ray Train v2 raises a worker's failure from fit() itself
         if not getattr(e, "worker_failures", None):
             raise  # v1's, or the controller's: its cause chain holds the worker's error
@@ -132,13 +182,8 @@ def launch_ray(config: dict, config_path: str | None, *, address: str, num_worke
             ray.kill(flag)
     if result.error is not None:  # Ray Train v1 may return it
         raise result.error
-    summary = _summary(config["run_dir"])
-    # a signal that came after the last step stopped nothing (Ray's result keeps no report without a
-    # checkpoint, so the workers' own summary is not at hand: the metrics say where the run ended)
-    if forward.received and summary["steps"] < config["train"]["steps"]:
-        from ..train.stop import signal_name
-
-        summary.update(stop_signal=forward.received, stopped_by=signal_name(forward.received))
+    if summary is None:
+        raise RuntimeError("the Ray Train run ended without rank 0's summary")
     return summary
 
 
@@ -165,8 +210,9 @@ def _rank_error(error: Exception) -> Exception:
 def _connect(ray, address: str, num_workers: int) -> None:
     """ray.init for `--address`; a failure is one ConfigError naming the address and the fix."""
     try:
-        ray.init(address=None if address == "local" else address, num_cpus=num_workers if address == "local"
-                 else None, include_dashboard=False, log_to_driver=True)
+        # "local": always a new instance, never a cluster that RAY_ADDRESS or a `ray start` on this machine names
+        ray.init(address=address, num_cpus=num_workers if address == "local" else None, include_dashboard=False,
+                 log_to_driver=True)
     except Exception as e:  # noqa: BLE001 - ConnectionError, ValueError, RuntimeError, Ray's own: all say "no cluster"
         with contextlib.suppress(Exception):  # whatever a half-started Ray left
             ray.shutdown()
@@ -212,17 +258,3 @@ def _check_resources(total: dict, nodes: list[dict], *, address: str, num_worker
         raise ConfigError(
             f"--num-workers {num_workers} needs {fmt(need)} CPU(s) ({fmt(cpus_per_worker)} per worker), but {has}: "
             "lower --num-workers, or add nodes to the cluster, or use --address local (as many CPUs as workers)")
-
-
-def _summary(run_dir: str) -> dict:
-    """What `longctx train` prints, read back from the run's metrics.jsonl (Ray's own result only keeps
-    what its storage layer chose to persist)."""
-    import json
-    import os
-
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    timed = rows[1:] or rows
-    return {"steps": rows[-1]["step"], "first_loss": rows[0]["loss"], "final_loss": rows[-1]["loss"],
-            "tokens_per_s": sum(r["tokens"] for r in timed) / sum(r["step_time_s"] for r in timed),
-            "seconds": sum(r["step_time_s"] for r in rows), "run_dir": run_dir}

@@ -70,6 +70,21 @@ def sleep_forever():
     time.sleep(3600)
 
 
+def finish_slowly_on_sigterm(out_dir):
+    """Until SIGTERM, wait; then take 3 s (longer than run()'s 2 s between SIGTERM and SIGKILL) to write a file,
+    as a trainer checkpointing its step in flight does."""
+    import signal
+
+    stopped = []
+    signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))
+    while not stopped:
+        time.sleep(0.05)
+    time.sleep(3)
+    rank, _ = rank_info()
+    with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
+        f.write("saved")
+
+
 def nested_tensors():
     rank, _ = rank_info()
     base = torch.arange(6, dtype=torch.float32).reshape(2, 3) + rank

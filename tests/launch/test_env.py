@@ -79,6 +79,8 @@ def _torchrun_env(monkeypatch, **env):
     ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "gpu0"}, r"^LOCAL_RANK='gpu0' is not an integer"),
     ({"RANK": "2", "WORLD_SIZE": "2"}, r"RANK=2 is outside WORLD_SIZE=2 \(ranks are 0..1\)"),
     ({"RANK": "0", "WORLD_SIZE": "0"}, r"WORLD_SIZE=0 must be >= 1"),
+    ({"WORLD_SIZE": "2"}, r"^WORLD_SIZE=2 is set but RANK is not: run under torchrun"),
+    ({"RANK": "1"}, r"^RANK=1 is set but WORLD_SIZE is not: run under torchrun"),
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "p"}, r"^MASTER_PORT='p' is not an integer"),
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "70000"}, r"MASTER_PORT=70000 is not a TCP"),
 ])
@@ -104,6 +106,24 @@ def test_a_complete_torchrun_environment_passes(monkeypatch):
     assert check_env_rendezvous() == 1
 
 
+def test_a_rendezvous_without_its_peers_is_one_line_naming_the_address(monkeypatch):
+    import socket
+
+    from longctx.config import ConfigError
+    from longctx.launch.env import process_group
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for rank in ("0", "1"):  # rank 0 serves the store and waits for rank 1; rank 1 finds no store
+        _torchrun_env(monkeypatch, RANK=rank, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        with pytest.raises(ConfigError, match=rf"^rank {rank} of 2: the rendezvous at MASTER_ADDR:MASTER_PORT="
+                                              rf"127.0.0.1:{port} failed within parallel.timeout_s=2 .*start every "
+                                              r"rank"), process_group(timeout_s=2):
+            pass
+        assert not dist.is_initialized()
+
+
 def test_longctx_train_names_the_variable_in_one_line(monkeypatch, capsys):
     from longctx.cli import main
 
@@ -117,6 +137,14 @@ def test_longctx_train_names_the_variable_in_one_line(monkeypatch, capsys):
     _torchrun_env(monkeypatch, RANK="0", WORLD_SIZE="abc")  # read first by world_size_from_env
     assert main(["train", TINY, "train.steps=1"]) == 2
     assert capsys.readouterr().err.startswith("longctx: error: WORLD_SIZE='abc' is not an integer: run under torchrun")
+    # half of a launcher's environment: validating for WORLD_SIZE and then training alone was the alternative
+    _torchrun_env(monkeypatch, WORLD_SIZE="2")
+    assert main(["train", TINY, "train.steps=1", "parallel.cp=2"]) == 2
+    assert capsys.readouterr().err.startswith("longctx: error: WORLD_SIZE=2 is set but RANK is not")
+    _torchrun_env(monkeypatch)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "two")
+    assert main(["train", TINY, "train.steps=1"]) == 2
+    assert capsys.readouterr().err.startswith("longctx: error: LOCAL_WORLD_SIZE='two' is not an integer")
 
 
 def test_the_cuda_device_of_a_local_rank(monkeypatch):

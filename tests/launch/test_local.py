@@ -158,6 +158,15 @@ def test_wall_clock_timeout_kills_ranks():
     assert "[0, 1]" in message and "timeout=" in message and "2 s" in message
 
 
+@pytest.mark.timeout(60)
+def test_at_the_timeout_stop_grace_lets_the_ranks_end_their_work(tmp_path):
+    with pytest.raises(TimeoutError, match=r"timed out after 2 s: its ranks were sent SIGTERM and given 20 s to end$"):
+        run(_workers.finish_slowly_on_sigterm, 2, args=(str(tmp_path),), timeout=2, stop_grace=20)
+    assert sorted(os.listdir(tmp_path)) == ["rank0", "rank1"]
+    with pytest.raises(TimeoutError, match=r"given 1 s to end; rank\(s\) \[0, 1\] had not and were killed"):
+        run(_workers.finish_slowly_on_sigterm, 2, args=(str(tmp_path / "none"),), timeout=2, stop_grace=1)
+
+
 @pytest.mark.timeout(10)
 def test_unpicklable_fn_is_rejected_before_starting():
     def nested():
@@ -181,6 +190,7 @@ def test_unpicklable_fn_is_rejected_before_starting():
         ({"timeout": 0}, ValueError, "timeout"),
         ({"timeout": float("inf")}, ValueError, "timeout"),
         ({"pg_timeout": -1}, ValueError, "pg_timeout"),
+        ({"stop_grace": 0}, ValueError, "stop_grace"),
         ({"num_threads": 0}, ValueError, "num_threads"),
         ({"env": {"A": 1}}, TypeError, "env"),
         ({"args": (lambda: 0,)}, TypeError, "args"),

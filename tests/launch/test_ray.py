@@ -147,6 +147,35 @@ def test_ray_job_stop_checkpoints_the_step_in_flight(tmp_path, ray_head):
     assert saved[-1] == f"step_{steps:08d}", (saved, steps)
 
 
+@pytest.mark.slow
+def test_ray_workers_read_relative_paths_where_the_driver_runs_and_report_their_own_summary(tmp_path, monkeypatch,
+                                                                                          capsys):
+    # Ray Train runs each worker in a session directory of its own: a relative data.path was "not a prepared
+    # dataset" there and a relative checkpoint.dir was written there, lost with the session. The summary is the
+    # workers' own: a resumed run's first loss and its validation loss (the metrics file holds the earlier run's too).
+    # (If the module's `ray start` head is up, --address local must still start a Ray of its own.)
+    ray = pytest.importorskip("ray")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": "abcdefghij" * (i + 3)}) + "\n" for i in range(40)))
+    assert main(["data", "prepare", "--input", "c.jsonl", "--output", "ds", "--quiet"]) == 0
+    job = ["launch", "ray", "--address", "local", "--num-workers", "2", TINY, *SMALL,
+           "model.vocab_size=258", "data.source=tokens", "data.path=ds", "validation.holdout=2", "validation.batches=1",
+           "validation.interval=3", "checkpoint.dir=ck", "checkpoint.interval=3", "run_dir=run"]
+    try:
+        capsys.readouterr()
+        assert main(job) == 0
+        assert os.path.isdir(tmp_path / "ck" / "step_00000003")
+        first = capsys.readouterr().out
+        assert re.search(r"done: 3 steps, loss \S+ -> \S+, validation loss \S+", first), first
+        assert main([*job, "train.resume=auto", "train.steps=5"]) == 0
+        resumed = capsys.readouterr().out
+        assert sorted(os.listdir(tmp_path / "ck")) == ["step_00000003", "step_00000005"]
+        step4 = losses(tmp_path / "run")[3]
+        assert re.search(rf"done: 5 steps, loss {step4:.4f} -> \S+, validation loss", resumed), (resumed, step4)
+    finally:
+        ray.shutdown()
+
+
 def test_launch_ray_errors(tmp_path, capsys, monkeypatch):
     assert main(["launch", "ray", "--num-workers", "3", TINY, *SMALL]) == 2  # tiny's zigzag needs W | seq
     assert "longctx: error:" in capsys.readouterr().err
