@@ -89,7 +89,16 @@ def _tiny(*overrides):
      r"pp_schedule=1f1b needs at least as many microbatches as pipeline ranks: parallel.microbatches=1 < "
      r"parallel.pp=2"),
     (["parallel.pp=2", "parallel.cp=2", "parallel.microbatches=4"], 4,
-     r"batch \(2 sequences = train.batch_size / dp\) is not divisible by parallel.microbatches=4"),
+     r"micro-batch \(2 sequences = train.batch_size / \(dp x train.accumulation\)\) is not divisible by "
+     r"parallel.microbatches=4"),
+    (["parallel.pp=2", "parallel.cp=1", "parallel.microbatches=4", "train.batch_size=4", "train.accumulation=2"], 2,
+     r"micro-batch \(2 sequences = .*make train.batch_size a multiple of dp x train.accumulation x microbatches"),
+    (["parallel.pp=2", "parallel.cp=1", "parallel.pp_schedule=interleaved_zb", "parallel.pp_virtual=1",
+      "parallel.activation_checkpoint=full", "parallel.reshard_after_forward=false", "train.batch_size=4"], 2,
+     r"parallel.activation_checkpoint=full with parallel.pp_schedule=interleaved_zb: a split-backward schedule "
+     r"recomputes every checkpointed block twice"),
+    (["train.steps=1", "train.warmup_steps=3", "train.decay_steps=1"], 4,
+     r"train.decay_steps=1: no step is left after the warmup \(train.steps=1, train.warmup_steps=3\)"),
     (["parallel.pp=2", "parallel.cp=2", "parallel.pp_schedule=1fb1"], 4,
      r"parallel.pp_schedule='1fb1' is not a schedule \(did you mean '1f1b'\?\)"),
     (["parallel.pp=2", "parallel.cp=2", "parallel.pp_schedule=zbv", "parallel.pp_virtual=3"], 4,

@@ -78,9 +78,9 @@ def check_pipeline(*, pp: int, schedule: str, virtual: int, microbatches: int, n
                          f" (or parallel.pp_virtual)")
     mb = n_microbatches(pp, microbatches)
     if local_batch % mb:
-        raise ValueError(f"each data-parallel rank's batch ({local_batch} sequences = train.batch_size / dp) is not "
-                         f"divisible by parallel.microbatches={mb}; make train.batch_size a multiple of dp x "
-                         f"microbatches")
+        raise ValueError(f"each data-parallel rank's micro-batch ({local_batch} sequences = train.batch_size / (dp x "
+                         f"train.accumulation)) is not divisible by parallel.microbatches={mb}; make "
+                         f"train.batch_size a multiple of dp x train.accumulation x microbatches")
     if schedule != "gpipe" and mb < pp:
         raise ValueError(f"parallel.pp_schedule={schedule} needs at least as many microbatches as pipeline ranks: "
                          f"parallel.microbatches={mb} < parallel.pp={pp}; raise parallel.microbatches to {pp} (and "

@@ -14,7 +14,7 @@ from ..config import ConfigError, validate_model
 from ..model.parallelize import AC_MODES, dilated_layout_problem
 from ..parallel.data_parallel import resolve_engine
 from ..parallel.dims import ParallelDims
-from ..parallel.pipeline import stages_per_rank
+from ..parallel.pipeline import SPLIT_BACKWARD, stages_per_rank
 from .inapplicable import check_inapplicable
 from .optim import LR_SCHEDULES
 
@@ -124,6 +124,10 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
     if t.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"train.lr_schedule={t.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
     _check_numbers(cfg)
+    if t.decay_steps and t.steps <= t.warmup_steps:
+        raise ConfigError(f"train.decay_steps={t.decay_steps}: no step is left after the warmup (train.steps="
+                          f"{t.steps}, train.warmup_steps={t.warmup_steps}); set train.decay_steps=0, or more "
+                          "train.steps")
     if t.decay_steps and t.decay_steps > t.steps - t.warmup_steps:
         raise ConfigError(f"train.decay_steps={t.decay_steps} is more than the {t.steps - t.warmup_steps} steps after "
                           f"the warmup (train.steps={t.steps} - train.warmup_steps={t.warmup_steps}); use at most "
@@ -310,6 +314,15 @@ def _check_model_axes(cfg, dims: ParallelDims, engine: str) -> None:
         check_pipeline(pp=dims.pp, schedule=p.pp_schedule, virtual=p.pp_virtual, microbatches=p.microbatches,
                        n_layers=m.n_layers, local_batch=t.batch_size // (dims.dp * t.accumulation), split=p.pp_split,
                        sharded=engine in ("fsdp", "hsdp"), reshard_after_forward=p.reshard_after_forward)
+        if p.pp_schedule in SPLIT_BACKWARD and p.activation_checkpoint != "none":
+            # the weight half recomputes each checkpointed block a second time, re-entering the context torch's
+            # composable checkpoint made for the first (AttributeError on every rank, at the first step)
+            raise ValueError(f"parallel.activation_checkpoint={p.activation_checkpoint} with parallel.pp_schedule="
+                             f"{p.pp_schedule}: a split-backward schedule recomputes every checkpointed block twice "
+                             "(input gradients, then weight gradients), which torch's activation checkpointing "
+                             "cannot; set parallel.activation_checkpoint=none (train.mlp_chunks still saves the MLP's "
+                             "memory), or use a schedule without split backward (1f1b, interleaved_1f1b, looped_bfs, "
+                             "gpipe)")
         if m.dilated.layers:
             raise ValueError("model.dilated.layers with parallel.pp > 1 is not supported; use parallel.pp=1")
     else:
