@@ -151,6 +151,9 @@ def _tiny(*overrides):
     (["model.rope_scaling.factor=16"], 4, r"model.rope_scaling.factor=16.0 has no effect with "
                                           r"model.rope_scaling.type=none; set the type"),
     (["model.dilated.w0=16"], 4, r"model.dilated.w0=16 has no effect without dilated layers"),
+    (["parallel.cp=1", "parallel.strategy=ring", "model.dilated.layers=[0]", "model.dilated.w0=64",
+      "train.seq_len=96"], 1, r"model.dilated: the pattern derived from w0=64, alpha=2 and train.seq_len=96 does not "
+                              r"hold \(.*\); set train.seq_len to w0 x alpha\^k \(e.g. 128\)"),
     (["parallel.strategy=ring", "model.n_kv_heads=4", "model.dilated.layers=[0,1]", "model.window=2"], 4,
      r"model.window=2 has no effect: every layer is dilated"),
     (["parallel.ac_every=3"], 4, r"parallel.ac_every=3 applies to parallel.activation_checkpoint=selective \(this "

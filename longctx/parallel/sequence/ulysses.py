@@ -54,11 +54,11 @@ class HeadsToSeq(torch.autograd.Function):
 
 def check_heads(heads: int, kv_heads: int, world: int, what: str = "ulysses") -> int:
     """Validate head counts for a degree-`world` head split; return the KV replication factor."""
+    # the ulysses strategy splits the heads over every context rank: its degree is their count (parallel.cp,
+    # --world-size, --nproc); hybrid's is a setting of its own
+    degree = "a hybrid ulysses degree" if what == "hybrid ulysses" else "a number of context ranks"
     if heads % world:
         fits = max(d for d in range(1, world + 1) if heads % d == 0)
-        # the ulysses strategy splits the heads over every context rank: its degree is their count (parallel.cp,
-        # --world-size, --nproc); hybrid's is a setting of its own
-        degree = "a hybrid ulysses degree" if what == "hybrid ulysses" else "a number of context ranks"
         raise ValueError(f"{what}: {heads} query heads do not divide over {world} ranks; use {degree} that divides "
                          f"the heads (e.g. {fits}), or the ring/zigzag strategy")
     if kv_heads % world == 0:
@@ -66,8 +66,9 @@ def check_heads(heads: int, kv_heads: int, world: int, what: str = "ulysses") ->
     if world % kv_heads == 0:
         return world // kv_heads
     raise ValueError(
-        f"{what}: {kv_heads} kv heads neither divide over {world} ranks nor replicate evenly onto them; "
-        "the degree must divide the kv heads or be a multiple of them"
+        f"{what}: {kv_heads} kv heads (model.n_kv_heads, per tensor-parallel rank) neither divide over {world} "
+        f"ranks nor replicate evenly onto them; use {degree} that divides the kv heads or is a multiple of them, "
+        "or the ring/zigzag strategy"
     )
 
 

@@ -47,8 +47,8 @@ MESH_ERRORS = [  # at W=4
     # the heads must split over the ulysses degree (2 of the 2 x 2 mesh), not over the 4 ranks
     (("hybrid_heads", dict(mesh=(2, 2), h=3, hkv=1)), _HEADS.format(3, 1)),
     (("hybrid_heads", dict(mesh=(2, 2), h=6, hkv=3)),
-     r"hybrid ulysses: 3 kv heads neither divide over 2 ranks nor replicate evenly onto them; the degree must "
-     r"divide the kv heads or be a multiple of them"),
+     r"hybrid ulysses: 3 kv heads \(model.n_kv_heads, per tensor-parallel rank\) neither divide over 2 ranks nor "
+     r"replicate evenly onto them; use a hybrid ulysses degree that divides the kv heads or is a multiple of them"),
 ]
 
 
