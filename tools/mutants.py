@@ -554,9 +554,9 @@ MUTANTS = [
            ("tests/launch/test_ray.py::test_ray_workers_read_relative_paths_where_the_driver_runs_and_report_their_"
             "own_summary",),
            "a relative data.path is not found by Ray workers, a relative checkpoint.dir is lost with the session"),
-    Mutant("checkpointed-blocks-in-split-backward-accepted", "longctx/train/setup.py",
-           'if p.pp_schedule in SPLIT_BACKWARD and p.activation_checkpoint != "none":',
-           'if p.pp_schedule in SPLIT_BACKWARD and p.activation_checkpoint == "never":',
+    Mutant("checkpointed-blocks-in-split-backward-accepted", "longctx/parallel/pipeline.py",
+           'if schedule in SPLIT_BACKWARD and activation_checkpoint != "none":',
+           'if schedule in SPLIT_BACKWARD and activation_checkpoint == "never":',
            ("tests/test_config.py::test_bad_configs",),
            "zero-bubble schedules with activation checkpointing crash every rank at the first weight half"),
     Mutant("unread-data-path-accepted", "longctx/train/inapplicable.py",

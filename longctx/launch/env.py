@@ -130,12 +130,13 @@ def _env_int(name: str, default: int | None = None, *, fix: str) -> int | None:
 
 
 _UNDER_TORCHRUN = "run under torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)"
+_OR_ALONE = f"{_UNDER_TORCHRUN}, or unset RANK and WORLD_SIZE to train in one process"
 
 
 def check_env_rendezvous() -> int:
     """Check the env:// variables before torch reads them (its errors are tracebacks, and a rank outside the
     world waits for the store until parallel.timeout_s); returns LOCAL_RANK (0 if unset)."""
-    fix = f"{_UNDER_TORCHRUN}, or unset RANK and WORLD_SIZE to train in one process"
+    fix = _OR_ALONE
     found = env_world()
     if found is None:
         raise ConfigError(f"RANK and WORLD_SIZE are not set: {_UNDER_TORCHRUN}")
@@ -177,7 +178,7 @@ def env_world() -> tuple[int, int] | None:
     """(RANK, WORLD_SIZE) an env:// launcher such as torchrun set, or None where neither is set (one process).
     One without the other is a ConfigError: half a launcher's environment (a stale export, say) must neither
     train alone after validating for another world size nor end in int()'s traceback."""
-    fix = f"{_UNDER_TORCHRUN}, or unset RANK and WORLD_SIZE to train in one process"
+    fix = _OR_ALONE
     rank, world_size = _env_int("RANK", fix=fix), _env_int("WORLD_SIZE", fix=fix)
     if rank is None and world_size is None:
         return None

@@ -67,7 +67,8 @@ def n_microbatches(pp: int, microbatches: int) -> int:
 
 
 def check_pipeline(*, pp: int, schedule: str, virtual: int, microbatches: int, n_layers: int, local_batch: int,
-                   split=(), sharded: bool = False, reshard_after_forward: bool = True) -> tuple[int, int]:
+                   split=(), sharded: bool = False, reshard_after_forward: bool = True,
+                   activation_checkpoint: str = "none") -> tuple[int, int]:
     """Every constraint of a pipeline config; returns (stages per rank, microbatches). Messages name the key.
     `sharded`: the stages are FSDP2 (or HSDP) modules."""
     per_rank = stages_per_rank(schedule, virtual)
@@ -98,6 +99,14 @@ def check_pipeline(*, pp: int, schedule: str, virtual: int, microbatches: int, n
         raise ValueError(f"parallel.pp_schedule={schedule} splits each backward into its input and weight halves, "
                          "and under FSDP2 with parallel.reshard_after_forward=true the weight half runs after the "
                          "parameters are resharded (wrong gradients); set parallel.reshard_after_forward=false, or "
+                         "use a schedule without split backward (1f1b, interleaved_1f1b, looped_bfs, gpipe)")
+    if schedule in SPLIT_BACKWARD and activation_checkpoint != "none":
+        # the weight half recomputes each checkpointed block a second time, re-entering the context torch's
+        # composable checkpoint made for the first (AttributeError on every rank, at the first step)
+        raise ValueError(f"parallel.activation_checkpoint={activation_checkpoint} with parallel.pp_schedule="
+                         f"{schedule}: a split-backward schedule recomputes every checkpointed block twice (input "
+                         "gradients, then weight gradients), which torch's activation checkpointing cannot; set "
+                         "parallel.activation_checkpoint=none (train.mlp_chunks still saves the MLP's memory), or "
                          "use a schedule without split backward (1f1b, interleaved_1f1b, looped_bfs, gpipe)")
     return per_rank, mb
 

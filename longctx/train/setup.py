@@ -14,7 +14,7 @@ from ..config import ConfigError, validate_model
 from ..model.parallelize import AC_MODES, dilated_layout_problem
 from ..parallel.data_parallel import resolve_engine
 from ..parallel.dims import ParallelDims
-from ..parallel.pipeline import SPLIT_BACKWARD, stages_per_rank
+from ..parallel.pipeline import stages_per_rank
 from .inapplicable import check_inapplicable
 from .optim import LR_SCHEDULES
 
@@ -313,16 +313,8 @@ def _check_model_axes(cfg, dims: ParallelDims, engine: str) -> None:
     if dims.pp > 1:
         check_pipeline(pp=dims.pp, schedule=p.pp_schedule, virtual=p.pp_virtual, microbatches=p.microbatches,
                        n_layers=m.n_layers, local_batch=t.batch_size // (dims.dp * t.accumulation), split=p.pp_split,
-                       sharded=engine in ("fsdp", "hsdp"), reshard_after_forward=p.reshard_after_forward)
-        if p.pp_schedule in SPLIT_BACKWARD and p.activation_checkpoint != "none":
-            # the weight half recomputes each checkpointed block a second time, re-entering the context torch's
-            # composable checkpoint made for the first (AttributeError on every rank, at the first step)
-            raise ValueError(f"parallel.activation_checkpoint={p.activation_checkpoint} with parallel.pp_schedule="
-                             f"{p.pp_schedule}: a split-backward schedule recomputes every checkpointed block twice "
-                             "(input gradients, then weight gradients), which torch's activation checkpointing "
-                             "cannot; set parallel.activation_checkpoint=none (train.mlp_chunks still saves the MLP's "
-                             "memory), or use a schedule without split backward (1f1b, interleaved_1f1b, looped_bfs, "
-                             "gpipe)")
+                       sharded=engine in ("fsdp", "hsdp"), reshard_after_forward=p.reshard_after_forward,
+                       activation_checkpoint=p.activation_checkpoint)
         if m.dilated.layers:
             raise ValueError("model.dilated.layers with parallel.pp > 1 is not supported; use parallel.pp=1")
     else:
