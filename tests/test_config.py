@@ -70,7 +70,7 @@ def _tiny(*overrides):
     (["parallel.tp=4", "parallel.cp=1", "model.n_heads=6", "model.n_kv_heads=6", "model.dim=48"], 4,
      r"model.n_heads=6 is not divisible by parallel.tp=4; choose a tp degree that divides the heads"),
     (["parallel.tp=4", "parallel.cp=1", "model.n_heads=12", "model.n_kv_heads=3", "model.dim=48"], 4,
-     r"model.n_kv_heads=3 and parallel.tp=4: .*one must divide the other"),
+     r"model.n_kv_heads=3 and parallel.tp=4 do not divide one another: .*one must divide the other"),
     (["parallel.tp=2", "parallel.cp=2", "parallel.strategy=ulysses", "model.n_heads=2", "model.n_kv_heads=2",
       "model.dim=32"], 4, r"model.n_heads=2 / parallel.tp=2 = 1 heads per tensor-parallel rank: ulysses: 1 query "
                           r"heads do not divide over 2 ranks"),

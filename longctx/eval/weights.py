@@ -9,7 +9,7 @@ import torch
 
 from ..config import load
 from ..model import build_model
-from ..parallel.tensor import apply_tensor_parallel, check_tp
+from ..parallel.tensor import apply_tensor_parallel, tp_misfit
 from ..train.checkpoint_dirs import locate
 from ..train.weights import load_model_pieces
 
@@ -57,31 +57,24 @@ def load_checkpoint_model(path: str, log=print, *, mesh=None, device=None):
     return model.eval(), cfg
 
 
-def _tp_problem(cfg, tp: int) -> str | None:
-    try:
-        if cfg.model.hf_path:
-            from ..model.hf_tensor import check_hf_tp
+def _tp_misfit(cfg, tp: int):
+    if cfg.model.hf_path:
+        from ..model.hf_tensor import hf_tp_misfit
 
-            check_hf_tp(cfg.model, tp)
-        else:
-            check_tp(cfg.model.n_heads, cfg.model.n_kv_heads, cfg.model.vocab_size, tp, cfg.model.ffn_dim)
-    except ValueError as e:
-        return str(e)
-    return None
+        return hf_tp_misfit(cfg.model, tp, tp_as="--tp {}")
+    return tp_misfit(cfg.model.n_heads, cfg.model.n_kv_heads, cfg.model.vocab_size, tp, cfg.model.ffn_dim,
+                     tp_as="--tp {}")
 
 
 def check_eval_tp(cfg, tp: int) -> None:
     """Whether a checkpoint's model (its resolved config) splits over `tp` tensor-parallel ranks. A trained
     model's sizes are fixed, so the message names the --tp values that fit, not training's fixes."""
-    if tp == 1:
-        return
-    problem = _tp_problem(cfg, tp)
-    if problem:
-        what = problem.split(";")[0].split(": each")[0].split(" (the")[0].replace("parallel.tp=", "--tp ")
-        fits = [t for t in range(2, 65) if _tp_problem(cfg, t) is None][:6]
-        raise ValueError(f"--tp {tp} does not fit this checkpoint's model: {what}; choose --tp "
-                         + (f"{', '.join(map(str, fits))}{' or 1' if fits else ''}" if fits else "1 (no tensor-"
-                            "parallel split fits its sizes)"))
+    misfit = _tp_misfit(cfg, tp)
+    if misfit:
+        fits = [t for t in range(2, 65) if _tp_misfit(cfg, t) is None][:6]
+        raise ValueError(f"--tp {tp} does not fit this checkpoint's model: {misfit.fact}; choose --tp "
+                         + (f"{', '.join(map(str, fits))} or 1" if fits else "1 (no tensor-parallel split fits its "
+                                                                              "sizes)"))
 
 
 def checkpoint_tokenizer(cfg, spec: str | None = None):

@@ -13,17 +13,24 @@ from torch import nn
 from ..config import ConfigError
 
 
+def hf_tp_misfit(cfg, tp: int, tp_as: str = "parallel.tp={}"):
+    """The first thing tensor parallelism needs of an HF model's sizes (`cfg`: its longctx ModelConfig) that
+    they lack, as a TpMisfit, or None."""
+    from ..parallel.tensor import TpMisfit, tp_misfit
+
+    misfit = tp_misfit(cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size, tp, cfg.ffn_dim, tp_as=tp_as)
+    if misfit is None and cfg.n_kv_heads % tp:
+        misfit = TpMisfit(f"the model's {cfg.n_kv_heads} K/V heads (model.hf_path) do not split evenly over "
+                          f"{tp_as.format(tp)}", "sharing one K/V head across tp ranks is longctx's own Llama's, not a "
+                          "Hugging Face model's", f"use a tp that divides {cfg.n_kv_heads}")
+    return misfit
+
+
 def check_hf_tp(cfg, tp: int) -> None:
     """What tensor parallelism needs of an HF model's sizes (`cfg`: its longctx ModelConfig)."""
-    from ..parallel.tensor import check_tp
-
-    if tp == 1:
-        return
-    check_tp(cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size, tp, cfg.ffn_dim)
-    if cfg.n_kv_heads % tp:
-        raise ValueError(f"parallel.tp={tp} with model.hf_path: the model's {cfg.n_kv_heads} K/V heads must split "
-                         f"evenly over the tp ranks (sharing K/V heads across ranks is longctx's own Llama's); "
-                         f"use a tp that divides {cfg.n_kv_heads}")
+    misfit = hf_tp_misfit(cfg, tp)
+    if misfit:
+        raise ValueError(str(misfit))
 
 
 # Megatron's split of a Llama-style decoder layer, by the module names Llama, Qwen2/3, Mistral and Gemma share

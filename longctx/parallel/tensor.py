@@ -22,6 +22,8 @@ group, phase "tp"); the hidden-state gradient is reduce-scattered back to the sh
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,25 +34,49 @@ from .comm import Comm
 PHASE = "tp"
 
 
+class TpMisfit(NamedTuple):
+    """Why a model's sizes do not split over tp ranks: the fact (naming the tp option as the caller spells it, `tp_as`),
+    the reason, and training's fix (a tp degree, or a size to change)."""
+
+    fact: str
+    why: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.fact}: {self.why}; {self.fix}"
+
+
+def tp_misfit(n_heads: int, n_kv_heads: int, vocab_size: int, tp: int, ffn_dim: int | None = None, *,
+              tp_as: str = "parallel.tp={}") -> TpMisfit | None:
+    """The first constraint of splitting the model over `tp` ranks that its sizes break, or None."""
+    if tp == 1:
+        return None
+    if ffn_dim is not None and ffn_dim % tp:  # w1/w3 split by columns, w2 by rows: DTensor would fail mid-forward
+        return TpMisfit(f"model.ffn_dim={ffn_dim} is not divisible by {tp_as.format(tp)}",
+                        "each tensor-parallel rank takes ffn_dim/tp of the MLP's hidden units",
+                        f"use a multiple of {tp} (e.g. {ffn_dim + (-ffn_dim) % tp}) or a tp degree that divides "
+                        f"{ffn_dim}")
+    if n_heads % tp:
+        return TpMisfit(f"model.n_heads={n_heads} is not divisible by {tp_as.format(tp)}",
+                        "each tensor-parallel rank takes n_heads/tp query heads",
+                        f"choose a tp degree that divides {n_heads}")
+    if n_kv_heads % tp and tp % n_kv_heads:
+        return TpMisfit(f"model.n_kv_heads={n_kv_heads} and {tp_as.format(tp)} do not divide one another",
+                        "each tensor-parallel rank takes n_kv_heads/tp K/V heads, or with tp > n_kv_heads shares one "
+                        "with tp/n_kv_heads ranks, so one must divide the other",
+                        f"choose a tp degree that divides {n_kv_heads} or is a multiple of it (and divides "
+                        f"model.n_heads={n_heads})")
+    if vocab_size % tp:
+        return TpMisfit(f"model.vocab_size={vocab_size} is not divisible by {tp_as.format(tp)}",
+                        "the embedding and output rows are split over tp", f"pad the vocabulary to a multiple of {tp}")
+    return None
+
+
 def check_tp(n_heads: int, n_kv_heads: int, vocab_size: int, tp: int, ffn_dim: int | None = None) -> None:
     """Every constraint of splitting the model over tp ranks; messages name the key and the fix."""
-    if tp == 1:
-        return
-    if ffn_dim is not None and ffn_dim % tp:  # w1/w3 split by columns, w2 by rows: DTensor would fail mid-forward
-        raise ValueError(f"model.ffn_dim={ffn_dim} is not divisible by parallel.tp={tp}: each tensor-parallel rank "
-                         f"takes ffn_dim/tp of the MLP's hidden units; use a multiple of {tp} (e.g. "
-                         f"{ffn_dim + (-ffn_dim) % tp}) or a tp degree that divides {ffn_dim}")
-    if n_heads % tp:
-        raise ValueError(f"model.n_heads={n_heads} is not divisible by parallel.tp={tp}: each tensor-parallel rank "
-                         f"takes n_heads/tp query heads; choose a tp degree that divides {n_heads}")
-    if n_kv_heads % tp and tp % n_kv_heads:
-        raise ValueError(f"model.n_kv_heads={n_kv_heads} and parallel.tp={tp}: each tensor-parallel rank takes "
-                         f"n_kv_heads/tp K/V heads, or with tp > n_kv_heads shares one with tp/n_kv_heads ranks, so "
-                         f"one must divide the other; choose a tp degree that divides {n_kv_heads} or is a multiple "
-                         f"of it (and divides model.n_heads={n_heads})")
-    if vocab_size % tp:
-        raise ValueError(f"model.vocab_size={vocab_size} is not divisible by parallel.tp={tp} (the embedding and "
-                         f"output rows are split over tp); pad the vocabulary to a multiple of {tp}")
+    misfit = tp_misfit(n_heads, n_kv_heads, vocab_size, tp, ffn_dim)
+    if misfit:
+        raise ValueError(str(misfit))
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:

@@ -247,3 +247,38 @@ def test_the_checkpoint_tokenizer_is_the_one_its_data_was_made_with(tmp_path):
     with pytest.raises(ValueError, match=r"the checkpoint's dataset data.path='.*ds', whose meta.json names the "
                                          r"tokenizer the model was trained with, is not there .*pass that tokenizer"):
         checkpoint_tokenizer(cfg)
+
+
+def test_a_tp_that_does_not_fit_names_the_tp_values_that_do():
+    """A trained model's sizes are fixed: the refusal states the misfit with --tp, then the degrees that fit."""
+    from omegaconf import OmegaConf
+
+    from longctx.config import load
+    from longctx.eval.weights import check_eval_tp
+
+    def cfg(**model):
+        c = load(overrides=[f"model.{k}={v}" for k, v in model.items() if k != "hf_path"])
+        if "hf_path" in model:  # its sizes are already resolved into the model section
+            OmegaConf.update(c, "model.hf_path", model["hf_path"], force_add=True)
+        return c
+
+    for model, tp, message in [
+        (dict(n_heads=8, n_kv_heads=2, vocab_size=64, ffn_dim=96), 4, None),  # tp 4 shares each K/V head by 2
+        (dict(n_heads=8, n_kv_heads=2, vocab_size=64, ffn_dim=100), 8,
+         "--tp 8 does not fit this checkpoint's model: model.ffn_dim=100 is not divisible by --tp 8; choose --tp 2, 4 "
+         "or 1"),
+        (dict(n_heads=12, n_kv_heads=4, vocab_size=96, dim=96, ffn_dim=96), 8,
+         "model.n_heads=12 is not divisible by --tp 8; choose --tp 2, 4, 12 or 1"),
+        (dict(n_heads=12, n_kv_heads=4, vocab_size=96, dim=96, ffn_dim=96), 6,
+         "model.n_kv_heads=4 and --tp 6 do not divide one another; choose --tp 2, 4, 12 or 1"),
+        (dict(n_heads=8, n_kv_heads=8, vocab_size=65, ffn_dim=64), 2,
+         "model.vocab_size=65 is not divisible by --tp 2; choose --tp 1 (no tensor-parallel split fits its sizes)"),
+        (dict(n_heads=8, n_kv_heads=2, vocab_size=64, ffn_dim=64, hf_path="/some/hf"), 4,
+         "the model's 2 K/V heads (model.hf_path) do not split evenly over --tp 4; choose --tp 2 or 1"),
+    ]:
+        if message is None:
+            check_eval_tp(cfg(**model), tp)
+            continue
+        with pytest.raises(ValueError) as e:
+            check_eval_tp(cfg(**model), tp)
+        assert message in str(e.value), (str(e.value), message)

@@ -208,7 +208,9 @@ def test_hf_path_errors_are_one_line(tmp_path, qwen_dir):
     with pytest.raises(ConfigError, match="meta_init=true with model.hf_path and parallel.engine=deepspeed is not"):
         validate_job(load(overrides=[f"model.hf_path={qwen_dir}", "parallel.engine=deepspeed", "parallel.zero_stage=3",
                                      "parallel.meta_init=true"]), 1)
-    with pytest.raises(ConfigError, match="the model's 2 K/V heads must split evenly over the tp ranks"):
+    with pytest.raises(ConfigError, match=r"the model's 2 K/V heads \(model.hf_path\) do not split evenly over "
+                       r"parallel.tp=4: sharing one K/V head across tp ranks is longctx's own Llama's, not a "
+                       r"Hugging Face model's; use a tp that divides 2"):
         validate_job(load(overrides=[f"model.hf_path={qwen_dir}", "parallel.tp=4", "parallel.dp_shard=1"]), 4)
     with pytest.raises(ConfigError, match="ulysses"):  # 4 heads over 3 Ulysses ranks
         validate_job(load(overrides=[f"model.hf_path={qwen_dir}", "parallel.cp=3", "parallel.strategy=ulysses",
