@@ -52,21 +52,42 @@ def _check_writable(path: str, what: str, kind: str) -> None:
 
 
 def check_plot(path: str | None, what: str = "--plot") -> None:
-    """`path` can take a matplotlib figure: a writable file path whose extension matplotlib knows (none: it adds .png).
-    Checked before the work, so a typo in the extension does not cost the run."""
+    """`path` can take a matplotlib figure: a writable file path whose extension matplotlib knows (none: it adds .png)
+    and can write here (.pgf needs a TeX system). Checked before the work, so a typo does not cost the run."""
     if path is None:
         return
     check_output(path, what)
     from ._optional import require
 
-    require("matplotlib", f"{what} (plots)")
+    matplotlib = require("matplotlib", f"{what} (plots)")
     from matplotlib.backend_bases import FigureCanvasBase
 
     ext = os.path.splitext(path)[1].lstrip(".").lower()
-    known = FigureCanvasBase.get_supported_filetypes()
+    known = dict(FigureCanvasBase.get_supported_filetypes())
+    tex = matplotlib.rcParams["pgf.texsystem"]
+    if shutil.which(tex) is None:  # pgf figures are typeset by it: without it savefig fails after the run
+        known.pop("pgf", None)
+        if ext == "pgf":
+            raise ValueError(f"{what} {path}: .pgf plots are typeset by {tex}, which is not installed here; use "
+                             ".pdf or .svg (or install a TeX system)")
     if ext and ext not in known:
         raise ValueError(f"{what} {path}: matplotlib cannot write .{ext} files; use one of "
                          f"{', '.join('.' + e for e in sorted(known))} (e.g. .png)")
+    if not ext:  # the file written is PATH.png: that one must not be a directory
+        check_output(figure_path(path), what)
+
+
+def figure_path(path: str) -> str:
+    """The file matplotlib's savefig writes for `path`: itself, or with .png added where it has no extension."""
+    return path if os.path.splitext(path)[1] else f"{path}.png"
+
+
+def save_figure(fig, path: str) -> str:
+    """Write a matplotlib figure to `path` (creating its directories, as the JSON writers do); returns the file."""
+    written = figure_path(path)
+    os.makedirs(os.path.dirname(os.path.abspath(written)), exist_ok=True)
+    fig.savefig(written, dpi=120)
+    return written
 
 
 def exchange(a: str, b: str) -> bool:

@@ -161,6 +161,20 @@ def test_missing_optional_dependency_names_the_extra():
     (["bench", "kernel", "--seq-lens", ","], r"--seq-lens: ',' is not a comma-separated list of integers"),
     (["bench", "packing", "--alpha", "nan"], r"--alpha a finite number > 0"),
     (["bench", "train", "--config", TINY, "--layouts", "cp=2,cp=4"], r"sets cp more than once"),
+    (["bench", "train", "--config", TINY, "--layouts", "cp=2,"], r"layout 'cp=2,' must be key=value pairs"),
+    # a flag that would change nothing is refused, naming what it applies to
+    (["bench", "decode", "--strategies", "ring", "--collectives", "1"],
+     r"--collectives applies to the tree strategy, which --strategies 'ring' leaves out; add tree, or drop"),
+    (["bench", "kernel", "--backends", "torch-math", "--virtual-ranks", "2"],
+     r"--virtual-ranks needs a backend that returns the log-sum-exp .* has only SDPA baselines .* add one of "
+     r"flash, reference, sdpa, triton, or drop --virtual-ranks"),
+    # the bench's own flags, not the training config's keys
+    (["bench", "attention", "--world-size", "4", "--seq-len", "32", "--heads", "6", "--kv-heads", "3",
+      "--strategies", "hybrid", "--ulysses", "2"], r"hybrid ulysses: 3 kv heads \(--kv-heads\) neither divide over "
+                                                   r"2 ranks .*; use a --ulysses degree that divides the kv heads"),
+    (["bench", "attention", "--strategies", "ulysses", "--heads", "3", "--world-size", "2"],
+     r"ulysses: 3 query heads \(--heads\) do not divide over 2 ranks; use a --world-size that divides the heads "
+     r"\(e.g. 1\)"),
     (["eval", "ppl", "--checkpoint", "nope", "--json", os.path.join(__file__, "p.json")], r"--json .* cannot be"),
     (["config", "show", TINY, "parallel.strategy=ulysses", "--world-size", "4", "model.n_heads=2", "model.dim=32",
       "model.n_kv_heads=2"], r"2 query heads do not divide over 4 ranks"),

@@ -28,3 +28,35 @@ def test_replace_dir_swaps_in_one_step_where_the_system_can(tmp_path):
 def test_replace_dir_without_an_atomic_exchange_renames_twice(tmp_path, monkeypatch):
     monkeypatch.setattr(paths, "exchange", lambda a, b: False)
     _replace_twice(tmp_path)
+
+
+def test_check_plot_checks_the_file_matplotlib_will_write(tmp_path, monkeypatch):
+    import pytest
+
+    (tmp_path / "taken.png").mkdir()  # savefig writes PATH.png for a PATH without an extension
+    with pytest.raises(ValueError, match=r"--plot .*taken.png is a directory"):
+        paths.check_plot(str(tmp_path / "taken"))
+    paths.check_plot(str(tmp_path / "free"))
+    # .pgf is typeset by the TeX system matplotlib names: refused up front where it is missing
+    monkeypatch.setattr(paths.shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match=r"--plot .*p.pgf: .pgf plots are typeset by xelatex, which is not "
+                                         r"installed here; use .pdf or .svg"):
+        paths.check_plot(str(tmp_path / "p.pgf"))
+    with pytest.raises(ValueError, match="cannot write .foo files") as e:
+        paths.check_plot(str(tmp_path / "p.foo"))
+    assert ".pgf" not in str(e.value) and ".svg" in str(e.value)  # not offered where it cannot be written
+    monkeypatch.setattr(paths.shutil, "which", lambda name: f"/usr/bin/{name}")
+    paths.check_plot(str(tmp_path / "p.pgf"))
+
+
+def test_save_figure_makes_the_directories_and_adds_png(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure()
+    assert paths.save_figure(fig, str(tmp_path / "new" / "sub" / "plot")) == str(tmp_path / "new" / "sub" / "plot.png")
+    assert paths.save_figure(fig, str(tmp_path / "other" / "p.svg")) == str(tmp_path / "other" / "p.svg")
+    plt.close(fig)
+    assert _tree(tmp_path) == ["new/sub/plot.png", "other/p.svg"]

@@ -14,6 +14,7 @@ import time
 import torch
 
 from .._argtypes import seconds, split_names
+from ..parallel.sequence.ulysses import HeadNames
 from . import report
 
 COLUMNS = ["strategy", "layout", "world_size", "max_abs_err_out", "max_abs_err_grad", "comm_bytes_measured",
@@ -163,6 +164,10 @@ def _ulysses(args) -> int:
     return args.ulysses or (2 if args.world_size % 2 == 0 and args.heads % 2 == 0 else 1)
 
 
+_HEAD_NAMES = HeadNames(heads="--heads", kv_heads="--kv-heads", ranks="a --world-size",
+                        hybrid_degree="a --ulysses degree")
+
+
 def validate(args) -> None:
     """Every strategy's constraints for these arguments, checked before any rank starts."""
     from ..parallel import get_strategy
@@ -180,7 +185,7 @@ def validate(args) -> None:
         layout = strat.layout(args.hybrid_layout if hybrid else None)
         strat.check(seq_len=args.seq_len, world=args.world_size, layout=layout, heads=args.heads,
                     kv_heads=args.kv_heads or args.heads, ulysses=_ulysses(args) if hybrid else 1,
-                    what=f"--seq-len ({name})")
+                    what=f"--seq-len ({name})", head_names=_HEAD_NAMES)
 
 
 def run(args) -> list[dict]:

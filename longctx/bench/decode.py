@@ -33,8 +33,9 @@ def add_arguments(p) -> None:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", choices=sorted(report.DTYPES), default="float32")
     p.add_argument("--kernel", default="auto", help="local kernel backend")
-    p.add_argument("--collectives", type=int, choices=(1, 2), default=2,
-                   help="tree combine: 2 = all-reduce max + fused all-reduce sum, 1 = all-gather + local merge")
+    p.add_argument("--collectives", type=int, choices=(1, 2), default=None,
+                   help="tree combine: 2 (default) = all-reduce max + fused all-reduce sum, 1 = all-gather + local "
+                        "merge")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--backend", default="auto", help="process group backend: auto, gloo, nccl")
@@ -108,6 +109,9 @@ def validate(args) -> None:
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:
         raise ValueError(f"unknown decode strategies {bad}; choose from {list(STRATEGIES)}")
+    if args.collectives is not None and "tree" not in strategies:
+        raise ValueError(f"--collectives applies to the tree strategy, which --strategies {args.strategies!r} leaves "
+                         "out; add tree, or drop --collectives")
 
 
 def run(args) -> list[dict]:
@@ -118,7 +122,8 @@ def run(args) -> list[dict]:
     kv = args.kv_heads or args.heads
     cfg = dict(contexts=list(args.context), strategies=strategies, batch=args.batch, new_tokens=args.new_tokens,
                heads=args.heads, kv_heads=kv, head_dim=args.head_dim, dtype=report.DTYPES[args.dtype],
-               kernel=args.kernel, collectives=args.collectives, iters=args.iters, warmup=args.warmup, seed=args.seed)
+               kernel=args.kernel, collectives=args.collectives or 2, iters=args.iters, warmup=args.warmup,
+               seed=args.seed)
     per_rank = launch(_rank_main, args.world_size, args=(cfg,), backend=args.backend, timeout=args.timeout)
     records = []
     for i, first in enumerate(per_rank[0]):

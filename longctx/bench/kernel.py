@@ -276,6 +276,10 @@ def validate(args) -> None:
     if args.schedule != "zigzag" and not args.virtual_ranks:
         raise ValueError(f"--schedule {args.schedule} applies to --virtual-ranks P (one call split as P ranks would "
                          "run it); add --virtual-ranks, or drop --schedule")
+    if args.virtual_ranks and all(n in sdpa_baselines.NAMES for n in names):
+        raise ValueError(f"--virtual-ranks needs a backend that returns the log-sum-exp its blocks are merged with; "
+                         f"--backends {args.backends!r} has only SDPA baselines ({', '.join(sdpa_baselines.NAMES)}); "
+                         "add one of " + ", ".join(sorted(backends())) + ", or drop --virtual-ranks")
     if args.virtual_ranks:
         for s in args.seq_lens:
             layouts.check_seq(SCHEDULES[args.schedule], s, args.virtual_ranks,

@@ -10,7 +10,7 @@ import time
 import torch
 
 from .._optional import require
-from .._paths import check_output, check_plot
+from .._paths import check_output, check_plot, save_figure
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -92,7 +92,7 @@ def plot_lines(path: str | None, series: dict[str, tuple[list, list]], *, xlabel
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -104,7 +104,8 @@ def environment() -> dict:
 
 
 def plot_bars(path: str | None, labels: list[str], series: dict[str, list[float]], *, title: str) -> None:
-    """One panel per series, one horizontal bar per label (long labels stay readable)."""
+    """One panel per series, one horizontal bar per label (long labels stay readable); a None value, a figure
+    the run could not give, reads n/a instead of a bar."""
     if not path:
         return
     matplotlib = require("matplotlib", "benchmark plots")
@@ -116,14 +117,17 @@ def plot_bars(path: str | None, labels: list[str], series: dict[str, list[float]
     axes = [axes] if len(series) == 1 else list(axes)
     ys = list(range(len(labels)))
     for ax, (name, values) in zip(axes, series.items()):
-        ax.barh(ys, values)
+        ax.barh(ys, [0 if v is None else v for v in values])
+        for y, v in zip(ys, values):
+            if v is None:
+                ax.text(0, y, " n/a", va="center")
         ax.set_yticks(ys, labels)
-        ax.invert_yaxis()  # first label on top, in table order
         ax.set_title(name)
         ax.grid(True, axis="x", alpha=0.3)
+    axes[0].invert_yaxis()  # first label on top, in table order (once: the panels share the y axis)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 

@@ -38,7 +38,7 @@ def add_arguments(p) -> None:
 
 
 def _layout_overrides(layout: str) -> list[str]:
-    items = [x.strip() for x in layout.split(",") if x.strip()]
+    items = [x.strip() for x in layout.split(",")]
     bad = [x for x in items if "=" not in x]
     if bad or not items:
         raise ValueError(f"layout {layout!r} must be key=value pairs over parallel.* keys separated by commas, "
@@ -130,7 +130,7 @@ def run(args) -> list[dict]:
                 "mfu": statistics.median(r["mfu"] for r in timed) if timed[-1]["mfu"] is not None else None,
                 "saved_act_bytes_per_rank": max(r["saved"] for r in res),
                 "saved_act_bytes_by_rank": [r["saved"] for r in res],
-                **{f"{a}_bytes": (max(r["axes"][a] for r in res) if res[0]["axes"] else "n/a") for a in AXES},
+                **{f"{a}_bytes": (max(r["axes"][a] for r in res) if res[0]["axes"] else None) for a in AXES},
                 "peak_mem_bytes": max(r["peak_mem_bytes"] for r in hist),
                 "losses": [r["loss"] for r in hist], "loss_first": hist[0]["loss"], "loss_final": hist[-1]["loss"],
             })
@@ -147,8 +147,8 @@ def run(args) -> list[dict]:
     report.plot_bars(args.plot, [r["layout"] for r in records], {
         "tokens/s": [r["tokens_per_s"] for r in records],
         "saved activations per rank (MiB)": [r["saved_act_bytes_per_rank"] / 2**20 for r in records],
-        "bytes sent per rank, all axes (MiB)": [sum(r[f"{a}_bytes"] for a in AXES if r[f"{a}_bytes"] != "n/a") / 2**20
-                                                for r in records],
+        "bytes sent per rank, all axes (MiB)": [None if r["tp_bytes"] is None else  # DeepSpeed's are not counted
+                                                sum(r[f"{a}_bytes"] for a in AXES) / 2**20 for r in records],
         "final loss": [r["loss_final"] for r in records],
     }, title=f"longctx bench train: {args.config} on {args.world_size} ranks")
     return records

@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from .._paths import save_figure
 from ..data.tasks import RETRIEVAL, RetrievalTask
 
 HELD_OUT = 10**9  # example indices for evaluation start here: training reads indices from 0 upwards
@@ -105,8 +106,7 @@ def write_needle(records: list[dict], json_path: str | None, plot_path: str | No
         fig.colorbar(im, ax=ax, label="accuracy")
         ax.set_title("needle in a haystack")
         fig.tight_layout()
-        os.makedirs(os.path.dirname(os.path.abspath(plot_path)), exist_ok=True)
-        fig.savefig(plot_path, dpi=120)
+        save_figure(fig, plot_path)
         plt.close(fig)
 
 

@@ -76,3 +76,23 @@ def test_packing_bench_counts_and_balances(tmp_path, capsys):
     assert all(r["work_vs_one_document"] < 1 for r in rows.values()) and png.stat().st_size > 1000
     assert main(["bench", "packing", "--seq-len", "510", "--world-size", "4"]) == 2
     assert "needs a multiple of 8; use 512" in capsys.readouterr().err  # zigzag's 2 x 4, the others' 4
+
+
+@pytest.mark.parametrize("panels", [1, 2, 3, 4])
+def test_bar_plots_put_the_first_row_on_top_and_mark_missing_figures(tmp_path, monkeypatch, panels):
+    """Panels share their y axis: inverting each one flipped the order back for every even panel count."""
+    import longctx.bench.report as report
+
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.append(fig))
+    monkeypatch.setattr("matplotlib.pyplot.close", lambda fig: None)
+    labels = ["first", "second", "third"]
+    series = {f"panel {i}": [1.0, None, 3.0] for i in range(panels)}
+    report.plot_bars(str(tmp_path / "p.png"), labels, series, title="t")
+    (fig,) = figures
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == labels  # the others share them
+    for ax in fig.axes:
+        bottom, top = ax.get_ylim()
+        assert bottom > top, panels  # y grows downwards: bar 0 (the first row) is at the top
+        assert [p.get_width() for p in ax.patches] == [1.0, 0, 3.0]
+        assert [t.get_text().strip() for t in ax.texts] == ["n/a"]  # the missing figure is said, not drawn as 0

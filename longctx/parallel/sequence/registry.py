@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from . import cost
 from .layouts import LAYOUTS, check_layout, divisor, positions
 from .plan import imbalance, step_blocks, work_table
-from .ulysses import check_heads
+from .ulysses import CONFIG_HEAD_NAMES, HeadNames, check_heads
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,10 @@ class Strategy:
         return divisor(layout, world)
 
     def check(self, *, seq_len: int | None, world: int, layout: str, heads: int | None = None,
-              kv_heads: int | None = None, ulysses: int = 1, what: str = "sequence length") -> None:
+              kv_heads: int | None = None, ulysses: int = 1, what: str = "sequence length",
+              head_names: HeadNames = CONFIG_HEAD_NAMES) -> None:
         """Every constraint of running this strategy (seq_len / heads None: not checked); messages name the
-        fix."""
+        fix (the head counts and degrees as `head_names` calls them)."""
         if self.name == "hybrid":
             if world % ulysses:
                 raise ValueError(f"hybrid: ulysses degree {ulysses} does not divide the {world} context ranks; "
@@ -77,7 +78,7 @@ class Strategy:
         if heads is not None and self.heads_split:
             degree = ulysses if self.name == "hybrid" else world
             check_heads(heads, kv_heads or heads, degree, what="hybrid ulysses" if self.name == "hybrid" else
-                        "ulysses")
+                        "ulysses", names=head_names)
 
     def rank_positions(self, layout: str, n: int, world: int, rank: int, ulysses: int = 1):
         """Global token positions held by context rank `rank` (hybrid: rank = ring_rank * ulysses + u)."""

@@ -5,6 +5,8 @@ replicated to the ranks whose query heads use it; autograd sums the copies' grad
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..comm import Comm
@@ -52,21 +54,37 @@ class HeadsToSeq(torch.autograd.Function):
         return seq_to_heads(g.contiguous(), ctx.comm, "bwd"), None
 
 
-def check_heads(heads: int, kv_heads: int, world: int, what: str = "ulysses") -> int:
+@dataclass(frozen=True)
+class HeadNames:
+    """What the caller's user calls the head counts and the Ulysses degree, for check_heads' messages (the
+    defaults are the training config's)."""
+
+    heads: str = ""  # said after the query-head count, in parentheses, where set
+    kv_heads: str = "model.n_kv_heads, per tensor-parallel rank"
+    ranks: str = "a number of context ranks"
+    hybrid_degree: str = "a hybrid ulysses degree"
+
+
+CONFIG_HEAD_NAMES = HeadNames()
+
+
+def check_heads(heads: int, kv_heads: int, world: int, what: str = "ulysses",
+                names: HeadNames = CONFIG_HEAD_NAMES) -> int:
     """Validate head counts for a degree-`world` head split; return the KV replication factor."""
     # the ulysses strategy splits the heads over every context rank: its degree is their count (parallel.cp,
     # --world-size, --nproc); hybrid's is a setting of its own
-    degree = "a hybrid ulysses degree" if what == "hybrid ulysses" else "a number of context ranks"
+    degree = names.hybrid_degree if what == "hybrid ulysses" else names.ranks
     if heads % world:
         fits = max(d for d in range(1, world + 1) if heads % d == 0)
-        raise ValueError(f"{what}: {heads} query heads do not divide over {world} ranks; use {degree} that divides "
-                         f"the heads (e.g. {fits}), or the ring/zigzag strategy")
+        said = f" ({names.heads})" if names.heads else ""
+        raise ValueError(f"{what}: {heads} query heads{said} do not divide over {world} ranks; use {degree} that "
+                         f"divides the heads (e.g. {fits}), or the ring/zigzag strategy")
     if kv_heads % world == 0:
         return 1
     if world % kv_heads == 0:
         return world // kv_heads
     raise ValueError(
-        f"{what}: {kv_heads} kv heads (model.n_kv_heads, per tensor-parallel rank) neither divide over {world} "
+        f"{what}: {kv_heads} kv heads ({names.kv_heads}) neither divide over {world} "
         f"ranks nor replicate evenly onto them; use {degree} that divides the kv heads or is a multiple of them, "
         "or the ring/zigzag strategy"
     )
