@@ -693,6 +693,18 @@ MUTANTS = [
            "            schedule=cfg.lr_schedule, decay=cfg.decay_steps)", "            decay=cfg.decay_steps)",
            ("tests/train/test_metrics_optim.py",),
            "train.lr_schedule=linear trains with the cosine"),
+    Mutant("bar-plot-rows-upside-down", "longctx/bench/report.py",
+           "    axes[0].invert_yaxis()", "    pass",
+           ("tests/bench/test_train_bench.py::test_bar_plots_put_the_first_row_on_top_and_mark_missing_figures",),
+           "bench bar plots list the table's last row first"),
+    Mutant("plot-into-a-new-directory-crashes", "longctx/_paths.py",
+           "    os.makedirs(os.path.dirname(os.path.abspath(written)), exist_ok=True)\n", "",
+           ("tests/test_paths.py::test_save_figure_makes_the_directories_and_adds_png",),
+           "--plot into a directory not made yet fails after the whole run"),
+    Mutant("eval-tp-misfit-in-training-words", "longctx/eval/weights.py",
+           '                     tp_as="--tp {}")', '                     )',
+           ("tests/eval/test_eval.py::test_a_tp_that_does_not_fit_names_the_tp_values_that_do",),
+           "eval's --tp refusal names parallel.tp, a key eval has not"),
 ]
 
 
