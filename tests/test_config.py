@@ -218,6 +218,16 @@ def test_deepspeed_config_file_cannot_override_what_longctx_derives(tmp_path):
     with pytest.raises(ConfigError, match=r"sets checkpoint, which longctx derives from checkpoint.\* \(longctx "
                                           r"writes DeepSpeed's checkpoints synchronously"):
         validate_job(_tiny("parallel.engine=deepspeed", f"parallel.deepspeed_config={bad}"), 4)
+    # nested keys too: a stage or autocast set here would train as it while the run records the config's
+    bad.write_text('{"zero_optimization": {"stage": 3}, "torch_autocast": {"enabled": true}}')
+    with pytest.raises(ConfigError, match=r"sets torch_autocast, zero_optimization.stage, which longctx derives from "
+                                          r"train.precision; parallel.zero_stage: set those keys instead"):
+        validate_job(_tiny("parallel.engine=deepspeed", f"parallel.deepspeed_config={bad}"), 4)
+    bad.write_text('{"zero_force_ds_cpu_optimizer": true, "zero_allow_untested_optimizer": false}')
+    with pytest.raises(ConfigError, match=r"sets zero_allow_untested_optimizer, zero_force_ds_cpu_optimizer, which "
+                                          r"longctx derives from train.lr / weight_decay / beta1 / beta2 \(longctx "
+                                          r"steps torch's AdamW\): set"):
+        validate_job(_tiny("parallel.engine=deepspeed", f"parallel.deepspeed_config={bad}"), 4)
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match=r"is not valid JSON"):
         validate_job(_tiny("parallel.engine=deepspeed", f"parallel.deepspeed_config={bad}"), 4)

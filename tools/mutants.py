@@ -705,6 +705,18 @@ MUTANTS = [
            '                     tp_as="--tp {}")', '                     )',
            ("tests/eval/test_eval.py::test_a_tp_that_does_not_fit_names_the_tp_values_that_do",),
            "eval's --tp refusal names parallel.tp, a key eval has not"),
+    Mutant("deepspeed-json-sets-the-stage", "longctx/parallel/deepspeed_engine.py",
+           "k for k in _key_paths(extra) if k in OWNED", "k for k in extra if k in OWNED",
+           ("tests/test_config.py::test_deepspeed_config_file_cannot_override_what_longctx_derives",),
+           "zero_optimization.stage in the JSON runs another stage than the run records"),
+    Mutant("init-from-drops-tied-names", "longctx/train/init_from.py",
+           "m.named_parameters(remove_duplicate=False)}", "m.named_parameters()}",
+           ("tests/train/test_hf_training.py::test_hf_model_under_deepspeed_zero3_trains_exports_and_evaluates",),
+           "a tied model's full weights are refused as a head with no place"),
+    Mutant("init-from-unties-silently", "longctx/train/init_from.py",
+           "        if apart:\n            raise unfit_error(", "        if False:\n            raise unfit_error(",
+           ("tests/train/test_hf_training.py::test_init_from_reads_a_tied_head_once_and_refuses_an_untied_one",),
+           "an untied model's head loads over a tied model's embedding"),
 ]
 
 

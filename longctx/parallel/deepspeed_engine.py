@@ -45,13 +45,28 @@ def check_deepspeed(dims, p) -> None:
 
 # Keys longctx derives from its own config: overriding them would desynchronise DeepSpeed's step boundaries,
 # loss scaling, clipping, optimizer or LR schedule from the trainer's.
+# DeepSpeed keys longctx sets itself (dotted: a key inside a section), and what to set instead
 OWNED = {"train_micro_batch_size_per_gpu": "train.batch_size", "gradient_accumulation_steps": "train.accumulation",
          "train_batch_size": "train.batch_size", "gradient_clipping": "train.grad_clip",
          "optimizer": "train.lr / weight_decay / beta1 / beta2",
          "scheduler": "train.lr_schedule / warmup_steps / decay_steps / min_lr_ratio",
-         "bf16": "train.precision", "fp16": "train.precision",
+         "bf16": "train.precision", "fp16": "train.precision", "torch_autocast": "train.precision",
+         "amp": "train.precision",
+         # a stage set here would run (and checkpoint) as it while the run records parallel.zero_stage's
+         "zero_optimization.stage": "parallel.zero_stage",
+         # the optimizer is torch's AdamW (train/optim.py), offloaded or not: DeepSpeed must take it as it is
+         "zero_allow_untested_optimizer": "train.lr / weight_decay / beta1 / beta2 (longctx steps torch's AdamW)",
+         "zero_force_ds_cpu_optimizer": "train.lr / weight_decay / beta1 / beta2 (longctx steps torch's AdamW)",
          "checkpoint": "checkpoint.* (longctx writes DeepSpeed's checkpoints synchronously with its torch engine and "
                        "commits them atomically; an asynchronous writer would be committed half-written)"}
+
+
+def _key_paths(section: dict, prefix: str = ""):
+    """Every key of a JSON object, nested ones dotted (zero_optimization.stage)."""
+    for key, value in section.items():
+        yield prefix + key
+        if isinstance(value, dict):
+            yield from _key_paths(value, f"{prefix}{key}.")
 
 
 def _read_overrides(path: str) -> dict:
@@ -65,10 +80,10 @@ def _read_overrides(path: str) -> dict:
         raise ValueError(f"parallel.deepspeed_config={path!r} is not valid JSON: {e}") from None
     if not isinstance(extra, dict):
         raise ValueError(f"parallel.deepspeed_config={path!r} must hold a JSON object of DeepSpeed keys")
-    owned = sorted(k for k in extra if k in OWNED)
+    owned = sorted(k for k in _key_paths(extra) if k in OWNED)
     if owned:
         raise ValueError(f"parallel.deepspeed_config={path!r} sets {', '.join(owned)}, which longctx derives from "
-                         f"{'; '.join(OWNED[k] for k in owned)}: set those keys instead")
+                         f"{'; '.join(dict.fromkeys(OWNED[k] for k in owned))}: set those keys instead")
     return extra
 
 
@@ -85,6 +100,7 @@ def ds_config(cfg, dims, precision: str = "fp32") -> dict:
         "zero_optimization": {"stage": int(p.zero_stage)},
         "bf16": {"enabled": precision == "bf16"},  # the resolved precision (train.precision=auto: by device)
         "zero_allow_untested_optimizer": True,  # torch's AdamW, built by longctx.train.optim
+        "zero_force_ds_cpu_optimizer": False,  # and also where the JSON offloads it (DeepSpeed would demand its own)
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }

@@ -47,6 +47,9 @@ def init_weights(trainer, spec: str) -> tuple[str, int | None]:
         mine = get_model_state_dict(trainer.model, options=flat_options())
         _check_nothing_left(trainer, path, {saved_name(trainer, key) for key in mine},
                             {key.removeprefix("model.") for key in saved_entries(path) if key.startswith("model.")})
+        tied = _tied_groups(trainer, trainer.plan.stages or [trainer.model])
+        if tied:  # each rank reads the tied entries whole (an embedding's size), to compare them
+            _check_ties(trainer, path, full_weights(path, only={n for names in tied for n in names}), tied)
         try:
             read_dcp({"model": {saved_name(trainer, key): value for key, value in mine.items()}}, path)
         except Mismatch as e:
@@ -55,9 +58,11 @@ def init_weights(trainer, spec: str) -> tuple[str, int | None]:
         return path, step
     weights = full_weights(path, mmap=True)
     check_fits(trainer, path, weights, fix=_FIX)
-    names = trainer.engine.module.named_parameters() if trainer.engine is not None else \
-        (item for m in trainer.plan.stages or [trainer.model] for item in m.named_parameters())
-    _check_nothing_left(trainer, path, {saved_name(trainer, n) for n, _ in names}, set(weights))
+    modules = [trainer.engine.module] if trainer.engine is not None else trainer.plan.stages or [trainer.model]
+    # every name of a tied parameter: the full weights list the output head under its own name too
+    names = {saved_name(trainer, n) for m in modules for n, _ in m.named_parameters(remove_duplicate=False)}
+    _check_nothing_left(trainer, path, names, set(weights))
+    _check_ties(trainer, path, weights, _tied_groups(trainer, modules))
     if trainer.engine is not None:
         _fresh_deepspeed(trainer, weights)
     else:
@@ -80,6 +85,29 @@ def _check_nothing_left(trainer, path: str, mine: set, saved: set) -> None:
     if left:
         raise unfit_error(trainer, path, f"it holds {', '.join(left[:3])}{' ...' if len(left) > 3 else ''}, which this "
                           "model has no place for", _FIX)
+
+
+def _tied_groups(trainer, modules) -> list[list[str]]:
+    """The saved names of each parameter this model ties (an output head that is the embedding)."""
+    from ..model.hf_load import tied_names
+
+    groups = [[saved_name(trainer, n) for n in names] for m in modules for names in tied_names(m)]
+    if trainer.plan.tied is not None:  # a pipeline's copy of the embedding on the last stage (parallel/tied.py)
+        groups.append([saved_name(trainer, trainer.plan.tied.embedding_name),
+                       saved_name(trainer, trainer.plan.tied.head_name)])
+    return groups
+
+
+def _check_ties(trainer, path: str, weights: dict, groups: list[list[str]]) -> None:
+    """A tied parameter must be one tensor in the checkpoint too: an untied model's two would both load into
+    it, the last one read silently winning. `weights`: the full tensors of (at least) the tied names, the
+    same on every rank, so every rank decides alike."""
+    for names in groups:
+        held = [n for n in names if n in weights]
+        apart = [n for n in held[1:] if not torch.equal(weights[n], weights[held[0]])]
+        if apart:
+            raise unfit_error(trainer, path, f"it holds {held[0]} and {apart[0]} as different tensors (an untied "
+                              "output head), which this model ties", _FIX)
 
 
 def _check_heads(trainer, path: str, what: str) -> None:

@@ -24,17 +24,17 @@ def model_weights(path: str, log=print) -> tuple[dict, str]:
     return full_weights(path), path
 
 
-def full_weights(path: str, mmap: bool = False) -> dict:
+def full_weights(path: str, mmap: bool = False, only: set | None = None) -> dict:
     """The model weights of complete checkpoint `path`, whole, by the unparallelised model's names: a
     DeepSpeed checkpoint's model.pt (memory-mapped with `mmap`), or a DCP checkpoint's model entries (each
-    process reads them itself, with or without a process group)."""
+    process reads them itself, with or without a process group); `only`: of a DCP checkpoint, just those."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     if os.path.isfile(os.path.join(path, "model.pt")):  # a DeepSpeed checkpoint: its full weights
         return load_file(path, "model.pt", mmap=mmap)
     entries = _saved_model_entries(path)
     state = {name: torch.empty(md.size, dtype=md.properties.dtype) for name, (_, md) in entries.items()
-             if isinstance(md, TensorStorageMetadata)}
+             if isinstance(md, TensorStorageMetadata) and (only is None or name in only)}
     read_dcp({entries[name][0]: tensor for name, tensor in state.items()}, path, no_dist=True)
     return state
 

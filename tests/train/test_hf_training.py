@@ -14,7 +14,7 @@ from longctx.train import validate_job
 from tests.support.equivalence import compare_runs, compare_validation
 from tests.support.perplexity import assert_same_ppl, ppl_by_layout
 
-from ._workers import config, train_and_collect
+from ._workers import config, resume_errors, train_and_collect
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need the `hf` extra")
 
@@ -97,6 +97,33 @@ def test_hf_model_under_deepspeed_zero3_trains_exports_and_evaluates(qwen_dir, t
     assert model.state_dict().keys() == got["params"].keys()
     for name, value in model.state_dict().items():
         assert torch.equal(value, got["params"][name]), name
+    # a new stage from its full weights, which list the tied head under both names (it was refused)
+    (start,) = run(train_and_collect, 1, args=([_cfg(qwen_dir, f"train.init_from={root}",
+                                                     run_dir=str(tmp_path / "next"))], 0), timeout=180)[0]
+    assert all(torch.equal(start["params"][k], v) for k, v in got["params"].items())
+
+
+def test_init_from_reads_a_tied_head_once_and_refuses_an_untied_one(qwen_dir, tmp_path, tmp_path_factory):
+    """A tied model's checkpoint lists the head under its own name too: it starts a new stage (it was refused as
+    a weight with no place); an untied model's head, a tensor of its own, is refused by name, not loaded over
+    the embedding (DCP checkpoints here; DeepSpeed's full weights in the ZeRO-3 test)."""
+    untied = _saved(tmp_path_factory, "qwen2_untied", "Qwen2ForCausalLM", "Qwen2Config", num_hidden_layers=2,
+                    tie_word_embeddings=False)
+    tied_run, untied_run = str(tmp_path / "tied"), str(tmp_path / "untied")
+    run(train_and_collect, 1, args=([_cfg(qwen_dir, "train.steps=1", "checkpoint.interval=1", run_dir=tied_run),
+                                     _cfg(untied, "train.steps=1", "checkpoint.interval=1", run_dir=untied_run)],),
+        timeout=180)
+    tied_root, untied_root = os.path.join(tied_run, "checkpoints"), os.path.join(untied_run, "checkpoints")
+    (start,) = run(train_and_collect, 1, args=([_cfg(qwen_dir, f"train.init_from={tied_root}",
+                                                     run_dir=str(tmp_path / "again"))], 0), timeout=180)[0]
+    from longctx.train import weights
+
+    saved = weights.export(tied_root, str(tmp_path / "tied.pt"))
+    assert set(start["params"]) == set(saved) and all(torch.equal(start["params"][k], saved[k]) for k in saved)
+    (error,) = run(resume_errors, 1, args=([_cfg(qwen_dir, f"train.init_from={untied_root}",
+                                                 run_dir=str(tmp_path / "mixed"))],), timeout=180)[0]
+    assert "does not fit this model: it holds hf.model.embed_tokens.weight and hf.lm_head.weight as different " \
+           "tensors (an untied output head), which this model ties" in error, error
 
 
 @pytest.fixture(scope="module")
