@@ -334,10 +334,39 @@ def load_hf_model(path: str, dtype=torch.float32):
     with open(os.path.join(path, "config.json")) as f:
         arch = json.load(f).get("architectures") or ["?"]
     try:
-        return transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
-                                                                 attn_implementation=ATTN_IMPLEMENTATION)
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, output_loading_info=True,
+            ignore_mismatched_sizes=True)  # reported below by name and shape, not in a log and a traceback
     except ValueError as e:
         raise ValueError(f"model.hf_path={path!r} ({arch[0]}): {e}") from None
+    except (RuntimeError, OSError) as e:  # weights of other shapes, a missing shard: the files, not longctx
+        raise ConfigError(f"model.hf_path={path!r} ({arch[0]}): its weights cannot be loaded "
+                          f"({_first_telling_line(e)}); give the directory save_pretrained wrote") from None
+    except Exception as e:  # noqa: BLE001 - safetensors' own SafetensorError (an empty or cut file)
+        if "safetensor" not in type(e).__name__.lower():
+            raise
+        raise ConfigError(f"model.hf_path={path!r} ({arch[0]}): its safetensors cannot be read ({e}); save the "
+                          "model again with save_pretrained") from None
+    # transformers initialises what the files lack (or hold in another shape) at random, saying so in a log
+    # line: that would train a model that is not theirs
+    mismatched = sorted(info.get("mismatched_keys") or ())  # (name, shape stored, shape its config makes)
+    if mismatched:
+        name, stored, wanted = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise ConfigError(f"model.hf_path={path!r} ({arch[0]}): its weight {name} has shape {tuple(stored)} where its "
+                          f"config.json makes it {tuple(wanted)}{more}; give the directory save_pretrained wrote")
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise ConfigError(f"model.hf_path={path!r} ({arch[0]}) has no weights for {', '.join(missing[:4])}"
+                          f"{' ...' if len(missing) > 4 else ''}; its weight files do not match its config.json "
+                          "(give the directory save_pretrained wrote)")
+    return model
+
+
+def _first_telling_line(error: BaseException) -> str:
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    first = lines[0] if lines else type(error).__name__
+    return next((ln for ln in lines if "size" in ln or "shape" in ln), first)[:300]
 
 
 def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: ParallelMesh | None = None,
@@ -360,9 +389,6 @@ def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: Para
         check_hf_rope(c, dims.cp)
     check_hf_tp(model_config(c), dims.tp)
     dims.check_heads(c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
-    if getattr(c, "attention_dropout", 0.0):
-        raise ValueError(f"{type(model).__name__} has attention_dropout={c.attention_dropout}; longctx attention "
-                         "needs 0")
     mesh = mesh or dims.build_mesh()
     engine = resolve_engine(cfg.engine, dims)
     adapter = HFCausalLM(model)

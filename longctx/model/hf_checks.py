@@ -139,6 +139,10 @@ def check_hf_config(hf_config) -> None:
         raise ValueError(f"{arch} has layers of type {', '.join(other)} (config.json layer_types): longctx computes "
                          f"{', '.join(_LAYER_TYPES)} layers only, and would run these as full causal attention "
                          "silently; train this architecture another way, or a variant of it without those layers")
+    if getattr(hf_config, "attention_dropout", 0.0):  # longctx's attention drops nothing: it would train another way
+        raise ValueError(f"{arch} has attention_dropout={hf_config.attention_dropout} (config.json): longctx's "
+                         "attention applies no dropout; set attention_dropout to 0 in its config.json (in a copy of "
+                         "the directory)")
     output_scale(hf_config)
 
 

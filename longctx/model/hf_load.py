@@ -10,12 +10,15 @@ HuggingFaceStorageReader reads exactly those slices from the safetensors files.
 
 from __future__ import annotations
 
+import json
+import os
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from .._optional import require
+from ..config import ConfigError
 from .hf import ATTN_IMPLEMENTATION, register_attention
 from .hf_checks import check_hf_dir, read_hf_config
 
@@ -68,6 +71,34 @@ def materialize(model: nn.Module, device) -> None:
         model.get_submodule(owner)._buffers[leaf] = value.to(device)
 
 
+def stored_safetensors(path: str, what: str, reader=None) -> dict:
+    """{name: DCP metadata} of the tensors in a Hugging Face directory's safetensors (one file, or the shards its
+    index lists), for `what` (the setting that reads them piece by piece, which safetensors alone allow).
+    A directory without them, a missing shard or an unreadable header is a ConfigError naming the file."""
+    import glob
+
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    if not glob.glob(os.path.join(path, "*.safetensors")):
+        raise ConfigError(f"{what} reads the weights of {path} from safetensors, and it has none (only "
+                          f"{', '.join(sorted(os.listdir(path)))}); save the model with save_pretrained "
+                          "(safetensors, the default), or leave out " + what.split("=")[0])
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+        gone = [name for name in shards if not os.path.isfile(os.path.join(path, name))]
+        if gone:
+            raise ConfigError(f"{path}: {', '.join(gone[:3])}, listed in model.safetensors.index.json, is not there; "
+                              "copy the whole directory save_pretrained wrote")
+    try:
+        return (reader or HuggingFaceStorageReader(path)).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (header too small, ...)
+        raise ConfigError(f"{path}: its safetensors cannot be read ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); save the model again with "
+                          "save_pretrained") from None
+
+
 def load_hf_pieces(model: nn.Module, path: str, device, tied_pair: tuple[str, str] | None = None) -> None:
     """Storage for this rank's pieces of a model built by build_hf_on_meta and parallelized, then their values
     from the checkpoint's safetensors (each rank reads its slices). Collective: every rank calls it.
@@ -79,7 +110,7 @@ def load_hf_pieces(model: nn.Module, path: str, device, tied_pair: tuple[str, st
     materialize(model, device)
     state = model.state_dict()
     reader = HuggingFaceStorageReader(path)
-    stored = set(reader.read_metadata().state_dict_metadata)
+    stored = set(stored_safetensors(path, "parallel.meta_init=true", reader))
     source = {k: k for k in state}
     if tied_pair is not None and tied_pair[1] in state and tied_pair[1] not in stored:
         source[tied_pair[1]] = tied_pair[0]
@@ -87,8 +118,8 @@ def load_hf_pieces(model: nn.Module, path: str, device, tied_pair: tuple[str, st
     tied = [k for k in state if source[k] not in stored and k in aliases]  # saved once, under the other name
     missing = [k for k in state if source[k] not in stored and k not in tied]
     if missing:
-        raise ValueError(f"model.hf_path={path!r} has no weights for {', '.join(missing[:4])}; its safetensors do "
-                         f"not match its config.json")
+        raise ConfigError(f"model.hf_path={path!r} has no weights for {', '.join(missing[:4])}; its safetensors do "
+                          f"not match its config.json")
     dcp.load({source[k]: v for k, v in state.items() if k not in tied}, storage_reader=reader)
 
 

@@ -45,7 +45,7 @@ from .checkpoint_dirs import (
     telling_line,
 )
 from .optim import apply_settings
-from .same_run import check_same_run, model_changes
+from .same_run import HF_CONFIG, check_same_run, model_changes
 
 FULL_OPTIMIZER = "optimizer.pt"  # a DeepSpeed checkpoint's Adam states, unsharded: it resumes on any layout
 # the resolved engine (plan.engine) in words: "none" is no value of parallel.engine
@@ -143,6 +143,8 @@ def save(trainer, root: str, keep_last: int, *, async_save: bool = False, group=
                    os.path.join(tmp, "trainer.pt"))
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
             f.write(to_yaml(trainer.cfg))
+        if trainer.cfg.model.hf_path:  # what the Hugging Face model computes with, beyond the sizes config.yaml has
+            shutil.copyfile(os.path.join(trainer.cfg.model.hf_path, "config.json"), os.path.join(tmp, HF_CONFIG))
     if trainer.engine is not None:
         from ..parallel import deepspeed_engine
 

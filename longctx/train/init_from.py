@@ -148,6 +148,7 @@ def _from_hugging_face(trainer, path: str, what: str) -> None:
 
     from ..config import ConfigError, head_dim_of
     from ..model.hf_checks import read_hf_config
+    from ..model.hf_load import stored_safetensors
     from ..model.hf_weights import hf_names, llama_config
 
     ours = trainer.cfg.model
@@ -169,9 +170,13 @@ def _from_hugging_face(trainer, path: str, what: str) -> None:
         raise ConfigError(f"{what} does not fit this model: it has {', '.join(differ)}; set those (its RoPE may "
                           "differ from this run's)")
     reader = HuggingFaceStorageReader(path)
-    stored = reader.read_metadata().state_dict_metadata
+    stored = stored_safetensors(path, what, reader)
     names = {k: v if v in stored or v != "lm_head.weight" else "model.embed_tokens.weight"  # a tied head
              for k, v in hf_names(ours.n_layers).items()}
+    absent = sorted({v for v in names.values() if v not in stored})
+    if absent:
+        raise ConfigError(f"{what} has no weights for {', '.join(absent[:4])}{' ...' if len(absent) > 4 else ''}; "
+                          "its safetensors do not match its config.json (give the directory save_pretrained wrote)")
     if trainer.engine is not None:  # DeepSpeed holds flat partitions: full weights (a tied pair shares one)
         read = {source: torch.empty(stored[source].size, dtype=torch.float32) for source in set(names.values())}
         dcp.load(read, storage_reader=reader, no_dist=True)

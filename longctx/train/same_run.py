@@ -19,6 +19,38 @@ _OPTIMIZER = ("lr", "weight_decay", "beta1", "beta2", "eps", "warmup_steps", "mi
               "decay_steps", "steps")
 
 
+HF_CONFIG = "hf_config.json"  # a checkpoint's copy of the model.hf_path config.json it was trained with
+# what a config.json records of its writing, not of the function the model computes
+_HF_BOOKKEEPING = ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache", "output_attentions",
+                   "output_hidden_states", "return_dict")
+
+
+def hf_config_changes(path: str, hf_path: str | None) -> str:
+    """The settings of `hf_path`'s config.json that differ from the copy checkpoint `path` holds, as
+    "sliding_window=6 (now None)", or "" when none does (or either is missing: older checkpoints hold no copy,
+    a missing directory is refused where it is read)."""
+    import json
+
+    saved_file, current_file = os.path.join(path, HF_CONFIG), os.path.join(hf_path or "", "config.json")
+    if not hf_path or not os.path.isfile(saved_file) or not os.path.isfile(current_file):
+        return ""
+    with open(saved_file) as f, open(current_file) as g:
+        saved, current = json.load(f), json.load(g)
+    keys = sorted((set(saved) | set(current)) - set(_HF_BOOKKEEPING))
+    changed = [f"{k}={saved.get(k)!r} (now {current.get(k)!r})" for k in keys if saved.get(k) != current.get(k)]
+    return ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+
+
+def check_hf_config_unchanged(path: str, hf_path: str | None, fix: str) -> None:
+    """The Hugging Face model read for checkpoint `path` is the one it was trained as: its config.json decides
+    windows, RoPE and more that no weight shape shows."""
+    changes = hf_config_changes(path, hf_path)
+    if changes:
+        raise ConfigError(f"model.hf_path={hf_path!r}: its config.json is not the one checkpoint {path} was written "
+                          f"with ({changes}), and computes another function with these weights; {fix} (the "
+                          f"checkpoint's copy is {os.path.join(path, HF_CONFIG)})")
+
+
 def check_same_run(trainer, path: str) -> None:
     """A resume continues the run that wrote `path`: a model setting whose change keeps every shape (heads and
     K/V heads of the same total width, the RoPE base or scaling, a window) would load silently and compute
@@ -30,6 +62,8 @@ def check_same_run(trainer, path: str) -> None:
         return
     changes = _differences(saved.model, trainer.cfg.model, ignore=_MODEL_LOCATION)
     config = os.path.join(path, "config.yaml")
+    check_hf_config_unchanged(path, trainer.cfg.model.hf_path, "restore it to resume, or start a new stage from "
+                              f"the weights with train.init_from={path} (RoPE and windows may change there)")
     if changes:
         raise ConfigError(f"checkpoint {path} was written with {changes}: a resumed run continues the model that "
                           f"wrote it; resume with the config it was written with ({config}), or start a new stage "

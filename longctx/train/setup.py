@@ -190,7 +190,8 @@ def _adopt_hf_sizes(cfg) -> None:
     """model.hf_path: the model's sizes come from its config.json (the model section's are replaced), and what
     only longctx's own Llama supports is refused."""
     from ..model.hf import model_config
-    from ..model.hf_checks import check_hf_config, check_pipeline_split, decoder_class, read_hf_config
+    from ..model.hf_checks import check_hf_config, check_hf_model, check_pipeline_split, decoder_class, read_hf_config
+    from ..model.hf_load import build_hf_on_meta
     from ..model.hf_tensor import check_hf_tp
 
     m, p = cfg.model, cfg.parallel
@@ -210,9 +211,12 @@ def _adopt_hf_sizes(cfg) -> None:
         if p.pp > 1:
             check_pipeline_split(decoder_class(hf_config))
         _check_softcap_kernel(hf_config, p.kernel)
+        # what only the built model shows (its attention's routing, its head), on the meta device: no weights
+        check_hf_model(build_hf_on_meta(m.hf_path))
         # a self-rescaling RoPE (dynamic, longrope) needs no check: the trainer pins it to train.seq_len
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _check_no_own_settings(m, hf)
     for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "rope_theta",
                 "norm_eps"):
         setattr(m, key, getattr(hf, key))
@@ -220,6 +224,20 @@ def _adopt_hf_sizes(cfg) -> None:
         check_hf_tp(hf, p.tp)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _check_no_own_settings(model, hf) -> None:
+    """model.rope_theta / norm_eps set beside model.hf_path: the Hugging Face model computes with its config.json's,
+    so another value would be ignored without a word (the sizes, which its weights fix, are simply taken)."""
+    from ..config import ModelConfig
+
+    defaults = ModelConfig()
+    for key, where in (("rope_theta", "rope_theta"), ("norm_eps", "rms_norm_eps")):
+        given, theirs = getattr(model, key), getattr(hf, key)
+        if given != getattr(defaults, key) and not math.isclose(given, theirs, rel_tol=1e-9):
+            raise ConfigError(f"model.{key}={given} with model.hf_path: a Hugging Face model computes with the "
+                              f"{where} of its config.json ({theirs:g}); set it there (in a copy of the directory), "
+                              f"or drop model.{key}")
 
 
 def _check_softcap_kernel(hf_config, kernel: str) -> None:

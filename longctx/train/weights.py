@@ -160,8 +160,10 @@ def _export_hf(state: dict, found: str, out: str) -> None:
     if cfg.model.hf_path:  # an HF model trained as it is: its own class and config, our weights
         from .._optional import require
         from ..model.hf_checks import read_hf_config
+        from .same_run import check_hf_config_unchanged
 
         transformers = require("transformers", "Hugging Face export")
+        check_hf_config_unchanged(found, cfg.model.hf_path, "restore the one it was trained with")
         hf_cfg = read_hf_config(cfg.model.hf_path)
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(hf_cfg)

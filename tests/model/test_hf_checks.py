@@ -2,6 +2,7 @@
 Gemma 2's soft-capping and Cohere's and Granite's logit scales in the logits and the chunked loss equal to the
 eager model's; configs and attention calls asking for what the kernels do not compute refused by name."""
 
+import os
 import types
 
 import pytest
@@ -159,3 +160,66 @@ def test_the_recorded_rope_base_is_the_configs():
         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
         "full_attention": {"rope_type": "default", "rope_theta": 1e6}})
     assert model_config(gemma).rope_theta == 1e6
+
+
+def test_weight_files_that_do_not_match_their_config_are_refused_by_name(tmp_path):
+    """transformers initialises what the files lack (or hold in another shape) at random and says so in a log:
+    longctx refuses, naming the weight; the piecewise readers (meta_init, init_from) read safetensors only."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from longctx.config import ConfigError
+    from longctx.model.hf import load_hf_model
+    from longctx.model.hf_load import stored_safetensors
+
+    good = _save(transformers.LlamaForCausalLM, transformers.LlamaConfig(**SMALL), tmp_path / "good")
+    assert load_hf_model(good) is not None and "model.embed_tokens.weight" in stored_safetensors(good, "x")
+
+    def variant(name, edit_weights=None, edit_config=None):
+        path = tmp_path / name
+        path.mkdir()
+        weights = load_file(os.path.join(good, "model.safetensors"))
+        config = json.loads(open(os.path.join(good, "config.json")).read())
+        if edit_weights:
+            edit_weights(weights)
+        if edit_config:
+            edit_config(config)
+        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+        (path / "config.json").write_text(json.dumps(config))
+        return str(path)
+
+    missing = variant("missing", lambda w: w.pop("model.layers.1.mlp.down_proj.weight"))
+    with pytest.raises(ConfigError, match=r"has no weights for model.layers.1.mlp.down_proj.weight; its weight files "
+                                          r"do not match its config.json"):
+        load_hf_model(missing)
+    deeper = variant("deeper", edit_config=lambda c: c.update(num_hidden_layers=3))
+    with pytest.raises(ConfigError, match=r"has no weights for model.layers.2.input_layernorm.weight, "):
+        load_hf_model(deeper)
+    narrow = variant("narrow", lambda w: w.update({"model.layers.0.mlp.up_proj.weight": torch.zeros(48, 32)}))
+    with pytest.raises(ConfigError, match=r"its weight model.layers.0.mlp.up_proj.weight has shape \(48, 32\) where "
+                                          r"its config.json makes it \(64, 32\)"):
+        load_hf_model(narrow)
+    empty = variant("empty")
+    open(os.path.join(empty, "model.safetensors"), "w").close()
+    with pytest.raises(ConfigError, match=r"its safetensors cannot be read \(.*header too small"):
+        load_hf_model(empty)
+    with pytest.raises(ConfigError, match=r"its safetensors cannot be read"):
+        stored_safetensors(empty, "parallel.meta_init=true")
+    sharded = variant("sharded")
+    os.rename(os.path.join(sharded, "model.safetensors"), os.path.join(sharded, "model-00001-of-00002.safetensors"))
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+                                            "lm_head.weight": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match=r"model-00002-of-00002.safetensors, listed in model.safetensors.index.json, "
+                                          r"is not there; copy the whole directory"):
+        stored_safetensors(sharded, "parallel.meta_init=true")
+    binary = tmp_path / "binary"  # the older format transformers still reads
+    binary.mkdir()
+    torch.save(load_file(os.path.join(good, "model.safetensors")), binary / "pytorch_model.bin")
+    (binary / "config.json").write_text(open(os.path.join(good, "config.json")).read())
+    with pytest.raises(ConfigError, match=r"parallel.meta_init=true reads the weights of .*binary from safetensors, "
+                                          r"and it has none \(only config.json, .*pytorch_model.bin\); save the model "
+                                          r"with save_pretrained \(safetensors, the default\), or leave out "
+                                          r"parallel.meta_init"):
+        stored_safetensors(str(binary), "parallel.meta_init=true")

@@ -126,6 +126,42 @@ def test_init_from_reads_a_tied_head_once_and_refuses_an_untied_one(qwen_dir, tm
            "tensors (an untied output head), which this model ties" in error, error
 
 
+def test_a_changed_config_json_is_refused_where_the_checkpoint_is_read(qwen_dir, tmp_path):
+    """Windows and RoPE live in the HF model's config.json, not in any weight shape: a resume, an evaluation
+    and an export compare it with the copy the checkpoint keeps (they read the edited one silently)."""
+    import json
+    import shutil
+
+    from longctx.eval import load_checkpoint_model
+    from longctx.train import weights
+
+    model = str(tmp_path / "model")
+    shutil.copytree(qwen_dir, model)
+    run_dir = str(tmp_path / "run")
+    run(train_and_collect, 1, args=([_cfg(model, "train.steps=1", "checkpoint.interval=1", run_dir=run_dir)],),
+        timeout=180)
+    step = os.path.join(run_dir, "checkpoints", "step_00000001")
+    assert json.load(open(os.path.join(step, "hf_config.json"))) == json.load(open(os.path.join(model, "config.json")))
+    config = json.load(open(os.path.join(model, "config.json")))
+    config["sliding_window"] = 24
+    json.dump(config, open(os.path.join(model, "config.json"), "w"))
+    (error,) = run(resume_errors, 1, args=([_cfg(model, "train.resume=auto", run_dir=run_dir)],), timeout=180)[0]
+    said = rf"model.hf_path='{model}': its config.json is not the one checkpoint {step} was written with " \
+           r"\(sliding_window=12 \(now 24\)\), and computes another function with these weights; "
+    import re
+
+    assert re.search(said + r"restore it to resume, or start a new stage .*train.init_from=", error), error
+    with pytest.raises(ConfigError, match=said + r"restore the one it was trained with \(the checkpoint's copy is "):
+        load_checkpoint_model(step, log=lambda *a, **k: None)
+    with pytest.raises(ConfigError, match=said):
+        weights.export(step, str(tmp_path / "hf"), fmt="hf")
+    config["sliding_window"] = 12
+    config["transformers_version"] = "9.9.9"  # bookkeeping, not the function
+    json.dump(config, open(os.path.join(model, "config.json"), "w"))
+    assert run(resume_errors, 1, args=([_cfg(model, "train.resume=auto", run_dir=run_dir)],), timeout=180)[0] == \
+        ["no error"]
+
+
 @pytest.fixture(scope="module")
 def gemma_dir(tmp_path_factory):
     """Untied (a pipeline splits the embedding from the head), four layers: per-layer sliding and full
@@ -228,9 +264,26 @@ def test_export_hf_of_a_trained_hf_model(qwen_dir, tmp_path):
     assert before == {f: os.path.getmtime(os.path.join(source, f)) for f in os.listdir(source)}
 
 
-def test_hf_path_errors_are_one_line(tmp_path, qwen_dir):
+def test_hf_path_errors_are_one_line(tmp_path, qwen_dir, tmp_path_factory):
     with pytest.raises(ConfigError, match="no config.json"):
         validate_job(load(overrides=[f"model.hf_path={tmp_path}"]), 1)
+    # what only the built model shows, and what its config asks of attention, refused before any rank starts
+    stablelm = _saved(tmp_path_factory, "stablelm", "StableLmForCausalLM", "StableLmConfig", num_hidden_layers=1)
+    with pytest.raises(ConfigError, match=r"StableLmForCausalLM does not route its attention through transformers' "
+                                          r"AttentionInterface"):
+        validate_job(load(overrides=[f"model.hf_path={stablelm}"]), 1)
+    dropout = _saved(tmp_path_factory, "dropout", "Qwen2ForCausalLM", "Qwen2Config", num_hidden_layers=1,
+                     attention_dropout=0.1)
+    with pytest.raises(ConfigError, match=r"Qwen2ForCausalLM has attention_dropout=0.1 \(config.json\): longctx's "
+                                          r"attention applies no dropout; set attention_dropout to 0"):
+        validate_job(load(overrides=[f"model.hf_path={dropout}"]), 1)
+    # the model computes with its config.json's RoPE base and norm epsilon: another value would be ignored
+    for key, value, theirs in [("rope_theta", "1000000", "rope_theta of its config.json \\(10000\\)"),
+                               ("norm_eps", "0.001", "rms_norm_eps of its config.json \\(1e-06\\)")]:
+        with pytest.raises(ConfigError, match=rf"model.{key}={value}(\.0)? with model.hf_path: a Hugging Face model "
+                                              rf"computes with the {theirs}; set it there .*or drop model.{key}"):
+            validate_job(load(overrides=[f"model.hf_path={qwen_dir}", f"model.{key}={value}"]), 1)
+    validate_job(load(overrides=[f"model.hf_path={qwen_dir}", "model.norm_eps=1e-6"]), 1)  # its own value: fine
     validate_job(load(overrides=[f"model.hf_path={qwen_dir}", "parallel.pp=2", "parallel.dp_shard=1"]), 2)  # tied: fine
     with pytest.raises(ConfigError, match="meta_init=true with model.hf_path and parallel.engine=deepspeed is not"):
         validate_job(load(overrides=[f"model.hf_path={qwen_dir}", "parallel.engine=deepspeed", "parallel.zero_stage=3",
