@@ -98,6 +98,27 @@ def _tied_groups(trainer, modules) -> list[list[str]]:
     return groups
 
 
+def _say_rope_change(trainer, theirs, what: str) -> None:
+    """A stage may change the RoPE (context extension does), but one that changes it by leaving model.rope_*
+    at the schema's defaults reads a Llama 3's positions with another base: said, with the settings to keep."""
+    from omegaconf import OmegaConf
+
+    from ..config import RopeScalingConfig
+
+    ours, defaults = trainer.cfg.model, vars(RopeScalingConfig())
+
+    def rope(m) -> dict:  # the base, and the scaling settings that are not the schema's defaults
+        scaling = OmegaConf.to_container(OmegaConf.create(m.rope_scaling))
+        given = {k: v for k, v in scaling.items() if k == "type" or v != defaults[k]}
+        return {"rope_theta": float(m.rope_theta), **({"rope_scaling": given} if given["type"] != "none" else {})}
+
+    if rope(theirs) != rope(ours):
+        keep = ", ".join(f"model.rope_scaling.{k}={v}" for k, v in rope(theirs).get("rope_scaling", {}).items())
+        trainer._say(f"longctx: note: {what} was trained with RoPE {rope(theirs)}, and this stage computes with "
+                     f"{rope(ours)}; that is a context-extension stage's choice, else set model.rope_theta="
+                     f"{theirs.rope_theta:g}{', ' + keep if keep else ''} to keep its positions")
+
+
 def _check_ties(trainer, path: str, weights: dict, groups: list[list[str]]) -> None:
     """A tied parameter must be one tensor in the checkpoint too: an untied model's two would both load into
     it, the last one read silently winning. `weights`: the full tensors of (at least) the tied names, the
@@ -169,6 +190,7 @@ def _from_hugging_face(trainer, path: str, what: str) -> None:
     if differ:
         raise ConfigError(f"{what} does not fit this model: it has {', '.join(differ)}; set those (its RoPE may "
                           "differ from this run's)")
+    _say_rope_change(trainer, theirs, what)
     reader = HuggingFaceStorageReader(path)
     stored = stored_safetensors(path, what, reader)
     names = {k: v if v in stored or v != "lm_head.weight" else "model.embed_tokens.weight"  # a tied head

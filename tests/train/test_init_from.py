@@ -13,7 +13,7 @@ from longctx.launch import run
 from longctx.launch.local import RankError
 from longctx.train import validate_job, weights
 
-from ._workers import config, resume_errors, train_and_collect
+from ._workers import config, resume_errors, train_and_collect, train_and_print
 
 CP2 = ["parallel.cp=2", "parallel.dp_shard=1"]
 # the next stage: twice the context, another RoPE base (shapes unchanged)
@@ -111,6 +111,16 @@ def test_a_hugging_face_llama_starts_the_native_model(tmp_path):
                                            config(*stage, run_dir=str(tmp_path / "one"))], [0, None]),
               timeout=300)[0]
     assert _same(one[0]["params"], want) and one[0]["initialized_from"] == hf_dir
+    # the same weights under the schema's RoPE (rope settings left out): allowed, as context extension is, but said
+    plain = [*LONGER, "train.steps=1", "model.norm_eps=1e-6", f"train.init_from={hf_dir}"]
+    (_, said), = run(train_and_print, 1, args=(config(*plain, run_dir=str(tmp_path / "plain")),), timeout=300)
+    assert f"longctx: note: train.init_from='{hf_dir}' was trained with RoPE {{'rope_theta': 500000.0, " \
+           "'rope_scaling': {'type': 'llama3', 'factor': 8.0," in said and "this stage computes with {'rope_theta': " \
+           "40000.0}; that is a context-extension stage's choice, else set model.rope_theta=500000, " \
+           "model.rope_scaling.type=llama3, model.rope_scaling.factor=8.0, " in said, said
+    (_, said), = run(train_and_print, 1, args=(config(*stage, "train.steps=1", run_dir=str(tmp_path / "kept")),),
+                     timeout=300)
+    assert "note:" not in said, said
     layouts = [["parallel.tp=2", *CP2], ["parallel.pp=2", *CP2],
                ["parallel.engine=deepspeed", "parallel.zero_stage=3", "parallel.dp_shard=2", "parallel.cp=2"]]
     got = run(train_and_collect, 4, args=([config(*stage, *lay, run_dir=str(tmp_path / f"l{i}"))
