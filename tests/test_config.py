@@ -210,27 +210,25 @@ def test_no_code_runs_from_a_config(tmp_path):
 
 def test_deepspeed_config_file_cannot_override_what_longctx_derives(tmp_path):
     bad = tmp_path / "ds.json"
-    bad.write_text('{"gradient_accumulation_steps": 4, "scheduler": {"type": "WarmupLR"}, "zero_optimization": {}}')
-    with pytest.raises(ConfigError, match=r"sets gradient_accumulation_steps, scheduler, which longctx derives from "
-                                          r"train.accumulation; train.lr_schedule / warmup_steps"):
-        validate_job(_tiny("parallel.engine=deepspeed", f"parallel.deepspeed_config={bad}"), 4)
-    bad.write_text('{"checkpoint": {"writer": {"type": "decoupled"}}}')
-    with pytest.raises(ConfigError, match=r"sets checkpoint, which longctx derives from checkpoint.\* \(longctx "
-                                          r"writes DeepSpeed's checkpoints synchronously"):
-        validate_job(_tiny("parallel.engine=deepspeed", f"parallel.deepspeed_config={bad}"), 4)
-    # nested keys too: a stage or autocast set here would train as it while the run records the config's
-    bad.write_text('{"zero_optimization": {"stage": 3}, "torch_autocast": {"enabled": true}}')
-    with pytest.raises(ConfigError, match=r"sets torch_autocast, zero_optimization.stage, which longctx derives from "
-                                          r"train.precision; parallel.zero_stage: set those keys instead"):
-        validate_job(_tiny("parallel.engine=deepspeed", f"parallel.deepspeed_config={bad}"), 4)
-    bad.write_text('{"zero_force_ds_cpu_optimizer": true, "zero_allow_untested_optimizer": false}')
-    with pytest.raises(ConfigError, match=r"sets zero_allow_untested_optimizer, zero_force_ds_cpu_optimizer, which "
-                                          r"longctx derives from train.lr / weight_decay / beta1 / beta2 \(longctx "
-                                          r"steps torch's AdamW\): set"):
-        validate_job(_tiny("parallel.engine=deepspeed", f"parallel.deepspeed_config={bad}"), 4)
-    bad.write_text("{not json")
-    with pytest.raises(ConfigError, match=r"is not valid JSON"):
-        validate_job(_tiny("parallel.engine=deepspeed", f"parallel.deepspeed_config={bad}"), 4)
+    for text, said in [
+        ('{"gradient_accumulation_steps": 4, "scheduler": {"type": "WarmupLR"}, "zero_optimization": {}}',
+         r"sets gradient_accumulation_steps, scheduler, which longctx derives from train.accumulation; "
+         r"train.lr_schedule / warmup_steps"),
+        ('{"checkpoint": {"writer": {"type": "decoupled"}}}',
+         r"sets checkpoint, which longctx derives from checkpoint.\* \(longctx writes DeepSpeed's checkpoints "
+         r"synchronously"),
+        # nested keys too: a stage or autocast set here would train as it while the run records the config's
+        ('{"zero_optimization": {"stage": 3}, "torch_autocast": {"enabled": true}}',
+         r"sets torch_autocast, zero_optimization.stage, which longctx derives from train.precision; "
+         r"parallel.zero_stage: set those keys instead"),
+        ('{"zero_force_ds_cpu_optimizer": true, "zero_allow_untested_optimizer": false}',
+         r"sets zero_allow_untested_optimizer, zero_force_ds_cpu_optimizer, which longctx derives from train.lr / "
+         r"weight_decay / beta1 / beta2 \(longctx steps torch's AdamW\): set"),
+        ("{not json", r"is not valid JSON"),
+    ]:
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=said):
+            validate_job(_tiny("parallel.engine=deepspeed", f"parallel.deepspeed_config={bad}"), 4)
     good = tmp_path / "ok.json"
     good.write_text('{"zero_optimization": {"overlap_comm": false}}')
     from longctx.parallel.deepspeed_engine import ds_config

@@ -37,11 +37,11 @@ def load_checkpoint_model(path: str, log=print, *, mesh=None, device=None):
     check_eval_tp(cfg, tp)
     if cfg.model.hf_path:
         from ..model.hf import HFCausalLM, prepare_attention
+        from ..model.hf_load import build_hf_on_meta, materialize
+        from ..model.hf_tensor import apply_hf_tensor_parallel
         from ..train.same_run import check_hf_config_unchanged
 
         check_hf_config_unchanged(found, cfg.model.hf_path, "restore the one it was trained with")
-        from ..model.hf_load import build_hf_on_meta, materialize
-        from ..model.hf_tensor import apply_hf_tensor_parallel
 
         hf = build_hf_on_meta(cfg.model.hf_path)  # the architecture; its weights come from the checkpoint
         if tp > 1:

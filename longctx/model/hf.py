@@ -339,9 +339,10 @@ def load_hf_model(path: str, dtype=torch.float32):
             ignore_mismatched_sizes=True)  # reported below by name and shape, not in a log and a traceback
     except ValueError as e:
         raise ValueError(f"model.hf_path={path!r} ({arch[0]}): {e}") from None
-    except (RuntimeError, OSError) as e:  # weights of other shapes, a missing shard: the files, not longctx
-        raise ConfigError(f"model.hf_path={path!r} ({arch[0]}): its weights cannot be loaded "
-                          f"({_first_telling_line(e)}); give the directory save_pretrained wrote") from None
+    except (RuntimeError, OSError) as e:  # a missing shard, say: the files, not longctx
+        said = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.hf_path={path!r} ({arch[0]}): its weights cannot be loaded ({said}); give the "
+                          "directory save_pretrained wrote") from None
     except Exception as e:  # noqa: BLE001 - safetensors' own SafetensorError (an empty or cut file)
         if "safetensor" not in type(e).__name__.lower():
             raise
@@ -361,12 +362,6 @@ def load_hf_model(path: str, dtype=torch.float32):
                           f"{' ...' if len(missing) > 4 else ''}; its weight files do not match its config.json "
                           "(give the directory save_pretrained wrote)")
     return model
-
-
-def _first_telling_line(error: BaseException) -> str:
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    first = lines[0] if lines else type(error).__name__
-    return next((ln for ln in lines if "size" in ln or "shape" in ln), first)[:300]
 
 
 def parallelize_hf(model: nn.Module, dims: ParallelDims, cfg=None, *, mesh: ParallelMesh | None = None,

@@ -43,9 +43,9 @@ def check_deepspeed(dims, p) -> None:
         raise ValueError("parallel.engine=deepspeed needs DeepSpeed: pip install 'longctx[deepspeed]'")
 
 
-# Keys longctx derives from its own config: overriding them would desynchronise DeepSpeed's step boundaries,
-# loss scaling, clipping, optimizer or LR schedule from the trainer's.
-# DeepSpeed keys longctx sets itself (dotted: a key inside a section), and what to set instead
+# DeepSpeed keys longctx derives from its own config (dotted: a key inside a section), and what to set instead:
+# overriding them would desynchronise DeepSpeed's step boundaries, loss scaling, clipping, optimizer or LR schedule
+# from the trainer's
 OWNED = {"train_micro_batch_size_per_gpu": "train.batch_size", "gradient_accumulation_steps": "train.accumulation",
          "train_batch_size": "train.batch_size", "gradient_clipping": "train.grad_clip",
          "optimizer": "train.lr / weight_decay / beta1 / beta2",
