@@ -34,9 +34,16 @@ def require(module: str, purpose: str = ""):
 
 
 def probe(module: str) -> tuple[bool, str]:
-    """(available, version or reason) without raising."""
+    """(available, version or reason) without raising, and without the log lines some packages print as they
+    import (DeepSpeed's "Setting accelerator to CPU" goes to stdout, ahead of `longctx info`'s own first line)."""
+    import logging
+
+    before = logging.root.manager.disable
+    logging.disable(logging.WARNING)
     try:
         m = importlib.import_module(module)
     except Exception as e:  # noqa: BLE001 - any import failure means "not available", with its reason
         return False, f"{type(e).__name__}: {e}"
+    finally:
+        logging.disable(before)
     return True, str(getattr(m, "__version__", "installed"))

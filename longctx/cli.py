@@ -380,7 +380,9 @@ def main(argv=None) -> int:
     if not faulthandler.is_enabled():  # a rank torchrun starts that dies on a signal prints its Python stack
         faulthandler.enable(all_threads=True)
     try:
-        return _dispatch(_parse(argv))
+        code = _dispatch(_parse(argv))
+        sys.stdout.flush()  # here, not at exit: a reader gone (`| head`) is caught below
+        return code
     except (UserError, ConfigError, MissingDependency) as e:
         return _user_error(str(e))
     except RankError as e:
@@ -390,6 +392,9 @@ def main(argv=None) -> int:
             return _user_error(f"rank {e.rank} ran out of memory ({e.remote_message}); {_LESS}")
         print(f"longctx: {e}", file=sys.stderr)  # the failing rank's traceback
         return 1
+    except BrokenPipeError:  # `longctx ... | head`: the reader left; no traceback, and none at exit's flush either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt:  # Ctrl-C: the user's own stop, not a bug (SIGTERM/SIGUSR1 checkpoint first)
         print("longctx: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT

@@ -82,13 +82,10 @@ def _check_ppl_args(args, cfg) -> tuple[str, int, int, str | None]:
 def _same_tokenizer(data: str, trained_on: str) -> None:
     """--data must be tokenized as the checkpoint's training data was (ids of another tokenizer mean other text:
     the perplexity would be of nothing)."""
-    from .data.tokens import read_meta
+    from .data.tokens import read_meta, tokenizer_of
 
     theirs, ours = read_meta(data, "--data"), read_meta(trained_on, "the checkpoint's data.path")
-    def which(meta):  # the tokenizer file's digest; the byte tokenizer has a name only
-        return meta.get("tokenizer_sha256") or meta.get("tokenizer")
-
-    if which(theirs) != which(ours):
+    if tokenizer_of(theirs) != tokenizer_of(ours):
         raise ValueError(f"--data {data!r} was tokenized with {theirs.get('tokenizer')!r}, the checkpoint's training "
                          f"data ({trained_on}) with {ours.get('tokenizer')!r}; prepare the evaluation text with that "
                          "tokenizer (longctx data prepare --tokenizer ...)")

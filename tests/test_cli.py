@@ -253,6 +253,16 @@ def test_a_command_that_dies_on_a_signal_prints_its_python_stack():
     assert "Fatal Python error: Segmentation fault" in res.stderr and "crash_here" in res.stderr, res.stderr
 
 
+def test_a_reader_that_leaves_early_is_no_traceback():
+    """`longctx info | head -1`: the pipe's reader is gone before the output is written (stdout to a pipe is
+    block-buffered, so the write fails at the flush): exit 141 (SIGPIPE's), nothing on stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "longctx", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=ROOT)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", (proc.returncode, err)
+
+
 def _metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

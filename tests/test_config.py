@@ -148,6 +148,8 @@ def _tiny(*overrides):
                                                    r"to data.source=needle"),
     (["data.pack_min=64"], 4, r"data.pack_min=64 is not read by data.source=synthetic; it applies to "
                               r"data.source=needle or passkey or recall"),
+    (["data.shuffle=false"], 4, r"data.shuffle=False is not read by data.source=synthetic; it applies to "
+                                r"data.source=tokens"),
     (["model.rope_scaling.factor=16"], 4, r"model.rope_scaling.factor=16.0 has no effect with "
                                           r"model.rope_scaling.type=none; set the type"),
     (["model.dilated.w0=16"], 4, r"model.dilated.w0=16 has no effect without dilated layers"),

@@ -11,6 +11,8 @@ interrupted run leaves the previous dataset intact.
 
 from __future__ import annotations
 
+import collections
+import functools
 import glob
 import json
 import os
@@ -19,13 +21,12 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
 from .._paths import blocking_file, check_output, replace_dir
-from .tokenizer import load_tokenizer
+from .tokenizer import EOS_TOKENS, load_tokenizer
 from .tokens import FILES
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
@@ -43,7 +44,7 @@ def expand_inputs(patterns) -> list[str]:
     for pat in [patterns] if isinstance(patterns, str) else patterns:
         is_glob = any(c in pat for c in "*?[") and not os.path.exists(pat)
         matches = sorted(glob.glob(pat, recursive=True)) if is_glob else [pat]
-        if not matches or not all(os.path.exists(m) for m in matches):
+        if not matches or not os.path.lexists(matches[0]):  # a broken link matched is read, and reported, below
             raise PrepareError(f"--input {pat!r} matches no file; give a file, a directory or a glob like "
                                "'data/*.jsonl'")
         for m in matches:
@@ -103,25 +104,38 @@ def _documents(path: str, text_key: str):
             yield i + 1, text if isinstance(text, str) else Problem(f"{text_key!r} is not a string")
         return
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        f = open(path, "rb")
     except OSError as e:
         yield None, Problem(f"cannot be read ({e.strerror or type(e).__name__})")
         return
-    if b"\x00" in raw[:65536]:
-        yield None, Problem("binary file (NUL bytes), not text")
-        return
-    try:
-        text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors) is no part of the text
-    except UnicodeDecodeError as e:
-        yield None, Problem(f"not UTF-8 text (byte {e.start})")
-        return
-    if not kind.endswith(JSONL_SUFFIXES):
+    with f:
+        if b"\x00" in f.read(65536):
+            yield None, Problem("binary file (NUL bytes), not text")
+            return
+        f.seek(0)
+        if kind.endswith(JSONL_SUFFIXES):
+            yield from _json_lines(f, text_key)
+            return
+        try:
+            text = f.read().decode("utf-8-sig")  # a byte-order mark (Windows editors) is no part of the text
+        except UnicodeDecodeError as e:
+            yield None, Problem(f"not UTF-8 text (byte {e.start})")
+            return
         yield None, text  # a plain text file is one document
-        return
-    # records end at "\n" only: str.splitlines would also cut at U+2028/U+2029/U+0085, which JSON strings may
-    # hold raw (json.dumps(ensure_ascii=False) writes them so)
-    for n, line in enumerate(text.split("\n"), 1):
+
+
+def _json_lines(f, text_key: str):
+    """_documents for an open JSON-lines file, read a record at a time (a corpus file need not fit in memory
+    twice over); a line that is not UTF-8 is skipped alone. Records end at b"\n" only: str.splitlines would
+    also cut at U+2028/U+2029/U+0085, which JSON strings may hold raw (json.dumps(ensure_ascii=False))."""
+    end = 0
+    for n, raw in enumerate(f, 1):
+        start, end = end, end + len(raw)
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark is no part of the text
+        except UnicodeDecodeError as e:
+            yield n, Problem(f"not UTF-8 text (byte {start + e.start})")
+            continue
         if not line.strip():
             continue
         try:
@@ -142,10 +156,18 @@ def _documents(path: str, text_key: str):
         yield n, record[text_key]
 
 
-def tokenize_file(path: str, tokenizer_spec: str, text_key: str, add_eos: bool):
-    """-> (tokens, document lengths, [(path, line, reason), ...]). Runs in a worker process."""
-    tok = load_tokenizer(tokenizer_spec)
-    ids, lengths, problems = [], [], []
+@functools.lru_cache(maxsize=2)
+def _tokenizer(spec: str):
+    """One load per worker process, not per file: a large tokenizer.json takes most of a second to parse and
+    hash, and a corpus of one document per file would spend its time there."""
+    return load_tokenizer(spec)
+
+
+def tokenize_file(path: str, tokenizer_spec: str, text_key: str, add_eos: bool, dtype=np.uint32):
+    """-> (tokens as `dtype`, document lengths, [(path, line, reason), ...]). Runs in a worker process; each
+    document's ids become `dtype` at once (a list of Python ints costs ~36 bytes a token)."""
+    tok = _tokenizer(tokenizer_spec)
+    docs, lengths, problems = [], [], []
     for line, doc in _documents(path, text_key):
         if isinstance(doc, Problem):
             problems.append((path, line, str(doc)))
@@ -159,16 +181,37 @@ def tokenize_file(path: str, tokenizer_spec: str, text_key: str, add_eos: bool):
             problems.append((path, line, f"unpaired surrogate (U+{ord(doc[e.start]):04X} at character {e.start})"))
             continue
         toks = tok.encode(doc)
+        if not toks:  # whitespace a tokenizer drops: a document of nothing but its end-of-document token
+            problems.append((path, line, "empty after tokenization"))
+            continue
         if add_eos and tok.eos_id is not None:
             toks.append(tok.eos_id)
-        ids.extend(toks)
+        ids = np.asarray(toks, dtype=np.int64)
+        if int(ids.max()) >= tok.vocab_size or int(ids.min()) < 0:  # would wrap in `dtype`: other tokens, silently
+            problems.append((path, line, f"token id {int(ids.max())} outside the tokenizer's vocabulary of "
+                                         f"{tok.vocab_size} ids"))
+            continue
+        docs.append(ids.astype(dtype))
         lengths.append(len(toks))
-    return np.asarray(ids, dtype=np.int64), lengths, problems
+    return (np.concatenate(docs) if docs else np.zeros(0, dtype)), lengths, problems
+
+
+def _in_order(pool, fn, calls, ahead: int):
+    """pool.map's results in input order with at most `ahead` calls submitted and not yet read: map submits
+    every file at once and holds each finished result until its turn (a slow early file would keep the
+    corpus's tokens in memory), and a --strict stop would still tokenize everything submitted."""
+    queue = collections.deque()
+    for args in calls:
+        queue.append(pool.submit(fn, *args))
+        if len(queue) >= ahead:
+            yield queue.popleft().result()
+    while queue:
+        yield queue.popleft().result()
 
 
 def _histogram(lengths) -> dict:
     """Documents per power-of-two length bucket: {'<=16': n, ...}."""
-    hist = Counter(1 << max(0, int(np.ceil(np.log2(max(1, n))))) for n in lengths)
+    hist = collections.Counter(1 << max(0, int(np.ceil(np.log2(max(1, n))))) for n in lengths)
     return {f"<={k}": hist[k] for k in sorted(hist)}
 
 
@@ -230,14 +273,14 @@ def prepare(inputs, output: str, *, tokenizer: str = "byte", text_key: str = "te
         problems, lengths, n_tokens = [], [], 0
         with open(os.path.join(tmp, "tokens.bin"), "wb") as sink, \
                 ProcessPoolExecutor(max_workers=processes) as pool:
-            results = pool.map(tokenize_file, files, [tokenizer] * len(files), [text_key] * len(files),
-                               [add_eos] * len(files))
+            results = _in_order(pool, tokenize_file, [(f, tokenizer, text_key, add_eos, dtype) for f in files],
+                                ahead=2 * processes)
             for ids, lens, probs in tqdm(results, total=len(files), desc="tokenizing", unit="file",
                                          disable=not progress):
                 problems += probs
                 if strict and problems:
                     break
-                sink.write(ids.astype(dtype).tobytes())
+                sink.write(ids.tobytes())
                 lengths += lens
                 n_tokens += int(ids.size)
         if strict and problems:
@@ -248,13 +291,16 @@ def prepare(inputs, output: str, *, tokenizer: str = "byte", text_key: str = "te
             raise PrepareError(_nothing_read(problems, len(files)))
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         np.save(os.path.join(tmp, "offsets.npy"), offsets)
-        reasons = Counter(why.split(" (")[0] for _, _, why in problems)
+        reasons = collections.Counter(why.split(" (")[0] for _, _, why in problems)
         summary = {"files": len(files), "documents": len(lengths), "tokens": n_tokens, "dtype": np.dtype(dtype).name,
                    "tokenizer": tok.name, "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size,
                    "eos_id": tok.eos_id, "pad_id": tok.pad_id,
                    "skipped": len(problems), "skipped_by_reason": dict(reasons),
                    "problems": [{"file": p, "line": ln, "reason": r} for p, ln, r in problems[:1000]],
                    "length_histogram": _histogram(lengths), "text_key": text_key}
+        if add_eos and tok.eos_id is None:
+            summary["note"] = (f"the tokenizer has none of {', '.join(EOS_TOKENS)}: documents are packed with no "
+                               "end-of-document token between them (--no-eos says so on purpose)")
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(summary, f, indent=1)
         assert all(os.path.exists(os.path.join(tmp, name)) for name in FILES)
@@ -307,5 +353,7 @@ def format_summary(summary: dict, output: str) -> str:
                                                                     summary["skipped_by_reason"].items()))
         for p in summary["problems"][:10]:
             lines.append(f"  {p['file']}{':' + str(p['line']) if p['line'] else ''}: {p['reason']}")
+    if summary.get("note"):
+        lines.append(f"note: {summary['note']}")
     lines.append("document lengths (tokens): " + ", ".join(f"{k}: {v}" for k, v in summary["length_histogram"].items()))
     return "\n".join(lines)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .synthetic import SyntheticSource
 from .tasks import RETRIEVAL, RetrievalTask
-from .tokens import TokenSource
+from .tokens import TokenSource, read_meta, tokenizer_of
 
 SOURCES = ("synthetic", "tokens", *RETRIEVAL)
 # added to train.seed for validation: the generated sources draw held-out sequences from a stream of their own
@@ -77,6 +77,13 @@ def build_validation_source(data, validation, *, seq_len: int, vocab_size: int, 
                              "documents (longctx data prepare --input HELD_OUT --output DIR), or validation.holdout=N")
         source = TokenSource(validation.path, seq_len=seq_len, seed=seed, vocab_size=vocab_size, shuffle=False,
                              what="validation.path")
+        if data.path:
+            training = read_meta(data.path)
+            if tokenizer_of(source.meta) != tokenizer_of(training):  # its loss would be of other text
+                raise ValueError(f"validation.path={validation.path!r} was tokenized with "
+                                 f"{source.meta.get('tokenizer')!r}, data.path={data.path!r} with "
+                                 f"{training.get('tokenizer')!r}; prepare the held-out documents with data.path's "
+                                 "tokenizer (longctx data prepare --tokenizer ...)")
         where = "validation.path"
     need = validation.batches * batch_size
     if need > source.n_sequences:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+EOS_TOKENS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")  # the end-of-document token, the first found
 
 class ByteTokenizer:
     """UTF-8 bytes are ids 0-255; 256 is end-of-document, 257 padding."""
@@ -44,9 +45,10 @@ class HFTokenizer:
             raise ValueError(f"{what}: {path} is not a valid Hugging Face tokenizer.json ({first}); give a "
                              "tokenizer.json saved by `tokenizers` / transformers, a directory holding one, "
                              "or 'byte'") from None
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         vocab = self._tok.get_vocab(with_added_tokens=True)
-        eos = next((t for t in ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>") if t in vocab), None)
+        # ids, not a count: a vocabulary with gaps (ids 0 and 70000) needs 70001 rows and a uint32 file
+        self.vocab_size = max([*vocab.values(), self._tok.get_vocab_size(with_added_tokens=True) - 1]) + 1
+        eos = next((t for t in EOS_TOKENS if t in vocab), None)
         self.eos_id = vocab[eos] if eos is not None else None
         pad = next((t for t in ("<pad>", "<|pad|>", "[PAD]") if t in vocab), None)
         self.pad_id = vocab[pad] if pad is not None else (self.eos_id if self.eos_id is not None else 0)

@@ -56,6 +56,18 @@ def read_meta(path: str, what: str = "data.path") -> dict:
     return meta
 
 
+def tokenizer_of(meta: dict) -> str | None:
+    """What identifies a prepared dataset's tokenizer: its tokenizer.json's digest (the byte tokenizer has only
+    a name). Ids of another tokenizer mean other text."""
+    return meta.get("tokenizer_sha256") or meta.get("tokenizer")
+
+
+def identity(meta: dict) -> dict:
+    """What changes when a dataset is prepared again from other input (its windows then differ): the counts
+    and the tokenizer, cheap to compare on every resume."""
+    return {"tokens": meta.get("tokens"), "documents": meta.get("documents"), "tokenizer": tokenizer_of(meta)}
+
+
 class TokenSource:
     def __init__(self, path: str, *, seq_len: int, seed: int, vocab_size: int, shuffle: bool = True,
                  what: str = "data.path"):

@@ -24,9 +24,9 @@ _DATA_KEYS = {
     "needle": ("alphabet", "digits", "depth", "pack_min", "haystack"),
     "recall": ("alphabet", "digits", "pairs", "pack_min", "haystack"),
 }
-# those refused where unread: what names the data or shapes a retrieval task (the synthetic task's own settings,
-# often left in a config whose data.source is switched on the command line, are not)
-_CHECKED_DATA_KEYS = ("path", "digits", "depth", "pairs", "pack_min", "haystack")
+# those refused where unread: what names or orders the data or shapes a retrieval task (the synthetic task's
+# own settings, often left in a config whose data.source is switched on the command line, are not)
+_CHECKED_DATA_KEYS = ("path", "shuffle", "digits", "depth", "pairs", "pack_min", "haystack")
 
 
 def check_inapplicable(cfg) -> None:

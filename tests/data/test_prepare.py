@@ -268,3 +268,75 @@ def test_a_dataset_behind_a_link_is_replaced_in_one_step(tmp_path):
     (tmp_path / "x" / "in_x").write_text("")
     if exchange(str(tmp_path / "x"), str(tmp_path / "y")):
         assert os.listdir(tmp_path / "y") == ["in_x"] and os.listdir(tmp_path / "x") == []
+
+
+def test_a_vocabulary_with_gaps_sizes_ids_not_entries_and_empty_tokenizations_are_reported(tmp_path):
+    """A tokenizer.json whose ids skip (0, 1, 70000): vocab_size is the largest id + 1 and the file uint32, so
+    id 70000 is stored as itself (a count of 3 entries chose uint16 and wrapped it to 4464). A document the
+    tokenizer reduces to nothing is skipped by name; a tokenizer with no end-of-document token is said."""
+    tokenizers = pytest.importorskip("tokenizers", reason="tokenizer.json needs `tokenizers` (extra: hf)")
+    from tokenizers import models, pre_tokenizers
+
+    tok = tokenizers.Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1, "b": 70000}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tok.json"))
+    (tmp_path / "d.jsonl").write_text('{"text": "a b"}\n{"text": "   "}\n{"text": "b b a"}\n')
+    summary = prepare(str(tmp_path / "d.jsonl"), str(tmp_path / "ds"), tokenizer=str(tmp_path / "tok.json"),
+                      progress=False)
+    assert summary["vocab_size"] == 70001 and summary["dtype"] == "uint32"
+    assert np.fromfile(tmp_path / "ds" / "tokens.bin", dtype=np.uint32).tolist() == [0, 70000, 70000, 70000, 0]
+    assert [(p["line"], p["reason"]) for p in summary["problems"]] == [(2, "empty after tokenization")]
+    from longctx.data.prepare import format_summary
+
+    assert "note: the tokenizer has none of </s>" in format_summary(summary, "ds")
+    assert "note:" not in format_summary(prepare(str(tmp_path / "d.jsonl"), str(tmp_path / "ds2"),
+                                                 progress=False), "ds2")  # the byte tokenizer has one
+
+
+def test_json_lines_are_read_a_record_at_a_time_and_a_bad_line_costs_only_itself(tmp_path, monkeypatch):
+    """One line that is not UTF-8 skips that line (with its byte offset in the file), not the file; a glob that
+    matches a broken link reads the rest and reports the link; each worker loads the tokenizer once, not per
+    file; at most 2 x workers files are in flight (map would submit them all)."""
+    import longctx.data.prepare as prep
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_bytes(b'{"text": "one"}\n{"text": "t\xffo"}\n{"text": "three"}\n')
+    os.symlink(tmp_path / "gone", tmp_path / "in" / "broken.txt")
+    for i in range(6):
+        (tmp_path / "in" / f"f{i}.txt").write_text(f"file {i}")
+    loads, submitted, in_flight = [], [], []
+    real_load = prep.load_tokenizer
+    monkeypatch.setattr(prep, "load_tokenizer", lambda spec: loads.append(spec) or real_load(spec))
+    prep._tokenizer.cache_clear()
+
+    class InlinePool:  # runs each call when submitted, in this process (so the tokenizer loads are seen)
+        def __init__(self, max_workers):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, *args):
+            from concurrent.futures import Future
+
+            submitted.append(args[0])
+            in_flight.append(len(submitted) - len(read))
+            future = Future()
+            future.set_result(fn(*args))
+            return future
+
+    read = []
+    real_in_order = prep._in_order
+    monkeypatch.setattr(prep, "_in_order", lambda *a, **k: (read.append(r) or r for r in real_in_order(*a, **k)))
+    monkeypatch.setattr(prep, "ProcessPoolExecutor", InlinePool)
+    summary = prepare(str(tmp_path / "in" / "*"), str(tmp_path / "ds"), workers=1, progress=False)
+    prep._tokenizer.cache_clear()
+    where = {(os.path.basename(p["file"]), p["line"]): p["reason"] for p in summary["problems"]}
+    assert where == {("a.jsonl", 2): "not UTF-8 text (byte 27)", ("broken.txt", None): where[("broken.txt", None)]}
+    assert where[("broken.txt", None)].startswith("cannot be read (")
+    # once up front (a bad tokenizer fails before any worker starts), once in the one worker: not once per file
+    assert summary["documents"] == 2 + 6 and loads == ["byte", "byte"], (summary, loads)
+    assert len(submitted) == 8 and max(in_flight) <= 2, in_flight

@@ -54,6 +54,12 @@ def test_bad_validation_settings_are_refused_by_name(tmp_path):
             f.write(json.dumps({"text": f"held out document {i} " * 3}) + "\n")
     prepare(str(tmp_path / "t.jsonl"), str(tmp_path / "train"), progress=False)
     prepare(str(tmp_path / "t.jsonl"), str(tmp_path / "small"), progress=False)
+    tokenizers = pytest.importorskip("tokenizers", reason="tokenizer.json needs `tokenizers` (extra: hf)")
+    other = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "held": 1}, unk_token="[UNK]"))
+    other.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    other.save(str(tmp_path / "other.json"))
+    prepare(str(tmp_path / "t.jsonl"), str(tmp_path / "other"), tokenizer=str(tmp_path / "other.json"),
+            progress=False)
     tokens = [*BASE, "data.source=tokens", f"data.path={tmp_path / 'train'}", "model.vocab_size=258"]
     cases = [
         ([*BASE, "validation.batches=0", "validation.interval=1"], r"validation.batches must be > 0, got 0"),
@@ -73,6 +79,9 @@ def test_bad_validation_settings_are_refused_by_name(tmp_path):
         ([*tokens, "validation.interval=2", "validation.batches=100", f"validation.path={tmp_path / 'small'}"],
          r"validation.batches=100 x train.batch_size=4 needs 400 sequences of 64 tokens; validation.path holds "
          r"\d+: set validation.batches=\d+, or prepare more held-out documents into validation.path"),
+        ([*tokens, "validation.interval=2", "validation.batches=1", f"validation.path={tmp_path / 'other'}"],
+         r"validation.path=.*other' was tokenized with '.*other.json', data.path=.*train' with 'byte'; prepare the "
+         r"held-out documents with data.path's tokenizer"),
         ([*BASE, "validation.interval=2", f"validation.path={tmp_path / 'small'}"],
          r"validation.path applies to data.source=tokens"),
     ]
@@ -105,6 +114,16 @@ def test_a_holdout_of_the_training_data_validates_alike_on_every_layout(tmp_path
         assert steps == [6] and "resumed from" in printed, printed
         assert ("trained with validation.holdout=8 and train.seq_len=64, this run with 12 and 64: the training "
                 "windows (and their order) change" in printed) == warned, printed
+        assert "is not the dataset" not in printed, printed
+    # data.path prepared again from more documents: the same settings, other windows
+    with open(tmp_path / "t.jsonl", "a") as f:
+        f.write(json.dumps({"text": "one more document"}) + "\n")
+    prepare(str(tmp_path / "t.jsonl"), str(tmp_path / "ds"), progress=False)
+    resumed = config(*tokens, "train.steps=6", "train.resume=auto", run_dir=str(tmp_path / "two"))
+    steps, printed = run(train_and_print, 1, args=(resumed,), timeout=120)[0]
+    assert steps == [6] and "resumed from" in printed, printed
+    assert (f"data.path={str(tmp_path / 'ds')!r} is not the dataset {tmp_path / 'two'}" in printed
+            and "(tokens 1330 -> 1348, documents 60 -> 61): prepared again since" in printed), printed
     assert list(one["validation"]) == [2, 4, 5]
     for step, loss in one["validation"].items():
         assert abs(two["validation"][step] - loss) <= 1e-5 * loss, (step, two["validation"], one["validation"])
