@@ -245,6 +245,18 @@ def cmd_train(args) -> int:
     return _exit_status(summary)
 
 
+def _check_gpus_for(nproc: int) -> None:
+    """On a machine with GPUs, `launch local` gives each rank its own; with fewer GPUs than ranks it would fall
+    back to the CPU over gloo, a run hundreds of times slower that looks like a working one."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() < nproc:
+        count = torch.cuda.device_count()
+        raise UserError(f"--nproc {nproc} on a machine with {count} CUDA device(s): each rank needs its own, and "
+                        f"without one the ranks would train on the CPU; use --nproc {count}, or hide the GPUs "
+                        "(CUDA_VISIBLE_DEVICES=) to simulate the ranks on the CPU on purpose")
+
+
 def cmd_launch_local(args) -> int:
     from omegaconf import OmegaConf
 
@@ -256,10 +268,11 @@ def cmd_launch_local(args) -> int:
     with _checking():
         cfg = _load(args)
         validate_job(cfg, args.nproc)
+        _check_gpus_for(args.nproc)
         check_machine(cfg, args.nproc, local_ranks=args.nproc)  # the ranks run on this machine
     if cfg.run_dir is None:  # one name for every rank, chosen here
         cfg.run_dir = default_run_dir(args.config)
-    timeout = args.timeout or 7 * 24 * 3600.0  # none given: a week (poll() takes at most ~24 days)
+    timeout = args.timeout or 7 * 24 * 3600.0  # none given: a week
     stop_grace = float(cfg.parallel.timeout_s)  # at the timeout: as long as a step's collective may wait
     try:
         results = run(train_main, args.nproc, args=(OmegaConf.to_container(cfg), args.config), timeout=timeout,

@@ -300,6 +300,18 @@ def test_launch_local_runs_every_rank_and_matches_one_process(tmp_path):
     assert len(events) == 1 and events[0].stat().st_size > 0  # rank 0 only
 
 
+def test_launch_local_with_more_ranks_than_gpus_is_refused_not_run_on_the_cpu(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert main(["launch", "local", "--nproc", "4", TINY]) == 2
+    assert capsys.readouterr().err == (
+        "longctx: error: --nproc 4 on a machine with 2 CUDA device(s): each rank needs its own, and without one the "
+        "ranks would train on the CPU; use --nproc 2, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to simulate the ranks "
+        "on the CPU on purpose\n")
+
+
 def test_a_kernel_this_machine_cannot_run_is_refused_before_and_inside_the_ranks(capsys):
     """validate_job accepts parallel.kernel=flash (the job may be meant for a GPU cluster); the commands that
     run here refuse it in one line, and so does every rank (torchrun and Ray workers check on their own)."""

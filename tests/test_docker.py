@@ -3,6 +3,8 @@ installs are defined, and the commands in its comments and CMD are real longctx 
 
 import os
 import re
+import subprocess
+import sys
 
 import tomllib
 
@@ -25,8 +27,28 @@ def test_copied_paths_exist_and_extras_are_defined():
             assert os.path.exists(os.path.join(ROOT, src)), src
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         extras = set(tomllib.load(f)["project"]["optional-dependencies"])
-    installed = re.search(r'"\.\[([a-z,]+)\]"', "\n".join(lines)).group(1).split(",")
-    assert set(installed) <= extras and {"flash", "ray", "deepspeed"} <= set(installed)
+    installed = re.search(r"^ARG EXTRAS=([a-z,]+)$", "\n".join(lines), re.M).group(1).split(",")
+    assert set(installed) <= extras and {"flash", "ray", "deepspeed", "hf", "data"} <= set(installed)
+    # the dependencies install from the metadata alone, before the source is copied (a cached layer), and the
+    # package itself after, without dependencies
+    first_source = min(i for i, line in enumerate(lines) if line.startswith("COPY longctx"))
+    requirements = next(i for i, line in enumerate(lines) if "-r /tmp/requirements.txt" in line)
+    assert requirements < first_source and "--no-deps" in "\n".join(lines[first_source:])
+    # the requirements the RUN line computes, run here on this pyproject.toml
+    code = re.search(r'RUN python -c "(.*?)"\s*\\\n\s*> /tmp/requirements.txt', "\n".join(lines), re.S).group(1)
+    code = code.replace("\\\n", "")  # the shell's line continuations inside the double quotes
+    printed = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, EXTRAS=",".join(installed)),
+                             capture_output=True, text=True, check=True, timeout=60).stdout.split()
+    assert "omegaconf>=2.3" in printed and "flash-attn" in printed and "transformers" in printed, printed
+
+
+def test_the_build_context_leaves_out_the_checkout_s_environment():
+    """docker build reads .dockerignore from the root of its context (the repository), not beside the
+    Dockerfile: without it the context is the whole checkout, .venv and .git included."""
+    with open(os.path.join(ROOT, ".dockerignore")) as f:
+        ignored = {line.strip() for line in f if line.strip() and not line.startswith("#")}
+    assert {".venv", ".git", "**/__pycache__"} <= ignored
+    assert not os.path.exists(os.path.join(ROOT, "docker", ".dockerignore"))
 
 
 def test_documented_commands_are_real():

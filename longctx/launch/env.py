@@ -18,6 +18,8 @@ import contextlib
 import gc
 import json
 import os
+import signal
+import threading
 import time
 from datetime import timedelta
 
@@ -41,6 +43,7 @@ def process_group(timeout_s: float = 600.0):
     timeout = timedelta(seconds=timeout_s)
     if env_world() is not None:
         local_rank = check_env_rendezvous()  # one line, not torch's rendezvous traceback (or a wait)
+        watch_agent()
         if torch.cuda.is_available():
             torch.cuda.set_device(cuda_device(local_rank, torch.cuda.device_count()))
         try:
@@ -71,6 +74,27 @@ def process_group(timeout_s: float = 600.0):
         dist.destroy_process_group()
         Comm.forget()
         gc.collect()  # the sub-groups' meshes, while the interpreter is whole (not at its exit)
+
+
+_watching = []  # the agent's pid, once this process watches it
+
+
+def watch_agent(poll_s: float = 1.0) -> None:
+    """Under torchrun, a daemon thread that sends this rank SIGTERM once its agent is gone (its parent changes),
+    as launch local's lifeline does: a Trainer then checkpoints the step in flight and stops. Torch elastic
+    starts each rank in a session of its own, so an agent killed (SIGKILL, an OOM kill, or SIGUSR1, which it
+    does not handle) takes no rank with it, and the ranks would go on training with no one to stop them."""
+    if not os.environ.get("TORCHELASTIC_RUN_ID") or _watching:
+        return
+    agent = os.getppid()
+    _watching.append(agent)
+
+    def watch():
+        while os.getppid() == agent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="longctx-agent-watch", daemon=True).start()
 
 
 def fresh_epoch(store, rank: int, world_size: int, timeout_s: float, max_delay_s: float = 0.5) -> int:
@@ -164,6 +188,10 @@ def cuda_device(local_rank: int, visible: int) -> int:
     LOCAL_RANK-th, or the one device a launcher that narrows CUDA_VISIBLE_DEVICES to one per process (`srun
     --gpus-per-task=1`) left it. More processes than devices is a ConfigError (torch's is "invalid device
     ordinal", a traceback; two ranks on one GPU, NCCL's duplicate-GPU error)."""
+    if "LOCAL_RANK" not in os.environ and visible > 1 and (env_world() or (0, 1))[1] > 1:
+        raise ConfigError(f"WORLD_SIZE is set but LOCAL_RANK is not, and this process sees {visible} CUDA devices: "
+                          "every rank of the node would take device 0; set LOCAL_RANK (torchrun does), or give each "
+                          "process its own device (CUDA_VISIBLE_DEVICES, srun --gpus-per-task=1)")
     if local_rank < visible:
         return local_rank
     shown = os.environ.get("CUDA_VISIBLE_DEVICES")

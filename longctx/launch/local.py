@@ -120,7 +120,16 @@ def run(fn, world_size, *, args=(), kwargs=None, backend="auto", timeout=120.0, 
                     print(f"longctx: {signal.Signals(signals.received).name} received while the ranks were "
                           "starting: stopped before any step", file=sys.stderr, flush=True)
                     raise SystemExit(128 + signals.received)  # finally: the started ranks are ended
-            results = _collect(procs, conns, start + timeout, timeout, crash_paths, stop_grace)
+            try:
+                results = _collect(procs, conns, start + timeout, timeout, crash_paths, stop_grace)
+            except RankError as e:
+                if not signals.received or e.exitcode != -signals.received:
+                    raise
+                # the stop signal passed on ended ranks that do not handle it (checkpoint.on_signal=false): the
+                # launcher ends as they did, not with a report of a dead rank that reads as a bug
+                print(f"longctx: stopped by {signal.Signals(signals.received).name}, passed on to the ranks, which "
+                      "ended on it without a checkpoint", file=sys.stderr, flush=True)
+                raise SystemExit(128 + signals.received) from None
             _join(procs, _EXIT_GRACE_S)
         return results
     finally:
@@ -378,7 +387,8 @@ def _collect(procs, conns, deadline, timeout, crash_paths, stop_grace=None):
         pending.discard(rank)
 
     while pending and time.monotonic() < stop:
-        ready = wait([*open_conns, *sentinels], timeout=stop - time.monotonic())
+        # at most an hour a wait, then round again: poll() refuses a timeout past ~24.8 days (2**31 ms)
+        ready = wait([*open_conns, *sentinels], timeout=min(stop - time.monotonic(), 3600.0))
         # Messages first: a rank that reported and then exited has not died early.
         for conn in [obj for obj in ready if obj in open_conns]:
             read(conn)

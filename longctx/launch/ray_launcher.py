@@ -203,7 +203,10 @@ def _rank_error(error: Exception) -> Exception:
     for rank in sorted(failures):
         cause = failures[rank]
         cause = getattr(cause, "cause", None) or cause  # a RayTaskError wraps what the worker raised
-        found.append((rank, type(cause).__name__, str(cause), "".join(traceback.format_exception(cause)), None))
+        # Ray hands the driver the worker's exception unpickled, without its __traceback__: the tracebacks are
+        # then only in the error's own text (grouped over ranks by Ray)
+        trace = "".join(traceback.format_exception(cause)) if cause.__traceback__ is not None else str(error)
+        found.append((rank, type(cause).__name__, str(cause), trace, None))
     return rank_error(found, set())
 
 

@@ -70,6 +70,12 @@ def sleep_forever():
     time.sleep(3600)
 
 
+def say_started_then_sleep(out_dir):
+    rank, _ = rank_info()
+    open(os.path.join(out_dir, f"started{rank}"), "w").close()
+    time.sleep(3600)
+
+
 def finish_slowly_on_sigterm(out_dir):
     """Until SIGTERM, wait; then take 3 s (longer than run()'s 2 s between SIGTERM and SIGKILL) to write a file,
     as a trainer checkpointing its step in flight does."""

@@ -160,3 +160,13 @@ def test_the_cuda_device_of_a_local_rank(monkeypatch):
     with pytest.raises(ConfigError, match=r"LOCAL_RANK=5 but this process sees 4 CUDA devices.*"
                                           r"--nproc-per-node 4"):
         cuda_device(5, 4)
+    # an env:// launcher that sets RANK and WORLD_SIZE but no LOCAL_RANK (mpirun, a script of one's own)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE is set but LOCAL_RANK is not, and this process sees 4 CUDA "
+                                          r"devices: every rank of the node would take device 0; set LOCAL_RANK"):
+        cuda_device(0, 4)
+    assert cuda_device(0, 1) == 0  # one device each: nothing to choose
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert cuda_device(1, 4) == 1

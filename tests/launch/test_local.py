@@ -159,6 +159,29 @@ def test_wall_clock_timeout_kills_ranks():
 
 
 @pytest.mark.timeout(60)
+def test_a_timeout_beyond_what_poll_takes_and_a_stop_signal_the_ranks_die_of(tmp_path, capsys):
+    """A timeout past ~24.8 days (poll()'s 2**31 ms) is waited in pieces, not an OverflowError; SIGTERM to the
+    launcher, passed on to ranks that do not handle it, ends it as the ranks ended (exit 143 and one line),
+    not with a dead-rank report that reads as a bug."""
+    import signal
+    import threading
+
+    assert run(_workers.noop, 2, timeout=3e6) == [None, None]
+
+    def stop_once_started():
+        deadline = time.monotonic() + 50
+        while time.monotonic() < deadline and len(os.listdir(tmp_path)) < 2:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_once_started, daemon=True).start()
+    with pytest.raises(SystemExit) as stopped:
+        run(_workers.say_started_then_sleep, 2, args=(str(tmp_path),), timeout=55)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM, passed on to the ranks, which ended on it" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
 def test_at_the_timeout_stop_grace_lets_the_ranks_end_their_work(tmp_path):
     with pytest.raises(TimeoutError, match=r"timed out after 2 s: its ranks were sent SIGTERM and given 20 s to end$"):
         run(_workers.finish_slowly_on_sigterm, 2, args=(str(tmp_path),), timeout=2, stop_grace=20)

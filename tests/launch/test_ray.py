@@ -290,5 +290,12 @@ def test_a_failed_ray_run_reads_as_the_simulated_clusters_rank_error():
     assert (echo.rank, echo.remote_type) == (1, "ConfigError")
     bug = _rank_error(ray_train.WorkerGroupError("1 worker failed", {0: raised(KeyError("x"))}))
     assert bug.remote_type == "KeyError" and "KeyError" in str(bug)
+    # as Ray delivers it: unpickled, no __traceback__; the worker's traceback is in the group error's text
+    import pickle
+
+    shipped = pickle.loads(pickle.dumps(raised(KeyError("y"))))
+    text = 'Traceback (most recent call last):\n  File "train.py", line 3, in step\nKeyError: \'y\''
+    bug = _rank_error(ray_train.WorkerGroupError(text, {0: shipped}))
+    assert shipped.__traceback__ is None and 'File "train.py", line 3, in step' in bug.remote_traceback
     other = RuntimeError("the controller died")
     assert _rank_error(other) is other

@@ -114,3 +114,43 @@ def test_an_unreachable_rendezvous_fails_within_its_timeout(tmp_path):
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and time.monotonic() - t0 < 90
     assert "Rendezvous" in p.stdout + p.stderr, (p.stdout + p.stderr)[-2000:]
+
+
+def test_ranks_whose_agent_is_killed_checkpoint_and_stop(tmp_path):
+    """torch elastic starts each rank in a session of its own, so its agent killed (SIGKILL, an OOM kill, a
+    SIGUSR1 it does not handle) takes no rank with it: the ranks notice their parent gone, checkpoint the
+    step in flight as on SIGTERM, and exit, rather than train on with no one to stop them."""
+    import psutil
+
+    run_dir = tmp_path / "orphaned"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "longctx", "train", TINY, *SMALL,
+           "parallel.cp=1", "train.steps=5000", "checkpoint.interval=5000", f"run_dir={run_dir}"]
+    agent = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def ranks():
+        found = []
+        for p in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, OSError):
+                if str(run_dir) in " ".join(p.cmdline()) and p.pid != agent.pid:
+                    found.append(p)
+        return found
+
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
+            time.sleep(0.1)
+        assert (run_dir / "metrics.jsonl").exists() and len(ranks()) == 2
+        agent.kill()
+        agent.wait(timeout=10)
+        deadline = time.time() + 120
+        while time.time() < deadline and ranks():
+            time.sleep(0.2)
+        assert not ranks(), "the ranks outlived their agent"
+        saved = sorted(os.listdir(run_dir / "checkpoints"))
+        assert len(saved) == 1 and int(saved[0].split("_")[1]) < 5000, saved
+    finally:
+        for p in ranks():
+            with contextlib.suppress(psutil.Error):
+                p.kill()
