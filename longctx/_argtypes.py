@@ -50,6 +50,16 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def text_prompt(text: str) -> tuple[str, str]:
+    """generate --prompt: kept with --ids in one list, in the order given (the batch's rows)."""
+    return ("text", text)
+
+
+def ids_prompt(text: str) -> tuple[str, list[int]]:
+    """generate --ids: comma-separated token ids, kept with --prompt in one list, in the order given."""
+    return ("ids", int_list(text))
+
+
 def float_list(text: str) -> list[float]:
     try:
         return [float(x) for x in split_names(text, "")]

@@ -16,7 +16,7 @@ import signal
 import sys
 
 from . import __version__
-from ._argtypes import float_list, int_list, positive_int, seconds, seed
+from ._argtypes import float_list, ids_prompt, int_list, positive_int, seconds, seed, text_prompt
 from .cli_data import cmd_checkpoint_export, cmd_checkpoint_verify, cmd_data_prepare, cmd_eval, cmd_generate
 from .cli_errors import USER_ERRORS, UserError
 from .cli_errors import checking as _checking
@@ -171,8 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--json", default=None, help="write the buckets here")
     gen = sub.add_parser("generate", help="continue prompts with a checkpoint's model (context-parallel prefill, "
                                           "tree decoding; --tp splits the model)")
-    gen.add_argument("--prompt", action="append", default=[], help="a text prompt (repeat for a batch)")
-    gen.add_argument("--ids", action="append", type=int_list, default=[],
+    # one list for both, so the rows (and the errors' prompt numbers) follow the command line's order
+    gen.add_argument("--prompt", dest="prompts", action="append", type=text_prompt, default=[],
+                     help="a text prompt (repeat for a batch)")
+    gen.add_argument("--ids", dest="prompts", action="append", type=ids_prompt, default=[],
                      help="a prompt as comma-separated token ids, e.g. 5,9,12 (repeat for a batch)")
     gen.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to add (default 64)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampled")

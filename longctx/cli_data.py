@@ -132,6 +132,10 @@ def _checked_checkpoint(args):
         raise ValueError(f"--tp {args.tp} does not divide {what} {ranks}: the ranks are {what}/--tp "
                          f"context-parallel groups of --tp tensor-parallel ranks; choose a divisor of {ranks}")
     cfg = _checkpoint_config(args)
+    if cfg.model.dilated.layers:  # prefill, decoding and perplexity run the causal/windowed cores only
+        raise ValueError(f"this checkpoint's model has dilated (LongNet) attention layers (model.dilated.layers="
+                         f"{list(cfg.model.dilated.layers)}), which generation and evaluation do not run; "
+                         "`longctx checkpoint export` still gives its weights")
     check_eval_tp(cfg, args.tp)
     if cfg.model.hf_path:  # the architecture comes from there: still there, before any rank starts
         from .model.hf_checks import check_generation_rope, read_hf_config
@@ -211,21 +215,21 @@ def _checked_generate(args):
 
     from .eval.weights import checkpoint_tokenizer
 
-    if not args.prompt and not args.ids:
+    if not args.prompts:
         raise ValueError("nothing to continue: give --prompt TEXT or --ids 5,9,12 (each may be repeated)")
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise ValueError(f"--temperature {args.temperature}: must be a finite number >= 0 (0: greedy)")
     check_output(args.json, "--json")
     cfg = _checked_checkpoint(args)
     tok = checkpoint_tokenizer(cfg, args.tokenizer)
-    if args.prompt and tok is None:
+    if any(kind == "text" for kind, _ in args.prompts) and tok is None:
         from .data.tokenizer import ByteTokenizer
 
         fits = "--tokenizer byte / a tokenizer.json" if cfg.model.vocab_size >= ByteTokenizer.vocab_size else \
             f"--tokenizer with a tokenizer.json of at most {cfg.model.vocab_size} ids (model.vocab_size)"
         raise ValueError(f"--prompt is text, but this checkpoint trained on data.source={cfg.data.source!r} (no "
                          f"tokenizer recorded); give its token ids with --ids, or {fits}")
-    prompts = [tok.encode(text) for text in args.prompt] + [list(ids) for ids in args.ids]
+    prompts = [tok.encode(value) if kind == "text" else list(value) for kind, value in args.prompts]
     vocab = cfg.model.vocab_size
     for i, ids in enumerate(prompts):
         if not ids:

@@ -41,7 +41,12 @@ def check_grid(lengths, depths, samples) -> None:
 
 
 def check_lengths(cfg, lengths, haystack: str | None = None) -> None:
-    """Every --lengths value fits the checkpoint's retrieval task (ValueError naming the length)."""
+    """Every --lengths value fits the checkpoint's retrieval task (ValueError naming the length), after what
+    no length changes (the model's vocabulary against the task's symbols: not a --lengths problem)."""
+    try:
+        _task(cfg, 1 << 20, haystack)
+    except ValueError as e:
+        raise ValueError(f"this checkpoint's model cannot take the retrieval task at any --lengths: {e}") from None
     for n in lengths:
         try:
             _task(cfg, n, haystack)

@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 from ..data.labels import IGNORE_INDEX
 from ..data.tokens import TokenSource
 from ..model.hf import pin_rope_length
-from ..model.parallelize import apply_context_parallel
+from ..model.parallelize import context_parallel
 from ..parallel.sequence.documents import Documents
 from ..parallel.sequence.registry import get_strategy
 from ..parallel.tensor import local_tensor, tp_comm, vocab_parallel_token_losses
@@ -38,13 +38,18 @@ def perplexity_by_position(model, data_path: str, *, seq_len: int, sequences: in
     tp = tp_comm(model.layers[0].attention.wq.weight) if hasattr(model, "tok_embeddings") else None
     src = check_ppl(data_path, seq_len=seq_len, sequences=sequences, buckets=buckets, strategy=strategy, world=world,
                     vocab_size=model.cfg.vocab_size, first=first, tp=tp.world if tp is not None else 1)
-    layout = get_strategy(strategy).layout()
     # an HF model's self-rescaling RoPE (dynamic, longrope) is pinned to seq_len, as training pins it to its own:
     # every rank, batch and packing then rotates by the frequencies of one unpacked seq_len-token window
-    if world > 1:
-        apply_context_parallel(model, strategy, group, rope_length=seq_len)
-    elif hasattr(model, "hf"):
-        pin_rope_length(model.hf, seq_len)
+    if world == 1:
+        if hasattr(model, "hf"):
+            pin_rope_length(model.hf, seq_len)
+        return _perplexity(model, src, seq_len, sequences, buckets, strategy, batch, first, group, world, rank)
+    with context_parallel(model, strategy, group, rope_length=seq_len):  # the model is handed back unchanged
+        return _perplexity(model, src, seq_len, sequences, buckets, strategy, batch, first, group, world, rank)
+
+
+def _perplexity(model, src, seq_len, sequences, buckets, strategy, batch, first, group, world, rank) -> list[dict]:
+    layout = get_strategy(strategy).layout()
     pos = get_strategy(strategy).rank_positions(layout, seq_len, world, rank) if world > 1 else torch.arange(seq_len)
     device = local_tensor(next(model.parameters())).device
     # bucket i: positions ceil(i L / B) .. ceil((i+1) L / B) - 1, every one non-empty (B <= L) and widths within one

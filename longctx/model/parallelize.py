@@ -20,6 +20,7 @@ on that same layout, so data and attention cannot disagree.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -234,9 +235,37 @@ def apply_context_parallel(model: nn.Module, strategy: str = "zigzag", group=Non
             core.group = group
     if not swapped:
         raise ValueError("apply_context_parallel found no LocalAttention cores to replace (already applied?)")
-    model.register_forward_pre_hook(_check_positions_hook(
+    model._longctx_cp_check = model.register_forward_pre_hook(_check_positions_hook(
         lambda n: strat.rank_positions(layout, n, world, rank, ulysses), world), with_kwargs=True)
     return layout
+
+
+@contextlib.contextmanager
+def context_parallel(model: nn.Module, strategy: str = "zigzag", group=None, *, rope_length: int | None = None):
+    """apply_context_parallel for the length of a `with` block (yields the layout): the model comes back as it
+    went in (its attention cores and no position check; an HF model's attention routing), so it can be
+    evaluated again, on other data or over another group."""
+    if hasattr(model, "hf"):
+        from .hf import attention_modules
+
+        implementation = model.hf.config._attn_implementation
+        saved = [(m, getattr(m, "_longctx_cores", None)) for m in attention_modules(model.hf)]
+    else:
+        saved = [(m, m.core) for m in model.modules() if isinstance(getattr(m, "core", None), LocalAttention)]
+    try:
+        yield apply_context_parallel(model, strategy, group, rope_length=rope_length)
+    finally:
+        if hasattr(model, "hf"):
+            for m, cores in saved:
+                m._longctx_cores = cores
+            if model.hf.config._attn_implementation != implementation:
+                model.hf.set_attn_implementation(implementation)
+        else:
+            for m, core in saved:
+                m.core = core
+            check = model.__dict__.pop("_longctx_cp_check", None)
+            if check is not None:
+                check.remove()
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2, blocks=None) -> int:

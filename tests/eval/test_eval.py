@@ -49,6 +49,42 @@ def test_needle_eval_writes_json_and_heatmap_and_ranks_agree(passkey_checkpoint,
     assert [r["correct"] for r in one] == [r["correct"] for r in outs[2, 2]]  # the same greedy answers
 
 
+def test_checkpoints_evaluation_cannot_take_are_refused_by_what_they_are(passkey_checkpoint, tmp_path, capsys):
+    """A model with dilated (LongNet) layers: every eval command and generate refuse it in one line (it was a
+    rank's traceback: generate's causal-only check, or DilatedAttention given documents=). A vocabulary too
+    small for the needle task is the model's, not a --lengths problem."""
+    import hashlib
+
+    import yaml
+
+    def edited(name, **model):
+        step = sorted(os.listdir(passkey_checkpoint))[-1]
+        copy = tmp_path / name / step
+        shutil.copytree(os.path.join(passkey_checkpoint, step), copy)
+        cfg = yaml.safe_load((copy / "config.yaml").read_text())
+        cfg["model"].update(model)
+        (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+        marker = json.loads((copy / "COMPLETE").read_text())  # sealed again, as if it had been trained so
+        data = (copy / "config.yaml").read_bytes()
+        marker["files"]["config.yaml"], marker["sha256"]["config.yaml"] = len(data), hashlib.sha256(data).hexdigest()
+        (copy / "COMPLETE").write_text(json.dumps(marker))
+        return str(tmp_path / name)
+
+    dilated = edited("dilated", dilated={"layers": [0], "w0": 16, "alpha": 2})
+    for argv in (["generate", "--ids", "3,5"], ["eval", "needle", "--lengths", "64"],
+                 ["eval", "ppl", "--data", "/nonexistent"]):
+        assert _main_here([*argv, "--checkpoint", dilated]) == 2
+        err = capsys.readouterr().err
+        assert err == ("longctx: error: this checkpoint's model has dilated (LongNet) attention layers "
+                       "(model.dilated.layers=[0]), which generation and evaluation do not run; `longctx checkpoint "
+                       "export` still gives its weights\n"), err
+    small = edited("small", vocab_size=20)
+    assert _main_here(["eval", "needle", "--checkpoint", small, "--lengths", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("longctx: error: this checkpoint's model cannot take the retrieval task at any --lengths: "
+                          "model.vocab_size=20 is too small"), err
+
+
 def test_needle_eval_bad_input_is_one_line(passkey_checkpoint, capsys):
     import subprocess
     import sys
@@ -135,6 +171,30 @@ def test_perplexity_by_position_agrees_across_ranks(text_run, tmp_path, capsys):
     assert spans == [(0, 13), (13, 26), (26, 39), (39, 52), (52, 64)]
 
 
+def _ppl_twice(checkpoint, data):
+    from longctx.eval import load_checkpoint_model
+    from longctx.eval.ppl import perplexity_by_position
+    from longctx.model.llama import LocalAttention
+
+    model, _ = load_checkpoint_model(checkpoint, log=lambda *a: None)
+    runs = [perplexity_by_position(model, data, seq_len=64, sequences=2, buckets=2, first=first, strategy=strategy)
+            for first, strategy in ((0, "zigzag"), (2, "ring"), (0, "zigzag"))]
+    return runs, all(isinstance(layer.attention.core, LocalAttention) for layer in model.layers)
+
+
+def test_perplexity_by_position_hands_the_model_back_as_it_came(text_run):
+    """Evaluated again on other windows, with another strategy, on the same 2 ranks: each call's context
+    parallelism is undone after it (the second call found no cores to swap: 'already applied?')."""
+    run_dir, data = text_run
+    (one, restored_one), (two, restored_two) = run(_ppl_twice, 2, args=(str(run_dir / "checkpoints"), str(data)),
+                                                   timeout=300)
+    alone, _ = run(_ppl_twice, 1, args=(str(run_dir / "checkpoints"), str(data)), timeout=300)[0]
+    assert restored_one and restored_two and one == two
+    for by_ranks, by_one in zip(one, alone):
+        assert_same_ppl(by_one, by_ranks)
+    assert one[0] == one[2] and one[0] != one[1]
+
+
 def test_eval_ppl_reads_what_the_run_held_out(text_run):
     """Without --data: validation.path, or data.path from the first window wholly past the last token training
     read (the last validation.holdout windows of train.seq_len), whatever --seq-len; else data.path, said."""
@@ -171,11 +231,13 @@ def test_generate_continues_text_prompts_the_same_on_any_layout(text_run, tmp_pa
     for nproc, tp in ((1, 1), (2, 2)):
         js = tmp_path / f"g{nproc}tp{tp}.json"
         assert main(["generate", "--checkpoint", str(run_dir / "checkpoints"), "--prompt", "abcdefghijabc",
-                     "--prompt", "abcd", "--max-new-tokens", "6", "--nproc", str(nproc), "--tp", str(tp),
-                     "--json", str(js)]) == 0
+                     "--ids", "97,98,99", "--prompt", "abcd", "--max-new-tokens", "6", "--nproc", str(nproc),
+                     "--tp", str(tp), "--json", str(js)]) == 0
         got[nproc, tp] = json.loads(js.read_text())
     one = got[1, 1]
-    assert [r["prompt"] for r in one] == ["abcdefghijabc", "abcd"] and [len(r["ids"]) for r in one] == [6, 6]
+    # the rows in the command line's order, --prompt and --ids mixed
+    assert [r["prompt_ids"] for r in one] == [list(b"abcdefghijabc"), [97, 98, 99], list(b"abcd")], one
+    assert [len(r["ids"]) for r in one] == [6, 6, 6]
     assert all(r["text"] == bytes(i for i in r["ids"] if i < 256).decode("utf-8", "replace") for r in one)
     assert [r["ids"] for r in got[2, 2]] == [r["ids"] for r in one]
 
