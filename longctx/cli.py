@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to add (default 64)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampled")
     gen.add_argument("--top-k", type=positive_int, default=None, help="sample among the k likeliest tokens")
-    gen.add_argument("--seed", type=seed, default=0, help="sampling seed (the same draws on every rank)")
+    gen.add_argument("--seed", type=seed, default=None,
+                     help="sampling seed (the same draws on every rank; default 0); needs --temperature > 0")
     gen.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the checkpoint's, from "
                                                         "its dataset or Hugging Face directory)")
     gen.add_argument("--decode", choices=["tree", "ring"], default="tree", help="decoding over the ranks")

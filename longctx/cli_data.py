@@ -243,6 +243,9 @@ def _checked_generate(args):
     if args.top_k is not None and args.temperature == 0:
         raise ValueError(f"--top-k {args.top_k} samples among the k likeliest tokens, but --temperature 0 (the "
                          "default) is greedy: give --temperature > 0 (e.g. 0.8), or leave --top-k out")
+    if args.seed is not None and args.temperature == 0:
+        raise ValueError(f"--seed {args.seed} seeds sampling, but --temperature 0 (the default) is greedy and draws "
+                         "nothing: give --temperature > 0 (e.g. 0.8), or leave --seed out")
     if args.top_k is not None and not 1 <= args.top_k <= vocab:
         raise ValueError(f"--top-k {args.top_k}: must be between 1 and the model's vocabulary size {vocab} (leave it "
                          "out to sample from every token)")
@@ -266,7 +269,7 @@ def cmd_generate(args) -> int:
     with checking():
         tok, prompts, eos_ids = _checked_generate(args)
     params = {"checkpoint": args.checkpoint, "prompts": prompts, "max_new_tokens": args.max_new_tokens,
-              "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed, "strategy": args.strategy,
+              "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed or 0, "strategy": args.strategy,
               "decode": args.decode, "tp": args.tp, "eos_id": eos_ids}
     outputs = _on_ranks("generate", params, args.nproc)
     if not _rank0():

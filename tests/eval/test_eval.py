@@ -258,6 +258,7 @@ def test_generate_takes_token_ids_and_refuses_bad_prompts(passkey_checkpoint, tm
         (["--ids", "3", "--top-k", "65", "--temperature", "1"], "--top-k 65: must be between 1 and the model's "
                                                                  "vocabulary size 64"),
         (["--ids", "3", "--top-k", "5"], "--top-k 5 samples among the k likeliest tokens, but --temperature 0"),
+        (["--ids", "3", "--seed", "7"], "--seed 7 seeds sampling, but --temperature 0 (the default) is greedy"),
         (["--ids", "3,,5"], "--ids: '3,,5' is not a comma-separated list of integers"),
         (["--ids", "3", "--max-new-tokens", "1000000000000"], "a 1-token prompt + --max-new-tokens 1000000000000 "
                                                                 "needs at least"),
