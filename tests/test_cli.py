@@ -300,6 +300,34 @@ def test_launch_local_runs_every_rank_and_matches_one_process(tmp_path):
     assert len(events) == 1 and events[0].stat().st_size > 0  # rank 0 only
 
 
+def test_a_bench_kernel_that_cannot_take_the_benchs_calls_is_one_line(monkeypatch, capsys):
+    """--kernel is asked about the bench's dtype, heads and head width before any rank starts (each rank
+    refused it at its first call, with a traceback); the Triton interpreter alone is not availability (its
+    CPU calls also need LONGCTX_TRITON_ON_CPU=1: `info` said available, then every call was refused)."""
+    import torch
+
+    from longctx import kernels
+
+    ref = kernels.backends()["reference"]
+    no_doubles = kernels.Backend("no-doubles", ref.forward, ref.backward, supports=lambda q, k, v, mask: (
+        "dtype torch.float64 is not supported" if q.dtype == torch.float64 else None))
+    kernels.register(no_doubles, replace=True)
+    small = ["--world-size", "2", "--heads", "2", "--head-dim", "4"]
+    try:
+        for bench in (["attention", "--seq-len", "8", "--strategies", "ring"], ["decode", "--context", "8"],
+                      ["dilated", "--seq-len", "8"]):
+            assert main(["bench", *bench, *small, "--kernel", "no-doubles", "--dtype", "float64"]) == 2, bench
+            assert capsys.readouterr().err == ("longctx: error: --kernel no-doubles cannot run here: dtype "
+                                               "torch.float64 is not supported; use --kernel auto\n"), bench
+    finally:
+        kernels.unregister("no-doubles")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.delenv("LONGCTX_TRITON_ON_CPU", raising=False)
+        assert main(["bench", "attention", *small, "--seq-len", "8", "--strategies", "ring", "--kernel", "triton"]) == 2
+        assert "with LONGCTX_TRITON_ON_CPU=1" in capsys.readouterr().err
+
+
 def test_launch_local_with_more_ranks_than_gpus_is_refused_not_run_on_the_cpu(monkeypatch, capsys):
     import torch
 

@@ -158,18 +158,31 @@ def check_args(args) -> None:
     if window is not None and window < 1:
         raise ValueError(f"--window must be a positive integer (keys each query sees), got {window}; "
                          f"leave it out for no window")
-    _check_kernel(getattr(args, "kernel", None))
+    _check_kernel(args)
     _check_devices(getattr(args, "backend", None), getattr(args, "device", None))
 
 
-def _check_kernel(name: str | None) -> None:
-    """--kernel of the distributed benches: a registered backend that can run on this machine (or auto)."""
-    from ..kernels import backends, check_name
+def _check_kernel(args) -> None:
+    """--kernel of the distributed benches: a registered backend that can run on this machine (or auto), and
+    takes the bench's calls (its --dtype, heads and head width, on the ranks' device): refused here in one line,
+    not by every rank at its first call."""
+    from ..kernels import NO_MASK, Probe, backends, check_name, missing_capability
 
+    name = getattr(args, "kernel", None)
     if name is None or name == "auto":
         return
     check_name(name, "--kernel ")
-    why = backends()[name].availability()
+    backend = backends()[name]
+    why = backend.availability() or missing_capability(backend, getattr(args, "softcap", None))
+    if not why and getattr(args, "dtype", None) in DTYPES and getattr(args, "head_dim", None):
+        on_gpu = torch.cuda.is_available() and getattr(args, "backend", None) != "gloo"
+        device, dtype = torch.device("cuda" if on_gpu else "cpu"), DTYPES[args.dtype]
+        heads = getattr(args, "heads", None) or 1
+        kv_heads = getattr(args, "kv_heads", None) or heads
+        v_width = getattr(args, "v_head_dim", None) or args.head_dim
+        why = backend.supports(Probe((1, 1, heads, args.head_dim), dtype, device),
+                               Probe((1, 1, kv_heads, args.head_dim), dtype, device),
+                               Probe((1, 1, kv_heads, v_width), dtype, device), NO_MASK)
     if why:
         raise ValueError(f"--kernel {name} cannot run here: {why}; use --kernel auto")
 

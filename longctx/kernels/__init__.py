@@ -4,6 +4,7 @@ from .mask import CAUSAL, NO_MASK, Mask
 from .merge import acc_dtype, empty_state, merge, merge_, merge_many, merge_sinks, sinks_grad
 from .registry import (
     Backend,
+    Probe,
     as_mask,
     attention,
     backend_status,
@@ -13,6 +14,7 @@ from .registry import (
     check_name,
     check_softcap,
     forward,
+    missing_capability,
     register,
     reset_calls,
     resolve,
@@ -23,7 +25,7 @@ from .softcap import soft_cap
 
 __all__ = [
     "CAUSAL", "NO_MASK", "Mask", "acc_dtype", "empty_state", "merge", "merge_", "merge_many", "merge_sinks",
-    "sinks_grad", "Backend", "as_mask", "soft_cap",
+    "sinks_grad", "Backend", "Probe", "as_mask", "soft_cap", "missing_capability",
     "attention", "backend_status", "backends", "backends_ran", "backward", "check_name", "check_softcap", "forward",
     "register", "reset_calls", "resolve", "unregister", "validate",
 ]

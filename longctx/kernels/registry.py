@@ -99,6 +99,14 @@ def _unknown_backend(name) -> ValueError:
     return ValueError(f"unknown kernel backend {name!r}; choose one of {['auto', *sorted(_BACKENDS)]}")
 
 
+class Probe:
+    """What a backend's `supports` reads of a q/k/v (shape, dtype, device), without allocating: a launching
+    process asks about its ranks' calls before they start, and must not take GPU memory for it."""
+
+    def __init__(self, shape: tuple, dtype, device):
+        self.shape, self.dtype, self.device, self.is_cuda = shape, dtype, device, device.type == "cuda"
+
+
 def missing_capability(b: Backend, softcap) -> str | None:
     """Why `b` cannot take a call with this softcap (None: it can); `resolve` and the kernel bench ask it."""
     return "it does not compute logit soft-capping" if softcap is not None and not b.softcap else None

@@ -30,7 +30,8 @@ from .registry import Backend, register
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIM_MAX = 256
-CPU_REASON = "CPU tensors run only under TRITON_INTERPRET=1 (tests); auto never picks triton on CPU"
+CPU_REASON = ("CPU tensors run only under TRITON_INTERPRET=1 with LONGCTX_TRITON_ON_CPU=1 (tests); auto never picks "
+              "triton on CPU")
 _INF = float("inf")
 _LOG2E = 1.4426950408889634
 _INTERPRET_BLOCKS = (16, 16, 1, 1)  # tiny tiles keep interpreted tests fast and exercise many tiles
@@ -62,8 +63,11 @@ def availability() -> str | None:
         _state["installed"] = importlib.util.find_spec("triton") is not None
     if not _state["installed"]:
         return "triton not installed: pip install 'longctx[triton]'"
-    if not torch.cuda.is_available() and not _env("TRITON_INTERPRET"):
-        return "no CUDA GPU; the triton kernels run on CPU only under TRITON_INTERPRET=1 (tests)"
+    if not torch.cuda.is_available() and not (_env("TRITON_INTERPRET") and _env("LONGCTX_TRITON_ON_CPU")):
+        # both, as supports() wants for CPU tensors: with the interpreter alone `info` said available and
+        # every call was then refused
+        return ("no CUDA GPU; the triton kernels run on CPU only under TRITON_INTERPRET=1 with "
+                "LONGCTX_TRITON_ON_CPU=1 (tests)")
     if "error" not in _state:
         try:
             _kernels()

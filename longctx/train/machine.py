@@ -32,14 +32,6 @@ def check_machine(cfg, world_size: int | None = None, local_ranks: int = 1) -> N
         _check_memory(cfg, dims, local_ranks)
 
 
-class _Probe:
-    """What a backend's `supports` reads of a q/k/v (shape, dtype, device), without allocating: the launching
-    process must not take GPU memory for a question about its ranks' calls."""
-
-    def __init__(self, shape: tuple, dtype, device):
-        self.shape, self.dtype, self.device, self.is_cuda = shape, dtype, device, device.type == "cuda"
-
-
 def kernel_problem(cfg, dims: ParallelDims, backend) -> str | None:
     """Why `backend` would refuse one of the local attention calls this job makes (None: it takes them all),
     asked of its `supports` with the job's dtype, device, heads per rank, head width and the masks of the
@@ -49,6 +41,7 @@ def kernel_problem(cfg, dims: ParallelDims, backend) -> str | None:
 
     from ..config import head_dim_of
     from ..data.sources import packs_documents
+    from ..kernels import Probe
     from ..kernels.mask import Mask
     from ..parallel.dims import device_type_from_env
     from ..parallel.sequence.plan import step_blocks
@@ -71,7 +64,7 @@ def kernel_problem(cfg, dims: ParallelDims, backend) -> str | None:
         ids = torch.zeros(1, 1, dtype=torch.long)
         masks.add((n // ring, n // ring, Mask(q_doc=ids, k_doc=ids)))
     for rows, keys, mask in sorted(masks, key=repr):
-        q, kv = _Probe((1, rows, heads, width), dtype, device), _Probe((1, keys, heads, width), dtype, device)
+        q, kv = Probe((1, rows, heads, width), dtype, device), Probe((1, keys, heads, width), dtype, device)
         why = backend.supports(q, kv, kv, mask)
         if why:
             return why

@@ -117,6 +117,8 @@ def attention(q, k, v, *, causal: bool = False, strategy: str = "zigzag", group=
     _check_window(window)
     check_sinks(sinks, q.shape[2])
     softcap = kernels.check_softcap(softcap)
+    if kernel != "auto":  # before any transfer: a refusal inside the loop leaves a posted send/recv behind it
+        kernels.resolve(kernel, q, k, v, kernels.NO_MASK, softcap)
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"q has {q.shape[1]} tokens but k/v have {k.shape[1]}: shards must be equally long; "
                          "shard q, k and v of the same sequence with the same layout (for decoding against a longer "

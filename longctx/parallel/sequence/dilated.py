@@ -334,6 +334,11 @@ def dilated_attention(q, k, v, *, segment_lengths, dilation_rates, causal: bool 
     if comm is not None and q.device.type != comm.device.type:
         raise ValueError(f"q is on {q.device} but the process group communicates {comm.device.type} tensors; "
                          f"move q, k, v to {comm.device}")
+    if v.shape[-1] != k.shape[-1] and any(g > 1 for _, _, g in plan):
+        # a gathered pattern stacks K and V in one buffer (and its gradients in one): one width
+        raise ValueError(f"v's head width {v.shape[-1]} differs from q/k's {k.shape[-1]}, which dilated attention "
+                         "takes only for patterns inside one rank's chunk; these patterns span ranks: use "
+                         "segment lengths within a rank's chunk, or v of q's width")
     pats = tuple(_Pattern(w, r, g, rank % g, segment_comm(group, comm, g) if g > 1 else None)
                  for w, r, g in plan)
     spec = _Spec(pats, bool(causal), scale, kernel)

@@ -147,7 +147,20 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, lay
                 group=None, rank=None, world=None) -> dict:
     """Shard a (batch, seq) token batch: input ids, labels (already shifted in natural order) and the
     position ids RoPE needs. Labels are shifted before sharding: a shard's last token's target lives on
-    another rank in every layout but contiguous."""
+    another rank in every layout but contiguous. `group` may be the hybrid strategy's
+    `context_mesh(ring, ulysses)`: the shards and positions are then hybrid's (as `shard` cuts them)."""
+    hybrid = _hybrid_mesh(group)
+    if hybrid is not None:
+        from .hybrid import hybrid_positions
+
+        ulysses_group, ring_group = hybrid
+        pos = hybrid_positions(layout, input_ids.shape[1], dist.get_world_size(ring_group),
+                               dist.get_world_size(ulysses_group), dist.get_rank(ring_group),
+                               dist.get_rank(ulysses_group)).to(input_ids.device)
+        out = {"input_ids": input_ids.index_select(1, pos), "position_ids": pos}
+        if labels is not None:
+            out["labels"] = labels.index_select(1, pos)
+        return out
     rank, world = _rank_world(group, rank, world)
     out = {"input_ids": shard(input_ids, layout, rank=rank, world=world),
            "position_ids": positions(layout, input_ids.shape[1], world, rank).to(input_ids.device)}

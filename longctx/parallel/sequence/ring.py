@@ -10,6 +10,8 @@ belong to, arriving home after W hops.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ... import kernels
@@ -30,11 +32,26 @@ def ring_forward(q, k, v, spec: ScheduleSpec):
     kv = pack_kv(k, v)
     for s in range(comm.world):
         pending = comm.ring_exchange(kv, phase="fwd") if s < comm.world - 1 else None
-        blocks = _blocks(spec, n, ring_src(comm.rank, s, comm.world), q.shape[0])
-        comm.stats.record_work("fwd", s, blocks_forward(q, *unpack_kv(kv, d), blocks, out, lse, spec))
+        with _settled(pending):
+            blocks = _blocks(spec, n, ring_src(comm.rank, s, comm.world), q.shape[0])
+            comm.stats.record_work("fwd", s, blocks_forward(q, *unpack_kv(kv, d), blocks, out, lse, spec))
         if pending is not None:
             kv = pending.wait()
     return out.to(q.dtype), lse
+
+
+@contextlib.contextmanager
+def _settled(*pending):
+    """A step's compute, with its transfers in flight: if the compute raises (a kernel refusing the call, on
+    every rank alike), the transfers are completed before the error leaves, so the group is usable after
+    it (a posted send/recv left behind made the next collective on the group time out)."""
+    try:
+        yield
+    except BaseException:
+        for transfer in pending:
+            if transfer is not None:
+                transfer.wait()
+        raise
 
 
 def ring_backward(dout, q, k, v, out, lse, spec: ScheduleSpec):
@@ -51,7 +68,8 @@ def ring_backward(dout, q, k, v, out, lse, spec: ScheduleSpec):
         # this step's dK/dV go into a local buffer first, so the accumulator arriving with this K/V block
         # (fresh at step 0) is waited for only after the compute it travelled during
         local = torch.zeros(kv.shape, dtype=acc, device=q.device)
-        pairs = blocks_backward(dout, q, *unpack_kv(kv, d), out, lse, blocks, dq, *unpack_kv(local, d), spec)
+        with _settled(pending_kv, pending_dkv):
+            pairs = blocks_backward(dout, q, *unpack_kv(kv, d), out, lse, blocks, dq, *unpack_kv(local, d), spec)
         comm.stats.record_work("bwd", s, pairs)
         if s == 0:
             dkv = local

@@ -139,3 +139,11 @@ def test_shards_cut_by_torch_chunk_are_recognised_from_their_positions():
     cases.append(dict(strategy="hybrid", mesh=(2, 2), b=1, n=32, h=4, hkv=2, d=8, causal=True, layout="striped",
                       pass_layout=False))
     check(cases, launch(cases, 4), 4)
+
+
+def test_a_refused_kernel_leaves_the_group_usable():
+    """kernel= checked before any transfer; a kernel raising inside the ring loop (forward or backward) lets
+    the transfers in flight complete first: the next call on the group runs (pg_timeout short, so a
+    dangling send shows as a timeout, not a hang)."""
+    for ended in run(_error_workers.refusals_leave_the_group_usable, 2, timeout=120, pg_timeout=15):
+        assert ended == ["unknown kernel backend 'bogus'", "this backend refuses", "this backend refuses", "ok"], ended

@@ -168,3 +168,17 @@ def test_config_and_module():
     ref, _ = reference_with_grads(q, k, v, q, ws, rs, True)
     assert (attn(q, k, v) - ref).abs().max() <= 1e-12
     assert "segment_lengths=[4, 8, 16, 32]" in repr(attn)
+
+
+def test_a_narrower_v_is_refused_where_a_pattern_spans_ranks():
+    """A gathered pattern moves K and V in one stacked buffer: v of another width is refused by name (it was
+    torch.stack's size error); patterns inside a rank's chunk take it."""
+    from . import _error_workers
+
+    calls = [("dilated_narrow_v", dict(segment_lengths=[16], dilation_rates=[2])),
+             ("dilated_narrow_v", dict(segment_lengths=[4, 8], dilation_rates=[1, 2]))]
+    for spans, inside, after in run(_error_workers.expect_errors, 2, args=(calls,), timeout=60):
+        assert spans == ("ValueError", "v's head width 3 differs from q/k's 4, which dilated attention takes only for "
+                                       "patterns inside one rank's chunk; these patterns span ranks: use segment "
+                                       "lengths within a rank's chunk, or v of q's width"), spans
+        assert inside == ("no error", "") and after == ("after", "2.0")

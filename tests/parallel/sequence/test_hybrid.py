@@ -83,3 +83,7 @@ def test_ulysses_degree_errors():
         hybrid_positions("zigzag", 10, 2, 2, 0, 0)
     with pytest.raises(RuntimeError, match=r"context_mesh needs an initialised process group"):
         context_mesh(2, 2)
+
+
+def test_shard_batch_takes_the_hybrid_mesh():
+    assert run(_error_workers.hybrid_shard_batch, 4, args=(2, 2), timeout=120) == [True] * 4
