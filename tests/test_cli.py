@@ -324,6 +324,7 @@ def test_a_bench_kernel_that_cannot_take_the_benchs_calls_is_one_line(monkeypatc
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         monkeypatch.delenv("LONGCTX_TRITON_ON_CPU", raising=False)
+        assert "with LONGCTX_TRITON_ON_CPU=1" in (kernels.backends()["triton"].availability() or "")  # `info` too
         assert main(["bench", "attention", *small, "--seq-len", "8", "--strategies", "ring", "--kernel", "triton"]) == 2
         assert "with LONGCTX_TRITON_ON_CPU=1" in capsys.readouterr().err
 

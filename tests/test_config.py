@@ -116,6 +116,8 @@ def _tiny(*overrides):
     (["parallel.zero_stage=3"], 4, r"parallel.zero_stage / parallel.deepspeed_config apply only to "
                                    r"parallel.engine=deepspeed"),
     (["parallel.pp_split=[1]"], 4, r"parallel.pp_split applies only to a pipeline \(parallel.pp > 1\); remove it"),
+    (["parallel.pp_schedule=zbv"], 4, r"parallel.pp_schedule applies only to a pipeline \(parallel.pp > 1\); remove "
+                                      r"it"),
     (["parallel.pp=2", "parallel.cp=2", "parallel.pp_virtual=-1"], 4, r"parallel.pp_virtual=-1 must be >= 0"),
     (["parallel.pp=2", "parallel.cp=2", "model.n_layers=4", "parallel.pp_schedule=interleaved_1f1b",
       "parallel.microbatches=5", "train.batch_size=5"], 4, r"microbatches to be a multiple of max\(1, "

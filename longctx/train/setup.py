@@ -10,7 +10,7 @@ import os
 import time
 
 from .._paths import check_output
-from ..config import ConfigError, validate_model
+from ..config import ConfigError, ParallelConfig, validate_model
 from ..model.parallelize import AC_MODES, dilated_layout_problem
 from ..parallel.data_parallel import resolve_engine
 from ..parallel.dims import ParallelDims
@@ -337,6 +337,8 @@ def _check_model_axes(cfg, dims: ParallelDims, engine: str) -> None:
             raise ValueError("model.dilated.layers with parallel.pp > 1 is not supported; use parallel.pp=1")
     else:
         given = [f"parallel.{k}" for k in ("pp_split", "microbatches", "pp_virtual") if p[k]]
+        if p.pp_schedule != ParallelConfig().pp_schedule:  # a string: given when it is not the default
+            given.insert(0, "parallel.pp_schedule")
         if given:
             verb = "applies" if len(given) == 1 else "apply"
             raise ValueError(f"{', '.join(given)} {verb} only to a pipeline (parallel.pp > 1); remove "
