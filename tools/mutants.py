@@ -804,6 +804,10 @@ MUTANTS = [
            "    if v.shape[-1] != k.shape[-1] and any(g > 1 for _, _, g in plan):", "    if False:",
            ("tests/parallel/sequence/test_dilated.py::test_a_narrower_v_is_refused_where_a_pattern_spans_ranks",),
            "a narrower v dies in torch.stack inside the ranks"),
+    Mutant("unread-pp-schedule-accepted", "longctx/train/setup.py",
+           "        if p.pp_schedule != ParallelConfig().pp_schedule:", "        if False:",
+           ("tests/test_config.py::test_bad_configs",),
+           "parallel.pp_schedule=zbv at pp=1 runs no pipeline, without a word"),
 ]
 
 
