@@ -10,6 +10,7 @@ import os
 
 EOS_TOKENS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")  # the end-of-document token, the first found
 
+
 class ByteTokenizer:
     """UTF-8 bytes are ids 0-255; 256 is end-of-document, 257 padding."""
 

@@ -10,6 +10,7 @@ loss then comes from two small all-reduces over tp, and `group` is the mesh's cp
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -40,11 +41,13 @@ def perplexity_by_position(model, data_path: str, *, seq_len: int, sequences: in
                     vocab_size=model.cfg.vocab_size, first=first, tp=tp.world if tp is not None else 1)
     # an HF model's self-rescaling RoPE (dynamic, longrope) is pinned to seq_len, as training pins it to its own:
     # every rank, batch and packing then rotates by the frequencies of one unpacked seq_len-token window
-    if world == 1:
+    if world > 1:  # for this call only: the model is handed back unchanged
+        scope = context_parallel(model, strategy, group, rope_length=seq_len)
+    else:
+        scope = contextlib.nullcontext()
         if hasattr(model, "hf"):
             pin_rope_length(model.hf, seq_len)
-        return _perplexity(model, src, seq_len, sequences, buckets, strategy, batch, first, group, world, rank)
-    with context_parallel(model, strategy, group, rope_length=seq_len):  # the model is handed back unchanged
+    with scope:
         return _perplexity(model, src, seq_len, sequences, buckets, strategy, batch, first, group, world, rank)
 
 

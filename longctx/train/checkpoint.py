@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
-from ..data.tokens import identity, read_meta
+from ..data.tokens import identity
 from .checkpoint_dirs import (
     Mismatch,
     files_under,
@@ -140,7 +140,7 @@ def save(trainer, root: str, keep_last: int, *, async_save: bool = False, group=
                 "sequences_consumed": trainer.loader.batches.sequences_before(trainer.step),
                 "seq_len": trainer.cfg.train.seq_len}
         if trainer.cfg.data.source == "tokens":  # what the windows were cut from, to notice a re-prepared path
-            data["dataset"] = identity(read_meta(trainer.cfg.data.path))
+            data["dataset"] = identity(trainer.data.meta)
         torch.save({"scheduler": trainer.scheduler.state_dict(), "step": trainer.step, "world_size": trainer.world,
                     "dims": repr(trainer.dims), "data": data, "format": _format(trainer)},
                    os.path.join(tmp, "trainer.pt"))
@@ -229,7 +229,7 @@ def _continue_data(trainer, path: str, meta: dict) -> None:
         trainer._say(f"longctx: warning: {path} trained with validation.holdout={held} and train.seq_len={length}, "
                      f"this run with {trainer.cfg.validation.holdout} and {t.seq_len}: the training windows (and "
                      f"their order) change")
-    saved, now = data.get("dataset"), identity(read_meta(trainer.cfg.data.path))
+    saved, now = data.get("dataset"), identity(trainer.data.meta)  # the meta.json this run's source read
     if saved is not None and saved != now:
         changed = ", ".join(f"{k} {saved.get(k)} -> {now[k]}" for k in now if saved.get(k) != now[k])
         trainer._say(f"longctx: warning: data.path={trainer.cfg.data.path!r} is not the dataset {path} trained on "

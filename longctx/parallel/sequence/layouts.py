@@ -85,19 +85,22 @@ def _hybrid_mesh(group):
     return hybrid_groups(group)[:2] if is_hybrid_group(group) else None
 
 
+def _hybrid_rank_positions(hybrid, layout: str, n: int) -> torch.Tensor:
+    """Global positions of this rank's hybrid shard of an n-token sequence; `hybrid`: _hybrid_mesh's groups."""
+    from .hybrid import hybrid_positions
+
+    ulysses_group, ring_group = hybrid
+    return hybrid_positions(layout, n, dist.get_world_size(ring_group), dist.get_world_size(ulysses_group),
+                            dist.get_rank(ring_group), dist.get_rank(ulysses_group))
+
+
 def shard(x: torch.Tensor, layout: str = "contiguous", *, group=None, rank=None, world=None, dim: int = 1):
     """This rank's part of a full-sequence tensor (sequence along `dim`). With the hybrid strategy's
     `group=context_mesh(ring, ulysses)` the part hybrid runs on: `layout` is its ring's, split again over the
     Ulysses ranks (a plain `layout` cut over all ranks is another set of positions)."""
     hybrid = _hybrid_mesh(group)
     if hybrid is not None:
-        from .hybrid import hybrid_positions
-
-        ulysses_group, ring_group = hybrid
-        pos = hybrid_positions(layout, x.shape[dim], dist.get_world_size(ring_group),
-                               dist.get_world_size(ulysses_group), dist.get_rank(ring_group),
-                               dist.get_rank(ulysses_group))
-        return x.index_select(dim, pos.to(x.device))
+        return x.index_select(dim, _hybrid_rank_positions(hybrid, layout, x.shape[dim]).to(x.device))
     rank, world = _rank_world(group, rank, world)
     n = x.shape[dim]
     check_seq(layout, n, world, what=f"sequence length (x.shape[{dim}])")
@@ -151,12 +154,7 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, lay
     `context_mesh(ring, ulysses)`: the shards and positions are then hybrid's (as `shard` cuts them)."""
     hybrid = _hybrid_mesh(group)
     if hybrid is not None:
-        from .hybrid import hybrid_positions
-
-        ulysses_group, ring_group = hybrid
-        pos = hybrid_positions(layout, input_ids.shape[1], dist.get_world_size(ring_group),
-                               dist.get_world_size(ulysses_group), dist.get_rank(ring_group),
-                               dist.get_rank(ulysses_group)).to(input_ids.device)
+        pos = _hybrid_rank_positions(hybrid, layout, input_ids.shape[1]).to(input_ids.device)
         out = {"input_ids": input_ids.index_select(1, pos), "position_ids": pos}
         if labels is not None:
             out["labels"] = labels.index_select(1, pos)
