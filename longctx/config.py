@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 
 from omegaconf import DictConfig, OmegaConf
@@ -208,8 +209,53 @@ def _check_keys(data, schema: dict, prefix: str, source: str) -> None:
         elif isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value)):
             shape = "a list of numbers, e.g. [2,4]" if kind.startswith("list") else f"a single {kind} value"
             raise ConfigError(f"config key {full!r} (in {source}) takes {shape}, got {value!r}")
-        elif kind == "bool" and not isinstance(value, bool):
+        elif kind == "bool" and not isinstance(value, bool) and not str(value).startswith("${"):
             raise ConfigError(f"config key {full!r} (in {source}) must be true or false, got {value!r}")
+
+
+# Plain scalars YAML 1.1 (which OmegaConf's loader follows) reads as another number than the digits say, and
+# YAML 1.2 and Python would not: a leading 0 makes 010 octal 8, a colon makes 1:30 base-60 90.
+_YAML11_ONLY_NUMBER = re.compile(r"[-+]?(0[0-9_]+|[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?)")
+
+
+def _check_plain_scalar(node, value, kind: str, full: str, source: str) -> None:
+    """A plain (unquoted) YAML scalar must mean what it says: a text key whose value YAML turned into a number or
+    a switch (2024_01_05 into 20240105, `no` into false) asks for quotes; a number key refuses 010 and 1:30."""
+    import yaml
+
+    if isinstance(node, yaml.SequenceNode) and isinstance(value, list):
+        for item_node, item in zip(node.value, value):
+            _check_plain_scalar(item_node, item, kind, full, source)
+        return
+    if not isinstance(node, yaml.ScalarNode) or node.style is not None or value is None or isinstance(value, str):
+        return  # quoted text is as typed; text and null are what they say
+    text = node.value
+    if kind.startswith("str") and str(value) != text:
+        raise ConfigError(f"config key {full!r} (in {source}) takes text, but YAML reads {text} as {value!r}: quote "
+                          f"it, {full.rsplit('.', 1)[-1]}: '{text}'")
+    if _YAML11_ONLY_NUMBER.fullmatch(text) and not isinstance(value, bool):
+        if ":" in text:
+            why = "a colon makes a base-60 number"
+        elif value == int(text.replace("_", ""), 10):
+            return  # 01 is 1 however it is read
+        else:
+            why = f"a leading 0 makes an octal number; write {int(text.replace('_', ''), 10)}"
+        raise ConfigError(f"config key {full!r} (in {source}): YAML reads {text} as {value} ({why})")
+
+
+def _check_file_scalars(node, data, schema: dict, prefix: str, source: str) -> None:
+    import yaml
+
+    if not isinstance(node, yaml.MappingNode) or not isinstance(data, dict):
+        return
+    for key_node, value_node in node.value:  # (a `<<` merge's keys are checked where its anchor is written)
+        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+        if key not in data or key not in schema:
+            continue
+        if isinstance(schema[key], dict):
+            _check_file_scalars(value_node, data[key], schema[key], f"{prefix}{key}.", source)
+        else:
+            _check_plain_scalar(value_node, data[key], schema[key], f"{prefix}{key}", source)
 
 
 def _parse_overrides(overrides, schema: dict) -> DictConfig:
@@ -223,14 +269,20 @@ def _parse_overrides(overrides, schema: dict) -> DictConfig:
     out = OmegaConf.create()
     for o in overrides:  # in order: the last of a key's overrides wins
         key, _, value = o.partition("=")
-        if _leaf_type(schema, key) in ("str", "str | None") and value not in ("null", "~") and \
-                not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):
-            OmegaConf.update(out, key, value, force_add=True)
-            continue
+        kind = _leaf_type(schema, key)
         try:
-            out = OmegaConf.merge(out, OmegaConf.from_dotlist([o]))
+            if kind in ("str", "str | None") and value not in ("null", "~") and \
+                    not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):
+                OmegaConf.update(out, key, value, force_add=True)
+                continue
+            one = OmegaConf.from_dotlist([o])
+            out = OmegaConf.merge(out, one)
         except (OmegaConfBaseException, yaml.YAMLError) as e:
             raise ConfigError(f"could not parse override {o!r}: {str(e).splitlines()[0]}") from None
+        if kind is not None:
+            typed = OmegaConf.select(one, key)
+            typed = OmegaConf.to_container(typed) if OmegaConf.is_config(typed) else typed
+            _check_plain_scalar(yaml.compose(value, Loader=yaml.SafeLoader), typed, kind, key, "overrides")
     return out
 
 
@@ -268,6 +320,11 @@ def load(cls=JobConfig, path: str | None = None, overrides: list[str] | tuple = 
         if not isinstance(data, DictConfig):
             raise ConfigError(f"config file {path!r} must hold a mapping of sections (model:, parallel:, ...)")
         _check_keys(OmegaConf.to_container(data), schema, "", path)
+        import yaml  # the file's plain scalars as written, which OmegaConf's values no longer show
+
+        with open(path, encoding="utf-8") as f:
+            _check_file_scalars(yaml.compose(f.read(), Loader=yaml.SafeLoader), OmegaConf.to_container(data),
+                                schema, "", path)
         cfg = _merge(cfg, data, path)
     if overrides:
         dot = _parse_overrides(overrides, schema)

@@ -153,7 +153,30 @@ def _tiny(*overrides):
     (["data.shuffle=false"], 4, r"data.shuffle=False is not read by data.source=synthetic; it applies to "
                                 r"data.source=tokens"),
     (["model.rope_scaling.factor=16"], 4, r"model.rope_scaling.factor=16.0 has no effect with "
-                                          r"model.rope_scaling.type=none; set the type"),
+                                          r"model.rope_scaling.type=none \(it reads nothing\); factor applies to "
+                                          r"type=linear or llama3 or yarn"),
+    # each scaling type reads its own keys (model/rope.py): the others' are refused, not carried along
+    (["model.rope_scaling.type=linear", "model.rope_scaling.factor=2", "model.rope_scaling.beta_fast=64"], 4,
+     r"model.rope_scaling.beta_fast=64.0 has no effect with model.rope_scaling.type=linear \(it reads factor\); "
+     r"beta_fast applies to type=yarn"),
+    (["model.rope_scaling.type=yarn", "model.rope_scaling.factor=2", "model.rope_scaling.original_max_positions=64",
+      "model.rope_scaling.high_freq_factor=8"], 4, r"high_freq_factor=8.0 has no effect with .*type=yarn"),
+    (["model.rope_scaling.type=llama3", "model.rope_scaling.factor=2", "model.rope_scaling.original_max_positions=64",
+      "model.rope_scaling.beta_slow=0.5"], 4, r"beta_slow=0.5 has no effect with .*type=llama3"),
+    (["parallel.cp=1", "parallel.strategy=ring", "model.dilated.layers=[0]", "model.dilated.segment_lengths=[32,64]",
+      "model.dilated.dilation_rates=[1,2]", "model.dilated.alpha=4"], 1,
+     r"model.dilated.alpha=4 has no effect: model.dilated.segment_lengths are given"),
+    (["train.resume=.", "train.init_from=."], 1, r"train.init_from='.' has no effect with train.resume='.'"),
+    (["parallel.reshard_after_forward=false", "parallel.engine=ddp"], 4,
+     r"parallel.reshard_after_forward=false is an FSDP2 setting, and parallel.engine=ddp never reads it"),
+    (["parallel.strategy=ulysses", "parallel.balance_documents=true", "data.source=passkey", "data.pack_min=64"], 4,
+     r"parallel.balance_documents=true .* parallel.strategy=ulysses gives every rank the whole sequence"),
+    (["checkpoint.on_signal=false", "checkpoint.keep_last=1"], 1,
+     r"checkpoint.keep_last=1 has no effect: this run writes no checkpoint"),
+    (["model.hf_path="], 1, r"model.hf_path is empty"),
+    (["parallel.timeout_s=1e13"], 1, r"parallel.timeout_s=10000000000000.0 is too large for a timeout"),
+    # DDP never composes with tp: refused without data ranks too, where the same file would fail once it had some
+    (["parallel.tp=2", "parallel.cp=1", "parallel.engine=ddp"], 2, r"parallel.tp=2 needs FSDP2"),
     (["model.dilated.w0=16"], 4, r"model.dilated.w0=16 has no effect without dilated layers"),
     (["parallel.cp=1", "parallel.strategy=ring", "model.dilated.layers=[0]", "model.dilated.w0=64",
       "train.seq_len=96"], 1, r"model.dilated: the pattern derived from w0=64, alpha=2 and train.seq_len=96 does not "
@@ -267,6 +290,37 @@ def test_text_keys_keep_what_was_typed():
     # in order, whichever way a value is read: the last of a key's overrides wins
     assert load(overrides=["run_dir=abc", "run_dir=null"]).run_dir is None
     assert load(overrides=["run_dir=null", "run_dir=abc"]).run_dir == "abc"
+
+
+def test_yaml_1_1_numbers_are_refused_and_text_keys_in_files_ask_for_quotes(tmp_path):
+    """OmegaConf reads YAML 1.1: 010 is octal 8 and 1:30 base-60 90, as a value or in a file; a file's text key
+    written 2024_01_05 or `no` would become '20240105' or 'False'. Each is refused by key, with what to write."""
+    for override, words in [("train.steps=010", "reads 010 as 8"), ("train.steps=1:30", "base-60"),
+                            ("train.lr=1:30", "base-60"), ("model.dilated.layers=[0,010]", "write 10")]:
+        with pytest.raises(ConfigError, match=words) as e:
+            load(overrides=[override])
+        assert override.split("=")[0] in str(e.value)
+    assert load(overrides=["train.steps=01", "train.lr=0.5"]).train.steps == 1  # 01 is 1 whichever way it is read
+    for text, words in [("run_dir: 2024_01_05", "run_dir: '2024_01_05'"), ("checkpoint: {dir: 0755}", "dir: '0755'"),
+                        ("data: {task: no}", "task: 'no'"), ("train: {steps: 010}", "write 10"),
+                        ("model: {dilated: {layers: [1, 1:10]}}", "base-60")]:
+        path = tmp_path / "c.yaml"
+        path.write_text(text + "\n")
+        with pytest.raises(ConfigError, match=words):
+            load(path=str(path))
+    path.write_text("run_dir: '007'\ncheckpoint: {dir: 7}\ntrain: {steps: 12, lr: 1.0e-3}\n")
+    cfg = load(path=str(path))
+    assert (cfg.run_dir, cfg.checkpoint.dir, cfg.train.steps) == ("007", "7", 12)
+
+
+def test_bad_interpolation_in_a_text_override_is_one_error_and_switches_take_interpolations(monkeypatch):
+    with pytest.raises(ConfigError, match=r"could not parse override 'run_dir=/x/\$\{y'"):
+        load(overrides=["run_dir=/x/${y"])
+    monkeypatch.setenv("LONGCTX_TEST_QUIET", "true")
+    assert load(overrides=["logging.quiet=${oc.env:LONGCTX_TEST_QUIET,false}"]).logging.quiet is True
+    monkeypatch.setenv("LONGCTX_TEST_QUIET", "maybe")
+    with pytest.raises(ConfigError, match="not a valid bool"):
+        load(overrides=["logging.quiet=${oc.env:LONGCTX_TEST_QUIET,false}"])
 
 
 def test_resume_auto_needs_a_run_dir_or_a_checkpoint_dir(tmp_path):

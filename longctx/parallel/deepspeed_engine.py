@@ -322,6 +322,8 @@ def full_optimizer_state(engine, rank0_only: bool = True) -> tuple[dict, int]:
         numel = getattr(param, "ds_numel", param.numel())
         full = torch.zeros(len(ADAM_STATES), numel, dtype=torch.float32, device=param.device)
         for flat, offset, count, start in pieces.get(id(param), []):
+            if not inner.state.get(flat):  # no update applied yet (a skipped non-finite first step): zeros
+                continue
             n = min(count, numel - start)  # a ZeRO-3 partition's padding is no parameter's
             for row, key in enumerate(ADAM_STATES):
                 full[row, start:start + n] = inner.state[flat][key].narrow(0, offset, n)
@@ -329,7 +331,7 @@ def full_optimizer_state(engine, rank0_only: bool = True) -> tuple[dict, int]:
         if keep:
             shape = tuple(getattr(param, "ds_shape", param.shape))
             out[name] = {key: full[row].reshape(shape).cpu().clone() for row, key in enumerate(ADAM_STATES)}
-    steps = {float(s["step"]) for s in inner.state.values() if "step" in s}
+    steps = {float(s["step"]) for s in inner.state.values() if "step" in s} or {0.0}
     if len(steps) != 1:
         raise RuntimeError(f"DeepSpeed's optimizer partitions disagree on the step count: {sorted(steps)}")
     return out, int(steps.pop())

@@ -92,7 +92,18 @@ def dcp_state(trainer) -> tuple[dict, dict]:
     model's: the checkpoint resumes on another pipeline layout, or without one."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    parts = dict(zip(("model", "optim"), get_state_dict(trainer.model, trainer.optimizer, options=flat_options())))
+    optimizer = trainer.optimizer
+    if not optimizer.state:
+        # get_state_dict fills an empty optimizer state (before the first applied update: a skipped non-finite
+        # step, or a load) by a step of zero gradients at lr 0, which counts one step: Adam's bias correction
+        # would then be a step behind for the rest of the run. Back to step 0 (its moments are zero), the state
+        # is a fresh one's, and the state saved and trained with is that.
+        get_state_dict(trainer.model, optimizer, options=flat_options())
+        for param_state in optimizer.state.values():
+            if "step" in param_state:
+                step = param_state["step"]
+                param_state["step"] = step.zero_() if isinstance(step, torch.Tensor) else 0
+    parts = dict(zip(("model", "optim"), get_state_dict(trainer.model, optimizer, options=flat_options())))
     saved_as = {part: {key: saved_name(trainer, key, optim=part == "optim") for key in values}
                 for part, values in parts.items()}
     state = {part: {saved_as[part][key]: value for key, value in values.items()} for part, values in parts.items()}

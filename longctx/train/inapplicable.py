@@ -6,6 +6,7 @@ differs from the schema's default, so a config that spells out defaults stays va
 from __future__ import annotations
 
 from ..config import (
+    CheckpointConfig,
     ConfigError,
     DataConfig,
     DilatedConfig,
@@ -27,6 +28,13 @@ _DATA_KEYS = {
 # those refused where unread: what names or orders the data or shapes a retrieval task (the synthetic task's
 # own settings, often left in a config whose data.source is switched on the command line, are not)
 _CHECKED_DATA_KEYS = ("path", "shuffle", "digits", "depth", "pairs", "pack_min", "haystack")
+# the model.rope_scaling keys each type reads (longctx/model/rope.py: rope_frequencies)
+_SCALING_KEYS = {
+    "none": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "original_max_positions", "low_freq_factor", "high_freq_factor"),
+    "yarn": ("factor", "original_max_positions", "beta_fast", "beta_slow"),
+}
 
 
 def check_inapplicable(cfg) -> None:
@@ -36,6 +44,7 @@ def check_inapplicable(cfg) -> None:
     _check_parallel(cfg)
     _check_validation(cfg.validation)
     _check_schedule(cfg.train)
+    _check_checkpoint(cfg.checkpoint)
 
 
 def _given(section, defaults, key: str) -> bool:
@@ -60,11 +69,14 @@ def _check_model(model) -> None:
         raise ConfigError(f"model.rope_scaling.type={scaling.type} with model.hf_path: a Hugging Face model's RoPE "
                           "is its config.json's (rope_parameters / rope_scaling); set the scaling there, and drop "
                           "model.rope_scaling")
-    if scaling.type == "none":
-        given = [key for key in vars(defaults) if key != "type" and _given(scaling, defaults, key)]
-        if given:
-            raise ConfigError(f"model.rope_scaling.{given[0]}={getattr(scaling, given[0])} has no effect with "
-                              "model.rope_scaling.type=none; set the type (linear, llama3, yarn) or drop it")
+    reads = _SCALING_KEYS.get(scaling.type)
+    given = [key for key in vars(defaults) if key != "type" and key not in (reads or ()) and
+             _given(scaling, defaults, key)]
+    if reads is not None and given:
+        users = [kind for kind, keys in _SCALING_KEYS.items() if given[0] in keys]
+        raise ConfigError(f"model.rope_scaling.{given[0]}={getattr(scaling, given[0])} has no effect with "
+                          f"model.rope_scaling.type={scaling.type} (it reads {', '.join(reads) or 'nothing'}); "
+                          f"{given[0]} applies to type={' or '.join(users)}: set that type, or drop it")
     if model.window == 1:  # softmax over one score is 1 whatever q and k are: their gradients are exactly zero
         raise ConfigError("model.window=1 lets each token attend to itself only, so the attention's q and k "
                           "projections have no effect (zero gradients, which AdamW would turn into steps of rounding "
@@ -75,6 +87,10 @@ def _check_model(model) -> None:
         if given:
             raise ConfigError(f"model.dilated.{given[0]}={getattr(dilated, given[0])} has no effect without dilated "
                               "layers; list them in model.dilated.layers, or drop it")
+    elif dilated.segment_lengths and any(_given(dilated, plain, key) for key in ("w0", "alpha")):
+        key = "w0" if _given(dilated, plain, "w0") else "alpha"
+        raise ConfigError(f"model.dilated.{key}={getattr(dilated, key)} has no effect: model.dilated.segment_lengths "
+                          "are given, and w0/alpha only derive them when they are not; drop one or the other")
     elif model.window is not None and set(dilated.layers) >= set(range(model.n_layers)):
         raise ConfigError(f"model.window={model.window} has no effect: every layer is dilated (model.dilated.layers), "
                           "and dilated layers attend by their segments; drop model.window, or leave some layer "
@@ -91,6 +107,14 @@ def _check_parallel(cfg) -> None:
         raise ConfigError(f"parallel.balance_documents=true reorders the documents packed in a sequence, and "
                           f"data.source={cfg.data.source} packs none (data.source=tokens does, and the retrieval "
                           "sources with data.pack_min > 0); drop it")
+    if p.balance_documents and p.strategy == "ulysses":
+        raise ConfigError("parallel.balance_documents=true evens out the context ranks' shares of a sequence, and "
+                          "parallel.strategy=ulysses gives every rank the whole sequence (for some heads), so there is "
+                          "nothing to balance; drop it, or use a ring strategy (zigzag, ring, striped, hybrid)")
+    if p.reshard_after_forward != defaults.reshard_after_forward and p.engine in ("ddp", "deepspeed"):
+        raise ConfigError(f"parallel.reshard_after_forward={str(p.reshard_after_forward).lower()} is an FSDP2 "
+                          f"setting, and parallel.engine={p.engine} never reads it; drop it, or use "
+                          "parallel.engine=fsdp")
 
 
 def _check_validation(validation) -> None:
@@ -113,3 +137,14 @@ def _check_schedule(train) -> None:
         raise ConfigError(f"train.{given[0]}={getattr(train, given[0])} has no effect with train.lr_schedule=constant "
                           "(the lr stays at its peak after the warmup); for a decay at the end (warmup-stable-decay) "
                           f"set train.lr_schedule=linear or cosine with train.decay_steps, or drop train.{given[0]}")
+
+
+def _check_checkpoint(checkpoint) -> None:
+    if checkpoint.interval or checkpoint.on_signal:
+        return
+    defaults = CheckpointConfig()
+    given = [key for key in ("keep_last", "async_save") if _given(checkpoint, defaults, key)]
+    if given:
+        raise ConfigError(f"checkpoint.{given[0]}={getattr(checkpoint, given[0])} has no effect: this run writes no "
+                          "checkpoint (checkpoint.interval=0 and checkpoint.on_signal=false); set "
+                          f"checkpoint.interval=N to save every N steps, or drop checkpoint.{given[0]}")

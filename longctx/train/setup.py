@@ -57,6 +57,8 @@ def _check_numbers(cfg) -> None:
                           "1 (seconds a collective may wait; default 600)")
     try:
         datetime.timedelta(seconds=p.timeout_s)
+        if p.timeout_s * 1e6 >= 2**63:  # gloo keeps it in int64 microseconds: above that it fails inside a rank
+            raise OverflowError
     except OverflowError:
         raise ConfigError(f"parallel.timeout_s={p.timeout_s} is too large for a timeout; use seconds, e.g. "
                           "parallel.timeout_s=1800") from None
@@ -96,6 +98,9 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
     """All checks of a job config for `world_size` ranks; returns the validated ParallelDims."""
     from ..kernels import check_name
 
+    if cfg.model.hf_path == "":
+        raise ConfigError("model.hf_path is empty: give a Hugging Face model directory, or null for longctx's own "
+                          "Llama")
     if cfg.model.hf_path:
         _adopt_hf_sizes(cfg)
     try:
@@ -159,6 +164,11 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
                           "not set: every launch names a new runs/NAME-TIMESTAMP, where there is no checkpoint to "
                           "continue (a restarted job would start afresh); set run_dir=DIR, the same on every launch "
                           "and on storage every node sees, or checkpoint.dir=DIR")
+    if t.init_from is not None and t.resume not in ("auto", "none"):
+        # (with resume=auto, init_from starts the run when there is nothing yet to resume: both apply in turn)
+        raise ConfigError(f"train.init_from={t.init_from!r} has no effect with train.resume={t.resume!r}: the "
+                          "resumed checkpoint brings its own weights; drop one of them (train.resume=auto starts from "
+                          "init_from only when the run has no checkpoint yet)")
     if t.resume not in ("auto", "none"):  # found before any rank starts, not by rank 0 after
         from .checkpoint_dirs import locate
 
