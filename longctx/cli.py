@@ -351,7 +351,7 @@ def _parse(argv):
         raise UserError(f"unrecognized arguments: {' '.join(stray)} (see `longctx {command + ' ' if command else ''}"
                         f"--help`)")
     if extra:
-        args.overrides = [*args.overrides, *extra]
+        args.overrides = [*(args.overrides or []), *extra]  # (bench train fills in its default later)
     return args
 
 

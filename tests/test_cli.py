@@ -188,6 +188,20 @@ def test_missing_optional_dependency_names_the_extra():
     (["bench", "train", "--config", TINY, "--overrides", "train.steps=1"],
      r"--overrides train.steps=1: the bench sets train.steps itself \(use --steps\)"),
     (["bench", "train", "--config", TINY, "--overrides", "run_dir=/tmp/x"], r"the bench sets run_dir itself"),
+    (["bench", "train", "--config", TINY, "--overrides", "checkpoint.dir=/tmp/x"],
+     r"the bench sets checkpoint.dir itself \(each layout checkpoints into its own run directory"),
+    # a layout's parallel.* is applied after --overrides: the override would be dropped without a word
+    (["bench", "train", "--config", TINY, "--overrides", "parallel.strategy=ring"],
+     r"--overrides parallel.strategy=ring: layout 'cp=-1,strategy=zigzag' \(the default layout\) sets "
+     r"parallel.strategy too, and a layout's setting wins; give it in --layouts \(e.g. --layouts "
+     r"cp=-1,strategy=zigzag,strategy=...\)"),
+    (["bench", "train", "--config", TINY, "--layouts", "cp=2", "dp_shard=2,cp=1", "--world-size", "2",
+      "--overrides", "parallel.dp_shard=1"], r"layout 'dp_shard=2,cp=1' sets parallel.dp_shard too"),
+    # a bare key=value is an override there too (it was a TypeError)
+    (["bench", "train", "--config", TINY, "train.steps=2"], r"--overrides train.steps=2: the bench sets train.steps"),
+    # the machine's checks at the world size the layouts run at, as `launch local` makes them
+    (["bench", "train", "--config", TINY, "--world-size", "4", "--overrides", "train.seq_len=33554432"],
+     r"train.seq_len=33554432 x train.batch_size=\d+ needs at least .* GiB on each rank"),
 ])
 def test_user_errors_are_one_line_with_exit_2(argv, pattern, capsys):
     import re

@@ -55,9 +55,14 @@ def _layout_overrides(layout: str) -> list[str]:
     return [f"parallel.{x}" for x in items]
 
 
+def _layout_overrides_keys(layout: str) -> set[str]:
+    return {item.split("=", 1)[0] for item in _layout_overrides(layout)}
+
+
 DEFAULT_LAYOUTS = ["cp=-1,strategy=zigzag"]  # every rank context-parallel, whatever --world-size
 # what the bench sets itself, so an override of it would be replaced without a word
 _BENCH_SETS = {"train.steps": "use --steps", "run_dir": "each layout runs in a directory of its own, removed after",
+               "checkpoint.dir": "each layout checkpoints into its own run directory, removed after",
                "logging.quiet": "the bench prints its own table", "logging.tensorboard": "the bench writes no events"}
 
 
@@ -78,13 +83,19 @@ def _configs(args):
         key = item.split("=", 1)[0].strip().lstrip("+~")
         if key in _BENCH_SETS:
             raise ValueError(f"--overrides {item}: the bench sets {key} itself ({_BENCH_SETS[key]}); drop it")
+        for layout in args.layouts:  # applied after --overrides: the layout's value would win without a word
+            if key in _layout_overrides_keys(layout):
+                default = " (the default layout)" if args.layouts == DEFAULT_LAYOUTS else ""
+                raise ValueError(f"--overrides {item}: layout {layout!r}{default} sets {key} too, and a layout's "
+                                 f"setting wins; give it in --layouts (e.g. --layouts {layout},"
+                                 f"{item.split('=', 1)[0].strip().lstrip('+~').removeprefix('parallel.')}=...)")
     out = []
     for layout in args.layouts:
         overrides = [*args.overrides, *_layout_overrides(layout), f"train.steps={args.steps}", "logging.quiet=true",
                      "logging.tensorboard=false"]
         cfg = load(path=args.config, overrides=overrides)
         validate_job(cfg, args.world_size)
-        check_machine(cfg)  # the layouts run here
+        check_machine(cfg, args.world_size, local_ranks=args.world_size)  # the layouts run here, every rank
         out.append((layout, cfg))
     return out
 
