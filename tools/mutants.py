@@ -826,6 +826,14 @@ MUTANTS = [
            "                pass",
            ("tests/train/test_nonfinite.py::test_nonfinite_steps_are_withheld_then_stop_the_run",),
            "a checkpoint after a skipped first step puts Adam's bias correction a step behind"),
+    Mutant("bench-layout-wins-over-override", "longctx/bench/train.py",
+           "            if key in _layout_overrides_keys(layout):", "            if False:",
+           ("tests/test_cli.py::test_user_errors_are_one_line_with_exit_2",),
+           "bench train --overrides parallel.strategy=ring benchmarks zigzag, without a word"),
+    Mutant("bench-machine-checks-skipped", "longctx/bench/train.py",
+           "        check_machine(cfg, args.world_size, local_ranks=args.world_size)", "        check_machine(cfg)",
+           ("tests/test_cli.py::test_user_errors_are_one_line_with_exit_2",),
+           "bench train launches ranks into memory they cannot have"),
 ]
 
 
