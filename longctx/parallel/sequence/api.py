@@ -56,20 +56,31 @@ def check_positions(given, expected: torch.Tensor) -> None:
         )
 
 
-def _detect_layout(strategy, position_ids, n, world, rank, ulysses) -> str:
-    """The layout (among those the strategy runs on) whose positions for this rank are `position_ids`."""
+def _detect_layout(strategy, position_ids, n, world, rank, ulysses, comms) -> str:
+    """The layout (among those the strategy runs on) whose positions are every rank's `position_ids`. One
+    rank's positions can fit two layouts (hybrid's first rank holds the same tokens under contiguous and
+    zigzag; allgather's rank 1 of 3 under striped and zigzag), and ranks that chose apart computed a wrong
+    answer: the ranks agree on the first layout that fits them all (one all-reduce of a flag per layout)."""
     rows = _rows(position_ids).cpu()
+    misses = []
     for layout in strategy.layouts:
         try:
             expected = strategy.rank_positions(layout, n, world, rank, ulysses)
         except ValueError:
-            continue
-        if _same(rows, expected):
+            expected = None
+        misses.append(0 if expected is not None and _same(rows, expected) else 1)
+    own = [layout for layout, missed in zip(strategy.layouts, misses) if not missed]
+    flags = torch.tensor(misses, dtype=torch.int32, device=comms[0].device)
+    for comm in comms:  # (hybrid: over the ulysses groups, then the ring groups: every rank of the mesh)
+        comm.all_reduce(flags, phase="layout", op="max")
+    for layout, missed in zip(strategy.layouts, flags.tolist()):
+        if not missed:
             return layout
+    which = (f"fit {', '.join(own)}, which other ranks' shards do not" if own else
+             f"follow none of the layouts strategy {strategy.name!r} runs on ({', '.join(strategy.layouts)})")
     raise ValueError(
-        f"layout mismatch: the position ids of this shard (starting {rows[0, :6].tolist()}) follow none of the "
-        f"layouts strategy {strategy.name!r} runs on ({', '.join(strategy.layouts)}); shard q, k, v with "
-        f"longctx.parallel.shard(x, layout) for one of them (hybrid: with group=the context mesh)"
+        f"layout mismatch: the position ids of this shard (starting {rows[0, :6].tolist()}) {which}; shard q, k, v "
+        f"with longctx.parallel.shard(x, layout) for one layout on every rank (hybrid: with group=the context mesh)"
     )
 
 
@@ -135,7 +146,8 @@ def attention(q, k, v, *, causal: bool = False, strategy: str = "zigzag", group=
     _check_documents(documents, n, q.shape[0])
     recognised = layout is None  # recognising the layout compares the positions already
     if recognised:
-        layout = _detect_layout(strat, position_ids, n, world, rank, ulysses)
+        layout = _detect_layout(strat, position_ids, n, world, rank, ulysses,
+                                (ucomm, comm) if strategy == "hybrid" else (comm,))
     strat.check(seq_len=n, world=world, layout=layout, heads=q.shape[2], kv_heads=k.shape[2], ulysses=ulysses,
                 what=f"global sequence length ({q.shape[1]} per rank x {world} ranks)")
     if check and position_ids is not None and not recognised:

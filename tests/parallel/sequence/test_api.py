@@ -138,7 +138,14 @@ def test_shards_cut_by_torch_chunk_are_recognised_from_their_positions():
              for s in ("allgather", "ulysses")]
     cases.append(dict(strategy="hybrid", mesh=(2, 2), b=1, n=32, h=4, hkv=2, d=8, causal=True, layout="striped",
                       pass_layout=False))
+    # positions one rank holds under two layouts (hybrid contiguous's first rank: zigzag's too; allgather's
+    # rank 1 of 3 under striped: zigzag's too): that rank chose the first in the list, the others the
+    # right one, and the answer was off by 1.1 without an error; the ranks now agree on one
+    cases.append(dict(strategy="hybrid", mesh=(2, 2), b=1, n=16, h=4, hkv=2, d=8, causal=True, layout="contiguous",
+                      pass_layout=False))
     check(cases, launch(cases, 4), 4)
+    three = [dict(strategy="allgather", b=1, n=6, h=2, hkv=2, d=8, causal=True, layout="striped", pass_layout=False)]
+    check(three, launch(three, 3), 3)
 
 
 def test_a_refused_kernel_leaves_the_group_usable():
