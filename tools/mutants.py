@@ -834,6 +834,10 @@ MUTANTS = [
            "        check_machine(cfg, args.world_size, local_ranks=args.world_size)", "        check_machine(cfg)",
            ("tests/test_cli.py::test_user_errors_are_one_line_with_exit_2",),
            "bench train launches ranks into memory they cannot have"),
+    Mutant("layout-recognised-rank-by-rank", "longctx/parallel/sequence/api.py",
+           "    for comm in comms:  # (hybrid:", "    for comm in ():  # (hybrid:",
+           (SEQ + "test_api.py::test_shards_cut_by_torch_chunk_are_recognised_from_their_positions",),
+           "hybrid's first rank reads contiguous shards as zigzag: wrong gradients, no error"),
 ]
 
 
