@@ -36,6 +36,7 @@ from ..config import ConfigError
 from ..data.tokens import identity
 from .checkpoint_dirs import (
     Mismatch,
+    check_digests,
     files_under,
     load_file,
     read_dcp,
@@ -183,6 +184,7 @@ def _commit(rank: int, step: int, tmp: str, final: str, root: str, keep_last: in
     world = dist.get_world_size() if dist.is_initialized() else 1
     # every rank reads a share of the files for their digests (rank 0 alone would read the whole checkpoint)
     digests = shared_digests(tmp, list(files_under(tmp)), rank, world)
+    check_digests(tmp, digests)  # (on every rank: each holds every digest)
     if rank == 0:
         seal(tmp, final, root, step, keep_last, digests)
     _barrier()

@@ -212,6 +212,20 @@ def _sha256(full: str) -> str:
         return f"unreadable ({type(e).__name__})"
 
 
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def check_digests(tmp: str, digests: dict) -> None:
+    """OSError unless every file's digest was read: a checkpoint sealed with a file unread would be pruning
+    the good ones before it (keep_last) and then be found damaged, or pass verification only as long as the
+    file stays unreadable. Every rank holds the same gathered digests, so every rank raises alike."""
+    unread = {name: digest for name, digest in digests.items() if not _DIGEST.fullmatch(str(digest))}
+    if unread:
+        name, why = next(iter(unread.items()))
+        raise OSError(f"checkpoint {tmp}: {len(unread)} of its files could not be read back for their digests "
+                      f"({name}: {why}); it is not marked complete, and the checkpoints before it are kept")
+
+
 def shared_digests(path: str, names: list[str], rank: int = 0, world: int = 1) -> dict:
     """{name: SHA-256} of the files `names` under `path`, each read by one rank (names[rank::world]) and
     gathered onto every rank: collective when world > 1 (every rank passes the same names, in order)."""
@@ -287,6 +301,7 @@ def seal(tmp: str, final: str, root: str, step: int, keep_last: int, digests: di
     `digests`: {name: SHA-256} the ranks computed (shared_digests); any file they missed is read here."""
     files = files_under(tmp)  # before the marker exists: it does not list itself
     digests = {name: (digests or {}).get(name) or _sha256(os.path.join(tmp, name)) for name in files}
+    check_digests(tmp, digests)
     with open(os.path.join(tmp, MARKER), "w") as f:
         json.dump({"step": step, "files": files, "sha256": digests}, f)
         f.flush()

@@ -325,3 +325,25 @@ def signalled_then_train(config: dict) -> dict:
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.05)
     return train_main(config)
+
+
+def save_with_a_file_unread(config_dict: dict) -> dict:
+    """Train with a checkpoint every step, rank 1 unable to read its share of the files back for their digests
+    from the second save on (an I/O error, a file not yet visible over NFS). Each rank returns the error it
+    raised and the checkpoint root's listing."""
+    import os
+
+    from longctx.config import from_dict
+    from longctx.train import Trainer, checkpoint_dirs
+
+    trainer = Trainer(from_dict(config_dict))
+    trainer.fit(1)
+    if dist.get_rank() == 1:
+        checkpoint_dirs._sha256 = lambda full: "unreadable (OSError)"
+    error = None
+    try:
+        trainer.fit()
+    except OSError as e:
+        error = str(e)
+    dist.barrier()
+    return {"error": error, "listing": sorted(os.listdir(trainer.checkpoint_dir))}

@@ -16,7 +16,15 @@ from longctx.launch.local import RankError
 from longctx.model import build_model
 from longctx.train import checkpoint, checkpoint_dirs, validate_job, weights
 
-from ._workers import config, resume_errors, resumed_batch, tp_pieces, train_and_collect, train_and_print
+from ._workers import (
+    config,
+    resume_errors,
+    resumed_batch,
+    save_with_a_file_unread,
+    tp_pieces,
+    train_and_collect,
+    train_and_print,
+)
 
 CP2 = ["parallel.cp=2", "parallel.dp_shard=1"]
 
@@ -140,6 +148,22 @@ def test_a_resume_takes_this_runs_optimizer_settings_and_schedule(tmp_path):
                      timeout=300)[0]
     assert "resuming with train.lr=0.0003 (the checkpoint's: 0.003)" in printed and "train.steps=5" in printed
     assert "train.lr_schedule=linear (the checkpoint's: cosine)" in printed
+
+
+def test_a_checkpoint_whose_files_cannot_be_read_back_is_never_sealed(tmp_path):
+    """A file one rank cannot read for its digest (an I/O error): the save fails on every rank, unsealed, and
+    keep_last keeps the one before (it was sealed with 'unreadable' for a digest, pruned the good one, and was
+    then refused as damaged: the run lost)."""
+    run_dir = str(tmp_path / "run")
+    ends = run(save_with_a_file_unread, 2, args=(config(*CP2, "checkpoint.interval=1", "checkpoint.keep_last=1",
+                                                        "train.steps=3", run_dir=run_dir),), timeout=300)
+    for end in ends:
+        assert re.search(r"step_00000002.tmp: \d+ of its files could not be read back for their digests \(.*: "
+                         r"unreadable \(OSError\)\); it is not marked complete", end["error"] or ""), end
+        assert end["listing"] == ["step_00000001", "step_00000002.tmp"], end
+    root = os.path.join(run_dir, "checkpoints")
+    assert [s for s, _ in checkpoint_dirs.complete_checkpoints(root)] == [1]
+    assert checkpoint_dirs.damaged_file(os.path.join(root, "step_00000001")) is None
 
 
 def test_interrupted_checkpoints_are_never_loaded(tmp_path):
