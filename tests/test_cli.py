@@ -368,9 +368,10 @@ def test_a_kernel_this_machine_cannot_run_is_refused_before_and_inside_the_ranks
     if not missing:
         pytest.skip("every kernel backend can run on this machine")
     name = missing[0]
-    for argv in (["train", TINY], ["launch", "local", "--nproc", "2", TINY],
+    layout = ["parallel.cp=1", "parallel.dp_shard=-1"]  # (bench train's is its --layouts)
+    for argv in (["train", TINY, *layout], ["launch", "local", "--nproc", "2", TINY, *layout],
                  ["bench", "train", "--config", TINY, "--world-size", "2", "--layouts", "cp=2", "--overrides"]):
-        assert main([*argv, f"parallel.kernel={name}", "parallel.cp=1", "parallel.dp_shard=-1"]) == 2
+        assert main([*argv, f"parallel.kernel={name}"]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"longctx: error: parallel.kernel={name} cannot run on this machine: "), err
         assert "use parallel.kernel=auto" in err and err.count("\n") == 1

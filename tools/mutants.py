@@ -838,6 +838,14 @@ MUTANTS = [
            "    for comm in comms:  # (hybrid:", "    for comm in ():  # (hybrid:",
            (SEQ + "test_api.py::test_shards_cut_by_torch_chunk_are_recognised_from_their_positions",),
            "hybrid's first rank reads contiguous shards as zigzag: wrong gradients, no error"),
+    Mutant("unread-digest-sealed", "longctx/train/checkpoint_dirs.py",
+           "if not _DIGEST.fullmatch(str(digest))}", "if False}",
+           ("tests/train/test_checkpoint.py::test_a_checkpoint_whose_files_cannot_be_read_back_is_never_sealed",),
+           "a checkpoint sealed with a file unread prunes the good ones, then is refused as damaged"),
+    Mutant("checkpoint-root-not-locked", "longctx/train/checkpoint_dirs.py",
+           "            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n", "            pass\n",
+           ("tests/train/test_checkpoint.py::test_a_checkpoint_root_another_run_is_writing_is_refused",),
+           "two runs in one root delete each other's checkpoints in progress"),
 ]
 
 

@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 
 import torch
 import torch.distributed as dist
@@ -92,10 +93,55 @@ def continues(resume: str | None) -> bool:
     return resume not in (None, "", "none")
 
 
+# checkpoint roots this process writes (rank 0 of a run), each held by a lock on the directory itself
+_HELD: dict[str, int] = {}
+HOLD_WAIT_S = 30.0
+
+
+def hold_root(root: str, wait_s: float | None = None) -> None:
+    """Lock checkpoint root `root` (creating it) for this process until it exits: a second run writing the same
+    root would delete the first's checkpoint in progress (a leftover .tmp to it), seal one of mixed files, and
+    prune the other's by step. The lock is flock on the directory (no file in it), which the kernel drops
+    when the process ends however it ends; a previous attempt of this job (torchrun or Ray restarting it)
+    whose rank 0 is still exiting is given `wait_s` (HOLD_WAIT_S) to let go. ValueError if another process
+    keeps it; a filesystem without locks gets a warning, not a failed save."""
+    import fcntl
+    import time
+
+    os.makedirs(root, exist_ok=True)
+    key = os.path.realpath(root)
+    if key in _HELD:
+        return
+    fd = os.open(key, os.O_RDONLY | os.O_DIRECTORY)
+    deadline = time.monotonic() + (HOLD_WAIT_S if wait_s is None else wait_s)
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _HELD[key] = fd
+            return
+        except BlockingIOError:
+            pass
+        except OSError as e:  # e.g. Lustre mounted without -o flock
+            os.close(fd)
+            _HELD[key] = -1
+            print(f"longctx: warning: checkpoint.dir {root} cannot be locked here ({e.strerror}): a second run "
+                  "writing it at the same time would not be noticed", file=sys.stderr, flush=True)
+            return
+        if time.monotonic() >= deadline:
+            os.close(fd)
+            raise ValueError(f"checkpoint.dir {root} is being written by another run still in progress (it holds "
+                             "the directory's lock): two runs in one root delete each other's checkpoints; give "
+                             "this run a run_dir or checkpoint.dir of its own, or stop the other first")
+        time.sleep(0.5)
+
+
 def resolve_resume(resume: str, root: str, log=print, skip=()) -> str | None:
     """The checkpoint directory to load for train.resume (auto | none | a path), or None; `skip`: those
     found damaged (a root then falls back to its next newest). A checkpoint in `root` that this run would
-    write over or prune alongside its own (another run's) is refused."""
+    write over or prune alongside its own (another run's) is refused, and so is a root another run is
+    writing now (hold_root; a root made later is taken at the first save)."""
+    if os.path.isdir(root):
+        hold_root(root)
     path = _resume_choice(resume, root, log, skip)
     if resume != "auto":  # auto takes the newest undamaged one: nothing of another run can lie past it
         _refuse_other_runs(path, root, resume, skip)

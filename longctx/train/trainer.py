@@ -129,6 +129,7 @@ class Trainer:
         self.run_dir = self._agree_run_dir(config_path)
         self.checkpoint_dir = cfg.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
         self.last_checkpoint = None
+        self.holds_checkpoint_root = False  # rank 0 locked checkpoint_dir against other runs (checkpoint.save)
         self.stop = StopSignals(cfg.checkpoint.on_signal)
         self.stop_signal = 0  # a SIGTERM / SIGUSR1 some rank received, agreed at the end of a step
         self._pending = None  # an asynchronous save in flight (checkpoint.async_save)

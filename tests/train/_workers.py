@@ -347,3 +347,36 @@ def save_with_a_file_unread(config_dict: dict) -> dict:
         error = str(e)
     dist.barrier()
     return {"error": error, "listing": sorted(os.listdir(trainer.checkpoint_dir))}
+
+
+def train_into_a_held_root(config_dict: dict, when: str) -> dict:
+    """Another run holds the checkpoint root (rank 0 locks it through an open file description of its own, as
+    another process would): from before this run starts (`when="start"`), or only from after this run's start
+    found no root yet (`"save"`, the first save then finds it taken). Each rank returns its error, the steps
+    trained and what the root holds."""
+    import fcntl
+    import os
+
+    from longctx.config import ConfigError, from_dict
+    from longctx.train import Trainer, checkpoint_dirs
+
+    checkpoint_dirs.HOLD_WAIT_S = 1.0
+    root = from_dict(config_dict).checkpoint.dir
+
+    def other_run_takes_it():
+        if dist.get_rank() == 0:
+            os.makedirs(root, exist_ok=True)
+            fcntl.flock(os.open(root, os.O_RDONLY), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        dist.barrier()
+
+    error, trainer = None, None
+    try:
+        if when == "start":
+            other_run_takes_it()
+        trainer = Trainer(from_dict(config_dict))
+        if when == "save":
+            other_run_takes_it()
+        trainer.fit()
+    except ConfigError as e:
+        error = str(e)
+    return {"error": error, "step": trainer and trainer.step, "listing": sorted(os.listdir(root))}

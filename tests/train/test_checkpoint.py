@@ -24,6 +24,7 @@ from ._workers import (
     tp_pieces,
     train_and_collect,
     train_and_print,
+    train_into_a_held_root,
 )
 
 CP2 = ["parallel.cp=2", "parallel.dp_shard=1"]
@@ -164,6 +165,34 @@ def test_a_checkpoint_whose_files_cannot_be_read_back_is_never_sealed(tmp_path):
     root = os.path.join(run_dir, "checkpoints")
     assert [s for s, _ in checkpoint_dirs.complete_checkpoints(root)] == [1]
     assert checkpoint_dirs.damaged_file(os.path.join(root, "step_00000001")) is None
+
+
+def test_a_checkpoint_root_another_run_is_writing_is_refused(tmp_path):
+    """Two runs in one root deleted each other's checkpoint in progress, sealed one of mixed files or pruned the
+    other's: the root is locked by the run writing it, found at the start (a root that exists) or else at the
+    first save, on every rank, before anything is written."""
+    for when, steps in (("start", None), ("save", 1)):
+        root = str(tmp_path / when)
+        ends = run(train_into_a_held_root, 2, args=(config(*CP2, "checkpoint.interval=1", f"checkpoint.dir={root}",
+                                                           run_dir=str(tmp_path / f"run_{when}")), when), timeout=300)
+        for end in ends:
+            assert re.search(r"checkpoint.dir .* is being written by another run still in progress",
+                             end["error"] or ""), end
+            assert end["step"] == steps and end["listing"] == [], end
+
+
+def test_a_filesystem_without_locks_warns_instead_of_failing_every_save(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    checkpoint_dirs.hold_root(str(tmp_path / "lustre"))
+    assert "cannot be locked here (Function not implemented)" in capsys.readouterr().err
+    checkpoint_dirs.hold_root(str(tmp_path / "lustre"))  # once per root
+    assert capsys.readouterr().err == ""
 
 
 def test_interrupted_checkpoints_are_never_loaded(tmp_path):
