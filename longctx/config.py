@@ -236,10 +236,11 @@ def _check_plain_scalar(node, value, kind: str, full: str, source: str) -> None:
     if _YAML11_ONLY_NUMBER.fullmatch(text) and not isinstance(value, bool):
         if ":" in text:
             why = "a colon makes a base-60 number"
-        elif value == int(text.replace("_", ""), 10):
-            return  # 01 is 1 however it is read
         else:
-            why = f"a leading 0 makes an octal number; write {int(text.replace('_', ''), 10)}"
+            decimal = int(text.replace("_", ""), 10)
+            if value == decimal:
+                return  # 01 is 1 however it is read
+            why = f"a leading 0 makes an octal number; write {decimal}"
         raise ConfigError(f"config key {full!r} (in {source}): YAML reads {text} as {value} ({why})")
 
 

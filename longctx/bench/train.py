@@ -88,7 +88,7 @@ def _configs(args):
                 default = " (the default layout)" if args.layouts == DEFAULT_LAYOUTS else ""
                 raise ValueError(f"--overrides {item}: layout {layout!r}{default} sets {key} too, and a layout's "
                                  f"setting wins; give it in --layouts (e.g. --layouts {layout},"
-                                 f"{item.split('=', 1)[0].strip().lstrip('+~').removeprefix('parallel.')}=...)")
+                                 f"{key.removeprefix('parallel.')}=...)")
     out = []
     for layout in args.layouts:
         overrides = [*args.overrides, *_layout_overrides(layout), f"train.steps={args.steps}", "logging.quiet=true",

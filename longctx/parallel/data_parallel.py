@@ -29,17 +29,17 @@ def resolve_engine(engine: str, dims: ParallelDims) -> str:
         raise ValueError(f"parallel.engine={engine!r} is not one of {', '.join(ENGINES)}")
     if engine == "deepspeed":
         return "deepspeed"  # its own checks: longctx.parallel.deepspeed_engine.check_deepspeed
-    if dims.tp > 1 or dims.pp > 1:
+    split = dims.tp > 1 or dims.pp > 1
+    if split and engine == "ddp":
         # tensor-parallel parameters are DTensors, and pipeline schedules run several forwards before their
         # backwards: FSDP2 composes with both, torch's DDP with neither (refused with no data ranks too: the
         # same config would fail as soon as it had some)
         axes = " and ".join(f"parallel.{a}={getattr(dims, a)}" for a in ("tp", "pp") if getattr(dims, a) > 1)
-        if engine == "ddp":
-            raise ValueError(f"{axes} needs FSDP2 for data/context parallelism (DDP does not compose with it): set "
-                             f"parallel.engine=fsdp (or auto); with parallel.dp_replicate > 1 that is HSDP")
+        raise ValueError(f"{axes} needs FSDP2 for data/context parallelism (DDP does not compose with it): set "
+                         f"parallel.engine=fsdp (or auto); with parallel.dp_replicate > 1 that is HSDP")
     if dims.dp_cp == 1:
         return "none"
-    if dims.tp > 1 or dims.pp > 1:
+    if split:
         # replicas of a tp/pp model: FSDP2 on the 2-D (dp_replicate, dp_shard x cp) mesh, whose shard
         # dimension may have size 1 (plain replication, reduced by FSDP2's all-reduce)
         return "hsdp" if dims.dp_replicate > 1 else "fsdp"

@@ -37,6 +37,7 @@ from ..data.tokens import identity
 from .checkpoint_dirs import (
     Mismatch,
     check_digests,
+    decided_by_rank0,
     files_under,
     hold_root,
     load_file,
@@ -138,16 +139,8 @@ def save(trainer, root: str, keep_last: int, *, async_save: bool = False, group=
     from ..config import to_yaml
 
     if not trainer.holds_checkpoint_root:  # rank 0 locks the root (no other run writes it), told to every rank
-        problem = [None]
-        if trainer.rank == 0:
-            try:
-                hold_root(root)
-            except ValueError as e:  # (an OSError making the root is a failed save like any other, traceback kept)
-                problem = [str(e)]
-        if trainer.world > 1:
-            dist.broadcast_object_list(problem, src=0)
-        if problem[0]:
-            raise ConfigError(problem[0])
+        # (an OSError making the root is a failed save like any other, its traceback kept)
+        decided_by_rank0(lambda: hold_root(root), trainer.rank, trainer.world, (ValueError,))
         trainer.holds_checkpoint_root = True
     final = step_dir(root, trainer.step)
     tmp = final + ".tmp"

@@ -187,6 +187,23 @@ def resume_path(resume: str, root: str, rank: int, world: int, say=print) -> str
                             f"train.resume={resume!r}", rank, world, say)
 
 
+def decided_by_rank0(work, rank: int, world: int, errors: tuple):
+    """What `work()` returns on rank 0, on every rank (collective): one of `errors` raised there is a ConfigError
+    on every rank at once, so none is left waiting for a rank that failed."""
+    answer = [None]
+    if rank == 0:
+        try:
+            answer = [("ok", work())]
+        except errors as e:
+            answer = [("error", str(e))]
+    if world > 1:
+        dist.broadcast_object_list(answer, src=0)
+    kind, value = answer[0]
+    if kind == "error":
+        raise ConfigError(value)
+    return value
+
+
 def agree_checkpoint(resolve, named: str, what: str, rank: int, world: int, say=print, only=None) -> str | None:
     """The checkpoint `resolve(skip)` picks on rank 0 (or the problem it finds), on every rank (collective),
     so a bad path fails everywhere at once instead of leaving the others waiting; then the ranks check its
@@ -195,17 +212,7 @@ def agree_checkpoint(resolve, named: str, what: str, rank: int, world: int, say=
     names the setting)."""
     damaged = []
     while True:
-        answer = [None]
-        if rank == 0:
-            try:
-                answer = [("ok", resolve(damaged))]
-            except (OSError, ValueError) as e:
-                answer = [("error", str(e))]
-        if world > 1:
-            dist.broadcast_object_list(answer, src=0)
-        kind, path = answer[0]
-        if kind == "error":
-            raise ConfigError(path)
+        path = decided_by_rank0(lambda: resolve(damaged), rank, world, (OSError, ValueError))
         why = path and damaged_file(path, rank, world, only(path) if only else None)
         if not why:
             return path

@@ -51,6 +51,11 @@ def _given(section, defaults, key: str) -> bool:
     return getattr(section, key) != getattr(defaults, key)
 
 
+def _first_given(section, defaults, keys) -> str | None:
+    """The first of `keys` given in `section` (differing from `defaults`), or None."""
+    return next((key for key in keys if _given(section, defaults, key)), None)
+
+
 def _check_data(data) -> None:
     reads = _DATA_KEYS.get(data.source)
     if reads is None:  # an unknown source: build_source names the choices
@@ -83,12 +88,11 @@ def _check_model(model) -> None:
                           "noise); use model.window >= 2, or null for full causal attention")
     dilated, plain = model.dilated, DilatedConfig()
     if not dilated.layers:
-        given = [key for key in ("segment_lengths", "dilation_rates", "w0", "alpha") if _given(dilated, plain, key)]
-        if given:
-            raise ConfigError(f"model.dilated.{given[0]}={getattr(dilated, given[0])} has no effect without dilated "
+        key = _first_given(dilated, plain, ("segment_lengths", "dilation_rates", "w0", "alpha"))
+        if key:
+            raise ConfigError(f"model.dilated.{key}={getattr(dilated, key)} has no effect without dilated "
                               "layers; list them in model.dilated.layers, or drop it")
-    elif dilated.segment_lengths and any(_given(dilated, plain, key) for key in ("w0", "alpha")):
-        key = "w0" if _given(dilated, plain, "w0") else "alpha"
+    elif dilated.segment_lengths and (key := _first_given(dilated, plain, ("w0", "alpha"))):
         raise ConfigError(f"model.dilated.{key}={getattr(dilated, key)} has no effect: model.dilated.segment_lengths "
                           "are given, and w0/alpha only derive them when they are not; drop one or the other")
     elif model.window is not None and set(dilated.layers) >= set(range(model.n_layers)):
@@ -120,31 +124,29 @@ def _check_parallel(cfg) -> None:
 def _check_validation(validation) -> None:
     if validation.interval:
         return
-    defaults = ValidationConfig()
     # (validation.holdout is not among them: its windows stay out of training, kept for a later `longctx eval`)
-    given = [key for key in ("batches", "path") if _given(validation, defaults, key)]
-    if given:
-        raise ConfigError(f"validation.{given[0]}={getattr(validation, given[0])!r} has no effect with "
+    key = _first_given(validation, ValidationConfig(), ("batches", "path"))
+    if key:
+        raise ConfigError(f"validation.{key}={getattr(validation, key)!r} has no effect with "
                           "validation.interval=0 (validation off); set validation.interval=N to validate every N "
-                          f"steps, or drop validation.{given[0]}")
+                          f"steps, or drop validation.{key}")
 
 
 def _check_schedule(train) -> None:
     if train.lr_schedule != "constant":
         return
-    given = [key for key in ("min_lr_ratio", "decay_steps") if _given(train, TrainConfig(), key)]
-    if given:
-        raise ConfigError(f"train.{given[0]}={getattr(train, given[0])} has no effect with train.lr_schedule=constant "
+    key = _first_given(train, TrainConfig(), ("min_lr_ratio", "decay_steps"))
+    if key:
+        raise ConfigError(f"train.{key}={getattr(train, key)} has no effect with train.lr_schedule=constant "
                           "(the lr stays at its peak after the warmup); for a decay at the end (warmup-stable-decay) "
-                          f"set train.lr_schedule=linear or cosine with train.decay_steps, or drop train.{given[0]}")
+                          f"set train.lr_schedule=linear or cosine with train.decay_steps, or drop train.{key}")
 
 
 def _check_checkpoint(checkpoint) -> None:
     if checkpoint.interval or checkpoint.on_signal:
         return
-    defaults = CheckpointConfig()
-    given = [key for key in ("keep_last", "async_save") if _given(checkpoint, defaults, key)]
-    if given:
-        raise ConfigError(f"checkpoint.{given[0]}={getattr(checkpoint, given[0])} has no effect: this run writes no "
+    key = _first_given(checkpoint, CheckpointConfig(), ("keep_last", "async_save"))
+    if key:
+        raise ConfigError(f"checkpoint.{key}={getattr(checkpoint, key)} has no effect: this run writes no "
                           "checkpoint (checkpoint.interval=0 and checkpoint.on_signal=false); set "
-                          f"checkpoint.interval=N to save every N steps, or drop checkpoint.{given[0]}")
+                          f"checkpoint.interval=N to save every N steps, or drop checkpoint.{key}")
