@@ -34,20 +34,8 @@ import torch.distributed as dist
 
 from ..config import ConfigError
 from ..data.tokens import identity
-from .checkpoint_dirs import (
-    Mismatch,
-    check_digests,
-    decided_by_rank0,
-    files_under,
-    hold_root,
-    load_file,
-    read_dcp,
-    saved_entries,
-    seal,
-    shared_digests,
-    step_dir,
-    telling_line,
-)
+from .checkpoint_dirs import check_digests, decided_by_rank0, files_under, hold_root, seal, shared_digests, step_dir
+from .checkpoint_read import Mismatch, load_file, read_dcp, saved_entries, telling_line
 from .optim import apply_settings
 from .same_run import HF_CONFIG, check_same_run, model_changes
 

@@ -17,7 +17,8 @@ import os
 import torch
 
 from .checkpoint import check_fits, flat_options, saved_name, unfit_error
-from .checkpoint_dirs import Mismatch, agree_checkpoint, load_file, locate, read_dcp, saved_entries, weight_files
+from .checkpoint_dirs import agree_checkpoint, locate, weight_files
+from .checkpoint_read import Mismatch, load_file, read_dcp, saved_entries
 from .same_run import saved_config
 from .weights import full_weights
 

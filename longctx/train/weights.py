@@ -12,7 +12,8 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from .checkpoint_dirs import check_contents, load_file, locate, read_dcp, read_error, saved_entries, weight_files
+from .checkpoint_dirs import check_contents, locate, weight_files
+from .checkpoint_read import load_file, read_dcp, read_error, saved_entries
 
 
 def model_weights(path: str, log=print) -> tuple[dict, str]:

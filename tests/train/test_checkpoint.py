@@ -14,7 +14,7 @@ from longctx.config import ConfigError, from_dict, load
 from longctx.launch import run
 from longctx.launch.local import RankError
 from longctx.model import build_model
-from longctx.train import checkpoint, checkpoint_dirs, validate_job, weights
+from longctx.train import checkpoint, checkpoint_dirs, checkpoint_read, validate_job, weights
 
 from ._workers import (
     config,
@@ -296,7 +296,7 @@ def test_the_telling_line_of_a_gathered_traceback_is_the_error_not_its_source():
     gathered = RuntimeError('Traceback (most recent call last):\n  File "x.py", line 3, in f\n    raise RuntimeError('
                             'f"Missing key in checkpoint state_dict: {fqn}.")\nRuntimeError: Missing key in checkpoint '
                             'state_dict: model.layers.2.attention_norm.weight.')
-    assert checkpoint_dirs.telling_line(gathered) == ("RuntimeError: Missing key in checkpoint state_dict: "
+    assert checkpoint_read.telling_line(gathered) == ("RuntimeError: Missing key in checkpoint state_dict: "
                                                       "model.layers.2.attention_norm.weight.")
 
 
