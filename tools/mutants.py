@@ -538,7 +538,7 @@ MUTANTS = [
            ("tests/data/test_prepare.py::test_odd_inputs_are_skipped_by_name_and_every_file_is_read_once",),
            "a BOM-prefixed JSONL loses its first record"),
     Mutant("byte-order-mark-kept-in-text-files", "longctx/data/prepare.py",
-           'text = f.read().decode("utf-8-sig")', 'text = f.read().decode("utf-8")',
+           'text = data.decode("utf-8-sig")', 'text = data.decode("utf-8")',
            ("tests/data/test_prepare.py::test_odd_inputs_are_skipped_by_name_and_every_file_is_read_once",),
            "a text file starts with bytes 239 187 191"),
     Mutant("half-a-torchrun-environment-accepted", "longctx/launch/env.py",
@@ -846,6 +846,14 @@ MUTANTS = [
            "            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n", "            pass\n",
            ("tests/train/test_checkpoint.py::test_a_checkpoint_root_another_run_is_writing_is_refused",),
            "two runs in one root delete each other's checkpoints in progress"),
+    Mutant("tokenizer-truncation-kept", "longctx/data/tokenizer.py",
+           "        self._tok.no_truncation()\n        self._tok.no_padding()\n", "",
+           ("tests/data/test_prepare.py::test_a_tokenizer_saved_with_truncation_or_padding_still_takes_whole_documents",),
+           "a tokenizer.json saved with truncation or padding cuts every document or fills it with pad tokens"),
+    Mutant("packed-lengths-from-an-examples-stream", "longctx/data/tasks.py",
+           "default_rng([self.seed, index, 0, 1])", "default_rng([self.seed, index, 1])",
+           ("tests/data/test_tokens_loader.py::test_packed_lengths_tell_nothing_of_the_examples",),
+           "packed retrieval lengths drawn from example 1's stream give its key away"),
 ]
 
 

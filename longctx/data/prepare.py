@@ -109,15 +109,15 @@ def _documents(path: str, text_key: str):
         yield None, Problem(f"cannot be read ({e.strerror or type(e).__name__})")
         return
     with f:
-        if b"\x00" in f.read(65536):
-            yield None, Problem("binary file (NUL bytes), not text")
-            return
-        f.seek(0)
-        if kind.endswith(JSONL_SUFFIXES):
+        if kind.endswith(JSONL_SUFFIXES):  # a NUL byte is invalid JSON: that line alone is skipped
             yield from _json_lines(f, text_key)
             return
+        data = f.read()
+        if b"\x00" in data:
+            yield None, Problem("binary file (NUL bytes), not text")
+            return
         try:
-            text = f.read().decode("utf-8-sig")  # a byte-order mark (Windows editors) is no part of the text
+            text = data.decode("utf-8-sig")  # a byte-order mark (Windows editors) is no part of the text
         except UnicodeDecodeError as e:
             yield None, Problem(f"not UTF-8 text (byte {e.start})")
             return
@@ -156,6 +156,10 @@ def _json_lines(f, text_key: str):
         yield n, record[text_key]
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
 @functools.lru_cache(maxsize=2)
 def _tokenizer(spec: str):
     """One load per worker process, not per file: a large tokenizer.json takes most of a second to parse and
@@ -180,7 +184,11 @@ def tokenize_file(path: str, tokenizer_spec: str, text_key: str, add_eos: bool, 
         except UnicodeEncodeError as e:  # JSON's "\ud83d" escapes decode to a lone surrogate no tokenizer takes
             problems.append((path, line, f"unpaired surrogate (U+{ord(doc[e.start]):04X} at character {e.start})"))
             continue
-        toks = tok.encode(doc)
+        try:
+            toks = tok.encode(doc)
+        except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception (a WordLevel without [UNK])
+            problems.append((path, line, f"the tokenizer cannot encode it ({_first_line(e)})"))
+            continue
         if not toks:  # whitespace a tokenizer drops: a document of nothing but its end-of-document token
             problems.append((path, line, "empty after tokenization"))
             continue

@@ -96,7 +96,9 @@ class RetrievalTask:
     def packed(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Examples of random lengths in [pack_min, seq_len] packed as documents into one sequence (short
         ones are learnt first; every example's answer carries labels): (inputs, labels, doc ids)."""
-        rng = np.random.default_rng([self.seed, index, 1])
+        # a stream no example draws from: example j of this sequence has [seed, index, j] (with this one, example
+        # 1's key would follow the lengths); the tag ends non-zero as numpy's seeding ignores trailing zero words
+        rng = np.random.default_rng([self.seed, index, 0, 1])
         lengths, left = [], self.seq_len
         while left:
             n = int(rng.integers(self.pack_min, self.seq_len + 1))

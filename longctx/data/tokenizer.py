@@ -46,6 +46,10 @@ class HFTokenizer:
             raise ValueError(f"{what}: {path} is not a valid Hugging Face tokenizer.json ({first}); give a "
                              "tokenizer.json saved by `tokenizers` / transformers, a directory holding one, "
                              "or 'byte'") from None
+        # a tokenizer.json saved with truncation or padding on (a model's max_length, a fixed pad length) would cut
+        # every document to that length, or fill it with pad tokens the model then trains on: whole texts only here
+        self._tok.no_truncation()
+        self._tok.no_padding()
         vocab = self._tok.get_vocab(with_added_tokens=True)
         # ids, not a count: a vocabulary with gaps (ids 0 and 70000) needs 70001 rows and a uint32 file
         self.vocab_size = max([*vocab.values(), self._tok.get_vocab_size(with_added_tokens=True) - 1]) + 1

@@ -50,14 +50,18 @@ def test_malformed_input_is_reported_with_file_and_line_and_skipped(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "blob.txt").write_bytes(b"\x00\x01\x02binary")
     (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "late.txt").write_bytes(b"x" * 70_000 + b"\x00")  # past any first-block sniff
+    # a raw NUL in line 2 of JSON lines costs that line (invalid JSON), not the file
+    (tmp_path / "nul.jsonl").write_bytes(b'{"text": "one"}\n{"text": "bro\x00ken"}\n{"text": "three"}\n')
     summary = prepare(str(tmp_path / "*"), str(tmp_path / "ds"), workers=1, progress=False)
-    assert summary["documents"] == 1 and summary["skipped"] == 6
+    assert summary["documents"] == 3 and summary["skipped"] == 8
     where = {(os.path.basename(p["file"]), p["line"]): p["reason"] for p in summary["problems"]}
     assert "not valid JSON" in where[("good.jsonl", 2)]
     assert "no key 'text'" in where[("good.jsonl", 3)] and "--text-key" in where[("good.jsonl", 3)]
     assert "not a string" in where[("good.jsonl", 4)]
     assert where[("empty.txt", None)] == "empty file"
     assert "binary" in where[("blob.txt", None)] and "UTF-8" in where[("latin.txt", None)]
+    assert "binary" in where[("late.txt", None)] and "not valid JSON" in where[("nul.jsonl", 2)]
 
 
 def test_records_suffixes_hidden_entries_and_permissions(tmp_path):
@@ -207,6 +211,37 @@ def test_tokenizer_json_from_a_local_file(tmp_path):
         with pytest.raises(ValueError, match=r"--tokenizer .*bad.*is not a valid Hugging Face tokenizer.json \(.+\)"):
             prepare(str(tmp_path / "d.jsonl"), str(tmp_path / "ds2"), tokenizer=str(spec), progress=False)
     assert not (tmp_path / "ds2").exists()
+
+
+def test_a_tokenizer_saved_with_truncation_or_padding_still_takes_whole_documents(tmp_path):
+    """A tokenizer.json saved with truncation (a model's max_length) or padding on: every document is still
+    tokenized whole, with nothing added (it was cut to 3 tokens, or filled with <pad>); a document the tokenizer
+    cannot encode at all (a WordLevel without an unknown token) is skipped by name, not a traceback."""
+    tokenizers = pytest.importorskip("tokenizers", reason="tokenizer.json needs `tokenizers` (extra: hf)")
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "</s>": 1, "<pad>": 2, "a": 3, "b": 4}
+    docs = ["a b a b a", "b", "a a"]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    for name, setting in (("cut", lambda t: t.enable_truncation(max_length=3)),
+                          ("padded", lambda t: t.enable_padding(length=8, pad_id=2, pad_token="<pad>"))):
+        tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        setting(tok)
+        tok.save(str(tmp_path / f"{name}.json"))
+        summary = prepare(str(tmp_path / "d.jsonl"), str(tmp_path / name), tokenizer=str(tmp_path / f"{name}.json"),
+                          progress=False)
+        tokens = np.fromfile(tmp_path / name / "tokens.bin", dtype=summary["dtype"]).tolist()
+        assert tokens == [3, 4, 3, 4, 3, 1, 4, 1, 3, 3, 1], (name, tokens)
+    no_unknown = tokenizers.Tokenizer(models.WordLevel({"a": 0, "</s>": 1}))
+    no_unknown.pre_tokenizer = pre_tokenizers.Whitespace()
+    no_unknown.save(str(tmp_path / "strict.json"))
+    summary = prepare(str(tmp_path / "d.jsonl"), str(tmp_path / "ds"), tokenizer=str(tmp_path / "strict.json"),
+                      progress=False)
+    assert summary["documents"] == 1 and np.fromfile(tmp_path / "ds" / "tokens.bin", dtype=np.uint16).tolist() == \
+        [0, 0, 1]
+    assert [(p["line"], p["reason"].split(" (")[0]) for p in summary["problems"]] == \
+        [(1, "the tokenizer cannot encode it"), (2, "the tokenizer cannot encode it")], summary["problems"]
 
 
 def test_odd_inputs_are_skipped_by_name_and_every_file_is_read_once(tmp_path):
