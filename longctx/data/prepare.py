@@ -268,6 +268,10 @@ def prepare(inputs, output: str, *, tokenizer: str = "byte", text_key: str = "te
     tok = load_tokenizer(tokenizer)  # a bad tokenizer fails here, before any worker starts
     files = expand_inputs(inputs)
     files = [f for f in files if not os.path.realpath(f).startswith(output + os.sep)]  # never read our own output
+    if text_key != "text" and not any(f.lower().endswith((*JSONL_SUFFIXES, ".parquet")) for f in files):
+        raise PrepareError(f"--text-key {text_key!r} names the text field of JSON lines and Parquet inputs, and none "
+                           f"of the {len(files)} input files is one (a text file is one document as it is): drop "
+                           "--text-key, or give the .jsonl / .parquet files")
     parent = os.path.dirname(output) or "."
     os.makedirs(parent, exist_ok=True)
     processes = max(1, min(workers, len(files), os.cpu_count() or 1))

@@ -143,8 +143,13 @@ def test_bad_arguments_name_the_fix(tmp_path, capsys):
         prepare(str(tmp_path / "x.txt"), "", progress=False)
     with pytest.raises(PrepareError, match=r"--output .*x.txt/sub'.*x.txt is a file, not a directory.*choose"):
         prepare(str(tmp_path / "x.txt"), str(tmp_path / "x.txt" / "sub"), progress=False)
-    assert main(["data", "prepare", "--input", str(tmp_path / "x.txt"), "--output", str(tmp_path / "mine")]) == 2
-    assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(PrepareError, match=r"--text-key 'body' names the text field of JSON lines and Parquet inputs, "
+                                           r"and none of the 1 input files is one.*drop --text-key"):
+        prepare(str(tmp_path / "x.txt"), str(tmp_path / "ds"), text_key="body", progress=False)
+    for argv in (["--output", str(tmp_path / "mine")], ["--output", str(tmp_path / "ds"), "--text-key", "body"]):
+        assert main(["data", "prepare", "--input", str(tmp_path / "x.txt"), *argv]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+    assert not (tmp_path / "ds").exists()
 
 
 def test_workers_are_capped_by_files_and_cpus(tmp_path, monkeypatch):
