@@ -72,7 +72,8 @@ def _check_ppl_args(args, cfg) -> tuple[str, int, int, str | None]:
     seq_len = args.seq_len or cfg.train.seq_len
     data, first, what = (args.data, 0, None) if args.data else held_out(cfg, seq_len)
     src = check_ppl(data, seq_len=seq_len, sequences=args.sequences or 1, buckets=args.buckets, strategy=args.strategy,
-                    world=_ranks(args)[0] // args.tp, vocab_size=cfg.model.vocab_size, first=first, tp=args.tp,
+                    world=_ranks(args)[0] // args.tp, vocab_size=cfg.model.vocab_size, first=first,
+                    tp=1 if cfg.model.hf_path else args.tp,  # an HF model's tp is not sequence-parallel
                     what="--data" if args.data else "the checkpoint's held-out data")
     if args.data and cfg.data.path and os.path.exists(os.path.join(cfg.data.path, "meta.json")):
         _same_tokenizer(args.data, cfg.data.path)
@@ -172,6 +173,9 @@ def cmd_eval(args) -> int:
         check_output(args.json, "--json")
         if kind == "needle":
             check_plot(args.plot)
+            if args.json and args.plot and os.path.realpath(args.json) == os.path.realpath(args.plot):
+                raise ValueError(f"--json and --plot both name {args.plot!r}: the heatmap would overwrite the records; "
+                                 "give each a file of its own")
             check_grid(args.lengths, args.depths, args.samples)
         cfg = _checked_checkpoint(args)
         if kind == "needle":

@@ -77,11 +77,18 @@ def _perplexity(model, src, seq_len, sequences, buckets, strategy, batch, first,
         both = torch.stack([sums, counts]).to(device)
         dist.all_reduce(both, group=group)
         sums, counts = both.cpu()
+    return bucket_records(sums, counts, edges)
+
+
+def bucket_records(sums, counts, edges) -> list[dict]:
+    """The records of buckets whose token losses add up to `sums` over `counts` tokens: a bucket no token reached
+    has no loss (None: JSON null, not NaN); a perplexity past e^700 is given as e^700, as validation gives it (a
+    diverged run's loss of 2000 overflowed a float and lost the whole evaluation)."""
     out = []
-    for i in range(buckets):  # a bucket no token reached has no loss (None: JSON null, not NaN)
+    for i in range(len(counts)):
         mean = float(sums[i] / counts[i]) if counts[i] else None
         out.append({"bucket_start": edges[i], "bucket_end": edges[i + 1], "tokens": int(counts[i]),
-                    "loss": mean, "ppl": math.exp(mean) if mean is not None else None})
+                    "loss": mean, "ppl": math.exp(min(mean, 700.0)) if mean is not None else None})
     return out
 
 

@@ -49,7 +49,9 @@ def load_checkpoint_model(path: str, log=print, *, mesh=None, device=None):
         materialize(hf, device)
         model = HFCausalLM(hf)
         load_model_pieces(model, found, log=log)
-        prepare_attention(hf, "zigzag", None, None, cfg.parallel.kernel, cp=1)
+        # the kernel evaluation picks (as for a native model), not the training run's: eval computes in float32,
+        # which a flash or triton kernel the run trained with on a GPU need not take
+        prepare_attention(hf, "zigzag", None, None, "auto", cp=1)
         return model.eval(), cfg
     with torch.device("meta"):
         model = build_model(cfg.model, seq_len=cfg.train.seq_len)

@@ -104,6 +104,8 @@ def test_needle_eval_bad_input_is_one_line(passkey_checkpoint, capsys):
          "ulysses: 2 query heads do not divide over 3 ranks"),
         (["--checkpoint", passkey_checkpoint, "--lengths", "64", "--plot", "heat.bmp"],
          "--plot heat.bmp: matplotlib cannot write .bmp files"),
+        (["--checkpoint", passkey_checkpoint, "--lengths", "64", "--json", "n.png", "--plot", "./n.png"],
+         "--json and --plot both name './n.png': the heatmap would overwrite the records"),
         # far beyond any machine: refused before a rank starts, not killed by the kernel's OOM killer
         (["--checkpoint", passkey_checkpoint, "--lengths", "1000000000000"],
          "--lengths 1000000000000 needs at least "),
@@ -169,6 +171,18 @@ def test_perplexity_by_position_agrees_across_ranks(text_run, tmp_path, capsys):
                  "--json", str(js)]) == 0
     spans = [(r["bucket_start"], r["bucket_end"]) for r in json.loads(js.read_text())]
     assert spans == [(0, 13), (13, 26), (26, 39), (39, 52), (52, 64)]
+
+
+def test_a_diverged_runs_perplexity_is_capped_as_validation_caps_it():
+    import torch
+
+    from longctx.eval.ppl import bucket_records, format_ppl
+
+    sums, counts = torch.tensor([27720.0, 0.0, 5.0], dtype=torch.float64), torch.tensor([10.0, 0.0, 2.0])
+    records = bucket_records(sums, counts, [0, 4, 8, 12])
+    assert [(r["loss"], r["ppl"]) for r in records] == [(2772.0, math.exp(700)), (None, None), (2.5, math.exp(2.5))]
+    assert "loss 2772.0000" in format_ppl(records)
+    json.dumps(records)  # an evaluation's JSON is written after its table
 
 
 def _ppl_twice(checkpoint, data):

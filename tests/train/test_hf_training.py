@@ -363,8 +363,13 @@ def test_an_hf_checkpoint_evaluates_through_its_own_layers(tmp_path):
     # 40 positions: pinned to the 64-token window in training and here) trained on prepared token data under
     # cp=2 loads as its architecture with the trained weights: perplexity by position at
     # cp=2 x tp=2 equals one process (its generation, what the needle grid runs, is checked token for token
-    # in tests/model/test_hf_generate.py)
+    # in tests/model/test_hf_generate.py); so does tp=2 alone at a length tp does not divide (an HF model's tp
+    # is not sequence-parallel: the command refused it). It evaluates with the kernel evaluation picks, not the
+    # one it trained with (a run trained with flash on a GPU crashed evaluation on one cp rank: float32)
     import json
+
+    from longctx.eval import load_checkpoint_model
+    from longctx.model.hf_checks import attention_modules
 
     path = tmp_path / "qwen3"
     torch.manual_seed(0)
@@ -378,13 +383,20 @@ def test_an_hf_checkpoint_evaluates_through_its_own_layers(tmp_path):
     assert main(["data", "prepare", "--input", str(corpus), "--output", str(tmp_path / "ds"), "--quiet"]) == 0
     run_dir = tmp_path / "run"
     assert main(["launch", "local", "--nproc", "2", "configs/tiny.yaml", f"model.hf_path={path}",
-                 "parallel.cp=2", "parallel.dp_shard=1", "parallel.strategy=zigzag", "data.source=tokens",
-                 f"data.path={tmp_path / 'ds'}", "train.seq_len=64", "train.batch_size=2", "train.steps=2",
-                 "checkpoint.interval=2", "logging.quiet=true", "logging.tensorboard=false", f"run_dir={run_dir}"]) == 0
+                 "parallel.cp=2", "parallel.dp_shard=1", "parallel.strategy=zigzag", "parallel.kernel=reference",
+                 "data.source=tokens", f"data.path={tmp_path / 'ds'}", "train.seq_len=64", "train.batch_size=2",
+                 "train.steps=2", "checkpoint.interval=2", "logging.quiet=true", "logging.tensorboard=false",
+                 f"run_dir={run_dir}"]) == 0
     # (4, 2): cp=2 x tp=2, the tied head split by vocabulary
     ppl = ppl_by_layout(main, str(run_dir / "checkpoints"), tmp_path, ((1, 1), (4, 2)), "--buckets", "4",
                         "--sequences", "4")
     assert_same_ppl(ppl[1, 1], ppl[4, 2])
+    (tmp_path / "odd").mkdir()
+    odd = ppl_by_layout(main, str(run_dir / "checkpoints"), tmp_path / "odd", ((1, 1), (2, 2)), "--buckets", "4",
+                        "--sequences", "2", "--seq-len", "63")
+    assert_same_ppl(odd[1, 1], odd[2, 2])
+    model, _ = load_checkpoint_model(str(run_dir / "checkpoints"), log=lambda *a, **k: None)
+    assert {m._longctx_cores.kernel for m in attention_modules(model.hf)} == {"auto"}
     # its model.hf_path moved away: one line before any rank starts, for perplexity as for generation
     path.rename(tmp_path / "moved")
     for command in (["eval", "ppl"], ["generate", "--ids", "3"]):
