@@ -21,7 +21,8 @@ pending = {"signal": 0}  # a stop signal recorded before any training loop liste
 def record_from_start() -> None:
     """From now on SIGTERM / SIGUSR1 are recorded in `pending` instead of ending the process, for a rank that
     will train: a training loop's scope (train/stop.py) takes the signal over when it opens, so a signal during
-    start-up (rendezvous, model build) stops the run after its first step with a checkpoint. Main thread only."""
+    start-up (model build, checkpoint load) stops the run after its first step with a checkpoint (one in the
+    rendezvous ends the process: launch/env.py waiting_in_torch). Main thread only."""
     if threading.current_thread() is threading.main_thread():
         for sig in STOP_SIGNALS:
             signal.signal(sig, lambda signum, frame: pending.update(signal=pending["signal"] or signum))

@@ -872,6 +872,15 @@ MUTANTS = [
            "if False:",
            ("tests/eval/test_eval.py::test_needle_eval_bad_input_is_one_line",),
            "the heatmap silently overwrites the needle records"),
+    Mutant("rendezvous-wait-unwatched", "longctx/launch/env.py",
+           'with waiting_in_torch(timeout_s + RENDEZVOUS_GRACE_S, failed("no answer from the store there")):',
+           "with contextlib.nullcontext():",
+           ("tests/launch/test_env.py::test_a_rendezvous_wait_ends_on_a_stop_signal_and_at_a_store_that_never_answers",),
+           "a rank waits forever on a silent store and ignores SIGTERM in the rendezvous"),
+    Mutant("run-dir-shared-within-a-second", "longctx/train/setup.py",
+           "            os.mkdir(path)\n            return path\n", "            return path\n",
+           ("tests/train/test_metrics_optim.py::test_runs_started_in_one_second_get_run_directories_of_their_own",),
+           "two runs started in one second write one metrics file and config.yaml"),
 ]
 
 

@@ -26,6 +26,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .._signals import STOP_SIGNALS
 from ..config import ConfigError
 
 
@@ -46,15 +47,18 @@ def process_group(timeout_s: float = 600.0):
         watch_agent()
         if torch.cuda.is_available():
             torch.cuda.set_device(cuda_device(local_rank, torch.cuda.device_count()))
-        try:
-            store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
-            epoch = fresh_epoch(store, rank, world_size, timeout_s)
-        except (dist.DistError, TimeoutError) as e:  # a peer that never came, an unreachable MASTER_ADDR
+        def failed(why: str) -> str:
             where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-            raise ConfigError(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: the rendezvous at "
-                              f"MASTER_ADDR:MASTER_PORT={where} failed within parallel.timeout_s={timeout_s:g} "
-                              f"({str(e).splitlines()[0][:200]}); start every rank (torchrun on every node) "
-                              "against the same address, or raise parallel.timeout_s") from None
+            return (f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: the rendezvous at MASTER_ADDR:"
+                    f"MASTER_PORT={where} failed within parallel.timeout_s={timeout_s:g} ({why}); start every rank "
+                    "(torchrun on every node) against the same address, or raise parallel.timeout_s")
+
+        try:
+            with waiting_in_torch(timeout_s + RENDEZVOUS_GRACE_S, failed("no answer from the store there")):
+                store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+                epoch = fresh_epoch(store, rank, world_size, timeout_s)
+        except (dist.DistError, TimeoutError) as e:  # a peer that never came, an unreachable MASTER_ADDR
+            raise ConfigError(failed(str(e).splitlines()[0][:200])) from None
         store = dist.PrefixStore(f"longctx/epoch_{epoch}", store)
         dist.init_process_group(_backend(), store=store, rank=rank, world_size=world_size, timeout=timeout)
     else:
@@ -74,6 +78,56 @@ def process_group(timeout_s: float = 600.0):
         dist.destroy_process_group()
         Comm.forget()
         gc.collect()  # the sub-groups' meshes, while the interpreter is whole (not at its exit)
+
+
+# past its own timeout, torch's store client still waits for a server that accepted and never answers (another
+# program on a stale MASTER_PORT): the watcher below ends that wait this much later
+RENDEZVOUS_GRACE_S = 5.0
+
+
+@contextlib.contextmanager
+def waiting_in_torch(limit_s: float, failure: str):
+    """While the main thread waits inside torch's C++ (the rendezvous), where Python runs no signal handler
+    until the call returns: a watcher thread ends the process on a stop signal or Ctrl-C, with 128 + its number
+    (nothing has run that a checkpoint could keep), and after `limit_s` with `failure` as the one-line error
+    (exit 2). Signals reach it through the interpreter's wakeup fd, written by the C-level handler at once;
+    only the main thread can set that fd, so elsewhere only the time limit is watched."""
+    import select
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False) if in_main else None
+    done = threading.Event()
+    watched = {int(s) for s in (*STOP_SIGNALS, signal.SIGINT)}
+
+    def watch():
+        deadline = time.monotonic() + limit_s
+        while not done.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                print(f"longctx: error: {failure}", file=sys.stderr, flush=True)
+                os._exit(2)
+            if select.select([read_end], [], [], min(left, 0.2))[0]:
+                for signum in os.read(read_end, 64):
+                    if signum in watched and not done.is_set():
+                        print(f"longctx: stopped by {signal.Signals(signum).name} during the rendezvous, before "
+                              "any step", file=sys.stderr, flush=True)
+                        os._exit(128 + signum)
+
+    watcher = threading.Thread(target=watch, name="longctx-rendezvous-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        os.write(write_end, b"\0")  # wakes the watcher now (0 is no signal's number)
+        watcher.join()
+        if in_main:
+            signal.set_wakeup_fd(previous)
+        os.close(read_end)
+        os.close(write_end)
 
 
 _watching = []  # the agent's pid, once this process watches it

@@ -388,5 +388,16 @@ def resolve_precision(precision: str, device_type: str) -> str:
 
 
 def default_run_dir(config_path: str | None) -> str:
+    """runs/<config name>-<date>-<time>, made here so that it is this run's alone: two runs started in the same
+    second (a sweep) wrote one metrics file and config.yaml; the second takes `...-2`. Call it in one process."""
     name = os.path.splitext(os.path.basename(config_path))[0] if config_path else "run"
-    return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    base = os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs("runs", exist_ok=True)
+    for n in range(1, 10_000):
+        path = base if n == 1 else f"{base}-{n}"
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise ValueError(f"{base}-* are all taken; give the run a run_dir")

@@ -147,7 +147,7 @@ class Trainer:
     # ------------------------------------------------------------------ set-up helpers
     def _agree_run_dir(self, config_path) -> str:
         """Rank 0 names the run directory (a timestamp may differ between ranks) and tells the others."""
-        box = [self.cfg.run_dir or default_run_dir(config_path)]
+        box = [self.cfg.run_dir or (default_run_dir(config_path) if self.rank == 0 else None)]
         if self.world > 1:
             dist.broadcast_object_list(box, src=0)
         return box[0]

@@ -124,6 +124,65 @@ def test_a_rendezvous_without_its_peers_is_one_line_naming_the_address(monkeypat
         assert not dist.is_initialized()
 
 
+def test_a_rendezvous_wait_ends_on_a_stop_signal_and_at_a_store_that_never_answers(tmp_path):
+    """Waits inside torch, where Python runs no signal handler: a rank whose MASTER_PORT is held by a program that
+    accepts and never answers ends with the one-line error (it waited forever, SIGTERM included), and a rank 0
+    waiting for its peers ends on SIGTERM at once with 128 + 15 (it waited out parallel.timeout_s, then said 2)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from ._jobs import TINY
+
+    silent, held = socket.socket(), []
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    accepting = threading.Thread(target=lambda: held.append(silent.accept()), daemon=True)
+    accepting.start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    argv = [sys.executable, "-m", "longctx", "train", TINY, "train.steps=1", "logging.quiet=true",
+            "logging.tensorboard=false", f"run_dir={tmp_path / 'run'}"]
+
+    def env(rank, port):
+        return dict(os.environ, RANK=rank, WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(port))
+
+    try:
+        r = subprocess.run([*argv, "parallel.timeout_s=2"], env=env("1", silent.getsockname()[1]),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines()[-1].startswith(
+            f"longctx: error: rank 1 of 2: the rendezvous at MASTER_ADDR:MASTER_PORT=127.0.0.1:"
+            f"{silent.getsockname()[1]} failed within parallel.timeout_s=2 (no answer from the store there)"), r.stderr
+        waiting = subprocess.Popen([*argv, "parallel.timeout_s=300"], env=env("0", free), stderr=subprocess.PIPE,
+                                   text=True)
+        try:
+            proc, deadline = psutil.Process(waiting.pid), time.monotonic() + 90
+            while not any(c.laddr.port == free and c.status == psutil.CONN_LISTEN for c in proc.net_connections()):
+                assert waiting.poll() is None and time.monotonic() < deadline, waiting.stderr.read()[-2000:]
+                time.sleep(0.1)
+            time.sleep(0.5)  # into the wait for rank 1
+            waiting.send_signal(signal.SIGTERM)
+            err = waiting.communicate(timeout=60)[1]  # not parallel.timeout_s's 300
+        finally:
+            waiting.kill()
+            waiting.wait()
+        assert waiting.returncode == 128 + signal.SIGTERM, err[-2000:]
+        assert err.strip().splitlines()[-1] == "longctx: stopped by SIGTERM during the rendezvous, before any step"
+        assert not (tmp_path / "run").exists()
+    finally:
+        silent.close()
+        for conn, _ in held:
+            conn.close()
+
+
 def test_longctx_train_names_the_variable_in_one_line(monkeypatch, capsys):
     from longctx.cli import main
 

@@ -1,6 +1,7 @@
 """FLOP counting against brute force and the built model; the LR schedule; AdamW parameter groups."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -150,6 +151,19 @@ def test_a_resumed_run_moves_the_lost_attempts_records_aside(tmp_path, capsys):
     # records: they are an earlier run's and move aside, never mixed with this run's nor lost
     MetricsLogger(str(tmp_path), enabled=True, total_steps=1, quiet=True, tensorboard=False, resumed_step=0).close()
     assert path.read_text() == "" and steps(aside) == [4, 5, 1, 2, 3, 4]
+
+
+def test_runs_started_in_one_second_get_run_directories_of_their_own(tmp_path, monkeypatch):
+    import time
+
+    from longctx.train.setup import default_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt: "20261130-163803")
+    names = [default_run_dir("configs/tiny.yaml") for _ in range(3)] + [default_run_dir(None)]
+    assert names == ["runs/tiny-20261130-163803", "runs/tiny-20261130-163803-2", "runs/tiny-20261130-163803-3",
+                     "runs/run-20261130-163803"]
+    assert all(os.path.isdir(n) for n in names)  # taken when named: the next run cannot name it too
 
 
 def test_fp32_mfu_is_against_the_peak_its_matmuls_run_at(monkeypatch):
