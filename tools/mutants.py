@@ -881,6 +881,14 @@ MUTANTS = [
            "            os.mkdir(path)\n            return path\n", "            return path\n",
            ("tests/train/test_metrics_optim.py::test_runs_started_in_one_second_get_run_directories_of_their_own",),
            "two runs started in one second write one metrics file and config.yaml"),
+    Mutant("hf-tied-config-untied-files-accepted", "longctx/model/hf_load.py",
+           "if not torch.equal(values[other], values[kept]):", "if False:",
+           ("tests/train/test_hf_training.py::test_hf_path_errors_are_one_line",),
+           "a config that ties a head its files hold apart trains two different models by layout"),
+    Mutant("legacy-rope-scaling-refused", "longctx/model/hf_weights.py",
+           "\n             and not (k == \"type\" and v == kind)}", "}",
+           ("tests/model/test_rope.py::test_a_stretched_llama_exports_and_loads_with_equal_logits",),
+           "a Llama config.json in the older rope_scaling form is refused"),
 ]
 
 

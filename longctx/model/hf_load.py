@@ -130,3 +130,27 @@ def tied_names(model: nn.Module) -> list[list[str]]:
     for name, param in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), []).append(name)
     return [names for names in groups.values() if len(names) > 1]
+
+
+def check_tied_files(model: nn.Module, path: str) -> None:
+    """A model whose config.json ties its output head to its embedding while its safetensors hold the head with
+    values of its own is refused: transformers unties such a model on load (meta_init=false), a model built from
+    the config keeps them tied and drops the stored head (meta_init=true, evaluation), so layouts would train and
+    evaluate two different models. Reads only the tied names' tensors."""
+    import glob
+
+    from safetensors import safe_open
+
+    for names in tied_names(model):
+        values = {}
+        for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+            with safe_open(file, framework="pt") as f:
+                for name in set(names) & set(f.keys()):
+                    values[name] = f.get_tensor(name)
+        kept, *others = [n for n in names if n in values] or [None]
+        for other in others:
+            if not torch.equal(values[other], values[kept]):
+                raise ConfigError(f"model.hf_path={path!r}: its config.json ties {other} to {kept} "
+                                  "(tie_word_embeddings), but its safetensors hold it with values of its own, which "
+                                  "transformers would not tie; set \"tie_word_embeddings\": false in its config.json "
+                                  f"to train both, or save it without {other} to tie them")

@@ -84,7 +84,9 @@ def _rope_scaling(rope: dict, where: str) -> dict:
                          "do); train it as it is with model.hf_path")
     known = {"rope_type", "rope_theta", *_ROPE_KEYS[kind].values()}
     # yarn's optional temperature settings: only transformers' defaults are longctx's yarn
-    extra = {k: v for k, v in rope.items() if k not in known and v is not None and not (k == "truncate" and v)}
+    # and `type`: a config.json in the older rope_scaling form names the kind so, kept beside rope_type on reading
+    extra = {k: v for k, v in rope.items() if k not in known and v is not None and not (k == "truncate" and v)
+             and not (k == "type" and v == kind)}
     if extra:
         raise ValueError(f"{where}: rope_parameters {sorted(extra)} are not longctx's {kind} RoPE; train it as it is "
                          "with model.hf_path")

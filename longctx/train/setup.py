@@ -201,7 +201,7 @@ def _adopt_hf_sizes(cfg) -> None:
     only longctx's own Llama supports is refused."""
     from ..model.hf import model_config
     from ..model.hf_checks import check_hf_config, check_hf_model, check_pipeline_split, decoder_class, read_hf_config
-    from ..model.hf_load import build_hf_on_meta
+    from ..model.hf_load import build_hf_on_meta, check_tied_files
     from ..model.hf_tensor import check_hf_tp
 
     m, p = cfg.model, cfg.parallel
@@ -222,7 +222,9 @@ def _adopt_hf_sizes(cfg) -> None:
             check_pipeline_split(decoder_class(hf_config))
         _check_softcap_kernel(hf_config, p.kernel)
         # what only the built model shows (its attention's routing, its head), on the meta device: no weights
-        check_hf_model(build_hf_on_meta(m.hf_path))
+        built = build_hf_on_meta(m.hf_path)
+        check_hf_model(built)
+        check_tied_files(built, m.hf_path)
         # a self-rescaling RoPE (dynamic, longrope) needs no check: the trainer pins it to train.seq_len
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -64,6 +64,18 @@ def test_a_stretched_llama_exports_and_loads_with_equal_logits(tmp_path, kind):
         plain = build_model(load(overrides=sizes).model)
         plain.load_state_dict(ours.state_dict())
         assert (plain(tokens) - want).abs().max() > 1e-4  # without the scaling: another model
+    # the same config.json in the older form (rope_scaling with `type`, rope_theta beside it: Llama 2 era files)
+    import json
+    import shutil
+
+    shutil.copytree(tmp_path / "out", tmp_path / "legacy")
+    hf_config = json.loads((tmp_path / "legacy" / "config.json").read_text())
+    rope = hf_config.pop("rope_parameters")
+    hf_config.update(rope_theta=rope.pop("rope_theta"), rope_scaling=dict(rope, type=rope.pop("rope_type")))
+    (tmp_path / "legacy" / "config.json").write_text(json.dumps(hf_config))
+    with torch.no_grad():
+        legacy, legacy_cfg = load_hf_llama(str(tmp_path / "legacy"))
+        assert (legacy(tokens) - want).abs().max() == 0 and legacy_cfg.rope_scaling.type == kind
 
 
 def test_a_rope_longctx_lacks_is_refused_by_name(tmp_path):

@@ -310,6 +310,18 @@ def test_hf_path_errors_are_one_line(tmp_path, qwen_dir, tmp_path_factory):
                                                                tie_word_embeddings=False)).save_pretrained(
         tmp_path / "granite")
     validate_job(load(overrides=[f"model.hf_path={tmp_path / 'granite'}"]), 1)
+    # config.json ties the head, the files hold one of its own (edited by hand): transformers unties it, a model
+    # built from the config (meta_init, evaluation) kept it tied and dropped the stored head
+    import json
+    import shutil
+
+    shutil.copytree(tmp_path / "granite", tmp_path / "retied")
+    hf_config = json.loads((tmp_path / "retied" / "config.json").read_text())
+    (tmp_path / "retied" / "config.json").write_text(json.dumps(dict(hf_config, tie_word_embeddings=True)))
+    with pytest.raises(ConfigError, match=r"its config.json ties lm_head.weight to model.embed_tokens.weight "
+                                          r"\(tie_word_embeddings\), but its safetensors hold it with values of its "
+                                          r"own.*set \"tie_word_embeddings\": false"):
+        validate_job(load(overrides=[f"model.hf_path={tmp_path / 'retied'}"]), 1)
     with pytest.raises(ConfigError, match="GraniteModel rescales its input embeddings .* set parallel.pp=1"):
         validate_job(load(overrides=[f"model.hf_path={tmp_path / 'granite'}", "parallel.pp=2", "parallel.dp_shard=1"]),
                      2)
