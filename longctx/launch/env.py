@@ -47,6 +47,7 @@ def process_group(timeout_s: float = 600.0):
         watch_agent()
         if torch.cuda.is_available():
             torch.cuda.set_device(cuda_device(local_rank, torch.cuda.device_count()))
+
         def failed(why: str) -> str:
             where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
             return (f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: the rendezvous at MASTER_ADDR:"
@@ -109,7 +110,7 @@ def waiting_in_torch(limit_s: float, failure: str):
             if left <= 0:
                 print(f"longctx: error: {failure}", file=sys.stderr, flush=True)
                 os._exit(2)
-            if select.select([read_end], [], [], min(left, 0.2))[0]:
+            if select.select([read_end], [], [], left)[0]:  # a signal, or the end of the wait, writes to it
                 for signum in os.read(read_end, 64):
                     if signum in watched and not done.is_set():
                         print(f"longctx: stopped by {signal.Signals(signum).name} during the rendezvous, before "
