@@ -882,7 +882,7 @@ MUTANTS = [
            ("tests/train/test_metrics_optim.py::test_runs_started_in_one_second_get_run_directories_of_their_own",),
            "two runs started in one second write one metrics file and config.yaml"),
     Mutant("hf-tied-config-untied-files-accepted", "longctx/model/hf_load.py",
-           "if not torch.equal(values[other], values[kept]):", "if False:",
+           "if not torch.equal(read(other), read(kept)):", "if False:",
            ("tests/train/test_hf_training.py::test_hf_path_errors_are_one_line",),
            "a config that ties a head its files hold apart trains two different models by layout"),
     Mutant("legacy-rope-scaling-refused", "longctx/model/hf_weights.py",

@@ -136,20 +136,28 @@ def check_tied_files(model: nn.Module, path: str) -> None:
     """A model whose config.json ties its output head to its embedding while its safetensors hold the head with
     values of its own is refused: transformers unties such a model on load (meta_init=false), a model built from
     the config keeps them tied and drops the stored head (meta_init=true, evaluation), so layouts would train and
-    evaluate two different models. Reads only the tied names' tensors."""
+    evaluate two different models. Tensors are read only where a tied group is stored under two names (a tied
+    model saved as usual stores it once: its embedding, a GB at 128k x 4096 in bf16, is not read here)."""
     import glob
 
     from safetensors import safe_open
 
-    for names in tied_names(model):
-        values = {}
-        for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-            with safe_open(file, framework="pt") as f:
-                for name in set(names) & set(f.keys()):
-                    values[name] = f.get_tensor(name)
-        kept, *others = [n for n in names if n in values] or [None]
+    tied = tied_names(model)
+    if not tied:
+        return
+    holder = {}  # stored name -> its safetensors file
+    for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        with safe_open(file, framework="pt") as f:
+            holder.update(dict.fromkeys(f.keys(), file))
+
+    def read(name):
+        with safe_open(holder[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+    for names in tied:
+        kept, *others = [n for n in names if n in holder] or [None]
         for other in others:
-            if not torch.equal(values[other], values[kept]):
+            if not torch.equal(read(other), read(kept)):
                 raise ConfigError(f"model.hf_path={path!r}: its config.json ties {other} to {kept} "
                                   "(tie_word_embeddings), but its safetensors hold it with values of its own, which "
                                   "transformers would not tie; set \"tie_word_embeddings\": false in its config.json "
