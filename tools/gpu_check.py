@@ -56,10 +56,10 @@ def _steps(out: str, run_dir: str) -> list[tuple[str, list[str], bool, int]]:
                    "tests/train/test_gpu.py"], True, 180),
         # last: the cost of the cap's tanh in the tiles is worth knowing, the steps above more
         ("softcap", [*lc, "bench", "kernel", "--backends", "triton", "--seq-lens", "4096,16384", "--head-dim", "128",
-                     "--heads", "16", "--dtype", "bfloat16", "--causal", "--softcap", "50"], True, 45),
+                     "--heads", "16", "--dtype", "bfloat16", "--causal", "--softcap", "50"], True, 90),
         ("latent-widths", [*lc, "bench", "kernel", "--backends", "triton,sdpa", "--seq-lens", "4096,16384",
                            "--head-dim", "192", "--v-head-dim", "128", "--heads", "16", "--dtype", "bfloat16",
-                           "--causal"], True, 45),
+                           "--causal"], True, 90),
     ]
 
 

@@ -44,7 +44,9 @@ def pieces(mask: Mask, sq: int, sk: int):
         return [(0, sq, 0, sk, False)]
     o = mask.diag(sq, sk) + mask.right  # row i sees keys j <= i + o
     r0 = min(sq, max(0, -o))  # rows before r0 see nothing
-    r1 = max(r0, min(sq, sk - 1 - o))  # rows from r1 on see every key
+    # The triangle runs to the row that sees the last key (r1 - 1 = sk - 1 - o): ending it one row earlier
+    # would split that row off as a piece of its own, and a square causal block would need a merge.
+    r1 = max(r0, min(sq, sk - o))  # rows from r1 on see every key and more
     out = []
     if r1 > r0:
         if r0 + o > 0:

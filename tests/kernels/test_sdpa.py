@@ -28,6 +28,16 @@ def test_pieces_cover_the_mask_with_square_triangles(mask):
         assert got.max() <= 1 and torch.equal(got.bool(), oracle.allowed(sq, sk, **oracle.band(mask))[0]), (sq, sk)
 
 
+def test_pieces_are_as_few_as_the_mask_allows():
+    """A square causal block is one fused call (no merge); more keys than queries add the rectangle of keys
+    every row sees; more queries than keys, only rows that see nothing are left out."""
+    for n in range(1, 8):
+        assert pieces(Mask.causal(), n, n) == [(0, n, 0, n, True)]
+        assert pieces(Mask.causal(), n, n + 3) == [(0, n, 0, 3, False), (0, n, 3, n + 3, True)]
+        assert pieces(Mask.causal(), n + 2, n) == [(2, n + 2, 0, n, True)]
+    assert pieces(Mask.causal(offset=5), 4, 4) == [(0, 4, 0, 4, False)]  # every row sees every key
+
+
 def test_masks_the_op_cannot_cut_go_dense_or_fall_back():
     assert pieces(Mask.sliding_window(3), 4, 4) is None
     assert pieces(Mask.documents(torch.zeros(1, 4, dtype=torch.long)), 4, 4) is None

@@ -45,10 +45,14 @@ def _live_children() -> list[str]:
 
 def _group_timeouts() -> list[float]:
     """The distinct collective timeouts (seconds) of every process group this rank is in, read from each
-    group's gloo backend: one value when every group has the job's."""
+    group's backend (gloo's on the CPU, NCCL's on a GPU): one value when every group has the job's."""
     from torch.distributed import distributed_c10d as c10d
 
-    return sorted({g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for g in c10d._world.pg_map})
+    def timeout_s(group) -> float:
+        device = torch.device("cuda" if dist.get_backend(group) == "nccl" else "cpu")
+        return group._get_backend(device).options._timeout.total_seconds()
+
+    return sorted({timeout_s(g) for g in c10d._world.pg_map})
 
 
 def train_and_collect(configs: list[dict], stop_after: int | None | list = None) -> list[dict]:
