@@ -33,7 +33,7 @@ def test_without_a_gpu_it_skips_with_reasons_and_exits_0(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     summary = json.loads((tmp_path / "gpu_check_summary.json").read_text())
     steps = summary["steps"]
-    assert list(steps) == ["info", "tests", "kernel-causal", "kernel-full", "virtual-ranks", "train-1b-32k",
+    assert list(steps) == ["info", "kernel-causal", "kernel-full", "virtual-ranks", "train-1b-32k", "tests",
                            "softcap", "latent-widths"]
     assert steps["info"]["status"] == "ok" and "kernel backends" in steps["info"]["tail"].lower()
     for name in list(steps)[1:]:

@@ -52,8 +52,9 @@ def _steps(out: str, run_dir: str) -> list[tuple[str, list[str], bool, int]]:
         ("train-1b-32k", [*lc, "train", "configs/gpu_1b_32k.yaml", f"run_dir={run_dir}"], True, 150),
         # fixed tiles (one test takes the autotuned path itself), compiled by parallel workers where
         # pytest-xdist is installed: a few hundred Triton compiles one after another would take the budget
-        ("tests", ["-m", "pytest", "-q", "--maxfail=15", "-p", "no:cacheprovider", *_workers(), "tests/kernels",
-                   "tests/train/test_gpu.py"], True, 180),
+        # -v: one line per finished test, so a run cut short by its limit still names what failed
+        ("tests", ["-m", "pytest", "-v", "--maxfail=15", "-p", "no:cacheprovider", "-p", "no:benchmark",
+                   "--durations=10", *_workers(), "tests/kernels", "tests/train/test_gpu.py"], True, 180),
         # last: the cost of the cap's tanh in the tiles is worth knowing, the steps above more
         ("softcap", [*lc, "bench", "kernel", "--backends", "triton", "--seq-lens", "4096,16384", "--head-dim", "128",
                      "--heads", "16", "--dtype", "bfloat16", "--causal", "--softcap", "50"], True, 90),

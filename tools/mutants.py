@@ -889,6 +889,10 @@ MUTANTS = [
            "\n             and not (k == \"type\" and v == kind)}", "}",
            ("tests/model/test_rope.py::test_a_stretched_llama_exports_and_loads_with_equal_logits",),
            "a Llama config.json in the older rope_scaling form is refused"),
+    Mutant("sdpa-triangle-one-row-short", "longctx/kernels/sdpa.py",
+           "r1 = max(r0, min(sq, sk - o))", "r1 = max(r0, min(sq, sk - 1 - o))",
+           ("tests/kernels/test_sdpa.py",),
+           "a square causal block is one fused call, not a triangle plus a one-row piece and a merge"),
 ]
 
 
