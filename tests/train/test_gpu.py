@@ -13,7 +13,8 @@ from ._workers import config, train_and_collect
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_one_gpu_trains_like_the_cpu():
-    cfg = config("train.steps=3", "parallel.cp=1")
+    # precision pinned: `auto` would be bf16 on the GPU and fp32 on the CPU
+    cfg = config("train.steps=3", "parallel.cp=1", "train.precision=fp32")
     cpu = run(train_and_collect, 1, args=([cfg],), backend="gloo", timeout=300)[0][0]
     gpu = run(train_and_collect, 1, args=([cfg],), backend="nccl", timeout=300)[0][0]
     check_ran(gpu["backends"], "auto", device="cuda")
