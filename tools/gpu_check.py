@@ -9,7 +9,7 @@ the GPU machine has no network. A missing omegaconf is installed with --no-deps 
   info          `longctx info`: versions, devices, kernel backends and why any is unavailable
   kernel-causal `longctx bench kernel` triton, sdpa and torch's flash/efficient/cuDNN, bf16, hd128, causal
   kernel-full   the same without a mask
-  virtual-ranks all kernel calls of 8 zigzag ranks on one GPU against one full call
+  virtual-ranks all kernel calls of 8 zigzag ranks on one GPU against one full call, at 16k and 128k
   train-1b-32k  `longctx train configs/gpu_1b_32k.yaml`: a ~1.1B model at 32k context, MFU per step
   tests         pytest tests/kernels (CUDA tensors where a GPU is present) and the GPU training test; after
                 the measurements, which check their own outputs, so that slow compiles cannot crowd them out
@@ -45,10 +45,11 @@ def _steps(out: str, run_dir: str) -> list[tuple[str, list[str], bool, int]]:
                            "--plot", f"{out}/kernel_causal.png"], True, 100),
         ("kernel-full", [*lc, "bench", "kernel", *KERNEL, "--json", f"{out}/kernel_full.json",
                          "--plot", f"{out}/kernel_full.png"], True, 100),
-        ("virtual-ranks", [*lc, "bench", "kernel", "--backends", "triton,sdpa", "--seq-lens", "16384",
+        # 128k too: at 16k every block call is 1024 rows, too small to fill the GPU (5.5x one call on an H200)
+        ("virtual-ranks", [*lc, "bench", "kernel", "--backends", "triton,sdpa", "--seq-lens", "16384,131072",
                            "--head-dim", "128", "--heads", "16", "--dtype", "bfloat16", "--causal",
                            "--virtual-ranks", "8", "--schedule", "zigzag", "--json", f"{out}/virtual_ranks.json"],
-         True, 60),
+         True, 150),
         ("train-1b-32k", [*lc, "train", "configs/gpu_1b_32k.yaml", f"run_dir={run_dir}"], True, 150),
         # fixed tiles (one test takes the autotuned path itself), compiled by parallel workers where
         # pytest-xdist is installed: a few hundred Triton compiles one after another would take the budget
