@@ -167,7 +167,7 @@ def test_missing_optional_dependency_names_the_extra():
      r"--collectives applies to the tree strategy, which --strategies 'ring' leaves out; add tree, or drop"),
     (["bench", "kernel", "--backends", "torch-math", "--virtual-ranks", "2"],
      r"--virtual-ranks needs a backend that returns the log-sum-exp .* has only SDPA baselines .* add one of "
-     r"flash, reference, sdpa, triton, or drop --virtual-ranks"),
+     r"cudnn, flash, reference, sdpa, triton, or drop --virtual-ranks"),
     # the bench's own flags, not the training config's keys
     (["bench", "attention", "--world-size", "4", "--seq-len", "32", "--heads", "6", "--kv-heads", "3",
       "--strategies", "hybrid", "--ulysses", "2"], r"hybrid ulysses: 3 kv heads \(--kv-heads\) neither divide over "

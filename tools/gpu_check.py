@@ -32,7 +32,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNEL = ["--backends", "triton,sdpa,torch-flash,torch-efficient,torch-cudnn", "--seq-lens", "1024,4096,16384",
+KERNEL = ["--backends", "triton,sdpa,cudnn,torch-flash,torch-efficient,torch-cudnn", "--seq-lens", "1024,4096,16384",
           "--head-dim", "128", "--heads", "16", "--dtype", "bfloat16"]
 
 
@@ -46,7 +46,7 @@ def _steps(out: str, run_dir: str) -> list[tuple[str, list[str], bool, int]]:
         ("kernel-full", [*lc, "bench", "kernel", *KERNEL, "--json", f"{out}/kernel_full.json",
                          "--plot", f"{out}/kernel_full.png"], True, 100),
         # 128k too: at 16k every block call is 1024 rows, too small to fill the GPU (5.5x one call on an H200)
-        ("virtual-ranks", [*lc, "bench", "kernel", "--backends", "triton,sdpa", "--seq-lens", "16384,131072",
+        ("virtual-ranks", [*lc, "bench", "kernel", "--backends", "triton,sdpa,cudnn", "--seq-lens", "16384,131072",
                            "--head-dim", "128", "--heads", "16", "--dtype", "bfloat16", "--causal",
                            "--virtual-ranks", "8", "--schedule", "zigzag", "--json", f"{out}/virtual_ranks.json"],
          True, 150),
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
         took = time.monotonic() - t0
         log(text.rstrip())
         status = "ok" if rc == 0 else f"failed ({'timed out' if rc == 'timeout' else f'exit {rc}'})"
-        summary["steps"][name] = {"status": status, "seconds": round(took, 1), "tail": text.strip()[-2000:]}
+        summary["steps"][name] = {"status": status, "seconds": round(took, 1), "tail": text.strip()[-4000:]}
         if name == "train-1b-32k":
             summary["steps"][name]["last_step"] = _metrics(run_dir, out)
         log(f"== {name}: {status} in {took:.0f} s")

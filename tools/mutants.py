@@ -893,6 +893,11 @@ MUTANTS = [
            "r1 = max(r0, min(sq, sk - o))", "r1 = max(r0, min(sq, sk - 1 - o))",
            ("tests/kernels/test_sdpa.py",),
            "a square causal block is one fused call, not a triangle plus a one-row piece and a merge"),
+    Mutant("cudnn-picked-by-auto", "longctx/kernels/registry.py",
+           "functools.partial(sdpa.backward, cuda_op=\"cudnn\"), priority=-1,",
+           "functools.partial(sdpa.backward, cuda_op=\"cudnn\"), priority=15,",
+           ("tests/kernels/test_sdpa.py::test_the_cudnn_backend_binds_to_torchs_op_schema_and_is_never_auto",),
+           "auto does not pick the cudnn backend before it has run on a GPU"),
 ]
 
 

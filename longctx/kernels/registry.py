@@ -16,6 +16,7 @@ exactly and a block's backward with the global (out, lse) stays exact (dS is mul
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -289,3 +290,9 @@ register(Backend("reference", reference.forward, reference.backward, priority=0,
                  softcap=True, notes=["PyTorch math, fp32/fp64 accumulation: the oracle for tests"]))
 register(Backend("sdpa", sdpa.forward, sdpa.backward, priority=10, supports=_sdpa_support,
                  notes=["falls back to reference for: " + "; ".join(sdpa.FALLBACK_RULES)]))
+# Below zero: `auto` never picks it. Raise it above triton once the conformance tests pass on a GPU.
+register(Backend("cudnn", functools.partial(sdpa.forward, cuda_op="cudnn"),
+                 functools.partial(sdpa.backward, cuda_op="cudnn"), priority=-1,
+                 availability=sdpa.cudnn_availability, supports=_sdpa_support,
+                 notes=["sdpa's pieces on cuDNN's fused attention (CUDA); not yet run on a GPU, never picked by "
+                        "auto; head_dim <= 128, else sdpa's fallbacks"]))

@@ -9,6 +9,11 @@ Masks the fused op cannot express are handled per call: on CPU a window or docum
 additive `attn_mask` (the op accepts any mask), while on CUDA, and for masks too large to materialise,
 the call falls back to the reference backend. `fallbacks` counts those calls so `longctx info` and the
 benchmarks can say so.
+
+On CUDA the same pieces can run on cuDNN's fused attention instead of the flash op (`cuda_op="cudnn"`, the
+`cudnn` backend): on an H200 torch's cuDNN attention ran fwd+bwd 1.7x faster than its flash kernel at 16k.
+That path follows the op's schema and torch's own use of it (its context-parallel ring) but has not yet run
+on a GPU; `auto` does not pick it until it has passed the conformance tests there.
 """
 
 from __future__ import annotations
@@ -57,14 +62,30 @@ def pieces(mask: Mask, sq: int, sk: int):
     return out
 
 
-def _fallback_reason(q: torch.Tensor, mask: Mask, sq: int, sk: int) -> str | None:
+# the largest head_dim each CUDA op takes (cuDNN's limit is 128 before Hopper; kept at 128 everywhere)
+MAX_HEAD_DIM = {"flash": 256, "cudnn": 128}
+
+
+def cudnn_availability() -> str | None:
+    """None where the `cudnn` backend can run, else why not."""
+    if not hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention"):
+        return f"this torch ({torch.__version__}) has no cuDNN attention op"
+    if not torch.cuda.is_available():
+        return "cuDNN attention runs on CUDA GPUs only; use sdpa or triton"
+    if not torch.backends.cudnn.is_available() or (torch.backends.cudnn.version() or 0) < 90000:
+        return f"cuDNN attention needs cuDNN 9 (found {torch.backends.cudnn.version()})"
+    return None
+
+
+def _fallback_reason(q: torch.Tensor, mask: Mask, sq: int, sk: int, cuda_op: str = "flash") -> str | None:
     if q.is_cuda:
         if q.dtype not in (torch.float16, torch.bfloat16):
             return "cuda-dtype"
         if pieces(mask, sq, sk) is None:
             return "cuda-mask"
-        if q.shape[-1] % 8 or q.shape[-1] > 256 or torch.cuda.get_device_capability(q.device)[0] < 8:
-            return "cuda-shape"  # the fused op neither pads head_dim nor runs before sm80
+        if q.shape[-1] % 8 or q.shape[-1] > MAX_HEAD_DIM[cuda_op] or \
+                torch.cuda.get_device_capability(q.device)[0] < 8:
+            return "cuda-shape"  # the fused ops neither pad head_dim nor run before sm80
         return None
     if pieces(mask, sq, sk) is None and q.shape[0] * sq * sk > DENSE_MASK_LIMIT:
         return "cpu-mask-size"
@@ -85,7 +106,24 @@ def _bhsd(x):
     return x.transpose(1, 2)
 
 
-def _op_forward(q, k, v, causal, scale, attn_mask):
+def cudnn_forward(q, k, v, causal, scale):
+    """cuDNN's fused attention on (B, H, S, D) tensors: (out, lse (B, H, S))."""
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
+    return res[0], res[1].reshape(res[0].shape[:3])  # its lse is (B, H, S, 1)
+
+
+def cudnn_backward(do, q, k, v, out, lse, causal, scale):
+    """(dq, dk, dv) of cudnn_forward; no bias and no varlen offsets: undefined tensors (None), as torch's own
+    backward passes them."""
+    zero = torch.zeros((), device=q.device, dtype=torch.long)
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        do, q, k, v, out, lse.contiguous().unsqueeze(-1), zero, zero, None, None, None, q.shape[2], k.shape[2],
+        0.0, causal, scale=scale)
+
+
+def _op_forward(q, k, v, causal, scale, attn_mask, cuda_op="flash"):
+    if q.is_cuda and cuda_op == "cudnn":
+        return cudnn_forward(q, k, v, causal, scale)
     if q.is_cuda:
         res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
         return res[0], res[1]
@@ -94,7 +132,9 @@ def _op_forward(q, k, v, causal, scale, attn_mask):
     )
 
 
-def _op_backward(do, q, k, v, out, lse, causal, scale, attn_mask):
+def _op_backward(do, q, k, v, out, lse, causal, scale, attn_mask, cuda_op="flash"):
+    if q.is_cuda and cuda_op == "cudnn":
+        return cudnn_backward(do, q, k, v, out, lse, causal, scale)
     if q.is_cuda:
         sq, sk = q.shape[2], k.shape[2]
         zero = torch.zeros((), device=q.device, dtype=torch.long)
@@ -113,10 +153,10 @@ def _dense_bias(mask: Mask, sq: int, sk: int, dtype, device):
     return bias[:, None], allowed.any(-1)[:, None]  # (B|1, 1, Sq, Sk), row has a key: (B|1, 1, Sq)
 
 
-def forward(q, k, v, *, scale: float, mask: Mask, out_dtype=None):
+def forward(q, k, v, *, scale: float, mask: Mask, out_dtype=None, cuda_op: str = "flash"):
     b, sq, h, d = q.shape
     sk = k.shape[1]
-    why = _fallback_reason(q, mask, sq, sk)
+    why = _fallback_reason(q, mask, sq, sk, cuda_op)
     if why:
         fallbacks[why] += 1
         return reference.forward(q, k, v, scale=scale, mask=mask, out_dtype=out_dtype)
@@ -125,10 +165,10 @@ def forward(q, k, v, *, scale: float, mask: Mask, out_dtype=None):
     if pcs is None:  # CPU: window / documents through an additive mask
         bias, has_key = _dense_bias(mask, sq, sk, q.dtype, q.device)
         return _run(q, k, v, [(0, sq, 0, sk, False)], scale, bias, has_key, out_dtype)
-    return _run(q, k, v, pcs, scale, None, None, out_dtype)
+    return _run(q, k, v, pcs, scale, None, None, out_dtype, cuda_op)
 
 
-def _run(q, k, v, pcs, scale, bias, has_key, out_dtype):
+def _run(q, k, v, pcs, scale, bias, has_key, out_dtype, cuda_op="flash"):
     b, sq, h, _ = q.shape
     hkv = k.shape[2]
     g = h // hkv
@@ -142,7 +182,8 @@ def _run(q, k, v, pcs, scale, bias, has_key, out_dtype):
     ov, lv = out.view(b, sq, hkv, g, -1), lse.view(b, hkv, g, sq)
     for j, qg in _groups(q, k):
         for q0, q1, k0, k1, causal in pcs:
-            o, l = _op_forward(qg[:, :, q0:q1], _bhsd(k[:, k0:k1]), _bhsd(v[:, k0:k1]), causal, scale, bias)
+            o, l = _op_forward(qg[:, :, q0:q1], _bhsd(k[:, k0:k1]), _bhsd(v[:, k0:k1]), causal, scale, bias,
+                               cuda_op)
             o = o.transpose(1, 2)  # (B, c, Hkv, D)
             if single:
                 ov[:, :, :, j] = o
@@ -154,10 +195,10 @@ def _run(q, k, v, pcs, scale, bias, has_key, out_dtype):
     return out.to(out_dtype), lse
 
 
-def backward(dout, q, k, v, out, lse, *, scale: float, mask: Mask, grad_dtype=None):
+def backward(dout, q, k, v, out, lse, *, scale: float, mask: Mask, grad_dtype=None, cuda_op: str = "flash"):
     b, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
-    why = _fallback_reason(q, mask, sq, sk)
+    why = _fallback_reason(q, mask, sq, sk, cuda_op)
     if why:
         fallbacks[why] += 1
         return reference.backward(dout, q, k, v, out, lse, scale=scale, mask=mask, grad_dtype=grad_dtype)
@@ -182,7 +223,7 @@ def backward(dout, q, k, v, out, lse, *, scale: float, mask: Mask, grad_dtype=No
         for q0, q1, k0, k1, causal in pcs:
             gq, gk, gv = _op_backward(
                 dog[:, :, q0:q1], qg[:, :, q0:q1], _bhsd(k[:, k0:k1]), _bhsd(v[:, k0:k1]),
-                og[:, :, q0:q1], lv[:, :, j, q0:q1], causal, scale, bias,
+                og[:, :, q0:q1], lv[:, :, j, q0:q1], causal, scale, bias, cuda_op,
             )
             dq[:, q0:q1, :, j] += gq.transpose(1, 2)
             dk[:, k0:k1] += gk.transpose(1, 2)

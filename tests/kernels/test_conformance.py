@@ -22,7 +22,7 @@ DEV = "cuda" if CUDA else "cpu"
 
 # Every backend this machine can run; triton runs under its interpreter with the opt-in of `triton_env`.
 BACKENDS = ["reference", "sdpa"] + (["triton"] if HAS_TRITON else []) + \
-    (["flash"] if "flash" in backends() and kernels.backend_status()["flash"] is None else [])
+    [name for name in ("flash", "cudnn") if name in backends() and kernels.backend_status()[name] is None]
 # The Triton interpreter is slow on CPU: fewer, smaller examples, same assertions.
 EXAMPLES = {"triton": 30}
 HEAD_DIMS = {"triton": [16, 32]}

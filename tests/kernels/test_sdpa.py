@@ -74,3 +74,22 @@ def test_sdpa_fallback_is_counted_when_expected(monkeypatch):
     check_ran(report(), "sdpa", fallbacks={"cpu-mask-size": 2})
     want, _ = oracle.attention(q, k, v, left=1, right=0)
     assert (out.double() - want).abs().max() <= 1e-5
+
+
+def test_the_cudnn_backend_binds_to_torchs_op_schema_and_is_never_auto(monkeypatch):
+    """Its CUDA path has not run on a GPU yet: here its calls go through the ops' meta kernels (the same
+    argument parsing, shapes from torch's own meta registration), and `auto` must not pick it."""
+    b, h, sq, sk, d = 2, 3, 5, 7, 16
+    q = torch.empty(b, h, sq, d, device="meta", dtype=torch.bfloat16)
+    k = v = torch.empty(b, h, sk, d, device="meta", dtype=torch.bfloat16)
+    out, lse = sdpa.cudnn_forward(q, k, v, True, 0.25)
+    assert out.shape == (b, h, sq, d) and lse.shape == (b, h, sq) and lse.dtype == torch.float32
+    dq, dk, dv = sdpa.cudnn_backward(out, q, k, v, out, lse, True, 0.25)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    be = kernels.backends()["cudnn"]
+    if not torch.cuda.is_available():
+        assert "CUDA" in be.availability()
+    monkeypatch.setattr(be, "availability", lambda: None)
+    x = torch.randn(1, 4, 2, 16, dtype=torch.bfloat16)
+    assert kernels.registry.resolve("auto", x, x, x, Mask.causal()).name != "cudnn"
+    assert kernels.registry.resolve("cudnn", x, x, x, Mask.causal()).name == "cudnn"

@@ -32,14 +32,14 @@ def expected(kernel: str, device: str = "cpu") -> str | None:
 def expected_fallbacks(backend: str, device: str, dtype, mask, head_dim: int, calls: int) -> dict:
     """sdpa's documented fallbacks to reference (longctx.kernels.sdpa.FALLBACK_RULES, restated here) for
     `calls` kernel calls of one kind: on CUDA the fused op takes fp16/bf16 only, band masks without a left
-    edge only, head_dim a multiple of 8 up to 256. On CPU nothing falls back at test sizes."""
-    if backend != "sdpa" or device == "cpu":
+    edge only, head_dim a multiple of 8 up to 256 (128 for cudnn). On CPU nothing falls back at test sizes."""
+    if backend not in ("sdpa", "cudnn") or device == "cpu":
         return {}
     if dtype not in (torch.float16, torch.bfloat16):
         return {"cuda-dtype": calls}
     if mask.left is not None or mask.q_doc is not None:
         return {"cuda-mask": calls}
-    if head_dim % 8 or head_dim > 256:
+    if head_dim % 8 or head_dim > (128 if backend == "cudnn" else 256):
         return {"cuda-shape": calls}
     return {}
 
