@@ -45,7 +45,7 @@ def _steps(out: str, run_dir: str) -> list[tuple[str, list[str], bool, int]]:
                            "--plot", f"{out}/kernel_causal.png"], True, 100),
         ("kernel-full", [*lc, "bench", "kernel", *KERNEL, "--json", f"{out}/kernel_full.json",
                          "--plot", f"{out}/kernel_full.png"], True, 100),
-        # 128k too: at 16k every block call is 1024 rows, too small to fill the GPU (5.5x one call on an H200)
+        # 128k too: at 16k every block call is 1024x2048, too short to keep a GPU busy (5.5x one call on an H200)
         ("virtual-ranks", [*lc, "bench", "kernel", "--backends", "triton,sdpa,cudnn", "--seq-lens", "16384,131072",
                            "--head-dim", "128", "--heads", "16", "--dtype", "bfloat16", "--causal",
                            "--virtual-ranks", "8", "--schedule", "zigzag", "--json", f"{out}/virtual_ranks.json"],
