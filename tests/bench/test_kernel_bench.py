@@ -47,3 +47,14 @@ def test_values_of_another_width_run_through_the_padding_and_count_both_widths()
         assert r["max_abs_err_out"] <= 1e-5 and r["virtual_max_abs_err_out"] <= 1e-5
         pairs = 32 * 33 // 2
         assert r["fwd_tflops"] == pytest.approx(2 * 4 * (16 + 8) * pairs / (r["fwd_ms"] * 1e-3) / 1e12)
+
+
+def test_a_backend_that_fell_back_says_so_in_its_status(monkeypatch):
+    """sdpa's calls that went to reference are named in its status (a window over a dense-mask limit made
+    tiny here); the reference's own rows never are, nor does one backend's fallback leak into another's."""
+    from longctx.kernels import sdpa
+
+    monkeypatch.setattr(sdpa, "DENSE_MASK_LIMIT", 16)
+    recs = _run("--backends", "sdpa,reference", "--window", "8")
+    assert recs["sdpa"]["status"].startswith("ok (fell back to reference: {'cpu-mask-size': "), recs["sdpa"]
+    assert recs["reference"]["status"] == "ok"
