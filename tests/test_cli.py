@@ -137,6 +137,9 @@ def test_missing_optional_dependency_names_the_extra():
     (["config", "show", TINY, "model.norm_eps=1e300"], r"model.norm_eps must be a number between 0 and 1"),
     (["config", "show", TINY, "train.lr=1e300"], r"train.lr=1e\+300 does not fit a float32"),
     (["config", "show", TINY, "train.eps=1e-50"], r"train.eps=1e-50 is 0 in float32"),
+    # a bad w0 or alpha is named as such, not met by a suggested length computed from it (it divided by w0)
+    (["config", "show", os.path.join(ROOT, "configs", "tiny_dilated.yaml"), "train.seq_len=64",
+      "model.dilated.w0=0"], r"model.dilated: w0 must be a positive int, got 0$"),
     (["config", "show", TINY, "train.lr=0.5", "train.weight_decay=2"], r"train.lr x train.weight_decay = 1: AdamW "
                                                                         r"multiplies each decayed weight"),
     (["config", "show", os.path.dirname(TINY)], r"is a directory; pass a YAML file in it"),

@@ -374,12 +374,16 @@ def _check_dilated(cfg, dims: ParallelDims) -> None:
         ws, rs = dilated_pattern(cfg.model, seq_len)
         check_pattern(ws, rs, seq_len, dims.cp)
     except ValueError as e:
-        if d.segment_lengths:
-            raise ConfigError(f"model.dilated: {e}") from None
+        if d.segment_lengths or not (_positive_int(d.w0) and _positive_int(d.alpha) and d.alpha > 1):
+            raise ConfigError(f"model.dilated: {e}") from None  # a w0 or alpha of its own to fix first
         fits = d.w0 * d.alpha ** max(0, math.ceil(math.log(max(seq_len / d.w0, 1), d.alpha))) if d.alpha > 1 else d.w0
         raise ConfigError(f"model.dilated: the pattern derived from w0={d.w0}, alpha={d.alpha} and train.seq_len="
                           f"{seq_len} does not hold ({e}); set train.seq_len to w0 x alpha^k (e.g. {fits}), another "
                           "model.dilated.w0, or segment_lengths and dilation_rates of your own") from None
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def resolve_precision(precision: str, device_type: str) -> str:

@@ -100,16 +100,36 @@ def export(path: str, out: str, fmt: str = "torch") -> dict:
         raise ValueError(f"{out} exists and is not empty; refusing to write a model into it (it may be the model "
                          "this run started from, and files of another export would stay beside the new ones): give "
                          "a new directory, or remove it first")
-    from .._paths import check_output
+    from .._paths import check_output, replace_dir
 
     check_output(out, "OUT", "dir" if fmt == "hf" else "file")
     _outside_checkpoints(out)
     state, found = model_weights(path)
-    if fmt == "hf":
-        _export_hf(state, found, out)
-        return state
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    torch.save(state, out)
+    # Written under a temporary name beside OUT and renamed into place when complete: a write that fails
+    # (a full disk) leaves neither a half file that looks like a model nor a changed OUT.
+    final = os.path.abspath(out)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    partial = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.partial-{os.getpid()}")
+    try:
+        if fmt == "hf":
+            _export_hf(state, found, partial)
+            replace_dir(partial, final)  # OUT is absent or an empty directory here
+        else:
+            torch.save(state, partial)
+            os.replace(partial, final)
+    except BaseException as e:
+        if os.path.isdir(partial):
+            shutil.rmtree(partial, ignore_errors=True)
+        elif os.path.lexists(partial):
+            os.remove(partial)
+        # a failed write: an OSError, safetensors' own error, or torch.save's RuntimeError from its zip writer
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError" or \
+                (fmt == "torch" and isinstance(e, RuntimeError)):
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"OUT {out}: writing the export failed ({first}); nothing was left there and any "
+                             "earlier export at that path is unchanged: free space or fix permissions, then run "
+                             "it again") from e
+        raise
     return state
 
 

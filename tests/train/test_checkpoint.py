@@ -493,9 +493,34 @@ def test_cli_export_and_its_errors(tmp_path, capsys):
         assert f"is inside checkpoint {step}, whose files it would change" in capsys.readouterr().err
     assert main(["checkpoint", "verify", step]) == 0
     capsys.readouterr()
+    _a_full_disk_leaves_no_export_behind(os.path.join(run_dir, "checkpoints"), out, tmp_path)
     os.remove(os.path.join(run_dir, "checkpoints", "step_00000001", checkpoint_dirs.MARKER))
     assert main(["checkpoint", "export", os.path.join(run_dir, "checkpoints", "step_00000001"), str(out)]) == 2
     assert "no completion marker" in capsys.readouterr().err
+
+
+def _a_full_disk_leaves_no_export_behind(root, good, tmp_path):
+    """An export killed by a full disk (a file-size limit on the process: writes past it fail with EFBIG) is
+    one line, leaves no half file or half Hugging Face directory, and an earlier export at OUT unchanged."""
+    import resource
+    import subprocess
+    import sys
+
+    before = good.read_bytes()
+    limit = len(before) // 2
+
+    def export(out, *extra):
+        return subprocess.run([sys.executable, "-m", "longctx", "checkpoint", "export", root, str(out), *extra],
+                              capture_output=True, text=True, timeout=300,
+                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+
+    for out, extra in ((good, []), (tmp_path / "hf_export", ["--format", "hf"])):
+        p = export(out, *extra)
+        assert p.returncode == 2 and p.stderr.startswith(f"longctx: error: OUT {out}: writing the export failed"), \
+            p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert sorted(os.listdir(tmp_path)) == ["model.pt", "run"], os.listdir(tmp_path)  # no partial file or dir
+    assert good.read_bytes() == before
 
 
 @pytest.mark.slow
