@@ -78,8 +78,16 @@ def check_plot(path: str | None, what: str = "--plot") -> None:
 
 
 def figure_path(path: str) -> str:
-    """The file matplotlib's savefig writes for `path`: itself, or with .png added where it has no extension."""
-    return path if os.path.splitext(path)[1] else f"{path}.png"
+    """The file matplotlib's savefig writes for `path`: itself, or where it has no extension (a bare trailing
+    dot counts as none) the path without trailing dots and with .png added."""
+    return path if len(os.path.splitext(path)[1]) > 1 else path.rstrip(".") + ".png"
+
+
+def check_distinct(json_path: str | None, plot_path: str | None) -> None:
+    """--json and --plot must not end up as one file: the figure would overwrite the records."""
+    if json_path and plot_path and os.path.realpath(json_path) == os.path.realpath(figure_path(plot_path)):
+        raise ValueError(f"--json {json_path} and --plot {plot_path} name the same file ({figure_path(plot_path)}): "
+                         "the plot would overwrite the records; give each a file of its own")
 
 
 def save_figure(fig, path: str) -> str:

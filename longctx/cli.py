@@ -414,7 +414,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: the user's own stop, not a bug (SIGTERM/SIGUSR1 checkpoint first)
         print("longctx: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
-    except (MemoryError, RuntimeError) as e:
+    except (MemoryError, RuntimeError, ValueError) as e:
         if not isinstance(e, MemoryError) and not _out_of_memory(str(e)):
             raise
         return _user_error(f"out of memory ({str(e).strip().splitlines()[0] if str(e).strip() else 'MemoryError'}); "
@@ -425,8 +425,11 @@ _LESS = "ask for less: a shorter sequence, a smaller batch or model, or more ran
 
 
 def _out_of_memory(message: str) -> bool:
-    """A failed allocation (torch's CPU allocator, CUDA), not a bug: the sizes asked for do not fit."""
-    return "can't allocate memory" in message or "out of memory" in message.lower()
+    """A failed allocation (torch's CPU allocator, CUDA), or sizes whose product overflows before any
+    allocation (torch's storage size, numpy's array size): not a bug, the sizes asked for do not fit."""
+    lowered = message.lower()
+    return any(s in lowered for s in ("can't allocate memory", "out of memory", "storage size calculation overflowed",
+                                      "array is too big"))
 
 
 def _user_error(message: str) -> int:

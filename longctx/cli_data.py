@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from ._paths import check_output, check_plot
+from ._paths import check_distinct, check_output, check_plot
 from .cli_errors import checking
 
 
@@ -173,9 +173,7 @@ def cmd_eval(args) -> int:
         check_output(args.json, "--json")
         if kind == "needle":
             check_plot(args.plot)
-            if args.json and args.plot and os.path.realpath(args.json) == os.path.realpath(args.plot):
-                raise ValueError(f"--json and --plot both name {args.plot!r}: the heatmap would overwrite the records; "
-                                 "give each a file of its own")
+            check_distinct(args.json, args.plot)
             check_grid(args.lengths, args.depths, args.samples)
         cfg = _checked_checkpoint(args)
         if kind == "needle":

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -56,6 +57,13 @@ def test_missing_optional_dependency_names_the_extra():
     (["bench", "attention", "--head-dim", "0"], r"--head-dim must be a positive integer below 2\*\*63, got 0"),
     (["bench", "kernel", "--head-dim", str(2**63)], r"--head-dim must be a positive integer below 2\*\*63"),
     (["bench", "kernel", "--seq-lens", str(10**20)], r"--seq-lens: '1000+' holds a number beyond 64 bits"),
+    # below 2**63 each, but their product overflows torch's or numpy's size arithmetic: no traceback either
+    (["bench", "kernel", "--backends", "reference", "--seq-lens", str(2**62), "--heads", "2", "--head-dim", "8",
+      "--dtype", "float32", "--check-len", "0"], r"out of memory \(Storage size calculation overflowed"),
+    (["bench", "packing", "--seq-len", str(2**62), "--world-size", "2", "--batch", "1", "--mean-doc", str(2**62)],
+     r"out of memory \(array is too big"),
+    (["bench", "attention", "--json", os.path.join(tempfile.gettempdir(), "lc-same.png"), "--plot",
+      os.path.join(tempfile.gettempdir(), "lc-same")], r"--json .*lc-same.png and --plot .*lc-same name the same file"),
     (["bench", "decode", "--heads", str(10**20)], r"--heads must be a positive integer below 2\*\*63"),
     (["bench", "attention", "--strategies", "ring", "--ulysses", "4"], r"--ulysses applies to the hybrid strategy, "
                                                                        r"which --strategies 'ring' leaves out"),

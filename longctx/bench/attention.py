@@ -29,10 +29,12 @@ def add_arguments(p) -> None:
     p.add_argument("--kv-heads", type=int, default=None, help="default: --heads (MHA)")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--causal", action="store_true")
-    p.add_argument("--window", type=int, default=None, help="sliding window (keys each query sees)")
+    p.add_argument("--window", type=int, default=None,
+                   help="sliding window W: each query sees the W-1 keys before it and itself, and without "
+                        "--causal also the W-1 after it")
     p.add_argument("--dtype", choices=sorted(report.DTYPES), default="float32")
     p.add_argument("--strategies", default="ring,zigzag,striped,allgather,ulysses,hybrid")
-    p.add_argument("--kernel", default="auto", help="local kernel backend (auto, sdpa, reference, triton, flash)")
+    p.add_argument("--kernel", default="auto", help="local kernel backend: auto or one `longctx info` lists")
     p.add_argument("--ulysses", type=int, default=None, help="hybrid: ulysses degree (default 2 when it divides)")
     p.add_argument("--hybrid-layout", default="zigzag", help="hybrid: layout of the ring part")
     p.add_argument("--iters", type=int, default=3)

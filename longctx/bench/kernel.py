@@ -16,7 +16,9 @@ it (torch's SDPA and its baselines cannot, and are skipped with that reason).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
+import warnings
 
 import torch
 
@@ -45,7 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-heads", type=int, default=None, help="GQA: K/V heads (default: --heads)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--causal", action="store_true")
-    p.add_argument("--window", type=int, default=None, help="sliding window of this many keys")
+    p.add_argument("--window", type=int, default=None,
+                   help="sliding window W: each query sees the W-1 keys before it and itself, and without "
+                        "--causal also the W-1 after it")
     p.add_argument("--softcap", type=float, default=None,
                    help="logit soft-capping (Gemma 2): scores become C tanh(s / C); backends that cannot cap "
                         "are skipped")
@@ -159,8 +163,15 @@ def _bench_one(name, args, s, dtype, device, mask, warmup, iters) -> dict:
     if why:
         return dict(rec, status=f"skipped: {why}")
     fallbacks = dict(sdpa_mod.fallbacks)
+    baseline = name in sdpa_baselines.NAMES
+    caught: list = []
     try:
-        fwd, bwd, fwdbwd, _ = _closures(name, q, k, v, do, mask, args.softcap)
+        # torch says why a pinned SDPA backend cannot take a call only in warnings, then raises "No available
+        # kernel": the warnings are the reason the row is skipped with
+        with warnings.catch_warnings(record=True) if baseline else contextlib.nullcontext(caught) as caught:
+            if baseline:
+                warnings.simplefilter("always")
+            fwd, bwd, fwdbwd, _ = _closures(name, q, k, v, do, mask, args.softcap)
         rec["fwd_ms"] = _time_ms(fwd, device, warmup, iters)
         rec["bwd_ms"] = _time_ms(bwd, device, warmup, iters)
         if device.type == "cuda":
@@ -175,6 +186,9 @@ def _bench_one(name, args, s, dtype, device, mask, warmup, iters) -> dict:
             rec.update(run_virtual_ranks(name, args, s, dtype, device, mask, warmup, iters, rec["fwdbwd_ms"]))
     except Exception as e:  # noqa: BLE001 - one failing backend (OOM, compile error) must not end the run
         first = str(e).splitlines()[0][:200] if str(e) else ""
+        if baseline and "No available kernel" in str(e):
+            reasons = dict.fromkeys(str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip())
+            return dict(rec, status=f"skipped: torch cannot run {name} here: {'; '.join(reasons) or first}")
         return dict(rec, status=f"error: {type(e).__name__}: {first}")
     flops = 2.0 * h * (d + dv) * mask.count_pairs(s, s, batch=b)  # QK^T over d, PV over dv
     rec.update(fwd_tflops=_tflops(flops, rec["fwd_ms"]), bwd_tflops=_tflops(2.5 * flops, rec["bwd_ms"]),

@@ -10,7 +10,7 @@ import time
 import torch
 
 from .._optional import require
-from .._paths import check_output, check_plot, save_figure
+from .._paths import check_distinct, check_output, check_plot, save_figure
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -67,10 +67,15 @@ def write_json(path: str | None, records: list[dict], meta: dict | None = None) 
     os.makedirs(d, exist_ok=True)
     if meta:
         records = [{**r, "meta": meta} for r in records]
-    tmp = f"{path}.tmp{os.getpid()}"
+    target = os.path.realpath(path)  # through a symlink: the file it names is replaced, the link stays
+    if os.path.exists(target) and not os.path.isfile(target):  # /dev/stdout, a pipe: written to, never replaced
+        with open(target, "w") as f:
+            json.dump(records, f, indent=2, default=str)
+        return
+    tmp = f"{target}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(records, f, indent=2, default=str)
-    os.replace(tmp, path)  # atomic: a crash never leaves half a file
+    os.replace(tmp, target)  # atomic: a crash never leaves half a file
 
 
 def plot_lines(path: str | None, series: dict[str, tuple[list, list]], *, xlabel: str, ylabel: str, title: str,
@@ -151,6 +156,7 @@ def check_args(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must list positive integers, got {values}")
     check_output(getattr(args, "json", None), "--json")
     check_plot(getattr(args, "plot", None))
+    check_distinct(getattr(args, "json", None), getattr(args, "plot", None))
     heads, kv = getattr(args, "heads", None), getattr(args, "kv_heads", None)
     if heads and kv and heads % kv:
         raise ValueError(f"--heads {heads} must be a multiple of --kv-heads {kv} (GQA groups)")

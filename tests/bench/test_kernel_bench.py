@@ -58,3 +58,11 @@ def test_a_backend_that_fell_back_says_so_in_its_status(monkeypatch):
     recs = _run("--backends", "sdpa,reference", "--window", "8")
     assert recs["sdpa"]["status"].startswith("ok (fell back to reference: {'cpu-mask-size': "), recs["sdpa"]
     assert recs["reference"]["status"] == "ok"
+
+
+def test_a_torch_baseline_that_cannot_take_the_call_is_skipped_with_torchs_reason():
+    """torch gives its reason only in warnings before "No available kernel": the row says skipped, with it."""
+    recs = _run("--backends", "torch-flash,reference", "--v-head-dim", "8")
+    status = recs["torch-flash"]["status"]
+    assert status.startswith("skipped: torch cannot run torch-flash here: ") and "last dimension" in status, status
+    assert recs["reference"]["status"] == "ok"

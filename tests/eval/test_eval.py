@@ -105,7 +105,9 @@ def test_needle_eval_bad_input_is_one_line(passkey_checkpoint, capsys):
         (["--checkpoint", passkey_checkpoint, "--lengths", "64", "--plot", "heat.bmp"],
          "--plot heat.bmp: matplotlib cannot write .bmp files"),
         (["--checkpoint", passkey_checkpoint, "--lengths", "64", "--json", "n.png", "--plot", "./n.png"],
-         "--json and --plot both name './n.png': the heatmap would overwrite the records"),
+         "--json n.png and --plot ./n.png name the same file (./n.png): the plot would overwrite the records"),
+        (["--checkpoint", passkey_checkpoint, "--lengths", "64", "--json", "n.png", "--plot", "n"],
+         "--json n.png and --plot n name the same file (n.png)"),  # savefig adds .png
         # far beyond any machine: refused before a rank starts, not killed by the kernel's OOM killer
         (["--checkpoint", passkey_checkpoint, "--lengths", "1000000000000"],
          "--lengths 1000000000000 needs at least "),
