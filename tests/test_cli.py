@@ -68,6 +68,12 @@ def test_missing_optional_dependency_names_the_extra():
     (["bench", "attention", "--strategies", "ring", "--ulysses", "4"], r"--ulysses applies to the hybrid strategy, "
                                                                        r"which --strategies 'ring' leaves out"),
     (["bench", "kernel", "--schedule", "striped"], r"--schedule striped applies to --virtual-ranks P"),
+    # given at their default values they still do nothing (they were accepted)
+    (["bench", "kernel", "--schedule", "zigzag"], r"--schedule zigzag applies to --virtual-ranks P"),
+    (["bench", "attention", "--strategies", "ring", "--hybrid-layout", "zigzag"],
+     r"--hybrid-layout applies to the hybrid strategy, which --strategies 'ring' leaves out"),
+    (["bench", "dilated", "--no-check", "--check-max-len", "131072"],
+     r"--check-max-len applies to the float64 check, which --no-check turns off"),
     (["bench", "attention", "--strategies", "zigzag,spiral"], r"unknown strategy 'spiral'"),
     (["bench", "kernel", "--heads", "6", "--kv-heads", "4"], r"--heads 6 must be a multiple of --kv-heads 4"),
     (["bench", "dilated", "--segment-lengths", "1000", "--seq-len", "4096"], r"bad dilated pattern"),

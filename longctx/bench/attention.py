@@ -36,7 +36,7 @@ def add_arguments(p) -> None:
     p.add_argument("--strategies", default="ring,zigzag,striped,allgather,ulysses,hybrid")
     p.add_argument("--kernel", default="auto", help="local kernel backend: auto or one `longctx info` lists")
     p.add_argument("--ulysses", type=int, default=None, help="hybrid: ulysses degree (default 2 when it divides)")
-    p.add_argument("--hybrid-layout", default="zigzag", help="hybrid: layout of the ring part")
+    p.add_argument("--hybrid-layout", default=None, help="hybrid: layout of the ring part (default zigzag)")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--backend", default="auto", help="process group backend: auto, gloo, nccl")
@@ -170,6 +170,10 @@ _HEAD_NAMES = HeadNames(heads="--heads", kv_heads="--kv-heads", ranks="a --world
                         hybrid_degree="a --ulysses degree")
 
 
+def _hybrid_layout(args) -> str:
+    return args.hybrid_layout or "zigzag"  # None when not given: given with no hybrid strategy is refused
+
+
 def validate(args) -> None:
     """Every strategy's constraints for these arguments, checked before any rank starts."""
     from ..parallel import get_strategy
@@ -177,14 +181,14 @@ def validate(args) -> None:
     report.check_args(args)
     names = split_names(args.strategies, "--strategies")
     given = [flag for flag, value, default in (("--ulysses", args.ulysses, None),
-                                               ("--hybrid-layout", args.hybrid_layout, "zigzag")) if value != default]
+                                               ("--hybrid-layout", args.hybrid_layout, None)) if value != default]
     if given and "hybrid" not in names:
         raise ValueError(f"{given[0]} applies to the hybrid strategy, which --strategies {args.strategies!r} leaves "
                          f"out; add hybrid, or drop {given[0]}")
     for name in names:
         strat = get_strategy(name)
         hybrid = name == "hybrid"
-        layout = strat.layout(args.hybrid_layout if hybrid else None)
+        layout = strat.layout(_hybrid_layout(args) if hybrid else None)
         strat.check(seq_len=args.seq_len, world=args.world_size, layout=layout, heads=args.heads,
                     kv_heads=args.kv_heads or args.heads, ulysses=_ulysses(args) if hybrid else 1,
                     what=f"--seq-len ({name})", head_names=_HEAD_NAMES)
@@ -199,7 +203,7 @@ def run(args) -> list[dict]:
     uly = _ulysses(args)
     cfg = dict(seq_len=args.seq_len, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads or args.heads,
                head_dim=args.head_dim, causal=args.causal, window=args.window, dtype=report.DTYPES[args.dtype],
-               kernel=args.kernel, ulysses=uly, hybrid_layout=args.hybrid_layout, iters=args.iters,
+               kernel=args.kernel, ulysses=uly, hybrid_layout=_hybrid_layout(args), iters=args.iters,
                warmup=args.warmup, seed=0)
     print(f"bench attention: {strategies} on {w} simulated ranks, seq {args.seq_len}, heads {args.heads}/"
           f"{cfg['kv_heads']}, dim {args.head_dim}, {args.dtype}, causal={args.causal}, window={args.window}",

@@ -61,10 +61,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="length of the accuracy check against 'reference' (0: skip)")
     p.add_argument("--virtual-ranks", type=int, default=0,
                    help="also run a P-rank schedule's block calls on this device and compare to one call")
-    p.add_argument("--schedule", choices=sorted(SCHEDULES), default="zigzag")
+    p.add_argument("--schedule", choices=sorted(SCHEDULES), default=None,
+                   help="the layout --virtual-ranks splits by (default zigzag)")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--json", default=None, help="write the records here")
     p.add_argument("--plot", default=None, help="PNG of fwd+bwd TFLOP/s vs sequence length")
+
+
+def _schedule(args) -> str:
+    return args.schedule or "zigzag"  # None when not given: given without --virtual-ranks is refused
 
 
 def _mask(args) -> Mask:
@@ -203,7 +208,7 @@ def run_virtual_ranks(name, args, s, dtype, device, mask, warmup, iters, full_ms
     """All kernel calls of a P-rank ring schedule (plan.step_blocks), run on one device, vs one full call."""
     from ..parallel.sequence import layouts, plan
 
-    p, layout = args.virtual_ranks, SCHEDULES[args.schedule]
+    p, layout = args.virtual_ranks, SCHEDULES[_schedule(args)]
     if mask.has_documents or (mask.left is not None and mask.right not in (0, mask.left)):
         raise ValueError("virtual ranks support full, causal and sliding-window masks (what plan.py plans)")
     causal = mask.right == 0
@@ -254,7 +259,7 @@ def run_virtual_ranks(name, args, s, dtype, device, mask, warmup, iters, full_ms
               for r in range(p))
     ms = _time_ms(lambda: backward_all(forward_all()), device, warmup, iters)
     calls = sum(len(blocks) for row in table for _, blocks in row)
-    return dict(virtual_ranks=p, schedule=args.schedule, virtual_calls=calls, virtual_fwdbwd_ms=ms,
+    return dict(virtual_ranks=p, schedule=_schedule(args), virtual_calls=calls, virtual_fwdbwd_ms=ms,
                 virtual_ratio=ms / full_ms if full_ms else None, virtual_max_abs_err_out=err)
 
 
@@ -288,7 +293,7 @@ def validate(args) -> None:
         raise ValueError(f"--backends {args.backends!r}: none can run here ("
                          + "; ".join(f"{n}: {why}" for n, why in reasons.items())
                          + "); choose one that can (`longctx info` lists them)")
-    if args.schedule != "zigzag" and not args.virtual_ranks:
+    if args.schedule is not None and not args.virtual_ranks:
         raise ValueError(f"--schedule {args.schedule} applies to --virtual-ranks P (one call split as P ranks would "
                          "run it); add --virtual-ranks, or drop --schedule")
     if args.virtual_ranks and all(n in sdpa_baselines.NAMES for n in names):
@@ -297,8 +302,8 @@ def validate(args) -> None:
                          "add one of " + ", ".join(sorted(backends())) + ", or drop --virtual-ranks")
     if args.virtual_ranks:
         for s in args.seq_lens:
-            layouts.check_seq(SCHEDULES[args.schedule], s, args.virtual_ranks,
-                              what=f"--seq-lens ({args.virtual_ranks} virtual ranks, {args.schedule})")
+            layouts.check_seq(SCHEDULES[_schedule(args)], s, args.virtual_ranks,
+                              what=f"--seq-lens ({args.virtual_ranks} virtual ranks, {_schedule(args)})")
 
 
 def run(args) -> list[dict]:
@@ -319,7 +324,7 @@ def run(args) -> list[dict]:
           f"{widths}, {args.dtype} on {device} (TFLOP/s count allowed pairs only)")
     print(report.table(records, COLUMNS))
     if args.virtual_ranks:
-        print(f"\nvirtual ranks: {args.virtual_ranks} x {args.schedule}: all ranks' block calls vs one call")
+        print(f"\nvirtual ranks: {args.virtual_ranks} x {_schedule(args)}: all ranks' block calls vs one call")
         print(report.table([r for r in records if "virtual_ratio" in r], VR_COLUMNS))
     report.write_json(args.json, records, meta=report.environment())
     series = {}
