@@ -40,7 +40,8 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--backend", default="auto", help="process group backend: auto, gloo, nccl")
     p.add_argument("--seed", type=seed, default=0)
-    p.add_argument("--timeout", type=seconds, default=1800.0)
+    p.add_argument("--timeout", type=seconds, default=1800.0,
+                   help="seconds each launch of the simulated ranks may take (default 1800)")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG: bytes per decode step vs context, per strategy")
 

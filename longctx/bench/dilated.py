@@ -44,7 +44,8 @@ def add_arguments(p) -> None:
                    help=f"skip the check above this length (default {CHECK_MAX_LEN})")
     p.add_argument("--backend", default="auto", help="process group backend: auto, gloo, nccl")
     p.add_argument("--seed", type=seed, default=0)
-    p.add_argument("--timeout", type=seconds, default=3600.0)
+    p.add_argument("--timeout", type=seconds, default=3600.0,
+                   help="seconds each launch of the simulated ranks may take (default 3600)")
     p.add_argument("--json", default=None)
 
 

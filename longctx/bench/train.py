@@ -32,7 +32,8 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--overrides", nargs="*", action="extend", default=None, metavar="key=value",
                    help="config overrides for all layouts")
-    p.add_argument("--timeout", type=seconds, default=3600.0)
+    p.add_argument("--timeout", type=seconds, default=3600.0,
+                   help="seconds each launch of the simulated ranks may take (default 3600)")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG: tokens/s, saved activation bytes and final loss per layout")
 
