@@ -868,8 +868,8 @@ MUTANTS = [
            ("tests/eval/test_eval.py::test_a_diverged_runs_perplexity_is_capped_as_validation_caps_it",),
            "a diverged run's evaluation dies of an OverflowError after all its work"),
     Mutant("needle-json-and-plot-one-file", "longctx/cli_data.py",
-           "if args.json and args.plot and os.path.realpath(args.json) == os.path.realpath(args.plot):",
-           "if False:",
+           "            check_distinct(args.json, args.plot)",
+           "            pass",
            ("tests/eval/test_eval.py::test_needle_eval_bad_input_is_one_line",),
            "the heatmap silently overwrites the needle records"),
     Mutant("rendezvous-wait-unwatched", "longctx/launch/env.py",
@@ -898,6 +898,16 @@ MUTANTS = [
            "functools.partial(sdpa.backward, cuda_op=\"cudnn\"), priority=15,",
            ("tests/kernels/test_sdpa.py::test_the_cudnn_backend_binds_to_torchs_op_schema_and_is_never_auto",),
            "auto does not pick the cudnn backend before it has run on a GPU"),
+    Mutant("export-written-in-place", "longctx/train/weights.py",
+           "torch.save(state, partial)\n            os.replace(partial, final)",
+           "torch.save(state, final)",
+           ("tests/train/test_checkpoint.py::test_cli_export_and_its_errors",),
+           "an export killed by a full disk leaves no half file and an earlier export unchanged"),
+    Mutant("json-and-plot-may-collide", "longctx/_paths.py",
+           "    if json_path and plot_path and os.path.realpath(json_path)",
+           "    if False and json_path and plot_path and os.path.realpath(json_path)",
+           ("tests/bench/test_report.py",),
+           "--json and --plot that end up as one file are refused"),
 ]
 
 
