@@ -68,14 +68,12 @@ def write_json(path: str | None, records: list[dict], meta: dict | None = None) 
     if meta:
         records = [{**r, "meta": meta} for r in records]
     target = os.path.realpath(path)  # through a symlink: the file it names is replaced, the link stays
-    if os.path.exists(target) and not os.path.isfile(target):  # /dev/stdout, a pipe: written to, never replaced
-        with open(target, "w") as f:
-            json.dump(records, f, indent=2, default=str)
-        return
-    tmp = f"{target}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    special = os.path.exists(target) and not os.path.isfile(target)  # /dev/stdout, a pipe: written to, not replaced
+    written = target if special else f"{target}.tmp{os.getpid()}"
+    with open(written, "w") as f:
         json.dump(records, f, indent=2, default=str)
-    os.replace(tmp, target)  # atomic: a crash never leaves half a file
+    if not special:
+        os.replace(written, target)  # atomic: a crash never leaves half a file
 
 
 def plot_lines(path: str | None, series: dict[str, tuple[list, list]], *, xlabel: str, ylabel: str, title: str,
