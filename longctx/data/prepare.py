@@ -25,6 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
+from .._messages import first_line
 from .._paths import blocking_file, check_output, replace_dir
 from .tokenizer import EOS_TOKENS, load_tokenizer
 from .tokens import FILES
@@ -156,10 +157,6 @@ def _json_lines(f, text_key: str):
         yield n, record[text_key]
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-
-
 @functools.lru_cache(maxsize=2)
 def _tokenizer(spec: str):
     """One load per worker process, not per file: a large tokenizer.json takes most of a second to parse and
@@ -187,7 +184,7 @@ def tokenize_file(path: str, tokenizer_spec: str, text_key: str, add_eos: bool, 
         try:
             toks = tok.encode(doc)
         except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception (a WordLevel without [UNK])
-            problems.append((path, line, f"the tokenizer cannot encode it ({_first_line(e)})"))
+            problems.append((path, line, f"the tokenizer cannot encode it ({first_line(e, limit=200)})"))
             continue
         if not toks:  # whitespace a tokenizer drops: a document of nothing but its end-of-document token
             problems.append((path, line, "empty after tokenization"))

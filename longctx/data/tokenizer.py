@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from .._messages import first_line
+
 EOS_TOKENS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")  # the end-of-document token, the first found
 
 
@@ -42,7 +44,7 @@ class HFTokenizer:
         try:
             self._tok = Tokenizer.from_file(path)
         except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception for any malformed file
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = first_line(e)
             raise ValueError(f"{what}: {path} is not a valid Hugging Face tokenizer.json ({first}); give a "
                              "tokenizer.json saved by `tokenizers` / transformers, a directory holding one, "
                              "or 'byte'") from None

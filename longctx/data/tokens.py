@@ -21,6 +21,7 @@ import os
 import numpy as np
 import torch
 
+from .._messages import first_line
 from .labels import IGNORE_INDEX
 
 FILES = ("tokens.bin", "offsets.npy", "meta.json")
@@ -39,7 +40,7 @@ def read_meta(path: str, what: str = "data.path") -> dict:
         with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
             meta = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise ValueError(f"{what}={path!r}: meta.json is not valid JSON ({first}): {again}") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{what}={path!r}: meta.json holds a {type(meta).__name__}, not the dataset's summary "
@@ -122,7 +123,7 @@ class TokenSource:
         try:
             offsets = np.load(offsets_npy, mmap_mode="r")
         except (ValueError, OSError, EOFError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = first_line(e)
             raise ValueError(f"{what}={path!r}: {offsets_npy} is not a readable .npy array ({first}); "
                              f"{again}") from None
         if offsets.ndim != 1 or offsets.size < 2 or not np.issubdtype(offsets.dtype, np.integer):

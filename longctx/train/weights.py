@@ -12,6 +12,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
+from .._messages import first_line
 from .checkpoint_dirs import check_contents, locate, weight_files
 from .checkpoint_read import load_file, read_dcp, read_error, saved_entries
 
@@ -125,7 +126,7 @@ def export(path: str, out: str, fmt: str = "torch") -> dict:
         # a failed write: an OSError, safetensors' own error, or torch.save's RuntimeError from its zip writer
         if isinstance(e, OSError) or type(e).__name__ == "SafetensorError" or \
                 (fmt == "torch" and isinstance(e, RuntimeError)):
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = first_line(e)
             raise ValueError(f"OUT {out}: writing the export failed ({first}); nothing was left there and any "
                              "earlier export at that path is unchanged: free space or fix permissions, then run "
                              "it again") from e
