@@ -263,7 +263,7 @@ def _check_gpus_for(nproc: int) -> None:
 def cmd_launch_local(args) -> int:
     from omegaconf import OmegaConf
 
-    from .launch import run, train_main
+    from .launch import forkserver, run, train_main
     from .train import validate_job
     from .train.machine import check_machine
     from .train.setup import default_run_dir
@@ -275,6 +275,8 @@ def cmd_launch_local(args) -> int:
         check_machine(cfg, args.nproc, local_ranks=args.nproc)  # the ranks run on this machine
     if cfg.run_dir is None:  # one name for every rank, chosen here
         cfg.run_dir = default_run_dir(args.config)
+    if cfg.model.hf_path:  # imported once, by the server the ranks are forked from, not once by each rank
+        forkserver.preload("transformers")
     timeout = args.timeout or 7 * 24 * 3600.0  # none given: a week
     stop_grace = float(cfg.parallel.timeout_s)  # at the timeout: as long as a step's collective may wait
     try:

@@ -1,11 +1,17 @@
+import importlib.util
 import os
 
 import pytest
 import torch
 
+from longctx.launch import forkserver
 from tests.support.backends import HAS_TRITON, TRITON_CPU_ENV
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Many launches train Hugging Face models: the server that forks the ranks imports transformers once (the
+# suite sets no HF_* variable a rank would need to see at import) instead of each rank, 3-6 s of CPU apiece.
+if importlib.util.find_spec("transformers") is not None:
+    forkserver.preload("transformers")
 
 
 @pytest.fixture

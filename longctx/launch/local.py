@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .._signals import STOP_SIGNALS, ForwardingScope, record_from_start
+from . import forkserver
 from .rank_errors import RankError, crash_stack, rank_error
 
 __all__ = ["RankError", "rank_info", "run"]
@@ -40,7 +41,6 @@ _EXIT_GRACE_S = 5.0  # for ranks that returned to tear down on their own before 
 _KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL
 
 _contexts: dict[str, mp.context.BaseContext] = {}
-_PRELOAD = ("longctx.train.trainer", "longctx.eval")
 
 
 def rank_info() -> tuple[int, int]:
@@ -70,9 +70,10 @@ def run(fn, world_size, *, args=(), kwargs=None, backend="auto", timeout=120.0, 
     ``record_stops``: each rank records SIGTERM / SIGUSR1 from its start for the training loop that ``fn`` runs
     (longctx._signals.record_from_start) instead of dying of one before the loop listens.
 
-    ``env`` entries are set in every rank on top of the caller's current environment. With the
-    forkserver, torch is imported before they are set, so variables torch reads at import time
-    have no effect there. Ranks may start processes of their own (DataLoader workers); the ranks are
+    ``env`` entries are set in every rank on top of the caller's current environment. The forkserver has
+    imported torch, triton and the trainer before they are set (see longctx.launch.forkserver): where they
+    change a variable one of those reads at import (TRITON_INTERPRET, say), this launch's ranks start by
+    spawn instead, which sees it. Ranks may start processes of their own (DataLoader workers); the ranks are
     not daemonic, so this call's own cleanup (terminate, then kill) is what ends them on any exit.
     """
     kwargs = {} if kwargs is None else dict(kwargs)
@@ -82,21 +83,25 @@ def run(fn, world_size, *, args=(), kwargs=None, backend="auto", timeout=120.0, 
     backend = _resolve_backend(backend, world_size, start_method)
     pg_timeout = min(60.0, timeout / 2) if pg_timeout is None else float(pg_timeout)
     payload = _pickle_payload(fn, args, kwargs)
-    ctx = _context(start_method)
 
     start = time.monotonic()
     # The parent owns the rendezvous, so the port is picked by the OS and nothing is hard-coded.
     store = dist.TCPStore(_HOST, 0, None, True, timeout=timedelta(seconds=timeout),
                           wait_for_workers=False)
     child_env = _child_env(backend, world_size, store.port, env)
+    if start_method == "forkserver":
+        forkserver.start()
+        # a variable the server's modules read when it imported them, set otherwise for these ranks: only a
+        # fresh interpreter sees it (TRITON_INTERPRET for a test's Triton ranks)
+        if forkserver.stale_variables(child_env):
+            start_method = "spawn"
+    ctx = _context(start_method)
     procs, conns, lifelines = [], [], []
     # A rank killed by SIGSEGV/SIGABRT sends no message; faulthandler writes its Python stack here instead.
     _remove_abandoned_crash_dirs()
     crash_dir = tempfile.mkdtemp(prefix=f"{_CRASH_PREFIX}{os.getpid()}-")
     crash_paths = [os.path.join(crash_dir, f"rank{rank}.stack") for rank in range(world_size)]
     try:
-        if start_method == "forkserver":
-            _start_forkserver()
         with _ForwardSignals(procs) as signals:
             for rank in range(world_size):
                 reader, writer = ctx.Pipe(duplex=False)
@@ -227,38 +232,8 @@ def _pickle_payload(fn, args, kwargs):
 def _context(start_method):
     ctx = _contexts.get(start_method)
     if ctx is None:
-        ctx = mp.get_context(start_method)
-        if start_method == "forkserver":
-            # The server imports torch once and forks every rank from there: milliseconds per rank
-            # instead of seconds of re-importing torch. The trainer (DTensor, OmegaConf: ~0.7 s a rank)
-            # too, as most launches train. Not transformers (~0.5 s): huggingface_hub reads HF_HOME,
-            # HF_HUB_OFFLINE, ... when imported, which a rank's env= must still decide, and a broken
-            # install would take down every launch. Nor anything defining Triton kernels: @triton.jit
-            # reads TRITON_INTERPRET at import.
-            ctx.set_forkserver_preload(["torch", "torch.distributed", __name__, *_PRELOAD])
-        _contexts[start_method] = ctx
+        ctx = _contexts[start_method] = mp.get_context(start_method)
     return ctx
-
-
-def _start_forkserver():
-    """Start the forkserver (if it is not running) with the stop signals ignored and blocked, which it keeps
-    across its exec: a scheduler signals every process of the job (scancel, systemd, `kill -- -PGID`), and a
-    forkserver killed by it would report every rank dead (its sentinels close) while the ranks are still
-    saving their checkpoint. Blocked here meanwhile, a signal to this process waits for its own handler
-    rather than being ignored. Its children inherit both; `_worker` sets its own dispositions and unblocks."""
-    from multiprocessing import forkserver
-
-    if threading.current_thread() is not threading.main_thread():
-        forkserver.ensure_running()
-        return
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
-    try:
-        forkserver.ensure_running()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def _child_env(backend, world_size, port, env):
@@ -304,7 +279,7 @@ def _watch_launcher(lifeline):
 
 def _worker(rank, world_size, backend, port, pg_timeout, num_threads, env, payload, conn, lifeline=None,
             crash_path=None, record_stops=False):
-    # ignored and blocked by the forkserver (see _start_forkserver), not by a rank
+    # ignored and blocked by the forkserver (see forkserver.start), not by a rank
     if record_stops:
         record_from_start()
     else:

@@ -103,3 +103,14 @@ def nested_tensors():
             "half": base.to(torch.float16),
         },
     }
+
+
+def imports_and_triton_mode(names):
+    """Which of `names` this rank had imported before its function ran, and how its Triton builds a @jit
+    function (InterpretedFunction only where triton was imported under TRITON_INTERPRET=1)."""
+    import sys
+
+    before = {name: name in sys.modules for name in names}
+    import triton.language.standard as standard
+
+    return before, type(standard.cdiv).__name__

@@ -71,21 +71,25 @@ def _tp_shard(p) -> bool:
     return "tp" in names and isinstance(p.placements[names.index("tp")], Shard)
 
 
-def compare(path: str, layouts: list[dict]) -> list[dict]:
-    ref_loss, ref_grads = eager_reference(path)
+def compare(path: str, layouts: list[dict]) -> list[dict] | None:
+    """Each layout against the eager model, on rank 0 (the others take part in the parallel runs only)."""
+    rank0 = dist.get_rank() == 0
+    ref_loss, ref_grads = eager_reference(path) if rank0 else (None, None)
     out = []
     for layout in layouts:
         got = parallel_run(path, layout)
+        if not rank0:
+            continue
         assert set(got["grads"]) == set(ref_grads), sorted(set(got["grads"]) ^ set(ref_grads))
         errs = {n: ((g - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp(min=1e-12)).item()
                 for n, g in got["grads"].items()}
         out.append({"layout": layout, "loss": got["loss"], "ref_loss": ref_loss, "grad_rel_err": errs,
                     "engine": got["engine"], "tp_sharded": got["tp_sharded"]})
-    return out
+    return out if rank0 else None
 
 
 def compare_all(jobs: list[tuple[str, str, list[dict]]]) -> list[tuple[str, list[dict]]]:
-    """compare() for several (name, path, layouts) in one process group."""
+    """compare() for several (name, path, layouts) in one process group (rank 0's result holds the comparisons)."""
     return [(name, compare(path, layouts)) for name, path, layouts in jobs]
 
 
