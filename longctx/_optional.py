@@ -11,6 +11,7 @@ EXTRAS = {
     "deepspeed": "deepspeed",
     "transformers": "hf",
     "safetensors": "hf",
+    "tokenizers": "hf",
     "matplotlib": "dev",
     "tensorboard": "dev",
     "hypothesis": "dev",

@@ -62,6 +62,17 @@ def _checkpoint_config(args):
     return load(path=os.path.join(found, "config.yaml"))  # written resolved: an HF model's sizes are in it
 
 
+def _trained_dataset(args) -> dict | None:
+    """What the checkpoint recorded of the prepared dataset it trained on (its counts and tokenizer:
+    data.tokens.identity), None where it trained on synthetic data or predates the record."""
+    from .train.checkpoint_dirs import locate
+    from .train.checkpoint_read import load_file
+
+    found = locate(args.checkpoint, f"--checkpoint {args.checkpoint!r}", log=lambda *a, **k: None)
+    data = load_file(found, "trainer.pt").get("data") or {}
+    return data.get("dataset")
+
+
 def _check_ppl_args(args, cfg) -> tuple[str, int, int, str | None]:
     """(dataset, first window, windows to read, what the dataset is when --data did not say) of `eval ppl`."""
     from .eval.ppl import check_ppl, held_out
@@ -70,26 +81,36 @@ def _check_ppl_args(args, cfg) -> tuple[str, int, int, str | None]:
         raise ValueError("--data is empty: give a dataset made by `longctx data prepare`, or leave --data out for the "
                          "checkpoint's own held-out data")
     seq_len = args.seq_len or cfg.train.seq_len
-    data, first, what = (args.data, 0, None) if args.data else held_out(cfg, seq_len)
+    trained = _trained_dataset(args)
+    data, first, what = (args.data, 0, None) if args.data else held_out(cfg, seq_len, trained)
     src = check_ppl(data, seq_len=seq_len, sequences=args.sequences or 1, buckets=args.buckets, strategy=args.strategy,
                     world=_ranks(args)[0] // args.tp, vocab_size=cfg.model.vocab_size, first=first,
                     tp=1 if cfg.model.hf_path else args.tp,  # an HF model's tp is not sequence-parallel
                     what="--data" if args.data else "the checkpoint's held-out data")
-    if args.data and cfg.data.path and os.path.exists(os.path.join(cfg.data.path, "meta.json")):
-        _same_tokenizer(args.data, cfg.data.path)
+    if args.data:
+        _same_tokenizer(args.data, cfg.data.path, trained)
     return data, first, args.sequences or min(8, src.n_sequences - first), what
 
 
-def _same_tokenizer(data: str, trained_on: str) -> None:
+def _same_tokenizer(data: str, trained_on: str | None, trained: dict | None) -> None:
     """--data must be tokenized as the checkpoint's training data was (ids of another tokenizer mean other text:
-    the perplexity would be of nothing)."""
+    the perplexity would be of nothing). The checkpoint's own record says which tokenizer that was, wherever
+    the training data is now; a checkpoint without one is compared with its data.path, when that is there."""
     from .data.tokens import read_meta, tokenizer_of
 
-    theirs, ours = read_meta(data, "--data"), read_meta(trained_on, "the checkpoint's data.path")
-    if tokenizer_of(theirs) != tokenizer_of(ours):
+    theirs = read_meta(data, "--data")
+    there = bool(trained_on) and os.path.exists(os.path.join(trained_on, "meta.json"))
+    ours = read_meta(trained_on, "the checkpoint's data.path") if there else None
+    recorded = trained.get("tokenizer") if trained else None
+    expected = recorded if recorded is not None else tokenizer_of(ours) if ours is not None else None
+    if expected is None:  # synthetic training data: its ids are the task's, nothing to compare
+        return
+    if tokenizer_of(theirs) != expected:
+        name = ours.get("tokenizer") if ours is not None and tokenizer_of(ours) == expected else (
+            "byte" if expected == "byte" else f"the one of sha256 {expected[:12]}...")
         raise ValueError(f"--data {data!r} was tokenized with {theirs.get('tokenizer')!r}, the checkpoint's training "
-                         f"data ({trained_on}) with {ours.get('tokenizer')!r}; prepare the evaluation text with that "
-                         "tokenizer (longctx data prepare --tokenizer ...)")
+                         f"data ({trained_on}) with {name!r}; prepare the evaluation text with that tokenizer "
+                         "(longctx data prepare --tokenizer ...)")
 
 
 def _under_torchrun() -> bool:

@@ -280,7 +280,7 @@ def _parse_overrides(overrides, schema: dict) -> DictConfig:
             out = OmegaConf.merge(out, one)
         except (OmegaConfBaseException, yaml.YAMLError) as e:
             raise ConfigError(f"could not parse override {o!r}: {str(e).splitlines()[0]}") from None
-        if kind is not None:
+        if kind is not None and "${" not in value:  # an interpolation is resolved, and typed, with the whole config
             typed = OmegaConf.select(one, key)
             typed = OmegaConf.to_container(typed) if OmegaConf.is_config(typed) else typed
             _check_plain_scalar(yaml.compose(value, Loader=yaml.SafeLoader), typed, kind, key, "overrides")

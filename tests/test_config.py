@@ -321,6 +321,13 @@ def test_bad_interpolation_in_a_text_override_is_one_error_and_switches_take_int
     monkeypatch.setenv("LONGCTX_TEST_QUIET", "maybe")
     with pytest.raises(ConfigError, match="not a valid bool"):
         load(overrides=["logging.quiet=${oc.env:LONGCTX_TEST_QUIET,false}"])
+    # an override may name another key, as a file may: resolved against the whole config, then typed
+    cfg = load(overrides=["model.n_heads=8", "model.n_kv_heads=${model.n_heads}", "train.grad_clip=${train.lr}"])
+    assert cfg.model.n_kv_heads == 8 and cfg.train.grad_clip == cfg.train.lr
+    with pytest.raises(ConfigError, match=r"does not resolve: .*'\$\{run_dir\}'.*Incompatible value 'None'"):
+        load(overrides=["model.n_kv_heads=${run_dir}"])
+    with pytest.raises(ConfigError, match="does not resolve: Interpolation key 'model.nope' not found"):
+        load(overrides=["model.n_kv_heads=${model.nope}"])
 
 
 def test_resume_auto_needs_a_run_dir_or_a_checkpoint_dir(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from .._messages import first_line
+from .._optional import require
 
 EOS_TOKENS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")  # the end-of-document token, the first found
 
@@ -34,11 +35,7 @@ class HFTokenizer:
     def __init__(self, path: str, what: str | None = None):
         """`what` names the argument that gave `path` in the errors (default: `--tokenizer PATH`)."""
         what = what or f"--tokenizer {path!r}"
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise ImportError("a tokenizer.json needs the Hugging Face `tokenizers` package: "
-                              "pip install 'longctx[hf]'") from None
+        Tokenizer = require("tokenizers", "a tokenizer.json").Tokenizer
         self.name = os.path.abspath(path)
         self.sha256 = file_sha256(path)
         try:

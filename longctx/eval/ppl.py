@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from ..data.labels import IGNORE_INDEX
-from ..data.tokens import TokenSource
+from ..data.tokens import TokenSource, identity
 from ..model.hf import pin_rope_length
 from ..model.parallelize import context_parallel
 from ..parallel.sequence.documents import Documents
@@ -107,10 +107,12 @@ def format_ppl(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def held_out(cfg, seq_len: int) -> tuple[str | None, int, str]:
+def held_out(cfg, seq_len: int, trained: dict | None = None) -> tuple[str | None, int, str]:
     """(dataset, first window of `seq_len` tokens, what it is) that `eval ppl` reads without --data: what the
     run held out of training (validation.path; the last validation.holdout windows of data.path, from the first
-    `seq_len` window wholly past the last token training read), else data.path itself, which training read."""
+    `seq_len` window wholly past the last token training read), else data.path itself, which training read.
+    `trained`: the checkpoint's record of data.path (data.tokens.identity); a dataset prepared again since then
+    no longer ends in the held-out windows, and is refused."""
     validation = cfg.validation
     if validation.path:
         return validation.path, 0, f"validation.path {validation.path} (the run's held-out documents)"
@@ -120,6 +122,12 @@ def held_out(cfg, seq_len: int) -> tuple[str | None, int, str]:
                                    what="the checkpoint's data.path")
         except FileNotFoundError as e:  # moved since training: one line, like any other dataset that is not there
             raise ValueError(f"{e}; or pass held-out text with --data") from None
+        now = identity(training.meta)
+        if trained is not None and now != trained:
+            changed = ", ".join(f"{k} {trained.get(k)} -> {now[k]}" for k in now if trained.get(k) != now[k])
+            raise ValueError(f"the checkpoint's data.path {cfg.data.path} was prepared again since it trained on it "
+                             f"({changed}): its last windows are not the ones held out of training; pass held-out "
+                             "text with --data")
         first_token = (training.total_windows - validation.holdout) * cfg.train.seq_len
         return cfg.data.path, -(-first_token // seq_len), (f"data.path {cfg.data.path} from token {first_token:,}: "
                                                             f"its last {validation.holdout} training windows of "

@@ -86,9 +86,8 @@ def checkpoint_tokenizer(cfg, spec: str | None = None):
     """The tokenizer a checkpoint's model reads: `spec` when given, else its Hugging Face directory's, else
     the one its prepared dataset was made with (checked against the recorded hash). None when nothing says
     (synthetic data: its token ids are the task's, not text)."""
-    import json
-
     from ..data.tokenizer import load_tokenizer
+    from ..data.tokens import read_meta
 
     if spec:
         tok = load_tokenizer(spec)
@@ -100,8 +99,13 @@ def checkpoint_tokenizer(cfg, spec: str | None = None):
                          "read from the current directory); run from where it was trained, or pass that tokenizer as "
                          "--tokenizer")
     elif cfg.data.path and os.path.isfile(os.path.join(cfg.data.path, "meta.json")):
-        with open(os.path.join(cfg.data.path, "meta.json")) as f:
-            meta = json.load(f)
+        try:  # a damaged meta.json is one line naming the file and the fix
+            meta = read_meta(cfg.data.path, what="the checkpoint's data.path")
+        except FileNotFoundError as e:
+            raise ValueError(str(e)) from None
+        if not isinstance(meta.get("tokenizer"), str):
+            raise ValueError(f"the checkpoint's dataset {cfg.data.path}: meta.json names no tokenizer (written by "
+                             "another tool, or edited); pass the tokenizer the model was trained with as --tokenizer")
         try:
             tok = load_tokenizer(meta["tokenizer"], what="the dataset's tokenizer")
         except ValueError as e:

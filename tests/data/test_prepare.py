@@ -218,6 +218,18 @@ def test_tokenizer_json_from_a_local_file(tmp_path):
     assert not (tmp_path / "ds2").exists()
 
 
+def test_a_tokenizer_json_without_the_tokenizers_package_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
+    monkeypatch.setitem(__import__("sys").modules, "tokenizers", None)  # as on an install without the hf extra
+    assert main(["data", "prepare", "--input", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "ds"),
+                 "--tokenizer", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("longctx: error: tokenizers is needed for a tokenizer.json but is not installed") and \
+        err.strip().endswith("install it with: pip install 'longctx[hf]'") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "ds").exists()
+
+
 def test_a_tokenizer_saved_with_truncation_or_padding_still_takes_whole_documents(tmp_path):
     """A tokenizer.json saved with truncation (a model's max_length) or padding on: every document is still
     tokenized whole, with nothing added (it was cut to 3 tokens, or filled with <pad>); a document the tokenizer

@@ -211,7 +211,7 @@ def test_perplexity_by_position_hands_the_model_back_as_it_came(text_run):
     assert one[0] == one[2] and one[0] != one[1]
 
 
-def test_eval_ppl_reads_what_the_run_held_out(text_run):
+def test_eval_ppl_reads_what_the_run_held_out(text_run, tmp_path):
     """Without --data: validation.path, or data.path from the first window wholly past the last token training
     read (the last validation.holdout windows of train.seq_len), whatever --seq-len; else data.path, said."""
     from longctx.config import load
@@ -232,6 +232,27 @@ def test_eval_ppl_reads_what_the_run_held_out(text_run):
                                                       "validation.interval=1"])
     with pytest.raises(ValueError, match=r"the checkpoint's data.path='/gone' is not a prepared dataset .* --data"):
         held_out(moved, 64)  # a ValueError: one line on the command line
+    # the checkpoint's record of its dataset: the same one reads as before; one prepared again since is refused
+    from longctx.cli_data import _same_tokenizer
+    from longctx.data.tokens import identity
+
+    recorded = identity(read_meta(str(ds)))
+    assert held_out(cfg, 64, recorded) == held_out(cfg, 64)
+    with pytest.raises(ValueError, match=rf"data.path {ds} was prepared again since it trained on it \(tokens "
+                                         rf"{n_tokens + 10} -> {n_tokens}\): its last windows are not the ones held "
+                                         "out of training; pass held-out text with --data"):
+        held_out(cfg, 64, dict(recorded, tokens=n_tokens + 10))
+    # --data against the recorded tokenizer, wherever the training data is now (a relative data.path read from
+    # elsewhere, or moved): a dataset of another tokenizer is refused, one of the same passes
+    other = tmp_path / "other"
+    shutil.copytree(ds, other)
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps(dict(meta, tokenizer="tok.json", tokenizer_sha256="0" * 64)))
+    with pytest.raises(ValueError, match=rf"--data '{other}' was tokenized with 'tok.json', the checkpoint's training "
+                                         r"data \(/gone\) with 'byte'"):
+        _same_tokenizer(str(other), "/gone", recorded)
+    _same_tokenizer(str(ds), "/gone", recorded)
+    _same_tokenizer(str(other), "/gone", None)  # nothing recorded and nothing there: nothing to compare
     cfg.validation.holdout, cfg.validation.path = 0, "/elsewhere"
     assert held_out(cfg, 64) == ("/elsewhere", 0, "validation.path /elsewhere (the run's held-out documents)")
     cfg.validation.path = None
@@ -321,6 +342,17 @@ def test_the_checkpoint_tokenizer_is_the_one_its_data_was_made_with(tmp_path):
     os.remove(tmp_path / "tokenizer.json")
     with pytest.raises(ValueError, match="which is not there any more; pass --tokenizer"):
         checkpoint_tokenizer(cfg)
+    # a meta.json that names no tokenizer, or is damaged: one line naming the file and the fix, not a KeyError
+    meta_path = tmp_path / "ds" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "tokenizer"}))
+    with pytest.raises(ValueError, match=r"ds: meta.json names no tokenizer .*pass the tokenizer the model was "
+                                         r"trained with as --tokenizer"):
+        checkpoint_tokenizer(cfg)
+    for damaged, said in (("[1]", "meta.json holds a list"), ("{", "meta.json is not valid JSON")):
+        meta_path.write_text(damaged)
+        with pytest.raises(ValueError, match=rf"the checkpoint's data.path='.*ds': {said}.*prepare the dataset again"):
+            checkpoint_tokenizer(cfg)
     # the dataset itself gone (or a relative data.path read from elsewhere): not "no tokenizer recorded"
     shutil.rmtree(tmp_path / "ds")
     with pytest.raises(ValueError, match=r"the checkpoint's dataset data.path='.*ds', whose meta.json names the "
