@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -121,7 +122,9 @@ def held_out(cfg, seq_len: int, trained: dict | None = None) -> tuple[str | None
             training = TokenSource(cfg.data.path, seq_len=cfg.train.seq_len, seed=0, vocab_size=cfg.model.vocab_size,
                                    what="the checkpoint's data.path")
         except FileNotFoundError as e:  # moved since training: one line, like any other dataset that is not there
-            raise ValueError(f"{e}; or pass held-out text with --data") from None
+            relative = "" if os.path.isabs(cfg.data.path) else (f" (a relative path, read from the current directory, "
+                                                                 f"{os.getcwd()}: run from where it trained)")
+            raise ValueError(f"{e}{relative}; or pass held-out text with --data") from None
         now = identity(training.meta)
         if trained is not None and now != trained:
             changed = ", ".join(f"{k} {trained.get(k)} -> {now[k]}" for k in now if trained.get(k) != now[k])

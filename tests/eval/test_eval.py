@@ -232,6 +232,10 @@ def test_eval_ppl_reads_what_the_run_held_out(text_run, tmp_path):
                                                       "validation.interval=1"])
     with pytest.raises(ValueError, match=r"the checkpoint's data.path='/gone' is not a prepared dataset .* --data"):
         held_out(moved, 64)  # a ValueError: one line on the command line
+    moved.data.path = "gone"
+    with pytest.raises(ValueError, match=r"data.path='gone' is not a prepared dataset .*\(a relative path, read from "
+                                         r"the current directory, .*: run from where it trained\); or pass held-out"):
+        held_out(moved, 64)
     # the checkpoint's record of its dataset: the same one reads as before; one prepared again since is refused
     from longctx.cli_data import _same_tokenizer
     from longctx.data.tokens import identity
