@@ -943,6 +943,15 @@ MUTANTS = [
            "        from tokenizers import Tokenizer",
            ("tests/data/test_prepare.py::test_a_tokenizer_json_without_the_tokenizers_package_is_one_line",),
            "--tokenizer tokenizer.json without the tokenizers package is a traceback"),
+    Mutant("forkserver-env-never-checked", "longctx/launch/local.py",
+           "        if forkserver.stale_variables(child_env):", "        if False:",
+           ("tests/launch/test_forkserver.py",),
+           "ranks forked from a server that imported triton without the interpreter ignore env TRITON_INTERPRET=1"),
+    Mutant("forkserver-watches-what-dynamo-sets", "longctx/launch/forkserver.py",
+           '    "torch._dynamo": ("TORCHDYNAMO_", "TRITON_"),',
+           '    "torch._dynamo": ("TORCHDYNAMO_", "TORCHINDUCTOR_", "TRITON_"),',
+           ("tests/launch/test_forkserver.py",),
+           "after the caller imports torch._dynamo (TORCHINDUCTOR_CACHE_DIR set) every launch is spawned"),
 ]
 
 

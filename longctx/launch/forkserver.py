@@ -23,11 +23,15 @@ import threading
 
 from .._signals import STOP_SIGNALS
 
-# module -> prefixes of the environment variables it (or what it imports) reads when imported
+# module -> prefixes of the environment variables it (or what it imports) reads when imported and a launch may
+# want to decide. Not torch's own (TORCH_*, read by the server since it first preloaded torch: documented in
+# run()), nor TORCHINDUCTOR_*: nothing here compiles, and importing torch._dynamo sets TORCHINDUCTOR_CACHE_DIR in
+# whatever process imports it, so the caller's environment gains it after the server started (watched, that
+# sent every later launch of the suite to spawn).
 _ALWAYS = {
-    "torch": ("TORCH_", "CUDA_", "OMP_", "MKL_"),
+    "torch": (),
     "torch.distributed": (),
-    "torch._dynamo": ("TORCHDYNAMO_", "TORCHINDUCTOR_", "TORCH_COMPILE", "TRITON_"),
+    "torch._dynamo": ("TORCHDYNAMO_", "TRITON_"),
     "longctx.launch.local": (),
     "longctx.train.trainer": (),  # DTensor, OmegaConf: ~0.7 s a rank
     "longctx.eval": (),

@@ -23,13 +23,26 @@ def test_ranks_start_with_the_preloaded_modules_unless_a_launch_changes_what_the
     assert not before["torch._dynamo"] and jit == "InterpretedFunction"
 
 
+@pytest.mark.timeout(60)
+def test_what_importing_torch_dynamo_sets_in_the_caller_keeps_launches_forked(monkeypatch):
+    # the caller importing torch._dynamo after the server started sets TORCHINDUCTOR_CACHE_DIR in its environment:
+    # not a reason to spawn (it did, for every later launch of the suite)
+    run(_workers.noop, 1)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/elsewhere")
+    (before, _), = run(_workers.imports_and_triton_mode, 1, args=(["torch._dynamo"],))
+    assert before["torch._dynamo"]
+
+
 def test_stale_variables_are_those_the_preloaded_modules_read(monkeypatch):
-    monkeypatch.setattr(forkserver, "_server_env", {"TRITON_INTERPRET": "0", "TORCH_HOME": "/a", "PATH": "/bin"})
-    assert forkserver.stale_variables({"TRITON_INTERPRET": "0", "TORCH_HOME": "/a", "PATH": "/usr/bin"}) == []
-    assert forkserver.stale_variables({"TRITON_INTERPRET": "1", "TORCH_HOME": "/a"}) == ["TRITON_INTERPRET"]
+    monkeypatch.setattr(forkserver, "_server_env", {"TRITON_INTERPRET": "0", "TORCHDYNAMO_X": "a", "PATH": "/bin"})
+    assert forkserver.stale_variables({"TRITON_INTERPRET": "0", "TORCHDYNAMO_X": "a", "PATH": "/usr/bin"}) == []
+    assert forkserver.stale_variables({"TRITON_INTERPRET": "1", "TORCHDYNAMO_X": "a"}) == ["TRITON_INTERPRET"]
     # removed is as stale as changed; a new one too
-    assert forkserver.stale_variables({"TORCHDYNAMO_DISABLE": "1"}) == ["TORCHDYNAMO_DISABLE", "TORCH_HOME",
+    assert forkserver.stale_variables({"TORCHDYNAMO_DISABLE": "1"}) == ["TORCHDYNAMO_DISABLE", "TORCHDYNAMO_X",
                                                                        "TRITON_INTERPRET"]
+    # what importing torch._dynamo sets, and torch's own variables, are not watched
+    assert forkserver.stale_variables({"TRITON_INTERPRET": "0", "TORCHDYNAMO_X": "a", "TORCHINDUCTOR_CACHE_DIR": "/c",
+                                       "TORCH_HOME": "/h", "CUDA_VISIBLE_DEVICES": "1"}) == []
     monkeypatch.setattr(forkserver, "_server_env", None)
     assert forkserver.stale_variables({"TRITON_INTERPRET": "1"}) == []  # no server yet: it will start with these
 
