@@ -373,6 +373,9 @@ def _collect(procs, conns, deadline, timeout, crash_paths, stop_grace=None):
                 read(conns[rank])
             if rank in pending:
                 pending.discard(rank)
+                # a fork/spawn child's sentinel closes as it exits, a moment before waitpid can report it: wait
+                # for the exit code (a forkserver child's comes through the sentinel itself)
+                procs[rank].join(_KILL_GRACE_S)
                 failures.append((rank, None, None, crash_stack(crash_paths[rank]), procs[rank].exitcode))
         if failures and stop == deadline:
             stop = min(deadline, time.monotonic() + _FAILURE_GRACE_S)

@@ -45,11 +45,13 @@ def _is_secondary(failure):
     _, remote_type, message, _, exitcode = failure
     if exitcode is not None:
         return False
-    return remote_type in _SECONDARY_TYPES or any(m in message.lower() for m in _SECONDARY_MARKERS)
+    return remote_type in _SECONDARY_TYPES or any(m in (message or "").lower() for m in _SECONDARY_MARKERS)
 
 
 def _describe(failure):
     rank, remote_type, message, _, exitcode = failure
+    if exitcode is None and remote_type is None:  # its process gone, its exit code not (yet) known
+        return f"rank {rank} ended before returning, exit code unknown"
     if exitcode is None:
         return f"rank {rank} failed with {remote_type}: {message}"
     how = f"exit code {exitcode}"

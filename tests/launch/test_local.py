@@ -137,6 +137,24 @@ def test_dead_rank_is_reported_quickly():
     assert info.value.rank == 2 and info.value.exitcode == 3
 
 
+@pytest.mark.timeout(60)
+def test_a_dead_fork_rank_is_reported_with_its_exit_code():
+    # a forked child's pipe closes as it exits, a moment before waitpid reports it: the launcher waits for the code
+    # (it read None under load, and the report then failed on the missing message)
+    for _ in range(5):
+        with pytest.raises(RankError, match="rank 1 died with exit code 3") as info:
+            run(_workers.exit_on_rank, 2, args=(1, 3), start_method="fork")
+        assert info.value.exitcode == 3
+
+
+def test_a_rank_whose_exit_code_is_unknown_is_still_reported():
+    from longctx.launch.rank_errors import rank_error
+
+    error = rank_error([(1, None, None, None, None), (0, "DistNetworkError", "Connection closed by peer", "tb", None)],
+                       set())
+    assert error.rank == 1 and str(error).startswith("rank 1 ended before returning, exit code unknown")
+
+
 @pytest.mark.timeout(30)
 def test_a_segfaulting_rank_is_reported_with_its_python_stack():
     # No exception and no message: only faulthandler's record says where the rank died.
