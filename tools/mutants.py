@@ -952,6 +952,11 @@ MUTANTS = [
            '    "torch._dynamo": ("TORCHDYNAMO_", "TORCHINDUCTOR_", "TRITON_"),',
            ("tests/launch/test_forkserver.py",),
            "after the caller imports torch._dynamo (TORCHINDUCTOR_CACHE_DIR set) every launch is spawned"),
+    Mutant("local-adamw-steps-a-partial-gradient", "longctx/train/optim.py",
+           "                grads[index] = grad.redistribute(param.device_mesh, param.placements)",
+           "                pass",
+           ("tests/train/test_metrics_optim.py",),
+           "each rank steps its addend of a partial-sum gradient (or a replicated one against its shard)"),
 ]
 
 

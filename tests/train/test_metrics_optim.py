@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from longctx.config import load
+from longctx.launch import run
 from longctx.model import build_model
 from longctx.train import attention_pairs, build_optimizer, build_scheduler, lr_factor, model_flops_per_step
 
@@ -112,7 +113,7 @@ def test_optimizer_and_scheduler_from_config():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([0.005, 0.01, 0.01, 0.001])
-    assert torch.optim.AdamW is type(opt)
+    assert isinstance(opt, torch.optim.AdamW)
     wsd = load(overrides=["train.lr=0.01", "train.warmup_steps=1", "train.steps=6", "train.lr_schedule=linear",
                           "train.decay_steps=3"]).train
     sched = build_scheduler(build_optimizer(model, wsd, "cpu"), wsd)
@@ -122,6 +123,34 @@ def test_optimizer_and_scheduler_from_config():
         sched.optimizer.step()
         sched.step()
     assert lrs == pytest.approx([0.01, 0.01, 0.01, 0.007, 0.004, 0.001])  # warmup, stable, a linear decay of 3
+
+
+def test_adamw_steps_dtensor_parameters_through_their_local_pieces_exactly():
+    """longctx's AdamW updates each rank's piece of a sharded or replicated parameter (a partial-sum gradient
+    summed first, a replicated one sliced to the parameter's shard): bit for bit torch's AdamW on the full
+    tensors, over steps whose bias corrections differ."""
+    from tests.train._optim_workers import local_adamw_steps
+
+    torch.manual_seed(0)
+    shapes = [(4, 6), (6,), (8, 3), (5,)]
+    full = [torch.randn(s) for s in shapes]
+    grads = [torch.randn(s) for s in shapes]
+    expected = [nn.Parameter(p.clone()) for p in full]
+    opt = torch.optim.AdamW([{"params": expected[:1] + expected[2:], "weight_decay": 0.1},
+                             {"params": expected[1:2], "weight_decay": 0.0}], lr=0.01, foreach=True)
+    for step in range(3):
+        for p, g in zip(expected, grads):
+            p.grad = g * (step + 1)
+        opt.step()
+    for got in run(local_adamw_steps, 2, args=(full, grads, 3)):
+        assert got["moments_kept"] and got["strategies_derived"] == []
+        for name, a, b, before in zip(["sharded", "partial-sum grad", "replicated grad", "plain"], got["params"],
+                                      expected, full):
+            if name == "partial-sum grad":  # its two addends sum to the full gradient up to one rounding
+                torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)
+            else:
+                assert torch.equal(a, b.detach()), name
+            assert not torch.equal(a, before), name  # every one moved
 
 
 def test_a_resumed_run_moves_the_lost_attempts_records_aside(tmp_path, capsys):
