@@ -8,19 +8,9 @@ import shutil
 import pytest
 
 from longctx.launch import run
+from tests.support.cli import main
+from tests.support.cli import main_here as _main_here
 from tests.support.perplexity import assert_same_ppl, ppl_by_layout
-
-
-def _main_here(argv):
-    from longctx.cli import main as cli_main
-
-    return cli_main(argv)
-
-
-def main(argv):
-    """The CLI in a child process: training imports torch._dynamo (and with it triton, compiled) through the
-    optimizer, which must not happen in the test process before the interpreted Triton tests run."""
-    return run(_main_here, 1, args=(argv,), timeout=300)[0]
 
 PASSKEY = ["model.vocab_size=64", "model.dim=32", "model.n_heads=2", "model.n_kv_heads=2", "model.ffn_dim=64",
            "data.source=passkey", "data.digits=2", "train.seq_len=64", "train.batch_size=2", "train.steps=2",

@@ -6,7 +6,7 @@ import json
 
 
 def ppl_by_layout(main, checkpoint: str, tmp_path, layouts, *argv) -> dict:
-    """(nproc, tp) -> the position buckets `eval ppl` wrote, run through `main` (the CLI in a child process)."""
+    """(nproc, tp) -> the position buckets `eval ppl` wrote, run through `main` (tests/support/cli.py)."""
     got = {}
     for nproc, tp in layouts:
         js = tmp_path / f"p{nproc}tp{tp}.json"

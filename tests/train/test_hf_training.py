@@ -2,8 +2,6 @@
 gives a directory transformers loads with the trained weights; bad configs are one-line errors."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,6 +9,7 @@ import torch
 from longctx.config import ConfigError, load
 from longctx.launch import run
 from longctx.train import validate_job
+from tests.support.cli import main
 from tests.support.equivalence import compare_runs, compare_validation
 from tests.support.perplexity import assert_same_ppl, ppl_by_layout
 
@@ -221,17 +220,6 @@ def test_hf_model_pipeline_stages_train_like_one_process(gemma_dir, capped_dir, 
     assert all(torch.equal(value, trained[name]) for name, value in model.state_dict().items())
 
 
-def _main_here(argv):
-    from longctx.cli import main as cli_main
-
-    return cli_main(argv)
-
-
-def main(argv):
-    """The CLI in a child process (training imports triton through torch._dynamo; see tests/eval)."""
-    return run(_main_here, 1, args=(argv,), timeout=300)[0]
-
-
 def test_export_hf_of_a_trained_hf_model(qwen_dir, tmp_path):
     """The export is the trained model in its own architecture, with the source's generation settings (the eos ids
     generation stops at), never written over a directory that holds something."""
@@ -370,7 +358,7 @@ def test_hf_path_errors_are_one_line(tmp_path, qwen_dir, tmp_path_factory):
             apply_context_parallel(HFCausalLM(model), "zigzag", object())
 
 
-def test_an_hf_checkpoint_evaluates_through_its_own_layers(tmp_path):
+def test_an_hf_checkpoint_evaluates_through_its_own_layers(tmp_path, capsys):
     # a Qwen3 (per-head norms, head_dim twice hidden / heads, one sliding-window layer, dynamic NTK RoPE past
     # 40 positions: pinned to the 64-token window in training and here) trained on prepared token data under
     # cp=2 loads as its architecture with the trained weights: perplexity by position at
@@ -411,11 +399,11 @@ def test_an_hf_checkpoint_evaluates_through_its_own_layers(tmp_path):
     assert {m._longctx_cores.kernel for m in attention_modules(model.hf)} == {"auto"}
     # its model.hf_path moved away: one line before any rank starts, for perplexity as for generation
     path.rename(tmp_path / "moved")
+    capsys.readouterr()
     for command in (["eval", "ppl"], ["generate", "--ids", "3"]):
-        r = subprocess.run([sys.executable, "-m", "longctx", *command, "--checkpoint", str(run_dir / "checkpoints"),
-                            "--nproc", "2"], capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2 and r.stderr.startswith("longctx: error: model.hf_path=") and \
-            r.stderr.count("\n") == 1, r.stderr
+        assert main([*command, "--checkpoint", str(run_dir / "checkpoints"), "--nproc", "2"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("longctx: error: model.hf_path=") and err.count("\n") == 1, err
 
 
 def test_the_checkpoint_tokenizer_goes_through_the_data_pipeline(qwen_dir, tmp_path):
