@@ -56,20 +56,16 @@ def cmd_checkpoint_verify(args) -> int:
 
 def _checkpoint_config(args):
     from .config import load
-    from .train.checkpoint_dirs import locate
 
-    found = locate(args.checkpoint, f"--checkpoint {args.checkpoint!r}", log=lambda *a, **k: None)
-    return load(path=os.path.join(found, "config.yaml"))  # written resolved: an HF model's sizes are in it
+    return load(path=os.path.join(args.checkpoint_dir, "config.yaml"))  # written resolved: an HF model's sizes
 
 
 def _trained_dataset(args) -> dict | None:
     """What the checkpoint recorded of the prepared dataset it trained on (its counts and tokenizer:
     data.tokens.identity), None where it trained on synthetic data or predates the record."""
-    from .train.checkpoint_dirs import locate
     from .train.checkpoint_read import load_file
 
-    found = locate(args.checkpoint, f"--checkpoint {args.checkpoint!r}", log=lambda *a, **k: None)
-    data = load_file(found, "trainer.pt").get("data") or {}
+    data = load_file(args.checkpoint_dir, "trainer.pt").get("data") or {}
     return data.get("dataset")
 
 
@@ -153,6 +149,10 @@ def _checked_checkpoint(args):
     if ranks % args.tp:
         raise ValueError(f"--tp {args.tp} does not divide {what} {ranks}: the ranks are {what}/--tp "
                          f"context-parallel groups of --tp tensor-parallel ranks; choose a divisor of {ranks}")
+    from .train.checkpoint_dirs import locate
+
+    # one checkpoint for every check and for the ranks: a root's newest changes while a run still trains into it
+    args.checkpoint_dir = locate(args.checkpoint, f"--checkpoint {args.checkpoint!r}", log=lambda *a, **k: None)
     cfg = _checkpoint_config(args)
     if cfg.model.dilated.layers:  # prefill, decoding and perplexity run the causal/windowed cores only
         raise ValueError(f"this checkpoint's model has dilated (LongNet) attention layers (model.dilated.layers="
@@ -197,6 +197,7 @@ def cmd_eval(args) -> int:
             check_distinct(args.json, args.plot)
             check_grid(args.lengths, args.depths, args.samples)
         cfg = _checked_checkpoint(args)
+        params["checkpoint"] = args.checkpoint_dir
         if kind == "needle":
             check_lengths(cfg, args.lengths)
             _check_memory(args, cfg, rows=min(args.samples, BATCH), tokens=max(args.lengths) + cfg.data.digits,
@@ -291,7 +292,7 @@ def cmd_generate(args) -> int:
 
     with checking():
         tok, prompts, eos_ids = _checked_generate(args)
-    params = {"checkpoint": args.checkpoint, "prompts": prompts, "max_new_tokens": args.max_new_tokens,
+    params = {"checkpoint": args.checkpoint_dir, "prompts": prompts, "max_new_tokens": args.max_new_tokens,
               "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed or 0, "strategy": args.strategy,
               "decode": args.decode, "tp": args.tp, "eos_id": eos_ids}
     outputs = _on_ranks("generate", params, args.nproc)

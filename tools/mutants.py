@@ -957,6 +957,16 @@ MUTANTS = [
            "                pass",
            ("tests/train/test_metrics_optim.py",),
            "each rank steps its addend of a partial-sum gradient (or a replicated one against its shard)"),
+    Mutant("eval-ranks-load-each-their-own-checkpoint", "longctx/launch/entry.py",
+           "    model, cfg = load_checkpoint_model(found, log=log,",
+           "    model, cfg = load_checkpoint_model(params[\"checkpoint\"], log=log,",
+           ("tests/eval/test_eval.py",),
+           "torchrun ranks that located different newest checkpoints of a root evaluate different weights"),
+    Mutant("eval-hands-the-ranks-the-root-again", "longctx/cli_data.py",
+           '        params["checkpoint"] = args.checkpoint_dir',
+           '        params["checkpoint"] = args.checkpoint',
+           ("tests/eval/test_eval.py",),
+           "the ranks locate a root's newest again: another than the one the command checked, if a run sealed one"),
 ]
 
 

@@ -30,14 +30,18 @@ def _eval_model(params: dict, log):
     from ..eval import load_checkpoint_model
     from ..eval.weights import eval_device
     from ..parallel.dims import ParallelDims, device_type_from_env
+    from ..train.checkpoint_dirs import decided_by_rank0, locate
 
     world, tp = dist.get_world_size(), int(params.get("tp") or 1)
     mesh, group = None, None
     if tp > 1:  # ParallelDims refuses a tp that does not divide the world (the command checked it already)
         mesh = ParallelDims(cp=world // tp, tp=tp, world_size=world, strategy=params["strategy"]).build_mesh()
         group = mesh.cp.get_group()
-    model, cfg = load_checkpoint_model(params["checkpoint"], log=log, mesh=mesh,
-                                       device=eval_device(device_type_from_env()))
+    # rank 0's pick of a checkpoint root's newest, on every rank: under torchrun each rank's command located it
+    # itself, and a run still training into the root may have sealed another in between
+    found = decided_by_rank0(lambda: locate(params["checkpoint"], f"--checkpoint {params['checkpoint']!r}", log=log),
+                             dist.get_rank(), world, (OSError, ValueError))
+    model, cfg = load_checkpoint_model(found, log=log, mesh=mesh, device=eval_device(device_type_from_env()))
     return model, cfg, group
 
 

@@ -39,6 +39,39 @@ def test_needle_eval_writes_json_and_heatmap_and_ranks_agree(passkey_checkpoint,
     assert [r["correct"] for r in one] == [r["correct"] for r in outs[2, 2]]  # the same greedy answers
 
 
+def _loaded_by_each_rank(checkpoints: list[str]) -> float:
+    """Rank r evaluates `checkpoints[r]` (as if each rank's command had located a root itself): the sum of the
+    weights it loaded."""
+    import torch.distributed as dist
+
+    from longctx.launch.entry import _eval_model
+
+    model, _, _ = _eval_model({"checkpoint": checkpoints[dist.get_rank()], "tp": 1, "strategy": "zigzag"},
+                              log=lambda *a, **k: None)
+    return sum(float(p.double().sum()) for p in model.parameters())
+
+
+def test_every_rank_evaluates_the_checkpoint_the_command_checked(tmp_path, monkeypatch, capsys):
+    """A checkpoint root's newest changes while a run still trains into it: the command locates it once, checks
+    that one and hands it to the ranks (they located the root again, each for itself), and ranks that located
+    different ones (torchrun: each rank runs the command) load rank 0's."""
+    import longctx.cli_data as cli_data
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "configs/tiny.yaml", *PASSKEY, "checkpoint.interval=1", "parallel.cp=1",
+                 f"run_dir={run_dir}"]) == 0
+    root = str(run_dir / "checkpoints")
+    first, newest = (os.path.join(root, step) for step in ("step_00000001", "step_00000002"))
+    handed = []
+    monkeypatch.setattr(cli_data, "_on_ranks", lambda kind, params, nproc: handed.append(params["checkpoint"]) or [])
+    for command in (["generate", "--ids", "3"], ["eval", "needle", "--lengths", "48", "--depths", "0"]):
+        assert _main_here([*command, "--checkpoint", root, "--nproc", "2"]) == 0
+    assert handed == [newest, newest]
+    sums = run(_loaded_by_each_rank, 2, args=([newest, first],))
+    again = run(_loaded_by_each_rank, 2, args=([first, first],))[0]
+    assert sums[0] == sums[1] != again  # rank 0's, on both; and the two checkpoints differ
+
+
 def test_checkpoints_evaluation_cannot_take_are_refused_by_what_they_are(passkey_checkpoint, tmp_path, capsys):
     """A model with dilated (LongNet) layers: every eval command and generate refuse it in one line (it was a
     rank's traceback: generate's causal-only check, or DilatedAttention given documents=). A vocabulary too
