@@ -10,7 +10,9 @@ OmegaConf's plain interpolation is available, no custom resolvers.
 
 from __future__ import annotations
 
+import copy
 import difflib
+import functools
 import math
 import os
 import re
@@ -300,11 +302,18 @@ def _merge(cfg, other, source: str):
         raise ConfigError(f"config key {key!r} (in {source}): {first}") from None
 
 
+@functools.cache
+def _defaults(cls):
+    """`cls`'s defaults as a typed DictConfig, built once: OmegaConf.structured walks the dataclasses (half of
+    a config's load, and every rank of every launch loads one). Never handed out: merge copies it."""
+    return OmegaConf.structured(cls)
+
+
 def load(cls=JobConfig, path: str | None = None, overrides: list[str] | tuple = ()):
     """Defaults of `cls`, merged with a YAML file and `key=value` overrides; returns a DictConfig that
     rejects unknown keys and wrong types. Errors are ConfigError naming the key."""
     schema = _schema_keys(cls)
-    cfg = OmegaConf.structured(cls)
+    cfg = _defaults(cls)
     if path is not None:
         if os.path.isdir(path):
             raise ConfigError(f"config file {path!r} is a directory; pass a YAML file in it (e.g. configs/tiny.yaml)")
@@ -335,12 +344,12 @@ def load(cls=JobConfig, path: str | None = None, overrides: list[str] | tuple = 
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f"config does not resolve: {str(e).splitlines()[0]}") from None
-    return cfg
+    return copy.deepcopy(cfg) if cfg is _defaults(cls) else cfg
 
 
 def from_dict(data: dict):
     """A resolved config shipped as a plain dict (to harness ranks, Ray workers) back into a typed JobConfig."""
-    return OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.create(data))
+    return OmegaConf.merge(_defaults(JobConfig), OmegaConf.create(data))
 
 
 def to_yaml(cfg) -> str:

@@ -3,6 +3,7 @@
 import pathlib
 
 import pytest
+from omegaconf import OmegaConf
 
 from longctx.config import ConfigError, load, to_yaml
 from longctx.train import validate_job
@@ -333,3 +334,16 @@ def test_bad_interpolation_in_a_text_override_is_one_error_and_switches_take_int
 def test_resume_auto_needs_a_run_dir_or_a_checkpoint_dir(tmp_path):
     validate_job(_tiny("train.resume=auto", f"run_dir={tmp_path / 'run'}"), 4)
     validate_job(_tiny("train.resume=auto", f"checkpoint.dir={tmp_path / 'checkpoints'}"), 4)
+
+
+def test_a_loaded_config_is_its_own():
+    """The schema's defaults are built once and shared (config._defaults): no loaded config is that copy, so
+    changing one changes no later load."""
+    from longctx.config import from_dict
+
+    plain, merged = load(), load(overrides=["model.dim=64"])
+    plain.model.dim, merged.train.steps = 3, 7
+    again = from_dict(OmegaConf.to_container(load()))
+    again.model.n_layers = 5
+    fresh = load()
+    assert (fresh.model.dim, fresh.train.steps, fresh.model.n_layers) == (128, 20, 2)

@@ -967,6 +967,11 @@ MUTANTS = [
            '        params["checkpoint"] = args.checkpoint',
            ("tests/eval/test_eval.py",),
            "the ranks locate a root's newest again: another than the one the command checked, if a run sealed one"),
+    Mutant("config-hands-out-the-shared-defaults", "longctx/config.py",
+           "    return copy.deepcopy(cfg) if cfg is _defaults(cls) else cfg",
+           "    return cfg",
+           ("tests/test_config.py",),
+           "load() with nothing to merge returns the cached defaults: a change to one config changes every later one"),
 ]
 
 
