@@ -972,6 +972,11 @@ MUTANTS = [
            "    return cfg",
            ("tests/test_config.py",),
            "load() with nothing to merge returns the cached defaults: a change to one config changes every later one"),
+    Mutant("export-replaces-the-link-itself", "longctx/train/weights.py",
+           "    final = os.path.realpath(out)",
+           "    final = os.path.abspath(out)",
+           ("tests/train/test_checkpoint.py",),
+           "OUT a link to an empty directory: the hf export swapped the link away and failed saying nothing was left"),
 ]
 
 

@@ -104,11 +104,13 @@ def export(path: str, out: str, fmt: str = "torch") -> dict:
     from .._paths import check_output, replace_dir
 
     check_output(out, "OUT", "dir" if fmt == "hf" else "file")
-    _outside_checkpoints(out)
+    # a link is written through, as `data prepare` does: the file or directory it names is replaced, the link kept
+    # (exchanged in place, the link itself became the export's directory and the swap's cleanup failed on it)
+    final = os.path.realpath(out)
+    _outside_checkpoints(final)
     state, found = model_weights(path)
     # Written under a temporary name beside OUT and renamed into place when complete: a write that fails
     # (a full disk) leaves neither a half file that looks like a model nor a changed OUT.
-    final = os.path.abspath(out)
     os.makedirs(os.path.dirname(final), exist_ok=True)
     partial = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.partial-{os.getpid()}")
     try:

@@ -487,6 +487,7 @@ def test_cli_export_and_its_errors(tmp_path, capsys):
     assert main(["checkpoint", "export", os.path.join(run_dir, "checkpoints"), str(out), "--format", "hf"]) == 2
     assert "is a file; the hf format writes a directory" in capsys.readouterr().err
     step = os.path.join(run_dir, "checkpoints", "step_00000001")
+    _a_link_is_written_through(os.path.join(run_dir, "checkpoints"), out, step, tmp_path / "links", capsys)
     for inside, fmt in ((os.path.join(step, "__0_0.distcp"), "torch"), (os.path.join(step, "model.pt"), "torch"),
                         (os.path.join(step, "hf", "x"), "hf")):  # an export must never change a checkpoint
         assert main(["checkpoint", "export", os.path.join(run_dir, "checkpoints"), inside, "--format", fmt]) == 2
@@ -497,6 +498,29 @@ def test_cli_export_and_its_errors(tmp_path, capsys):
     os.remove(os.path.join(run_dir, "checkpoints", "step_00000001", checkpoint_dirs.MARKER))
     assert main(["checkpoint", "export", os.path.join(run_dir, "checkpoints", "step_00000001"), str(out)]) == 2
     assert "no completion marker" in capsys.readouterr().err
+
+
+def _a_link_is_written_through(root, exported, step, where, capsys):
+    """OUT a link, as `data prepare` takes one: the directory or file it names gets the export and the link stays
+    (the hf export swapped the link itself for its directory, then failed saying nothing was left); a link into
+    a checkpoint is refused like the checkpoint's own path."""
+    from longctx.cli import main
+
+    where.mkdir()
+    (where / "dir").mkdir()
+    (where / "file.pt").write_bytes(b"an older export")
+    for name, target in (("dir_link", "dir"), ("file_link.pt", "file.pt"), ("into", step)):
+        (where / name).symlink_to(where / target)
+    assert main(["checkpoint", "export", root, str(where / "dir_link"), "--format", "hf"]) == 0
+    assert main(["checkpoint", "export", root, str(where / "file_link.pt")]) == 0
+    assert (where / "dir_link").is_symlink() and (where / "file_link.pt").is_symlink()
+    assert sorted(os.listdir(where)) == ["dir", "dir_link", "file.pt", "file_link.pt", "into"]  # nothing partial
+    assert "config.json" in os.listdir(where / "dir")
+    theirs, ours = torch.load(where / "file.pt"), torch.load(exported)
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    capsys.readouterr()
+    assert main(["checkpoint", "export", root, str(where / "into" / "model.pt")]) == 2
+    assert f"is inside checkpoint {step}, whose files it would change" in capsys.readouterr().err
 
 
 def _a_full_disk_leaves_no_export_behind(root, good, tmp_path):
@@ -519,7 +543,7 @@ def _a_full_disk_leaves_no_export_behind(root, good, tmp_path):
         assert p.returncode == 2 and p.stderr.startswith(f"longctx: error: OUT {out}: writing the export failed"), \
             p.stderr
         assert len(p.stderr.strip().splitlines()) == 1, p.stderr
-        assert sorted(os.listdir(tmp_path)) == ["model.pt", "run"], os.listdir(tmp_path)  # no partial file or dir
+        assert sorted(os.listdir(tmp_path)) == ["links", "model.pt", "run"], os.listdir(tmp_path)  # no partial one
     assert good.read_bytes() == before
 
 
