@@ -54,18 +54,12 @@ def cmd_checkpoint_verify(args) -> int:
     return 1 if bad else 0
 
 
-def _checkpoint_config(args):
-    from .config import load
-
-    return load(path=os.path.join(args.checkpoint_dir, "config.yaml"))  # written resolved: an HF model's sizes
-
-
-def _trained_dataset(args) -> dict | None:
+def _trained_dataset(checkpoint: str) -> dict | None:
     """What the checkpoint recorded of the prepared dataset it trained on (its counts and tokenizer:
     data.tokens.identity), None where it trained on synthetic data or predates the record."""
     from .train.checkpoint_read import load_file
 
-    data = load_file(args.checkpoint_dir, "trainer.pt").get("data") or {}
+    data = load_file(checkpoint, "trainer.pt").get("data") or {}
     return data.get("dataset")
 
 
@@ -77,7 +71,7 @@ def _check_ppl_args(args, cfg) -> tuple[str, int, int, str | None]:
         raise ValueError("--data is empty: give a dataset made by `longctx data prepare`, or leave --data out for the "
                          "checkpoint's own held-out data")
     seq_len = args.seq_len or cfg.train.seq_len
-    trained = _trained_dataset(args)
+    trained = _trained_dataset(args.checkpoint_dir)
     data, first, what = (args.data, 0, None) if args.data else held_out(cfg, seq_len, trained)
     src = check_ppl(data, seq_len=seq_len, sequences=args.sequences or 1, buckets=args.buckets, strategy=args.strategy,
                     world=_ranks(args)[0] // args.tp, vocab_size=cfg.model.vocab_size, first=first,
@@ -149,11 +143,12 @@ def _checked_checkpoint(args):
     if ranks % args.tp:
         raise ValueError(f"--tp {args.tp} does not divide {what} {ranks}: the ranks are {what}/--tp "
                          f"context-parallel groups of --tp tensor-parallel ranks; choose a divisor of {ranks}")
+    from .config import load
     from .train.checkpoint_dirs import locate
 
     # one checkpoint for every check and for the ranks: a root's newest changes while a run still trains into it
     args.checkpoint_dir = locate(args.checkpoint, f"--checkpoint {args.checkpoint!r}", log=lambda *a, **k: None)
-    cfg = _checkpoint_config(args)
+    cfg = load(path=os.path.join(args.checkpoint_dir, "config.yaml"))  # written resolved: an HF model's sizes
     if cfg.model.dilated.layers:  # prefill, decoding and perplexity run the causal/windowed cores only
         raise ValueError(f"this checkpoint's model has dilated (LongNet) attention layers (model.dilated.layers="
                          f"{list(cfg.model.dilated.layers)}), which generation and evaluation do not run; "
