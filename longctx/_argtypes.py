@@ -32,7 +32,15 @@ def seed(text: str) -> int:
 
 def split_names(text: str, flag: str) -> list[str]:
     """Comma-separated names: an empty item ("a,,b", a trailing comma) is refused, not dropped, since it
-    usually means a name went missing."""
+    usually means a name went missing; so is a name given twice (a table row twice, where another was meant)."""
+    items = _split(text, flag)
+    twice = sorted({x for x in items if items.count(x) > 1})
+    if twice:
+        raise ValueError(f"{flag} {text!r} names {', '.join(twice)} twice; give each once")
+    return items
+
+
+def _split(text: str, flag: str) -> list[str]:
     items = [x.strip() for x in text.split(",")]
     if any(not x for x in items):
         raise ValueError(f"{flag} {text!r} has an empty item; separate the values by single commas")
@@ -42,7 +50,7 @@ def split_names(text: str, flag: str) -> list[str]:
 def int_list(text: str) -> list[int]:
     """Comma-separated integers (their ranges are the caller's to check, within 64 bits)."""
     try:
-        values = [int(x) for x in split_names(text, "")]
+        values = [int(x) for x in _split(text, "")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
     if any(not -2**63 <= v < 2**63 for v in values):
@@ -62,7 +70,7 @@ def ids_prompt(text: str) -> tuple[str, list[int]]:
 
 def float_list(text: str) -> list[float]:
     try:
-        return [float(x) for x in split_names(text, "")]
+        return [float(x) for x in _split(text, "")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
 

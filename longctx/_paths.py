@@ -3,6 +3,7 @@ compute has lost the hour. ValueError naming the argument and the fix."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -21,24 +22,27 @@ def blocking_file(path: str) -> str | None:
 
 def check_output(path: str | None, what: str, kind: str = "file") -> None:
     """`path` can be written as a `kind` ("file" or "dir"): not empty, not the other kind, and no file in the
-    way of its directories. `what` names the argument (e.g. "--json", "checkpoint.dir")."""
+    way of its directories. `what` names the argument (e.g. "--json", "checkpoint.dir"). A link is checked where
+    it leads, as the writers write through it (a dangling one's target is created like any new path)."""
     if path is None:
         return
     if not str(path).strip():
         raise ValueError(f"{what} is empty: give a path")
-    if kind == "file" and (os.path.isdir(path) or str(path).endswith(os.sep)):  # a directory, or named as one
-        raise ValueError(f"{what} {path} is a directory; give a file path, e.g. {os.path.join(path, 'out')}"
+    named = path
+    path = os.path.realpath(path)
+    if kind == "file" and (os.path.isdir(path) or str(named).endswith(os.sep)):  # a directory, or named as one
+        raise ValueError(f"{what} {named} is a directory; give a file path, e.g. {os.path.join(named, 'out')}"
                          f"{'.json' if 'json' in what else ''}")
     if kind == "dir" and os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{what} {path} is an existing file, not a directory; choose another path")
+        raise ValueError(f"{what} {named} is an existing file, not a directory; choose another path")
     blocked = blocking_file(path)
     if blocked:
-        raise ValueError(f"{what} {path} cannot be created: {blocked} is a file, not a directory; choose another "
+        raise ValueError(f"{what} {named} cannot be created: {blocked} is a file, not a directory; choose another "
                          "path")
-    _check_writable(path, what, kind)
+    _check_writable(path, named, what, kind)
 
 
-def _check_writable(path: str, what: str, kind: str) -> None:
+def _check_writable(path: str, named: str, what: str, kind: str) -> None:
     """Create (and drop) a scratch file where `path` would go: permissions, read-only mounts and pseudo file
     systems (/proc) are found now; os.access cannot tell, as root passes it everywhere."""
     where = os.path.abspath(path) if kind == "dir" else os.path.dirname(os.path.abspath(path))
@@ -48,7 +52,7 @@ def _check_writable(path: str, what: str, kind: str) -> None:
         with tempfile.TemporaryFile(dir=where):
             pass
     except OSError as e:
-        raise ValueError(f"{what} {path} cannot be written ({e.strerror} in {where}); choose another path") from None
+        raise ValueError(f"{what} {named} cannot be written ({e.strerror} in {where}); choose another path") from None
 
 
 def check_plot(path: str | None, what: str = "--plot") -> None:
@@ -91,11 +95,26 @@ def check_distinct(json_path: str | None, plot_path: str | None) -> None:
 
 
 def save_figure(fig, path: str) -> str:
-    """Write a matplotlib figure to `path` (creating its directories, as the JSON writers do); returns the file."""
-    written = figure_path(path)
-    os.makedirs(os.path.dirname(os.path.abspath(written)), exist_ok=True)
-    fig.savefig(written, dpi=120)
-    return written
+    """Write a matplotlib figure to `path` (creating its directories, as the JSON writers do; through a link, to
+    where it leads, in the format the name given says); returns the file named."""
+    named = figure_path(path)
+    written = os.path.realpath(named)
+    os.makedirs(os.path.dirname(written), exist_ok=True)
+    fig.savefig(written, dpi=120, format=os.path.splitext(named)[1][1:].lower())
+    return named
+
+
+def write_json(path: str, data, indent: int = 2) -> None:
+    """Write `data` as JSON to `path`, creating its directories; through a link, the file it names is replaced
+    and the link stays; atomically (a crash never leaves half a file), except into a device or pipe."""
+    target = os.path.realpath(path)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    special = os.path.exists(target) and not os.path.isfile(target)  # /dev/stdout, a pipe: written to, not replaced
+    written = target if special else f"{target}.tmp{os.getpid()}"
+    with open(written, "w") as f:
+        json.dump(data, f, indent=indent, default=str)
+    if not special:
+        os.replace(written, target)
 
 
 def exchange(a: str, b: str) -> bool:

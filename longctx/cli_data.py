@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from ._paths import check_distinct, check_output, check_plot
+from ._paths import check_distinct, check_output, check_plot, write_json
 from .cli_errors import checking
 
 
@@ -177,7 +177,6 @@ def _on_ranks(kind: str, params: dict, nproc: int):
 
 
 def cmd_eval(args) -> int:
-    import json
 
     from .eval.needle import BATCH, check_grid, check_lengths, format_table, write_needle
     from .eval.ppl import format_ppl
@@ -212,9 +211,7 @@ def cmd_eval(args) -> int:
     else:
         print(format_ppl(records))
         if args.json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "w") as f:
-                json.dump(records, f, indent=1)
+            write_json(args.json, records, indent=1)
     return 0
 
 
@@ -283,7 +280,6 @@ def _eos_ids(tok, cfg) -> list[int]:
 
 
 def cmd_generate(args) -> int:
-    import json
 
     with checking():
         tok, prompts, eos_ids = _checked_generate(args)
@@ -301,7 +297,5 @@ def cmd_generate(args) -> int:
         print(f"--- {i}: {len(ids)} prompt tokens, {len(new)} new")
         print(text if text is not None else ",".join(map(str, new)))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
+        write_json(args.json, records, indent=1)
     return 0

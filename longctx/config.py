@@ -3,27 +3,32 @@
 One section per concern: `model` (architecture only), `parallel` (how the job is split over ranks),
 `train` (the optimisation), `data`, `logging`, and `run_dir`. Loading checks what a schema can: unknown
 keys (with a did-you-mean), types, and a missing file; the choices that depend on registries (strategies,
-kernels) and on the world size are checked by longctx.train.setup.validate_job. This module imports
-nothing else of longctx (it sits at the bottom of the import graph), and never evaluates code: only
-OmegaConf's plain interpolation is available, no custom resolvers.
+kernels) and on the world size are checked by longctx.train.setup.validate_job; the checks of keys and
+values before OmegaConf types them are in longctx.config_checks. The two import nothing else of longctx (they
+sit at the bottom of the import graph), and never evaluate code: only OmegaConf's plain interpolation is
+available, no custom resolvers.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
 import functools
 import math
 import os
-import re
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A user error in a config file or override: the message names the key and the fix."""
+from .config_checks import (
+    ConfigError,
+    check_file_scalars,
+    check_interpolations,
+    check_keys,
+    check_plain_scalar,
+    leaf_type,
+    schema_keys,
+)
 
 
 @dataclass
@@ -173,94 +178,6 @@ class JobConfig:
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def _schema_keys(cls) -> dict:
-    """Nested dict of the schema's keys (dataclass fields), leaves their declared types ("int", "str | None")."""
-    out = {}
-    for f in fields(cls):
-        default = f.default_factory() if f.default_factory is not MISSING else f.default
-        out[f.name] = _schema_keys(type(default)) if is_dataclass(default) else str(f.type)
-    return out
-
-
-def _leaf_type(schema: dict, dotted: str) -> str | None:
-    node = schema
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node if isinstance(node, str) else None
-
-
-def _check_keys(data, schema: dict, prefix: str, source: str) -> None:
-    """Keys the schema has, sections given as sections, and leaves of a shape their type can hold: a mapping or a
-    nested list for a value or a list of numbers, anything but true/false for a switch (OmegaConf would fail
-    with a TypeError, or turn 255 into true)."""
-    if not isinstance(data, dict):
-        return
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in schema:
-            names = [f"{prefix}{k}" for k in schema]
-            close = difflib.get_close_matches(full, names, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys here: {', '.join(names)}"
-            raise ConfigError(f"unknown config key {full!r} (in {source}){hint}")
-        kind = schema[key]
-        if isinstance(kind, dict):
-            if value is not None and not isinstance(value, dict):
-                raise ConfigError(f"config key {full!r} (in {source}) is a section; give its keys, e.g. "
-                                  f"{full}.{next(iter(kind))}=...")
-            _check_keys(value, kind, f"{full}.", source)
-        elif isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value)):
-            shape = "a list of numbers, e.g. [2,4]" if kind.startswith("list") else f"a single {kind} value"
-            raise ConfigError(f"config key {full!r} (in {source}) takes {shape}, got {value!r}")
-        elif kind == "bool" and not isinstance(value, bool) and not str(value).startswith("${"):
-            raise ConfigError(f"config key {full!r} (in {source}) must be true or false, got {value!r}")
-
-
-# Plain scalars YAML 1.1 (which OmegaConf's loader follows) reads as another number than the digits say, and
-# YAML 1.2 and Python would not: a leading 0 makes 010 octal 8, a colon makes 1:30 base-60 90.
-_YAML11_ONLY_NUMBER = re.compile(r"[-+]?(0[0-9_]+|[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?)")
-
-
-def _check_plain_scalar(node, value, kind: str, full: str, source: str) -> None:
-    """A plain (unquoted) YAML scalar must mean what it says: a text key whose value YAML turned into a number or
-    a switch (2024_01_05 into 20240105, `no` into false) asks for quotes; a number key refuses 010 and 1:30."""
-    import yaml
-
-    if isinstance(node, yaml.SequenceNode) and isinstance(value, list):
-        for item_node, item in zip(node.value, value):
-            _check_plain_scalar(item_node, item, kind, full, source)
-        return
-    if not isinstance(node, yaml.ScalarNode) or node.style is not None or value is None or isinstance(value, str):
-        return  # quoted text is as typed; text and null are what they say
-    text = node.value
-    if kind.startswith("str") and str(value) != text:
-        raise ConfigError(f"config key {full!r} (in {source}) takes text, but YAML reads {text} as {value!r}: quote "
-                          f"it, {full.rsplit('.', 1)[-1]}: '{text}'")
-    if _YAML11_ONLY_NUMBER.fullmatch(text) and not isinstance(value, bool):
-        if ":" in text:
-            why = "a colon makes a base-60 number"
-        else:
-            decimal = int(text.replace("_", ""), 10)
-            if value == decimal:
-                return  # 01 is 1 however it is read
-            why = f"a leading 0 makes an octal number; write {decimal}"
-        raise ConfigError(f"config key {full!r} (in {source}): YAML reads {text} as {value} ({why})")
-
-
-def _check_file_scalars(node, data, schema: dict, prefix: str, source: str) -> None:
-    import yaml
-
-    if not isinstance(node, yaml.MappingNode) or not isinstance(data, dict):
-        return
-    for key_node, value_node in node.value:  # (a `<<` merge's keys are checked where its anchor is written)
-        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-        if key not in data or key not in schema:
-            continue
-        if isinstance(schema[key], dict):
-            _check_file_scalars(value_node, data[key], schema[key], f"{prefix}{key}.", source)
-        else:
-            _check_plain_scalar(value_node, data[key], schema[key], f"{prefix}{key}", source)
-
-
 def _parse_overrides(overrides, schema: dict) -> DictConfig:
     """The overrides as a config. A value for a text key is the text as typed (YAML would make 007 the number 7
     and `no` false before OmegaConf turned them back into '7' and 'False'); null, ~ and quoted text stay YAML."""
@@ -272,7 +189,7 @@ def _parse_overrides(overrides, schema: dict) -> DictConfig:
     out = OmegaConf.create()
     for o in overrides:  # in order: the last of a key's overrides wins
         key, _, value = o.partition("=")
-        kind = _leaf_type(schema, key)
+        kind = leaf_type(schema, key)
         try:
             if kind in ("str", "str | None") and value not in ("null", "~") and \
                     not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):
@@ -285,7 +202,7 @@ def _parse_overrides(overrides, schema: dict) -> DictConfig:
         if kind is not None and "${" not in value:  # an interpolation is resolved, and typed, with the whole config
             typed = OmegaConf.select(one, key)
             typed = OmegaConf.to_container(typed) if OmegaConf.is_config(typed) else typed
-            _check_plain_scalar(yaml.compose(value, Loader=yaml.SafeLoader), typed, kind, key, "overrides")
+            check_plain_scalar(yaml.compose(value, Loader=yaml.SafeLoader), typed, kind, key, "overrides")
     return out
 
 
@@ -312,7 +229,7 @@ def _defaults(cls):
 def load(cls=JobConfig, path: str | None = None, overrides: list[str] | tuple = ()):
     """Defaults of `cls`, merged with a YAML file and `key=value` overrides; returns a DictConfig that
     rejects unknown keys and wrong types. Errors are ConfigError naming the key."""
-    schema = _schema_keys(cls)
+    schema = schema_keys(cls)
     cfg = _defaults(cls)
     if path is not None:
         if os.path.isdir(path):
@@ -329,21 +246,22 @@ def load(cls=JobConfig, path: str | None = None, overrides: list[str] | tuple = 
             data = None
         if not isinstance(data, DictConfig):
             raise ConfigError(f"config file {path!r} must hold a mapping of sections (model:, parallel:, ...)")
-        _check_keys(OmegaConf.to_container(data), schema, "", path)
+        check_keys(OmegaConf.to_container(data), schema, "", path)
         import yaml  # the file's plain scalars as written, which OmegaConf's values no longer show
 
         with open(path, encoding="utf-8") as f:
-            _check_file_scalars(yaml.compose(f.read(), Loader=yaml.SafeLoader), OmegaConf.to_container(data),
+            check_file_scalars(yaml.compose(f.read(), Loader=yaml.SafeLoader), OmegaConf.to_container(data),
                                 schema, "", path)
         cfg = _merge(cfg, data, path)
     if overrides:
         dot = _parse_overrides(overrides, schema)
-        _check_keys(OmegaConf.to_container(dot), schema, "", "overrides")
+        check_keys(OmegaConf.to_container(dot), schema, "", "overrides")
         cfg = _merge(cfg, dot, "overrides")
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f"config does not resolve: {str(e).splitlines()[0]}") from None
+    check_interpolations(cfg, schema)
     return copy.deepcopy(cfg) if cfg is _defaults(cls) else cfg
 
 

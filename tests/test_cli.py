@@ -72,6 +72,8 @@ def test_missing_optional_dependency_names_the_extra():
     (["bench", "kernel", "--schedule", "zigzag"], r"--schedule zigzag applies to --virtual-ranks P"),
     (["bench", "attention", "--strategies", "ring", "--hybrid-layout", "zigzag"],
      r"--hybrid-layout applies to the hybrid strategy, which --strategies 'ring' leaves out"),
+    (["bench", "attention", "--strategies", "hybrid", "--world-size", "4", "--hybrid-layout", "ring"],
+     r"--hybrid-layout 'ring': choose one of contiguous, zigzag, striped"),
     (["bench", "dilated", "--no-check", "--check-max-len", "131072"],
      r"--check-max-len applies to the float64 check, which --no-check turns off"),
     (["bench", "attention", "--strategies", "zigzag,spiral"], r"unknown strategy 'spiral'"),
@@ -178,6 +180,9 @@ def test_missing_optional_dependency_names_the_extra():
     (["bench", "kernel", "--seq-lens", ","], r"--seq-lens: ',' is not a comma-separated list of integers"),
     (["bench", "packing", "--alpha", "nan"], r"--alpha a finite number > 0"),
     (["bench", "train", "--config", TINY, "--layouts", "cp=2,cp=4"], r"sets cp more than once"),
+    (["bench", "train", "--config", TINY, "--layouts", "cp = 2, cp=4"], r"sets cp more than once"),  # spaces read
+    (["bench", "decode", "--strategies", "tree, ring,tree"], r"--strategies 'tree, ring,tree' names tree twice; give "
+                                                              r"each once"),
     (["bench", "train", "--config", TINY, "--layouts", "cp=2,"], r"layout 'cp=2,' must be key=value pairs"),
     # a flag that would change nothing is refused, naming what it applies to
     (["bench", "decode", "--strategies", "ring", "--collectives", "1"],

@@ -60,10 +60,12 @@ def _tiny(*overrides):
     (["train.seq_len=4100"], 4, r"train.seq_len 4100 is not divisible by 8 \(strategy 'zigzag' with the zigzag layout "
                                 r"over 4 context ranks needs a multiple of 8\); pad it by 4 tokens to 4104"),
     (["parallel.strategy=ulysses", "model.n_heads=2", "model.n_kv_heads=2", "model.dim=32"], 4,
-     r"ulysses: 2 query heads do not divide over 4 ranks; use a number of context ranks that divides the heads "
+     r"model.n_heads=2 with parallel.cp=4: ulysses: 2 query heads do not divide over 4 ranks; use a number of context "
+     r"ranks that divides the heads "
      r"\(e.g. 2\), or the ring/zigzag strategy"),
     (["parallel.strategy=hybrid", "parallel.ulysses=4", "model.n_heads=2", "model.n_kv_heads=2",
-      "model.dim=32"], 4, r"hybrid ulysses: 2 query heads do not divide over 4 ranks"),
+      "model.dim=32"], 4, r"model.n_heads=2 with parallel.cp=4, parallel.ulysses=4: hybrid ulysses: 2 query heads do "
+                          r"not divide over 4 ranks"),
     (["train.batch_size=3", "parallel.dp_shard=2", "parallel.cp=2"], 4,
      r"train.batch_size=3 sequences cannot be split over 2 data-parallel ranks x 1 accumulation steps.*"
      r"train.batch_size=4 or 2"),
@@ -89,6 +91,9 @@ def _tiny(*overrides):
     (["parallel.pp=2", "parallel.cp=2", "parallel.microbatches=1"], 4,
      r"pp_schedule=1f1b needs at least as many microbatches as pipeline ranks: parallel.microbatches=1 < "
      r"parallel.pp=2"),
+    (["parallel.pp=2", "parallel.cp=1", "parallel.pp_schedule=dualpipev", "model.n_layers=4", "train.batch_size=4"], 2,
+     r"dualpipev needs at least as many microbatches as stages \(4\), got 2 \(parallel.microbatches=0: one per "
+     r"pipeline rank\); raise parallel.microbatches to 4"),
     (["parallel.pp=2", "parallel.cp=2", "parallel.microbatches=4"], 4,
      r"micro-batch \(2 sequences = train.batch_size / \(dp x train.accumulation\)\) is not divisible by "
      r"parallel.microbatches=4"),
@@ -329,6 +334,26 @@ def test_bad_interpolation_in_a_text_override_is_one_error_and_switches_take_int
         load(overrides=["model.n_kv_heads=${run_dir}"])
     with pytest.raises(ConfigError, match="does not resolve: Interpolation key 'model.nope' not found"):
         load(overrides=["model.n_kv_heads=${model.nope}"])
+
+
+def test_interpolations_resolve_to_what_the_key_means_and_required_values_are_given(tmp_path):
+    # a text embedding a null key would read "None" (checkpoint.dir=${run_dir}/ck wrote into ./None/ck)
+    with pytest.raises(ConfigError, match=r"'checkpoint.dir'='\$\{run_dir\}/ck' names run_dir, which is null here, so "
+                                          r"it would read 'None/ck'; give run_dir a value"):
+        load(overrides=["checkpoint.dir=${run_dir}/ck"])
+    assert load(overrides=["run_dir=/r", "checkpoint.dir=${run_dir}/ck"]).checkpoint.dir == "/r/ck"
+    # a switch given another key's number is refused as the number itself is (OmegaConf: 20 -> true)
+    with pytest.raises(ConfigError, match=r"'data.shuffle'=\$\{train.steps\} resolves to 30: it must be true or "
+                                          r"false"):
+        load(path="configs/tiny.yaml", overrides=["data.shuffle=${train.steps}"])
+    assert load(overrides=["data.shuffle=${logging.quiet}", "logging.quiet=false"]).data.shuffle is False
+    # ??? (OmegaConf's "still to be given") was merged as "keep the default"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: ???\n")
+    for where in ({"path": str(path)}, {"overrides": ["data.path=???"]}):
+        with pytest.raises(ConfigError, match=r"'(train.steps|data.path)' \(in .*\) is \?\?\?, a value still to be "
+                                              r"given: give it one"):
+            load(**where)
 
 
 def test_resume_auto_needs_a_run_dir_or_a_checkpoint_dir(tmp_path):

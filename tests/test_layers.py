@@ -1,12 +1,12 @@
 """Imports point one way: cli -> demo/bench -> launch -> eval -> train -> data/model -> parallel -> kernels, with
-config, _optional, _signals, _paths, _messages and _argtypes at the bottom. Checked on every import statement,
+config(_checks), _optional, _signals, _paths, _messages and _argtypes at the bottom. Checked on every import statement,
 lazy ones inside functions too."""
 
 import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).parent.parent / "longctx"
-LEVEL = {"config": 0, "_optional": 0, "_signals": 0, "_paths": 0, "_messages": 0, "_argtypes": 0,
+LEVEL = {"config": 0, "config_checks": 0, "_optional": 0, "_signals": 0, "_paths": 0, "_messages": 0, "_argtypes": 0,
          "kernels": 1, "parallel": 2, "model": 3, "data": 3,
          "train": 4, "eval": 5, "launch": 6, "bench": 7, "demo": 8,
          "cli": 9, "cli_data": 9, "cli_errors": 9, "__main__": 10, "__init__": 10}

@@ -60,3 +60,34 @@ def test_save_figure_makes_the_directories_and_adds_png(tmp_path):
     assert paths.save_figure(fig, str(tmp_path / "other" / "p.svg")) == str(tmp_path / "other" / "p.svg")
     plt.close(fig)
     assert _tree(tmp_path) == ["new/sub/plot.png", "other/p.svg"]
+
+
+def test_a_dangling_link_is_checked_and_written_where_it_leads(tmp_path):
+    """--json/--plot naming a link to a path not made yet: checked up front where it leads (a file in the way is
+    refused naming the link) and written there, its directories created, the link kept, the format the name says."""
+    import json
+
+    import matplotlib
+    import pytest
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records, figure = tmp_path / "records.json", tmp_path / "figure.png"
+    records.symlink_to(tmp_path / "made" / "r")
+    figure.symlink_to(tmp_path / "made" / "f")
+    paths.check_output(str(records), "--json")
+    paths.check_plot(str(figure))
+    paths.write_json(str(records), [{"a": 1}])
+    fig = plt.figure()
+    assert paths.save_figure(fig, str(figure)) == str(figure)
+    plt.close(fig)
+    assert records.is_symlink() and figure.is_symlink()
+    assert json.loads((tmp_path / "made" / "r").read_text()) == [{"a": 1}]
+    assert (tmp_path / "made" / "f").read_bytes().startswith(b"\x89PNG")  # png, as figure.png says
+    assert _tree(tmp_path / "made") == ["f", "r"]  # no temporary file left
+    (tmp_path / "blocker").write_text("")
+    blocked = tmp_path / "blocked.json"
+    blocked.symlink_to(tmp_path / "blocker" / "r.json")
+    with pytest.raises(ValueError, match=rf"--json {blocked} cannot be created: {tmp_path / 'blocker'} is a file"):
+        paths.check_output(str(blocked), "--json")

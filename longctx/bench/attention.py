@@ -178,6 +178,7 @@ def _hybrid_layout(args) -> str:
 def validate(args) -> None:
     """Every strategy's constraints for these arguments, checked before any rank starts."""
     from ..parallel import get_strategy
+    from ..parallel.sequence import LAYOUTS
 
     report.check_args(args)
     names = split_names(args.strategies, "--strategies")
@@ -186,6 +187,8 @@ def validate(args) -> None:
     if given and "hybrid" not in names:
         raise ValueError(f"{given[0]} applies to the hybrid strategy, which --strategies {args.strategies!r} leaves "
                          f"out; add hybrid, or drop {given[0]}")
+    if args.hybrid_layout is not None and args.hybrid_layout not in LAYOUTS:
+        raise ValueError(f"--hybrid-layout {args.hybrid_layout!r}: choose one of {', '.join(LAYOUTS)}")
     for name in names:
         strat = get_strategy(name)
         hybrid = name == "hybrid"

@@ -135,7 +135,8 @@ def run(args) -> list[dict]:
 
     validate(args)
     kv = args.kv_heads or args.heads
-    check = not args.no_check and args.seq_len <= (args.check_max_len or CHECK_MAX_LEN)
+    limit = CHECK_MAX_LEN if args.check_max_len is None else args.check_max_len  # 0: skipped at every length
+    check = not args.no_check and args.seq_len <= limit
     cfg = dict(world=args.world_size, seq_len=args.seq_len, batch=args.batch, heads=args.heads, kv_heads=kv,
                head_dim=args.head_dim, ws=list(args.segment_lengths), rs=list(args.dilation_rates),
                causal=bool(args.causal), dtype=report.DTYPES[args.dtype], kernel=args.kernel, iters=max(1, args.iters),

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 
 import torch
 
 from .._optional import require
 from .._paths import check_distinct, check_output, check_plot, save_figure
+from .._paths import write_json as write_file
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -63,17 +62,9 @@ def write_json(path: str | None, records: list[dict], meta: dict | None = None) 
     """Write the records as a JSON list (meta, if given, goes into every record under 'meta')."""
     if not path:
         return
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
     if meta:
         records = [{**r, "meta": meta} for r in records]
-    target = os.path.realpath(path)  # through a symlink: the file it names is replaced, the link stays
-    special = os.path.exists(target) and not os.path.isfile(target)  # /dev/stdout, a pipe: written to, not replaced
-    written = target if special else f"{target}.tmp{os.getpid()}"
-    with open(written, "w") as f:
-        json.dump(records, f, indent=2, default=str)
-    if not special:
-        os.replace(written, target)  # atomic: a crash never leaves half a file
+    write_file(path, records)
 
 
 def plot_lines(path: str | None, series: dict[str, tuple[list, list]], *, xlabel: str, ylabel: str, title: str,

@@ -44,7 +44,8 @@ def _layout_overrides(layout: str) -> list[str]:
     if bad or not items:
         raise ValueError(f"layout {layout!r} must be key=value pairs over parallel.* keys separated by commas, "
                          f"e.g. cp=4,strategy=zigzag")
-    keys = [x.split("=", 1)[0].strip() for x in items]
+    items = ["=".join(part.strip() for part in x.split("=", 1)) for x in items]  # "cp = 2" as cp=2
+    keys = [x.split("=", 1)[0] for x in items]
     sections = sorted({k.split(".", 1)[0] for k in keys if "." in k})
     if sections:
         raise ValueError(f"layout {layout!r}: a layout sets parallel.* keys, without the prefix (e.g. cp=4); give "

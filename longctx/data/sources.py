@@ -39,9 +39,11 @@ def build_source(data, *, seq_len: int, vocab_size: int, seed: int, holdout: int
         source = TokenSource(data.path, seq_len=seq_len, seed=seed, vocab_size=vocab_size, shuffle=data.shuffle)
         total = source.total_windows
         if holdout >= total:
+            fix = (f"hold out fewer (e.g. validation.holdout={max(total // 20, 1)})" if total > 1 else
+                   "one window cannot be split: give a shorter train.seq_len, more data, or held-out data of its own "
+                   "(validation.path=DIR) instead of validation.holdout")
             raise ValueError(f"validation.holdout={holdout} windows leave nothing to train on: data.path holds {total} "
-                             f"windows of {seq_len} tokens; hold out fewer (e.g. validation.holdout="
-                             f"{max(total // 20, 1)})")
+                             f"window{'s' if total != 1 else ''} of {seq_len} tokens; {fix}")
         return source.restricted(0, total - holdout) if holdout else source
     return RetrievalTask(kind=data.source, seq_len=seq_len, vocab_size=vocab_size, seed=seed, alphabet=data.alphabet,
                          digits=data.digits, depth=data.depth, pairs=data.pairs, pack_min=data.pack_min,

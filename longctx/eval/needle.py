@@ -9,12 +9,9 @@ the depth and its other facts around it); a model trained on something else is e
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 
-from .._paths import save_figure
+from .._paths import save_figure, write_json
 from ..data.tasks import RETRIEVAL, RetrievalTask
 
 HELD_OUT = 10**9  # example indices for evaluation start here: training reads indices from 0 upwards
@@ -86,9 +83,7 @@ def needle_grid(model, cfg, lengths, depths, *, samples: int = 20, batch: int = 
 
 def write_needle(records: list[dict], json_path: str | None, plot_path: str | None) -> None:
     if json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump(records, f, indent=1)
+        write_json(json_path, records, indent=1)
     if plot_path:
         import matplotlib
 

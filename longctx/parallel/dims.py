@@ -141,8 +141,9 @@ class ParallelDims:
                                                   heads=heads // self.tp, kv_heads=max(1, kv_heads // self.tp),
                                                   ulysses=self.ulysses)
             except ValueError as e:
-                if self.tp == 1:
-                    raise
+                if self.tp == 1:  # the keys to change, before the strategy's own words
+                    degree = f", parallel.ulysses={self.ulysses}" if self.strategy == "hybrid" else ""
+                    raise ValueError(f"model.n_heads={heads} with parallel.cp={self.cp}{degree}: {e}") from None
                 raise ValueError(f"model.n_heads={heads} / parallel.tp={self.tp} = {heads // self.tp} heads per "
                                  f"tensor-parallel rank: {e}") from None
 

@@ -78,13 +78,15 @@ def check_pipeline(*, pp: int, schedule: str, virtual: int, microbatches: int, n
                          f"has only model.n_layers={n_layers}; every stage needs at least one layer: lower parallel.pp"
                          f" (or parallel.pp_virtual)")
     mb = n_microbatches(pp, microbatches)
+    # the count as the user set it, or where it came from when left at 0
+    said = f"parallel.microbatches={mb}" if microbatches else f"{mb} (parallel.microbatches=0: one per pipeline rank)"
     if local_batch % mb:
         raise ValueError(f"each data-parallel rank's micro-batch ({local_batch} sequences = train.batch_size / (dp x "
-                         f"train.accumulation)) is not divisible by parallel.microbatches={mb}; make "
+                         f"train.accumulation)) is not divisible by {said}; make "
                          f"train.batch_size a multiple of dp x train.accumulation x microbatches")
     if schedule != "gpipe" and mb < pp:
         raise ValueError(f"parallel.pp_schedule={schedule} needs at least as many microbatches as pipeline ranks: "
-                         f"parallel.microbatches={mb} < parallel.pp={pp}; raise parallel.microbatches to {pp} (and "
+                         f"{said} < parallel.pp={pp}; raise parallel.microbatches to {pp} (and "
                          f"train.batch_size with it) or use pp_schedule=gpipe")
     if schedule in ("interleaved_1f1b", "interleaved_zb") and mb % max(1, mb // pp):
         raise ValueError(f"parallel.pp_schedule={schedule} needs parallel.microbatches to be a multiple of "
@@ -92,7 +94,7 @@ def check_pipeline(*, pp: int, schedule: str, virtual: int, microbatches: int, n
                          f"of parallel.pp={pp}")
     if schedule == "dualpipev" and mb < n_stages:
         raise ValueError(f"parallel.pp_schedule=dualpipev needs at least as many microbatches as stages ({n_stages}), "
-                         f"got parallel.microbatches={mb}; raise it (and train.batch_size with it)")
+                         f"got {said}; raise parallel.microbatches to {n_stages} (and train.batch_size with it)")
     if split:
         stage_layers(n_layers, n_stages, split)  # validates
     if schedule in SPLIT_BACKWARD and sharded and reshard_after_forward:

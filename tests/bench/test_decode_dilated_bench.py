@@ -28,3 +28,13 @@ def test_bench_dilated(tmp_path):
         assert key in r
     assert r["max_abs_err_out"] <= 1e-5 and r["max_abs_err_grad"] <= 1e-5
     assert r["comm_bytes_measured"] == r["comm_bytes_model"] > 0
+
+
+def test_bench_dilated_check_max_len_0_skips_the_check(tmp_path):
+    path = tmp_path / "l.json"
+    main(["bench", "dilated", "--world-size", "2", "--seq-len", "32", "--heads", "2", "--head-dim", "8",
+          "--segment-lengths", "8,32", "--dilation-rates", "1,2", "--iters", "1", "--warmup", "0",
+          "--check-max-len", "0", "--json", str(path)])
+    (r,) = json.loads(path.read_text())
+    assert r["max_abs_err_out"] is None and r["max_abs_err_grad"] is None  # as --no-check
+    assert r["comm_bytes_measured"] == r["comm_bytes_model"] > 0

@@ -228,8 +228,15 @@ def test_a_holdout_split_keeps_training_off_the_last_windows(dataset):
     assert torch.equal(val.batch(range(3))["input_ids"],
                        TokenSource(path, seq_len=16, seed=3, vocab_size=258, shuffle=False).batch(
                            range(total - 3, total))["input_ids"])
-    with pytest.raises(ValueError, match=rf"validation.holdout={total} windows leave nothing to train on"):
+    with pytest.raises(ValueError, match=rf"validation.holdout={total} windows leave nothing to train on.*hold out "
+                                         rf"fewer \(e.g. validation.holdout={max(total // 20, 1)}\)"):
         build_source(data, seq_len=16, vocab_size=258, seed=3, holdout=total)
+    # one window in all: no holdout fits, and the message does not offer the one that just failed
+    whole = TokenSource(path, seq_len=16, seed=3, vocab_size=258).n_tokens - 1
+    with pytest.raises(ValueError, match=r"holds 1 window of \d+ tokens; one window cannot be split: give a shorter "
+                                         r"train.seq_len, more data, or .*validation.path=DIR") as e:
+        build_source(data, seq_len=whole, vocab_size=258, seed=3, holdout=1)
+    assert "holdout=1)" not in str(e.value)
 
 
 def test_a_training_split_never_reads_the_first_held_out_token(tmp_path):
