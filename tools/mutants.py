@@ -1003,6 +1003,11 @@ MUTANTS = [
            "    limit = args.check_max_len or CHECK_MAX_LEN",
            ("tests/bench/test_decode_dilated_bench.py::test_bench_dilated_check_max_len_0_skips_the_check",),
            "--check-max-len 0 runs the float64 check it says it skips"),
+    Mutant("ray-local-cleaner-warns-each-second", "longctx/launch/ray_launcher.py",
+           'runtime_env={"worker_process_setup_hook": _quiet_cleaner} if local else None', "runtime_env=None",
+           ("tests/launch/test_ray.py::test_ray_workers_read_relative_paths_where_the_driver_runs_and_report_their_own_"
+            "summary",),
+           "launch ray --address local prints a state-API warning every second of the run"),
 ]
 
 

@@ -214,8 +214,9 @@ def _connect(ray, address: str, num_workers: int) -> None:
     """ray.init for `--address`; a failure is one ConfigError naming the address and the fix."""
     try:
         # "local": always a new instance, never a cluster that RAY_ADDRESS or a `ray start` on this machine names
-        ray.init(address=address, num_cpus=num_workers if address == "local" else None, include_dashboard=False,
-                 log_to_driver=True)
+        local = address == "local"
+        ray.init(address=address, num_cpus=num_workers if local else None, include_dashboard=False,
+                 log_to_driver=True, runtime_env={"worker_process_setup_hook": _quiet_cleaner} if local else None)
     except Exception as e:  # noqa: BLE001 - ConnectionError, ValueError, RuntimeError, Ray's own: all say "no cluster"
         with contextlib.suppress(Exception):  # whatever a half-started Ray left
             ray.shutdown()
@@ -225,6 +226,15 @@ def _connect(ray, address: str, num_workers: int) -> None:
             f"--address {address}: cannot connect to a Ray cluster ({what}): start one with `ray start --head` and "
             "pass its address (auto finds one started on this machine, ray://HOST:10001 a remote one), or use "
             "--address local to run on this machine only") from e
+
+
+def _quiet_cleaner() -> None:
+    """In each worker of a Ray started here: Ray Train's placement-group cleaner asks the state API, which needs
+    the dashboard this instance runs without, about its controller every second, and warns each time it cannot
+    (a screenful of warnings per minute of training). It still cleans up when the controller dies."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def _node_resources(ray) -> list[dict]:
