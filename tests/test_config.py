@@ -199,6 +199,8 @@ def _tiny(*overrides):
     (["train.lr_schedule=wsd"], 4, r"train.lr_schedule='wsd': choose one of cosine, linear, constant"),
     (["train.steps=10", "train.warmup_steps=2", "train.decay_steps=9"], 4,
      r"train.decay_steps=9 is more than the 8 steps after the warmup .*use at most 8"),
+    (["train.steps=10", "train.warmup_steps=0", "train.decay_steps=10"], 4,  # then no step would reach the peak
+     r"train.decay_steps=10 is more than the 9 steps after the first, which is the peak .*use at most 9"),
     (["train.decay_steps=-1"], 4, r"train.decay_steps must be >= 0"),
     (["validation.batches=8"], 4, r"validation.batches=8 has no effect with validation.interval=0 \(validation "
                                   r"off\); set validation.interval=N"),

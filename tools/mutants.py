@@ -1008,6 +1008,15 @@ MUTANTS = [
            ("tests/launch/test_ray.py::test_ray_workers_read_relative_paths_where_the_driver_runs_and_report_their_own_"
             "summary",),
            "launch ray --address local prints a state-API warning every second of the run"),
+    Mutant("fp32-peak-under-the-new-tf32-api-raises", "longctx/train/metrics.py",
+           "    except RuntimeError:  # the process set torch's per-backend API",
+           "    except KeyError:  # the process set torch's per-backend API",
+           ("tests/train/test_metrics_optim.py::test_fp32_peak_under_torchs_per_backend_precision_api",),
+           "a process that set torch.backends.cuda.matmul.fp32_precision dies building the Trainer in fp32"),
+    Mutant("decay-without-warmup-never-at-peak", "longctx/train/setup.py",
+           "    longest = t.steps - max(t.warmup_steps, 1)", "    longest = t.steps - t.warmup_steps",
+           ("tests/test_config.py::test_bad_configs",),
+           "train.warmup_steps=0 train.decay_steps=STEPS trains without a step at train.lr"),
 ]
 
 

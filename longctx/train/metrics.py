@@ -27,10 +27,14 @@ PEAK_FLOPS = {
 
 def peak_kind(precision: str) -> str:
     """Which peak a precision's matmuls run at: fp32 is TF32 only where the process allowed it
-    (torch.backends.cuda.matmul.allow_tf32, set_float32_matmul_precision); torch's default is IEEE fp32."""
+    (torch.backends.cuda.matmul.allow_tf32, set_float32_matmul_precision, or the newer
+    torch.backends.cuda.matmul.fp32_precision = "tf32"); torch's default is IEEE fp32."""
     if precision == "bf16":
         return "bf16"
-    return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    try:
+        return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    except RuntimeError:  # the process set torch's per-backend API (fp32_precision), which the legacy query refuses
+        return "tf32" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "fp32"
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:

@@ -60,9 +60,10 @@ LR_SCHEDULES = ("cosine", "linear", "constant")
 def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float, schedule: str = "cosine",
               decay: int = 0) -> float:
     """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup over `warmup` steps (the first
-    step already moves), then the peak until the decay, which takes the last `decay` steps (0: every step after
-    the first at the peak) down to min_ratio at the last step, along a cosine or a line; `constant` stays at the
-    peak. A stable phase between warmup and decay is warmup-stable-decay (WSD), as used for context extension."""
+    step already moves, the last is at the peak), then the peak until the decay, which takes the last `decay` steps
+    (0: every step after the warmup but the first, which holds the peak) down to min_ratio at the last step, along
+    a cosine or a line; `constant` stays at the peak. A stable phase between warmup and decay is
+    warmup-stable-decay (WSD), as used for context extension. A run no longer than its warmup ends inside it."""
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":

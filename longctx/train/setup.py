@@ -133,10 +133,14 @@ def validate_job(cfg, world_size: int) -> ParallelDims:
         raise ConfigError(f"train.decay_steps={t.decay_steps}: no step is left after the warmup (train.steps="
                           f"{t.steps}, train.warmup_steps={t.warmup_steps}); set train.decay_steps=0, or more "
                           "train.steps")
-    if t.decay_steps and t.decay_steps > t.steps - t.warmup_steps:
-        raise ConfigError(f"train.decay_steps={t.decay_steps} is more than the {t.steps - t.warmup_steps} steps after "
-                          f"the warmup (train.steps={t.steps} - train.warmup_steps={t.warmup_steps}); use at most "
-                          f"{max(0, t.steps - t.warmup_steps)}, or 0 to decay over every step after the warmup")
+    longest = t.steps - max(t.warmup_steps, 1)  # some step must reach the peak: the warmup's last, or the first
+    if t.decay_steps and t.decay_steps > longest:
+        after = (f"the {longest} steps after the warmup (train.steps={t.steps} - train.warmup_steps={t.warmup_steps})"
+                 if t.warmup_steps else f"the {longest} steps after the first, which is the peak (train.steps="
+                 f"{t.steps}, no warmup)")
+        raise ConfigError(f"train.decay_steps={t.decay_steps} is more than {after}; use at most {max(0, longest)} "
+                          "(the decay then leaves the peak at once), or 0 for the default (one step at the peak after "
+                          "the warmup, then the decay)")
     try:  # the schedule's name even when pp=1, as pp_split/microbatches/pp_virtual are
         stages_per_rank(p.pp_schedule, 0)
     except ValueError as e:

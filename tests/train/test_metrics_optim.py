@@ -211,3 +211,21 @@ def test_fp32_mfu_is_against_the_peak_its_matmuls_run_at(monkeypatch):
     finally:
         torch.set_float32_matmul_precision(before)
     assert metrics.peak_flops(torch.device("cpu"), "fp32") is None
+
+
+def test_fp32_peak_under_torchs_per_backend_precision_api():
+    """torch.backends.cuda.matmul.fp32_precision (torch's newer API) makes the legacy query raise: the peak is read
+    from the new one. In a child process: the setting cannot be undone to the legacy API's state."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom longctx.train import metrics\n"
+            "torch.cuda.get_device_name = lambda device=None: 'NVIDIA H100 80GB HBM3'\n"
+            "cuda = torch.device('cuda', 0)\n"
+            "for setting in ('ieee', 'tf32'):\n"
+            "    torch.backends.cuda.matmul.fp32_precision = setting\n"
+            "    print(setting, metrics.peak_flops(cuda, 'fp32'), metrics.peak_flops(cuda, 'bf16'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["ieee 67000000000000.0 989000000000000.0",
+                                          "tf32 494500000000000.0 989000000000000.0"], out.stdout
