@@ -182,6 +182,8 @@ def validate(q, k, v, scale, mask) -> tuple[float, Mask]:
     if k.shape[3] != d:
         raise ValueError(f"head_dim mismatch: q has {d} but k has {k.shape[3]}; q and k must be equally wide "
                          "(v may differ)")
+    if d == 0:
+        raise ValueError("q and k have head_dim 0; the scores need at least one feature per head")
     if v.shape[3] == 0:
         raise ValueError("v has head_dim 0; values need at least one feature")
     if k.shape[2] != v.shape[2]:

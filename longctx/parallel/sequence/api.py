@@ -126,7 +126,7 @@ def attention(q, k, v, *, causal: bool = False, strategy: str = "zigzag", group=
         layout = strat.layout(layout)
     scale, _ = kernels.validate(q, k, v, scale, None)
     _check_window(window)
-    check_sinks(sinks, q.shape[2])
+    check_sinks(sinks, q)
     softcap = kernels.check_softcap(softcap)
     if kernel != "auto":  # before any transfer: a refusal inside the loop leaves a posted send/recv behind it
         kernels.resolve(kernel, q, k, v, kernels.NO_MASK, softcap)

@@ -112,14 +112,22 @@ def run_schedule(q, k, v, spec: ScheduleSpec, fwd, bwd, sinks=None):
     """(out, lse) of a schedule, differentiable in q, k, v and `sinks`: None, or one logit per query head of
     q (H,) for attention sinks (kernels.merge_sinks), merged into the global out/lse once, after every
     block, so every strategy supports them and the backward runs on the merged state."""
-    check_sinks(sinks, q.shape[2])
+    check_sinks(sinks, q)
     return ScheduleFunction.apply(q, k, v, sinks, spec, fwd, bwd)
 
 
-def check_sinks(sinks, heads: int) -> None:
-    if sinks is not None and (not isinstance(sinks, torch.Tensor) or tuple(sinks.shape) != (heads,)):
+def check_sinks(sinks, q) -> None:
+    """One logit per query head of q, a float on q's device; checked before any transfer of a schedule."""
+    if sinks is None:
+        return
+    heads = q.shape[2]
+    if not isinstance(sinks, torch.Tensor) or tuple(sinks.shape) != (heads,):
         shape = tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__
         raise ValueError(f"sinks must be a tensor of one logit per query head, shape ({heads},), got {shape}")
+    if not sinks.is_floating_point():
+        raise TypeError(f"sinks has dtype {sinks.dtype}; the logits must be floats: sinks.float()")
+    if sinks.device != q.device:
+        raise ValueError(f"sinks is on {sinks.device} but q is on {q.device}; move it with sinks.to(q.device)")
 
 
 class ScheduleFunction(torch.autograd.Function):

@@ -34,3 +34,8 @@ def test_sinks_change_the_result_and_are_checked():
     with pytest.raises(ValueError, match=r"sinks must be a tensor of one logit per query head, shape \(2,\), got "
                                          r"\(4,\)"):
         local_attention(q, k, v, causal=True, window=None, kernel="reference", documents=None, sinks=torch.zeros(4))
+    for sinks, words in ((torch.zeros(2, dtype=torch.long), r"sinks has dtype torch.int64; the logits must be floats"),
+                         (torch.zeros(2, device="meta"), r"sinks is on meta but q is on cpu; move it with "
+                                                         r"sinks.to\(q.device\)")):
+        with pytest.raises((TypeError, ValueError), match=words):
+            local_attention(q, k, v, causal=True, window=None, kernel="reference", documents=None, sinks=sinks)
