@@ -113,7 +113,9 @@ def attention(q, k, v, *, causal: bool = False, strategy: str = "zigzag", group=
     document and blocks no document spans are skipped. `sinks`: attention sinks (gpt-oss), one logit per
     query head (H,): each row's softmax gets one more key with that logit and a zero value; differentiable.
     `softcap`: logit soft-capping (Gemma 2): every score s becomes softcap * tanh(s / softcap).
-    Returns this rank's output shard, same layout, dtype of q.
+    Returns this rank's output shard, same layout, dtype of q. Every rank's shards must be equally long (as
+    longctx.parallel.shard cuts them); that is not checked, since it would cost a collective per call:
+    unequal ones fail inside the process group's transport (gloo aborts the rank, and the others fail after it).
     """
     strat = get_strategy(strategy)
     if layout is None and position_ids is None:
