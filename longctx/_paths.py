@@ -9,6 +9,11 @@ import shutil
 import tempfile
 
 
+class WriteFailed(ValueError):
+    """A result that could not be written at the end of the work (a full disk, permissions): the message names
+    the argument; the command line prints it as one line."""
+
+
 def blocking_file(path: str) -> str | None:
     """The existing non-directory among the parents of `path` (where its directory would have to be), if any."""
     parent = os.path.dirname(os.path.abspath(path))
@@ -94,27 +99,41 @@ def check_distinct(json_path: str | None, plot_path: str | None) -> None:
                          "the plot would overwrite the records; give each a file of its own")
 
 
-def save_figure(fig, path: str) -> str:
+def save_figure(fig, path: str, what: str = "--plot") -> str:
     """Write a matplotlib figure to `path` (creating its directories, as the JSON writers do; through a link, to
     where it leads, in the format the name given says); returns the file named."""
     named = figure_path(path)
     written = os.path.realpath(named)
-    os.makedirs(os.path.dirname(written), exist_ok=True)
-    fig.savefig(written, dpi=120, format=os.path.splitext(named)[1][1:].lower())
+    try:
+        os.makedirs(os.path.dirname(written), exist_ok=True)
+        fig.savefig(written, dpi=120, format=os.path.splitext(named)[1][1:].lower())
+    except OSError as e:
+        raise _failed(what, path, e) from e
     return named
 
 
-def write_json(path: str, data, indent: int = 2) -> None:
+def write_json(path: str, data, indent: int = 2, what: str = "--json") -> None:
     """Write `data` as JSON to `path`, creating its directories; through a link, the file it names is replaced
-    and the link stays; atomically (a crash never leaves half a file), except into a device or pipe."""
+    and the link stays; atomically (a crash or a full disk never leaves half a file), except into a device or
+    pipe, which is written to. A failed write is WriteFailed, naming `what`."""
     target = os.path.realpath(path)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
     special = os.path.exists(target) and not os.path.isfile(target)  # /dev/stdout, a pipe: written to, not replaced
     written = target if special else f"{target}.tmp{os.getpid()}"
-    with open(written, "w") as f:
-        json.dump(data, f, indent=indent, default=str)
-    if not special:
-        os.replace(written, target)
+    try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(written, "w") as f:
+            json.dump(data, f, indent=indent, default=str)
+        if not special:
+            os.replace(written, target)
+    except OSError as e:
+        if not special and os.path.lexists(written):
+            os.remove(written)
+        raise _failed(what, path, e) from e
+
+
+def _failed(what: str, path: str, error: OSError) -> WriteFailed:
+    return WriteFailed(f"{what} {path}: writing failed ({error.strerror or error}); free space or fix permissions, "
+                       "or give another path")
 
 
 def exchange(a: str, b: str) -> bool:

@@ -392,6 +392,7 @@ def _dispatch(args) -> int:
 
 def main(argv=None) -> int:
     from ._optional import MissingDependency
+    from ._paths import WriteFailed
     from .config import ConfigError
     from .launch import RankError
 
@@ -401,7 +402,7 @@ def main(argv=None) -> int:
         code = _dispatch(_parse(argv))
         sys.stdout.flush()  # here, not at exit: a reader gone (`| head`) is caught below
         return code
-    except (UserError, ConfigError, MissingDependency) as e:
+    except (UserError, ConfigError, MissingDependency, WriteFailed) as e:
         return _user_error(str(e))
     except RankError as e:
         if e.remote_type in USER_ERRORS and e.remote_message and not os.environ.get("LONGCTX_DEBUG"):

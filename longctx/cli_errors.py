@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 
-USER_ERRORS = ("ConfigError", "Diverged", "MissingDependency", "UserError")  # exception types printed as one line
+# exception types printed as one line (also when a rank raised them)
+USER_ERRORS = ("ConfigError", "Diverged", "MissingDependency", "UserError", "WriteFailed")
 
 
 class UserError(Exception):

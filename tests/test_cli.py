@@ -179,6 +179,9 @@ def test_missing_optional_dependency_names_the_extra():
      r"data.alphabet=0 must be a positive int"),
     (["bench", "kernel", "--seq-lens", ","], r"--seq-lens: ',' is not a comma-separated list of integers"),
     (["bench", "packing", "--alpha", "nan"], r"--alpha a finite number > 0"),
+    # a write that fails after the work (a full disk): one line naming the flag
+    (["bench", "packing", "--seq-len", "64", "--batch", "1", "--mean-doc", "8", "--world-size", "2", "--layouts",
+      "zigzag", "--json", "/dev/full"], r"--json /dev/full: writing failed \(No space left on device\)"),
     (["bench", "train", "--config", TINY, "--layouts", "cp=2,cp=4"], r"sets cp more than once"),
     (["bench", "train", "--config", TINY, "--layouts", "cp = 2, cp=4"], r"sets cp more than once"),  # spaces read
     (["bench", "decode", "--strategies", "tree, ring,tree"], r"--strategies 'tree, ring,tree' names tree twice; give "

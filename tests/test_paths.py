@@ -91,3 +91,25 @@ def test_a_dangling_link_is_checked_and_written_where_it_leads(tmp_path):
     blocked.symlink_to(tmp_path / "blocker" / "r.json")
     with pytest.raises(ValueError, match=rf"--json {blocked} cannot be created: {tmp_path / 'blocker'} is a file"):
         paths.check_output(str(blocked), "--json")
+
+
+def test_a_failed_write_names_the_flag_and_leaves_no_partial_file(tmp_path):
+    """A result that cannot be written at the end of the work is WriteFailed (one line on the command line)."""
+    import matplotlib
+    import pytest
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with pytest.raises(paths.WriteFailed, match=r"--json /dev/full: writing failed \(No space left on device\)"):
+        paths.write_json("/dev/full", list(range(100_000)))  # a device is written to, not replaced
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "r.json").mkdir()  # the rename onto a directory fails after the records were written
+    with pytest.raises(paths.WriteFailed, match=r"--out .*r.json: writing failed"):
+        paths.write_json(str(tmp_path / "ro" / "r.json"), [1], what="--out")
+    assert os.listdir(tmp_path / "ro") == ["r.json"]  # its temporary file removed
+    (tmp_path / "file").write_text("")
+    fig = plt.figure()
+    with pytest.raises(paths.WriteFailed, match=r"--plot .*file/p.png: writing failed"):
+        paths.save_figure(fig, str(tmp_path / "file" / "p.png"))  # a file where its directory would go
+    plt.close(fig)

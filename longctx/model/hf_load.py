@@ -94,9 +94,13 @@ def stored_safetensors(path: str, what: str, reader=None) -> dict:
     try:
         return (reader or HuggingFaceStorageReader(path)).read_metadata().state_dict_metadata
     except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (header too small, ...)
-        raise ConfigError(f"{path}: its safetensors cannot be read ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); save the model again with "
-                          "save_pretrained") from None
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: str, error: Exception) -> ConfigError:
+    said = str(error).splitlines()[0][:200] if str(error) else ""
+    return ConfigError(f"{path}: its safetensors cannot be read ({type(error).__name__}: {said}); save the model "
+                       "again with save_pretrained")
 
 
 def load_hf_pieces(model: nn.Module, path: str, device, tied_pair: tuple[str, str] | None = None) -> None:
@@ -146,14 +150,18 @@ def check_tied_files(model: nn.Module, path: str) -> None:
     if not tied:
         return
     holder = {}  # stored name -> its safetensors file
+
+    def read(name=None, file=None):
+        try:  # a cut or empty file: safetensors' own SafetensorError (or an OSError)
+            with safe_open(file or holder[name], framework="pt") as f:
+                return f.get_tensor(name) if name else list(f.keys())
+        except Exception as e:  # noqa: BLE001
+            if not isinstance(e, OSError) and "safetensor" not in type(e).__name__.lower():
+                raise
+            raise _unreadable(path, e) from None
+
     for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        with safe_open(file, framework="pt") as f:
-            holder.update(dict.fromkeys(f.keys(), file))
-
-    def read(name):
-        with safe_open(holder[name], framework="pt") as f:
-            return f.get_tensor(name)
-
+        holder.update(dict.fromkeys(read(file=file), file))
     for names in tied:
         kept, *others = [n for n in names if n in holder] or [None]
         for other in others:

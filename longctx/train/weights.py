@@ -107,6 +107,9 @@ def export(path: str, out: str, fmt: str = "torch") -> dict:
     # a link is written through, as `data prepare` does: the file or directory it names is replaced, the link kept
     # (exchanged in place, the link itself became the export's directory and the swap's cleanup failed on it)
     final = os.path.realpath(out)
+    if fmt == "torch" and os.path.exists(final) and not os.path.isfile(final):  # a device, a pipe
+        raise ValueError(f"OUT {out} is not a regular file (a device or pipe): the export is written beside it and "
+                         "renamed into place, which would replace it; give a file path")
     _outside_checkpoints(final)
     state, found = model_weights(path)
     # Written under a temporary name beside OUT and renamed into place when complete: a write that fails

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import stat
 
 import pytest
 import torch
@@ -486,6 +487,11 @@ def test_cli_export_and_its_errors(tmp_path, capsys):
     assert f"{tmp_path} is a directory; the torch format writes one file" in capsys.readouterr().err
     assert main(["checkpoint", "export", os.path.join(run_dir, "checkpoints"), str(out), "--format", "hf"]) == 2
     assert "is a file; the hf format writes a directory" in capsys.readouterr().err
+    os.mkfifo(tmp_path / "pipe")  # a device or pipe would be replaced by the renamed export
+    assert main(["checkpoint", "export", os.path.join(run_dir, "checkpoints"), str(tmp_path / "pipe")]) == 2
+    assert "pipe is not a regular file (a device or pipe)" in capsys.readouterr().err
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "pipe").st_mode)
+    os.remove(tmp_path / "pipe")
     step = os.path.join(run_dir, "checkpoints", "step_00000001")
     _a_link_is_written_through(os.path.join(run_dir, "checkpoints"), out, step, tmp_path / "links", capsys)
     for inside, fmt in ((os.path.join(step, "__0_0.distcp"), "torch"), (os.path.join(step, "model.pt"), "torch"),

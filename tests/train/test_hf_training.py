@@ -310,6 +310,12 @@ def test_hf_path_errors_are_one_line(tmp_path, qwen_dir, tmp_path_factory):
                                           r"\(tie_word_embeddings\), but its safetensors hold it with values of its "
                                           r"own.*set \"tie_word_embeddings\": false"):
         validate_job(load(overrides=[f"model.hf_path={tmp_path / 'retied'}"]), 1)
+    shutil.copytree(tmp_path / "retied", tmp_path / "cut")  # a tied model's files cut short: one line, no traceback
+    stored = tmp_path / "cut" / "model.safetensors"
+    stored.write_bytes(stored.read_bytes()[:5000])
+    with pytest.raises(ConfigError, match=r"cut: its safetensors cannot be read \(SafetensorError: .*save the model "
+                                          r"again with save_pretrained"):
+        validate_job(load(overrides=[f"model.hf_path={tmp_path / 'cut'}"]), 1)
     with pytest.raises(ConfigError, match="GraniteModel rescales its input embeddings .* set parallel.pp=1"):
         validate_job(load(overrides=[f"model.hf_path={tmp_path / 'granite'}", "parallel.pp=2", "parallel.dp_shard=1"]),
                      2)

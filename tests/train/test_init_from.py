@@ -72,7 +72,9 @@ def test_an_interrupted_stage_resumes_itself_and_shapes_must_match(tmp_path):
                                           config(*LONGER, "model.n_heads=2", "model.n_kv_heads=1",
                                                  f"train.init_from={root}", run_dir=str(tmp_path / "heads")),
                                           config(*LONGER, "model.n_layers=1", f"train.init_from={root}",
-                                                 run_dir=str(tmp_path / "shallow"))],),
+                                                 run_dir=str(tmp_path / "shallow")),
+                                          config(*LONGER, "model.dim=64", f"train.init_from={root}",
+                                                 run_dir=str(tmp_path / "wider"))],),
                  timeout=300)[0]
     assert "does not fit this model" in errors[0] and "it was written with model.ffn_dim=64 (this run: 96)" in \
         errors[0] and "train.init_from takes a checkpoint of a model with the same shapes" in errors[0], errors
@@ -82,6 +84,9 @@ def test_an_interrupted_stage_resumes_itself_and_shapes_must_match(tmp_path):
     # every weight the shallower model has fits, and the checkpoint's second layer would be dropped
     assert re.search(r"does not fit this model: it holds layers\.1\.\S+, .* which this model has no place for \(it "
                      r"was written with model\.n_layers=2 \(this run: 1\)", errors[2]), errors
+    # a wider model also has wider heads (dim / n_heads), but its shapes differ: the width is named, not the heads
+    assert "it was written with model.dim=32 (this run: 64)" in errors[3] and "split into other heads" not in \
+        errors[3], errors
     with pytest.raises(ConfigError, match=r"train.init_from='/nonexistent' does not exist; give a checkpoint"):
         validate_job(load(overrides=["train.init_from=/nonexistent"]), 1)
     with pytest.raises(RankError, match=r"train.init_from=.* holds no complete checkpoint"):
