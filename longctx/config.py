@@ -1,7 +1,7 @@
 """Structured configs (OmegaConf): typed defaults, YAML files, dotted `key=value` overrides.
 
 One section per concern: `model` (architecture only), `parallel` (how the job is split over ranks),
-`train` (the optimisation), `data`, `logging`, and `run_dir`. Loading checks what a schema can: unknown
+`train` (the optimisation), `data`, `validation`, `checkpoint`, `logging`, and `run_dir`. Loading checks what a schema can: unknown
 keys (with a did-you-mean), types, and a missing file; the choices that depend on registries (strategies,
 kernels) and on the world size are checked by longctx.train.setup.validate_job; the checks of keys and
 values before OmegaConf types them are in longctx.config_checks. The two import nothing else of longctx (they
