@@ -86,4 +86,6 @@ def seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 second, got {text}")
+    if value * 1e6 >= 2**63:  # torch keeps timeouts in int64 microseconds (and timedelta stops at ~8.6e13 s)
+        raise argparse.ArgumentTypeError(f"{text} seconds is too large for a timeout; give seconds, e.g. 86400")
     return value

@@ -12,6 +12,10 @@ import os
 import signal
 import threading
 
+# the process that started this one, noted when longctx is first imported (`python -m longctx` imports this module
+# before torch): under torchrun, its agent, which launch.env.watch_agent must see die even before the rank is ready
+PARENT_AT_START = os.getppid()
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

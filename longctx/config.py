@@ -1,12 +1,12 @@
 """Structured configs (OmegaConf): typed defaults, YAML files, dotted `key=value` overrides.
 
-One section per concern: `model` (architecture only), `parallel` (how the job is split over ranks),
-`train` (the optimisation), `data`, `validation`, `checkpoint`, `logging`, and `run_dir`. Loading checks what a schema can: unknown
-keys (with a did-you-mean), types, and a missing file; the choices that depend on registries (strategies,
-kernels) and on the world size are checked by longctx.train.setup.validate_job; the checks of keys and
-values before OmegaConf types them are in longctx.config_checks. The two import nothing else of longctx (they
-sit at the bottom of the import graph), and never evaluate code: only OmegaConf's plain interpolation is
-available, no custom resolvers.
+One section per concern: `model` (architecture only), `parallel` (how the job is split over ranks), `train`
+(the optimisation), `data`, `validation`, `checkpoint`, `logging`, and `run_dir`. Loading checks what a
+schema can: unknown keys (with a did-you-mean), types, and a missing file; the choices that depend on
+registries (strategies, kernels) and on the world size are checked by longctx.train.setup.validate_job; the
+checks of keys and values before OmegaConf types them are in longctx.config_checks. The two import nothing
+else of longctx (they sit at the bottom of the import graph), and never evaluate code: only OmegaConf's
+plain interpolation is available, no custom resolvers.
 """
 
 from __future__ import annotations

@@ -174,6 +174,8 @@ def test_missing_optional_dependency_names_the_extra():
      r"needs at least .* RAM over 2 rank\(s\)"),
     (["bench", "kernel", "--plot", "out.foo"], r"--plot out.foo: matplotlib cannot write .foo files; use one of "),
     (["bench", "attention", "--timeout", "0"], r"argument --timeout: must be a positive number of seconds, got 0"),
+    (["launch", "local", "--nproc", "2", "--timeout", "1e20", TINY], r"argument --timeout: 1e20 seconds is too large "
+                                                                      r"for a timeout"),
     (["generate", "--checkpoint", "nope", "--ids", "1", "--seed", str(2**70)], r"--seed: must be between 0 and 2"),
     (["train", TINY, "data.source=passkey", "data.alphabet=0", "train.seq_len=128"],
      r"data.alphabet=0 must be a positive int"),

@@ -1035,6 +1035,18 @@ MUTANTS = [
            "    if widths[0] != widths[1]:  # other weight shapes", "    if False:  # other weight shapes",
            ("tests/train/test_init_from.py::test_an_interrupted_stage_resumes_itself_and_shapes_must_match",),
            "train.init_from of a narrower model says to set head settings that cannot fix it"),
+    Mutant("agent-watched-from-when-the-rank-is-ready", "longctx/launch/env.py",
+           "    agent = PARENT_AT_START", "    agent = os.getppid()",
+           ("tests/launch/test_env.py::test_an_agent_gone_before_the_rank_watches_still_stops_it",),
+           "a torchrun rank whose agent died while it imported torch trains on alone"),
+    Mutant("ranks-with-different-configs-train", "longctx/launch/entry.py",
+           "        check_same_config(config)\n", "",
+           ("tests/launch/test_local.py::test_ranks_given_different_configs_are_refused_naming_the_keys",),
+           "two torchrun nodes given another train.lr train silently to other losses"),
+    Mutant("timeout-beyond-timedelta", "longctx/_argtypes.py",
+           "    if value * 1e6 >= 2**63:", "    if False:",
+           ("tests/test_cli.py::test_user_errors_are_one_line_with_exit_2",),
+           "launch local --timeout 1e20: an OverflowError traceback"),
 ]
 
 

@@ -19,7 +19,42 @@ def train_main(config: dict, config_path: str | None = None, steps: int | None =
     # a stop signal while the job starts (model build, checkpoint load) is kept for the loop, which stops after its
     # first step with a checkpoint, rather than ending the rank with nothing saved; one after the loop is moot
     with StopSignals(cfg.checkpoint.on_signal), process_group(cfg.parallel.timeout_s):
+        check_same_config(config)
         return Trainer(cfg, config_path=config_path).fit(steps)
+
+
+def check_same_config(config: dict) -> None:
+    """Every rank runs one config. Under torchrun each node reads its own file and command line: a node given
+    another train.lr trained silently to other losses, another seq_len aborted inside gloo. One gather of a
+    digest (every launcher: cheap); where they differ, the configs, to name the keys."""
+    import hashlib
+    import json
+
+    import torch.distributed as dist
+
+    from ..config import ConfigError
+
+    if dist.get_world_size() == 1:
+        return
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) == 1:
+        return
+    configs = [None] * dist.get_world_size()
+    dist.all_gather_object(configs, config)
+    other = next(rank for rank, d in enumerate(digests) if d != digests[0])
+    keys = _differing(configs[0], configs[other])
+    said = ", ".join(f"{k}={a!r} on rank 0 but {b!r} on rank {other}" for k, a, b in keys[:3])
+    raise ConfigError(f"the ranks were started with different configs ({said}{', ...' if len(keys) > 3 else ''}); "
+                      "give every node the same config file and the same key=value overrides")
+
+
+def _differing(a, b, prefix: str = "") -> list[tuple]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [found for key in sorted(set(a) | set(b), key=str)
+                for found in _differing(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [(prefix.rstrip("."), a, b)]
 
 
 def _eval_model(params: dict, log):

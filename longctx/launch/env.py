@@ -139,9 +139,13 @@ def watch_agent(poll_s: float = 1.0) -> None:
     as launch local's lifeline does: a Trainer then checkpoints the step in flight and stops. Torch elastic
     starts each rank in a session of its own, so an agent killed (SIGKILL, an OOM kill, or SIGUSR1, which it
     does not handle) takes no rank with it, and the ranks would go on training with no one to stop them."""
+    from .._signals import PARENT_AT_START
+
     if not os.environ.get("TORCHELASTIC_RUN_ID") or _watching:
         return
-    agent = os.getppid()
+    # the parent when the process started: an agent killed while this rank imported torch and checked its config
+    # has been replaced by the reaper already, which would then be watched in its place
+    agent = PARENT_AT_START
     _watching.append(agent)
 
     def watch():

@@ -114,3 +114,17 @@ def imports_and_triton_mode(names):
     import triton.language.standard as standard
 
     return before, type(standard.cdiv).__name__
+
+
+def train_with_rank_overrides(overrides_by_rank):
+    """train_main on a config that differs by rank (as two torchrun nodes given other command lines would)."""
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+
+    from longctx.config import load
+    from longctx.launch import train_main
+
+    rank = dist.get_rank()
+    cfg = load(path="configs/tiny.yaml", overrides=["train.steps=1", "train.seq_len=64", "logging.quiet=true",
+                                                    "logging.tensorboard=false", *overrides_by_rank[rank]])
+    return train_main(OmegaConf.to_container(cfg))

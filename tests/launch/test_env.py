@@ -229,3 +229,25 @@ def test_the_cuda_device_of_a_local_rank(monkeypatch):
     assert cuda_device(0, 1) == 0  # one device each: nothing to choose
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert cuda_device(1, 4) == 1
+
+
+def test_an_agent_gone_before_the_rank_watches_still_stops_it():
+    """torchrun's agent killed while its rank still imported torch: the rank's parent is then the reaper, which
+    watch_agent took for the agent (the rank trained on alone). It watches the parent noted at start instead."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal, time\n"
+            "from longctx import _signals\n"
+            "_signals.PARENT_AT_START = -5  # an agent that is gone: getppid() is no longer it\n"
+            "os.environ['TORCHELASTIC_RUN_ID'] = 'test'\n"
+            "got = []\n"
+            "signal.signal(signal.SIGTERM, lambda *a: got.append('SIGTERM'))\n"
+            "from longctx.launch.env import watch_agent\n"
+            "watch_agent(poll_s=0.05)\n"
+            "deadline = time.time() + 20\n"
+            "while not got and time.time() < deadline:\n"
+            "    time.sleep(0.05)\n"
+            "print(got)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "['SIGTERM']", out.stdout + out.stderr[-2000:]

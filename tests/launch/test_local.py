@@ -280,3 +280,12 @@ def test_a_killed_launchers_crash_directory_is_removed_by_the_next(tmp_path, mon
         d.mkdir()
     run(_workers.noop, 1, timeout=60)
     assert not dead.exists() and alive.exists() and other.exists()
+
+
+def test_ranks_given_different_configs_are_refused_naming_the_keys(tmp_path):
+    """Under torchrun each node reads its own command line: another train.lr on one node trained silently to
+    other losses. Every rank's config is compared before anything is built."""
+    run_dir = f"run_dir={tmp_path}"
+    with pytest.raises(RankError, match=r"ConfigError: the ranks were started with different configs \(train.lr=0.003 "
+                                        r"on rank 0 but 0.03 on rank 1\); give every node the same config file"):
+        run(_workers.train_with_rank_overrides, 2, args=([[run_dir], [run_dir, "train.lr=0.03"]],), timeout=120)
