@@ -99,7 +99,7 @@ def check_distinct(json_path: str | None, plot_path: str | None) -> None:
                          "the plot would overwrite the records; give each a file of its own")
 
 
-def save_figure(fig, path: str, what: str = "--plot") -> str:
+def save_figure(fig, path: str) -> str:
     """Write a matplotlib figure to `path` (creating its directories, as the JSON writers do; through a link, to
     where it leads, in the format the name given says); returns the file named."""
     named = figure_path(path)
@@ -108,7 +108,7 @@ def save_figure(fig, path: str, what: str = "--plot") -> str:
         os.makedirs(os.path.dirname(written), exist_ok=True)
         fig.savefig(written, dpi=120, format=os.path.splitext(named)[1][1:].lower())
     except OSError as e:
-        raise _failed(what, path, e) from e
+        raise _failed("--plot", path, e) from e
     return named
 
 

@@ -177,7 +177,6 @@ def _on_ranks(kind: str, params: dict, nproc: int):
 
 
 def cmd_eval(args) -> int:
-
     from .eval.needle import BATCH, check_grid, check_lengths, format_table, write_needle
     from .eval.ppl import format_ppl
 
@@ -280,7 +279,6 @@ def _eos_ids(tok, cfg) -> list[int]:
 
 
 def cmd_generate(args) -> int:
-
     with checking():
         tok, prompts, eos_ids = _checked_generate(args)
     params = {"checkpoint": args.checkpoint_dir, "prompts": prompts, "max_new_tokens": args.max_new_tokens,

@@ -110,27 +110,29 @@ def check_file_scalars(node, data, schema: dict, prefix: str, source: str) -> No
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")  # ${section.key}: resolvers (oc.env:...) and ${.rel} are not
 
 
-def check_interpolations(cfg, schema: dict, raw: dict | None = None, prefix: str = "") -> None:
+def check_interpolations(cfg, schema: dict) -> None:
     """Interpolations, with the whole config merged: a switch given `${key}` must resolve to true or false (OmegaConf
     would turn 20 into true), and a text that embeds a key that is null would read it as the word None
     (checkpoint.dir='${run_dir}/ck' with run_dir unset wrote into ./None/ck)."""
-    if raw is None:
-        raw = OmegaConf.to_container(cfg, resolve=False)
+    _check_interpolations(cfg, schema, OmegaConf.to_container(cfg, resolve=False), "")
+
+
+def _check_interpolations(cfg, schema: dict, raw, prefix: str) -> None:
     for key, kind in schema.items():
         full, text = f"{prefix}{key}", raw.get(key) if isinstance(raw, dict) else None
         if isinstance(kind, dict):
-            check_interpolations(cfg, kind, text, f"{full}.")
+            _check_interpolations(cfg, kind, text, f"{full}.")
             continue
         if not isinstance(text, str) or "${" not in text:
             continue
         refs = _REFERENCE.findall(text)
-        if kind == "bool" and [text] == [f"${{{r}}}" for r in refs]:
+        if len(refs) == 1 and text == f"${{{refs[0]}}}":  # the whole value: a null passes as null, typed by OmegaConf
             value = OmegaConf.select(cfg, refs[0])
-            if value is not None and not isinstance(value, bool):
+            if kind == "bool" and value is not None and not isinstance(value, bool):
                 raise ConfigError(f"config key {full!r}={text} resolves to {value!r}: it must be true or false")
             continue
         for ref in refs:
-            if text != f"${{{ref}}}" and OmegaConf.select(cfg, ref, default=0) is None:
+            if OmegaConf.select(cfg, ref, default=0) is None:
                 raise ConfigError(
                     f"config key {full!r}={text!r} names {ref}, which is null here, so it would read "
                     f"{text.replace(f'${{{ref}}}', 'None')!r}; give {ref} a value (e.g. {ref}=DIR) or write {full} "

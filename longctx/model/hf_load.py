@@ -142,6 +142,7 @@ def check_tied_files(model: nn.Module, path: str) -> None:
     the config keeps them tied and drops the stored head (meta_init=true, evaluation), so layouts would train and
     evaluate two different models. Tensors are read only where a tied group is stored under two names (a tied
     model saved as usual stores it once: its embedding, a GB at 128k x 4096 in bf16, is not read here)."""
+    import contextlib
     import glob
 
     from safetensors import safe_open
@@ -151,17 +152,23 @@ def check_tied_files(model: nn.Module, path: str) -> None:
         return
     holder = {}  # stored name -> its safetensors file
 
-    def read(name=None, file=None):
+    @contextlib.contextmanager
+    def opened(file):
         try:  # a cut or empty file: safetensors' own SafetensorError (or an OSError)
-            with safe_open(file or holder[name], framework="pt") as f:
-                return f.get_tensor(name) if name else list(f.keys())
+            with safe_open(file, framework="pt") as f:
+                yield f
         except Exception as e:  # noqa: BLE001
             if not isinstance(e, OSError) and "safetensor" not in type(e).__name__.lower():
                 raise
             raise _unreadable(path, e) from None
 
+    def read(name):
+        with opened(holder[name]) as f:
+            return f.get_tensor(name)
+
     for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        holder.update(dict.fromkeys(read(file=file), file))
+        with opened(file) as f:
+            holder.update(dict.fromkeys(f.keys(), file))
     for names in tied:
         kept, *others = [n for n in names if n in holder] or [None]
         for other in others:
